@@ -1,0 +1,130 @@
+//! Certificate bootstrap and rotation on the workload side.
+//!
+//! The workload makes its own key and a CSR, sends the CSR to its controller's CA with its
+//! credential (a join token outside Kubernetes), and installs the chain it gets back. The key
+//! never leaves the process. A background task renews at half-life; open connections keep the
+//! certificate they were made with, new handshakes use the new one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::CertificateDer;
+use strait_trust::{
+    next_rotation, CertStore, IssuedCert, KeyAndCsr, PeerPolicy, RotationPlan, SpiffeId, TlsMetrics, TrustBundle,
+    TrustDomain, WorkloadCert,
+};
+
+use crate::pb;
+use crate::pb::certificate_service_client::CertificateServiceClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("the CA at {addr} refused the request: {status}")]
+    Refused { addr: SocketAddr, status: tonic::Status },
+    #[error("the CA returned an unusable certificate: {0}")]
+    BadResponse(String),
+    #[error(transparent)]
+    Trust(#[from] strait_trust::TrustError),
+}
+
+#[derive(Clone)]
+pub struct CertClient {
+    pub ca_addr: SocketAddr,
+    pub join_token: String,
+    pub trust_domain: TrustDomain,
+    /// Requested lifetime; `None` takes the CA's default.
+    pub ttl: Option<Duration>,
+    pub bundle: TrustBundle,
+    pub metrics: TlsMetrics,
+}
+
+impl CertClient {
+    fn controller_id(&self) -> Result<SpiffeId, CertError> {
+        Ok(SpiffeId::workload(
+            &self.trust_domain,
+            crate::SYSTEM_NAMESPACE,
+            crate::FEDERATION_SA,
+        )?)
+    }
+
+    /// One CSR round trip.
+    pub async fn fetch(&self) -> Result<(WorkloadCert, TrustBundle), CertError> {
+        let config = strait_trust::client_config(
+            None,
+            &Arc::new(ArcSwap::from_pointee(self.bundle.clone())),
+            &self.metrics,
+            PeerPolicy::OneOf(vec![self.controller_id()?]),
+            &[strait_trust::ALPN_H2],
+        )?;
+        let channel = crate::transport::tls_channel(self.ca_addr, Arc::new(config));
+        let key = KeyAndCsr::generate()?;
+        let resp = CertificateServiceClient::new(channel)
+            .sign(pb::SignRequest {
+                csr_der: key.csr_der,
+                join_token: self.join_token.clone(),
+                ttl_seconds: self.ttl.map(|t| t.as_secs()).unwrap_or_default(),
+            })
+            .await
+            .map_err(|status| CertError::Refused {
+                addr: self.ca_addr,
+                status,
+            })?
+            .into_inner();
+        let id: SpiffeId = resp
+            .spiffe_id
+            .parse()
+            .map_err(|e: strait_trust::TrustError| CertError::BadResponse(e.to_string()))?;
+        if resp.chain_der.is_empty() {
+            return Err(CertError::BadResponse("empty certificate chain".into()));
+        }
+        let issued = IssuedCert {
+            chain: resp.chain_der.into_iter().map(CertificateDer::from).collect(),
+            not_before: crate::from_unix_ms(resp.not_before_unix_ms),
+            not_after: crate::from_unix_ms(resp.not_after_unix_ms),
+        };
+        let mut bundle = self.bundle.clone();
+        if !resp.bundle_pem.is_empty() {
+            bundle.merge(&TrustBundle::from_pem("CA response", resp.bundle_pem.as_bytes())?)?;
+        }
+        Ok((WorkloadCert::new(id, issued, key.key_pkcs8_der)?, bundle))
+    }
+
+    /// Fetches the first certificate, retrying while the controller starts up.
+    pub async fn bootstrap(&self) -> CertStore {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.fetch().await {
+                Ok((cert, bundle)) => {
+                    tracing::info!(id = %cert.id, "obtained workload certificate");
+                    return CertStore::new(cert, bundle, self.metrics.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot obtain a certificate yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Renews the store's certificate at half-life, forever.
+    pub fn spawn_rotation(self, store: CertStore) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let cert = store.current();
+                if let RotationPlan::RenewIn(wait) = next_rotation(cert.not_before, cert.not_after, SystemTime::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+                match self.fetch().await {
+                    Ok((cert, _)) => store.rotate(cert),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "certificate renewal failed; retrying in 1s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    }
+}

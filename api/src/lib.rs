@@ -1,0 +1,43 @@
+//! Strait's shared wire types and the pieces both proxies need.
+//!
+//! - [`pb`]: the protobuf messages and gRPC services (config stream, certificates, peering,
+//!   tunnel header), generated from `proto/strait.proto`.
+//! - [`locality`] and [`lb`]: localities and the locality-aware load balancer (priority levels,
+//!   Envoy's priority load with overprovisioning, passive outlier detection), pure logic.
+//! - [`snapshot`]: the validated, immutable config a proxy serves from.
+//! - [`xds`]: the proxy side of the config stream; [`certs`]: certificate bootstrap and rotation.
+//! - [`tunnel`]: the tunnel header codec; [`transport`]: gRPC over mTLS; [`admin`]: the admin
+//!   HTTP endpoint (metrics, readiness) every daemon serves.
+
+pub mod admin;
+pub mod certs;
+pub mod lb;
+pub mod locality;
+pub mod snapshot;
+pub mod transport;
+pub mod tunnel;
+pub mod xds;
+
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("strait.v1");
+}
+
+/// The namespace of Strait's own components.
+pub const SYSTEM_NAMESPACE: &str = "strait-system";
+/// The service name under which a controller serves peering (reached through its gateway).
+pub const FEDERATION_SERVICE: &str = "strait-federation";
+/// Service accounts of the system components.
+pub const FEDERATION_SA: &str = "strait-federation";
+pub const GATEWAY_SA: &str = "strait-gateway";
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+pub fn from_unix_ms(ms: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+}

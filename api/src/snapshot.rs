@@ -1,0 +1,459 @@
+//! The config a proxy serves from: resources received on the config stream, each validated into
+//! a typed entry, assembled into one immutable [`Snapshot`] that is swapped atomically.
+//!
+//! [`Resources::apply`] is the two-step update: every resource in an update is converted and
+//! checked first; a bad one is rejected by name (and the last good version of it kept), then
+//! the new set replaces the old in one step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strait_trust::{SpiffeId, TrustBundle};
+
+use crate::lb::{DistributeRule, LbPolicy, OutlierConfig};
+use crate::locality::Locality;
+use crate::pb;
+
+/// The suffix of cross-cluster service names.
+pub const CLUSTERSET_SUFFIX: &str = "svc.clusterset.local";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortEntry {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointEntry {
+    /// Unique key for load-balancer state: `<cluster>/<address>`.
+    pub key: String,
+    pub address: SocketAddr,
+    pub workload: String,
+    pub locality: Locality,
+    pub identity: SpiffeId,
+    pub ready: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub clusterset_ip: Option<IpAddr>,
+    pub ports: Vec<PortEntry>,
+    pub endpoints: Vec<EndpointEntry>,
+    pub identities: Vec<SpiffeId>,
+}
+
+impl ServiceEntry {
+    pub fn host(&self) -> String {
+        format!("{}.{}.{CLUSTERSET_SUFFIX}", self.name, self.namespace)
+    }
+
+    pub fn port(&self, port: u16) -> Option<&PortEntry> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayEntry {
+    pub cluster: String,
+    pub address: SocketAddr,
+    pub identity: SpiffeId,
+    pub locality: Locality,
+    pub reachable: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyEntry {
+    pub lb: LbPolicy,
+    pub outlier: OutlierConfig,
+}
+
+impl Default for PolicyEntry {
+    fn default() -> Self {
+        PolicyEntry {
+            lb: LbPolicy::default(),
+            outlier: OutlierConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Typed {
+    Service(Arc<ServiceEntry>),
+    Gateway(Arc<GatewayEntry>),
+    Policy(Arc<PolicyEntry>),
+    Bundle(Arc<TrustBundle>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct FieldError {
+    field: String,
+    problem: String,
+}
+
+fn bad(field: &str, problem: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, FieldError> {
+    s.parse()
+        .map_err(|_| bad(field, format!("{s:?} is not an address (expected ip:port)")))
+}
+
+fn parse_id(field: &str, s: &str) -> Result<SpiffeId, FieldError> {
+    s.parse()
+        .map_err(|e: strait_trust::TrustError| bad(field, e.to_string()))
+}
+
+/// Converts one wire resource into its typed form, naming the first bad field.
+pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
+    use pb::resource::Kind;
+    match &res.kind {
+        Some(Kind::Service(s)) => convert_service(s).map(|s| Typed::Service(Arc::new(s))),
+        Some(Kind::Gateway(g)) => Ok(Typed::Gateway(Arc::new(GatewayEntry {
+            cluster: g.cluster.clone(),
+            address: parse_addr("address", &g.address)?,
+            identity: parse_id("identity", &g.identity)?,
+            locality: g.locality.as_ref().map(Locality::from).unwrap_or_default(),
+            reachable: g.reachable,
+        }))),
+        Some(Kind::LocalityPolicy(p)) => convert_policy(p).map(|p| Typed::Policy(Arc::new(p))),
+        Some(Kind::TrustBundle(b)) => TrustBundle::from_pem(&res.name, b.pem.as_bytes())
+            .map(|b| Typed::Bundle(Arc::new(b)))
+            .map_err(|e| bad("pem", e.to_string())),
+        None => Err(bad("kind", "the resource has no body")),
+    }
+}
+
+fn convert_service(s: &pb::Service) -> Result<ServiceEntry, FieldError> {
+    if s.name.is_empty() || s.namespace.is_empty() {
+        return Err(bad("name", "service name and namespace are required"));
+    }
+    let clusterset_ip = if s.clusterset_ip.is_empty() {
+        None
+    } else {
+        Some(
+            s.clusterset_ip
+                .parse()
+                .map_err(|_| bad("clustersetIP", format!("{:?} is not an IP address", s.clusterset_ip)))?,
+        )
+    };
+    let ports = s
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let port = u16::try_from(p.port).ok().filter(|p| *p > 0).ok_or_else(|| {
+                bad(
+                    &format!("ports[{i}].port"),
+                    format!("{} is not a port (1-65535)", p.port),
+                )
+            })?;
+            let protocol = match p.protocol.as_str() {
+                "http" | "HTTP" | "" => Protocol::Http,
+                "tcp" | "TCP" => Protocol::Tcp,
+                other => {
+                    return Err(bad(
+                        &format!("ports[{i}].protocol"),
+                        format!("{other:?} is not a protocol (use http or tcp)"),
+                    ))
+                }
+            };
+            Ok(PortEntry {
+                name: p.name.clone(),
+                port,
+                protocol,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let endpoints = s
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let locality = e.locality.as_ref().map(Locality::from).unwrap_or_default();
+            let address = parse_addr(&format!("endpoints[{i}].address"), &e.address)?;
+            Ok(EndpointEntry {
+                key: format!("{}/{}", locality.cluster, address),
+                address,
+                workload: e.workload.clone(),
+                identity: parse_id(&format!("endpoints[{i}].identity"), &e.identity)?,
+                locality,
+                ready: e.ready,
+                labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let identities = s
+        .identities
+        .iter()
+        .enumerate()
+        .map(|(i, id)| parse_id(&format!("identities[{i}]"), id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ServiceEntry {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        clusterset_ip,
+        ports,
+        endpoints,
+        identities,
+    })
+}
+
+fn convert_policy(p: &pb::LocalityPolicy) -> Result<PolicyEntry, FieldError> {
+    let overprovisioning = match p.overprovisioning_percent {
+        0 => 1.4,
+        100..=1000 => p.overprovisioning_percent as f64 / 100.0,
+        other => return Err(bad("overprovisioningPercent", format!("{other} is outside 100-1000"))),
+    };
+    let distribute = p
+        .distribute
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let total: u32 = d.to.values().sum();
+            if total != 100 {
+                return Err(bad(
+                    &format!("distribute[{i}].to"),
+                    format!("weights sum to {total}, they must sum to 100"),
+                ));
+            }
+            let mut to: Vec<(String, u32)> = d.to.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            to.sort();
+            Ok(DistributeRule {
+                from: d.from.clone(),
+                to,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let outlier = match &p.outlier_detection {
+        None => OutlierConfig::default(),
+        Some(o) => {
+            let d = OutlierConfig::default();
+            OutlierConfig {
+                consecutive_errors: if o.consecutive_errors == 0 {
+                    d.consecutive_errors
+                } else {
+                    o.consecutive_errors
+                },
+                base_ejection: if o.base_ejection_ms == 0 {
+                    d.base_ejection
+                } else {
+                    Duration::from_millis(o.base_ejection_ms)
+                },
+                max_ejection: d.max_ejection.max(Duration::from_millis(o.base_ejection_ms)),
+            }
+        }
+    };
+    Ok(PolicyEntry {
+        lb: LbPolicy {
+            overprovisioning,
+            failover: p.failover.iter().map(|f| (f.from.clone(), f.to.clone())).collect(),
+            failover_priority: p.failover_priority.clone(),
+            distribute,
+            cluster_order: p.cluster_order.clone(),
+        },
+        outlier,
+    })
+}
+
+/// The accepted resources of a proxy, by name, with their versions.
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    entries: BTreeMap<String, (String, Typed)>,
+}
+
+impl Resources {
+    /// Applies an update: returns the new set and the resources it rejected (name, reason).
+    /// Rejected resources keep their last good version.
+    pub fn apply(&self, update: &pb::ConfigUpdate) -> (Resources, Vec<pb::Rejection>) {
+        let mut next = if update.full {
+            let named: std::collections::HashSet<&str> = update.resources.iter().map(|r| r.name.as_str()).collect();
+            Resources {
+                entries: self
+                    .entries
+                    .iter()
+                    .filter(|(k, _)| named.contains(k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            }
+        } else {
+            self.clone()
+        };
+        let mut rejected = vec![];
+        for res in &update.resources {
+            match convert(res) {
+                Ok(typed) => {
+                    next.entries.insert(res.name.clone(), (res.version.clone(), typed));
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %res.name, error = %e, "rejected config resource; keeping the last good version");
+                    rejected.push(pb::Rejection {
+                        name: res.name.clone(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        for name in &update.removed {
+            next.entries.remove(name);
+        }
+        (next, rejected)
+    }
+
+    pub fn snapshot(&self, version: u64) -> Snapshot {
+        let mut snap = Snapshot {
+            version,
+            ..Snapshot::default()
+        };
+        for (_, typed) in self.entries.values() {
+            match typed {
+                Typed::Service(s) => {
+                    let key = format!("{}/{}", s.namespace, s.name);
+                    snap.by_host.insert(s.host(), key.clone());
+                    if let Some(ip) = s.clusterset_ip {
+                        snap.by_ip.insert(ip, key.clone());
+                    }
+                    snap.services.insert(key, s.clone());
+                }
+                Typed::Gateway(g) => {
+                    snap.gateways.insert(g.cluster.clone(), g.clone());
+                }
+                Typed::Policy(p) => snap.policy = p.clone(),
+                Typed::Bundle(b) => {
+                    let merged = snap.bundle.get_or_insert_with(TrustBundle::new);
+                    let _ = merged.merge(b);
+                }
+            }
+        }
+        snap
+    }
+}
+
+/// Everything a proxy serves from, immutable once built.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    /// By `<namespace>/<name>`.
+    pub services: BTreeMap<String, Arc<ServiceEntry>>,
+    pub by_host: HashMap<String, String>,
+    pub by_ip: HashMap<IpAddr, String>,
+    pub gateways: BTreeMap<String, Arc<GatewayEntry>>,
+    pub policy: Arc<PolicyEntry>,
+    pub bundle: Option<TrustBundle>,
+}
+
+impl Snapshot {
+    /// Finds a service by host name (`<svc>.<ns>.svc.clusterset.local`, with or without a
+    /// trailing dot) or ClusterSet IP.
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<ServiceEntry>> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let key = match host.parse::<IpAddr>() {
+            Ok(ip) => self.by_ip.get(&ip),
+            Err(_) => self.by_host.get(&host),
+        }?;
+        self.services.get(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_resource(name: &str, address: &str) -> pb::Resource {
+        pb::Resource {
+            name: format!("service/demo/{name}"),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::Service(pb::Service {
+                name: name.into(),
+                namespace: "demo".into(),
+                clusterset_ip: "240.0.0.10".into(),
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "http".into(),
+                }],
+                endpoints: vec![pb::Endpoint {
+                    address: address.into(),
+                    workload: "w".into(),
+                    locality: Some(pb::Locality {
+                        cluster: "east".into(),
+                        ..Default::default()
+                    }),
+                    identity: "spiffe://mesh.local/ns/demo/sa/echo".into(),
+                    ready: true,
+                    labels: Default::default(),
+                }],
+                conditions: vec![],
+                identities: vec![],
+            })),
+        }
+    }
+
+    #[test]
+    fn bad_resource_is_rejected_and_last_good_kept() {
+        let good = pb::ConfigUpdate {
+            version: 1,
+            full: true,
+            resources: vec![service_resource("echo", "127.0.0.1:15006")],
+            removed: vec![],
+        };
+        let (r1, rej) = Resources::default().apply(&good);
+        assert!(rej.is_empty());
+        let bad = pb::ConfigUpdate {
+            version: 2,
+            full: false,
+            resources: vec![service_resource("echo", "not-an-address")],
+            removed: vec![],
+        };
+        let (r2, rej) = r1.apply(&bad);
+        assert_eq!(rej.len(), 1);
+        assert!(rej[0].error.contains("endpoints[0].address"), "{}", rej[0].error);
+        let snap = r2.snapshot(2);
+        let svc = snap.service_by_host("echo.demo.svc.clusterset.local.").unwrap();
+        assert_eq!(svc.endpoints[0].address.to_string(), "127.0.0.1:15006");
+        assert!(snap.service_by_host("240.0.0.10").is_some());
+    }
+
+    #[test]
+    fn full_update_removes_what_it_does_not_name() {
+        let (r1, _) = Resources::default().apply(&pb::ConfigUpdate {
+            version: 1,
+            full: true,
+            resources: vec![
+                service_resource("a", "127.0.0.1:1"),
+                service_resource("b", "127.0.0.1:2"),
+            ],
+            removed: vec![],
+        });
+        let (r2, _) = r1.apply(&pb::ConfigUpdate {
+            version: 2,
+            full: true,
+            resources: vec![service_resource("b", "127.0.0.1:2")],
+            removed: vec![],
+        });
+        assert_eq!(r2.snapshot(2).services.len(), 1);
+        let (r3, _) = r2.apply(&pb::ConfigUpdate {
+            version: 3,
+            full: false,
+            resources: vec![],
+            removed: vec!["service/demo/b".into()],
+        });
+        assert!(r3.snapshot(3).services.is_empty());
+    }
+}

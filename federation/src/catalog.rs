@@ -1,0 +1,227 @@
+//! The catalog merge: this cluster's services and its peers' exports become one clusterset
+//! catalog, following the Multi-Cluster Services rules: ports are the union of every export's;
+//! where exports disagree on a port the oldest export wins and the conflict is reported as a
+//! condition (in every cluster, since every cluster computes the same merge); every service
+//! gets a ClusterSet IP that is the same in every cluster. Pure functions over plain data.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use sha2::{Digest, Sha256};
+use strait_api::pb;
+
+/// A range of ClusterSet IPs, such as `240.0.0.0/4`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpRange {
+    base: u32,
+    size: u32,
+}
+
+impl std::str::FromStr for IpRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err = || format!("{s:?} is not an IPv4 CIDR range with a prefix of /4 to /24 (e.g. 240.0.0.0/4)");
+        let (ip, len) = s.split_once('/').ok_or_else(err)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| err())?;
+        let len: u32 = len.parse().map_err(|_| err())?;
+        if !(4..=24).contains(&len) {
+            return Err(err());
+        }
+        let size = 1u32 << (32 - len);
+        Ok(IpRange {
+            base: u32::from(ip) & !(size - 1),
+            size,
+        })
+    }
+}
+
+/// Gives each service an address by hashing its name into the range, probing past collisions in
+/// name order, so clusters that see the same services agree without talking.
+pub fn allocate_ips<'a>(keys: impl IntoIterator<Item = &'a String>, range: IpRange) -> BTreeMap<String, Ipv4Addr> {
+    let mut taken = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    let mut keys: Vec<&String> = keys.into_iter().collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut offset = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % range.size;
+        // Skip the network and broadcast addresses, and anything already given out.
+        while offset == 0 || offset == range.size - 1 || taken.contains(&offset) {
+            offset = (offset + 1) % range.size;
+        }
+        taken.insert(offset);
+        out.insert(key.clone(), Ipv4Addr::from(range.base + offset));
+    }
+    out
+}
+
+/// One service of the merged catalog.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergedService {
+    pub name: String,
+    pub namespace: String,
+    pub clusterset_ip: Ipv4Addr,
+    pub ports: Vec<pb::ServicePort>,
+    pub endpoints: Vec<pb::Endpoint>,
+    pub identities: Vec<String>,
+    pub conditions: Vec<pb::Condition>,
+    /// Exporting clusters, oldest export first.
+    pub clusters: Vec<String>,
+}
+
+/// Merges exports by cluster. `exports` maps cluster name → its services by `<ns>/<name>`.
+pub fn merge(
+    exports: &BTreeMap<String, BTreeMap<String, pb::ExportedService>>,
+    range: IpRange,
+) -> BTreeMap<String, MergedService> {
+    let mut by_service: BTreeMap<&String, Vec<(&String, &pb::ExportedService)>> = BTreeMap::new();
+    for (cluster, services) in exports {
+        for (key, svc) in services {
+            by_service.entry(key).or_default().push((cluster, svc));
+        }
+    }
+    let ips = allocate_ips(by_service.keys().copied(), range);
+    let mut out = BTreeMap::new();
+    for (key, mut list) in by_service {
+        list.sort_by(|a, b| (a.1.exported_at_unix_ms, a.0).cmp(&(b.1.exported_at_unix_ms, b.0)));
+        let (oldest_cluster, oldest) = list[0];
+        let mut ports: Vec<pb::ServicePort> = vec![];
+        let mut conflicts = vec![];
+        for (cluster, svc) in &list {
+            for p in &svc.ports {
+                match ports.iter().find(|q| q.port == p.port) {
+                    None => ports.push(p.clone()),
+                    Some(q) if q.protocol != p.protocol => conflicts.push(format!(
+                        "port {}: cluster {cluster} exports protocol {}, but the oldest export (cluster {oldest_cluster}) says {}; using {}",
+                        p.port, p.protocol, q.protocol, q.protocol
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        ports.sort_by_key(|p| p.port);
+        let mut conditions = vec![];
+        if conflicts.is_empty() {
+            conditions.push(pb::Condition {
+                r#type: "Conflict".into(),
+                status: "False".into(),
+                reason: "NoConflicts".into(),
+                message: String::new(),
+            });
+        } else {
+            conditions.push(pb::Condition {
+                r#type: "Conflict".into(),
+                status: "True".into(),
+                reason: "PortConflict".into(),
+                message: conflicts.join("; "),
+            });
+        }
+        let mut identities: Vec<String> = list.iter().flat_map(|(_, s)| s.identities.iter().cloned()).collect();
+        identities.sort();
+        identities.dedup();
+        out.insert(
+            key.clone(),
+            MergedService {
+                name: oldest.name.clone(),
+                namespace: oldest.namespace.clone(),
+                clusterset_ip: ips[key],
+                ports,
+                endpoints: list.iter().flat_map(|(_, s)| s.endpoints.iter().cloned()).collect(),
+                identities,
+                conditions,
+                clusters: list.iter().map(|(c, _)| (*c).clone()).collect(),
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(name: &str, cluster: &str, at: i64, ports: &[(u32, &str)]) -> pb::ExportedService {
+        pb::ExportedService {
+            name: name.into(),
+            namespace: "demo".into(),
+            ports: ports
+                .iter()
+                .map(|(p, proto)| pb::ServicePort {
+                    name: String::new(),
+                    port: *p,
+                    protocol: (*proto).into(),
+                })
+                .collect(),
+            endpoints: vec![pb::Endpoint {
+                address: format!("127.0.0.1:{at}"),
+                workload: format!("{name}-{cluster}"),
+                locality: Some(pb::Locality {
+                    cluster: cluster.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            exported_at_unix_ms: at,
+            identities: vec![format!("spiffe://mesh.local/ns/demo/sa/{name}")],
+        }
+    }
+
+    fn exports(list: Vec<(&str, pb::ExportedService)>) -> BTreeMap<String, BTreeMap<String, pb::ExportedService>> {
+        let mut out: BTreeMap<String, BTreeMap<String, pb::ExportedService>> = BTreeMap::new();
+        for (cluster, svc) in list {
+            out.entry(cluster.into())
+                .or_default()
+                .insert(format!("demo/{}", svc.name), svc);
+        }
+        out
+    }
+
+    #[test]
+    fn union_of_ports_and_endpoints() {
+        let e = exports(vec![
+            ("east", export("echo", "east", 10, &[(80, "http")])),
+            ("west", export("echo", "west", 20, &[(80, "http"), (9090, "tcp")])),
+        ]);
+        let m = merge(&e, "240.0.0.0/4".parse().unwrap());
+        let echo = &m["demo/echo"];
+        assert_eq!(echo.ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![80, 9090]);
+        assert_eq!(echo.endpoints.len(), 2);
+        assert_eq!(echo.clusters, vec!["east", "west"]);
+        assert_eq!(echo.conditions[0].status, "False");
+    }
+
+    #[test]
+    fn oldest_export_wins_a_conflict_and_it_is_reported() {
+        let e = exports(vec![
+            ("east", export("ledger", "east", 50, &[(80, "http")])),
+            ("central", export("ledger", "central", 10, &[(80, "tcp")])),
+        ]);
+        let m = merge(&e, "240.0.0.0/4".parse().unwrap());
+        let l = &m["demo/ledger"];
+        assert_eq!(l.ports[0].protocol, "tcp");
+        assert_eq!(l.conditions[0].status, "True");
+        assert!(
+            l.conditions[0].message.contains("oldest export (cluster central)"),
+            "{}",
+            l.conditions[0].message
+        );
+    }
+
+    #[test]
+    fn clusterset_ips_are_stable_unique_and_in_range() {
+        let range: IpRange = "240.0.0.0/24".parse().unwrap();
+        let keys: Vec<String> = (0..200).map(|i| format!("demo/svc{i}")).collect();
+        let a = allocate_ips(&keys, range);
+        let mut rev = keys.clone();
+        rev.reverse();
+        let b = allocate_ips(&rev, range);
+        assert_eq!(a, b, "allocation does not depend on discovery order");
+        let unique: BTreeSet<_> = a.values().collect();
+        assert_eq!(unique.len(), 200);
+        assert!(a
+            .values()
+            .all(|ip| ip.octets()[..3] == [240, 0, 0] && ip.octets()[3] != 0 && ip.octets()[3] != 255));
+        assert!("10.0.0.0/33".parse::<IpRange>().is_err());
+    }
+}

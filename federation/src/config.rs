@@ -1,0 +1,173 @@
+//! The controller's own configuration file (YAML), parsed into types that hold only valid
+//! values; every bad field is reported at once with its path and the fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strait_trust::TrustDomain;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControllerConfig {
+    pub cluster: String,
+    pub region: String,
+    pub trust_domain: TrustDomain,
+    /// gRPC (mTLS) address: config stream, CA, peering.
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    /// The directory holding `ca.pem`/`ca-key.pem` of this cluster's intermediate CA.
+    pub ca_dir: PathBuf,
+    /// PEM roots of every trust domain this cluster accepts.
+    pub bundle: PathBuf,
+    /// Directory of catalog files (the file source).
+    pub catalog_dir: PathBuf,
+    /// Optional locality policy file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PathBuf>,
+    /// This cluster's gateway, announced to peers.
+    pub gateway: GatewayRef,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    #[serde(default)]
+    pub join_tokens: Vec<JoinToken>,
+    /// Lease on exports; a peer silent this long is dropped. Default 10s.
+    #[serde(default = "default_lease", with = "humantime_ms")]
+    pub lease: Duration,
+    /// Lifetime of workload certificates. Default 24h.
+    #[serde(default = "default_ttl", with = "humantime_ms")]
+    pub cert_ttl: Duration,
+    /// ClusterSet IP range (never routed). Default 240.0.0.0/4.
+    #[serde(default = "default_range")]
+    pub clusterset_ip_range: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayRef {
+    pub address: SocketAddr,
+    pub zone: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    /// UDP address of the peer's east-west gateway.
+    pub gateway: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinToken {
+    pub token: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_ttl() -> Duration {
+    strait_trust::DEFAULT_WORKLOAD_TTL
+}
+fn default_range() -> String {
+    "240.0.0.0/4".into()
+}
+
+/// Durations as `500ms`, `10s`, `5m`, `24h`.
+pub mod humantime_ms {
+    use std::time::Duration;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (use e.g. 500ms, 10s, 5m, 24h)"))?;
+        let secs = match unit {
+            "ms" => n / 1000.0,
+            "s" | "" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+        };
+        if secs <= 0.0 {
+            return Err(format!("{s:?} must be positive"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    pub fn format(d: &Duration) -> String {
+        if d.as_millis() % 1000 == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            format!("{}ms", d.as_millis())
+        }
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Parses YAML into `T`, naming the field path of the first error and the file.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let location = inner
+            .location()
+            .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+            .unwrap_or_default();
+        let message = if field == "." || field.is_empty() {
+            format!("{inner}{location}")
+        } else {
+            format!("field `{field}`: {inner}{location}")
+        };
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        }
+    })
+}
+
+impl ControllerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        parse_yaml(path, &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_format() {
+        assert_eq!(humantime_ms::parse("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(humantime_ms::parse("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(humantime_ms::parse("24h").unwrap(), Duration::from_secs(86400));
+        assert!(humantime_ms::parse("0s").is_err());
+        assert!(humantime_ms::parse("ten").is_err());
+        assert_eq!(humantime_ms::format(&Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -1,0 +1,412 @@
+//! Controller-to-controller peering, through the east-west gateways.
+//!
+//! Each controller dials every peer's gateway, asks for the peer's federation service, runs
+//! mTLS with the peer controller inside the tunnel, and streams its exports: first in full,
+//! then as changes, renewing its lease in between. The receiving side keeps each peer's
+//! exports until the lease runs out; a silent cluster's endpoints then expire everywhere.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::Stream;
+use serde::Serialize;
+use strait_api::pb;
+use strait_api::pb::peering_service_client::PeeringServiceClient;
+use strait_api::pb::peering_service_server::PeeringService;
+use strait_api::transport::PeerInfo;
+use strait_gateway::TunnelClient;
+use strait_trust::{CertStore, PeerPolicy, SpiffeId};
+use tokio::sync::{watch, Notify};
+use tonic::{Request, Response, Status, Streaming};
+
+/// What this controller knows of one peer cluster.
+#[derive(Clone, Debug)]
+pub struct PeerState {
+    pub cluster: String,
+    pub region: String,
+    pub gateway: Option<pb::Gateway>,
+    pub services: BTreeMap<String, pb::ExportedService>,
+    pub expires_at: Instant,
+    pub last_renewed: SystemTime,
+    pub connected: bool,
+}
+
+impl PeerState {
+    pub fn alive(&self, now: Instant) -> bool {
+        now < self.expires_at
+    }
+}
+
+/// A peer as `strait status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerView {
+    pub name: String,
+    pub region: String,
+    pub connected: bool,
+    pub lease_valid: bool,
+    pub last_renewed_unix_ms: i64,
+    pub lease_expires_in_ms: i64,
+    pub exported_services: usize,
+    pub gateway: String,
+}
+
+/// All peers' exports, shared by the peering server, the merge and the status view.
+#[derive(Clone, Default)]
+pub struct PeerTable {
+    peers: Arc<Mutex<BTreeMap<String, PeerState>>>,
+    changed: Arc<Notify>,
+}
+
+impl PeerTable {
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// Applies one update from a peer and renews its lease.
+    pub fn apply(&self, update: &pb::ExportUpdate, now: Instant) {
+        let Ok(mut peers) = self.peers.lock() else { return };
+        let lease = Duration::from_millis(update.lease_ms.clamp(1_000, 300_000));
+        let entry = peers.entry(update.cluster.clone()).or_insert_with(|| PeerState {
+            cluster: update.cluster.clone(),
+            region: update.region.clone(),
+            gateway: None,
+            services: BTreeMap::new(),
+            expires_at: now,
+            last_renewed: SystemTime::now(),
+            connected: true,
+        });
+        let was_alive = entry.alive(now);
+        if update.full {
+            entry.services.clear();
+        }
+        let content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
+        for svc in &update.upserts {
+            entry
+                .services
+                .insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
+        }
+        for key in &update.removed {
+            entry.services.remove(key);
+        }
+        if update.gateway.is_some() {
+            entry.gateway = update.gateway.clone();
+        }
+        entry.region = update.region.clone();
+        entry.expires_at = now + lease;
+        entry.last_renewed = SystemTime::now();
+        entry.connected = true;
+        drop(peers);
+        if content_changed {
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn disconnected(&self, cluster: &str) {
+        if let Ok(mut peers) = self.peers.lock() {
+            if let Some(p) = peers.get_mut(cluster) {
+                p.connected = false;
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<PeerState> {
+        self.peers
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The earliest lease expiry still in the future (the merge must rerun then).
+    pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        self.peers
+            .lock()
+            .ok()?
+            .values()
+            .map(|p| p.expires_at)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    pub fn views(&self, configured: &[String]) -> Vec<PeerView> {
+        let now = Instant::now();
+        let peers = self.snapshot();
+        let mut out: Vec<PeerView> = peers
+            .iter()
+            .map(|p| PeerView {
+                name: p.cluster.clone(),
+                region: p.region.clone(),
+                connected: p.connected && p.alive(now),
+                lease_valid: p.alive(now),
+                last_renewed_unix_ms: strait_api::unix_ms(p.last_renewed),
+                lease_expires_in_ms: if p.alive(now) {
+                    (p.expires_at - now).as_millis() as i64
+                } else {
+                    -((now - p.expires_at).as_millis() as i64)
+                },
+                exported_services: p.services.len(),
+                gateway: p.gateway.as_ref().map(|g| g.address.clone()).unwrap_or_default(),
+            })
+            .collect();
+        for name in configured {
+            if !out.iter().any(|v| &v.name == name) {
+                out.push(PeerView {
+                    name: name.clone(),
+                    region: String::new(),
+                    connected: false,
+                    lease_valid: false,
+                    last_renewed_unix_ms: 0,
+                    lease_expires_in_ms: 0,
+                    exported_services: 0,
+                    gateway: String::new(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// The receiving side of peering.
+pub struct PeeringServer {
+    pub table: PeerTable,
+    pub own_cluster: String,
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<pb::ExportAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PeeringService for PeeringServer {
+    type ExportStream = AckStream;
+
+    async fn export(&self, req: Request<Streaming<pb::ExportUpdate>>) -> Result<Response<AckStream>, Status> {
+        let identity = PeerInfo::of(&req)
+            .and_then(|p| p.identity.clone())
+            .ok_or_else(|| Status::unauthenticated("peering needs a client certificate"))?;
+        if identity.namespace() != Some(strait_api::SYSTEM_NAMESPACE)
+            || identity.service_account() != Some(strait_api::FEDERATION_SA)
+        {
+            return Err(Status::permission_denied(format!(
+                "{identity} is not a federation controller; only {}/{} may export to peers",
+                strait_api::SYSTEM_NAMESPACE,
+                strait_api::FEDERATION_SA
+            )));
+        }
+        let mut inbound = req.into_inner();
+        let table = self.table.clone();
+        let own = self.own_cluster.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut cluster = None;
+            while let Ok(Some(update)) = inbound.message().await {
+                if update.cluster.is_empty() || update.cluster == own {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "peer announced cluster name {:?}; it must be set and differ from this cluster's ({own})",
+                            update.cluster
+                        ))))
+                        .await;
+                    return;
+                }
+                if cluster.is_none() {
+                    tracing::info!(peer = %update.cluster, %identity, "peer connected");
+                }
+                cluster = Some(update.cluster.clone());
+                table.apply(&update, Instant::now());
+                if tx
+                    .send(Ok(pb::ExportAck {
+                        generation: update.generation,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            if let Some(c) = cluster {
+                tracing::info!(peer = %c, "peer stream ended; its exports stay until the lease expires");
+                table.disconnected(&c);
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// This cluster's exports as peers see them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Exports {
+    pub services: BTreeMap<String, pb::ExportedService>,
+}
+
+/// The sending side: one task per configured peer.
+pub struct PeerClient {
+    pub peer: crate::config::Peer,
+    pub cluster: String,
+    pub region: String,
+    pub lease: Duration,
+    pub gateway: pb::Gateway,
+    pub store: CertStore,
+    pub tunnel: TunnelClient,
+    pub exports: watch::Receiver<Arc<Exports>>,
+}
+
+impl PeerClient {
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            match self.session().await {
+                Ok(()) => tracing::info!(peer = %self.peer.name, "peering stream closed"),
+                Err(e) => tracing::debug!(peer = %self.peer.name, error = %e, "peering stream failed; retrying"),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(200);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn channel(&self) -> Result<tonic::transport::Channel, anyhow::Error> {
+        let td = self.store.id().trust_domain().clone();
+        let gateway_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::GATEWAY_SA)?;
+        let controller_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA)?;
+        let tls = Arc::new(strait_trust::client_config(
+            Some(&self.store),
+            self.store.bundle(),
+            self.store.metrics(),
+            PeerPolicy::OneOf(vec![controller_id]),
+            &[strait_trust::ALPN_H2],
+        )?);
+        let tunnel = self.tunnel.clone();
+        let gateway = self.peer.gateway;
+        let cluster = self.cluster.clone();
+        Ok(strait_api::transport::channel_with(move || {
+            let tunnel = tunnel.clone();
+            let tls = tls.clone();
+            let gateway_id = gateway_id.clone();
+            let cluster = cluster.clone();
+            async move {
+                let req = pb::TunnelRequest {
+                    service: strait_api::FEDERATION_SERVICE.into(),
+                    namespace: strait_api::SYSTEM_NAMESPACE.into(),
+                    port: crate::FEDERATION_PORT as u32,
+                    source_cluster: cluster,
+                    ..Default::default()
+                };
+                let (stream, _) = tunnel
+                    .open(gateway, &gateway_id, &req)
+                    .await
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))?;
+                tokio_rustls::TlsConnector::from(tls)
+                    .connect(strait_api::transport::mesh_server_name(), stream)
+                    .await
+            }
+        }))
+    }
+
+    async fn session(&self) -> Result<(), anyhow::Error> {
+        let mut client = PeeringServiceClient::new(self.channel()?);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut exports = self.exports.clone();
+        let base = pb::ExportUpdate {
+            cluster: self.cluster.clone(),
+            region: self.region.clone(),
+            lease_ms: self.lease.as_millis() as u64,
+            gateway: Some(self.gateway.clone()),
+            ..Default::default()
+        };
+        let renew_every = self.lease / 3;
+        let sender = tokio::spawn(async move {
+            let mut sent: BTreeMap<String, pb::ExportedService> = BTreeMap::new();
+            let mut generation = 0u64;
+            let mut first = true;
+            loop {
+                let current = exports.borrow_and_update().clone();
+                let mut update = base.clone();
+                generation += 1;
+                update.generation = generation;
+                if first {
+                    update.full = true;
+                    update.upserts = current.services.values().cloned().collect();
+                    first = false;
+                } else {
+                    update.upserts = current
+                        .services
+                        .iter()
+                        .filter(|(k, v)| sent.get(*k) != Some(v))
+                        .map(|(_, v)| v.clone())
+                        .collect();
+                    update.removed = sent
+                        .keys()
+                        .filter(|k| !current.services.contains_key(*k))
+                        .cloned()
+                        .collect();
+                }
+                sent = current.services.clone();
+                if tx.send(update).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = exports.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(renew_every) => {}
+                }
+            }
+        });
+        let result = async {
+            let mut acks = client
+                .export(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            tracing::info!(peer = %self.peer.name, "exporting to peer");
+            while acks.message().await?.is_some() {}
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        sender.abort();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_expires_and_full_update_replaces() {
+        let table = PeerTable::default();
+        let t0 = Instant::now();
+        let svc = |name: &str| pb::ExportedService {
+            name: name.into(),
+            namespace: "demo".into(),
+            ..Default::default()
+        };
+        table.apply(
+            &pb::ExportUpdate {
+                cluster: "west".into(),
+                lease_ms: 2_000,
+                full: true,
+                upserts: vec![svc("a"), svc("b")],
+                ..Default::default()
+            },
+            t0,
+        );
+        let p = &table.snapshot()[0];
+        assert_eq!(p.services.len(), 2);
+        assert!(p.alive(t0 + Duration::from_millis(1_999)));
+        assert!(!p.alive(t0 + Duration::from_millis(2_000)));
+        table.apply(
+            &pb::ExportUpdate {
+                cluster: "west".into(),
+                lease_ms: 2_000,
+                removed: vec!["demo/a".into()],
+                ..Default::default()
+            },
+            t0 + Duration::from_secs(1),
+        );
+        let p = &table.snapshot()[0];
+        assert_eq!(p.services.keys().collect::<Vec<_>>(), vec!["demo/b"]);
+        assert!(p.alive(t0 + Duration::from_millis(2_500)), "renewed");
+    }
+}

@@ -1,0 +1,393 @@
+//! Wiring of one controller process: its own identity from its intermediate CA, the gRPC
+//! server (config stream, CA, peering) on one mTLS port, peer clients, and the loop that
+//! re-reads local sources and re-merges the catalog whenever anything changes or a lease
+//! runs out.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use serde_json::json;
+use strait_api::admin::Admin;
+use strait_api::pb;
+use strait_api::pb::certificate_service_server::CertificateServiceServer;
+use strait_api::pb::config_service_server::ConfigServiceServer;
+use strait_api::pb::peering_service_server::PeeringServiceServer;
+use strait_gateway::TunnelClient;
+use strait_trust::{
+    next_rotation, Authority, CertStore, PeerPolicy, RotationPlan, ServerAuth, SpiffeId, TlsMetrics, TrustBundle,
+    WorkloadCert,
+};
+
+use crate::catalog::{merge, IpRange, MergedService};
+use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
+use crate::resources::{build, ConfigState};
+use crate::source::{FileSource, SourceError};
+use crate::xds::XdsServer;
+use crate::{policy, ControllerConfig, FEDERATION_PORT};
+
+/// What the admin views show, refreshed by the merge loop.
+#[derive(Default)]
+struct View {
+    merged: BTreeMap<String, MergedService>,
+    source_errors: Vec<SourceError>,
+    policy_error: Option<String>,
+    version: u64,
+}
+
+/// The locality policy file, re-read when it changes; a bad version keeps the last good one.
+struct PolicyWatch {
+    path: Option<PathBuf>,
+    fingerprint: Option<(Option<SystemTime>, u64)>,
+    current: pb::LocalityPolicy,
+    error: Option<String>,
+}
+
+impl PolicyWatch {
+    fn new(path: Option<PathBuf>) -> Self {
+        PolicyWatch {
+            path,
+            fingerprint: None,
+            current: policy::compile(&policy::PolicyFile::default(), "defaults"),
+            error: None,
+        }
+    }
+
+    /// Returns Some(true) when a new policy was accepted, Some(false) when one was rejected.
+    fn poll(&mut self) -> Option<bool> {
+        let path = self.path.as_ref()?;
+        let meta = std::fs::metadata(path).ok();
+        let fp = (
+            meta.as_ref().and_then(|m| m.modified().ok()),
+            meta.map(|m| m.len()).unwrap_or_default(),
+        );
+        if self.fingerprint == Some(fp) {
+            return None;
+        }
+        self.fingerprint = Some(fp);
+        match policy::load(path) {
+            Ok(p) => {
+                self.current = policy::compile(&p, &path.display().to_string());
+                self.error = None;
+                tracing::info!(file = %path.display(), "locality policy applied");
+                Some(true)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "locality policy rejected; the last good policy keeps serving");
+                self.error = Some(e);
+                Some(false)
+            }
+        }
+    }
+}
+
+fn spawn_self_rotation(authority: Arc<Authority>, store: CertStore, ttl: Duration) {
+    tokio::spawn(async move {
+        loop {
+            let cert = store.current();
+            if let RotationPlan::RenewIn(wait) = next_rotation(cert.not_before, cert.not_after, SystemTime::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            let renewed = authority
+                .issue_with_key(&cert.id, SystemTime::now(), ttl)
+                .and_then(|(issued, key)| WorkloadCert::new(cert.id.clone(), issued, key));
+            match renewed {
+                Ok(c) => store.rotate(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the controller's own certificate");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+}
+
+pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
+    let registry = Registry::new();
+    let tls_metrics = TlsMetrics::new(&registry);
+    let range: IpRange = cfg
+        .clusterset_ip_range
+        .parse()
+        .map_err(|e| anyhow::anyhow!("clustersetIpRange: {e}"))?;
+    let td = cfg.trust_domain.clone();
+    let authority = Arc::new(Authority::load(&cfg.ca_dir, &td)?);
+    let bundle = TrustBundle::load(&cfg.bundle)?;
+    let my_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA)?;
+    let (issued, key) = authority.issue_with_key(&my_id, SystemTime::now(), cfg.cert_ttl)?;
+    let store = CertStore::new(
+        WorkloadCert::new(my_id.clone(), issued, key)?,
+        bundle.clone(),
+        tls_metrics,
+    );
+    spawn_self_rotation(authority.clone(), store.clone(), cfg.cert_ttl);
+
+    let admin_listener = strait_api::admin::bind(cfg.admin).await?;
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the controller's gRPC address {}: {e}", cfg.listen))?;
+
+    let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(ConfigState::default()));
+    let xds = XdsServer::new(state_rx, &registry);
+    let ca = crate::ca::CaServer::new(
+        authority.clone(),
+        &cfg.join_tokens,
+        cfg.cert_ttl,
+        bundle.to_pem(),
+        &registry,
+    );
+    let table = PeerTable::default();
+    let peering = PeeringServer {
+        table: table.clone(),
+        own_cluster: cfg.cluster.clone(),
+    };
+    let server_tls = strait_trust::server_config(
+        &store,
+        PeerPolicy::AnyInBundle,
+        ServerAuth::OptionalClientCert,
+        &[strait_trust::ALPN_H2],
+    )?;
+    let incoming = strait_api::transport::tls_incoming(grpc_listener, Arc::new(server_tls));
+    let grpc = tonic::transport::Server::builder()
+        .add_service(ConfigServiceServer::new(xds.clone()))
+        .add_service(CertificateServiceServer::new(ca))
+        .add_service(PeeringServiceServer::new(peering))
+        .serve_with_incoming(incoming);
+    let grpc_task = tokio::spawn(grpc);
+
+    let gateway_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::GATEWAY_SA)?;
+    let own_gateway = pb::Gateway {
+        cluster: cfg.cluster.clone(),
+        address: cfg.gateway.address.to_string(),
+        identity: gateway_id.to_string(),
+        locality: Some(pb::Locality {
+            cluster: cfg.cluster.clone(),
+            region: cfg.region.clone(),
+            zone: cfg.gateway.zone.clone(),
+            subzone: String::new(),
+        }),
+        reachable: true,
+    };
+    let (exports_tx, exports_rx) = tokio::sync::watch::channel(Arc::new(Exports::default()));
+    let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?;
+    for peer in &cfg.peers {
+        let client = PeerClient {
+            peer: peer.clone(),
+            cluster: cfg.cluster.clone(),
+            region: cfg.region.clone(),
+            lease: cfg.lease,
+            gateway: own_gateway.clone(),
+            store: store.clone(),
+            tunnel: tunnel.clone(),
+            exports: exports_rx.clone(),
+        };
+        tokio::spawn(client.run());
+    }
+
+    let view = Arc::new(Mutex::new(View::default()));
+    let admin = admin_views(&cfg, &registry, view.clone(), table.clone(), xds.clone());
+    tokio::spawn(admin.clone().serve(admin_listener));
+
+    let federation_service = pb::Service {
+        name: strait_api::FEDERATION_SERVICE.into(),
+        namespace: strait_api::SYSTEM_NAMESPACE.into(),
+        clusterset_ip: String::new(),
+        ports: vec![pb::ServicePort {
+            name: "grpc".into(),
+            port: FEDERATION_PORT as u32,
+            protocol: "tcp".into(),
+        }],
+        endpoints: vec![pb::Endpoint {
+            address: cfg.listen.to_string(),
+            workload: "controller".into(),
+            locality: own_gateway.locality.clone(),
+            identity: my_id.to_string(),
+            ready: true,
+            labels: Default::default(),
+        }],
+        conditions: vec![],
+        identities: vec![my_id.to_string()],
+    };
+    let bundles = vec![pb::TrustBundle {
+        trust_domain: td.to_string(),
+        pem: bundle.to_pem(),
+    }];
+    let rejected = IntCounterVec::new(
+        Opts::new(
+            "strait_config_inputs_rejected_total",
+            "Catalog and policy files rejected, by source",
+        ),
+        &["source"],
+    )?;
+    let versions = IntGauge::new("strait_config_version", "Version of the config this controller serves")?;
+    let peers_alive = IntGauge::new("strait_peers_alive", "Peer clusters whose lease is valid")?;
+    registry.register(Box::new(rejected.clone()))?;
+    registry.register(Box::new(versions.clone()))?;
+    registry.register(Box::new(peers_alive.clone()))?;
+
+    let mut source = FileSource::new(&cfg.catalog_dir);
+    let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
+    let mut last_errors: Vec<SourceError> = vec![];
+    let mut version = 0u64;
+    loop {
+        source.poll();
+        if policy_watch.poll() == Some(false) {
+            rejected.with_label_values(&["policy"]).inc();
+        }
+        let now = Instant::now();
+        let (local, errors) = source.services(&cfg.cluster, &cfg.region, &td, SystemTime::now());
+        if errors != last_errors {
+            rejected
+                .with_label_values(&["catalog"])
+                .inc_by(errors.iter().filter(|e| !last_errors.contains(e)).count() as u64);
+            last_errors = errors.clone();
+        }
+        let exported: BTreeMap<String, pb::ExportedService> = local
+            .iter()
+            .filter(|(_, s)| s.exported)
+            .map(|(k, s)| (k.clone(), s.service.clone()))
+            .collect();
+        exports_tx.send_if_modified(|cur| {
+            if cur.services != exported {
+                *cur = Arc::new(Exports { services: exported });
+                true
+            } else {
+                false
+            }
+        });
+
+        let mut by_cluster: BTreeMap<String, BTreeMap<String, pb::ExportedService>> = BTreeMap::new();
+        by_cluster.insert(
+            cfg.cluster.clone(),
+            local.into_iter().map(|(k, s)| (k, s.service)).collect(),
+        );
+        let mut gateways = vec![own_gateway.clone()];
+        let peers = table.snapshot();
+        let mut alive = 0;
+        for p in &peers {
+            let is_alive = p.alive(now);
+            if is_alive {
+                alive += 1;
+                by_cluster.insert(p.cluster.clone(), p.services.clone());
+            }
+            if let Some(g) = &p.gateway {
+                let mut g = g.clone();
+                g.reachable = is_alive;
+                gateways.push(g);
+            }
+        }
+        peers_alive.set(alive);
+        let merged = merge(&by_cluster, range);
+        let resources = build(
+            &merged,
+            &[federation_service.clone()],
+            &gateways,
+            &policy_watch.current,
+            &bundles,
+        );
+        let changed = state_tx.borrow().resources != resources;
+        if changed || version == 0 {
+            version += 1;
+            versions.set(version as i64);
+            tracing::debug!(version, services = merged.len(), "catalog rebuilt");
+            state_tx.send_replace(Arc::new(ConfigState { version, resources }));
+        }
+        if let Ok(mut v) = view.lock() {
+            *v = View {
+                merged,
+                source_errors: errors,
+                policy_error: policy_watch.error.clone(),
+                version,
+            };
+        }
+        admin.set_ready(true);
+        if grpc_task.is_finished() {
+            anyhow::bail!("the controller's gRPC server stopped");
+        }
+        let wake = table
+            .next_expiry(now)
+            .map(|t| t + Duration::from_millis(5))
+            .unwrap_or(now + Duration::from_secs(3600));
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = table.changed().notified() => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+fn admin_views(
+    cfg: &ControllerConfig,
+    registry: &Registry,
+    view: Arc<Mutex<View>>,
+    table: PeerTable,
+    xds: XdsServer,
+) -> Admin {
+    let configured: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
+    let cluster = cfg.cluster.clone();
+    let region = cfg.region.clone();
+    let lease_ms = cfg.lease.as_millis() as u64;
+    let status_view = view.clone();
+    let status = Arc::new(move || {
+        let v = status_view.lock();
+        let (version, errors, policy_error) = match &v {
+            Ok(v) => (
+                v.version,
+                v.source_errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                v.policy_error.clone(),
+            ),
+            Err(_) => (0, vec![], None),
+        };
+        json!({
+            "cluster": cluster,
+            "region": region,
+            "lease_ms": lease_ms,
+            "config_version": version,
+            "peers": table.views(&configured),
+            "proxies": xds.proxies(),
+            "errors": errors,
+            "policy_error": policy_error,
+        })
+    });
+    let services = Arc::new(move || {
+        let Ok(v) = view.lock() else {
+            return json!({"services": []});
+        };
+        let list: Vec<serde_json::Value> = v
+            .merged
+            .values()
+            .map(|s| {
+                let mut clusters: BTreeMap<String, (Vec<String>, usize, usize)> = BTreeMap::new();
+                for e in &s.endpoints {
+                    let loc = e.locality.clone().unwrap_or_default();
+                    let entry = clusters.entry(loc.cluster.clone()).or_default();
+                    if !entry.0.contains(&loc.zone) {
+                        entry.0.push(loc.zone.clone());
+                    }
+                    entry.1 += 1;
+                    if e.ready {
+                        entry.2 += 1;
+                    }
+                }
+                json!({
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "clusterset_ip": s.clusterset_ip.to_string(),
+                    "ports": s.ports.iter().map(|p| json!({"port": p.port, "protocol": p.protocol})).collect::<Vec<_>>(),
+                    "clusters": clusters.into_iter().map(|(c, (zones, total, ready))| json!({
+                        "cluster": c, "zones": zones, "endpoints": total, "ready": ready,
+                    })).collect::<Vec<_>>(),
+                    "conditions": s.conditions.iter().map(|c| json!({
+                        "type": c.r#type, "status": c.status, "reason": c.reason, "message": c.message,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({ "services": list })
+    });
+    Admin::new(registry.clone())
+        .view("/status", status)
+        .view("/services", services)
+}

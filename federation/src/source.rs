@@ -1,0 +1,368 @@
+//! The file catalog source: a directory of YAML files, each listing services this cluster
+//! exports and their endpoints. It needs nothing else to run (no Kubernetes), which is what
+//! `strait up` uses. Files are re-read when they change; a file with a mistake is reported
+//! (file, field, fix) and its last good content keeps serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use strait_api::pb;
+use strait_trust::{SpiffeId, TrustDomain};
+
+use crate::config::parse_yaml;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CatalogFile {
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub ports: Vec<PortSpec>,
+    /// The service account of the endpoints; their identity is spiffe://<td>/ns/<ns>/sa/<sa>.
+    pub service_account: String,
+    /// Whether other clusters see it (a ServiceExport, in MCS terms). Default true.
+    #[serde(default = "yes")]
+    pub export: bool,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: ProtocolSpec,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolSpec {
+    #[default]
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub workload: String,
+    /// The workload's inbound sidecar address.
+    pub address: SocketAddr,
+    pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
+    #[serde(default = "yes")]
+    pub ready: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn dns_label(field: &str, v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "field `{field}`: {v:?} is not a DNS label (lowercase letters, digits and '-', at most 63, e.g. \"echo\")"
+        ))
+    }
+}
+
+/// Checks what serde cannot: names, unique ports, zones. Returns every problem at once.
+pub fn validate(file: &CatalogFile) -> Vec<String> {
+    let mut errors = vec![];
+    for (i, s) in file.services.iter().enumerate() {
+        let at = format!("services[{i}]");
+        for (f, v) in [
+            ("name", &s.name),
+            ("namespace", &s.namespace),
+            ("serviceAccount", &s.service_account),
+        ] {
+            if let Err(e) = dns_label(&format!("{at}.{f}"), v) {
+                errors.push(e);
+            }
+        }
+        if s.ports.is_empty() {
+            errors.push(format!(
+                "field `{at}.ports`: a service needs at least one port, e.g. [{{port: 80, protocol: http}}]"
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (j, p) in s.ports.iter().enumerate() {
+            if p.port == 0 {
+                errors.push(format!("field `{at}.ports[{j}].port`: 0 is not a port (use 1-65535)"));
+            }
+            if !seen.insert(p.port) {
+                errors.push(format!("field `{at}.ports[{j}].port`: port {} is listed twice", p.port));
+            }
+        }
+        for (j, e) in s.endpoints.iter().enumerate() {
+            if e.zone.is_empty() {
+                errors.push(format!(
+                    "field `{at}.endpoints[{j}].zone`: the zone is required (e.g. us-east-1a)"
+                ));
+            }
+            if e.workload.is_empty() {
+                errors.push(format!(
+                    "field `{at}.endpoints[{j}].workload`: the workload name is required"
+                ));
+            }
+        }
+    }
+    errors
+}
+
+/// One service of this cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalService {
+    pub service: pb::ExportedService,
+    pub exported: bool,
+}
+
+/// A problem with one catalog file.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SourceError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.message)
+    }
+}
+
+#[derive(Default)]
+struct FileState {
+    fingerprint: (Option<SystemTime>, u64),
+    good: Option<CatalogFile>,
+    error: Option<String>,
+}
+
+/// Reads the catalog directory; [`FileSource::poll`] returns whether anything changed.
+pub struct FileSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    first_seen: HashMap<String, i64>,
+}
+
+impl FileSource {
+    pub fn new(dir: &Path) -> Self {
+        FileSource {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+            first_seen: HashMap::new(),
+        }
+    }
+
+    /// Re-reads files whose modification time or size changed.
+    pub fn poll(&mut self) -> bool {
+        let mut changed = false;
+        let mut present = vec![];
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the catalog directory; keeping the last catalog");
+                return false;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                continue;
+            }
+            present.push(path.clone());
+            let meta = entry.metadata().ok();
+            let fp = (
+                meta.as_ref().and_then(|m| m.modified().ok()),
+                meta.map(|m| m.len()).unwrap_or_default(),
+            );
+            let state = self.files.entry(path.clone()).or_default();
+            if state.fingerprint == fp && (state.good.is_some() || state.error.is_some()) {
+                continue;
+            }
+            state.fingerprint = fp;
+            changed = true;
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read: {e}"))
+                .and_then(|text| parse_yaml::<CatalogFile>(&path, &text).map_err(|e| strip_path(&e.to_string(), &path)))
+                .and_then(|file| {
+                    let errors = validate(&file);
+                    if errors.is_empty() {
+                        Ok(file)
+                    } else {
+                        Err(errors.join("; "))
+                    }
+                });
+            match parsed {
+                Ok(file) => {
+                    state.good = Some(file);
+                    state.error = None;
+                }
+                Err(message) => {
+                    tracing::error!(file = %path.display(), error = %message, "catalog file rejected; its last good content keeps serving");
+                    state.error = Some(message);
+                }
+            }
+        }
+        let before = self.files.len();
+        self.files.retain(|p, _| present.contains(p));
+        changed || before != self.files.len()
+    }
+
+    pub fn errors(&self) -> Vec<SourceError> {
+        self.files
+            .iter()
+            .filter_map(|(p, s)| {
+                s.error.as_ref().map(|m| SourceError {
+                    file: p.clone(),
+                    message: m.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// This cluster's services as the merge sees them, with whether each is exported to peers.
+    pub fn services(
+        &mut self,
+        cluster: &str,
+        region: &str,
+        td: &TrustDomain,
+        now: SystemTime,
+    ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
+        let mut out = BTreeMap::new();
+        let mut errors = self.errors();
+        for (path, state) in &self.files {
+            let Some(file) = &state.good else { continue };
+            for spec in &file.services {
+                let key = format!("{}/{}", spec.namespace, spec.name);
+                if out.contains_key(&key) {
+                    errors.push(SourceError {
+                        file: path.clone(),
+                        message: format!(
+                            "service {key} is already defined in another catalog file; define each service once"
+                        ),
+                    });
+                    continue;
+                }
+                let exported_at = *self
+                    .first_seen
+                    .entry(key.clone())
+                    .or_insert_with(|| strait_api::unix_ms(now));
+                out.insert(
+                    key,
+                    LocalService {
+                        service: to_export(spec, cluster, region, td, exported_at),
+                        exported: spec.export,
+                    },
+                );
+            }
+        }
+        (out, errors)
+    }
+}
+
+fn strip_path(msg: &str, path: &Path) -> String {
+    msg.strip_prefix(&format!("{}: ", path.display()))
+        .unwrap_or(msg)
+        .to_string()
+}
+
+fn to_export(
+    spec: &ServiceSpec,
+    cluster: &str,
+    region: &str,
+    td: &TrustDomain,
+    exported_at: i64,
+) -> pb::ExportedService {
+    let identity = SpiffeId::workload(td, &spec.namespace, &spec.service_account)
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    pb::ExportedService {
+        name: spec.name.clone(),
+        namespace: spec.namespace.clone(),
+        ports: spec
+            .ports
+            .iter()
+            .map(|p| pb::ServicePort {
+                name: p.name.clone(),
+                port: p.port as u32,
+                protocol: match p.protocol {
+                    ProtocolSpec::Http => "http".into(),
+                    ProtocolSpec::Tcp => "tcp".into(),
+                },
+            })
+            .collect(),
+        endpoints: spec
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint {
+                address: e.address.to_string(),
+                workload: e.workload.clone(),
+                locality: Some(pb::Locality {
+                    cluster: cluster.into(),
+                    region: region.into(),
+                    zone: e.zone.clone(),
+                    subzone: e.subzone.clone(),
+                }),
+                identity: identity.clone(),
+                ready: e.ready,
+                labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            })
+            .collect(),
+        exported_at_unix_ms: exported_at,
+        identities: vec![identity],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_every_bad_field() {
+        let file: CatalogFile = serde_yaml::from_str(
+            "services:\n- name: Echo\n  namespace: demo\n  serviceAccount: echo\n  ports: [{port: 80}, {port: 80}]\n  endpoints: [{workload: w, address: '127.0.0.1:1', zone: ''}]\n",
+        )
+        .unwrap();
+        let errors = validate(&file);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("services[0].name"));
+        assert!(errors[1].contains("listed twice"));
+        assert!(errors[2].contains("zone"));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = parse_yaml::<CatalogFile>(
+            Path::new("c.yaml"),
+            "services:\n- name: a\n  namespace: b\n  serviceAccount: c\n  ports: [{port: 80, protocl: tcp}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("c.yaml") && err.contains("services[0].ports[0]") && err.contains("protocl"),
+            "{err}"
+        );
+    }
+}

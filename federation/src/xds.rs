@@ -1,0 +1,185 @@
+//! The controller side of the config stream: every connected proxy gets the full state, then
+//! only what changed, and its ACKs and NACKs are recorded (and shown by `strait status`).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use serde::Serialize;
+use strait_api::pb;
+use strait_api::pb::config_service_server::ConfigService;
+use strait_api::transport::PeerInfo;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::resources::{diff, gateway_only, ConfigState};
+
+/// What the controller knows of one connected proxy.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyStatus {
+    pub node: String,
+    pub kind: String,
+    pub identity: String,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    pub rejected: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct XdsServer {
+    state: watch::Receiver<Arc<ConfigState>>,
+    proxies: Arc<Mutex<BTreeMap<String, ProxyStatus>>>,
+    connected: IntGauge,
+    acks: IntCounterVec,
+}
+
+impl XdsServer {
+    pub fn new(state: watch::Receiver<Arc<ConfigState>>, registry: &Registry) -> Self {
+        let connected = IntGauge::new(
+            "strait_config_proxies_connected",
+            "Proxies subscribed to this controller",
+        )
+        .expect("valid metric");
+        let acks = IntCounterVec::new(
+            Opts::new(
+                "strait_config_acks_total",
+                "Config versions acknowledged by proxies, by result (ack or nack)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(connected.clone()));
+        let _ = registry.register(Box::new(acks.clone()));
+        XdsServer {
+            state,
+            proxies: Arc::default(),
+            connected,
+            acks,
+        }
+    }
+
+    pub fn proxies(&self) -> Vec<ProxyStatus> {
+        self.proxies
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConfigService for XdsServer {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(&self, req: Request<Streaming<pb::ProxyMessage>>) -> Result<Response<UpdateStream>, Status> {
+        let identity = PeerInfo::of(&req).and_then(|p| p.identity.clone()).ok_or_else(|| {
+            Status::unauthenticated("the config stream needs a client certificate from this mesh's CA")
+        })?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::ProxyMessage {
+                kind: Some(pb::proxy_message::Kind::Hello(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on the config stream must be Hello",
+                ))
+            }
+        };
+        let gateway = hello.kind == "gateway";
+        let key = format!("{}/{}", hello.kind, hello.node);
+        tracing::info!(node = %hello.node, kind = %hello.kind, %identity, "proxy subscribed");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut state = self.state.clone();
+        let proxies = self.proxies.clone();
+        let connected = self.connected.clone();
+        let acks = self.acks.clone();
+        proxies.lock().map_err(|_| Status::internal("lock"))?.insert(
+            key.clone(),
+            ProxyStatus {
+                node: hello.node.clone(),
+                kind: hello.kind.clone(),
+                identity: identity.to_string(),
+                sent_version: 0,
+                acked_version: 0,
+                rejected: vec![],
+            },
+        );
+        connected.inc();
+        tokio::spawn(async move {
+            let include = |name: &str| gateway || !gateway_only(name);
+            let mut sent: BTreeMap<String, String> = BTreeMap::new();
+            let mut first = true;
+            loop {
+                let current = state.borrow_and_update().clone();
+                let (changed, removed) = diff(&sent, &current.resources, include);
+                if first || !changed.is_empty() || !removed.is_empty() {
+                    let update = if first {
+                        pb::ConfigUpdate {
+                            version: current.version,
+                            full: true,
+                            resources: current
+                                .resources
+                                .values()
+                                .filter(|r| include(&r.name))
+                                .cloned()
+                                .collect(),
+                            removed: vec![],
+                        }
+                    } else {
+                        pb::ConfigUpdate {
+                            version: current.version,
+                            full: false,
+                            resources: changed,
+                            removed,
+                        }
+                    };
+                    first = false;
+                    sent = current
+                        .resources
+                        .iter()
+                        .filter(|(k, _)| include(k))
+                        .map(|(k, v)| (k.clone(), v.version.clone()))
+                        .collect();
+                    if tx.send(Ok(update)).await.is_err() {
+                        break;
+                    }
+                    if let Ok(mut p) = proxies.lock() {
+                        if let Some(s) = p.get_mut(&key) {
+                            s.sent_version = current.version;
+                        }
+                    }
+                }
+                tokio::select! {
+                    changed = state.changed() => if changed.is_err() { break },
+                    msg = inbound.message() => match msg {
+                        Ok(Some(pb::ProxyMessage { kind: Some(pb::proxy_message::Kind::Ack(ack)) })) => {
+                            let result = if ack.rejected.is_empty() { "ack" } else { "nack" };
+                            acks.with_label_values(&[result]).inc();
+                            for r in &ack.rejected {
+                                tracing::warn!(node = %key, resource = %r.name, error = %r.error, "proxy rejected a resource");
+                            }
+                            if let Ok(mut p) = proxies.lock() {
+                                if let Some(s) = p.get_mut(&key) {
+                                    s.acked_version = ack.version;
+                                    s.rejected = ack.rejected.iter().map(|r| format!("{}: {}", r.name, r.error)).collect();
+                                }
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    },
+                }
+            }
+            connected.dec();
+            if let Ok(mut p) = proxies.lock() {
+                p.remove(&key);
+            }
+            tracing::info!(node = %key, "proxy unsubscribed");
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,28 @@
+//! The east-west protocol: a QUIC listener (quinn, ALPN `strait/1`, mutual TLS) that remote
+//! sidecars and controllers tunnel through, the client they use, and forwarding to local
+//! endpoints.
+//!
+//! A tunnel stream opens with a length-prefixed `TunnelRequest` (service, port, chosen
+//! endpoint, trace context, deadline) and is answered with a `TunnelResponse`; after that the
+//! stream carries the caller's own TLS session with the destination sidecar, end to end. The
+//! gateway routes on the header alone and never holds a key that could read the payload.
+
+mod client;
+mod metrics;
+mod run;
+mod server;
+
+pub use client::{TunnelClient, TunnelError, TunnelStream};
+pub use metrics::GatewayMetrics;
+pub use run::{run, GatewayRunOptions};
+pub use server::{Gateway, GatewayOptions};
+
+/// QUIC transport settings shared by both ends.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000))));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t
+}

@@ -1,0 +1,57 @@
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Tunnel metrics of a gateway (server side) or of a sidecar's tunnel client.
+#[derive(Clone, Debug)]
+pub struct GatewayMetrics {
+    /// Streams by source cluster, destination service and status.
+    pub streams: IntCounterVec,
+    pub active_streams: IntGauge,
+    pub bytes: IntCounterVec,
+    pub connect_latency: HistogramVec,
+}
+
+impl GatewayMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let streams = IntCounterVec::new(
+            Opts::new(
+                "strait_tunnel_streams_total",
+                "East-west tunnel streams, by source cluster, destination service and status",
+            ),
+            &["source_cluster", "destination_service", "status"],
+        )
+        .expect("valid metric");
+        let active_streams =
+            IntGauge::new("strait_tunnel_streams_active", "Tunnel streams open now").expect("valid metric");
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "strait_tunnel_bytes_total",
+                "Bytes carried by tunnel streams, by direction",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let connect_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "strait_tunnel_endpoint_connect_seconds",
+                "Time from tunnel header to connected local endpoint",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            &["destination_service"],
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(streams.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(active_streams.clone()),
+            Box::new(bytes.clone()),
+            Box::new(connect_latency.clone()),
+        ] {
+            let _ = registry.register(m);
+        }
+        GatewayMetrics {
+            streams,
+            active_streams,
+            bytes,
+            connect_latency,
+        }
+    }
+}

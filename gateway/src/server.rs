@@ -1,0 +1,222 @@
+//! The gateway's QUIC listener: authenticate the caller (any identity of a trusted domain),
+//! read the tunnel header, connect to a local endpoint of the named service, answer, splice.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strait_api::pb;
+use strait_api::snapshot::{EndpointEntry, Snapshot};
+use strait_api::tunnel::{read_header, status, write_header};
+use strait_trust::{CertStore, PeerPolicy, ServerAuth};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::GatewayMetrics;
+
+pub struct GatewayOptions {
+    pub cluster: String,
+    pub listen: SocketAddr,
+    pub connect_timeout: Duration,
+}
+
+pub struct Gateway {
+    opts: GatewayOptions,
+    store: CertStore,
+    config: watch::Receiver<Arc<Snapshot>>,
+    metrics: GatewayMetrics,
+}
+
+impl Gateway {
+    pub fn new(
+        opts: GatewayOptions,
+        store: CertStore,
+        config: watch::Receiver<Arc<Snapshot>>,
+        metrics: GatewayMetrics,
+    ) -> Self {
+        Gateway {
+            opts,
+            store,
+            config,
+            metrics,
+        }
+    }
+
+    /// Binds the UDP socket; the returned endpoint is served by [`Gateway::serve`].
+    pub fn bind(&self) -> anyhow::Result<quinn::Endpoint> {
+        let tls = strait_trust::server_config(
+            &self.store,
+            PeerPolicy::AnyInBundle,
+            ServerAuth::RequireClientCert,
+            &[strait_trust::ALPN_TUNNEL],
+        )?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(crate::transport_config()));
+        let endpoint = quinn::Endpoint::server(config, self.opts.listen).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot bind the gateway's QUIC listener on UDP {}: {e}",
+                self.opts.listen
+            )
+        })?;
+        Ok(endpoint)
+    }
+
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let gw = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!(%remote, error = %e, "tunnel connection refused during handshake");
+                        return;
+                    }
+                };
+                let peer = conn
+                    .peer_identity()
+                    .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+                    .and_then(|certs| strait_trust::peer_identity(Some(&certs)));
+                tracing::debug!(%remote, peer = ?peer.as_ref().map(|p| p.to_string()), "tunnel connection accepted");
+                loop {
+                    match conn.accept_bi().await {
+                        Ok((send, recv)) => {
+                            let gw = gw.clone();
+                            tokio::spawn(async move { gw.handle_stream(send, recv).await });
+                        }
+                        Err(e) => {
+                            tracing::debug!(%remote, error = %e, "tunnel connection closed");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    async fn handle_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let req: pb::TunnelRequest = match tokio::time::timeout(Duration::from_secs(5), read_header(&mut recv)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "malformed tunnel header; closing that stream");
+                self.metrics
+                    .streams
+                    .with_label_values(&["unknown", "unknown", "400"])
+                    .inc();
+                let _ = send.reset(quinn::VarInt::from_u32(status::BAD_REQUEST));
+                return;
+            }
+            Err(_) => {
+                self.metrics
+                    .streams
+                    .with_label_values(&["unknown", "unknown", "408"])
+                    .inc();
+                let _ = send.reset(quinn::VarInt::from_u32(status::BAD_REQUEST));
+                return;
+            }
+        };
+        let service_label = format!("{}.{}", req.service, req.namespace);
+        let (code, message, upstream) = self.connect_upstream(&req).await;
+        self.metrics
+            .streams
+            .with_label_values(&[&req.source_cluster, &service_label, &code.to_string()])
+            .inc();
+        let resp = pb::TunnelResponse {
+            status: code,
+            message,
+            endpoint: upstream.as_ref().map(|(_, a)| a.to_string()).unwrap_or_default(),
+        };
+        if write_header(&mut send, &resp).await.is_err() {
+            return;
+        }
+        let Some((mut tcp, _)) = upstream else {
+            let _ = send.finish();
+            return;
+        };
+        self.metrics.active_streams.inc();
+        let mut tunnel = tokio::io::join(recv, send);
+        match tokio::io::copy_bidirectional(&mut tunnel, &mut tcp).await {
+            Ok((from_caller, to_caller)) => {
+                self.metrics.bytes.with_label_values(&["in"]).inc_by(from_caller);
+                self.metrics.bytes.with_label_values(&["out"]).inc_by(to_caller);
+            }
+            Err(e) => tracing::debug!(error = %e, "tunnel stream ended with an error"),
+        }
+        self.metrics.active_streams.dec();
+    }
+
+    /// Finds the service and connects to one of its local endpoints: the caller's choice if it
+    /// is one, else the others in turn.
+    async fn connect_upstream(&self, req: &pb::TunnelRequest) -> (u32, String, Option<(TcpStream, SocketAddr)>) {
+        if req.deadline_unix_ms > 0 && (strait_api::unix_ms(std::time::SystemTime::now()) as u64) > req.deadline_unix_ms
+        {
+            return (
+                status::DEADLINE_EXCEEDED,
+                "deadline passed before the gateway".into(),
+                None,
+            );
+        }
+        let snapshot = self.config.borrow().clone();
+        let key = format!("{}/{}", req.namespace, req.service);
+        let Some(service) = snapshot.services.get(&key) else {
+            return (
+                status::UNKNOWN_SERVICE,
+                format!("service {key} is not known in cluster {}", self.opts.cluster),
+                None,
+            );
+        };
+        let port_ok = u16::try_from(req.port).ok().and_then(|p| service.port(p)).is_some();
+        if !port_ok {
+            return (
+                status::UNKNOWN_SERVICE,
+                format!("service {key} has no port {}", req.port),
+                None,
+            );
+        }
+        let mut local: Vec<&EndpointEntry> = service
+            .endpoints
+            .iter()
+            .filter(|e| e.locality.cluster == self.opts.cluster && e.ready)
+            .collect();
+        if local.is_empty() {
+            return (
+                status::NO_ENDPOINT,
+                format!("service {key} has no ready endpoint in cluster {}", self.opts.cluster),
+                None,
+            );
+        }
+        // The caller's choice first (only if it is one of ours), then the rest from a random start.
+        let start = rand_index(local.len());
+        local.rotate_left(start);
+        if let Some(pos) = local.iter().position(|e| e.address.to_string() == req.endpoint) {
+            let chosen = local.remove(pos);
+            local.insert(0, chosen);
+        }
+        let started = Instant::now();
+        let mut last_error = String::new();
+        for ep in local {
+            match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(ep.address)).await {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    self.metrics
+                        .connect_latency
+                        .with_label_values(&[&format!("{}.{}", req.service, req.namespace)])
+                        .observe(started.elapsed().as_secs_f64());
+                    return (status::OK, String::new(), Some((tcp, ep.address)));
+                }
+                Ok(Err(e)) => last_error = format!("{}: {e}", ep.address),
+                Err(_) => last_error = format!("{}: connect timed out", ep.address),
+            }
+        }
+        (
+            status::NO_ENDPOINT,
+            format!("no endpoint of {key} accepted a connection (last: {last_error})"),
+            None,
+        )
+    }
+}
+
+fn rand_index(n: usize) -> usize {
+    rand::random_range(0..n.max(1))
+}

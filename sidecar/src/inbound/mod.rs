@@ -1,0 +1,184 @@
+//! The inbound listener: terminate mTLS from other sidecars (any identity of a trusted domain),
+//! then forward plaintext to the app on loopback. HTTP arrives as HTTP/2 and leaves as
+//! HTTP/1.1; opaque TCP is spliced after a one-byte status that tells the caller whether the
+//! app answered.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_trust::{CertStore, PeerPolicy, ServerAuth};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::{response_class, SidecarMetrics};
+use crate::outbound::Body;
+use crate::{SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
+
+pub struct Inbound {
+    cluster: String,
+    service: String,
+    app_addr: SocketAddr,
+    store: CertStore,
+    metrics: SidecarMetrics,
+    client: Client<HttpConnector, hyper::body::Incoming>,
+}
+
+impl Inbound {
+    pub fn new(
+        cluster: String,
+        service: String,
+        app_addr: SocketAddr,
+        store: CertStore,
+        metrics: SidecarMetrics,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Inbound {
+            cluster,
+            service,
+            app_addr,
+            store,
+            metrics,
+            client,
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
+        let config = strait_trust::server_config(
+            &self.store,
+            PeerPolicy::AnyInBundle,
+            ServerAuth::RequireClientCert,
+            &[strait_trust::ALPN_H2, strait_trust::ALPN_TCP],
+        )?;
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "inbound TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+                match alpn.as_deref() {
+                    Some(p) if p == strait_trust::ALPN_TCP => this.splice(tls).await,
+                    _ => this.serve_h2(tls).await,
+                }
+            });
+        }
+    }
+
+    async fn serve_h2(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>) {
+        let svc = hyper::service::service_fn(move |req| {
+            let this = self.clone();
+            async move { Ok::<_, Infallible>(this.to_app(req).await) }
+        });
+        if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .serve_connection(TokioIo::new(tls), svc)
+            .await
+        {
+            tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+        }
+    }
+
+    async fn to_app(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let source = parts
+            .headers
+            .remove(SOURCE_CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into());
+        let authority = parts.uri.authority().map(|a| a.to_string());
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = match format!("http://{}{}", self.app_addr, path).parse() {
+            Ok(u) => u,
+            Err(_) => return crate::outbound::text(StatusCode::BAD_REQUEST, "malformed request path"),
+        };
+        parts.version = hyper::Version::HTTP_11;
+        if let Some(host) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            parts.headers.insert(hyper::header::HOST, host);
+        }
+        let resp = match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                crate::outbound::strip_hop(&mut rparts.headers);
+                Response::from_parts(rparts, rbody.boxed())
+            }
+            Err(e) => {
+                let mut resp = crate::outbound::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "{} in cluster {} could not reach its application at {}: {e}",
+                        self.service, self.cluster, self.app_addr
+                    ),
+                );
+                if e.is_connect() {
+                    resp.headers_mut()
+                        .insert(UPSTREAM_FAILURE_HEADER, HeaderValue::from_static("connect"));
+                }
+                resp
+            }
+        };
+        self.metrics
+            .inbound_requests
+            .with_label_values(&[&source, response_class(resp.status().as_u16())])
+            .inc();
+        resp
+    }
+
+    async fn splice(self: Arc<Self>, mut tls: tokio_rustls::server::TlsStream<TcpStream>) {
+        let app = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.app_addr)).await;
+        let mut app = match app {
+            Ok(Ok(app)) => app,
+            _ => {
+                let _ = tls.write_all(&[1]).await;
+                let _ = tls.shutdown().await;
+                self.metrics
+                    .connections
+                    .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, "app_unreachable"])
+                    .inc();
+                return;
+            }
+        };
+        let _ = app.set_nodelay(true);
+        if tls.write_all(&[0]).await.is_err() {
+            return;
+        }
+        let result = match tokio::io::copy_bidirectional(&mut tls, &mut app).await {
+            Ok(_) => "ok",
+            Err(_) => "reset",
+        };
+        self.metrics
+            .connections
+            .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, result])
+            .inc();
+    }
+}

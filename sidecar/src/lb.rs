@@ -1,0 +1,94 @@
+//! The sidecar's balancer: the shared locality algorithm plus this proxy's view of health
+//! (readiness from the catalog, passive outlier detection, gateway reachability).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use strait_api::lb::{choose, Candidate, OutlierDetector};
+use strait_api::locality::Locality;
+use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
+
+use crate::metrics::SidecarMetrics;
+
+pub struct Balancer {
+    locality: Locality,
+    labels: BTreeMap<String, String>,
+    outlier: Mutex<OutlierDetector>,
+    metrics: SidecarMetrics,
+}
+
+impl Balancer {
+    pub fn new(locality: Locality, metrics: SidecarMetrics) -> Self {
+        Balancer {
+            locality,
+            labels: BTreeMap::new(),
+            outlier: Mutex::default(),
+            metrics,
+        }
+    }
+
+    pub fn locality(&self) -> &Locality {
+        &self.locality
+    }
+
+    fn healthy(&self, snap: &Snapshot, ep: &EndpointEntry, outlier: &OutlierDetector, now: Instant) -> bool {
+        if !ep.ready || outlier.is_ejected(&ep.key, now) {
+            return false;
+        }
+        ep.locality.cluster == self.locality.cluster
+            || snap.gateways.get(&ep.locality.cluster).is_some_and(|g| g.reachable)
+    }
+
+    /// Picks an endpoint of `svc`, skipping those already tried.
+    pub fn pick(&self, snap: &Snapshot, svc: &ServiceEntry, tried: &[usize]) -> Option<usize> {
+        let now = Instant::now();
+        let outlier = self.outlier.lock().ok()?;
+        let healthy: Vec<bool> = svc
+            .endpoints
+            .iter()
+            .map(|ep| self.healthy(snap, ep, &outlier, now))
+            .collect();
+        drop(outlier);
+        let candidates: Vec<Candidate<'_>> = svc
+            .endpoints
+            .iter()
+            .zip(&healthy)
+            .map(|(ep, h)| Candidate {
+                locality: &ep.locality,
+                labels: &ep.labels,
+                healthy: *h,
+            })
+            .collect();
+        choose(
+            &self.locality,
+            &self.labels,
+            &candidates,
+            tried,
+            &snap.policy.lb,
+            rand::random::<f64>(),
+            rand::random::<u64>(),
+        )
+    }
+
+    pub fn success(&self, ep: &EndpointEntry) {
+        if let Ok(mut o) = self.outlier.lock() {
+            o.success(&ep.key);
+        }
+    }
+
+    pub fn failure(&self, snap: &Snapshot, svc: &ServiceEntry, ep: &EndpointEntry) {
+        let ejected = self
+            .outlier
+            .lock()
+            .ok()
+            .and_then(|mut o| o.failure(&ep.key, Instant::now(), &snap.policy.outlier));
+        if let Some(time) = ejected {
+            tracing::info!(endpoint = %ep.key, service = %svc.host(), ejection = ?time, "outlier detection ejected endpoint");
+            self.metrics
+                .ejections
+                .with_label_values(&[&ep.locality.cluster, &svc.host()])
+                .inc();
+        }
+    }
+}

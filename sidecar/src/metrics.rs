@@ -1,0 +1,89 @@
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+#[derive(Clone, Debug)]
+pub struct SidecarMetrics {
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub connections: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub ejections: IntCounterVec,
+    pub inbound_requests: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    let _ = registry.register(Box::new(c.clone()));
+    c
+}
+
+impl SidecarMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "strait_request_duration_seconds",
+                "Outbound request latency as the app sees it",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["source_cluster", "destination_cluster", "destination_service"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(latency.clone()));
+        SidecarMetrics {
+            requests: counter(
+                registry,
+                "strait_requests_total",
+                "Outbound HTTP requests by source and destination cluster, service and response class",
+                &[
+                    "source_cluster",
+                    "destination_cluster",
+                    "destination_service",
+                    "response_class",
+                ],
+            ),
+            latency,
+            connections: counter(
+                registry,
+                "strait_connections_total",
+                "Proxied connections by direction, source and destination cluster, service and result",
+                &[
+                    "direction",
+                    "source_cluster",
+                    "destination_cluster",
+                    "destination_service",
+                    "result",
+                ],
+            ),
+            retries: counter(
+                registry,
+                "strait_upstream_retries_total",
+                "Attempts retried on another endpoint, by destination service and reason",
+                &["destination_service", "reason"],
+            ),
+            ejections: counter(
+                registry,
+                "strait_outlier_ejections_total",
+                "Endpoints ejected by passive outlier detection, by destination cluster and service",
+                &["destination_cluster", "destination_service"],
+            ),
+            inbound_requests: counter(
+                registry,
+                "strait_inbound_requests_total",
+                "Requests received from other sidecars, by source cluster and response class",
+                &["source_cluster", "response_class"],
+            ),
+        }
+    }
+}
+
+/// `2xx`, `4xx`, `5xx`, ...
+pub fn response_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

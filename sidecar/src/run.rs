@@ -1,0 +1,137 @@
+//! Wiring of one sidecar process: listeners first (so a taken port fails fast), then the
+//! certificate, the config stream, and readiness once the first config arrived.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use strait_api::admin::Admin;
+use strait_api::certs::CertClient;
+use strait_api::locality::Locality;
+use strait_api::pb;
+use strait_api::snapshot::Snapshot;
+use strait_api::xds::{XdsClient, XdsMetrics};
+use strait_gateway::TunnelClient;
+use strait_trust::{SpiffeId, TlsMetrics, TrustBundle, TrustDomain};
+use tokio::net::TcpListener;
+
+use crate::inbound::Inbound;
+use crate::lb::Balancer;
+use crate::metrics::SidecarMetrics;
+use crate::outbound::Outbound;
+use crate::upstream::Upstreams;
+
+#[derive(Clone, Debug)]
+pub struct SidecarOptions {
+    pub workload: String,
+    pub service: String,
+    pub namespace: String,
+    pub locality: Locality,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub app: SocketAddr,
+    pub controller: SocketAddr,
+    pub trust_domain: TrustDomain,
+    pub bundle: TrustBundle,
+    pub join_token: String,
+    pub cert_ttl: Option<Duration>,
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the {what} listener on {addr}: {e} (is another process using it?)"))
+}
+
+fn config_view(snap: &Snapshot) -> serde_json::Value {
+    serde_json::json!({
+        "version": snap.version,
+        "services": snap.services.values().map(|s| serde_json::json!({
+            "host": s.host(),
+            "clusterset_ip": s.clusterset_ip.map(|ip| ip.to_string()),
+            "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+            "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                "address": e.address.to_string(),
+                "workload": e.workload,
+                "cluster": e.locality.cluster,
+                "zone": e.locality.zone,
+                "ready": e.ready,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "gateways": snap.gateways.values().map(|g| serde_json::json!({
+            "cluster": g.cluster, "address": g.address.to_string(), "reachable": g.reachable,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
+    let registry = Registry::new();
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let view_rx = rx.clone();
+    let admin = Admin::new(registry.clone()).view("/config", Arc::new(move || config_view(&view_rx.borrow())));
+    let admin_listener = strait_api::admin::bind(opts.admin).await?;
+    let inbound_listener = bind("inbound", opts.inbound).await?;
+    let outbound_listener = bind("outbound", opts.outbound).await?;
+    tokio::spawn(admin.clone().serve(admin_listener));
+
+    let tls_metrics = TlsMetrics::new(&registry);
+    let cert_client = CertClient {
+        ca_addr: opts.controller,
+        join_token: opts.join_token.clone(),
+        trust_domain: opts.trust_domain.clone(),
+        ttl: opts.cert_ttl,
+        bundle: opts.bundle.clone(),
+        metrics: tls_metrics,
+    };
+    let store = cert_client.bootstrap().await;
+    cert_client.spawn_rotation(store.clone());
+
+    let xds = XdsClient {
+        controller: opts.controller,
+        controller_id: SpiffeId::workload(
+            &opts.trust_domain,
+            strait_api::SYSTEM_NAMESPACE,
+            strait_api::FEDERATION_SA,
+        )?,
+        hello: pb::Hello {
+            node: opts.workload.clone(),
+            kind: "sidecar".into(),
+            cluster: opts.locality.cluster.clone(),
+            have_version: 0,
+        },
+        store: store.clone(),
+        metrics: XdsMetrics::new(&registry),
+    };
+    tokio::spawn(xds.run(tx));
+
+    let metrics = SidecarMetrics::new(&registry);
+    let _gateway_metrics = strait_gateway::GatewayMetrics::new(&registry);
+    let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?;
+    let upstreams = Upstreams::new(opts.locality.cluster.clone(), store.clone(), tunnel);
+    let balancer = Balancer::new(opts.locality.clone(), metrics.clone());
+    let outbound = Arc::new(Outbound::new(
+        opts.locality.cluster.clone(),
+        rx.clone(),
+        balancer,
+        upstreams,
+        metrics.clone(),
+    ));
+    let inbound = Arc::new(Inbound::new(
+        opts.locality.cluster.clone(),
+        opts.service.clone(),
+        opts.app,
+        store.clone(),
+        metrics,
+    ));
+    let inbound_task = tokio::spawn(inbound.serve(inbound_listener));
+    tokio::spawn(outbound.serve(outbound_listener));
+
+    let mut ready_rx = rx.clone();
+    let _ = ready_rx.wait_for(|s| s.version > 0).await;
+    admin.set_ready(true);
+    tracing::info!(workload = %opts.workload, outbound = %opts.outbound, inbound = %opts.inbound, "sidecar ready");
+    inbound_task.await??;
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! Connections from this sidecar to an endpoint's sidecar: mTLS straight over TCP inside the
+//! cluster, or through the endpoint's cluster gateway with the same mTLS session carried inside
+//! the QUIC stream. HTTP rides a pooled HTTP/2 connection per endpoint; TCP gets its own.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_api::pb;
+use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
+use strait_gateway::{TunnelClient, TunnelError};
+use strait_trust::{CertStore, PeerPolicy, SpiffeId};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::Io;
+
+pub type UpstreamTls = TlsStream<Box<dyn Io>>;
+
+/// Why an upstream connection failed. Every variant happens before the request reached the
+/// destination app, so a retry on another endpoint is safe.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {endpoint}: {detail}")]
+    Connect { endpoint: String, detail: String },
+    #[error("no reachable gateway for cluster {cluster}")]
+    NoGateway { cluster: String },
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    #[error("TLS with {endpoint} failed: {detail}")]
+    Tls { endpoint: String, detail: String },
+    #[error("{endpoint} could not reach its application")]
+    AppUnreachable { endpoint: String },
+}
+
+pub struct Upstreams {
+    cluster: String,
+    store: CertStore,
+    tunnel: TunnelClient,
+    connect_timeout: Duration,
+    pool: Mutex<HashMap<String, SendRequest<Full<Bytes>>>>,
+}
+
+impl Upstreams {
+    pub fn new(cluster: String, store: CertStore, tunnel: TunnelClient) -> Self {
+        Upstreams {
+            cluster,
+            store,
+            tunnel,
+            connect_timeout: Duration::from_secs(2),
+            pool: Mutex::default(),
+        }
+    }
+
+    fn expected_identities(svc: &ServiceEntry, ep: &EndpointEntry) -> Vec<SpiffeId> {
+        let mut ids = svc.identities.clone();
+        ids.push(ep.identity.clone());
+        ids.extend(svc.endpoints.iter().map(|e| e.identity.clone()));
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Connects to `ep` and runs the mTLS handshake with the given inner ALPN.
+    pub async fn connect(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        ep: &EndpointEntry,
+        port: u16,
+        alpn: &[u8],
+    ) -> Result<UpstreamTls, UpstreamError> {
+        let raw: Box<dyn Io> = if ep.locality.cluster == self.cluster {
+            let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(ep.address))
+                .await
+                .map_err(|_| UpstreamError::Connect {
+                    endpoint: ep.key.clone(),
+                    detail: "timed out".into(),
+                })?
+                .map_err(|e| UpstreamError::Connect {
+                    endpoint: ep.key.clone(),
+                    detail: e.to_string(),
+                })?;
+            let _ = tcp.set_nodelay(true);
+            Box::new(tcp)
+        } else {
+            let gw = snap
+                .gateways
+                .get(&ep.locality.cluster)
+                .filter(|g| g.reachable)
+                .ok_or_else(|| UpstreamError::NoGateway {
+                    cluster: ep.locality.cluster.clone(),
+                })?;
+            let req = pb::TunnelRequest {
+                service: svc.name.clone(),
+                namespace: svc.namespace.clone(),
+                port: port as u32,
+                endpoint: ep.address.to_string(),
+                traceparent: String::new(),
+                deadline_unix_ms: (strait_api::unix_ms(std::time::SystemTime::now()) + 10_000) as u64,
+                source_cluster: self.cluster.clone(),
+            };
+            let (stream, _) = self.tunnel.open(gw.address, &gw.identity, &req).await?;
+            Box::new(stream)
+        };
+        let config = strait_trust::client_config(
+            Some(&self.store),
+            self.store.bundle(),
+            self.store.metrics(),
+            PeerPolicy::OneOf(Self::expected_identities(svc, ep)),
+            &[alpn],
+        )
+        .map_err(|e| UpstreamError::Tls {
+            endpoint: ep.key.clone(),
+            detail: e.to_string(),
+        })?;
+        tokio::time::timeout(
+            self.connect_timeout,
+            TlsConnector::from(Arc::new(config)).connect(strait_api::transport::mesh_server_name(), raw),
+        )
+        .await
+        .map_err(|_| UpstreamError::Tls {
+            endpoint: ep.key.clone(),
+            detail: "handshake timed out".into(),
+        })?
+        .map_err(|e| UpstreamError::Tls {
+            endpoint: ep.key.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// An opaque TCP stream to the endpoint's app. The inbound sidecar answers one status byte
+    /// once it reached (0) or failed to reach (1) its app, so a dead app is a retryable connect
+    /// failure here rather than a stream that closes after the client was told "connected".
+    pub async fn tcp(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        ep: &EndpointEntry,
+        port: u16,
+    ) -> Result<UpstreamTls, UpstreamError> {
+        let mut tls = self.connect(snap, svc, ep, port, strait_trust::ALPN_TCP).await?;
+        let mut status = [0u8; 1];
+        match tokio::time::timeout(self.connect_timeout * 2, tls.read_exact(&mut status)).await {
+            Ok(Ok(_)) if status[0] == 0 => Ok(tls),
+            _ => Err(UpstreamError::AppUnreachable {
+                endpoint: ep.key.clone(),
+            }),
+        }
+    }
+
+    /// A pooled HTTP/2 sender to the endpoint's sidecar.
+    pub async fn h2(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        ep: &EndpointEntry,
+        port: u16,
+    ) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+        if let Some(sender) = self.pool.lock().ok().and_then(|p| p.get(&ep.key).cloned()) {
+            if !sender.is_closed() {
+                return Ok(sender);
+            }
+        }
+        let tls = self.connect(snap, svc, ep, port, strait_trust::ALPN_H2).await?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                endpoint: ep.key.clone(),
+                detail: format!("HTTP/2 handshake: {e}"),
+            })?;
+        let key = ep.key.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %key, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut p) = self.pool.lock() {
+            p.insert(ep.key.clone(), sender.clone());
+        }
+        Ok(sender)
+    }
+
+    pub fn evict(&self, ep: &EndpointEntry) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.remove(&ep.key);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The daemon subcommands: flags in, the crate's `run` out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use strait_api::locality::Locality;
+use strait_trust::{TrustBundle, TrustDomain};
+
+/// Set by `strait up` on its children: exit when the parent goes away (stdin closes), so a
+/// killed `strait up` leaves no process behind.
+pub const EXIT_WITH_PARENT_ENV: &str = "STRAIT_EXIT_WITH_PARENT";
+/// Join tokens travel in the environment, not on the command line where `ps` shows them.
+pub const JOIN_TOKEN_ENV: &str = "STRAIT_JOIN_TOKEN";
+
+pub fn exit_with_parent() {
+    if std::env::var_os(EXIT_WITH_PARENT_ENV).is_none() {
+        return;
+    }
+    std::thread::spawn(|| {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Identity {
+    /// Address of the cluster controller (gRPC: CA and config stream).
+    #[arg(long)]
+    pub controller: SocketAddr,
+    #[arg(long, default_value = "mesh.local")]
+    pub trust_domain: TrustDomain,
+    /// PEM file with the trust domain's root(s).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// Requested certificate lifetime, e.g. 24h, 10m.
+    #[arg(long, value_parser = parse_duration)]
+    pub cert_ttl: Option<std::time::Duration>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    strait_federation::config::humantime_ms::parse(s)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Where {
+    #[arg(long)]
+    pub cluster: String,
+    #[arg(long)]
+    pub region: String,
+    #[arg(long)]
+    pub zone: String,
+    #[arg(long, default_value = "")]
+    pub subzone: String,
+}
+
+impl Where {
+    fn locality(&self) -> Locality {
+        Locality {
+            cluster: self.cluster.clone(),
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            subzone: self.subzone.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SidecarArgs {
+    #[arg(long)]
+    pub workload: String,
+    #[arg(long)]
+    pub service: String,
+    #[arg(long, default_value = "demo")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub at: Where,
+    /// The explicit outbound proxy listener (HTTP proxy: absolute-form and CONNECT).
+    #[arg(long)]
+    pub outbound: SocketAddr,
+    /// The inbound mTLS listener other sidecars connect to.
+    #[arg(long)]
+    pub inbound: SocketAddr,
+    #[arg(long)]
+    pub admin: SocketAddr,
+    /// The app's own plaintext address.
+    #[arg(long)]
+    pub app: SocketAddr,
+    #[command(flatten)]
+    pub identity: Identity,
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub at: Where,
+    /// UDP address of the QUIC listener.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    #[arg(long)]
+    pub admin: SocketAddr,
+    #[command(flatten)]
+    pub identity: Identity,
+}
+
+#[derive(Args, Debug)]
+pub struct FederationArgs {
+    /// The controller's configuration file (YAML).
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+fn join_token() -> anyhow::Result<String> {
+    std::env::var(JOIN_TOKEN_ENV)
+        .map_err(|_| anyhow::anyhow!("set {JOIN_TOKEN_ENV} to the join token this workload was given"))
+}
+
+pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
+    strait_sidecar::run(strait_sidecar::SidecarOptions {
+        workload: a.workload,
+        service: a.service,
+        namespace: a.namespace,
+        locality: a.at.locality(),
+        outbound: a.outbound,
+        inbound: a.inbound,
+        admin: a.admin,
+        app: a.app,
+        controller: a.identity.controller,
+        bundle: TrustBundle::load(&a.identity.bundle)?,
+        trust_domain: a.identity.trust_domain,
+        join_token: join_token()?,
+        cert_ttl: a.identity.cert_ttl,
+    })
+    .await
+}
+
+pub async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
+    strait_gateway::run(strait_gateway::GatewayRunOptions {
+        name: format!("gateway-{}", a.at.cluster),
+        locality: a.at.locality(),
+        listen: a.listen,
+        admin: a.admin,
+        controller: a.identity.controller,
+        bundle: TrustBundle::load(&a.identity.bundle)?,
+        trust_domain: a.identity.trust_domain,
+        join_token: join_token()?,
+        cert_ttl: a.identity.cert_ttl,
+    })
+    .await
+}
+
+pub async fn federation(a: FederationArgs) -> anyhow::Result<()> {
+    let config = strait_federation::ControllerConfig::load(&a.config)?;
+    strait_federation::run(config).await
+}

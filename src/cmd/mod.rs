@@ -1,0 +1,95 @@
+//! Command-line parsing and dispatch. Each command lives in its own module; daemons hand over
+//! to their crate's `run` at once.
+
+mod daemons;
+mod demo;
+mod http;
+mod inspect;
+mod trust;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::up;
+
+pub use daemons::{EXIT_WITH_PARENT_ENV, JOIN_TOKEN_ENV};
+pub use http::{get as http_get, get_json};
+pub use inspect::table;
+pub use trust::init as trust_init;
+
+#[derive(Parser, Debug)]
+#[command(name = "strait", version, about = "Strait: a multi-cluster service mesh", long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `strait_sidecar=debug`.
+    #[arg(long, global = true, env = "STRAIT_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a whole mesh on this machine: clusters, controllers, gateways, demo workloads.
+    #[command(after_help = up::EXAMPLES)]
+    Up(up::UpArgs),
+    /// Show the clusterset as one controller sees it: peers, leases, proxies.
+    #[command(
+        after_help = "Example:\n  strait status --controller 127.10.1.1:15014\n  strait status --controller 127.10.1.1:15014 --output json"
+    )]
+    Status(inspect::StatusArgs),
+    /// Show the merged service catalog of one controller.
+    #[command(after_help = "Example:\n  strait services --controller 127.10.1.1:15014")]
+    Services(inspect::ServicesArgs),
+    /// Manage trust domains: roots and per-cluster intermediate CAs.
+    #[command(subcommand)]
+    Trust(trust::TrustCommand),
+    /// Run a sidecar proxy (started by `strait up` or the injector).
+    #[command(
+        after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait sidecar --workload echo-1 --service echo --cluster east --region us-east --zone us-east-1a \\\n    --outbound 127.0.0.1:15001 --inbound 127.0.0.1:15006 --admin 127.0.0.1:15000 --app 127.0.0.1:8080 \\\n    --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem"
+    )]
+    Sidecar(daemons::SidecarArgs),
+    /// Run an east-west gateway.
+    #[command(
+        after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait gateway --cluster east --region us-east --zone us-east-1a --listen 127.0.0.1:15443 \\\n    --admin 127.0.0.1:15021 --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem"
+    )]
+    Gateway(daemons::GatewayArgs),
+    /// Run a federation controller.
+    #[command(after_help = "Example:\n  strait federation --config east/controller.yaml")]
+    Federation(daemons::FederationArgs),
+    /// Run the demo app (HTTP JSON echo, or a TCP byte echo with --tcp).
+    #[command(
+        after_help = "Example:\n  strait demo-app --listen 127.0.0.1:8080 --cluster east --region us-east --zone us-east-1a --workload echo-1 --service echo"
+    )]
+    DemoApp(demo::DemoArgs),
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(true)
+        .try_init();
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    daemons::exit_with_parent();
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
+        Command::Status(args) => inspect::status(args).await,
+        Command::Services(args) => inspect::services(args).await,
+        Command::Trust(cmd) => trust::run(cmd),
+        Command::Sidecar(args) => daemons::sidecar(args).await,
+        Command::Gateway(args) => daemons::gateway(args).await,
+        Command::Federation(args) => daemons::federation(args).await,
+        Command::DemoApp(args) => demo::run(args).await,
+    }
+}

@@ -1,0 +1,525 @@
+//! `strait up`: a whole mesh on one machine, no Kubernetes. Each cluster is a controller with a
+//! file catalog, a gateway, and demo workloads (app + sidecar), every one its own OS process
+//! on the cluster's loopback range. It prints what it started once everything is ready and
+//! stops it all on SIGINT/SIGTERM.
+
+mod plan;
+mod procs;
+mod topology;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::json;
+
+use crate::cmd::{get_json, table, Output};
+use plan::{ClusterPlan, Plan};
+use procs::Proc;
+use topology::Topology;
+
+pub const EXAMPLES: &str = "Examples:
+  strait up                          # three clusters: east (2 zones), west, central
+  strait up --output json            # one JSON document on stdout once ready
+  strait up --topology mesh.yaml     # your own clusters and workloads
+
+A topology file:
+  trustDomain: mesh.local
+  addressBase: 10          # cluster n uses 127.10.n.0/24
+  lease: 10s
+  policy: failover.yaml    # optional locality policy, applied in every cluster
+  services:
+    - {name: echo, port: 80, protocol: http}
+    - {name: ledger, port: 7000, protocol: tcp}
+  clusters:
+    - name: east
+      region: us-east
+      zones: [us-east-1a, us-east-1b]
+      workloads:
+        - {service: echo, zone: us-east-1a}
+        - {service: ledger, zone: us-east-1b}
+    - name: west
+      region: us-west
+      zones: [us-west-2a]
+      workloads:
+        - {service: echo, zone: us-west-2a}
+
+Then call a service from any sidecar:
+  curl -x http://127.10.1.10:15001 http://echo.demo.svc.clusterset.local/";
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// A topology file replacing the built-in three-cluster demo.
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+    /// Where certificates, configs and logs go (default: a new directory under the system temp dir).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Override the topology's address base: clusters use 127.<BASE>.<n>.0/24.
+    #[arg(long)]
+    pub address_base: Option<u8>,
+    /// Override the topology's export lease, e.g. 5s.
+    #[arg(long, value_parser = strait_federation::config::humantime_ms::parse)]
+    pub lease: Option<Duration>,
+    /// Override the workload certificate lifetime, e.g. 1h.
+    #[arg(long, value_parser = strait_federation::config::humantime_ms::parse)]
+    pub cert_ttl: Option<Duration>,
+    /// Log filter for the components.
+    #[arg(long, default_value = "info")]
+    pub component_log: String,
+    /// Keep the state directory when stopping.
+    #[arg(long)]
+    pub keep_state: bool,
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("strait up: {}", msg.as_ref());
+}
+
+fn s(a: SocketAddr) -> String {
+    a.to_string()
+}
+
+struct Started {
+    controllers: Vec<Proc>,
+    gateways: Vec<Proc>,
+    apps: Vec<Vec<Proc>>,
+    sidecars: Vec<Vec<Proc>>,
+}
+
+impl Started {
+    fn all_mut(&mut self) -> Vec<&mut Proc> {
+        let mut v: Vec<&mut Proc> = vec![];
+        v.extend(self.sidecars.iter_mut().flatten());
+        v.extend(self.apps.iter_mut().flatten());
+        v.extend(self.gateways.iter_mut());
+        v.extend(self.controllers.iter_mut());
+        v
+    }
+}
+
+fn start(plan: &Plan, log_filter: &str) -> anyhow::Result<Started> {
+    let logs = plan.state_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let td = plan.topology.trust_domain.to_string();
+    let bundle = plan.bundle.display().to_string();
+    let ttl = strait_federation::config::humantime_ms::format(&plan.topology.cert_ttl);
+    let mut started = Started {
+        controllers: vec![],
+        gateways: vec![],
+        apps: vec![],
+        sidecars: vec![],
+    };
+    for c in &plan.clusters {
+        let name = format!("controller-{}", c.name);
+        started.controllers.push(procs::spawn(
+            &name,
+            vec![
+                "federation".into(),
+                "--config".into(),
+                c.controller_config().display().to_string(),
+            ],
+            None,
+            &logs.join(format!("{name}.log")),
+            log_filter,
+        )?);
+        let identity = |controller: SocketAddr| -> Vec<String> {
+            vec![
+                "--controller".into(),
+                s(controller),
+                "--trust-domain".into(),
+                td.clone(),
+                "--bundle".into(),
+                bundle.clone(),
+                "--cert-ttl".into(),
+                ttl.clone(),
+            ]
+        };
+        let name = format!("gateway-{}", c.name);
+        let mut args: Vec<String> = vec![
+            "gateway".into(),
+            "--cluster".into(),
+            c.name.clone(),
+            "--region".into(),
+            c.region.clone(),
+            "--zone".into(),
+            c.zones[0].clone(),
+            "--listen".into(),
+            s(c.gateway),
+            "--admin".into(),
+            s(c.gateway_admin),
+        ];
+        args.extend(identity(c.controller));
+        started.gateways.push(procs::spawn(
+            &name,
+            args,
+            Some(&c.gateway_token),
+            &logs.join(format!("{name}.log")),
+            log_filter,
+        )?);
+        let mut apps = vec![];
+        let mut sidecars = vec![];
+        for w in &c.workloads {
+            let mut args: Vec<String> = vec![
+                "demo-app".into(),
+                "--listen".into(),
+                s(w.app),
+                "--cluster".into(),
+                c.name.clone(),
+                "--region".into(),
+                c.region.clone(),
+                "--zone".into(),
+                w.zone.clone(),
+                "--workload".into(),
+                w.name.clone(),
+                "--service".into(),
+                w.service.clone(),
+            ];
+            if w.tcp {
+                args.push("--tcp".into());
+            }
+            let name = format!("app-{}-{}", c.name, w.name);
+            apps.push(procs::spawn(
+                &name,
+                args,
+                None,
+                &logs.join(format!("{name}.log")),
+                log_filter,
+            )?);
+            let mut args: Vec<String> = vec![
+                "sidecar".into(),
+                "--workload".into(),
+                w.name.clone(),
+                "--service".into(),
+                w.service.clone(),
+                "--namespace".into(),
+                w.namespace.clone(),
+                "--cluster".into(),
+                c.name.clone(),
+                "--region".into(),
+                c.region.clone(),
+                "--zone".into(),
+                w.zone.clone(),
+                "--outbound".into(),
+                s(w.outbound),
+                "--inbound".into(),
+                s(w.inbound),
+                "--admin".into(),
+                s(w.admin),
+                "--app".into(),
+                s(w.app),
+            ];
+            args.extend(identity(c.controller));
+            let name = format!("sidecar-{}-{}", c.name, w.name);
+            sidecars.push(procs::spawn(
+                &name,
+                args,
+                Some(&w.token),
+                &logs.join(format!("{name}.log")),
+                log_filter,
+            )?);
+        }
+        started.apps.push(apps);
+        started.sidecars.push(sidecars);
+    }
+    Ok(started)
+}
+
+async fn ready(addr: SocketAddr) -> bool {
+    matches!(crate::cmd::http_get(addr, "/ready").await, Ok((200, _)))
+}
+
+/// Waits until every component is ready, peering is complete, and every sidecar has every
+/// service of the topology from every cluster that runs it.
+async fn wait_ready(plan: &Plan, started: &mut Started, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut stage = String::new();
+    loop {
+        for p in started.all_mut() {
+            if let Some(status) = p.exited() {
+                anyhow::bail!("{} exited ({status}) while starting; see {}", p.name, p.log.display());
+            }
+        }
+        let mut admin_addrs: Vec<SocketAddr> = vec![];
+        for c in &plan.clusters {
+            admin_addrs.push(c.controller_admin);
+            admin_addrs.push(c.gateway_admin);
+            admin_addrs.extend(c.workloads.iter().map(|w| w.admin));
+        }
+        let mut not_ready = 0;
+        for a in &admin_addrs {
+            if !ready(*a).await {
+                not_ready += 1;
+            }
+        }
+        let now_stage = if not_ready > 0 {
+            format!(
+                "waiting for {not_ready} of {} components to be ready",
+                admin_addrs.len()
+            )
+        } else {
+            let links = peering_links(plan).await;
+            let wanted = plan.clusters.len() * plan.clusters.len().saturating_sub(1);
+            if links < wanted {
+                format!("peering: {links} of {wanted} links up")
+            } else {
+                let synced = synced_sidecars(plan).await;
+                let total: usize = plan.clusters.iter().map(|c| c.workloads.len()).sum();
+                if synced == total {
+                    return Ok(());
+                }
+                format!("catalog: {synced} of {total} sidecars see every service")
+            }
+        };
+        if now_stage != stage {
+            progress(&now_stage);
+            stage = now_stage;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "not ready after {}s ({stage}); logs are in {}",
+                timeout.as_secs(),
+                plan.state_dir.join("logs").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn peering_links(plan: &Plan) -> usize {
+    let mut links = 0;
+    for c in &plan.clusters {
+        if let Ok(v) = get_json(c.controller_admin, "/status").await {
+            links += v["peers"]
+                .as_array()
+                .map(|p| p.iter().filter(|p| p["lease_valid"] == true).count())
+                .unwrap_or_default();
+        }
+    }
+    links
+}
+
+fn expected_endpoints(plan: &Plan) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for c in &plan.clusters {
+        for w in &c.workloads {
+            *out.entry(format!("{}.{}.svc.clusterset.local", w.service, w.namespace))
+                .or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+async fn synced_sidecars(plan: &Plan) -> usize {
+    let expected = expected_endpoints(plan);
+    let mut synced = 0;
+    for c in &plan.clusters {
+        for w in &c.workloads {
+            let Ok(v) = get_json(w.admin, "/config").await else {
+                continue;
+            };
+            let empty = vec![];
+            let services = v["services"].as_array().unwrap_or(&empty);
+            let ok = expected.iter().all(|(host, n)| {
+                services
+                    .iter()
+                    .any(|s| s["host"] == host.as_str() && s["endpoints"].as_array().map(|e| e.len()) == Some(*n))
+            });
+            if ok {
+                synced += 1;
+            }
+        }
+    }
+    synced
+}
+
+fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
+    let clusters: Vec<serde_json::Value> = plan
+        .clusters
+        .iter()
+        .enumerate()
+        .map(|(i, c): (usize, &ClusterPlan)| {
+            let ctl = &started.controllers[i];
+            let gw = &started.gateways[i];
+            json!({
+                "name": c.name,
+                "region": c.region,
+                "zones": c.zones,
+                "controller": {
+                    "addr": s(c.controller), "admin_addr": s(c.controller_admin), "pid": ctl.pid,
+                    "command": ctl.args, "log": ctl.log, "config": c.controller_config(),
+                    "catalog_dir": c.dir.join("catalog"),
+                },
+                "gateway": {
+                    "addr": s(c.gateway), "admin_addr": s(c.gateway_admin), "pid": gw.pid,
+                    "command": gw.args, "log": gw.log,
+                },
+                "workloads": c.workloads.iter().enumerate().map(|(j, w)| {
+                    let app = &started.apps[i][j];
+                    let sc = &started.sidecars[i][j];
+                    json!({
+                        "name": w.name, "service": w.service, "namespace": w.namespace, "zone": w.zone,
+                        "protocol": if w.tcp { "tcp" } else { "http" },
+                        "app_addr": s(w.app), "app_pid": app.pid, "app_command": app.args,
+                        "sidecar_pid": sc.pid, "outbound_proxy": s(w.outbound), "inbound_addr": s(w.inbound),
+                        "admin_addr": s(w.admin), "sidecar_log": sc.log,
+                    })
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "trust_domain": plan.topology.trust_domain.to_string(),
+        "state_dir": plan.state_dir,
+        "bundle": plan.bundle,
+        "clusters": clusters,
+    })
+}
+
+fn print_table(plan: &Plan, started: &Started) {
+    let mut rows = vec![];
+    for (i, c) in plan.clusters.iter().enumerate() {
+        rows.push(vec![
+            c.name.clone(),
+            "controller".into(),
+            "-".into(),
+            format!("{} (admin {})", c.controller, c.controller_admin),
+            started.controllers[i].pid.to_string(),
+        ]);
+        rows.push(vec![
+            c.name.clone(),
+            "gateway".into(),
+            c.zones[0].clone(),
+            format!("udp {} (admin {})", c.gateway, c.gateway_admin),
+            started.gateways[i].pid.to_string(),
+        ]);
+        for (j, w) in c.workloads.iter().enumerate() {
+            rows.push(vec![
+                c.name.clone(),
+                format!("{} ({})", w.name, w.service),
+                w.zone.clone(),
+                format!("proxy {} app {} (admin {})", w.outbound, w.app, w.admin),
+                format!("{}/{}", started.apps[i][j].pid, started.sidecars[i][j].pid),
+            ]);
+        }
+    }
+    println!(
+        "Strait is up: {} clusters in trust domain {}\n",
+        plan.clusters.len(),
+        plan.topology.trust_domain
+    );
+    print!(
+        "{}",
+        table(&["CLUSTER", "COMPONENT", "ZONE", "ADDRESSES", "PID(S)"], &rows)
+    );
+    let first = plan.clusters.first();
+    if let Some(w) = first.and_then(|c| c.workloads.first()) {
+        println!(
+            "\nTry it (from {}'s sidecar in cluster {}):",
+            w.name, plan.clusters[0].name
+        );
+        for svc in &plan.topology.services {
+            match svc.protocol {
+                strait_federation::source::ProtocolSpec::Http => println!(
+                    "  curl -x http://{} http://{}.{}.svc.clusterset.local/",
+                    w.outbound, svc.name, svc.namespace
+                ),
+                strait_federation::source::ProtocolSpec::Tcp => println!(
+                    "  curl -sp -x http://{} telnet://{}.{}.svc.clusterset.local:{}   # TCP via CONNECT",
+                    w.outbound, svc.name, svc.namespace, svc.port
+                ),
+            }
+        }
+        if let Some(c) = first {
+            println!("  strait status --controller {}", c.controller_admin);
+            println!("  strait services --controller {}", c.controller_admin);
+        }
+    }
+    println!("\nLogs: {}   Stop: Ctrl-C", plan.state_dir.join("logs").display());
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let mut topology = match &args.topology {
+        Some(path) => Topology::load(path)?,
+        None => Topology::default_demo(),
+    };
+    if let Some(b) = args.address_base {
+        topology.address_base = b;
+    }
+    if let Some(l) = args.lease {
+        topology.lease = l;
+    }
+    if let Some(t) = args.cert_ttl {
+        topology.cert_ttl = t;
+    }
+    let errors = topology.validate();
+    if !errors.is_empty() {
+        anyhow::bail!("invalid topology:\n  {}", errors.join("\n  "));
+    }
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("strait-up-{}", std::process::id())),
+    };
+    if state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir)
+            .map_err(|e| anyhow::anyhow!("cannot clear the state directory {}: {e}", state_dir.display()))?;
+    }
+    std::fs::create_dir_all(&state_dir)?;
+    let plan = Plan::new(topology, &state_dir);
+    progress(format!(
+        "creating trust domain {} with {} cluster CAs in {}",
+        plan.topology.trust_domain,
+        plan.clusters.len(),
+        state_dir.display()
+    ));
+    plan.write()?;
+    let total: usize = plan.clusters.iter().map(|c| 2 + 2 * c.workloads.len()).sum();
+    progress(format!("starting {total} processes"));
+    let mut started = start(&plan, &args.component_log)?;
+    let ready = tokio::select! {
+        r = wait_ready(&plan, &mut started, Duration::from_secs(90)) => r,
+        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(e) = ready {
+        procs::stop_all(&mut started_vec(&mut started)).await;
+        return Err(e);
+    }
+    progress("ready");
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string(&describe(&plan, &started))?),
+        Output::Table => print_table(&plan, &started),
+    }
+    shutdown_signal().await;
+    progress("stopping");
+    procs::stop_all(&mut started_vec(&mut started)).await;
+    if !args.keep_state {
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+    Ok(())
+}
+
+fn started_vec(started: &mut Started) -> Vec<Proc> {
+    let mut out = vec![];
+    out.append(&mut started.sidecars.drain(..).flatten().collect());
+    out.append(&mut started.apps.drain(..).flatten().collect());
+    out.append(&mut started.gateways);
+    out.append(&mut started.controllers);
+    out
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,230 @@
+//! Turns a topology into concrete addresses, identities and files: each cluster's
+//! intermediate CA, catalog and controller config, under one state directory.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use strait_federation::config::{ControllerConfig, GatewayRef, JoinToken, Peer};
+use strait_federation::source::{CatalogFile, EndpointSpec, PortSpec, ProtocolSpec, ServiceSpec};
+
+use super::topology::Topology;
+
+pub const CONTROLLER_GRPC_PORT: u16 = 15012;
+pub const CONTROLLER_ADMIN_PORT: u16 = 15014;
+pub const GATEWAY_PORT: u16 = 15443;
+pub const GATEWAY_ADMIN_PORT: u16 = 15021;
+pub const APP_PORT: u16 = 8080;
+pub const INBOUND_PORT: u16 = 15006;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const SIDECAR_ADMIN_PORT: u16 = 15000;
+
+#[derive(Clone, Debug)]
+pub struct WorkloadPlan {
+    pub name: String,
+    pub service: String,
+    pub namespace: String,
+    pub zone: String,
+    pub tcp: bool,
+    pub app: SocketAddr,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub token: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterPlan {
+    pub name: String,
+    pub region: String,
+    pub zones: Vec<String>,
+    pub dir: PathBuf,
+    pub controller: SocketAddr,
+    pub controller_admin: SocketAddr,
+    pub gateway: SocketAddr,
+    pub gateway_admin: SocketAddr,
+    pub gateway_token: String,
+    pub workloads: Vec<WorkloadPlan>,
+}
+
+impl ClusterPlan {
+    pub fn controller_config(&self) -> PathBuf {
+        self.dir.join("controller.yaml")
+    }
+}
+
+pub struct Plan {
+    pub topology: Topology,
+    pub state_dir: PathBuf,
+    pub bundle: PathBuf,
+    pub clusters: Vec<ClusterPlan>,
+}
+
+fn ip(base: u8, cluster: usize, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, base, cluster as u8, host))
+}
+
+fn token() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+impl Plan {
+    pub fn new(topology: Topology, state_dir: &Path) -> Self {
+        let base = topology.address_base;
+        let clusters = topology
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let n = i + 1;
+                let mut used: Vec<String> = vec![];
+                let workloads = c
+                    .workloads
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| {
+                        let def = topology.services.iter().find(|s| s.name == w.service);
+                        let mut name = w.name.clone().unwrap_or_else(|| format!("{}-{}", w.service, w.zone));
+                        if used.contains(&name) {
+                            name = format!("{name}-{j}");
+                        }
+                        used.push(name.clone());
+                        let host = ip(base, n, 10 + j as u8);
+                        WorkloadPlan {
+                            name,
+                            service: w.service.clone(),
+                            namespace: def.map(|d| d.namespace.clone()).unwrap_or_else(|| "demo".into()),
+                            zone: w.zone.clone(),
+                            tcp: def.is_some_and(|d| d.protocol == ProtocolSpec::Tcp),
+                            app: SocketAddr::new(host, APP_PORT),
+                            inbound: SocketAddr::new(host, INBOUND_PORT),
+                            outbound: SocketAddr::new(host, OUTBOUND_PORT),
+                            admin: SocketAddr::new(host, SIDECAR_ADMIN_PORT),
+                            token: token(),
+                        }
+                    })
+                    .collect();
+                ClusterPlan {
+                    name: c.name.clone(),
+                    region: c.region.clone(),
+                    zones: c.zones.clone(),
+                    dir: state_dir.join(&c.name),
+                    controller: SocketAddr::new(ip(base, n, 1), CONTROLLER_GRPC_PORT),
+                    controller_admin: SocketAddr::new(ip(base, n, 1), CONTROLLER_ADMIN_PORT),
+                    gateway: SocketAddr::new(ip(base, n, 2), GATEWAY_PORT),
+                    gateway_admin: SocketAddr::new(ip(base, n, 2), GATEWAY_ADMIN_PORT),
+                    gateway_token: token(),
+                    workloads,
+                }
+            })
+            .collect();
+        Plan {
+            topology,
+            state_dir: state_dir.to_path_buf(),
+            bundle: state_dir.join("trust").join("bundle.pem"),
+            clusters,
+        }
+    }
+
+    /// Writes the trust root, every cluster's intermediate, catalog and controller config.
+    pub fn write(&self) -> anyhow::Result<()> {
+        let td = &self.topology.trust_domain;
+        let root = crate::cmd::trust_init(td, &self.state_dir.join("trust"), true)?;
+        for c in &self.clusters {
+            std::fs::create_dir_all(c.dir.join("catalog"))?;
+            root.new_intermediate(&c.name, SystemTime::now())?
+                .write(&c.dir.join("ca"))?;
+            let catalog = CatalogFile {
+                services: self
+                    .topology
+                    .services
+                    .iter()
+                    .filter(|s| c.workloads.iter().any(|w| w.service == s.name))
+                    .map(|s| ServiceSpec {
+                        name: s.name.clone(),
+                        namespace: s.namespace.clone(),
+                        ports: vec![PortSpec {
+                            name: match s.protocol {
+                                ProtocolSpec::Http => "http".into(),
+                                ProtocolSpec::Tcp => "tcp".into(),
+                            },
+                            port: s.port,
+                            protocol: s.protocol,
+                        }],
+                        service_account: s.name.clone(),
+                        export: true,
+                        endpoints: c
+                            .workloads
+                            .iter()
+                            .filter(|w| w.service == s.name)
+                            .map(|w| EndpointSpec {
+                                workload: w.name.clone(),
+                                address: w.inbound,
+                                zone: w.zone.clone(),
+                                subzone: String::new(),
+                                ready: true,
+                                labels: Default::default(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            };
+            std::fs::write(
+                c.dir.join("catalog").join("services.yaml"),
+                serde_yaml::to_string(&catalog)?,
+            )?;
+            let mut tokens: Vec<JoinToken> = c
+                .workloads
+                .iter()
+                .map(|w| JoinToken {
+                    token: w.token.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service.clone(),
+                })
+                .collect();
+            tokens.push(JoinToken {
+                token: c.gateway_token.clone(),
+                namespace: strait_api::SYSTEM_NAMESPACE.into(),
+                service_account: strait_api::GATEWAY_SA.into(),
+            });
+            let policy = match &self.topology.policy {
+                Some(p) => {
+                    let dest = c.dir.join("policy.yaml");
+                    std::fs::copy(p, &dest).map_err(|e| anyhow::anyhow!("cannot copy policy {}: {e}", p.display()))?;
+                    Some(dest)
+                }
+                None => None,
+            };
+            let config = ControllerConfig {
+                cluster: c.name.clone(),
+                region: c.region.clone(),
+                trust_domain: td.clone(),
+                listen: c.controller,
+                admin: c.controller_admin,
+                ca_dir: c.dir.join("ca"),
+                bundle: self.bundle.clone(),
+                catalog_dir: c.dir.join("catalog"),
+                policy,
+                gateway: GatewayRef {
+                    address: c.gateway,
+                    zone: c.zones.first().cloned().unwrap_or_default(),
+                },
+                peers: self
+                    .clusters
+                    .iter()
+                    .filter(|p| p.name != c.name)
+                    .map(|p| Peer {
+                        name: p.name.clone(),
+                        gateway: p.gateway,
+                    })
+                    .collect(),
+                join_tokens: tokens,
+                lease: self.topology.lease,
+                cert_ttl: self.topology.cert_ttl,
+                clusterset_ip_range: "240.0.0.0/4".into(),
+            };
+            std::fs::write(c.controller_config(), serde_yaml::to_string(&config)?)?;
+        }
+        Ok(())
+    }
+}

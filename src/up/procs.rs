@@ -1,0 +1,70 @@
+//! The processes `strait up` starts: each component its own OS process, logging to a file,
+//! tied to this one through its stdin so nothing outlives a killed `strait up`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::cmd::{EXIT_WITH_PARENT_ENV, JOIN_TOKEN_ENV};
+
+pub struct Proc {
+    pub name: String,
+    pub pid: u32,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    /// Whether the process has exited (and how), without waiting.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Starts `strait <args>` with its output in `log`.
+pub fn spawn(name: &str, args: Vec<String>, token: Option<&str>, log: &Path, log_filter: &str) -> anyhow::Result<Proc> {
+    let exe = std::env::current_exe()?;
+    let file = std::fs::File::create(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(&args)
+        .env(EXIT_WITH_PARENT_ENV, "1")
+        .env("STRAIT_LOG", log_filter)
+        .stdin(Stdio::piped())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    if let Some(t) = token {
+        cmd.env(JOIN_TOKEN_ENV, t);
+    }
+    let child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {name}: {e}"))?;
+    let pid = child.id().unwrap_or_default();
+    Ok(Proc {
+        name: name.to_string(),
+        pid,
+        args,
+        log: log.to_path_buf(),
+        child,
+    })
+}
+
+/// SIGTERM everything, then SIGKILL what is still there after a grace period.
+pub async fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    for p in procs.iter_mut() {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(remaining, p.child.wait()).await.is_err() {
+            let _ = p.child.start_kill();
+            let _ = p.child.wait().await;
+        }
+    }
+}
