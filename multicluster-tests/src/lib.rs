@@ -1,1 +1,13 @@
+//! End-to-end test support for Strait: the [`Mesh`] fixture starts N clusters on loopback
+//! (`strait up --output json` as a real process tree) and hands back handles to every
+//! component, plus clients that talk to the mesh the way an application would.
+//!
+//! Tests in `tests/` use only what is exported here; see `README.md` for the tiers.
 
+mod client;
+mod mesh;
+mod metrics;
+
+pub use client::{connect_tunnel, get_via, LoadReport, Outcome, Sample};
+pub use mesh::{strait_bin, ClusterInfo, Mesh, MeshOptions, WorkloadInfo};
+pub use metrics::{metric_sum, scrape};

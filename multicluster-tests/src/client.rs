@@ -1,0 +1,166 @@
+//! Clients that talk to the mesh the way an application does: HTTP through a sidecar's
+//! outbound proxy (absolute-form, like `curl -x`), CONNECT tunnels, and a steady open-loop load.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn get_on(addr: SocketAddr, uri: &str, host: &str, timeout: Duration) -> anyhow::Result<(u16, Bytes)> {
+    let fut = async {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(uri)
+            .header(hyper::header::HOST, host)
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>((status, body))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {timeout:?}"))?
+}
+
+/// GET `path` from a plain HTTP server (admin endpoints).
+pub async fn plain_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Bytes)> {
+    get_on(addr, path, &addr.to_string(), Duration::from_secs(5)).await
+}
+
+/// GET an absolute URL through a sidecar's outbound proxy; returns status and body.
+pub async fn get_via(proxy: SocketAddr, url: &str) -> anyhow::Result<(u16, Bytes)> {
+    let uri: hyper::Uri = url.parse()?;
+    let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    get_on(proxy, url, &host, Duration::from_secs(10)).await
+}
+
+/// Opens a CONNECT tunnel through a sidecar's outbound proxy to `authority` (host:port).
+pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await??;
+        anyhow::ensure!(
+            n == 1,
+            "proxy closed during CONNECT (got {:?})",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+        anyhow::ensure!(head.len() < 8192, "CONNECT response too long");
+    }
+    let text = String::from_utf8_lossy(&head);
+    anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "CONNECT refused: {text}");
+    Ok(s)
+}
+
+/// What one request of a load run got.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// 2xx, with the `cluster` and `zone` the demo app reported.
+    Served {
+        cluster: String,
+        zone: String,
+    },
+    Status(u16),
+    Error(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// When the request was due, from the start of the run.
+    pub due: Duration,
+    pub latency: Duration,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub samples: Vec<Sample>,
+}
+
+impl LoadReport {
+    /// Sends GET `url` through `proxy` at `rps`, open loop (each request on its own connection,
+    /// due at a fixed time whether or not earlier ones finished), for `duration`. `during` runs
+    /// alongside, with the time the load started; use it to kill and restart things.
+    pub async fn run<F, Fut>(proxy: SocketAddr, url: &str, rps: u32, duration: Duration, during: F) -> LoadReport
+    where
+        F: FnOnce(Instant) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let start = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / rps as f64);
+        let total = (duration.as_secs_f64() * rps as f64) as u32;
+        let url = url.to_string();
+        let load = async move {
+            let mut handles = Vec::with_capacity(total as usize);
+            for i in 0..total {
+                let due = interval * i;
+                tokio::time::sleep_until((start + due).into()).await;
+                let url = url.clone();
+                handles.push(tokio::spawn(async move {
+                    let sent = Instant::now();
+                    let outcome = match get_via(proxy, &url).await {
+                        Ok((status, body)) if (200..300).contains(&status) => {
+                            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                            Outcome::Served {
+                                cluster: v["cluster"].as_str().unwrap_or_default().to_string(),
+                                zone: v["zone"].as_str().unwrap_or_default().to_string(),
+                            }
+                        }
+                        Ok((status, _)) => Outcome::Status(status),
+                        Err(e) => Outcome::Error(e.to_string()),
+                    };
+                    Sample {
+                        due,
+                        latency: sent.elapsed(),
+                        outcome,
+                    }
+                }));
+            }
+            let mut samples = vec![];
+            for h in handles {
+                if let Ok(s) = h.await {
+                    samples.push(s);
+                }
+            }
+            samples
+        };
+        let (samples, ()) = tokio::join!(load, during(start));
+        LoadReport { samples }
+    }
+
+    pub fn failures(&self) -> Vec<&Sample> {
+        self.samples
+            .iter()
+            .filter(|s| !matches!(s.outcome, Outcome::Served { .. }))
+            .collect()
+    }
+
+    /// Failures among requests due in `[from, to)` of the run.
+    pub fn failures_between(&self, from: Duration, to: Duration) -> usize {
+        self.failures().iter().filter(|s| s.due >= from && s.due < to).count()
+    }
+
+    /// Zones that served requests due in `[from, to)`, with counts.
+    pub fn zones_between(&self, from: Duration, to: Duration) -> std::collections::BTreeMap<String, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in &self.samples {
+            if let Outcome::Served { zone, .. } = &s.outcome {
+                if s.due >= from && s.due < to {
+                    *out.entry(zone.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        out
+    }
+}

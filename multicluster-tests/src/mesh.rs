@@ -1,0 +1,246 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// One mesh at a time per test binary: meshes are whole process trees and timing-sensitive
+/// tests (failover under load) need the machine's cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static STARTED: AtomicU32 = AtomicU32::new(0);
+
+/// The `strait` binary under test: `$STRAIT_BIN`, else `target/<profile>/strait` next to the
+/// test executable.
+pub fn strait_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STRAIT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = profile_dir.join("strait");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (cargo build --bin strait) or set STRAIT_BIN; ./test.sh does both",
+        bin.display()
+    );
+    bin
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Component {
+    pub addr: String,
+    pub admin_addr: SocketAddr,
+    pub pid: u32,
+    pub command: Vec<String>,
+    pub log: PathBuf,
+    #[serde(default)]
+    pub catalog_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct WorkloadInfo {
+    pub name: String,
+    pub service: String,
+    pub namespace: String,
+    pub zone: String,
+    pub protocol: String,
+    pub app_addr: SocketAddr,
+    pub app_pid: u32,
+    pub app_command: Vec<String>,
+    pub sidecar_pid: u32,
+    pub outbound_proxy: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub sidecar_log: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub region: String,
+    pub zones: Vec<String>,
+    pub controller: Component,
+    pub gateway: Component,
+    pub workloads: Vec<WorkloadInfo>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct MeshInfo {
+    pub trust_domain: String,
+    pub state_dir: PathBuf,
+    pub bundle: PathBuf,
+    pub clusters: Vec<ClusterInfo>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MeshOptions {
+    /// A topology file's YAML; `None` runs the built-in three-cluster demo.
+    pub topology: Option<String>,
+    pub lease: Option<Duration>,
+    pub cert_ttl: Option<Duration>,
+}
+
+/// A running mesh. Dropping it stops every process it started.
+pub struct Mesh {
+    pub info: MeshInfo,
+    up: Child,
+    extra: Vec<Child>,
+    _turn: MutexGuard<'static, ()>,
+}
+
+fn dur(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+impl Mesh {
+    pub async fn start() -> anyhow::Result<Mesh> {
+        Self::start_with(MeshOptions::default()).await
+    }
+
+    pub async fn start_with(opts: MeshOptions) -> anyhow::Result<Mesh> {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        // A fresh loopback range per mesh, so a lingering process of an earlier mesh never
+        // answers for this one.
+        let n = STARTED.fetch_add(1, Ordering::SeqCst);
+        let base = 20 + ((std::process::id() * 7 + n * 13) % 230) as u8;
+        let state_dir = std::env::temp_dir().join(format!("strait-test-{}-{n}", std::process::id()));
+        let mut cmd = Command::new(strait_bin());
+        cmd.arg("up")
+            .arg("--output")
+            .arg("json")
+            .arg("--address-base")
+            .arg(base.to_string())
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(t) = &opts.topology {
+            std::fs::create_dir_all(&state_dir)?;
+            let path = std::env::temp_dir().join(format!("strait-test-{}-{n}.yaml", std::process::id()));
+            std::fs::write(&path, t)?;
+            cmd.arg("--topology").arg(path);
+        }
+        if let Some(l) = opts.lease {
+            cmd.arg("--lease").arg(dur(l));
+        }
+        if let Some(t) = opts.cert_ttl {
+            cmd.arg("--cert-ttl").arg(dur(t));
+        }
+        let mut up = cmd.spawn().context("starting strait up")?;
+        let stdout = up.stdout.take().context("strait up stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await
+            .context("strait up was not ready within 120s")??
+            .context("strait up exited before it was ready")?;
+        let info: MeshInfo = serde_json::from_str(&line).with_context(|| format!("strait up printed: {line}"))?;
+        Ok(Mesh {
+            info,
+            up,
+            extra: vec![],
+            _turn: turn,
+        })
+    }
+
+    pub fn cluster(&self, name: &str) -> &ClusterInfo {
+        self.info
+            .clusters
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+
+    /// The workload of `service` in `zone`.
+    pub fn workload(&self, service: &str, zone: &str) -> &WorkloadInfo {
+        self.info
+            .clusters
+            .iter()
+            .flat_map(|c| &c.workloads)
+            .find(|w| w.service == service && w.zone == zone)
+            .unwrap_or_else(|| panic!("no {service} workload in zone {zone}"))
+    }
+
+    /// SIGKILLs a process, as a crash would.
+    pub fn kill9(&self, pid: u32) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+
+    /// Starts a component again with the command `strait up` reported for it; returns its pid.
+    pub fn restart(&mut self, command: &[String], log: Option<&std::path::Path>) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(strait_bin());
+        cmd.args(command).stdin(Stdio::null()).kill_on_drop(true);
+        match log {
+            Some(l) => {
+                let f = std::fs::OpenOptions::new().append(true).create(true).open(l)?;
+                cmd.stdout(f.try_clone()?).stderr(f);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        let child = cmd.spawn()?;
+        let pid = child.id().unwrap_or_default();
+        self.extra.push(child);
+        Ok(pid)
+    }
+
+    /// Waits until `cond` holds, polling; fails with `what` after `timeout`.
+    pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if cond().await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("timed out after {timeout:?} waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// GETs an admin JSON view.
+    pub async fn admin_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = crate::client::plain_get(addr, path).await?;
+        anyhow::ensure!(status == 200, "{addr}{path} answered {status}");
+        Ok(serde_json::from_slice(&body)?)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some(pid) = self.up.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        // strait up stops its children on SIGTERM; give it the time it asks for.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.up.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.up.start_kill();
+        for c in &mut self.extra {
+            let _ = c.start_kill();
+        }
+    }
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs every Strait test on this machine: formatting, lints, unit tests of each crate, and the
+# multi-cluster end-to-end tests (real processes, real QUIC/TLS on loopback sockets).
+# Installs what it needs (Debian packages) idempotently; reuses a cargo target directory
+# outside the clone so repeated runs are incremental.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strait/target}"
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+say() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "test.sh: cargo is not installed; install Rust (rustup, stable >= 1.85) first" >&2
+  exit 1
+fi
+
+# Tools the end-to-end tests drive for real.
+missing=()
+for tool in curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]}"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+say "building the strait binary"
+cargo build --bin strait
+export STRAIT_BIN="$CARGO_TARGET_DIR/debug/strait"
+
+say "unit and end-to-end tests"
+# End-to-end tests start whole meshes (18+ processes each); the fixture runs one mesh at a
+# time per test binary, so extra threads only queue.
+cargo test --workspace -- --test-threads=2
