@@ -73,7 +73,7 @@ impl TunnelClient {
             .endpoint
             .connect_with(config, gateway, "strait.mesh")
             .map_err(|e| connect_err(e.to_string()))?;
-        let conn = tokio::time::timeout(std::time::Duration::from_secs(3), connecting)
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(2), connecting)
             .await
             .map_err(|_| connect_err("QUIC handshake timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;

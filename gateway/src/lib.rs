@@ -20,8 +20,10 @@ pub use server::{Gateway, GatewayOptions};
 /// QUIC transport settings shared by both ends.
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000))));
+    // A dead peer is noticed within the idle timeout: in-flight streams then fail and callers
+    // retry elsewhere instead of hanging.
+    t.keep_alive_interval(Some(std::time::Duration::from_millis(1_000)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(3_000))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t

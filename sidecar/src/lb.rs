@@ -11,6 +11,10 @@ use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 
 use crate::metrics::SidecarMetrics;
 
+fn gateway_key(cluster: &str) -> String {
+    format!("gateway/{cluster}")
+}
+
 pub struct Balancer {
     locality: Locality,
     labels: BTreeMap<String, String>,
@@ -74,6 +78,22 @@ impl Balancer {
     pub fn success(&self, ep: &EndpointEntry) {
         if let Ok(mut o) = self.outlier.lock() {
             o.success(&ep.key);
+            if ep.locality.cluster != self.locality.cluster {
+                o.success(&gateway_key(&ep.locality.cluster));
+            }
+        }
+    }
+
+    /// A remote cluster's gateway could not be reached: every endpoint behind it is out for
+    /// the ejection time, not just the one this request tried.
+    pub fn gateway_failure(&self, snap: &Snapshot, cluster: &str) {
+        let ejected = self
+            .outlier
+            .lock()
+            .ok()
+            .and_then(|mut o| o.failure(&gateway_key(cluster), Instant::now(), &snap.policy.outlier));
+        if let Some(time) = ejected {
+            tracing::info!(%cluster, ejection = ?time, "gateway unreachable; its cluster's endpoints are ejected");
         }
     }
 

@@ -39,6 +39,16 @@ pub enum UpstreamError {
     AppUnreachable { endpoint: String },
 }
 
+impl UpstreamError {
+    /// Whether the remote cluster's gateway itself failed (rather than one endpoint behind it).
+    pub fn gateway_down(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Tunnel(TunnelError::Connect { .. } | TunnelError::Stream { .. })
+        )
+    }
+}
+
 pub struct Upstreams {
     cluster: String,
     store: CertStore,
@@ -171,7 +181,11 @@ impl Upstreams {
         let tls = self.connect(snap, svc, ep, port, strait_trust::ALPN_H2).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
+            // Pings find a silently dead peer (a killed node, a lost tunnel) within ~2s, so
+            // requests on it fail and are retried rather than hang.
+            .keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| UpstreamError::Connect {

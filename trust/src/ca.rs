@@ -145,7 +145,10 @@ impl Authority {
     ) -> Result<IssuedCert, TrustError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| TrustError::BadCsr(e.to_string()))?;
-        self.issue_for_key(&csr.public_key, &[id.to_string()], now - BACKDATE, now + ttl)
+        let mut issued = self.issue_for_key(&csr.public_key, &[id.to_string()], now - BACKDATE, now + ttl)?;
+        // Rotation is planned from the issue time; the backdating only absorbs clock skew.
+        issued.not_before = now;
+        Ok(issued)
     }
 
     /// Issues a workload certificate and key pair in one step (for a controller's or a gateway's
@@ -156,13 +159,25 @@ impl Authority {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<(IssuedCert, Vec<u8>), TrustError> {
+        let (mut cert, key) = self.issue_custom(&[id.to_string()], now - BACKDATE, now + ttl)?;
+        cert.not_before = now;
+        Ok((cert, key))
+    }
+
+    /// Issues a certificate and key with arbitrary URI SANs and validity. Strait itself never
+    /// issues more than one URI SAN; tests use this to build certificates a verifier must refuse.
+    pub fn issue_custom(
+        &self,
+        uris: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(IssuedCert, Vec<u8>), TrustError> {
         let key = KeyPair::generate()?;
-        let cert = self.issue_for_key(&key, &[id.to_string()], now - BACKDATE, now + ttl)?;
+        let cert = self.issue_for_key(&key, uris, not_before, not_after)?;
         Ok((cert, key.serialize_der()))
     }
 
-    /// Issues a certificate with arbitrary URI SANs and validity. Strait itself never issues more
-    /// than one URI SAN; tests use this to build the certificates a verifier must refuse.
+    /// Issues a certificate for a public key with the given URI SANs and validity.
     pub fn issue_for_key(
         &self,
         public_key: &impl PublicKeyData,

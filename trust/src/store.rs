@@ -15,6 +15,7 @@ use crate::{IssuedCert, SpiffeId, TlsMetrics, TrustBundle, TrustError};
 pub struct WorkloadCert {
     pub id: SpiffeId,
     pub key: Arc<CertifiedKey>,
+    /// When it was issued (rotation is planned from here).
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }

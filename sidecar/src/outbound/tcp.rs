@@ -55,6 +55,9 @@ impl Outbound {
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
                     self.balancer.failure(&snap, &svc, &ep);
+                    if e.gateway_down() {
+                        self.balancer.gateway_failure(&snap, &ep.locality.cluster);
+                    }
                     last_error = e.to_string();
                 }
             }

@@ -1,0 +1,242 @@
+//! Losing a cluster, restarting a controller, and bad catalog files: the mesh keeps serving
+//! what it can and converges when things come back.
+
+use std::time::Duration;
+
+use multicluster_tests::{get_via, LoadReport, Mesh, MeshOptions, Outcome};
+
+const ECHO: &str = "http://echo.demo.svc.clusterset.local/";
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+async fn services_of(admin: std::net::SocketAddr) -> serde_json::Value {
+    Mesh::admin_json(admin, "/services").await.unwrap()
+}
+
+fn exporters(services: &serde_json::Value, name: &str) -> Vec<String> {
+    services["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .map(|s| {
+            s["clusters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["cluster"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_cluster_expires_after_its_lease_and_calls_fail_over() {
+    let lease = Duration::from_secs(3);
+    let mesh = Mesh::start_with(MeshOptions {
+        lease: Some(lease),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let caller = mesh.workload("echo", "us-east-1a").clone();
+    // Both east zones down: east's echo traffic goes to west (nearest region).
+    mesh.kill9(caller.app_pid);
+    mesh.kill9(mesh.workload("echo", "us-east-1b").app_pid);
+    let west = mesh.cluster("west").clone();
+    let east_admin = mesh.cluster("east").controller.admin_addr;
+    let central_admin = mesh.cluster("central").controller.admin_addr;
+    let report = LoadReport::run(caller.outbound_proxy, ECHO, 50, secs(12.0), |start| {
+        let west = west.clone();
+        let mesh = &mesh;
+        async move {
+            tokio::time::sleep_until((start + secs(3.0)).into()).await;
+            // The whole west cluster goes away at once.
+            for w in &west.workloads {
+                mesh.kill9(w.app_pid);
+                mesh.kill9(w.sidecar_pid);
+            }
+            mesh.kill9(west.gateway.pid);
+            mesh.kill9(west.controller.pid);
+        }
+    })
+    .await;
+    let served_by = |from: f64, to: f64| report.zones_between(secs(from), secs(to));
+    assert!(
+        served_by(1.0, 3.0).keys().all(|z| z == "us-west-2a"),
+        "{:?}",
+        served_by(1.0, 3.0)
+    );
+    assert!(
+        report.failures_between(secs(3.0), secs(4.0)) <= 3,
+        "{:?}",
+        report.failures()
+    );
+    assert_eq!(
+        report.failures_between(secs(4.0), secs(12.0)),
+        0,
+        "{:?}",
+        report.failures()
+    );
+    assert!(
+        served_by(4.0, 12.0).keys().all(|z| z == "eu-central-1a"),
+        "{:?}",
+        served_by(4.0, 12.0)
+    );
+
+    // After the lease, west's exports are gone everywhere.
+    for admin in [east_admin, central_admin] {
+        Mesh::eventually("west's exports expire", lease + Duration::from_secs(3), || async move {
+            let s = services_of(admin).await;
+            !exporters(&s, "echo").contains(&"west".to_string()) && exporters(&s, "greeter").is_empty()
+        })
+        .await
+        .unwrap();
+    }
+    let status = Mesh::admin_json(east_admin, "/status").await.unwrap();
+    let west_peer = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "west")
+        .unwrap()
+        .clone();
+    assert_eq!(west_peer["lease_valid"], false, "{west_peer}");
+    let (code, body) = get_via(caller.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        404,
+        "greeter is no longer exported anywhere: {}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_keep_serving_without_their_controller_and_resubscribe() {
+    let mut mesh = Mesh::start().await.unwrap();
+    let east = mesh.cluster("east").clone();
+    let caller = mesh.workload("echo", "us-east-1a").clone();
+    mesh.kill9(east.controller.pid);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Last good config: local and cross-cluster calls still work.
+    for url in [ECHO, "http://greeter.demo.svc.clusterset.local/"] {
+        for _ in 0..5 {
+            let (code, body) = get_via(caller.outbound_proxy, url).await.unwrap();
+            assert_eq!(code, 200, "{url}: {}", String::from_utf8_lossy(&body));
+        }
+    }
+    // West still reaches east's echo through east's gateway (peers keep the lease meanwhile).
+    let west_caller = mesh.workload("greeter", "us-west-2a").clone();
+    mesh.kill9(mesh.workload("echo", "us-west-2a").app_pid);
+    let (code, _) = get_via(west_caller.outbound_proxy, ECHO).await.unwrap();
+    assert_eq!(code, 200);
+
+    // The controller comes back; proxies resubscribe and new config reaches them.
+    mesh.restart(&east.controller.command, Some(&east.controller.log))
+        .unwrap();
+    Mesh::eventually("east's proxies resubscribe", Duration::from_secs(15), || async {
+        Mesh::admin_json(east.controller.admin_addr, "/status")
+            .await
+            .map(|s| s["proxies"].as_array().map(|p| p.len()) == Some(3))
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
+    let catalog = east.controller.catalog_dir.clone().unwrap();
+    std::fs::write(
+        catalog.join("extra.yaml"),
+        format!(
+            "services:\n- name: extra\n  namespace: demo\n  serviceAccount: echo\n  ports: [{{port: 80, protocol: http}}]\n  endpoints:\n  - {{workload: {}, address: '{}', zone: us-east-1a}}\n",
+            caller.name, caller.inbound_addr
+        ),
+    )
+    .unwrap();
+    for proxy in [caller.outbound_proxy, west_caller.outbound_proxy] {
+        Mesh::eventually("the new service is callable", Duration::from_secs(15), || async move {
+            matches!(
+                get_via(proxy, "http://extra.demo.svc.clusterset.local/").await,
+                Ok((200, _))
+            )
+        })
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_catalog_file_is_rejected_and_the_last_good_one_serves() {
+    let mesh = Mesh::start().await.unwrap();
+    let east = mesh.cluster("east").clone();
+    let caller = mesh.workload("echo", "us-east-1a").clone();
+    let file = east.controller.catalog_dir.clone().unwrap().join("services.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("port: 80", "port: eighty")).unwrap();
+    Mesh::eventually(
+        "the error names the file and field",
+        Duration::from_secs(10),
+        || async {
+            let s = Mesh::admin_json(east.controller.admin_addr, "/status").await.unwrap();
+            s["errors"].as_array().is_some_and(|e| {
+                e.iter().any(|e| {
+                    let e = e.as_str().unwrap_or_default();
+                    e.contains("services.yaml") && e.contains("services[0].ports[0].port") && e.contains("eighty")
+                })
+            })
+        },
+    )
+    .await
+    .unwrap();
+    // The last good catalog keeps serving, here and in the peers.
+    for _ in 0..5 {
+        let (code, body) = get_via(caller.outbound_proxy, ECHO).await.unwrap();
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["zone"], "us-east-1a");
+    }
+    let s = services_of(mesh.cluster("west").controller.admin_addr).await;
+    assert!(exporters(&s, "echo").contains(&"east".to_string()));
+
+    // A semantic mistake (a bad name) is reported the same way.
+    std::fs::write(&file, good.replace("name: echo", "name: Echo_1")).unwrap();
+    Mesh::eventually("the name error is reported", Duration::from_secs(10), || async {
+        let s = Mesh::admin_json(east.controller.admin_addr, "/status").await.unwrap();
+        s["errors"].to_string().contains("services[0].name")
+    })
+    .await
+    .unwrap();
+    // Fixed: the error clears.
+    std::fs::write(&file, &good).unwrap();
+    Mesh::eventually("the error clears", Duration::from_secs(10), || async {
+        let s = Mesh::admin_json(east.controller.admin_addr, "/status").await.unwrap();
+        s["errors"].as_array().is_some_and(|e| e.is_empty())
+    })
+    .await
+    .unwrap();
+    let r = LoadReport::run(caller.outbound_proxy, ECHO, 20, secs(1.0), |_| async {}).await;
+    assert!(r.samples.iter().all(|s| matches!(s.outcome, Outcome::Served { .. })));
+}
+
+#[test]
+fn a_bad_topology_is_refused_with_the_field_named() {
+    let path = std::env::temp_dir().join(format!("strait-bad-topology-{}.yaml", std::process::id()));
+    std::fs::write(
+        &path,
+        "services:\n  - {name: echo, port: 80}\nclusters:\n  - name: east\n    region: us-east\n    zones: [us-east-1a]\n    workloads:\n      - {service: echo, zone: mars-1}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(multicluster_tests::strait_bin())
+        .args(["up", "--topology"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("clusters[0].workloads[0].zone") && err.contains("mars-1"),
+        "{err}"
+    );
+}

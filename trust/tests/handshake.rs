@@ -1,0 +1,225 @@
+//! Real TLS handshakes over loopback sockets: the verifier accepts exactly the peers it should
+//! and counts every refusal by reason.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use strait_trust::{
+    client_config, server_config, Authority, CertStore, PeerPolicy, ServerAuth, SpiffeId, TlsMetrics, TrustBundle,
+    TrustDomain, WorkloadCert,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Domain {
+    td: TrustDomain,
+    root: Authority,
+    intermediate: Authority,
+}
+
+fn domain(name: &str) -> Domain {
+    let td: TrustDomain = name.parse().unwrap();
+    let root = Authority::new_root(&td, SystemTime::now()).unwrap();
+    let intermediate = root.new_intermediate("east", SystemTime::now()).unwrap();
+    Domain { td, root, intermediate }
+}
+
+fn bundle(d: &Domain) -> TrustBundle {
+    let mut b = TrustBundle::new();
+    b.add_root(&d.td, d.root.cert().clone()).unwrap();
+    b
+}
+
+fn store(ca: &Authority, uris: &[String], not_after: SystemTime, trust: TrustBundle, metrics: TlsMetrics) -> CertStore {
+    let (issued, key) = ca
+        .issue_custom(uris, SystemTime::now() - Duration::from_secs(3600), not_after)
+        .unwrap();
+    let id: SpiffeId = uris[0].parse().unwrap();
+    CertStore::new(WorkloadCert::new(id, issued, key).unwrap(), trust, metrics)
+}
+
+fn day() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(86400)
+}
+
+/// Runs one handshake over a loopback socket; returns whether data flowed both ways.
+async fn handshake(server: &CertStore, client: &CertStore, policy: PeerPolicy) -> bool {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sconf =
+        Arc::new(server_config(server, PeerPolicy::AnyInBundle, ServerAuth::RequireClientCert, &[b"t"]).unwrap());
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(sconf).accept(tcp).await else {
+            return;
+        };
+        let mut b = [0u8; 4];
+        if tls.read_exact(&mut b).await.is_ok() {
+            let _ = tls.write_all(&b).await;
+        }
+    });
+    let cconf = client_config(Some(client), client.bundle(), client.metrics(), policy, &[b"t"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let ok = async {
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cconf))
+            .connect(rustls::pki_types::ServerName::try_from("strait.mesh").unwrap(), tcp)
+            .await
+            .ok()?;
+        tls.write_all(b"ping").await.ok()?;
+        let mut b = [0u8; 4];
+        tls.read_exact(&mut b).await.ok()?;
+        Some(&b == b"ping")
+    }
+    .await
+    .unwrap_or(false);
+    let _ = tokio::time::timeout(Duration::from_secs(2), srv).await;
+    ok
+}
+
+#[tokio::test]
+async fn accepts_valid_peers_and_refuses_the_rest_with_reasons() {
+    let mesh = domain("mesh.local");
+    let other = domain("other.local");
+    let server_metrics = TlsMetrics::unregistered();
+    let id = |td: &str| format!("spiffe://{td}/ns/demo/sa/echo");
+    let server = store(
+        &mesh.intermediate,
+        &[id("mesh.local")],
+        day(),
+        bundle(&mesh),
+        server_metrics.clone(),
+    );
+    let client_of = |ca: &Authority, uris: &[String], not_after| {
+        store(ca, uris, not_after, bundle(&mesh), TlsMetrics::unregistered())
+    };
+
+    // A valid peer of the trust domain.
+    assert!(
+        handshake(
+            &server,
+            &client_of(&mesh.intermediate, &[id("mesh.local")], day()),
+            PeerPolicy::AnyInBundle
+        )
+        .await
+    );
+
+    // Another trust domain that the bundle does not hold.
+    assert!(
+        !handshake(
+            &server,
+            &client_of(&other.intermediate, &[id("other.local")], day()),
+            PeerPolicy::AnyInBundle
+        )
+        .await
+    );
+    assert_eq!(server_metrics.failures("unknown_trust_domain"), 1);
+
+    // Claims our trust domain but chains to another root.
+    assert!(
+        !handshake(
+            &server,
+            &client_of(&other.intermediate, &[id("mesh.local")], day()),
+            PeerPolicy::AnyInBundle
+        )
+        .await
+    );
+    assert_eq!(server_metrics.failures("untrusted_chain"), 1);
+
+    // Expired.
+    let past = SystemTime::now() - Duration::from_secs(60);
+    assert!(
+        !handshake(
+            &server,
+            &client_of(&mesh.intermediate, &[id("mesh.local")], past),
+            PeerPolicy::AnyInBundle
+        )
+        .await
+    );
+    assert_eq!(server_metrics.failures("expired"), 1);
+
+    // Two URI SANs.
+    let two = [id("mesh.local"), "spiffe://mesh.local/ns/demo/sa/admin".to_string()];
+    assert!(
+        !handshake(
+            &server,
+            &client_of(&mesh.intermediate, &two, day()),
+            PeerPolicy::AnyInBundle
+        )
+        .await
+    );
+    assert_eq!(server_metrics.failures("multiple_uri_sans"), 1);
+
+    // The client side refuses a server that is not the identity it expects.
+    let client_metrics = TlsMetrics::unregistered();
+    let client = store(
+        &mesh.intermediate,
+        &[id("mesh.local")],
+        day(),
+        bundle(&mesh),
+        client_metrics.clone(),
+    );
+    let expect = PeerPolicy::OneOf(vec!["spiffe://mesh.local/ns/demo/sa/greeter".parse().unwrap()]);
+    assert!(!handshake(&server, &client, expect).await);
+    assert_eq!(client_metrics.failures("unexpected_identity"), 1);
+
+    // A federated bundle (both roots) accepts the other domain.
+    let mut both = bundle(&mesh);
+    both.merge(&bundle(&other)).unwrap();
+    let server2 = store(
+        &mesh.intermediate,
+        &[id("mesh.local")],
+        day(),
+        both,
+        TlsMetrics::unregistered(),
+    );
+    assert!(
+        handshake(
+            &server2,
+            &client_of(&other.intermediate, &[id("other.local")], day()),
+            PeerPolicy::AnyInBundle
+        )
+        .await
+    );
+}
+
+#[tokio::test]
+async fn rotation_swaps_the_certificate_for_new_handshakes_only() {
+    let mesh = domain("mesh.local");
+    let id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/echo".parse().unwrap();
+    let (c1, k1) = mesh
+        .intermediate
+        .issue_with_key(&id, SystemTime::now(), Duration::from_secs(60))
+        .unwrap();
+    let store = CertStore::new(
+        WorkloadCert::new(id.clone(), c1.clone(), k1).unwrap(),
+        bundle(&mesh),
+        TlsMetrics::unregistered(),
+    );
+    let (c2, k2) = mesh
+        .intermediate
+        .issue_with_key(&id, SystemTime::now(), Duration::from_secs(60))
+        .unwrap();
+    store.rotate(WorkloadCert::new(id, c2.clone(), k2).unwrap());
+    assert_eq!(store.current().key.cert[0], c2.chain[0]);
+    assert_ne!(c1.chain[0], c2.chain[0]);
+    assert_eq!(c2.chain.len(), 2, "leaf and intermediate; the root travels in bundles");
+    let client = store.clone();
+    assert!(handshake(&store, &client, PeerPolicy::AnyInBundle).await);
+}
+
+#[test]
+fn written_authorities_load_back() {
+    let mesh = domain("mesh.local");
+    let dir = std::env::temp_dir().join(format!("strait-trust-test-{}", std::process::id()));
+    mesh.intermediate.write(&dir).unwrap();
+    let loaded = Authority::load(&dir, &mesh.td).unwrap();
+    assert_eq!(loaded.cert(), mesh.intermediate.cert());
+    let id: SpiffeId = "spiffe://mesh.local/ns/a/sa/b".parse().unwrap();
+    let (issued, _) = loaded
+        .issue_with_key(&id, SystemTime::now(), Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(issued.chain.len(), 2);
+    let pem = bundle(&mesh).to_pem();
+    let back = TrustBundle::from_pem("test", pem.as_bytes()).unwrap();
+    assert!(back.roots_for(&mesh.td).is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}
