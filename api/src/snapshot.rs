@@ -73,19 +73,10 @@ pub struct GatewayEntry {
     pub reachable: bool,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicyEntry {
     pub lb: LbPolicy,
     pub outlier: OutlierConfig,
-}
-
-impl Default for PolicyEntry {
-    fn default() -> Self {
-        PolicyEntry {
-            lb: LbPolicy::default(),
-            outlier: OutlierConfig::default(),
-        }
-    }
 }
 
 #[derive(Clone, Debug)]

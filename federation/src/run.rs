@@ -282,7 +282,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let merged = merge(&by_cluster, range);
         let resources = build(
             &merged,
-            &[federation_service.clone()],
+            std::slice::from_ref(&federation_service),
             &gateways,
             &policy_watch.current,
             &bundles,

@@ -2,7 +2,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +13,7 @@ use tokio::process::{Child, Command};
 
 /// One mesh at a time per test binary: meshes are whole process trees and timing-sensitive
 /// tests (failover under load) need the machine's cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static STARTED: AtomicU32 = AtomicU32::new(0);
 
 /// The `strait` binary under test: `$STRAIT_BIN`, else `target/<profile>/strait` next to the
@@ -98,7 +97,7 @@ pub struct Mesh {
     pub info: MeshInfo,
     up: Child,
     extra: Vec<Child>,
-    _turn: MutexGuard<'static, ()>,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 fn dur(d: Duration) -> String {
@@ -111,7 +110,7 @@ impl Mesh {
     }
 
     pub async fn start_with(opts: MeshOptions) -> anyhow::Result<Mesh> {
-        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = ONE_AT_A_TIME.lock().await;
         // A fresh loopback range per mesh, so a lingering process of an earlier mesh never
         // answers for this one.
         let n = STARTED.fetch_add(1, Ordering::SeqCst);

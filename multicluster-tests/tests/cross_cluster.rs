@@ -1,5 +1,7 @@
 //! Calls by name across clusters, through real sidecars and gateways, with unmodified curl.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use multicluster_tests::{connect_tunnel, get_via, metric_sum, scrape, Mesh};

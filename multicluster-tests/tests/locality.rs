@@ -1,6 +1,8 @@
 //! Locality: traffic stays in the nearest healthy zone, fails over in order as apps die (with a
 //! steady load running through every kill), and comes back when they return.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use multicluster_tests::{get_via, metric_sum, scrape, LoadReport, Mesh, MeshOptions};

@@ -1,6 +1,8 @@
 //! Losing a cluster, restarting a controller, and bad catalog files: the mesh keeps serving
 //! what it can and converges when things come back.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use multicluster_tests::{get_via, LoadReport, Mesh, MeshOptions, Outcome};

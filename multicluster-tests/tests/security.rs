@@ -3,6 +3,8 @@
 //! and count each refusal; a malformed tunnel header ends only its own stream; certificates
 //! rotate under open connections.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -94,7 +96,7 @@ async fn listeners_refuse_foreign_multi_san_and_expired_peers() {
     assert!(
         inbound_accepts(
             target.inbound_addr,
-            &client_store(&east_ca, &[id.clone()], day, &bundle)
+            &client_store(&east_ca, std::slice::from_ref(&id), day, &bundle)
         )
         .await
     );
@@ -110,7 +112,7 @@ async fn listeners_refuse_foreign_multi_san_and_expired_peers() {
     );
     assert!(!inbound_accepts(target.inbound_addr, &foreign).await);
     // Our trust domain's name on a certificate from another root.
-    let impostor = client_store(&other_root, &[id.clone()], day, &bundle);
+    let impostor = client_store(&other_root, std::slice::from_ref(&id), day, &bundle);
     assert!(!inbound_accepts(target.inbound_addr, &impostor).await);
     // More than one URI SAN.
     let two = client_store(
@@ -123,7 +125,7 @@ async fn listeners_refuse_foreign_multi_san_and_expired_peers() {
     // Expired.
     let expired = client_store(
         &east_ca,
-        &[id.clone()],
+        std::slice::from_ref(&id),
         SystemTime::now() - Duration::from_secs(60),
         &bundle,
     );
@@ -154,9 +156,11 @@ async fn listeners_refuse_foreign_multi_san_and_expired_peers() {
 
     // The gateway's QUIC listener applies the same rules.
     let gw: SocketAddr = mesh.cluster("west").gateway.addr.parse().unwrap();
-    assert!(quic_connect(gw, &client_store(&east_ca, &[id.clone()], day, &bundle))
-        .await
-        .is_some());
+    assert!(
+        quic_connect(gw, &client_store(&east_ca, std::slice::from_ref(&id), day, &bundle))
+            .await
+            .is_some()
+    );
     assert!(quic_connect(gw, &foreign).await.is_none());
     assert!(quic_connect(gw, &two).await.is_none());
     let gm = scrape(mesh.cluster("west").gateway.admin_addr).await.unwrap();

@@ -1,6 +1,8 @@
 //! Real TLS handshakes over loopback sockets: the verifier accepts exactly the peers it should
 //! and counts every refusal by reason.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 

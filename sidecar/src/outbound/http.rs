@@ -47,7 +47,7 @@ impl Outbound {
         let snap = self.config.borrow().clone();
         let (svc, port) = match self.resolve(&snap, req.uri().authority(), 80) {
             Ok(x) => x,
-            Err(resp) => return resp,
+            Err(no_route) => return no_route.response(),
         };
         let (mut parts, body) = req.into_parts();
         let body: Bytes = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {

@@ -39,6 +39,15 @@ pub struct Outbound {
     metrics: SidecarMetrics,
 }
 
+/// Why a request names nothing the proxy can route: answered with this status and message.
+pub(crate) struct NoRoute(StatusCode, String);
+
+impl NoRoute {
+    fn response(self) -> Response<Body> {
+        text(self.0, self.1)
+    }
+}
+
 pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     let mut body = msg.into();
     body.push('\n');
@@ -110,11 +119,11 @@ impl Outbound {
         snap: &Snapshot,
         authority: Option<&hyper::http::uri::Authority>,
         default_port: u16,
-    ) -> Result<(Arc<ServiceEntry>, u16), Response<Body>> {
+    ) -> Result<(Arc<ServiceEntry>, u16), NoRoute> {
         let Some(authority) = authority else {
-            return Err(text(
+            return Err(NoRoute(
                 StatusCode::BAD_REQUEST,
-                "the request has no host: send absolute-form requests (curl -x) or CONNECT host:port",
+                "the request has no host: send absolute-form requests (curl -x) or CONNECT host:port".into(),
             ));
         };
         let host = authority.host();
@@ -125,11 +134,11 @@ impl Outbound {
             } else {
                 format!("{host} is not a mesh service: this proxy carries <service>.<namespace>.{CLUSTERSET_SUFFIX} names only")
             };
-            return Err(text(StatusCode::NOT_FOUND, msg));
+            return Err(NoRoute(StatusCode::NOT_FOUND, msg));
         };
         if svc.port(port).is_none() {
             let ports: Vec<String> = svc.ports.iter().map(|p| p.port.to_string()).collect();
-            return Err(text(
+            return Err(NoRoute(
                 StatusCode::NOT_FOUND,
                 format!("{} has no port {port} (its ports: {})", svc.host(), ports.join(", ")),
             ));

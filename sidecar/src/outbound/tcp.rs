@@ -12,7 +12,7 @@ impl Outbound {
         let snap = self.config.borrow().clone();
         let (svc, port) = match self.resolve(&snap, req.uri().authority(), 443) {
             Ok(x) => x,
-            Err(resp) => return resp,
+            Err(no_route) => return no_route.response(),
         };
         let host = svc.host();
         let mut tried = vec![];
