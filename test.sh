@@ -43,5 +43,14 @@ export STRAIT_BIN="$CARGO_TARGET_DIR/debug/strait"
 
 say "unit and end-to-end tests"
 # End-to-end tests start whole meshes (18+ processes each); the fixture runs one mesh at a
-# time per test binary, so extra threads only queue.
-cargo test --workspace -- --test-threads=2
+# time per test binary, so extra threads only queue. Benchmarks are not run here.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+echo
+awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -156,6 +156,24 @@ impl Mesh {
         })
     }
 
+    /// The pid of the `strait up` process itself.
+    pub fn up_pid(&self) -> Option<u32> {
+        self.up.id()
+    }
+
+    /// Every pid `strait up` reported.
+    pub fn all_pids(&self) -> Vec<u32> {
+        self.info
+            .clusters
+            .iter()
+            .flat_map(|c| {
+                let mut v = vec![c.controller.pid, c.gateway.pid];
+                v.extend(c.workloads.iter().flat_map(|w| [w.app_pid, w.sidecar_pid]));
+                v
+            })
+            .collect()
+    }
+
     pub fn cluster(&self, name: &str) -> &ClusterInfo {
         self.info
             .clusters

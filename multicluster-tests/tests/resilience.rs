@@ -242,3 +242,40 @@ fn a_bad_topology_is_refused_with_the_field_named() {
         "{err}"
     );
 }
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(' ').nth(2).is_some_and(|state| state == "Z"))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_process_outlives_strait_up() {
+    // Stopped with SIGTERM (what Drop does): everything it started is gone.
+    let mesh = Mesh::start().await.unwrap();
+    let pids = mesh.all_pids();
+    assert!(pids.iter().all(|p| alive(*p)));
+    drop(mesh);
+    Mesh::eventually("every component stops with strait up", Duration::from_secs(10), || {
+        let pids = pids.clone();
+        async move { pids.iter().all(|p| !alive(*p)) }
+    })
+    .await
+    .unwrap();
+
+    // Killed outright: the children notice their parent is gone and exit too.
+    let mesh = Mesh::start().await.unwrap();
+    let pids = mesh.all_pids();
+    mesh.kill9(mesh.up_pid().unwrap());
+    Mesh::eventually(
+        "every component exits after strait up was killed",
+        Duration::from_secs(10),
+        || {
+            let pids = pids.clone();
+            async move { pids.iter().all(|p| !alive(*p)) }
+        },
+    )
+    .await
+    .unwrap();
+}

@@ -130,6 +130,8 @@ impl Inbound {
             Ok(resp) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 crate::outbound::strip_hop(&mut rparts.headers);
+                // Only this sidecar may say the app was unreachable (it makes callers retry).
+                rparts.headers.remove(UPSTREAM_FAILURE_HEADER);
                 Response::from_parts(rparts, rbody.boxed())
             }
             Err(e) => {

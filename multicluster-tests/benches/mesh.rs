@@ -1,0 +1,351 @@
+//! The mesh benchmark: prints figures, asserts nothing about time.
+//!
+//! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench mesh`
+//!
+//! In one run, against a mesh started from the release binary:
+//! - added p50/p90/p99 latency over a direct call, at a fixed 1,000 requests/s of 1 kB over 16
+//!   connections, open loop (latency counted from each request's intended send time), for
+//!   (a) a sidecar pair in one cluster and (b) a cross-cluster call through the gateway;
+//! - bulk throughput through the QUIC tunnel (CONNECT, cross-cluster) beside a TCP+TLS baseline
+//!   and plain TCP to the same app;
+//! - each proxy's peak RSS.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use multicluster_tests::{connect_tunnel, Mesh, MeshOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOPOLOGY: &str = r#"
+trustDomain: mesh.local
+services:
+  - {name: client, port: 80, protocol: http}
+  - {name: echo, port: 80, protocol: http}
+  - {name: remote, port: 80, protocol: http}
+  - {name: sink, port: 9000, protocol: tcp}
+clusters:
+  - name: east
+    region: us-east
+    zones: [us-east-1a]
+    workloads:
+      - {service: client, zone: us-east-1a}
+      - {service: echo, zone: us-east-1a}
+  - name: west
+    region: us-west
+    zones: [us-west-2a]
+    workloads:
+      - {service: remote, zone: us-west-2a}
+      - {service: sink, zone: us-west-2a}
+"#;
+
+const RATE: u32 = 1_000;
+const CONNECTIONS: usize = 16;
+const BODY: usize = 1024;
+
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn pct(&self, p: f64) -> Duration {
+        let mut v = self.0.clone();
+        v.sort();
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+    }
+}
+
+/// Open-loop load: requests become due every 1/RATE s; 16 keep-alive connections take them in
+/// order; latency runs from the due time to the full response.
+async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -> (Latencies, usize) {
+    let total = RATE as u64 * seconds;
+    let (tx, rx) = async_channel(total as usize);
+    let body = Bytes::from(vec![b'x'; BODY]);
+    let mut workers = vec![];
+    for _ in 0..CONNECTIONS {
+        let rx = rx.clone();
+        let body = body.clone();
+        let uri: String = if absolute {
+            url.to_string()
+        } else {
+            url.parse::<hyper::Uri>().unwrap().path().to_string()
+        };
+        let host = url.parse::<hyper::Uri>().unwrap().authority().unwrap().to_string();
+        workers.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(target).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut lat = vec![];
+            let mut errors = 0;
+            while let Ok(due) = rx.recv().await {
+                let req = hyper::Request::post(&uri)
+                    .header(hyper::header::HOST, &host)
+                    .body(Full::new(body.clone()))
+                    .unwrap();
+                match sender.send_request(req).await {
+                    Ok(resp) if resp.status().is_success() => {
+                        let _ = resp.into_body().collect().await;
+                        lat.push(due.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / RATE as f64);
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        tx.send(due).await.unwrap();
+    }
+    drop(tx);
+    let mut all = vec![];
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    (Latencies(all), errors)
+}
+
+/// A multi-consumer channel from tokio parts (workers share one receiver).
+fn async_channel(cap: usize) -> (tokio::sync::mpsc::Sender<Instant>, SharedRx) {
+    let (tx, rx) = tokio::sync::mpsc::channel(cap.max(1));
+    (tx, SharedRx(Arc::new(tokio::sync::Mutex::new(rx))))
+}
+
+#[derive(Clone)]
+struct SharedRx(Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Instant>>>);
+
+impl SharedRx {
+    async fn recv(&self) -> Result<Instant, ()> {
+        self.0.lock().await.recv().await.ok_or(())
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn added(mesh: Duration, direct: Duration) -> String {
+    format!("{:+.3}", (mesh.as_secs_f64() - direct.as_secs_f64()) * 1000.0)
+}
+
+/// Echoes `total` bytes through a stream and returns MB/s.
+async fn bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: S, total: usize) -> f64 {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let start = Instant::now();
+    let writer = async move {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            let n = chunk.len().min(total - sent);
+            w.write_all(&chunk[..n]).await.unwrap();
+            sent += n;
+        }
+        w.flush().await.unwrap();
+        w
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < total {
+            let n = r.read(&mut buf).await.unwrap();
+            assert!(n > 0, "stream closed early");
+            got += n;
+        }
+    };
+    let (_w, ()) = tokio::join!(writer, reader);
+    total as f64 / 1e6 / start.elapsed().as_secs_f64()
+}
+
+/// The TCP+TLS baseline: the same echo over one rustls TLS 1.3 session on loopback.
+async fn tls_baseline(mesh: &Mesh, total: usize) -> f64 {
+    let td: strait_trust::TrustDomain = "mesh.local".parse().unwrap();
+    let ca = strait_trust::Authority::load(&mesh.info.state_dir.join("east").join("ca"), &td).unwrap();
+    let bundle = strait_trust::TrustBundle::load(&mesh.info.bundle).unwrap();
+    let id: strait_trust::SpiffeId = "spiffe://mesh.local/ns/demo/sa/bench".parse().unwrap();
+    let (issued, key) = ca
+        .issue_with_key(&id, SystemTime::now(), Duration::from_secs(3600))
+        .unwrap();
+    let store = strait_trust::CertStore::new(
+        strait_trust::WorkloadCert::new(id, issued, key).unwrap(),
+        bundle,
+        strait_trust::TlsMetrics::unregistered(),
+    );
+    let sconf = strait_trust::server_config(
+        &store,
+        strait_trust::PeerPolicy::AnyInBundle,
+        strait_trust::ServerAuth::RequireClientCert,
+        &[b"b"],
+    )
+    .unwrap();
+    let cconf = strait_trust::client_config(
+        Some(&store),
+        store.bundle(),
+        store.metrics(),
+        strait_trust::PeerPolicy::AnyInBundle,
+        &[b"b"],
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(sconf))
+            .accept(tcp)
+            .await
+            .unwrap();
+        let (mut r, mut w) = tokio::io::split(tls);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cconf))
+        .connect(strait_api::transport::mesh_server_name(), tcp)
+        .await
+        .unwrap();
+    bulk(tls, total).await
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::var_os("STRAIT_BIN").is_none() {
+        let exe = std::env::current_exe().unwrap();
+        let release = exe.parent().unwrap().parent().unwrap().join("strait");
+        assert!(
+            release.exists(),
+            "build the release binary first: cargo build --release --bin strait"
+        );
+        std::env::set_var("STRAIT_BIN", &release);
+    }
+    let seconds: u64 = std::env::var("STRAIT_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mesh = Mesh::start_with(MeshOptions {
+        topology: Some(TOPOLOGY.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = mesh.workload("client", "us-east-1a").clone();
+    let echo = mesh.workload("echo", "us-east-1a").clone();
+    let remote = mesh.workload("remote", "us-west-2a").clone();
+    let sink = mesh.workload("sink", "us-west-2a").clone();
+    println!("strait mesh benchmark: {RATE} req/s of {BODY} B over {CONNECTIONS} connections, open loop, {seconds}s per run\n");
+
+    // Warm-up: connections, pools and caches.
+    let _ = load(client.outbound_proxy, "http://echo.demo.svc.clusterset.local/", true, 1).await;
+    let _ = load(
+        client.outbound_proxy,
+        "http://remote.demo.svc.clusterset.local/",
+        true,
+        1,
+    )
+    .await;
+
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>7}",
+        "latency (ms)", "p50", "p90", "p99", "errors"
+    );
+    let mut rows = vec![];
+    for (label, app, url) in [
+        (
+            "(a) sidecar pair, one cluster",
+            echo.app_addr,
+            "http://echo.demo.svc.clusterset.local/",
+        ),
+        (
+            "(b) cross-cluster through the gateway",
+            remote.app_addr,
+            "http://remote.demo.svc.clusterset.local/",
+        ),
+    ] {
+        let (direct, derr) = load(app, &format!("http://{app}/"), false, seconds).await;
+        let (meshed, merr) = load(client.outbound_proxy, url, true, seconds).await;
+        println!(
+            "{:<44} {:>9} {:>9} {:>9} {:>7}",
+            format!("{label}: direct"),
+            ms(direct.pct(0.5)),
+            ms(direct.pct(0.9)),
+            ms(direct.pct(0.99)),
+            derr
+        );
+        println!(
+            "{:<44} {:>9} {:>9} {:>9} {:>7}",
+            format!("{label}: via mesh"),
+            ms(meshed.pct(0.5)),
+            ms(meshed.pct(0.9)),
+            ms(meshed.pct(0.99)),
+            merr
+        );
+        rows.push((label, direct, meshed));
+    }
+    println!();
+    println!(
+        "{:<44} {:>9} {:>9} {:>9}",
+        "added latency over direct (ms)", "p50", "p90", "p99"
+    );
+    for (label, direct, meshed) in &rows {
+        println!(
+            "{:<44} {:>9} {:>9} {:>9}",
+            label,
+            added(meshed.pct(0.5), direct.pct(0.5)),
+            added(meshed.pct(0.9), direct.pct(0.9)),
+            added(meshed.pct(0.99), direct.pct(0.99))
+        );
+    }
+
+    let total = 256 * 1024 * 1024;
+    let plain = bulk(tokio::net::TcpStream::connect(sink.app_addr).await.unwrap(), total).await;
+    let tls = tls_baseline(&mesh, total).await;
+    let tunnel = bulk(
+        connect_tunnel(client.outbound_proxy, "sink.demo.svc.clusterset.local:9000")
+            .await
+            .unwrap(),
+        total,
+    )
+    .await;
+    println!("\nbulk echo throughput, {} MiB each way (MB/s)", total / (1024 * 1024));
+    println!("  plain TCP to the app (loopback)         {plain:>10.1}");
+    println!("  TCP+TLS 1.3 baseline (rustls, loopback) {tls:>10.1}");
+    println!(
+        "  QUIC tunnel, cross-cluster via gateway  {tunnel:>10.1}   ({:.2}x the TCP+TLS baseline)",
+        tunnel / tls
+    );
+
+    println!("\npeak RSS (VmHWM)");
+    let mut procs: Vec<(String, u32)> = vec![];
+    for c in &mesh.info.clusters {
+        procs.push((format!("controller {}", c.name), c.controller.pid));
+        procs.push((format!("gateway {}", c.name), c.gateway.pid));
+        for w in &c.workloads {
+            procs.push((format!("sidecar {}", w.name), w.sidecar_pid));
+        }
+    }
+    for (name, pid) in procs {
+        println!("  {name:<40} {:>8.1} MiB", peak_rss_kib(pid) as f64 / 1024.0);
+    }
+}
