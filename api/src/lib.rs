@@ -13,6 +13,7 @@ pub mod admin;
 pub mod certs;
 pub mod lb;
 pub mod locality;
+pub mod proxy;
 pub mod snapshot;
 pub mod transport;
 pub mod tunnel;

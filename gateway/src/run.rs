@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use prometheus::Registry;
 use strait_api::admin::Admin;
-use strait_api::certs::CertClient;
 use strait_api::locality::Locality;
 use strait_api::pb;
+use strait_api::proxy::ControllerLink;
 use strait_api::snapshot::Snapshot;
-use strait_api::xds::{XdsClient, XdsMetrics};
-use strait_trust::{SpiffeId, TlsMetrics, TrustBundle, TrustDomain};
 
 use crate::{Gateway, GatewayMetrics, GatewayOptions};
 
@@ -22,11 +20,7 @@ pub struct GatewayRunOptions {
     pub locality: Locality,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
-    pub controller: SocketAddr,
-    pub trust_domain: TrustDomain,
-    pub bundle: TrustBundle,
-    pub join_token: String,
-    pub cert_ttl: Option<Duration>,
+    pub controller: ControllerLink,
 }
 
 pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
@@ -35,35 +29,14 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
     let admin_listener = strait_api::admin::bind(opts.admin).await?;
     tokio::spawn(admin.clone().serve(admin_listener));
 
-    let cert_client = CertClient {
-        ca_addr: opts.controller,
-        join_token: opts.join_token.clone(),
-        trust_domain: opts.trust_domain.clone(),
-        ttl: opts.cert_ttl,
-        bundle: opts.bundle.clone(),
-        metrics: TlsMetrics::new(&registry),
-    };
-    let store = cert_client.bootstrap().await;
-    cert_client.spawn_rotation(store.clone());
-
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
-    let xds = XdsClient {
-        controller: opts.controller,
-        controller_id: SpiffeId::workload(
-            &opts.trust_domain,
-            strait_api::SYSTEM_NAMESPACE,
-            strait_api::FEDERATION_SA,
-        )?,
-        hello: pb::Hello {
-            node: opts.name.clone(),
-            kind: "gateway".into(),
-            cluster: opts.locality.cluster.clone(),
-            have_version: 0,
-        },
-        store: store.clone(),
-        metrics: XdsMetrics::new(&registry),
+    let hello = pb::Hello {
+        node: opts.name.clone(),
+        kind: "gateway".into(),
+        cluster: opts.locality.cluster.clone(),
+        have_version: 0,
     };
-    tokio::spawn(xds.run(tx));
+    let store = opts.controller.connect(hello, &registry, tx).await?;
 
     let gateway = Arc::new(Gateway::new(
         GatewayOptions {

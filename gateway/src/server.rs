@@ -136,7 +136,7 @@ impl Gateway {
         };
         self.metrics.active_streams.inc();
         let mut tunnel = tokio::io::join(recv, send);
-        match tokio::io::copy_bidirectional(&mut tunnel, &mut tcp).await {
+        match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut tcp, SPLICE_BUF, SPLICE_BUF).await {
             Ok((from_caller, to_caller)) => {
                 self.metrics.bytes.with_label_values(&["in"]).inc_by(from_caller);
                 self.metrics.bytes.with_label_values(&["out"]).inc_by(to_caller);
@@ -220,3 +220,6 @@ impl Gateway {
 fn rand_index(n: usize) -> usize {
     rand::random_range(0..n.max(1))
 }
+
+/// Buffer size for splicing tunnel streams to local endpoints.
+const SPLICE_BUF: usize = 64 * 1024;

@@ -58,32 +58,39 @@ impl Latencies {
     }
 }
 
-/// Open-loop load: requests become due every 1/RATE s; 16 keep-alive connections take them in
-/// order; latency runs from the due time to the full response.
+/// Open-loop load: requests become due every 1/RATE s; a dedicated OS thread releases each at
+/// its due time (thread sleeps are precise to tens of microseconds, tokio's timer only to a
+/// millisecond); 16 keep-alive connections take them in order; latency runs from the due time
+/// to the full response, so queueing behind a slow request counts.
 async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -> (Latencies, usize) {
     let total = RATE as u64 * seconds;
-    let (tx, rx) = async_channel(total as usize);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let body = Bytes::from(vec![b'x'; BODY]);
+    let uri: String = if absolute {
+        url.to_string()
+    } else {
+        url.parse::<hyper::Uri>().unwrap().path().to_string()
+    };
+    let host = url.parse::<hyper::Uri>().unwrap().authority().unwrap().to_string();
     let mut workers = vec![];
     for _ in 0..CONNECTIONS {
         let rx = rx.clone();
         let body = body.clone();
-        let uri: String = if absolute {
-            url.to_string()
-        } else {
-            url.parse::<hyper::Uri>().unwrap().path().to_string()
-        };
-        let host = url.parse::<hyper::Uri>().unwrap().authority().unwrap().to_string();
+        let uri = uri.clone();
+        let host = host.clone();
+        let stream = tokio::net::TcpStream::connect(target).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
         workers.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(target).await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
             let mut lat = vec![];
             let mut errors = 0;
-            while let Ok(due) = rx.recv().await {
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(due) = next else { break };
                 let req = hyper::Request::post(&uri)
                     .header(hyper::header::HOST, &host)
                     .body(Full::new(body.clone()))
@@ -99,14 +106,20 @@ async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -> (L
             (lat, errors)
         }));
     }
-    let start = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / RATE as f64);
-    for i in 0..total {
-        let due = start + interval * i as u32;
-        tokio::time::sleep_until(due.into()).await;
-        tx.send(due).await.unwrap();
-    }
-    drop(tx);
+    let dispatcher = std::thread::spawn(move || {
+        let start = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / RATE as f64);
+        for i in 0..total {
+            let due = start + interval * i as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.send(due).is_err() {
+                return;
+            }
+        }
+    });
     let mut all = vec![];
     let mut errors = 0;
     for w in workers {
@@ -114,22 +127,8 @@ async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -> (L
         all.extend(l);
         errors += e;
     }
+    let _ = dispatcher.join();
     (Latencies(all), errors)
-}
-
-/// A multi-consumer channel from tokio parts (workers share one receiver).
-fn async_channel(cap: usize) -> (tokio::sync::mpsc::Sender<Instant>, SharedRx) {
-    let (tx, rx) = tokio::sync::mpsc::channel(cap.max(1));
-    (tx, SharedRx(Arc::new(tokio::sync::Mutex::new(rx))))
-}
-
-#[derive(Clone)]
-struct SharedRx(Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Instant>>>);
-
-impl SharedRx {
-    async fn recv(&self) -> Result<Instant, ()> {
-        self.0.lock().await.recv().await.ok_or(())
-    }
 }
 
 fn ms(d: Duration) -> String {

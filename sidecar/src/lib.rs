@@ -26,3 +26,6 @@ pub const SOURCE_CLUSTER_HEADER: &str = "x-strait-source-cluster";
 /// A byte stream the proxy can carry: TCP, TLS, a QUIC stream, an upgraded HTTP connection.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Buffer size for splicing opaque streams: large copies mean fewer TLS records and syscalls.
+pub(crate) const SPLICE_BUF: usize = 64 * 1024;

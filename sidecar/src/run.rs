@@ -3,17 +3,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus::Registry;
 use strait_api::admin::Admin;
-use strait_api::certs::CertClient;
 use strait_api::locality::Locality;
 use strait_api::pb;
+use strait_api::proxy::ControllerLink;
 use strait_api::snapshot::Snapshot;
-use strait_api::xds::{XdsClient, XdsMetrics};
 use strait_gateway::TunnelClient;
-use strait_trust::{SpiffeId, TlsMetrics, TrustBundle, TrustDomain};
 use tokio::net::TcpListener;
 
 use crate::inbound::Inbound;
@@ -32,11 +29,7 @@ pub struct SidecarOptions {
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
     pub app: SocketAddr,
-    pub controller: SocketAddr,
-    pub trust_domain: TrustDomain,
-    pub bundle: TrustBundle,
-    pub join_token: String,
-    pub cert_ttl: Option<Duration>,
+    pub controller: ControllerLink,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -76,35 +69,13 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let outbound_listener = bind("outbound", opts.outbound).await?;
     tokio::spawn(admin.clone().serve(admin_listener));
 
-    let tls_metrics = TlsMetrics::new(&registry);
-    let cert_client = CertClient {
-        ca_addr: opts.controller,
-        join_token: opts.join_token.clone(),
-        trust_domain: opts.trust_domain.clone(),
-        ttl: opts.cert_ttl,
-        bundle: opts.bundle.clone(),
-        metrics: tls_metrics,
+    let hello = pb::Hello {
+        node: opts.workload.clone(),
+        kind: "sidecar".into(),
+        cluster: opts.locality.cluster.clone(),
+        have_version: 0,
     };
-    let store = cert_client.bootstrap().await;
-    cert_client.spawn_rotation(store.clone());
-
-    let xds = XdsClient {
-        controller: opts.controller,
-        controller_id: SpiffeId::workload(
-            &opts.trust_domain,
-            strait_api::SYSTEM_NAMESPACE,
-            strait_api::FEDERATION_SA,
-        )?,
-        hello: pb::Hello {
-            node: opts.workload.clone(),
-            kind: "sidecar".into(),
-            cluster: opts.locality.cluster.clone(),
-            have_version: 0,
-        },
-        store: store.clone(),
-        metrics: XdsMetrics::new(&registry),
-    };
-    tokio::spawn(xds.run(tx));
+    let store = opts.controller.connect(hello, &registry, tx).await?;
 
     let metrics = SidecarMetrics::new(&registry);
     let _gateway_metrics = strait_gateway::GatewayMetrics::new(&registry);

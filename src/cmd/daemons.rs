@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use strait_api::locality::Locality;
+use strait_api::proxy::ControllerLink;
 use strait_trust::{TrustBundle, TrustDomain};
 
 /// Set by `strait up` on its children: exit when the parent goes away (stdin closes), so a
@@ -39,6 +40,18 @@ pub struct Identity {
     /// Requested certificate lifetime, e.g. 24h, 10m.
     #[arg(long, value_parser = parse_duration)]
     pub cert_ttl: Option<std::time::Duration>,
+}
+
+impl Identity {
+    fn link(self) -> anyhow::Result<ControllerLink> {
+        Ok(ControllerLink {
+            controller: self.controller,
+            bundle: TrustBundle::load(&self.bundle)?,
+            trust_domain: self.trust_domain,
+            join_token: join_token()?,
+            cert_ttl: self.cert_ttl,
+        })
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -128,11 +141,7 @@ pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
         inbound: a.inbound,
         admin: a.admin,
         app: a.app,
-        controller: a.identity.controller,
-        bundle: TrustBundle::load(&a.identity.bundle)?,
-        trust_domain: a.identity.trust_domain,
-        join_token: join_token()?,
-        cert_ttl: a.identity.cert_ttl,
+        controller: a.identity.link()?,
     })
     .await
 }
@@ -143,11 +152,7 @@ pub async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         locality: a.at.locality(),
         listen: a.listen,
         admin: a.admin,
-        controller: a.identity.controller,
-        bundle: TrustBundle::load(&a.identity.bundle)?,
-        trust_domain: a.identity.trust_domain,
-        join_token: join_token()?,
-        cert_ttl: a.identity.cert_ttl,
+        controller: a.identity.link()?,
     })
     .await
 }

@@ -174,10 +174,13 @@ impl Inbound {
         if tls.write_all(&[0]).await.is_err() {
             return;
         }
-        let result = match tokio::io::copy_bidirectional(&mut tls, &mut app).await {
-            Ok(_) => "ok",
-            Err(_) => "reset",
-        };
+        let result =
+            match tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut app, crate::SPLICE_BUF, crate::SPLICE_BUF)
+                .await
+            {
+                Ok(_) => "ok",
+                Err(_) => "reset",
+            };
         self.metrics
             .connections
             .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, result])

@@ -38,7 +38,14 @@ impl Outbound {
                         let result = match hyper::upgrade::on(&mut req).await {
                             Ok(upgraded) => {
                                 let mut client = TokioIo::new(upgraded);
-                                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                                match tokio::io::copy_bidirectional_with_sizes(
+                                    &mut client,
+                                    &mut upstream,
+                                    crate::SPLICE_BUF,
+                                    crate::SPLICE_BUF,
+                                )
+                                .await
+                                {
                                     Ok(_) => "ok",
                                     Err(_) => "reset",
                                 }
