@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod certs;
+pub mod drain;
 pub mod lb;
 pub mod locality;
 pub mod proxy;

@@ -90,6 +90,15 @@ impl ConfigService for XdsServer {
             }
         };
         let gateway = hello.kind == "gateway";
+        // Gateways also learn the controller's own peering endpoint; only a gateway identity may
+        // subscribe as one.
+        if gateway && identity.service_account() != Some(strait_api::GATEWAY_SA) {
+            return Err(Status::permission_denied(format!(
+                "{identity} may not subscribe as a gateway (only {}/{} may)",
+                strait_api::SYSTEM_NAMESPACE,
+                strait_api::GATEWAY_SA
+            )));
+        }
         let key = format!("{}/{}", hello.kind, hello.node);
         tracing::info!(node = %hello.node, kind = %hello.kind, %identity, "proxy subscribed");
         let (tx, rx) = tokio::sync::mpsc::channel(16);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use prometheus::Registry;
 use strait_api::admin::Admin;
+use strait_api::drain::{shutdown_signal, Drain};
 use strait_api::locality::Locality;
 use strait_api::pb;
 use strait_api::proxy::ControllerLink;
@@ -21,6 +22,8 @@ pub struct GatewayRunOptions {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub controller: ControllerLink,
+    /// How long streams in flight may take to finish on shutdown.
+    pub drain_timeout: Duration,
 }
 
 pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
@@ -49,11 +52,21 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         GatewayMetrics::new(&registry),
     ));
     let endpoint = gateway.bind()?;
-    let serve = tokio::spawn(gateway.serve(endpoint));
+    let drain = Drain::new();
+    let serve = tokio::spawn(gateway.serve(endpoint.clone(), drain.watch()));
     let mut ready = rx.clone();
     let _ = ready.wait_for(|s| s.version > 0).await;
     admin.set_ready(true);
     tracing::info!(listen = %opts.listen, "gateway ready");
-    serve.await?;
+    tokio::select! {
+        r = serve => r?,
+        _ = shutdown_signal() => {}
+    }
+    admin.set_ready(false);
+    tracing::info!(deadline = ?opts.drain_timeout, "draining");
+    let left = drain.drain(opts.drain_timeout).await;
+    endpoint.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+    endpoint.wait_idle().await;
+    tracing::info!(streams_cut = left, "drained; exiting");
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use strait_api::drain::Watch;
 use strait_api::pb;
 use strait_api::snapshot::{EndpointEntry, Snapshot};
 use strait_api::tunnel::{read_header, status, write_header};
@@ -62,9 +63,17 @@ impl Gateway {
         Ok(endpoint)
     }
 
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
-        while let Some(incoming) = endpoint.accept().await {
+    /// Serves until draining starts: then no new connection or stream is taken, and streams in
+    /// flight finish (each holds a drain guard).
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, drain: Watch) {
+        loop {
+            let mut signal = drain.clone();
+            let incoming = tokio::select! {
+                i = endpoint.accept() => match i { Some(i) => i, None => return },
+                _ = signal.signaled() => return,
+            };
             let gw = self.clone();
+            let drain = drain.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 let conn = match incoming.await {
@@ -80,10 +89,19 @@ impl Gateway {
                     .and_then(|certs| strait_trust::peer_identity(Some(&certs)));
                 tracing::debug!(%remote, peer = ?peer.as_ref().map(|p| p.to_string()), "tunnel connection accepted");
                 loop {
-                    match conn.accept_bi().await {
+                    let mut signal = drain.clone();
+                    let accepted = tokio::select! {
+                        a = conn.accept_bi() => a,
+                        _ = signal.signaled() => return,
+                    };
+                    match accepted {
                         Ok((send, recv)) => {
                             let gw = gw.clone();
-                            tokio::spawn(async move { gw.handle_stream(send, recv).await });
+                            let guard = drain.guard();
+                            tokio::spawn(async move {
+                                gw.handle_stream(send, recv).await;
+                                drop(guard);
+                            });
                         }
                         Err(e) => {
                             tracing::debug!(%remote, error = %e, "tunnel connection closed");

@@ -248,7 +248,7 @@ impl Drop for Mesh {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
         // strait up stops its children on SIGTERM; give it the time it asks for.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(9);
         while std::time::Instant::now() < deadline {
             if matches!(self.up.try_wait(), Ok(Some(_))) {
                 break;

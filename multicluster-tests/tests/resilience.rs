@@ -279,3 +279,38 @@ async fn no_process_outlives_strait_up() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_sidecar_drains_before_it_exits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start().await.unwrap();
+    let caller = mesh.workload("echo", "us-east-1a").clone();
+    let mut tunnel = multicluster_tests::connect_tunnel(caller.outbound_proxy, "ledger.demo.svc.clusterset.local:7000")
+        .await
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(caller.sidecar_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New connections are no longer taken ...
+    assert!(
+        get_via(caller.outbound_proxy, ECHO).await.is_err(),
+        "a draining sidecar takes no new connections"
+    );
+    // ... while the open tunnel keeps working during the drain.
+    for i in 0..3 {
+        let msg = format!("in flight {i}");
+        tunnel.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tunnel.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg.as_bytes());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(tunnel);
+    Mesh::eventually("the sidecar exits once drained", Duration::from_secs(6), || async {
+        !alive(caller.sidecar_pid)
+    })
+    .await
+    .unwrap();
+}

@@ -3,9 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::Registry;
 use strait_api::admin::Admin;
+use strait_api::drain::{shutdown_signal, Drain};
 use strait_api::locality::Locality;
 use strait_api::pb;
 use strait_api::proxy::ControllerLink;
@@ -30,6 +32,8 @@ pub struct SidecarOptions {
     pub admin: SocketAddr,
     pub app: SocketAddr,
     pub controller: ControllerLink,
+    /// How long in-flight work may take to finish on shutdown.
+    pub drain_timeout: Duration,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -96,13 +100,21 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         store.clone(),
         metrics,
     ));
-    let inbound_task = tokio::spawn(inbound.serve(inbound_listener));
-    tokio::spawn(outbound.serve(outbound_listener));
+    let drain = Drain::new();
+    let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));
+    tokio::spawn(outbound.serve(outbound_listener, drain.watch()));
 
     let mut ready_rx = rx.clone();
     let _ = ready_rx.wait_for(|s| s.version > 0).await;
     admin.set_ready(true);
     tracing::info!(workload = %opts.workload, outbound = %opts.outbound, inbound = %opts.inbound, "sidecar ready");
-    inbound_task.await??;
+    tokio::select! {
+        r = inbound_task => r??,
+        _ = shutdown_signal() => {}
+    }
+    admin.set_ready(false);
+    tracing::info!(deadline = ?opts.drain_timeout, "draining");
+    let left = drain.drain(opts.drain_timeout).await;
+    tracing::info!(connections_cut = left, "drained; exiting");
     Ok(())
 }

@@ -40,6 +40,9 @@ pub struct Identity {
     /// Requested certificate lifetime, e.g. 24h, 10m.
     #[arg(long, value_parser = parse_duration)]
     pub cert_ttl: Option<std::time::Duration>,
+    /// On SIGTERM, how long in-flight work may take to finish.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub drain_timeout: std::time::Duration,
 }
 
 impl Identity {
@@ -141,6 +144,7 @@ pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
         inbound: a.inbound,
         admin: a.admin,
         app: a.app,
+        drain_timeout: a.identity.drain_timeout,
         controller: a.identity.link()?,
     })
     .await
@@ -152,6 +156,7 @@ pub async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         locality: a.at.locality(),
         listen: a.listen,
         admin: a.admin,
+        drain_timeout: a.identity.drain_timeout,
         controller: a.identity.link()?,
     })
     .await

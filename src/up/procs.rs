@@ -54,12 +54,12 @@ pub fn spawn(name: &str, args: Vec<String>, token: Option<&str>, log: &Path, log
     })
 }
 
-/// SIGTERM everything, then SIGKILL what is still there after a grace period.
+/// SIGTERM everything (proxies drain for up to 5s), then SIGKILL what is still there.
 pub async fn stop_all(procs: &mut [Proc]) {
     for p in procs.iter() {
         let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGTERM);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
     for p in procs.iter_mut() {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if tokio::time::timeout(remaining, p.child.wait()).await.is_err() {

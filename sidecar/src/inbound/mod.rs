@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_api::drain::Watch;
 use strait_trust::{CertStore, PeerPolicy, ServerAuth};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -56,7 +57,8 @@ impl Inbound {
         }
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
+    /// Serves until draining starts; open connections then finish what they carry.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Watch) -> anyhow::Result<()> {
         let config = strait_trust::server_config(
             &self.store,
             PeerPolicy::AnyInBundle,
@@ -65,18 +67,24 @@ impl Inbound {
         )?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
         loop {
-            let (stream, remote) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
+            let mut signal = drain.clone();
+            let (stream, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = signal.signaled() => return Ok(()),
             };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let acceptor = acceptor.clone();
+            let guard = drain.guard();
             tokio::spawn(async move {
+                let _guard = guard;
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -88,23 +96,31 @@ impl Inbound {
                 let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
                 match alpn.as_deref() {
                     Some(p) if p == strait_trust::ALPN_TCP => this.splice(tls).await,
-                    _ => this.serve_h2(tls).await,
+                    _ => this.serve_h2(tls, signal).await,
                 }
             });
         }
     }
 
-    async fn serve_h2(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>) {
+    async fn serve_h2(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch) {
         let svc = hyper::service::service_fn(move |req| {
             let this = self.clone();
             async move { Ok::<_, Infallible>(this.to_app(req).await) }
         });
-        if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(20)))
-            .serve_connection(TokioIo::new(tls), svc)
-            .await
-        {
+            .serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.signaled() => {
+                // GOAWAY: callers finish what is in flight and open new streams elsewhere.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
         }
     }

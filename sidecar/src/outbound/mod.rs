@@ -18,6 +18,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use strait_api::drain::Watch;
 use strait_api::snapshot::{ServiceEntry, Snapshot, CLUSTERSET_SUFFIX};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -77,37 +78,54 @@ impl Outbound {
         }
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serves until draining starts; open connections then finish their requests.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Watch) {
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
+            let mut signal = drain.clone();
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbound accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = signal.signaled() => return,
             };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
+            let mut signal = drain.clone();
+            let guard = drain.guard();
             tokio::spawn(async move {
+                let tunnels = signal.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req).await) }
+                    let tunnels = tunnels.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req, tunnels).await) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await
-                {
+                    .with_upgrades();
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = signal.signaled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
                     tracing::debug!(error = %e, "outbound client connection ended with an error");
                 }
+                drop(guard);
             });
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>, drain: Watch) -> Response<Body> {
         if req.method() == hyper::Method::CONNECT {
-            self.connect(req).await
+            self.connect(req, drain).await
         } else {
             self.forward(req).await
         }

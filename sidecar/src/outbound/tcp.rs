@@ -5,10 +5,16 @@ use std::sync::Arc;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use strait_api::drain::Watch;
+
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
 
 impl Outbound {
-    pub(super) async fn connect(self: Arc<Self>, mut req: Request<hyper::body::Incoming>) -> Response<Body> {
+    pub(super) async fn connect(
+        self: Arc<Self>,
+        mut req: Request<hyper::body::Incoming>,
+        drain: Watch,
+    ) -> Response<Body> {
         let snap = self.config.borrow().clone();
         let (svc, port) = match self.resolve(&snap, req.uri().authority(), 443) {
             Ok(x) => x,
@@ -34,7 +40,10 @@ impl Outbound {
                     self.balancer.success(&ep);
                     let this = self.clone();
                     let host = host.clone();
+                    // An open tunnel holds the drain until it closes or the deadline passes.
+                    let guard = drain.guard();
                     tokio::spawn(async move {
+                        let _guard = guard;
                         let result = match hyper::upgrade::on(&mut req).await {
                             Ok(upgraded) => {
                                 let mut client = TokioIo::new(upgraded);

@@ -1,0 +1,140 @@
+//! Draining: on shutdown every listener stops accepting, in-flight work finishes within a
+//! deadline, then the process exits. Listeners watch a [`Watch`]; each connection holds a
+//! [`Guard`] so the drainer knows when the last one is done.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+struct Shared {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Starts a drain; owned by whoever handles the shutdown signal.
+pub struct Drain {
+    tx: watch::Sender<bool>,
+    shared: Arc<Shared>,
+}
+
+/// Given to listeners and connections.
+#[derive(Clone)]
+pub struct Watch {
+    rx: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+}
+
+/// Held by one in-flight connection.
+pub struct Guard(Arc<Shared>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drain {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(false);
+        Drain {
+            tx,
+            shared: Arc::new(Shared {
+                active: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn watch(&self) -> Watch {
+        Watch {
+            rx: self.tx.subscribe(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Signals every listener, then waits until no connection is left or `deadline` passes.
+    /// Returns how many connections were still open at the deadline.
+    pub async fn drain(self, deadline: Duration) -> usize {
+        let _ = self.tx.send(true);
+        let wait = async {
+            loop {
+                let idle = self.shared.idle.notified();
+                if self.shared.active.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        self.shared.active.load(Ordering::SeqCst)
+    }
+}
+
+impl Watch {
+    /// Resolves once draining has started.
+    pub async fn signaled(&mut self) {
+        let _ = self.rx.wait_for(|draining| *draining).await;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Marks one connection in flight until the guard is dropped.
+    pub fn guard(&self) -> Guard {
+        self.shared.active.fetch_add(1, Ordering::SeqCst);
+        Guard(self.shared.clone())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_in_flight_work_up_to_the_deadline() {
+        let drain = Drain::new();
+        let mut w = drain.watch();
+        let guard = w.guard();
+        let listener = tokio::spawn(async move {
+            w.signaled().await;
+        });
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(guard);
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(drain.drain(Duration::from_secs(10)).await, 0);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        listener.await.unwrap();
+
+        let drain = Drain::new();
+        let _stuck = drain.watch().guard();
+        assert_eq!(drain.drain(Duration::from_secs(1)).await, 1, "gives up at the deadline");
+    }
+}
