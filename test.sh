@@ -19,9 +19,8 @@ fi
 
 # Tools the end-to-end tests drive for real.
 missing=()
-for tool in curl; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then
@@ -29,6 +28,21 @@ if [ "${#missing[@]}" -gt 0 ]; then
   else
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   fi
+fi
+
+# Tier 3 runs real kube-apiservers and etcds, built from the upstream Go modules (cached
+# outside the clone, keyed by version; the first build takes several minutes).
+say "kube-apiserver and etcd"
+if ! command -v go >/dev/null 2>&1; then
+  echo "test.sh: Go (>= 1.25) is needed to build kube-apiserver and etcd for the Kubernetes tier" >&2
+  exit 1
+fi
+STRAIT_KUBE_BIN_DIR="$(multicluster-tests/kube/build.sh)"
+export STRAIT_KUBE_BIN_DIR
+echo "using $STRAIT_KUBE_BIN_DIR"
+if [ "$(id -u)" != 0 ]; then
+  echo "test.sh: the Kubernetes tier (strait up --kube) needs root to route its 198.18.0.0/15 workload" >&2
+  echo "         addresses on lo; its tests will fail here. Run as root (CI does)." >&2
 fi
 
 say "cargo fmt --check"

@@ -21,8 +21,13 @@ pub struct ControllerConfig {
     pub ca_dir: PathBuf,
     /// PEM roots of every trust domain this cluster accepts.
     pub bundle: PathBuf,
-    /// Directory of catalog files (the file source).
-    pub catalog_dir: PathBuf,
+    /// Directory of catalog files (the file source). Set this or `kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_dir: Option<PathBuf>,
+    /// Kubernetes mode: read Services, EndpointSlices and ServiceExports from this cluster's
+    /// API server and write ServiceImports back. Set this or `catalogDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesSource>,
     /// Optional locality policy file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PathBuf>,
@@ -41,6 +46,14 @@ pub struct ControllerConfig {
     /// ClusterSet IP range (never routed). Default 240.0.0.0/4.
     #[serde(default = "default_range")]
     pub clusterset_ip_range: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// A kubeconfig for this cluster only; absent = the in-cluster service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -153,7 +166,16 @@ impl ControllerConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        parse_yaml(path, &text)
+        let config: ControllerConfig = parse_yaml(path, &text)?;
+        if config.catalog_dir.is_some() == config.kubernetes.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "set exactly one source: `catalogDir` (a directory of catalog files) or `kubernetes` \
+                          (this cluster's API server)"
+                    .into(),
+            });
+        }
+        Ok(config)
     }
 }
 

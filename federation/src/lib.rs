@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod catalog;
 pub mod config;
+pub mod k8s;
 pub mod peering;
 pub mod policy;
 pub mod resources;

@@ -23,6 +23,7 @@ use strait_trust::{
 };
 
 use crate::catalog::{merge, IpRange, MergedService};
+use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
 use crate::resources::{build, ConfigState};
 use crate::source::{FileSource, SourceError};
@@ -227,17 +228,32 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     registry.register(Box::new(versions.clone()))?;
     registry.register(Box::new(peers_alive.clone()))?;
 
-    let mut source = FileSource::new(&cfg.catalog_dir);
+    let mut source = match (&cfg.catalog_dir, &cfg.kubernetes) {
+        (Some(dir), _) => Source::File(FileSource::new(dir)),
+        (None, Some(k)) => {
+            let client = kube_client(k).await?;
+            let watched = KubeSource::start(client.clone(), Duration::from_secs(30)).await?;
+            tracing::info!("Kubernetes source ready");
+            Source::Kube(watched, ImportWriter::new(client))
+        }
+        (None, None) => anyhow::bail!("the controller config names no source (catalogDir or kubernetes)"),
+    };
+    let mut last_merged: Option<BTreeMap<String, MergedService>> = None;
     let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
     let mut last_errors: Vec<SourceError> = vec![];
     let mut version = 0u64;
     loop {
-        source.poll();
+        if let Source::File(files) = &mut source {
+            files.poll();
+        }
         if policy_watch.poll() == Some(false) {
             rejected.with_label_values(&["policy"]).inc();
         }
         let now = Instant::now();
-        let (local, errors) = source.services(&cfg.cluster, &cfg.region, &td, SystemTime::now());
+        let (local, errors) = match &mut source {
+            Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
+            Source::Kube(watched, _) => watched.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
+        };
         if errors != last_errors {
             rejected
                 .with_label_values(&["catalog"])
@@ -294,6 +310,14 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             tracing::debug!(version, services = merged.len(), "catalog rebuilt");
             state_tx.send_replace(Arc::new(ConfigState { version, resources }));
         }
+        if let Source::Kube(_, writer) = &mut source {
+            if last_merged.as_ref() != Some(&merged) {
+                match writer.sync(&merged).await {
+                    Ok(()) => last_merged = Some(merged.clone()),
+                    Err(e) => tracing::warn!(error = %e, "cannot write ServiceImports yet; retrying"),
+                }
+            }
+        }
         if let Ok(mut v) = view.lock() {
             *v = View {
                 merged,
@@ -310,12 +334,39 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             .next_expiry(now)
             .map(|t| t + Duration::from_millis(5))
             .unwrap_or(now + Duration::from_secs(3600));
+        let kube_changed = async {
+            match &source {
+                Source::Kube(watched, _) => watched.changed().notified().await,
+                Source::File(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = table.changed().notified() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = kube_changed => {}
         }
     }
+}
+
+/// Where this cluster's services come from.
+enum Source {
+    File(FileSource),
+    Kube(KubeSource, ImportWriter),
+}
+
+async fn kube_client(k: &crate::config::KubernetesSource) -> anyhow::Result<kube::Client> {
+    let config = match &k.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("kubernetes.kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::incluster().map_err(|e| {
+            anyhow::anyhow!("not running in a pod ({e}); set kubernetes.kubeconfig in the controller config")
+        })?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 fn admin_views(

@@ -74,6 +74,17 @@ pub struct ClusterInfo {
     pub controller: Component,
     pub gateway: Component,
     pub workloads: Vec<WorkloadInfo>,
+    /// `--kube` only: the cluster's API server.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub apiserver: Option<ApiServerInfo>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ApiServerInfo {
+    pub pid: u32,
+    pub log: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -90,6 +101,8 @@ pub struct MeshOptions {
     pub topology: Option<String>,
     pub lease: Option<Duration>,
     pub cert_ttl: Option<Duration>,
+    /// Back every cluster with a real kube-apiserver (`strait up --kube`; needs root).
+    pub kube: bool,
 }
 
 /// A running mesh. Dropping it stops every process it started.
@@ -136,6 +149,9 @@ impl Mesh {
         }
         if let Some(l) = opts.lease {
             cmd.arg("--lease").arg(dur(l));
+        }
+        if opts.kube {
+            cmd.arg("--kube");
         }
         if let Some(t) = opts.cert_ttl {
             cmd.arg("--cert-ttl").arg(dur(t));

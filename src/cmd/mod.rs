@@ -20,7 +20,7 @@ pub use trust::init as trust_init;
 #[command(name = "strait", version, about = "Strait: a multi-cluster service mesh", long_about = None)]
 pub struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `strait_sidecar=debug`.
-    #[arg(long, global = true, env = "STRAIT_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "STRAIT_LOG", default_value = "info,kube_client=off")]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,

@@ -3,6 +3,7 @@
 //! on the cluster's loopback range. It prints what it started once everything is ready and
 //! stops it all on SIGINT/SIGTERM.
 
+mod kube;
 mod plan;
 mod procs;
 mod topology;
@@ -71,6 +72,10 @@ pub struct UpArgs {
     /// Keep the state directory when stopping.
     #[arg(long)]
     pub keep_state: bool,
+    /// Back each cluster with a real kube-apiserver + etcd; controllers run in Kubernetes mode
+    /// and the demo workloads appear as Services, EndpointSlices and ServiceExports.
+    #[arg(long)]
+    pub kube: bool,
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -84,6 +89,7 @@ fn s(a: SocketAddr) -> String {
 }
 
 struct Started {
+    kube: Vec<Proc>,
     controllers: Vec<Proc>,
     gateways: Vec<Proc>,
     apps: Vec<Vec<Proc>>,
@@ -97,17 +103,19 @@ impl Started {
         v.extend(self.apps.iter_mut().flatten());
         v.extend(self.gateways.iter_mut());
         v.extend(self.controllers.iter_mut());
+        v.extend(self.kube.iter_mut());
         v
     }
 }
 
-fn start(plan: &Plan, log_filter: &str) -> anyhow::Result<Started> {
+fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Started> {
     let logs = plan.state_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let td = plan.topology.trust_domain.to_string();
     let bundle = plan.bundle.display().to_string();
     let ttl = strait_federation::config::humantime_ms::format(&plan.topology.cert_ttl);
     let mut started = Started {
+        kube,
         controllers: vec![],
         gateways: vec![],
         apps: vec![],
@@ -348,6 +356,8 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
                 "name": c.name,
                 "region": c.region,
                 "zones": c.zones,
+                "kubeconfig": if plan.kube { Some(Plan::kubeconfig(c)) } else { None },
+                "apiserver": started.kube.get(2 * i + 1).map(|p| json!({"pid": p.pid, "log": p.log})),
                 "controller": {
                     "addr": s(c.controller), "admin_addr": s(c.controller_admin), "pid": ctl.pid,
                     "command": ctl.args, "log": ctl.log, "config": c.controller_config(),
@@ -468,23 +478,37 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot clear the state directory {}: {e}", state_dir.display()))?;
     }
     std::fs::create_dir_all(&state_dir)?;
-    let plan = Plan::new(topology, &state_dir);
+    let plan = Plan::new(topology, &state_dir, args.kube);
     progress(format!(
         "creating trust domain {} with {} cluster CAs in {}",
         plan.topology.trust_domain,
         plan.clusters.len(),
         state_dir.display()
     ));
-    plan.write()?;
+    plan.write(args.kube)?;
+    let mut kube_procs = vec![];
+    let routes = if args.kube {
+        kube::LocalRoutes::add(&plan)?
+    } else {
+        kube::LocalRoutes::default()
+    };
+    if args.kube {
+        if let Err(e) = start_kube(&plan, &args.component_log, &mut kube_procs).await {
+            procs::stop_all(&mut kube_procs).await;
+            routes.remove();
+            return Err(e);
+        }
+    }
     let total: usize = plan.clusters.iter().map(|c| 2 + 2 * c.workloads.len()).sum();
     progress(format!("starting {total} processes"));
-    let mut started = start(&plan, &args.component_log)?;
+    let mut started = start(&plan, &args.component_log, kube_procs)?;
     let ready = tokio::select! {
         r = wait_ready(&plan, &mut started, Duration::from_secs(90)) => r,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = ready {
         procs::stop_all(&mut started_vec(&mut started)).await;
+        routes.remove();
         return Err(e);
     }
     progress("ready");
@@ -495,6 +519,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     progress("stopping");
     procs::stop_all(&mut started_vec(&mut started)).await;
+    routes.remove();
     if !args.keep_state {
         let _ = std::fs::remove_dir_all(&state_dir);
     }
@@ -507,7 +532,35 @@ fn started_vec(started: &mut Started) -> Vec<Proc> {
     out.append(&mut started.apps.drain(..).flatten().collect());
     out.append(&mut started.gateways);
     out.append(&mut started.controllers);
+    out.append(&mut started.kube);
     out
+}
+
+/// Starts every cluster's API server, installs the CRDs and publishes the demo workloads.
+async fn start_kube(plan: &Plan, log_filter: &str, procs_out: &mut Vec<Proc>) -> anyhow::Result<()> {
+    let bins = kube::binaries()?;
+    progress(format!(
+        "starting {} kube-apiservers with etcd ({})",
+        plan.clusters.len(),
+        bins.display()
+    ));
+    let mut servers = vec![];
+    for (i, c) in plan.clusters.iter().enumerate() {
+        let ip = plan::cluster_ip(plan.topology.address_base, i + 1, 3);
+        let mut api = kube::start(c, ip, &format!("241.{}.0.0/16", i + 1), log_filter).await?;
+        procs_out.append(&mut api.procs);
+        servers.push(api);
+    }
+    for (c, api) in plan.clusters.iter().zip(servers) {
+        let client = kube::wait_ready(&api, Duration::from_secs(60)).await?;
+        kube::install_crds(&client).await?;
+        kube::publish_demo(&client, c, &plan.topology.services).await?;
+        progress(format!(
+            "cluster {}: kube-apiserver {} ready, demo services exported",
+            c.name, api.url
+        ));
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

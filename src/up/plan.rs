@@ -55,9 +55,16 @@ impl ClusterPlan {
 
 pub struct Plan {
     pub topology: Topology,
+    /// Clusters are backed by real API servers (`strait up --kube`).
+    pub kube: bool,
     pub state_dir: PathBuf,
     pub bundle: PathBuf,
     pub clusters: Vec<ClusterPlan>,
+}
+
+/// The address of `host` in cluster number `cluster` (1-based).
+pub fn cluster_ip(base: u8, cluster: usize, host: u8) -> IpAddr {
+    ip(base, cluster, host)
 }
 
 fn ip(base: u8, cluster: usize, host: u8) -> IpAddr {
@@ -69,7 +76,10 @@ fn token() -> String {
 }
 
 impl Plan {
-    pub fn new(topology: Topology, state_dir: &Path) -> Self {
+    /// With `kube`, workloads get addresses from the benchmarking range 198.18.0.0/15 instead
+    /// of loopback: an API server refuses loopback addresses in EndpointSlices. `strait up`
+    /// makes each cluster's /24 local with a route on `lo` ([`Plan::workload_subnet`]).
+    pub fn new(topology: Topology, state_dir: &Path, kube: bool) -> Self {
         let base = topology.address_base;
         let clusters = topology
             .clusters
@@ -89,7 +99,12 @@ impl Plan {
                             name = format!("{name}-{j}");
                         }
                         used.push(name.clone());
-                        let host = ip(base, n, 10 + j as u8);
+                        let host = if kube {
+                            let net = Self::workload_subnet(base, n);
+                            IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], 10 + j as u8))
+                        } else {
+                            ip(base, n, 10 + j as u8)
+                        };
                         WorkloadPlan {
                             name,
                             service: w.service.clone(),
@@ -120,14 +135,28 @@ impl Plan {
             .collect();
         Plan {
             topology,
+            kube,
             state_dir: state_dir.to_path_buf(),
             bundle: state_dir.join("trust").join("bundle.pem"),
             clusters,
         }
     }
 
+    /// The /24 (first three octets) of cluster `n`'s workloads in kube mode: one of the 512 /24s
+    /// of 198.18.0.0/15, chosen by the address base so that meshes on one machine differ.
+    pub fn workload_subnet(base: u8, n: usize) -> [u8; 3] {
+        let index = (base as usize * 4 + n) % 512;
+        [198, 18 + (index / 256) as u8, (index % 256) as u8]
+    }
+
+    /// The kubeconfig of a cluster's API server (`strait up --kube`).
+    pub fn kubeconfig(c: &ClusterPlan) -> PathBuf {
+        c.dir.join("kube").join("kubeconfig")
+    }
+
     /// Writes the trust root, every cluster's intermediate, catalog and controller config.
-    pub fn write(&self) -> anyhow::Result<()> {
+    /// With `kube`, controllers read their own cluster's API server instead of the catalog.
+    pub fn write(&self, kube: bool) -> anyhow::Result<()> {
         let td = &self.topology.trust_domain;
         let root = crate::cmd::trust_init(td, &self.state_dir.join("trust"), true)?;
         for c in &self.clusters {
@@ -203,7 +232,10 @@ impl Plan {
                 admin: c.controller_admin,
                 ca_dir: c.dir.join("ca"),
                 bundle: self.bundle.clone(),
-                catalog_dir: c.dir.join("catalog"),
+                catalog_dir: (!kube).then(|| c.dir.join("catalog")),
+                kubernetes: kube.then(|| strait_federation::config::KubernetesSource {
+                    kubeconfig: Some(Self::kubeconfig(c)),
+                }),
                 policy,
                 gateway: GatewayRef {
                     address: c.gateway,
@@ -221,7 +253,8 @@ impl Plan {
                 join_tokens: tokens,
                 lease: self.topology.lease,
                 cert_ttl: self.topology.cert_ttl,
-                clusterset_ip_range: "240.0.0.0/4".into(),
+                // 241.0.0.0/8 and up hold the API servers' Service ranges (strait up --kube).
+                clusterset_ip_range: "240.0.0.0/8".into(),
             };
             std::fs::write(c.controller_config(), serde_yaml::to_string(&config)?)?;
         }

@@ -31,7 +31,22 @@ impl Proc {
 
 /// Starts `strait <args>` with its output in `log`.
 pub fn spawn(name: &str, args: Vec<String>, token: Option<&str>, log: &Path, log_filter: &str) -> anyhow::Result<Proc> {
-    let exe = std::env::current_exe()?;
+    spawn_with(name, &std::env::current_exe()?, args, token, log, log_filter)
+}
+
+/// Starts another executable (etcd, kube-apiserver) the same way.
+pub fn spawn_exe(name: &str, exe: &Path, args: Vec<String>, log: &Path, log_filter: &str) -> anyhow::Result<Proc> {
+    spawn_with(name, exe, args, None, log, log_filter)
+}
+
+fn spawn_with(
+    name: &str,
+    exe: &Path,
+    args: Vec<String>,
+    token: Option<&str>,
+    log: &Path,
+    log_filter: &str,
+) -> anyhow::Result<Proc> {
     let file = std::fs::File::create(log)?;
     let mut cmd = Command::new(exe);
     cmd.args(&args)

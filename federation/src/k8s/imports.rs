@@ -1,0 +1,130 @@
+//! Writes the merged catalog into this cluster as ServiceImports (server-side apply, one field
+//! manager), and removes the ones it owns that left the catalog. It writes only what changed
+//! since the last successful write, so a restart or a resync does not storm the API server.
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+
+use super::crd::{ClusterStatus, Condition, ServiceImport, ServiceImportSpec, ServiceImportStatus, ServicePort};
+use super::{FIELD_MANAGER, MANAGED_BY};
+use crate::catalog::MergedService;
+
+pub struct ImportWriter {
+    client: Client,
+    /// What was last written, by `<ns>/<name>`.
+    written: HashMap<String, (ServiceImportSpec, ServiceImportStatus)>,
+    synced_once: bool,
+}
+
+fn desired(svc: &MergedService) -> (ServiceImportSpec, ServiceImportStatus) {
+    let spec = ServiceImportSpec {
+        type_: "ClusterSetIP".into(),
+        ips: vec![svc.clusterset_ip.to_string()],
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| ServicePort {
+                name: (!p.name.is_empty()).then(|| p.name.clone()),
+                protocol: "TCP".into(),
+                app_protocol: (p.protocol == "http").then(|| "http".to_string()),
+                port: p.port as i32,
+            })
+            .collect(),
+        session_affinity: None,
+    };
+    let status = ServiceImportStatus {
+        clusters: svc
+            .clusters
+            .iter()
+            .map(|c| ClusterStatus { cluster: c.clone() })
+            .collect(),
+        conditions: svc
+            .conditions
+            .iter()
+            .map(|c| Condition {
+                type_: c.r#type.clone(),
+                status: c.status.clone(),
+                reason: (!c.reason.is_empty()).then(|| c.reason.clone()),
+                message: (!c.message.is_empty()).then(|| c.message.clone()),
+                last_transition_time: None,
+            })
+            .collect(),
+    };
+    (spec, status)
+}
+
+impl ImportWriter {
+    pub fn new(client: Client) -> Self {
+        ImportWriter {
+            client,
+            written: HashMap::new(),
+            synced_once: false,
+        }
+    }
+
+    /// Makes this cluster's ServiceImports match `merged`. Namespaces that do not exist here
+    /// get no import (MCS namespace sameness).
+    pub async fn sync(&mut self, merged: &BTreeMap<String, MergedService>) -> Result<(), kube::Error> {
+        let namespaces: Vec<String> = Api::<Namespace>::all(self.client.clone())
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for (key, svc) in merged {
+            if !namespaces.contains(&svc.namespace) {
+                continue;
+            }
+            let want = desired(svc);
+            if self.written.get(key) == Some(&want) {
+                continue;
+            }
+            let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &svc.namespace);
+            let mut object = ServiceImport::new(&svc.name, want.0.clone());
+            object.metadata.labels = Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into());
+            api.patch(&svc.name, &params, &Patch::Apply(&object)).await?;
+            let status = serde_json::json!({
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceImport",
+                "status": want.1,
+            });
+            api.patch_status(&svc.name, &params, &Patch::Apply(&status)).await?;
+            tracing::info!(import = %key, ip = %svc.clusterset_ip, clusters = ?svc.clusters, "ServiceImport written");
+            self.written.insert(key.clone(), want);
+        }
+        // Remove imports of ours that left the catalog (also ones left from before a restart).
+        let stale: Vec<(String, String)> = if self.synced_once {
+            self.written
+                .keys()
+                .filter(|k| !merged.contains_key(*k))
+                .filter_map(|k| k.split_once('/').map(|(ns, n)| (ns.to_string(), n.to_string())))
+                .collect()
+        } else {
+            let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+            Api::<ServiceImport>::all(self.client.clone())
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|i| Some((i.namespace()?, i.name_any())))
+                .filter(|(ns, n)| !merged.contains_key(&format!("{ns}/{n}")))
+                .collect()
+        };
+        for (ns, name) in stale {
+            let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &ns);
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => tracing::info!(import = %format!("{ns}/{name}"), "ServiceImport removed"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            self.written.remove(&format!("{ns}/{name}"));
+        }
+        self.synced_once = true;
+        Ok(())
+    }
+}

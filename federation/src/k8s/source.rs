@@ -1,0 +1,202 @@
+//! The Kubernetes catalog source: reflectors over this cluster's Services, EndpointSlices and
+//! ServiceExports; an exported Service becomes a local service of the merge, with its
+//! endpoints' zones and readiness from the EndpointSlices.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use strait_api::pb;
+use strait_trust::{SpiffeId, TrustDomain};
+use tokio::sync::Notify;
+
+use super::crd::ServiceExport;
+use crate::source::{LocalService, SourceError};
+
+/// Annotation on a Service naming its endpoints' service account (until pods are read).
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "strait.dev/service-account";
+
+pub struct KubeSource {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    exports: Store<ServiceExport>,
+    changed: Arc<Notify>,
+}
+
+fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>, what: &'static str) -> Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying with backoff"),
+            }
+        }
+    });
+    reader
+}
+
+impl KubeSource {
+    /// Starts the watches; returns once every cache holds its first full list (or after
+    /// `timeout`, with an error naming what is missing, e.g. the MCS CRDs).
+    pub async fn start(client: Client, timeout: Duration) -> anyhow::Result<Self> {
+        let changed = Arc::new(Notify::new());
+        let source = KubeSource {
+            services: spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), "Service"),
+            slices: spawn_reflector(
+                Api::<EndpointSlice>::all(client.clone()),
+                changed.clone(),
+                "EndpointSlice",
+            ),
+            exports: spawn_reflector(Api::<ServiceExport>::all(client), changed.clone(), "ServiceExport"),
+            changed,
+        };
+        let ready = async {
+            let _ = source.services.wait_until_ready().await;
+            let _ = source.slices.wait_until_ready().await;
+            let _ = source.exports.wait_until_ready().await;
+        };
+        tokio::time::timeout(timeout, ready).await.map_err(|_| {
+            anyhow::anyhow!(
+                "the Kubernetes caches did not fill within {timeout:?}: check the kubeconfig, RBAC, and that the \
+                 ServiceExport CRD is installed (`strait install --crds | kubectl apply -f -`)"
+            )
+        })?;
+        Ok(source)
+    }
+
+    /// Wakes when any watched object changed.
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// This cluster's exported services.
+    pub fn services(
+        &self,
+        cluster: &str,
+        region: &str,
+        td: &TrustDomain,
+        _now: SystemTime,
+    ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
+        let mut out = BTreeMap::new();
+        let mut errors = vec![];
+        let slices = self.slices.state();
+        for export in self.exports.state() {
+            let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
+                continue;
+            };
+            let key = format!("{ns}/{name}");
+            let Some(svc) = self.services.get(&ObjectRef::new(&name).within(&ns)) else {
+                errors.push(SourceError {
+                    file: format!("serviceexport/{key}").into(),
+                    message: format!("no Service {key} exists to export; create it or delete the ServiceExport"),
+                });
+                continue;
+            };
+            let exported_at = export
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond())
+                .unwrap_or_default();
+            let sa = svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SERVICE_ACCOUNT_ANNOTATION).cloned())
+                .unwrap_or_else(|| "default".into());
+            let identity = SpiffeId::workload(td, &ns, &sa)
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            let ports: Vec<pb::ServicePort> = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| {
+                    let name = p.name.clone().unwrap_or_default();
+                    let http = matches!(p.app_protocol.as_deref(), Some("http" | "http2" | "kubernetes.io/h2c"))
+                        || name == "http"
+                        || name.starts_with("http-");
+                    pb::ServicePort {
+                        name,
+                        port: p.port as u32,
+                        protocol: if http { "http" } else { "tcp" }.into(),
+                    }
+                })
+                .collect();
+            let mut endpoints = vec![];
+            for slice in slices.iter().filter(|s| {
+                s.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        .map(String::as_str)
+                        == Some(name.as_str())
+            }) {
+                let Some(port) = slice.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port) else {
+                    continue;
+                };
+                for ep in &slice.endpoints {
+                    let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                    for addr in &ep.addresses {
+                        let address = match addr.parse::<std::net::IpAddr>() {
+                            Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                            _ => format!("{addr}:{port}"),
+                        };
+                        endpoints.push(pb::Endpoint {
+                            address,
+                            workload: ep
+                                .target_ref
+                                .as_ref()
+                                .and_then(|t| t.name.clone())
+                                .or_else(|| ep.hostname.clone())
+                                .unwrap_or_else(|| addr.clone()),
+                            locality: Some(pb::Locality {
+                                cluster: cluster.into(),
+                                region: region.into(),
+                                zone: ep.zone.clone().unwrap_or_default(),
+                                subzone: String::new(),
+                            }),
+                            identity: identity.clone(),
+                            ready,
+                            labels: Default::default(),
+                        });
+                    }
+                }
+            }
+            endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+            out.insert(
+                key,
+                LocalService {
+                    service: pb::ExportedService {
+                        name,
+                        namespace: ns,
+                        ports,
+                        endpoints,
+                        exported_at_unix_ms: exported_at,
+                        identities: vec![identity],
+                    },
+                    exported: true,
+                },
+            );
+        }
+        (out, errors)
+    }
+}

@@ -1,0 +1,233 @@
+//! Tier 3: every cluster backed by a real kube-apiserver + etcd (`strait up --kube`). Exports
+//! are ServiceExports, imports are ServiceImports, endpoints come from EndpointSlices — all
+//! through the real API, watches included.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client};
+use multicluster_tests::{get_via, ClusterInfo, Mesh, MeshOptions};
+use serde_json::json;
+
+async fn client(c: &ClusterInfo) -> Client {
+    let kc = kube::config::Kubeconfig::read_from(c.kubeconfig.as_ref().expect("--kube gives a kubeconfig")).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn imports(c: &Client) -> Api<kube::api::DynamicObject> {
+    let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "multicluster.x-k8s.io",
+        "v1alpha1",
+        "ServiceImport",
+    ));
+    Api::namespaced_with(c.clone(), "demo", &ar)
+}
+
+fn exports(c: &Client) -> Api<kube::api::DynamicObject> {
+    let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "multicluster.x-k8s.io",
+        "v1alpha1",
+        "ServiceExport",
+    ));
+    Api::namespaced_with(c.clone(), "demo", &ar)
+}
+
+async fn import_of(c: &Client, name: &str) -> Option<serde_json::Value> {
+    imports(c)
+        .get_opt(name)
+        .await
+        .unwrap()
+        .map(|o| serde_json::to_value(o).unwrap())
+}
+
+/// Exports a Service `name` in `c` whose one endpoint is an existing workload's sidecar.
+async fn export(c: &Client, name: &str, port: u16, protocol: &str, endpoint: std::net::SocketAddr, zone: &str) {
+    let params = PatchParams::apply("strait-test").force();
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "demo", "annotations": {"strait.dev/service-account": "echo"}},
+        "spec": {"ports": [{"name": protocol, "port": port, "protocol": "TCP", "appProtocol": protocol}]}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(c.clone(), "demo")
+        .patch(name, &params, &Patch::Apply(&svc))
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "demo", "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": protocol, "port": endpoint.port(), "protocol": "TCP"}],
+        "endpoints": [{"addresses": [endpoint.ip().to_string()], "conditions": {"ready": true}, "zone": zone}]
+    }))
+    .unwrap();
+    Api::<EndpointSlice>::namespaced(c.clone(), "demo")
+        .patch(&format!("{name}-1"), &params, &Patch::Apply(&slice))
+        .await
+        .unwrap();
+    let export = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                        "metadata": {"name": name, "namespace": "demo"}});
+    exports(c).patch(name, &params, &Patch::Apply(&export)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_become_imports_everywhere_and_endpoint_changes_propagate() {
+    let mesh = Mesh::start_with(MeshOptions {
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east = client(mesh.cluster("east")).await;
+    let west = client(mesh.cluster("west")).await;
+    let central = client(mesh.cluster("central")).await;
+
+    // The demo services are imported in every cluster with the same ClusterSet IP.
+    let mut ips = vec![];
+    for c in [&east, &west, &central] {
+        let echo = import_of(c, "echo").await.expect("echo is imported");
+        assert_eq!(echo["spec"]["type"], "ClusterSetIP");
+        assert_eq!(echo["spec"]["ports"][0]["port"], 80);
+        let mut clusters: Vec<&str> = echo["status"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["cluster"].as_str().unwrap())
+            .collect();
+        clusters.sort();
+        assert_eq!(clusters, vec!["central", "east", "west"]);
+        ips.push(echo["spec"]["ips"][0].clone());
+    }
+    assert!(ips.iter().all(|ip| *ip == ips[0]), "{ips:?}");
+
+    // A new export in east appears in west and central, and is callable from west.
+    let target = mesh.workload("echo", "us-east-1a").clone();
+    let started = Instant::now();
+    export(&east, "orders", 80, "http", target.inbound_addr, "us-east-1a").await;
+    for c in [&west, &central] {
+        Mesh::eventually("orders is imported", Duration::from_secs(15), || async {
+            import_of(c, "orders").await.is_some()
+        })
+        .await
+        .unwrap();
+    }
+    let import_latency = started.elapsed();
+    let west_proxy = mesh.workload("greeter", "us-west-2a").outbound_proxy;
+    Mesh::eventually("orders answers from west", Duration::from_secs(15), || async {
+        matches!(
+            get_via(west_proxy, "http://orders.demo.svc.clusterset.local/").await,
+            Ok((200, _))
+        )
+    })
+    .await
+    .unwrap();
+
+    // An EndpointSlice change in east reaches a sidecar in west.
+    let started = Instant::now();
+    let params = PatchParams::apply("strait-test").force();
+    let not_ready: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "orders-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "orders"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": target.inbound_addr.port(), "protocol": "TCP"}],
+        "endpoints": [{"addresses": [target.inbound_addr.ip().to_string()], "conditions": {"ready": false}, "zone": "us-east-1a"}]
+    }))
+    .unwrap();
+    Api::<EndpointSlice>::namespaced(east.clone(), "demo")
+        .patch("orders-1", &params, &Patch::Apply(&not_ready))
+        .await
+        .unwrap();
+    let west_admin = mesh.workload("greeter", "us-west-2a").admin_addr;
+    Mesh::eventually(
+        "west's sidecar sees the endpoint not ready",
+        Duration::from_secs(15),
+        || async {
+            let config = Mesh::admin_json(west_admin, "/config").await.unwrap();
+            config["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["host"] == "orders.demo.svc.clusterset.local" && s["endpoints"][0]["ready"] == false)
+        },
+    )
+    .await
+    .unwrap();
+    let slice_latency = started.elapsed();
+    eprintln!("figures: ServiceExport -> ServiceImport in peers {import_latency:?}; EndpointSlice change -> remote sidecar {slice_latency:?}");
+
+    // Unexport: the import disappears everywhere.
+    exports(&east).delete("orders", &DeleteParams::default()).await.unwrap();
+    for c in [&east, &west, &central] {
+        Mesh::eventually("orders is no longer imported", Duration::from_secs(15), || async {
+            import_of(c, "orders").await.is_none()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_are_reported_in_every_cluster_and_an_api_outage_keeps_serving() {
+    let mesh = Mesh::start_with(MeshOptions {
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east = client(mesh.cluster("east")).await;
+    let west = client(mesh.cluster("west")).await;
+    let central = client(mesh.cluster("central")).await;
+    // central exported ledger (tcp/7000) first; east now exports it as http on the same port.
+    let target = mesh.workload("echo", "us-east-1a").clone();
+    export(&east, "ledger", 7000, "http", target.inbound_addr, "us-east-1a").await;
+    for c in [&east, &west, &central] {
+        Mesh::eventually("the conflict is reported", Duration::from_secs(15), || async {
+            import_of(c, "ledger").await.is_some_and(|i| {
+                i["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c["type"] == "Conflict"
+                            && c["status"] == "True"
+                            && c["message"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .contains("oldest export (cluster central)")
+                    })
+                })
+            })
+        })
+        .await
+        .unwrap();
+        // The oldest export's protocol wins.
+        let i = import_of(c, "ledger").await.unwrap();
+        assert!(i["spec"]["ports"][0].get("appProtocol").is_none(), "{i}");
+    }
+
+    // east's API server goes away: east keeps serving its last catalog, and peers keep east's
+    // exports (its controller still renews the lease).
+    let api = mesh.cluster("east").apiserver.clone().unwrap();
+    mesh.kill9(api.pid);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let east_proxy = mesh.workload("echo", "us-east-1a").outbound_proxy;
+    let (code, _) = get_via(east_proxy, "http://greeter.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let west_proxy = mesh.workload("greeter", "us-west-2a").outbound_proxy;
+    mesh.kill9(mesh.workload("echo", "us-west-2a").app_pid);
+    let (code, body) = get_via(west_proxy, "http://echo.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["cluster"], "east",
+        "west's echo is down; east (API server down) still serves"
+    );
+}

@@ -1,0 +1,287 @@
+//! `strait up --kube`: each cluster backed by a real kube-apiserver with its own etcd (built
+//! from the upstream Go modules by `multicluster-tests/kube/build.sh`, cached by version). The
+//! demo workloads appear as Services, EndpointSlices (with the demo processes' real addresses)
+//! and ServiceExports; controllers run in Kubernetes mode against their own API server only.
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+
+use super::plan::ClusterPlan;
+use super::procs::{self, Proc};
+
+/// Where kube-apiserver and etcd are: `$STRAIT_KUBE_BIN_DIR`, else the build script's cache.
+pub fn binaries() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("STRAIT_KUBE_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let cache = std::env::var_os("STRAIT_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/strait")))
+        .context("set HOME or STRAIT_CACHE")?;
+    let kube = cache.join("kube");
+    let found = std::fs::read_dir(&kube).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("kube-apiserver").exists() && p.join("etcd").exists())
+            .max()
+    });
+    found.with_context(|| {
+        format!(
+            "no kube-apiserver/etcd under {}: build them with multicluster-tests/kube/build.sh (needs Go), \
+             or point STRAIT_KUBE_BIN_DIR at a directory holding both",
+            kube.display()
+        )
+    })
+}
+
+fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
+    Ok(TcpListener::bind(SocketAddr::new(ip, 0))?.local_addr()?.port())
+}
+
+pub struct ApiServer {
+    pub url: String,
+    pub kubeconfig: PathBuf,
+    pub procs: Vec<Proc>,
+}
+
+/// Starts etcd and kube-apiserver for one cluster on `ip`.
+pub async fn start(
+    cluster: &ClusterPlan,
+    ip: IpAddr,
+    service_range: &str,
+    log_filter: &str,
+) -> anyhow::Result<ApiServer> {
+    let bins = binaries()?;
+    let dir = cluster.dir.join("kube");
+    std::fs::create_dir_all(&dir)?;
+    let logs = dir.clone();
+    let etcd_client = free_port(ip)?;
+    let etcd_peer = free_port(ip)?;
+    let etcd = procs::spawn_exe(
+        &format!("etcd-{}", cluster.name),
+        &bins.join("etcd"),
+        vec![
+            "--name=default".into(),
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls=http://{ip}:{etcd_client}"),
+            format!("--advertise-client-urls=http://{ip}:{etcd_client}"),
+            format!("--listen-peer-urls=http://{ip}:{etcd_peer}"),
+            format!("--initial-advertise-peer-urls=http://{ip}:{etcd_peer}"),
+            format!("--initial-cluster=default=http://{ip}:{etcd_peer}"),
+            "--log-level=warn".into(),
+            "--unsafe-no-fsync".into(),
+        ],
+        &logs.join("etcd.log"),
+        log_filter,
+    )?;
+
+    // The API server's serving certificate (for its own address) and service-account key.
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("strait up apiserver CA {}", cluster.name),
+    );
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let serving_key = rcgen::KeyPair::generate()?;
+    let serving = rcgen::CertificateParams::new(vec![ip.to_string(), "localhost".to_string()])?
+        .signed_by(&serving_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
+    std::fs::write(dir.join("serving.crt"), serving.pem())?;
+    std::fs::write(dir.join("serving.key"), serving_key.serialize_pem())?;
+    let sa_key = rcgen::KeyPair::generate()?;
+    std::fs::write(dir.join("sa.key"), sa_key.serialize_pem())?;
+    std::fs::write(dir.join("sa.pub"), sa_key.public_key_pem())?;
+    let token = hex::encode(rand::random::<[u8; 16]>());
+    std::fs::write(
+        dir.join("tokens.csv"),
+        format!("{token},strait-admin,1,\"system:masters\"\n"),
+    )?;
+
+    let port = free_port(ip)?;
+    let path = |f: &str| dir.join(f).display().to_string();
+    let apiserver = procs::spawn_exe(
+        &format!("kube-apiserver-{}", cluster.name),
+        &bins.join("kube-apiserver"),
+        vec![
+            format!("--etcd-servers=http://{ip}:{etcd_client}"),
+            format!("--bind-address={ip}"),
+            format!("--advertise-address={ip}"),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", path("certs")),
+            format!("--tls-cert-file={}", path("serving.crt")),
+            format!("--tls-private-key-file={}", path("serving.key")),
+            format!("--service-cluster-ip-range={service_range}"),
+            "--authorization-mode=RBAC".into(),
+            format!("--token-auth-file={}", path("tokens.csv")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", path("sa.pub")),
+            format!("--service-account-signing-key-file={}", path("sa.key")),
+            "--api-audiences=https://kubernetes.default.svc.cluster.local".into(),
+            // No controller-manager runs, so nothing would create default service accounts.
+            "--disable-admission-plugins=ServiceAccount".into(),
+        ],
+        &logs.join("kube-apiserver.log"),
+        log_filter,
+    )?;
+    let url = format!("https://{ip}:{port}");
+    let kubeconfig = dir.join("kubeconfig");
+    let ca = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca_cert.pem());
+    let name = &cluster.name;
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\nusers:\n- name: admin-{name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: admin-{name}\ncurrent-context: {name}\n"
+        ),
+    )?;
+    Ok(ApiServer {
+        url,
+        kubeconfig,
+        procs: vec![etcd, apiserver],
+    })
+}
+
+pub async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Waits until the API server answers `/readyz`.
+pub async fn wait_ready(api: &ApiServer, timeout: Duration) -> anyhow::Result<Client> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let client = client(&api.kubeconfig).await?;
+    loop {
+        let req = http::Request::get("/readyz").body(Vec::new())?;
+        match client.request_text(req).await {
+            Ok(body) if body.trim() == "ok" => return Ok(client),
+            _ if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("kube-apiserver at {} not ready after {timeout:?}", api.url)
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Installs Strait's CRDs and waits until the API server serves them.
+pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply(strait_federation::k8s::FIELD_MANAGER).force();
+    for crd in strait_federation::k8s::crd::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &params, &Patch::Apply(&crd)).await?;
+        kube::runtime::wait::await_condition(
+            api.clone(),
+            &name,
+            kube::runtime::wait::conditions::is_crd_established(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Writes one cluster's demo workloads as a Service, an EndpointSlice and a ServiceExport each.
+pub async fn publish_demo(
+    client: &Client,
+    cluster: &ClusterPlan,
+    services: &[super::topology::ServiceDef],
+) -> anyhow::Result<()> {
+    let params = PatchParams::apply("strait-up").force();
+    for def in services {
+        let workloads: Vec<_> = cluster.workloads.iter().filter(|w| w.service == def.name).collect();
+        if workloads.is_empty() {
+            continue;
+        }
+        let ns = &def.namespace;
+        let ns_obj: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .patch(ns, &params, &Patch::Apply(&ns_obj))
+            .await?;
+        let http = def.protocol == strait_federation::source::ProtocolSpec::Http;
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": def.name, "namespace": ns,
+                         "annotations": {"strait.dev/service-account": def.name}},
+            "spec": {"ports": [{"name": if http { "http" } else { "tcp" }, "port": def.port, "protocol": "TCP",
+                                "appProtocol": if http { "http" } else { "tcp" }}]}
+        }))?;
+        Api::<Service>::namespaced(client.clone(), ns)
+            .patch(&def.name, &params, &Patch::Apply(&svc))
+            .await?;
+        let inbound_port = workloads[0].inbound.port();
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{}-strait-up", def.name), "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": def.name}},
+            "addressType": "IPv4",
+            "ports": [{"name": if http { "http" } else { "tcp" }, "port": inbound_port, "protocol": "TCP"}],
+            "endpoints": workloads.iter().map(|w| serde_json::json!({
+                "addresses": [w.inbound.ip().to_string()],
+                "conditions": {"ready": true},
+                "zone": w.zone,
+                "hostname": w.name,
+            })).collect::<Vec<_>>(),
+        }))?;
+        Api::<EndpointSlice>::namespaced(client.clone(), ns)
+            .patch(&format!("{}-strait-up", def.name), &params, &Patch::Apply(&slice))
+            .await?;
+        let export = serde_json::json!({
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {"name": def.name, "namespace": ns}
+        });
+        Api::<strait_federation::k8s::crd::ServiceExport>::namespaced(client.clone(), ns)
+            .patch(&def.name, &params, &Patch::Apply(&export))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The local routes that make each cluster's 198.18.x.0/24 workload range bindable on `lo`
+/// (needs root); removed again when `strait up` stops.
+#[derive(Default)]
+pub struct LocalRoutes {
+    subnets: Vec<String>,
+}
+
+impl LocalRoutes {
+    pub fn add(plan: &super::plan::Plan) -> anyhow::Result<Self> {
+        let mut routes = LocalRoutes::default();
+        for n in 1..=plan.clusters.len() {
+            let [a, b, c] = super::plan::Plan::workload_subnet(plan.topology.address_base, n);
+            let subnet = format!("{a}.{b}.{c}.0/24");
+            let out = std::process::Command::new("ip")
+                .args(["route", "replace", "local", &subnet, "dev", "lo", "table", "local"])
+                .output()
+                .context("running `ip` (iproute2)")?;
+            if !out.status.success() {
+                routes.remove();
+                anyhow::bail!(
+                    "cannot route {subnet} to lo: {} (strait up --kube needs root: an API server refuses loopback \
+                     endpoint addresses, so workloads get 198.18.0.0/15 addresses made local on lo)",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            routes.subnets.push(subnet);
+        }
+        Ok(routes)
+    }
+
+    pub fn remove(&self) {
+        for subnet in &self.subnets {
+            let _ = std::process::Command::new("ip")
+                .args(["route", "del", "local", subnet, "dev", "lo", "table", "local"])
+                .output();
+        }
+    }
+}
