@@ -27,12 +27,24 @@ pub enum CertError {
     BadResponse(String),
     #[error(transparent)]
     Trust(#[from] strait_trust::TrustError),
+    #[error("credential: {0}")]
+    Credential(String),
+}
+
+/// What proves a workload's identity to its cluster's CA.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// Outside Kubernetes: a token the CA was configured with, bound to one identity.
+    JoinToken(String),
+    /// In Kubernetes: a service-account token (audience `strait`), re-read at every renewal
+    /// because the kubelet rotates projected tokens.
+    ServiceAccountToken(std::path::PathBuf),
 }
 
 #[derive(Clone)]
 pub struct CertClient {
     pub ca_addr: SocketAddr,
-    pub join_token: String,
+    pub credential: Credential,
     pub trust_domain: TrustDomain,
     /// Requested lifetime; `None` takes the CA's default.
     pub ttl: Option<Duration>,
@@ -60,12 +72,22 @@ impl CertClient {
         )?;
         let channel = crate::transport::tls_channel(self.ca_addr, Arc::new(config));
         let key = KeyAndCsr::generate()?;
+        let mut request = pb::SignRequest {
+            csr_der: key.csr_der,
+            ttl_seconds: self.ttl.map(|t| t.as_secs()).unwrap_or_default(),
+            ..Default::default()
+        };
+        match &self.credential {
+            Credential::JoinToken(t) => request.join_token = t.clone(),
+            Credential::ServiceAccountToken(path) => {
+                request.service_account_token = std::fs::read_to_string(path)
+                    .map_err(|e| CertError::Credential(format!("cannot read {}: {e}", path.display())))?
+                    .trim()
+                    .to_string()
+            }
+        }
         let resp = CertificateServiceClient::new(channel)
-            .sign(pb::SignRequest {
-                csr_der: key.csr_der,
-                join_token: self.join_token.clone(),
-                ttl_seconds: self.ttl.map(|t| t.as_secs()).unwrap_or_default(),
-            })
+            .sign(request)
             .await
             .map_err(|status| CertError::Refused {
                 addr: self.ca_addr,

@@ -33,6 +33,9 @@ pub const FEDERATION_SERVICE: &str = "strait-federation";
 pub const FEDERATION_SA: &str = "strait-federation";
 pub const GATEWAY_SA: &str = "strait-gateway";
 
+/// The audience a service-account token must carry for the CA to accept it.
+pub const TOKEN_AUDIENCE: &str = "strait";
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)

@@ -20,7 +20,7 @@ pub struct ControllerLink {
     pub controller: SocketAddr,
     pub trust_domain: TrustDomain,
     pub bundle: TrustBundle,
-    pub join_token: String,
+    pub credential: crate::certs::Credential,
     pub cert_ttl: Option<Duration>,
 }
 
@@ -35,7 +35,7 @@ impl ControllerLink {
     ) -> Result<CertStore, TrustError> {
         let cert_client = CertClient {
             ca_addr: self.controller,
-            join_token: self.join_token.clone(),
+            credential: self.credential.clone(),
             trust_domain: self.trust_domain.clone(),
             ttl: self.cert_ttl,
             bundle: self.bundle.clone(),

@@ -15,6 +15,8 @@ use crate::config::JoinToken;
 
 pub struct CaServer {
     authority: Arc<Authority>,
+    /// In Kubernetes mode: checks service-account tokens with TokenReview.
+    reviewer: Option<kube::Client>,
     trust_domain: TrustDomain,
     tokens: HashMap<String, (String, String)>,
     max_ttl: Duration,
@@ -26,6 +28,7 @@ impl CaServer {
     pub fn new(
         authority: Arc<Authority>,
         tokens: &[JoinToken],
+        reviewer: Option<kube::Client>,
         max_ttl: Duration,
         bundle_pem: String,
         registry: &Registry,
@@ -37,6 +40,7 @@ impl CaServer {
         .expect("valid metric");
         let _ = registry.register(Box::new(issued.clone()));
         CaServer {
+            reviewer,
             trust_domain: authority.trust_domain().clone(),
             authority,
             tokens: tokens
@@ -50,17 +54,83 @@ impl CaServer {
     }
 }
 
+impl CaServer {
+    /// The namespace and service account the request's credential proves.
+    async fn authenticate(&self, req: &pb::SignRequest) -> Result<(String, String), Status> {
+        if !req.service_account_token.is_empty() {
+            let Some(client) = &self.reviewer else {
+                return Err(Status::unauthenticated(
+                    "this CA does not run in Kubernetes mode and cannot check service-account tokens; use a join token",
+                ));
+            };
+            return review(client, &req.service_account_token).await;
+        }
+        self.tokens.get(&req.join_token).cloned().ok_or_else(|| {
+            Status::unauthenticated(
+                "the join token is not known to this cluster's CA; use the token `strait up` or the operator gave this workload",
+            )
+        })
+    }
+}
+
+/// Asks this cluster's API server whether the token is a valid service-account token for the
+/// `strait` audience, and whose.
+async fn review(client: &kube::Client, token: &str) -> Result<(String, String), Status> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            audiences: Some(vec![strait_api::TOKEN_AUDIENCE.to_string()]),
+        },
+        ..Default::default()
+    };
+    let result = kube::Api::<TokenReview>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &review)
+        .await
+        .map_err(|e| Status::unavailable(format!("TokenReview failed: {e}")))?;
+    let status = result.status.unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(Status::unauthenticated(format!(
+            "the service-account token was refused by the API server: {}",
+            status.error.unwrap_or_else(|| "not authenticated".into())
+        )));
+    }
+    if !status
+        .audiences
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a == strait_api::TOKEN_AUDIENCE)
+    {
+        return Err(Status::unauthenticated(format!(
+            "the service-account token is not for audience {:?}; mount a projected token with that audience",
+            strait_api::TOKEN_AUDIENCE
+        )));
+    }
+    let username = status.user.and_then(|u| u.username).unwrap_or_default();
+    match username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'))
+    {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => Ok((ns.to_string(), sa.to_string())),
+        _ => Err(Status::unauthenticated(format!(
+            "{username:?} is not a service account; only pods' service-account tokens are accepted"
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl CertificateService for CaServer {
     async fn sign(&self, req: Request<pb::SignRequest>) -> Result<Response<pb::SignResponse>, Status> {
         let req = req.into_inner();
-        let Some((ns, sa)) = self.tokens.get(&req.join_token) else {
-            self.issued.with_label_values(&["unauthenticated"]).inc();
-            return Err(Status::unauthenticated(
-                "the join token is not known to this cluster's CA; use the token `strait up` or the operator gave this workload",
-            ));
+        let (ns, sa) = match self.authenticate(&req).await {
+            Ok(who) => who,
+            Err(status) => {
+                self.issued.with_label_values(&["unauthenticated"]).inc();
+                tracing::warn!(reason = %status.message(), "refused a certificate request");
+                return Err(status);
+            }
         };
-        let id = SpiffeId::workload(&self.trust_domain, ns, sa).map_err(|e| Status::internal(e.to_string()))?;
+        let id = SpiffeId::workload(&self.trust_domain, &ns, &sa).map_err(|e| Status::internal(e.to_string()))?;
         let ttl = match req.ttl_seconds {
             0 => self.max_ttl,
             s => Duration::from_secs(s).min(self.max_ttl),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::json;
 use strait_api::admin::Admin;
@@ -132,9 +133,14 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
 
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(ConfigState::default()));
     let xds = XdsServer::new(state_rx, &registry);
+    let kube_api = match &cfg.kubernetes {
+        Some(k) => Some(kube_client(k).await?),
+        None => None,
+    };
     let ca = crate::ca::CaServer::new(
         authority.clone(),
         &cfg.join_tokens,
+        kube_api.clone(),
         cfg.cert_ttl,
         bundle.to_pem(),
         &registry,
@@ -230,8 +236,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
 
     let mut source = match (&cfg.catalog_dir, &cfg.kubernetes) {
         (Some(dir), _) => Source::File(FileSource::new(dir)),
-        (None, Some(k)) => {
-            let client = kube_client(k).await?;
+        (None, Some(_)) => {
+            let client = kube_api.clone().context("Kubernetes mode without a client")?;
             let watched = KubeSource::start(client.clone(), Duration::from_secs(30)).await?;
             tracing::info!("Kubernetes source ready");
             Source::Kube(watched, ImportWriter::new(client))

@@ -231,3 +231,74 @@ async fn conflicts_are_reported_in_every_cluster_and_an_api_outage_keeps_serving
         "west's echo is down; east (API server down) still serves"
     );
 }
+
+async fn token(c: &Client, ns: &str, sa: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_string()],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(c.clone(), ns)
+        .create_token_request(sa, &kube::api::PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_issues_for_service_account_tokens_and_refuses_forged_ones() {
+    let mesh = Mesh::start_with(MeshOptions {
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east = client(mesh.cluster("east")).await;
+    let west = client(mesh.cluster("west")).await;
+    let dir = mesh.info.state_dir.join("test-tokens");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = |name: &str, token: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, token).unwrap();
+        strait_api::certs::CertClient {
+            ca_addr: mesh.cluster("east").controller.addr.parse().unwrap(),
+            credential: strait_api::certs::Credential::ServiceAccountToken(path),
+            trust_domain: "mesh.local".parse().unwrap(),
+            ttl: None,
+            bundle: strait_trust::TrustBundle::load(&mesh.info.bundle).unwrap(),
+            metrics: strait_trust::TlsMetrics::unregistered(),
+        }
+    };
+    // A pod's token for the strait audience: the identity is exactly its service account.
+    let (cert, _) = ca("valid", token(&east, "demo", "echo", "strait").await)
+        .fetch()
+        .await
+        .unwrap();
+    assert_eq!(cert.id.to_string(), "spiffe://mesh.local/ns/demo/sa/echo");
+    // The wrong audience, a forged token, and another cluster's token are all refused.
+    for (name, t) in [
+        ("audience", token(&east, "demo", "echo", "some-other-audience").await),
+        (
+            "forged",
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVtbzplY2hvIn0.c2lnbmF0dXJl".to_string(),
+        ),
+        ("other-cluster", token(&west, "demo", "echo", "strait").await),
+    ] {
+        let err = ca(name, t).fetch().await.unwrap_err().to_string();
+        assert!(
+            err.contains("refused") || err.contains("Unauthenticated"),
+            "{name}: {err}"
+        );
+    }
+    let m = multicluster_tests::scrape(mesh.cluster("east").controller.admin_addr)
+        .await
+        .unwrap();
+    assert!(multicluster_tests::metric_sum(&m, "strait_ca_requests_total", &[("result", "unauthenticated")]) >= 3.0);
+}

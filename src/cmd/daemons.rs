@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use strait_api::certs::Credential;
 use strait_api::locality::Locality;
 use strait_api::proxy::ControllerLink;
 use strait_trust::{TrustBundle, TrustDomain};
@@ -40,6 +41,10 @@ pub struct Identity {
     /// Requested certificate lifetime, e.g. 24h, 10m.
     #[arg(long, value_parser = parse_duration)]
     pub cert_ttl: Option<std::time::Duration>,
+    /// A service-account token file (audience `strait`) to authenticate to the CA instead of a
+    /// join token; Kubernetes mounts one as a projected volume.
+    #[arg(long)]
+    pub sa_token_file: Option<PathBuf>,
     /// On SIGTERM, how long in-flight work may take to finish.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub drain_timeout: std::time::Duration,
@@ -51,7 +56,10 @@ impl Identity {
             controller: self.controller,
             bundle: TrustBundle::load(&self.bundle)?,
             trust_domain: self.trust_domain,
-            join_token: join_token()?,
+            credential: match self.sa_token_file {
+                Some(path) => Credential::ServiceAccountToken(path),
+                None => Credential::JoinToken(join_token()?),
+            },
             cert_ttl: self.cert_ttl,
         })
     }

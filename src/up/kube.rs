@@ -285,3 +285,41 @@ impl LocalRoutes {
         }
     }
 }
+
+/// Creates a service account and writes a token for it (audience `strait`, one day) to `out`;
+/// the sidecar or gateway authenticates to its CA with it, checked by TokenReview.
+pub async fn service_account_token(client: &Client, ns: &str, name: &str, out: &Path) -> anyhow::Result<()> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let params = PatchParams::apply("strait-up").force();
+    let ns_obj: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
+    }))?;
+    Api::<Namespace>::all(client.clone())
+        .patch(ns, &params, &Patch::Apply(&ns_obj))
+        .await?;
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}
+    }))?;
+    let api = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    api.patch(name, &params, &Patch::Apply(&sa)).await?;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![strait_api::TOKEN_AUDIENCE.to_string()],
+            expiration_seconds: Some(24 * 3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = api
+        .create_token_request(name, &kube::api::PostParams::default(), &request)
+        .await?
+        .status
+        .map(|s| s.token)
+        .context("the API server returned no token")?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, token)?;
+    Ok(())
+}

@@ -134,8 +134,10 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
             &logs.join(format!("{name}.log")),
             log_filter,
         )?);
-        let identity = |controller: SocketAddr| -> Vec<String> {
-            vec![
+        // Outside Kubernetes a join token (in the environment); with --kube a service-account
+        // token file, checked by the CA with TokenReview.
+        let identity = |controller: SocketAddr, component: &str| -> Vec<String> {
+            let mut args = vec![
                 "--controller".into(),
                 s(controller),
                 "--trust-domain".into(),
@@ -144,8 +146,14 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                 bundle.clone(),
                 "--cert-ttl".into(),
                 ttl.clone(),
-            ]
+            ];
+            if plan.kube {
+                args.push("--sa-token-file".into());
+                args.push(c.token_file(component).display().to_string());
+            }
+            args
         };
+        let token = |t: &str| if plan.kube { None } else { Some(t.to_string()) };
         let name = format!("gateway-{}", c.name);
         let mut args: Vec<String> = vec![
             "gateway".into(),
@@ -160,11 +168,11 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
             "--admin".into(),
             s(c.gateway_admin),
         ];
-        args.extend(identity(c.controller));
+        args.extend(identity(c.controller, "gateway"));
         started.gateways.push(procs::spawn(
             &name,
             args,
-            Some(&c.gateway_token),
+            token(&c.gateway_token).as_deref(),
             &logs.join(format!("{name}.log")),
             log_filter,
         )?);
@@ -220,12 +228,12 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                 "--app".into(),
                 s(w.app),
             ];
-            args.extend(identity(c.controller));
+            args.extend(identity(c.controller, &w.name));
             let name = format!("sidecar-{}-{}", c.name, w.name);
             sidecars.push(procs::spawn(
                 &name,
                 args,
-                Some(&w.token),
+                token(&w.token).as_deref(),
                 &logs.join(format!("{name}.log")),
                 log_filter,
             )?);
@@ -555,6 +563,16 @@ async fn start_kube(plan: &Plan, log_filter: &str, procs_out: &mut Vec<Proc>) ->
         let client = kube::wait_ready(&api, Duration::from_secs(60)).await?;
         kube::install_crds(&client).await?;
         kube::publish_demo(&client, c, &plan.topology.services).await?;
+        kube::service_account_token(
+            &client,
+            strait_api::SYSTEM_NAMESPACE,
+            strait_api::GATEWAY_SA,
+            &c.token_file("gateway"),
+        )
+        .await?;
+        for w in &c.workloads {
+            kube::service_account_token(&client, &w.namespace, &w.service, &c.token_file(&w.name)).await?;
+        }
         progress(format!(
             "cluster {}: kube-apiserver {} ready, demo services exported",
             c.name, api.url

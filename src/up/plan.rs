@@ -51,6 +51,11 @@ impl ClusterPlan {
     pub fn controller_config(&self) -> PathBuf {
         self.dir.join("controller.yaml")
     }
+
+    /// Where `strait up --kube` writes a component's service-account token.
+    pub fn token_file(&self, component: &str) -> PathBuf {
+        self.dir.join("tokens").join(format!("{component}.token"))
+    }
 }
 
 pub struct Plan {
@@ -250,7 +255,8 @@ impl Plan {
                         gateway: p.gateway,
                     })
                     .collect(),
-                join_tokens: tokens,
+                // With --kube, workloads prove who they are with service-account tokens instead.
+                join_tokens: if kube { vec![] } else { tokens },
                 lease: self.topology.lease,
                 cert_ttl: self.topology.cert_ttl,
                 // 241.0.0.0/8 and up hold the API servers' Service ranges (strait up --kube).
