@@ -15,6 +15,11 @@ use crate::catalog::MergedService;
 pub struct ConfigState {
     pub version: u64,
     pub resources: BTreeMap<String, pb::Resource>,
+    /// False right after a (re)start until every peer has been heard from (or one lease
+    /// passed): until then the catalog lacks remote services, and serving it to sidecars would
+    /// make them drop endpoints that are fine. Gateways get it at once (peers reach this
+    /// controller through them).
+    pub warm: bool,
 }
 
 /// Resources only gateways receive (the controller's own peering service).

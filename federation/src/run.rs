@@ -247,6 +247,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_merged: Option<BTreeMap<String, MergedService>> = None;
     let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
     let mut last_errors: Vec<SourceError> = vec![];
+    let started_at = Instant::now();
     let mut version = 0u64;
     loop {
         if let Source::File(files) = &mut source {
@@ -309,15 +310,26 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             &policy_watch.current,
             &bundles,
         );
-        let changed = state_tx.borrow().resources != resources;
+        // Warm once every configured peer has pushed since this start, or one lease has passed.
+        let warm = started_at.elapsed() >= cfg.lease
+            || cfg
+                .peers
+                .iter()
+                .all(|p| peers.iter().any(|s| s.cluster == p.name && s.alive(now)));
+        let changed = state_tx.borrow().resources != resources || state_tx.borrow().warm != warm;
         if changed || version == 0 {
             version += 1;
             versions.set(version as i64);
             tracing::debug!(version, services = merged.len(), "catalog rebuilt");
-            state_tx.send_replace(Arc::new(ConfigState { version, resources }));
+            state_tx.send_replace(Arc::new(ConfigState {
+                version,
+                resources,
+                warm,
+            }));
         }
         if let Source::Kube(_, writer) = &mut source {
-            if last_merged.as_ref() != Some(&merged) {
+            // Like sidecars, the cluster's ServiceImports wait until the catalog is complete.
+            if warm && last_merged.as_ref() != Some(&merged) {
                 match writer.sync(&merged).await {
                     Ok(()) => last_merged = Some(merged.clone()),
                     Err(e) => tracing::warn!(error = %e, "cannot write ServiceImports yet; retrying"),
@@ -340,6 +352,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             .next_expiry(now)
             .map(|t| t + Duration::from_millis(5))
             .unwrap_or(now + Duration::from_secs(3600));
+        // While cold, wake when the grace period ends even if nothing else happens.
+        let wake = if warm {
+            wake
+        } else {
+            wake.min(started_at + cfg.lease + Duration::from_millis(5))
+        };
         let kube_changed = async {
             match &source {
                 Source::Kube(watched, _) => watched.changed().notified().await,

@@ -125,7 +125,8 @@ impl ConfigService for XdsServer {
             loop {
                 let current = state.borrow_and_update().clone();
                 let (changed, removed) = diff(&sent, &current.resources, include);
-                if first || !changed.is_empty() || !removed.is_empty() {
+                let may_send = gateway || current.warm;
+                if may_send && (first || !changed.is_empty() || !removed.is_empty()) {
                     let update = if first {
                         pb::ConfigUpdate {
                             version: current.version,

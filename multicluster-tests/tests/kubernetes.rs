@@ -92,6 +92,13 @@ async fn exports_become_imports_everywhere_and_endpoint_changes_propagate() {
     // The demo services are imported in every cluster with the same ClusterSet IP.
     let mut ips = vec![];
     for c in [&east, &west, &central] {
+        Mesh::eventually("echo is imported", Duration::from_secs(10), || async {
+            import_of(c, "echo")
+                .await
+                .is_some_and(|i| i["status"]["clusters"].as_array().map(|c| c.len()) == Some(3))
+        })
+        .await
+        .unwrap();
         let echo = import_of(c, "echo").await.expect("echo is imported");
         assert_eq!(echo["spec"]["type"], "ClusterSetIP");
         assert_eq!(echo["spec"]["ports"][0]["port"], 80);
@@ -301,4 +308,67 @@ async fn the_ca_issues_for_service_account_tokens_and_refuses_forged_ones() {
         .await
         .unwrap();
     assert!(multicluster_tests::metric_sum(&m, "strait_ca_requests_total", &[("result", "unauthenticated")]) >= 3.0);
+}
+
+async fn import_versions(c: &Client) -> std::collections::BTreeMap<String, String> {
+    imports(c)
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|i| (i.metadata.name.unwrap(), i.metadata.resource_version.unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restart_rewrites_nothing_that_did_not_change() {
+    let mut mesh = Mesh::start_with(MeshOptions {
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let west = mesh.cluster("west").clone();
+    let api = client(&west).await;
+    Mesh::eventually("west has its three imports", Duration::from_secs(10), || async {
+        import_versions(&api).await.len() == 3
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = import_versions(&api).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    mesh.kill9(west.controller.pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        import_versions(&api).await,
+        before,
+        "imports stay while the controller is away"
+    );
+    mesh.restart(&west.controller.command, Some(&west.controller.log))
+        .unwrap();
+    Mesh::eventually(
+        "west's controller is back with its peers",
+        Duration::from_secs(20),
+        || async {
+            Mesh::admin_json(west.controller.admin_addr, "/status")
+                .await
+                .map(|s| {
+                    s["peers"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().all(|p| p["lease_valid"] == true))
+                        && s["proxies"].as_array().map(|p| p.len()) == Some(3)
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        import_versions(&api).await,
+        before,
+        "no ServiceImport was rewritten after the restart"
+    );
 }

@@ -76,6 +76,22 @@ impl ImportWriter {
             .filter_map(|n| n.metadata.name)
             .collect();
         let params = PatchParams::apply(FIELD_MANAGER).force();
+        if !self.synced_once {
+            // After a restart, what is already in the API server counts as written: unchanged
+            // imports are not applied again (no resync storm).
+            let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+            for import in Api::<ServiceImport>::all(self.client.clone())
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+            {
+                if let Some(ns) = import.namespace() {
+                    let key = format!("{ns}/{}", import.name_any());
+                    self.written
+                        .insert(key, (import.spec.clone(), import.status.clone().unwrap_or_default()));
+                }
+            }
+        }
         for (key, svc) in merged {
             if !namespaces.contains(&svc.namespace) {
                 continue;
@@ -97,24 +113,14 @@ impl ImportWriter {
             tracing::info!(import = %key, ip = %svc.clusterset_ip, clusters = ?svc.clusters, "ServiceImport written");
             self.written.insert(key.clone(), want);
         }
-        // Remove imports of ours that left the catalog (also ones left from before a restart).
-        let stale: Vec<(String, String)> = if self.synced_once {
-            self.written
-                .keys()
-                .filter(|k| !merged.contains_key(*k))
-                .filter_map(|k| k.split_once('/').map(|(ns, n)| (ns.to_string(), n.to_string())))
-                .collect()
-        } else {
-            let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
-            Api::<ServiceImport>::all(self.client.clone())
-                .list(&ListParams::default().labels(&selector))
-                .await?
-                .items
-                .into_iter()
-                .filter_map(|i| Some((i.namespace()?, i.name_any())))
-                .filter(|(ns, n)| !merged.contains_key(&format!("{ns}/{n}")))
-                .collect()
-        };
+        // Remove imports of ours that left the catalog (also ones left from before a restart,
+        // which the first sync seeded into `written`).
+        let stale: Vec<(String, String)> = self
+            .written
+            .keys()
+            .filter(|k| !merged.contains_key(*k))
+            .filter_map(|k| k.split_once('/').map(|(ns, n)| (ns.to_string(), n.to_string())))
+            .collect();
         for (ns, name) in stale {
             let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &ns);
             match api.delete(&name, &DeleteParams::default()).await {
