@@ -3,6 +3,7 @@
 use clap::Parser;
 
 mod cmd;
+mod install;
 mod up;
 
 fn main() -> std::process::ExitCode {

@@ -5,7 +5,6 @@
 //! never leaves the process. A background task renews at half-life; open connections keep the
 //! certificate they were made with, new handshakes use the new one.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +21,7 @@ use crate::pb::certificate_service_client::CertificateServiceClient;
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("the CA at {addr} refused the request: {status}")]
-    Refused { addr: SocketAddr, status: tonic::Status },
+    Refused { addr: String, status: tonic::Status },
     #[error("the CA returned an unusable certificate: {0}")]
     BadResponse(String),
     #[error(transparent)]
@@ -43,7 +42,8 @@ pub enum Credential {
 
 #[derive(Clone)]
 pub struct CertClient {
-    pub ca_addr: SocketAddr,
+    /// `host:port` of the controller (its gRPC port).
+    pub ca_addr: String,
     pub credential: Credential,
     pub trust_domain: TrustDomain,
     /// Requested lifetime; `None` takes the CA's default.
@@ -70,7 +70,7 @@ impl CertClient {
             PeerPolicy::OneOf(vec![self.controller_id()?]),
             &[strait_trust::ALPN_H2],
         )?;
-        let channel = crate::transport::tls_channel(self.ca_addr, Arc::new(config));
+        let channel = crate::transport::tls_channel(&self.ca_addr, Arc::new(config));
         let key = KeyAndCsr::generate()?;
         let mut request = pb::SignRequest {
             csr_der: key.csr_der,
@@ -90,7 +90,7 @@ impl CertClient {
             .sign(request)
             .await
             .map_err(|status| CertError::Refused {
-                addr: self.ca_addr,
+                addr: self.ca_addr.clone(),
                 status,
             })?
             .into_inner();

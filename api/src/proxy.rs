@@ -1,7 +1,6 @@
 //! What every proxy (sidecar or gateway) does before it serves: obtain its certificate from the
 //! cluster CA, keep it renewed, and subscribe to the controller's config stream.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,9 @@ use crate::xds::{XdsClient, XdsMetrics};
 /// How a proxy reaches and authenticates to its cluster's controller.
 #[derive(Clone, Debug)]
 pub struct ControllerLink {
-    pub controller: SocketAddr,
+    /// `host:port` of the controller's gRPC port (a name such as
+    /// `strait-federation.strait-system.svc:15012` in Kubernetes).
+    pub controller: String,
     pub trust_domain: TrustDomain,
     pub bundle: TrustBundle,
     pub credential: crate::certs::Credential,
@@ -34,7 +35,7 @@ impl ControllerLink {
         config: watch::Sender<Arc<Snapshot>>,
     ) -> Result<CertStore, TrustError> {
         let cert_client = CertClient {
-            ca_addr: self.controller,
+            ca_addr: self.controller.clone(),
             credential: self.credential.clone(),
             trust_domain: self.trust_domain.clone(),
             ttl: self.cert_ttl,
@@ -44,7 +45,7 @@ impl ControllerLink {
         let store = cert_client.bootstrap().await;
         cert_client.spawn_rotation(store.clone());
         let xds = XdsClient {
-            controller: self.controller,
+            controller: self.controller.clone(),
             controller_id: SpiffeId::workload(&self.trust_domain, crate::SYSTEM_NAMESPACE, crate::FEDERATION_SA)?,
             hello,
             store: store.clone(),

@@ -112,9 +112,10 @@ pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("strait.mesh").expect("static name is valid")
 }
 
-/// Connects TCP + TLS.
+/// Connects TCP + TLS to `host:port` (a name is resolved at each connect, so a controller
+/// that moved is found again).
 pub async fn connect_tls(
-    addr: SocketAddr,
+    addr: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
@@ -142,6 +143,11 @@ where
 }
 
 /// A gRPC channel over TCP + mTLS to `addr`.
-pub fn tls_channel(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Channel {
-    channel_with(move || connect_tls(addr, config.clone()))
+pub fn tls_channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Channel {
+    let addr = addr.to_string();
+    channel_with(move || {
+        let addr = addr.clone();
+        let config = config.clone();
+        async move { connect_tls(&addr, config).await }
+    })
 }

@@ -5,7 +5,6 @@
 //! ACKs the version with the names of any resource it refused. When the controller is away the
 //! proxy keeps serving its last snapshot and reconnects with backoff.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +52,8 @@ impl XdsMetrics {
 }
 
 pub struct XdsClient {
-    pub controller: SocketAddr,
+    /// `host:port` of the controller.
+    pub controller: String,
     pub controller_id: SpiffeId,
     pub hello: pb::Hello,
     pub store: CertStore,
@@ -89,7 +89,7 @@ impl XdsClient {
             &[strait_trust::ALPN_H2],
         )
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let channel = crate::transport::tls_channel(self.controller, Arc::new(config));
+        let channel = crate::transport::tls_channel(&self.controller, Arc::new(config));
         let mut client = ConfigServiceClient::new(channel);
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
         let mut hello = self.hello.clone();

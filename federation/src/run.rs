@@ -197,6 +197,13 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let admin = admin_views(&cfg, &registry, view.clone(), table.clone(), xds.clone());
     tokio::spawn(admin.clone().serve(admin_listener));
 
+    // Where this cluster's gateway reaches the controller: its pod IP in Kubernetes (the
+    // Deployment sets STRAIT_ADVERTISE_IP), else the listen address.
+    let advertise = std::env::var("STRAIT_ADVERTISE_IP")
+        .ok()
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, cfg.listen.port()))
+        .unwrap_or(cfg.listen);
     let federation_service = pb::Service {
         name: strait_api::FEDERATION_SERVICE.into(),
         namespace: strait_api::SYSTEM_NAMESPACE.into(),
@@ -207,7 +214,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             protocol: "tcp".into(),
         }],
         endpoints: vec![pb::Endpoint {
-            address: cfg.listen.to_string(),
+            address: advertise.to_string(),
             workload: "controller".into(),
             locality: own_gateway.locality.clone(),
             identity: my_id.to_string(),

@@ -275,7 +275,7 @@ async fn the_ca_issues_for_service_account_tokens_and_refuses_forged_ones() {
         let path = dir.join(name);
         std::fs::write(&path, token).unwrap();
         strait_api::certs::CertClient {
-            ca_addr: mesh.cluster("east").controller.addr.parse().unwrap(),
+            ca_addr: mesh.cluster("east").controller.addr.clone(),
             credential: strait_api::certs::Credential::ServiceAccountToken(path),
             trust_domain: "mesh.local".parse().unwrap(),
             ttl: None,

@@ -30,9 +30,9 @@ pub fn exit_with_parent() {
 
 #[derive(Args, Debug, Clone)]
 pub struct Identity {
-    /// Address of the cluster controller (gRPC: CA and config stream).
-    #[arg(long)]
-    pub controller: SocketAddr,
+    /// The cluster controller's gRPC address (CA and config stream), host:port.
+    #[arg(long, value_parser = host_port)]
+    pub controller: String,
     #[arg(long, default_value = "mesh.local")]
     pub trust_domain: TrustDomain,
     /// PEM file with the trust domain's root(s).
@@ -62,6 +62,15 @@ impl Identity {
             },
             cert_ttl: self.cert_ttl,
         })
+    }
+}
+
+fn host_port(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not host:port (e.g. 127.10.1.1:15012 or strait-federation.strait-system.svc:15012)"
+        )),
     }
 }
 

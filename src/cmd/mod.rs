@@ -38,6 +38,9 @@ pub enum Command {
     /// Run a whole mesh on this machine: clusters, controllers, gateways, demo workloads.
     #[command(after_help = up::EXAMPLES)]
     Up(up::UpArgs),
+    /// Print or apply the manifests that install Strait in one Kubernetes cluster.
+    #[command(after_help = crate::install::EXAMPLES)]
+    Install(crate::install::InstallArgs),
     /// Show the clusterset as one controller sees it: peers, leases, proxies.
     #[command(
         after_help = "Example:\n  strait status --controller 127.10.1.1:15014\n  strait status --controller 127.10.1.1:15014 --output json"
@@ -84,6 +87,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     daemons::exit_with_parent();
     match cli.command {
         Command::Up(args) => up::run(args).await,
+        Command::Install(args) => crate::install::run(args).await,
         Command::Status(args) => inspect::status(args).await,
         Command::Services(args) => inspect::services(args).await,
         Command::Trust(cmd) => trust::run(cmd),
