@@ -101,3 +101,126 @@ async fn every_manifest_passes_the_api_server() {
     ]);
     assert!(!ok && out.contains("--cluster-name"), "{out}");
 }
+
+const TWO_CLUSTERS: &str = r#"
+trustDomain: mesh.local
+services:
+  - {name: echo, port: 80, protocol: http}
+clusters:
+  - name: east
+    region: us-east
+    zones: [us-east-1a]
+    workloads:
+      - {service: echo, zone: us-east-1a}
+  - name: west
+    region: us-west
+    zones: [us-west-2a]
+    workloads:
+      - {service: echo, zone: us-west-2a}
+"#;
+
+fn strait_env(args: &[&str], kubeconfig: &str) -> (bool, String) {
+    let out = std::process::Command::new(strait_bin())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_exchanges_only_names_and_gateways_and_check_says_what_to_fix() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let mesh = Mesh::start_with(MeshOptions {
+        topology: Some(TWO_CLUSTERS.into()),
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kc = |c: &str| mesh.cluster(c).kubeconfig.clone().unwrap().display().to_string();
+    for (c, gw) in [("east", "203.0.113.10:15443"), ("west", "203.0.113.20:15443")] {
+        let (ok, out) = strait(&[
+            "install",
+            "--cluster-name",
+            c,
+            "--region",
+            "r",
+            "--zone",
+            "z",
+            "--gateway-address",
+            gw,
+            "--apply",
+            "--kubeconfig",
+            &kc(c),
+        ]);
+        assert!(ok, "{out}");
+        // The cluster's intermediate CA, as the operator would create it.
+        let client = kube_client(&kc(c)).await;
+        let ca_dir = mesh.info.state_dir.join(c).join("ca");
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strait-ca", "namespace": "strait-system"},
+            "stringData": {
+                "ca.pem": std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
+                "ca-key.pem": std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap(),
+                "bundle.pem": std::fs::read_to_string(&mesh.info.bundle).unwrap(),
+            }
+        }))
+        .unwrap();
+        kube::Api::<Secret>::namespaced(client, "strait-system")
+            .create(&Default::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let both = format!("{}:{}", kc("east"), kc("west"));
+    let (ok, out) = strait_env(&["join", "--context", "east", "--context", "west"], &both);
+    assert!(ok, "{out}");
+    for (c, peer, gw) in [
+        ("east", "west", "203.0.113.20:15443"),
+        ("west", "east", "203.0.113.10:15443"),
+    ] {
+        let client = kube_client(&kc(c)).await;
+        let cm = kube::Api::<ConfigMap>::namespaced(client, "strait-system")
+            .get("strait-federation")
+            .await
+            .unwrap();
+        let text = cm.data.unwrap()["controller.yaml"].clone();
+        assert!(text.contains(&format!("name: {peer}")) && text.contains(gw), "{text}");
+        // Only names and addresses crossed over: no credentials of the other cluster.
+        assert!(!text.contains("token") && !text.contains("BEGIN"), "{text}");
+    }
+    // check: the install is in place and joined; the Deployments cannot become available here
+    // (no kubelet), and check says so with the fix.
+    let (ok, out) = strait_env(&["check", "--context", "east", "--output", "json"], &both);
+    assert!(!ok);
+    let checks: serde_json::Value = serde_json::from_str(out.split("error:").next().unwrap()).unwrap();
+    let verdict = |name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"].as_str().unwrap().starts_with(name))
+            .unwrap()["ok"]
+            .clone()
+    };
+    assert_eq!(verdict("CRD serviceexports"), true);
+    assert_eq!(verdict("controller config"), true);
+    assert_eq!(verdict("intermediate CA"), true);
+    assert_eq!(verdict("joined"), true);
+    assert_eq!(verdict("Deployment strait-federation"), false);
+}
+
+async fn kube_client(path: &str) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}

@@ -41,6 +41,16 @@ pub enum Command {
     /// Print or apply the manifests that install Strait in one Kubernetes cluster.
     #[command(after_help = crate::install::EXAMPLES)]
     Install(crate::install::InstallArgs),
+    /// Link installed clusters: exchange names, gateway addresses and (across trust domains) bundles.
+    #[command(
+        after_help = "Example:\n  strait join --context kind-east --context kind-west --context kind-central\n  KUBECONFIG=east.yaml:west.yaml strait join --context east --context west"
+    )]
+    Join(crate::install::JoinArgs),
+    /// Verify one cluster's install and its peering, and say what to fix.
+    #[command(
+        after_help = "Example:\n  strait check --context kind-east\n  strait check --context kind-east --output json"
+    )]
+    Check(crate::install::CheckArgs),
     /// Show the clusterset as one controller sees it: peers, leases, proxies.
     #[command(
         after_help = "Example:\n  strait status --controller 127.10.1.1:15014\n  strait status --controller 127.10.1.1:15014 --output json"
@@ -88,6 +98,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Install(args) => crate::install::run(args).await,
+        Command::Join(args) => crate::install::join(args).await,
+        Command::Check(args) => crate::install::check(args).await,
         Command::Status(args) => inspect::status(args).await,
         Command::Services(args) => inspect::services(args).await,
         Command::Trust(cmd) => trust::run(cmd),

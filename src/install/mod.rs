@@ -3,7 +3,10 @@
 //! as YAML, or applied with server-side apply. `--write-deploy DIR` regenerates `deploy/`, so
 //! no hand-edited copy can drift from the code.
 
+mod join;
 mod manifests;
+
+pub use join::{check, join, CheckArgs, JoinArgs};
 
 use std::path::PathBuf;
 
