@@ -21,6 +21,7 @@ fi
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then
@@ -44,6 +45,12 @@ if [ "$(id -u)" != 0 ]; then
   echo "test.sh: the Kubernetes tier (strait up --kube) needs root to route its 198.18.0.0/15 workload" >&2
   echo "         addresses on lo; its tests will fail here. Run as root (CI does)." >&2
 fi
+
+say "shell scripts (bash -n, shellcheck)"
+for script in test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh; do
+  bash -n "$script"
+done
+shellcheck test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
