@@ -12,6 +12,8 @@ use strait_trust::{TrustBundle, TrustDomain};
 /// Set by `strait up` on its children: exit when the parent goes away (stdin closes), so a
 /// killed `strait up` leaves no process behind.
 pub const EXIT_WITH_PARENT_ENV: &str = "STRAIT_EXIT_WITH_PARENT";
+/// The trust bundle as PEM text, for containers that get it in their environment.
+pub const TRUST_BUNDLE_ENV: &str = "STRAIT_TRUST_BUNDLE";
 /// Join tokens travel in the environment, not on the command line where `ps` shows them.
 pub const JOIN_TOKEN_ENV: &str = "STRAIT_JOIN_TOKEN";
 
@@ -35,9 +37,10 @@ pub struct Identity {
     pub controller: String,
     #[arg(long, default_value = "mesh.local")]
     pub trust_domain: TrustDomain,
-    /// PEM file with the trust domain's root(s).
+    /// PEM file with the trust domain's root(s); without it, the PEM text in
+    /// $STRAIT_TRUST_BUNDLE (what the injector sets).
     #[arg(long)]
-    pub bundle: PathBuf,
+    pub bundle: Option<PathBuf>,
     /// Requested certificate lifetime, e.g. 24h, 10m.
     #[arg(long, value_parser = parse_duration)]
     pub cert_ttl: Option<std::time::Duration>,
@@ -54,7 +57,17 @@ impl Identity {
     fn link(self) -> anyhow::Result<ControllerLink> {
         Ok(ControllerLink {
             controller: self.controller,
-            bundle: TrustBundle::load(&self.bundle)?,
+            bundle: match &self.bundle {
+                Some(path) => TrustBundle::load(path)?,
+                None => {
+                    let pem = std::env::var(TRUST_BUNDLE_ENV).map_err(|_| {
+                        anyhow::anyhow!(
+                            "give --bundle FILE or set {TRUST_BUNDLE_ENV} to the trust domain's roots (PEM)"
+                        )
+                    })?;
+                    TrustBundle::from_pem(TRUST_BUNDLE_ENV, pem.as_bytes())?
+                }
+            },
             trust_domain: self.trust_domain,
             credential: match self.sa_token_file {
                 Some(path) => Credential::ServiceAccountToken(path),
@@ -99,6 +112,25 @@ impl Where {
             subzone: self.subzone.clone(),
         }
     }
+}
+
+/// `strait sidecar [FLAGS]` runs the proxy; `strait sidecar init` writes interception rules.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SidecarCommand {
+    #[command(subcommand)]
+    pub sub: Option<SidecarSub>,
+    #[command(flatten)]
+    pub run: Option<SidecarArgs>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SidecarSub {
+    /// Write the pod's iptables interception rules (what the injected init container runs).
+    #[command(
+        after_help = "Example:\n  strait sidecar init --proxy-uid 1337\n  strait sidecar init --cleanup\n  strait sidecar init --dry-run --exclude-cidrs 169.254.169.254/32"
+    )]
+    Init(super::intercept::InitArgs),
 }
 
 #[derive(Args, Debug)]

@@ -5,6 +5,7 @@ mod daemons;
 mod demo;
 mod http;
 mod inspect;
+mod intercept;
 mod trust;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -66,7 +67,7 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait sidecar --workload echo-1 --service echo --cluster east --region us-east --zone us-east-1a \\\n    --outbound 127.0.0.1:15001 --inbound 127.0.0.1:15006 --admin 127.0.0.1:15000 --app 127.0.0.1:8080 \\\n    --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem"
     )]
-    Sidecar(daemons::SidecarArgs),
+    Sidecar(Box<daemons::SidecarCommand>),
     /// Run an east-west gateway.
     #[command(
         after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait gateway --cluster east --region us-east --zone us-east-1a --listen 127.0.0.1:15443 \\\n    --admin 127.0.0.1:15021 --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem"
@@ -103,7 +104,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => inspect::status(args).await,
         Command::Services(args) => inspect::services(args).await,
         Command::Trust(cmd) => trust::run(cmd),
-        Command::Sidecar(args) => daemons::sidecar(args).await,
+        Command::Sidecar(cmd) => match *cmd {
+            daemons::SidecarCommand {
+                sub: Some(daemons::SidecarSub::Init(init)),
+                ..
+            } => intercept::run(init),
+            daemons::SidecarCommand { run: Some(args), .. } => daemons::sidecar(args).await,
+            _ => anyhow::bail!("strait sidecar needs its flags (see --help) or a subcommand (init)"),
+        },
         Command::Gateway(args) => daemons::gateway(args).await,
         Command::Federation(args) => daemons::federation(args).await,
         Command::DemoApp(args) => demo::run(args).await,

@@ -164,6 +164,40 @@ impl Authority {
         Ok((cert, key))
     }
 
+    /// Issues a serving certificate for DNS names and IP addresses (not a SPIFFE identity): for
+    /// endpoints that clients outside the mesh verify by name, such as the admission webhook
+    /// the Kubernetes API server calls. Returns the chain (leaf first) and the PKCS#8 key.
+    pub fn issue_tls_server(
+        &self,
+        names: &[String],
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<(IssuedCert, Vec<u8>), TrustError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(serial());
+        validity(&mut params, now, ttl);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        let mut chain = vec![cert.der().clone()];
+        if !self.is_root {
+            chain.push(self.cert.clone());
+            chain.extend(self.parents.iter().cloned());
+        }
+        Ok((
+            IssuedCert {
+                chain,
+                not_before: now,
+                not_after: now + ttl,
+            },
+            key.serialize_der(),
+        ))
+    }
+
     /// Issues a certificate and key with arbitrary URI SANs and validity. Strait itself never
     /// issues more than one URI SAN; tests use this to build certificates a verifier must refuse.
     pub fn issue_custom(

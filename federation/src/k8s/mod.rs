@@ -4,6 +4,7 @@
 
 pub mod crd;
 mod imports;
+pub mod inject;
 mod source;
 
 pub use imports::ImportWriter;

@@ -1,0 +1,189 @@
+//! The sidecar injector: a mutating admission webhook. Pods in a namespace labelled
+//! `strait.dev/inject=enabled`, or labelled `strait.dev/inject: "true"` themselves, come back
+//! from the API server with the sidecar container and its init step (`strait sidecar init`,
+//! which writes the pod's interception rules). The webhook serves HTTPS with a certificate from
+//! the cluster's intermediate CA; its configuration's caBundle is the trust domain's roots.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+
+/// Opt-in label (on a namespace or a pod).
+pub const INJECT_LABEL: &str = "strait.dev/inject";
+pub const SIDECAR_NAME: &str = "strait-sidecar";
+pub const INIT_NAME: &str = "strait-init";
+/// The UID the sidecar runs as; `strait sidecar init` excludes it from interception.
+pub const SIDECAR_UID: i64 = 1337;
+
+/// What the injected sidecar needs to know about its cluster.
+#[derive(Clone, Debug)]
+pub struct InjectSettings {
+    pub image: String,
+    pub cluster: String,
+    pub region: String,
+    pub trust_domain: String,
+    pub controller: String,
+    pub bundle_pem: String,
+}
+
+/// The JSON patch that injects the sidecar into `pod`, or None when it must not be touched.
+pub fn patch_for(pod: &Value, s: &InjectSettings) -> Option<Value> {
+    let spec = &pod["spec"];
+    let annotations = &pod["metadata"]["annotations"];
+    if annotations[INJECT_LABEL] == "false" || annotations["strait.dev/injected"] == "true" {
+        return None;
+    }
+    let containers = spec["containers"].as_array()?;
+    if containers.iter().any(|c| c["name"] == SIDECAR_NAME) || spec["hostNetwork"] == true {
+        return None;
+    }
+    // The app's first declared port is what the inbound sidecar forwards to.
+    let app_port = containers
+        .iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .find_map(|p| p["containerPort"].as_u64())
+        .unwrap_or(8080);
+    let service = pod["metadata"]["labels"]["app"]
+        .as_str()
+        .or_else(|| spec["serviceAccountName"].as_str())
+        .unwrap_or("default")
+        .to_string();
+    let env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let sidecar = json!({
+        "name": SIDECAR_NAME,
+        "image": s.image,
+        "args": ["sidecar", "--workload", "$(POD_NAME)", "--service", service, "--namespace", "$(POD_NAMESPACE)",
+                 "--cluster", s.cluster, "--region", s.region, "--zone", "unknown",
+                 "--outbound", "0.0.0.0:15001", "--inbound", "0.0.0.0:15006", "--admin", "0.0.0.0:15000",
+                 "--app", format!("127.0.0.1:{app_port}"), "--controller", s.controller,
+                 "--trust-domain", s.trust_domain, "--sa-token-file", "/var/run/secrets/strait/token"],
+        "env": [env("POD_NAME", "metadata.name"), env("POD_NAMESPACE", "metadata.namespace"),
+                {"name": "STRAIT_TRUST_BUNDLE", "value": s.bundle_pem}],
+        "ports": [{"name": "strait-admin", "containerPort": 15000}],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 15000}, "periodSeconds": 2},
+        "securityContext": {"runAsUser": SIDECAR_UID, "runAsGroup": SIDECAR_UID, "runAsNonRoot": true,
+                            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "strait-token", "mountPath": "/var/run/secrets/strait", "readOnly": true}],
+    });
+    let init = json!({
+        "name": INIT_NAME,
+        "image": s.image,
+        "args": ["sidecar", "init", "--outbound-port", "15001", "--inbound-port", "15006", "--dns-port", "15053",
+                 "--proxy-uid", SIDECAR_UID.to_string()],
+        "securityContext": {"runAsUser": 0, "runAsNonRoot": false, "allowPrivilegeEscalation": false,
+                            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}},
+    });
+    let token = json!({"name": "strait-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": strait_api::TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}});
+    let mut ops = vec![];
+    match spec["initContainers"].as_array() {
+        // First, so interception is in place before any other init container talks.
+        Some(_) => ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": init})),
+        None => ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init]})),
+    }
+    ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": sidecar}));
+    match spec["volumes"].as_array() {
+        Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": token})),
+        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [token]})),
+    }
+    if pod["metadata"]["annotations"].is_object() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations/strait.dev~1injected", "value": "true"}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {"strait.dev/injected": "true"}}));
+    }
+    Some(Value::Array(ops))
+}
+
+/// Answers one AdmissionReview. Never denies: a pod the injector cannot handle is admitted as is.
+pub fn review(body: &Value, s: &InjectSettings) -> Value {
+    let request = &body["request"];
+    let uid = request["uid"].clone();
+    let mut response = json!({"uid": uid, "allowed": true});
+    if request["kind"]["kind"] == "Pod" {
+        if let Some(patch) = patch_for(&request["object"], s) {
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch.to_string()));
+        }
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+}
+
+/// Serves `/inject` over HTTPS until the task is dropped.
+pub async fn serve(listen: SocketAddr, tls: rustls::ServerConfig, settings: InjectSettings) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the injection webhook on {listen}: {e}"))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let settings = Arc::new(settings);
+    loop {
+        let (tcp, remote) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                tracing::debug!(%remote, "webhook TLS handshake failed");
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let settings = settings.clone();
+                async move {
+                    let body = Limited::new(req.into_body(), 4 * 1024 * 1024).collect().await;
+                    let answer = match body
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Value>(&b.to_bytes()).ok())
+                    {
+                        Some(review_req) => review(&review_req, &settings),
+                        None => json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                                       "response": {"uid": "", "allowed": true}}),
+                    };
+                    let mut resp = hyper::Response::new(Full::new(Bytes::from(answer.to_string())));
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> InjectSettings {
+        InjectSettings {
+            image: "strait:test".into(),
+            cluster: "east".into(),
+            region: "us-east".into(),
+            trust_domain: "mesh.local".into(),
+            controller: "strait-federation.strait-system.svc:15012".into(),
+            bundle_pem: "PEM".into(),
+        }
+    }
+
+    #[test]
+    fn injects_once_and_respects_opt_out() {
+        let pod = json!({"metadata": {"name": "a", "labels": {"app": "echo"}},
+                         "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 9090}]}]}});
+        let patch = patch_for(&pod, &settings()).unwrap();
+        let text = patch.to_string();
+        assert!(text.contains(SIDECAR_NAME) && text.contains(INIT_NAME) && text.contains("127.0.0.1:9090"));
+        assert!(text.contains("\"--service\",\"echo\""));
+        let opted_out = json!({"metadata": {"annotations": {"strait.dev/inject": "false"}}, "spec": {"containers": [{"name": "app"}]}});
+        assert!(patch_for(&opted_out, &settings()).is_none());
+        let already = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME}]}});
+        assert!(patch_for(&already, &settings()).is_none());
+    }
+}
