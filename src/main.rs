@@ -1,13 +1,11 @@
 //! `strait`: every daemon and every operator command in one executable.
 
-use clap::Parser;
-
 mod cmd;
 mod install;
 mod up;
 
 fn main() -> std::process::ExitCode {
-    let cli = cmd::Cli::parse();
+    let cli = cmd::parse();
     cmd::init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

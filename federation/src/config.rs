@@ -54,6 +54,28 @@ pub struct KubernetesSource {
     /// A kubeconfig for this cluster only; absent = the in-cluster service account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubeconfig: Option<PathBuf>,
+    /// The sidecar-injecting admission webhook; absent = no injection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injector: Option<InjectorConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InjectorConfig {
+    /// HTTPS address the webhook listens on.
+    pub listen: SocketAddr,
+    /// The URL the API server calls; absent = the strait-federation Service in strait-system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The image of injected sidecars.
+    pub image: String,
+    /// How injected sidecars reach this controller (host:port).
+    #[serde(default = "default_controller_address")]
+    pub controller_address: String,
+}
+
+fn default_controller_address() -> String {
+    "strait-federation.strait-system.svc:15012".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -137,6 +137,11 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         Some(k) => Some(kube_client(k).await?),
         None => None,
     };
+    if let (Some(k), Some(client)) = (&cfg.kubernetes, &kube_api) {
+        if let Some(injector) = &k.injector {
+            start_injector(&cfg, injector, &authority, client, &bundle).await?;
+        }
+    }
     let ca = crate::ca::CaServer::new(
         authority.clone(),
         &cfg.join_tokens,
@@ -378,6 +383,55 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             _ = kube_changed => {}
         }
     }
+}
+
+/// Serves the injection webhook with a certificate from the cluster CA and registers it.
+async fn start_injector(
+    cfg: &ControllerConfig,
+    injector: &crate::config::InjectorConfig,
+    authority: &Authority,
+    client: &kube::Client,
+    bundle: &TrustBundle,
+) -> anyhow::Result<()> {
+    use crate::k8s::inject;
+    let mut names = vec![
+        format!("strait-federation.{}.svc", strait_api::SYSTEM_NAMESPACE),
+        format!("strait-federation.{}.svc.cluster.local", strait_api::SYSTEM_NAMESPACE),
+    ];
+    if let Some(host) = injector
+        .url
+        .as_deref()
+        .and_then(|u| u.parse::<http::Uri>().ok())
+        .and_then(|u| u.host().map(str::to_string))
+    {
+        names.push(host);
+    }
+    // A serving certificate for the API server (checked by DNS name or IP, not SPIFFE ID).
+    let (issued, key) = authority.issue_tls_server(&names, SystemTime::now(), Duration::from_secs(365 * 24 * 3600))?;
+    let tls = rustls::ServerConfig::builder_with_provider(strait_trust::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(
+            issued.chain,
+            rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(key)),
+        )?;
+    let settings = inject::InjectSettings {
+        image: injector.image.clone(),
+        cluster: cfg.cluster.clone(),
+        region: cfg.region.clone(),
+        trust_domain: cfg.trust_domain.to_string(),
+        controller: injector.controller_address.clone(),
+        bundle_pem: bundle.to_pem(),
+    };
+    let listen = injector.listen;
+    tokio::spawn(async move {
+        if let Err(e) = inject::serve(listen, tls, settings).await {
+            tracing::error!(error = %e, "the injection webhook stopped");
+        }
+    });
+    inject::register(client, injector.url.as_deref(), &bundle.to_pem()).await?;
+    tracing::info!(%listen, "sidecar injection webhook registered");
+    Ok(())
 }
 
 /// Where this cluster's services come from.

@@ -372,3 +372,85 @@ async fn a_controller_restart_rewrites_nothing_that_did_not_change() {
         "no ServiceImport was rewritten after the restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_created_through_the_api_server_come_back_injected() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let mesh = Mesh::start_with(MeshOptions {
+        topology: Some(
+            "services:\n  - {name: echo, port: 80}\nclusters:\n  - name: east\n    region: us-east\n    zones: [us-east-1a]\n    workloads:\n      - {service: echo, zone: us-east-1a}\n"
+                .into(),
+        ),
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = client(mesh.cluster("east")).await;
+    let params = kube::api::PostParams::default();
+    for (ns, label) in [("shop", Some("enabled")), ("plain", None)] {
+        let mut labels = serde_json::Map::new();
+        if let Some(l) = label {
+            labels.insert("strait.dev/inject".into(), json!(l));
+        }
+        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}})).unwrap();
+        Api::<Namespace>::all(c.clone()).create(&params, &obj).await.unwrap();
+    }
+    let pod = |name: &str, labels: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/shop:1", "ports": [{"containerPort": 9090}]}]}}))
+        .unwrap()
+    };
+    let create = |ns: &str, p: Pod| {
+        let api = Api::<Pod>::namespaced(c.clone(), ns);
+        async move { api.create(&kube::api::PostParams::default(), &p).await.unwrap() }
+    };
+    let names = |p: &Pod| -> (Vec<String>, Vec<String>) {
+        let spec = p.spec.clone().unwrap();
+        (
+            spec.containers.iter().map(|c| c.name.clone()).collect(),
+            spec.init_containers
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+        )
+    };
+    // A namespace labelled for injection: the pod comes back with the sidecar and its init step.
+    let injected = create("shop", pod("cart", json!({"app": "cart"}))).await;
+    let (containers, inits) = names(&injected);
+    assert_eq!(containers, vec!["app", "strait-sidecar"]);
+    assert_eq!(inits, vec!["strait-init"]);
+    let sidecar = injected.spec.as_ref().unwrap().containers[1].clone();
+    let args = sidecar.args.unwrap().join(" ");
+    assert!(
+        args.contains("--service cart") && args.contains("--app 127.0.0.1:9090") && args.contains("--cluster east"),
+        "{args}"
+    );
+    let init_args = injected.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(
+        init_args.starts_with("sidecar init") && init_args.contains("--proxy-uid 1337"),
+        "{init_args}"
+    );
+    assert_eq!(sidecar.security_context.unwrap().run_as_user, Some(1337));
+    // Opted out in an injected namespace: untouched.
+    let opted_out: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "batch", "labels": {"strait.dev/inject": "false"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/batch:1"}]}}),
+    )
+    .unwrap();
+    assert_eq!(names(&create("shop", opted_out).await).0, vec!["app"]);
+    // A plain namespace: only pods labelled for injection get it.
+    assert_eq!(
+        names(&create("plain", pod("a", json!({"app": "a"}))).await).0,
+        vec!["app"]
+    );
+    assert_eq!(
+        names(&create("plain", pod("b", json!({"app": "b", "strait.dev/inject": "true"}))).await).0,
+        vec!["app", "strait-sidecar"]
+    );
+}

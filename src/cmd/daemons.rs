@@ -114,25 +114,6 @@ impl Where {
     }
 }
 
-/// `strait sidecar [FLAGS]` runs the proxy; `strait sidecar init` writes interception rules.
-#[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-pub struct SidecarCommand {
-    #[command(subcommand)]
-    pub sub: Option<SidecarSub>,
-    #[command(flatten)]
-    pub run: Option<SidecarArgs>,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum SidecarSub {
-    /// Write the pod's iptables interception rules (what the injected init container runs).
-    #[command(
-        after_help = "Example:\n  strait sidecar init --proxy-uid 1337\n  strait sidecar init --cleanup\n  strait sidecar init --dry-run --exclude-cidrs 169.254.169.254/32"
-    )]
-    Init(super::intercept::InitArgs),
-}
-
 #[derive(Args, Debug)]
 pub struct SidecarArgs {
     #[arg(long)]

@@ -67,7 +67,15 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait sidecar --workload echo-1 --service echo --cluster east --region us-east --zone us-east-1a \\\n    --outbound 127.0.0.1:15001 --inbound 127.0.0.1:15006 --admin 127.0.0.1:15000 --app 127.0.0.1:8080 \\\n    --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem"
     )]
-    Sidecar(Box<daemons::SidecarCommand>),
+    Sidecar(Box<daemons::SidecarArgs>),
+    /// Write the pod's iptables interception rules (`strait sidecar init`; what the injected
+    /// init container runs).
+    #[command(
+        name = "sidecar-init",
+        hide = true,
+        after_help = "Example:\n  strait sidecar init --proxy-uid 1337\n  strait sidecar init --cleanup\n  strait sidecar init --dry-run --exclude-cidrs 169.254.169.254/32"
+    )]
+    SidecarInit(intercept::InitArgs),
     /// Run an east-west gateway.
     #[command(
         after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait gateway --cluster east --region us-east --zone us-east-1a --listen 127.0.0.1:15443 \\\n    --admin 127.0.0.1:15021 --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem"
@@ -81,6 +89,16 @@ pub enum Command {
         after_help = "Example:\n  strait demo-app --listen 127.0.0.1:8080 --cluster east --region us-east --zone us-east-1a --workload echo-1 --service echo"
     )]
     DemoApp(demo::DemoArgs),
+}
+
+/// `strait sidecar init ...` is `strait sidecar-init ...`: the proxy's own flags and the init
+/// step's share the `sidecar` word, which clap cannot express as one command.
+pub fn parse() -> Cli {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() > 2 && args[1] == "sidecar" && args[2] == "init" {
+        args.splice(1..3, [std::ffi::OsString::from("sidecar-init")]);
+    }
+    Cli::parse_from(args)
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -104,14 +122,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => inspect::status(args).await,
         Command::Services(args) => inspect::services(args).await,
         Command::Trust(cmd) => trust::run(cmd),
-        Command::Sidecar(cmd) => match *cmd {
-            daemons::SidecarCommand {
-                sub: Some(daemons::SidecarSub::Init(init)),
-                ..
-            } => intercept::run(init),
-            daemons::SidecarCommand { run: Some(args), .. } => daemons::sidecar(args).await,
-            _ => anyhow::bail!("strait sidecar needs its flags (see --help) or a subcommand (init)"),
-        },
+        Command::Sidecar(args) => daemons::sidecar(*args).await,
+        Command::SidecarInit(args) => intercept::run(args),
         Command::Gateway(args) => daemons::gateway(args).await,
         Command::Federation(args) => daemons::federation(args).await,
         Command::DemoApp(args) => demo::run(args).await,

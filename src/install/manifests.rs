@@ -1,7 +1,7 @@
 //! The objects of one cluster's install, built as JSON values from typed settings.
 
 use serde_json::{json, Value};
-use strait_federation::config::{ControllerConfig, GatewayRef, KubernetesSource};
+use strait_federation::config::{ControllerConfig, GatewayRef, InjectorConfig, KubernetesSource};
 
 pub const NAMESPACE: &str = strait_api::SYSTEM_NAMESPACE;
 const CONTROLLER: &str = "strait-federation";
@@ -10,6 +10,7 @@ const GRPC_PORT: u16 = 15012;
 const ADMIN_PORT: u16 = 15014;
 const GATEWAY_PORT: u16 = 15443;
 const GATEWAY_ADMIN_PORT: u16 = 15021;
+const INJECTOR_PORT: u16 = 15017;
 
 /// What differs between clusters.
 #[derive(Clone, Debug)]
@@ -53,7 +54,15 @@ fn controller_config(s: &Settings) -> anyhow::Result<String> {
         ca_dir: "/etc/strait/ca".into(),
         bundle: "/etc/strait/ca/bundle.pem".into(),
         catalog_dir: None,
-        kubernetes: Some(KubernetesSource { kubeconfig: None }),
+        kubernetes: Some(KubernetesSource {
+            kubeconfig: None,
+            injector: Some(InjectorConfig {
+                listen: format!("0.0.0.0:{INJECTOR_PORT}").parse()?,
+                url: None,
+                image: s.image.clone(),
+                controller_address: format!("{CONTROLLER}.{NAMESPACE}.svc:{GRPC_PORT}"),
+            }),
+        }),
         policy: None,
         gateway: GatewayRef {
             address: s.gateway_address,
@@ -78,7 +87,10 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports"],
          "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},
         {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports/status"], "verbs": ["patch", "update"]},
-        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+        {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "verbs": ["create"]},
+        {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+         "resourceNames": ["strait-sidecar-injector"], "verbs": ["get", "patch", "update"]}
     ]);
     let token_volume = json!({"name": "strait-token", "projected": {"sources": [{"serviceAccountToken": {
         "audience": strait_api::TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}});
@@ -102,7 +114,8 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
                   "containers": [{"name": "controller", "image": s.image,
                     "args": ["federation", "--config", "/etc/strait/config/controller.yaml"],
                     "env": [{"name": "STRAIT_ADVERTISE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-                    "ports": [{"name": "grpc", "containerPort": GRPC_PORT}, {"name": "admin", "containerPort": ADMIN_PORT}],
+                    "ports": [{"name": "grpc", "containerPort": GRPC_PORT}, {"name": "admin", "containerPort": ADMIN_PORT},
+                              {"name": "webhook", "containerPort": INJECTOR_PORT}],
                     "readinessProbe": probe("/ready", ADMIN_PORT), "livenessProbe": probe("/healthz", ADMIN_PORT),
                     "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
                     "securityContext": security_context(),
@@ -113,7 +126,8 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
         json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(CONTROLLER, CONTROLLER),
                "spec": {"selector": {"app.kubernetes.io/name": CONTROLLER},
                 "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
-                          {"name": "admin", "port": ADMIN_PORT, "targetPort": "admin", "protocol": "TCP"}]}}),
+                          {"name": "admin", "port": ADMIN_PORT, "targetPort": "admin", "protocol": "TCP"},
+                          {"name": "webhook", "port": INJECTOR_PORT, "targetPort": "webhook", "protocol": "TCP"}]}}),
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(GATEWAY, GATEWAY),
                "spec": {"replicas": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": GATEWAY}},
                 "template": {"metadata": {"labels": labels(GATEWAY)},

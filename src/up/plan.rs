@@ -18,6 +18,7 @@ pub const APP_PORT: u16 = 8080;
 pub const INBOUND_PORT: u16 = 15006;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const SIDECAR_ADMIN_PORT: u16 = 15000;
+pub const INJECTOR_PORT: u16 = 15017;
 
 #[derive(Clone, Debug)]
 pub struct WorkloadPlan {
@@ -240,6 +241,12 @@ impl Plan {
                 catalog_dir: (!kube).then(|| c.dir.join("catalog")),
                 kubernetes: kube.then(|| strait_federation::config::KubernetesSource {
                     kubeconfig: Some(Self::kubeconfig(c)),
+                    injector: Some(strait_federation::config::InjectorConfig {
+                        listen: SocketAddr::new(c.controller.ip(), INJECTOR_PORT),
+                        url: Some(format!("https://{}:{INJECTOR_PORT}/inject", c.controller.ip())),
+                        image: concat!("strait:", env!("CARGO_PKG_VERSION")).into(),
+                        controller_address: c.controller.to_string(),
+                    }),
                 }),
                 policy,
                 gateway: GatewayRef {

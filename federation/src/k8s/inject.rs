@@ -83,6 +83,11 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Option<Value> {
     let token = json!({"name": "strait-token", "projected": {"sources": [{"serviceAccountToken": {
         "audience": strait_api::TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}});
     let mut ops = vec![];
+    if spec["serviceAccountName"].is_null() {
+        // The projected token needs a named account; this is what the ServiceAccount admission
+        // plugin would have set.
+        ops.push(json!({"op": "add", "path": "/spec/serviceAccountName", "value": "default"}));
+    }
     match spec["initContainers"].as_array() {
         // First, so interception is in place before any other init container talks.
         Some(_) => ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": init})),
@@ -186,4 +191,50 @@ mod tests {
         let already = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME}]}});
         assert!(patch_for(&already, &settings()).is_none());
     }
+}
+
+/// Name of the MutatingWebhookConfiguration the controller keeps up to date.
+pub const WEBHOOK_CONFIG: &str = "strait-sidecar-injector";
+
+/// Registers (or refreshes) the webhook with the API server: the URL or Service to call and the
+/// roots that sign the webhook's certificate.
+pub async fn register(client: &kube::Client, url: Option<&str>, ca_bundle_pem: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_bundle_pem);
+    let client_config = match url {
+        Some(u) => json!({"url": u, "caBundle": ca}),
+        None => json!({"service": {"name": "strait-federation", "namespace": strait_api::SYSTEM_NAMESPACE,
+                                   "path": "/inject", "port": 15017}, "caBundle": ca}),
+    };
+    let rules = json!([{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                        "scope": "Namespaced"}]);
+    let hook = |name: &str, ns_selector: Value, object_selector: Value| {
+        json!({"name": name, "clientConfig": client_config, "rules": rules,
+               "namespaceSelector": ns_selector, "objectSelector": object_selector,
+               // Closed: a pod that should get a sidecar is not admitted without one.
+               "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
+               "timeoutSeconds": 5, "reinvocationPolicy": "Never"})
+    };
+    let not_opted_out = json!({"matchExpressions": [{"key": INJECT_LABEL, "operator": "NotIn", "values": ["false"]}]});
+    let config = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK_CONFIG, "labels": {super::MANAGED_BY.0: super::MANAGED_BY.1}},
+        "webhooks": [
+            hook("namespace.inject.strait.dev",
+                 json!({"matchLabels": {INJECT_LABEL: "enabled"}}), not_opted_out),
+            hook("pod.inject.strait.dev",
+                 json!({"matchExpressions": [{"key": INJECT_LABEL, "operator": "NotIn", "values": ["enabled"]},
+                                             {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                                              "values": ["kube-system", strait_api::SYSTEM_NAMESPACE]}]}),
+                 json!({"matchLabels": {INJECT_LABEL: "true"}})),
+        ],
+    });
+    let api: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client.clone());
+    api.patch(
+        WEBHOOK_CONFIG,
+        &kube::api::PatchParams::apply(super::FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&config),
+    )
+    .await?;
+    Ok(())
 }
