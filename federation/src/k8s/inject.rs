@@ -163,36 +163,6 @@ pub async fn serve(listen: SocketAddr, tls: rustls::ServerConfig, settings: Inje
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> InjectSettings {
-        InjectSettings {
-            image: "strait:test".into(),
-            cluster: "east".into(),
-            region: "us-east".into(),
-            trust_domain: "mesh.local".into(),
-            controller: "strait-federation.strait-system.svc:15012".into(),
-            bundle_pem: "PEM".into(),
-        }
-    }
-
-    #[test]
-    fn injects_once_and_respects_opt_out() {
-        let pod = json!({"metadata": {"name": "a", "labels": {"app": "echo"}},
-                         "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 9090}]}]}});
-        let patch = patch_for(&pod, &settings()).unwrap();
-        let text = patch.to_string();
-        assert!(text.contains(SIDECAR_NAME) && text.contains(INIT_NAME) && text.contains("127.0.0.1:9090"));
-        assert!(text.contains("\"--service\",\"echo\""));
-        let opted_out = json!({"metadata": {"annotations": {"strait.dev/inject": "false"}}, "spec": {"containers": [{"name": "app"}]}});
-        assert!(patch_for(&opted_out, &settings()).is_none());
-        let already = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME}]}});
-        assert!(patch_for(&already, &settings()).is_none());
-    }
-}
-
 /// Name of the MutatingWebhookConfiguration the controller keeps up to date.
 pub const WEBHOOK_CONFIG: &str = "strait-sidecar-injector";
 
@@ -237,4 +207,34 @@ pub async fn register(client: &kube::Client, url: Option<&str>, ca_bundle_pem: &
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> InjectSettings {
+        InjectSettings {
+            image: "strait:test".into(),
+            cluster: "east".into(),
+            region: "us-east".into(),
+            trust_domain: "mesh.local".into(),
+            controller: "strait-federation.strait-system.svc:15012".into(),
+            bundle_pem: "PEM".into(),
+        }
+    }
+
+    #[test]
+    fn injects_once_and_respects_opt_out() {
+        let pod = json!({"metadata": {"name": "a", "labels": {"app": "echo"}},
+                         "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 9090}]}]}});
+        let patch = patch_for(&pod, &settings()).unwrap();
+        let text = patch.to_string();
+        assert!(text.contains(SIDECAR_NAME) && text.contains(INIT_NAME) && text.contains("127.0.0.1:9090"));
+        assert!(text.contains("\"--service\",\"echo\""));
+        let opted_out = json!({"metadata": {"annotations": {"strait.dev/inject": "false"}}, "spec": {"containers": [{"name": "app"}]}});
+        assert!(patch_for(&opted_out, &settings()).is_none());
+        let already = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME}]}});
+        assert!(patch_for(&already, &settings()).is_none());
+    }
 }
