@@ -12,7 +12,7 @@ use strait_api::pb;
 
 use crate::config::{humantime_ms, parse_yaml};
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyFile {
     #[serde(default)]
@@ -27,7 +27,7 @@ pub struct PolicyFile {
     pub outlier_detection: Option<OutlierSpec>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalityLbSetting {
     #[serde(default)]
@@ -38,26 +38,28 @@ pub struct LocalityLbSetting {
     pub failover_priority: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DistributeSpec {
     pub from: String,
     pub to: BTreeMap<String, u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FailoverSpec {
     pub from: String,
     pub to: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierSpec {
     #[serde(default)]
     pub consecutive_errors: Option<u32>,
+    /// For example `2s`.
     #[serde(default, with = "opt_duration")]
+    #[schemars(with = "Option<String>")]
     pub base_ejection_time: Option<Duration>,
 }
 

@@ -257,6 +257,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("the controller config names no source (catalogDir or kubernetes)"),
     };
     let mut last_merged: Option<BTreeMap<String, MergedService>> = None;
+    let mut policy_generation: Option<i64> = None;
     let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
     let mut last_errors: Vec<SourceError> = vec![];
     let started_at = Instant::now();
@@ -264,6 +265,32 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     loop {
         if let Source::File(files) = &mut source {
             files.poll();
+        }
+        if let Source::Kube(watched, _) = &source {
+            if let Some(p) = watched.locality_policy() {
+                let generation = p.metadata.generation;
+                if generation != policy_generation {
+                    policy_generation = generation;
+                    let errors = policy::validate(&p.spec.policy);
+                    let error = (!errors.is_empty()).then(|| format!("LocalityPolicy default: {}", errors.join("; ")));
+                    match &error {
+                        None => {
+                            policy_watch.current = policy::compile(&p.spec.policy, "LocalityPolicy default");
+                            policy_watch.error = None;
+                            tracing::info!("LocalityPolicy default applied");
+                        }
+                        Some(e) => {
+                            rejected.with_label_values(&["policy"]).inc();
+                            tracing::error!(error = %e, "LocalityPolicy rejected; the last good policy keeps serving");
+                            policy_watch.error = Some(e.clone());
+                        }
+                    }
+                    if let Err(e) = watched.report_policy(generation, error.as_deref()).await {
+                        tracing::warn!(error = %e, "cannot write the LocalityPolicy status");
+                        policy_generation = None;
+                    }
+                }
+            }
         }
         if policy_watch.poll() == Some(false) {
             rejected.with_label_values(&["policy"]).inc();

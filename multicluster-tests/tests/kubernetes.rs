@@ -454,3 +454,98 @@ async fn pods_created_through_the_api_server_come_back_injected() {
         vec!["app", "strait-sidecar"]
     );
 }
+
+fn policies(c: &Client) -> Api<kube::api::DynamicObject> {
+    let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "policy.strait.dev",
+        "v1alpha1",
+        "LocalityPolicy",
+    ));
+    Api::all_with(c.clone(), &ar)
+}
+
+async fn apply_policy(c: &Client, spec: serde_json::Value) -> Result<(), kube::Error> {
+    let obj = json!({"apiVersion": "policy.strait.dev/v1alpha1", "kind": "LocalityPolicy",
+                     "metadata": {"name": "default"}, "spec": spec});
+    policies(c)
+        .patch(
+            "default",
+            &PatchParams::apply("strait-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .map(|_| ())
+}
+
+async fn accepted(c: &Client) -> (String, String) {
+    let p = serde_json::to_value(policies(c).get("default").await.unwrap()).unwrap();
+    let cond = &p["status"]["conditions"][0];
+    (
+        cond["status"].as_str().unwrap_or_default().to_string(),
+        cond["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_locality_policy_crd_applies_reports_and_keeps_the_last_good_one() {
+    let mesh = Mesh::start_with(MeshOptions {
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east = client(mesh.cluster("east")).await;
+    apply_policy(
+        &east,
+        json!({"localityLbSetting": {"failover": [{"from": "us-east", "to": "eu-central"}]}}),
+    )
+    .await
+    .unwrap();
+    Mesh::eventually("the policy is accepted", Duration::from_secs(10), || async {
+        accepted(&east).await.0 == "True"
+    })
+    .await
+    .unwrap();
+    let caller = mesh.workload("echo", "us-east-1a").clone();
+    mesh.kill9(caller.app_pid);
+    mesh.kill9(mesh.workload("echo", "us-east-1b").app_pid);
+    let zone = || async {
+        let (code, body) = get_via(caller.outbound_proxy, "http://echo.demo.svc.clusterset.local/")
+            .await
+            .unwrap();
+        assert_eq!(code, 200);
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["zone"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    Mesh::eventually(
+        "failover follows the policy (eu-central, not the nearer us-west)",
+        Duration::from_secs(10),
+        || async { zone().await == "eu-central-1a" },
+    )
+    .await
+    .unwrap();
+
+    // A semantic mistake: reported on the object's status; the last good policy keeps serving.
+    apply_policy(
+        &east,
+        json!({"localityLbSetting": {"failover": [{"from": "us-east", "to": "us-east"}]}}),
+    )
+    .await
+    .unwrap();
+    Mesh::eventually("the bad policy is reported", Duration::from_secs(10), || async {
+        let (status, message) = accepted(&east).await;
+        status == "False" && message.contains("localityLbSetting.failover[0].to")
+    })
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(zone().await, "eu-central-1a");
+    }
+    // A malformed object never gets in: the CRD schema refuses it.
+    let err = apply_policy(&east, json!({"overprovisioningPercent": "lots"}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("overprovisioningPercent"), "{err}");
+}

@@ -90,10 +90,35 @@ pub struct ClusterStatus {
     pub cluster: String,
 }
 
+/// The cluster's locality policy: Istio's `localityLbSetting` knobs plus `clusterOrder` and
+/// outlier detection (the same fields as a policy file). Only the object named `default`
+/// applies; a semantically bad one is reported on its status and the last good policy serves.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "policy.strait.dev",
+    version = "v1alpha1",
+    kind = "LocalityPolicy",
+    status = "LocalityPolicyStatus",
+    shortname = "locpol"
+)]
+pub struct LocalityPolicySpec {
+    #[serde(flatten)]
+    pub policy: crate::policy::PolicyFile,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalityPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
 /// Every CRD Strait needs, as the API server takes them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![ServiceExport::crd(), ServiceImport::crd()]
+    vec![ServiceExport::crd(), ServiceImport::crd(), LocalityPolicy::crd()]
 }
 
 #[cfg(test)]

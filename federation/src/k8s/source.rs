@@ -16,13 +16,18 @@ use strait_api::pb;
 use strait_trust::{SpiffeId, TrustDomain};
 use tokio::sync::Notify;
 
-use super::crd::ServiceExport;
+use super::crd::{Condition, LocalityPolicy, LocalityPolicyStatus, ServiceExport};
 use crate::source::{LocalService, SourceError};
+
+/// The one LocalityPolicy that applies.
+pub const POLICY_NAME: &str = "default";
 
 /// Annotation on a Service naming its endpoints' service account (until pods are read).
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "strait.dev/service-account";
 
 pub struct KubeSource {
+    client: Client,
+    policies: Store<LocalityPolicy>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     exports: Store<ServiceExport>,
@@ -56,6 +61,12 @@ impl KubeSource {
     pub async fn start(client: Client, timeout: Duration) -> anyhow::Result<Self> {
         let changed = Arc::new(Notify::new());
         let source = KubeSource {
+            client: client.clone(),
+            policies: spawn_reflector(
+                Api::<LocalityPolicy>::all(client.clone()),
+                changed.clone(),
+                "LocalityPolicy",
+            ),
             services: spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), "Service"),
             slices: spawn_reflector(
                 Api::<EndpointSlice>::all(client.clone()),
@@ -69,6 +80,7 @@ impl KubeSource {
             let _ = source.services.wait_until_ready().await;
             let _ = source.slices.wait_until_ready().await;
             let _ = source.exports.wait_until_ready().await;
+            let _ = source.policies.wait_until_ready().await;
         };
         tokio::time::timeout(timeout, ready).await.map_err(|_| {
             anyhow::anyhow!(
@@ -82,6 +94,34 @@ impl KubeSource {
     /// Wakes when any watched object changed.
     pub fn changed(&self) -> &Notify {
         &self.changed
+    }
+
+    /// The `default` LocalityPolicy, if there is one.
+    pub fn locality_policy(&self) -> Option<Arc<LocalityPolicy>> {
+        self.policies.get(&ObjectRef::new(POLICY_NAME))
+    }
+
+    /// Reports on a LocalityPolicy's status whether it was accepted (and why not).
+    pub async fn report_policy(&self, generation: Option<i64>, error: Option<&str>) -> Result<(), kube::Error> {
+        let condition = Condition {
+            type_: "Accepted".into(),
+            status: if error.is_none() { "True" } else { "False" }.into(),
+            reason: Some(if error.is_none() { "Valid" } else { "Invalid" }.into()),
+            message: error.map(|e| format!("{e}; the last good policy keeps serving")),
+            last_transition_time: None,
+        };
+        let status = serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "LocalityPolicy",
+            "status": LocalityPolicyStatus { observed_generation: generation, conditions: vec![condition] },
+        });
+        Api::<LocalityPolicy>::all(self.client.clone())
+            .patch_status(
+                POLICY_NAME,
+                &kube::api::PatchParams::apply(super::FIELD_MANAGER).force(),
+                &kube::api::Patch::Apply(&status),
+            )
+            .await?;
+        Ok(())
     }
 
     /// This cluster's exported services.
