@@ -252,7 +252,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             let client = kube_api.clone().context("Kubernetes mode without a client")?;
             let watched = KubeSource::start(client.clone(), Duration::from_secs(30)).await?;
             tracing::info!("Kubernetes source ready");
-            Source::Kube(watched, ImportWriter::new(client))
+            Source::Kube(Box::new(watched), ImportWriter::new(client))
         }
         (None, None) => anyhow::bail!("the controller config names no source (catalogDir or kubernetes)"),
     };
@@ -464,7 +464,7 @@ async fn start_injector(
 /// Where this cluster's services come from.
 enum Source {
     File(FileSource),
-    Kube(KubeSource, ImportWriter),
+    Kube(Box<KubeSource>, ImportWriter),
 }
 
 async fn kube_client(k: &crate::config::KubernetesSource) -> anyhow::Result<kube::Client> {
