@@ -136,7 +136,8 @@ mod tests {
             names,
             vec![
                 "serviceexports.multicluster.x-k8s.io",
-                "serviceimports.multicluster.x-k8s.io"
+                "serviceimports.multicluster.x-k8s.io",
+                "localitypolicies.policy.strait.dev"
             ]
         );
         let export_schema = crds[0].spec.versions[0]
