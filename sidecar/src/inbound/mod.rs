@@ -158,10 +158,11 @@ impl Inbound {
                         self.service, self.cluster, self.app_addr
                     ),
                 );
-                if e.is_connect() {
-                    resp.headers_mut()
-                        .insert(UPSTREAM_FAILURE_HEADER, HeaderValue::from_static("connect"));
-                }
+                // "connect": the app never saw the request, any retry is safe. "reset": the app
+                // went away mid-request; only idempotent requests may be retried.
+                let kind = if e.is_connect() { "connect" } else { "reset" };
+                resp.headers_mut()
+                    .insert(UPSTREAM_FAILURE_HEADER, HeaderValue::from_static(kind));
                 resp
             }
         };

@@ -105,6 +105,17 @@ impl Outbound {
                 Ok(resp) if resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) => {
                     self.balancer.failure(&snap, &svc, ep);
                     last_error = format!("{} could not reach its application", ep.key);
+                    let connect = resp
+                        .headers()
+                        .get(UPSTREAM_FAILURE_HEADER)
+                        .is_some_and(|v| v == "connect");
+                    if !(connect || idempotent) {
+                        // The app may have acted on it: give the caller the answer, do not retry.
+                        let (mut rparts, rbody) = resp.into_parts();
+                        rparts.version = Version::HTTP_11;
+                        rparts.headers.remove(UPSTREAM_FAILURE_HEADER);
+                        return Response::from_parts(rparts, rbody.boxed());
+                    }
                 }
                 Ok(resp) => {
                     self.balancer.success(ep);
