@@ -189,6 +189,16 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn ensure_namespace(client: &Client, ns: &str) -> anyhow::Result<()> {
+    let obj: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
+    }))?;
+    Api::<Namespace>::all(client.clone())
+        .patch(ns, &PatchParams::apply("strait-up").force(), &Patch::Apply(&obj))
+        .await?;
+    Ok(())
+}
+
 /// Writes one cluster's demo workloads as a Service, an EndpointSlice and a ServiceExport each.
 pub async fn publish_demo(
     client: &Client,
@@ -202,12 +212,7 @@ pub async fn publish_demo(
             continue;
         }
         let ns = &def.namespace;
-        let ns_obj: Namespace = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
-        }))?;
-        Api::<Namespace>::all(client.clone())
-            .patch(ns, &params, &Patch::Apply(&ns_obj))
-            .await?;
+        ensure_namespace(client, ns).await?;
         let http = def.protocol == strait_federation::source::ProtocolSpec::Http;
         let svc: Service = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Service",
@@ -292,12 +297,7 @@ pub async fn service_account_token(client: &Client, ns: &str, name: &str, out: &
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     let params = PatchParams::apply("strait-up").force();
-    let ns_obj: Namespace = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
-    }))?;
-    Api::<Namespace>::all(client.clone())
-        .patch(ns, &params, &Patch::Apply(&ns_obj))
-        .await?;
+    ensure_namespace(client, ns).await?;
     let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}
     }))?;

@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::cmd::{get_json, table, Output};
 use plan::{ClusterPlan, Plan};
 use procs::Proc;
+use strait_api::drain::shutdown_signal;
 use topology::Topology;
 
 pub const EXAMPLES: &str = "Examples:
@@ -579,18 +580,4 @@ async fn start_kube(plan: &Plan, log_filter: &str, procs_out: &mut Vec<Proc>) ->
         ));
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
