@@ -47,6 +47,26 @@ async fn import_of(c: &Client, name: &str) -> Option<serde_json::Value> {
         .map(|o| serde_json::to_value(o).unwrap())
 }
 
+/// Writes the one-endpoint EndpointSlice of Service `name`.
+async fn write_slice(c: &Client, name: &str, protocol: &str, endpoint: std::net::SocketAddr, zone: &str, ready: bool) {
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "demo", "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": protocol, "port": endpoint.port(), "protocol": "TCP"}],
+        "endpoints": [{"addresses": [endpoint.ip().to_string()], "conditions": {"ready": ready}, "zone": zone}]
+    }))
+    .unwrap();
+    Api::<EndpointSlice>::namespaced(c.clone(), "demo")
+        .patch(
+            &format!("{name}-1"),
+            &PatchParams::apply("strait-test").force(),
+            &Patch::Apply(&slice),
+        )
+        .await
+        .unwrap();
+}
+
 /// Exports a Service `name` in `c` whose one endpoint is an existing workload's sidecar.
 async fn export(c: &Client, name: &str, port: u16, protocol: &str, endpoint: std::net::SocketAddr, zone: &str) {
     let params = PatchParams::apply("strait-test").force();
@@ -60,18 +80,7 @@ async fn export(c: &Client, name: &str, port: u16, protocol: &str, endpoint: std
         .patch(name, &params, &Patch::Apply(&svc))
         .await
         .unwrap();
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{name}-1"), "namespace": "demo", "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4",
-        "ports": [{"name": protocol, "port": endpoint.port(), "protocol": "TCP"}],
-        "endpoints": [{"addresses": [endpoint.ip().to_string()], "conditions": {"ready": true}, "zone": zone}]
-    }))
-    .unwrap();
-    Api::<EndpointSlice>::namespaced(c.clone(), "demo")
-        .patch(&format!("{name}-1"), &params, &Patch::Apply(&slice))
-        .await
-        .unwrap();
+    write_slice(c, name, protocol, endpoint, zone, true).await;
     let export = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
                         "metadata": {"name": name, "namespace": "demo"}});
     exports(c).patch(name, &params, &Patch::Apply(&export)).await.unwrap();
@@ -138,19 +147,7 @@ async fn exports_become_imports_everywhere_and_endpoint_changes_propagate() {
 
     // An EndpointSlice change in east reaches a sidecar in west.
     let started = Instant::now();
-    let params = PatchParams::apply("strait-test").force();
-    let not_ready: EndpointSlice = serde_json::from_value(json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "orders-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "orders"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": target.inbound_addr.port(), "protocol": "TCP"}],
-        "endpoints": [{"addresses": [target.inbound_addr.ip().to_string()], "conditions": {"ready": false}, "zone": "us-east-1a"}]
-    }))
-    .unwrap();
-    Api::<EndpointSlice>::namespaced(east.clone(), "demo")
-        .patch("orders-1", &params, &Patch::Apply(&not_ready))
-        .await
-        .unwrap();
+    write_slice(&east, "orders", "http", target.inbound_addr, "us-east-1a", false).await;
     let west_admin = mesh.workload("greeter", "us-west-2a").admin_addr;
     Mesh::eventually(
         "west's sidecar sees the endpoint not ready",

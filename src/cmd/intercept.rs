@@ -61,8 +61,13 @@ fn iptables(args: &[String], dry_run: bool, tolerate_failure: bool) -> anyhow::R
     Ok(())
 }
 
-fn a(parts: &[&str]) -> Vec<String> {
-    parts.iter().map(|s| s.to_string()).collect()
+/// One nat-table rule, written as iptables would print it (tokens never contain spaces).
+fn nat(rule: String) -> Vec<String> {
+    ["-t", "nat"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(rule.split_whitespace().map(str::to_string))
+        .collect()
 }
 
 /// The commands that remove Strait's rules (each tolerated if already absent).
@@ -73,127 +78,54 @@ fn cleanup_commands() -> Vec<Vec<String>> {
         ("PREROUTING", IN_CHAIN, "tcp"),
         ("OUTPUT", DNS_CHAIN, "udp"),
     ] {
-        cmds.push(a(&["-t", "nat", "-D", parent, "-p", proto, "-j", chain]));
+        cmds.push(nat(format!("-D {parent} -p {proto} -j {chain}")));
     }
     for chain in [OUT_CHAIN, IN_CHAIN, DNS_CHAIN] {
-        cmds.push(a(&["-t", "nat", "-F", chain]));
-        cmds.push(a(&["-t", "nat", "-X", chain]));
+        cmds.push(nat(format!("-F {chain}")));
+        cmds.push(nat(format!("-X {chain}")));
     }
     cmds
 }
 
 /// The commands that install the rules, after a cleanup (so re-running is idempotent).
 pub fn install_commands(x: &InitArgs) -> Vec<Vec<String>> {
-    let uid = x.proxy_uid.to_string();
-    let mut cmds = vec![];
-    for chain in [OUT_CHAIN, IN_CHAIN] {
-        cmds.push(a(&["-t", "nat", "-N", chain]));
-    }
+    let uid = x.proxy_uid;
+    let mut rules = vec![format!("-N {OUT_CHAIN}"), format!("-N {IN_CHAIN}")];
     // Outbound: the sidecar's own traffic and loopback-to-loopback traffic pass.
-    cmds.push(a(&[
-        "-t",
-        "nat",
-        "-A",
-        OUT_CHAIN,
-        "-m",
-        "owner",
-        "--uid-owner",
-        &uid,
-        "-j",
-        "RETURN",
-    ]));
-    cmds.push(a(&["-t", "nat", "-A", OUT_CHAIN, "-d", "127.0.0.0/8", "-j", "RETURN"]));
+    rules.push(format!("-A {OUT_CHAIN} -m owner --uid-owner {uid} -j RETURN"));
+    rules.push(format!("-A {OUT_CHAIN} -d 127.0.0.0/8 -j RETURN"));
     for cidr in &x.exclude_cidrs {
-        cmds.push(a(&["-t", "nat", "-A", OUT_CHAIN, "-d", cidr, "-j", "RETURN"]));
+        rules.push(format!("-A {OUT_CHAIN} -d {cidr} -j RETURN"));
     }
     for port in &x.exclude_outbound_ports {
-        cmds.push(a(&[
-            "-t",
-            "nat",
-            "-A",
-            OUT_CHAIN,
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+        rules.push(format!("-A {OUT_CHAIN} -p tcp --dport {port} -j RETURN"));
     }
-    cmds.push(a(&[
-        "-t",
-        "nat",
-        "-A",
-        OUT_CHAIN,
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &x.outbound_port.to_string(),
-    ]));
-    cmds.push(a(&["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUT_CHAIN]));
+    rules.push(format!(
+        "-A {OUT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+        x.outbound_port
+    ));
+    rules.push(format!("-A OUTPUT -p tcp -j {OUT_CHAIN}"));
     // Inbound: everything but the sidecar's own ports and the exclusions goes to inbound.
     let mut skip: Vec<u16> = vec![x.inbound_port, x.outbound_port, 15000];
     skip.extend(&x.exclude_inbound_ports);
     for port in skip {
-        cmds.push(a(&[
-            "-t",
-            "nat",
-            "-A",
-            IN_CHAIN,
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+        rules.push(format!("-A {IN_CHAIN} -p tcp --dport {port} -j RETURN"));
     }
-    cmds.push(a(&[
-        "-t",
-        "nat",
-        "-A",
-        IN_CHAIN,
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &x.inbound_port.to_string(),
-    ]));
-    cmds.push(a(&["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", IN_CHAIN]));
+    rules.push(format!(
+        "-A {IN_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+        x.inbound_port
+    ));
+    rules.push(format!("-A PREROUTING -p tcp -j {IN_CHAIN}"));
     if x.dns_port != 0 {
-        cmds.push(a(&["-t", "nat", "-N", DNS_CHAIN]));
-        cmds.push(a(&[
-            "-t",
-            "nat",
-            "-A",
-            DNS_CHAIN,
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            "RETURN",
-        ]));
-        cmds.push(a(&[
-            "-t",
-            "nat",
-            "-A",
-            DNS_CHAIN,
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &x.dns_port.to_string(),
-        ]));
-        cmds.push(a(&["-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", DNS_CHAIN]));
+        rules.push(format!("-N {DNS_CHAIN}"));
+        rules.push(format!("-A {DNS_CHAIN} -m owner --uid-owner {uid} -j RETURN"));
+        rules.push(format!(
+            "-A {DNS_CHAIN} -p udp --dport 53 -j REDIRECT --to-ports {}",
+            x.dns_port
+        ));
+        rules.push(format!("-A OUTPUT -p udp -j {DNS_CHAIN}"));
     }
-    cmds
+    rules.into_iter().map(nat).collect()
 }
 
 pub fn run(x: InitArgs) -> anyhow::Result<()> {
