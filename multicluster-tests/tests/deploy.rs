@@ -19,8 +19,14 @@ clusters:
       - {service: echo, zone: us-east-1a}
 "#;
 
-fn strait(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(strait_bin()).args(args).output().unwrap();
+/// Runs `strait ARGS` (with KUBECONFIG set when given); returns success and all its output.
+fn strait_kc(args: &[&str], kubeconfig: Option<&str>) -> (bool, String) {
+    let mut cmd = std::process::Command::new(strait_bin());
+    cmd.args(args);
+    if let Some(kc) = kubeconfig {
+        cmd.env("KUBECONFIG", kc);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.success(),
         format!(
@@ -29,6 +35,10 @@ fn strait(args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+fn strait(args: &[&str]) -> (bool, String) {
+    strait_kc(args, None)
 }
 
 #[test]
@@ -119,22 +129,6 @@ clusters:
       - {service: echo, zone: us-west-2a}
 "#;
 
-fn strait_env(args: &[&str], kubeconfig: &str) -> (bool, String) {
-    let out = std::process::Command::new(strait_bin())
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_exchanges_only_names_and_gateways_and_check_says_what_to_fix() {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -180,7 +174,7 @@ async fn join_exchanges_only_names_and_gateways_and_check_says_what_to_fix() {
             .unwrap();
     }
     let both = format!("{}:{}", kc("east"), kc("west"));
-    let (ok, out) = strait_env(&["join", "--context", "east", "--context", "west"], &both);
+    let (ok, out) = strait_kc(&["join", "--context", "east", "--context", "west"], Some(&both));
     assert!(ok, "{out}");
     for (c, peer, gw) in [
         ("east", "west", "203.0.113.20:15443"),
@@ -198,7 +192,7 @@ async fn join_exchanges_only_names_and_gateways_and_check_says_what_to_fix() {
     }
     // check: the install is in place and joined; the Deployments cannot become available here
     // (no kubelet), and check says so with the fix.
-    let (ok, out) = strait_env(&["check", "--context", "east", "--output", "json"], &both);
+    let (ok, out) = strait_kc(&["check", "--context", "east", "--output", "json"], Some(&both));
     assert!(!ok);
     let checks: serde_json::Value = serde_json::from_str(out.split("error:").next().unwrap()).unwrap();
     let verdict = |name: &str| {

@@ -13,6 +13,16 @@ use kube::{Api, Client};
 use multicluster_tests::{get_via, ClusterInfo, Mesh, MeshOptions};
 use serde_json::json;
 
+/// The three-cluster demo, every cluster backed by a real API server.
+async fn kube_mesh() -> Mesh {
+    Mesh::start_with(MeshOptions {
+        kube: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 async fn client(c: &ClusterInfo) -> Client {
     let kc = kube::config::Kubeconfig::read_from(c.kubeconfig.as_ref().expect("--kube gives a kubeconfig")).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
@@ -88,12 +98,7 @@ async fn export(c: &Client, name: &str, port: u16, protocol: &str, endpoint: std
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_become_imports_everywhere_and_endpoint_changes_propagate() {
-    let mesh = Mesh::start_with(MeshOptions {
-        kube: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = kube_mesh().await;
     let east = client(mesh.cluster("east")).await;
     let west = client(mesh.cluster("west")).await;
     let central = client(mesh.cluster("central")).await;
@@ -179,12 +184,7 @@ async fn exports_become_imports_everywhere_and_endpoint_changes_propagate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicts_are_reported_in_every_cluster_and_an_api_outage_keeps_serving() {
-    let mesh = Mesh::start_with(MeshOptions {
-        kube: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = kube_mesh().await;
     let east = client(mesh.cluster("east")).await;
     let west = client(mesh.cluster("west")).await;
     let central = client(mesh.cluster("central")).await;
@@ -258,12 +258,7 @@ async fn token(c: &Client, ns: &str, sa: &str, audience: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_issues_for_service_account_tokens_and_refuses_forged_ones() {
-    let mesh = Mesh::start_with(MeshOptions {
-        kube: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = kube_mesh().await;
     let east = client(mesh.cluster("east")).await;
     let west = client(mesh.cluster("west")).await;
     let dir = mesh.info.state_dir.join("test-tokens");
@@ -320,12 +315,7 @@ async fn import_versions(c: &Client) -> std::collections::BTreeMap<String, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_restart_rewrites_nothing_that_did_not_change() {
-    let mut mesh = Mesh::start_with(MeshOptions {
-        kube: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut mesh = kube_mesh().await;
     let west = mesh.cluster("west").clone();
     let api = client(&west).await;
     Mesh::eventually("west has its three imports", Duration::from_secs(10), || async {
@@ -485,12 +475,7 @@ async fn accepted(c: &Client) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_locality_policy_crd_applies_reports_and_keeps_the_last_good_one() {
-    let mesh = Mesh::start_with(MeshOptions {
-        kube: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = kube_mesh().await;
     let east = client(mesh.cluster("east")).await;
     apply_policy(
         &east,
