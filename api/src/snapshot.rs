@@ -360,6 +360,11 @@ impl Snapshot {
         }?;
         self.services.get(key)
     }
+
+    /// Finds a service by its ClusterSet IP.
+    pub fn service_by_ip(&self, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(self.by_ip.get(&ip)?)
+    }
 }
 
 #[cfg(test)]

@@ -84,6 +84,9 @@ fn init_writes_idempotent_rules_and_cleanup_removes_them() {
     assert!(has(
         "-A STRAIT_DNS -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053"
     ));
+    assert!(has(
+        "-A STRAIT_OUTPUT -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053"
+    ));
 
     // Running it again leaves the same rules, not two copies.
     let (ok, out) = ns.run(bin, &args);

@@ -8,6 +8,7 @@
 //!
 //! Inbound: terminate mTLS, note the peer's identity, forward plaintext to the app on loopback.
 
+pub mod dns;
 pub mod inbound;
 pub mod lb;
 pub mod metrics;
@@ -20,6 +21,9 @@ pub use run::{run, SidecarOptions};
 /// Response header the inbound sidecar sets when it could not reach its app: the request never
 /// reached application code, so the caller may retry it elsewhere.
 pub const UPSTREAM_FAILURE_HEADER: &str = "x-strait-upstream-failure";
+/// Request header telling the inbound sidecar to speak HTTP/2 to its app because the calling app
+/// spoke HTTP/2 (gRPC). Set only by outbound sidecars, inside mTLS.
+pub const APP_PROTOCOL_HEADER: &str = "x-strait-app-protocol";
 /// Request header carrying the caller's cluster (inside mTLS, for metrics).
 pub const SOURCE_CLUSTER_HEADER: &str = "x-strait-source-cluster";
 

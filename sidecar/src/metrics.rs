@@ -8,6 +8,7 @@ pub struct SidecarMetrics {
     pub retries: IntCounterVec,
     pub ejections: IntCounterVec,
     pub inbound_requests: IntCounterVec,
+    pub passthrough: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -72,6 +73,12 @@ impl SidecarMetrics {
                 "strait_inbound_requests_total",
                 "Requests received from other sidecars, by source cluster and response class",
                 &["source_cluster", "response_class"],
+            ),
+            passthrough: counter(
+                registry,
+                "strait_passthrough_connections_total",
+                "Intercepted connections to destinations outside the mesh, by result (ok, reset, connect_failed, refused)",
+                &["result"],
             ),
         }
     }

@@ -15,10 +15,11 @@ use strait_api::snapshot::Snapshot;
 use strait_gateway::TunnelClient;
 use tokio::net::TcpListener;
 
+use crate::dns::{DnsMetrics, DnsProxy, ResolvConf};
 use crate::inbound::Inbound;
 use crate::lb::Balancer;
 use crate::metrics::SidecarMetrics;
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, UnknownDestinations};
 use crate::upstream::Upstreams;
 
 #[derive(Clone, Debug)]
@@ -32,6 +33,10 @@ pub struct SidecarOptions {
     pub admin: SocketAddr,
     pub app: SocketAddr,
     pub controller: ControllerLink,
+    /// Intercepted connections to destinations the mesh does not know.
+    pub unknown_destinations: UnknownDestinations,
+    /// The DNS proxy's address and the pod's resolver settings (its upstreams).
+    pub dns: Option<(SocketAddr, ResolvConf)>,
     /// How long in-flight work may take to finish on shutdown.
     pub drain_timeout: Duration,
 }
@@ -71,6 +76,15 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let admin_listener = strait_api::admin::bind(opts.admin).await?;
     let inbound_listener = bind("inbound", opts.inbound).await?;
     let outbound_listener = bind("outbound", opts.outbound).await?;
+    let dns_sockets = match &opts.dns {
+        Some((addr, _)) => {
+            let udp = tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot bind the DNS proxy on udp {addr}: {e}"))?;
+            Some((udp, bind("DNS (tcp)", *addr).await?))
+        }
+        None => None,
+    };
     tokio::spawn(admin.clone().serve(admin_listener));
 
     let hello = pb::Hello {
@@ -86,13 +100,21 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?;
     let upstreams = Upstreams::new(opts.locality.cluster.clone(), store.clone(), tunnel);
     let balancer = Balancer::new(opts.locality.clone(), metrics.clone());
-    let outbound = Arc::new(Outbound::new(
-        opts.locality.cluster.clone(),
-        rx.clone(),
-        balancer,
-        upstreams,
-        metrics.clone(),
-    ));
+    let outbound = Arc::new(
+        Outbound::new(
+            opts.locality.cluster.clone(),
+            rx.clone(),
+            balancer,
+            upstreams,
+            metrics.clone(),
+        )
+        .unknown_destinations(opts.unknown_destinations),
+    );
+    if let (Some((udp, tcp)), Some((addr, resolv))) = (dns_sockets, &opts.dns) {
+        let dns = Arc::new(DnsProxy::new(rx.clone(), resolv, &[*addr], DnsMetrics::new(&registry)));
+        tokio::spawn(dns.clone().serve_udp(udp));
+        tokio::spawn(dns.serve_tcp(tcp));
+    }
     let inbound = Arc::new(Inbound::new(
         opts.locality.cluster.clone(),
         opts.service.clone(),

@@ -124,9 +124,22 @@ pub struct SidecarArgs {
     pub namespace: String,
     #[command(flatten)]
     pub at: Where,
-    /// The explicit outbound proxy listener (HTTP proxy: absolute-form and CONNECT).
+    /// The outbound listener: connections iptables redirected here are routed by their original
+    /// destination; connections made to it directly are an explicit HTTP proxy (absolute-form
+    /// and CONNECT).
     #[arg(long)]
     pub outbound: SocketAddr,
+    /// Intercepted connections to destinations the mesh does not know: pass them through
+    /// (allow-any) or refuse them (registry-only).
+    #[arg(long, value_enum, default_value_t = OutboundTraffic::AllowAny)]
+    pub outbound_traffic: OutboundTraffic,
+    /// The DNS proxy's address (UDP and TCP), where `strait sidecar init` sends port 53, e.g.
+    /// 127.0.0.1:15053. Off when not given.
+    #[arg(long)]
+    pub dns: Option<SocketAddr>,
+    /// Where the pod's own nameservers and search domains are (names outside the mesh go there).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
     /// The inbound mTLS listener other sidecars connect to.
     #[arg(long)]
     pub inbound: SocketAddr,
@@ -137,6 +150,12 @@ pub struct SidecarArgs {
     pub app: SocketAddr,
     #[command(flatten)]
     pub identity: Identity,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum OutboundTraffic {
+    AllowAny,
+    RegistryOnly,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +193,14 @@ pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
         inbound: a.inbound,
         admin: a.admin,
         app: a.app,
+        unknown_destinations: match a.outbound_traffic {
+            OutboundTraffic::AllowAny => strait_sidecar::outbound::UnknownDestinations::PassThrough,
+            OutboundTraffic::RegistryOnly => strait_sidecar::outbound::UnknownDestinations::Refuse,
+        },
+        dns: match a.dns {
+            Some(addr) => Some((addr, strait_sidecar::dns::ResolvConf::read(&a.resolv_conf)?)),
+            None => None,
+        },
         drain_timeout: a.identity.drain_timeout,
         controller: a.identity.link()?,
     })

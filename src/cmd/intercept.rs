@@ -87,12 +87,36 @@ fn cleanup_commands() -> Vec<Vec<String>> {
     cmds
 }
 
+/// Inbound ports never sent to the inbound listener: the sidecar's own and the exclusions.
+fn inbound_skip(x: &InitArgs) -> Vec<u16> {
+    let mut skip: Vec<u16> = vec![x.inbound_port, x.outbound_port, 15000, x.dns_port];
+    skip.extend(&x.exclude_inbound_ports);
+    skip.retain(|p| *p != 0);
+    skip
+}
+
 /// The commands that install the rules, after a cleanup (so re-running is idempotent).
 pub fn install_commands(x: &InitArgs) -> Vec<Vec<String>> {
     let uid = x.proxy_uid;
     let mut rules = vec![format!("-N {OUT_CHAIN}"), format!("-N {IN_CHAIN}")];
     // Outbound: the sidecar's own traffic and loopback-to-loopback traffic pass.
+    // The sidecar calling its own pod's address (a local endpoint that is this very pod)
+    // leaves through lo and never passes PREROUTING: send it to the inbound listener here.
+    for port in inbound_skip(x) {
+        rules.push(format!("-A {OUT_CHAIN} -o lo -p tcp --dport {port} -j RETURN"));
+    }
+    rules.push(format!(
+        "-A {OUT_CHAIN} ! -d 127.0.0.1/32 -o lo -p tcp -m owner --uid-owner {uid} -j REDIRECT --to-ports {}",
+        x.inbound_port
+    ));
     rules.push(format!("-A {OUT_CHAIN} -m owner --uid-owner {uid} -j RETURN"));
+    if x.dns_port != 0 {
+        // DNS over TCP goes to the DNS proxy too, whatever nameserver the pod names.
+        rules.push(format!(
+            "-A {OUT_CHAIN} -p tcp --dport 53 -j REDIRECT --to-ports {}",
+            x.dns_port
+        ));
+    }
     rules.push(format!("-A {OUT_CHAIN} -d 127.0.0.0/8 -j RETURN"));
     for cidr in &x.exclude_cidrs {
         rules.push(format!("-A {OUT_CHAIN} -d {cidr} -j RETURN"));
@@ -106,9 +130,7 @@ pub fn install_commands(x: &InitArgs) -> Vec<Vec<String>> {
     ));
     rules.push(format!("-A OUTPUT -p tcp -j {OUT_CHAIN}"));
     // Inbound: everything but the sidecar's own ports and the exclusions goes to inbound.
-    let mut skip: Vec<u16> = vec![x.inbound_port, x.outbound_port, 15000];
-    skip.extend(&x.exclude_inbound_ports);
-    for port in skip {
+    for port in inbound_skip(x) {
         rules.push(format!("-A {IN_CHAIN} -p tcp --dport {port} -j RETURN"));
     }
     rules.push(format!(

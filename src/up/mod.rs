@@ -4,6 +4,7 @@
 //! stops it all on SIGINT/SIGTERM.
 
 mod kube;
+mod netns;
 mod plan;
 mod procs;
 mod topology;
@@ -16,7 +17,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::cmd::{get_json, table, Output};
-use plan::{ClusterPlan, Plan};
+use plan::{ClusterPlan, Mode, Plan};
 use procs::Proc;
 use strait_api::drain::shutdown_signal;
 use topology::Topology;
@@ -25,6 +26,8 @@ pub const EXAMPLES: &str = "Examples:
   strait up                          # three clusters: east (2 zones), west, central
   strait up --output json            # one JSON document on stdout once ready
   strait up --topology mesh.yaml     # your own clusters and workloads
+  sudo strait up --netns             # workloads in network namespaces; then, e.g.:
+    sudo ip netns exec strait-10-east-echo-us-east-1a curl http://greeter.demo.svc.clusterset.local/
 
 A topology file:
   trustDomain: mesh.local
@@ -75,8 +78,13 @@ pub struct UpArgs {
     pub keep_state: bool,
     /// Back each cluster with a real kube-apiserver + etcd; controllers run in Kubernetes mode
     /// and the demo workloads appear as Services, EndpointSlices and ServiceExports.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "netns")]
     pub kube: bool,
+    /// Put every component in its own network namespace (needs root): a bridge per cluster,
+    /// only gateways on the bridge between clusters, iptables interception and the DNS proxy
+    /// in every workload, so unmodified clients work: `ip netns exec <ns> curl http://…`.
+    #[arg(long)]
+    pub netns: bool,
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -122,10 +130,20 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
         apps: vec![],
         sidecars: vec![],
     };
+    let names = netns::Names::new(plan.topology.address_base);
+    let netns = plan.mode == Mode::Netns;
+    let prefix = |ns: String, as_proxy: bool| {
+        if netns {
+            netns::exec_prefix(&ns, as_proxy)
+        } else {
+            vec![]
+        }
+    };
     for c in &plan.clusters {
         let name = format!("controller-{}", c.name);
-        started.controllers.push(procs::spawn(
+        started.controllers.push(procs::spawn_in(
             &name,
+            &prefix(names.controller(&c.name), false),
             vec![
                 "federation".into(),
                 "--config".into(),
@@ -165,13 +183,14 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
             "--zone".into(),
             c.zones[0].clone(),
             "--listen".into(),
-            s(c.gateway),
+            s(c.gateway_listen),
             "--admin".into(),
             s(c.gateway_admin),
         ];
         args.extend(identity(c.controller, "gateway"));
-        started.gateways.push(procs::spawn(
+        started.gateways.push(procs::spawn_in(
             &name,
+            &prefix(names.gateway(&c.name), false),
             args,
             token(&c.gateway_token).as_deref(),
             &logs.join(format!("{name}.log")),
@@ -199,8 +218,9 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                 args.push("--tcp".into());
             }
             let name = format!("app-{}-{}", c.name, w.name);
-            apps.push(procs::spawn(
+            apps.push(procs::spawn_in(
                 &name,
+                &prefix(names.workload(&c.name, &w.name), false),
                 args,
                 None,
                 &logs.join(format!("{name}.log")),
@@ -229,10 +249,14 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                 "--app".into(),
                 s(w.app),
             ];
+            if netns {
+                args.extend(["--dns".into(), plan::DNS_PROXY.into()]);
+            }
             args.extend(identity(c.controller, &w.name));
             let name = format!("sidecar-{}-{}", c.name, w.name);
-            sidecars.push(procs::spawn(
+            sidecars.push(procs::spawn_in(
                 &name,
+                &prefix(names.workload(&c.name, &w.name), true),
                 args,
                 token(&w.token).as_deref(),
                 &logs.join(format!("{name}.log")),
@@ -359,6 +383,10 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
         .iter()
         .enumerate()
         .map(|(i, c): (usize, &ClusterPlan)| {
+            let names = netns::Names::new(plan.topology.address_base);
+            let netns = plan.mode == Mode::Netns;
+            let ns = |name: String| if netns { Some(name) } else { None };
+            let n = i + 1;
             let ctl = &started.controllers[i];
             let gw = &started.gateways[i];
             json!({
@@ -370,11 +398,16 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
                 "controller": {
                     "addr": s(c.controller), "admin_addr": s(c.controller_admin), "pid": ctl.pid,
                     "command": ctl.args, "log": ctl.log, "config": c.controller_config(),
-                    "catalog_dir": c.dir.join("catalog"),
+                    "catalog_dir": c.dir.join("catalog"), "netns": ns(names.controller(&c.name)),
                 },
                 "gateway": {
                     "addr": s(c.gateway), "admin_addr": s(c.gateway_admin), "pid": gw.pid,
-                    "command": gw.args, "log": gw.log,
+                    "command": gw.args, "log": gw.log, "netns": ns(names.gateway(&c.name)),
+                    "addresses": if netns {
+                        vec![Plan::subnet_ip(plan.topology.address_base, n, 2).to_string(), c.gateway.ip().to_string()]
+                    } else {
+                        vec![c.gateway.ip().to_string()]
+                    },
                 },
                 "workloads": c.workloads.iter().enumerate().map(|(j, w)| {
                     let app = &started.apps[i][j];
@@ -384,7 +417,10 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
                         "protocol": if w.tcp { "tcp" } else { "http" },
                         "app_addr": s(w.app), "app_pid": app.pid, "app_command": app.args,
                         "sidecar_pid": sc.pid, "outbound_proxy": s(w.outbound), "inbound_addr": s(w.inbound),
-                        "admin_addr": s(w.admin), "sidecar_log": sc.log,
+                        "admin_addr": s(w.admin), "sidecar_log": sc.log, "sidecar_command": sc.args,
+                        "ip": w.ip.to_string(), "endpoint": s(w.endpoint),
+                        "netns": ns(names.workload(&c.name, &w.name)),
+                        "dns": if netns { Some(plan::DNS_PROXY) } else { None },
                     })
                 }).collect::<Vec<_>>(),
             })
@@ -394,6 +430,7 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
         "trust_domain": plan.topology.trust_domain.to_string(),
         "state_dir": plan.state_dir,
         "bundle": plan.bundle,
+        "mode": match plan.mode { Mode::Loopback => "loopback", Mode::Kube => "kube", Mode::Netns => "netns" },
         "clusters": clusters,
     })
 }
@@ -435,7 +472,26 @@ fn print_table(plan: &Plan, started: &Started) {
         table(&["CLUSTER", "COMPONENT", "ZONE", "ADDRESSES", "PID(S)"], &rows)
     );
     let first = plan.clusters.first();
-    if let Some(w) = first.and_then(|c| c.workloads.first()) {
+    if let (Mode::Netns, Some(c), Some(w)) = (plan.mode, first, first.and_then(|c| c.workloads.first())) {
+        let ns = netns::Names::new(plan.topology.address_base).workload(&c.name, &w.name);
+        println!(
+            "\nTry it (unmodified clients inside {}'s network namespace in cluster {}):",
+            w.name, c.name
+        );
+        for svc in &plan.topology.services {
+            let host = format!("{}.{}.svc.clusterset.local", svc.name, svc.namespace);
+            match svc.protocol {
+                strait_federation::source::ProtocolSpec::Http => {
+                    println!("  sudo ip netns exec {ns} curl http://{host}/")
+                }
+                strait_federation::source::ProtocolSpec::Tcp => {
+                    println!("  echo hi | sudo ip netns exec {ns} nc -q1 {host} {}", svc.port)
+                }
+            }
+        }
+        println!("  sudo ip netns exec {ns} dig +short echo.demo.svc.clusterset.local");
+        println!("  strait status --controller {}", c.controller_admin);
+    } else if let Some(w) = first.and_then(|c| c.workloads.first()) {
         println!(
             "\nTry it (from {}'s sidecar in cluster {}):",
             w.name, plan.clusters[0].name
@@ -487,7 +543,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot clear the state directory {}: {e}", state_dir.display()))?;
     }
     std::fs::create_dir_all(&state_dir)?;
-    let plan = Plan::new(topology, &state_dir, args.kube);
+    let mode = if args.kube {
+        Mode::Kube
+    } else if args.netns {
+        Mode::Netns
+    } else {
+        Mode::Loopback
+    };
+    if args.netns && !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "--netns creates network namespaces, bridges and iptables rules: run it as root (sudo strait up --netns)"
+        );
+    }
+    let plan = Plan::new(topology, &state_dir, mode);
     progress(format!(
         "creating trust domain {} with {} cluster CAs in {}",
         plan.topology.trust_domain,
@@ -495,6 +563,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         state_dir.display()
     ));
     plan.write(args.kube)?;
+    let mut network = if args.netns {
+        progress("creating network namespaces, bridges and interception rules");
+        netns::Network::create(&plan, &std::env::current_exe()?)?
+    } else {
+        netns::Network::default()
+    };
     let mut kube_procs = vec![];
     let routes = if args.kube {
         kube::LocalRoutes::add(&plan)?
@@ -510,7 +584,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let total: usize = plan.clusters.iter().map(|c| 2 + 2 * c.workloads.len()).sum();
     progress(format!("starting {total} processes"));
-    let mut started = start(&plan, &args.component_log, kube_procs)?;
+    let mut started = match start(&plan, &args.component_log, kube_procs) {
+        Ok(started) => started,
+        Err(e) => {
+            network.remove();
+            return Err(e);
+        }
+    };
     let ready = tokio::select! {
         r = wait_ready(&plan, &mut started, Duration::from_secs(90)) => r,
         _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
@@ -518,6 +598,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Err(e) = ready {
         procs::stop_all(&mut started_vec(&mut started)).await;
         routes.remove();
+        network.remove();
         return Err(e);
     }
     progress("ready");
@@ -529,6 +610,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     progress("stopping");
     procs::stop_all(&mut started_vec(&mut started)).await;
     routes.remove();
+    network.remove();
     if !args.keep_state {
         let _ = std::fs::remove_dir_all(&state_dir);
     }

@@ -19,6 +19,22 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const SIDECAR_ADMIN_PORT: u16 = 15000;
 pub const INJECTOR_PORT: u16 = 15017;
+pub const DNS_PROXY: &str = "127.0.0.1:15053";
+/// The sidecar's UID in `strait up --netns` (what `strait sidecar init` excludes).
+pub const SIDECAR_UID: u32 = 1337;
+/// The bridge between clusters in `strait up --netns`: gateway n has 198.19.255.n on it.
+pub const INTER_CLUSTER_NET: [u8; 3] = [198, 19, 255];
+
+/// Where the components of a cluster live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every process on the cluster's loopback range (the default).
+    Loopback,
+    /// Workloads on 198.18.0.0/15 addresses made local on `lo` (`--kube`).
+    Kube,
+    /// Every component in its own network namespace (`--netns`).
+    Netns,
+}
 
 #[derive(Clone, Debug)]
 pub struct WorkloadPlan {
@@ -27,6 +43,11 @@ pub struct WorkloadPlan {
     pub namespace: String,
     pub zone: String,
     pub tcp: bool,
+    /// The workload's own address (its pod IP in `--netns` and `--kube`).
+    pub ip: IpAddr,
+    /// What the catalog advertises: the inbound listener on loopback, the pod IP and app port
+    /// (redirected to the inbound listener by iptables) in `--netns`.
+    pub endpoint: SocketAddr,
     pub app: SocketAddr,
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
@@ -42,7 +63,10 @@ pub struct ClusterPlan {
     pub dir: PathBuf,
     pub controller: SocketAddr,
     pub controller_admin: SocketAddr,
+    /// The gateway's address as other clusters dial it.
     pub gateway: SocketAddr,
+    /// Where the gateway listens (UDP for QUIC, TCP for the fallback).
+    pub gateway_listen: SocketAddr,
     pub gateway_admin: SocketAddr,
     pub gateway_token: String,
     pub workloads: Vec<WorkloadPlan>,
@@ -61,6 +85,7 @@ impl ClusterPlan {
 
 pub struct Plan {
     pub topology: Topology,
+    pub mode: Mode,
     /// Clusters are backed by real API servers (`strait up --kube`).
     pub kube: bool,
     pub state_dir: PathBuf,
@@ -85,14 +110,26 @@ impl Plan {
     /// With `kube`, workloads get addresses from the benchmarking range 198.18.0.0/15 instead
     /// of loopback: an API server refuses loopback addresses in EndpointSlices. `strait up`
     /// makes each cluster's /24 local with a route on `lo` ([`Plan::workload_subnet`]).
-    pub fn new(topology: Topology, state_dir: &Path, kube: bool) -> Self {
+    ///
+    /// With `--netns`, cluster n's bridge carries the same /24: controller .1, gateway .2 (and
+    /// 198.19.255.n on the bridge between clusters), workloads from .10, the host .254.
+    pub fn new(topology: Topology, state_dir: &Path, mode: Mode) -> Self {
         let base = topology.address_base;
+        let kube = mode == Mode::Kube;
+        let netns = mode == Mode::Netns;
         let clusters = topology
             .clusters
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let n = i + 1;
+                let infra = |host: u8| {
+                    if netns {
+                        Self::subnet_ip(base, n, host)
+                    } else {
+                        ip(base, n, host)
+                    }
+                };
                 let mut used: Vec<String> = vec![];
                 let workloads = c
                     .workloads
@@ -105,21 +142,24 @@ impl Plan {
                             name = format!("{name}-{j}");
                         }
                         used.push(name.clone());
-                        let host = if kube {
-                            let net = Self::workload_subnet(base, n);
-                            IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], 10 + j as u8))
+                        let host = if kube || netns {
+                            Self::subnet_ip(base, n, 10 + j as u8)
                         } else {
                             ip(base, n, 10 + j as u8)
                         };
+                        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+                        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
                         WorkloadPlan {
                             name,
                             service: w.service.clone(),
                             namespace: def.map(|d| d.namespace.clone()).unwrap_or_else(|| "demo".into()),
                             zone: w.zone.clone(),
                             tcp: def.is_some_and(|d| d.protocol == ProtocolSpec::Tcp),
-                            app: SocketAddr::new(host, APP_PORT),
-                            inbound: SocketAddr::new(host, INBOUND_PORT),
-                            outbound: SocketAddr::new(host, OUTBOUND_PORT),
+                            ip: host,
+                            endpoint: SocketAddr::new(host, if netns { APP_PORT } else { INBOUND_PORT }),
+                            app: SocketAddr::new(if netns { lo } else { host }, APP_PORT),
+                            inbound: SocketAddr::new(if netns { any } else { host }, INBOUND_PORT),
+                            outbound: SocketAddr::new(if netns { any } else { host }, OUTBOUND_PORT),
                             admin: SocketAddr::new(host, SIDECAR_ADMIN_PORT),
                             token: token(),
                         }
@@ -130,10 +170,23 @@ impl Plan {
                     region: c.region.clone(),
                     zones: c.zones.clone(),
                     dir: state_dir.join(&c.name),
-                    controller: SocketAddr::new(ip(base, n, 1), CONTROLLER_GRPC_PORT),
-                    controller_admin: SocketAddr::new(ip(base, n, 1), CONTROLLER_ADMIN_PORT),
-                    gateway: SocketAddr::new(ip(base, n, 2), GATEWAY_PORT),
-                    gateway_admin: SocketAddr::new(ip(base, n, 2), GATEWAY_ADMIN_PORT),
+                    controller: SocketAddr::new(infra(1), CONTROLLER_GRPC_PORT),
+                    controller_admin: SocketAddr::new(infra(1), CONTROLLER_ADMIN_PORT),
+                    gateway: if netns {
+                        let [a, b, c] = INTER_CLUSTER_NET;
+                        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, n as u8)), GATEWAY_PORT)
+                    } else {
+                        SocketAddr::new(infra(2), GATEWAY_PORT)
+                    },
+                    gateway_listen: SocketAddr::new(
+                        if netns {
+                            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                        } else {
+                            infra(2)
+                        },
+                        GATEWAY_PORT,
+                    ),
+                    gateway_admin: SocketAddr::new(infra(2), GATEWAY_ADMIN_PORT),
                     gateway_token: token(),
                     workloads,
                 }
@@ -141,6 +194,7 @@ impl Plan {
             .collect();
         Plan {
             topology,
+            mode,
             kube,
             state_dir: state_dir.to_path_buf(),
             bundle: state_dir.join("trust").join("bundle.pem"),
@@ -153,6 +207,12 @@ impl Plan {
     pub fn workload_subnet(base: u8, n: usize) -> [u8; 3] {
         let index = (base as usize * 4 + n) % 512;
         [198, 18 + (index / 256) as u8, (index % 256) as u8]
+    }
+
+    /// Host `host` of cluster `n`'s /24 in 198.18.0.0/15.
+    pub fn subnet_ip(base: u8, n: usize, host: u8) -> IpAddr {
+        let [a, b, c] = Self::workload_subnet(base, n);
+        IpAddr::V4(Ipv4Addr::new(a, b, c, host))
     }
 
     /// The kubeconfig of a cluster's API server (`strait up --kube`).
@@ -194,7 +254,7 @@ impl Plan {
                             .filter(|w| w.service == s.name)
                             .map(|w| EndpointSpec {
                                 workload: w.name.clone(),
-                                address: w.inbound,
+                                address: w.endpoint,
                                 zone: w.zone.clone(),
                                 subzone: String::new(),
                                 ready: true,

@@ -34,6 +34,24 @@ pub fn spawn(name: &str, args: Vec<String>, token: Option<&str>, log: &Path, log
     spawn_with(name, &std::env::current_exe()?, args, token, log, log_filter)
 }
 
+/// Starts `strait <args>` behind a command prefix (`ip netns exec NS [setpriv ...]`).
+pub fn spawn_in(
+    name: &str,
+    prefix: &[String],
+    args: Vec<String>,
+    token: Option<&str>,
+    log: &Path,
+    log_filter: &str,
+) -> anyhow::Result<Proc> {
+    let Some((exe, rest)) = prefix.split_first() else {
+        return spawn(name, args, token, log, log_filter);
+    };
+    let mut full: Vec<String> = rest.to_vec();
+    full.push(std::env::current_exe()?.display().to_string());
+    full.extend(args);
+    spawn_with(name, Path::new(exe), full, token, log, log_filter)
+}
+
 /// Starts another executable (etcd, kube-apiserver) the same way.
 pub fn spawn_exe(name: &str, exe: &Path, args: Vec<String>, log: &Path, log_filter: &str) -> anyhow::Result<Proc> {
     spawn_with(name, exe, args, None, log, log_filter)

@@ -1,6 +1,6 @@
 //! The inbound listener: terminate mTLS from other sidecars (any identity of a trusted domain),
 //! then forward plaintext to the app on loopback. HTTP arrives as HTTP/2 and leaves as
-//! HTTP/1.1; opaque TCP is spliced after a one-byte status that tells the caller whether the
+//! HTTP/1.1, or as HTTP/2 when the calling app spoke HTTP/2 (gRPC); opaque TCP is spliced after a one-byte status that tells the caller whether the
 //! app answered.
 
 use std::convert::Infallible;
@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{response_class, SidecarMetrics};
 use crate::outbound::Body;
-use crate::{SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
+use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
 
 pub struct Inbound {
     cluster: String,
@@ -31,6 +31,8 @@ pub struct Inbound {
     store: CertStore,
     metrics: SidecarMetrics,
     client: Client<HttpConnector, hyper::body::Incoming>,
+    /// HTTP/2 with prior knowledge, for callers that spoke HTTP/2 to their sidecar (gRPC).
+    h2_client: Client<HttpConnector, hyper::body::Incoming>,
 }
 
 impl Inbound {
@@ -46,6 +48,10 @@ impl Inbound {
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector.clone());
+        let h2_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
             .build(connector);
         Inbound {
             cluster,
@@ -54,6 +60,7 @@ impl Inbound {
             store,
             metrics,
             client,
+            h2_client,
         }
     }
 
@@ -138,11 +145,18 @@ impl Inbound {
             Ok(u) => u,
             Err(_) => return crate::outbound::text(StatusCode::BAD_REQUEST, "malformed request path"),
         };
-        parts.version = hyper::Version::HTTP_11;
-        if let Some(host) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-            parts.headers.insert(hyper::header::HOST, host);
-        }
-        let resp = match self.client.request(Request::from_parts(parts, body)).await {
+        let h2 = parts.headers.remove(APP_PROTOCOL_HEADER).is_some_and(|v| v == "h2");
+        let client = if h2 {
+            parts.version = hyper::Version::HTTP_2;
+            &self.h2_client
+        } else {
+            parts.version = hyper::Version::HTTP_11;
+            if let Some(host) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                parts.headers.insert(hyper::header::HOST, host);
+            }
+            &self.client
+        };
+        let resp = match client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 crate::outbound::strip_hop(&mut rparts.headers);

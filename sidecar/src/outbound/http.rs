@@ -1,4 +1,5 @@
-//! L7 forwarding of absolute-form HTTP requests.
+//! L7 forwarding: absolute-form requests on the explicit listener, and intercepted HTTP/1.1 and
+//! HTTP/2 (prior knowledge, gRPC) connections on the transparent one.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,7 +11,8 @@ use hyper::{Request, Response, StatusCode, Version};
 
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
 use crate::metrics::response_class;
-use crate::{SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
+use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
+use strait_api::snapshot::{ServiceEntry, Snapshot};
 
 /// Requests are buffered so a failed attempt can be retried elsewhere; larger bodies are refused.
 const MAX_BUFFERED_BODY: usize = 8 * 1024 * 1024;
@@ -26,13 +28,16 @@ pub(crate) fn strip_hop(headers: &mut HeaderMap) {
             }
         }
     }
+    // `te: trailers` is end-to-end in HTTP/2 and gRPC needs it; any other `te` is hop-by-hop.
+    if headers.get("te").is_some_and(|v| v != "trailers") {
+        headers.remove("te");
+    }
     for name in [
         "connection",
         "proxy-connection",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
-        "te",
         "trailer",
         "transfer-encoding",
         "upgrade",
@@ -42,13 +47,28 @@ pub(crate) fn strip_hop(headers: &mut HeaderMap) {
 }
 
 impl Outbound {
+    /// An absolute-form request on the explicit listener: the service comes from its host.
     pub(super) async fn forward(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-        let started = Instant::now();
         let snap = self.config.borrow().clone();
         let (svc, port) = match self.resolve(&snap, req.uri().authority(), 80) {
             Ok(x) => x,
             Err(no_route) => return no_route.response(),
         };
+        self.forward_to(&snap, &svc, port, req).await
+    }
+
+    /// Sends a request to an endpoint of `svc`, retrying where that is safe. The response goes
+    /// back in the HTTP version the app spoke; an HTTP/2 request (gRPC) reaches the destination
+    /// app as HTTP/2 too.
+    pub(crate) async fn forward_to(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        port: u16,
+        req: Request<hyper::body::Incoming>,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let downstream = req.version();
         let (mut parts, body) = req.into_parts();
         let body: Bytes = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
             Ok(b) => b.to_bytes(),
@@ -60,6 +80,12 @@ impl Outbound {
             }
         };
         strip_hop(&mut parts.headers);
+        parts.headers.remove(APP_PROTOCOL_HEADER);
+        if downstream == Version::HTTP_2 {
+            parts
+                .headers
+                .insert(APP_PROTOCOL_HEADER, HeaderValue::from_static("h2"));
+        }
         parts.headers.insert(
             SOURCE_CLUSTER_HEADER,
             HeaderValue::from_str(&self.cluster).unwrap_or(HeaderValue::from_static("unknown")),
@@ -76,7 +102,7 @@ impl Outbound {
         let mut tried = vec![];
         let mut last_error = String::from("no endpoint of the service is known");
         for attempt in 0..MAX_ATTEMPTS {
-            let Some(i) = self.balancer.pick(&snap, &svc, &tried) else {
+            let Some(i) = self.balancer.pick(snap, svc, &tried) else {
                 break;
             };
             tried.push(i);
@@ -87,13 +113,13 @@ impl Outbound {
                     .with_label_values(&[&host, "connect_failure"])
                     .inc();
             }
-            let mut sender = match self.upstreams.h2(&snap, &svc, ep, port).await {
+            let mut sender = match self.upstreams.h2(snap, svc, ep, port).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
-                    self.balancer.failure(&snap, &svc, ep);
+                    self.balancer.failure(snap, svc, ep);
                     if e.gateway_down() {
-                        self.balancer.gateway_failure(&snap, &ep.locality.cluster);
+                        self.balancer.gateway_failure(snap, &ep.locality.cluster);
                     }
                     last_error = e.to_string();
                     continue;
@@ -103,7 +129,7 @@ impl Outbound {
             *upstream_req.version_mut() = Version::HTTP_2;
             match sender.send_request(upstream_req).await {
                 Ok(resp) if resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) => {
-                    self.balancer.failure(&snap, &svc, ep);
+                    self.balancer.failure(snap, svc, ep);
                     last_error = format!("{} could not reach its application", ep.key);
                     let connect = resp
                         .headers()
@@ -112,7 +138,7 @@ impl Outbound {
                     if !(connect || idempotent) {
                         // The app may have acted on it: give the caller the answer, do not retry.
                         let (mut rparts, rbody) = resp.into_parts();
-                        rparts.version = Version::HTTP_11;
+                        rparts.version = downstream;
                         rparts.headers.remove(UPSTREAM_FAILURE_HEADER);
                         return Response::from_parts(rparts, rbody.boxed());
                     }
@@ -130,13 +156,13 @@ impl Outbound {
                         .with_label_values(&labels)
                         .observe(started.elapsed().as_secs_f64());
                     let (mut rparts, rbody) = resp.into_parts();
-                    rparts.version = Version::HTTP_11;
+                    rparts.version = downstream;
                     strip_hop(&mut rparts.headers);
                     return Response::from_parts(rparts, rbody.boxed());
                 }
                 Err(e) => {
                     self.upstreams.evict(ep);
-                    self.balancer.failure(&snap, &svc, ep);
+                    self.balancer.failure(snap, svc, ep);
                     last_error = format!("{}: {e}", ep.key);
                     if !(idempotent || e.is_canceled()) {
                         break;

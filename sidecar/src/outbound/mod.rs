@@ -1,4 +1,6 @@
-//! The outbound listener: an explicit HTTP proxy for mesh names.
+//! The outbound listener. Connections iptables redirected here are handled transparently (see
+//! `transparent.rs`); connections made to the listener itself are an explicit HTTP proxy for
+//! mesh names:
 //!
 //! `GET http://<svc>.<ns>.svc.clusterset.local/...` (absolute form) is proxied at L7 over a
 //! pooled HTTP/2 mTLS connection; `CONNECT <svc>.<ns>.svc.clusterset.local:<port>` opens an
@@ -9,6 +11,8 @@
 mod http;
 pub(crate) use http::strip_hop;
 mod tcp;
+mod transparent;
+pub use transparent::{sniff, Sniffed, UnknownDestinations};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,6 +42,8 @@ pub struct Outbound {
     balancer: Balancer,
     upstreams: Upstreams,
     metrics: SidecarMetrics,
+    unknown: UnknownDestinations,
+    sniff_timeout: std::time::Duration,
 }
 
 /// Why a request names nothing the proxy can route: answered with this status and message.
@@ -75,7 +81,15 @@ impl Outbound {
             balancer,
             upstreams,
             metrics,
+            unknown: UnknownDestinations::default(),
+            sniff_timeout: std::time::Duration::from_millis(100),
         }
+    }
+
+    /// What to do with intercepted connections to destinations the mesh does not know.
+    pub fn unknown_destinations(mut self, unknown: UnknownDestinations) -> Self {
+        self.unknown = unknown;
+        self
     }
 
     /// Serves until draining starts; open connections then finish their requests.
@@ -97,6 +111,13 @@ impl Outbound {
             let this = self.clone();
             let mut signal = drain.clone();
             let guard = drain.guard();
+            if let Some(dst) = transparent::original_destination(&stream) {
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    this.transparent(stream, dst, signal).await;
+                });
+                continue;
+            }
             tokio::spawn(async move {
                 let tunnels = signal.clone();
                 let svc = hyper::service::service_fn(move |req| {

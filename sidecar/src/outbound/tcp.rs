@@ -1,4 +1,5 @@
-//! CONNECT: opaque TCP to a mesh service.
+//! Opaque TCP to a mesh service: CONNECT on the explicit listener, and intercepted connections
+//! that are not HTTP (TLS, other protocols) on the transparent one.
 
 use std::sync::Arc;
 
@@ -6,10 +7,90 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use strait_api::drain::Watch;
+use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
+use crate::upstream::UpstreamTls;
+use crate::Io;
+
+/// Why no endpoint took a connection: how many were tried and the last error.
+pub(crate) struct NoEndpoint {
+    pub tried: usize,
+    pub last_error: String,
+}
 
 impl Outbound {
+    /// Opens an opaque stream to an endpoint of `svc` (or to endpoint `only` when the caller
+    /// dialled that endpoint's address), retrying connect failures on other endpoints.
+    pub(crate) async fn open_tcp(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        port: u16,
+        only: Option<usize>,
+    ) -> Result<(UpstreamTls, EndpointEntry), NoEndpoint> {
+        let host = svc.host();
+        let mut tried = vec![];
+        let mut last_error = String::from("no endpoint of the service is known");
+        for attempt in 0..MAX_ATTEMPTS {
+            let pick = match only {
+                Some(i) if tried.is_empty() => Some(i),
+                Some(_) => None,
+                None => self.balancer.pick(snap, svc, &tried),
+            };
+            let Some(i) = pick else { break };
+            tried.push(i);
+            let ep = svc.endpoints[i].clone();
+            if attempt > 0 {
+                self.metrics
+                    .retries
+                    .with_label_values(&[&host, "connect_failure"])
+                    .inc();
+            }
+            match self.upstreams.tcp(snap, svc, &ep, port).await {
+                Ok(upstream) => {
+                    self.balancer.success(&ep);
+                    return Ok((upstream, ep));
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
+                    self.balancer.failure(snap, svc, &ep);
+                    if e.gateway_down() {
+                        self.balancer.gateway_failure(snap, &ep.locality.cluster);
+                    }
+                    last_error = e.to_string();
+                }
+            }
+        }
+        self.metrics
+            .connections
+            .with_label_values(&["outbound", &self.cluster, "none", &host, "no_endpoint"])
+            .inc();
+        Err(NoEndpoint {
+            tried: tried.len(),
+            last_error,
+        })
+    }
+
+    /// Copies both ways until either side closes, then counts the connection.
+    pub(crate) async fn splice(&self, mut client: impl Io, mut upstream: UpstreamTls, ep: &EndpointEntry, host: &str) {
+        let result = match tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            crate::SPLICE_BUF,
+            crate::SPLICE_BUF,
+        )
+        .await
+        {
+            Ok(_) => "ok",
+            Err(_) => "reset",
+        };
+        self.metrics
+            .connections
+            .with_label_values(&["outbound", &self.cluster, &ep.locality.cluster, host, result])
+            .inc();
+    }
+
     pub(super) async fn connect(
         self: Arc<Self>,
         mut req: Request<hyper::body::Incoming>,
@@ -21,73 +102,35 @@ impl Outbound {
             Err(no_route) => return no_route.response(),
         };
         let host = svc.host();
-        let mut tried = vec![];
-        let mut last_error = String::from("no endpoint of the service is known");
-        for attempt in 0..MAX_ATTEMPTS {
-            let Some(i) = self.balancer.pick(&snap, &svc, &tried) else {
-                break;
-            };
-            tried.push(i);
-            let ep = svc.endpoints[i].clone();
-            if attempt > 0 {
-                self.metrics
-                    .retries
-                    .with_label_values(&[&host, "connect_failure"])
-                    .inc();
-            }
-            match self.upstreams.tcp(&snap, &svc, &ep, port).await {
-                Ok(mut upstream) => {
-                    self.balancer.success(&ep);
-                    let this = self.clone();
-                    let host = host.clone();
-                    // An open tunnel holds the drain until it closes or the deadline passes.
-                    let guard = drain.guard();
-                    tokio::spawn(async move {
-                        let _guard = guard;
-                        let result = match hyper::upgrade::on(&mut req).await {
-                            Ok(upgraded) => {
-                                let mut client = TokioIo::new(upgraded);
-                                match tokio::io::copy_bidirectional_with_sizes(
-                                    &mut client,
-                                    &mut upstream,
-                                    crate::SPLICE_BUF,
-                                    crate::SPLICE_BUF,
-                                )
-                                .await
-                                {
-                                    Ok(_) => "ok",
-                                    Err(_) => "reset",
-                                }
-                            }
-                            Err(_) => "upgrade_failed",
-                        };
-                        this.metrics
-                            .connections
-                            .with_label_values(&["outbound", &this.cluster, &ep.locality.cluster, &host, result])
-                            .inc();
-                    });
-                    return Response::new(Body::default());
-                }
-                Err(e) => {
-                    tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
-                    self.balancer.failure(&snap, &svc, &ep);
-                    if e.gateway_down() {
-                        self.balancer.gateway_failure(&snap, &ep.locality.cluster);
+        match self.open_tcp(&snap, &svc, port, None).await {
+            Ok((upstream, ep)) => {
+                let this = self.clone();
+                // An open tunnel holds the drain until it closes or the deadline passes.
+                let guard = drain.guard();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    match hyper::upgrade::on(&mut req).await {
+                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &ep, &host).await,
+                        Err(_) => {
+                            this.metrics
+                                .connections
+                                .with_label_values(&[
+                                    "outbound",
+                                    &this.cluster,
+                                    &ep.locality.cluster,
+                                    &host,
+                                    "upgrade_failed",
+                                ])
+                                .inc();
+                        }
                     }
-                    last_error = e.to_string();
-                }
+                });
+                Response::new(Body::default())
             }
-        }
-        self.metrics
-            .connections
-            .with_label_values(&["outbound", &self.cluster, "none", &host, "no_endpoint"])
-            .inc();
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "no healthy endpoint of {host} accepted a connection after {} attempt(s): {last_error}",
-                tried.len()
+            Err(NoEndpoint { tried, last_error }) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no healthy endpoint of {host} accepted a connection after {tried} attempt(s): {last_error}"),
             ),
-        )
+        }
     }
 }

@@ -1,0 +1,273 @@
+//! Intercepted connections: iptables redirected the app's connection to the outbound port, so the
+//! destination the app dialled is read back with `SO_ORIGINAL_DST`. A ClusterSet IP and port
+//! names a service (a workload address names one endpoint); the first bytes tell the protocol:
+//! HTTP/1.1 and HTTP/2 with prior knowledge (gRPC) are proxied per request, TLS and anything else
+//! as opaque TCP. Destinations the mesh does not know pass through unchanged, or are refused
+//! when the sidecar runs with `--outbound-traffic registry-only`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Request, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_api::drain::Watch;
+use strait_api::snapshot::{Protocol, ServiceEntry, Snapshot};
+use tokio::net::TcpStream;
+
+use super::tcp::NoEndpoint;
+use super::Outbound;
+
+/// What an intercepted connection's destination names.
+#[derive(Debug)]
+pub(crate) enum Destination {
+    /// A service by its ClusterSet IP and one of its ports.
+    Service(Arc<ServiceEntry>, u16),
+    /// One endpoint of a service by its own address (headless services, pod addresses).
+    Endpoint(Arc<ServiceEntry>, usize, u16),
+    /// Nothing the mesh knows.
+    Unknown,
+}
+
+/// What to do with connections to destinations the mesh does not know (Istio's
+/// `outboundTrafficPolicy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownDestinations {
+    /// Connect to the original destination as the app asked (Istio's `ALLOW_ANY`).
+    #[default]
+    PassThrough,
+    /// Close the connection (Istio's `REGISTRY_ONLY`).
+    Refuse,
+}
+
+/// The protocol an app speaks, told from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    Http1,
+    H2,
+    Tls,
+    Opaque,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+];
+
+/// Decides the protocol from a connection's first bytes, or `None` while they could still be
+/// the start of more than one answer.
+pub fn sniff(first: &[u8]) -> Option<Sniffed> {
+    if first.is_empty() {
+        return None;
+    }
+    if first.len() >= H2_PREFACE.len() && first.starts_with(H2_PREFACE) {
+        return Some(Sniffed::H2);
+    }
+    // A TLS record header: handshake (22), major version 3.
+    if first[0] == 0x16 {
+        return if first.len() < 2 {
+            None
+        } else if first[1] == 0x03 {
+            Some(Sniffed::Tls)
+        } else {
+            Some(Sniffed::Opaque)
+        };
+    }
+    if METHODS.iter().any(|m| first.starts_with(m)) {
+        return Some(Sniffed::Http1);
+    }
+    let could_be = |full: &[u8]| first.len() < full.len() && full.starts_with(first);
+    if could_be(H2_PREFACE) || METHODS.iter().any(|m| could_be(m)) {
+        return None;
+    }
+    Some(Sniffed::Opaque)
+}
+
+/// The destination a redirected connection was addressed to, if iptables redirected it.
+pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let dst = sock.original_dst_v4().ok()?.as_socket()?;
+    let local = stream.local_addr().ok()?;
+    (dst != local).then_some(dst)
+}
+
+pub(crate) fn destination(snap: &Snapshot, dst: SocketAddr) -> Destination {
+    if let Some(svc) = snap.service_by_ip(dst.ip()) {
+        if svc.port(dst.port()).is_some() {
+            return Destination::Service(svc.clone(), dst.port());
+        }
+        return Destination::Unknown;
+    }
+    for svc in snap.services.values() {
+        if let Some(i) = svc.endpoints.iter().position(|e| e.address == dst) {
+            let port = svc.ports.first().map(|p| p.port).unwrap_or(dst.port());
+            return Destination::Endpoint(svc.clone(), i, port);
+        }
+    }
+    Destination::Unknown
+}
+
+impl Outbound {
+    /// Handles one intercepted connection to `dst`.
+    pub(super) async fn transparent(self: Arc<Self>, stream: TcpStream, dst: SocketAddr, drain: Watch) {
+        let snap = self.config.borrow().clone();
+        match destination(&snap, dst) {
+            Destination::Unknown => self.pass_through(stream, dst).await,
+            Destination::Endpoint(svc, i, port) => self.opaque(stream, &snap, &svc, port, Some(i)).await,
+            Destination::Service(svc, port) => {
+                let declared_tcp = svc.port(port).is_some_and(|p| p.protocol == Protocol::Tcp);
+                let sniffed = if declared_tcp {
+                    // Declared TCP: no sniffing, so server-first protocols are not delayed.
+                    Sniffed::Opaque
+                } else {
+                    detect(&stream, self.sniff_timeout).await
+                };
+                match sniffed {
+                    Sniffed::Http1 | Sniffed::H2 => self.serve_http(stream, snap, svc, port, sniffed, drain).await,
+                    Sniffed::Tls | Sniffed::Opaque => self.opaque(stream, &snap, &svc, port, None).await,
+                }
+            }
+        }
+    }
+
+    async fn opaque(&self, stream: TcpStream, snap: &Snapshot, svc: &ServiceEntry, port: u16, only: Option<usize>) {
+        let host = svc.host();
+        match self.open_tcp(snap, svc, port, only).await {
+            Ok((upstream, ep)) => self.splice(stream, upstream, &ep, &host).await,
+            Err(NoEndpoint { tried, last_error }) => {
+                // The app sees a reset, as from a host that refused the connection.
+                tracing::info!(service = %host, tried, error = %last_error, "no endpoint took an intercepted connection");
+            }
+        }
+    }
+
+    async fn serve_http(
+        self: Arc<Self>,
+        stream: TcpStream,
+        snap: Arc<Snapshot>,
+        svc: Arc<ServiceEntry>,
+        port: u16,
+        sniffed: Sniffed,
+        mut drain: Watch,
+    ) {
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            let this = this.clone();
+            let snap = snap.clone();
+            let svc = svc.clone();
+            async move {
+                if req.uri().authority().is_none() {
+                    // Origin form (HTTP/1.1): the upstream HTTP/2 request needs an authority.
+                    let authority = req
+                        .headers()
+                        .get(hyper::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                        .unwrap_or_else(|| svc.host());
+                    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                    if let Ok(uri) = format!("http://{authority}{path}").parse::<Uri>() {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                Ok::<_, Infallible>(this.forward_to(&snap, &svc, port, req).await)
+            }
+        });
+        let io = TokioIo::new(stream);
+        let result = if sniffed == Sniffed::H2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
+            }
+        } else {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "intercepted HTTP connection ended with an error");
+        }
+    }
+
+    async fn pass_through(&self, mut stream: TcpStream, dst: SocketAddr) {
+        if self.unknown == UnknownDestinations::Refuse {
+            self.metrics.passthrough.with_label_values(&["refused"]).inc();
+            tracing::info!(destination = %dst, "refused a connection to a destination outside the mesh (registry-only)");
+            return;
+        }
+        // The sidecar's own traffic is not intercepted, so this reaches `dst` itself.
+        let upstream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(dst)).await;
+        let Ok(Ok(mut upstream)) = upstream else {
+            self.metrics.passthrough.with_label_values(&["connect_failed"]).inc();
+            return;
+        };
+        let _ = upstream.set_nodelay(true);
+        let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+        self.metrics
+            .passthrough
+            .with_label_values(&[if result.is_ok() { "ok" } else { "reset" }])
+            .inc();
+    }
+}
+
+/// Waits for enough of the app's first bytes to tell the protocol. An app that sends nothing
+/// within `timeout` (a server-first protocol) is carried as opaque TCP.
+async fn detect(stream: &TcpStream, timeout: Duration) -> Sniffed {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 32];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        match peeked {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniffed::Opaque,
+            Ok(Ok(n)) => {
+                if let Some(found) = sniff(&buf[..n]) {
+                    return found;
+                }
+                // Part of a preface or method arrived: wait briefly for the rest.
+                if tokio::time::Instant::now() >= deadline {
+                    return Sniffed::Opaque;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_protocols_from_first_bytes() {
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(sniff(b"POST /x HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(sniff(H2_PREFACE), Some(Sniffed::H2));
+        assert_eq!(sniff(&[0x16, 0x03, 0x01, 0x02, 0x00]), Some(Sniffed::Tls));
+        assert_eq!(sniff(b"\x00\x00\x00\x01binary"), Some(Sniffed::Opaque));
+        assert_eq!(sniff(b"HELLO\r\n"), Some(Sniffed::Opaque));
+        assert_eq!(sniff(b"GETX"), Some(Sniffed::Opaque));
+    }
+
+    #[test]
+    fn waits_while_a_prefix_is_ambiguous() {
+        assert_eq!(sniff(b""), None);
+        assert_eq!(sniff(b"G"), None);
+        assert_eq!(sniff(b"PO"), None);
+        assert_eq!(sniff(b"PRI * HTTP/2"), None);
+        assert_eq!(sniff(&[0x16]), None);
+        // "PRI " is no HTTP/1 method we proxy, and the preface is not complete yet.
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r"), None);
+    }
+}
