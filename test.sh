@@ -23,6 +23,11 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v dig >/dev/null 2>&1 || missing+=(bind9-dnsutils)
+command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
+command -v nc >/dev/null 2>&1 || missing+=(netcat-openbsd)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then
@@ -42,6 +47,19 @@ fi
 STRAIT_KUBE_BIN_DIR="$(multicluster-tests/kube/build.sh)"
 export STRAIT_KUBE_BIN_DIR
 echo "using $STRAIT_KUBE_BIN_DIR"
+
+# The gRPC client of the network-namespace tests: grpcurl, built once from the Go module proxy.
+GRPCURL_VERSION=v1.9.3
+STRAIT_GRPCURL="${HOME}/.cache/strait/bin/grpcurl-${GRPCURL_VERSION}"
+if [ ! -x "$STRAIT_GRPCURL" ]; then
+  say "building grpcurl ${GRPCURL_VERSION}"
+  tmp_bin="$(mktemp -d)"
+  GOBIN="$tmp_bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@${GRPCURL_VERSION}"
+  mkdir -p "$(dirname "$STRAIT_GRPCURL")"
+  mv "$tmp_bin/grpcurl" "$STRAIT_GRPCURL"
+  rmdir "$tmp_bin"
+fi
+export STRAIT_GRPCURL
 if [ "$(id -u)" != 0 ]; then
   echo "test.sh: the Kubernetes tier (strait up --kube) needs root to route its 198.18.0.0/15 workload" >&2
   echo "         addresses on lo; its tests will fail here. Run as root (CI does)." >&2

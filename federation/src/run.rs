@@ -183,7 +183,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         reachable: true,
     };
     let (exports_tx, exports_rx) = tokio::sync::watch::channel(Arc::new(Exports::default()));
-    let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?;
+    let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?
+        .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
     for peer in &cfg.peers {
         let client = PeerClient {
             peer: peer.clone(),

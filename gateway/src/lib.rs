@@ -6,14 +6,17 @@
 //! endpoint, trace context, deadline) and is answered with a `TunnelResponse`; after that the
 //! stream carries the caller's own TLS session with the destination sidecar, end to end. The
 //! gateway routes on the header alone and never holds a key that could read the payload.
+//!
+//! Where UDP is dropped, the same header opens an HTTP/2 CONNECT stream over TCP+TLS (ALPN
+//! `h2`) on the same port; the client falls back on its own and returns to QUIC when it can.
 
 mod client;
 mod metrics;
 mod run;
 mod server;
 
-pub use client::{TunnelClient, TunnelError, TunnelStream};
-pub use metrics::GatewayMetrics;
+pub use client::{TunnelClient, TunnelError, TunnelIo, TunnelStream};
+pub use metrics::{GatewayMetrics, TunnelClientMetrics};
 pub use run::{run, GatewayRunOptions};
 pub use server::{Gateway, GatewayOptions};
 

@@ -55,3 +55,53 @@ impl GatewayMetrics {
         }
     }
 }
+
+/// The tunnel client's view (in sidecars and controllers): tunnels by transport, and whether
+/// each gateway is reached over the TCP+TLS fallback.
+#[derive(Clone, Debug)]
+pub struct TunnelClientMetrics {
+    pub tunnels: IntCounterVec,
+    pub fallback: prometheus::IntGaugeVec,
+    pub switches: IntCounterVec,
+}
+
+impl TunnelClientMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let tunnels = IntCounterVec::new(
+            Opts::new(
+                "strait_tunnel_client_streams_total",
+                "Tunnels opened to remote gateways, by transport (quic, tcp)",
+            ),
+            &["transport"],
+        )
+        .expect("valid metric");
+        let fallback = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "strait_tunnel_fallback_active",
+                "1 while tunnels to the gateway use the TCP+TLS fallback because QUIC (UDP) fails",
+            ),
+            &["gateway"],
+        )
+        .expect("valid metric");
+        let switches = IntCounterVec::new(
+            Opts::new(
+                "strait_tunnel_transport_switches_total",
+                "Switches of the tunnel transport to a gateway, by the transport switched to",
+            ),
+            &["gateway", "to"],
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(tunnels.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(fallback.clone()),
+            Box::new(switches.clone()),
+        ] {
+            let _ = registry.register(m);
+        }
+        TunnelClientMetrics {
+            tunnels,
+            fallback,
+            switches,
+        }
+    }
+}

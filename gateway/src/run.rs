@@ -1,5 +1,5 @@
 //! Wiring of one gateway process: certificate from the cluster CA, config stream from the
-//! controller, the QUIC listener, the admin endpoint.
+//! controller, the QUIC listener and its TCP+TLS fallback, the admin endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,14 +52,17 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         GatewayMetrics::new(&registry),
     ));
     let endpoint = gateway.bind()?;
+    let tcp = gateway.bind_tcp().await?;
     let drain = Drain::new();
-    let serve = tokio::spawn(gateway.serve(endpoint.clone(), drain.watch()));
+    let serve = tokio::spawn(gateway.clone().serve(endpoint.clone(), drain.watch()));
+    let fallback = tokio::spawn(gateway.serve_tcp(tcp, drain.watch()));
     let mut ready = rx.clone();
     let _ = ready.wait_for(|s| s.version > 0).await;
     admin.set_ready(true);
     tracing::info!(listen = %opts.listen, "gateway ready");
     tokio::select! {
         r = serve => r?,
+        r = fallback => r??,
         _ = shutdown_signal() => {}
     }
     admin.set_ready(false);

@@ -1,5 +1,6 @@
 //! The gateway's QUIC listener: authenticate the caller (any identity of a trusted domain),
 //! read the tunnel header, connect to a local endpoint of the named service, answer, splice.
+//! The TCP+TLS fallback listener does the same for HTTP/2 CONNECT streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use strait_api::pb;
 use strait_api::snapshot::{EndpointEntry, Snapshot};
 use strait_api::tunnel::{read_header, status, write_header};
 use strait_trust::{CertStore, PeerPolicy, ServerAuth};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -113,6 +115,94 @@ impl Gateway {
         }
     }
 
+    /// Binds the TCP listener of the fallback (same address as QUIC, TCP).
+    pub async fn bind_tcp(&self) -> anyhow::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(self.opts.listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot bind the gateway's TCP+TLS fallback listener on TCP {}: {e}",
+                self.opts.listen
+            )
+        })
+    }
+
+    /// The TCP+TLS fallback: mutual TLS (ALPN `h2`), then each HTTP/2 CONNECT stream carries one
+    /// tunnel exactly as a QUIC stream does (header, answer, bytes).
+    pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener, drain: Watch) -> anyhow::Result<()> {
+        let tls = strait_trust::server_config(
+            &self.store,
+            PeerPolicy::AnyInBundle,
+            ServerAuth::RequireClientCert,
+            &[strait_trust::ALPN_H2],
+        )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        loop {
+            let mut signal = drain.clone();
+            let (tcp, remote) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fallback accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = signal.signaled() => return Ok(()),
+            };
+            let _ = tcp.set_nodelay(true);
+            let gw = self.clone();
+            let acceptor = acceptor.clone();
+            let drain = drain.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "fallback TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let gw = gw.clone();
+                    let guard = drain.guard();
+                    async move {
+                        let mut resp = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                        if req.method() != hyper::Method::CONNECT {
+                            *resp.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        }
+                        tokio::spawn(async move {
+                            let _guard = guard;
+                            if let Ok(upgraded) = hyper::upgrade::on(&mut req).await {
+                                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                                let header = tokio::time::timeout(Duration::from_secs(5), read_header(&mut io)).await;
+                                match header {
+                                    Ok(Ok(tunnel_req)) => gw.serve_request(tunnel_req, io).await,
+                                    _ => gw.bad_header(),
+                                }
+                            }
+                        });
+                        Ok(resp)
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(10)))
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!(%remote, error = %e, "fallback connection ended");
+                }
+            });
+        }
+    }
+
+    fn bad_header(&self) {
+        tracing::info!("malformed or missing tunnel header; closing that stream");
+        self.metrics
+            .streams
+            .with_label_values(&["unknown", "unknown", "400"])
+            .inc();
+    }
+
     async fn handle_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let req: pb::TunnelRequest = match tokio::time::timeout(Duration::from_secs(5), read_header(&mut recv)).await {
             Ok(Ok(r)) => r,
@@ -134,6 +224,11 @@ impl Gateway {
                 return;
             }
         };
+        self.serve_request(req, tokio::io::join(recv, send)).await;
+    }
+
+    /// Connects the tunnel to a local endpoint, answers, and splices until either side closes.
+    async fn serve_request(&self, req: pb::TunnelRequest, mut tunnel: impl AsyncRead + AsyncWrite + Unpin) {
         let service_label = format!("{}.{}", req.service, req.namespace);
         let (code, message, upstream) = self.connect_upstream(&req).await;
         self.metrics
@@ -145,15 +240,14 @@ impl Gateway {
             message,
             endpoint: upstream.as_ref().map(|(_, a)| a.to_string()).unwrap_or_default(),
         };
-        if write_header(&mut send, &resp).await.is_err() {
+        if write_header(&mut tunnel, &resp).await.is_err() {
             return;
         }
         let Some((mut tcp, _)) = upstream else {
-            let _ = send.finish();
+            let _ = tunnel.shutdown().await;
             return;
         };
         self.metrics.active_streams.inc();
-        let mut tunnel = tokio::io::join(recv, send);
         match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut tcp, SPLICE_BUF, SPLICE_BUF).await {
             Ok((from_caller, to_caller)) => {
                 self.metrics.bytes.with_label_values(&["in"]).inc_by(from_caller);

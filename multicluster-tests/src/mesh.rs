@@ -47,6 +47,11 @@ pub struct Component {
     pub catalog_dir: Option<PathBuf>,
     #[serde(default)]
     pub config: Option<PathBuf>,
+    /// `--netns` only.
+    #[serde(default)]
+    pub netns: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -64,6 +69,11 @@ pub struct WorkloadInfo {
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub sidecar_log: PathBuf,
+    /// `--netns` only: the workload's network namespace and address.
+    #[serde(default)]
+    pub netns: Option<String>,
+    #[serde(default)]
+    pub ip: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -103,6 +113,8 @@ pub struct MeshOptions {
     pub cert_ttl: Option<Duration>,
     /// Back every cluster with a real kube-apiserver (`strait up --kube`; needs root).
     pub kube: bool,
+    /// Every component in its own network namespace (`strait up --netns`; needs root).
+    pub netns: bool,
 }
 
 /// A running mesh. Dropping it stops every process it started.
@@ -152,6 +164,9 @@ impl Mesh {
         }
         if opts.kube {
             cmd.arg("--kube");
+        }
+        if opts.netns {
+            cmd.arg("--netns");
         }
         if let Some(t) = opts.cert_ttl {
             cmd.arg("--cert-ttl").arg(dur(t));

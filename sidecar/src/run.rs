@@ -96,8 +96,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let store = opts.controller.connect(hello, &registry, tx).await?;
 
     let metrics = SidecarMetrics::new(&registry);
-    let _gateway_metrics = strait_gateway::GatewayMetrics::new(&registry);
-    let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?;
+    let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?
+        .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
     let upstreams = Upstreams::new(opts.locality.cluster.clone(), store.clone(), tunnel);
     let balancer = Balancer::new(opts.locality.clone(), metrics.clone());
     let outbound = Arc::new(

@@ -165,17 +165,18 @@ impl Upstreams {
         }
     }
 
-    /// A pooled HTTP/2 sender to the endpoint's sidecar.
+    /// A pooled HTTP/2 sender to the endpoint's sidecar, and whether it was reused from the pool
+    /// (a reused connection may have died unnoticed; a fresh one is worth one more try).
     pub async fn h2(
         &self,
         snap: &Snapshot,
         svc: &ServiceEntry,
         ep: &EndpointEntry,
         port: u16,
-    ) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+    ) -> Result<(SendRequest<Full<Bytes>>, bool), UpstreamError> {
         if let Some(sender) = self.pool.lock().ok().and_then(|p| p.get(&ep.key).cloned()) {
             if !sender.is_closed() {
-                return Ok(sender);
+                return Ok((sender, true));
             }
         }
         let tls = self.connect(snap, svc, ep, port, strait_trust::ALPN_H2).await?;
@@ -201,7 +202,7 @@ impl Upstreams {
         if let Ok(mut p) = self.pool.lock() {
             p.insert(ep.key.clone(), sender.clone());
         }
-        Ok(sender)
+        Ok((sender, false))
     }
 
     pub fn evict(&self, ep: &EndpointEntry) {

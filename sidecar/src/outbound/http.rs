@@ -101,8 +101,14 @@ impl Outbound {
         let host = svc.host();
         let mut tried = vec![];
         let mut last_error = String::from("no endpoint of the service is known");
-        for attempt in 0..MAX_ATTEMPTS {
-            let Some(i) = self.balancer.pick(snap, svc, &tried) else {
+        let mut stale_retry: Option<usize> = None;
+        for attempt in 0..MAX_ATTEMPTS + 1 {
+            let pick = match stale_retry.take() {
+                Some(i) => Some(i),
+                None if attempt < MAX_ATTEMPTS => self.balancer.pick(snap, svc, &tried),
+                None => None,
+            };
+            let Some(i) = pick else {
                 break;
             };
             tried.push(i);
@@ -113,7 +119,7 @@ impl Outbound {
                     .with_label_values(&[&host, "connect_failure"])
                     .inc();
             }
-            let mut sender = match self.upstreams.h2(snap, svc, ep, port).await {
+            let (mut sender, reused) = match self.upstreams.h2(snap, svc, ep, port).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
@@ -159,6 +165,13 @@ impl Outbound {
                     rparts.version = downstream;
                     strip_hop(&mut rparts.headers);
                     return Response::from_parts(rparts, rbody.boxed());
+                }
+                Err(e) if reused && (e.is_canceled() || idempotent) && !tried[..tried.len() - 1].contains(&i) => {
+                    // A pooled connection died unnoticed (say a tunnel whose UDP path went away)
+                    // before it took the request: the same endpoint on a fresh connection, once.
+                    self.upstreams.evict(ep);
+                    last_error = format!("{}: {e}", ep.key);
+                    stale_retry = Some(i);
                 }
                 Err(e) => {
                     self.upstreams.evict(ep);
