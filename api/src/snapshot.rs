@@ -320,6 +320,9 @@ impl Resources {
                     if let Some(ip) = s.clusterset_ip {
                         snap.by_ip.insert(ip, key.clone());
                     }
+                    for (i, e) in s.endpoints.iter().enumerate() {
+                        snap.by_endpoint.insert(e.address, (key.clone(), i));
+                    }
                     snap.services.insert(key, s.clone());
                 }
                 Typed::Gateway(g) => {
@@ -344,6 +347,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Arc<ServiceEntry>>,
     pub by_host: HashMap<String, String>,
     pub by_ip: HashMap<IpAddr, String>,
+    /// Endpoint address → (service key, index in its endpoints).
+    pub by_endpoint: HashMap<SocketAddr, (String, usize)>,
     pub gateways: BTreeMap<String, Arc<GatewayEntry>>,
     pub policy: Arc<PolicyEntry>,
     pub bundle: Option<TrustBundle>,
@@ -359,6 +364,12 @@ impl Snapshot {
             Err(_) => self.by_host.get(&host),
         }?;
         self.services.get(key)
+    }
+
+    /// Finds the service and endpoint index a workload address belongs to.
+    pub fn endpoint_by_addr(&self, addr: SocketAddr) -> Option<(&Arc<ServiceEntry>, usize)> {
+        let (key, i) = self.by_endpoint.get(&addr)?;
+        Some((self.services.get(key)?, *i))
     }
 
     /// Finds a service by its ClusterSet IP.

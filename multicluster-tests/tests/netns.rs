@@ -55,6 +55,10 @@ fn curl(ns: &str, url: &str) -> (bool, String) {
     exec(ns, false, "curl", &["-sS", "-m", "10", url], None)
 }
 
+fn dig(ns: &str, args: &[&str]) -> String {
+    exec(ns, false, "dig", args, None).1
+}
+
 fn grpcurl() -> String {
     std::env::var("STRAIT_GRPCURL").unwrap_or_else(|_| {
         let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
@@ -156,40 +160,16 @@ async fn unmodified_clients_in_network_namespaces() {
         .as_str()
         .unwrap()
         .to_string();
-    let (_, out) = exec(
-        &ws,
-        false,
-        "dig",
-        &["+noall", "+answer", "echo.demo.svc.clusterset.local"],
-        None,
-    );
+    let out = dig(&ws, &["+noall", "+answer", "echo.demo.svc.clusterset.local"]);
     let fields: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(fields[1..], ["5", "IN", "A", echo_ip.as_str()], "{out}");
-    let (_, out) = exec(
-        &ws,
-        false,
-        "dig",
-        &["+short", "+tcp", "echo.demo.svc.clusterset.local"],
-        None,
-    );
+    let out = dig(&ws, &["+short", "+tcp", "echo.demo.svc.clusterset.local"]);
     assert_eq!(out.trim(), echo_ip);
-    let (_, out) = exec(
-        &ws,
-        false,
-        "dig",
-        &["+short", "SRV", "_http._tcp.greeter.demo.svc.clusterset.local"],
-        None,
-    );
+    let out = dig(&ws, &["+short", "SRV", "_http._tcp.greeter.demo.svc.clusterset.local"]);
     assert_eq!(out.trim(), "0 100 80 greeter.demo.svc.clusterset.local.");
-    let (_, out) = exec(&ws, false, "dig", &["nothere.demo.svc.clusterset.local"], None);
+    let out = dig(&ws, &["nothere.demo.svc.clusterset.local"]);
     assert!(out.contains("status: NXDOMAIN"), "{out}");
-    let (_, out) = exec(
-        &ws,
-        false,
-        "dig",
-        &["+short", "greeter.demo.svc.clusterset.local"],
-        None,
-    );
+    let out = dig(&ws, &["+short", "greeter.demo.svc.clusterset.local"]);
     let greeter_ip = out.trim().to_string();
     assert!(
         greeter_ip.starts_with("240.") && greeter_ip != echo_ip,
@@ -218,7 +198,7 @@ async fn unmodified_clients_in_network_namespaces() {
         .spawn()
         .expect("dnsmasq (Debian: dnsmasq-base; ./test.sh installs it)");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, out) = exec(&ws, false, "dig", &["+short", "upstream.test"], None);
+    let out = dig(&ws, &["+short", "upstream.test"]);
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
     assert_eq!(out.trim(), "192.0.2.7");

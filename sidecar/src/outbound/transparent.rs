@@ -106,13 +106,13 @@ pub(crate) fn destination(snap: &Snapshot, dst: SocketAddr) -> Destination {
         }
         return Destination::Unknown;
     }
-    for svc in snap.services.values() {
-        if let Some(i) = svc.endpoints.iter().position(|e| e.address == dst) {
+    match snap.endpoint_by_addr(dst) {
+        Some((svc, i)) => {
             let port = svc.ports.first().map(|p| p.port).unwrap_or(dst.port());
-            return Destination::Endpoint(svc.clone(), i, port);
+            Destination::Endpoint(svc.clone(), i, port)
         }
+        None => Destination::Unknown,
     }
-    Destination::Unknown
 }
 
 impl Outbound {
@@ -131,7 +131,7 @@ impl Outbound {
                     detect(&stream, self.sniff_timeout).await
                 };
                 match sniffed {
-                    Sniffed::Http1 | Sniffed::H2 => self.serve_http(stream, snap, svc, port, sniffed, drain).await,
+                    Sniffed::Http1 | Sniffed::H2 => self.serve_http(stream, snap, svc, port, drain).await,
                     Sniffed::Tls | Sniffed::Opaque => self.opaque(stream, &snap, &svc, port, None).await,
                 }
             }
@@ -155,7 +155,6 @@ impl Outbound {
         snap: Arc<Snapshot>,
         svc: Arc<ServiceEntry>,
         port: u16,
-        sniffed: Sniffed,
         mut drain: Watch,
     ) {
         let this = self.clone();
@@ -180,21 +179,13 @@ impl Outbound {
                 Ok::<_, Infallible>(this.forward_to(&snap, &svc, port, req).await)
             }
         });
-        let io = TokioIo::new(stream);
-        let result = if sniffed == Sniffed::H2 {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
-            }
-        } else {
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
-            }
+        // hyper's auto builder tells HTTP/1.1 from the HTTP/2 preface the sniffer already saw.
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "intercepted HTTP connection ended with an error");
