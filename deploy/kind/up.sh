@@ -3,7 +3,8 @@
 #   deploy/kind/up.sh
 # Creates east (us-east, two zones), west (us-west) and central (eu-central) with region and
 # zone labels on their nodes, builds the Strait image and loads it, installs Strait in each
-# cluster with its own intermediate CA of one shared trust domain, and joins them.
+# cluster with its own intermediate CA of one shared trust domain, joins them, and deploys the
+# demo services (sidecars injected) with ServiceExports.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -66,9 +67,10 @@ while read -r line; do
   kubectl --context "kind-$name" -n strait-system create secret generic strait-ca \
     --from-file=ca.pem="$STATE/$name-ca/ca.pem" --from-file=ca-key.pem="$STATE/$name-ca/ca-key.pem" \
     --from-file=bundle.pem="$STATE/trust/bundle.pem" --dry-run=client -o yaml | kubectl --context "kind-$name" apply -f -
-  # kind has no load balancer: expose the QUIC port on a fixed NodePort.
-  kubectl --context "kind-$name" -n strait-system patch service strait-gateway --type=json \
-    -p "[{\"op\":\"replace\",\"path\":\"/spec/ports/0/nodePort\",\"value\":$GATEWAY_NODE_PORT}]"
+  # kind has no load balancer: expose QUIC (UDP) and its TCP+TLS fallback on one fixed NodePort.
+  kubectl --context "kind-$name" -n strait-system patch service strait-gateway --type=json -p \
+    "[{\"op\":\"replace\",\"path\":\"/spec/ports/0/nodePort\",\"value\":$GATEWAY_NODE_PORT},
+      {\"op\":\"replace\",\"path\":\"/spec/ports/1/nodePort\",\"value\":$GATEWAY_NODE_PORT}]"
 done <deploy/kind/clusters.yaml
 
 step "joining ${contexts[*]}"
@@ -81,19 +83,31 @@ for c in "${contexts[@]}"; do
   kubectl --context "$c" -n strait-system rollout status deployment/strait-gateway --timeout=120s
 done
 
+step "deploying the demo services (namespace demo, sidecars injected)"
+for c in "${contexts[@]}"; do
+  "$STRAIT" install --demo --cluster-name "${c#kind-}" --image "$IMAGE" --apply --context "$c"
+done
+for c in "${contexts[@]}"; do
+  kubectl --context "$c" -n demo wait --for=condition=Available deployment --all --timeout=180s
+done
+
 step "checking"
 for c in "${contexts[@]}"; do "$STRAIT" check --context "$c" || true; done
 
 cat <<MSG
 
-Strait is installed and joined in: ${contexts[*]}.
-Export a Service with the Multi-Cluster Services API, for example in kind-west:
-  kubectl --context kind-west -n demo apply -f - <<'YAML'
+Strait is installed and joined in: ${contexts[*]}, with the demo services exported from each
+(echo in every cluster, greeter only in west, ledger only in central).
+Call west's greeter from east by its clusterset name, with no change to the app:
+  kubectl --context kind-east -n demo exec deploy/echo-us-east-1a -c app -- \
+    curl -s http://greeter.demo.svc.clusterset.local/
+The imports every cluster sees:
+  kubectl --context kind-east -n demo get serviceimports
+  strait check --context kind-east
+Export your own Service the same way (MCS API):
+  kubectl --context kind-west -n shop apply -f - <<'YAML'
   apiVersion: multicluster.x-k8s.io/v1alpha1
   kind: ServiceExport
-  metadata: {name: greeter, namespace: demo}
+  metadata: {name: cart, namespace: shop}
   YAML
-and every joined cluster gets a ServiceImport with its ClusterSet IP:
-  kubectl --context kind-east -n demo get serviceimports
-Sidecar injection for demo workloads is not built yet (see the README).
 MSG

@@ -47,7 +47,13 @@ fn deploy_directory_is_generated_not_hand_edited() {
     let fresh = std::env::temp_dir().join(format!("strait-deploy-{}", std::process::id()));
     let (ok, out) = strait(&["install", "--write-deploy", fresh.to_str().unwrap()]);
     assert!(ok, "{out}");
-    for file in ["crds.yaml", "strait-example.yaml"] {
+    for file in [
+        "crds.yaml",
+        "strait-example.yaml",
+        "demo/east.yaml",
+        "demo/west.yaml",
+        "demo/central.yaml",
+    ] {
         let committed = std::fs::read_to_string(repo.join(file)).unwrap_or_default();
         let generated = std::fs::read_to_string(fresh.join(file)).unwrap();
         assert!(
@@ -81,19 +87,59 @@ async fn every_manifest_passes_the_api_server() {
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
     ];
+    use strait_federation::k8s::inject::{ca_bundle_patch, WEBHOOK_CONFIG};
+    let hooks = drop_dev_webhook(kubeconfig.to_str().unwrap()).await;
     let mut dry = args.to_vec();
     dry.push("--dry-run");
     let (ok, out) = strait(&dry);
     assert!(ok, "server-side dry-run failed: {out}");
     assert!(
-        out.contains("validated (server-side dry-run)") && out.contains("Deployment/strait-gateway"),
+        out.contains("validated (server-side dry-run)")
+            && out.contains("Deployment/strait-gateway")
+            && out.contains("MutatingWebhookConfiguration/strait-sidecar-injector"),
         "{out}"
     );
     let (ok, out) = strait(&args);
     assert!(ok, "apply failed: {out}");
-    // Applying again changes nothing and succeeds (server-side apply is idempotent).
+    // The controller fills in the caBundle (what it does at start in a cluster)...
+    hooks
+        .patch(
+            WEBHOOK_CONFIG,
+            &kube::api::PatchParams::apply("strait-federation").force(),
+            &kube::api::Patch::Apply(&ca_bundle_patch("-----BEGIN CERTIFICATE-----\n")),
+        )
+        .await
+        .unwrap();
+    // ...and applying the install again changes nothing and keeps it (server-side apply).
     let (ok, out) = strait(&args);
     assert!(ok, "second apply failed: {out}");
+    let hook = hooks.get(WEBHOOK_CONFIG).await.unwrap();
+    for w in &hook.webhooks.unwrap_or_default() {
+        let cc = &w.client_config;
+        assert!(
+            cc.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()),
+            "{} lost its caBundle",
+            w.name
+        );
+        assert_eq!(cc.service.as_ref().map(|s| s.name.as_str()), Some("strait-federation"));
+        assert!(cc.url.is_none());
+    }
+
+    // The demo services of every demo cluster (what deploy/kind/up.sh applies).
+    for cluster in ["east", "west", "central"] {
+        let (ok, out) = strait(&[
+            "install",
+            "--demo",
+            "--cluster-name",
+            cluster,
+            "--apply",
+            "--dry-run",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ]);
+        assert!(ok, "demo of {cluster}: server-side dry-run failed: {out}");
+        assert!(out.contains("ServiceExport/echo"), "{out}");
+    }
 
     // A bad setting is refused before anything reaches the cluster, naming the flag.
     let (ok, out) = strait(&[
@@ -141,6 +187,7 @@ async fn join_exchanges_only_names_and_gateways_and_check_says_what_to_fix() {
     .unwrap();
     let kc = |c: &str| mesh.cluster(c).kubeconfig.clone().unwrap().display().to_string();
     for (c, gw) in [("east", "203.0.113.10:15443"), ("west", "203.0.113.20:15443")] {
+        drop_dev_webhook(&kc(c)).await;
         let (ok, out) = strait(&[
             "install",
             "--cluster-name",
@@ -217,4 +264,18 @@ async fn kube_client(path: &str) -> kube::Client {
         .await
         .unwrap();
     kube::Client::try_from(config).unwrap()
+}
+
+/// The API servers of `strait up --kube` have a controller outside the cluster that registered
+/// its webhook by URL; an install calls the in-cluster Service instead (a configuration with both
+/// is invalid), so a test that installs starts from no webhook configuration.
+async fn drop_dev_webhook(
+    kubeconfig: &str,
+) -> kube::Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> {
+    let hooks = kube::Api::all(kube_client(kubeconfig).await);
+    hooks
+        .delete(strait_federation::k8s::inject::WEBHOOK_CONFIG, &Default::default())
+        .await
+        .unwrap();
+    hooks
 }

@@ -2,6 +2,7 @@
 
 use serde_json::{json, Value};
 use strait_federation::config::{ControllerConfig, GatewayRef, InjectorConfig, KubernetesSource};
+use strait_federation::k8s::inject::{webhook_configuration, WEBHOOK_CONFIG};
 
 pub const NAMESPACE: &str = strait_api::SYSTEM_NAMESPACE;
 const CONTROLLER: &str = "strait-federation";
@@ -90,9 +91,8 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["policy.strait.dev"], "resources": ["localitypolicies"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["policy.strait.dev"], "resources": ["localitypolicies/status"], "verbs": ["patch", "update"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-        {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "verbs": ["create"]},
         {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
-         "resourceNames": ["strait-sidecar-injector"], "verbs": ["get", "patch", "update"]}
+         "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch", "update"]}
     ]);
     let token_volume = json!({"name": "strait-token", "projected": {"sources": [{"serviceAccountToken": {
         "audience": strait_api::TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}});
@@ -140,7 +140,9 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
                              "--controller", format!("{CONTROLLER}.{NAMESPACE}.svc:{GRPC_PORT}"),
                              "--trust-domain", s.trust_domain.to_string(), "--bundle", "/etc/strait/bundle/bundle.pem",
                              "--sa-token-file", "/var/run/secrets/strait/token"],
+                    // QUIC, and the TCP+TLS fallback on the same port number.
                     "ports": [{"name": "quic", "containerPort": GATEWAY_PORT, "protocol": "UDP"},
+                              {"name": "tls", "containerPort": GATEWAY_PORT, "protocol": "TCP"},
                               {"name": "admin", "containerPort": GATEWAY_ADMIN_PORT}],
                     "readinessProbe": probe("/ready", GATEWAY_ADMIN_PORT), "livenessProbe": probe("/healthz", GATEWAY_ADMIN_PORT),
                     "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
@@ -151,8 +153,92 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
                               token_volume]}}}}),
         json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(GATEWAY, GATEWAY),
                "spec": {"type": "LoadBalancer", "selector": {"app.kubernetes.io/name": GATEWAY},
-                "ports": [{"name": "quic", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT, "protocol": "UDP"}]}}),
+                "ports": [{"name": "quic", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT, "protocol": "UDP"},
+                          {"name": "tls", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT, "protocol": "TCP"}]}}),
+        // Without a caBundle: the controller fills it in with its trust domain's roots at start.
+        webhook_configuration(None, None),
     ])
+}
+
+/// The namespace the demo services live in (labelled for injection).
+pub const DEMO_NAMESPACE: &str = "demo";
+const DEMO_APP_PORT: u16 = 8080;
+
+/// The demo workloads of one cluster of the built-in three-cluster demo (the same services and
+/// zones `strait up` runs): per service and zone a Deployment pinned to that zone's nodes, the
+/// Service, and its ServiceExport. The namespace is labelled for sidecar injection.
+pub fn demo(cluster: &str, image: &str) -> anyhow::Result<Vec<Value>> {
+    use crate::up::topology::Topology;
+    use strait_federation::source::ProtocolSpec;
+    let topology = Topology::default_demo();
+    let Some(def) = topology.clusters.iter().find(|c| c.name == cluster) else {
+        let names: Vec<&str> = topology.clusters.iter().map(|c| c.name.as_str()).collect();
+        anyhow::bail!(
+            "--cluster-name {cluster:?} is not a demo cluster: use one of {}",
+            names.join(", ")
+        );
+    };
+    let demo_labels = |app: &str| json!({"app": app, "app.kubernetes.io/part-of": "strait-demo"});
+    let mut objects = vec![json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": DEMO_NAMESPACE, "labels": {"strait.dev/inject": "enabled",
+                                                         "app.kubernetes.io/part-of": "strait-demo"}}})];
+    for svc in &topology.services {
+        let zones: Vec<&str> = def
+            .workloads
+            .iter()
+            .filter(|w| w.service == svc.name)
+            .map(|w| w.zone.as_str())
+            .collect();
+        if zones.is_empty() {
+            continue;
+        }
+        let tcp = matches!(svc.protocol, ProtocolSpec::Tcp);
+        for zone in &zones {
+            let name = format!("{}-{zone}", svc.name);
+            let mut args = vec![
+                "demo-app".to_string(),
+                "--listen".into(),
+                format!("0.0.0.0:{DEMO_APP_PORT}"),
+                "--cluster".into(),
+                def.name.clone(),
+                "--region".into(),
+                def.region.clone(),
+                "--zone".into(),
+                zone.to_string(),
+                "--workload".into(),
+                "$(POD_NAME)".into(),
+                "--service".into(),
+                svc.name.clone(),
+            ];
+            if tcp {
+                args.push("--tcp".into());
+            }
+            objects.push(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "namespace": svc.namespace, "labels": demo_labels(&svc.name)},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": svc.name, "demo.strait.dev/zone": zone}},
+                 "template": {"metadata": {"labels": {"app": svc.name, "demo.strait.dev/zone": zone,
+                                                      "app.kubernetes.io/part-of": "strait-demo"}},
+                  "spec": {"nodeSelector": {"topology.kubernetes.io/zone": zone},
+                   "containers": [{"name": "app", "image": image, "args": args,
+                     "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                     "ports": [{"name": if tcp { "tcp" } else { "http" }, "containerPort": DEMO_APP_PORT}],
+                     "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+                     "securityContext": security_context()}]}}}}));
+        }
+        let port = if tcp {
+            json!({"name": "tcp", "port": svc.port, "targetPort": DEMO_APP_PORT, "protocol": "TCP"})
+        } else {
+            json!({"name": "http", "port": svc.port, "targetPort": DEMO_APP_PORT, "protocol": "TCP", "appProtocol": "http"})
+        };
+        objects.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": svc.name, "namespace": svc.namespace, "labels": demo_labels(&svc.name)},
+            "spec": {"selector": {"app": svc.name}, "ports": [port]}}));
+        objects.push(
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {"name": svc.name, "namespace": svc.namespace, "labels": demo_labels(&svc.name)}}),
+        );
+    }
+    Ok(objects)
 }
 
 #[cfg(test)]
@@ -175,8 +261,70 @@ mod tests {
         let back: ControllerConfig = serde_yaml::from_str(text).unwrap();
         assert_eq!(back.cluster, "east");
         assert!(back.kubernetes.is_some() && back.catalog_dir.is_none());
+        // The gateway Service carries QUIC and the TCP+TLS fallback on one port number.
+        let gw = objects
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == GATEWAY)
+            .unwrap();
+        let protocols: Vec<&str> = gw["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["protocol"].as_str().unwrap())
+            .collect();
+        assert_eq!(protocols, ["UDP", "TCP"]);
+        // The webhook is part of the install; the controller only fills in its caBundle.
+        let hook = objects
+            .iter()
+            .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+            .unwrap();
+        assert!(hook["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+        assert_eq!(hook["webhooks"][0]["clientConfig"]["service"]["path"], "/inject");
         // Least privilege: no wildcard verbs or resources anywhere.
         let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
         assert!(!role.to_string().contains('*'));
+    }
+}
+
+#[cfg(test)]
+mod demo_tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_of_a_cluster_pins_each_workload_to_its_zone_and_exports_its_services() {
+        let objects = demo("east", "strait:test").unwrap();
+        let deployments: Vec<&str> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Deployment")
+            .map(|o| o["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(deployments, ["echo-us-east-1a", "echo-us-east-1b"]);
+        let b = objects
+            .iter()
+            .find(|o| o["metadata"]["name"] == "echo-us-east-1b")
+            .unwrap();
+        assert_eq!(
+            b["spec"]["template"]["spec"]["nodeSelector"]["topology.kubernetes.io/zone"],
+            "us-east-1b"
+        );
+        let exports = objects.iter().filter(|o| o["kind"] == "ServiceExport").count();
+        assert_eq!(exports, 1);
+        let ns = &objects[0];
+        assert_eq!(ns["metadata"]["labels"]["strait.dev/inject"], "enabled");
+        // central runs the TCP ledger: a tcp port, and the app echoes bytes.
+        let central = demo("central", "strait:test").unwrap();
+        let ledger = central
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "ledger")
+            .unwrap();
+        assert_eq!(ledger["spec"]["ports"][0]["name"], "tcp");
+        assert!(central
+            .iter()
+            .any(|o| o["spec"]["template"].to_string().contains("--tcp")));
+        let err = demo("north", "strait:test").unwrap_err().to_string();
+        assert!(
+            err.contains("--cluster-name") && err.contains("east, west, central"),
+            "{err}"
+        );
     }
 }

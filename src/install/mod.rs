@@ -1,6 +1,6 @@
 //! `strait install`: the manifests that install Strait in one cluster — CRDs generated from the
 //! Rust types, least-privilege RBAC, the controller and gateway Deployments and Services — printed
-//! as YAML, or applied with server-side apply. `--write-deploy DIR` regenerates `deploy/`, so
+//! as YAML, or applied with server-side apply; `--demo` does the same for the demo services. `--write-deploy DIR` regenerates `deploy/`, so
 //! no hand-edited copy can drift from the code.
 
 mod join;
@@ -20,6 +20,7 @@ pub const EXAMPLES: &str = "Examples:
   strait install --cluster-name east --region us-east --zone us-east-1a --gateway-address 203.0.113.10:15443 \\
       --apply --kubeconfig ~/.kube/config --context kind-east
   strait install --crds-only | kubectl apply --server-side -f -
+  strait install --demo --cluster-name west --apply --context kind-west   # the demo services of west
   strait install --write-deploy deploy/          # regenerate the manifests in the repository
 
 Before the controller can start, give the cluster its intermediate CA (keys never go in manifests):
@@ -32,13 +33,13 @@ pub struct InstallArgs {
     /// This cluster's name in the clusterset.
     #[arg(long, required_unless_present_any = ["crds_only", "write_deploy"])]
     pub cluster_name: Option<String>,
-    #[arg(long, required_unless_present_any = ["crds_only", "write_deploy"])]
+    #[arg(long, required_unless_present_any = ["crds_only", "write_deploy", "demo"])]
     pub region: Option<String>,
     /// The zone the gateway runs in.
     #[arg(long, default_value = "")]
     pub zone: String,
     /// Where peers reach this cluster's gateway (a LoadBalancer IP, or a node IP and NodePort).
-    #[arg(long, required_unless_present_any = ["crds_only", "write_deploy"])]
+    #[arg(long, required_unless_present_any = ["crds_only", "write_deploy", "demo"])]
     pub gateway_address: Option<std::net::SocketAddr>,
     #[arg(long, default_value = "mesh.local")]
     pub trust_domain: strait_trust::TrustDomain,
@@ -47,7 +48,12 @@ pub struct InstallArgs {
     /// Print only the CRDs.
     #[arg(long)]
     pub crds_only: bool,
-    /// Write deploy/crds.yaml and deploy/strait-example.yaml into DIR.
+    /// Instead of Strait, the demo services of this cluster of the three-cluster demo
+    /// (east, west or central): Deployments per zone, Services and ServiceExports in the
+    /// namespace `demo`, which is labelled for sidecar injection.
+    #[arg(long, conflicts_with = "crds_only")]
+    pub demo: bool,
+    /// Write deploy/crds.yaml, deploy/strait-example.yaml and deploy/demo/<cluster>.yaml into DIR.
     #[arg(long)]
     pub write_deploy: Option<PathBuf>,
     /// Apply to the cluster (server-side apply) instead of printing.
@@ -61,6 +67,9 @@ pub struct InstallArgs {
     #[arg(long, requires = "apply")]
     pub context: Option<String>,
 }
+
+/// The clusters of the demo, each with a `deploy/demo/<cluster>.yaml`.
+pub const DEMO_CLUSTERS: [&str; 3] = ["east", "west", "central"];
 
 /// The example cluster `deploy/strait-example.yaml` is generated for.
 fn example() -> Settings {
@@ -96,15 +105,25 @@ pub async fn run(a: InstallArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("crds.yaml"), to_yaml(&crd_objects()?)?)?;
         std::fs::write(dir.join("strait-example.yaml"), to_yaml(&manifests(&example())?)?)?;
+        std::fs::create_dir_all(dir.join("demo"))?;
+        for cluster in DEMO_CLUSTERS {
+            std::fs::write(
+                dir.join("demo").join(format!("{cluster}.yaml")),
+                to_yaml(&manifests::demo(cluster, &example().image)?)?,
+            )?;
+        }
         println!(
-            "wrote {} and {}",
+            "wrote {}, {} and {}",
             dir.join("crds.yaml").display(),
-            dir.join("strait-example.yaml").display()
+            dir.join("strait-example.yaml").display(),
+            dir.join("demo").join("{east,west,central}.yaml").display()
         );
         return Ok(());
     }
     let objects = if a.crds_only {
         crd_objects()?
+    } else if a.demo {
+        manifests::demo(a.cluster_name.as_deref().unwrap_or_default(), &a.image)?
     } else {
         let cluster = a.cluster_name.clone().unwrap_or_default();
         let dns_label = !cluster.is_empty()

@@ -7,7 +7,7 @@ mod kube;
 mod netns;
 mod plan;
 mod procs;
-mod topology;
+pub(crate) mod topology;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -166,16 +166,18 @@ pub async fn serve(listen: SocketAddr, tls: rustls::ServerConfig, settings: Inje
 /// Name of the MutatingWebhookConfiguration the controller keeps up to date.
 pub const WEBHOOK_CONFIG: &str = "strait-sidecar-injector";
 
-/// Registers (or refreshes) the webhook with the API server: the URL or Service to call and the
-/// roots that sign the webhook's certificate.
-pub async fn register(client: &kube::Client, url: Option<&str>, ca_bundle_pem: &str) -> anyhow::Result<()> {
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    let ca = base64::engine::general_purpose::STANDARD.encode(ca_bundle_pem);
-    let client_config = match url {
-        Some(u) => json!({"url": u, "caBundle": ca}),
+/// The MutatingWebhookConfiguration: `strait install` applies it without a caBundle, and the
+/// controller fills in the caBundle (and the URL, when it runs outside the cluster) at start.
+/// `ca_bundle_pem` is None for the install's copy.
+pub fn webhook_configuration(url: Option<&str>, ca_bundle_pem: Option<&str>) -> Value {
+    let mut client_config = match url {
+        Some(u) => json!({"url": u}),
         None => json!({"service": {"name": "strait-federation", "namespace": strait_api::SYSTEM_NAMESPACE,
-                                   "path": "/inject", "port": 15017}, "caBundle": ca}),
+                                   "path": "/inject", "port": 15017}}),
     };
+    if let Some(pem) = ca_bundle_pem {
+        client_config["caBundle"] = json!(base64::engine::general_purpose::STANDARD.encode(pem));
+    }
     let rules = json!([{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
                         "scope": "Namespaced"}]);
     let hook = |name: &str, ns_selector: Value, object_selector: Value| {
@@ -186,7 +188,7 @@ pub async fn register(client: &kube::Client, url: Option<&str>, ca_bundle_pem: &
                "timeoutSeconds": 5, "reinvocationPolicy": "Never"})
     };
     let not_opted_out = json!({"matchExpressions": [{"key": INJECT_LABEL, "operator": "NotIn", "values": ["false"]}]});
-    let config = json!({
+    json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": WEBHOOK_CONFIG, "labels": {super::MANAGED_BY.0: super::MANAGED_BY.1}},
         "webhooks": [
@@ -198,14 +200,53 @@ pub async fn register(client: &kube::Client, url: Option<&str>, ca_bundle_pem: &
                                               "values": ["kube-system", strait_api::SYSTEM_NAMESPACE]}]}),
                  json!({"matchLabels": {INJECT_LABEL: "true"}})),
         ],
-    });
+    })
+}
+
+/// The part of the webhook configuration the controller owns in a cluster installed by
+/// `strait install`: each webhook's caBundle (server-side apply merges it by webhook name, so a
+/// later `strait install --apply` keeps it).
+pub fn ca_bundle_patch(ca_bundle_pem: &str) -> Value {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_bundle_pem);
+    let hooks: Vec<Value> = webhook_configuration(None, None)["webhooks"]
+        .as_array()
+        .map(|hooks| {
+            hooks
+                .iter()
+                .map(|h| json!({"name": h["name"], "clientConfig": {"caBundle": ca}}))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+           "metadata": {"name": WEBHOOK_CONFIG}, "webhooks": hooks})
+}
+
+/// Makes the API server call this controller's webhook. In a cluster (no `url`) the install
+/// created the configuration and this fills in its caBundle (the roots that sign the webhook's
+/// certificate); outside a cluster (`strait up --kube`) it writes the whole configuration with
+/// the URL to call.
+pub async fn register(client: &kube::Client, url: Option<&str>, ca_bundle_pem: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let api: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client.clone());
+    let config = match url {
+        Some(_) => webhook_configuration(url, Some(ca_bundle_pem)),
+        None => {
+            if api.get_opt(WEBHOOK_CONFIG).await?.is_none() {
+                anyhow::bail!(
+                    "the MutatingWebhookConfiguration {WEBHOOK_CONFIG} does not exist: apply the install \
+                     (`strait install ... --apply`), then restart the controller"
+                );
+            }
+            ca_bundle_patch(ca_bundle_pem)
+        }
+    };
     api.patch(
         WEBHOOK_CONFIG,
         &kube::api::PatchParams::apply(super::FIELD_MANAGER).force(),
         &kube::api::Patch::Apply(&config),
     )
-    .await?;
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot register the injection webhook {WEBHOOK_CONFIG}: {e}"))?;
     Ok(())
 }
 
