@@ -367,12 +367,18 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 warm,
             }));
         }
-        if let Source::Kube(_, writer) = &mut source {
+        if let Source::Kube(watched, writer) = &mut source {
             // Like sidecars, the cluster's ServiceImports wait until the catalog is complete.
             if warm && last_merged.as_ref() != Some(&merged) {
                 match writer.sync(&merged).await {
                     Ok(()) => last_merged = Some(merged.clone()),
                     Err(e) => tracing::warn!(error = %e, "cannot write ServiceImports yet; retrying"),
+                }
+            }
+            if warm {
+                let conditions = watched.export_conditions(&merged, &errors);
+                if let Err(e) = writer.sync_export_status(&conditions).await {
+                    tracing::warn!(error = %e, "cannot write ServiceExport conditions yet; retrying");
                 }
             }
         }

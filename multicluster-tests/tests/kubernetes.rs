@@ -212,6 +212,31 @@ async fn conflicts_are_reported_in_every_cluster_and_an_api_outage_keeps_serving
         let i = import_of(c, "ledger").await.unwrap();
         assert!(i["spec"]["ports"][0].get("appProtocol").is_none(), "{i}");
     }
+    // The MCS way too: both exporting clusters' ServiceExports carry Valid and Conflict.
+    for c in [&east, &central] {
+        Mesh::eventually("the ServiceExport reports the conflict", Duration::from_secs(15), || async {
+            let conditions = export_conditions(c, "ledger").await;
+            conditions.get("Conflict").is_some_and(|(s, m)| s == "True" && m.contains("oldest export"))
+                && conditions.get("Valid").is_some_and(|(s, _)| s == "True")
+        })
+        .await
+        .unwrap();
+    }
+    // An export of a Service that does not exist is reported invalid, saying what to do.
+    let orphan = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                        "metadata": {"name": "nothing", "namespace": "demo"}});
+    exports(&west)
+        .patch("nothing", &PatchParams::apply("strait-test"), &Patch::Apply(&orphan))
+        .await
+        .unwrap();
+    Mesh::eventually("the orphan export is invalid", Duration::from_secs(15), || async {
+        export_conditions(&west, "nothing")
+            .await
+            .get("Valid")
+            .is_some_and(|(s, m)| s == "False" && m.contains("no Service demo/nothing"))
+    })
+    .await
+    .unwrap();
 
     // east's API server goes away: east keeps serving its last catalog, and peers keep east's
     // exports (its controller still renews the lease).
@@ -234,6 +259,24 @@ async fn conflicts_are_reported_in_every_cluster_and_an_api_outage_keeps_serving
         v["cluster"], "east",
         "west's echo is down; east (API server down) still serves"
     );
+}
+
+/// A ServiceExport's conditions: type → (status, message).
+async fn export_conditions(c: &Client, name: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    let Some(export) = exports(c).get_opt(name).await.unwrap() else {
+        return Default::default();
+    };
+    export.data["status"]["conditions"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                    (s("type"), (s("status"), s("message")))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 async fn token(c: &Client, ns: &str, sa: &str, audience: &str) -> String {

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 
-use super::crd::{ClusterStatus, Condition, ServiceImport, ServiceImportSpec, ServiceImportStatus, ServicePort};
+use super::crd::{ClusterStatus, Condition, ServiceExport, ServiceImport, ServiceImportSpec, ServiceImportStatus, ServicePort};
 use super::{FIELD_MANAGER, MANAGED_BY};
 use crate::catalog::MergedService;
 
@@ -17,6 +17,8 @@ pub struct ImportWriter {
     /// What was last written, by `<ns>/<name>`.
     written: HashMap<String, (ServiceImportSpec, ServiceImportStatus)>,
     synced_once: bool,
+    /// The ServiceExport conditions last written, by `<ns>/<name>`.
+    export_status: HashMap<String, Vec<Condition>>,
 }
 
 fn desired(svc: &MergedService) -> (ServiceImportSpec, ServiceImportStatus) {
@@ -62,6 +64,7 @@ impl ImportWriter {
             client,
             written: HashMap::new(),
             synced_once: false,
+            export_status: HashMap::new(),
         }
     }
 
@@ -131,6 +134,52 @@ impl ImportWriter {
             self.written.remove(&format!("{ns}/{name}"));
         }
         self.synced_once = true;
+        Ok(())
+    }
+
+    /// Writes the conditions of this cluster's ServiceExports (what changed since the last
+    /// write). A condition keeps its lastTransitionTime while its status stays the same.
+    pub async fn sync_export_status(&mut self, wanted: &BTreeMap<String, Vec<Condition>>) -> Result<(), kube::Error> {
+        let now = k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second);
+        let now = now.map(|t| t.to_string()).unwrap_or_default();
+        for (key, conditions) in wanted {
+            let Some((ns, name)) = key.split_once('/') else { continue };
+            let before = self.export_status.get(key);
+            let same = |a: &Condition, b: &Condition| {
+                (&a.type_, &a.status, &a.reason, &a.message) == (&b.type_, &b.status, &b.reason, &b.message)
+            };
+            if before.is_some_and(|b| b.len() == conditions.len() && b.iter().zip(conditions).all(|(a, c)| same(a, c))) {
+                continue;
+            }
+            let stamped: Vec<Condition> = conditions
+                .iter()
+                .map(|c| {
+                    let kept = before
+                        .and_then(|b| b.iter().find(|p| p.type_ == c.type_ && p.status == c.status))
+                        .and_then(|p| p.last_transition_time.clone());
+                    Condition {
+                        last_transition_time: Some(kept.unwrap_or_else(|| now.clone())),
+                        ..c.clone()
+                    }
+                })
+                .collect();
+            let status = serde_json::json!({
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "status": {"conditions": stamped},
+            });
+            let api: Api<ServiceExport> = Api::namespaced(self.client.clone(), ns);
+            match api
+                .patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&status))
+                .await
+            {
+                Ok(_) => {}
+                // Deleted meanwhile: the next round no longer lists it.
+                Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                Err(e) => return Err(e),
+            }
+            self.export_status.insert(key.clone(), stamped);
+        }
+        self.export_status.retain(|k, _| wanted.contains_key(k));
         Ok(())
     }
 }

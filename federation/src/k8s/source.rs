@@ -124,6 +124,46 @@ impl KubeSource {
         Ok(())
     }
 
+    /// The MCS conditions of every ServiceExport in this cluster: `Valid` (is there a Service
+    /// that can be exported) and `Conflict` (does it agree with the other clusters' exports; the
+    /// merge decides, so every exporting cluster reports the same conflict).
+    pub fn export_conditions(
+        &self,
+        merged: &BTreeMap<String, crate::catalog::MergedService>,
+        errors: &[SourceError],
+    ) -> BTreeMap<String, Vec<Condition>> {
+        let mut out = BTreeMap::new();
+        for export in self.exports.state() {
+            let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
+                continue;
+            };
+            let key = format!("{ns}/{name}");
+            let file = format!("serviceexport/{key}");
+            let invalid = errors.iter().find(|e| e.file.to_str() == Some(file.as_str()));
+            let mut conditions = vec![Condition {
+                type_: "Valid".into(),
+                status: if invalid.is_none() { "True" } else { "False" }.into(),
+                reason: Some(if invalid.is_none() { "ServiceExported" } else { "InvalidService" }.into()),
+                message: invalid.map(|e| e.message.clone()),
+                last_transition_time: None,
+            }];
+            if let Some(c) = merged
+                .get(&key)
+                .and_then(|m| m.conditions.iter().find(|c| c.r#type == "Conflict"))
+            {
+                conditions.push(Condition {
+                    type_: c.r#type.clone(),
+                    status: c.status.clone(),
+                    reason: (!c.reason.is_empty()).then(|| c.reason.clone()),
+                    message: (!c.message.is_empty()).then(|| c.message.clone()),
+                    last_transition_time: None,
+                });
+            }
+            out.insert(key, conditions);
+        }
+        out
+    }
+
     /// This cluster's exported services.
     pub fn services(
         &self,
@@ -147,6 +187,16 @@ impl KubeSource {
                 });
                 continue;
             };
+            if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+                errors.push(SourceError {
+                    file: format!("serviceexport/{key}").into(),
+                    message: format!(
+                        "Service {key} is of type ExternalName, which the MCS API does not export; \
+                         export a ClusterIP or headless Service"
+                    ),
+                });
+                continue;
+            }
             let exported_at = export
                 .metadata
                 .creation_timestamp
