@@ -150,10 +150,57 @@ async fn exports_become_imports_everywhere_and_endpoint_changes_propagate() {
     .await
     .unwrap();
 
+    // A pod behind the slice: its service account is the endpoint's identity everywhere, and a
+    // peer presenting another identity (the echo sidecar really behind that address) is refused.
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "orders", "namespace": "demo"}})).unwrap();
+    Api::namespaced(east.clone(), "demo")
+        .create(&Default::default(), &sa)
+        .await
+        .unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "orders-0", "namespace": "demo", "labels": {"strait.dev/inject": "false"},
+                     "annotations": {"strait.dev/inject": "false"}},
+        "spec": {"serviceAccountName": "orders", "containers": [{"name": "app", "image": "orders:1"}]}
+    }))
+    .unwrap();
+    Api::namespaced(east.clone(), "demo")
+        .create(&Default::default(), &pod)
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "orders-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "orders"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": target.inbound_addr.port(), "protocol": "TCP"}],
+        "endpoints": [{"addresses": [target.inbound_addr.ip().to_string()], "zone": "us-east-1a",
+                       "targetRef": {"kind": "Pod", "name": "orders-0", "namespace": "demo"}}]
+    }))
+    .unwrap();
+    Api::<EndpointSlice>::namespaced(east.clone(), "demo")
+        .patch("orders-1", &PatchParams::apply("strait-test").force(), &Patch::Apply(&slice))
+        .await
+        .unwrap();
+    let west_admin = mesh.workload("greeter", "us-west-2a").admin_addr;
+    Mesh::eventually("west sees the pod's identity", Duration::from_secs(15), || async {
+        let config = Mesh::admin_json(west_admin, "/config").await.unwrap();
+        config["services"].as_array().unwrap().iter().any(|s| {
+            s["host"] == "orders.demo.svc.clusterset.local"
+                && s["endpoints"][0]["identity"] == "spiffe://mesh.local/ns/demo/sa/orders"
+                && s["endpoints"][0]["workload"] == "orders-0"
+        })
+    })
+    .await
+    .unwrap();
+    let refused = get_via(west_proxy, "http://orders.demo.svc.clusterset.local/").await;
+    assert!(
+        !matches!(refused, Ok((200, _))),
+        "a peer with the wrong identity was accepted: {refused:?}"
+    );
+
     // An EndpointSlice change in east reaches a sidecar in west.
     let started = Instant::now();
     write_slice(&east, "orders", "http", target.inbound_addr, "us-east-1a", false).await;
-    let west_admin = mesh.workload("greeter", "us-west-2a").admin_addr;
     Mesh::eventually(
         "west's sidecar sees the endpoint not ready",
         Duration::from_secs(15),

@@ -57,6 +57,7 @@ fn config_view(snap: &Snapshot) -> serde_json::Value {
             "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
                 "address": e.address.to_string(),
                 "workload": e.workload,
+                "identity": e.identity.to_string(),
                 "cluster": e.locality.cluster,
                 "zone": e.locality.zone,
                 "ready": e.ready,

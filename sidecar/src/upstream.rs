@@ -54,7 +54,10 @@ pub struct Upstreams {
     store: CertStore,
     tunnel: TunnelClient,
     connect_timeout: Duration,
-    pool: Mutex<HashMap<String, SendRequest<Full<Bytes>>>>,
+    /// Per endpoint: the sender, and the identity the peer proved when it was opened. A pooled
+    /// connection is used only while that identity is still one the endpoint may have (the
+    /// catalog can change an endpoint's identity under a live connection).
+    pool: Mutex<HashMap<String, (SendRequest<Full<Bytes>>, Option<SpiffeId>)>>,
 }
 
 impl Upstreams {
@@ -174,12 +177,14 @@ impl Upstreams {
         ep: &EndpointEntry,
         port: u16,
     ) -> Result<(SendRequest<Full<Bytes>>, bool), UpstreamError> {
-        if let Some(sender) = self.pool.lock().ok().and_then(|p| p.get(&ep.key).cloned()) {
-            if !sender.is_closed() {
+        if let Some((sender, peer)) = self.pool.lock().ok().and_then(|p| p.get(&ep.key).cloned()) {
+            let still_trusted = peer.is_some_and(|id| Self::expected_identities(svc, ep).contains(&id));
+            if !sender.is_closed() && still_trusted {
                 return Ok((sender, true));
             }
         }
         let tls = self.connect(snap, svc, ep, port, strait_trust::ALPN_H2).await?;
+        let peer = strait_trust::peer_identity(tls.get_ref().1.peer_certificates());
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             // Pings find a silently dead peer (a killed node, a lost tunnel) within ~2s, so
@@ -200,7 +205,7 @@ impl Upstreams {
             }
         });
         if let Ok(mut p) = self.pool.lock() {
-            p.insert(ep.key.clone(), sender.clone());
+            p.insert(ep.key.clone(), (sender.clone(), peer));
         }
         Ok((sender, false))
     }

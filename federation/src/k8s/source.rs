@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -22,7 +22,8 @@ use crate::source::{LocalService, SourceError};
 /// The one LocalityPolicy that applies.
 pub const POLICY_NAME: &str = "default";
 
-/// Annotation on a Service naming its endpoints' service account (until pods are read).
+/// Annotation on a Service naming its endpoints' service account, for endpoints that are not
+/// pods (an EndpointSlice written by hand); a pod's own service account always wins.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "strait.dev/service-account";
 
 pub struct KubeSource {
@@ -31,6 +32,7 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     exports: Store<ServiceExport>,
+    pods: Store<Pod>,
     changed: Arc<Notify>,
 }
 
@@ -73,7 +75,12 @@ impl KubeSource {
                 changed.clone(),
                 "EndpointSlice",
             ),
-            exports: spawn_reflector(Api::<ServiceExport>::all(client), changed.clone(), "ServiceExport"),
+            exports: spawn_reflector(
+                Api::<ServiceExport>::all(client.clone()),
+                changed.clone(),
+                "ServiceExport",
+            ),
+            pods: spawn_reflector(Api::<Pod>::all(client), changed.clone(), "Pod"),
             changed,
         };
         let ready = async {
@@ -81,6 +88,7 @@ impl KubeSource {
             let _ = source.slices.wait_until_ready().await;
             let _ = source.exports.wait_until_ready().await;
             let _ = source.policies.wait_until_ready().await;
+            let _ = source.pods.wait_until_ready().await;
         };
         tokio::time::timeout(timeout, ready).await.map_err(|_| {
             anyhow::anyhow!(
@@ -203,15 +211,25 @@ impl KubeSource {
                 .as_ref()
                 .map(|t| t.0.as_millisecond())
                 .unwrap_or_default();
-            let sa = svc
+            let service_sa = svc
                 .metadata
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(SERVICE_ACCOUNT_ANNOTATION).cloned())
                 .unwrap_or_else(|| "default".into());
-            let identity = SpiffeId::workload(td, &ns, &sa)
-                .map(|i| i.to_string())
-                .unwrap_or_default();
+            // An endpoint's identity is its pod's service account (what the CA issues for).
+            let identity_of = |target: Option<&k8s_openapi::api::core::v1::ObjectReference>| {
+                let pod_sa = target
+                    .filter(|t| t.kind.as_deref() == Some("Pod"))
+                    .and_then(|t| {
+                        let pod_ns = t.namespace.as_deref().unwrap_or(ns.as_str());
+                        self.pods.get(&ObjectRef::new(t.name.as_deref()?).within(pod_ns))
+                    })
+                    .and_then(|p| p.spec.as_ref()?.service_account_name.clone());
+                let sa = pod_sa.unwrap_or_else(|| service_sa.clone());
+                SpiffeId::workload(td, &ns, &sa).map(|i| i.to_string()).unwrap_or_default()
+            };
+            let mut identities = vec![];
             let ports: Vec<pb::ServicePort> = svc
                 .spec
                 .as_ref()
@@ -245,6 +263,10 @@ impl KubeSource {
                 };
                 for ep in &slice.endpoints {
                     let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                    let identity = identity_of(ep.target_ref.as_ref());
+                    if !identities.contains(&identity) {
+                        identities.push(identity.clone());
+                    }
                     for addr in &ep.addresses {
                         let address = match addr.parse::<std::net::IpAddr>() {
                             Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
@@ -272,6 +294,10 @@ impl KubeSource {
                 }
             }
             endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+            if identities.is_empty() {
+                identities.push(identity_of(None));
+            }
+            identities.sort();
             out.insert(
                 key,
                 LocalService {
@@ -281,7 +307,7 @@ impl KubeSource {
                         ports,
                         endpoints,
                         exported_at_unix_ms: exported_at,
-                        identities: vec![identity],
+                        identities,
                     },
                     exported: true,
                 },
