@@ -63,6 +63,12 @@ impl CertClient {
 
     /// One CSR round trip.
     pub async fn fetch(&self) -> Result<(WorkloadCert, TrustBundle), CertError> {
+        self.fetch_with_locality().await.map(|(cert, bundle, _)| (cert, bundle))
+    }
+
+    /// One CSR round trip, with where the CA found the workload (Kubernetes: its node's
+    /// region and zone), when it knows.
+    pub async fn fetch_with_locality(&self) -> Result<(WorkloadCert, TrustBundle, Option<pb::Locality>), CertError> {
         let config = strait_trust::client_config(
             None,
             &Arc::new(ArcSwap::from_pointee(self.bundle.clone())),
@@ -110,17 +116,18 @@ impl CertClient {
         if !resp.bundle_pem.is_empty() {
             bundle.merge(&TrustBundle::from_pem("CA response", resp.bundle_pem.as_bytes())?)?;
         }
-        Ok((WorkloadCert::new(id, issued, key.key_pkcs8_der)?, bundle))
+        Ok((WorkloadCert::new(id, issued, key.key_pkcs8_der)?, bundle, resp.locality))
     }
 
-    /// Fetches the first certificate, retrying while the controller starts up.
-    pub async fn bootstrap(&self) -> CertStore {
+    /// Fetches the first certificate, retrying while the controller starts up; also returns
+    /// the locality the CA reported, if any.
+    pub async fn bootstrap(&self) -> (CertStore, Option<pb::Locality>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.fetch().await {
-                Ok((cert, bundle)) => {
+            match self.fetch_with_locality().await {
+                Ok((cert, bundle, locality)) => {
                     tracing::info!(id = %cert.id, "obtained workload certificate");
-                    return CertStore::new(cert, bundle, self.metrics.clone());
+                    return (CertStore::new(cert, bundle, self.metrics.clone()), locality);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot obtain a certificate yet; retrying");

@@ -56,7 +56,7 @@ impl CaServer {
 
 impl CaServer {
     /// The namespace and service account the request's credential proves.
-    async fn authenticate(&self, req: &pb::SignRequest) -> Result<(String, String), Status> {
+    async fn authenticate(&self, req: &pb::SignRequest) -> Result<Caller, Status> {
         if !req.service_account_token.is_empty() {
             let Some(client) = &self.reviewer else {
                 return Err(Status::unauthenticated(
@@ -65,7 +65,7 @@ impl CaServer {
             };
             return review(client, &req.service_account_token).await;
         }
-        self.tokens.get(&req.join_token).cloned().ok_or_else(|| {
+        self.tokens.get(&req.join_token).cloned().map(|(ns, sa)| Caller { ns, sa, pod: None }).ok_or_else(|| {
             Status::unauthenticated(
                 "the join token is not known to this cluster's CA; use the token `strait up` or the operator gave this workload",
             )
@@ -73,9 +73,41 @@ impl CaServer {
     }
 }
 
+/// Who asked for a certificate.
+struct Caller {
+    ns: String,
+    sa: String,
+    /// The pod a bound service-account token belongs to.
+    pod: Option<String>,
+}
+
+/// The region and zone labels of the node `pod` runs on (what the EndpointSlice controller puts
+/// on the pod's endpoints), so an injected sidecar knows its own zone without a flag.
+async fn pod_locality(client: &kube::Client, ns: &str, pod: &str) -> Option<pb::Locality> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    let pod = kube::Api::<Pod>::namespaced(client.clone(), ns)
+        .get_opt(pod)
+        .await
+        .ok()??;
+    let node_name = pod.spec?.node_name?;
+    let node = kube::Api::<Node>::all(client.clone())
+        .get_opt(&node_name)
+        .await
+        .ok()??;
+    let labels = node.metadata.labels.unwrap_or_default();
+    let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    let zone = label("topology.kubernetes.io/zone");
+    (!zone.is_empty()).then(|| pb::Locality {
+        cluster: String::new(),
+        region: label("topology.kubernetes.io/region"),
+        zone,
+        subzone: label("topology.strait.dev/subzone"),
+    })
+}
+
 /// Asks this cluster's API server whether the token is a valid service-account token for the
 /// `strait` audience, and whose.
-async fn review(client: &kube::Client, token: &str) -> Result<(String, String), Status> {
+async fn review(client: &kube::Client, token: &str) -> Result<Caller, Status> {
     use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
     let review = TokenReview {
         spec: TokenReviewSpec {
@@ -106,12 +138,22 @@ async fn review(client: &kube::Client, token: &str) -> Result<(String, String), 
             strait_api::TOKEN_AUDIENCE
         )));
     }
-    let username = status.user.and_then(|u| u.username).unwrap_or_default();
+    let user = status.user.unwrap_or_default();
+    let pod = user
+        .extra
+        .as_ref()
+        .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
+        .and_then(|v| v.first().cloned());
+    let username = user.username.unwrap_or_default();
     match username
         .strip_prefix("system:serviceaccount:")
         .and_then(|r| r.split_once(':'))
     {
-        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => Ok((ns.to_string(), sa.to_string())),
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => Ok(Caller {
+            ns: ns.to_string(),
+            sa: sa.to_string(),
+            pod,
+        }),
         _ => Err(Status::unauthenticated(format!(
             "{username:?} is not a service account; only pods' service-account tokens are accepted"
         ))),
@@ -122,7 +164,7 @@ async fn review(client: &kube::Client, token: &str) -> Result<(String, String), 
 impl CertificateService for CaServer {
     async fn sign(&self, req: Request<pb::SignRequest>) -> Result<Response<pb::SignResponse>, Status> {
         let req = req.into_inner();
-        let (ns, sa) = match self.authenticate(&req).await {
+        let Caller { ns, sa, pod } = match self.authenticate(&req).await {
             Ok(who) => who,
             Err(status) => {
                 self.issued.with_label_values(&["unauthenticated"]).inc();
@@ -142,6 +184,10 @@ impl CertificateService for CaServer {
                 self.issued.with_label_values(&["bad_csr"]).inc();
                 Status::invalid_argument(e.to_string())
             })?;
+        let locality = match (&self.reviewer, &pod) {
+            (Some(client), Some(pod)) => pod_locality(client, &ns, pod).await,
+            _ => None,
+        };
         self.issued.with_label_values(&["issued"]).inc();
         tracing::info!(%id, ttl = ?ttl, "issued workload certificate");
         Ok(Response::new(pb::SignResponse {
@@ -150,6 +196,7 @@ impl CertificateService for CaServer {
             bundle_pem: self.bundle_pem.clone(),
             not_before_unix_ms: strait_api::unix_ms(issued.not_before),
             not_after_unix_ms: strait_api::unix_ms(issued.not_after),
+            locality,
         }))
     }
 }

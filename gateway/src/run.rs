@@ -39,7 +39,7 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         cluster: opts.locality.cluster.clone(),
         have_version: 0,
     };
-    let store = opts.controller.connect(hello, &registry, tx).await?;
+    let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
 
     let gateway = Arc::new(Gateway::new(
         GatewayOptions {

@@ -178,7 +178,11 @@ async fn exports_become_imports_everywhere_and_endpoint_changes_propagate() {
     }))
     .unwrap();
     Api::<EndpointSlice>::namespaced(east.clone(), "demo")
-        .patch("orders-1", &PatchParams::apply("strait-test").force(), &Patch::Apply(&slice))
+        .patch(
+            "orders-1",
+            &PatchParams::apply("strait-test").force(),
+            &Patch::Apply(&slice),
+        )
         .await
         .unwrap();
     let west_admin = mesh.workload("greeter", "us-west-2a").admin_addr;
@@ -261,11 +265,17 @@ async fn conflicts_are_reported_in_every_cluster_and_an_api_outage_keeps_serving
     }
     // The MCS way too: both exporting clusters' ServiceExports carry Valid and Conflict.
     for c in [&east, &central] {
-        Mesh::eventually("the ServiceExport reports the conflict", Duration::from_secs(15), || async {
-            let conditions = export_conditions(c, "ledger").await;
-            conditions.get("Conflict").is_some_and(|(s, m)| s == "True" && m.contains("oldest export"))
-                && conditions.get("Valid").is_some_and(|(s, _)| s == "True")
-        })
+        Mesh::eventually(
+            "the ServiceExport reports the conflict",
+            Duration::from_secs(15),
+            || async {
+                let conditions = export_conditions(c, "ledger").await;
+                conditions
+                    .get("Conflict")
+                    .is_some_and(|(s, m)| s == "True" && m.contains("oldest export"))
+                    && conditions.get("Valid").is_some_and(|(s, _)| s == "True")
+            },
+        )
         .await
         .unwrap();
     }
@@ -326,14 +336,20 @@ async fn export_conditions(c: &Client, name: &str) -> std::collections::BTreeMap
         .unwrap_or_default()
 }
 
-async fn token(c: &Client, ns: &str, sa: &str, audience: &str) -> String {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+/// A service-account token as the kubelet would mount it; `pod` = (name, uid) binds it to a pod.
+async fn token(c: &Client, ns: &str, sa: &str, audience: &str, pod: Option<(&str, &str)>) -> String {
+    use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![audience.to_string()],
             expiration_seconds: Some(3600),
-            ..Default::default()
+            bound_object_ref: pod.map(|(name, uid)| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(name.into()),
+                uid: Some(uid.into()),
+            }),
         },
         ..Default::default()
     };
@@ -366,19 +382,47 @@ async fn the_ca_issues_for_service_account_tokens_and_refuses_forged_ones() {
         }
     };
     // A pod's token for the strait audience: the identity is exactly its service account.
-    let (cert, _) = ca("valid", token(&east, "demo", "echo", "strait").await)
+    let (cert, _) = ca("valid", token(&east, "demo", "echo", "strait", None).await)
         .fetch()
         .await
         .unwrap();
     assert_eq!(cert.id.to_string(), "spiffe://mesh.local/ns/demo/sa/echo");
+    // A token bound to a pod: the CA also says where the pod runs (its node's zone labels), which
+    // is how an injected sidecar learns its zone.
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "metadata": {"name": "worker-b", "labels": {"topology.kubernetes.io/region": "us-east",
+                                                    "topology.kubernetes.io/zone": "us-east-1b"}}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Node>::all(east.clone())
+        .create(&Default::default(), &node)
+        .await
+        .unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "echo-b", "namespace": "demo", "annotations": {"strait.dev/inject": "false"},
+                     "labels": {"strait.dev/inject": "false"}},
+        "spec": {"serviceAccountName": "echo", "nodeName": "worker-b",
+                 "containers": [{"name": "app", "image": "echo:1"}]}
+    }))
+    .unwrap();
+    let pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(east.clone(), "demo")
+        .create(&Default::default(), &pod)
+        .await
+        .unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    let bound = token(&east, "demo", "echo", "strait", Some(("echo-b", &uid))).await;
+    let (cert, _, locality) = ca("bound", bound).fetch_with_locality().await.unwrap();
+    assert_eq!(cert.id.to_string(), "spiffe://mesh.local/ns/demo/sa/echo");
+    let locality = locality.expect("the CA knows the pod's node");
+    assert_eq!((locality.region.as_str(), locality.zone.as_str()), ("us-east", "us-east-1b"));
     // The wrong audience, a forged token, and another cluster's token are all refused.
     for (name, t) in [
-        ("audience", token(&east, "demo", "echo", "some-other-audience").await),
+        ("audience", token(&east, "demo", "echo", "some-other-audience", None).await),
         (
             "forged",
             "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVtbzplY2hvIn0.c2lnbmF0dXJl".to_string(),
         ),
-        ("other-cluster", token(&west, "demo", "echo", "strait").await),
+        ("other-cluster", token(&west, "demo", "echo", "strait", None).await),
     ] {
         let err = ca(name, t).fetch().await.unwrap_err().to_string();
         assert!(

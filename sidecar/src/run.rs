@@ -94,7 +94,22 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         cluster: opts.locality.cluster.clone(),
         have_version: 0,
     };
-    let store = opts.controller.connect(hello, &registry, tx).await?;
+    let (store, found) = opts.controller.connect(hello, &registry, tx).await?;
+    // No zone given (the injector does not know the node yet): take the one the CA found.
+    let mut opts = opts;
+    if opts.locality.zone.is_empty() {
+        match found {
+            Some(l) => {
+                opts.locality.zone = l.zone;
+                if opts.locality.region.is_empty() {
+                    opts.locality.region = l.region;
+                }
+                opts.locality.subzone = l.subzone;
+                tracing::info!(region = %opts.locality.region, zone = %opts.locality.zone, "locality from the node");
+            }
+            None => tracing::warn!("no --zone given and the CA does not know this workload's node; locality-aware routing treats it as zoneless"),
+        }
+    }
 
     let metrics = SidecarMetrics::new(&registry);
     let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?

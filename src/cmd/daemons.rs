@@ -97,7 +97,9 @@ pub struct Where {
     pub cluster: String,
     #[arg(long)]
     pub region: String,
-    #[arg(long)]
+    /// Empty: a sidecar takes the zone its cluster's CA reports (in Kubernetes, the
+    /// `topology.kubernetes.io/zone` label of the pod's node).
+    #[arg(long, default_value = "")]
     pub zone: String,
     #[arg(long, default_value = "")]
     pub subzone: String,

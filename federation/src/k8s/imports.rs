@@ -8,7 +8,9 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 
-use super::crd::{ClusterStatus, Condition, ServiceExport, ServiceImport, ServiceImportSpec, ServiceImportStatus, ServicePort};
+use super::crd::{
+    ClusterStatus, Condition, ServiceExport, ServiceImport, ServiceImportSpec, ServiceImportStatus, ServicePort,
+};
 use super::{FIELD_MANAGER, MANAGED_BY};
 use crate::catalog::MergedService;
 
@@ -143,12 +145,15 @@ impl ImportWriter {
         let now = k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second);
         let now = now.map(|t| t.to_string()).unwrap_or_default();
         for (key, conditions) in wanted {
-            let Some((ns, name)) = key.split_once('/') else { continue };
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
             let before = self.export_status.get(key);
             let same = |a: &Condition, b: &Condition| {
                 (&a.type_, &a.status, &a.reason, &a.message) == (&b.type_, &b.status, &b.reason, &b.message)
             };
-            if before.is_some_and(|b| b.len() == conditions.len() && b.iter().zip(conditions).all(|(a, c)| same(a, c))) {
+            if before.is_some_and(|b| b.len() == conditions.len() && b.iter().zip(conditions).all(|(a, c)| same(a, c)))
+            {
                 continue;
             }
             let stamped: Vec<Condition> = conditions

@@ -59,7 +59,7 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Option<Value> {
         "name": SIDECAR_NAME,
         "image": s.image,
         "args": ["sidecar", "--workload", "$(POD_NAME)", "--service", service, "--namespace", "$(POD_NAMESPACE)",
-                 "--cluster", s.cluster, "--region", s.region, "--zone", "unknown",
+                 "--cluster", s.cluster, "--region", s.region,
                  "--outbound", "0.0.0.0:15001", "--inbound", "0.0.0.0:15006", "--admin", "0.0.0.0:15000",
                  "--dns", "127.0.0.1:15053", "--app", format!("127.0.0.1:{app_port}"), "--controller", s.controller,
                  "--trust-domain", s.trust_domain, "--sa-token-file", "/var/run/secrets/strait/token"],

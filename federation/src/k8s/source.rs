@@ -151,7 +151,14 @@ impl KubeSource {
             let mut conditions = vec![Condition {
                 type_: "Valid".into(),
                 status: if invalid.is_none() { "True" } else { "False" }.into(),
-                reason: Some(if invalid.is_none() { "ServiceExported" } else { "InvalidService" }.into()),
+                reason: Some(
+                    if invalid.is_none() {
+                        "ServiceExported"
+                    } else {
+                        "InvalidService"
+                    }
+                    .into(),
+                ),
                 message: invalid.map(|e| e.message.clone()),
                 last_transition_time: None,
             }];
@@ -227,7 +234,9 @@ impl KubeSource {
                     })
                     .and_then(|p| p.spec.as_ref()?.service_account_name.clone());
                 let sa = pod_sa.unwrap_or_else(|| service_sa.clone());
-                SpiffeId::workload(td, &ns, &sa).map(|i| i.to_string()).unwrap_or_default()
+                SpiffeId::workload(td, &ns, &sa)
+                    .map(|i| i.to_string())
+                    .unwrap_or_default()
             };
             let mut identities = vec![];
             let ports: Vec<pb::ServicePort> = svc
