@@ -414,10 +414,16 @@ async fn the_ca_issues_for_service_account_tokens_and_refuses_forged_ones() {
     let (cert, _, locality) = ca("bound", bound).fetch_with_locality().await.unwrap();
     assert_eq!(cert.id.to_string(), "spiffe://mesh.local/ns/demo/sa/echo");
     let locality = locality.expect("the CA knows the pod's node");
-    assert_eq!((locality.region.as_str(), locality.zone.as_str()), ("us-east", "us-east-1b"));
+    assert_eq!(
+        (locality.region.as_str(), locality.zone.as_str()),
+        ("us-east", "us-east-1b")
+    );
     // The wrong audience, a forged token, and another cluster's token are all refused.
     for (name, t) in [
-        ("audience", token(&east, "demo", "echo", "some-other-audience", None).await),
+        (
+            "audience",
+            token(&east, "demo", "echo", "some-other-audience", None).await,
+        ),
         (
             "forged",
             "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVtbzplY2hvIn0.c2lnbmF0dXJl".to_string(),
