@@ -36,28 +36,52 @@ impl Balancer {
         &self.locality
     }
 
-    fn healthy(&self, snap: &Snapshot, ep: &EndpointEntry, outlier: &OutlierDetector, now: Instant) -> bool {
-        if !ep.ready || outlier.is_ejected(&ep.key, now) {
+    /// Whether `ep` may take traffic: ready, its cluster reachable, and (unless `outlier` is
+    /// None: panic routing) neither it nor its cluster's gateway ejected.
+    fn healthy(&self, snap: &Snapshot, ep: &EndpointEntry, outlier: Option<&OutlierDetector>, now: Instant) -> bool {
+        let local = ep.locality.cluster == self.locality.cluster;
+        if !ep.ready || !(local || snap.gateways.get(&ep.locality.cluster).is_some_and(|g| g.reachable)) {
             return false;
         }
-        ep.locality.cluster == self.locality.cluster
-            || snap.gateways.get(&ep.locality.cluster).is_some_and(|g| g.reachable)
+        outlier.is_none_or(|o| {
+            !o.is_ejected(&ep.key, now) && (local || !o.is_ejected(&gateway_key(&ep.locality.cluster), now))
+        })
     }
 
-    /// Picks an endpoint of `svc`, skipping those already tried.
+    /// Picks an endpoint of `svc`, skipping those already tried. When outlier detection has
+    /// ejected every ready, reachable endpoint, picks among those anyway (Envoy's panic routing,
+    /// counted in `strait_lb_panic_total`) rather than among not-ready ones or unreachable
+    /// clusters.
     pub fn pick(&self, snap: &Snapshot, svc: &ServiceEntry, tried: &[usize]) -> Option<usize> {
         let now = Instant::now();
         let outlier = self.outlier.lock().ok()?;
         let healthy: Vec<bool> = svc
             .endpoints
             .iter()
-            .map(|ep| self.healthy(snap, ep, &outlier, now))
+            .map(|ep| self.healthy(snap, ep, Some(&outlier), now))
             .collect();
         drop(outlier);
+        let untried = |flags: &[bool]| flags.iter().enumerate().any(|(i, h)| *h && !tried.contains(&i));
+        if untried(&healthy) {
+            return self.choose(snap, svc, &healthy, tried);
+        }
+        let usable: Vec<bool> = svc
+            .endpoints
+            .iter()
+            .map(|ep| self.healthy(snap, ep, None, now))
+            .collect();
+        if untried(&usable) {
+            self.metrics.panics.with_label_values(&[&svc.host()]).inc();
+        }
+        // With nothing usable either, `choose` itself falls back to the nearest endpoints.
+        self.choose(snap, svc, &usable, tried)
+    }
+
+    fn choose(&self, snap: &Snapshot, svc: &ServiceEntry, healthy: &[bool], tried: &[usize]) -> Option<usize> {
         let candidates: Vec<Candidate<'_>> = svc
             .endpoints
             .iter()
-            .zip(&healthy)
+            .zip(healthy)
             .map(|(ep, h)| Candidate {
                 locality: &ep.locality,
                 labels: &ep.labels,

@@ -7,6 +7,7 @@ pub struct SidecarMetrics {
     pub connections: IntCounterVec,
     pub retries: IntCounterVec,
     pub ejections: IntCounterVec,
+    pub panics: IntCounterVec,
     pub inbound_requests: IntCounterVec,
     pub passthrough: IntCounterVec,
 }
@@ -67,6 +68,13 @@ impl SidecarMetrics {
                 "strait_outlier_ejections_total",
                 "Endpoints ejected by passive outlier detection, by destination cluster and service",
                 &["destination_cluster", "destination_service"],
+            ),
+            panics: counter(
+                registry,
+                "strait_lb_panic_total",
+                "Picks made while every ready endpoint of the service was ejected (Envoy's panic \
+                 routing: try them anyway rather than fail), by destination service",
+                &["destination_service"],
             ),
             inbound_requests: counter(
                 registry,
