@@ -57,8 +57,11 @@ pub struct Upstreams {
     /// Per endpoint: the sender, and the identity the peer proved when it was opened. A pooled
     /// connection is used only while that identity is still one the endpoint may have (the
     /// catalog can change an endpoint's identity under a live connection).
-    pool: Mutex<HashMap<String, (SendRequest<Full<Bytes>>, Option<SpiffeId>)>>,
+    pool: Mutex<HashMap<String, Pooled>>,
 }
+
+/// A pooled HTTP/2 sender and the identity its peer proved.
+type Pooled = (SendRequest<Full<Bytes>>, Option<SpiffeId>);
 
 impl Upstreams {
     pub fn new(cluster: String, store: CertStore, tunnel: TunnelClient) -> Self {
