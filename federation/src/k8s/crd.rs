@@ -42,6 +42,19 @@ pub struct Condition {
     pub last_transition_time: Option<String>,
 }
 
+impl From<&strait_api::pb::Condition> for Condition {
+    /// A condition of the merge (the catalog's wire type) as Kubernetes writes it.
+    fn from(c: &strait_api::pb::Condition) -> Self {
+        Condition {
+            type_: c.r#type.clone(),
+            status: c.status.clone(),
+            reason: (!c.reason.is_empty()).then(|| c.reason.clone()),
+            message: (!c.message.is_empty()).then(|| c.message.clone()),
+            last_transition_time: None,
+        }
+    }
+}
+
 /// The clusterset's view of an exported service, written by the controller in every cluster.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(

@@ -45,17 +45,7 @@ fn desired(svc: &MergedService) -> (ServiceImportSpec, ServiceImportStatus) {
             .iter()
             .map(|c| ClusterStatus { cluster: c.clone() })
             .collect(),
-        conditions: svc
-            .conditions
-            .iter()
-            .map(|c| Condition {
-                type_: c.r#type.clone(),
-                status: c.status.clone(),
-                reason: (!c.reason.is_empty()).then(|| c.reason.clone()),
-                message: (!c.message.is_empty()).then(|| c.message.clone()),
-                last_transition_time: None,
-            })
-            .collect(),
+        conditions: svc.conditions.iter().map(Condition::from).collect(),
     };
     (spec, status)
 }

@@ -166,13 +166,7 @@ impl KubeSource {
                 .get(&key)
                 .and_then(|m| m.conditions.iter().find(|c| c.r#type == "Conflict"))
             {
-                conditions.push(Condition {
-                    type_: c.r#type.clone(),
-                    status: c.status.clone(),
-                    reason: (!c.reason.is_empty()).then(|| c.reason.clone()),
-                    message: (!c.message.is_empty()).then(|| c.message.clone()),
-                    last_transition_time: None,
-                });
+                conditions.push(c.into());
             }
             out.insert(key, conditions);
         }
