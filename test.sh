@@ -28,6 +28,7 @@ command -v dig >/dev/null 2>&1 || missing+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 command -v nc >/dev/null 2>&1 || missing+=(netcat-openbsd)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then
@@ -48,18 +49,28 @@ STRAIT_KUBE_BIN_DIR="$(multicluster-tests/kube/build.sh)"
 export STRAIT_KUBE_BIN_DIR
 echo "using $STRAIT_KUBE_BIN_DIR"
 
-# The gRPC client of the network-namespace tests: grpcurl, built once from the Go module proxy.
-GRPCURL_VERSION=v1.9.3
-STRAIT_GRPCURL="${HOME}/.cache/strait/bin/grpcurl-${GRPCURL_VERSION}"
-if [ ! -x "$STRAIT_GRPCURL" ]; then
-  say "building grpcurl ${GRPCURL_VERSION}"
-  tmp_bin="$(mktemp -d)"
-  GOBIN="$tmp_bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@${GRPCURL_VERSION}"
-  mkdir -p "$(dirname "$STRAIT_GRPCURL")"
-  mv "$tmp_bin/grpcurl" "$STRAIT_GRPCURL"
-  rmdir "$tmp_bin"
-fi
-export STRAIT_GRPCURL
+# Real clients and conformance tools the tests drive, built once from the Go module proxy and
+# cached outside the clone, keyed by version: go_tool NAME PACKAGE VERSION prints the binary.
+go_tool() {
+  local name="$1" package="$2" version="$3"
+  local bin="${HOME}/.cache/strait/bin/${name}-${version}"
+  if [ ! -x "$bin" ]; then
+    say "building ${name} ${version}" >&2
+    local tmp_bin
+    tmp_bin="$(mktemp -d)"
+    GOBIN="$tmp_bin" go install "${package}@${version}" >&2
+    mkdir -p "$(dirname "$bin")"
+    mv "$tmp_bin/$(basename "$package")" "$bin"
+    rmdir "$tmp_bin"
+  fi
+  echo "$bin"
+}
+STRAIT_GRPCURL="$(go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl v1.9.3)"
+# HTTP/2 conformance (h2spec) and the grpc-go interop server and client.
+STRAIT_H2SPEC="$(go_tool h2spec github.com/summerwind/h2spec/cmd/h2spec v2.2.1+incompatible)"
+STRAIT_GRPC_INTEROP_SERVER="$(go_tool grpc-interop-server google.golang.org/grpc/interop/server v1.85.0)"
+STRAIT_GRPC_INTEROP_CLIENT="$(go_tool grpc-interop-client google.golang.org/grpc/interop/client v1.85.0)"
+export STRAIT_GRPCURL STRAIT_H2SPEC STRAIT_GRPC_INTEROP_SERVER STRAIT_GRPC_INTEROP_CLIENT
 if [ "$(id -u)" != 0 ]; then
   echo "test.sh: the Kubernetes tier (strait up --kube) needs root to route its 198.18.0.0/15 workload" >&2
   echo "         addresses on lo; its tests will fail here. Run as root (CI does)." >&2
@@ -87,7 +98,8 @@ say "unit and end-to-end tests"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs even when one fails, so the summary counts every test.
+cargo test --no-fail-fast --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo

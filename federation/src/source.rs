@@ -48,9 +48,23 @@ pub struct PortSpec {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProtocolSpec {
+    /// HTTP/1.1 and HTTP/2 (h2c), told apart per connection.
     #[default]
     Http,
+    /// gRPC: HTTP/2 end to end.
+    Grpc,
     Tcp,
+}
+
+impl ProtocolSpec {
+    /// The name on the wire and in port names: `http`, `grpc`, `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtocolSpec::Http => "http",
+            ProtocolSpec::Grpc => "grpc",
+            ProtocolSpec::Tcp => "tcp",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -307,10 +321,7 @@ fn to_export(
             .map(|p| pb::ServicePort {
                 name: p.name.clone(),
                 port: p.port as u32,
-                protocol: match p.protocol {
-                    ProtocolSpec::Http => "http".into(),
-                    ProtocolSpec::Tcp => "tcp".into(),
-                },
+                protocol: p.protocol.as_str().into(),
             })
             .collect(),
         endpoints: spec

@@ -3,10 +3,10 @@
 //! header rides an HTTP/2 CONNECT stream over TCP+TLS to the same gateway address; a prober then
 //! retries QUIC in the background and switches back as soon as a handshake succeeds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -31,6 +31,31 @@ pub type TunnelStream = Box<dyn TunnelIo>;
 const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a gateway in fallback is probed over QUIC again.
 const QUIC_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one probe of a lost gateway may take (QUIC and TCP+TLS are tried together).
+const RECOVERY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A lost gateway nobody asked for in this long is no longer probed; the next call tries it.
+const RECOVERY_GIVE_UP: Duration = Duration::from_secs(300);
+
+/// The gateways that are down: their tunnel connection went silent (or could not be opened
+/// over either transport) and no probe has reached them since. Shared with the balancer,
+/// which stops choosing endpoints behind a down gateway the moment it goes down.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayHealth(Arc<Mutex<HashSet<SocketAddr>>>);
+
+impl GatewayHealth {
+    pub fn is_down(&self, gateway: SocketAddr) -> bool {
+        self.0.lock().map(|d| d.contains(&gateway)).unwrap_or(false)
+    }
+
+    /// Sets the state; returns whether it changed.
+    fn set(&self, gateway: SocketAddr, down: bool) -> bool {
+        match self.0.lock() {
+            Ok(mut d) if down => d.insert(gateway),
+            Ok(mut d) => d.remove(&gateway),
+            Err(_) => false,
+        }
+    }
+}
 
 /// Why a tunnel could not be opened. All of these happen before any application byte was sent,
 /// so the caller may retry elsewhere.
@@ -59,6 +84,8 @@ struct GatewayState {
     /// UDP did not get through: tunnels use TCP+TLS until a QUIC probe succeeds.
     fallback: bool,
     h2: Option<SendRequest<Empty<Bytes>>>,
+    /// When a tunnel to this gateway was last asked for (a lost gateway is probed while used).
+    last_used: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -67,6 +94,7 @@ pub struct TunnelClient {
     bind: SocketAddr,
     store: CertStore,
     gateways: Arc<Mutex<HashMap<SocketAddr, GatewayState>>>,
+    health: GatewayHealth,
     metrics: Option<TunnelClientMetrics>,
 }
 
@@ -79,6 +107,7 @@ impl TunnelClient {
             bind,
             store,
             gateways: Arc::default(),
+            health: GatewayHealth::default(),
             metrics: None,
         })
     }
@@ -97,6 +126,11 @@ impl TunnelClient {
             .unwrap_or(false)
     }
 
+    /// Which gateways are down, for the balancer.
+    pub fn health(&self) -> GatewayHealth {
+        self.health.clone()
+    }
+
     fn tls(&self, identity: &SpiffeId, alpn: &[u8]) -> Result<rustls::ClientConfig, TunnelError> {
         strait_trust::client_config(
             Some(&self.store),
@@ -108,7 +142,12 @@ impl TunnelClient {
         .map_err(|e| TunnelError::Config(e.to_string()))
     }
 
-    async fn quic_handshake(&self, gateway: SocketAddr, identity: &SpiffeId) -> Result<quinn::Connection, TunnelError> {
+    async fn quic_handshake(
+        &self,
+        gateway: SocketAddr,
+        identity: &SpiffeId,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, TunnelError> {
         let connect_err = |detail: String| TunnelError::Connect { gateway, detail };
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls(identity, strait_trust::ALPN_TUNNEL)?)
             .map_err(|e| TunnelError::Config(e.to_string()))?;
@@ -118,10 +157,131 @@ impl TunnelClient {
             .endpoint
             .connect_with(config, gateway, "strait.mesh")
             .map_err(|e| connect_err(e.to_string()))?;
-        tokio::time::timeout(QUIC_HANDSHAKE_TIMEOUT, connecting)
+        let conn = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| connect_err("QUIC handshake timed out".into()))?
-            .map_err(|e| connect_err(e.to_string()))
+            .map_err(|e| connect_err(e.to_string()))?;
+        self.watch(gateway, identity, conn.clone());
+        Ok(conn)
+    }
+
+    /// Watches a tunnel connection. Both ends send keep-alives every `KEEP_ALIVE`, so a
+    /// connection that received nothing for `IDLE_TIMEOUT` has a dead peer: it is closed here,
+    /// which fails every stream on it at once (their requests are retried elsewhere), and the
+    /// gateway is down until a probe reaches it again. (quinn's own idle timer would fire later:
+    /// it restarts whenever this side sends after a quiet spell.)
+    fn watch(&self, gateway: SocketAddr, identity: &SpiffeId, conn: quinn::Connection) {
+        let this = self.clone();
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            let mut last_rx = conn.stats().udp_rx.datagrams;
+            let mut heard = Instant::now();
+            loop {
+                tokio::select! {
+                    reason = conn.closed() => {
+                        if matches!(reason, quinn::ConnectionError::TimedOut) && this.is_current(gateway, &conn) {
+                            this.lost(gateway, &identity);
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(crate::KEEP_ALIVE / 2) => {
+                        let rx = conn.stats().udp_rx.datagrams;
+                        if rx != last_rx {
+                            last_rx = rx;
+                            heard = Instant::now();
+                        } else if heard.elapsed() >= crate::IDLE_TIMEOUT {
+                            // Down first, then close: the retries the close sets off must
+                            // already find the gateway down.
+                            if this.is_current(gateway, &conn) {
+                                this.lost(gateway, &identity);
+                            }
+                            conn.close(quinn::VarInt::from_u32(1), b"peer silent");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether `conn` is the connection in use for `gateway` (a replaced one may die later).
+    fn is_current(&self, gateway: SocketAddr, conn: &quinn::Connection) -> bool {
+        self.gateways
+            .lock()
+            .ok()
+            .and_then(|g| g.get(&gateway).and_then(|s| s.quic.as_ref().map(|c| c.stable_id())))
+            == Some(conn.stable_id())
+    }
+
+    /// A tunnel connection to `gateway` timed out: the gateway is down from now on.
+    fn lost(&self, gateway: SocketAddr, identity: &SpiffeId) {
+        if self.mark_down(gateway, identity) {
+            if let Some(m) = &self.metrics {
+                m.lost.with_label_values(&[&gateway.to_string()]).inc();
+            }
+            tracing::warn!(%gateway, "gateway stopped answering keep-alives: its tunnels are closed and its endpoints avoided until it answers again");
+        }
+        self.forget(gateway);
+    }
+
+    fn set_down(&self, gateway: SocketAddr, down: bool) -> bool {
+        let changed = self.health.set(gateway, down);
+        if let Some(m) = &self.metrics {
+            m.down.with_label_values(&[&gateway.to_string()]).set(down as i64);
+        }
+        if changed && !down {
+            tracing::info!(%gateway, "gateway reachable again");
+        }
+        changed
+    }
+
+    /// Marks `gateway` down and, if it was not yet, probes it in the background until it
+    /// answers. Returns whether this call marked it down.
+    fn mark_down(&self, gateway: SocketAddr, identity: &SpiffeId) -> bool {
+        if !self.set_down(gateway, true) {
+            return false;
+        }
+        let this = self.clone();
+        let identity = identity.clone();
+        tokio::spawn(async move { this.recover(gateway, identity).await });
+        true
+    }
+
+    /// Probes a down gateway (QUIC and TCP+TLS at once) until either answers.
+    async fn recover(&self, gateway: SocketAddr, identity: SpiffeId) {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
+            let (quic, tcp) = tokio::join!(
+                self.quic_handshake(gateway, &identity, RECOVERY_PROBE_TIMEOUT),
+                tokio::time::timeout(RECOVERY_PROBE_TIMEOUT, self.h2_sender(gateway, &identity)),
+            );
+            if let Ok(conn) = quic {
+                if let Ok(mut g) = self.gateways.lock() {
+                    g.entry(gateway).or_default().quic = Some(conn);
+                }
+                self.set_transport(gateway, false);
+                self.set_down(gateway, false);
+                return;
+            }
+            if let Ok(Ok(_)) = tcp {
+                self.set_down(gateway, false);
+                self.enter_fallback(gateway, &identity);
+                return;
+            }
+            let unused = self
+                .gateways
+                .lock()
+                .ok()
+                .and_then(|g| g.get(&gateway).and_then(|s| s.last_used))
+                .is_none_or(|t| t.elapsed() > RECOVERY_GIVE_UP);
+            if unused {
+                // Nobody calls it: stop probing; the next call tries it afresh.
+                self.set_down(gateway, false);
+                return;
+            }
+        }
     }
 
     fn set_transport(&self, gateway: SocketAddr, fallback: bool) {
@@ -165,7 +325,7 @@ impl TunnelClient {
                 if !this.in_fallback(gateway) {
                     return;
                 }
-                if let Ok(conn) = this.quic_handshake(gateway, &identity).await {
+                if let Ok(conn) = this.quic_handshake(gateway, &identity, QUIC_HANDSHAKE_TIMEOUT).await {
                     if let Ok(mut g) = this.gateways.lock() {
                         g.entry(gateway).or_default().quic = Some(conn);
                     }
@@ -187,10 +347,22 @@ impl TunnelClient {
             .map_err(|_| poisoned())?
             .get(&gateway)
             .and_then(|s| s.quic.clone());
-        if let Some(conn) = cached.filter(|c| c.close_reason().is_none()) {
-            return Ok(conn);
+        if let Some(conn) = cached {
+            match conn.close_reason() {
+                None => return Ok(conn),
+                Some(quinn::ConnectionError::TimedOut) => {
+                    // Its watcher may not have run yet: the gateway went silent, do not wait
+                    // for a handshake with it.
+                    self.lost(gateway, identity);
+                    return Err(TunnelError::Connect {
+                        gateway,
+                        detail: "the tunnel connection timed out (keep-alives unanswered)".into(),
+                    });
+                }
+                Some(_) => {}
+            }
         }
-        let conn = self.quic_handshake(gateway, identity).await?;
+        let conn = self.quic_handshake(gateway, identity, QUIC_HANDSHAKE_TIMEOUT).await?;
         tracing::debug!(%gateway, "QUIC connection established");
         self.gateways
             .lock()
@@ -209,6 +381,16 @@ impl TunnelClient {
         identity: &SpiffeId,
         req: &pb::TunnelRequest,
     ) -> Result<(TunnelStream, pb::TunnelResponse), TunnelError> {
+        if let Ok(mut g) = self.gateways.lock() {
+            g.entry(gateway).or_default().last_used = Some(Instant::now());
+        }
+        if self.health.is_down(gateway) {
+            // Fail at once: the balancer moves on to the next locality while a probe runs.
+            return Err(TunnelError::Connect {
+                gateway,
+                detail: "gateway is down (its keep-alives went unanswered); probing until it answers".into(),
+            });
+        }
         // A cached QUIC connection may have died silently (UDP dropped): one fresh handshake
         // tells, and its failure switches to TCP+TLS within this same call.
         for _ in 0..2 {
@@ -223,6 +405,7 @@ impl TunnelClient {
                     }
                     other => return other,
                 },
+                Err(e @ TunnelError::Connect { .. }) if self.health.is_down(gateway) => return Err(e),
                 Err(TunnelError::Connect { detail, .. }) => {
                     tracing::debug!(%gateway, %detail, "QUIC connect failed; trying TCP+TLS");
                     self.enter_fallback(gateway, identity);
@@ -230,7 +413,12 @@ impl TunnelClient {
                 Err(e) => return Err(e),
             }
         }
-        self.open_tcp(gateway, identity, req).await
+        let result = self.open_tcp(gateway, identity, req).await;
+        if let Err(TunnelError::Connect { .. }) = &result {
+            // Neither transport reaches it: down until a probe does.
+            self.mark_down(gateway, identity);
+        }
+        result
     }
 
     fn count(&self, transport: &str) {

@@ -15,18 +15,26 @@ mod metrics;
 mod run;
 mod server;
 
-pub use client::{TunnelClient, TunnelError, TunnelIo, TunnelStream};
+pub use client::{GatewayHealth, TunnelClient, TunnelError, TunnelIo, TunnelStream};
 pub use metrics::{GatewayMetrics, TunnelClientMetrics};
 pub use run::{run, GatewayRunOptions};
 pub use server::{Gateway, GatewayOptions};
 
+/// How often an idle tunnel connection is pinged.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long a tunnel connection may hear nothing from its peer before it counts as dead.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_000);
+
 /// QUIC transport settings shared by both ends.
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // A dead peer is noticed within the idle timeout: in-flight streams then fail and callers
-    // retry elsewhere instead of hanging.
-    t.keep_alive_interval(Some(std::time::Duration::from_millis(1_000)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(3_000))));
+    // Keep-alives every 250 ms, and a peer silent for 1 s is dead: the client then closes its
+    // streams at once (their idempotent requests are retried elsewhere) and stops choosing
+    // that gateway until a probe reaches it again (see `client.rs`).
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        IDLE_TIMEOUT.as_millis() as u32,
+    ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Room for bulk transfers on fast links (one tunnel carries many streams).

@@ -63,6 +63,8 @@ pub struct TunnelClientMetrics {
     pub tunnels: IntCounterVec,
     pub fallback: prometheus::IntGaugeVec,
     pub switches: IntCounterVec,
+    pub lost: IntCounterVec,
+    pub down: prometheus::IntGaugeVec,
 }
 
 impl TunnelClientMetrics {
@@ -91,10 +93,28 @@ impl TunnelClientMetrics {
             &["gateway", "to"],
         )
         .expect("valid metric");
+        let lost = IntCounterVec::new(
+            Opts::new(
+                "strait_tunnel_gateway_lost_total",
+                "Tunnel connections to a gateway that went silent (keep-alives unanswered) and were closed",
+            ),
+            &["gateway"],
+        )
+        .expect("valid metric");
+        let down = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "strait_tunnel_gateway_down",
+                "1 while a gateway is unreachable over both QUIC and TCP+TLS: its endpoints are not chosen",
+            ),
+            &["gateway"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(tunnels.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(fallback.clone()),
             Box::new(switches.clone()),
+            Box::new(lost.clone()),
+            Box::new(down.clone()),
         ] {
             let _ = registry.register(m);
         }
@@ -102,6 +122,8 @@ impl TunnelClientMetrics {
             tunnels,
             fallback,
             switches,
+            lost,
+            down,
         }
     }
 }

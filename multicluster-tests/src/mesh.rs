@@ -69,6 +69,11 @@ pub struct WorkloadInfo {
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub sidecar_log: PathBuf,
+    #[serde(default)]
+    pub app_log: Option<PathBuf>,
+    /// `demo` or `command` (the topology gave the workload's own program).
+    #[serde(default)]
+    pub app: String,
     /// `--netns` only: the workload's network namespace and address.
     #[serde(default)]
     pub netns: Option<String>,
@@ -120,6 +125,8 @@ pub struct MeshOptions {
 /// A running mesh. Dropping it stops every process it started.
 pub struct Mesh {
     pub info: MeshInfo,
+    /// `strait up`'s output after its description: one JSON event a line (`exited`, ...).
+    events: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     up: Child,
     extra: Vec<Child>,
     _turn: tokio::sync::MutexGuard<'static, ()>,
@@ -181,10 +188,40 @@ impl Mesh {
         let info: MeshInfo = serde_json::from_str(&line).with_context(|| format!("strait up printed: {line}"))?;
         Ok(Mesh {
             info,
+            events: lines,
             up,
             extra: vec![],
             _turn: turn,
         })
+    }
+
+    /// The next event `strait up` printed (e.g. `{"event":"exited",...}` when a workload's
+    /// own program exits), waiting up to `timeout`.
+    pub async fn next_event(&mut self, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        let line = tokio::time::timeout(timeout, self.events.next_line())
+            .await
+            .context("no event from strait up in time")??
+            .context("strait up ended its output")?;
+        serde_json::from_str(&line).with_context(|| format!("strait up printed: {line}"))
+    }
+
+    /// A process's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+        Self::proc_status_kb(pid, "VmHWM:").map(|kb| kb * 1024)
+    }
+
+    /// A process's resident memory now (VmRSS), in bytes.
+    pub fn rss(pid: u32) -> anyhow::Result<u64> {
+        Self::proc_status_kb(pid, "VmRSS:").map(|kb| kb * 1024)
+    }
+
+    fn proc_status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {field} for pid {pid}"))
     }
 
     /// The pid of the `strait up` process itself.

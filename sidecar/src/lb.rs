@@ -8,6 +8,7 @@ use std::time::Instant;
 use strait_api::lb::{choose, Candidate, OutlierDetector};
 use strait_api::locality::Locality;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
+use strait_gateway::GatewayHealth;
 
 use crate::metrics::SidecarMetrics;
 
@@ -19,15 +20,18 @@ pub struct Balancer {
     locality: Locality,
     labels: BTreeMap<String, String>,
     outlier: Mutex<OutlierDetector>,
+    gateways: GatewayHealth,
     metrics: SidecarMetrics,
 }
 
 impl Balancer {
-    pub fn new(locality: Locality, metrics: SidecarMetrics) -> Self {
+    /// `gateways` says which remote gateways the tunnel client found down.
+    pub fn new(locality: Locality, gateways: GatewayHealth, metrics: SidecarMetrics) -> Self {
         Balancer {
             locality,
             labels: BTreeMap::new(),
             outlier: Mutex::default(),
+            gateways,
             metrics,
         }
     }
@@ -36,11 +40,17 @@ impl Balancer {
         &self.locality
     }
 
-    /// Whether `ep` may take traffic: ready, its cluster reachable, and (unless `outlier` is
-    /// None: panic routing) neither it nor its cluster's gateway ejected.
+    /// Whether `ep` may take traffic: ready, its cluster reachable (the controller says so and
+    /// the tunnel client has not found its gateway down), and (unless `outlier` is None: panic
+    /// routing) neither it nor its cluster's gateway ejected.
     fn healthy(&self, snap: &Snapshot, ep: &EndpointEntry, outlier: Option<&OutlierDetector>, now: Instant) -> bool {
         let local = ep.locality.cluster == self.locality.cluster;
-        if !ep.ready || !(local || snap.gateways.get(&ep.locality.cluster).is_some_and(|g| g.reachable)) {
+        let reachable = local
+            || snap
+                .gateways
+                .get(&ep.locality.cluster)
+                .is_some_and(|g| g.reachable && !self.gateways.is_down(g.address));
+        if !ep.ready || !reachable {
             return false;
         }
         outlier.is_none_or(|o| {

@@ -14,6 +14,7 @@ pub mod lb;
 pub mod metrics;
 pub mod outbound;
 mod run;
+pub mod splice;
 pub mod upstream;
 
 pub use run::{run, SidecarOptions};
@@ -30,6 +31,36 @@ pub const SOURCE_CLUSTER_HEADER: &str = "x-strait-source-cluster";
 /// A byte stream the proxy can carry: TCP, TLS, a QUIC stream, an upgraded HTTP connection.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Bounds on what one client can make a proxy hold or wait for. Every one has a flag on
+/// `strait sidecar`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyLimits {
+    /// Bytes of a request body kept so a failed attempt can be resent; a request that sent
+    /// more is not retried.
+    pub replay_buffer: usize,
+    /// The largest request head: request line and headers (HTTP/1.1), header list (HTTP/2).
+    pub max_header_bytes: usize,
+    /// Concurrent streams a client may open on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// How long a client may take to send a whole request head (slowloris).
+    pub header_read_timeout: std::time::Duration,
+    /// An opaque TCP connection (or an upgraded one) with no byte either way for this long
+    /// is closed.
+    pub tcp_idle_timeout: std::time::Duration,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            replay_buffer: outbound::DEFAULT_REPLAY_BUFFER,
+            max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 1024,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            tcp_idle_timeout: std::time::Duration::from_secs(3600),
+        }
+    }
+}
 
 /// Buffer size for splicing opaque streams: large copies mean fewer TLS records and syscalls.
 pub(crate) const SPLICE_BUF: usize = 64 * 1024;

@@ -6,6 +6,7 @@ pub struct SidecarMetrics {
     pub latency: HistogramVec,
     pub connections: IntCounterVec,
     pub retries: IntCounterVec,
+    pub retries_skipped: IntCounterVec,
     pub ejections: IntCounterVec,
     pub panics: IntCounterVec,
     pub inbound_requests: IntCounterVec,
@@ -61,6 +62,13 @@ impl SidecarMetrics {
                 registry,
                 "strait_upstream_retries_total",
                 "Attempts retried on another endpoint, by destination service and reason",
+                &["destination_service", "reason"],
+            ),
+            retries_skipped: counter(
+                registry,
+                "strait_upstream_retries_skipped_total",
+                "Failed attempts that were not retried, by destination service and why \
+                 (replay_buffer_exceeded, not_idempotent, client_body_failed, attempts_exhausted)",
                 &["destination_service", "reason"],
             ),
             ejections: counter(

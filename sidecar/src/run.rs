@@ -39,6 +39,7 @@ pub struct SidecarOptions {
     pub dns: Option<(SocketAddr, ResolvConf)>,
     /// How long in-flight work may take to finish on shutdown.
     pub drain_timeout: Duration,
+    pub limits: crate::ProxyLimits,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -61,6 +62,7 @@ fn config_view(snap: &Snapshot) -> serde_json::Value {
                 "cluster": e.locality.cluster,
                 "zone": e.locality.zone,
                 "ready": e.ready,
+                "labels": e.labels,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "gateways": snap.gateways.values().map(|g| serde_json::json!({
@@ -114,8 +116,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let metrics = SidecarMetrics::new(&registry);
     let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
+    let balancer = Balancer::new(opts.locality.clone(), tunnel.health(), metrics.clone());
     let upstreams = Upstreams::new(opts.locality.cluster.clone(), store.clone(), tunnel);
-    let balancer = Balancer::new(opts.locality.clone(), metrics.clone());
     let outbound = Arc::new(
         Outbound::new(
             opts.locality.cluster.clone(),
@@ -124,20 +126,24 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
             upstreams,
             metrics.clone(),
         )
-        .unknown_destinations(opts.unknown_destinations),
+        .unknown_destinations(opts.unknown_destinations)
+        .limits(opts.limits.clone()),
     );
     if let (Some((udp, tcp)), Some((addr, resolv))) = (dns_sockets, &opts.dns) {
         let dns = Arc::new(DnsProxy::new(rx.clone(), resolv, &[*addr], DnsMetrics::new(&registry)));
         tokio::spawn(dns.clone().serve_udp(udp));
         tokio::spawn(dns.serve_tcp(tcp));
     }
-    let inbound = Arc::new(Inbound::new(
-        opts.locality.cluster.clone(),
-        opts.service.clone(),
-        opts.app,
-        store.clone(),
-        metrics,
-    ));
+    let inbound = Arc::new(
+        Inbound::new(
+            opts.locality.cluster.clone(),
+            opts.service.clone(),
+            opts.app,
+            store.clone(),
+            metrics,
+        )
+        .limits(opts.limits.clone()),
+    );
     let drain = Drain::new();
     let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));
     tokio::spawn(outbound.serve(outbound_listener, drain.watch()));

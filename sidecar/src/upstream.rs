@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_api::pb;
@@ -19,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::outbound::ReplayBody;
 use crate::Io;
 
 pub type UpstreamTls = TlsStream<Box<dyn Io>>;
@@ -61,7 +60,7 @@ pub struct Upstreams {
 }
 
 /// A pooled HTTP/2 sender and the identity its peer proved.
-type Pooled = (SendRequest<Full<Bytes>>, Option<SpiffeId>);
+type Pooled = (SendRequest<ReplayBody>, Option<SpiffeId>);
 
 impl Upstreams {
     pub fn new(cluster: String, store: CertStore, tunnel: TunnelClient) -> Self {
@@ -179,7 +178,7 @@ impl Upstreams {
         svc: &ServiceEntry,
         ep: &EndpointEntry,
         port: u16,
-    ) -> Result<(SendRequest<Full<Bytes>>, bool), UpstreamError> {
+    ) -> Result<(SendRequest<ReplayBody>, bool), UpstreamError> {
         if let Some((sender, peer)) = self.pool.lock().ok().and_then(|p| p.get(&ep.key).cloned()) {
             let still_trusted = peer.is_some_and(|id| Self::expected_identities(svc, ep).contains(&id));
             if !sender.is_closed() && still_trusted {

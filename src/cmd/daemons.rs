@@ -151,7 +151,43 @@ pub struct SidecarArgs {
     #[arg(long)]
     pub app: SocketAddr,
     #[command(flatten)]
+    pub limits: Limits,
+    #[command(flatten)]
     pub identity: Identity,
+}
+
+/// Bounds on what one client can make the sidecar hold or wait for.
+#[derive(Args, Debug, Clone)]
+pub struct Limits {
+    /// Bytes of each request body kept so a failed attempt can be resent to another endpoint;
+    /// a request that already sent more is not retried.
+    #[arg(long, default_value_t = strait_sidecar::ProxyLimits::default().replay_buffer)]
+    pub retry_buffer_bytes: usize,
+    /// The largest request head (request line and headers; an HTTP/2 header list); larger
+    /// heads get 431 (HTTP/1.1) or a stream reset (HTTP/2).
+    #[arg(long, default_value_t = strait_sidecar::ProxyLimits::default().max_header_bytes)]
+    pub max_header_bytes: usize,
+    /// Concurrent streams a client may open on one HTTP/2 connection.
+    #[arg(long, default_value_t = strait_sidecar::ProxyLimits::default().max_concurrent_streams)]
+    pub max_concurrent_streams: u32,
+    /// How long a client may take to send a request head before the connection is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub header_read_timeout: std::time::Duration,
+    /// Opaque TCP (and upgraded, e.g. WebSocket) connections idle this long are closed.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub tcp_idle_timeout: std::time::Duration,
+}
+
+impl From<Limits> for strait_sidecar::ProxyLimits {
+    fn from(l: Limits) -> Self {
+        strait_sidecar::ProxyLimits {
+            replay_buffer: l.retry_buffer_bytes,
+            max_header_bytes: l.max_header_bytes,
+            max_concurrent_streams: l.max_concurrent_streams,
+            header_read_timeout: l.header_read_timeout,
+            tcp_idle_timeout: l.tcp_idle_timeout,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -204,6 +240,7 @@ pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
             None => None,
         },
         drain_timeout: a.identity.drain_timeout,
+        limits: a.limits.into(),
         controller: a.identity.link()?,
     })
     .await

@@ -1,5 +1,6 @@
-//! The demo app: answers HTTP with JSON naming where it runs, gRPC `strait.demo.v1.Demo/Hello`
-//! (deploy/proto/demo.proto) on the same port over HTTP/2, or echoes TCP bytes.
+//! The demo app: answers HTTP with JSON naming where it runs (and httpbin-style paths, see
+//! `demo_http.rs`), gRPC `strait.demo.v1.Demo/Hello` (deploy/proto/demo.proto) on the same
+//! port over HTTP/2, or echoes TCP bytes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,7 +8,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -64,45 +65,11 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                             .unwrap_or_default();
                         return Ok::<_, Infallible>(grpc_reply(&a, &path, &body));
                     }
-                    let method = req.method().to_string();
-                    let path = req.uri().path().to_string();
-                    let host = req
-                        .headers()
-                        .get(hyper::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string();
-                    let body = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let json = serde_json::json!({
-                        "service": a.service,
-                        "cluster": a.cluster,
-                        "region": a.region,
-                        "zone": a.zone,
-                        "workload": a.workload,
-                        "method": method,
-                        "path": path,
-                        "host": host,
-                        "body_bytes": body.len(),
-                    });
-                    let mut resp = hyper::Response::new(
-                        Full::new(Bytes::from(json.to_string() + "\n"))
-                            .map_err(|never| match never {})
-                            .boxed(),
-                    );
-                    resp.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("application/json"),
-                    );
-                    Ok::<_, Infallible>(resp)
+                    Ok::<_, Infallible>(super::demo_http::handle(a, req).await)
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }

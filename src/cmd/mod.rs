@@ -3,6 +3,7 @@
 
 mod daemons;
 mod demo;
+mod demo_http;
 mod http;
 mod inspect;
 mod intercept;

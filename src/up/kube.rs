@@ -213,13 +213,13 @@ pub async fn publish_demo(
         }
         let ns = &def.namespace;
         ensure_namespace(client, ns).await?;
-        let http = def.protocol == strait_federation::source::ProtocolSpec::Http;
+        let proto = def.protocol.as_str();
         let svc: Service = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": def.name, "namespace": ns,
                          "annotations": {"strait.dev/service-account": def.name}},
-            "spec": {"ports": [{"name": if http { "http" } else { "tcp" }, "port": def.port, "protocol": "TCP",
-                                "appProtocol": if http { "http" } else { "tcp" }}]}
+            "spec": {"ports": [{"name": proto, "port": def.port, "protocol": "TCP",
+                                "appProtocol": proto}]}
         }))?;
         Api::<Service>::namespaced(client.clone(), ns)
             .patch(&def.name, &params, &Patch::Apply(&svc))
@@ -230,7 +230,7 @@ pub async fn publish_demo(
             "metadata": {"name": format!("{}-strait-up", def.name), "namespace": ns,
                          "labels": {"kubernetes.io/service-name": def.name}},
             "addressType": "IPv4",
-            "ports": [{"name": if http { "http" } else { "tcp" }, "port": inbound_port, "protocol": "TCP"}],
+            "ports": [{"name": proto, "port": inbound_port, "protocol": "TCP"}],
             "endpoints": workloads.iter().map(|w| serde_json::json!({
                 "addresses": [w.inbound.ip().to_string()],
                 "conditions": {"ready": true},

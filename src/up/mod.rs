@@ -199,33 +199,33 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
         let mut apps = vec![];
         let mut sidecars = vec![];
         for w in &c.workloads {
-            let mut args: Vec<String> = vec![
-                "demo-app".into(),
-                "--listen".into(),
-                s(w.app),
-                "--cluster".into(),
-                c.name.clone(),
-                "--region".into(),
-                c.region.clone(),
-                "--zone".into(),
-                w.zone.clone(),
-                "--workload".into(),
-                w.name.clone(),
-                "--service".into(),
-                w.service.clone(),
-            ];
-            if w.tcp {
-                args.push("--tcp".into());
-            }
             let name = format!("app-{}-{}", c.name, w.name);
-            apps.push(procs::spawn_in(
-                &name,
-                &prefix(names.workload(&c.name, &w.name), false),
-                args,
-                None,
-                &logs.join(format!("{name}.log")),
-                log_filter,
-            )?);
+            if let Some(command) = &w.command {
+                let env = [
+                    ("STRAIT_APP_ADDR", s(w.app)),
+                    ("STRAIT_APP_PORT", w.app.port().to_string()),
+                    ("STRAIT_OUTBOUND_PROXY", s(w.outbound)),
+                    ("STRAIT_CLUSTER", c.name.clone()),
+                    ("STRAIT_ZONE", w.zone.clone()),
+                    ("STRAIT_WORKLOAD", w.name.clone()),
+                ];
+                apps.push(procs::spawn_user(
+                    &name,
+                    &prefix(names.workload(&c.name, &w.name), false),
+                    command,
+                    &env,
+                    &logs.join(format!("{name}.log")),
+                )?);
+            } else {
+                apps.push(demo_app(
+                    plan,
+                    c,
+                    w,
+                    &name,
+                    &prefix(names.workload(&c.name, &w.name), false),
+                    log_filter,
+                )?);
+            }
             let mut args: Vec<String> = vec![
                 "sidecar".into(),
                 "--workload".into(),
@@ -269,6 +269,37 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
     Ok(started)
 }
 
+/// The built-in demo app of a workload (echo, greeter, ledger; see `strait demo-app`).
+fn demo_app(
+    plan: &Plan,
+    c: &ClusterPlan,
+    w: &plan::WorkloadPlan,
+    name: &str,
+    prefix: &[String],
+    log_filter: &str,
+) -> anyhow::Result<Proc> {
+    let mut args: Vec<String> = vec![
+        "demo-app".into(),
+        "--listen".into(),
+        s(w.app),
+        "--cluster".into(),
+        c.name.clone(),
+        "--region".into(),
+        c.region.clone(),
+        "--zone".into(),
+        w.zone.clone(),
+        "--workload".into(),
+        w.name.clone(),
+        "--service".into(),
+        w.service.clone(),
+    ];
+    if w.tcp {
+        args.push("--tcp".into());
+    }
+    let log = plan.state_dir.join("logs").join(format!("{name}.log"));
+    procs::spawn_in(name, prefix, args, None, &log, log_filter)
+}
+
 async fn ready(addr: SocketAddr) -> bool {
     matches!(crate::cmd::http_get(addr, "/ready").await, Ok((200, _)))
 }
@@ -280,6 +311,9 @@ async fn wait_ready(plan: &Plan, started: &mut Started, timeout: Duration) -> an
     let mut stage = String::new();
     loop {
         for p in started.all_mut() {
+            if p.user {
+                continue; // reported by `watch_apps`, not fatal
+            }
             if let Some(status) = p.exited() {
                 anyhow::bail!("{} exited ({status}) while starting; see {}", p.name, p.log.display());
             }
@@ -414,8 +448,11 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
                     let sc = &started.sidecars[i][j];
                     json!({
                         "name": w.name, "service": w.service, "namespace": w.namespace, "zone": w.zone,
-                        "protocol": if w.tcp { "tcp" } else { "http" },
-                        "app_addr": s(w.app), "app_pid": app.pid, "app_command": app.args,
+                        "protocol": plan.topology.services.iter().find(|d| d.name == w.service)
+                            .map(|d| d.protocol.as_str()).unwrap_or("http"),
+                        "app": if w.command.is_some() { "command" } else { "demo" },
+                        "labels": w.labels,
+                        "app_addr": s(w.app), "app_pid": app.pid, "app_command": app.args, "app_log": app.log,
                         "sidecar_pid": sc.pid, "outbound_proxy": s(w.outbound), "inbound_addr": s(w.inbound),
                         "admin_addr": s(w.admin), "sidecar_log": sc.log, "sidecar_command": sc.args,
                         "ip": w.ip.to_string(), "endpoint": s(w.endpoint),
@@ -484,6 +521,9 @@ fn print_table(plan: &Plan, started: &Started) {
                 strait_federation::source::ProtocolSpec::Http => {
                     println!("  sudo ip netns exec {ns} curl http://{host}/")
                 }
+                strait_federation::source::ProtocolSpec::Grpc => {
+                    println!("  sudo ip netns exec {ns} grpcurl -plaintext {host}:{} list", svc.port)
+                }
                 strait_federation::source::ProtocolSpec::Tcp => {
                     println!("  echo hi | sudo ip netns exec {ns} nc -q1 {host} {}", svc.port)
                 }
@@ -501,6 +541,10 @@ fn print_table(plan: &Plan, started: &Started) {
                 strait_federation::source::ProtocolSpec::Http => println!(
                     "  curl -x http://{} http://{}.{}.svc.clusterset.local/",
                     w.outbound, svc.name, svc.namespace
+                ),
+                strait_federation::source::ProtocolSpec::Grpc => println!(
+                    "  grpcurl -plaintext -authority {}.{}.svc.clusterset.local:{} {} list   # h2c to the sidecar",
+                    svc.name, svc.namespace, svc.port, w.outbound
                 ),
                 strait_federation::source::ProtocolSpec::Tcp => println!(
                     "  curl -sp -x http://{} telnet://{}.{}.svc.clusterset.local:{}   # TCP via CONNECT",
@@ -606,7 +650,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Output::Json => println!("{}", serde_json::to_string(&describe(&plan, &started))?),
         Output::Table => print_table(&plan, &started),
     }
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut exited: Vec<String> = vec![];
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                watch_apps(&plan, &mut started, &mut exited, args.output);
+            }
+        }
+    }
     progress("stopping");
     procs::stop_all(&mut started_vec(&mut started)).await;
     routes.remove();
@@ -615,6 +669,57 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&state_dir);
     }
     Ok(())
+}
+
+/// Reports each user program (a workload `command`) that exited: a line in the table output,
+/// an `exited` event line in JSON output, and its endpoint marked not ready in the catalog.
+fn watch_apps(plan: &Plan, started: &mut Started, exited: &mut Vec<String>, output: Output) {
+    use std::io::Write;
+    for (i, c) in plan.clusters.iter().enumerate() {
+        let mut changed = false;
+        for (j, w) in c.workloads.iter().enumerate() {
+            let app = &mut started.apps[i][j];
+            if !app.user || exited.contains(&app.name) {
+                continue;
+            }
+            let Some(status) = app.exited() else { continue };
+            exited.push(app.name.clone());
+            changed = true;
+            let success = status == "exit status: 0";
+            // Whoever reads our output may have stopped: never fail on a closed stdout.
+            let mut out = std::io::stdout().lock();
+            let _ = match output {
+                Output::Json => writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "event": "exited", "cluster": c.name, "workload": w.name, "process": app.name,
+                        "pid": app.pid, "status": status, "success": success, "log": app.log,
+                    })
+                ),
+                Output::Table => writeln!(
+                    out,
+                    "{:<10} {:<28} exited ({status}); its endpoint is not ready. Log: {}",
+                    c.name,
+                    w.name,
+                    app.log.display()
+                ),
+            };
+            let _ = out.flush();
+        }
+        if changed && plan.mode != Mode::Kube {
+            let gone: Vec<String> = c
+                .workloads
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| exited.contains(&started.apps[i][*j].name))
+                .map(|(_, w)| w.name.clone())
+                .collect();
+            if let Err(e) = plan.write_catalog(c, &gone) {
+                progress(format!("cannot update cluster {}'s catalog: {e}", c.name));
+            }
+        }
+    }
 }
 
 fn started_vec(started: &mut Started) -> Vec<Proc> {

@@ -53,6 +53,9 @@ pub struct WorkloadPlan {
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
     pub token: String,
+    /// The user's program in place of the demo app.
+    pub command: Option<Vec<String>>,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -162,6 +165,8 @@ impl Plan {
                             outbound: SocketAddr::new(if netns { any } else { host }, OUTBOUND_PORT),
                             admin: SocketAddr::new(host, SIDECAR_ADMIN_PORT),
                             token: token(),
+                            command: w.command.clone(),
+                            labels: w.labels.clone(),
                         }
                     })
                     .collect();
@@ -222,6 +227,49 @@ impl Plan {
 
     /// Writes the trust root, every cluster's intermediate, catalog and controller config.
     /// With `kube`, controllers read their own cluster's API server instead of the catalog.
+    /// Writes cluster `c`'s catalog file; the workloads named in `not_ready` have not-ready
+    /// endpoints (their program exited). The controller picks up the change by itself.
+    pub fn write_catalog(&self, c: &ClusterPlan, not_ready: &[String]) -> anyhow::Result<()> {
+        let catalog = CatalogFile {
+            services: self
+                .topology
+                .services
+                .iter()
+                .filter(|s| c.workloads.iter().any(|w| w.service == s.name))
+                .map(|s| ServiceSpec {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    ports: vec![PortSpec {
+                        name: s.protocol.as_str().into(),
+                        port: s.port,
+                        protocol: s.protocol,
+                    }],
+                    service_account: s.name.clone(),
+                    export: true,
+                    endpoints: c
+                        .workloads
+                        .iter()
+                        .filter(|w| w.service == s.name)
+                        .map(|w| EndpointSpec {
+                            workload: w.name.clone(),
+                            address: w.endpoint,
+                            zone: w.zone.clone(),
+                            subzone: String::new(),
+                            ready: !not_ready.contains(&w.name),
+                            labels: w.labels.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let dir = c.dir.join("catalog");
+        // Written aside and renamed, so the controller never reads half a file.
+        let tmp = dir.join(".services.yaml.tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(&catalog)?)?;
+        std::fs::rename(&tmp, dir.join("services.yaml"))?;
+        Ok(())
+    }
+
     pub fn write(&self, kube: bool) -> anyhow::Result<()> {
         let td = &self.topology.trust_domain;
         let root = crate::cmd::trust_init(td, &self.state_dir.join("trust"), true)?;
@@ -229,45 +277,7 @@ impl Plan {
             std::fs::create_dir_all(c.dir.join("catalog"))?;
             root.new_intermediate(&c.name, SystemTime::now())?
                 .write(&c.dir.join("ca"))?;
-            let catalog = CatalogFile {
-                services: self
-                    .topology
-                    .services
-                    .iter()
-                    .filter(|s| c.workloads.iter().any(|w| w.service == s.name))
-                    .map(|s| ServiceSpec {
-                        name: s.name.clone(),
-                        namespace: s.namespace.clone(),
-                        ports: vec![PortSpec {
-                            name: match s.protocol {
-                                ProtocolSpec::Http => "http".into(),
-                                ProtocolSpec::Tcp => "tcp".into(),
-                            },
-                            port: s.port,
-                            protocol: s.protocol,
-                        }],
-                        service_account: s.name.clone(),
-                        export: true,
-                        endpoints: c
-                            .workloads
-                            .iter()
-                            .filter(|w| w.service == s.name)
-                            .map(|w| EndpointSpec {
-                                workload: w.name.clone(),
-                                address: w.endpoint,
-                                zone: w.zone.clone(),
-                                subzone: String::new(),
-                                ready: true,
-                                labels: Default::default(),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            };
-            std::fs::write(
-                c.dir.join("catalog").join("services.yaml"),
-                serde_yaml::to_string(&catalog)?,
-            )?;
+            self.write_catalog(c, &[])?;
             let mut tokens: Vec<JoinToken> = c
                 .workloads
                 .iter()

@@ -16,6 +16,8 @@ pub struct Proc {
     pub pid: u32,
     pub args: Vec<String>,
     pub log: PathBuf,
+    /// The user's own program (a topology `command`): its exit is reported, not fatal.
+    pub user: bool,
     child: Child,
 }
 
@@ -52,6 +54,50 @@ pub fn spawn_in(
     spawn_with(name, Path::new(exe), full, token, log, log_filter)
 }
 
+/// Starts a user's program (a workload's `command`) behind `prefix`, with `env` added. Where
+/// `setpriv` exists it gets SIGKILL when `strait up` dies, since it does not watch its stdin.
+pub fn spawn_user(
+    name: &str,
+    prefix: &[String],
+    command: &[String],
+    env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let mut argv: Vec<String> = prefix.to_vec();
+    if std::path::Path::new("/usr/bin/setpriv").exists() {
+        argv.extend([
+            "/usr/bin/setpriv".into(),
+            "--pdeathsig".into(),
+            "KILL".into(),
+            "--".into(),
+        ]);
+    }
+    argv.extend(command.iter().cloned());
+    let (exe, rest) = argv
+        .split_first()
+        .ok_or_else(|| anyhow::anyhow!("{name}: the workload's command is empty"))?;
+    let file = std::fs::File::create(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(rest)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {name} ({}): {e}", command.join(" ")))?;
+    Ok(Proc {
+        name: name.to_string(),
+        pid: child.id().unwrap_or_default(),
+        args: command.to_vec(),
+        log: log.to_path_buf(),
+        user: true,
+        child,
+    })
+}
+
 /// Starts another executable (etcd, kube-apiserver) the same way.
 pub fn spawn_exe(name: &str, exe: &Path, args: Vec<String>, log: &Path, log_filter: &str) -> anyhow::Result<Proc> {
     spawn_with(name, exe, args, None, log, log_filter)
@@ -83,6 +129,7 @@ fn spawn_with(
         pid,
         args,
         log: log.to_path_buf(),
+        user: false,
         child,
     })
 }

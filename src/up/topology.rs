@@ -2,6 +2,7 @@
 //! `--topology FILE` replaces it. Every mistake in a topology file is reported at once with
 //! its field path.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,6 +57,31 @@ pub struct WorkloadDef {
     pub zone: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// Your own program (an argv list) in place of the demo app. It gets `STRAIT_APP_ADDR`
+    /// (`<ip>:<port>`, where to listen) and `STRAIT_APP_PORT` in its environment; its sidecar
+    /// carries what it speaks (the service's `protocol`). A program that exits is reported and
+    /// its endpoint goes not-ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Labels that travel with the workload's endpoint in the catalog, e.g. `version: v2`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A Kubernetes label key (optional DNS prefix, then a name of up to 63 characters) and value.
+fn label_ok(key: &str, value: &str) -> bool {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 63
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && n.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let key_ok = match key.split_once('/') {
+        Some((prefix, name)) => !prefix.is_empty() && prefix.len() <= 253 && name_ok(name),
+        None => name_ok(key),
+    };
+    key_ok && (value.is_empty() || name_ok(value))
 }
 
 fn default_td() -> TrustDomain {
@@ -197,6 +223,20 @@ impl Topology {
                         w.service
                     ));
                 }
+                if let Some(cmd) = &w.command {
+                    if cmd.first().is_none_or(|p| p.trim().is_empty()) {
+                        errors.push(format!(
+                            "field `clusters[{i}].workloads[{j}].command`: give the program and its arguments, e.g. [python3, -m, http.server]"
+                        ));
+                    }
+                }
+                for (k, v) in &w.labels {
+                    if !label_ok(k, v) {
+                        errors.push(format!(
+                            "field `clusters[{i}].workloads[{j}].labels.{k}`: {k}={v:?} is not a Kubernetes label (names of up to 63 letters, digits, -_. e.g. version: v2)"
+                        ));
+                    }
+                }
                 if !c.zones.contains(&w.zone) {
                     errors.push(format!(
                         "field `clusters[{i}].workloads[{j}].zone`: {:?} is not one of cluster {}'s zones ({})",
@@ -231,5 +271,29 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("clusters[0].workloads[0].zone"));
         assert!(errors[1].contains("clusters[1].workloads[1].service"));
+    }
+
+    #[test]
+    fn own_workloads_take_a_command_and_labels() {
+        let t: Topology = serde_yaml::from_str(
+            r#"
+services: [{name: api, port: 8080, protocol: grpc}]
+clusters:
+  - name: east
+    region: us-east
+    zones: [us-east-1a]
+    workloads:
+      - {service: api, zone: us-east-1a, command: [my-server, --port, "8080"], labels: {version: v2}}
+      - {service: api, zone: us-east-1a, command: [], labels: {"bad key!": x}}
+"#,
+        )
+        .unwrap();
+        let w = &t.clusters[0].workloads[0];
+        assert_eq!(w.command.as_deref().unwrap()[0], "my-server");
+        assert_eq!(w.labels["version"], "v2");
+        let errors = t.validate();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("workloads[1].command"), "{errors:?}");
+        assert!(errors[1].contains("workloads[1].labels.bad key!"), "{errors:?}");
     }
 }

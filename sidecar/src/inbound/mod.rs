@@ -33,6 +33,7 @@ pub struct Inbound {
     client: Client<HttpConnector, hyper::body::Incoming>,
     /// HTTP/2 with prior knowledge, for callers that spoke HTTP/2 to their sidecar (gRPC).
     h2_client: Client<HttpConnector, hyper::body::Incoming>,
+    limits: crate::ProxyLimits,
 }
 
 impl Inbound {
@@ -61,7 +62,13 @@ impl Inbound {
             metrics,
             client,
             h2_client,
+            limits: crate::ProxyLimits::default(),
         }
+    }
+
+    pub fn limits(mut self, limits: crate::ProxyLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Serves until draining starts; open connections then finish what they carry.
@@ -110,14 +117,17 @@ impl Inbound {
     }
 
     async fn serve_h2(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch) {
+        let limits = self.limits.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = self.clone();
             async move { Ok::<_, Infallible>(this.to_app(req).await) }
         });
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
             .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(20)))
-            .serve_connection(TokioIo::new(tls), svc);
+            .keep_alive_interval(Some(Duration::from_secs(20)));
+        crate::outbound::h2_limits(&mut builder, &limits);
+        let conn = builder.serve_connection(TokioIo::new(tls), svc);
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
@@ -189,7 +199,7 @@ impl Inbound {
 
     async fn splice(self: Arc<Self>, mut tls: tokio_rustls::server::TlsStream<TcpStream>) {
         let app = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.app_addr)).await;
-        let mut app = match app {
+        let app = match app {
             Ok(Ok(app)) => app,
             _ => {
                 let _ = tls.write_all(&[1]).await;
@@ -205,13 +215,10 @@ impl Inbound {
         if tls.write_all(&[0]).await.is_err() {
             return;
         }
-        let result =
-            match tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut app, crate::SPLICE_BUF, crate::SPLICE_BUF)
-                .await
-            {
-                Ok(_) => "ok",
-                Err(_) => "reset",
-            };
+        let result = match crate::splice::splice(tls, app, self.limits.tcp_idle_timeout).await {
+            Ok(_) => "ok",
+            Err(_) => "reset",
+        };
         self.metrics
             .connections
             .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, result])

@@ -4,18 +4,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::BodyExt;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode, Version};
 
+use super::replay::{NoReplay, Replay};
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
 use crate::metrics::response_class;
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
 use strait_api::snapshot::{ServiceEntry, Snapshot};
-
-/// Requests are buffered so a failed attempt can be retried elsewhere; larger bodies are refused.
-const MAX_BUFFERED_BODY: usize = 8 * 1024 * 1024;
 
 /// Headers that belong to one hop and must not be forwarded (RFC 9110 §7.6.1, plus proxy ones).
 pub(crate) fn strip_hop(headers: &mut HeaderMap) {
@@ -46,20 +44,51 @@ pub(crate) fn strip_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Gives an origin-form request (HTTP/1.1 `GET /path`) the absolute URI the upstream HTTP/2
+/// request needs: the Host header's authority, else `fallback`.
+pub(crate) fn absolute_uri<B>(req: &mut Request<B>, fallback: &str) {
+    if req.uri().authority().is_some() {
+        return;
+    }
+    let authority = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| fallback.to_string());
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if let Ok(uri) = format!("http://{authority}{path}").parse::<hyper::Uri>() {
+        *req.uri_mut() = uri;
+    }
+}
+
 impl Outbound {
     /// An absolute-form request on the explicit listener: the service comes from its host.
     pub(super) async fn forward(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let snap = self.config.borrow().clone();
-        let (svc, port) = match self.resolve(&snap, req.uri().authority(), 80) {
+        // Absolute form (a client that knows it talks to a proxy), else the Host header (a
+        // client that was pointed at the proxy as if it were the server, e.g. a WebSocket one).
+        let host_header = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok());
+        let authority = req.uri().authority().cloned().or(host_header);
+        let (svc, port) = match self.resolve(&snap, authority.as_ref(), 80) {
             Ok(x) => x,
             Err(no_route) => return no_route.response(),
         };
+        let mut req = req;
+        absolute_uri(&mut req, &svc.host());
         self.forward_to(&snap, &svc, port, req).await
     }
 
-    /// Sends a request to an endpoint of `svc`, retrying where that is safe. The response goes
-    /// back in the HTTP version the app spoke; an HTTP/2 request (gRPC) reaches the destination
-    /// app as HTTP/2 too.
+    /// Sends a request to an endpoint of `svc`, retrying where that is safe. Bodies stream both
+    /// ways; the first bytes of the request body are kept in a bounded replay buffer so that a
+    /// failed attempt can be resent whole, and a request that sent more than that is not
+    /// retried. The response goes back in the HTTP version the app spoke; an HTTP/2 request
+    /// (gRPC) reaches the destination app as HTTP/2 too. An HTTP/1.1 `Upgrade` (WebSocket)
+    /// becomes a byte stream after the 101 (`upgrade.rs`).
     pub(crate) async fn forward_to(
         &self,
         snap: &Snapshot,
@@ -67,19 +96,48 @@ impl Outbound {
         port: u16,
         req: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
+        if super::upgrade::is_upgrade(&req) {
+            return self.upgrade(snap, svc, port, req).await;
+        }
         let started = Instant::now();
         let downstream = req.version();
         let (mut parts, body) = req.into_parts();
-        let body: Bytes = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body could not be buffered (limit {MAX_BUFFERED_BODY} bytes): {e}"),
-                )
+        self.upstream_headers(&mut parts, downstream);
+        let replay = Replay::new(body, self.limits.replay_buffer);
+        match self.attempts(snap, svc, port, &parts, &replay).await {
+            Ok((resp, ep_cluster)) => {
+                let status = resp.status().as_u16();
+                let labels = [self.cluster.as_str(), ep_cluster.as_str(), &svc.host()];
+                self.metrics
+                    .requests
+                    .with_label_values(&[labels[0], labels[1], labels[2], response_class(status)])
+                    .inc();
+                self.metrics
+                    .latency
+                    .with_label_values(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+                let (mut rparts, rbody) = resp.into_parts();
+                rparts.version = downstream;
+                strip_hop(&mut rparts.headers);
+                rparts.headers.remove(UPSTREAM_FAILURE_HEADER);
+                Response::from_parts(rparts, rbody.boxed())
             }
-        };
+            Err(failed) => {
+                self.metrics
+                    .requests
+                    .with_label_values(&[&self.cluster, "none", &svc.host(), "5xx"])
+                    .inc();
+                failed
+            }
+        }
+    }
+
+    /// The request as the destination sidecar gets it: hop-by-hop headers gone, the caller's
+    /// cluster and HTTP version noted (inside mTLS).
+    fn upstream_headers(&self, parts: &mut Parts, downstream: Version) {
         strip_hop(&mut parts.headers);
+        // This proxy already answered `100 Continue` when it started reading the body.
+        parts.headers.remove(hyper::header::EXPECT);
         parts.headers.remove(APP_PROTOCOL_HEADER);
         if downstream == Version::HTTP_2 {
             parts
@@ -90,15 +148,27 @@ impl Outbound {
             SOURCE_CLUSTER_HEADER,
             HeaderValue::from_str(&self.cluster).unwrap_or(HeaderValue::from_static("unknown")),
         );
+        parts.version = Version::HTTP_2;
+    }
+
+    /// The attempt loop: pick an endpoint, connect, send, classify, retry while that is safe.
+    /// Returns the response and the cluster that answered, or the 503 to give the caller.
+    async fn attempts(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        port: u16,
+        parts: &Parts,
+        replay: &Replay,
+    ) -> Result<(Response<hyper::body::Incoming>, String), Response<Body>> {
         let idempotent = matches!(
             parts.method,
-            hyper::Method::GET
-                | hyper::Method::HEAD
-                | hyper::Method::OPTIONS
-                | hyper::Method::PUT
-                | hyper::Method::DELETE
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
         );
         let host = svc.host();
+        let skipped = |reason: &str| {
+            self.metrics.retries_skipped.with_label_values(&[&host, reason]).inc();
+        };
         let mut tried = vec![];
         let mut last_error = String::from("no endpoint of the service is known");
         let mut stale_retry: Option<usize> = None;
@@ -109,16 +179,17 @@ impl Outbound {
                 None => None,
             };
             let Some(i) = pick else {
+                if attempt == MAX_ATTEMPTS {
+                    skipped("attempts_exhausted");
+                }
                 break;
             };
             tried.push(i);
             let ep = &svc.endpoints[i];
             if attempt > 0 {
-                self.metrics
-                    .retries
-                    .with_label_values(&[&host, "connect_failure"])
-                    .inc();
+                self.metrics.retries.with_label_values(&[&host, "retry"]).inc();
             }
+            // A connect failure sent nothing: always retriable.
             let (mut sender, reused) = match self.upstreams.h2(snap, svc, ep, port).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -131,9 +202,20 @@ impl Outbound {
                     continue;
                 }
             };
-            let mut upstream_req = Request::from_parts(parts.clone(), Full::new(body.clone()));
-            *upstream_req.version_mut() = Version::HTTP_2;
-            match sender.send_request(upstream_req).await {
+            let body = match replay.attempt() {
+                Ok(b) => b,
+                Err(why) => {
+                    skipped(why.reason());
+                    if why == NoReplay::BufferExceeded {
+                        last_error = format!(
+                            "{last_error} (not retried: more than the replay buffer of {} bytes was sent)",
+                            self.limits.replay_buffer
+                        );
+                    }
+                    break;
+                }
+            };
+            match sender.send_request(Request::from_parts(parts.clone(), body)).await {
                 Ok(resp) if resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) => {
                     self.balancer.failure(snap, svc, ep);
                     last_error = format!("{} could not reach its application", ep.key);
@@ -143,28 +225,13 @@ impl Outbound {
                         .is_some_and(|v| v == "connect");
                     if !(connect || idempotent) {
                         // The app may have acted on it: give the caller the answer, do not retry.
-                        let (mut rparts, rbody) = resp.into_parts();
-                        rparts.version = downstream;
-                        rparts.headers.remove(UPSTREAM_FAILURE_HEADER);
-                        return Response::from_parts(rparts, rbody.boxed());
+                        skipped("not_idempotent");
+                        return Ok((resp, ep.locality.cluster.clone()));
                     }
                 }
                 Ok(resp) => {
                     self.balancer.success(ep);
-                    let status = resp.status().as_u16();
-                    let labels = [self.cluster.as_str(), ep.locality.cluster.as_str(), host.as_str()];
-                    self.metrics
-                        .requests
-                        .with_label_values(&[labels[0], labels[1], labels[2], response_class(status)])
-                        .inc();
-                    self.metrics
-                        .latency
-                        .with_label_values(&labels)
-                        .observe(started.elapsed().as_secs_f64());
-                    let (mut rparts, rbody) = resp.into_parts();
-                    rparts.version = downstream;
-                    strip_hop(&mut rparts.headers);
-                    return Response::from_parts(rparts, rbody.boxed());
+                    return Ok((resp, ep.locality.cluster.clone()));
                 }
                 Err(e) if reused && (e.is_canceled() || idempotent) && !tried[..tried.len() - 1].contains(&i) => {
                     // A pooled connection died unnoticed (say a tunnel whose UDP path went away)
@@ -178,21 +245,18 @@ impl Outbound {
                     self.balancer.failure(snap, svc, ep);
                     last_error = format!("{}: {e}", ep.key);
                     if !(idempotent || e.is_canceled()) {
+                        skipped("not_idempotent");
                         break;
                     }
                 }
             }
         }
-        self.metrics
-            .requests
-            .with_label_values(&[&self.cluster, "none", &host, "5xx"])
-            .inc();
-        text(
+        Err(text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "no healthy endpoint of {host} answered after {} attempt(s): {last_error}",
                 tried.len()
             ),
-        )
+        ))
     }
 }

@@ -2,16 +2,19 @@
 //! `transparent.rs`); connections made to the listener itself are an explicit HTTP proxy for
 //! mesh names:
 //!
-//! `GET http://<svc>.<ns>.svc.clusterset.local/...` (absolute form) is proxied at L7 over a
-//! pooled HTTP/2 mTLS connection; `CONNECT <svc>.<ns>.svc.clusterset.local:<port>` opens an
+//! `GET http://<svc>.<ns>.svc.clusterset.local/...` (absolute form, or HTTP/2 with that
+//! `:authority`) is proxied at L7 over a pooled HTTP/2 mTLS connection; `CONNECT <svc>.<ns>.svc.clusterset.local:<port>` opens an
 //! opaque TCP tunnel. Either way the endpoint comes from the locality-aware balancer, and a
 //! failure to connect (or an inbound sidecar reporting its app unreachable) is retried on
 //! another endpoint and counted by outlier detection.
 
 mod http;
 pub(crate) use http::strip_hop;
+mod replay;
+pub use replay::{Replay, ReplayBody, DEFAULT_REPLAY_BUFFER};
 mod tcp;
 mod transparent;
+mod upgrade;
 pub use transparent::{sniff, Sniffed, UnknownDestinations};
 
 use std::convert::Infallible;
@@ -44,6 +47,7 @@ pub struct Outbound {
     metrics: SidecarMetrics,
     unknown: UnknownDestinations,
     sniff_timeout: std::time::Duration,
+    limits: crate::ProxyLimits,
 }
 
 /// Why a request names nothing the proxy can route: answered with this status and message.
@@ -54,6 +58,54 @@ impl NoRoute {
         text(self.0, self.1)
     }
 }
+
+/// HTTP/2 server limits: streams per connection, header list size, and the bounds on streams a
+/// client opens and resets at once (CVE-2023-44487, rapid reset) or makes this side reset.
+pub(crate) fn h2_limits(
+    b: &mut hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    l: &crate::ProxyLimits,
+) {
+    b.max_concurrent_streams(l.max_concurrent_streams)
+        .max_header_list_size(l.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_STREAM_WINDOW as usize);
+}
+
+/// Flow-control windows: a fast sender is held back once this much is in flight per stream
+/// (and per connection), which bounds what a proxy buffers for a stream it relays.
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Streams a client may open and reset before this side has accepted them.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams this side may reset for a client's protocol errors before closing the connection.
+const H2_MAX_LOCAL_RESETS: usize = 256;
+
+/// The same limits on hyper's auto (HTTP/1.1 or HTTP/2) builder of intercepted connections.
+pub(crate) fn auto_limits(
+    b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    l: &crate::ProxyLimits,
+) {
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(l.header_read_timeout)
+        .max_buf_size(l.max_header_bytes.max(8192))
+        .max_headers(H1_MAX_HEADERS);
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(l.max_concurrent_streams)
+        .max_header_list_size(l.max_header_bytes as u32)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_STREAM_WINDOW as usize);
+}
+
+/// Header fields one HTTP/1.1 request may carry.
+const H1_MAX_HEADERS: usize = 100;
 
 pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     let mut body = msg.into();
@@ -83,7 +135,14 @@ impl Outbound {
             metrics,
             unknown: UnknownDestinations::default(),
             sniff_timeout: std::time::Duration::from_millis(100),
+            limits: crate::ProxyLimits::default(),
         }
+    }
+
+    /// Bounds on what one client may make this proxy hold (replay buffer, heads, streams).
+    pub fn limits(mut self, limits: crate::ProxyLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// What to do with intercepted connections to destinations the mesh does not know.
@@ -118,6 +177,7 @@ impl Outbound {
                 });
                 continue;
             }
+            let limits = self.limits.clone();
             tokio::spawn(async move {
                 let tunnels = signal.clone();
                 let svc = hyper::service::service_fn(move |req| {
@@ -125,9 +185,11 @@ impl Outbound {
                     let tunnels = tunnels.clone();
                     async move { Ok::<_, Infallible>(this.handle(req, tunnels).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades();
+                // HTTP/1.1 (absolute form, CONNECT, Upgrade) or HTTP/2 with prior knowledge
+                // (h2c, gRPC: the :authority names the service).
+                let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                auto_limits(&mut builder, &limits);
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                 tokio::pin!(conn);
                 let result = tokio::select! {
                     r = conn.as_mut() => r,

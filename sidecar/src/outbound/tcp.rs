@@ -73,15 +73,8 @@ impl Outbound {
     }
 
     /// Copies both ways until either side closes, then counts the connection.
-    pub(crate) async fn splice(&self, mut client: impl Io, mut upstream: UpstreamTls, ep: &EndpointEntry, host: &str) {
-        let result = match tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            crate::SPLICE_BUF,
-            crate::SPLICE_BUF,
-        )
-        .await
-        {
+    pub(crate) async fn splice(&self, client: impl Io, upstream: UpstreamTls, ep: &EndpointEntry, host: &str) {
+        let result = match crate::splice::splice(client, upstream, self.limits.tcp_idle_timeout).await {
             Ok(_) => "ok",
             Err(_) => "reset",
         };

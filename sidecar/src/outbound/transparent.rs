@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::{Request, Uri};
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_api::drain::Watch;
 use strait_api::snapshot::{Protocol, ServiceEntry, Snapshot};
@@ -126,13 +126,18 @@ impl Outbound {
                 let declared_tcp = svc.port(port).is_some_and(|p| p.protocol == Protocol::Tcp);
                 let sniffed = if declared_tcp {
                     // Declared TCP: no sniffing, so server-first protocols are not delayed.
-                    Sniffed::Opaque
+                    None
                 } else {
                     detect(&stream, self.sniff_timeout).await
                 };
                 match sniffed {
-                    Sniffed::Http1 | Sniffed::H2 => self.serve_http(stream, snap, svc, port, drain).await,
-                    Sniffed::Tls | Sniffed::Opaque => self.opaque(stream, &snap, &svc, port, None).await,
+                    Some(Sniffed::Http1 | Sniffed::H2) => self.serve_http(stream, snap, svc, port, false, drain).await,
+                    // Bytes that are neither HTTP nor TLS on a port declared HTTP: an HTTP/2
+                    // server answers them (a broken preface gets GOAWAY), as the app's port
+                    // promised HTTP. Ports that carry other protocols are declared `tcp`.
+                    Some(Sniffed::Opaque) => self.serve_http(stream, snap, svc, port, true, drain).await,
+                    // TLS, or a server-first protocol (nothing sent yet): carried as bytes.
+                    Some(Sniffed::Tls) | None => self.opaque(stream, &snap, &svc, port, None).await,
                 }
             }
         }
@@ -155,6 +160,7 @@ impl Outbound {
         snap: Arc<Snapshot>,
         svc: Arc<ServiceEntry>,
         port: u16,
+        h2_only: bool,
         mut drain: Watch,
     ) {
         let this = self.clone();
@@ -163,25 +169,17 @@ impl Outbound {
             let snap = snap.clone();
             let svc = svc.clone();
             async move {
-                if req.uri().authority().is_none() {
-                    // Origin form (HTTP/1.1): the upstream HTTP/2 request needs an authority.
-                    let authority = req
-                        .headers()
-                        .get(hyper::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_string)
-                        .unwrap_or_else(|| svc.host());
-                    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                    if let Ok(uri) = format!("http://{authority}{path}").parse::<Uri>() {
-                        *req.uri_mut() = uri;
-                    }
-                }
+                super::http::absolute_uri(&mut req, &svc.host());
                 Ok::<_, Infallible>(this.forward_to(&snap, &svc, port, req).await)
             }
         });
         // hyper's auto builder tells HTTP/1.1 from the HTTP/2 preface the sniffer already saw.
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if h2_only {
+            builder = builder.http2_only();
+        }
+        super::auto_limits(&mut builder, &self.limits);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
@@ -213,22 +211,22 @@ impl Outbound {
     }
 }
 
-/// Waits for enough of the app's first bytes to tell the protocol. An app that sends nothing
-/// within `timeout` (a server-first protocol) is carried as opaque TCP.
-async fn detect(stream: &TcpStream, timeout: Duration) -> Sniffed {
+/// Waits for enough of the app's first bytes to tell the protocol; `None` when the app sent
+/// nothing within `timeout` (a server-first protocol, carried as opaque TCP).
+async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Sniffed> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 32];
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         match peeked {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniffed::Opaque,
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
             Ok(Ok(n)) => {
                 if let Some(found) = sniff(&buf[..n]) {
-                    return found;
+                    return Some(found);
                 }
                 // Part of a preface or method arrived: wait briefly for the rest.
                 if tokio::time::Instant::now() >= deadline {
-                    return Sniffed::Opaque;
+                    return Some(Sniffed::Opaque);
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
