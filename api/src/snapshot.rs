@@ -21,7 +21,10 @@ pub const CLUSTERSET_SUFFIX: &str = "svc.clusterset.local";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
+    /// HTTP/1.1 or HTTP/2, told apart per connection.
     Http,
+    /// gRPC: HTTP/2 end to end.
+    Grpc,
     Tcp,
 }
 
@@ -157,11 +160,12 @@ fn convert_service(s: &pb::Service) -> Result<ServiceEntry, FieldError> {
             })?;
             let protocol = match p.protocol.as_str() {
                 "http" | "HTTP" | "" => Protocol::Http,
+                "grpc" | "GRPC" => Protocol::Grpc,
                 "tcp" | "TCP" => Protocol::Tcp,
                 other => {
                     return Err(bad(
                         &format!("ports[{i}].protocol"),
-                        format!("{other:?} is not a protocol (use http or tcp)"),
+                        format!("{other:?} is not a protocol (use http, grpc or tcp)"),
                     ))
                 }
             };

@@ -62,6 +62,21 @@ pub(crate) fn absolute_uri<B>(req: &mut Request<B>, fallback: &str) {
     }
 }
 
+/// Reads and drops a request body the proxy will not forward: at most 64 KiB, for at most a
+/// second.
+async fn discard_body(mut body: hyper::body::Incoming) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > 64 * 1024 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 impl Outbound {
     /// An absolute-form request on the explicit listener: the service comes from its host.
     pub(super) async fn forward(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -76,7 +91,12 @@ impl Outbound {
         let authority = req.uri().authority().cloned().or(host_header);
         let (svc, port) = match self.resolve(&snap, authority.as_ref(), 80) {
             Ok(x) => x,
-            Err(no_route) => return no_route.response(),
+            Err(no_route) => {
+                // Read (a bounded part of) what the client sends first, so a malformed body
+                // or trailer is answered as the protocol error it is, not with a 404.
+                discard_body(req.into_body()).await;
+                return no_route.response();
+            }
         };
         let mut req = req;
         absolute_uri(&mut req, &svc.host());

@@ -8,6 +8,23 @@
 //! failure to connect (or an inbound sidecar reporting its app unreachable) is retried on
 //! another endpoint and counted by outlier detection.
 
+/// Drives a hyper server connection until it ends, or until draining starts and it finished
+/// gracefully what it had in flight.
+macro_rules! drive {
+    ($conn:expr, $drain:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = $drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+pub(crate) use drive;
+
 mod http;
 pub(crate) use http::strip_hop;
 mod replay;
@@ -104,6 +121,31 @@ pub(crate) fn auto_limits(
         .max_send_buf_size(H2_STREAM_WINDOW as usize);
 }
 
+/// Answers bytes that are neither HTTP/1.1 nor an HTTP/2 preface on a port that promised HTTP
+/// the way an HTTP/2 server answers a broken preface (RFC 9113 §3.4): GOAWAY(PROTOCOL_ERROR),
+/// then an orderly close. What the client already sent is read and dropped first (a lingering
+/// close, bounded), since closing a socket with unread input would reset it and could destroy
+/// the GOAWAY in flight.
+pub(crate) async fn refuse_non_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Length 8, type GOAWAY (7), no flags, stream 0; last stream 0, error PROTOCOL_ERROR (1).
+    const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    if stream.write_all(&GOAWAY).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut dropped = 0usize;
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            dropped += n;
+            if dropped > 64 * 1024 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Header fields one HTTP/1.1 request may carry.
 const H1_MAX_HEADERS: usize = 100;
 
@@ -178,6 +220,8 @@ impl Outbound {
                 continue;
             }
             let limits = self.limits.clone();
+            let this_metrics = self.metrics.clone();
+            let cluster = self.cluster.clone();
             tokio::spawn(async move {
                 let tunnels = signal.clone();
                 let svc = hyper::service::service_fn(move |req| {
@@ -186,16 +230,27 @@ impl Outbound {
                     async move { Ok::<_, Infallible>(this.handle(req, tunnels).await) }
                 });
                 // HTTP/1.1 (absolute form, CONNECT, Upgrade) or HTTP/2 with prior knowledge
-                // (h2c, gRPC: the :authority names the service).
+                // (h2c, gRPC: the :authority names the service); anything else gets an HTTP/2
+                // server's answer to a broken preface (GOAWAY), not an HTTP/1.1 error page.
+                let Some(sniffed) = transparent::detect(&stream, limits.header_read_timeout).await else {
+                    return;
+                };
                 let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
                 auto_limits(&mut builder, &limits);
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = signal.signaled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
+                let result = match sniffed {
+                    Sniffed::Http1 | Sniffed::H2 => {
+                        drive!(
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc),
+                            signal
+                        )
+                    }
+                    Sniffed::Tls | Sniffed::Opaque => {
+                        this_metrics
+                            .connections
+                            .with_label_values(&["outbound", &cluster, "none", "unknown", "not_http"])
+                            .inc();
+                        refuse_non_http(stream).await;
+                        Ok(())
                     }
                 };
                 if let Err(e) = result {

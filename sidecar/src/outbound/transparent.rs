@@ -131,11 +131,17 @@ impl Outbound {
                     detect(&stream, self.sniff_timeout).await
                 };
                 match sniffed {
-                    Some(Sniffed::Http1 | Sniffed::H2) => self.serve_http(stream, snap, svc, port, false, drain).await,
-                    // Bytes that are neither HTTP nor TLS on a port declared HTTP: an HTTP/2
-                    // server answers them (a broken preface gets GOAWAY), as the app's port
-                    // promised HTTP. Ports that carry other protocols are declared `tcp`.
-                    Some(Sniffed::Opaque) => self.serve_http(stream, snap, svc, port, true, drain).await,
+                    Some(Sniffed::Http1 | Sniffed::H2) => self.serve_http(stream, snap, svc, port, drain).await,
+                    // Bytes that are neither HTTP nor TLS on a port declared HTTP: answered as
+                    // an HTTP/2 server answers a broken preface, as the port promised HTTP.
+                    // Ports that carry other protocols are declared `tcp`.
+                    Some(Sniffed::Opaque) => {
+                        self.metrics
+                            .connections
+                            .with_label_values(&["outbound", &self.cluster, "none", &svc.host(), "not_http"])
+                            .inc();
+                        super::refuse_non_http(stream).await
+                    }
                     // TLS, or a server-first protocol (nothing sent yet): carried as bytes.
                     Some(Sniffed::Tls) | None => self.opaque(stream, &snap, &svc, port, None).await,
                 }
@@ -160,7 +166,6 @@ impl Outbound {
         snap: Arc<Snapshot>,
         svc: Arc<ServiceEntry>,
         port: u16,
-        h2_only: bool,
         mut drain: Watch,
     ) {
         let this = self.clone();
@@ -175,16 +180,11 @@ impl Outbound {
         });
         // hyper's auto builder tells HTTP/1.1 from the HTTP/2 preface the sniffer already saw.
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if h2_only {
-            builder = builder.http2_only();
-        }
         super::auto_limits(&mut builder, &self.limits);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
-        };
+        let result = super::drive!(
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), service),
+            drain
+        );
         if let Err(e) = result {
             tracing::debug!(error = %e, "intercepted HTTP connection ended with an error");
         }
@@ -213,7 +213,7 @@ impl Outbound {
 
 /// Waits for enough of the app's first bytes to tell the protocol; `None` when the app sent
 /// nothing within `timeout` (a server-first protocol, carried as opaque TCP).
-async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Sniffed> {
+pub(super) async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Sniffed> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 32];
     loop {
