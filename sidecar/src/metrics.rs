@@ -11,6 +11,7 @@ pub struct SidecarMetrics {
     pub panics: IntCounterVec,
     pub inbound_requests: IntCounterVec,
     pub passthrough: IntCounterVec,
+    pub rejected: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -89,6 +90,13 @@ impl SidecarMetrics {
                 "strait_inbound_requests_total",
                 "Requests received from other sidecars, by source cluster and response class",
                 &["source_cluster", "response_class"],
+            ),
+            rejected: counter(
+                registry,
+                "strait_rejected_connections_total",
+                "Client connections refused before any request was forwarded, by reason \
+                 (not_http, content_length_and_transfer_encoding, obs_fold)",
+                &["reason"],
             ),
             passthrough: counter(
                 registry,

@@ -25,6 +25,7 @@ macro_rules! drive {
 }
 pub(crate) use drive;
 
+mod head;
 mod http;
 pub(crate) use http::strip_hop;
 mod replay;
@@ -127,12 +128,19 @@ pub(crate) fn auto_limits(
 /// close, bounded), since closing a socket with unread input would reset it and could destroy
 /// the GOAWAY in flight.
 pub(crate) async fn refuse_non_http(mut stream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // Length 8, type GOAWAY (7), no flags, stream 0; last stream 0, error PROTOCOL_ERROR (1).
     const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    if stream.write_all(&GOAWAY).await.is_err() || stream.shutdown().await.is_err() {
-        return;
+    if stream.write_all(&GOAWAY).await.is_ok() && stream.shutdown().await.is_ok() {
+        linger_close(stream).await;
     }
+}
+
+/// After this side shut its write half: reads and drops what the client still sends (at most
+/// 64 KiB, for at most a second), then closes. Closing a socket with unread input would reset
+/// the connection and could destroy the last answer in flight.
+pub(crate) async fn linger_close(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 4096];
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         let mut dropped = 0usize;
@@ -221,7 +229,6 @@ impl Outbound {
             }
             let limits = self.limits.clone();
             let this_metrics = self.metrics.clone();
-            let cluster = self.cluster.clone();
             tokio::spawn(async move {
                 let tunnels = signal.clone();
                 let svc = hyper::service::service_fn(move |req| {
@@ -232,11 +239,25 @@ impl Outbound {
                 // HTTP/1.1 (absolute form, CONNECT, Upgrade) or HTTP/2 with prior knowledge
                 // (h2c, gRPC: the :authority names the service); anything else gets an HTTP/2
                 // server's answer to a broken preface (GOAWAY), not an HTTP/1.1 error page.
+                let started = tokio::time::Instant::now();
                 let Some(sniffed) = transparent::detect(&stream, limits.header_read_timeout).await else {
                     return;
                 };
                 let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
                 auto_limits(&mut builder, &limits);
+                if sniffed == Sniffed::Http1 {
+                    // One deadline for the whole head, however it trickles in (slowloris).
+                    let left = limits.header_read_timeout.saturating_sub(started.elapsed());
+                    if let Err(why) = head::check_first(&stream, limits.max_header_bytes, left).await {
+                        tracing::info!(
+                            reason = why.reason(),
+                            "refused an ambiguous HTTP/1.1 request (request smuggling)"
+                        );
+                        this_metrics.rejected.with_label_values(&[why.reason()]).inc();
+                        head::refuse(stream, why).await;
+                        return;
+                    }
+                }
                 let result = match sniffed {
                     Sniffed::Http1 | Sniffed::H2 => {
                         drive!(
@@ -245,10 +266,7 @@ impl Outbound {
                         )
                     }
                     Sniffed::Tls | Sniffed::Opaque => {
-                        this_metrics
-                            .connections
-                            .with_label_values(&["outbound", &cluster, "none", "unknown", "not_http"])
-                            .inc();
+                        this_metrics.rejected.with_label_values(&["not_http"]).inc();
                         refuse_non_http(stream).await;
                         Ok(())
                     }

@@ -131,15 +131,25 @@ impl Outbound {
                     detect(&stream, self.sniff_timeout).await
                 };
                 match sniffed {
-                    Some(Sniffed::Http1 | Sniffed::H2) => self.serve_http(stream, snap, svc, port, drain).await,
+                    Some(Sniffed::Http1) => {
+                        let limits = &self.limits;
+                        match super::head::check_first(&stream, limits.max_header_bytes, limits.header_read_timeout)
+                            .await
+                        {
+                            Ok(()) => self.serve_http(stream, snap, svc, port, drain).await,
+                            Err(why) => {
+                                tracing::info!(service = %svc.host(), reason = why.reason(), "refused an ambiguous HTTP/1.1 request (request smuggling)");
+                                self.metrics.rejected.with_label_values(&[why.reason()]).inc();
+                                super::head::refuse(stream, why).await;
+                            }
+                        }
+                    }
+                    Some(Sniffed::H2) => self.serve_http(stream, snap, svc, port, drain).await,
                     // Bytes that are neither HTTP nor TLS on a port declared HTTP: answered as
                     // an HTTP/2 server answers a broken preface, as the port promised HTTP.
                     // Ports that carry other protocols are declared `tcp`.
                     Some(Sniffed::Opaque) => {
-                        self.metrics
-                            .connections
-                            .with_label_values(&["outbound", &self.cluster, "none", &svc.host(), "not_http"])
-                            .inc();
+                        self.metrics.rejected.with_label_values(&["not_http"]).inc();
                         super::refuse_non_http(stream).await
                     }
                     // TLS, or a server-first protocol (nothing sent yet): carried as bytes.
