@@ -102,7 +102,54 @@ set +e
 cargo test --no-fail-fast --workspace --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+# Every run fuzzes: each cargo-fuzz target for a bounded time, starting from the seed corpus in
+# fuzz/corpus (read-only here; new inputs go to a scratch directory). A crash fails the run; its
+# input is saved under fuzz/artifacts and printed (base64) so the CI log keeps it.
+FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
+CARGO_FUZZ_VERSION=0.13.2
+fuzz_root="${HOME}/.cache/strait/cargo-fuzz-${CARGO_FUZZ_VERSION}"
+fuzz_passed=0
+fuzz_failed=0
+say "fuzzing: cargo-fuzz ${CARGO_FUZZ_VERSION}, ${FUZZ_SECONDS}s per target"
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "test.sh: the nightly Rust toolchain (for cargo-fuzz) is missing: rustup toolchain install nightly" >&2
+  fuzz_failed=1
+else
+  if [ ! -x "$fuzz_root/bin/cargo-fuzz" ]; then
+    say "installing cargo-fuzz ${CARGO_FUZZ_VERSION}"
+    cargo install --locked --root "$fuzz_root" cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+  fi
+  fuzz_target_dir="${HOME}/.cache/strait/fuzz-target"
+  if ! PATH="$fuzz_root/bin:$PATH" cargo +nightly fuzz build --target-dir "$fuzz_target_dir"; then
+    echo "test.sh: the fuzz targets do not build" >&2
+    fuzz_failed=1
+  else
+    for target in $(PATH="$fuzz_root/bin:$PATH" cargo +nightly fuzz list); do
+      scratch="$(mktemp -d)"
+      if PATH="$fuzz_root/bin:$PATH" cargo +nightly fuzz run --target-dir "$fuzz_target_dir" "$target" \
+          "$scratch" "fuzz/corpus/$target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 \
+          > "$scratch.log" 2>&1; then
+        fuzz_passed=$((fuzz_passed + 1))
+        echo "fuzz $target: ok ($(grep -o 'Done [0-9]* runs' "$scratch.log" | tail -1))"
+      else
+        fuzz_failed=$((fuzz_failed + 1))
+        tail -40 "$scratch.log"
+        for crash in fuzz/artifacts/"$target"/*; do
+          [ -f "$crash" ] || continue
+          echo "fuzz $target: FAILED, input saved in $crash (base64: $(base64 -w0 "$crash"))"
+        done
+      fi
+      rm -rf "$scratch" "$scratch.log"
+    done
+  fi
+fi
+
 echo
-awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+awk -v fp="$fuzz_passed" -v ff="$fuzz_failed" '
+     /^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p + fp, f + ff }' "$log"
+if [ "$fuzz_failed" -gt 0 ] && [ "$status" = 0 ]; then
+  status=1
+fi
 exit "$status"

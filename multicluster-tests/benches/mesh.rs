@@ -8,6 +8,9 @@
 //!   (a) a sidecar pair in one cluster and (b) a cross-cluster call through the gateway;
 //! - bulk throughput through the QUIC tunnel (CONNECT, cross-cluster) beside a TCP+TLS baseline
 //!   and plain TCP to the same app;
+//! - streamed HTTP upload and download throughput (1 GiB each way by default,
+//!   `STRAIT_BENCH_STREAM_MIB`) direct, through a sidecar pair and cross-cluster, with how much
+//!   each proxy's resident memory grew during the transfer;
 //! - each proxy's peak RSS.
 
 #![allow(clippy::unwrap_used)]
@@ -217,6 +220,86 @@ async fn tls_baseline(mesh: &Mesh, total: usize) -> f64 {
     bulk(tls, total).await
 }
 
+/// One streamed HTTP/1.1 exchange over a fresh connection to `target` (an app, or a sidecar's
+/// explicit proxy with `absolute`): uploads `bytes` (chunked, 64 KiB frames) to `url`, or with
+/// `download` GETs `url` and reads the body. Returns MB/s.
+async fn stream_http(target: SocketAddr, url: &str, absolute: bool, bytes: u64, download: bool) -> f64 {
+    let uri: hyper::Uri = url.parse().unwrap();
+    let host = uri.authority().unwrap().to_string();
+    let path = if absolute {
+        url.to_string()
+    } else {
+        uri.path().to_string()
+    };
+    let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let started = Instant::now();
+    let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+    let frames = futures::stream::unfold(bytes, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            (left > 0 && !download).then(|| {
+                let n = left.min(chunk.len() as u64);
+                (
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.slice(..n as usize))),
+                    left - n,
+                )
+            })
+        }
+    });
+    let req = hyper::Request::builder()
+        .method(if download { "GET" } else { "POST" })
+        .uri(path)
+        .header("host", host)
+        .body(http_body_util::StreamBody::new(frames))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        got += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    if download {
+        assert_eq!(got, bytes, "short download");
+    }
+    bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `work` while sampling the RSS of `pids` every 20 ms; returns its result and each
+/// process's largest growth over its RSS before the work (KiB).
+async fn with_rss<T>(pids: &[u32], work: impl std::future::Future<Output = T>) -> (T, Vec<u64>) {
+    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let mut peak = before.clone();
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => {
+                let grew = peak.iter().zip(&before).map(|(p, b)| p.saturating_sub(*b)).collect();
+                return (out, grew);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                for (i, pid) in pids.iter().enumerate() {
+                    peak[i] = peak[i].max(rss_kib(*pid));
+                }
+            }
+        }
+    }
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -334,6 +417,51 @@ async fn main() {
         "  QUIC tunnel, cross-cluster via gateway  {tunnel:>10.1}   ({:.2}x the TCP+TLS baseline)",
         tunnel / tls
     );
+
+    let stream_mib: u64 = std::env::var("STRAIT_BENCH_STREAM_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
+    let bytes = stream_mib * 1024 * 1024;
+    let gateway_west = mesh.cluster("west").gateway.pid;
+    println!("\nstreamed HTTP bodies, {stream_mib} MiB each way (MB/s; RSS growth of each proxy during the transfer)");
+    for (label, app, host, pids) in [
+        (
+            "sidecar pair, one cluster",
+            echo.app_addr,
+            "echo",
+            vec![("caller", client.sidecar_pid), ("destination", echo.sidecar_pid)],
+        ),
+        (
+            "cross-cluster via the gateway",
+            remote.app_addr,
+            "remote",
+            vec![
+                ("caller", client.sidecar_pid),
+                ("gateway", gateway_west),
+                ("destination", remote.sidecar_pid),
+            ],
+        ),
+    ] {
+        let up_url = format!("http://{host}.demo.svc.clusterset.local/upload");
+        let down_url = format!("http://{host}.demo.svc.clusterset.local/bytes/{bytes}");
+        let direct_up = stream_http(app, &up_url, false, bytes, false).await;
+        let direct_down = stream_http(app, &down_url, false, bytes, true).await;
+        let only: Vec<u32> = pids.iter().map(|(_, p)| *p).collect();
+        let (up, grew_up) = with_rss(&only, stream_http(client.outbound_proxy, &up_url, true, bytes, false)).await;
+        let (down, grew_down) = with_rss(&only, stream_http(client.outbound_proxy, &down_url, true, bytes, true)).await;
+        let growth: Vec<String> = pids
+            .iter()
+            .zip(grew_up.iter().zip(&grew_down))
+            .map(|((name, _), (u, d))| format!("{name} +{:.1}/+{:.1} MiB", *u as f64 / 1024.0, *d as f64 / 1024.0))
+            .collect();
+        println!(
+            "  {label:<32} upload {up:>7.1} ({:.2}x direct {direct_up:.1})  download {down:>7.1} ({:.2}x direct {direct_down:.1})",
+            up / direct_up,
+            down / direct_down
+        );
+        println!("  {:<32} RSS growth up/down: {}", "", growth.join(", "));
+    }
 
     println!("\npeak RSS (VmHWM)");
     let mut procs: Vec<(String, u32)> = vec![];

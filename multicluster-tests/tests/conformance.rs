@@ -2,7 +2,8 @@
 //! network namespaces (`strait up --netns`, needs root): the grpc-go interop client against the
 //! grpc-go interop server, both run as `strait up` workloads (the topology's `command`), in one
 //! cluster and across clusters; and h2spec against the transparent outbound listener (h2c prior
-//! knowledge to a ClusterSet IP) and the HTTP/2 side of the explicit listener. test.sh builds
+//! knowledge to a ClusterSet IP) and the HTTP/2 side of the explicit listener; and a
+//! WebSocket client (tokio-tungstenite) echoing across clusters through interception. test.sh builds
 //! the tools from the Go module proxy and passes their paths in STRAIT_GRPC_INTEROP_SERVER,
 //! STRAIT_GRPC_INTEROP_CLIENT and STRAIT_H2SPEC.
 
@@ -110,6 +111,26 @@ clusters:
             CASES.len()
         );
     }
+
+    // A WebSocket client (tokio-tungstenite) in east's namespace, unmodified: its connection to
+    // web's ClusterSet IP is intercepted, upgraded, and echoed both ways by west's app.
+    let client_ns = mesh.cluster("east").workloads[1].netns.clone().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &client_ns, env!("CARGO_BIN_EXE_ws-client")])
+        .args(["ws://web.demo.svc.clusterset.local/ws", "50"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "WebSocket through interception: {text}");
+    assert!(text.contains("greeting: hello from web-us-west-2a"), "{text}");
+    println!(
+        "WebSocket through interception across clusters: {}",
+        text.trim().replace('\n', "; ")
+    );
 
     // h2spec, HTTP/2 with prior knowledge: to a ClusterSet IP through interception (west's
     // web, across clusters), and to the explicit listener's HTTP/2 side.

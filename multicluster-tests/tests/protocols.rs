@@ -280,6 +280,51 @@ async fn server_sent_events_arrive_as_written_and_tcp_half_close_passes_the_tunn
         "events arrived {spread:?} apart: they were held back, not flushed as written"
     );
 
+    // Expect: 100-continue (curl waits for the 100 before sending its body) and HEAD, across
+    // clusters.
+    let proxy = format!("http://{}", caller.outbound_proxy);
+    let upload = std::env::temp_dir().join(format!("strait-expect-{}", std::process::id()));
+    std::fs::write(&upload, "y".repeat(200_000)).unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "-x",
+            &proxy,
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", upload.display()))
+        .arg("http://far.demo.svc.clusterset.local/expect")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&upload);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"body_bytes\":200000"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "-I",
+            "-x",
+            &proxy,
+            "http://far.demo.svc.clusterset.local/bytes/1000",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        text.starts_with("http/1.1 200") && text.contains("content-length: 1000"),
+        "{text}"
+    );
+
     // TCP across clusters: the client shuts its write side; the far side still answers.
     let mut t = connect_tunnel(caller.outbound_proxy, "pipe.demo.svc.clusterset.local:7000")
         .await

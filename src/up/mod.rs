@@ -49,6 +49,16 @@ A topology file:
       zones: [us-west-2a]
       workloads:
         - {service: echo, zone: us-west-2a}
+        # your own program in the workload's place: it listens on $STRAIT_APP_ADDR
+        - service: echo
+          zone: us-west-2a
+          labels: {version: v2}
+          command: [python3, -m, http.server, --bind, 127.10.2.11, '8080']
+
+A workload's `command` runs your program (its own process; with --netns in the workload's
+namespace) with STRAIT_APP_ADDR=<ip>:<port> and STRAIT_APP_PORT set; the service's protocol
+(http, grpc or tcp) says what it speaks; when it exits, strait up says so (with --output json
+an {\"event\":\"exited\",...} line) and its endpoint goes not-ready. See examples/own-services.yaml.
 
 Then call a service from any sidecar:
   curl -x http://127.10.1.10:15001 http://echo.demo.svc.clusterset.local/";

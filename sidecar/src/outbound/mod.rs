@@ -26,6 +26,7 @@ macro_rules! drive {
 pub(crate) use drive;
 
 mod head;
+pub use head::{check_head, Refusal};
 mod http;
 pub(crate) use http::strip_hop;
 mod replay;

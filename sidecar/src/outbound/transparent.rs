@@ -51,6 +51,8 @@ pub enum Sniffed {
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Request methods that mark HTTP/1.1 (RFC 9110, PATCH, and WebDAV's), like Envoy's HTTP
+/// inspector: a first word outside this list is not taken for HTTP.
 const METHODS: &[&[u8]] = &[
     b"GET ",
     b"HEAD ",
@@ -60,6 +62,16 @@ const METHODS: &[&[u8]] = &[
     b"OPTIONS ",
     b"PATCH ",
     b"TRACE ",
+    b"CONNECT ",
+    b"PROPFIND ",
+    b"PROPPATCH ",
+    b"MKCOL ",
+    b"COPY ",
+    b"MOVE ",
+    b"LOCK ",
+    b"UNLOCK ",
+    b"REPORT ",
+    b"SEARCH ",
 ];
 
 /// Decides the protocol from a connection's first bytes, or `None` while they could still be
@@ -252,6 +264,8 @@ mod tests {
     fn sniffs_protocols_from_first_bytes() {
         assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(Sniffed::Http1));
         assert_eq!(sniff(b"POST /x HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(sniff(b"CONNECT a:7000 HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(sniff(b"INVALID CONNECTION PREFACE"), Some(Sniffed::Opaque));
         assert_eq!(sniff(H2_PREFACE), Some(Sniffed::H2));
         assert_eq!(sniff(&[0x16, 0x03, 0x01, 0x02, 0x00]), Some(Sniffed::Tls));
         assert_eq!(sniff(b"\x00\x00\x00\x01binary"), Some(Sniffed::Opaque));
