@@ -40,6 +40,15 @@ clusters:
       - {service: pipe, zone: us-west-2a}
 "#;
 
+async fn start() -> Mesh {
+    Mesh::start_with(MeshOptions {
+        topology: Some(TOPOLOGY.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 fn transfer_bytes() -> u64 {
     std::env::var("STRAIT_TEST_TRANSFER_MIB")
         .ok()
@@ -99,12 +108,7 @@ fn curl_download(proxy: &str, url: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_with_bounded_proxy_memory() {
-    let mesh = Mesh::start_with(MeshOptions {
-        topology: Some(TOPOLOGY.into()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = start().await;
     let caller = mesh.workload("client", "us-east-1a").clone();
     let near = mesh.workload("near", "us-east-1a").clone();
     let far = mesh.workload("far", "us-west-2a").clone();
@@ -215,12 +219,7 @@ async fn retries_replay_small_bodies_and_never_resend_a_partial_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_echo_both_ways_in_a_cluster_and_across_clusters() {
-    let mesh = Mesh::start_with(MeshOptions {
-        topology: Some(TOPOLOGY.into()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = start().await;
     let caller = mesh.workload("client", "us-east-1a").clone();
     for (host, workload) in [("near", "near-us-east-1a"), ("far", "far-us-west-2a")] {
         // The client is pointed at its sidecar as if it were the server; Host names the service.
@@ -245,12 +244,7 @@ async fn websockets_echo_both_ways_in_a_cluster_and_across_clusters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sent_events_arrive_as_written_and_tcp_half_close_passes_the_tunnel() {
-    let mesh = Mesh::start_with(MeshOptions {
-        topology: Some(TOPOLOGY.into()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = start().await;
     let caller = mesh.workload("client", "us-east-1a").clone();
 
     // Server-sent events across clusters: each event is read while the stream is still open,
@@ -341,12 +335,7 @@ async fn server_sent_events_arrive_as_written_and_tcp_half_close_passes_the_tunn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_runs_the_users_own_program_and_its_exit_is_reported() {
-    let mut mesh = Mesh::start_with(MeshOptions {
-        topology: Some(TOPOLOGY.into()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut mesh = start().await;
     let caller = mesh.workload("client", "us-east-1a").clone();
     let own = mesh
         .info

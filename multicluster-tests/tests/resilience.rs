@@ -79,6 +79,18 @@ async fn a_lost_cluster_expires_after_its_lease_and_calls_fail_over() {
         "{:?}",
         served_by(secs(1.0), secs(3.0))
     );
+    let slowest = report
+        .samples
+        .iter()
+        .filter(|s| s.due >= killed && s.due < after(1.0))
+        .map(|s| s.latency)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "lost cluster: killed at {killed:?}; {} failed in the first second, {} after; slowest request due in the first second took {slowest:?}",
+        report.failures_between(killed, after(1.0)),
+        report.failures_between(after(1.0), secs(12.0))
+    );
     // Requests in the dead tunnel are retried as soon as it is known dead (one idle timeout
     // of the tunnel), and no new request chooses west after that.
     assert!(

@@ -3,8 +3,11 @@
 //! the QUIC stream. HTTP rides a pooled HTTP/2 connection per endpoint; TCP gets its own.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
 
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -50,26 +53,123 @@ impl UpstreamError {
 
 pub struct Upstreams {
     cluster: String,
-    store: CertStore,
-    tunnel: TunnelClient,
-    connect_timeout: Duration,
+    dialer: Dialer,
     /// Per endpoint: the sender, and the identity the peer proved when it was opened. A pooled
     /// connection is used only while that identity is still one the endpoint may have (the
     /// catalog can change an endpoint's identity under a live connection).
     pool: Mutex<HashMap<String, Pooled>>,
+    /// HTTP/2 connections being opened, per endpoint: requests that need the same endpoint
+    /// meanwhile wait for that one dial (and share its failure) instead of each opening its own.
+    dialing: Mutex<HashMap<String, Dial>>,
 }
 
 /// A pooled HTTP/2 sender and the identity its peer proved.
 type Pooled = (SendRequest<ReplayBody>, Option<SpiffeId>);
+type Dial = Shared<BoxFuture<'static, Result<Pooled, Arc<UpstreamError>>>>;
+
+/// Where one endpoint is and who it must be, resolved from the snapshot before dialing (so a
+/// dial can outlive the request that started it).
+struct Target {
+    key: String,
+    address: SocketAddr,
+    /// The remote cluster's gateway and the tunnel header, for an endpoint in another cluster.
+    via: Option<(SocketAddr, SpiffeId, pb::TunnelRequest)>,
+    expected: Vec<SpiffeId>,
+}
+
+/// Opens mTLS connections to endpoints (directly or through a gateway).
+#[derive(Clone)]
+struct Dialer {
+    store: CertStore,
+    tunnel: TunnelClient,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
+    async fn connect(&self, t: &Target, alpn: &[u8]) -> Result<UpstreamTls, UpstreamError> {
+        let raw: Box<dyn Io> = match &t.via {
+            None => {
+                let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(t.address))
+                    .await
+                    .map_err(|_| UpstreamError::Connect {
+                        endpoint: t.key.clone(),
+                        detail: "timed out".into(),
+                    })?
+                    .map_err(|e| UpstreamError::Connect {
+                        endpoint: t.key.clone(),
+                        detail: e.to_string(),
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
+            Some((gateway, identity, req)) => {
+                let (stream, _) = self.tunnel.open(*gateway, identity, req).await?;
+                Box::new(stream)
+            }
+        };
+        let config = strait_trust::client_config(
+            Some(&self.store),
+            self.store.bundle(),
+            self.store.metrics(),
+            PeerPolicy::OneOf(t.expected.clone()),
+            &[alpn],
+        )
+        .map_err(|e| UpstreamError::Tls {
+            endpoint: t.key.clone(),
+            detail: e.to_string(),
+        })?;
+        tokio::time::timeout(
+            self.connect_timeout,
+            TlsConnector::from(Arc::new(config)).connect(strait_api::transport::mesh_server_name(), raw),
+        )
+        .await
+        .map_err(|_| UpstreamError::Tls {
+            endpoint: t.key.clone(),
+            detail: "handshake timed out".into(),
+        })?
+        .map_err(|e| UpstreamError::Tls {
+            endpoint: t.key.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    async fn h2(self, t: Target) -> Result<Pooled, Arc<UpstreamError>> {
+        let tls = self.connect(&t, strait_trust::ALPN_H2).await?;
+        let peer = strait_trust::peer_identity(tls.get_ref().1.peer_certificates());
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            // Pings find a silently dead peer (a killed node, a lost tunnel) within ~2s, so
+            // requests on it fail and are retried rather than hang.
+            .keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                endpoint: t.key.clone(),
+                detail: format!("HTTP/2 handshake: {e}"),
+            })?;
+        let key = t.key;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %key, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok((sender, peer))
+    }
+}
 
 impl Upstreams {
     pub fn new(cluster: String, store: CertStore, tunnel: TunnelClient) -> Self {
         Upstreams {
+            dialer: Dialer {
+                store,
+                tunnel,
+                connect_timeout: Duration::from_secs(2),
+            },
             cluster,
-            store,
-            tunnel,
-            connect_timeout: Duration::from_secs(2),
             pool: Mutex::default(),
+            dialing: Mutex::default(),
         }
     }
 
@@ -82,28 +182,15 @@ impl Upstreams {
         ids
     }
 
-    /// Connects to `ep` and runs the mTLS handshake with the given inner ALPN.
-    pub async fn connect(
+    fn target(
         &self,
         snap: &Snapshot,
         svc: &ServiceEntry,
         ep: &EndpointEntry,
         port: u16,
-        alpn: &[u8],
-    ) -> Result<UpstreamTls, UpstreamError> {
-        let raw: Box<dyn Io> = if ep.locality.cluster == self.cluster {
-            let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(ep.address))
-                .await
-                .map_err(|_| UpstreamError::Connect {
-                    endpoint: ep.key.clone(),
-                    detail: "timed out".into(),
-                })?
-                .map_err(|e| UpstreamError::Connect {
-                    endpoint: ep.key.clone(),
-                    detail: e.to_string(),
-                })?;
-            let _ = tcp.set_nodelay(true);
-            Box::new(tcp)
+    ) -> Result<Target, UpstreamError> {
+        let via = if ep.locality.cluster == self.cluster {
+            None
         } else {
             let gw = snap
                 .gateways
@@ -121,33 +208,27 @@ impl Upstreams {
                 deadline_unix_ms: (strait_api::unix_ms(std::time::SystemTime::now()) + 10_000) as u64,
                 source_cluster: self.cluster.clone(),
             };
-            let (stream, _) = self.tunnel.open(gw.address, &gw.identity, &req).await?;
-            Box::new(stream)
+            Some((gw.address, gw.identity.clone(), req))
         };
-        let config = strait_trust::client_config(
-            Some(&self.store),
-            self.store.bundle(),
-            self.store.metrics(),
-            PeerPolicy::OneOf(Self::expected_identities(svc, ep)),
-            &[alpn],
-        )
-        .map_err(|e| UpstreamError::Tls {
-            endpoint: ep.key.clone(),
-            detail: e.to_string(),
-        })?;
-        tokio::time::timeout(
-            self.connect_timeout,
-            TlsConnector::from(Arc::new(config)).connect(strait_api::transport::mesh_server_name(), raw),
-        )
-        .await
-        .map_err(|_| UpstreamError::Tls {
-            endpoint: ep.key.clone(),
-            detail: "handshake timed out".into(),
-        })?
-        .map_err(|e| UpstreamError::Tls {
-            endpoint: ep.key.clone(),
-            detail: e.to_string(),
+        Ok(Target {
+            key: ep.key.clone(),
+            address: ep.address,
+            via,
+            expected: Self::expected_identities(svc, ep),
         })
+    }
+
+    /// Connects to `ep` and runs the mTLS handshake with the given inner ALPN.
+    pub async fn connect(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        ep: &EndpointEntry,
+        port: u16,
+        alpn: &[u8],
+    ) -> Result<UpstreamTls, UpstreamError> {
+        let target = self.target(snap, svc, ep, port)?;
+        self.dialer.connect(&target, alpn).await
     }
 
     /// An opaque TCP stream to the endpoint's app. The inbound sidecar answers one status byte
@@ -162,7 +243,7 @@ impl Upstreams {
     ) -> Result<UpstreamTls, UpstreamError> {
         let mut tls = self.connect(snap, svc, ep, port, strait_trust::ALPN_TCP).await?;
         let mut status = [0u8; 1];
-        match tokio::time::timeout(self.connect_timeout * 2, tls.read_exact(&mut status)).await {
+        match tokio::time::timeout(self.dialer.connect_timeout * 2, tls.read_exact(&mut status)).await {
             Ok(Ok(_)) if status[0] == 0 => Ok(tls),
             _ => Err(UpstreamError::AppUnreachable {
                 endpoint: ep.key.clone(),
@@ -172,40 +253,44 @@ impl Upstreams {
 
     /// A pooled HTTP/2 sender to the endpoint's sidecar, and whether it was reused from the pool
     /// (a reused connection may have died unnoticed; a fresh one is worth one more try).
+    /// Concurrent callers for an endpoint without a connection share one dial.
     pub async fn h2(
         &self,
         snap: &Snapshot,
         svc: &ServiceEntry,
         ep: &EndpointEntry,
         port: u16,
-    ) -> Result<(SendRequest<ReplayBody>, bool), UpstreamError> {
+    ) -> Result<(SendRequest<ReplayBody>, bool), Arc<UpstreamError>> {
         if let Some((sender, peer)) = self.pool.lock().ok().and_then(|p| p.get(&ep.key).cloned()) {
             let still_trusted = peer.is_some_and(|id| Self::expected_identities(svc, ep).contains(&id));
             if !sender.is_closed() && still_trusted {
                 return Ok((sender, true));
             }
         }
-        let tls = self.connect(snap, svc, ep, port, strait_trust::ALPN_H2).await?;
-        let peer = strait_trust::peer_identity(tls.get_ref().1.peer_certificates());
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            // Pings find a silently dead peer (a killed node, a lost tunnel) within ~2s, so
-            // requests on it fail and are retried rather than hang.
-            .keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(1))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                endpoint: ep.key.clone(),
-                detail: format!("HTTP/2 handshake: {e}"),
+        let dial = {
+            let mut dialing = self.dialing.lock().map_err(|_| {
+                Arc::new(UpstreamError::Connect {
+                    endpoint: ep.key.clone(),
+                    detail: "connection table lock poisoned".into(),
+                })
             })?;
-        let key = ep.key.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %key, error = %e, "upstream HTTP/2 connection ended");
+            match dialing.get(&ep.key) {
+                Some(d) => d.clone(),
+                None => {
+                    let target = self.target(snap, svc, ep, port).map_err(Arc::new)?;
+                    let d = self.dialer.clone().h2(target).boxed().shared();
+                    dialing.insert(ep.key.clone(), d.clone());
+                    d
+                }
             }
-        });
+        };
+        let result = dial.clone().await;
+        if let Ok(mut dialing) = self.dialing.lock() {
+            if dialing.get(&ep.key).is_some_and(|d| d.ptr_eq(&dial)) {
+                dialing.remove(&ep.key);
+            }
+        }
+        let (sender, peer) = result?;
         if let Ok(mut p) = self.pool.lock() {
             p.insert(ep.key.clone(), (sender.clone(), peer));
         }

@@ -236,20 +236,11 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                     log_filter,
                 )?);
             }
-            let mut args: Vec<String> = vec![
-                "sidecar".into(),
-                "--workload".into(),
-                w.name.clone(),
-                "--service".into(),
-                w.service.clone(),
+            let mut args: Vec<String> = vec!["sidecar".into()];
+            args.extend(workload_args(c, w));
+            args.extend([
                 "--namespace".into(),
                 w.namespace.clone(),
-                "--cluster".into(),
-                c.name.clone(),
-                "--region".into(),
-                c.region.clone(),
-                "--zone".into(),
-                w.zone.clone(),
                 "--outbound".into(),
                 s(w.outbound),
                 "--inbound".into(),
@@ -258,7 +249,7 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                 s(w.admin),
                 "--app".into(),
                 s(w.app),
-            ];
+            ]);
             if netns {
                 args.extend(["--dns".into(), plan::DNS_PROXY.into()]);
             }
@@ -279,19 +270,9 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
     Ok(started)
 }
 
-/// The built-in demo app of a workload (echo, greeter, ledger; see `strait demo-app`).
-fn demo_app(
-    plan: &Plan,
-    c: &ClusterPlan,
-    w: &plan::WorkloadPlan,
-    name: &str,
-    prefix: &[String],
-    log_filter: &str,
-) -> anyhow::Result<Proc> {
-    let mut args: Vec<String> = vec![
-        "demo-app".into(),
-        "--listen".into(),
-        s(w.app),
+/// Who and where a workload is, as the sidecar and the demo app take it.
+fn workload_args(c: &ClusterPlan, w: &plan::WorkloadPlan) -> [String; 10] {
+    [
         "--cluster".into(),
         c.name.clone(),
         "--region".into(),
@@ -302,7 +283,20 @@ fn demo_app(
         w.name.clone(),
         "--service".into(),
         w.service.clone(),
-    ];
+    ]
+}
+
+/// The built-in demo app of a workload (echo, greeter, ledger; see `strait demo-app`).
+fn demo_app(
+    plan: &Plan,
+    c: &ClusterPlan,
+    w: &plan::WorkloadPlan,
+    name: &str,
+    prefix: &[String],
+    log_filter: &str,
+) -> anyhow::Result<Proc> {
+    let mut args: Vec<String> = vec!["demo-app".into(), "--listen".into(), s(w.app)];
+    args.extend(workload_args(c, w));
     if w.tcp {
         args.push("--tcp".into());
     }

@@ -122,21 +122,12 @@ impl Inbound {
             let this = self.clone();
             async move { Ok::<_, Infallible>(this.to_app(req).await) }
         });
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(20)));
-        crate::outbound::h2_limits(&mut builder, &limits);
-        let conn = builder.serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = drain.signaled() => {
-                // GOAWAY: callers finish what is in flight and open new streams elsewhere.
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
+        // HTTP/2 only (other sidecars speak nothing else here), with the outbound side's limits.
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
+        crate::outbound::auto_limits(&mut builder, &limits);
+        builder.http2().keep_alive_interval(Some(Duration::from_secs(20)));
+        // On drain: GOAWAY, callers finish what is in flight and open new streams elsewhere.
+        let result = crate::outbound::drive!(builder.serve_connection(TokioIo::new(tls), svc), drain);
         if let Err(e) = result {
             tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
         }

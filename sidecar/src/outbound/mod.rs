@@ -78,21 +78,6 @@ impl NoRoute {
     }
 }
 
-/// HTTP/2 server limits: streams per connection, header list size, and the bounds on streams a
-/// client opens and resets at once (CVE-2023-44487, rapid reset) or makes this side reset.
-pub(crate) fn h2_limits(
-    b: &mut hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
-    l: &crate::ProxyLimits,
-) {
-    b.max_concurrent_streams(l.max_concurrent_streams)
-        .max_header_list_size(l.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_send_buf_size(H2_STREAM_WINDOW as usize);
-}
-
 /// Flow-control windows: a fast sender is held back once this much is in flight per stream
 /// (and per connection), which bounds what a proxy buffers for a stream it relays.
 const H2_STREAM_WINDOW: u32 = 1024 * 1024;
@@ -102,7 +87,10 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 /// Streams this side may reset for a client's protocol errors before closing the connection.
 const H2_MAX_LOCAL_RESETS: usize = 256;
 
-/// The same limits on hyper's auto (HTTP/1.1 or HTTP/2) builder of intercepted connections.
+/// Server limits on hyper's auto builder (HTTP/1.1 and HTTP/2; the inbound listener uses its
+/// HTTP/2 side only): head size and read timeout, streams per connection, header list size,
+/// flow-control windows, and the bounds on streams a client opens and resets at once
+/// (CVE-2023-44487, rapid reset) or makes this side reset.
 pub(crate) fn auto_limits(
     b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     l: &crate::ProxyLimits,
