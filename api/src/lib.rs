@@ -4,6 +4,8 @@
 //!   tunnel header), generated from `proto/strait.proto`.
 //! - [`locality`] and [`lb`]: localities and the locality-aware load balancer (priority levels,
 //!   Envoy's priority load with overprovisioning, passive outlier detection), pure logic.
+//! - [`routes`]: Gateway API HTTPRoute (GAMMA) as data: the upstream schema, its compilation
+//!   into match tables with every field error named, and request matching, pure logic.
 //! - [`snapshot`]: the validated, immutable config a proxy serves from.
 //! - [`xds`]: the proxy side of the config stream; [`certs`]: certificate bootstrap and rotation.
 //! - [`tunnel`]: the tunnel header codec; [`transport`]: gRPC over mTLS; [`admin`]: the admin
@@ -15,6 +17,7 @@ pub mod drain;
 pub mod lb;
 pub mod locality;
 pub mod proxy;
+pub mod routes;
 pub mod snapshot;
 pub mod transport;
 pub mod tunnel;
