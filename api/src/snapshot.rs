@@ -88,6 +88,36 @@ pub enum Typed {
     Gateway(Arc<GatewayEntry>),
     Policy(Arc<PolicyEntry>),
     Bundle(Arc<TrustBundle>),
+    Route(Arc<RouteEntry>),
+}
+
+/// An HTTPRoute as received: its spec checked (every field but the backends, which are looked
+/// up when the snapshot is assembled), with what orders it among routes of equal precedence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteEntry {
+    pub namespace: String,
+    pub name: String,
+    pub spec: crate::routes::HttpRouteSpec,
+    pub created_unix_ms: i64,
+    pub cluster: String,
+}
+
+fn convert_route(r: &pb::HttpRoute) -> Result<RouteEntry, FieldError> {
+    let spec: crate::routes::HttpRouteSpec =
+        serde_json::from_str(&r.spec_json).map_err(|e| bad("spec", e.to_string()))?;
+    let (_, errors) = crate::routes::compile_route(&r.namespace, &r.name, &spec, &|_| {
+        crate::routes::compile::BackendLookup::Found
+    });
+    if let Some(e) = errors.iter().find(|e| e.rejects_route()) {
+        return Err(bad(&format!("spec.{}", e.field), e.message.clone()));
+    }
+    Ok(RouteEntry {
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        spec,
+        created_unix_ms: r.created_unix_ms,
+        cluster: r.cluster.clone(),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +157,7 @@ pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
             reachable: g.reachable,
         }))),
         Some(Kind::LocalityPolicy(p)) => convert_policy(p).map(|p| Typed::Policy(Arc::new(p))),
+        Some(Kind::HttpRoute(r)) => convert_route(r).map(|r| Typed::Route(Arc::new(r))),
         Some(Kind::TrustBundle(b)) => TrustBundle::from_pem(&res.name, b.pem.as_bytes())
             .map(|b| Typed::Bundle(Arc::new(b)))
             .map_err(|e| bad("pem", e.to_string())),
@@ -337,8 +368,21 @@ impl Resources {
                     let merged = snap.bundle.get_or_insert_with(TrustBundle::new);
                     let _ = merged.merge(b);
                 }
+                Typed::Route(_) => {}
             }
         }
+        let mut routes: Vec<&Arc<RouteEntry>> = self
+            .entries
+            .values()
+            .filter_map(|(_, t)| match t {
+                Typed::Route(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        routes.sort_by(|a, b| {
+            (a.created_unix_ms, &a.namespace, &a.name).cmp(&(b.created_unix_ms, &b.namespace, &b.name))
+        });
+        snap.routes = route_tables(&snap, &routes);
         snap
     }
 }
@@ -356,6 +400,41 @@ pub struct Snapshot {
     pub gateways: BTreeMap<String, Arc<GatewayEntry>>,
     pub policy: Arc<PolicyEntry>,
     pub bundle: Option<TrustBundle>,
+    /// The HTTPRoutes attached to each service (by `<namespace>/<name>`), ready to match.
+    pub routes: HashMap<String, Arc<crate::routes::RouteTable>>,
+}
+
+/// Compiles each route against the snapshot's services (a backend that is not there fails
+/// only its share) and groups them by the service they attach to, oldest route first.
+fn route_tables(snap: &Snapshot, routes: &[&Arc<RouteEntry>]) -> HashMap<String, Arc<crate::routes::RouteTable>> {
+    use crate::routes::compile::{BackendLookup, Target};
+    let lookup = |t: &Target| match snap.services.get(&format!("{}/{}", t.namespace, t.name)) {
+        None => BackendLookup::NoSuchService,
+        Some(svc) => match t.port.map(|p| svc.port(p)) {
+            Some(None) => BackendLookup::NoSuchPort,
+            Some(Some(p)) if p.protocol == Protocol::Tcp => BackendLookup::NotHttp,
+            _ => BackendLookup::Found,
+        },
+    };
+    let mut by_parent: BTreeMap<String, Vec<Arc<crate::routes::CompiledRoute>>> = BTreeMap::new();
+    for r in routes {
+        let (compiled, errors) = crate::routes::compile_route(&r.namespace, &r.name, &r.spec, &lookup);
+        for e in &errors {
+            tracing::warn!(route = %format!("{}/{}", r.namespace, r.name), error = %e, "HTTPRoute problem");
+        }
+        let Some(compiled) = compiled else { continue };
+        let compiled = Arc::new(compiled);
+        for p in &compiled.parents {
+            by_parent
+                .entry(format!("{}/{}", p.namespace, p.name))
+                .or_default()
+                .push(compiled.clone());
+        }
+    }
+    by_parent
+        .into_iter()
+        .map(|(k, list)| (k, Arc::new(crate::routes::RouteTable::new(&list))))
+        .collect()
 }
 
 impl Snapshot {

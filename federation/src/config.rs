@@ -31,6 +31,10 @@ pub struct ControllerConfig {
     /// Optional locality policy file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PathBuf>,
+    /// Optional directory of HTTPRoute files (`gateway.networking.k8s.io/v1`), applied to this
+    /// cluster's proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_dir: Option<PathBuf>,
     /// This cluster's gateway, announced to peers.
     pub gateway: GatewayRef,
     #[serde(default)]

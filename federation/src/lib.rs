@@ -13,6 +13,7 @@ pub mod k8s;
 pub mod peering;
 pub mod policy;
 pub mod resources;
+pub mod routes;
 mod run;
 pub mod source;
 pub mod xds;

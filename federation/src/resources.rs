@@ -60,6 +60,7 @@ pub fn build(
     gateways: &[pb::Gateway],
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
+    routes: &[pb::HttpRoute],
 ) -> BTreeMap<String, pb::Resource> {
     let mut out = BTreeMap::new();
     for svc in merged.values() {
@@ -72,6 +73,13 @@ pub fn build(
     }
     for g in gateways {
         let r = resource(format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
+        out.insert(r.name.clone(), r);
+    }
+    for route in routes {
+        let r = resource(
+            format!("route/{}/{}", route.namespace, route.name),
+            Kind::HttpRoute(route.clone()),
+        );
         out.insert(r.name.clone(), r);
     }
     let r = resource("policy/locality".into(), Kind::LocalityPolicy(policy.clone()));
@@ -109,7 +117,7 @@ mod tests {
     #[test]
     fn diff_sends_only_changes() {
         let policy = pb::LocalityPolicy::default();
-        let a = build(&BTreeMap::new(), &[], &[], &policy, &[]);
+        let a = build(&BTreeMap::new(), &[], &[], &policy, &[], &[]);
         let sent: BTreeMap<String, String> = a.iter().map(|(k, v)| (k.clone(), v.version.clone())).collect();
         let (changed, removed) = diff(&sent, &a, |_| true);
         assert!(changed.is_empty() && removed.is_empty());
@@ -117,7 +125,7 @@ mod tests {
             cluster_order: vec!["west".into()],
             ..Default::default()
         };
-        let b = build(&BTreeMap::new(), &[], &[], &policy2, &[]);
+        let b = build(&BTreeMap::new(), &[], &[], &policy2, &[], &[]);
         let (changed, removed) = diff(&sent, &b, |_| true);
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());

@@ -38,6 +38,8 @@ struct View {
     source_errors: Vec<SourceError>,
     policy_error: Option<String>,
     version: u64,
+    routes: Vec<crate::routes::RouteState>,
+    route_file_errors: Vec<(PathBuf, String)>,
 }
 
 /// The locality policy file, re-read when it changes; a bad version keeps the last good one.
@@ -260,6 +262,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_merged: Option<BTreeMap<String, MergedService>> = None;
     let mut policy_generation: Option<i64> = None;
     let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
+    let mut route_store = crate::routes::RouteStore::new(cfg.routes_dir.as_deref());
     let mut last_errors: Vec<SourceError> = vec![];
     let started_at = Instant::now();
     let mut version = 0u64;
@@ -296,6 +299,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         if policy_watch.poll() == Some(false) {
             rejected.with_label_values(&["policy"]).inc();
         }
+        route_store.poll();
         let now = Instant::now();
         let (local, errors) = match &mut source {
             Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
@@ -343,12 +347,14 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         }
         peers_alive.set(alive);
         let merged = merge(&by_cluster, range);
+        let route_resources = route_store.resources(&merged, &cfg.cluster);
         let resources = build(
             &merged,
             std::slice::from_ref(&federation_service),
             &gateways,
             &policy_watch.current,
             &bundles,
+            &route_resources,
         );
         // Warm once every configured peer has pushed since this start, or one lease has passed.
         let warm = started_at.elapsed() >= cfg.lease
@@ -388,6 +394,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 source_errors: errors,
                 policy_error: policy_watch.error.clone(),
                 version,
+                routes: route_store.routes.values().cloned().collect(),
+                route_file_errors: route_store
+                    .file_errors
+                    .iter()
+                    .map(|(p, e)| (p.clone(), e.clone()))
+                    .collect(),
             };
         }
         admin.set_ready(true);
@@ -500,6 +512,7 @@ fn admin_views(
     let region = cfg.region.clone();
     let lease_ms = cfg.lease.as_millis() as u64;
     let status_view = view.clone();
+    let routes_view = view.clone();
     let status = Arc::new(move || {
         let v = status_view.lock();
         let (version, errors, policy_error) = match &v {
@@ -557,7 +570,23 @@ fn admin_views(
             .collect();
         json!({ "services": list })
     });
+    let routes = Arc::new(move || {
+        let Ok(v) = routes_view.lock() else {
+            return json!({"routes": []});
+        };
+        json!({
+            "routes": v.routes.iter().map(|r| json!({
+                "namespace": r.namespace, "name": r.name, "file": r.file,
+                "serving": r.good.is_some(),
+                "conditions": r.conditions.iter().map(|(t, ok, reason, message)| json!({
+                    "type": t, "status": if *ok { "True" } else { "False" }, "reason": reason, "message": message,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "file_errors": v.route_file_errors.iter().map(|(p, e)| json!({"file": p, "error": e})).collect::<Vec<_>>(),
+        })
+    });
     Admin::new(registry.clone())
         .view("/status", status)
         .view("/services", services)
+        .view("/routes", routes)
 }

@@ -45,6 +45,9 @@ pub struct Component {
     pub log: PathBuf,
     #[serde(default)]
     pub catalog_dir: Option<PathBuf>,
+    /// Where the controller reads HTTPRoute files.
+    #[serde(default)]
+    pub routes_dir: Option<PathBuf>,
     #[serde(default)]
     pub config: Option<PathBuf>,
     /// `--netns` only.

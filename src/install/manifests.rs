@@ -55,6 +55,7 @@ fn controller_config(s: &Settings) -> anyhow::Result<String> {
         ca_dir: "/etc/strait/ca".into(),
         bundle: "/etc/strait/ca/bundle.pem".into(),
         catalog_dir: None,
+        routes_dir: None,
         kubernetes: Some(KubernetesSource {
             kubeconfig: None,
             injector: Some(InjectorConfig {

@@ -436,7 +436,8 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
                 "controller": {
                     "addr": s(c.controller), "admin_addr": s(c.controller_admin), "pid": ctl.pid,
                     "command": ctl.args, "log": ctl.log, "config": c.controller_config(),
-                    "catalog_dir": c.dir.join("catalog"), "netns": ns(names.controller(&c.name)),
+                    "catalog_dir": c.dir.join("catalog"), "routes_dir": c.dir.join("routes"),
+                    "netns": ns(names.controller(&c.name)),
                 },
                 "gateway": {
                     "addr": s(c.gateway), "admin_addr": s(c.gateway_admin), "pid": gw.pid,

@@ -275,6 +275,7 @@ impl Plan {
         let root = crate::cmd::trust_init(td, &self.state_dir.join("trust"), true)?;
         for c in &self.clusters {
             std::fs::create_dir_all(c.dir.join("catalog"))?;
+            std::fs::create_dir_all(c.dir.join("routes"))?;
             root.new_intermediate(&c.name, SystemTime::now())?
                 .write(&c.dir.join("ca"))?;
             self.write_catalog(c, &[])?;
@@ -309,6 +310,7 @@ impl Plan {
                 ca_dir: c.dir.join("ca"),
                 bundle: self.bundle.clone(),
                 catalog_dir: (!kube).then(|| c.dir.join("catalog")),
+                routes_dir: Some(c.dir.join("routes")),
                 kubernetes: kube.then(|| strait_federation::config::KubernetesSource {
                     kubeconfig: Some(Self::kubeconfig(c)),
                     injector: Some(strait_federation::config::InjectorConfig {

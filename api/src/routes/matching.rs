@@ -20,6 +20,7 @@ pub struct RequestView<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
+#[derive(Debug)]
 struct Entry {
     route: Arc<CompiledRoute>,
     rule: usize,
@@ -27,7 +28,7 @@ struct Entry {
 }
 
 /// The routes of one destination, ready to match.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct RouteTable {
     entries: Vec<Entry>,
 }

@@ -10,6 +10,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 
 use super::replay::{NoReplay, Replay};
+use super::route::Routed;
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
 use crate::metrics::response_class;
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
@@ -122,9 +123,21 @@ impl Outbound {
         let started = Instant::now();
         let downstream = req.version();
         let (mut parts, body) = req.into_parts();
+        // HTTPRoutes attached to the service choose the backend (and may answer themselves).
+        let (backend, port, local_only, response_headers) = match super::route::route(snap, svc, port, &mut parts) {
+            Routed::Direct => (None, port, false, None),
+            Routed::Respond(resp) => return resp,
+            Routed::Backend {
+                svc,
+                port,
+                local_only,
+                response_headers,
+            } => (Some(svc), port, local_only, response_headers),
+        };
+        let svc: &ServiceEntry = backend.as_deref().unwrap_or(svc);
         self.upstream_headers(&mut parts, downstream);
         let replay = Replay::new(body, self.limits.replay_buffer);
-        match self.attempts(snap, svc, port, &parts, &replay).await {
+        match self.attempts(snap, svc, port, &parts, &replay, local_only).await {
             Ok((resp, ep_cluster)) => {
                 let status = resp.status().as_u16();
                 let labels = [self.cluster.as_str(), ep_cluster.as_str(), &svc.host()];
@@ -140,6 +153,9 @@ impl Outbound {
                 rparts.version = downstream;
                 strip_hop(&mut rparts.headers);
                 rparts.headers.remove(UPSTREAM_FAILURE_HEADER);
+                if let Some(m) = &response_headers {
+                    super::route::modify_headers(&mut rparts.headers, m);
+                }
                 Response::from_parts(rparts, rbody.boxed())
             }
             Err(failed) => {
@@ -180,7 +196,16 @@ impl Outbound {
         port: u16,
         parts: &Parts,
         replay: &Replay,
+        local_only: bool,
     ) -> Result<(Response<hyper::body::Incoming>, String), Response<Body>> {
+        // A `Service` backend of a route: only this cluster's endpoints may take it.
+        let elsewhere: Vec<usize> = if local_only {
+            (0..svc.endpoints.len())
+                .filter(|i| svc.endpoints[*i].locality.cluster != self.cluster)
+                .collect()
+        } else {
+            vec![]
+        };
         let idempotent = matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
@@ -195,7 +220,10 @@ impl Outbound {
         for attempt in 0..MAX_ATTEMPTS + 1 {
             let pick = match stale_retry.take() {
                 Some(i) => Some(i),
-                None if attempt < MAX_ATTEMPTS => self.balancer.pick(snap, svc, &tried),
+                None if attempt < MAX_ATTEMPTS => {
+                    let avoid: Vec<usize> = tried.iter().chain(&elsewhere).copied().collect();
+                    self.balancer.pick(snap, svc, &avoid)
+                }
                 None => None,
             };
             let Some(i) = pick else {

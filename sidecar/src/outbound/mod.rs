@@ -30,6 +30,7 @@ pub use head::{check_head, Refusal};
 mod http;
 pub(crate) use http::strip_hop;
 mod replay;
+mod route;
 pub use replay::{Replay, ReplayBody, DEFAULT_REPLAY_BUFFER};
 mod tcp;
 mod transparent;

@@ -1,0 +1,212 @@
+//! The routing stage of the outbound pipeline: the HTTPRoutes attached to the service a request
+//! names pick a rule (Gateway API precedence, `api::routes::matching`), and the rule either
+//! answers itself (a redirect, no backend) or names the backend service by weight; its filters
+//! modify the request (headers, URL rewrite) and later the response (headers).
+
+use std::sync::Arc;
+
+use hyper::header::{HeaderName, HeaderValue, HOST, LOCATION};
+use hyper::http::request::Parts;
+use hyper::{Response, StatusCode};
+use strait_api::routes::compile::{Backend, CompiledRule, TargetKind};
+use strait_api::routes::spec::{HeaderModifier, PathModifier, PathModifierType};
+use strait_api::routes::{pick_backend, RequestView};
+use strait_api::snapshot::{ServiceEntry, Snapshot};
+
+use super::{text, Body};
+
+/// Where a request goes after routing.
+pub(crate) enum Routed {
+    /// No route attaches to the service: its own endpoints, as before.
+    Direct,
+    /// The rule answers (a redirect, no backend to send to).
+    Respond(Response<Body>),
+    /// A backend service chosen by the rule; `local_only` for a `Service` backend (this
+    /// cluster's endpoints), not for a `ServiceImport` (every cluster's).
+    Backend {
+        svc: Arc<ServiceEntry>,
+        port: u16,
+        local_only: bool,
+        response_headers: Option<HeaderModifier>,
+    },
+}
+
+/// Runs the routing stage on a request's head, applying the rule's request filters to it.
+pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut Parts) -> Routed {
+    let Some(table) = snap.routes.get(&format!("{}/{}", svc.namespace, svc.name)) else {
+        return Routed::Direct;
+    };
+    let view = RequestView {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+    };
+    let Some((route, rule)) = table.route(&view) else {
+        return Routed::Respond(text(
+            StatusCode::NOT_FOUND,
+            format!("no rule of the HTTPRoutes of {} matches this request", svc.host()),
+        ));
+    };
+    tracing::trace!(route = %route.name, rule = ?rule.name, "request routed");
+    if let Some(redirect) = &rule.redirect {
+        return Routed::Respond(redirect_response(parts, rule, redirect));
+    }
+    let Some(backend) = pick_backend(rule, rand::random::<u64>()) else {
+        return Routed::Respond(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("route {} has no backend for this request", route.name),
+        ));
+    };
+    if !backend.resolved {
+        // Gateway API: the share of an invalid backend answers 500.
+        return Routed::Respond(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "route {} sends this request to {}/{}, which is not in the catalog",
+                route.name, backend.target.namespace, backend.target.name
+            ),
+        ));
+    }
+    let Some(target) = snap
+        .services
+        .get(&format!("{}/{}", backend.target.namespace, backend.target.name))
+    else {
+        return Routed::Respond(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the route's backend left the catalog",
+        ));
+    };
+    apply_request_filters(parts, rule, backend);
+    Routed::Backend {
+        svc: target.clone(),
+        port: backend.target.port.unwrap_or(port),
+        local_only: backend.target.kind == TargetKind::Service,
+        response_headers: rule.response_headers.clone(),
+    }
+}
+
+fn apply_request_filters(parts: &mut Parts, rule: &CompiledRule, backend: &Backend) {
+    if let Some(m) = &rule.request_headers {
+        modify_headers(&mut parts.headers, m);
+    }
+    if let Some(m) = &backend.request_headers {
+        modify_headers(&mut parts.headers, m);
+    }
+    if let Some(rewrite) = &rule.rewrite {
+        let path = rewrite
+            .path
+            .as_ref()
+            .map(|p| new_path(parts.uri.path(), rule, p))
+            .unwrap_or_else(|| parts.uri.path().to_string());
+        let authority = rewrite
+            .hostname
+            .clone()
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        if let Some(h) = rewrite.hostname.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+            parts.headers.insert(HOST, h);
+        }
+        let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        if let Ok(uri) = format!("http://{authority}{path}{query}").parse() {
+            parts.uri = uri;
+        }
+    }
+}
+
+/// Set, add, then remove, as Gateway API's header modifier does.
+pub(crate) fn modify_headers(headers: &mut hyper::HeaderMap, m: &HeaderModifier) {
+    for h in &m.set {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    for h in &m.add {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    for name in &m.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+/// The path after a ReplaceFullPath or ReplacePrefixMatch modifier.
+fn new_path(path: &str, rule: &CompiledRule, m: &PathModifier) -> String {
+    match m.kind {
+        PathModifierType::ReplaceFullPath => m.replace_full_path.clone().unwrap_or_else(|| "/".into()),
+        PathModifierType::ReplacePrefixMatch => {
+            let replacement = m.replace_prefix_match.clone().unwrap_or_default();
+            // The longest prefix of the rule's matches that this path has.
+            let prefix = rule
+                .matches
+                .iter()
+                .filter_map(|mm| match &mm.path {
+                    strait_api::routes::compile::PathRule::Prefix(p) if path.starts_with(p.as_str()) => Some(p.len()),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            let rest = &path[prefix..];
+            let joined = format!("{}{}", replacement.trim_end_matches('/'), rest);
+            if joined.is_empty() {
+                "/".into()
+            } else if joined.starts_with('/') {
+                joined
+            } else {
+                format!("/{joined}")
+            }
+        }
+    }
+}
+
+fn redirect_response(
+    parts: &Parts,
+    rule: &CompiledRule,
+    r: &strait_api::routes::spec::RequestRedirect,
+) -> Response<Body> {
+    let host_header = parts.headers.get(HOST).and_then(|h| h.to_str().ok());
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or(host_header)
+        .unwrap_or_default();
+    let host = r
+        .hostname
+        .clone()
+        .unwrap_or_else(|| authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_string());
+    let scheme = r.scheme.clone().unwrap_or_else(|| "http".into());
+    let port = r
+        .port
+        .map(|p| format!(":{p}"))
+        .or_else(|| {
+            authority
+                .rsplit_once(':')
+                .map(|(_, p)| format!(":{p}"))
+                .filter(|_| r.scheme.is_none())
+        })
+        .unwrap_or_default();
+    let path = r
+        .path
+        .as_ref()
+        .map(|p| new_path(parts.uri.path(), rule, p))
+        .unwrap_or_else(|| parts.uri.path().to_string());
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let location = format!("{scheme}://{host}{port}{path}{query}");
+    let status = r
+        .status_code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::FOUND);
+    let mut resp = text(status, format!("redirected to {location}"));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(LOCATION, v);
+    }
+    resp
+}
