@@ -149,3 +149,91 @@ async fn a_route_splits_and_matches_and_a_bad_one_keeps_its_last_good_version() 
     .await
     .unwrap();
 }
+
+const TIMEOUTS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-resilience, namespace: demo}
+spec:
+  parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  rules:
+    - name: per-try
+      matches: [{path: {type: PathPrefix, value: /delay}, headers: [{name: x-test, value: per-try}]}]
+      timeouts: {request: 5s, backendRequest: 300ms}
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+    - name: whole
+      matches: [{path: {type: PathPrefix, value: /delay}, headers: [{name: x-test, value: whole}]}]
+      timeouts: {request: 500ms}
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+    - name: retry-503
+      matches: [{path: {type: PathPrefix, value: /status}}]
+      retry: {codes: [503], attempts: 2}
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+    - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeouts_and_retries_on_status_codes() {
+    let mesh = Mesh::start().await.unwrap();
+    let east = mesh.cluster("east").clone();
+    let caller = mesh.workload("echo", "us-east-1a").clone();
+    let dir = east.controller.routes_dir.clone().unwrap();
+    std::fs::write(dir.join("echo.yaml"), TIMEOUTS).unwrap();
+    let proxy = caller.outbound_proxy;
+    Mesh::eventually("the route is applied", Duration::from_secs(10), || async move {
+        let (code, _, _) = call(
+            proxy,
+            "http://echo.demo.svc.clusterset.local/delay/2000",
+            &[("x-test", "whole")],
+        )
+        .await;
+        code == 504
+    })
+    .await
+    .unwrap();
+    // The whole call is cut at timeouts.request.
+    let (code, _, body) = call(
+        proxy,
+        "http://echo.demo.svc.clusterset.local/delay/2000",
+        &[("x-test", "whole")],
+    )
+    .await;
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("request timeout"), "{body}");
+    // Each attempt is cut at timeouts.backendRequest and retried on the next endpoint (GET is
+    // idempotent); all three are slow, so the caller gets 504 naming the per-try timeout.
+    let before = multicluster_tests::scrape(caller.admin_addr).await.unwrap();
+    let (code, _, body) = call(
+        proxy,
+        "http://echo.demo.svc.clusterset.local/delay/2000",
+        &[("x-test", "per-try")],
+    )
+    .await;
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("per-try timeout"), "{body}");
+    // A fast enough answer passes.
+    let (code, _, service) = call(
+        proxy,
+        "http://echo.demo.svc.clusterset.local/delay/50",
+        &[("x-test", "per-try")],
+    )
+    .await;
+    assert_eq!((code, service.as_str()), (200, "echo"));
+    // retry.codes: a 503 is retried on other endpoints, twice; the last answer is returned.
+    let (code, _, body) = call(proxy, "http://echo.demo.svc.clusterset.local/status/503", &[]).await;
+    assert_eq!(code, 503, "{body}");
+    let after = multicluster_tests::scrape(caller.admin_addr).await.unwrap();
+    let retries = |m: &str| {
+        multicluster_tests::metric_sum(
+            m,
+            "strait_upstream_retries_total",
+            &[("destination_service", "echo.demo.svc.clusterset.local")],
+        )
+    };
+    assert!(
+        retries(&after) - retries(&before) >= 4.0,
+        "per-try timeouts (2) and status retries (2) are retries: {} → {}",
+        retries(&before),
+        retries(&after)
+    );
+}

@@ -10,8 +10,8 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 
 use super::replay::{NoReplay, Replay};
-use super::route::Routed;
-use super::{text, Body, Outbound, MAX_ATTEMPTS};
+use super::route::{AttemptPolicy, Routed};
+use super::{text, Body, Outbound, MAX_ATTEMPTS, MAX_ROUTE_ATTEMPTS};
 use crate::metrics::response_class;
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
 use strait_api::snapshot::{ServiceEntry, Snapshot};
@@ -124,20 +124,35 @@ impl Outbound {
         let downstream = req.version();
         let (mut parts, body) = req.into_parts();
         // HTTPRoutes attached to the service choose the backend (and may answer themselves).
-        let (backend, port, local_only, response_headers) = match super::route::route(snap, svc, port, &mut parts) {
-            Routed::Direct => (None, port, false, None),
-            Routed::Respond(resp) => return resp,
-            Routed::Backend {
-                svc,
-                port,
-                local_only,
-                response_headers,
-            } => (Some(svc), port, local_only, response_headers),
-        };
+        let (backend, port, response_headers, request_timeout, policy) =
+            match super::route::route(snap, svc, port, &mut parts) {
+                Routed::Direct => (None, port, None, None, AttemptPolicy::default()),
+                Routed::Respond(resp) => return resp,
+                Routed::Backend {
+                    svc,
+                    port,
+                    response_headers,
+                    request_timeout,
+                    attempts,
+                } => (Some(svc), port, response_headers, request_timeout, attempts),
+            };
         let svc: &ServiceEntry = backend.as_deref().unwrap_or(svc);
         self.upstream_headers(&mut parts, downstream);
         let replay = Replay::new(body, self.limits.replay_buffer);
-        match self.attempts(snap, svc, port, &parts, &replay, local_only).await {
+        let attempts = self.attempts(snap, svc, port, &parts, &replay, &policy);
+        let outcome = match request_timeout {
+            None => attempts.await,
+            Some(limit) => tokio::time::timeout(limit, attempts).await.unwrap_or_else(|_| {
+                Err(text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "{} did not answer within the route's request timeout ({limit:?})",
+                        svc.host()
+                    ),
+                ))
+            }),
+        };
+        match outcome {
             Ok((resp, ep_cluster)) => {
                 let status = resp.status().as_u16();
                 let labels = [self.cluster.as_str(), ep_cluster.as_str(), &svc.host()];
@@ -196,10 +211,10 @@ impl Outbound {
         port: u16,
         parts: &Parts,
         replay: &Replay,
-        local_only: bool,
+        policy: &AttemptPolicy,
     ) -> Result<(Response<hyper::body::Incoming>, String), Response<Body>> {
         // A `Service` backend of a route: only this cluster's endpoints may take it.
-        let elsewhere: Vec<usize> = if local_only {
+        let elsewhere: Vec<usize> = if policy.local_only {
             (0..svc.endpoints.len())
                 .filter(|i| svc.endpoints[*i].locality.cluster != self.cluster)
                 .collect()
@@ -217,17 +232,23 @@ impl Outbound {
         let mut tried = vec![];
         let mut last_error = String::from("no endpoint of the service is known");
         let mut stale_retry: Option<usize> = None;
-        for attempt in 0..MAX_ATTEMPTS + 1 {
+        let mut timed_out = false;
+        // The last answer with a status the route retries, given back if no retry does better.
+        let mut retried_answer: Option<(Response<hyper::body::Incoming>, String)> = None;
+        let max_attempts = policy
+            .retries
+            .map_or(MAX_ATTEMPTS, |r| (r as usize + 1).min(MAX_ROUTE_ATTEMPTS));
+        for attempt in 0..max_attempts + 1 {
             let pick = match stale_retry.take() {
                 Some(i) => Some(i),
-                None if attempt < MAX_ATTEMPTS => {
+                None if attempt < max_attempts => {
                     let avoid: Vec<usize> = tried.iter().chain(&elsewhere).copied().collect();
                     self.balancer.pick(snap, svc, &avoid)
                 }
                 None => None,
             };
             let Some(i) = pick else {
-                if attempt == MAX_ATTEMPTS {
+                if attempt == max_attempts {
                     skipped("attempts_exhausted");
                 }
                 break;
@@ -263,7 +284,37 @@ impl Outbound {
                     break;
                 }
             };
-            match sender.send_request(Request::from_parts(parts.clone(), body)).await {
+            let sent = sender.send_request(Request::from_parts(parts.clone(), body));
+            let sent = match policy.per_try {
+                None => sent.await,
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        // No response head in time: this attempt is abandoned (its stream
+                        // reset); another may be tried if the request is idempotent.
+                        timed_out = true;
+                        self.balancer.failure(snap, svc, ep);
+                        last_error = format!("{} sent no response within the per-try timeout ({limit:?})", ep.key);
+                        if !idempotent {
+                            skipped("not_idempotent");
+                            break;
+                        }
+                        continue;
+                    }
+                },
+            };
+            match sent {
+                Ok(resp)
+                    if policy.retry_codes.contains(&resp.status().as_u16())
+                        && attempt + 1 < max_attempts
+                        && !resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) =>
+                {
+                    // The route retries this status elsewhere; keep the answer in case no
+                    // other attempt does better.
+                    self.balancer.failure(snap, svc, ep);
+                    last_error = format!("{} answered {}", ep.key, resp.status());
+                    retried_answer = Some((resp, ep.locality.cluster.clone()));
+                }
                 Ok(resp) if resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) => {
                     self.balancer.failure(snap, svc, ep);
                     last_error = format!("{} could not reach its application", ep.key);
@@ -299,8 +350,15 @@ impl Outbound {
                 }
             }
         }
+        if let Some(answer) = retried_answer {
+            return Ok(answer);
+        }
         Err(text(
-            StatusCode::SERVICE_UNAVAILABLE,
+            if timed_out {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
             format!(
                 "no healthy endpoint of {host} answered after {} attempt(s): {last_error}",
                 tried.len()

@@ -58,6 +58,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How many endpoints one request may try.
 const MAX_ATTEMPTS: usize = 3;
+/// The most attempts a route's retry policy may ask for.
+const MAX_ROUTE_ATTEMPTS: usize = 10;
 
 pub struct Outbound {
     cluster: String,

@@ -26,9 +26,24 @@ pub(crate) enum Routed {
     Backend {
         svc: Arc<ServiceEntry>,
         port: u16,
-        local_only: bool,
         response_headers: Option<HeaderModifier>,
+        /// The whole call, retries included (timeouts.request): 504 past it.
+        request_timeout: Option<std::time::Duration>,
+        attempts: AttemptPolicy,
     },
+}
+
+/// What the chosen rule asks of the attempt loop.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AttemptPolicy {
+    /// A `Service` backend: only this cluster's endpoints may take the request.
+    pub local_only: bool,
+    /// Each attempt's limit for the response head (timeouts.backendRequest).
+    pub per_try: Option<std::time::Duration>,
+    /// Response codes retried on another endpoint (retry.codes, GEP-1731).
+    pub retry_codes: Vec<u16>,
+    /// Retries after the first attempt (retry.attempts).
+    pub retries: Option<u32>,
 }
 
 /// Runs the routing stage on a request's head, applying the rule's request filters to it.
@@ -81,8 +96,14 @@ pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut 
     Routed::Backend {
         svc: target.clone(),
         port: backend.target.port.unwrap_or(port),
-        local_only: backend.target.kind == TargetKind::Service,
         response_headers: rule.response_headers.clone(),
+        request_timeout: rule.request_timeout,
+        attempts: AttemptPolicy {
+            local_only: backend.target.kind == TargetKind::Service,
+            per_try: rule.backend_timeout,
+            retry_codes: rule.retry_codes.clone(),
+            retries: rule.retry_attempts,
+        },
     }
 }
 
