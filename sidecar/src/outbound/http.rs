@@ -142,15 +142,16 @@ impl Outbound {
         let attempts = self.attempts(snap, svc, port, &parts, &replay, &policy);
         let outcome = match request_timeout {
             None => attempts.await,
-            Some(limit) => tokio::time::timeout(limit, attempts).await.unwrap_or_else(|_| {
-                Err(text(
+            Some(limit) => match tokio::time::timeout(limit, attempts).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(text(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
                         "{} did not answer within the route's request timeout ({limit:?})",
                         svc.host()
                     ),
-                ))
-            }),
+                )),
+            },
         };
         match outcome {
             Ok((resp, ep_cluster)) => {
