@@ -139,6 +139,18 @@ async fn a_route_splits_and_matches_and_a_bad_one_keeps_its_last_good_version() 
         (Some("canary"), "echo"),
         "the last good version serves"
     );
+    // The operator sees it with the CLI too.
+    let out = std::process::Command::new(multicluster_tests::strait_bin())
+        .args(["get", "routes", "--controller", &admin.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.starts_with("NAMESPACE  NAME"), "{table}");
+    assert!(
+        table.contains("greeter-split") && table.contains("False (UnsupportedValue)") && table.contains("yes"),
+        "{table}"
+    );
 
     // Removing the file removes the route: greeter answers for itself again.
     std::fs::remove_file(dir.join("greeter.yaml")).unwrap();

@@ -61,6 +61,9 @@ pub enum Command {
     /// Show the merged service catalog of one controller.
     #[command(after_help = "Example:\n  strait services --controller 127.10.1.1:15014")]
     Services(inspect::ServicesArgs),
+    /// Show objects a controller serves: `strait get routes`.
+    #[command(subcommand)]
+    Get(inspect::GetCommand),
     /// Manage trust domains: roots and per-cluster intermediate CAs.
     #[command(subcommand)]
     Trust(trust::TrustCommand),
@@ -122,6 +125,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Check(args) => crate::install::check(args).await,
         Command::Status(args) => inspect::status(args).await,
         Command::Services(args) => inspect::services(args).await,
+        Command::Get(inspect::GetCommand::Routes(args)) => inspect::routes(args).await,
         Command::Trust(cmd) => trust::run(cmd),
         Command::Sidecar(args) => daemons::sidecar(*args).await,
         Command::SidecarInit(args) => intercept::run(args),
