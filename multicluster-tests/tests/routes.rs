@@ -179,7 +179,7 @@ spec:
       backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
     - name: retry-503
       matches: [{path: {type: PathPrefix, value: /status}}]
-      retry: {codes: [503], attempts: 2}
+      retry: {codes: [503], attempts: 2, backoff: 100ms}
       backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
     - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
 "#;
@@ -232,8 +232,15 @@ async fn route_timeouts_and_retries_on_status_codes() {
     .await;
     assert_eq!((code, service.as_str()), (200, "echo"));
     // retry.codes: a 503 is retried on other endpoints, twice; the last answer is returned.
+    let started = Instant::now();
     let (code, _, body) = call(proxy, "http://echo.demo.svc.clusterset.local/status/503", &[]).await;
     assert_eq!(code, 503, "{body}");
+    // Backoff 100 ms, then 200 ms: a lower bound only.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
     let after = multicluster_tests::scrape(caller.admin_addr).await.unwrap();
     let retries = |m: &str| {
         multicluster_tests::metric_sum(

@@ -234,6 +234,7 @@ impl Outbound {
         let mut last_error = String::from("no endpoint of the service is known");
         let mut stale_retry: Option<usize> = None;
         let mut timed_out = false;
+        let mut status_retries = 0u32;
         // The last answer with a status the route retries, given back if no retry does better.
         let mut retried_answer: Option<(Response<hyper::body::Incoming>, String)> = None;
         let max_attempts = policy
@@ -315,6 +316,12 @@ impl Outbound {
                     self.balancer.failure(snap, svc, ep);
                     last_error = format!("{} answered {}", ep.key, resp.status());
                     retried_answer = Some((resp, ep.locality.cluster.clone()));
+                    status_retries += 1;
+                    if let Some(base) = policy.backoff {
+                        // GEP-1731: the backoff is a minimum; it doubles, up to 10x.
+                        let wait = base.saturating_mul(1u32 << (status_retries - 1).min(4)).min(base * 10);
+                        tokio::time::sleep(wait).await;
+                    }
                 }
                 Ok(resp) if resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) => {
                     self.balancer.failure(snap, svc, ep);

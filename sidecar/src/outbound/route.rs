@@ -44,6 +44,8 @@ pub(crate) struct AttemptPolicy {
     pub retry_codes: Vec<u16>,
     /// Retries after the first attempt (retry.attempts).
     pub retries: Option<u32>,
+    /// The least wait before a status retry (retry.backoff), doubling each time.
+    pub backoff: Option<std::time::Duration>,
 }
 
 /// Runs the routing stage on a request's head, applying the rule's request filters to it.
@@ -103,6 +105,7 @@ pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut 
             per_try: rule.backend_timeout,
             retry_codes: rule.retry_codes.clone(),
             retries: rule.retry_attempts,
+            backoff: rule.retry_backoff,
         },
     }
 }
