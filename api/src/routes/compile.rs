@@ -10,8 +10,8 @@ use std::time::Duration;
 use regex::Regex;
 
 use super::spec::{
-    FilterType, HeaderModifier, HttpRouteFilter, HttpRouteRule, HttpRouteSpec, PathMatchType, PathModifierType,
-    RequestMirror, RequestRedirect, StringMatchType, UrlRewrite, ValueMatch,
+    BackendObjectRef, FilterType, HeaderModifier, HttpRouteFilter, HttpRouteRule, HttpRouteSpec, PathMatchType,
+    PathModifierType, RequestMirror, RequestRedirect, StringMatchType, UrlRewrite, ValueMatch,
 };
 
 /// Gateway API's limits on one route.
@@ -437,17 +437,7 @@ fn compile_rule(
                 format!("{weight} is over the maximum of {MAX_WEIGHT}"),
             );
         }
-        let Some(target) = resolve(
-            namespace,
-            &field,
-            b.group.as_deref(),
-            b.kind.as_deref(),
-            &b.name,
-            b.namespace.as_deref(),
-            b.port,
-            lookup,
-            errors,
-        ) else {
+        let Some(target) = resolve(namespace, &field, &b.object(), lookup, errors) else {
             continue;
         };
         let request_headers = b
@@ -519,19 +509,14 @@ fn compile_rule(
 
 /// Resolves a backend or mirror reference; `None` (with an error) when its kind is not one a
 /// mesh route can send to.
-#[allow(clippy::too_many_arguments)]
 fn resolve(
     namespace: &str,
     field: &str,
-    group: Option<&str>,
-    kind: Option<&str>,
-    name: &str,
-    ns: Option<&str>,
-    port: Option<u16>,
+    r: &BackendObjectRef,
     lookup: &dyn Fn(&Target) -> BackendLookup,
     errors: &mut Vec<RouteError>,
 ) -> Option<Target> {
-    let Some(kind) = target_kind(group, kind) else {
+    let Some(kind) = target_kind(r.group.as_deref(), r.kind.as_deref()) else {
         errors.push(RouteError::new(
             format!("{field}.kind"),
             RouteErrorKind::InvalidKind,
@@ -539,10 +524,11 @@ fn resolve(
         ));
         return None;
     };
+    let port = r.port;
     let target = Target {
         kind,
-        namespace: ns.unwrap_or(namespace).to_string(),
-        name: name.to_string(),
+        namespace: r.namespace.as_deref().unwrap_or(namespace).to_string(),
+        name: r.name.clone(),
         port,
     };
     match lookup(&target) {
@@ -707,15 +693,10 @@ fn mirror(
         }
         (None, None) => 1_000_000,
     };
-    let b = &m.backend_ref;
     if let Some(target) = resolve(
         namespace,
         &format!("{field}.requestMirror.backendRef"),
-        b.group.as_deref(),
-        b.kind.as_deref(),
-        &b.name,
-        b.namespace.as_deref(),
-        b.port,
+        &m.backend_ref,
         lookup,
         errors,
     ) {
