@@ -98,6 +98,40 @@ impl Watch {
 }
 
 /// Resolves on SIGTERM or SIGINT.
+/// SIGTERM and SIGINT, listened for from the moment this is made, so that a signal arriving
+/// while the program is busy elsewhere is not lost (tokio delivers a signal only to the
+/// listeners that exist when it arrives; one made later never sees it).
+pub struct Shutdown {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Shutdown {
+    pub fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Shutdown {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Waits for SIGTERM or SIGINT (returns at once for one that came since the last call).
+    pub async fn recv(&mut self) {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.int) => {}
+        }
+    }
+}
+
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(t) => t,

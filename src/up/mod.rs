@@ -19,7 +19,6 @@ use serde_json::json;
 use crate::cmd::{get_json, table, Output};
 use plan::{ClusterPlan, Mode, Plan};
 use procs::Proc;
-use strait_api::drain::shutdown_signal;
 use topology::Topology;
 
 pub const EXAMPLES: &str = "Examples:
@@ -566,6 +565,9 @@ fn print_table(plan: &Plan, started: &Started) {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    // Listen for SIGTERM/SIGINT from the start: one that arrives between two stages (say
+    // right after the ready line) must still stop everything.
+    let mut shutdown = strait_api::drain::Shutdown::listen();
     let mut topology = match &args.topology {
         Some(path) => Topology::load(path)?,
         None => Topology::default_demo(),
@@ -642,7 +644,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let ready = tokio::select! {
         r = wait_ready(&plan, &mut started, Duration::from_secs(90)) => r,
-        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+        _ = shutdown.recv() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = ready {
         procs::stop_all(&mut started_vec(&mut started)).await;
@@ -655,12 +657,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Output::Json => println!("{}", serde_json::to_string(&describe(&plan, &started))?),
         Output::Table => print_table(&plan, &started),
     }
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     let mut exited: Vec<String> = vec![];
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = shutdown.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 watch_apps(&plan, &mut started, &mut exited, args.output);
             }
