@@ -59,7 +59,7 @@ pub struct RouteState {
 #[derive(Default)]
 pub struct RouteStore {
     dir: Option<PathBuf>,
-    fingerprint: BTreeMap<PathBuf, (Option<SystemTime>, u64)>,
+    fingerprint: BTreeMap<PathBuf, crate::source::Fingerprint>,
     /// Problems of whole files (unreadable, not YAML, not an HTTPRoute).
     pub file_errors: BTreeMap<PathBuf, String>,
     /// By `<namespace>/<name>`.
@@ -77,22 +77,13 @@ impl RouteStore {
     /// Re-reads changed files; returns whether anything changed.
     pub fn poll(&mut self) -> bool {
         let Some(dir) = self.dir.clone() else { return false };
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+        let Ok(files) = crate::source::yaml_files(&dir) else {
             return false;
         };
         let mut present = vec![];
         let mut changed = false;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-                continue;
-            }
+        for (path, fp) in files {
             present.push(path.clone());
-            let meta = entry.metadata().ok();
-            let fp = (
-                meta.as_ref().and_then(|m| m.modified().ok()),
-                meta.map(|m| m.len()).unwrap_or_default(),
-            );
             if self.fingerprint.get(&path) == Some(&fp) {
                 continue;
             }

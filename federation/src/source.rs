@@ -168,7 +168,7 @@ impl std::fmt::Display for SourceError {
 
 #[derive(Default)]
 struct FileState {
-    fingerprint: (Option<SystemTime>, u64),
+    fingerprint: Fingerprint,
     good: Option<CatalogFile>,
     error: Option<String>,
 }
@@ -178,6 +178,27 @@ pub struct FileSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     first_seen: HashMap<String, i64>,
+}
+
+/// When a file last changed, as far as polling can tell: modification time and size.
+pub type Fingerprint = (Option<SystemTime>, u64);
+
+/// The YAML files (`.yaml`, `.yml`) of a directory, each with its fingerprint.
+pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            continue;
+        }
+        let meta = entry.metadata().ok();
+        let fp = (
+            meta.as_ref().and_then(|m| m.modified().ok()),
+            meta.map(|m| m.len()).unwrap_or_default(),
+        );
+        out.push((path, fp));
+    }
+    Ok(out)
 }
 
 impl FileSource {
@@ -193,24 +214,15 @@ impl FileSource {
     pub fn poll(&mut self) -> bool {
         let mut changed = false;
         let mut present = vec![];
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
+        let files = match yaml_files(&self.dir) {
+            Ok(f) => f,
             Err(e) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the catalog directory; keeping the last catalog");
                 return false;
             }
         };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-                continue;
-            }
+        for (path, fp) in files {
             present.push(path.clone());
-            let meta = entry.metadata().ok();
-            let fp = (
-                meta.as_ref().and_then(|m| m.modified().ok()),
-                meta.map(|m| m.len()).unwrap_or_default(),
-            );
             let state = self.files.entry(path.clone()).or_default();
             if state.fingerprint == fp && (state.good.is_some() || state.error.is_some()) {
                 continue;

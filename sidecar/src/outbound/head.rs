@@ -116,6 +116,26 @@ pub async fn check_first(stream: &TcpStream, max: usize, wait: Duration) -> Resu
     }
 }
 
+/// Admits a connection whose first bytes look like HTTP/1.1: its first head is checked, and
+/// a refused one is logged, counted in `rejected` and answered here. Returns the stream when
+/// it may be served.
+pub async fn admit(
+    stream: TcpStream,
+    max: usize,
+    wait: Duration,
+    rejected: &prometheus::IntCounterVec,
+) -> Option<TcpStream> {
+    match check_first(&stream, max, wait).await {
+        Ok(()) => Some(stream),
+        Err(why) => {
+            tracing::info!(reason = why.reason(), peer = ?stream.peer_addr().ok(), "refused an HTTP/1.1 request before forwarding it");
+            rejected.with_label_values(&[why.reason()]).inc();
+            refuse(stream, why).await;
+            None
+        }
+    }
+}
+
 /// Answers 400 and closes, after dropping what the client sent (bounded), so the answer is not
 /// destroyed by a reset.
 pub async fn refuse(mut stream: TcpStream, why: Refusal) {

@@ -119,8 +119,9 @@ pub(crate) fn auto_limits(
 /// then an orderly close. What the client already sent is read and dropped first (a lingering
 /// close, bounded), since closing a socket with unread input would reset it and could destroy
 /// the GOAWAY in flight.
-pub(crate) async fn refuse_non_http(mut stream: tokio::net::TcpStream) {
+pub(crate) async fn refuse_non_http(mut stream: tokio::net::TcpStream, rejected: &prometheus::IntCounterVec) {
     use tokio::io::AsyncWriteExt;
+    rejected.with_label_values(&["not_http"]).inc();
     // Length 8, type GOAWAY (7), no flags, stream 0; last stream 0, error PROTOCOL_ERROR (1).
     const GOAWAY: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     if stream.write_all(&GOAWAY).await.is_ok() && stream.shutdown().await.is_ok() {
@@ -237,19 +238,16 @@ impl Outbound {
                 };
                 let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
                 auto_limits(&mut builder, &limits);
-                if sniffed == Sniffed::Http1 {
+                let stream = if sniffed == Sniffed::Http1 {
                     // One deadline for the whole head, however it trickles in (slowloris).
                     let left = limits.header_read_timeout.saturating_sub(started.elapsed());
-                    if let Err(why) = head::check_first(&stream, limits.max_header_bytes, left).await {
-                        tracing::info!(
-                            reason = why.reason(),
-                            "refused an ambiguous HTTP/1.1 request (request smuggling)"
-                        );
-                        this_metrics.rejected.with_label_values(&[why.reason()]).inc();
-                        head::refuse(stream, why).await;
-                        return;
+                    match head::admit(stream, limits.max_header_bytes, left, &this_metrics.rejected).await {
+                        Some(s) => s,
+                        None => return,
                     }
-                }
+                } else {
+                    stream
+                };
                 let result = match sniffed {
                     Sniffed::Http1 | Sniffed::H2 => {
                         drive!(
@@ -258,8 +256,7 @@ impl Outbound {
                         )
                     }
                     Sniffed::Tls | Sniffed::Opaque => {
-                        this_metrics.rejected.with_label_values(&["not_http"]).inc();
-                        refuse_non_http(stream).await;
+                        refuse_non_http(stream, &this_metrics.rejected).await;
                         Ok(())
                     }
                 };

@@ -50,6 +50,10 @@ pub(crate) struct AttemptPolicy {
 
 /// Runs the routing stage on a request's head, applying the rule's request filters to it.
 pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut Parts) -> Routed {
+    // Most services have no route: decide that without building the lookup key.
+    if snap.routes.is_empty() {
+        return Routed::Direct;
+    }
     let Some(table) = snap.routes.get(&format!("{}/{}", svc.namespace, svc.name)) else {
         return Routed::Direct;
     };

@@ -144,26 +144,16 @@ impl Outbound {
                 };
                 match sniffed {
                     Some(Sniffed::Http1) => {
-                        let limits = &self.limits;
-                        match super::head::check_first(&stream, limits.max_header_bytes, limits.header_read_timeout)
-                            .await
-                        {
-                            Ok(()) => self.serve_http(stream, snap, svc, port, drain).await,
-                            Err(why) => {
-                                tracing::info!(service = %svc.host(), reason = why.reason(), "refused an ambiguous HTTP/1.1 request (request smuggling)");
-                                self.metrics.rejected.with_label_values(&[why.reason()]).inc();
-                                super::head::refuse(stream, why).await;
-                            }
+                        let (max, wait) = (self.limits.max_header_bytes, self.limits.header_read_timeout);
+                        if let Some(stream) = super::head::admit(stream, max, wait, &self.metrics.rejected).await {
+                            self.serve_http(stream, snap, svc, port, drain).await;
                         }
                     }
                     Some(Sniffed::H2) => self.serve_http(stream, snap, svc, port, drain).await,
                     // Bytes that are neither HTTP nor TLS on a port declared HTTP: answered as
                     // an HTTP/2 server answers a broken preface, as the port promised HTTP.
                     // Ports that carry other protocols are declared `tcp`.
-                    Some(Sniffed::Opaque) => {
-                        self.metrics.rejected.with_label_values(&["not_http"]).inc();
-                        super::refuse_non_http(stream).await
-                    }
+                    Some(Sniffed::Opaque) => super::refuse_non_http(stream, &self.metrics.rejected).await,
                     // TLS, or a server-first protocol (nothing sent yet): carried as bytes.
                     Some(Sniffed::Tls) | None => self.opaque(stream, &snap, &svc, port, None).await,
                 }
