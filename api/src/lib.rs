@@ -6,6 +6,8 @@
 //!   Envoy's priority load with overprovisioning, passive outlier detection), pure logic.
 //! - [`routes`]: Gateway API HTTPRoute (GAMMA) as data: the upstream schema, its compilation
 //!   into match tables with every field error named, and request matching, pure logic.
+//! - [`traffic`]: `TrafficPolicy` (retries and their budget, timeouts, circuit breaking,
+//!   outlier detection, faults, rate limits, locality), its schema and checks, pure logic.
 //! - [`snapshot`]: the validated, immutable config a proxy serves from.
 //! - [`xds`]: the proxy side of the config stream; [`certs`]: certificate bootstrap and rotation.
 //! - [`tunnel`]: the tunnel header codec; [`transport`]: gRPC over mTLS; [`admin`]: the admin
@@ -19,6 +21,7 @@ pub mod locality;
 pub mod proxy;
 pub mod routes;
 pub mod snapshot;
+pub mod traffic;
 pub mod transport;
 pub mod tunnel;
 pub mod xds;

@@ -58,6 +58,11 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// `<namespace>/<name>`, the key of the catalog and of policies.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     pub fn host(&self) -> String {
         format!("{}.{}.{CLUSTERSET_SUFFIX}", self.name, self.namespace)
     }
@@ -89,6 +94,7 @@ pub enum Typed {
     Policy(Arc<PolicyEntry>),
     Bundle(Arc<TrustBundle>),
     Route(Arc<RouteEntry>),
+    Traffic(Arc<crate::traffic::CompiledPolicy>, i64),
 }
 
 /// An HTTPRoute as received: its spec checked (every field but the backends, which are looked
@@ -118,6 +124,24 @@ fn convert_route(r: &pb::HttpRoute) -> Result<RouteEntry, FieldError> {
         created_unix_ms: r.created_unix_ms,
         cluster: r.cluster.clone(),
     })
+}
+
+fn convert_traffic(p: &pb::TrafficPolicy) -> Result<crate::traffic::CompiledPolicy, FieldError> {
+    let spec: crate::traffic::TrafficPolicySpec =
+        serde_json::from_str(&p.spec_json).map_err(|e| bad("spec", e.to_string()))?;
+    let (compiled, errors) = crate::traffic::compile_policy(&p.namespace, &p.name, &spec, &|_, _| {
+        crate::traffic::TargetLookup::Found
+    });
+    match compiled {
+        Some(c) => Ok(c),
+        None => {
+            let e = errors
+                .first()
+                .map(|e| (e.field.clone(), e.message.clone()))
+                .unwrap_or_default();
+            Err(bad(&e.0, e.1))
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +182,7 @@ pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
         }))),
         Some(Kind::LocalityPolicy(p)) => convert_policy(p).map(|p| Typed::Policy(Arc::new(p))),
         Some(Kind::HttpRoute(r)) => convert_route(r).map(|r| Typed::Route(Arc::new(r))),
+        Some(Kind::TrafficPolicy(p)) => convert_traffic(p).map(|c| Typed::Traffic(Arc::new(c), p.created_unix_ms)),
         Some(Kind::TrustBundle(b)) => TrustBundle::from_pem(&res.name, b.pem.as_bytes())
             .map(|b| Typed::Bundle(Arc::new(b)))
             .map_err(|e| bad("pem", e.to_string())),
@@ -368,7 +393,7 @@ impl Resources {
                     let merged = snap.bundle.get_or_insert_with(TrustBundle::new);
                     let _ = merged.merge(b);
                 }
-                Typed::Route(_) => {}
+                Typed::Route(_) | Typed::Traffic(..) => {}
             }
         }
         let mut routes: Vec<&Arc<RouteEntry>> = self
@@ -383,6 +408,26 @@ impl Resources {
             (a.created_unix_ms, &a.namespace, &a.name).cmp(&(b.created_unix_ms, &b.namespace, &b.name))
         });
         snap.routes = route_tables(&snap, &routes);
+        // TrafficPolicies by target (`<ns>/<svc>`, or `<ns>/<svc>#<rule>` for one route rule);
+        // where two target the same, the oldest wins (Gateway API policy attachment).
+        let mut policies: Vec<(&Arc<crate::traffic::CompiledPolicy>, i64)> = self
+            .entries
+            .values()
+            .filter_map(|(_, t)| match t {
+                Typed::Traffic(p, created) => Some((p, *created)),
+                _ => None,
+            })
+            .collect();
+        policies.sort_by(|a, b| (a.1, &a.0.namespace, &a.0.name).cmp(&(b.1, &b.0.namespace, &b.0.name)));
+        for (p, _) in policies {
+            for t in &p.targets {
+                let key = match &t.rule {
+                    Some(rule) => format!("{}/{}#{rule}", t.namespace, t.name),
+                    None => format!("{}/{}", t.namespace, t.name),
+                };
+                snap.traffic.entry(key).or_insert_with(|| p.clone());
+            }
+        }
         snap
     }
 }
@@ -402,6 +447,9 @@ pub struct Snapshot {
     pub bundle: Option<TrustBundle>,
     /// The HTTPRoutes attached to each service (by `<namespace>/<name>`), ready to match.
     pub routes: HashMap<String, Arc<crate::routes::RouteTable>>,
+    /// TrafficPolicies by the service (`<ns>/<name>`) or route rule (`<ns>/<name>#<rule>`)
+    /// they target.
+    pub traffic: HashMap<String, Arc<crate::traffic::CompiledPolicy>>,
 }
 
 /// Compiles each route against the snapshot's services (a backend that is not there fails
@@ -440,6 +488,23 @@ fn route_tables(snap: &Snapshot, routes: &[&Arc<RouteEntry>]) -> HashMap<String,
 impl Snapshot {
     /// Finds a service by host name (`<svc>.<ns>.svc.clusterset.local`, with or without a
     /// trailing dot) or ClusterSet IP.
+    /// The TrafficPolicy for requests to `svc` (routed by `rule`, if a named rule routed them).
+    pub fn traffic_policy(
+        &self,
+        svc: &ServiceEntry,
+        rule: Option<&str>,
+    ) -> Option<&Arc<crate::traffic::CompiledPolicy>> {
+        if self.traffic.is_empty() {
+            return None;
+        }
+        if let Some(rule) = rule {
+            if let Some(p) = self.traffic.get(&format!("{}/{}#{rule}", svc.namespace, svc.name)) {
+                return Some(p);
+            }
+        }
+        self.traffic.get(&format!("{}/{}", svc.namespace, svc.name))
+    }
+
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<ServiceEntry>> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let key = match host.parse::<IpAddr>() {

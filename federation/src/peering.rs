@@ -28,6 +28,11 @@ pub struct PeerState {
     pub region: String,
     pub gateway: Option<pb::Gateway>,
     pub services: BTreeMap<String, pb::ExportedService>,
+    /// The peer's clusterset routes and policies. Kept when its lease runs out: a cluster cut
+    /// off from a peer keeps enforcing the last copies it got.
+    pub objects: Vec<pb::PolicyObject>,
+    /// How the peer enforces every object it holds.
+    pub statuses: Vec<pb::ObjectStatus>,
     pub expires_at: Instant,
     pub last_renewed: SystemTime,
     pub connected: bool,
@@ -73,6 +78,8 @@ impl PeerTable {
             region: update.region.clone(),
             gateway: None,
             services: BTreeMap::new(),
+            objects: vec![],
+            statuses: vec![],
             expires_at: now,
             last_renewed: SystemTime::now(),
             connected: true,
@@ -81,7 +88,15 @@ impl PeerTable {
         if update.full {
             entry.services.clear();
         }
-        let content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
+        let mut content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
+        if update.objects_included && entry.objects != update.objects {
+            entry.objects = update.objects.clone();
+            content_changed = true;
+        }
+        if update.statuses_included && entry.statuses != update.statuses {
+            entry.statuses = update.statuses.clone();
+            content_changed = true;
+        }
         for svc in &update.upserts {
             entry
                 .services
@@ -237,6 +252,10 @@ impl PeeringService for PeeringServer {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Exports {
     pub services: BTreeMap<String, pb::ExportedService>,
+    /// Clusterset routes and policies written here.
+    pub objects: Vec<pb::PolicyObject>,
+    /// How this cluster enforces every object it holds.
+    pub statuses: Vec<pb::ObjectStatus>,
 }
 
 /// The sending side: one task per configured peer.
@@ -320,6 +339,8 @@ impl PeerClient {
         let renew_every = self.lease / 3;
         let sender = tokio::spawn(async move {
             let mut sent: BTreeMap<String, pb::ExportedService> = BTreeMap::new();
+            let mut sent_objects: Option<Vec<pb::PolicyObject>> = None;
+            let mut sent_statuses: Option<Vec<pb::ObjectStatus>> = None;
             let mut generation = 0u64;
             let mut first = true;
             loop {
@@ -345,6 +366,16 @@ impl PeerClient {
                         .collect();
                 }
                 sent = current.services.clone();
+                if sent_objects.as_ref() != Some(&current.objects) {
+                    update.objects_included = true;
+                    update.objects = current.objects.clone();
+                    sent_objects = Some(current.objects.clone());
+                }
+                if sent_statuses.as_ref() != Some(&current.statuses) {
+                    update.statuses_included = true;
+                    update.statuses = current.statuses.clone();
+                    sent_statuses = Some(current.statuses.clone());
+                }
                 if tx.send(update).await.is_err() {
                     return;
                 }

@@ -20,6 +20,31 @@ pub struct ConfigState {
     /// make them drop endpoints that are fine. Gateways get it at once (peers reach this
     /// controller through them).
     pub warm: bool,
+    /// For each resource, the config version at which its current version first went out: a
+    /// proxy that acknowledged that version (or a later one) has it.
+    pub since: BTreeMap<String, u64>,
+}
+
+impl ConfigState {
+    /// The `since` map of a new state at `version`, carried over from `previous` for every
+    /// resource whose version did not change.
+    pub fn since_from(
+        previous: &ConfigState,
+        resources: &BTreeMap<String, pb::Resource>,
+        version: u64,
+    ) -> BTreeMap<String, u64> {
+        resources
+            .iter()
+            .map(|(k, r)| {
+                let kept = previous
+                    .resources
+                    .get(k)
+                    .filter(|old| old.version == r.version)
+                    .and_then(|_| previous.since.get(k).copied());
+                (k.clone(), kept.unwrap_or(version))
+            })
+            .collect()
+    }
 }
 
 /// Resources only gateways receive (the controller's own peering service).
@@ -61,6 +86,7 @@ pub fn build(
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
     routes: &[pb::HttpRoute],
+    policies: &[pb::TrafficPolicy],
 ) -> BTreeMap<String, pb::Resource> {
     let mut out = BTreeMap::new();
     for svc in merged.values() {
@@ -79,6 +105,13 @@ pub fn build(
         let r = resource(
             format!("route/{}/{}", route.namespace, route.name),
             Kind::HttpRoute(route.clone()),
+        );
+        out.insert(r.name.clone(), r);
+    }
+    for p in policies {
+        let r = resource(
+            format!("trafficpolicy/{}/{}", p.namespace, p.name),
+            Kind::TrafficPolicy(p.clone()),
         );
         out.insert(r.name.clone(), r);
     }
@@ -117,7 +150,7 @@ mod tests {
     #[test]
     fn diff_sends_only_changes() {
         let policy = pb::LocalityPolicy::default();
-        let a = build(&BTreeMap::new(), &[], &[], &policy, &[], &[]);
+        let a = build(&BTreeMap::new(), &[], &[], &policy, &[], &[], &[]);
         let sent: BTreeMap<String, String> = a.iter().map(|(k, v)| (k.clone(), v.version.clone())).collect();
         let (changed, removed) = diff(&sent, &a, |_| true);
         assert!(changed.is_empty() && removed.is_empty());
@@ -125,7 +158,7 @@ mod tests {
             cluster_order: vec!["west".into()],
             ..Default::default()
         };
-        let b = build(&BTreeMap::new(), &[], &[], &policy2, &[], &[]);
+        let b = build(&BTreeMap::new(), &[], &[], &policy2, &[], &[], &[]);
         let (changed, removed) = diff(&sent, &b, |_| true);
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());

@@ -17,6 +17,7 @@ use strait_api::pb;
 use strait_api::pb::certificate_service_server::CertificateServiceServer;
 use strait_api::pb::config_service_server::ConfigServiceServer;
 use strait_api::pb::peering_service_server::PeeringServiceServer;
+use strait_api::pb::policy_service_server::PolicyServiceServer;
 use strait_gateway::TunnelClient;
 use strait_trust::{
     next_rotation, Authority, CertStore, PeerPolicy, RotationPlan, ServerAuth, SpiffeId, TlsMetrics, TrustBundle,
@@ -38,8 +39,12 @@ struct View {
     source_errors: Vec<SourceError>,
     policy_error: Option<String>,
     version: u64,
-    routes: Vec<crate::routes::RouteState>,
-    route_file_errors: Vec<(PathBuf, String)>,
+    /// Routes and policies: this cluster's status of each (with proxy counts), what was
+    /// written here, and problems of whole files.
+    statuses: BTreeMap<String, pb::ObjectStatus>,
+    authored: BTreeMap<String, crate::objects::Authored>,
+    effective: BTreeMap<String, crate::objects::Effective>,
+    object_file_errors: Vec<(PathBuf, String)>,
 }
 
 /// The locality policy file, re-read when it changes; a bad version keeps the last good one.
@@ -164,10 +169,17 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         &[strait_trust::ALPN_H2],
     )?;
     let incoming = strait_api::transport::tls_incoming(grpc_listener, Arc::new(server_tls));
+    let applied = Arc::new(tokio::sync::Notify::new());
+    let policy_api = crate::policy_api::PolicyApi {
+        dir: cfg.routes_dir.clone(),
+        changed: applied.clone(),
+        lock: tokio::sync::Mutex::new(()),
+    };
     let grpc = tonic::transport::Server::builder()
         .add_service(ConfigServiceServer::new(xds.clone()))
         .add_service(CertificateServiceServer::new(ca))
         .add_service(PeeringServiceServer::new(peering))
+        .add_service(PolicyServiceServer::new(policy_api))
         .serve_with_incoming(incoming);
     let grpc_task = tokio::spawn(grpc);
 
@@ -262,7 +274,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_merged: Option<BTreeMap<String, MergedService>> = None;
     let mut policy_generation: Option<i64> = None;
     let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
-    let mut route_store = crate::routes::RouteStore::new(cfg.routes_dir.as_deref());
+    if let Some(dir) = &cfg.routes_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the policy directory {}: {e}", dir.display()))?;
+    }
+    let mut object_store = crate::objects::ObjectStore::new(cfg.routes_dir.as_deref(), &cfg.cluster);
+    let mut last_good: BTreeMap<String, pb::PolicyObject> = BTreeMap::new();
     let mut last_errors: Vec<SourceError> = vec![];
     let started_at = Instant::now();
     let mut version = 0u64;
@@ -299,7 +316,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         if policy_watch.poll() == Some(false) {
             rejected.with_label_values(&["policy"]).inc();
         }
-        route_store.poll();
+        object_store.poll();
         let now = Instant::now();
         let (local, errors) = match &mut source {
             Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
@@ -316,14 +333,6 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             .filter(|(_, s)| s.exported)
             .map(|(k, s)| (k.clone(), s.service.clone()))
             .collect();
-        exports_tx.send_if_modified(|cur| {
-            if cur.services != exported {
-                *cur = Arc::new(Exports { services: exported });
-                true
-            } else {
-                false
-            }
-        });
 
         let mut by_cluster: BTreeMap<String, BTreeMap<String, pb::ExportedService>> = BTreeMap::new();
         by_cluster.insert(
@@ -347,14 +356,25 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         }
         peers_alive.set(alive);
         let merged = merge(&by_cluster, range);
-        let route_resources = route_store.resources(&merged, &cfg.cluster);
+        // Routes and policies: ours (both scopes) and every peer's clusterset ones, merged,
+        // then checked against this cluster's catalog.
+        let own_objects: Vec<pb::PolicyObject> = object_store
+            .objects
+            .values()
+            .filter(|a| a.good)
+            .map(|a| a.object.clone())
+            .collect();
+        let peer_objects: Vec<pb::PolicyObject> = peers.iter().flat_map(|p| p.objects.iter().cloned()).collect();
+        let effective = crate::objects::effective(&own_objects, &peer_objects);
+        let checked = crate::objects::check(&effective, &merged, &mut last_good, &cfg.cluster);
         let resources = build(
             &merged,
             std::slice::from_ref(&federation_service),
             &gateways,
             &policy_watch.current,
             &bundles,
-            &route_resources,
+            &checked.routes,
+            &checked.policies,
         );
         // Warm once every configured peer has pushed since this start, or one lease has passed.
         let warm = started_at.elapsed() >= cfg.lease
@@ -367,12 +387,33 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             version += 1;
             versions.set(version as i64);
             tracing::debug!(version, services = merged.len(), "catalog rebuilt");
+            let since = ConfigState::since_from(&state_tx.borrow(), &resources, version);
             state_tx.send_replace(Arc::new(ConfigState {
                 version,
                 resources,
                 warm,
+                since,
             }));
         }
+        // Each object's status here, with how many of this cluster's proxies have its
+        // current version; then what peers get from us.
+        let mut statuses = checked.statuses;
+        crate::objects::schema_statuses(&object_store, &cfg.cluster, &mut statuses);
+        count_acks(&mut statuses, &state_tx.borrow(), &xds.proxies());
+        let objects_out = object_store.exported();
+        let statuses_out: Vec<pb::ObjectStatus> = statuses.values().cloned().collect();
+        exports_tx.send_if_modified(|cur| {
+            if cur.services != exported || cur.objects != objects_out || cur.statuses != statuses_out {
+                *cur = Arc::new(Exports {
+                    services: exported,
+                    objects: objects_out,
+                    statuses: statuses_out,
+                });
+                true
+            } else {
+                false
+            }
+        });
         if let Source::Kube(watched, writer) = &mut source {
             // Like sidecars, the cluster's ServiceImports wait until the catalog is complete.
             if warm && last_merged.as_ref() != Some(&merged) {
@@ -394,11 +435,13 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 source_errors: errors,
                 policy_error: policy_watch.error.clone(),
                 version,
-                routes: route_store.routes.values().cloned().collect(),
-                route_file_errors: route_store
+                statuses,
+                authored: object_store.objects.clone(),
+                effective,
+                object_file_errors: object_store
                     .file_errors
                     .iter()
-                    .map(|(p, e)| (p.clone(), e.clone()))
+                    .flat_map(|(p, errs)| errs.iter().map(|e| (p.clone(), e.clone())))
                     .collect(),
             };
         }
@@ -427,6 +470,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             _ = table.changed().notified() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
             _ = kube_changed => {}
+            _ = applied.notified() => {}
         }
     }
 }
@@ -508,11 +552,17 @@ fn admin_views(
     xds: XdsServer,
 ) -> Admin {
     let configured: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
+    let expected: Vec<String> = std::iter::once(cfg.cluster.clone())
+        .chain(configured.iter().cloned())
+        .collect();
     let cluster = cfg.cluster.clone();
     let region = cfg.region.clone();
     let lease_ms = cfg.lease.as_millis() as u64;
+    let grpc_address = cfg.listen.to_string();
+    let trust_domain = cfg.trust_domain.to_string();
     let status_view = view.clone();
     let routes_view = view.clone();
+    let table_view = table.clone();
     let status = Arc::new(move || {
         let v = status_view.lock();
         let (version, errors, policy_error) = match &v {
@@ -527,6 +577,8 @@ fn admin_views(
             "cluster": cluster,
             "region": region,
             "lease_ms": lease_ms,
+            "grpc_address": grpc_address,
+            "trust_domain": trust_domain,
             "config_version": version,
             "peers": table.views(&configured),
             "proxies": xds.proxies(),
@@ -570,23 +622,165 @@ fn admin_views(
             .collect();
         json!({ "services": list })
     });
-    let routes = Arc::new(move || {
-        let Ok(v) = routes_view.lock() else {
-            return json!({"routes": []});
-        };
-        json!({
-            "routes": v.routes.iter().map(|r| json!({
-                "namespace": r.namespace, "name": r.name, "file": r.file,
-                "serving": r.good.is_some(),
-                "conditions": r.conditions.iter().map(|(t, ok, reason, message)| json!({
-                    "type": t, "status": if *ok { "True" } else { "False" }, "reason": reason, "message": message,
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-            "file_errors": v.route_file_errors.iter().map(|(p, e)| json!({"file": p, "error": e})).collect::<Vec<_>>(),
+    let objects_view = |kind: &'static str, list: &'static str| -> strait_api::admin::JsonView {
+        let view = routes_view.clone();
+        let table = table_view.clone();
+        let expected = expected.clone();
+        let cluster = cfg.cluster.clone();
+        Arc::new(move || {
+            let Ok(v) = view.lock() else {
+                return json!({ list: [] });
+            };
+            let peers = table.snapshot();
+            objects_json(&v, &peers, &expected, &cluster, kind, list)
         })
-    });
+    };
+    let routes = objects_view(crate::objects::HTTP_ROUTE, "routes");
+    let policies = objects_view(crate::objects::TRAFFIC_POLICY, "policies");
     Admin::new(registry.clone())
         .view("/status", status)
         .view("/services", services)
         .view("/routes", routes)
+        .view("/policies", policies)
+}
+
+/// Adds to each status how many of this cluster's sidecars acknowledged a config version that
+/// holds the object's current version (and did not reject it), naming a few that have not.
+fn count_acks(
+    statuses: &mut BTreeMap<String, pb::ObjectStatus>,
+    state: &ConfigState,
+    proxies: &[crate::xds::ProxyStatus],
+) {
+    let sidecars: Vec<&crate::xds::ProxyStatus> = proxies.iter().filter(|p| p.kind == "sidecar").collect();
+    for s in statuses.values_mut() {
+        s.proxies_total = sidecars.len() as u32;
+        s.proxies_acked = 0;
+        s.proxies_pending.clear();
+        if !s.serving {
+            continue;
+        }
+        let name = crate::objects::resource_name(&s.kind, &s.namespace, &s.name);
+        let Some(since) = state.since.get(&name) else { continue };
+        for p in &sidecars {
+            let rejected = p.rejected.iter().any(|r| r.starts_with(&format!("{name}:")));
+            if p.acked_version >= *since && !rejected {
+                s.proxies_acked += 1;
+            } else if s.proxies_pending.len() < 5 {
+                s.proxies_pending.push(p.node.clone());
+            }
+        }
+    }
+}
+
+/// An admin view of routes or policies: each object with its conditions here and, from every
+/// cluster's report, where its current version is applied and how many proxies have it.
+fn objects_json(
+    v: &View,
+    peers: &[crate::peering::PeerState],
+    expected: &[String],
+    cluster: &str,
+    kind: &str,
+    list: &str,
+) -> serde_json::Value {
+    let keys: std::collections::BTreeSet<&String> = v
+        .statuses
+        .keys()
+        .chain(v.authored.keys())
+        .filter(|k| k.starts_with(&format!("{kind}/")))
+        .collect();
+    let cond =
+        |c: &pb::Condition| json!({"type": c.r#type, "status": c.status, "reason": c.reason, "message": c.message});
+    let mut out = vec![];
+    for k in keys {
+        let own = v.statuses.get(k);
+        let authored = v.authored.get(k);
+        let eff = v.effective.get(k);
+        let cluster_scope = eff
+            .map(|e| e.object.cluster_scope)
+            .or(authored.map(|a| a.object.cluster_scope))
+            .unwrap_or(false);
+        let (namespace, name, origin, generation) = match (own, authored) {
+            (Some(s), _) => (
+                s.namespace.clone(),
+                s.name.clone(),
+                s.origin_cluster.clone(),
+                s.generation,
+            ),
+            (None, Some(a)) => (
+                a.object.namespace.clone(),
+                a.object.name.clone(),
+                cluster.to_string(),
+                a.object.generation,
+            ),
+            (None, None) => continue,
+        };
+        let expected: Vec<String> = if cluster_scope {
+            vec![cluster.to_string()]
+        } else {
+            expected.to_vec()
+        };
+        let reports: Vec<&pb::ObjectStatus> = own
+            .into_iter()
+            .chain(
+                peers
+                    .iter()
+                    .flat_map(|p| p.statuses.iter())
+                    .filter(|s| crate::objects::key(&s.kind, &s.namespace, &s.name) == *k),
+            )
+            .collect();
+        let current: Vec<&pb::ObjectStatus> = reports
+            .iter()
+            .copied()
+            .filter(|s| {
+                if cluster_scope {
+                    s.cluster == cluster
+                } else {
+                    s.origin_cluster == origin && s.generation == generation
+                }
+            })
+            .collect();
+        let (applied, missing) = crate::objects::applied_in(current.iter().copied(), &expected);
+        let acked: u32 = current
+            .iter()
+            .filter(|s| applied.contains(&s.cluster))
+            .map(|s| s.proxies_acked)
+            .sum();
+        let total: u32 = current.iter().map(|s| s.proxies_total).sum();
+        let pending: Vec<String> = current
+            .iter()
+            .flat_map(|s| s.proxies_pending.iter().map(move |p| format!("{}/{p}", s.cluster)))
+            .collect();
+        out.push(json!({
+            "kind": kind,
+            "namespace": namespace,
+            "name": name,
+            "origin_cluster": origin,
+            "generation": generation,
+            "scope": if cluster_scope { "cluster" } else { "clusterset" },
+            "locked_fields": eff.map(|e| e.object.locked_fields.clone()).unwrap_or_default(),
+            "file": authored.map(|a| a.file.clone()),
+            "serving": own.is_some_and(|s| s.serving),
+            "serving_generation": own.map(|s| s.serving_generation).unwrap_or_default(),
+            "conditions": own.map(|s| s.conditions.iter().map(cond).collect::<Vec<_>>()).unwrap_or_default(),
+            "applied_clusters": applied,
+            "missing_clusters": missing,
+            "expected_clusters": expected.len(),
+            "proxies_acked": acked,
+            "proxies_total": total,
+            "proxies_pending": pending,
+            "clusters": reports.iter().map(|s| json!({
+                "cluster": s.cluster,
+                "origin_cluster": s.origin_cluster,
+                "generation": s.generation,
+                "serving_generation": s.serving_generation,
+                "proxies_acked": s.proxies_acked,
+                "proxies_total": s.proxies_total,
+                "conditions": s.conditions.iter().map(cond).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    json!({
+        list: out,
+        "file_errors": v.object_file_errors.iter().map(|(p, e)| json!({"file": p, "error": e})).collect::<Vec<_>>(),
+    })
 }

@@ -41,6 +41,57 @@ pub async fn get_via(proxy: SocketAddr, url: &str) -> anyhow::Result<(u16, Bytes
     get_on(proxy, url, &host, Duration::from_secs(10)).await
 }
 
+/// An answer with its headers, for tests of what routes and policies add.
+pub struct Answer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+
+    /// The `service` the demo app names in its JSON answer, else the body as text.
+    pub fn service(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["service"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
+    }
+}
+
+/// GET an absolute URL through a sidecar's outbound proxy with extra request headers.
+pub async fn get_with(proxy: SocketAddr, url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
+    let uri: hyper::Uri = url.parse()?;
+    let stream = TcpStream::connect(proxy).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(url).header(
+        hyper::header::HOST,
+        uri.authority().map(|a| a.as_str()).unwrap_or_default(),
+    );
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        sender.send_request(req.body(Empty::<Bytes>::new())?),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer from {proxy} within 10s"))??;
+    let status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Answer {
+        status,
+        headers: parts.headers,
+        body,
+    })
+}
+
 /// Opens a CONNECT tunnel through a sidecar's outbound proxy to `authority` (host:port).
 pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> anyhow::Result<TcpStream> {
     let mut s = TcpStream::connect(proxy).await?;

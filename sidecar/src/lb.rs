@@ -98,12 +98,26 @@ impl Balancer {
                 healthy: *h,
             })
             .collect();
+        // A TrafficPolicy's locality settings override the mesh-wide ones for its service.
+        let overridden = snap
+            .traffic_policy(svc, None)
+            .filter(|p| !p.failover.is_empty() || !p.failover_priority.is_empty())
+            .map(|p| {
+                let mut lb = snap.policy.lb.clone();
+                if !p.failover.is_empty() {
+                    lb.failover = p.failover.clone();
+                }
+                if !p.failover_priority.is_empty() {
+                    lb.failover_priority = p.failover_priority.clone();
+                }
+                lb
+            });
         choose(
             &self.locality,
             &self.labels,
             &candidates,
             tried,
-            &snap.policy.lb,
+            overridden.as_ref().unwrap_or(&snap.policy.lb),
             rand::random::<f64>(),
             rand::random::<u64>(),
         )
@@ -132,11 +146,27 @@ impl Balancer {
     }
 
     pub fn failure(&self, snap: &Snapshot, svc: &ServiceEntry, ep: &EndpointEntry) {
+        // A TrafficPolicy's outlierDetection overrides the mesh-wide settings for its service.
+        let own = snap
+            .traffic_policy(svc, None)
+            .and_then(|p| p.outlier.as_ref())
+            .map(|o| {
+                let consecutive = match o.consecutive_gateway {
+                    0 => o.consecutive_5xx,
+                    g => g.min(o.consecutive_5xx.max(1)),
+                };
+                strait_api::lb::OutlierConfig {
+                    consecutive_errors: consecutive.max(1),
+                    base_ejection: o.base_ejection,
+                    max_ejection: o.base_ejection.max(snap.policy.outlier.max_ejection),
+                }
+            });
+        let config = own.as_ref().unwrap_or(&snap.policy.outlier);
         let ejected = self
             .outlier
             .lock()
             .ok()
-            .and_then(|mut o| o.failure(&ep.key, Instant::now(), &snap.policy.outlier));
+            .and_then(|mut o| o.failure(&ep.key, Instant::now(), config));
         if let Some(time) = ejected {
             tracing::info!(endpoint = %ep.key, service = %svc.host(), ejection = ?time, "outlier detection ejected endpoint");
             self.metrics

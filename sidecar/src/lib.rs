@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod lb;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
 mod run;
 pub mod splice;
 pub mod upstream;

@@ -12,6 +12,9 @@ pub struct SidecarMetrics {
     pub inbound_requests: IntCounterVec,
     pub passthrough: IntCounterVec,
     pub rejected: IntCounterVec,
+    /// TrafficPolicy at work: faults injected, requests rate limited, refused by a full pool,
+    /// mirrored.
+    pub policy: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -69,7 +72,8 @@ impl SidecarMetrics {
                 registry,
                 "strait_upstream_retries_skipped_total",
                 "Failed attempts that were not retried, by destination service and why \
-                 (replay_buffer_exceeded, not_idempotent, client_body_failed, attempts_exhausted)",
+                 (replay_buffer_exceeded, not_idempotent, client_body_failed, attempts_exhausted, \
+                 retry_budget_exhausted)",
                 &["destination_service", "reason"],
             ),
             ejections: counter(
@@ -97,6 +101,14 @@ impl SidecarMetrics {
                 "Client connections refused before any request was forwarded, by reason \
                  (not_http, content_length_and_transfer_encoding, obs_fold)",
                 &["reason"],
+            ),
+            policy: counter(
+                registry,
+                "strait_traffic_policy_actions_total",
+                "Requests a TrafficPolicy or route acted on, by destination service and action \
+                 (fault_delay, fault_abort, rate_limited, rate_limited_shadow, pool_overflow, \
+                 retry_budget_exhausted, mirrored, mirror_failed, mirror_skipped)",
+                &["destination_service", "action"],
             ),
             passthrough: counter(
                 registry,

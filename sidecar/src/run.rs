@@ -142,7 +142,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
             store.clone(),
             metrics,
         )
-        .limits(opts.limits.clone()),
+        .limits(opts.limits.clone())
+        .policies(rx.clone(), &opts.namespace),
     );
     let drain = Drain::new();
     let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));

@@ -27,20 +27,15 @@ pub struct ServicesArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum GetCommand {
-    /// HTTPRoutes and their conditions (Accepted, ResolvedRefs), as one controller has them.
+    /// HTTPRoutes: conditions (Accepted, ResolvedRefs, Conflict, Overridden), scope, and where
+    /// each is applied (every cluster reports back through peering).
     #[command(
-        after_help = "Example:\n  strait get routes --controller 127.10.1.1:15014\n  strait get routes --controller 127.10.1.1:15014 --output json"
+        after_help = "Examples:\n  strait get routes --controller 127.10.1.1:15014\n  strait get routes --controller 127.10.1.1:15014 --output wide\n  strait get routes --controller 127.10.1.1:15014 --output json"
     )]
-    Routes(RoutesArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct RoutesArgs {
-    /// The controller's admin address.
-    #[arg(long)]
-    pub controller: SocketAddr,
-    #[arg(long, short, value_enum, default_value_t)]
-    pub output: Output,
+    Routes(super::policy::ObjectsArgs),
+    /// TrafficPolicies, shown like routes.
+    #[command(after_help = "Examples:\n  strait get policies --controller 127.10.1.1:15014 --output wide")]
+    Policies(super::policy::ObjectsArgs),
 }
 
 /// Prints rows under headers with aligned columns.
@@ -145,62 +140,6 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     }
     if !v["policy_error"].is_null() {
         println!("policy error: {}", s(&v["policy_error"]));
-    }
-    Ok(())
-}
-
-pub async fn routes(a: RoutesArgs) -> anyhow::Result<()> {
-    let v = get_json(a.controller, "/routes").await?;
-    if a.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let empty = vec![];
-    let condition = |r: &Value, kind: &str| {
-        r["conditions"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .find(|c| c["type"] == kind)
-            .map(|c| (s(&c["status"]), s(&c["reason"]), s(&c["message"])))
-            .unwrap_or_else(|| ("-".into(), "-".into(), String::new()))
-    };
-    let rows: Vec<Vec<String>> = v["routes"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|r| {
-            let accepted = condition(r, "Accepted");
-            let resolved = condition(r, "ResolvedRefs");
-            let message = [accepted.2.as_str(), resolved.2.as_str()]
-                .iter()
-                .filter(|m| !m.is_empty())
-                .copied()
-                .collect::<Vec<_>>()
-                .join("; ");
-            vec![
-                s(&r["namespace"]),
-                s(&r["name"]),
-                format!("{} ({})", accepted.0, accepted.1),
-                format!("{} ({})", resolved.0, resolved.1),
-                if r["serving"] == true {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
-                message,
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        table(
-            &["NAMESPACE", "NAME", "ACCEPTED", "RESOLVEDREFS", "SERVING", "MESSAGE"],
-            &rows
-        )
-    );
-    for e in v["file_errors"].as_array().unwrap_or(&empty) {
-        println!("file {}: {}", s(&e["file"]), s(&e["error"]));
     }
     Ok(())
 }

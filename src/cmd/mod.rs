@@ -7,6 +7,7 @@ mod demo_http;
 mod http;
 mod inspect;
 mod intercept;
+mod policy;
 mod trust;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -16,6 +17,7 @@ use crate::up;
 pub use daemons::{EXIT_WITH_PARENT_ENV, JOIN_TOKEN_ENV};
 pub use http::{get as http_get, get_json};
 pub use inspect::table;
+pub use policy::default_credentials;
 pub use trust::init as trust_init;
 
 #[derive(Parser, Debug)]
@@ -32,6 +34,8 @@ pub struct Cli {
 pub enum Output {
     #[default]
     Table,
+    /// A table with more columns (`get routes`, `get policies`).
+    Wide,
     Json,
 }
 
@@ -61,9 +65,15 @@ pub enum Command {
     /// Show the merged service catalog of one controller.
     #[command(after_help = "Example:\n  strait services --controller 127.10.1.1:15014")]
     Services(inspect::ServicesArgs),
-    /// Show objects a controller serves: `strait get routes`.
+    /// Show routes and policies and where they apply: `strait get routes|policies`.
     #[command(subcommand)]
     Get(inspect::GetCommand),
+    /// Write HTTPRoutes and TrafficPolicies for the whole clusterset (outside Kubernetes).
+    #[command(after_help = policy::APPLY_EXAMPLES)]
+    Apply(policy::ApplyArgs),
+    /// Remove routes and policies written with `strait apply`, in every cluster.
+    #[command(after_help = policy::DELETE_EXAMPLES)]
+    Delete(policy::DeleteArgs),
     /// Manage trust domains: roots and per-cluster intermediate CAs.
     #[command(subcommand)]
     Trust(trust::TrustCommand),
@@ -125,7 +135,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Check(args) => crate::install::check(args).await,
         Command::Status(args) => inspect::status(args).await,
         Command::Services(args) => inspect::services(args).await,
-        Command::Get(inspect::GetCommand::Routes(args)) => inspect::routes(args).await,
+        Command::Get(inspect::GetCommand::Routes(args)) => policy::get(args, "routes").await,
+        Command::Get(inspect::GetCommand::Policies(args)) => policy::get(args, "policies").await,
+        Command::Apply(args) => policy::apply(args).await,
+        Command::Delete(args) => policy::delete(args).await,
         Command::Trust(cmd) => trust::run(cmd),
         Command::Sidecar(args) => daemons::sidecar(*args).await,
         Command::SidecarInit(args) => intercept::run(args),

@@ -470,6 +470,7 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
     json!({
         "trust_domain": plan.topology.trust_domain.to_string(),
         "state_dir": plan.state_dir,
+        "operator_credentials": plan.operator_dir(),
         "bundle": plan.bundle,
         "mode": match plan.mode { Mode::Loopback => "loopback", Mode::Kube => "kube", Mode::Netns => "netns" },
         "clusters": clusters,
@@ -559,6 +560,11 @@ fn print_table(plan: &Plan, started: &Started) {
         if let Some(c) = first {
             println!("  strait status --controller {}", c.controller_admin);
             println!("  strait services --controller {}", c.controller_admin);
+            println!(
+                "  strait apply -f examples/policy/canary.yaml --controller {}",
+                c.controller_admin
+            );
+            println!("  strait get routes --controller {} --output wide", c.controller_admin);
         }
     }
     println!("\nLogs: {}   Stop: Ctrl-C", plan.state_dir.join("logs").display());
@@ -655,7 +661,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     progress("ready");
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&describe(&plan, &started))?),
-        Output::Table => print_table(&plan, &started),
+        Output::Table | Output::Wide => print_table(&plan, &started),
     }
     let mut exited: Vec<String> = vec![];
     loop {
@@ -702,7 +708,7 @@ fn watch_apps(plan: &Plan, started: &mut Started, exited: &mut Vec<String>, outp
                         "pid": app.pid, "status": status, "success": success, "log": app.log,
                     })
                 ),
-                Output::Table => writeln!(
+                Output::Table | Output::Wide => writeln!(
                     out,
                     "{:<10} {:<28} exited ({status}); its endpoint is not ready. Log: {}",
                     c.name,

@@ -270,9 +270,40 @@ impl Plan {
         Ok(())
     }
 
+    /// Where `strait up` writes the operator's credential (for `strait apply` and `delete`).
+    pub fn operator_dir(&self) -> PathBuf {
+        self.state_dir.join("operator")
+    }
+
+    /// Issues the operator identity (`strait-system/strait-operator`, the only one a
+    /// controller lets write routes and policies) into the state directory, and makes it the
+    /// CLI's default credential (`~/.config/strait/operator`, replaced whole).
+    fn write_operator(&self, root: &strait_trust::Authority) -> anyhow::Result<()> {
+        let td = &self.topology.trust_domain;
+        let id = strait_trust::SpiffeId::workload(
+            td,
+            strait_api::SYSTEM_NAMESPACE,
+            strait_federation::policy_api::OPERATOR_SA,
+        )?;
+        let bundle = strait_trust::TrustBundle::load(&self.bundle)?;
+        let ttl = std::time::Duration::from_secs(7 * 24 * 3600);
+        strait_trust::write_credentials(&self.operator_dir(), root, &id, ttl, &bundle)?;
+        if let Some(default) = crate::cmd::default_credentials() {
+            let tmp = default.with_extension(format!("tmp{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            strait_trust::write_credentials(&tmp, root, &id, ttl, &bundle)?;
+            let _ = std::fs::remove_dir_all(&default);
+            if let Err(e) = std::fs::rename(&tmp, &default) {
+                tracing::warn!(error = %e, dir = %default.display(), "cannot update the default operator credential");
+            }
+        }
+        Ok(())
+    }
+
     pub fn write(&self, kube: bool) -> anyhow::Result<()> {
         let td = &self.topology.trust_domain;
         let root = crate::cmd::trust_init(td, &self.state_dir.join("trust"), true)?;
+        self.write_operator(&root)?;
         for c in &self.clusters {
             std::fs::create_dir_all(c.dir.join("catalog"))?;
             std::fs::create_dir_all(c.dir.join("routes"))?;

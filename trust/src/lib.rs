@@ -9,6 +9,7 @@
 
 mod bundle;
 mod ca;
+mod credentials;
 mod error;
 mod identity;
 mod metrics;
@@ -19,6 +20,7 @@ mod verify;
 
 pub use bundle::TrustBundle;
 pub use ca::{Authority, IssuedCert, KeyAndCsr, DEFAULT_WORKLOAD_TTL};
+pub use credentials::{load_credentials, write_credentials};
 pub use error::TrustError;
 pub use identity::{SpiffeId, TrustDomain};
 pub use metrics::TlsMetrics;

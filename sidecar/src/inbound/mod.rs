@@ -34,6 +34,12 @@ pub struct Inbound {
     /// HTTP/2 with prior knowledge, for callers that spoke HTTP/2 to their sidecar (gRPC).
     h2_client: Client<HttpConnector, hyper::body::Incoming>,
     limits: crate::ProxyLimits,
+    /// The config (for the TrafficPolicy of this workload's service) and its key.
+    config: Option<(
+        tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
+        String,
+    )>,
+    limiter: crate::policy::RateLimiter,
 }
 
 impl Inbound {
@@ -63,7 +69,83 @@ impl Inbound {
             client,
             h2_client,
             limits: crate::ProxyLimits::default(),
+            config: None,
+            limiter: crate::policy::RateLimiter::default(),
         }
+    }
+
+    /// Enforces the rate limits of TrafficPolicies targeting `namespace/service`.
+    pub fn policies(
+        mut self,
+        config: tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
+        namespace: &str,
+    ) -> Self {
+        let key = format!("{namespace}/{}", self.service);
+        self.config = Some((config, key));
+        self
+    }
+
+    /// A TrafficPolicy's local rate limit, enforced here at the destination: per proxy, or a
+    /// destination total divided among the service's ready endpoints in every cluster.
+    /// Returns the refusal to send (429 with retry-after, or RESOURCE_EXHAUSTED for gRPC).
+    fn rate_limited(&self, parts: &hyper::http::request::Parts) -> Option<Response<Body>> {
+        let (config, key) = self.config.as_ref()?;
+        let snap = config.borrow().clone();
+        let tp = snap.traffic.get(key)?;
+        let limit = tp.rate_limit.as_ref()?;
+        let share = if limit.per_destination {
+            let ready = snap
+                .services
+                .get(key)
+                .map(|s| s.endpoints.iter().filter(|e| e.ready).count())
+                .unwrap_or(1)
+                .max(1);
+            1.0 / ready as f64
+        } else {
+            1.0
+        };
+        if self.limiter.allow(key, limit, share, std::time::Instant::now()) {
+            return None;
+        }
+        let host = format!(
+            "{}.{}.svc.clusterset.local",
+            self.service,
+            key.split('/').next().unwrap_or_default()
+        );
+        if limit.shadow {
+            self.metrics
+                .policy
+                .with_label_values(&[&host, "rate_limited_shadow"])
+                .inc();
+            return None;
+        }
+        self.metrics.policy.with_label_values(&[&host, "rate_limited"]).inc();
+        let message = format!(
+            "rate limited by TrafficPolicy {}/{} ({} requests/s{})",
+            tp.namespace,
+            tp.name,
+            limit.per_second,
+            if limit.per_destination {
+                " for the whole service"
+            } else {
+                " per proxy"
+            }
+        );
+        let grpc = parts
+            .headers
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let mut resp = if grpc {
+            crate::outbound::grpc_status(8, &message)
+        } else {
+            crate::outbound::text(StatusCode::TOO_MANY_REQUESTS, message)
+        };
+        resp.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert("x-strait-flags", HeaderValue::from_static("RL"));
+        Some(resp)
     }
 
     pub fn limits(mut self, limits: crate::ProxyLimits) -> Self {
@@ -135,6 +217,9 @@ impl Inbound {
 
     async fn to_app(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
+        if let Some(refused) = self.rate_limited(&parts) {
+            return refused;
+        }
         let source = parts
             .headers
             .remove(SOURCE_CLUSTER_HEADER)

@@ -10,11 +10,14 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 
 use super::replay::{NoReplay, Replay};
-use super::route::{AttemptPolicy, Routed};
+use super::route::{AttemptPolicy, Chosen, Routed};
 use super::{text, Body, Outbound, MAX_ATTEMPTS, MAX_ROUTE_ATTEMPTS};
 use crate::metrics::response_class;
+use crate::policy::Overflow;
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
+use strait_api::routes::compile::Mirror;
 use strait_api::snapshot::{ServiceEntry, Snapshot};
+use strait_api::traffic::{Abort, CompiledPolicy};
 
 /// Headers that belong to one hop and must not be forwarded (RFC 9110 §7.6.1, plus proxy ones).
 pub(crate) fn strip_hop(headers: &mut HeaderMap) {
@@ -111,8 +114,8 @@ impl Outbound {
     /// (gRPC) reaches the destination app as HTTP/2 too. An HTTP/1.1 `Upgrade` (WebSocket)
     /// becomes a byte stream after the 101 (`upgrade.rs`).
     pub(crate) async fn forward_to(
-        &self,
-        snap: &Snapshot,
+        self: &Arc<Self>,
+        snap: &Arc<Snapshot>,
         svc: &ServiceEntry,
         port: u16,
         req: Request<hyper::body::Incoming>,
@@ -124,19 +127,62 @@ impl Outbound {
         let downstream = req.version();
         let (mut parts, body) = req.into_parts();
         // HTTPRoutes attached to the service choose the backend (and may answer themselves).
-        let (backend, port, response_headers, request_timeout, policy) =
-            match super::route::route(snap, svc, port, &mut parts) {
-                Routed::Direct => (None, port, None, None, AttemptPolicy::default()),
-                Routed::Respond(resp) => return resp,
-                Routed::Backend {
-                    svc,
-                    port,
-                    response_headers,
-                    request_timeout,
-                    attempts,
-                } => (Some(svc), port, response_headers, request_timeout, attempts),
-            };
+        let Chosen {
+            svc: backend,
+            port,
+            response_headers,
+            request_timeout,
+            attempts: policy,
+            rule,
+            mirrors,
+        } = match super::route::route(snap, svc, port, &mut parts) {
+            Routed::Direct => Chosen::direct(port),
+            Routed::Respond(resp) => return resp,
+            Routed::Backend(chosen) => chosen,
+        };
+        let named = svc;
         let svc: &ServiceEntry = backend.as_deref().unwrap_or(svc);
+        // The TrafficPolicy of the service the caller named (or of the rule that routed it),
+        // else of the backend the route chose.
+        let traffic = snap
+            .traffic_policy(named, rule.as_deref())
+            .or_else(|| backend.as_ref().and_then(|b| snap.traffic_policy(b, None)))
+            .cloned();
+        let mut policy = policy;
+        let mut request_timeout = request_timeout;
+        let mut _slot = None;
+        if let Some(tp) = &traffic {
+            if let Some(resp) = self.inject_fault(tp, svc, &parts).await {
+                return resp;
+            }
+            policy = policy.with_traffic(tp);
+            request_timeout = request_timeout.or(tp.request_timeout);
+            if let Some(pool) = &tp.pool {
+                match self.traffic.pools.acquire(&svc.key(), pool).await {
+                    Ok(permit) => _slot = permit,
+                    Err(Overflow) => {
+                        self.metrics
+                            .policy
+                            .with_label_values(&[&svc.host(), "pool_overflow"])
+                            .inc();
+                        let mut resp = text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "{} has {} requests in flight from this proxy and {} waiting (TrafficPolicy {}/{} connectionPool)",
+                                svc.host(),
+                                pool.max_requests.unwrap_or_default(),
+                                pool.max_pending.unwrap_or_default(),
+                                tp.namespace,
+                                tp.name
+                            ),
+                        );
+                        resp.headers_mut()
+                            .insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static("UO"));
+                        return resp;
+                    }
+                }
+            }
+        }
         self.upstream_headers(&mut parts, downstream);
         let replay = Replay::new(body, self.limits.replay_buffer);
         let attempts = self.attempts(snap, svc, port, &parts, &replay, &policy);
@@ -153,6 +199,9 @@ impl Outbound {
                 )),
             },
         };
+        if !mirrors.is_empty() {
+            self.mirror(snap, &mirrors, &parts, &replay);
+        }
         match outcome {
             Ok((resp, ep_cluster)) => {
                 let status = resp.status().as_u16();
@@ -181,6 +230,117 @@ impl Outbound {
                     .inc();
                 failed
             }
+        }
+    }
+
+    /// A TrafficPolicy's fault: a delay, then maybe an abort (an HTTP status, or for a gRPC
+    /// request a gRPC status in a trailers-only answer). Each with its own percentage.
+    async fn inject_fault(&self, tp: &CompiledPolicy, svc: &ServiceEntry, parts: &Parts) -> Option<Response<Body>> {
+        let fault = tp.fault.as_ref()?;
+        if let Some((delay, p)) = fault.delay {
+            if crate::policy::chance(p) {
+                self.metrics
+                    .policy
+                    .with_label_values(&[&svc.host(), "fault_delay"])
+                    .inc();
+                tokio::time::sleep(delay).await;
+            }
+        }
+        let (abort, p) = fault.abort.as_ref()?;
+        if !crate::policy::chance(*p) {
+            return None;
+        }
+        self.metrics
+            .policy
+            .with_label_values(&[&svc.host(), "fault_abort"])
+            .inc();
+        let mut resp = match abort {
+            Abort::Http(code) => text(
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                format!("fault injected by TrafficPolicy {}/{}", tp.namespace, tp.name),
+            ),
+            Abort::Grpc(code) => grpc_status(
+                *code,
+                &format!("fault injected by TrafficPolicy {}/{}", tp.namespace, tp.name),
+            ),
+        };
+        if let Abort::Http(_) = abort {
+            if is_grpc(parts) {
+                // An HTTP status to a gRPC client still reads as a gRPC error.
+                resp.headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
+            }
+        }
+        resp.headers_mut()
+            .insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static("FI"));
+        Some(resp)
+    }
+
+    /// Sends copies of the request to the rule's mirror backends, each with its share, and
+    /// forgets them: a mirror never slows or fails the request itself. The body is copied from
+    /// the replay buffer, so a request whose body was not all read or did not fit is not
+    /// mirrored (counted as mirror_skipped).
+    fn mirror(self: &Arc<Self>, snap: &Arc<Snapshot>, mirrors: &[Mirror], parts: &Parts, replay: &Replay) {
+        for m in mirrors {
+            if rand::random_range(0..1_000_000u32) >= m.per_million {
+                continue;
+            }
+            let Some(target) = snap
+                .services
+                .get(&format!("{}/{}", m.target.namespace, m.target.name))
+                .cloned()
+            else {
+                continue;
+            };
+            let Some((frames, trailers)) = replay.complete_copy() else {
+                self.metrics
+                    .policy
+                    .with_label_values(&[&target.host(), "mirror_skipped"])
+                    .inc();
+                continue;
+            };
+            let mut parts = parts.clone();
+            // Envoy's convention: the mirror sees the host with "-shadow" appended.
+            if let Some(host) = parts.uri.authority().map(|a| a.host().to_string()) {
+                let shadow = format!(
+                    "http://{host}-shadow{}",
+                    parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+                );
+                if let Ok(uri) = shadow.parse() {
+                    parts.uri = uri;
+                }
+            }
+            let port = m.target.port.unwrap_or_else(|| parts.uri.port_u16().unwrap_or(80));
+            let this = self.clone();
+            let snap = snap.clone();
+            tokio::spawn(async move {
+                let Ok(body) = Replay::new(MirrorBody::new(frames, trailers), usize::MAX).attempt() else {
+                    return;
+                };
+                let host = target.host();
+                let result = tokio::time::timeout(MIRROR_TIMEOUT, async {
+                    let i = this.balancer.pick(&snap, &target, &[]).ok_or("no endpoint")?;
+                    let ep = &target.endpoints[i];
+                    let (mut sender, _) = this
+                        .upstreams
+                        .h2(&snap, &target, ep, port)
+                        .await
+                        .map_err(|_| "connect")?;
+                    let resp = sender
+                        .send_request(Request::from_parts(parts, body))
+                        .await
+                        .map_err(|_| "send")?;
+                    // Read the answer so the stream ends cleanly; it is dropped.
+                    let _ = resp.into_body().collect().await;
+                    Ok::<_, &str>(())
+                })
+                .await;
+                let action = if matches!(result, Ok(Ok(()))) {
+                    "mirrored"
+                } else {
+                    "mirror_failed"
+                };
+                this.metrics.policy.with_label_values(&[&host, action]).inc();
+            });
         }
     }
 
@@ -215,7 +375,7 @@ impl Outbound {
         policy: &AttemptPolicy,
     ) -> Result<(Response<hyper::body::Incoming>, String), Response<Body>> {
         // A `Service` backend of a route: only this cluster's endpoints may take it.
-        let elsewhere: Vec<usize> = if policy.local_only {
+        let mut elsewhere: Vec<usize> = if policy.local_only {
             (0..svc.endpoints.len())
                 .filter(|i| svc.endpoints[*i].locality.cluster != self.cluster)
                 .collect()
@@ -240,7 +400,26 @@ impl Outbound {
         let max_attempts = policy
             .retries
             .map_or(MAX_ATTEMPTS, |r| (r as usize + 1).min(MAX_ROUTE_ATTEMPTS));
+        let budget_key = svc.key();
+        if let Some(t) = &policy.traffic {
+            self.traffic.budgets.request(&budget_key, &t.budget, Instant::now());
+        }
         for attempt in 0..max_attempts + 1 {
+            if let (Some(t), true, None) = (&policy.traffic, attempt > 0 && attempt < max_attempts, stale_retry) {
+                // A TrafficPolicy's retries spend the destination's retry budget.
+                if !self.traffic.budgets.try_retry(&budget_key, &t.budget, Instant::now()) {
+                    skipped("retry_budget_exhausted");
+                    self.metrics
+                        .policy
+                        .with_label_values(&[&host, "retry_budget_exhausted"])
+                        .inc();
+                    last_error = format!("{last_error} (not retried: the retry budget of {host} is spent)");
+                    break;
+                }
+                if attempt > 1 || status_retries > 0 {
+                    tokio::time::sleep(crate::policy::retry_backoff(attempt as u32)).await;
+                }
+            }
             let pick = match stale_retry.take() {
                 Some(i) => Some(i),
                 None if attempt < max_attempts => {
@@ -257,11 +436,29 @@ impl Outbound {
             };
             tried.push(i);
             let ep = &svc.endpoints[i];
+            if attempt == 0 && policy.traffic.as_ref().is_some_and(|t| !t.other_clusters) {
+                // retryOtherClusters: false — retries stay in the first attempt's cluster.
+                elsewhere.extend(
+                    (0..svc.endpoints.len()).filter(|j| svc.endpoints[*j].locality.cluster != ep.locality.cluster),
+                );
+            }
             if attempt > 0 {
                 self.metrics.retries.with_label_values(&[&host, "retry"]).inc();
             }
             // A connect failure sent nothing: always retriable.
-            let (mut sender, reused) = match self.upstreams.h2(snap, svc, ep, port).await {
+            let dial = self.upstreams.h2(snap, svc, ep, port);
+            let dialed = match policy.connect_timeout {
+                None => dial.await,
+                Some(limit) => match tokio::time::timeout(limit, dial).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.balancer.failure(snap, svc, ep);
+                        last_error = format!("{}: no connection within the connect timeout ({limit:?})", ep.key);
+                        continue;
+                    }
+                },
+            };
+            let (mut sender, reused) = match dialed {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
@@ -307,7 +504,7 @@ impl Outbound {
             };
             match sent {
                 Ok(resp)
-                    if policy.retry_codes.contains(&resp.status().as_u16())
+                    if policy.retries_answer(resp.status().as_u16(), grpc_code(&resp))
                         && attempt + 1 < max_attempts
                         && !resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) =>
                 {
@@ -372,5 +569,80 @@ impl Outbound {
                 tried.len()
             ),
         ))
+    }
+}
+
+/// How long a mirrored request may take before it is dropped.
+const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Envoy-style response flags on answers the proxy made itself (`UO` upstream overflow, `FI`
+/// fault injected).
+pub(crate) const RESPONSE_FLAGS_HEADER: &str = "x-strait-flags";
+
+fn is_grpc(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The gRPC status of a trailers-only answer (in the response head), if any.
+fn grpc_code(resp: &Response<hyper::body::Incoming>) -> Option<u32> {
+    resp.headers().get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A trailers-only gRPC answer with `code`.
+pub(crate) fn grpc_status(code: u32, message: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        http_body_util::Empty::<bytes::Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&code.to_string()) {
+        h.insert("grpc-status", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&message.replace('%', "%25")) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+/// The body of a mirrored request: the frames the replay buffer kept, then the trailers.
+struct MirrorBody {
+    frames: std::collections::VecDeque<bytes::Bytes>,
+    trailers: Option<hyper::HeaderMap>,
+}
+
+impl MirrorBody {
+    fn new(frames: Vec<bytes::Bytes>, trailers: Option<hyper::HeaderMap>) -> Self {
+        MirrorBody {
+            frames: frames.into(),
+            trailers,
+        }
+    }
+}
+
+impl hyper::body::Body for MirrorBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(f) = self.frames.pop_front() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(f))));
+        }
+        std::task::Poll::Ready(self.trailers.take().map(|t| Ok(hyper::body::Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.trailers.is_none()
     }
 }

@@ -28,7 +28,7 @@ pub(crate) use drive;
 mod head;
 pub use head::{check_head, Refusal};
 mod http;
-pub(crate) use http::strip_hop;
+pub(crate) use http::{grpc_status, strip_hop};
 mod replay;
 mod route;
 pub use replay::{Replay, ReplayBody, DEFAULT_REPLAY_BUFFER};
@@ -70,6 +70,14 @@ pub struct Outbound {
     unknown: UnknownDestinations,
     sniff_timeout: std::time::Duration,
     limits: crate::ProxyLimits,
+    /// TrafficPolicy state: retry budgets and request pools per destination.
+    traffic: TrafficState,
+}
+
+#[derive(Default)]
+pub(crate) struct TrafficState {
+    pub budgets: crate::policy::RetryBudgets,
+    pub pools: crate::policy::Pools,
 }
 
 /// Why a request names nothing the proxy can route: answered with this status and message.
@@ -177,6 +185,7 @@ impl Outbound {
             upstreams,
             metrics,
             unknown: UnknownDestinations::default(),
+            traffic: TrafficState::default(),
             sniff_timeout: std::time::Duration::from_millis(100),
             limits: crate::ProxyLimits::default(),
         }

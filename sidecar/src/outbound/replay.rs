@@ -111,6 +111,14 @@ impl Replay {
         })
     }
 
+    /// The whole body, when it has been read to its end and fits the buffer (a mirror of the
+    /// request sends this copy).
+    pub fn complete_copy(&self) -> Option<(Vec<Bytes>, Option<HeaderMap>)> {
+        let st = self.lock();
+        let ended = st.source.as_ref().is_none_or(|s| s.is_end_stream());
+        (ended && !st.overflowed && !st.source_failed).then(|| (st.kept.clone(), st.trailers.clone()))
+    }
+
     /// Whether any of the client's body was read by an attempt.
     pub fn read_any(&self) -> bool {
         self.lock().read_any

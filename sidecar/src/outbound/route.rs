@@ -8,7 +8,7 @@ use std::sync::Arc;
 use hyper::header::{HeaderName, HeaderValue, HOST, LOCATION};
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
-use strait_api::routes::compile::{Backend, CompiledRule, TargetKind};
+use strait_api::routes::compile::{Backend, CompiledRule, Mirror, TargetKind};
 use strait_api::routes::spec::{HeaderModifier, PathModifier, PathModifierType};
 use strait_api::routes::{pick_backend, RequestView};
 use strait_api::snapshot::{ServiceEntry, Snapshot};
@@ -21,16 +21,36 @@ pub(crate) enum Routed {
     Direct,
     /// The rule answers (a redirect, no backend to send to).
     Respond(Response<Body>),
-    /// A backend service chosen by the rule; `local_only` for a `Service` backend (this
-    /// cluster's endpoints), not for a `ServiceImport` (every cluster's).
-    Backend {
-        svc: Arc<ServiceEntry>,
-        port: u16,
-        response_headers: Option<HeaderModifier>,
-        /// The whole call, retries included (timeouts.request): 504 past it.
-        request_timeout: Option<std::time::Duration>,
-        attempts: AttemptPolicy,
-    },
+    /// A backend service chosen by a rule.
+    Backend(Chosen),
+}
+
+/// What a rule chose, and what it asks of the rest of the pipeline.
+#[derive(Default)]
+pub(crate) struct Chosen {
+    /// The backend service; `None` for a service without routes (its own endpoints).
+    pub svc: Option<Arc<ServiceEntry>>,
+    pub port: u16,
+    pub response_headers: Option<HeaderModifier>,
+    /// The whole call, retries included (timeouts.request): 504 past it.
+    pub request_timeout: Option<std::time::Duration>,
+    /// `local_only` for a `Service` backend (this cluster's endpoints), not for a
+    /// `ServiceImport` (every cluster's).
+    pub attempts: AttemptPolicy,
+    /// The name of the rule that matched (a TrafficPolicy may target it).
+    pub rule: Option<String>,
+    /// Copies of the request to send elsewhere (RequestMirror), fire and forget.
+    pub mirrors: Vec<Mirror>,
+}
+
+impl Chosen {
+    /// A service without routes: its own endpoints on the port the caller named.
+    pub fn direct(port: u16) -> Self {
+        Chosen {
+            port,
+            ..Default::default()
+        }
+    }
 }
 
 /// What the chosen rule asks of the attempt loop.
@@ -46,6 +66,33 @@ pub(crate) struct AttemptPolicy {
     pub retries: Option<u32>,
     /// The least wait before a status retry (retry.backoff), doubling each time.
     pub backoff: Option<std::time::Duration>,
+    /// A TrafficPolicy's retries: more conditions (5xx, gRPC statuses), a budget per
+    /// destination, and whether retries may go to other clusters.
+    pub traffic: Option<Arc<strait_api::traffic::RetryPolicy>>,
+    /// A TrafficPolicy's timeouts.connect for each new connection.
+    pub connect_timeout: Option<std::time::Duration>,
+}
+
+impl AttemptPolicy {
+    /// Adds what a TrafficPolicy asks where the route did not say.
+    pub fn with_traffic(mut self, p: &strait_api::traffic::CompiledPolicy) -> Self {
+        self.connect_timeout = p.connect_timeout;
+        if let Some(r) = &p.retry {
+            if self.retries.is_none() {
+                self.retries = Some(r.attempts);
+            }
+            if self.per_try.is_none() {
+                self.per_try = r.per_try;
+            }
+            self.traffic = Some(Arc::new(r.clone()));
+        }
+        self
+    }
+
+    /// Whether an answer with this status (and gRPC status, for gRPC) is retried.
+    pub fn retries_answer(&self, status: u16, grpc: Option<u32>) -> bool {
+        self.retry_codes.contains(&status) || self.traffic.as_ref().is_some_and(|t| t.retries_status(status, grpc))
+    }
 }
 
 /// Runs the routing stage on a request's head, applying the rule's request filters to it.
@@ -99,8 +146,8 @@ pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut 
         ));
     };
     apply_request_filters(parts, rule, backend);
-    Routed::Backend {
-        svc: target.clone(),
+    Routed::Backend(Chosen {
+        svc: Some(target.clone()),
         port: backend.target.port.unwrap_or(port),
         response_headers: rule.response_headers.clone(),
         request_timeout: rule.request_timeout,
@@ -110,8 +157,12 @@ pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut 
             retry_codes: rule.retry_codes.clone(),
             retries: rule.retry_attempts,
             backoff: rule.retry_backoff,
+            traffic: None,
+            connect_timeout: None,
         },
-    }
+        rule: rule.name.clone(),
+        mirrors: rule.mirrors.clone(),
+    })
 }
 
 fn apply_request_filters(parts: &mut Parts, rule: &CompiledRule, backend: &Backend) {

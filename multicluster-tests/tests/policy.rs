@@ -1,0 +1,517 @@
+//! Traffic policy as data for the whole clusterset: routes and TrafficPolicies written with
+//! `strait apply` in one cluster shape calls made in the others. Measured: the time from apply
+//! in one cluster to the first request shaped by it in another. Checked: weighted split and
+//! header routing across clusters, a weight change taking effect everywhere, status from every
+//! cluster (applied in 3/3, proxies acknowledged), oldest-wins conflicts, cluster-scoped
+//! overrides that cannot change locked fields, schema errors refused at apply, semantic errors
+//! reported in every cluster while the last good version serves, faults, destination rate
+//! limits, circuit breaking, retry budgets and mirroring.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use multicluster_tests::{get_with, metric_sum, scrape, Mesh};
+
+const GREETER: &str = "http://greeter.demo.svc.clusterset.local/";
+const ECHO: &str = "http://echo.demo.svc.clusterset.local";
+
+struct Answer {
+    status: u16,
+    route: Option<String>,
+    flags: Option<String>,
+    service: String,
+}
+
+/// One GET through a sidecar's explicit proxy.
+async fn call(proxy: SocketAddr, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let a = get_with(proxy, url, headers).await.unwrap();
+    Answer {
+        status: a.status,
+        route: a.header("x-route"),
+        flags: a.header("x-strait-flags"),
+        service: a.service(),
+    }
+}
+
+/// Runs `strait` with the mesh's operator credential; returns (success, stdout, stderr).
+fn strait(mesh: &Mesh, args: &[&str]) -> (bool, String, String) {
+    let creds = mesh.info.state_dir.join("operator");
+    let out = std::process::Command::new(multicluster_tests::strait_bin())
+        .args(args)
+        .arg("--credentials")
+        .arg(&creds)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `strait apply -f <yaml>` against `cluster`'s controller.
+fn apply(mesh: &Mesh, cluster: &str, name: &str, yaml: &str, wait: &str) -> (bool, String, String) {
+    let path = mesh.info.state_dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let admin = mesh.cluster(cluster).controller.admin_addr.to_string();
+    strait(
+        mesh,
+        &[
+            "apply",
+            "-f",
+            path.to_str().unwrap(),
+            "--controller",
+            &admin,
+            "--wait",
+            wait,
+        ],
+    )
+}
+
+fn get(mesh: &Mesh, cluster: &str, what: &str, output: &str) -> String {
+    let admin = mesh.cluster(cluster).controller.admin_addr.to_string();
+    let out = std::process::Command::new(multicluster_tests::strait_bin())
+        .args(["get", what, "--controller", &admin, "--output", output])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn split(greeter: u32, echo: u32) -> String {
+    format!(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: greeter-canary, namespace: demo}}
+spec:
+  parentRefs: [{{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter}}]
+  rules:
+    - name: canary
+      matches: [{{headers: [{{name: x-canary, value: "1"}}]}}]
+      filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-route, value: canary}}]}}}}]
+      backendRefs: [{{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}}]
+    - name: split
+      backendRefs:
+        - {{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter, port: 80, weight: {greeter}}}
+        - {{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80, weight: {echo}}}
+"#
+    )
+}
+
+fn conditions(v: &serde_json::Value, kind: &str) -> Option<(String, String, String)> {
+    v["conditions"].as_array()?.iter().find(|c| c["type"] == kind).map(|c| {
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["reason"].as_str().unwrap_or_default().to_string(),
+            c["message"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_applied_in_one_cluster_shapes_calls_in_every_other() {
+    let mesh = Mesh::start().await.unwrap();
+    // Written in west; the callers are in east and central.
+    let east_caller = mesh.workload("echo", "us-east-1a").outbound_proxy;
+    let central_caller = mesh.workload("ledger", "eu-central-1a").outbound_proxy;
+
+    let applied_at = Instant::now();
+    let (ok, out, err) = apply(&mesh, "west", "canary", &split(90, 10), "0s");
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("httproute/demo/greeter-canary created (generation 1)"),
+        "{out}"
+    );
+    loop {
+        if call(east_caller, GREETER, &[("x-canary", "1")]).await.route.as_deref() == Some("canary") {
+            break;
+        }
+        assert!(
+            applied_at.elapsed() < Duration::from_secs(15),
+            "the route never reached east"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let propagation = applied_at.elapsed();
+    println!("propagation: apply in west -> first request shaped in east: {propagation:?} (CLI start included)");
+    let a = call(central_caller, GREETER, &[("x-canary", "1")]).await;
+    Mesh::eventually("central enforces it too", Duration::from_secs(10), || async move {
+        call(central_caller, GREETER, &[("x-canary", "1")])
+            .await
+            .route
+            .as_deref()
+            == Some("canary")
+    })
+    .await
+    .unwrap();
+    let _ = a;
+
+    // Status everywhere: applied in 3/3 clusters, every proxy acknowledged generation 1.
+    for cluster in ["east", "west", "central"] {
+        let admin = mesh.cluster(cluster).controller.admin_addr;
+        Mesh::eventually(
+            &format!("{cluster} reports 3/3"),
+            Duration::from_secs(10),
+            || async move {
+                let v = Mesh::admin_json(admin, "/routes").await.unwrap_or_default();
+                let r = &v["routes"][0];
+                r["applied_clusters"].as_array().map(Vec::len) == Some(3)
+                    && r["proxies_acked"] == r["proxies_total"]
+                    && r["proxies_total"].as_u64().unwrap_or_default() >= 6
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let wide = get(&mesh, "east", "routes", "wide");
+    println!("{wide}");
+    assert!(
+        wide.contains("greeter-canary") && wide.contains("3/3 clusters"),
+        "{wide}"
+    );
+    assert!(wide.contains("acked gen 1") && wide.contains("west"), "{wide}");
+
+    // Header routing and the 90/10 split, from east.
+    for _ in 0..20 {
+        let a = call(east_caller, GREETER, &[("x-canary", "1")]).await;
+        assert_eq!(
+            (a.status, a.route.as_deref(), a.service.as_str()),
+            (200, Some("canary"), "echo")
+        );
+    }
+    let mut to_greeter = 0;
+    for _ in 0..2000 {
+        let a = call(east_caller, GREETER, &[]).await;
+        assert_eq!(a.status, 200);
+        to_greeter += u32::from(a.service == "greeter");
+    }
+    println!("split 90/10 written in west, called from east: {to_greeter} of 2000 to greeter");
+    assert!((1740..=1860).contains(&to_greeter), "{to_greeter} of 2000");
+
+    // Moving it to 0/100 in west takes effect in east and central.
+    let moved = Instant::now();
+    let (ok, out, err) = apply(&mesh, "west", "canary", &split(0, 100), "30s");
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("configured (generation 2)"), "{out}");
+    assert!(out.contains("applied in 3/3 clusters"), "{out}");
+    let cli_done = moved.elapsed();
+    let mut last_greeter = moved;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(2) {
+        for caller in [east_caller, central_caller] {
+            if call(caller, GREETER, &[]).await.service == "greeter" {
+                last_greeter = Instant::now();
+            }
+        }
+    }
+    println!(
+        "weights 0/100 applied in west: strait apply reported 3/3 clusters after {cli_done:?}; last call to greeter from east/central {:?} after the apply started",
+        last_greeter.duration_since(moved)
+    );
+    assert!(
+        last_greeter.duration_since(moved) <= cli_done,
+        "a call went to greeter after apply said every proxy had generation 2"
+    );
+
+    // Two clusters writing one clusterset object: the older (west's) wins everywhere, and
+    // every cluster says so.
+    let (ok, out, err) = apply(&mesh, "east", "canary-east", &split(100, 0), "0s");
+    assert!(ok, "{out}{err}");
+    for cluster in ["east", "west", "central"] {
+        let admin = mesh.cluster(cluster).controller.admin_addr;
+        Mesh::eventually(
+            &format!("{cluster} shows the conflict"),
+            Duration::from_secs(10),
+            || async move {
+                let v = Mesh::admin_json(admin, "/routes").await.unwrap_or_default();
+                conditions(&v["routes"][0], "Conflict")
+                    .is_some_and(|(s, reason, m)| s == "True" && reason == "OlderObjectWins" && m.contains("from west"))
+            },
+        )
+        .await
+        .unwrap();
+    }
+    for _ in 0..50 {
+        assert_eq!(
+            call(east_caller, GREETER, &[]).await.service,
+            "echo",
+            "west's older 0/100 still wins"
+        );
+    }
+
+    // A schema error is refused at apply, naming the field; nothing is written.
+    let bad_schema = split(50, 50).replace("weight: 50}", "wieght: 50}");
+    let (ok, _, err) = apply(&mesh, "west", "bad-schema", &bad_schema, "0s");
+    assert!(!ok);
+    assert!(err.contains("wieght") && err.contains("nothing was applied"), "{err}");
+
+    // A semantic error (a backend in no cluster) is reported in every cluster; the last good
+    // version keeps serving.
+    let missing = split(0, 100).replace(
+        "name: echo, port: 80, weight: 100",
+        "name: nowhere, port: 80, weight: 100",
+    );
+    let (ok, _, err) = apply(&mesh, "west", "canary", &missing, "10s");
+    assert!(!ok, "apply reports what the clusters refused");
+    assert!(err.contains("BackendNotFound") || err.contains("nowhere"), "{err}");
+    for cluster in ["east", "central"] {
+        let admin = mesh.cluster(cluster).controller.admin_addr;
+        Mesh::eventually(
+            &format!("{cluster} reports ResolvedRefs=False"),
+            Duration::from_secs(10),
+            || async move {
+                let v = Mesh::admin_json(admin, "/routes").await.unwrap_or_default();
+                conditions(&v["routes"][0], "ResolvedRefs")
+                    .is_some_and(|(s, _, m)| s == "False" && m.contains("nowhere"))
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    // Deleting it in west removes it everywhere... except east's own (newer) version, which
+    // now wins: its 100/0 sends everything to greeter.
+    let path = mesh.info.state_dir.join("canary.yaml");
+    let west_admin = mesh.cluster("west").controller.admin_addr.to_string();
+    let (ok, out, err) = strait(
+        &mesh,
+        &["delete", "-f", path.to_str().unwrap(), "--controller", &west_admin],
+    );
+    assert!(ok && out.contains("deleted"), "{out}{err}");
+    Mesh::eventually(
+        "east's version takes over in central",
+        Duration::from_secs(10),
+        || async move { call(central_caller, GREETER, &[]).await.service == "greeter" },
+    )
+    .await
+    .unwrap();
+}
+
+const FAULT: &str = r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: greeter
+  namespace: demo
+  annotations: {strait.dev/locked-fields: spec.fault}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter}]
+  fault: {abort: {httpStatus: 418, percentage: 100}}
+"#;
+
+const OVERRIDE: &str = r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: greeter
+  namespace: demo
+  labels: {strait.dev/scope: cluster}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter}]
+  timeouts: {request: 5s}
+"#;
+
+const RATE: &str = r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo-rate, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  rateLimit: {requestsPerSecond: 40, burst: 0, scope: destination, mode: enforce}
+  connectionPool: {maxRequests: 2, maxPendingRequests: 0}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_policies_apply_in_every_cluster() {
+    let mesh = Mesh::start().await.unwrap();
+    let east_caller = mesh.workload("echo", "us-east-1a").clone();
+    let west_caller = mesh.workload("greeter", "us-west-2a").outbound_proxy;
+    let central_caller = mesh.workload("ledger", "eu-central-1a").outbound_proxy;
+
+    // A fault written in west, locked: callers in east and central get it.
+    let (ok, out, err) = apply(&mesh, "west", "fault", FAULT, "30s");
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("applied in 3/3 clusters"), "{out}");
+    for caller in [east_caller.outbound_proxy, central_caller] {
+        let a = call(caller, GREETER, &[]).await;
+        assert_eq!((a.status, a.flags.as_deref()), (418, Some("FI")), "{}", a.service);
+    }
+    // East overrides it for itself but cannot drop the locked fault.
+    let (ok, out, err) = apply(&mesh, "east", "override", OVERRIDE, "0s");
+    assert!(ok, "{out}{err}");
+    let east_admin = mesh.cluster("east").controller.admin_addr;
+    Mesh::eventually("east reports the override", Duration::from_secs(10), || async move {
+        let v = Mesh::admin_json(east_admin, "/policies").await.unwrap_or_default();
+        conditions(&v["policies"][0], "Overridden").is_some_and(|(s, _, m)| s == "True" && m.contains("spec.fault"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        call(east_caller.outbound_proxy, GREETER, &[]).await.status,
+        418,
+        "locked"
+    );
+    let policies = get(&mesh, "east", "policies", "wide");
+    println!("{policies}");
+    assert!(
+        policies.contains("cluster") && policies.contains("locked fields spec.fault"),
+        "{policies}"
+    );
+
+    // A destination total of 40 requests/s, divided among echo's 4 endpoints in 3 clusters,
+    // holds within ±10 % with callers in every zone (each calling its zone's endpoint: the
+    // total holds when every endpoint gets at least its share of the traffic).
+    let (ok, out, err) = apply(&mesh, "central", "rate", RATE, "30s");
+    assert!(ok, "{out}{err}");
+    let east_b = mesh.workload("echo", "us-east-1b").outbound_proxy;
+    let seconds = 5.0;
+    let mut tasks = vec![];
+    for caller in [east_caller.outbound_proxy, east_b, west_caller, central_caller] {
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let (mut allowed, mut limited) = (0u32, 0u32);
+            while started.elapsed().as_secs_f64() < seconds {
+                let a = call(caller, &format!("{ECHO}/"), &[]).await;
+                match a.status {
+                    200 => allowed += 1,
+                    429 => limited += 1,
+                    other => panic!("unexpected {other}: {}", a.service),
+                }
+            }
+            (allowed, limited)
+        }));
+    }
+    let (mut allowed, mut limited) = (0, 0);
+    for t in tasks {
+        let (a, l) = t.await.unwrap();
+        allowed += a;
+        limited += l;
+    }
+    let rate = f64::from(allowed) / seconds;
+    println!("rate limit 40/s for echo (4 endpoints, 3 clusters): {allowed} allowed, {limited} limited in {seconds}s = {rate:.1}/s");
+    assert!(limited > 0, "the callers sent more than the limit");
+    // 4 endpoints start with one token each.
+    assert!((36.0..=44.0 + 4.0 / seconds).contains(&rate), "{rate}/s allowed");
+
+    // Circuit breaking: 2 in flight from one proxy, no queue; the rest are shed with 503 UO.
+    let (ok, out, err) = apply(
+        &mesh,
+        "central",
+        "rate",
+        &RATE.replace(
+            "  rateLimit: {requestsPerSecond: 40, burst: 0, scope: destination, mode: enforce}\n",
+            "",
+        ),
+        "30s",
+    );
+    assert!(ok && out.contains("generation 2"), "{out}{err}");
+    let mut tasks = vec![];
+    for _ in 0..6 {
+        let proxy = east_caller.outbound_proxy;
+        tasks.push(tokio::spawn(async move {
+            call(proxy, &format!("{ECHO}/delay/1500"), &[]).await
+        }));
+    }
+    let mut shed = 0;
+    let mut served = 0;
+    for t in tasks {
+        let a = t.await.unwrap();
+        match (a.status, a.flags.as_deref()) {
+            (503, Some("UO")) => shed += 1,
+            (200, _) => served += 1,
+            (s, f) => panic!("unexpected {s} {f:?}: {}", a.service),
+        }
+    }
+    println!("circuit breaking, maxRequests 2: {served} served, {shed} shed");
+    assert_eq!((served, shed), (2, 4));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        call(east_caller.outbound_proxy, &format!("{ECHO}/"), &[]).await.status,
+        200,
+        "recovered"
+    );
+    let text = scrape(east_caller.admin_addr).await.unwrap();
+    assert!(
+        metric_sum(
+            &text,
+            "strait_traffic_policy_actions_total",
+            &[("action", "pool_overflow")]
+        ) >= 4.0
+    );
+}
+
+const MIRROR_AND_BUDGET: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-mirror, namespace: demo}
+spec:
+  parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  rules:
+    - name: mirrored
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter, port: 80}, percent: 100}
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo-retries, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  retry: {attempts: 3, retryOn: ["503"], budget: {percent: 20, interval: 10s, minRetriesPerSecond: 1}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_copy_traffic_and_retries_stop_at_the_budget() {
+    let mesh = Mesh::start().await.unwrap();
+    let caller = mesh.workload("echo", "us-east-1a").clone();
+    let greeter = mesh.workload("greeter", "us-west-2a").clone();
+    let (ok, out, err) = apply(&mesh, "east", "mirror", MIRROR_AND_BUDGET, "30s");
+    assert!(ok, "{out}{err}");
+    let before = scrape(greeter.admin_addr).await.unwrap();
+    let before = metric_sum(&before, "strait_inbound_requests_total", &[]);
+    for _ in 0..50 {
+        let a = call(caller.outbound_proxy, &format!("{ECHO}/"), &[]).await;
+        assert_eq!((a.status, a.service.as_str()), (200, "echo"));
+    }
+    let greeter_admin = greeter.admin_addr;
+    Mesh::eventually(
+        "greeter in west got the 50 copies",
+        Duration::from_secs(10),
+        || async move {
+            let text = scrape(greeter_admin).await.unwrap_or_default();
+            metric_sum(&text, "strait_inbound_requests_total", &[]) - before >= 50.0
+        },
+    )
+    .await
+    .unwrap();
+    let text = scrape(caller.admin_addr).await.unwrap();
+    let mirrored = metric_sum(&text, "strait_traffic_policy_actions_total", &[("action", "mirrored")]);
+    println!("mirrored to greeter (west): {mirrored} of 50 requests");
+    assert!(mirrored >= 50.0);
+
+    // Every endpoint answers 503 to /status/503: retries are spent until the budget (20 % of
+    // requests over 10 s, at least 1/s) runs out, then requests are answered without retrying.
+    for _ in 0..40 {
+        let a = call(caller.outbound_proxy, &format!("{ECHO}/status/503"), &[]).await;
+        assert_eq!(a.status, 503);
+    }
+    let text = scrape(caller.admin_addr).await.unwrap();
+    let retried = metric_sum(
+        &text,
+        "strait_upstream_retries_total",
+        &[("destination_service", "echo.demo.svc.clusterset.local")],
+    );
+    let exhausted = metric_sum(
+        &text,
+        "strait_upstream_retries_skipped_total",
+        &[("reason", "retry_budget_exhausted")],
+    );
+    println!("retry budget: {retried} retries for 90 requests, {exhausted} retries refused by the budget");
+    assert!(exhausted > 0.0, "the budget stopped retries");
+    // 90 first attempts over the window: 20 % is 18 retries, the floor 10.
+    assert!(retried <= 20.0, "{retried} retries");
+}
