@@ -14,6 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::{Encoder, Registry, TextEncoder};
 
 pub type JsonView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// A view that reads the request's query string (decoded `key=value` pairs, in order).
+pub type QueryView = Arc<dyn Fn(&[(String, String)]) -> serde_json::Value + Send + Sync>;
 
 /// What an admin server exposes.
 #[derive(Clone)]
@@ -21,6 +23,7 @@ pub struct Admin {
     pub registry: Registry,
     ready: Arc<AtomicBool>,
     views: HashMap<String, JsonView>,
+    query_views: HashMap<String, QueryView>,
 }
 
 impl Admin {
@@ -29,6 +32,7 @@ impl Admin {
             registry,
             ready: Arc::new(AtomicBool::new(false)),
             views: HashMap::new(),
+            query_views: HashMap::new(),
         }
     }
 
@@ -38,11 +42,27 @@ impl Admin {
         self
     }
 
+    /// Adds a JSON view at `path` that reads the query string.
+    pub fn query_view(mut self, path: &str, view: QueryView) -> Self {
+        self.query_views.insert(path.to_string(), view);
+        self
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
+    fn respond(&self, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+        if let Some(view) = self.query_views.get(path) {
+            let pairs = parse_query(query.unwrap_or_default());
+            let body = serde_json::to_vec_pretty(&view(&pairs)).unwrap_or_default();
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return resp;
+        }
         let (status, ctype, body) = match path {
             "/metrics" => {
                 let mut buf = Vec::new();
@@ -83,7 +103,7 @@ impl Admin {
             let admin = admin.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let resp = admin.respond(req.uri().path());
+                    let resp = admin.respond(req.uri().path(), req.uri().query());
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -94,9 +114,58 @@ impl Admin {
     }
 }
 
+/// Decodes `a=1&b=x%3Ay` (percent-encoding, `+` for space) into pairs.
+pub fn parse_query(q: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                        Ok(b) => {
+                            out.push(b);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
 /// Binds the admin address, with an error that names it.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind admin address {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_strings_decode() {
+        assert_eq!(
+            super::parse_query("url=http%3A%2F%2Fa%2Fb%3Fc%3D1&header=x-canary%3A+1&flag&bad=%zz"),
+            vec![
+                ("url".to_string(), "http://a/b?c=1".to_string()),
+                ("header".to_string(), "x-canary: 1".to_string()),
+                ("flag".to_string(), String::new()),
+                ("bad".to_string(), "%zz".to_string()),
+            ]
+        );
+    }
 }

@@ -22,12 +22,13 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use strait_api::pb;
 use strait_api::routes::compile::{compile_route, BackendLookup, RouteError, Target};
-use strait_api::routes::HttpRouteSpec;
+use strait_api::routes::{grpc, GrpcRouteSpec, HttpRouteSpec};
 use strait_api::traffic::{compile_policy, TargetLookup, TrafficPolicySpec};
 
 use crate::catalog::MergedService;
 
 pub const HTTP_ROUTE: &str = "HTTPRoute";
+pub const GRPC_ROUTE: &str = "GRPCRoute";
 pub const TRAFFIC_POLICY: &str = "TrafficPolicy";
 pub const SCOPE_LABEL: &str = "strait.dev/scope";
 pub const LOCKED_ANNOTATION: &str = "strait.dev/locked-fields";
@@ -133,6 +134,9 @@ pub fn check_schema(kind: &str, spec: &serde_json::Value) -> Result<(), String> 
         TRAFFIC_POLICY => serde_path_to_error::deserialize::<_, TrafficPolicySpec>(spec.clone())
             .map(|_| ())
             .map_err(|e| named(e.path().to_string(), e.inner().to_string())),
+        GRPC_ROUTE => serde_path_to_error::deserialize::<_, GrpcRouteSpec>(spec.clone())
+            .map_err(|e| named(e.path().to_string(), e.inner().to_string()))
+            .and_then(|g| grpc::to_http(&g).map(|_| ())),
         other => Err(format!("kind {other} is not supported here")),
     }
 }
@@ -158,13 +162,13 @@ pub fn parse_documents(text: &str) -> Vec<Result<Parsed, String>> {
             }
         };
         let supported = match doc.kind.as_str() {
-            HTTP_ROUTE => doc.api_version.starts_with("gateway.networking.k8s.io/"),
+            HTTP_ROUTE | GRPC_ROUTE => doc.api_version.starts_with("gateway.networking.k8s.io/"),
             TRAFFIC_POLICY => doc.api_version == "policy.strait.dev/v1alpha1",
             _ => false,
         };
         if !supported {
             out.push(Err(format!(
-                "document {i}: {} {} is not supported; use HTTPRoute (gateway.networking.k8s.io/v1) or TrafficPolicy (policy.strait.dev/v1alpha1)",
+                "document {i}: {} {} is not supported; use HTTPRoute or GRPCRoute (gateway.networking.k8s.io/v1) or TrafficPolicy (policy.strait.dev/v1alpha1)",
                 doc.api_version, doc.kind
             )));
             continue;
@@ -545,9 +549,9 @@ pub fn check(
         let o = &e.object;
         let mut conditions = vec![];
         let accepted = match o.kind.as_str() {
-            HTTP_ROUTE => match serde_json::from_str::<HttpRouteSpec>(&o.spec_json) {
+            HTTP_ROUTE | GRPC_ROUTE => match route_spec(&o.kind, &o.spec_json) {
                 Err(err) => {
-                    conditions.push(condition("Accepted", false, "UnsupportedValue", err.to_string()));
+                    conditions.push(condition("Accepted", false, "UnsupportedValue", err));
                     false
                 }
                 Ok(spec) => {
@@ -653,12 +657,17 @@ pub fn check(
         let serving = last_good.get(k);
         if let Some(good) = serving {
             match good.kind.as_str() {
-                HTTP_ROUTE => out.routes.push(pb::HttpRoute {
+                HTTP_ROUTE | GRPC_ROUTE => out.routes.push(pb::HttpRoute {
                     namespace: good.namespace.clone(),
                     name: good.name.clone(),
-                    spec_json: good.spec_json.clone(),
+                    // Proxies get a GRPCRoute as the HTTPRoute that does the same.
+                    spec_json: route_spec(&good.kind, &good.spec_json)
+                        .ok()
+                        .and_then(|s| serde_json::to_string(&s).ok())
+                        .unwrap_or_default(),
                     created_unix_ms: good.created_unix_ms,
                     cluster: good.cluster.clone(),
+                    kind: good.kind.clone(),
                 }),
                 TRAFFIC_POLICY => out.policies.push(pb::TrafficPolicy {
                     namespace: good.namespace.clone(),
@@ -717,10 +726,21 @@ pub fn schema_statuses(store: &ObjectStore, cluster: &str, statuses: &mut BTreeM
     }
 }
 
+/// An HTTPRoute's spec, or the HTTPRoute that does what a GRPCRoute's spec says.
+fn route_spec(kind: &str, spec_json: &str) -> Result<HttpRouteSpec, String> {
+    if kind == GRPC_ROUTE {
+        let g: GrpcRouteSpec = serde_json::from_str(spec_json).map_err(|e| e.to_string())?;
+        grpc::to_http(&g)
+    } else {
+        serde_json::from_str(spec_json).map_err(|e| e.to_string())
+    }
+}
+
 /// Names of the resources proxies get for an object.
 pub fn resource_name(kind: &str, namespace: &str, name: &str) -> String {
     match kind {
         HTTP_ROUTE => format!("route/{namespace}/{name}"),
+        GRPC_ROUTE => format!("grpcroute/{namespace}/{name}"),
         _ => format!("trafficpolicy/{namespace}/{name}"),
     }
 }

@@ -102,8 +102,13 @@ pub fn build(
         out.insert(r.name.clone(), r);
     }
     for route in routes {
+        let prefix = if route.kind == "GRPCRoute" {
+            "grpcroute"
+        } else {
+            "route"
+        };
         let r = resource(
-            format!("route/{}/{}", route.namespace, route.name),
+            format!("{prefix}/{}/{}", route.namespace, route.name),
             Kind::HttpRoute(route.clone()),
         );
         out.insert(r.name.clone(), r);

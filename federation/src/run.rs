@@ -622,7 +622,7 @@ fn admin_views(
             .collect();
         json!({ "services": list })
     });
-    let objects_view = |kind: &'static str, list: &'static str| -> strait_api::admin::JsonView {
+    let objects_view = |kinds: &'static [&'static str], list: &'static str| -> strait_api::admin::JsonView {
         let view = routes_view.clone();
         let table = table_view.clone();
         let expected = expected.clone();
@@ -632,11 +632,11 @@ fn admin_views(
                 return json!({ list: [] });
             };
             let peers = table.snapshot();
-            objects_json(&v, &peers, &expected, &cluster, kind, list)
+            objects_json(&v, &peers, &expected, &cluster, kinds, list)
         })
     };
-    let routes = objects_view(crate::objects::HTTP_ROUTE, "routes");
-    let policies = objects_view(crate::objects::TRAFFIC_POLICY, "policies");
+    let routes = objects_view(&[crate::objects::HTTP_ROUTE, crate::objects::GRPC_ROUTE], "routes");
+    let policies = objects_view(&[crate::objects::TRAFFIC_POLICY], "policies");
     Admin::new(registry.clone())
         .view("/status", status)
         .view("/services", services)
@@ -679,14 +679,14 @@ fn objects_json(
     peers: &[crate::peering::PeerState],
     expected: &[String],
     cluster: &str,
-    kind: &str,
+    kinds: &[&str],
     list: &str,
 ) -> serde_json::Value {
     let keys: std::collections::BTreeSet<&String> = v
         .statuses
         .keys()
         .chain(v.authored.keys())
-        .filter(|k| k.starts_with(&format!("{kind}/")))
+        .filter(|k| kinds.iter().any(|kind| k.starts_with(&format!("{kind}/"))))
         .collect();
     let cond =
         |c: &pb::Condition| json!({"type": c.r#type, "status": c.status, "reason": c.reason, "message": c.message});
@@ -750,6 +750,7 @@ fn objects_json(
             .iter()
             .flat_map(|s| s.proxies_pending.iter().map(move |p| format!("{}/{p}", s.cluster)))
             .collect();
+        let kind = k.split('/').next().unwrap_or_default();
         out.push(json!({
             "kind": kind,
             "namespace": namespace,

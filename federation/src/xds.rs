@@ -22,6 +22,8 @@ pub struct ProxyStatus {
     pub node: String,
     pub kind: String,
     pub identity: String,
+    /// Its admin address, as it said.
+    pub admin: String,
     pub sent_version: u64,
     pub acked_version: u64,
     pub rejected: Vec<String>,
@@ -112,6 +114,7 @@ impl ConfigService for XdsServer {
                 node: hello.node.clone(),
                 kind: hello.kind.clone(),
                 identity: identity.to_string(),
+                admin: hello.admin.clone(),
                 sent_version: 0,
                 acked_version: 0,
                 rejected: vec![],

@@ -38,6 +38,7 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         kind: "gateway".into(),
         cluster: opts.locality.cluster.clone(),
         have_version: 0,
+        admin: opts.admin.to_string(),
     };
     let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
 

@@ -174,6 +174,40 @@ async fn a_route_applied_in_one_cluster_shapes_calls_in_every_other() {
     );
     assert!(wide.contains("acked gen 1") && wide.contains("west"), "{wide}");
 
+    // `strait route explain` says what east's sidecar does with a canary call, and why.
+    let east_admin = mesh.cluster("east").controller.admin_addr.to_string();
+    let explain = |args: &[&str]| {
+        let out = std::process::Command::new(multicluster_tests::strait_bin())
+            .args([
+                "route",
+                "explain",
+                "--controller",
+                &east_admin,
+                "--from",
+                "east/echo-us-east-1a",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = explain(&[GREETER, "-H", "x-canary: 1"]);
+    println!("{text}");
+    for want in [
+        "Route     demo/greeter-canary rule canary",
+        "header x-canary = \"1\"",
+        "ResponseHeaderModifier set x-route: canary",
+        "Backend   echo.demo.svc.clusterset.local weight 1 (100%)",
+        "Level 0   echo-us-east-1a (east/us-east-1a) healthy",
+        "Pick      echo-us-east-1a",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&explain(&[GREETER, "--output", "json"])).unwrap();
+    assert_eq!(v["route"]["rule"], "split", "{v}");
+    assert_eq!(v["route"]["backends"][0]["share_percent"], 90.0, "{v}");
+
     // Header routing and the 90/10 split, from east.
     for _ in 0..20 {
         let a = call(east_caller, GREETER, &[("x-canary", "1")]).await;
@@ -514,4 +548,87 @@ async fn mirrors_copy_traffic_and_retries_stop_at_the_budget() {
     assert!(exhausted > 0.0, "the budget stopped retries");
     // 90 first attempts over the window: 20 % is 18 retries, the floor 10.
     assert!(retried <= 20.0, "{retried} retries");
+}
+
+const GRPC_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter-grpc, namespace: demo}
+spec:
+  parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter}]
+  rules:
+    - name: canary-hello
+      matches: [{method: {service: strait.demo.v1.Demo, method: Hello}, headers: [{name: x-canary, value: "1"}]}]
+      filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: grpc-canary}]}}]
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+    - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter, port: 80}]
+"#;
+
+fn grpcurl(proxy: SocketAddr, headers: &[&str]) -> (bool, String) {
+    let bin = std::env::var("STRAIT_GRPCURL").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/strait/bin/grpcurl",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/proto");
+    let mut args: Vec<String> = [
+        "-plaintext",
+        "-v",
+        "-import-path",
+        proto_dir,
+        "-proto",
+        "demo.proto",
+        "-authority",
+        "greeter.demo.svc.clusterset.local:80",
+        "-d",
+        r#"{"name":"grpcroute"}"#,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for h in headers {
+        args.push("-H".into());
+        args.push(h.to_string());
+    }
+    args.push(proxy.to_string());
+    args.push("strait.demo.v1.Demo/Hello".into());
+    let out = std::process::Command::new(&bin)
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e} (test.sh builds grpcurl; set STRAIT_GRPCURL)"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_route_applied_in_one_cluster_routes_calls_in_another() {
+    let mesh = Mesh::start().await.unwrap();
+    let east_caller = mesh.workload("echo", "us-east-1a").outbound_proxy;
+    let (ok, out, err) = apply(&mesh, "west", "grpc", GRPC_ROUTE, "30s");
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("grpcroute/demo/greeter-grpc created") && out.contains("applied in 3/3 clusters"),
+        "{out}"
+    );
+    // The canary header sends Demo/Hello to echo (with the rule's response header) ...
+    let (ok, out) = grpcurl(east_caller, &["x-canary: 1"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("hello grpcroute from echo-us-east-1a"), "{out}");
+    assert!(out.contains("x-route: grpc-canary"), "{out}");
+    // ... and every other call to greeter, in west.
+    let (ok, out) = grpcurl(east_caller, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("hello grpcroute from greeter-us-west-2a in west"), "{out}");
+    let routes = get(&mesh, "east", "routes", "table");
+    assert!(
+        routes.contains("greeter-grpc") && routes.contains("3/3 clusters"),
+        "{routes}"
+    );
 }

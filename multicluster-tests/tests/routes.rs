@@ -126,7 +126,7 @@ async fn a_route_splits_and_matches_and_a_bad_one_keeps_its_last_good_version() 
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}");
-    assert!(table.starts_with("NAMESPACE  NAME"), "{table}");
+    assert!(table.starts_with("KIND       NAMESPACE  NAME"), "{table}");
     assert!(
         table.contains("greeter-split") && table.contains("False (UnsupportedValue)") && table.contains("0/3 clusters"),
         "{table}"

@@ -99,8 +99,55 @@ impl Balancer {
             })
             .collect();
         // A TrafficPolicy's locality settings override the mesh-wide ones for its service.
-        let overridden = snap
-            .traffic_policy(svc, None)
+        let overridden = self.lb_policy(snap, svc);
+        choose(
+            &self.locality,
+            &self.labels,
+            &candidates,
+            tried,
+            overridden.as_ref().unwrap_or(&snap.policy.lb),
+            rand::random::<f64>(),
+            rand::random::<u64>(),
+        )
+    }
+
+    /// For `strait route explain`: each endpoint's priority level (0 nearest) as this proxy
+    /// computes it, and its health: (level, ready, reachable, ejected).
+    pub fn levels(&self, snap: &Snapshot, svc: &ServiceEntry) -> Vec<(u32, bool, bool, bool)> {
+        let now = Instant::now();
+        let Ok(outlier) = self.outlier.lock() else {
+            return vec![];
+        };
+        let candidates: Vec<Candidate<'_>> = svc
+            .endpoints
+            .iter()
+            .map(|ep| Candidate {
+                locality: &ep.locality,
+                labels: &ep.labels,
+                healthy: true,
+            })
+            .collect();
+        let policy = self.lb_policy(snap, svc);
+        let levels = strait_api::lb::priorities(
+            &self.locality,
+            &self.labels,
+            &candidates,
+            policy.as_ref().unwrap_or(&snap.policy.lb),
+        );
+        svc.endpoints
+            .iter()
+            .zip(levels)
+            .map(|(ep, level)| {
+                let reachable = self.healthy(snap, ep, None, now) || !ep.ready;
+                let ejected = ep.ready && reachable && !self.healthy(snap, ep, Some(&outlier), now);
+                (level, ep.ready, reachable, ejected)
+            })
+            .collect()
+    }
+
+    /// A TrafficPolicy's locality settings for `svc`, over the mesh-wide ones.
+    fn lb_policy(&self, snap: &Snapshot, svc: &ServiceEntry) -> Option<strait_api::lb::LbPolicy> {
+        snap.traffic_policy(svc, None)
             .filter(|p| !p.failover.is_empty() || !p.failover_priority.is_empty())
             .map(|p| {
                 let mut lb = snap.policy.lb.clone();
@@ -111,16 +158,7 @@ impl Balancer {
                     lb.failover_priority = p.failover_priority.clone();
                 }
                 lb
-            });
-        choose(
-            &self.locality,
-            &self.labels,
-            &candidates,
-            tried,
-            overridden.as_ref().unwrap_or(&snap.policy.lb),
-            rand::random::<f64>(),
-            rand::random::<u64>(),
-        )
+            })
     }
 
     pub fn success(&self, ep: &EndpointEntry) {

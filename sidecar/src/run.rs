@@ -75,7 +75,27 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let registry = Registry::new();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
     let view_rx = rx.clone();
-    let admin = Admin::new(registry.clone()).view("/config", Arc::new(move || config_view(&view_rx.borrow())));
+    // `strait route explain` asks the outbound side, which exists once the certificate is in.
+    let explainer: Arc<std::sync::OnceLock<Arc<Outbound>>> = Arc::default();
+    let explain_with = explainer.clone();
+    let admin = Admin::new(registry.clone())
+        .view("/config", Arc::new(move || config_view(&view_rx.borrow())))
+        .query_view(
+            "/explain",
+            Arc::new(move |q: &[(String, String)]| {
+                let Some(outbound) = explain_with.get() else {
+                    return serde_json::json!({"error": "the sidecar is still starting"});
+                };
+                let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+                let headers: Vec<(String, String)> = q
+                    .iter()
+                    .filter(|(k, _)| k == "header")
+                    .filter_map(|(_, v)| v.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .collect();
+                outbound.explain(get("method").unwrap_or("GET"), get("url").unwrap_or_default(), &headers)
+            }),
+        );
     let admin_listener = strait_api::admin::bind(opts.admin).await?;
     let inbound_listener = bind("inbound", opts.inbound).await?;
     let outbound_listener = bind("outbound", opts.outbound).await?;
@@ -95,6 +115,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         kind: "sidecar".into(),
         cluster: opts.locality.cluster.clone(),
         have_version: 0,
+        admin: opts.admin.to_string(),
     };
     let (store, found) = opts.controller.connect(hello, &registry, tx).await?;
     // No zone given (the injector does not know the node yet): take the one the CA found.
@@ -147,6 +168,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     );
     let drain = Drain::new();
     let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));
+    let _ = explainer.set(outbound.clone());
     tokio::spawn(outbound.serve(outbound_listener, drain.watch()));
 
     let mut ready_rx = rx.clone();

@@ -71,6 +71,9 @@ pub enum Command {
     /// Write HTTPRoutes and TrafficPolicies for the whole clusterset (outside Kubernetes).
     #[command(after_help = policy::APPLY_EXAMPLES)]
     Apply(policy::ApplyArgs),
+    /// Explain how a workload's sidecar routes a request: `strait route explain`.
+    #[command(subcommand)]
+    Route(policy::RouteCommand),
     /// Remove routes and policies written with `strait apply`, in every cluster.
     #[command(after_help = policy::DELETE_EXAMPLES)]
     Delete(policy::DeleteArgs),
@@ -139,6 +142,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Get(inspect::GetCommand::Policies(args)) => policy::get(args, "policies").await,
         Command::Apply(args) => policy::apply(args).await,
         Command::Delete(args) => policy::delete(args).await,
+        Command::Route(policy::RouteCommand::Explain(args)) => policy::explain(args).await,
         Command::Trust(cmd) => trust::run(cmd),
         Command::Sidecar(args) => daemons::sidecar(*args).await,
         Command::SidecarInit(args) => intercept::run(args),

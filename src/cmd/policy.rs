@@ -393,6 +393,7 @@ pub async fn get(a: ObjectsArgs, list: &str) -> anyhow::Result<()> {
             }
             let applied = r["applied_clusters"].as_array().map(Vec::len).unwrap_or_default();
             let mut row = vec![
+                s(&r["kind"]),
                 s(&r["namespace"]),
                 s(&r["name"]),
                 s(&r["scope"]),
@@ -429,6 +430,204 @@ pub async fn get(a: ObjectsArgs, list: &str) -> anyhow::Result<()> {
     print!("{}", table(&headers, &rows));
     for e in v["file_errors"].as_array().unwrap_or(&empty) {
         println!("file {}: {}", s(&e["file"]), s(&e["error"]));
+    }
+    Ok(())
+}
+
+pub const EXPLAIN_EXAMPLES: &str = "Examples:
+  strait route explain --controller 127.10.1.1:15014 --from east/echo-us-east-1a \\
+      http://greeter.demo.svc.clusterset.local/ -H 'x-canary: 1'
+  strait route explain --controller 127.10.1.1:15014 --from east/echo-us-east-1a \\
+      http://echo.demo.svc.clusterset.local/status/503 --output json
+
+--controller is the admin address of the controller of the --from cluster (strait up prints it).";
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RouteCommand {
+    /// What a workload's sidecar would do with a request: the route and rule that match and
+    /// why, filters, backends and weights, the TrafficPolicy, locality levels with health,
+    /// and the endpoint it would pick. Nothing is sent.
+    #[command(after_help = EXPLAIN_EXAMPLES)]
+    Explain(ExplainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// The calling workload, `<cluster>/<workload>` (as `strait status` lists proxies).
+    #[arg(long)]
+    pub from: String,
+    /// The URL the workload would call.
+    pub url: String,
+    /// Request headers, `name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+    #[arg(short = 'X', long, default_value = "GET")]
+    pub method: String,
+    /// The admin address of the --from cluster's controller.
+    #[arg(long)]
+    pub controller: SocketAddr,
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
+    let (cluster, workload) = a.from.split_once('/').ok_or_else(|| {
+        anyhow::anyhow!(
+            "--from {:?}: use <cluster>/<workload>, e.g. east/echo-us-east-1a",
+            a.from
+        )
+    })?;
+    let status = get_json(a.controller, "/status").await?;
+    if status["cluster"] != cluster {
+        anyhow::bail!(
+            "the controller at {} is cluster {}'s; pass the admin address of cluster {cluster}'s controller",
+            a.controller,
+            s(&status["cluster"])
+        );
+    }
+    let empty = vec![];
+    let proxies = status["proxies"].as_array().unwrap_or(&empty);
+    let proxy = proxies
+        .iter()
+        .find(|p| p["node"] == workload && p["kind"] == "sidecar")
+        .ok_or_else(|| {
+            let known: Vec<String> = proxies
+                .iter()
+                .filter(|p| p["kind"] == "sidecar")
+                .map(|p| s(&p["node"]))
+                .collect();
+            anyhow::anyhow!(
+                "no sidecar {workload} in cluster {cluster}; its sidecars: {}",
+                known.join(", ")
+            )
+        })?;
+    let admin: SocketAddr = s(&proxy["admin"])
+        .parse()
+        .map_err(|_| anyhow::anyhow!("sidecar {workload} did not say its admin address (an older version?)"))?;
+    let mut query = format!("method={}&url={}", encode(&a.method), encode(&a.url));
+    for h in &a.headers {
+        if !h.contains(':') {
+            anyhow::bail!("-H {h:?}: use 'name: value'");
+        }
+        query.push_str(&format!("&header={}", encode(h)));
+    }
+    let v = get_json(admin, &format!("/explain?{query}")).await?;
+    if a.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut rows: Vec<Vec<String>> = vec![];
+    let mut row = |k: &str, v: String| rows.push(vec![k.to_string(), v]);
+    let headers = v["request"]["headers"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(s)
+        .collect::<Vec<_>>();
+    row(
+        "Request",
+        format!(
+            "{} {}{} from {}/{workload} ({})",
+            s(&v["request"]["method"]),
+            s(&v["request"]["url"]),
+            if headers.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", headers.join(", "))
+            },
+            cluster,
+            s(&v["from"]["zone"])
+        ),
+    );
+    if !v["service"].is_null() {
+        row("Service", s(&v["service"]));
+    }
+    let route = &v["route"];
+    if route["name"].is_null() {
+        if !route.is_null() {
+            row("Route", s(&route["why"]));
+        }
+    } else {
+        row("Route", format!("{} rule {}", s(&route["name"]), s(&route["rule"])));
+        let why: Vec<String> = route["why"].as_array().unwrap_or(&empty).iter().map(s).collect();
+        row("Matched", why.join("; "));
+        for f in route["filters"].as_array().unwrap_or(&empty) {
+            row("Filter", s(f));
+        }
+        for b in route["backends"].as_array().unwrap_or(&empty) {
+            row(
+                "Backend",
+                format!(
+                    "{} weight {} ({:.0}%){}, {}",
+                    s(&b["service"]),
+                    s(&b["weight"]),
+                    b["share_percent"].as_f64().unwrap_or_default(),
+                    if b["resolved"] == false { " NOT IN CATALOG" } else { "" },
+                    s(&b["kind"])
+                ),
+            );
+        }
+    }
+    if !v["destination"].is_null() {
+        row("Sent to", s(&v["destination"]));
+    }
+    if !v["traffic_policy"].is_null() {
+        row("Policy", format!("TrafficPolicy {}", s(&v["traffic_policy"]["name"])));
+        for setting in v["traffic_policy"]["settings"].as_array().unwrap_or(&empty) {
+            row("", s(setting));
+        }
+    }
+    for level in v["priorities"].as_array().unwrap_or(&empty) {
+        let eps: Vec<String> = level["endpoints"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|e| {
+                let health = if e["healthy"] == true {
+                    "healthy"
+                } else if e["ready"] == false {
+                    "not ready"
+                } else if e["reachable"] == false {
+                    "cluster unreachable"
+                } else {
+                    "ejected"
+                };
+                format!(
+                    "{} ({}/{}) {health}",
+                    s(&e["endpoint"]),
+                    s(&e["cluster"]),
+                    s(&e["zone"])
+                )
+            })
+            .collect();
+        row(&format!("Level {}", s(&level["level"])), eps.join(", "));
+    }
+    if !v["pick"].is_null() {
+        row(
+            "Pick",
+            format!(
+                "{} at {} ({}/{})",
+                s(&v["pick"]["endpoint"]),
+                s(&v["pick"]["address"]),
+                s(&v["pick"]["cluster"]),
+                s(&v["pick"]["zone"])
+            ),
+        );
+    }
+    if !v["error"].is_null() {
+        row("Error", s(&v["error"]));
+    }
+    for r in rows {
+        println!("{:<9} {}", r[0], r[1]);
     }
     Ok(())
 }

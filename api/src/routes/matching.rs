@@ -38,7 +38,9 @@ fn rank(m: &CompiledMatch) -> (u8, usize, bool, usize, usize) {
     let (kind, len) = match &m.path {
         PathRule::Exact(p) => (3, p.len()),
         PathRule::Prefix(p) => (2, p.len()),
-        PathRule::Regex(_) => (1, 0),
+        // Among regexes (implementation-specific in Gateway API) the longer pattern first: a
+        // GRPCRoute's method-only match (`/[^/]+/Check`) beats its catch-all (`/.*`).
+        PathRule::Regex(re) => (1, re.as_str().len()),
     };
     (kind, len, m.method.is_some(), m.headers.len(), m.query.len())
 }
@@ -73,10 +75,18 @@ impl RouteTable {
 
     /// The route and rule `req` takes, if any.
     pub fn route(&self, req: &RequestView<'_>) -> Option<(&Arc<CompiledRoute>, &CompiledRule)> {
+        self.explain(req).map(|(route, rule, _)| (route, rule))
+    }
+
+    /// The route, rule and match `req` takes (for `strait route explain`).
+    pub fn explain(&self, req: &RequestView<'_>) -> Option<(&Arc<CompiledRoute>, &CompiledRule, &CompiledMatch)> {
         self.entries
             .iter()
             .find(|e| matches(&e.route.rules[e.rule].matches[e.matched], req))
-            .map(|e| (&e.route, &e.route.rules[e.rule]))
+            .map(|e| {
+                let rule = &e.route.rules[e.rule];
+                (&e.route, rule, &rule.matches[e.matched])
+            })
     }
 }
 

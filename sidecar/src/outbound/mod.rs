@@ -27,6 +27,7 @@ pub(crate) use drive;
 
 mod head;
 pub use head::{check_head, Refusal};
+mod explain;
 mod http;
 pub(crate) use http::{grpc_status, strip_hop};
 mod replay;
