@@ -161,67 +161,95 @@ pub fn parse_documents(text: &str) -> Vec<Result<Parsed, String>> {
                 continue;
             }
         };
-        let supported = match doc.kind.as_str() {
-            HTTP_ROUTE | GRPC_ROUTE => doc.api_version.starts_with("gateway.networking.k8s.io/"),
-            TRAFFIC_POLICY => doc.api_version == "policy.strait.dev/v1alpha1",
-            _ => false,
-        };
-        if !supported {
-            out.push(Err(format!(
-                "document {i}: {} {} is not supported; use HTTPRoute or GRPCRoute (gateway.networking.k8s.io/v1) or TrafficPolicy (policy.strait.dev/v1alpha1)",
-                doc.api_version, doc.kind
-            )));
-            continue;
-        }
-        let m = doc.metadata;
-        let what = format!("document {i} ({} {}/{})", doc.kind, m.namespace, m.name);
-        if m.name.is_empty() {
-            out.push(Err(format!("{what}: field `metadata.name` is required")));
-            continue;
-        }
-        let cluster_scope = match m.labels.get(SCOPE_LABEL).map(String::as_str) {
-            None | Some("clusterset") => false,
-            Some("cluster") => true,
-            Some(other) => {
-                out.push(Err(format!(
-                    "{what}: label `metadata.labels.{SCOPE_LABEL}`: {other:?} is not a scope; use cluster (this cluster only) or leave it out (the whole clusterset)"
-                )));
-                continue;
-            }
-        };
-        let locked: Vec<String> = m
-            .annotations
-            .get(LOCKED_ANNOTATION)
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(bad) = locked.iter().find(|p| !p.starts_with("spec.") || p.len() < 6) {
-            out.push(Err(format!(
-                "{what}: annotation `metadata.annotations.{LOCKED_ANNOTATION}`: {bad:?} is not a field path; list paths like spec.retry,spec.rules separated by commas"
-            )));
-            continue;
-        }
-        if let Err(e) = check_schema(&doc.kind, &doc.spec) {
-            out.push(Err(format!("{what}: {e}")));
-            continue;
-        }
-        out.push(Ok(Parsed {
-            kind: doc.kind,
-            namespace: m.namespace,
-            name: m.name,
-            spec: doc.spec,
-            cluster_scope,
-            locked,
-            generation: m.generation,
-            created_unix_ms: m.annotations.get(CREATED_ANNOTATION).and_then(|v| v.parse().ok()),
-        }));
+        out.push(from_document(doc, &format!("document {i} ")));
     }
     out
+}
+
+/// Checks one object (apiVersion, kind, metadata, spec); errors start with `prefix`.
+fn from_document(doc: Document, prefix: &str) -> Result<Parsed, String> {
+    let supported = match doc.kind.as_str() {
+        HTTP_ROUTE | GRPC_ROUTE => doc.api_version.starts_with("gateway.networking.k8s.io/"),
+        TRAFFIC_POLICY => doc.api_version == "policy.strait.dev/v1alpha1",
+        _ => false,
+    };
+    if !supported {
+        return Err(format!(
+            "{prefix}{} {} is not supported; use HTTPRoute or GRPCRoute (gateway.networking.k8s.io/v1) or TrafficPolicy (policy.strait.dev/v1alpha1)",
+            doc.api_version, doc.kind
+        ));
+    }
+    let m = doc.metadata;
+    let what = format!("{prefix}({} {}/{})", doc.kind, m.namespace, m.name);
+    if m.name.is_empty() {
+        return Err(format!("{what}: field `metadata.name` is required"));
+    }
+    let cluster_scope = match m.labels.get(SCOPE_LABEL).map(String::as_str) {
+        None | Some("clusterset") => false,
+        Some("cluster") => true,
+        Some(other) => {
+            return Err(format!(
+                "{what}: label `metadata.labels.{SCOPE_LABEL}`: {other:?} is not a scope; use cluster (this cluster only) or leave it out (the whole clusterset)"
+            ));
+        }
+    };
+    let locked: Vec<String> = m
+        .annotations
+        .get(LOCKED_ANNOTATION)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(bad) = locked.iter().find(|p| !p.starts_with("spec.") || p.len() < 6) {
+        return Err(format!(
+            "{what}: annotation `metadata.annotations.{LOCKED_ANNOTATION}`: {bad:?} is not a field path; list paths like spec.retry,spec.rules separated by commas"
+        ));
+    }
+    if let Err(e) = check_schema(&doc.kind, &doc.spec) {
+        return Err(format!("{what}: {e}"));
+    }
+    Ok(Parsed {
+        kind: doc.kind,
+        namespace: m.namespace,
+        name: m.name,
+        spec: doc.spec,
+        cluster_scope,
+        locked,
+        generation: m.generation,
+        created_unix_ms: m.annotations.get(CREATED_ANNOTATION).and_then(|v| v.parse().ok()),
+    })
+}
+
+/// An object read from the Kubernetes API (its `spec` as the API server stored it).
+#[allow(clippy::too_many_arguments)]
+pub fn parse_kube(
+    api_version: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    generation: Option<i64>,
+    spec: serde_json::Value,
+) -> Result<Parsed, String> {
+    let doc = Document {
+        api_version: api_version.to_string(),
+        kind: kind.to_string(),
+        metadata: Metadata {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            labels,
+            annotations,
+            generation: generation.map(|g| g.max(0) as u64),
+        },
+        spec,
+        status: None,
+    };
+    from_document(doc, "")
 }
 
 /// One object written in this cluster.
@@ -374,6 +402,88 @@ impl ObjectStore {
         self.objects.retain(|k, o| o.file != path || seen.contains(k));
     }
 
+    /// Replaces the objects read from the Kubernetes API (`Kind/ns/name` and what parsing
+    /// made of each, with its creation time) with `objects`. Returns whether anything changed.
+    pub fn set_kube(&mut self, objects: Vec<(String, Result<Parsed, String>, i64)>) -> bool {
+        let before: Vec<(String, String, u64, Option<String>)> = self
+            .objects
+            .iter()
+            .filter(|(_, a)| is_kube(&a.file))
+            .map(|(k, a)| {
+                (
+                    k.clone(),
+                    a.object.spec_json.clone(),
+                    a.object.generation,
+                    a.error.clone(),
+                )
+            })
+            .collect();
+        let keys: Vec<&String> = objects.iter().map(|(k, _, _)| k).collect();
+        self.objects.retain(|k, a| !is_kube(&a.file) || keys.contains(&k));
+        for (k, parsed, created) in &objects {
+            let file = PathBuf::from(format!("{KUBE_PREFIX}{k}"));
+            match parsed {
+                Ok(p) => {
+                    self.objects.insert(
+                        k.clone(),
+                        Authored {
+                            file,
+                            object: pb::PolicyObject {
+                                kind: p.kind.clone(),
+                                namespace: p.namespace.clone(),
+                                name: p.name.clone(),
+                                spec_json: serde_json::to_string(&p.spec).unwrap_or_default(),
+                                created_unix_ms: *created,
+                                cluster: self.cluster.clone(),
+                                generation: p.generation.unwrap_or(1),
+                                locked_fields: p.locked.clone(),
+                                cluster_scope: p.cluster_scope,
+                            },
+                            error: None,
+                            good: true,
+                        },
+                    );
+                }
+                Err(e) => {
+                    let mut parts = k.splitn(3, '/');
+                    let (kind, ns, name) = (
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                    );
+                    let entry = self.objects.entry(k.clone()).or_insert_with(|| Authored {
+                        file: file.clone(),
+                        object: pb::PolicyObject {
+                            kind: kind.into(),
+                            namespace: ns.into(),
+                            name: name.into(),
+                            created_unix_ms: *created,
+                            cluster: self.cluster.clone(),
+                            ..Default::default()
+                        },
+                        error: None,
+                        good: false,
+                    });
+                    entry.error = Some(e.clone());
+                }
+            }
+        }
+        let after: Vec<(String, String, u64, Option<String>)> = self
+            .objects
+            .iter()
+            .filter(|(_, a)| is_kube(&a.file))
+            .map(|(k, a)| {
+                (
+                    k.clone(),
+                    a.object.spec_json.clone(),
+                    a.object.generation,
+                    a.error.clone(),
+                )
+            })
+            .collect();
+        before != after
+    }
+
     /// The clusterset objects peers get (each at its last good version).
     pub fn exported(&self) -> Vec<pb::PolicyObject> {
         self.objects
@@ -382,6 +492,93 @@ impl ObjectStore {
             .map(|a| a.object.clone())
             .collect()
     }
+}
+
+/// Objects from the Kubernetes API carry this "file" name prefix.
+pub const KUBE_PREFIX: &str = "kubernetes:";
+
+pub fn is_kube(file: &Path) -> bool {
+    file.to_str().is_some_and(|f| f.starts_with(KUBE_PREFIX))
+}
+
+/// Where an object's current version stands across the clusterset, from every cluster's
+/// report: the clusters that apply it, those that do not (yet), and this cluster's proxies
+/// and the others' that acknowledged it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub origin: String,
+    pub generation: u64,
+    pub cluster_scope: bool,
+    pub applied: Vec<String>,
+    pub missing: Vec<String>,
+    pub expected: usize,
+    pub proxies_acked: u32,
+    pub proxies_total: u32,
+    pub pending: Vec<String>,
+    /// Every cluster's report, this cluster's first.
+    pub reports: Vec<pb::ObjectStatus>,
+}
+
+/// The summary of object `k` (its status here, what was written here, every peer's reports).
+pub fn summarize(
+    k: &str,
+    own: Option<&pb::ObjectStatus>,
+    authored: Option<&Authored>,
+    cluster_scope: bool,
+    peer_reports: &[&pb::ObjectStatus],
+    expected: &[String],
+    cluster: &str,
+) -> Option<Summary> {
+    let (origin, generation) = match (own, authored) {
+        (Some(s), _) => (s.origin_cluster.clone(), s.generation),
+        (None, Some(a)) => (cluster.to_string(), a.object.generation),
+        (None, None) => return None,
+    };
+    let expected: Vec<String> = if cluster_scope {
+        vec![cluster.to_string()]
+    } else {
+        expected.to_vec()
+    };
+    let reports: Vec<&pb::ObjectStatus> = own
+        .into_iter()
+        .chain(
+            peer_reports
+                .iter()
+                .copied()
+                .filter(|s| key(&s.kind, &s.namespace, &s.name) == k),
+        )
+        .collect();
+    let current: Vec<&pb::ObjectStatus> = reports
+        .iter()
+        .copied()
+        .filter(|s| {
+            if cluster_scope {
+                s.cluster == cluster
+            } else {
+                s.origin_cluster == origin && s.generation == generation
+            }
+        })
+        .collect();
+    let (applied, missing) = applied_in(current.iter().copied(), &expected);
+    Some(Summary {
+        proxies_acked: current
+            .iter()
+            .filter(|s| applied.contains(&s.cluster))
+            .map(|s| s.proxies_acked)
+            .sum(),
+        proxies_total: current.iter().map(|s| s.proxies_total).sum(),
+        pending: current
+            .iter()
+            .flat_map(|s| s.proxies_pending.iter().map(move |p| format!("{}/{p}", s.cluster)))
+            .collect(),
+        origin,
+        generation,
+        cluster_scope,
+        applied,
+        missing,
+        expected: expected.len(),
+        reports: reports.into_iter().cloned().collect(),
+    })
 }
 
 /// What one cluster enforces for one `Kind/namespace/name`, before checking.

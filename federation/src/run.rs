@@ -280,6 +280,9 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     }
     let mut object_store = crate::objects::ObjectStore::new(cfg.routes_dir.as_deref(), &cfg.cluster);
     let mut last_good: BTreeMap<String, pb::PolicyObject> = BTreeMap::new();
+    let expected_clusters: Vec<String> = std::iter::once(cfg.cluster.clone())
+        .chain(cfg.peers.iter().map(|p| p.name.clone()))
+        .collect();
     let mut last_errors: Vec<SourceError> = vec![];
     let started_at = Instant::now();
     let mut version = 0u64;
@@ -317,6 +320,9 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             rejected.with_label_values(&["policy"]).inc();
         }
         object_store.poll();
+        if let Source::Kube(watched, _) = &source {
+            object_store.set_kube(watched.objects.objects());
+        }
         let now = Instant::now();
         let (local, errors) = match &mut source {
             Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
@@ -400,6 +406,26 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let mut statuses = checked.statuses;
         crate::objects::schema_statuses(&object_store, &cfg.cluster, &mut statuses);
         count_acks(&mut statuses, &state_tx.borrow(), &xds.proxies());
+        if let (Source::Kube(watched, _), true) = (&source, warm) {
+            // Each route's and policy's status in this cluster's API server, with every
+            // cluster's report.
+            let peer_reports: Vec<&pb::ObjectStatus> = peers.iter().flat_map(|p| p.statuses.iter()).collect();
+            let mut reports = BTreeMap::new();
+            for (k, a) in object_store
+                .objects
+                .iter()
+                .filter(|(_, a)| crate::objects::is_kube(&a.file))
+            {
+                let own = statuses.get(k);
+                let scope = a.object.cluster_scope;
+                if let Some(sum) =
+                    crate::objects::summarize(k, own, Some(a), scope, &peer_reports, &expected_clusters, &cfg.cluster)
+                {
+                    reports.insert(k.clone(), (own.map(|s| s.conditions.clone()).unwrap_or_default(), sum));
+                }
+            }
+            watched.objects.write_statuses(&reports).await;
+        }
         let objects_out = object_store.exported();
         let statuses_out: Vec<pb::ObjectStatus> = statuses.values().cloned().collect();
         exports_tx.send_if_modified(|cur| {
@@ -699,77 +725,36 @@ fn objects_json(
             .map(|e| e.object.cluster_scope)
             .or(authored.map(|a| a.object.cluster_scope))
             .unwrap_or(false);
-        let (namespace, name, origin, generation) = match (own, authored) {
-            (Some(s), _) => (
-                s.namespace.clone(),
-                s.name.clone(),
-                s.origin_cluster.clone(),
-                s.generation,
-            ),
-            (None, Some(a)) => (
-                a.object.namespace.clone(),
-                a.object.name.clone(),
-                cluster.to_string(),
-                a.object.generation,
-            ),
+        let peer_reports: Vec<&pb::ObjectStatus> = peers.iter().flat_map(|p| p.statuses.iter()).collect();
+        let Some(sum) = crate::objects::summarize(k, own, authored, cluster_scope, &peer_reports, expected, cluster)
+        else {
+            continue;
+        };
+        let (namespace, name) = match (own, authored) {
+            (Some(s), _) => (s.namespace.clone(), s.name.clone()),
+            (None, Some(a)) => (a.object.namespace.clone(), a.object.name.clone()),
             (None, None) => continue,
         };
-        let expected: Vec<String> = if cluster_scope {
-            vec![cluster.to_string()]
-        } else {
-            expected.to_vec()
-        };
-        let reports: Vec<&pb::ObjectStatus> = own
-            .into_iter()
-            .chain(
-                peers
-                    .iter()
-                    .flat_map(|p| p.statuses.iter())
-                    .filter(|s| crate::objects::key(&s.kind, &s.namespace, &s.name) == *k),
-            )
-            .collect();
-        let current: Vec<&pb::ObjectStatus> = reports
-            .iter()
-            .copied()
-            .filter(|s| {
-                if cluster_scope {
-                    s.cluster == cluster
-                } else {
-                    s.origin_cluster == origin && s.generation == generation
-                }
-            })
-            .collect();
-        let (applied, missing) = crate::objects::applied_in(current.iter().copied(), &expected);
-        let acked: u32 = current
-            .iter()
-            .filter(|s| applied.contains(&s.cluster))
-            .map(|s| s.proxies_acked)
-            .sum();
-        let total: u32 = current.iter().map(|s| s.proxies_total).sum();
-        let pending: Vec<String> = current
-            .iter()
-            .flat_map(|s| s.proxies_pending.iter().map(move |p| format!("{}/{p}", s.cluster)))
-            .collect();
         let kind = k.split('/').next().unwrap_or_default();
         out.push(json!({
             "kind": kind,
             "namespace": namespace,
             "name": name,
-            "origin_cluster": origin,
-            "generation": generation,
+            "origin_cluster": sum.origin,
+            "generation": sum.generation,
             "scope": if cluster_scope { "cluster" } else { "clusterset" },
             "locked_fields": eff.map(|e| e.object.locked_fields.clone()).unwrap_or_default(),
             "file": authored.map(|a| a.file.clone()),
             "serving": own.is_some_and(|s| s.serving),
             "serving_generation": own.map(|s| s.serving_generation).unwrap_or_default(),
             "conditions": own.map(|s| s.conditions.iter().map(cond).collect::<Vec<_>>()).unwrap_or_default(),
-            "applied_clusters": applied,
-            "missing_clusters": missing,
-            "expected_clusters": expected.len(),
-            "proxies_acked": acked,
-            "proxies_total": total,
-            "proxies_pending": pending,
-            "clusters": reports.iter().map(|s| json!({
+            "applied_clusters": sum.applied,
+            "missing_clusters": sum.missing,
+            "expected_clusters": sum.expected,
+            "proxies_acked": sum.proxies_acked,
+            "proxies_total": sum.proxies_total,
+            "proxies_pending": sum.pending,
+            "clusters": sum.reports.iter().map(|s| json!({
                 "cluster": s.cluster,
                 "origin_cluster": s.origin_cluster,
                 "generation": s.generation,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd from their upstream Go modules at pinned versions, the way
+# Builds kube-apiserver, kubectl and etcd from their upstream Go modules at pinned versions, the way
 # controller-runtime's envtest uses them, and caches the binaries outside the clone keyed by
 # version. Idempotent: prints the cache directory and exits at once when both are built.
 #
@@ -15,7 +15,7 @@ ETCD_VERSION="${STRAIT_ETCD_VERSION:-v3.6.16}"
 CACHE="${STRAIT_CACHE:-$HOME/.cache/strait}"
 OUT="$CACHE/kube/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 
-if [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/etcd" ]; then
+if [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/etcd" ] && [ -x "$OUT/kubectl" ]; then
   echo "$OUT"
   exit 0
 fi
@@ -29,10 +29,11 @@ mkdir -p "$OUT"
 minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
 staging="v0.${K8S_VERSION#v1.}"
 
-if [ ! -x "$OUT/kube-apiserver" ]; then
-  echo "building kube-apiserver $K8S_VERSION (first time: downloads modules and compiles for minutes)" >&2
+# The wrapper module that requires k8s.io/kubernetes with its staging modules replaced.
+k8s_module() {
   mkdir -p "$work/apiserver"
   cd "$work/apiserver"
+  [ -f go.mod ] && return 0
   go mod init strait.local/kube-apiserver >/dev/null 2>&1
   modfile="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
   go mod download -json "k8s.io/kubernetes@$K8S_VERSION" >/dev/null
@@ -44,15 +45,30 @@ if [ ! -x "$OUT/kube-apiserver" ]; then
   cat > main.go <<'GO'
 package main
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver/app"
+import (
+	_ "k8s.io/kubectl/pkg/cmd"
+	_ "k8s.io/kubernetes/cmd/kube-apiserver/app"
+)
 
 func main() {}
 GO
   go mod tidy >/dev/null 2>&1 || true
-  go build -trimpath -o "$OUT/kube-apiserver.tmp" \
-    -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor" \
-    k8s.io/kubernetes/cmd/kube-apiserver
+}
+version_flags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+
+if [ ! -x "$OUT/kube-apiserver" ]; then
+  echo "building kube-apiserver $K8S_VERSION (first time: downloads modules and compiles for minutes)" >&2
+  k8s_module
+  go build -trimpath -o "$OUT/kube-apiserver.tmp" -ldflags "$version_flags" k8s.io/kubernetes/cmd/kube-apiserver
   mv "$OUT/kube-apiserver.tmp" "$OUT/kube-apiserver"
+fi
+
+# kubectl of the same release: the Kubernetes tier applies routes and policies with it.
+if [ ! -x "$OUT/kubectl" ]; then
+  echo "building kubectl $K8S_VERSION" >&2
+  k8s_module
+  go build -trimpath -o "$OUT/kubectl.tmp" -ldflags "$version_flags" k8s.io/kubernetes/cmd/kubectl
+  mv "$OUT/kubectl.tmp" "$OUT/kubectl"
 fi
 
 if [ ! -x "$OUT/etcd" ]; then

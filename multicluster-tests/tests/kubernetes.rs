@@ -671,3 +671,198 @@ async fn the_locality_policy_crd_applies_reports_and_keeps_the_last_good_one() {
         .unwrap_err();
     assert!(err.to_string().contains("overprovisioningPercent"), "{err}");
 }
+
+/// Runs the kubectl built with the API server (`STRAIT_KUBE_BIN_DIR`) against cluster `c`.
+fn kubectl(c: &ClusterInfo, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let bin = std::env::var("STRAIT_KUBE_BIN_DIR")
+        .map(|d| format!("{d}/kubectl"))
+        .unwrap_or_else(|_| "kubectl".into());
+    let mut child = std::process::Command::new(&bin)
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig.as_ref().unwrap())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin}: {e} (test.sh builds kubectl into STRAIT_KUBE_BIN_DIR)"));
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+const KUBE_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: greeter-canary, namespace: demo}
+spec:
+  parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter}]
+  rules:
+    - name: canary
+      matches: [{headers: [{name: x-canary, value: "1"}]}]
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+    - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter, port: 80}]
+"#;
+
+const KUBE_FAULT: &str = r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo-fault, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  fault: {abort: {httpStatus: 418, percentage: 100}}
+"#;
+
+fn condition(conditions: &serde_json::Value, kind: &str) -> Option<(String, String)> {
+    conditions.as_array()?.iter().find(|c| c["type"] == kind).map(|c| {
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["message"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_and_policies_are_crds_applied_with_kubectl_with_status_from_every_cluster() {
+    let mesh = kube_mesh().await;
+    let west = mesh.cluster("west").clone();
+    let central = mesh.cluster("central").clone();
+    let caller = mesh.workload("echo", "us-east-1a").outbound_proxy;
+    let greeter = "http://greeter.demo.svc.clusterset.local/";
+
+    // An HTTPRoute applied with kubectl in west shapes calls made in east.
+    let applied = Instant::now();
+    let (ok, out) = kubectl(&west, &["apply", "--server-side", "-f", "-"], Some(KUBE_ROUTE));
+    assert!(ok, "{out}");
+    let canary = || async {
+        let a = multicluster_tests::get_with(caller, greeter, &[("x-canary", "1")]).await;
+        a.is_ok_and(|a| a.service() == "echo")
+    };
+    Mesh::eventually("the kubectl route reaches east", Duration::from_secs(20), canary)
+        .await
+        .unwrap();
+    println!(
+        "propagation: kubectl apply in west -> first request shaped in east: {:?}",
+        applied.elapsed()
+    );
+    let plain = multicluster_tests::get_with(caller, greeter, &[]).await.unwrap();
+    assert_eq!(plain.service(), "greeter");
+
+    // Its status, on the object in west: Gateway API conditions per parent, and where it applies.
+    let west_for_status = west.clone();
+    Mesh::eventually("the route's status says 3/3", Duration::from_secs(20), || {
+        let west = west_for_status.clone();
+        async move {
+            let (ok, out) = kubectl(
+                &west,
+                &["get", "httproute", "-n", "demo", "greeter-canary", "-o", "json"],
+                None,
+            );
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let conditions = &v["status"]["parents"][0]["conditions"];
+            ok && v["status"]["parents"][0]["controllerName"] == "strait.dev/federation-controller"
+                && condition(conditions, "Accepted").is_some_and(|(s, _)| s == "True")
+                && condition(conditions, "Applied")
+                    .is_some_and(|(s, m)| s == "True" && m.starts_with("applied in 3/3 clusters"))
+        }
+    })
+    .await
+    .unwrap();
+
+    // A schema error is refused by the API server (CRD validation), naming the field.
+    let typo = KUBE_ROUTE.replace(
+        "port: 80}]\n    - backendRefs",
+        "port: 80, wieght: 5}]\n    - backendRefs",
+    );
+    let (ok, out) = kubectl(&west, &["apply", "--server-side", "-f", "-"], Some(&typo));
+    assert!(!ok, "{out}");
+    assert!(out.contains("wieght"), "{out}");
+
+    // A TrafficPolicy applied with kubectl in central: a fault for every caller of echo.
+    let (ok, out) = kubectl(&central, &["apply", "--server-side", "-f", "-"], Some(KUBE_FAULT));
+    assert!(ok, "{out}");
+    let echo = "http://echo.demo.svc.clusterset.local/";
+    Mesh::eventually("east's callers get the fault", Duration::from_secs(20), || async {
+        multicluster_tests::get_with(caller, echo, &[])
+            .await
+            .is_ok_and(|a| a.status == 418)
+    })
+    .await
+    .unwrap();
+    let central_for_status = central.clone();
+    Mesh::eventually(
+        "the policy's status lists every cluster",
+        Duration::from_secs(20),
+        || {
+            let central = central_for_status.clone();
+            async move {
+                let (_, out) = kubectl(
+                    &central,
+                    &["get", "trafficpolicy", "-n", "demo", "echo-fault", "-o", "json"],
+                    None,
+                );
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                v["status"]["clusters"].as_array().map(Vec::len) == Some(3)
+                    && condition(&v["status"]["conditions"], "Applied").is_some_and(|(s, _)| s == "True")
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // A semantic error (a target in no cluster) sets Accepted=False on the object; the last good
+    // version keeps serving.
+    let bad = KUBE_FAULT.replace("name: echo}]", "name: nowhere}]");
+    let (ok, out) = kubectl(&central, &["apply", "--server-side", "-f", "-"], Some(&bad));
+    assert!(ok, "{out}");
+    let central_for_status = central.clone();
+    Mesh::eventually("Accepted=False names the target", Duration::from_secs(20), || {
+        let central = central_for_status.clone();
+        async move {
+            let (_, out) = kubectl(
+                &central,
+                &["get", "trafficpolicy", "-n", "demo", "echo-fault", "-o", "json"],
+                None,
+            );
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            condition(&v["status"]["conditions"], "Accepted").is_some_and(|(s, m)| {
+                s == "False" && m.contains("nowhere") && m.contains("last good version keeps serving")
+            })
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        multicluster_tests::get_with(caller, echo, &[]).await.unwrap().status,
+        418,
+        "the last good version serves"
+    );
+
+    // Deleting the objects with kubectl removes them everywhere.
+    let (ok, out) = kubectl(&central, &["delete", "trafficpolicy", "-n", "demo", "echo-fault"], None);
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(&west, &["delete", "httproute", "-n", "demo", "greeter-canary"], None);
+    assert!(ok, "{out}");
+    Mesh::eventually("both are gone in east", Duration::from_secs(20), || async {
+        let fault_gone = multicluster_tests::get_with(caller, echo, &[])
+            .await
+            .is_ok_and(|a| a.status == 200);
+        let route_gone = multicluster_tests::get_with(caller, greeter, &[("x-canary", "1")])
+            .await
+            .is_ok_and(|a| a.service() == "greeter");
+        fault_gone && route_gone
+    })
+    .await
+    .unwrap();
+}

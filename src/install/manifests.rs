@@ -89,8 +89,10 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports"],
          "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},
         {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports/status"], "verbs": ["patch", "update"]},
-        {"apiGroups": ["policy.strait.dev"], "resources": ["localitypolicies"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["policy.strait.dev"], "resources": ["localitypolicies/status"], "verbs": ["patch", "update"]},
+        {"apiGroups": ["policy.strait.dev"], "resources": ["localitypolicies", "trafficpolicies"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["policy.strait.dev"], "resources": ["localitypolicies/status", "trafficpolicies/status"], "verbs": ["patch", "update"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch", "update"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
         {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
          "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch", "update"]}

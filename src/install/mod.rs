@@ -199,6 +199,21 @@ pub async fn apply(
         let api_version = o["apiVersion"].as_str().unwrap_or_default();
         let kind = o["kind"].as_str().unwrap_or_default();
         let name = o["metadata"]["name"].as_str().unwrap_or_default();
+        if kind == "CustomResourceDefinition" && strait_federation::k8s::crd::is_shared(name) {
+            // Gateway API's CRDs belong to the cluster: one already there is used as it is.
+            let crds: kube::Api<
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+            > = kube::Api::all(client.clone());
+            if crds
+                .get_opt(name)
+                .await
+                .map_err(|e| anyhow::anyhow!("{kind} {name}: {e}"))?
+                .is_some()
+            {
+                report(format!("  {kind}/{name} (already installed; kept)"));
+                continue;
+            }
+        }
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
         let (resource, caps) = kube::discovery::pinned_kind(client, &gvk)

@@ -178,6 +178,10 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
     let params = PatchParams::apply(strait_federation::k8s::FIELD_MANAGER).force();
     for crd in strait_federation::k8s::crd::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
+        // Gateway API's CRDs belong to the cluster: one already there is used as it is.
+        if strait_federation::k8s::crd::is_shared(&name) && api.get_opt(&name).await?.is_some() {
+            continue;
+        }
         api.patch(&name, &params, &Patch::Apply(&crd)).await?;
         kube::runtime::wait::await_condition(
             api.clone(),

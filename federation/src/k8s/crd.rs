@@ -128,10 +128,135 @@ pub struct LocalityPolicyStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// Gateway API `HTTPRoute` (`gateway.networking.k8s.io/v1`) for mesh (GAMMA): the fields
+/// Strait implements, with the upstream names and types. Installed only where the cluster has
+/// no HTTPRoute CRD yet (an upstream one already there is used as it is).
+#[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "HTTPRoute",
+    plural = "httproutes",
+    namespaced,
+    status = "RouteStatus"
+)]
+pub struct HttpRouteCrdSpec {
+    #[serde(flatten)]
+    pub spec: strait_api::routes::HttpRouteSpec,
+}
+
+/// Gateway API `GRPCRoute` (`gateway.networking.k8s.io/v1`), like [`HttpRouteCrdSpec`].
+#[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "GRPCRoute",
+    plural = "grpcroutes",
+    namespaced,
+    status = "RouteStatus"
+)]
+pub struct GrpcRouteCrdSpec {
+    #[serde(flatten)]
+    pub spec: strait_api::routes::GrpcRouteSpec,
+}
+
+/// A route's status as Gateway API writes it: per parent, the controller and its conditions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RouteStatus {
+    #[serde(default)]
+    pub parents: Vec<RouteParentStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteParentStatus {
+    pub parent_ref: strait_api::routes::spec::ParentRef,
+    pub controller_name: String,
+    #[serde(default)]
+    pub conditions: Vec<MetaCondition>,
+}
+
+/// `metav1.Condition`, every field the upstream schema requires.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// `TrafficPolicy` (`policy.strait.dev/v1alpha1`): retries, budgets, timeouts, circuit
+/// breaking, outlier detection, faults, rate limits and locality for a Service or
+/// ServiceImport, enforced in every cluster.
+#[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "policy.strait.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    plural = "trafficpolicies",
+    namespaced,
+    status = "TrafficPolicyStatus",
+    shortname = "tp"
+)]
+pub struct TrafficPolicyCrdSpec {
+    #[serde(flatten)]
+    pub spec: strait_api::traffic::TrafficPolicySpec,
+}
+
+/// Where the policy applies: its conditions here and every cluster's report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<MetaCondition>,
+    #[serde(default)]
+    pub clusters: Vec<ClusterReport>,
+}
+
+/// One cluster's report on a route or policy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterReport {
+    pub cluster: String,
+    pub generation: i64,
+    pub accepted: bool,
+    #[serde(default)]
+    pub message: String,
+    pub proxies_acked: i64,
+    pub proxies_total: i64,
+}
+
 /// Every CRD Strait needs, as the API server takes them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![ServiceExport::crd(), ServiceImport::crd(), LocalityPolicy::crd()]
+    let mut shared = vec![HTTPRoute::crd(), GRPCRoute::crd()];
+    for crd in &mut shared {
+        // `*.k8s.io` groups are protected: the API server wants the approval upstream has.
+        crd.metadata.annotations.get_or_insert_with(Default::default).insert(
+            "api-approved.kubernetes.io".into(),
+            "https://github.com/kubernetes-sigs/gateway-api/pull/2466".into(),
+        );
+    }
+    let mut all = vec![
+        ServiceExport::crd(),
+        ServiceImport::crd(),
+        LocalityPolicy::crd(),
+        TrafficPolicy::crd(),
+    ];
+    all.extend(shared);
+    all
+}
+
+/// CRDs owned by other projects: installed only where the cluster has none of that name.
+pub fn is_shared(name: &str) -> bool {
+    name.ends_with(".gateway.networking.k8s.io")
 }
 
 #[cfg(test)]
@@ -150,7 +275,10 @@ mod tests {
             vec![
                 "serviceexports.multicluster.x-k8s.io",
                 "serviceimports.multicluster.x-k8s.io",
-                "localitypolicies.policy.strait.dev"
+                "localitypolicies.policy.strait.dev",
+                "trafficpolicies.policy.strait.dev",
+                "httproutes.gateway.networking.k8s.io",
+                "grpcroutes.gateway.networking.k8s.io",
             ]
         );
         let export_schema = crds[0].spec.versions[0]
@@ -165,5 +293,11 @@ mod tests {
             .clone()
             .unwrap_or_default()
             .contains(&"spec".to_string()));
+        // Structural schemas: no `additionalProperties: false` beside `properties`, and no
+        // field without a type (the API server refuses both).
+        for crd in &crds[3..] {
+            let text = serde_json::to_string(crd).unwrap();
+            assert!(!text.contains("\"additionalProperties\":false"), "{text}");
+        }
     }
 }

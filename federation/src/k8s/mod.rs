@@ -5,9 +5,11 @@
 pub mod crd;
 mod imports;
 pub mod inject;
+pub mod objects;
 mod source;
 
 pub use imports::ImportWriter;
+pub use objects::KubeObjects;
 pub use source::KubeSource;
 
 /// Field manager for everything the controller writes (server-side apply).

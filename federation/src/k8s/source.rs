@@ -34,6 +34,8 @@ pub struct KubeSource {
     exports: Store<ServiceExport>,
     pods: Store<Pod>,
     changed: Arc<Notify>,
+    /// HTTPRoutes, GRPCRoutes and TrafficPolicies written in this cluster.
+    pub objects: super::KubeObjects,
 }
 
 fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>, what: &'static str) -> Store<K>
@@ -80,7 +82,8 @@ impl KubeSource {
                 changed.clone(),
                 "ServiceExport",
             ),
-            pods: spawn_reflector(Api::<Pod>::all(client), changed.clone(), "Pod"),
+            pods: spawn_reflector(Api::<Pod>::all(client.clone()), changed.clone(), "Pod"),
+            objects: super::KubeObjects::start(client, changed.clone()),
             changed,
         };
         let ready = async {
