@@ -409,7 +409,8 @@ impl Resources {
         });
         snap.routes = route_tables(&snap, &routes);
         // TrafficPolicies by target (`<ns>/<svc>`, or `<ns>/<svc>#<rule>` for one route rule);
-        // where two target the same, the oldest wins (Gateway API policy attachment).
+        // where several target the same, they merge field by field and the oldest wins each
+        // field (Gateway API policy attachment).
         let mut policies: Vec<(&Arc<crate::traffic::CompiledPolicy>, i64)> = self
             .entries
             .values()
@@ -425,7 +426,12 @@ impl Resources {
                     Some(rule) => format!("{}/{}#{rule}", t.namespace, t.name),
                     None => format!("{}/{}", t.namespace, t.name),
                 };
-                snap.traffic.entry(key).or_insert_with(|| p.clone());
+                match snap.traffic.get_mut(&key) {
+                    None => {
+                        snap.traffic.insert(key, p.clone());
+                    }
+                    Some(older) => Arc::make_mut(older).fill_from(p),
+                }
             }
         }
         snap

@@ -289,6 +289,32 @@ pub struct CompiledPolicy {
     pub failover_priority: Vec<String>,
 }
 
+impl CompiledPolicy {
+    /// Takes from a newer policy on the same target every setting this one leaves unset.
+    pub fn fill_from(&mut self, newer: &CompiledPolicy) {
+        fn fill<T: Clone>(mine: &mut Option<T>, theirs: &Option<T>) {
+            if mine.is_none() {
+                mine.clone_from(theirs);
+            }
+        }
+        fill(&mut self.retry, &newer.retry);
+        fill(&mut self.connect_timeout, &newer.connect_timeout);
+        fill(&mut self.idle_timeout, &newer.idle_timeout);
+        fill(&mut self.stream_idle_timeout, &newer.stream_idle_timeout);
+        fill(&mut self.request_timeout, &newer.request_timeout);
+        fill(&mut self.pool, &newer.pool);
+        fill(&mut self.outlier, &newer.outlier);
+        fill(&mut self.fault, &newer.fault);
+        fill(&mut self.rate_limit, &newer.rate_limit);
+        if self.failover.is_empty() {
+            self.failover.clone_from(&newer.failover);
+        }
+        if self.failover_priority.is_empty() {
+            self.failover_priority.clone_from(&newer.failover_priority);
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyTarget {
     pub namespace: String,

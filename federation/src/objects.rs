@@ -1035,9 +1035,70 @@ spec: {targetRefs: [{kind: Service, name: x}]}
         assert_eq!(b.locked, vec!["spec.retry", "spec.fault"]);
     }
 
+    /// A catalog of HTTP services on port 80 in namespace demo.
+    fn catalog(names: &[&str]) -> BTreeMap<String, MergedService> {
+        names
+            .iter()
+            .map(|s| {
+                (
+                    format!("demo/{s}"),
+                    MergedService {
+                        name: s.to_string(),
+                        namespace: "demo".into(),
+                        clusterset_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                        ports: vec![pb::ServicePort {
+                            name: "http".into(),
+                            port: 80,
+                            protocol: "http".into(),
+                        }],
+                        endpoints: vec![],
+                        identities: vec![],
+                        conditions: vec![],
+                        clusters: vec!["east".into()],
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_examples_are_valid() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).expect("examples/policy") {
+            let path = entry.expect("entry").path();
+            let text = std::fs::read_to_string(&path).expect("readable");
+            for doc in parse_documents(&text) {
+                let p = doc.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let o = pb::PolicyObject {
+                    kind: p.kind.clone(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    spec_json: p.spec.to_string(),
+                    cluster: "east".into(),
+                    generation: 1,
+                    ..Default::default()
+                };
+                let e = effective(&[o], &[]);
+                let mut good = BTreeMap::new();
+                let merged = catalog(&["echo", "greeter"]);
+                let c = check(&e, &merged, &mut good, "east");
+                let status = c.statuses.values().next().expect("status");
+                assert!(
+                    status.conditions.iter().all(|c| c.status == "True"),
+                    "{}: {:?}",
+                    path.display(),
+                    status.conditions
+                );
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "{n} example objects");
+    }
+
     #[test]
     fn a_bad_object_serves_its_last_good_version() {
-        let merged = BTreeMap::new();
+        let merged = catalog(&["x"]);
         let mut good = BTreeMap::new();
         let ok = obj(
             "east",

@@ -287,6 +287,16 @@ impl Mesh {
         Ok(pid)
     }
 
+    /// How the controller at `admin` sees peer `name` (`strait status`'s peer row).
+    pub async fn peer_view(admin: SocketAddr, name: &str) -> anyhow::Result<serde_json::Value> {
+        let status = Self::admin_json(admin, "/status").await?;
+        status["peers"]
+            .as_array()
+            .and_then(|peers| peers.iter().find(|p| p["name"] == name))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no peer {name} in {status}"))
+    }
+
     /// Waits until `cond` holds, polling; fails with `what` after `timeout`.
     pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> anyhow::Result<()>
     where

@@ -527,6 +527,12 @@ async fn mirrors_copy_traffic_and_retries_stop_at_the_budget() {
     println!("mirrored to greeter (west): {mirrored} of 50 requests");
     assert!(mirrored >= 50.0);
 
+    // A retried answer's Retry-After is honoured before the retry.
+    let started = Instant::now();
+    let a = call(caller.outbound_proxy, &format!("{ECHO}/status/503?retry_after=1"), &[]).await;
+    assert_eq!(a.status, 503);
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+
     // Every endpoint answers 503 to /status/503: retries are spent until the budget (20 % of
     // requests over 10 s, at least 1/s) runs out, then requests are answered without retrying.
     for _ in 0..40 {
@@ -544,9 +550,9 @@ async fn mirrors_copy_traffic_and_retries_stop_at_the_budget() {
         "strait_upstream_retries_skipped_total",
         &[("reason", "retry_budget_exhausted")],
     );
-    println!("retry budget: {retried} retries for 90 requests, {exhausted} retries refused by the budget");
+    println!("retry budget: {retried} retries for 91 requests, {exhausted} retries refused by the budget");
     assert!(exhausted > 0.0, "the budget stopped retries");
-    // 90 first attempts over the window: 20 % is 18 retries, the floor 10.
+    // 91 first attempts over the window: 20 % is 18 retries, the floor 10.
     assert!(retried <= 20.0, "{retried} retries");
 }
 
@@ -631,4 +637,64 @@ async fn a_grpc_route_applied_in_one_cluster_routes_calls_in_another() {
         routes.contains("greeter-grpc") && routes.contains("3/3 clusters"),
         "{routes}"
     );
+}
+
+fn echo_fault(status: u16) -> String {
+    format!(
+        r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: echo-fault, namespace: demo}}
+spec:
+  targetRefs: [{{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}}]
+  fault: {{abort: {{httpStatus: {status}, percentage: 100}}}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_cut_off_keeps_its_copies_and_converges_when_the_author_returns() {
+    let lease = Duration::from_secs(2);
+    let mut mesh = Mesh::start_with(multicluster_tests::MeshOptions {
+        lease: Some(lease),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let caller = mesh.workload("echo", "us-east-1a").outbound_proxy;
+    let echo = format!("{ECHO}/");
+    let (ok, out, err) = apply(&mesh, "west", "fault", &echo_fault(418), "30s");
+    assert!(ok, "{out}{err}");
+    assert_eq!(call(caller, &echo, &[]).await.status, 418);
+
+    // West's controller dies; its lease runs out everywhere. East keeps enforcing its copy.
+    let west = mesh.cluster("west").clone();
+    mesh.kill9(west.controller.pid);
+    tokio::time::sleep(lease * 2).await;
+    let east_admin = mesh.cluster("east").controller.admin_addr;
+    let west_peer = Mesh::peer_view(east_admin, "west").await.unwrap();
+    assert_eq!(west_peer["lease_valid"], false, "{west_peer}");
+    for _ in 0..20 {
+        assert_eq!(
+            call(caller, &echo, &[]).await.status,
+            418,
+            "the copy from west is still enforced"
+        );
+    }
+
+    // West comes back (its applied objects were on disk) and changes the policy: east converges.
+    mesh.restart(&west.controller.command, Some(&west.controller.log))
+        .unwrap();
+    let west_admin = west.controller.admin_addr;
+    Mesh::eventually("west's controller is back", Duration::from_secs(20), || async move {
+        Mesh::admin_json(west_admin, "/policies")
+            .await
+            .is_ok_and(|v| v["policies"][0]["name"] == "echo-fault")
+    })
+    .await
+    .unwrap();
+    let (ok, out, err) = apply(&mesh, "west", "fault", &echo_fault(503), "30s");
+    assert!(ok && out.contains("generation 2"), "{out}{err}");
+    let a = call(caller, &echo, &[]).await;
+    assert_eq!((a.status, a.flags.as_deref()), (503, Some("FI")));
 }

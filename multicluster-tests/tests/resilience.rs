@@ -119,14 +119,7 @@ async fn a_lost_cluster_expires_after_its_lease_and_calls_fail_over() {
         .await
         .unwrap();
     }
-    let status = Mesh::admin_json(east_admin, "/status").await.unwrap();
-    let west_peer = status["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "west")
-        .unwrap()
-        .clone();
+    let west_peer = Mesh::peer_view(east_admin, "west").await.unwrap();
     assert_eq!(west_peer["lease_valid"], false, "{west_peer}");
     let (code, body) = get_via(caller.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
         .await

@@ -69,7 +69,14 @@ pub async fn handle(a: DemoArgs, mut req: Request<hyper::body::Incoming>) -> Res
             Err(_) => full(StatusCode::BAD_REQUEST, "text/plain", "use /bytes/<count>\n"),
         },
         ("status", Some(code)) => match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
-            Some(code) => full(code, "text/plain", format!("{code}\n")),
+            Some(code) => {
+                let mut resp = full(code, "text/plain", format!("{code}\n"));
+                // `?retry_after=S`: a Retry-After to honour (rate limits, overload).
+                if let Some(secs) = query(&req, "retry_after") {
+                    resp.headers_mut().insert(hyper::header::RETRY_AFTER, secs.into());
+                }
+                resp
+            }
             None => full(StatusCode::BAD_REQUEST, "text/plain", "use /status/<100-999>\n"),
         },
         ("delay", Some(ms)) => match ms.parse::<u64>() {

@@ -358,6 +358,7 @@ pub async fn get(a: ObjectsArgs, list: &str) -> anyhow::Result<()> {
     };
     let wide = a.output == Output::Wide;
     let mut headers = vec![
+        "KIND",
         "NAMESPACE",
         "NAME",
         "SCOPE",

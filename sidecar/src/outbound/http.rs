@@ -514,7 +514,18 @@ impl Outbound {
                     last_error = format!("{} answered {}", ep.key, resp.status());
                     retried_answer = Some((resp, ep.locality.cluster.clone()));
                     status_retries += 1;
-                    if let Some(base) = policy.backoff {
+                    // A TrafficPolicy's retry honours the answer's Retry-After (in seconds, at
+                    // most MAX_RETRY_AFTER); the request timeout still bounds the whole call.
+                    let retry_after = policy
+                        .traffic
+                        .as_ref()
+                        .and(retried_answer.as_ref())
+                        .and_then(|(r, _)| r.headers().get(hyper::header::RETRY_AFTER))
+                        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                        .map(|secs| std::time::Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+                    if let Some(wait) = retry_after {
+                        tokio::time::sleep(wait).await;
+                    } else if let Some(base) = policy.backoff {
                         // GEP-1731: the backoff is a minimum; it doubles, up to 10x.
                         let wait = base.saturating_mul(1u32 << (status_retries - 1).min(4)).min(base * 10);
                         tokio::time::sleep(wait).await;
@@ -571,6 +582,9 @@ impl Outbound {
         ))
     }
 }
+
+/// The longest Retry-After a retry waits for.
+const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a mirrored request may take before it is dropped.
 const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
