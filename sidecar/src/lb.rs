@@ -72,6 +72,28 @@ impl Balancer {
             .collect();
         drop(outlier);
         let untried = |flags: &[bool]| flags.iter().enumerate().any(|(i, h)| *h && !tried.contains(&i));
+        // A TrafficPolicy's maxEjectionPercent: past it, ejected endpoints take traffic again.
+        let max_ejection = snap
+            .traffic_policy(svc, None)
+            .and_then(|p| p.outlier.as_ref())
+            .map(|o| o.max_ejection_percent);
+        let healthy = match max_ejection {
+            None => healthy,
+            Some(max) => {
+                let usable: Vec<bool> = svc
+                    .endpoints
+                    .iter()
+                    .map(|ep| self.healthy(snap, ep, None, now))
+                    .collect();
+                let total = usable.iter().filter(|u| **u).count();
+                let ejected = usable.iter().zip(&healthy).filter(|(u, h)| **u && !**h).count();
+                if total > 0 && ejected * 100 > max as usize * total {
+                    usable
+                } else {
+                    healthy
+                }
+            }
+        };
         if untried(&healthy) {
             return self.choose(snap, svc, &healthy, tried);
         }
@@ -158,6 +180,16 @@ impl Balancer {
                     lb.failover_priority = p.failover_priority.clone();
                 }
                 lb
+            })
+    }
+
+    /// Whether an answer with `status` is a failure for outlier detection: a TrafficPolicy's
+    /// `consecutive5xxErrors` counts every 5xx, `consecutiveGatewayErrors` 502, 503 and 504.
+    pub fn counts_as_failure(&self, snap: &Snapshot, svc: &ServiceEntry, status: u16) -> bool {
+        snap.traffic_policy(svc, None)
+            .and_then(|p| p.outlier.as_ref())
+            .is_some_and(|o| {
+                (o.consecutive_5xx > 0 && status >= 500) || (o.consecutive_gateway > 0 && (502..=504).contains(&status))
             })
     }
 

@@ -15,6 +15,7 @@ pub struct SidecarMetrics {
     /// TrafficPolicy at work: faults injected, requests rate limited, refused by a full pool,
     /// mirrored.
     pub policy: IntCounterVec,
+    pub upstream_connections: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -109,6 +110,12 @@ impl SidecarMetrics {
                  (fault_delay, fault_abort, rate_limited, rate_limited_shadow, pool_overflow, \
                  retry_budget_exhausted, mirrored, mirror_failed, mirror_skipped)",
                 &["destination_service", "action"],
+            ),
+            upstream_connections: counter(
+                registry,
+                "strait_upstream_connections_opened_total",
+                "HTTP/2 connections this proxy opened to endpoints (dials started), by destination service",
+                &["destination_service"],
             ),
             passthrough: counter(
                 registry,

@@ -138,7 +138,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
     let balancer = Balancer::new(opts.locality.clone(), tunnel.health(), metrics.clone());
-    let upstreams = Upstreams::new(opts.locality.cluster.clone(), store.clone(), tunnel);
+    let upstreams = Upstreams::new(opts.locality.cluster.clone(), store.clone(), tunnel)
+        .with_metrics(metrics.upstream_connections.clone());
     let outbound = Arc::new(
         Outbound::new(
             opts.locality.cluster.clone(),
@@ -169,6 +170,14 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let drain = Drain::new();
     let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));
     let _ = explainer.set(outbound.clone());
+    let reaper = outbound.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            reaper.reap_idle();
+        }
+    });
     tokio::spawn(outbound.serve(outbound_listener, drain.watch()));
 
     let mut ready_rx = rx.clone();

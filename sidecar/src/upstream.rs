@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
@@ -39,6 +39,20 @@ pub enum UpstreamError {
     Tls { endpoint: String, detail: String },
     #[error("{endpoint} could not reach its application")]
     AppUnreachable { endpoint: String },
+    /// A TrafficPolicy's `connectionPool.maxConnections` is reached for the service.
+    #[error("{service} has {max} connections from this proxy (its TrafficPolicy's maxConnections)")]
+    Overflow { service: String, max: u32 },
+}
+
+/// What a TrafficPolicy asks of the connections to one service's endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct ConnLimits {
+    /// Connections from this proxy to the service's endpoints, at most.
+    pub max_connections: Option<u32>,
+    /// Requests one connection carries before a new one is opened.
+    pub max_requests_per_connection: Option<u32>,
+    /// A connection unused this long is closed (at its next use, or by `reap_idle`).
+    pub idle: Option<Duration>,
 }
 
 impl UpstreamError {
@@ -57,14 +71,27 @@ pub struct Upstreams {
     /// Per endpoint: the sender, and the identity the peer proved when it was opened. A pooled
     /// connection is used only while that identity is still one the endpoint may have (the
     /// catalog can change an endpoint's identity under a live connection).
-    pool: Mutex<HashMap<String, Pooled>>,
+    pool: Mutex<HashMap<String, PooledConn>>,
     /// HTTP/2 connections being opened, per endpoint: requests that need the same endpoint
     /// meanwhile wait for that one dial (and share its failure) instead of each opening its own.
     dialing: Mutex<HashMap<String, Dial>>,
+    opened: Option<prometheus::IntCounterVec>,
 }
 
 /// A pooled HTTP/2 sender and the identity its peer proved.
 type Pooled = (SendRequest<ReplayBody>, Option<SpiffeId>);
+
+/// A pooled connection with what the connection pool limits count.
+#[derive(Clone)]
+struct PooledConn {
+    sender: SendRequest<ReplayBody>,
+    peer: Option<SpiffeId>,
+    /// `<namespace>/<name>` of the service it was opened for.
+    service: String,
+    requests: u32,
+    last_used: Instant,
+    idle: Option<Duration>,
+}
 type Dial = Shared<BoxFuture<'static, Result<Pooled, Arc<UpstreamError>>>>;
 
 /// Where one endpoint is and who it must be, resolved from the snapshot before dialing (so a
@@ -170,7 +197,14 @@ impl Upstreams {
             cluster,
             pool: Mutex::default(),
             dialing: Mutex::default(),
+            opened: None,
         }
+    }
+
+    /// Counts the HTTP/2 connections this proxy opens, by destination service.
+    pub fn with_metrics(mut self, opened: prometheus::IntCounterVec) -> Self {
+        self.opened = Some(opened);
+        self
     }
 
     fn expected_identities(svc: &ServiceEntry, ep: &EndpointEntry) -> Vec<SpiffeId> {
@@ -260,11 +294,42 @@ impl Upstreams {
         svc: &ServiceEntry,
         ep: &EndpointEntry,
         port: u16,
+        limits: &ConnLimits,
     ) -> Result<(SendRequest<ReplayBody>, bool), Arc<UpstreamError>> {
-        if let Some((sender, peer)) = self.pool.lock().ok().and_then(|p| p.get(&ep.key).cloned()) {
-            let still_trusted = peer.is_some_and(|id| Self::expected_identities(svc, ep).contains(&id));
-            if !sender.is_closed() && still_trusted {
-                return Ok((sender, true));
+        let now = Instant::now();
+        if let Ok(mut pool) = self.pool.lock() {
+            if let Some(conn) = pool.get_mut(&ep.key) {
+                let still_trusted = conn
+                    .peer
+                    .as_ref()
+                    .is_some_and(|id| Self::expected_identities(svc, ep).contains(id));
+                let worn = limits
+                    .max_requests_per_connection
+                    .is_some_and(|max| conn.requests >= max);
+                let idle = limits
+                    .idle
+                    .is_some_and(|idle| now.duration_since(conn.last_used) >= idle);
+                if !conn.sender.is_closed() && still_trusted && !worn && !idle {
+                    conn.requests += 1;
+                    conn.last_used = now;
+                    conn.idle = limits.idle;
+                    return Ok((conn.sender.clone(), true));
+                }
+                // Worn out, idle too long, or no longer trusted: a new connection takes over;
+                // requests still on the old one finish there.
+                pool.remove(&ep.key);
+            }
+            if let Some(max) = limits.max_connections {
+                let open = pool
+                    .values()
+                    .filter(|c| c.service == svc.key() && !c.sender.is_closed())
+                    .count();
+                if open >= max as usize {
+                    return Err(Arc::new(UpstreamError::Overflow {
+                        service: svc.host(),
+                        max,
+                    }));
+                }
             }
         }
         let dial = {
@@ -277,6 +342,9 @@ impl Upstreams {
             match dialing.get(&ep.key) {
                 Some(d) => d.clone(),
                 None => {
+                    if let Some(opened) = &self.opened {
+                        opened.with_label_values(&[&svc.host()]).inc();
+                    }
                     let target = self.target(snap, svc, ep, port).map_err(Arc::new)?;
                     let d = self.dialer.clone().h2(target).boxed().shared();
                     dialing.insert(ep.key.clone(), d.clone());
@@ -292,9 +360,28 @@ impl Upstreams {
         }
         let (sender, peer) = result?;
         if let Ok(mut p) = self.pool.lock() {
-            p.insert(ep.key.clone(), (sender.clone(), peer));
+            p.insert(
+                ep.key.clone(),
+                PooledConn {
+                    sender: sender.clone(),
+                    peer,
+                    service: svc.key(),
+                    requests: 1,
+                    last_used: Instant::now(),
+                    idle: limits.idle,
+                },
+            );
         }
         Ok((sender, false))
+    }
+
+    /// Closes pooled connections unused for longer than their service's idle timeout (the
+    /// pool's clone is dropped; requests still in flight keep theirs).
+    pub fn reap_idle(&self) {
+        let now = Instant::now();
+        if let Ok(mut p) = self.pool.lock() {
+            p.retain(|_, c| c.idle.is_none_or(|idle| now.duration_since(c.last_used) < idle));
+        }
     }
 
     pub fn evict(&self, ep: &EndpointEntry) {

@@ -248,7 +248,7 @@ impl Inbound {
                 crate::outbound::strip_hop(&mut rparts.headers);
                 // Only this sidecar may say the app was unreachable (it makes callers retry).
                 rparts.headers.remove(UPSTREAM_FAILURE_HEADER);
-                Response::from_parts(rparts, rbody.boxed())
+                Response::from_parts(rparts, rbody.map_err(Into::into).boxed())
             }
             Err(e) => {
                 let mut resp = crate::outbound::text(

@@ -185,6 +185,7 @@ impl Outbound {
         }
         self.upstream_headers(&mut parts, downstream);
         let replay = Replay::new(body, self.limits.replay_buffer);
+        let stream_idle = traffic.as_ref().and_then(|t| t.stream_idle_timeout);
         let attempts = self.attempts(snap, svc, port, &parts, &replay, &policy);
         let outcome = match request_timeout {
             None => attempts.await,
@@ -221,7 +222,7 @@ impl Outbound {
                 if let Some(m) = &response_headers {
                     super::route::modify_headers(&mut rparts.headers, m);
                 }
-                Response::from_parts(rparts, rbody.boxed())
+                Response::from_parts(rparts, idle_limited(rbody, stream_idle))
             }
             Err(failed) => {
                 self.metrics
@@ -322,7 +323,7 @@ impl Outbound {
                     let ep = &target.endpoints[i];
                     let (mut sender, _) = this
                         .upstreams
-                        .h2(&snap, &target, ep, port)
+                        .h2(&snap, &target, ep, port, &Default::default())
                         .await
                         .map_err(|_| "connect")?;
                     let resp = sender
@@ -446,7 +447,7 @@ impl Outbound {
                 self.metrics.retries.with_label_values(&[&host, "retry"]).inc();
             }
             // A connect failure sent nothing: always retriable.
-            let dial = self.upstreams.h2(snap, svc, ep, port);
+            let dial = self.upstreams.h2(snap, svc, ep, port, &policy.conn);
             let dialed = match policy.connect_timeout {
                 None => dial.await,
                 Some(limit) => match tokio::time::timeout(limit, dial).await {
@@ -460,6 +461,14 @@ impl Outbound {
             };
             let (mut sender, reused) = match dialed {
                 Ok(s) => s,
+                Err(e) if matches!(*e, crate::upstream::UpstreamError::Overflow { .. }) => {
+                    // Circuit breaking: shed at once, no retry.
+                    self.metrics.policy.with_label_values(&[&host, "pool_overflow"]).inc();
+                    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                    resp.headers_mut()
+                        .insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static("UO"));
+                    return Err(resp);
+                }
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
                     self.balancer.failure(snap, svc, ep);
@@ -545,7 +554,11 @@ impl Outbound {
                     }
                 }
                 Ok(resp) => {
-                    self.balancer.success(ep);
+                    if self.balancer.counts_as_failure(snap, svc, resp.status().as_u16()) {
+                        self.balancer.failure(snap, svc, ep);
+                    } else {
+                        self.balancer.success(ep);
+                    }
                     return Ok((resp, ep.locality.cluster.clone()));
                 }
                 Err(e) if reused && (e.is_canceled() || idempotent) && !tried[..tried.len() - 1].contains(&i) => {
@@ -658,5 +671,56 @@ impl hyper::body::Body for MirrorBody {
 
     fn is_end_stream(&self) -> bool {
         self.frames.is_empty() && self.trailers.is_none()
+    }
+}
+
+/// A response body relayed as is, or (with a TrafficPolicy's `timeouts.streamIdle`) ended with
+/// an error — the stream reset — when no frame arrives for that long.
+fn idle_limited(body: hyper::body::Incoming, idle: Option<std::time::Duration>) -> Body {
+    match idle {
+        None => body.map_err(Into::into).boxed(),
+        Some(idle) => IdleBody {
+            inner: body,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+        .boxed(),
+    }
+}
+
+struct IdleBody {
+    inner: hyper::body::Incoming,
+    idle: std::time::Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for IdleBody {
+    type Data = bytes::Bytes;
+    type Error = super::replay::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match std::future::Future::poll(self.timer.as_mut(), cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "no data from upstream for {:?} (the TrafficPolicy's timeouts.streamIdle)",
+                    self.idle
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 }

@@ -55,7 +55,9 @@ use crate::lb::Balancer;
 use crate::metrics::SidecarMetrics;
 use crate::upstream::Upstreams;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Bodies the proxy answers with: a relayed body (whose error may be the upstream's or the
+/// proxy's own, e.g. a stream idle timeout) or one it made.
+pub type Body = BoxBody<Bytes, replay::BoxError>;
 
 /// How many endpoints one request may try.
 const MAX_ATTEMPTS: usize = 3;
@@ -172,6 +174,11 @@ pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body>
 }
 
 impl Outbound {
+    /// Closes pooled upstream connections past their TrafficPolicy's idle timeout.
+    pub fn reap_idle(&self) {
+        self.upstreams.reap_idle();
+    }
+
     pub fn new(
         cluster: String,
         config: watch::Receiver<Arc<Snapshot>>,

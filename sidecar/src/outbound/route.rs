@@ -71,12 +71,19 @@ pub(crate) struct AttemptPolicy {
     pub traffic: Option<Arc<strait_api::traffic::RetryPolicy>>,
     /// A TrafficPolicy's timeouts.connect for each new connection.
     pub connect_timeout: Option<std::time::Duration>,
+    /// A TrafficPolicy's connection limits (maxConnections, maxRequestsPerConnection, idle).
+    pub conn: crate::upstream::ConnLimits,
 }
 
 impl AttemptPolicy {
     /// Adds what a TrafficPolicy asks where the route did not say.
     pub fn with_traffic(mut self, p: &strait_api::traffic::CompiledPolicy) -> Self {
         self.connect_timeout = p.connect_timeout;
+        self.conn = crate::upstream::ConnLimits {
+            max_connections: p.pool.as_ref().and_then(|c| c.max_connections),
+            max_requests_per_connection: p.pool.as_ref().and_then(|c| c.max_requests_per_connection),
+            idle: p.idle_timeout,
+        };
         if let Some(r) = &p.retry {
             if self.retries.is_none() {
                 self.retries = Some(r.attempts);
@@ -159,6 +166,7 @@ pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut 
             backoff: rule.retry_backoff,
             traffic: None,
             connect_timeout: None,
+            conn: Default::default(),
         },
         rule: rule.name.clone(),
         mirrors: rule.mirrors.clone(),

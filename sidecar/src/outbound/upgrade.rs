@@ -84,7 +84,7 @@ impl Outbound {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut rparts, rbody) = resp.into_parts();
             super::strip_hop(&mut rparts.headers);
-            return Response::from_parts(rparts, rbody.boxed());
+            return Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
         let metrics = self.metrics.clone();
