@@ -501,7 +501,6 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_copy_traffic_and_retries_stop_at_the_budget() {
     let mesh = Mesh::start().await.unwrap();
-    let mesh = &mesh;
     let caller = mesh.workload("echo", "us-east-1a").clone();
     let greeter = mesh.workload("greeter", "us-west-2a").clone();
     let (ok, out, err) = apply(&mesh, "east", "mirror", MIRROR_AND_BUDGET, "30s");
