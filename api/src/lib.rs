@@ -6,6 +6,8 @@
 //!   Envoy's priority load with overprovisioning, passive outlier detection), pure logic.
 //! - [`routes`]: Gateway API HTTPRoute (GAMMA) as data: the upstream schema, its compilation
 //!   into match tables with every field error named, and request matching, pure logic.
+//! - [`authz`]: `AuthorizationPolicy` (Istio's semantics plus clusters and trust domains as
+//!   sources), path normalization and the decision, pure logic.
 //! - [`traffic`]: `TrafficPolicy` (retries and their budget, timeouts, circuit breaking,
 //!   outlier detection, faults, rate limits, locality), its schema and checks, pure logic.
 //! - [`snapshot`]: the validated, immutable config a proxy serves from.
@@ -14,6 +16,7 @@
 //!   HTTP endpoint (metrics, readiness) every daemon serves.
 
 pub mod admin;
+pub mod authz;
 pub mod certs;
 pub mod drain;
 pub mod lb;

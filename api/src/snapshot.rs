@@ -95,6 +95,7 @@ pub enum Typed {
     Bundle(Arc<TrustBundle>),
     Route(Arc<RouteEntry>),
     Traffic(Arc<crate::traffic::CompiledPolicy>, i64),
+    Authz(Arc<crate::authz::CompiledAuthz>),
 }
 
 /// An HTTPRoute as received: its spec checked (every field but the backends, which are looked
@@ -182,6 +183,20 @@ pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
         }))),
         Some(Kind::LocalityPolicy(p)) => convert_policy(p).map(|p| Typed::Policy(Arc::new(p))),
         Some(Kind::HttpRoute(r)) => convert_route(r).map(|r| Typed::Route(Arc::new(r))),
+        Some(Kind::AuthorizationPolicy(p)) => {
+            let spec: crate::authz::AuthorizationPolicySpec =
+                serde_json::from_str(&p.spec_json).map_err(|e| bad("spec", e.to_string()))?;
+            crate::authz::compile_authz(&p.namespace, &p.name, &spec)
+                .map(|c| Typed::Authz(Arc::new(c)))
+                .map_err(|errors| {
+                    let e = errors
+                        .into_iter()
+                        .next()
+                        .map(|e| (e.field, e.message))
+                        .unwrap_or_default();
+                    bad(&e.0, e.1)
+                })
+        }
         Some(Kind::TrafficPolicy(p)) => convert_traffic(p).map(|c| Typed::Traffic(Arc::new(c), p.created_unix_ms)),
         Some(Kind::TrustBundle(b)) => TrustBundle::from_pem(&res.name, b.pem.as_bytes())
             .map(|b| Typed::Bundle(Arc::new(b)))
@@ -393,6 +408,7 @@ impl Resources {
                     let merged = snap.bundle.get_or_insert_with(TrustBundle::new);
                     let _ = merged.merge(b);
                 }
+                Typed::Authz(a) => snap.authz.push(a.clone()),
                 Typed::Route(_) | Typed::Traffic(..) => {}
             }
         }
@@ -456,6 +472,8 @@ pub struct Snapshot {
     /// TrafficPolicies by the service (`<ns>/<name>`) or route rule (`<ns>/<name>#<rule>`)
     /// they target.
     pub traffic: HashMap<String, Arc<crate::traffic::CompiledPolicy>>,
+    /// Every AuthorizationPolicy; each sidecar evaluates those that apply to its workload.
+    pub authz: Vec<Arc<crate::authz::CompiledAuthz>>,
 }
 
 /// Compiles each route against the snapshot's services (a backend that is not there fails

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::Deserialize;
+use strait_api::authz::{compile_authz, AuthorizationPolicySpec, Scope};
 use strait_api::pb;
 use strait_api::routes::compile::{compile_route, BackendLookup, RouteError, Target};
 use strait_api::routes::{grpc, GrpcRouteSpec, HttpRouteSpec};
@@ -30,6 +31,7 @@ use crate::catalog::MergedService;
 pub const HTTP_ROUTE: &str = "HTTPRoute";
 pub const GRPC_ROUTE: &str = "GRPCRoute";
 pub const TRAFFIC_POLICY: &str = "TrafficPolicy";
+pub const AUTHORIZATION_POLICY: &str = "AuthorizationPolicy";
 pub const SCOPE_LABEL: &str = "strait.dev/scope";
 pub const LOCKED_ANNOTATION: &str = "strait.dev/locked-fields";
 const CREATED_ANNOTATION: &str = "strait.dev/created-unix-ms";
@@ -94,7 +96,7 @@ impl Parsed {
     /// The document as `strait apply` stores it: the author's fields plus the bookkeeping
     /// (creation time and generation) that must survive a restart.
     pub fn to_stored_yaml(&self, generation: u64, created_unix_ms: i64) -> String {
-        let api_version = if self.kind == TRAFFIC_POLICY {
+        let api_version = if self.kind == TRAFFIC_POLICY || self.kind == AUTHORIZATION_POLICY {
             "policy.strait.dev/v1alpha1"
         } else {
             "gateway.networking.k8s.io/v1"
@@ -134,6 +136,9 @@ pub fn check_schema(kind: &str, spec: &serde_json::Value) -> Result<(), String> 
         TRAFFIC_POLICY => serde_path_to_error::deserialize::<_, TrafficPolicySpec>(spec.clone())
             .map(|_| ())
             .map_err(|e| named(e.path().to_string(), e.inner().to_string())),
+        AUTHORIZATION_POLICY => serde_path_to_error::deserialize::<_, AuthorizationPolicySpec>(spec.clone())
+            .map(|_| ())
+            .map_err(|e| named(e.path().to_string(), e.inner().to_string())),
         GRPC_ROUTE => serde_path_to_error::deserialize::<_, GrpcRouteSpec>(spec.clone())
             .map_err(|e| named(e.path().to_string(), e.inner().to_string()))
             .and_then(|g| grpc::to_http(&g).map(|_| ())),
@@ -170,12 +175,12 @@ pub fn parse_documents(text: &str) -> Vec<Result<Parsed, String>> {
 fn from_document(doc: Document, prefix: &str) -> Result<Parsed, String> {
     let supported = match doc.kind.as_str() {
         HTTP_ROUTE | GRPC_ROUTE => doc.api_version.starts_with("gateway.networking.k8s.io/"),
-        TRAFFIC_POLICY => doc.api_version == "policy.strait.dev/v1alpha1",
+        TRAFFIC_POLICY | AUTHORIZATION_POLICY => doc.api_version == "policy.strait.dev/v1alpha1",
         _ => false,
     };
     if !supported {
         return Err(format!(
-            "{prefix}{} {} is not supported; use HTTPRoute or GRPCRoute (gateway.networking.k8s.io/v1) or TrafficPolicy (policy.strait.dev/v1alpha1)",
+            "{prefix}{} {} is not supported; use HTTPRoute or GRPCRoute (gateway.networking.k8s.io/v1), TrafficPolicy or AuthorizationPolicy (policy.strait.dev/v1alpha1)",
             doc.api_version, doc.kind
         ));
     }
@@ -714,6 +719,7 @@ fn condition(kind: &str, ok: bool, reason: &str, message: impl Into<String>) -> 
 pub struct Checked {
     pub routes: Vec<pb::HttpRoute>,
     pub policies: Vec<pb::TrafficPolicy>,
+    pub authz: Vec<pb::AuthorizationPolicy>,
     pub statuses: BTreeMap<String, pb::ObjectStatus>,
 }
 
@@ -792,6 +798,68 @@ pub fn check(
                     compiled.is_some()
                 }
             },
+            AUTHORIZATION_POLICY => match serde_json::from_str::<AuthorizationPolicySpec>(&o.spec_json) {
+                Err(err) => {
+                    conditions.push(condition("Accepted", false, "Invalid", err.to_string()));
+                    false
+                }
+                Ok(spec) => match compile_authz(&o.namespace, &o.name, &spec) {
+                    Err(errors) => {
+                        let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+                        conditions.push(condition("Accepted", false, "Invalid", text));
+                        false
+                    }
+                    Ok(compiled) => {
+                        let missing: Vec<String> = match &compiled.scope {
+                            Scope::Services(names) => names
+                                .iter()
+                                .filter(|n| !merged.contains_key(&format!("{}/{n}", o.namespace)))
+                                .map(|n| format!("service {}/{n} is not in the catalog of any cluster", o.namespace))
+                                .collect(),
+                            _ => vec![],
+                        };
+                        // HTTP attributes on a TCP service: a config error reported here, and
+                        // enforced fail-closed (the policy serves: such a rule never allows TCP
+                        // and a DENY one denies it).
+                        let tcp: Vec<String> = match &compiled.scope {
+                            Scope::Services(names) if compiled.has_http_rules() => names
+                                .iter()
+                                .filter(|n| {
+                                    merged.get(&format!("{}/{n}", o.namespace)).is_some_and(|svc| {
+                                        svc.ports.iter().any(|p| p.protocol.eq_ignore_ascii_case("tcp"))
+                                    })
+                                })
+                                .cloned()
+                                .collect(),
+                            _ => vec![],
+                        };
+                        conditions.push(if tcp.is_empty() {
+                            condition("Accepted", true, "Accepted", "")
+                        } else {
+                            condition(
+                                "Accepted",
+                                false,
+                                "HTTPRuleOnTCPPort",
+                                format!(
+                                    "rules name HTTP attributes (methods, paths, hosts, headers) but {} is TCP: they never allow it (fail closed); use ports and sources only",
+                                    tcp.join(", ")
+                                ),
+                            )
+                        });
+                        conditions.push(if missing.is_empty() {
+                            condition("ResolvedRefs", true, "ResolvedRefs", "")
+                        } else {
+                            condition("ResolvedRefs", false, "TargetNotFound", missing.join("; "))
+                        });
+                        // Served even when its targets are missing or TCP: an authorization
+                        // policy that is not enforced would fail open.
+                        if !missing.is_empty() || !tcp.is_empty() {
+                            last_good.insert(k.clone(), o.clone());
+                        }
+                        missing.is_empty() && tcp.is_empty()
+                    }
+                },
+            },
             other => {
                 conditions.push(condition("Accepted", false, "Unsupported", format!("kind {other}")));
                 false
@@ -804,6 +872,9 @@ pub fn check(
             .find(|c| c.r#type == "ResolvedRefs" && c.status == "False")
             .map(|c| (c.reason.clone(), c.message.clone()));
         let accepted = accepted && unresolved.is_none();
+        // An AuthorizationPolicy with a missing target or HTTP rules on TCP serves as written
+        // (fail closed), so "the last good version keeps serving" would be wrong for it.
+        let fail_closed = o.kind == AUTHORIZATION_POLICY && last_good.get(k) == Some(o);
         if let (Some((reason, message)), Some(c)) = (unresolved, conditions.iter_mut().find(|c| c.r#type == "Accepted"))
         {
             c.status = "False".into();
@@ -812,8 +883,11 @@ pub fn check(
         }
         if accepted {
             last_good.insert(k.clone(), o.clone());
-        } else if let (Some(good), Some(c)) = (last_good.get(k), conditions.iter_mut().find(|c| c.r#type == "Accepted"))
-        {
+        } else if let (Some(good), Some(c), false) = (
+            last_good.get(k),
+            conditions.iter_mut().find(|c| c.r#type == "Accepted"),
+            fail_closed,
+        ) {
             c.message = format!(
                 "{} (the last good version keeps serving: generation {} from {})",
                 c.message, good.generation, good.cluster
@@ -865,6 +939,13 @@ pub fn check(
                     created_unix_ms: good.created_unix_ms,
                     cluster: good.cluster.clone(),
                     kind: good.kind.clone(),
+                }),
+                AUTHORIZATION_POLICY => out.authz.push(pb::AuthorizationPolicy {
+                    namespace: good.namespace.clone(),
+                    name: good.name.clone(),
+                    spec_json: good.spec_json.clone(),
+                    created_unix_ms: good.created_unix_ms,
+                    cluster: good.cluster.clone(),
                 }),
                 TRAFFIC_POLICY => out.policies.push(pb::TrafficPolicy {
                     namespace: good.namespace.clone(),
@@ -938,6 +1019,7 @@ pub fn resource_name(kind: &str, namespace: &str, name: &str) -> String {
     match kind {
         HTTP_ROUTE => format!("route/{namespace}/{name}"),
         GRPC_ROUTE => format!("grpcroute/{namespace}/{name}"),
+        AUTHORIZATION_POLICY => format!("authz/{namespace}/{name}"),
         _ => format!("trafficpolicy/{namespace}/{name}"),
     }
 }

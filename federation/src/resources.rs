@@ -85,8 +85,7 @@ pub fn build(
     gateways: &[pb::Gateway],
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
-    routes: &[pb::HttpRoute],
-    policies: &[pb::TrafficPolicy],
+    objects: &crate::objects::Checked,
 ) -> BTreeMap<String, pb::Resource> {
     let mut out = BTreeMap::new();
     for svc in merged.values() {
@@ -101,7 +100,7 @@ pub fn build(
         let r = resource(format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
         out.insert(r.name.clone(), r);
     }
-    for route in routes {
+    for route in &objects.routes {
         let prefix = if route.kind == "GRPCRoute" {
             "grpcroute"
         } else {
@@ -113,10 +112,17 @@ pub fn build(
         );
         out.insert(r.name.clone(), r);
     }
-    for p in policies {
+    for p in &objects.policies {
         let r = resource(
             format!("trafficpolicy/{}/{}", p.namespace, p.name),
             Kind::TrafficPolicy(p.clone()),
+        );
+        out.insert(r.name.clone(), r);
+    }
+    for p in &objects.authz {
+        let r = resource(
+            format!("authz/{}/{}", p.namespace, p.name),
+            Kind::AuthorizationPolicy(p.clone()),
         );
         out.insert(r.name.clone(), r);
     }
@@ -155,7 +161,7 @@ mod tests {
     #[test]
     fn diff_sends_only_changes() {
         let policy = pb::LocalityPolicy::default();
-        let a = build(&BTreeMap::new(), &[], &[], &policy, &[], &[], &[]);
+        let a = build(&BTreeMap::new(), &[], &[], &policy, &[], &Default::default());
         let sent: BTreeMap<String, String> = a.iter().map(|(k, v)| (k.clone(), v.version.clone())).collect();
         let (changed, removed) = diff(&sent, &a, |_| true);
         assert!(changed.is_empty() && removed.is_empty());
@@ -163,7 +169,7 @@ mod tests {
             cluster_order: vec!["west".into()],
             ..Default::default()
         };
-        let b = build(&BTreeMap::new(), &[], &[], &policy2, &[], &[], &[]);
+        let b = build(&BTreeMap::new(), &[], &[], &policy2, &[], &Default::default());
         let (changed, removed) = diff(&sent, &b, |_| true);
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());

@@ -379,8 +379,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             &gateways,
             &policy_watch.current,
             &bundles,
-            &checked.routes,
-            &checked.policies,
+            &checked,
         );
         // Warm once every configured peer has pushed since this start, or one lease has passed.
         let warm = started_at.elapsed() >= cfg.lease
@@ -662,7 +661,10 @@ fn admin_views(
         })
     };
     let routes = objects_view(&[crate::objects::HTTP_ROUTE, crate::objects::GRPC_ROUTE], "routes");
-    let policies = objects_view(&[crate::objects::TRAFFIC_POLICY], "policies");
+    let policies = objects_view(
+        &[crate::objects::TRAFFIC_POLICY, crate::objects::AUTHORIZATION_POLICY],
+        "policies",
+    );
     Admin::new(registry.clone())
         .view("/status", status)
         .view("/services", services)

@@ -64,12 +64,22 @@ impl Answer {
 
 /// GET an absolute URL through a sidecar's outbound proxy with extra request headers.
 pub async fn get_with(proxy: SocketAddr, url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
+    request_with(proxy, "GET", url, headers).await
+}
+
+/// A bodyless request with `method` through a sidecar's outbound proxy.
+pub async fn request_with(
+    proxy: SocketAddr,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Answer> {
     let uri: hyper::Uri = url.parse()?;
     let stream = TcpStream::connect(proxy).await?;
     stream.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = hyper::Request::get(url).header(
+    let mut req = hyper::Request::builder().method(method).uri(url).header(
         hyper::header::HOST,
         uri.authority().map(|a| a.as_str()).unwrap_or_default(),
     );

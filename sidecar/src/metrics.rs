@@ -16,6 +16,7 @@ pub struct SidecarMetrics {
     /// mirrored.
     pub policy: IntCounterVec,
     pub upstream_connections: IntCounterVec,
+    pub authz: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -110,6 +111,13 @@ impl SidecarMetrics {
                  (fault_delay, fault_abort, rate_limited, rate_limited_shadow, pool_overflow, \
                  retry_budget_exhausted, mirrored, mirror_failed, mirror_skipped)",
                 &["destination_service", "action"],
+            ),
+            authz: counter(
+                registry,
+                "strait_authz_decisions_total",
+                "Authorization decisions at this inbound sidecar, by policy (<ns>/<name>), rule index, \
+                 action (ALLOW, DENY, AUDIT, NONE) and decision (allow, deny, audit)",
+                &["policy", "rule", "action", "decision"],
             ),
             upstream_connections: counter(
                 registry,

@@ -165,7 +165,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
             metrics,
         )
         .limits(opts.limits.clone())
-        .policies(rx.clone(), &opts.namespace),
+        .policies(rx.clone(), &opts.namespace, opts.inbound),
     );
     let drain = Drain::new();
     let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));

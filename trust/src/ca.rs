@@ -31,6 +31,9 @@ pub struct Authority {
     is_root: bool,
 }
 
+/// An intermediate CA's common name is this and its cluster's name.
+pub(crate) const INTERMEDIATE_CN_PREFIX: &str = "Strait intermediate CA for cluster ";
+
 /// A certificate chain issued to a workload (leaf first, root excluded) and its validity.
 #[derive(Clone, Debug)]
 pub struct IssuedCert {
@@ -97,10 +100,9 @@ impl Authority {
     pub fn new_intermediate(&self, cluster: &str, now: SystemTime) -> Result<Self, TrustError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("Strait intermediate CA for cluster {cluster}"),
-        );
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{INTERMEDIATE_CN_PREFIX}{cluster}"));
         params.distinguished_name.push(DnType::OrganizationName, "Strait");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

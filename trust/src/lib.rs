@@ -27,7 +27,7 @@ pub use metrics::TlsMetrics;
 pub use rotation::{next_rotation, RotationPlan};
 pub use store::{CertStore, WorkloadCert};
 pub use tls::{client_config, server_config, ServerAuth, ALPN_H2, ALPN_TCP, ALPN_TUNNEL};
-pub use verify::{peer_identity, PeerPolicy, RefusalReason, SpiffeVerifier};
+pub use verify::{peer_cluster, peer_identity, PeerPolicy, RefusalReason, SpiffeVerifier};
 
 /// The crypto provider every Strait TLS config uses: one provider for the whole workspace.
 pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {

@@ -213,6 +213,16 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     single_spiffe_id(certs?.first()?).ok()
 }
 
+/// The cluster whose intermediate CA issued a verified peer's certificate (its issuer's common
+/// name, `Strait intermediate CA for cluster <name>`). Only meaningful after the chain was
+/// verified: only the trust domain's root signs intermediates.
+pub fn peer_cluster(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let leaf = certs?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let cn = cert.issuer().iter_common_name().next()?.as_str().ok()?.to_string();
+    cn.strip_prefix(crate::ca::INTERMEDIATE_CN_PREFIX).map(str::to_string)
+}
+
 impl ServerCertVerifier for SpiffeVerifier {
     fn verify_server_cert(
         &self,

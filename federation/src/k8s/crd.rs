@@ -208,6 +208,23 @@ pub struct TrafficPolicyCrdSpec {
     pub spec: strait_api::traffic::TrafficPolicySpec,
 }
 
+/// `AuthorizationPolicy` (`policy.strait.dev/v1alpha1`): Istio's authorization semantics plus
+/// clusters and trust domains as sources, enforced at every destination sidecar.
+#[derive(CustomResource, Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "policy.strait.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    plural = "authorizationpolicies",
+    namespaced,
+    status = "TrafficPolicyStatus",
+    shortname = "ap"
+)]
+pub struct AuthorizationPolicyCrdSpec {
+    #[serde(flatten)]
+    pub spec: strait_api::authz::AuthorizationPolicySpec,
+}
+
 /// Where the policy applies: its conditions here and every cluster's report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -249,6 +266,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         ServiceImport::crd(),
         LocalityPolicy::crd(),
         TrafficPolicy::crd(),
+        AuthorizationPolicy::crd(),
     ];
     all.extend(shared);
     all
@@ -277,6 +295,7 @@ mod tests {
                 "serviceimports.multicluster.x-k8s.io",
                 "localitypolicies.policy.strait.dev",
                 "trafficpolicies.policy.strait.dev",
+                "authorizationpolicies.policy.strait.dev",
                 "httproutes.gateway.networking.k8s.io",
                 "grpcroutes.gateway.networking.k8s.io",
             ]

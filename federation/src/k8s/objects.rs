@@ -17,7 +17,7 @@ use serde_json::json;
 use strait_api::pb;
 use tokio::sync::Notify;
 
-use crate::objects::{key, parse_kube, Parsed, Summary, GRPC_ROUTE, HTTP_ROUTE, TRAFFIC_POLICY};
+use crate::objects::{key, parse_kube, Parsed, Summary, AUTHORIZATION_POLICY, GRPC_ROUTE, HTTP_ROUTE, TRAFFIC_POLICY};
 
 /// The controller name routes' `status.parents` carry.
 pub const CONTROLLER_NAME: &str = "strait.dev/federation-controller";
@@ -56,6 +56,15 @@ impl KubeObjects {
             (
                 TRAFFIC_POLICY,
                 resource("policy.strait.dev", "v1alpha1", TRAFFIC_POLICY, "trafficpolicies"),
+            ),
+            (
+                AUTHORIZATION_POLICY,
+                resource(
+                    "policy.strait.dev",
+                    "v1alpha1",
+                    AUTHORIZATION_POLICY,
+                    "authorizationpolicies",
+                ),
             ),
         ]
         .into_iter()
@@ -174,7 +183,7 @@ impl KubeObjects {
                         })
                     })
                     .collect();
-                let status = if k.kind == TRAFFIC_POLICY {
+                let status = if k.kind == TRAFFIC_POLICY || k.kind == AUTHORIZATION_POLICY {
                     json!({
                         "observedGeneration": generation,
                         "conditions": metav1,

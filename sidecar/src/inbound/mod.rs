@@ -39,6 +39,8 @@ pub struct Inbound {
         tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
         String,
     )>,
+    /// This workload's endpoint address in the catalog (its labels select AuthorizationPolicies).
+    endpoint: Option<SocketAddr>,
     limiter: crate::policy::RateLimiter,
 }
 
@@ -70,6 +72,7 @@ impl Inbound {
             h2_client,
             limits: crate::ProxyLimits::default(),
             config: None,
+            endpoint: None,
             limiter: crate::policy::RateLimiter::default(),
         }
     }
@@ -79,10 +82,126 @@ impl Inbound {
         mut self,
         config: tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
         namespace: &str,
+        endpoint: SocketAddr,
     ) -> Self {
         let key = format!("{namespace}/{}", self.service);
         self.config = Some((config, key));
+        self.endpoint = Some(endpoint);
         self
+    }
+
+    /// The AuthorizationPolicies that apply to this workload, if any.
+    fn authz_policies(&self) -> Vec<Arc<strait_api::authz::CompiledAuthz>> {
+        let Some((config, key)) = self.config.as_ref() else {
+            return vec![];
+        };
+        let snap = config.borrow().clone();
+        if snap.authz.is_empty() {
+            return vec![];
+        }
+        let namespace = key.split('/').next().unwrap_or_default();
+        let labels = self
+            .endpoint
+            .and_then(|a| snap.endpoint_by_addr(a))
+            .map(|(svc, i)| svc.endpoints[i].labels.clone())
+            .unwrap_or_default();
+        snap.authz
+            .iter()
+            .filter(|p| strait_api::authz::applies(p, &self.service, namespace, &labels))
+            .cloned()
+            .collect()
+    }
+
+    /// Counts (and logs, for denials and audits) one decision.
+    fn record(&self, d: &strait_api::authz::Decision, peer: &PeerAuth) {
+        let decision = if d.allowed { "allow" } else { "deny" };
+        let (policy, rule) = d
+            .policy
+            .as_ref()
+            .map(|(p, r)| (p.clone(), r.to_string()))
+            .unwrap_or_else(|| ("none".into(), "none".into()));
+        self.metrics
+            .authz
+            .with_label_values(&[&policy, &rule, d.action, decision])
+            .inc();
+        for (p, r) in &d.audited {
+            self.metrics
+                .authz
+                .with_label_values(&[p, &r.to_string(), "AUDIT", "audit"])
+                .inc();
+            tracing::info!(policy = %p, rule = r, principal = ?peer.principal, cluster = ?peer.cluster, "authorization audit");
+        }
+        if !d.allowed {
+            tracing::info!(policy = %policy, rule = %rule, principal = ?peer.principal, cluster = ?peer.cluster, service = %self.service, "request denied by authorization policy");
+        }
+    }
+
+    /// Authorization for one HTTP request: the path normalized (the application gets the same
+    /// form the decision saw), then the decision. Returns the refusal to send, if any.
+    fn authorize_http(&self, parts: &mut hyper::http::request::Parts, peer: &PeerAuth) -> Option<Response<Body>> {
+        let policies = self.authz_policies();
+        if policies.is_empty() {
+            return None;
+        }
+        let path = match strait_api::authz::normalize_path(parts.uri.path()) {
+            Ok(p) => p,
+            Err(why) => {
+                self.metrics
+                    .authz
+                    .with_label_values(&["none", "none", "NORMALIZE", "deny"])
+                    .inc();
+                return Some(crate::outbound::text(
+                    StatusCode::BAD_REQUEST,
+                    format!("request path refused: {why}"),
+                ));
+            }
+        };
+        let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        if let Ok(uri) = format!("http://{authority}{path}{query}").parse() {
+            parts.uri = uri;
+        }
+        let host = parts
+            .uri
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.split(':').next().unwrap_or(h).to_string())
+            })
+            .unwrap_or_default();
+        let attrs = strait_api::authz::HttpAttrs {
+            method: parts.method.as_str(),
+            path: &path,
+            host: &host,
+            headers: &parts.headers,
+        };
+        let refs: Vec<&strait_api::authz::CompiledAuthz> = policies.iter().map(|p| p.as_ref()).collect();
+        let d = strait_api::authz::decide(&refs, &peer.view(), self.app_addr.port(), Some(&attrs));
+        self.record(&d, peer);
+        if d.allowed {
+            return None;
+        }
+        let message = format!(
+            "RBAC: access denied{}",
+            d.policy
+                .as_ref()
+                .map(|(p, r)| format!(" by {p} rule {r}"))
+                .unwrap_or_default()
+        );
+        let grpc = parts
+            .headers
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        Some(if grpc {
+            crate::outbound::grpc_status(7, &message)
+        } else {
+            crate::outbound::text(StatusCode::FORBIDDEN, message)
+        })
     }
 
     /// A TrafficPolicy's local rate limit, enforced here at the destination: per proxy, or a
@@ -200,9 +319,11 @@ impl Inbound {
 
     async fn serve_h2(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch) {
         let limits = self.limits.clone();
+        let peer = Arc::new(PeerAuth::of(&tls));
         let svc = hyper::service::service_fn(move |req| {
             let this = self.clone();
-            async move { Ok::<_, Infallible>(this.to_app(req).await) }
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(this.to_app(req, &peer).await) }
         });
         // HTTP/2 only (other sidecars speak nothing else here), with the outbound side's limits.
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
@@ -215,8 +336,11 @@ impl Inbound {
         }
     }
 
-    async fn to_app(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    async fn to_app(&self, req: Request<hyper::body::Incoming>, peer: &PeerAuth) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
+        if let Some(refused) = self.authorize_http(&mut parts, peer) {
+            return refused;
+        }
         if let Some(refused) = self.rate_limited(&parts) {
             return refused;
         }
@@ -274,6 +398,21 @@ impl Inbound {
     }
 
     async fn splice(self: Arc<Self>, mut tls: tokio_rustls::server::TlsStream<TcpStream>) {
+        let policies = self.authz_policies();
+        if !policies.is_empty() {
+            let peer = PeerAuth::of(&tls);
+            let refs: Vec<&strait_api::authz::CompiledAuthz> = policies.iter().map(|p| p.as_ref()).collect();
+            let d = strait_api::authz::decide(&refs, &peer.view(), self.app_addr.port(), None);
+            self.record(&d, &peer);
+            if !d.allowed {
+                // Denied TCP is reset: no byte reaches the application.
+                self.metrics
+                    .connections
+                    .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, "denied"])
+                    .inc();
+                return;
+            }
+        }
         let app = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.app_addr)).await;
         let app = match app {
             Ok(Ok(app)) => app,
@@ -299,5 +438,28 @@ impl Inbound {
             .connections
             .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, result])
             .inc();
+    }
+}
+
+/// The verified caller of one inbound connection.
+struct PeerAuth {
+    principal: Option<String>,
+    cluster: Option<String>,
+}
+
+impl PeerAuth {
+    fn of(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Self {
+        let certs = tls.get_ref().1.peer_certificates();
+        PeerAuth {
+            principal: strait_trust::peer_identity(certs).map(|id| id.to_string()),
+            cluster: strait_trust::peer_cluster(certs),
+        }
+    }
+
+    fn view(&self) -> strait_api::authz::Peer<'_> {
+        strait_api::authz::Peer {
+            principal: self.principal.as_deref(),
+            cluster: self.cluster.as_deref(),
+        }
     }
 }
