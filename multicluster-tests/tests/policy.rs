@@ -522,10 +522,21 @@ async fn mirrors_copy_traffic_and_retries_stop_at_the_budget() {
     )
     .await
     .unwrap();
-    let text = scrape(caller.admin_addr).await.unwrap();
-    let mirrored = metric_sum(&text, "strait_traffic_policy_actions_total", &[("action", "mirrored")]);
-    println!("mirrored to greeter (west): {mirrored} of 50 requests");
-    assert!(mirrored >= 50.0);
+    // The caller counts a copy once the mirror's answer is read, a moment after greeter
+    // counted it: wait for the count rather than read it once.
+    let caller_admin = caller.admin_addr;
+    let mirrored = || async move {
+        let text = scrape(caller_admin).await.unwrap_or_default();
+        metric_sum(&text, "strait_traffic_policy_actions_total", &[("action", "mirrored")])
+    };
+    Mesh::eventually(
+        "the caller counted 50 mirrored",
+        Duration::from_secs(10),
+        || async move { mirrored().await >= 50.0 },
+    )
+    .await
+    .unwrap();
+    println!("mirrored to greeter (west): {} of 50 requests", mirrored().await);
 
     // The mirror's backend goes down: calls are not slowed or failed by it.
     mesh.kill9(greeter.app_pid);
