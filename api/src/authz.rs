@@ -562,6 +562,30 @@ impl CompiledAuthz {
     }
 }
 
+/// The DENY rule (policy, rule) that refuses a caller by its source alone: the check an
+/// east-west gateway makes for a service of its cluster. Only DENY rules that name nothing but
+/// sources (no `to`, no `when`) decide here, so the gateway never refuses more than the
+/// destination sidecar would.
+pub fn gateway_denies(policies: &[&CompiledAuthz], peer: &Peer<'_>) -> Option<(String, usize)> {
+    policies.iter().filter(|p| p.action == Action::Deny).find_map(|p| {
+        p.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.to.is_empty() && r.when.is_empty() && !r.from.is_empty())
+            .find(|(_, r)| {
+                let (td, ns, sa) = split_principal(peer.principal);
+                r.from.iter().any(|s| {
+                    s.principals.holds(peer.principal)
+                        && s.namespaces.holds(ns)
+                        && s.service_accounts.holds(sa)
+                        && s.clusters.holds(peer.cluster)
+                        && s.trust_domains.holds(td)
+                })
+            })
+            .map(|(i, _)| (format!("{}/{}", p.namespace, p.name), i))
+    })
+}
+
 fn split_principal(p: Option<&str>) -> (Option<&str>, Option<&str>, Option<&str>) {
     let Some(rest) = p.and_then(|p| p.strip_prefix("spiffe://")) else {
         return (None, None, None);
@@ -827,6 +851,29 @@ rules: [{when: [{key: "request.headers[x-role]", notValues: [admin]}], to: [{ope
         assert!(d.allowed && d.audited.len() == 1);
         let deny_all = policy("{}");
         assert!(!decide(&[&deny_all], &peer, 80, Some(&get("/", &h))).allowed);
+    }
+
+    #[test]
+    fn the_gateway_decides_only_source_rules() {
+        let by_cluster = policy("action: DENY\nrules: [{from: [{source: {clusters: [west]}}]}]");
+        let by_path = policy(
+            "action: DENY\nrules: [{from: [{source: {clusters: [west]}}], to: [{operation: {paths: [/admin]}}]}]",
+        );
+        let west = Peer {
+            principal: Some(ALICE),
+            cluster: Some("west"),
+        };
+        let east = Peer {
+            principal: Some(ALICE),
+            cluster: Some("east"),
+        };
+        assert_eq!(gateway_denies(&[&by_cluster], &west), Some(("demo/p".into(), 0)));
+        assert_eq!(gateway_denies(&[&by_cluster], &east), None);
+        assert_eq!(
+            gateway_denies(&[&by_path], &west),
+            None,
+            "left to the sidecar, which sees the path"
+        );
     }
 
     #[test]

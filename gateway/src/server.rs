@@ -85,10 +85,16 @@ impl Gateway {
                         return;
                     }
                 };
-                let peer = conn
+                let certs = conn
                     .peer_identity()
-                    .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-                    .and_then(|certs| strait_trust::peer_identity(Some(&certs)));
+                    .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+                let peer = certs
+                    .as_ref()
+                    .and_then(|certs| strait_trust::peer_identity(Some(certs)));
+                let caller = Arc::new(Caller {
+                    principal: peer.as_ref().map(|p| p.to_string()),
+                    cluster: certs.as_ref().and_then(|certs| strait_trust::peer_cluster(Some(certs))),
+                });
                 tracing::debug!(%remote, peer = ?peer.as_ref().map(|p| p.to_string()), "tunnel connection accepted");
                 loop {
                     let mut signal = drain.clone();
@@ -100,8 +106,9 @@ impl Gateway {
                         Ok((send, recv)) => {
                             let gw = gw.clone();
                             let guard = drain.guard();
+                            let caller = caller.clone();
                             tokio::spawn(async move {
-                                gw.handle_stream(send, recv).await;
+                                gw.handle_stream(send, recv, &caller).await;
                                 drop(guard);
                             });
                         }
@@ -161,9 +168,15 @@ impl Gateway {
                     }
                     Err(_) => return,
                 };
+                let certs = tls.get_ref().1.peer_certificates();
+                let caller = Arc::new(Caller {
+                    principal: strait_trust::peer_identity(certs).map(|p| p.to_string()),
+                    cluster: strait_trust::peer_cluster(certs),
+                });
                 let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let gw = gw.clone();
                     let guard = drain.guard();
+                    let caller = caller.clone();
                     async move {
                         let mut resp = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
                         if req.method() != hyper::Method::CONNECT {
@@ -176,7 +189,7 @@ impl Gateway {
                                 let mut io = hyper_util::rt::TokioIo::new(upgraded);
                                 let header = tokio::time::timeout(Duration::from_secs(5), read_header(&mut io)).await;
                                 match header {
-                                    Ok(Ok(tunnel_req)) => gw.serve_request(tunnel_req, io).await,
+                                    Ok(Ok(tunnel_req)) => gw.serve_request(tunnel_req, io, &caller).await,
                                     _ => gw.bad_header(),
                                 }
                             }
@@ -203,7 +216,7 @@ impl Gateway {
             .inc();
     }
 
-    async fn handle_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn handle_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, caller: &Caller) {
         let req: pb::TunnelRequest = match tokio::time::timeout(Duration::from_secs(5), read_header(&mut recv)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -224,13 +237,21 @@ impl Gateway {
                 return;
             }
         };
-        self.serve_request(req, tokio::io::join(recv, send)).await;
+        self.serve_request(req, tokio::io::join(recv, send), caller).await;
     }
 
     /// Connects the tunnel to a local endpoint, answers, and splices until either side closes.
-    async fn serve_request(&self, req: pb::TunnelRequest, mut tunnel: impl AsyncRead + AsyncWrite + Unpin) {
+    async fn serve_request(
+        &self,
+        req: pb::TunnelRequest,
+        mut tunnel: impl AsyncRead + AsyncWrite + Unpin,
+        caller: &Caller,
+    ) {
         let service_label = format!("{}.{}", req.service, req.namespace);
-        let (code, message, upstream) = self.connect_upstream(&req).await;
+        let (code, message, upstream) = match self.denied(&req, caller) {
+            Some(refusal) => (status::FORBIDDEN, refusal, None),
+            None => self.connect_upstream(&req).await,
+        };
         self.metrics
             .streams
             .with_label_values(&[&req.source_cluster, &service_label, &code.to_string()])
@@ -256,6 +277,37 @@ impl Gateway {
             Err(e) => tracing::debug!(error = %e, "tunnel stream ended with an error"),
         }
         self.metrics.active_streams.dec();
+    }
+
+    /// A DENY AuthorizationPolicy of the requested service that refuses this caller by its
+    /// source alone (its cluster, trust domain, namespace or principal): refused here, before
+    /// any byte crosses into the cluster.
+    fn denied(&self, req: &pb::TunnelRequest, caller: &Caller) -> Option<String> {
+        // The control plane (peering) is never subject to workload policies.
+        if req.namespace == strait_api::SYSTEM_NAMESPACE {
+            return None;
+        }
+        let snapshot = self.config.borrow().clone();
+        if snapshot.authz.is_empty() {
+            return None;
+        }
+        let labels = Default::default();
+        let policies: Vec<&strait_api::authz::CompiledAuthz> = snapshot
+            .authz
+            .iter()
+            .filter(|p| strait_api::authz::applies(p, &req.service, &req.namespace, &labels))
+            .map(|p| p.as_ref())
+            .collect();
+        let peer = strait_api::authz::Peer {
+            principal: caller.principal.as_deref(),
+            cluster: caller.cluster.as_deref(),
+        };
+        let (policy, rule) = strait_api::authz::gateway_denies(&policies, &peer)?;
+        tracing::info!(%policy, rule, principal = ?caller.principal, cluster = ?caller.cluster, service = %req.service, "tunnel refused by authorization policy");
+        Some(format!(
+            "RBAC: access denied by {policy} rule {rule} at the gateway of cluster {}",
+            self.opts.cluster
+        ))
     }
 
     /// Finds the service and connects to one of its local endpoints: the caller's choice if it
@@ -335,3 +387,9 @@ fn rand_index(n: usize) -> usize {
 
 /// Buffer size for splicing tunnel streams to local endpoints.
 const SPLICE_BUF: usize = 64 * 1024;
+
+/// The verified caller of one tunnel connection.
+struct Caller {
+    principal: Option<String>,
+    cluster: Option<String>,
+}

@@ -79,6 +79,16 @@ spec:
       to: [{operation: {methods: [GET], paths: ["/api/{**}"]}}]
 "#;
 
+const GREETER_NOT_FROM_EAST: &str = r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: greeter-no-east, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, name: greeter}]
+  action: DENY
+  rules: [{from: [{source: {clusters: [east]}}]}]
+"#;
+
 const LEDGER_NOT_FROM_EAST: &str = r#"
 apiVersion: policy.strait.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -180,6 +190,36 @@ async fn authorization_policies_apply_in_every_cluster_on_verified_identity() {
     println!("{table}");
     assert_eq!(table.matches("AuthorizationPolicy").count(), 4, "{table}");
     assert_eq!(table.matches("3/3 clusters").count(), 4, "{table}");
+
+    // A cluster cut off in one line: a connection already open to greeter is refused by
+    // greeter's sidecar; a new one is refused at west's gateway already, before any byte
+    // crosses into west.
+    apply(&mesh, "west", "greeter-readers", ALLOW_ECHO_GET, "delete");
+    apply(&mesh, "central", "greeter-no-east", GREETER_NOT_FROM_EAST, "apply");
+    assert_eq!(status(east, "GET", &format!("{GREETER}/api/x")).await, 403);
+    let fresh = mesh.workload("echo", "us-east-1b").outbound_proxy;
+    let refused = request_with(fresh, "GET", &format!("{GREETER}/api/x"), &[])
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.service());
+    assert!(
+        refused.service().contains("at the gateway of cluster west"),
+        "{}",
+        refused.service()
+    );
+    let text = scrape(mesh.cluster("west").gateway.admin_addr).await.unwrap();
+    assert!(
+        metric_sum(
+            &text,
+            "strait_tunnel_streams_total",
+            &[("source_cluster", "east"), ("status", "403")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        status(west_greeter_proxy, "GET", &format!("{GREETER}/api/x")).await,
+        403,
+        "west: default deny still"
+    );
 
     // TCP: denied connections are reset before any byte reaches the application.
     apply(&mesh, "west", "deny-default", DEFAULT_DENY, "delete");

@@ -461,6 +461,23 @@ impl Outbound {
             };
             let (mut sender, reused) = match dialed {
                 Ok(s) => s,
+                Err(e)
+                    if matches!(
+                        &*e,
+                        crate::upstream::UpstreamError::Tunnel(strait_gateway::TunnelError::Refused {
+                            status: 403,
+                            ..
+                        })
+                    ) =>
+                {
+                    // The remote gateway refused the caller by an AuthorizationPolicy: that is
+                    // the answer (no retry, and the endpoint is healthy).
+                    let mut resp = text(StatusCode::FORBIDDEN, e.to_string());
+                    if is_grpc(parts) {
+                        resp = grpc_status(7, &e.to_string());
+                    }
+                    return Err(resp);
+                }
                 Err(e) if matches!(*e, crate::upstream::UpstreamError::Overflow { .. }) => {
                     // Circuit breaking: shed at once, no retry.
                     self.metrics.policy.with_label_values(&[&host, "pool_overflow"]).inc();
