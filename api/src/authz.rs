@@ -243,6 +243,18 @@ struct CompiledSource {
     trust_domains: Field,
 }
 
+impl CompiledSource {
+    /// Whether the caller is this source: every field it sets holds.
+    fn holds(&self, peer: &Peer<'_>) -> bool {
+        let (td, ns, sa) = split_principal(peer.principal);
+        self.principals.holds(peer.principal)
+            && self.namespaces.holds(ns)
+            && self.service_accounts.holds(sa)
+            && self.clusters.holds(peer.cluster)
+            && self.trust_domains.holds(td)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct CompiledOperation {
     hosts: Field,
@@ -497,20 +509,13 @@ impl CompiledAuthz {
     /// names HTTP attributes matches for DENY (fail closed: its other conditions decide) and
     /// never for ALLOW.
     pub fn matching_rule(&self, peer: &Peer<'_>, port: u16, http: Option<&HttpAttrs<'_>>) -> Option<usize> {
-        let (td, ns, sa) = split_principal(peer.principal);
+        let (td, ns, _) = split_principal(peer.principal);
         let port_s = port.to_string();
         self.rules.iter().position(|r| {
             if http.is_none() && r.is_http() && self.action != Action::Deny {
                 return false;
             }
-            let from_ok = r.from.is_empty()
-                || r.from.iter().any(|s| {
-                    s.principals.holds(peer.principal)
-                        && s.namespaces.holds(ns)
-                        && s.service_accounts.holds(sa)
-                        && s.clusters.holds(peer.cluster)
-                        && s.trust_domains.holds(td)
-                });
+            let from_ok = r.from.is_empty() || r.from.iter().any(|s| s.holds(peer));
             let to_ok = r.to.is_empty()
                 || r.to.iter().any(|o| {
                     let http_ok = match http {
@@ -572,16 +577,7 @@ pub fn gateway_denies(policies: &[&CompiledAuthz], peer: &Peer<'_>) -> Option<(S
             .iter()
             .enumerate()
             .filter(|(_, r)| r.to.is_empty() && r.when.is_empty() && !r.from.is_empty())
-            .find(|(_, r)| {
-                let (td, ns, sa) = split_principal(peer.principal);
-                r.from.iter().any(|s| {
-                    s.principals.holds(peer.principal)
-                        && s.namespaces.holds(ns)
-                        && s.service_accounts.holds(sa)
-                        && s.clusters.holds(peer.cluster)
-                        && s.trust_domains.holds(td)
-                })
-            })
+            .find(|(_, r)| r.from.iter().any(|s| s.holds(peer)))
             .map(|(i, _)| (format!("{}/{}", p.namespace, p.name), i))
     })
 }
