@@ -854,6 +854,52 @@ async fn routes_and_policies_are_crds_applied_with_kubectl_with_status_from_ever
     assert!(ok, "{out}");
     let (ok, out) = kubectl(&west, &["delete", "httproute", "-n", "demo", "greeter-canary"], None);
     assert!(ok, "{out}");
+    // An AuthorizationPolicy as a CR: east is cut off from echo everywhere, with status.
+    let deny_east = r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: echo-no-east, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  action: DENY
+  rules: [{from: [{source: {clusters: [east]}}]}]
+"#;
+    let (ok, out) = kubectl(&west, &["apply", "--server-side", "-f", "-"], Some(deny_east));
+    assert!(ok, "{out}");
+    Mesh::eventually("east's calls to echo are denied", Duration::from_secs(20), || async {
+        multicluster_tests::get_with(caller, echo, &[])
+            .await
+            .is_ok_and(|a| a.status == 403)
+    })
+    .await
+    .unwrap();
+    let west_for_status = west.clone();
+    Mesh::eventually(
+        "the AuthorizationPolicy's status lists every cluster",
+        Duration::from_secs(20),
+        || {
+            let west = west_for_status.clone();
+            async move {
+                let (_, out) = kubectl(
+                    &west,
+                    &["get", "authorizationpolicy", "-n", "demo", "echo-no-east", "-o", "json"],
+                    None,
+                );
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                v["status"]["clusters"].as_array().map(Vec::len) == Some(3)
+                    && condition(&v["status"]["conditions"], "Applied").is_some_and(|(s, _)| s == "True")
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let (ok, out) = kubectl(
+        &west,
+        &["delete", "authorizationpolicy", "-n", "demo", "echo-no-east"],
+        None,
+    );
+    assert!(ok, "{out}");
+
     Mesh::eventually("both are gone in east", Duration::from_secs(20), || async {
         let fault_gone = multicluster_tests::get_with(caller, echo, &[])
             .await
