@@ -408,21 +408,8 @@ impl ObjectStore {
     }
 
     /// Replaces the objects read from the Kubernetes API (`Kind/ns/name` and what parsing
-    /// made of each, with its creation time) with `objects`. Returns whether anything changed.
-    pub fn set_kube(&mut self, objects: Vec<(String, Result<Parsed, String>, i64)>) -> bool {
-        let before: Vec<(String, String, u64, Option<String>)> = self
-            .objects
-            .iter()
-            .filter(|(_, a)| is_kube(&a.file))
-            .map(|(k, a)| {
-                (
-                    k.clone(),
-                    a.object.spec_json.clone(),
-                    a.object.generation,
-                    a.error.clone(),
-                )
-            })
-            .collect();
+    /// made of each, with its creation time) with `objects`.
+    pub fn set_kube(&mut self, objects: Vec<(String, Result<Parsed, String>, i64)>) {
         let keys: Vec<&String> = objects.iter().map(|(k, _, _)| k).collect();
         self.objects.retain(|k, a| !is_kube(&a.file) || keys.contains(&k));
         for (k, parsed, created) in &objects {
@@ -473,20 +460,6 @@ impl ObjectStore {
                 }
             }
         }
-        let after: Vec<(String, String, u64, Option<String>)> = self
-            .objects
-            .iter()
-            .filter(|(_, a)| is_kube(&a.file))
-            .map(|(k, a)| {
-                (
-                    k.clone(),
-                    a.object.spec_json.clone(),
-                    a.object.generation,
-                    a.error.clone(),
-                )
-            })
-            .collect();
-        before != after
     }
 
     /// The clusterset objects peers get (each at its last good version).

@@ -689,8 +689,9 @@ fn count_acks(
         }
         let name = crate::objects::resource_name(&s.kind, &s.namespace, &s.name);
         let Some(since) = state.since.get(&name) else { continue };
+        let rejection = format!("{name}:");
         for p in &sidecars {
-            let rejected = p.rejected.iter().any(|r| r.starts_with(&format!("{name}:")));
+            let rejected = p.rejected.iter().any(|r| r.starts_with(&rejection));
             if p.acked_version >= *since && !rejected {
                 s.proxies_acked += 1;
             } else if s.proxies_pending.len() < 5 {

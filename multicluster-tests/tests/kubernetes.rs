@@ -702,6 +702,26 @@ fn kubectl(c: &ClusterInfo, args: &[&str], stdin: Option<&str>) -> (bool, String
     )
 }
 
+/// Waits until object `kind/name` in namespace demo of cluster `c` satisfies `done`.
+async fn wait_object(c: &ClusterInfo, kind: &str, name: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let started = Instant::now();
+    loop {
+        let (_, out) = kubectl(c, &["get", kind, "-n", "demo", name, "-o", "json"], None);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if done(&v) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A policy's status: every cluster reported, and it is applied everywhere.
+fn applied_in_three(v: &serde_json::Value) -> bool {
+    v["status"]["clusters"].as_array().map(Vec::len) == Some(3)
+        && condition(&v["status"]["conditions"], "Applied").is_some_and(|(s, _)| s == "True")
+}
+
 const KUBE_ROUTE: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -760,25 +780,20 @@ async fn routes_and_policies_are_crds_applied_with_kubectl_with_status_from_ever
     assert_eq!(plain.service(), "greeter");
 
     // Its status, on the object in west: Gateway API conditions per parent, and where it applies.
-    let west_for_status = west.clone();
-    Mesh::eventually("the route's status says 3/3", Duration::from_secs(20), || {
-        let west = west_for_status.clone();
-        async move {
-            let (ok, out) = kubectl(
-                &west,
-                &["get", "httproute", "-n", "demo", "greeter-canary", "-o", "json"],
-                None,
-            );
-            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    wait_object(
+        &west,
+        "httproute",
+        "greeter-canary",
+        "the route's status says 3/3",
+        |v| {
             let conditions = &v["status"]["parents"][0]["conditions"];
-            ok && v["status"]["parents"][0]["controllerName"] == "strait.dev/federation-controller"
+            v["status"]["parents"][0]["controllerName"] == "strait.dev/federation-controller"
                 && condition(conditions, "Accepted").is_some_and(|(s, _)| s == "True")
                 && condition(conditions, "Applied")
                     .is_some_and(|(s, m)| s == "True" && m.starts_with("applied in 3/3 clusters"))
-        }
-    })
-    .await
-    .unwrap();
+        },
+    )
+    .await;
 
     // A schema error is refused by the API server (CRD validation), naming the field.
     let typo = KUBE_ROUTE.replace(
@@ -800,49 +815,32 @@ async fn routes_and_policies_are_crds_applied_with_kubectl_with_status_from_ever
     })
     .await
     .unwrap();
-    let central_for_status = central.clone();
-    Mesh::eventually(
+    wait_object(
+        &central,
+        "trafficpolicy",
+        "echo-fault",
         "the policy's status lists every cluster",
-        Duration::from_secs(20),
-        || {
-            let central = central_for_status.clone();
-            async move {
-                let (_, out) = kubectl(
-                    &central,
-                    &["get", "trafficpolicy", "-n", "demo", "echo-fault", "-o", "json"],
-                    None,
-                );
-                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-                v["status"]["clusters"].as_array().map(Vec::len) == Some(3)
-                    && condition(&v["status"]["conditions"], "Applied").is_some_and(|(s, _)| s == "True")
-            }
-        },
+        applied_in_three,
     )
-    .await
-    .unwrap();
+    .await;
 
     // A semantic error (a target in no cluster) sets Accepted=False on the object; the last good
     // version keeps serving.
     let bad = KUBE_FAULT.replace("name: echo}]", "name: nowhere}]");
     let (ok, out) = kubectl(&central, &["apply", "--server-side", "-f", "-"], Some(&bad));
     assert!(ok, "{out}");
-    let central_for_status = central.clone();
-    Mesh::eventually("Accepted=False names the target", Duration::from_secs(20), || {
-        let central = central_for_status.clone();
-        async move {
-            let (_, out) = kubectl(
-                &central,
-                &["get", "trafficpolicy", "-n", "demo", "echo-fault", "-o", "json"],
-                None,
-            );
-            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    wait_object(
+        &central,
+        "trafficpolicy",
+        "echo-fault",
+        "Accepted=False names the target",
+        |v| {
             condition(&v["status"]["conditions"], "Accepted").is_some_and(|(s, m)| {
                 s == "False" && m.contains("nowhere") && m.contains("last good version keeps serving")
             })
-        }
-    })
-    .await
-    .unwrap();
+        },
+    )
+    .await;
     assert_eq!(
         multicluster_tests::get_with(caller, echo, &[]).await.unwrap().status,
         418,
@@ -873,26 +871,14 @@ spec:
     })
     .await
     .unwrap();
-    let west_for_status = west.clone();
-    Mesh::eventually(
+    wait_object(
+        &west,
+        "authorizationpolicy",
+        "echo-no-east",
         "the AuthorizationPolicy's status lists every cluster",
-        Duration::from_secs(20),
-        || {
-            let west = west_for_status.clone();
-            async move {
-                let (_, out) = kubectl(
-                    &west,
-                    &["get", "authorizationpolicy", "-n", "demo", "echo-no-east", "-o", "json"],
-                    None,
-                );
-                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-                v["status"]["clusters"].as_array().map(Vec::len) == Some(3)
-                    && condition(&v["status"]["conditions"], "Applied").is_some_and(|(s, _)| s == "True")
-            }
-        },
+        applied_in_three,
     )
-    .await
-    .unwrap();
+    .await;
     let (ok, out) = kubectl(
         &west,
         &["delete", "authorizationpolicy", "-n", "demo", "echo-no-east"],
