@@ -24,6 +24,7 @@ pub mod locality;
 pub mod proxy;
 pub mod routes;
 pub mod snapshot;
+pub mod telemetry;
 pub mod traffic;
 pub mod transport;
 pub mod tunnel;

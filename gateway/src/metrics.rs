@@ -8,6 +8,8 @@ pub struct GatewayMetrics {
     pub active_streams: IntGauge,
     pub bytes: IntCounterVec,
     pub connect_latency: HistogramVec,
+    /// Istio's standard metrics: the gateway reports the hop it makes (`reporter="source"`).
+    pub istio: strait_api::telemetry::IstioMetrics,
 }
 
 impl GatewayMetrics {
@@ -48,6 +50,7 @@ impl GatewayMetrics {
             let _ = registry.register(m);
         }
         GatewayMetrics {
+            istio: strait_api::telemetry::IstioMetrics::new(registry),
             streams,
             active_streams,
             bytes,

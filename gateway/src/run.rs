@@ -42,16 +42,19 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
     };
     let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
 
-    let gateway = Arc::new(Gateway::new(
-        GatewayOptions {
-            cluster: opts.locality.cluster.clone(),
-            listen: opts.listen,
-            connect_timeout: Duration::from_secs(1),
-        },
-        store,
-        rx.clone(),
-        GatewayMetrics::new(&registry),
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            GatewayOptions {
+                cluster: opts.locality.cluster.clone(),
+                listen: opts.listen,
+                connect_timeout: Duration::from_secs(1),
+            },
+            store,
+            rx.clone(),
+            GatewayMetrics::new(&registry),
+        )
+        .named(&opts.name),
+    );
     let endpoint = gateway.bind()?;
     let tcp = gateway.bind_tcp().await?;
     let drain = Drain::new();

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use strait_api::drain::Watch;
 use strait_api::pb;
 use strait_api::snapshot::{EndpointEntry, Snapshot};
+use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload};
 use strait_api::tunnel::{read_header, status, write_header};
 use strait_trust::{CertStore, PeerPolicy, ServerAuth};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -28,6 +29,8 @@ pub struct Gateway {
     store: CertStore,
     config: watch::Receiver<Arc<Snapshot>>,
     metrics: GatewayMetrics,
+    /// This gateway as the source of the hops it makes.
+    me: Workload,
 }
 
 impl Gateway {
@@ -37,12 +40,26 @@ impl Gateway {
         config: watch::Receiver<Arc<Snapshot>>,
         metrics: GatewayMetrics,
     ) -> Self {
+        let me = Workload::from_labels(
+            "strait-gateway",
+            strait_api::SYSTEM_NAMESPACE,
+            &store.id().to_string(),
+            &opts.cluster,
+            &[("app".to_string(), "strait-gateway".to_string())].into(),
+        );
         Gateway {
             opts,
             store,
             config,
             metrics,
+            me,
         }
+    }
+
+    /// Names this gateway's workload in what it reports (`strait-gateway` unless set).
+    pub fn named(mut self, name: &str) -> Self {
+        self.me.workload = name.to_string();
+        self
     }
 
     /// Binds the UDP socket; the returned endpoint is served by [`Gateway::serve`].
@@ -264,17 +281,59 @@ impl Gateway {
         if write_header(&mut tunnel, &resp).await.is_err() {
             return;
         }
+        // Istio's TCP family for the hop this gateway makes (as Istio's gateways report it).
+        let snapshot = self.config.borrow().clone();
+        let service = snapshot
+            .services
+            .get(&format!("{}/{}", req.namespace, req.service))
+            .map(|s| ServiceName::of(s))
+            .unwrap_or_else(|| ServiceName {
+                host: format!(
+                    "{}.{}.{}",
+                    req.service,
+                    req.namespace,
+                    strait_api::snapshot::CLUSTERSET_SUFFIX
+                ),
+                name: req.service.clone(),
+                namespace: req.namespace.clone(),
+            });
+        let destination = upstream
+            .as_ref()
+            .and_then(|(_, addr)| snapshot.endpoint_by_addr(*addr))
+            .map(|(svc, i)| Workload::of_endpoint(&svc.endpoints[i], &svc.namespace))
+            .unwrap_or_default();
+        let edge = Edge {
+            reporter: Reporter::Source,
+            source: &self.me,
+            destination: &destination,
+            service: &service,
+            protocol: "tcp",
+        };
         let Some((mut tcp, _)) = upstream else {
+            // Envoy's flags: refused by policy (no flag; RBAC is a detail), no healthy
+            // upstream, or connect failure.
+            let flags = match code {
+                status::FORBIDDEN => "-",
+                status::NO_ENDPOINT => "UF",
+                _ => "UH",
+            };
+            self.metrics.istio.tcp_opened(&edge, flags);
+            self.metrics.istio.tcp_closed(&edge, flags, 0, 0);
             let _ = tunnel.shutdown().await;
             return;
         };
+        self.metrics.istio.tcp_opened(&edge, "-");
         self.metrics.active_streams.inc();
         match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut tcp, SPLICE_BUF, SPLICE_BUF).await {
             Ok((from_caller, to_caller)) => {
                 self.metrics.bytes.with_label_values(&["in"]).inc_by(from_caller);
                 self.metrics.bytes.with_label_values(&["out"]).inc_by(to_caller);
+                self.metrics.istio.tcp_closed(&edge, "-", from_caller, to_caller);
             }
-            Err(e) => tracing::debug!(error = %e, "tunnel stream ended with an error"),
+            Err(e) => {
+                self.metrics.istio.tcp_closed(&edge, "UC", 0, 0);
+                tracing::debug!(error = %e, "tunnel stream ended with an error")
+            }
         }
         self.metrics.active_streams.dec();
     }

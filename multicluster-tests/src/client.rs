@@ -225,3 +225,49 @@ impl LoadReport {
         out
     }
 }
+
+/// Calls `strait.demo.v1.Demo/Hello` on greeter with the real grpcurl (`STRAIT_GRPCURL`;
+/// `./test.sh` builds it) through a sidecar's outbound proxy; returns (success, output).
+pub fn grpcurl_hello(proxy: SocketAddr, name: &str, headers: &[&str]) -> (bool, String) {
+    let bin = std::env::var("STRAIT_GRPCURL").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/strait/bin/grpcurl",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/proto");
+    let data = format!(r#"{{"name":"{name}"}}"#);
+    let mut args: Vec<String> = [
+        "-plaintext",
+        "-v",
+        "-import-path",
+        proto_dir,
+        "-proto",
+        "demo.proto",
+        "-authority",
+        "greeter.demo.svc.clusterset.local:80",
+        "-d",
+        &data,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for h in headers {
+        args.push("-H".into());
+        args.push(h.to_string());
+    }
+    args.push(proxy.to_string());
+    args.push("strait.demo.v1.Demo/Hello".into());
+    let out = std::process::Command::new(&bin)
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e} (test.sh builds grpcurl; set STRAIT_GRPCURL)"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

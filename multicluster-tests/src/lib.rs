@@ -7,7 +7,8 @@
 mod client;
 mod mesh;
 mod metrics;
+pub mod prometheus;
 
-pub use client::{connect_tunnel, get_via, get_with, request_with, Answer, LoadReport, Outcome, Sample};
+pub use client::{connect_tunnel, get_via, get_with, grpcurl_hello, request_with, Answer, LoadReport, Outcome, Sample};
 pub use mesh::{strait_bin, ClusterInfo, Mesh, MeshOptions, WorkloadInfo};
 pub use metrics::{metric_sum, scrape};

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use multicluster_tests::{get_with, metric_sum, scrape, Mesh};
+use multicluster_tests::{get_with, grpcurl_hello, metric_sum, scrape, Mesh};
 
 const GREETER: &str = "http://greeter.demo.svc.clusterset.local/";
 const ECHO: &str = "http://echo.demo.svc.clusterset.local";
@@ -592,49 +592,6 @@ spec:
     - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter, port: 80}]
 "#;
 
-fn grpcurl(proxy: SocketAddr, headers: &[&str]) -> (bool, String) {
-    let bin = std::env::var("STRAIT_GRPCURL").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/strait/bin/grpcurl",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/proto");
-    let mut args: Vec<String> = [
-        "-plaintext",
-        "-v",
-        "-import-path",
-        proto_dir,
-        "-proto",
-        "demo.proto",
-        "-authority",
-        "greeter.demo.svc.clusterset.local:80",
-        "-d",
-        r#"{"name":"grpcroute"}"#,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for h in headers {
-        args.push("-H".into());
-        args.push(h.to_string());
-    }
-    args.push(proxy.to_string());
-    args.push("strait.demo.v1.Demo/Hello".into());
-    let out = std::process::Command::new(&bin)
-        .args(&args)
-        .output()
-        .unwrap_or_else(|e| panic!("{bin}: {e} (test.sh builds grpcurl; set STRAIT_GRPCURL)"));
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_route_applied_in_one_cluster_routes_calls_in_another() {
     let mesh = Mesh::start().await.unwrap();
@@ -646,12 +603,12 @@ async fn a_grpc_route_applied_in_one_cluster_routes_calls_in_another() {
         "{out}"
     );
     // The canary header sends Demo/Hello to echo (with the rule's response header) ...
-    let (ok, out) = grpcurl(east_caller, &["x-canary: 1"]);
+    let (ok, out) = grpcurl_hello(east_caller, "grpcroute", &["x-canary: 1"]);
     assert!(ok, "{out}");
     assert!(out.contains("hello grpcroute from echo-us-east-1a"), "{out}");
     assert!(out.contains("x-route: grpc-canary"), "{out}");
     // ... and every other call to greeter, in west.
-    let (ok, out) = grpcurl(east_caller, &[]);
+    let (ok, out) = grpcurl_hello(east_caller, "grpcroute", &[]);
     assert!(ok, "{out}");
     assert!(out.contains("hello grpcroute from greeter-us-west-2a in west"), "{out}");
     let routes = get(&mesh, "east", "routes", "table");

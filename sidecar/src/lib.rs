@@ -16,6 +16,7 @@ pub mod outbound;
 pub mod policy;
 mod run;
 pub mod splice;
+pub mod telemetry;
 pub mod upstream;
 
 pub use run::{run, SidecarOptions};

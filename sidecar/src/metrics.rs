@@ -17,6 +17,8 @@ pub struct SidecarMetrics {
     pub policy: IntCounterVec,
     pub upstream_connections: IntCounterVec,
     pub authz: IntCounterVec,
+    /// Istio's standard metrics.
+    pub istio: strait_api::telemetry::IstioMetrics,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -40,6 +42,7 @@ impl SidecarMetrics {
         .expect("valid metric");
         let _ = registry.register(Box::new(latency.clone()));
         SidecarMetrics {
+            istio: strait_api::telemetry::IstioMetrics::new(registry),
             requests: counter(
                 registry,
                 "strait_requests_total",

@@ -135,6 +135,13 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     }
 
     let metrics = SidecarMetrics::new(&registry);
+    let local = Arc::new(crate::telemetry::LocalWorkload::new(
+        &opts.workload,
+        &opts.namespace,
+        &store.id().to_string(),
+        &opts.locality.cluster,
+        Some(opts.inbound),
+    ));
     let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
     let balancer = Balancer::new(opts.locality.clone(), tunnel.health(), metrics.clone());
@@ -149,7 +156,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
             metrics.clone(),
         )
         .unknown_destinations(opts.unknown_destinations)
-        .limits(opts.limits.clone()),
+        .limits(opts.limits.clone())
+        .local_workload(local.clone()),
     );
     if let (Some((udp, tcp)), Some((addr, resolv))) = (dns_sockets, &opts.dns) {
         let dns = Arc::new(DnsProxy::new(rx.clone(), resolv, &[*addr], DnsMetrics::new(&registry)));
@@ -165,7 +173,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
             metrics,
         )
         .limits(opts.limits.clone())
-        .policies(rx.clone(), &opts.namespace, opts.inbound),
+        .policies(rx.clone(), &opts.namespace, opts.inbound)
+        .local_workload(local),
     );
     let drain = Drain::new();
     let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));

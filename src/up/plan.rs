@@ -166,7 +166,12 @@ impl Plan {
                             admin: SocketAddr::new(host, SIDECAR_ADMIN_PORT),
                             token: token(),
                             command: w.command.clone(),
-                            labels: w.labels.clone(),
+                            // As a Deployment's pods carry it: dashboards group by `app`.
+                            labels: {
+                                let mut labels = w.labels.clone();
+                                labels.entry("app".into()).or_insert_with(|| w.service.clone());
+                                labels
+                            },
                         }
                     })
                     .collect();

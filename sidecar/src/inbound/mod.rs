@@ -22,7 +22,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{response_class, SidecarMetrics};
 use crate::outbound::Body;
+use crate::telemetry::{Counted, LocalWorkload, Tally};
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
+use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload, PEER_METADATA_HEADER};
 
 pub struct Inbound {
     cluster: String,
@@ -30,9 +32,9 @@ pub struct Inbound {
     app_addr: SocketAddr,
     store: CertStore,
     metrics: SidecarMetrics,
-    client: Client<HttpConnector, hyper::body::Incoming>,
+    client: Client<HttpConnector, Counted<hyper::body::Incoming>>,
     /// HTTP/2 with prior knowledge, for callers that spoke HTTP/2 to their sidecar (gRPC).
-    h2_client: Client<HttpConnector, hyper::body::Incoming>,
+    h2_client: Client<HttpConnector, Counted<hyper::body::Incoming>>,
     limits: crate::ProxyLimits,
     /// The config (for the TrafficPolicy of this workload's service) and its key.
     config: Option<(
@@ -42,6 +44,8 @@ pub struct Inbound {
     /// This workload's endpoint address in the catalog (its labels select AuthorizationPolicies).
     endpoint: Option<SocketAddr>,
     limiter: crate::policy::RateLimiter,
+    /// This workload, as the destination of what it reports.
+    local: Arc<LocalWorkload>,
 }
 
 impl Inbound {
@@ -74,6 +78,35 @@ impl Inbound {
             config: None,
             endpoint: None,
             limiter: crate::policy::RateLimiter::default(),
+            local: Arc::default(),
+        }
+    }
+
+    /// This workload as metrics, traces and logs name it.
+    pub fn local_workload(mut self, local: Arc<LocalWorkload>) -> Self {
+        self.local = local;
+        self
+    }
+
+    fn snapshot(&self) -> Arc<strait_api::snapshot::Snapshot> {
+        self.config
+            .as_ref()
+            .map(|(c, _)| c.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// The service this workload serves, as metrics name it.
+    fn service_name(&self) -> ServiceName {
+        let namespace = self
+            .config
+            .as_ref()
+            .and_then(|(_, key)| key.split('/').next())
+            .unwrap_or(strait_api::telemetry::UNKNOWN)
+            .to_string();
+        ServiceName {
+            host: format!("{}.{namespace}.svc.clusterset.local", self.service),
+            name: self.service.clone(),
+            namespace,
         }
     }
 
@@ -336,7 +369,34 @@ impl Inbound {
         }
     }
 
+    /// One request from another sidecar to the app, reported as `reporter="destination"`.
     async fn to_app(&self, req: Request<hyper::body::Incoming>, peer: &PeerAuth) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let grpc = crate::telemetry::is_grpc(req.headers());
+        let source = Workload::from_metadata(
+            req.headers().get(PEER_METADATA_HEADER).and_then(|v| v.to_str().ok()),
+            peer.principal.as_deref(),
+            peer.cluster.as_deref(),
+        );
+        let tally = Arc::new(Tally::default());
+        let req = req.map(|b| Counted::into_tally(b, grpc, tally.clone()));
+        let resp = self.app_request(req, peer).await;
+        let (destination, _) = self.local.current(&self.snapshot());
+        let service = self.service_name();
+        let metrics = self.metrics.istio.clone();
+        crate::telemetry::report(resp, started, grpc, tally, move |outcome| {
+            let edge = Edge {
+                reporter: Reporter::Destination,
+                source: &source,
+                destination: &destination,
+                service: &service,
+                protocol: if grpc { "grpc" } else { "http" },
+            };
+            metrics.record_http(&edge, outcome);
+        })
+    }
+
+    async fn app_request(&self, req: Request<Counted<hyper::body::Incoming>>, peer: &PeerAuth) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         if let Some(refused) = self.authorize_http(&mut parts, peer) {
             return refused;
@@ -344,6 +404,7 @@ impl Inbound {
         if let Some(refused) = self.rate_limited(&parts) {
             return refused;
         }
+        parts.headers.remove(PEER_METADATA_HEADER);
         let source = parts
             .headers
             .remove(SOURCE_CLUSTER_HEADER)
@@ -430,10 +491,25 @@ impl Inbound {
         if tls.write_all(&[0]).await.is_err() {
             return;
         }
-        let result = match crate::splice::splice(tls, app, self.limits.tcp_idle_timeout).await {
-            Ok(_) => "ok",
-            Err(_) => "reset",
+        // Istio's TCP family as `reporter="destination"`: the caller as its certificate says.
+        let peer = PeerAuth::of(&tls);
+        let source = Workload::from_metadata(None, peer.principal.as_deref(), peer.cluster.as_deref());
+        let (destination, _) = self.local.current(&self.snapshot());
+        let service = self.service_name();
+        let edge = Edge {
+            reporter: Reporter::Destination,
+            source: &source,
+            destination: &destination,
+            service: &service,
+            protocol: "tcp",
         };
+        self.metrics.istio.tcp_opened(&edge, "-");
+        let (result, flags, (received, sent)) =
+            match crate::splice::splice(tls, app, self.limits.tcp_idle_timeout).await {
+                Ok(bytes) => ("ok", "-", bytes),
+                Err(_) => ("reset", "UC", (0, 0)),
+            };
+        self.metrics.istio.tcp_closed(&edge, flags, received, sent);
         self.metrics
             .connections
             .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, result])

@@ -14,9 +14,11 @@ use super::route::{AttemptPolicy, Chosen, Routed};
 use super::{text, Body, Outbound, MAX_ATTEMPTS, MAX_ROUTE_ATTEMPTS};
 use crate::metrics::response_class;
 use crate::policy::Overflow;
+use crate::telemetry::{Counted, Tally};
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
 use strait_api::routes::compile::Mirror;
 use strait_api::snapshot::{ServiceEntry, Snapshot};
+use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload, PEER_METADATA_HEADER};
 use strait_api::traffic::{Abort, CompiledPolicy};
 
 /// Headers that belong to one hop and must not be forwarded (RFC 9110 §7.6.1, plus proxy ones).
@@ -124,6 +126,36 @@ impl Outbound {
             return self.upgrade(snap, svc, port, req).await;
         }
         let started = Instant::now();
+        let grpc = crate::telemetry::is_grpc(req.headers());
+        let tally = Arc::new(Tally::default());
+        let req = req.map(|b| Counted::into_tally(b, grpc, tally.clone()));
+        let mut reached = None;
+        let resp = self.forward_inner(snap, svc, port, req, &mut reached).await;
+        let (service, destination) = reached.unwrap_or_else(|| (ServiceName::of(svc), Workload::unknown()));
+        let (source, _) = self.local.current(snap);
+        let metrics = self.metrics.istio.clone();
+        crate::telemetry::report(resp, started, grpc, tally, move |outcome| {
+            let edge = Edge {
+                reporter: Reporter::Source,
+                source: &source,
+                destination: &destination,
+                service: &service,
+                protocol: if grpc { "grpc" } else { "http" },
+            };
+            metrics.record_http(&edge, outcome);
+        })
+    }
+
+    /// The pipeline of one request; `reached` is set to the service and workload that answered.
+    async fn forward_inner(
+        self: &Arc<Self>,
+        snap: &Arc<Snapshot>,
+        svc: &ServiceEntry,
+        port: u16,
+        req: Request<Counted<hyper::body::Incoming>>,
+        reached: &mut Option<(ServiceName, Workload)>,
+    ) -> Response<Body> {
+        let started = Instant::now();
         let downstream = req.version();
         let (mut parts, body) = req.into_parts();
         // HTTPRoutes attached to the service choose the backend (and may answer themselves).
@@ -183,7 +215,7 @@ impl Outbound {
                 }
             }
         }
-        self.upstream_headers(&mut parts, downstream);
+        self.upstream_headers(&mut parts, downstream, &self.local.current(snap).1);
         let replay = Replay::new(body, self.limits.replay_buffer);
         let stream_idle = traffic.as_ref().and_then(|t| t.stream_idle_timeout);
         let attempts = self.attempts(snap, svc, port, &parts, &replay, &policy);
@@ -191,22 +223,29 @@ impl Outbound {
             None => attempts.await,
             Some(limit) => match tokio::time::timeout(limit, attempts).await {
                 Ok(outcome) => outcome,
-                Err(_) => Err(text(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "{} did not answer within the route's request timeout ({limit:?})",
-                        svc.host()
-                    ),
-                )),
+                Err(_) => {
+                    let mut resp = text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "{} did not answer within the route's request timeout ({limit:?})",
+                            svc.host()
+                        ),
+                    );
+                    resp.headers_mut()
+                        .insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static("UT"));
+                    Err(resp)
+                }
             },
         };
         if !mirrors.is_empty() {
             self.mirror(snap, &mirrors, &parts, &replay);
         }
         match outcome {
-            Ok((resp, ep_cluster)) => {
+            Ok((resp, i)) => {
+                let ep = &svc.endpoints[i];
+                *reached = Some((ServiceName::of(svc), Workload::of_endpoint(ep, &svc.namespace)));
                 let status = resp.status().as_u16();
-                let labels = [self.cluster.as_str(), ep_cluster.as_str(), &svc.host()];
+                let labels = [self.cluster.as_str(), ep.locality.cluster.as_str(), &svc.host()];
                 self.metrics
                     .requests
                     .with_label_values(&[labels[0], labels[1], labels[2], response_class(status)])
@@ -347,7 +386,7 @@ impl Outbound {
 
     /// The request as the destination sidecar gets it: hop-by-hop headers gone, the caller's
     /// cluster and HTTP version noted (inside mTLS).
-    fn upstream_headers(&self, parts: &mut Parts, downstream: Version) {
+    fn upstream_headers(&self, parts: &mut Parts, downstream: Version, metadata: &str) {
         strip_hop(&mut parts.headers);
         // This proxy already answered `100 Continue` when it started reading the body.
         parts.headers.remove(hyper::header::EXPECT);
@@ -356,6 +395,10 @@ impl Outbound {
             parts
                 .headers
                 .insert(APP_PROTOCOL_HEADER, HeaderValue::from_static("h2"));
+        }
+        parts.headers.remove(PEER_METADATA_HEADER);
+        if let Ok(v) = HeaderValue::from_str(metadata) {
+            parts.headers.insert(PEER_METADATA_HEADER, v);
         }
         parts.headers.insert(
             SOURCE_CLUSTER_HEADER,
@@ -374,7 +417,7 @@ impl Outbound {
         parts: &Parts,
         replay: &Replay,
         policy: &AttemptPolicy,
-    ) -> Result<(Response<hyper::body::Incoming>, String), Response<Body>> {
+    ) -> Result<(Response<hyper::body::Incoming>, usize), Response<Body>> {
         // A `Service` backend of a route: only this cluster's endpoints may take it.
         let mut elsewhere: Vec<usize> = if policy.local_only {
             (0..svc.endpoints.len())
@@ -397,7 +440,7 @@ impl Outbound {
         let mut timed_out = false;
         let mut status_retries = 0u32;
         // The last answer with a status the route retries, given back if no retry does better.
-        let mut retried_answer: Option<(Response<hyper::body::Incoming>, String)> = None;
+        let mut retried_answer: Option<(Response<hyper::body::Incoming>, usize)> = None;
         let max_attempts = policy
             .retries
             .map_or(MAX_ATTEMPTS, |r| (r as usize + 1).min(MAX_ROUTE_ATTEMPTS));
@@ -538,7 +581,7 @@ impl Outbound {
                     // other attempt does better.
                     self.balancer.failure(snap, svc, ep);
                     last_error = format!("{} answered {}", ep.key, resp.status());
-                    retried_answer = Some((resp, ep.locality.cluster.clone()));
+                    retried_answer = Some((resp, i));
                     status_retries += 1;
                     // A TrafficPolicy's retry honours the answer's Retry-After (in seconds, at
                     // most MAX_RETRY_AFTER); the request timeout still bounds the whole call.
@@ -567,7 +610,7 @@ impl Outbound {
                     if !(connect || idempotent) {
                         // The app may have acted on it: give the caller the answer, do not retry.
                         skipped("not_idempotent");
-                        return Ok((resp, ep.locality.cluster.clone()));
+                        return Ok((resp, i));
                     }
                 }
                 Ok(resp) => {
@@ -576,7 +619,7 @@ impl Outbound {
                     } else {
                         self.balancer.success(ep);
                     }
-                    return Ok((resp, ep.locality.cluster.clone()));
+                    return Ok((resp, i));
                 }
                 Err(e) if reused && (e.is_canceled() || idempotent) && !tried[..tried.len() - 1].contains(&i) => {
                     // A pooled connection died unnoticed (say a tunnel whose UDP path went away)
@@ -599,7 +642,7 @@ impl Outbound {
         if let Some(answer) = retried_answer {
             return Ok(answer);
         }
-        Err(text(
+        let mut failed = text(
             if timed_out {
                 StatusCode::GATEWAY_TIMEOUT
             } else {
@@ -609,7 +652,18 @@ impl Outbound {
                 "no healthy endpoint of {host} answered after {} attempt(s): {last_error}",
                 tried.len()
             ),
-        ))
+        );
+        // Envoy's flags: upstream timeout, no healthy upstream, connect failure, retries spent.
+        let flags = match (timed_out, tried.len()) {
+            (true, _) => "UT",
+            (false, 0) => "UH",
+            (false, 1) => "UF",
+            _ => "URX",
+        };
+        failed
+            .headers_mut()
+            .insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static(flags));
+        Err(failed)
     }
 }
 
@@ -620,8 +674,8 @@ const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Envoy-style response flags on answers the proxy made itself (`UO` upstream overflow, `FI`
-/// fault injected).
-pub(crate) const RESPONSE_FLAGS_HEADER: &str = "x-strait-flags";
+/// fault injected, `UT`, `UH`, `UF`, `URX`, `NR`).
+pub(crate) use crate::telemetry::RESPONSE_FLAGS_HEADER;
 
 fn is_grpc(parts: &Parts) -> bool {
     parts

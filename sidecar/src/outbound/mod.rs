@@ -75,6 +75,8 @@ pub struct Outbound {
     limits: crate::ProxyLimits,
     /// TrafficPolicy state: retry budgets and request pools per destination.
     traffic: TrafficState,
+    /// This workload, as the source of what it reports.
+    local: Arc<crate::telemetry::LocalWorkload>,
 }
 
 #[derive(Default)]
@@ -196,7 +198,14 @@ impl Outbound {
             traffic: TrafficState::default(),
             sniff_timeout: std::time::Duration::from_millis(100),
             limits: crate::ProxyLimits::default(),
+            local: Arc::default(),
         }
+    }
+
+    /// This workload as metrics, traces and logs name it.
+    pub fn local_workload(mut self, local: Arc<crate::telemetry::LocalWorkload>) -> Self {
+        self.local = local;
+        self
     }
 
     /// Bounds on what one client may make this proxy hold (replay buffer, heads, streams).

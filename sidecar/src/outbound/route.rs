@@ -118,10 +118,15 @@ pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut 
         headers: &parts.headers,
     };
     let Some((route, rule)) = table.route(&view) else {
-        return Routed::Respond(text(
+        let mut resp = text(
             StatusCode::NOT_FOUND,
             format!("no rule of the HTTPRoutes of {} matches this request", svc.host()),
-        ));
+        );
+        resp.headers_mut().insert(
+            crate::telemetry::RESPONSE_FLAGS_HEADER,
+            hyper::header::HeaderValue::from_static("NR"),
+        );
+        return Routed::Respond(resp);
     };
     tracing::trace!(route = %route.name, rule = ?rule.name, "request routed");
     if let Some(redirect) = &rule.redirect {

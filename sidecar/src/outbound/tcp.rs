@@ -8,6 +8,7 @@ use hyper_util::rt::TokioIo;
 
 use strait_api::drain::Watch;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
+use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload};
 
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
 use crate::upstream::UpstreamTls;
@@ -72,15 +73,34 @@ impl Outbound {
         })
     }
 
-    /// Copies both ways until either side closes, then counts the connection.
-    pub(crate) async fn splice(&self, client: impl Io, upstream: UpstreamTls, ep: &EndpointEntry, host: &str) {
-        let result = match crate::splice::splice(client, upstream, self.limits.tcp_idle_timeout).await {
-            Ok(_) => "ok",
-            Err(_) => "reset",
+    /// Copies both ways until either side closes, then counts the connection (Istio's TCP
+    /// family as `reporter="source"`).
+    pub(crate) async fn splice(
+        &self,
+        client: impl Io,
+        upstream: UpstreamTls,
+        ep: &EndpointEntry,
+        service: &ServiceName,
+    ) {
+        let (source, _) = self.local.current(&self.config.borrow().clone());
+        let destination = Workload::of_endpoint(ep, &service.namespace);
+        let edge = Edge {
+            reporter: Reporter::Source,
+            source: &source,
+            destination: &destination,
+            service,
+            protocol: "tcp",
         };
+        self.metrics.istio.tcp_opened(&edge, "-");
+        let (result, flags, (received, sent)) =
+            match crate::splice::splice(client, upstream, self.limits.tcp_idle_timeout).await {
+                Ok(bytes) => ("ok", "-", bytes),
+                Err(_) => ("reset", "UC", (0, 0)),
+            };
+        self.metrics.istio.tcp_closed(&edge, flags, received, sent);
         self.metrics
             .connections
-            .with_label_values(&["outbound", &self.cluster, &ep.locality.cluster, host, result])
+            .with_label_values(&["outbound", &self.cluster, &ep.locality.cluster, &service.host, result])
             .inc();
     }
 
@@ -95,6 +115,7 @@ impl Outbound {
             Err(no_route) => return no_route.response(),
         };
         let host = svc.host();
+        let service = ServiceName::of(&svc);
         match self.open_tcp(&snap, &svc, port, None).await {
             Ok((upstream, ep)) => {
                 let this = self.clone();
@@ -103,7 +124,7 @@ impl Outbound {
                 tokio::spawn(async move {
                     let _guard = guard;
                     match hyper::upgrade::on(&mut req).await {
-                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &ep, &host).await,
+                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &ep, &service).await,
                         Err(_) => {
                             this.metrics
                                 .connections

@@ -1,0 +1,532 @@
+//! Istio's standard metrics, emitted verbatim (names, labels, Envoy's default buckets) so that
+//! Istio dashboards and Kiali's graph queries work on a Strait mesh unchanged.
+//!
+//! Every series carries every standard label; a value nobody knows is the literal `unknown`
+//! (Kiali finds traffic from outside the mesh by `source_workload="unknown"`). The one
+//! exception is Istio's own: `grpc_response_status` is absent (empty) on plain HTTP requests,
+//! which is what Kiali's queries expect ("negative tests on a non-existent label match
+//! everything"). Cardinality is bounded: workloads, services and codes, never paths or ids.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use crate::snapshot::EndpointEntry;
+
+pub const UNKNOWN: &str = "unknown";
+
+/// Request header carrying the calling workload's metadata to the destination sidecar (inside
+/// mTLS; Istio's metadata exchange does the same). Its principal and cluster are never taken
+/// from it: those come from the verified peer certificate. Removed before the app sees the
+/// request.
+pub const PEER_METADATA_HEADER: &str = "x-strait-peer-metadata";
+
+/// Envoy's default histogram buckets (`HistogramSettingsImpl::defaultBuckets`), in
+/// milliseconds for timers; Istio uses them for its duration and size distributions.
+pub const ENVOY_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+/// One side of an edge: Istio's eight per-side labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload::unknown()
+    }
+}
+
+fn label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+impl Workload {
+    pub fn unknown() -> Self {
+        Workload {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+            canonical_service: UNKNOWN.into(),
+            canonical_revision: UNKNOWN.into(),
+            cluster: UNKNOWN.into(),
+        }
+    }
+
+    /// A workload from its name, namespace, identity, cluster and labels: `app`/`version`
+    /// (or the `app.kubernetes.io` ones), and Istio's canonical service and revision (their
+    /// labels, else the app name or the workload's, and `latest`).
+    pub fn from_labels(
+        workload: &str,
+        namespace: &str,
+        principal: &str,
+        cluster: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Self {
+        let or_unknown = |s: &str| {
+            if s.is_empty() {
+                UNKNOWN.to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let app = label(labels, &["app", "app.kubernetes.io/name"]);
+        let version = label(labels, &["version", "app.kubernetes.io/version"]);
+        Workload {
+            workload: or_unknown(workload),
+            namespace: or_unknown(namespace),
+            principal: or_unknown(principal),
+            app: app.map_or_else(|| UNKNOWN.to_string(), str::to_string),
+            version: version.map_or_else(|| UNKNOWN.to_string(), str::to_string),
+            canonical_service: label(
+                labels,
+                &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+            )
+            .map_or_else(|| or_unknown(workload), str::to_string),
+            canonical_revision: label(
+                labels,
+                &[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ],
+            )
+            .unwrap_or("latest")
+            .to_string(),
+            cluster: or_unknown(cluster),
+        }
+    }
+
+    /// The workload behind a catalog endpoint of a service in `namespace`.
+    pub fn of_endpoint(ep: &EndpointEntry, namespace: &str) -> Self {
+        let ns = ep.identity.namespace().unwrap_or(namespace);
+        Workload::from_labels(
+            &ep.workload,
+            ns,
+            &ep.identity.to_string(),
+            &ep.locality.cluster,
+            &ep.labels,
+        )
+    }
+
+    /// The metadata header's value: the fields a peer cannot learn from the certificate.
+    pub fn metadata(&self) -> String {
+        [
+            ("workload", &self.workload),
+            ("namespace", &self.namespace),
+            ("app", &self.app),
+            ("version", &self.version),
+            ("canonical_service", &self.canonical_service),
+            ("canonical_revision", &self.canonical_revision),
+        ]
+        .iter()
+        .map(|(k, v)| format!("{k}={}", sanitize(v)))
+        .collect::<Vec<_>>()
+        .join(";")
+    }
+
+    /// The caller as the destination sidecar sees it: principal and cluster from the verified
+    /// certificate (`unknown` without one), the namespace from the principal when it names one,
+    /// the rest from the metadata header if the caller sent it. A malformed header yields
+    /// `unknown` fields, never an error.
+    pub fn from_metadata(header: Option<&str>, principal: Option<&str>, cluster: Option<&str>) -> Self {
+        let mut w = Workload::unknown();
+        for pair in header.unwrap_or_default().split(';') {
+            let Some((k, v)) = pair.split_once('=') else { continue };
+            let v = sanitize(v);
+            if v.is_empty() {
+                continue;
+            }
+            match k.trim() {
+                "workload" => w.workload = v,
+                "namespace" => w.namespace = v,
+                "app" => w.app = v,
+                "version" => w.version = v,
+                "canonical_service" => w.canonical_service = v,
+                "canonical_revision" => w.canonical_revision = v,
+                _ => {}
+            }
+        }
+        if let Some(p) = principal {
+            w.principal = p.to_string();
+            if let Some(ns) = p
+                .parse::<strait_trust::SpiffeId>()
+                .ok()
+                .as_ref()
+                .and_then(|id| id.namespace())
+            {
+                w.namespace = ns.to_string();
+            }
+        }
+        if let Some(c) = cluster {
+            w.cluster = c.to_string();
+        }
+        w
+    }
+}
+
+/// Label values stay printable and bounded: at most 253 characters of `[A-Za-z0-9._:/-]`.
+fn sanitize(v: &str) -> String {
+    v.trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/'))
+        .take(253)
+        .collect()
+}
+
+/// The service a request was addressed to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    /// The fully qualified name (`greeter.demo.svc.clusterset.local`).
+    pub host: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceName {
+    pub fn of(svc: &crate::snapshot::ServiceEntry) -> Self {
+        ServiceName {
+            host: svc.host(),
+            name: svc.name.clone(),
+            namespace: svc.namespace.clone(),
+        }
+    }
+
+    pub fn unknown() -> Self {
+        ServiceName {
+            host: UNKNOWN.into(),
+            name: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    /// The calling proxy (a sidecar's outbound side, or a gateway for the hop it makes).
+    Source,
+    /// The proxy in front of the destination workload.
+    Destination,
+}
+
+/// Who called whom, as a metric sees it.
+pub struct Edge<'a> {
+    pub reporter: Reporter,
+    pub source: &'a Workload,
+    pub destination: &'a Workload,
+    pub service: &'a ServiceName,
+    /// `http`, `grpc` or `tcp`.
+    pub protocol: &'static str,
+}
+
+impl Edge<'_> {
+    /// The 21 labels shared by the HTTP and TCP families, in Istio's order.
+    fn common(&self) -> [&str; 21] {
+        let (s, d) = (self.source, self.destination);
+        [
+            match self.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            },
+            &s.workload,
+            &s.namespace,
+            &s.principal,
+            &s.app,
+            &s.version,
+            &s.canonical_service,
+            &s.canonical_revision,
+            &s.cluster,
+            &d.workload,
+            &d.namespace,
+            &d.principal,
+            &d.app,
+            &d.version,
+            &self.service.host,
+            &self.service.name,
+            &self.service.namespace,
+            &d.canonical_service,
+            &d.canonical_revision,
+            &d.cluster,
+            self.protocol,
+        ]
+    }
+
+    /// `mutual_tls` where the destination proxy saw the peer's verified certificate; a source
+    /// cannot know the server's policy (`unknown`, as Istio reports).
+    fn security(&self) -> &'static str {
+        match self.reporter {
+            Reporter::Destination => "mutual_tls",
+            Reporter::Source => UNKNOWN,
+        }
+    }
+}
+
+const COMMON_LABELS: [&str; 21] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+];
+
+/// Every label of the HTTP/gRPC family, in order.
+pub fn http_labels() -> Vec<&'static str> {
+    let mut v = COMMON_LABELS.to_vec();
+    v.extend([
+        "response_code",
+        "grpc_response_status",
+        "response_flags",
+        "connection_security_policy",
+    ]);
+    v
+}
+
+/// Every label of the `istio_tcp_*` family, in order.
+pub fn tcp_labels() -> Vec<&'static str> {
+    let mut v = COMMON_LABELS.to_vec();
+    v.extend(["response_flags", "connection_security_policy"]);
+    v
+}
+
+/// How one HTTP or gRPC request ended.
+#[derive(Clone, Debug, Default)]
+pub struct HttpOutcome {
+    pub response_code: u16,
+    /// gRPC requests only.
+    pub grpc_status: Option<u32>,
+    /// Envoy's `%RESPONSE_FLAGS%` short codes (`UF`, `UH`, `URX`, `UT`, `UO`, `FI`, `RL`, `DC`),
+    /// `-` for none.
+    pub flags: &'static str,
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub request_messages: u64,
+    pub response_messages: u64,
+}
+
+/// Istio's standard metrics on one registry.
+#[derive(Clone, Debug)]
+pub struct IstioMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    request_bytes: HistogramVec,
+    response_bytes: HistogramVec,
+    request_messages: IntCounterVec,
+    response_messages: IntCounterVec,
+    tcp_sent: IntCounterVec,
+    tcp_received: IntCounterVec,
+    tcp_opened: IntCounterVec,
+    tcp_closed: IntCounterVec,
+}
+
+impl IstioMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let http = http_labels();
+        let tcp = tcp_labels();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            let _ = registry.register(Box::new(c.clone()));
+            c
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(ENVOY_BUCKETS.to_vec()), &http)
+                .expect("valid metric");
+            let _ = registry.register(Box::new(h.clone()));
+            h
+        };
+        IstioMetrics {
+            requests: counter(
+                "istio_requests_total",
+                "Requests handled by this proxy (Istio standard metric)",
+                &http,
+            ),
+            duration: histogram(
+                "istio_request_duration_milliseconds",
+                "Request duration from the first byte of the request to the last of the response, in milliseconds",
+            ),
+            request_bytes: histogram("istio_request_bytes", "Request body sizes, in bytes"),
+            response_bytes: histogram("istio_response_bytes", "Response body sizes, in bytes"),
+            request_messages: counter("istio_request_messages_total", "gRPC messages sent by clients", &http),
+            response_messages: counter("istio_response_messages_total", "gRPC messages sent by servers", &http),
+            tcp_sent: counter(
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent towards the client on TCP connections (the response direction)",
+                &tcp,
+            ),
+            tcp_received: counter(
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the client on TCP connections (the request direction)",
+                &tcp,
+            ),
+            tcp_opened: counter("istio_tcp_connections_opened_total", "TCP connections opened", &tcp),
+            tcp_closed: counter("istio_tcp_connections_closed_total", "TCP connections closed", &tcp),
+        }
+    }
+
+    /// Records one finished HTTP or gRPC request.
+    pub fn record_http(&self, edge: &Edge, o: &HttpOutcome) {
+        let code = o.response_code.to_string();
+        let grpc = o.grpc_status.map(|s| s.to_string()).unwrap_or_default();
+        let mut labels: Vec<&str> = edge.common().to_vec();
+        labels.extend([code.as_str(), grpc.as_str(), o.flags, edge.security()]);
+        self.requests.with_label_values(&labels).inc();
+        self.duration
+            .with_label_values(&labels)
+            .observe(o.duration.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .with_label_values(&labels)
+            .observe(o.request_bytes as f64);
+        self.response_bytes
+            .with_label_values(&labels)
+            .observe(o.response_bytes as f64);
+        if edge.protocol == "grpc" {
+            self.request_messages
+                .with_label_values(&labels)
+                .inc_by(o.request_messages);
+            self.response_messages
+                .with_label_values(&labels)
+                .inc_by(o.response_messages);
+        }
+    }
+
+    fn tcp_values<'a>(edge: &'a Edge, flags: &'a str) -> Vec<&'a str> {
+        let mut labels: Vec<&str> = edge.common().to_vec();
+        labels.extend([flags, edge.security()]);
+        labels
+    }
+
+    /// A TCP connection was opened (or refused: `flags` says why).
+    pub fn tcp_opened(&self, edge: &Edge, flags: &str) {
+        self.tcp_opened.with_label_values(&Self::tcp_values(edge, flags)).inc();
+    }
+
+    /// A TCP connection closed after `received` bytes from the client and `sent` to it.
+    pub fn tcp_closed(&self, edge: &Edge, flags: &str, received: u64, sent: u64) {
+        let labels = Self::tcp_values(edge, flags);
+        self.tcp_closed.with_label_values(&labels).inc();
+        self.tcp_received.with_label_values(&labels).inc_by(received);
+        self.tcp_sent.with_label_values(&labels).inc_by(sent);
+    }
+}
+
+/// Counts gRPC messages in a body's bytes as they pass: each message is a 5-byte prefix (flag,
+/// big-endian length) and that many bytes, split across frames in any way.
+#[derive(Clone, Debug, Default)]
+pub struct GrpcFramer {
+    /// Bytes of the current prefix seen so far.
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the current message still to skip.
+    remaining: u64,
+    pub messages: u64,
+}
+
+impl GrpcFramer {
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let skip = (self.remaining as usize).min(data.len());
+                self.remaining -= skip as u64;
+                data = &data[skip..];
+                continue;
+            }
+            let take = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
+            self.prefix_len += take;
+            data = &data[take..];
+            if self.prefix_len == 5 {
+                self.messages += 1;
+                self.remaining =
+                    u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as u64;
+                self.prefix_len = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_messages_are_counted_across_any_split() {
+        let mut wire = vec![];
+        for len in [0u32, 3, 70000] {
+            wire.push(0);
+            wire.extend(len.to_be_bytes());
+            wire.extend(std::iter::repeat_n(7u8, len as usize));
+        }
+        for chunk in [1, 2, 5, 7, 4096, wire.len()] {
+            let mut f = GrpcFramer::default();
+            for c in wire.chunks(chunk) {
+                f.feed(c);
+            }
+            assert_eq!(f.messages, 3, "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn metadata_round_trips_but_identity_comes_from_the_certificate() {
+        let labels: BTreeMap<String, String> = [("app", "greeter"), ("version", "v2")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let me = Workload::from_labels(
+            "greeter-v2",
+            "demo",
+            "spiffe://mesh.local/ns/demo/sa/greeter",
+            "west",
+            &labels,
+        );
+        assert_eq!(me.canonical_service, "greeter");
+        assert_eq!(me.canonical_revision, "v2");
+        // A caller claiming another namespace in its metadata gets the certificate's.
+        let forged = me.metadata().replace("namespace=demo", "namespace=prod");
+        let seen = Workload::from_metadata(
+            Some(&forged),
+            Some("spiffe://mesh.local/ns/demo/sa/greeter"),
+            Some("west"),
+        );
+        assert_eq!(seen, me);
+        let junk = Workload::from_metadata(Some(";;=;\u{0}app=\"x\"{}"), None, None);
+        assert_eq!(junk.principal, UNKNOWN);
+        assert_eq!(junk.cluster, UNKNOWN);
+        let bare = Workload::from_labels("w", "", "", "", &BTreeMap::new());
+        assert_eq!(
+            (bare.canonical_service.as_str(), bare.canonical_revision.as_str()),
+            ("w", "latest")
+        );
+    }
+}

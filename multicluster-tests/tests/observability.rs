@@ -1,0 +1,307 @@
+//! Visibility, end to end: Istio's standard metrics scraped by a real Prometheus (Debian's
+//! `prometheus`, started here) from a running three-cluster mesh, and read back with the PromQL
+//! Kiali's graph runs — traffic edges grouped by Kiali's labels, error rate, p95 of 2xx, the
+//! mTLS share — so an Istio user's dashboards work unchanged.
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::time::Duration;
+
+use multicluster_tests::prometheus::{value, Prometheus};
+use multicluster_tests::{connect_tunnel, get_with, grpcurl_hello, Mesh};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What Kiali's graph groups request edges by (kiali `graph/telemetry/istio`): a series without
+/// one of these is dropped from the graph.
+const KIALI_GROUP_BY: &str = "source_cluster,source_workload_namespace,source_workload,source_canonical_service,\
+source_canonical_revision,destination_cluster,destination_service_namespace,destination_service,\
+destination_service_name,destination_workload_namespace,destination_workload,destination_canonical_service,\
+destination_canonical_revision,request_protocol,response_code,grpc_response_status,response_flags";
+
+/// Every standard label of `istio_requests_total` (Istio's metrics reference).
+const STANDARD_LABELS: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+fn label<'a>(sample: &'a serde_json::Value, name: &str) -> &'a str {
+    sample["metric"][name].as_str().unwrap_or_default()
+}
+
+/// `strait apply` of a TrafficPolicy on `cluster`'s controller, waiting for every proxy.
+fn apply(mesh: &Mesh, cluster: &str, yaml: &str) {
+    let path = mesh.info.state_dir.join("observability-policy.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(multicluster_tests::strait_bin())
+        .args(["apply", "-f", path.to_str().unwrap(), "--controller"])
+        .arg(mesh.cluster(cluster).controller.admin_addr.to_string())
+        .arg("--credentials")
+        .arg(mesh.info.state_dir.join("operator"))
+        .args(["--wait", "30s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_metrics_in_a_real_prometheus_answer_kialis_queries() {
+    let mesh = Mesh::start().await.unwrap();
+    let mut targets: Vec<_> = mesh
+        .info
+        .clusters
+        .iter()
+        .flat_map(|c| c.workloads.iter().map(|w| w.admin_addr))
+        .collect();
+    targets.extend(mesh.info.clusters.iter().map(|c| c.gateway.admin_addr));
+    let prom = Prometheus::start(mesh.info.state_dir.join("prometheus"), &targets)
+        .await
+        .unwrap();
+    Mesh::eventually("prometheus scrapes every proxy", Duration::from_secs(20), || {
+        prom.all_up()
+    })
+    .await
+    .unwrap();
+
+    // Traffic: HTTP across clusters (east → greeter in west), gRPC across clusters, TCP across
+    // clusters (east → ledger in central), and a service whose calls all fail (an injected 503).
+    // Each in two rounds a few scrapes apart: a counter's first sample gives no rate.
+    let east = mesh.workload("echo", "us-east-1a");
+    let http_and_grpc = || async {
+        for i in 0..10 {
+            let a = get_with(
+                east.outbound_proxy,
+                &format!("http://greeter.demo.svc.clusterset.local/hello/{i}"),
+                &[],
+            )
+            .await
+            .unwrap();
+            assert_eq!(a.status, 200);
+        }
+        let (ok, out) = grpcurl_hello(east.outbound_proxy, "metrics", &[]);
+        assert!(ok, "{out}");
+    };
+    http_and_grpc().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    http_and_grpc().await;
+    let mut tunnel = connect_tunnel(east.outbound_proxy, "ledger.demo.svc.clusterset.local:7000")
+        .await
+        .unwrap();
+    tunnel.write_all(&[7u8; 10_000]).await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut echoed = vec![];
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.len(), 10_000);
+    apply(
+        &mesh,
+        "west",
+        r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo-broken, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  fault: {abort: {httpStatus: 503, percentage: 100}}
+"#,
+    );
+    for round in 0..2 {
+        if round == 1 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        for _ in 0..5 {
+            let a = get_with(east.outbound_proxy, "http://echo.demo.svc.clusterset.local/", &[])
+                .await
+                .unwrap();
+            assert_eq!(a.status, 503);
+        }
+    }
+
+    // Kiali's edge query: the cross-cluster edge, with both clusters, as the caller reports it.
+    let edges = format!("sum(rate(istio_requests_total{{reporter=\"source\"}}[1m])) by ({KIALI_GROUP_BY})");
+    let has_edges = |found: &[serde_json::Value]| {
+        found.iter().any(|e| {
+            label(e, "destination_service_name") == "greeter"
+                && label(e, "request_protocol") == "grpc"
+                && value(e) > 0.0
+        }) && found.iter().any(|e| {
+            label(e, "destination_service_name") == "echo" && label(e, "response_flags") == "FI" && value(e) > 0.0
+        })
+    };
+    let _ = Mesh::eventually(
+        "the cross-cluster edge in Prometheus",
+        Duration::from_secs(30),
+        || async { has_edges(&prom.query(&edges).await.unwrap_or_default()) },
+    )
+    .await;
+    let found = prom.query(&edges).await.unwrap();
+    assert!(has_edges(&found), "edges missing: {found:#?}");
+    let cross = found
+        .iter()
+        .find(|e| label(e, "destination_service_name") == "greeter" && label(e, "request_protocol") == "http")
+        .unwrap_or_else(|| panic!("no HTTP edge to greeter: {found:#?}"));
+    for (k, v) in [
+        ("source_cluster", "east"),
+        ("destination_cluster", "west"),
+        ("source_workload", "echo-us-east-1a"),
+        ("source_workload_namespace", "demo"),
+        ("source_canonical_service", "echo"),
+        ("destination_workload", "greeter-us-west-2a"),
+        ("destination_canonical_service", "greeter"),
+        ("destination_service", "greeter.demo.svc.clusterset.local"),
+        ("destination_service_namespace", "demo"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ] {
+        assert_eq!(label(cross, k), v, "{k} on {cross:#}");
+    }
+    // Every edge has every label Kiali groups by (gRPC status only on gRPC, as in Istio).
+    for e in &found {
+        for k in KIALI_GROUP_BY.split(',') {
+            let http = label(e, "request_protocol") == "http";
+            if k == "grpc_response_status" && http {
+                continue;
+            }
+            assert!(!label(e, k).is_empty(), "edge without {k}: {e:#}");
+        }
+    }
+    let grpc = found.iter().find(|e| label(e, "request_protocol") == "grpc").unwrap();
+    assert_eq!(label(grpc, "grpc_response_status"), "0", "{grpc:#}");
+    assert_eq!(label(grpc, "destination_cluster"), "west", "{grpc:#}");
+
+    // Every raw series of the family has all 25 standard labels, `unknown` where unknown.
+    let raw = prom.query("istio_requests_total").await.unwrap();
+    assert!(raw.len() >= 4, "{raw:#?}");
+    for s in &raw {
+        for k in STANDARD_LABELS {
+            if k == "grpc_response_status" && label(s, "request_protocol") == "http" {
+                continue;
+            }
+            assert!(!label(s, k).is_empty(), "series without {k}: {s:#}");
+        }
+    }
+    // The destination side of the same edge: reported in west, mTLS verified, same clusters.
+    let inbound = prom
+        .query(&format!(
+            "sum(rate(istio_requests_total{{reporter=\"destination\",destination_service_name=\"greeter\"}}[1m])) by ({KIALI_GROUP_BY},source_principal,connection_security_policy)"
+        ))
+        .await
+        .unwrap();
+    let http_in = inbound
+        .iter()
+        .find(|e| label(e, "request_protocol") == "http")
+        .unwrap_or_else(|| panic!("{inbound:#?}"));
+    assert_eq!(label(http_in, "source_cluster"), "east");
+    assert_eq!(label(http_in, "source_workload"), "echo-us-east-1a");
+    assert_eq!(
+        label(http_in, "source_principal"),
+        "spiffe://mesh.local/ns/demo/sa/echo"
+    );
+    assert_eq!(label(http_in, "connection_security_policy"), "mutual_tls");
+
+    // Error rate (5xx over all, per destination service), as Kiali's health computes it.
+    let errors = prom
+        .query(
+            "sum(rate(istio_requests_total{reporter=\"source\",response_code=~\"5..\"}[1m])) by (destination_service_name) \
+             / sum(rate(istio_requests_total{reporter=\"source\"}[1m])) by (destination_service_name)",
+        )
+        .await
+        .unwrap();
+    let echo_errors = errors
+        .iter()
+        .find(|e| label(e, "destination_service_name") == "echo")
+        .map(value);
+    assert_eq!(echo_errors, Some(1.0), "{errors:#?}");
+    assert!(
+        !errors.iter().any(|e| label(e, "destination_service_name") == "greeter"),
+        "greeter had no 5xx: {errors:#?}"
+    );
+
+    // p95 of successful requests on the edge (Kiali's response-time query) is a real number
+    // within Envoy's buckets; there are exactly Envoy's 19 buckets plus +Inf.
+    let p95 = prom
+        .query(
+            "histogram_quantile(0.95, sum(rate(istio_request_duration_milliseconds_bucket{reporter=\"source\",\
+             response_code=~\"2[0-9]{2}\",grpc_response_status=~\"^$|0\"}[1m])) by (le,source_cluster,destination_cluster,destination_service_name))",
+        )
+        .await
+        .unwrap();
+    let greeter_p95 = p95
+        .iter()
+        .find(|e| label(e, "destination_service_name") == "greeter")
+        .map(value)
+        .unwrap_or(f64::NAN);
+    assert!(greeter_p95 > 0.0 && greeter_p95 <= 3_600_000.0, "{p95:#?}");
+    let buckets = prom
+        .query("count(count by (le) (istio_request_duration_milliseconds_bucket))")
+        .await
+        .unwrap();
+    assert_eq!(buckets.first().map(value), Some(20.0), "{buckets:#?}");
+
+    // The mTLS share of the edge (Kiali's padlock): every request the destination saw.
+    let mtls = prom
+        .query(
+            "sum(rate(istio_requests_total{reporter=\"destination\",connection_security_policy=\"mutual_tls\"}[1m])) by (destination_service_name) \
+             / sum(rate(istio_requests_total{reporter=\"destination\"}[1m])) by (destination_service_name)",
+        )
+        .await
+        .unwrap();
+    let greeter_mtls = mtls
+        .iter()
+        .find(|e| label(e, "destination_service_name") == "greeter")
+        .map(value);
+    assert_eq!(greeter_mtls, Some(1.0), "{mtls:#?}");
+
+    // gRPC messages both ways, and request/response sizes for throughput.
+    let messages = prom
+        .query("sum(istio_request_messages_total{request_protocol=\"grpc\"}) + sum(istio_response_messages_total{request_protocol=\"grpc\"})")
+        .await
+        .unwrap();
+    assert!(messages.first().map(value).unwrap_or_default() >= 4.0, "{messages:#?}");
+    let bytes = prom
+        .query("sum(istio_response_bytes_sum{reporter=\"source\",destination_service_name=\"greeter\"})")
+        .await
+        .unwrap();
+    assert!(bytes.first().map(value).unwrap_or_default() > 0.0, "{bytes:#?}");
+
+    // TCP edges (Kiali's TCP graph reads istio_tcp_sent_bytes_total): the caller's, and the
+    // gateway's hop into central, which reports as a source in its own cluster.
+    let tcp = prom
+        .query(
+            "sum(istio_tcp_sent_bytes_total{destination_service_name=\"ledger\"}) by (reporter,source_workload,source_cluster,destination_cluster)",
+        )
+        .await
+        .unwrap();
+    let sent_by = |workload: &str| {
+        tcp.iter()
+            .find(|e| label(e, "source_workload") == workload && label(e, "reporter") == "source")
+            .map(|e| (value(e), label(e, "source_cluster").to_string()))
+    };
+    assert_eq!(sent_by("echo-us-east-1a"), Some((10_000.0, "east".into())), "{tcp:#?}");
+    let (gateway_bytes, gateway_cluster) = sent_by("gateway-central").unwrap_or_else(|| panic!("{tcp:#?}"));
+    assert!(gateway_bytes >= 10_000.0, "{tcp:#?}");
+    assert_eq!(gateway_cluster, "central");
+}
