@@ -8,6 +8,8 @@ cd "$(dirname "$0")"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strait/target}"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+# One build per run: incremental compilation only costs time and disk (tens of GB over many runs).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 say() { printf '\n==> %s\n' "$*"; }
@@ -73,6 +75,26 @@ STRAIT_H2SPEC="$(go_tool h2spec github.com/summerwind/h2spec/cmd/h2spec v2.2.1+i
 STRAIT_GRPC_INTEROP_SERVER="$(go_tool grpc-interop-server google.golang.org/grpc/interop/server v1.85.0)"
 STRAIT_GRPC_INTEROP_CLIENT="$(go_tool grpc-interop-client google.golang.org/grpc/interop/client v1.85.0)"
 export STRAIT_GRPCURL STRAIT_H2SPEC STRAIT_GRPC_INTEROP_SERVER STRAIT_GRPC_INTEROP_CLIENT
+# Jaeger (the OpenTelemetry-Collector-based v2 all-in-one) receives the mesh's OTLP spans in the
+# tracing tests. Its module has a `replace` directive, which `go install pkg@version` refuses, so
+# it is built with `go get -tool` in a scratch module (the first build takes several minutes).
+JAEGER_VERSION=v1.76.0
+STRAIT_JAEGER="${HOME}/.cache/strait/bin/jaeger-${JAEGER_VERSION}"
+if [ ! -x "$STRAIT_JAEGER" ]; then
+  say "building jaeger ${JAEGER_VERSION}"
+  jaeger_src="${HOME}/.cache/strait/jaeger-${JAEGER_VERSION}-src"
+  mkdir -p "$jaeger_src" "$(dirname "$STRAIT_JAEGER")"
+  (
+    cd "$jaeger_src"
+    [ -f go.mod ] || go mod init local/jaegertool
+    # Upstream's own replace, mirrored so the module graph resolves as upstream builds it.
+    go mod edit -replace github.com/Shopify/sarama=github.com/Shopify/sarama@v1.33.0
+    go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@${JAEGER_VERSION}"
+    go build -o "${STRAIT_JAEGER}.tmp" github.com/jaegertracing/jaeger/cmd/jaeger
+  )
+  mv "${STRAIT_JAEGER}.tmp" "$STRAIT_JAEGER"
+fi
+export STRAIT_JAEGER
 if [ "$(id -u)" != 0 ]; then
   echo "test.sh: the Kubernetes tier (strait up --kube) needs root to route its 198.18.0.0/15 workload" >&2
   echo "         addresses on lo; its tests will fail here. Run as root (CI does)." >&2

@@ -15,6 +15,7 @@
 //! - [`tunnel`]: the tunnel header codec; [`transport`]: gRPC over mTLS; [`admin`]: the admin
 //!   HTTP endpoint (metrics, readiness) every daemon serves.
 
+pub mod accesslog;
 pub mod admin;
 pub mod authz;
 pub mod certs;
@@ -25,6 +26,7 @@ pub mod proxy;
 pub mod routes;
 pub mod snapshot;
 pub mod telemetry;
+pub mod trace;
 pub mod traffic;
 pub mod transport;
 pub mod tunnel;

@@ -16,6 +16,28 @@ use crate::snapshot::EndpointEntry;
 
 pub const UNKNOWN: &str = "unknown";
 
+/// What a proxy reports besides metrics: spans (to an OTLP/HTTP endpoint) and access logs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryOptions {
+    /// e.g. `http://127.0.0.1:4318/v1/traces`; no spans are exported without one (trace
+    /// context is still propagated).
+    pub otlp_endpoint: Option<String>,
+    /// Percentage (0–100) of new traces sampled; an incoming decision is honoured.
+    pub trace_sampling: f64,
+    pub access_log: Option<crate::accesslog::LogFormat>,
+}
+
+impl Default for TelemetryOptions {
+    fn default() -> Self {
+        TelemetryOptions {
+            otlp_endpoint: None,
+            // Istio's default.
+            trace_sampling: 1.0,
+            access_log: None,
+        }
+    }
+}
+
 /// Request header carrying the calling workload's metadata to the destination sidecar (inside
 /// mTLS; Istio's metadata exchange does the same). Its principal and cluster are never taken
 /// from it: those come from the verified peer certificate. Removed before the app sees the

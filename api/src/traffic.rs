@@ -30,6 +30,17 @@ pub struct TrafficPolicySpec {
     pub rate_limit: Option<RateLimitSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<LocalitySpec>,
+    /// Tracing of calls to the target (Istio's Telemetry API name): the share of new traces
+    /// sampled, overriding the mesh's (an incoming decision is still honoured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSpec {
+    /// 0.0–100.0, in steps as small as 0.01.
+    pub random_sampling_percentage: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -287,6 +298,8 @@ pub struct CompiledPolicy {
     pub rate_limit: Option<RateLimit>,
     pub failover: Vec<(String, String)>,
     pub failover_priority: Vec<String>,
+    /// Percentage of new traces sampled for calls to the target.
+    pub trace_sampling: Option<f64>,
 }
 
 impl CompiledPolicy {
@@ -306,6 +319,7 @@ impl CompiledPolicy {
         fill(&mut self.outlier, &newer.outlier);
         fill(&mut self.fault, &newer.fault);
         fill(&mut self.rate_limit, &newer.rate_limit);
+        fill(&mut self.trace_sampling, &newer.trace_sampling);
         if self.failover.is_empty() {
             self.failover.clone_from(&newer.failover);
         }
@@ -627,6 +641,16 @@ pub fn compile_policy(
             shadow,
         }
     });
+    let trace_sampling = spec.tracing.as_ref().map(|t| {
+        let p = t.random_sampling_percentage;
+        if !(0.0..=100.0).contains(&p) {
+            errors.push(err(
+                "spec.tracing.randomSamplingPercentage",
+                format!("{p} is not a percentage; use 0 to 100 (e.g. 1 samples one trace in a hundred)"),
+            ));
+        }
+        p.clamp(0.0, 100.0)
+    });
     let loc = spec.locality.clone().unwrap_or_default();
     if errors.iter().any(|e| !e.unresolved) {
         return (None, errors);
@@ -646,6 +670,7 @@ pub fn compile_policy(
         rate_limit,
         failover: loc.failover.into_iter().map(|f| (f.from, f.to)).collect(),
         failover_priority: loc.failover_priority,
+        trace_sampling,
     };
     (Some(compiled), errors)
 }

@@ -24,6 +24,8 @@ pub struct GatewayRunOptions {
     pub controller: ControllerLink,
     /// How long streams in flight may take to finish on shutdown.
     pub drain_timeout: Duration,
+    /// Spans and access logs.
+    pub telemetry: strait_api::telemetry::TelemetryOptions,
 }
 
 pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
@@ -42,6 +44,17 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
     };
     let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
 
+    let tracer = match &opts.telemetry.otlp_endpoint {
+        Some(endpoint) => strait_api::trace::Tracer::otlp(
+            endpoint,
+            &format!("{}.{}", opts.name, strait_api::SYSTEM_NAMESPACE),
+            opts.telemetry.trace_sampling,
+            &registry,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => strait_api::trace::Tracer::disabled(&registry),
+    };
+    let access = strait_api::accesslog::AccessLog::new(opts.telemetry.access_log, &registry);
     let gateway = Arc::new(
         Gateway::new(
             GatewayOptions {
@@ -53,7 +66,8 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
             rx.clone(),
             GatewayMetrics::new(&registry),
         )
-        .named(&opts.name),
+        .named(&opts.name)
+        .telemetry(tracer, access),
     );
     let endpoint = gateway.bind()?;
     let tcp = gateway.bind_tcp().await?;

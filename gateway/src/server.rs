@@ -31,6 +31,8 @@ pub struct Gateway {
     metrics: GatewayMetrics,
     /// This gateway as the source of the hops it makes.
     me: Workload,
+    tracer: strait_api::trace::Tracer,
+    access: strait_api::accesslog::AccessLog,
 }
 
 impl Gateway {
@@ -53,7 +55,16 @@ impl Gateway {
             config,
             metrics,
             me,
+            tracer: strait_api::trace::Tracer::disabled(&prometheus::Registry::new()),
+            access: strait_api::accesslog::AccessLog::new(None, &prometheus::Registry::new()),
         }
+    }
+
+    /// Exports spans for tunnels of sampled traces, and logs each tunnel.
+    pub fn telemetry(mut self, tracer: strait_api::trace::Tracer, access: strait_api::accesslog::AccessLog) -> Self {
+        self.tracer = tracer;
+        self.access = access;
+        self
     }
 
     /// Names this gateway's workload in what it reports (`strait-gateway` unless set).
@@ -309,33 +320,94 @@ impl Gateway {
             service: &service,
             protocol: "tcp",
         };
-        let Some((mut tcp, _)) = upstream else {
-            // Envoy's flags: refused by policy (no flag; RBAC is a detail), no healthy
-            // upstream, or connect failure.
-            let flags = match code {
-                status::FORBIDDEN => "-",
-                status::NO_ENDPOINT => "UF",
-                _ => "UH",
-            };
-            self.metrics.istio.tcp_opened(&edge, flags);
-            self.metrics.istio.tcp_closed(&edge, flags, 0, 0);
-            let _ = tunnel.shutdown().await;
-            return;
-        };
-        self.metrics.istio.tcp_opened(&edge, "-");
-        self.metrics.active_streams.inc();
-        match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut tcp, SPLICE_BUF, SPLICE_BUF).await {
-            Ok((from_caller, to_caller)) => {
-                self.metrics.bytes.with_label_values(&["in"]).inc_by(from_caller);
-                self.metrics.bytes.with_label_values(&["out"]).inc_by(to_caller);
-                self.metrics.istio.tcp_closed(&edge, "-", from_caller, to_caller);
-            }
-            Err(e) => {
-                self.metrics.istio.tcp_closed(&edge, "UC", 0, 0);
-                tracing::debug!(error = %e, "tunnel stream ended with an error")
-            }
+        let started = std::time::Instant::now();
+        let start_time = std::time::SystemTime::now();
+        // The gateway's span (the tunnel's setup) in the trace of the request that opened it.
+        if let Some(mut span) = self.tunnel_span(&req) {
+            span.attr("strait.tunnel_status", code.to_string());
+            span.attr("strait.source_cluster", caller.cluster.clone().unwrap_or_default());
+            span.attr("strait.source_principal", caller.principal.clone().unwrap_or_default());
+            span.attr("strait.destination_cluster", self.opts.cluster.clone());
+            span.attr("strait.destination_workload", destination.workload.clone());
+            span.attr("upstream_cluster", format!("outbound|{}||{}", req.port, service.host));
+            span.attr("component", "proxy");
+            let error = (code != status::OK).then(|| format!("tunnel refused: {code}"));
+            self.tracer.finish(span, error);
         }
-        self.metrics.active_streams.dec();
+        let (flags, received, sent) = match upstream {
+            None => {
+                // Envoy's flags: refused by policy (no flag; RBAC is a detail), no healthy
+                // upstream, or connect failure.
+                let flags = match code {
+                    status::FORBIDDEN => "-",
+                    status::NO_ENDPOINT => "UF",
+                    _ => "UH",
+                };
+                self.metrics.istio.tcp_opened(&edge, flags);
+                self.metrics.istio.tcp_closed(&edge, flags, 0, 0);
+                let _ = tunnel.shutdown().await;
+                (flags, 0, 0)
+            }
+            Some((mut tcp, _)) => {
+                self.metrics.istio.tcp_opened(&edge, "-");
+                self.metrics.active_streams.inc();
+                let copied =
+                    tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut tcp, SPLICE_BUF, SPLICE_BUF).await;
+                self.metrics.active_streams.dec();
+                match copied {
+                    Ok((from_caller, to_caller)) => {
+                        self.metrics.bytes.with_label_values(&["in"]).inc_by(from_caller);
+                        self.metrics.bytes.with_label_values(&["out"]).inc_by(to_caller);
+                        self.metrics.istio.tcp_closed(&edge, "-", from_caller, to_caller);
+                        ("-", from_caller, to_caller)
+                    }
+                    Err(e) => {
+                        self.metrics.istio.tcp_closed(&edge, "UC", 0, 0);
+                        tracing::debug!(error = %e, "tunnel stream ended with an error");
+                        ("UC", 0, 0)
+                    }
+                }
+            }
+        };
+        self.access.log(strait_api::accesslog::Entry {
+            start_time: Some(start_time),
+            response_flags: flags.into(),
+            response_code_details: if code == status::OK {
+                String::new()
+            } else {
+                format!("tunnel_status_{code}")
+            },
+            bytes_received: received,
+            bytes_sent: sent,
+            duration: started.elapsed(),
+            authority: service.host.clone(),
+            upstream_host: resp.endpoint.clone(),
+            upstream_cluster: format!("outbound|{}||{}", req.port, service.host),
+            trace_id: strait_api::trace::parse_traceparent(req.traceparent.as_bytes())
+                .map(|c| c.trace_id_hex())
+                .unwrap_or_default(),
+            source_cluster: caller.cluster.clone().unwrap_or_default(),
+            destination_cluster: self.opts.cluster.clone(),
+            peer_principal: caller.principal.clone().unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+
+    /// A span for a tunnel whose request carried a sampled trace context (a gateway never
+    /// starts a trace of its own).
+    fn tunnel_span(&self, req: &pb::TunnelRequest) -> Option<strait_api::trace::Span> {
+        let parent = strait_api::trace::parse_traceparent(req.traceparent.as_bytes())?;
+        let incoming = strait_api::trace::Incoming {
+            parent: Some(parent),
+            sampled: Some(parent.sampled),
+            b3: false,
+        };
+        let (_, span) = self
+            .tracer
+            .start(&incoming, Some(0.0), strait_api::trace::SpanKind::Server, || {
+                format!("tunnel {}.{}:{}", req.service, req.namespace, req.port)
+            });
+        span
     }
 
     /// A DENY AuthorizationPolicy of the requested service that refuses this caller by its

@@ -123,6 +123,8 @@ pub struct MeshOptions {
     pub kube: bool,
     /// Every component in its own network namespace (`strait up --netns`; needs root).
     pub netns: bool,
+    /// More `strait up` flags (e.g. `--otlp-endpoint URL`, `--access-log json`).
+    pub extra_args: Vec<String>,
 }
 
 /// A running mesh. Dropping it stops every process it started.
@@ -181,6 +183,7 @@ impl Mesh {
         if let Some(t) = opts.cert_ttl {
             cmd.arg("--cert-ttl").arg(dur(t));
         }
+        cmd.args(&opts.extra_args);
         let mut up = cmd.spawn().context("starting strait up")?;
         let stdout = up.stdout.take().context("strait up stdout")?;
         let mut lines = BufReader::new(stdout).lines();

@@ -1,13 +1,16 @@
 //! Visibility, end to end: Istio's standard metrics scraped by a real Prometheus (Debian's
 //! `prometheus`, started here) from a running three-cluster mesh, and read back with the PromQL
 //! Kiali's graph runs — traffic edges grouped by Kiali's labels, error rate, p95 of 2xx, the
-//! mTLS share — so an Istio user's dashboards work unchanged.
+//! mTLS share — so an Istio user's dashboards work unchanged. Then traces: one trace across
+//! sidecar, gateway and sidecar in a real Jaeger (OTLP/HTTP), W3C and B3 callers, sampling
+//! decisions honoured, and access logs naming the same trace on every hop.
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::time::Duration;
 
+use multicluster_tests::jaeger::{self, parent, tag, Jaeger};
 use multicluster_tests::prometheus::{value, Prometheus};
-use multicluster_tests::{connect_tunnel, get_with, grpcurl_hello, Mesh};
+use multicluster_tests::{connect_tunnel, get_with, grpcurl_hello, Mesh, MeshOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What Kiali's graph groups request edges by (kiali `graph/telemetry/istio`): a series without
@@ -304,4 +307,255 @@ spec:
     let (gateway_bytes, gateway_cluster) = sent_by("gateway-central").unwrap_or_else(|| panic!("{tcp:#?}"));
     assert!(gateway_bytes >= 10_000.0, "{tcp:#?}");
     assert_eq!(gateway_cluster, "central");
+}
+
+/// The access log lines (JSON) of a component's log file.
+fn access_log(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("start_time").is_some())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_crosses_clusters_in_jaeger_and_every_hop_logs_it() {
+    let dir = std::env::temp_dir().join(format!("strait-jaeger-{}", std::process::id()));
+    let jaeger = Jaeger::start(&dir).await.unwrap();
+    let mesh = Mesh::start_with(MeshOptions {
+        extra_args: [
+            "--otlp-endpoint",
+            jaeger::OTLP_ENDPOINT,
+            "--trace-sampling",
+            "0",
+            "--access-log",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east = mesh.workload("echo", "us-east-1a");
+    let greeter = mesh.workload("greeter", "us-west-2a");
+
+    // The app's own span (W3C, sampled): the first call from east to greeter, so it also opens
+    // the tunnel through west's gateway.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let app_span = "00f067aa0ba902b7";
+    let a = get_with(
+        east.outbound_proxy,
+        "http://greeter.demo.svc.clusterset.local/traced",
+        &[
+            ("traceparent", &format!("00-{trace_id}-{app_span}-01")),
+            ("tracestate", "app=1"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    let mut spans = vec![];
+    for _ in 0..100 {
+        spans = jaeger.trace(trace_id).await;
+        if spans.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let find = |service: &str| {
+        spans
+            .iter()
+            .find(|s| s["serviceName"] == service)
+            .unwrap_or_else(|| panic!("no span from {service}: {spans:#?}"))
+            .clone()
+    };
+    let client = find("echo.demo");
+    let gateway = find("gateway-west.strait-system");
+    let server = find("greeter.demo");
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    let client_id = client["spanID"].as_str().unwrap().to_string();
+    assert_eq!(parent(&client), app_span, "the client span continues the app's");
+    assert_eq!(tag(&client, "span.kind"), "client");
+    assert_eq!(parent(&gateway), client_id, "{gateway:#}");
+    assert_eq!(parent(&server), client_id, "{server:#}");
+    assert_eq!(tag(&server, "span.kind"), "server");
+    for (span, status) in [(&client, "200"), (&server, "200")] {
+        assert_eq!(tag(span, "http.status_code"), status);
+        assert_eq!(tag(span, "strait.source_cluster"), "east");
+        assert_eq!(tag(span, "strait.destination_cluster"), "west");
+    }
+    assert_eq!(
+        tag(&client, "strait.destination_principal"),
+        "spiffe://mesh.local/ns/demo/sa/greeter"
+    );
+    assert_eq!(
+        tag(&server, "strait.source_principal"),
+        "spiffe://mesh.local/ns/demo/sa/echo"
+    );
+    assert_eq!(tag(&gateway, "strait.source_cluster"), "east");
+    assert_eq!(tag(&gateway, "strait.destination_workload"), "greeter-us-west-2a");
+
+    // Both sidecars logged the request with the trace id, both clusters, the peer and the same
+    // generated x-request-id.
+    let wait_logs = || async {
+        for _ in 0..50 {
+            let out = access_log(&east.sidecar_log);
+            let inn = access_log(&greeter.sidecar_log);
+            if out.iter().any(|e| e["path"] == "/traced") && inn.iter().any(|e| e["path"] == "/traced") {
+                return (out, inn);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no access log lines for /traced");
+    };
+    let (out, inn) = wait_logs().await;
+    let o = out.iter().find(|e| e["path"] == "/traced").unwrap();
+    let i = inn.iter().find(|e| e["path"] == "/traced").unwrap();
+    for e in [o, i] {
+        assert_eq!(e["trace_id"], trace_id, "{e}");
+        assert_eq!(e["source_cluster"], "east", "{e}");
+        assert_eq!(e["destination_cluster"], "west", "{e}");
+        assert_eq!(e["response_code"], 200, "{e}");
+        assert_eq!(e["response_flags"], "-", "{e}");
+    }
+    assert_eq!(o["upstream_cluster"], "outbound|80||greeter.demo.svc.clusterset.local");
+    assert_eq!(o["peer_principal"], "spiffe://mesh.local/ns/demo/sa/greeter");
+    assert_eq!(i["peer_principal"], "spiffe://mesh.local/ns/demo/sa/echo");
+    let request_id = o["request_id"].as_str().unwrap();
+    assert_eq!(request_id.len(), 36, "a generated UUID: {o}");
+    assert_eq!(i["request_id"], request_id, "one id across the hops");
+
+    // B3 (single header) callers join their trace too.
+    let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let a = get_with(
+        east.outbound_proxy,
+        "http://greeter.demo.svc.clusterset.local/b3",
+        &[("b3", &format!("{b3_trace}-e457b5a2e4d86bd1-1"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    // An unsampled caller is honoured: nothing is exported for its trace. A malformed header
+    // is dropped, never fatal (the call works, under a new trace id).
+    let unsampled = "11111111111111111111111111111111";
+    for tp in [
+        format!("00-{unsampled}-2222222222222222-00"),
+        "00-zz-not-a-trace-01".to_string(),
+    ] {
+        let a = get_with(
+            east.outbound_proxy,
+            "http://greeter.demo.svc.clusterset.local/unsampled",
+            &[("traceparent", &tp)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, 200);
+    }
+    // Per service: a TrafficPolicy samples every new trace of echo (the mesh samples none).
+    apply(
+        &mesh,
+        "east",
+        r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo-traced, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  tracing: {randomSamplingPercentage: 100}
+"#,
+    );
+    let a = get_with(
+        east.outbound_proxy,
+        "http://echo.demo.svc.clusterset.local/policy-sampled",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+
+    let mut b3_spans = vec![];
+    for _ in 0..50 {
+        b3_spans = jaeger.trace(b3_trace).await;
+        if b3_spans.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let b3_client = b3_spans
+        .iter()
+        .find(|s| s["serviceName"] == "echo.demo")
+        .unwrap_or_else(|| panic!("{b3_spans:#?}"));
+    assert_eq!(parent(b3_client), "e457b5a2e4d86bd1");
+    let logged = wait_for_entry(&east.sidecar_log, "/policy-sampled").await;
+    let sampled_by_policy = logged["trace_id"].as_str().unwrap().to_string();
+    let mut policy_spans = vec![];
+    for _ in 0..50 {
+        policy_spans = jaeger.trace(&sampled_by_policy).await;
+        if !policy_spans.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !policy_spans.is_empty(),
+        "the TrafficPolicy's sampling exported trace {sampled_by_policy}"
+    );
+    // By now the unsampled trace would have been exported with the others; it was not.
+    assert!(
+        jaeger.trace(unsampled).await.is_empty(),
+        "an unsampled caller's trace was exported"
+    );
+    let malformed = access_log(&east.sidecar_log)
+        .into_iter()
+        .filter(|e| e["path"] == "/unsampled")
+        .map(|e| e["trace_id"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(malformed.len(), 2, "{malformed:?}");
+    assert_eq!(malformed[0], unsampled);
+    assert!(malformed[1].len() == 32 && malformed[1] != unsampled, "{malformed:?}");
+    // A TCP connection is logged once it closes, with its bytes.
+    let mut tunnel = connect_tunnel(east.outbound_proxy, "ledger.demo.svc.clusterset.local:7000")
+        .await
+        .unwrap();
+    tunnel.write_all(b"ledger-line").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut echoed = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut echoed)).await;
+    drop(tunnel);
+    let mut tcp_entry = None;
+    for _ in 0..50 {
+        tcp_entry = access_log(&east.sidecar_log)
+            .into_iter()
+            .find(|e| e["upstream_cluster"] == "outbound|7000||ledger.demo.svc.clusterset.local");
+        if tcp_entry.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tcp_entry = tcp_entry.expect("a TCP access log entry");
+    assert_eq!(tcp_entry["bytes_received"], 11, "{tcp_entry}");
+    assert_eq!(tcp_entry["bytes_sent"], 11, "{tcp_entry}");
+    assert_eq!(tcp_entry["destination_cluster"], "central", "{tcp_entry}");
+    assert_eq!(tcp_entry["method"], serde_json::Value::Null, "{tcp_entry}");
+
+    // Nothing was dropped on the way.
+    let metrics = multicluster_tests::scrape(east.admin_addr).await.unwrap();
+    assert_eq!(
+        multicluster_tests::metric_sum(&metrics, "strait_tracing_spans_dropped_total", &[]),
+        0.0
+    );
+    assert!(multicluster_tests::metric_sum(&metrics, "strait_tracing_spans_total", &[("result", "exported")]) >= 2.0);
+}
+
+async fn wait_for_entry(log: &std::path::Path, path: &str) -> serde_json::Value {
+    for _ in 0..50 {
+        if let Some(e) = access_log(log).into_iter().find(|e| e["path"] == path) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no access log entry for {path} in {}", log.display());
 }

@@ -40,6 +40,8 @@ pub struct SidecarOptions {
     /// How long in-flight work may take to finish on shutdown.
     pub drain_timeout: Duration,
     pub limits: crate::ProxyLimits,
+    /// Spans and access logs.
+    pub telemetry: strait_api::telemetry::TelemetryOptions,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -135,13 +137,21 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     }
 
     let metrics = SidecarMetrics::new(&registry);
-    let local = Arc::new(crate::telemetry::LocalWorkload::new(
-        &opts.workload,
-        &opts.namespace,
-        &store.id().to_string(),
-        &opts.locality.cluster,
-        Some(opts.inbound),
-    ));
+    let telemetry = Arc::new(
+        crate::telemetry::Telemetry::new(
+            crate::telemetry::LocalWorkload::new(
+                &opts.workload,
+                &opts.namespace,
+                &store.id().to_string(),
+                &opts.locality.cluster,
+                Some(opts.inbound),
+            ),
+            &opts.telemetry,
+            &format!("{}.{}", opts.service, opts.namespace),
+            &registry,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
     let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
     let balancer = Balancer::new(opts.locality.clone(), tunnel.health(), metrics.clone());
@@ -157,7 +167,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         )
         .unknown_destinations(opts.unknown_destinations)
         .limits(opts.limits.clone())
-        .local_workload(local.clone()),
+        .telemetry(telemetry.clone()),
     );
     if let (Some((udp, tcp)), Some((addr, resolv))) = (dns_sockets, &opts.dns) {
         let dns = Arc::new(DnsProxy::new(rx.clone(), resolv, &[*addr], DnsMetrics::new(&registry)));
@@ -174,7 +184,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         )
         .limits(opts.limits.clone())
         .policies(rx.clone(), &opts.namespace, opts.inbound)
-        .local_workload(local),
+        .telemetry(telemetry),
     );
     let drain = Drain::new();
     let inbound_task = tokio::spawn(inbound.serve(inbound_listener, drain.watch()));

@@ -14,8 +14,10 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::Response;
+use strait_api::accesslog::Entry;
 use strait_api::snapshot::Snapshot;
 use strait_api::telemetry::{GrpcFramer, HttpOutcome, Workload};
+use strait_api::trace::Span;
 
 /// Envoy-style response flags on answers the proxy made itself, read back by the recorder.
 pub(crate) const RESPONSE_FLAGS_HEADER: &str = "x-strait-flags";
@@ -85,6 +87,228 @@ impl Default for LocalWorkload {
     fn default() -> Self {
         LocalWorkload::new("unknown", "unknown", "unknown", "unknown", None)
     }
+}
+
+/// Everything a proxy reports about the traffic it carries, shared by its listeners.
+pub struct Telemetry {
+    pub local: LocalWorkload,
+    pub tracer: strait_api::trace::Tracer,
+    pub access: strait_api::accesslog::AccessLog,
+}
+
+impl Telemetry {
+    /// Spans and logs as `opts` asks (the export and log tasks are spawned here), named after
+    /// `local`; their own metrics on `registry`.
+    pub fn new(
+        local: LocalWorkload,
+        opts: &strait_api::telemetry::TelemetryOptions,
+        service_name: &str,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, String> {
+        let tracer = match &opts.otlp_endpoint {
+            Some(endpoint) => strait_api::trace::Tracer::otlp(endpoint, service_name, opts.trace_sampling, registry)?,
+            None => {
+                let mut t = strait_api::trace::Tracer::disabled(registry);
+                t.percent = opts.trace_sampling;
+                t
+            }
+        };
+        Ok(Telemetry {
+            local,
+            tracer,
+            access: strait_api::accesslog::AccessLog::new(opts.access_log, registry),
+        })
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        let registry = prometheus::Registry::new();
+        Telemetry {
+            local: LocalWorkload::default(),
+            tracer: strait_api::trace::Tracer::disabled(&registry),
+            access: strait_api::accesslog::AccessLog::new(None, &registry),
+        }
+    }
+}
+
+/// One HTTP hop's span and access log entry while its request runs.
+pub(crate) struct Hop {
+    span: Option<Span>,
+    entry: Option<Entry>,
+    telemetry: Arc<Telemetry>,
+}
+
+/// Where a hop's request went, for its span and log entry.
+pub(crate) struct Upstream {
+    /// `outbound|<port>||<fqdn>` or `inbound|<port>||`.
+    pub cluster: String,
+    pub host: Option<SocketAddr>,
+    /// Until the response head (Envoy's x-envoy-upstream-service-time).
+    pub time: Option<std::time::Duration>,
+    /// The other side's identity.
+    pub peer: String,
+}
+
+impl Telemetry {
+    /// Starts a hop: joins the request's trace (W3C or B3) or starts one (`percent`, else the
+    /// mesh's), gives it an `x-request-id` if it has none, and rewrites its trace headers so
+    /// the next hop is this span's child.
+    pub(crate) fn start_hop<B>(
+        self: &Arc<Self>,
+        req: &mut hyper::Request<B>,
+        percent: Option<f64>,
+        kind: strait_api::trace::SpanKind,
+        name: impl FnOnce() -> String,
+    ) -> Hop {
+        use strait_api::trace;
+        let incoming = trace::extract(req.headers());
+        let request_id = trace::ensure_request_id(req.headers_mut());
+        let (ctx, span) = self.tracer.start(&incoming, percent, kind, name);
+        ctx.inject(req.headers_mut(), incoming.parent.map(|p| p.span_id), incoming.b3);
+        let entry = self
+            .access
+            .enabled()
+            .then(|| request_entry(req, request_id.clone(), ctx.trace_id_hex()));
+        let span = span.map(|mut s| {
+            s.attr("http.method", req.method().to_string());
+            s.attr("http.url", req.uri().to_string());
+            s.attr("guid:x-request-id", request_id);
+            s
+        });
+        Hop {
+            span,
+            entry,
+            telemetry: self.clone(),
+        }
+    }
+}
+
+impl Hop {
+    /// Ends the hop's span and logs its entry (both off the request path: queued for their
+    /// tasks).
+    pub(crate) fn finish(self, o: &HttpOutcome, source: &Workload, destination: &Workload, upstream: Upstream) {
+        if let Some(mut span) = self.span {
+            span_outcome(&mut span, o, source, destination, &upstream.cluster);
+            self.telemetry.tracer.finish(span, span_error(o));
+        }
+        if let Some(mut e) = self.entry {
+            entry_outcome(&mut e, o, source, destination);
+            e.upstream_service_time = upstream.time;
+            e.upstream_host = upstream.host.map(|a| a.to_string()).unwrap_or_default();
+            e.upstream_cluster = upstream.cluster;
+            e.peer_principal = upstream.peer;
+            self.telemetry.access.log(e);
+        }
+    }
+}
+
+/// The request's side of an access log entry, taken before the request is sent on.
+fn request_entry<B>(req: &hyper::Request<B>, request_id: String, trace_id: String) -> Entry {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    Entry {
+        start_time: Some(std::time::SystemTime::now()),
+        method: req.method().to_string(),
+        path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        protocol: match req.version() {
+            hyper::Version::HTTP_10 => "HTTP/1.0",
+            hyper::Version::HTTP_2 => "HTTP/2",
+            hyper::Version::HTTP_3 => "HTTP/3",
+            _ => "HTTP/1.1",
+        }
+        .into(),
+        x_forwarded_for: header("x-forwarded-for"),
+        user_agent: header("user-agent"),
+        request_id,
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| header("host")),
+        trace_id,
+        ..Default::default()
+    }
+}
+
+/// One TCP connection's access log entry (Envoy logs TCP with `-` for the HTTP fields and
+/// response code 0).
+pub(crate) struct TcpLog<'a> {
+    pub started: Instant,
+    pub start_time: std::time::SystemTime,
+    pub flags: &'a str,
+    pub received: u64,
+    pub sent: u64,
+    pub upstream_host: String,
+    pub upstream_cluster: String,
+    pub source: &'a Workload,
+    pub destination: &'a Workload,
+    pub peer_principal: &'a str,
+}
+
+impl TcpLog<'_> {
+    pub fn entry(self) -> Entry {
+        Entry {
+            start_time: Some(self.start_time),
+            response_flags: self.flags.to_string(),
+            bytes_received: self.received,
+            bytes_sent: self.sent,
+            duration: self.started.elapsed(),
+            upstream_host: self.upstream_host,
+            upstream_cluster: self.upstream_cluster,
+            source_cluster: self.source.cluster.clone(),
+            destination_cluster: self.destination.cluster.clone(),
+            peer_principal: self.peer_principal.to_string(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The answer's side of an access log entry.
+fn entry_outcome(e: &mut Entry, o: &HttpOutcome, source: &Workload, destination: &Workload) {
+    e.response_code = o.response_code;
+    e.response_flags = o.flags.to_string();
+    e.response_code_details = match o.flags {
+        "-" => "via_upstream".into(),
+        _ => "strait".into(),
+    };
+    e.bytes_received = o.request_bytes;
+    e.bytes_sent = o.response_bytes;
+    e.duration = o.duration;
+    e.source_cluster = source.cluster.clone();
+    e.destination_cluster = destination.cluster.clone();
+}
+
+/// A span's attributes from how its request ended (Envoy's and Istio's tag names where they
+/// have one, `strait.*` for the clusters).
+fn span_outcome(span: &mut Span, o: &HttpOutcome, source: &Workload, destination: &Workload, upstream_cluster: &str) {
+    span.attr("http.status_code", o.response_code.to_string());
+    if let Some(g) = o.grpc_status {
+        span.attr("grpc.status_code", g.to_string());
+    }
+    span.attr("response_flags", o.flags);
+    span.attr("upstream_cluster", upstream_cluster.to_string());
+    span.attr("istio.canonical_service", source.canonical_service.clone());
+    span.attr("istio.namespace", source.namespace.clone());
+    span.attr("strait.source_cluster", source.cluster.clone());
+    span.attr("strait.source_workload", source.workload.clone());
+    span.attr("strait.source_principal", source.principal.clone());
+    span.attr("strait.destination_cluster", destination.cluster.clone());
+    span.attr("strait.destination_workload", destination.workload.clone());
+    span.attr("strait.destination_principal", destination.principal.clone());
+    span.attr("component", "proxy");
+}
+
+/// An error status for 5xx answers, gRPC failures and proxy-made failures.
+fn span_error(o: &HttpOutcome) -> Option<String> {
+    let grpc_failed = o.grpc_status.is_some_and(|g| g != 0);
+    (o.response_code >= 500 || grpc_failed || !matches!(o.flags, "-"))
+        .then(|| format!("{} {}", o.response_code, o.flags))
 }
 
 /// What a body carried when it ended (or was dropped).

@@ -216,12 +216,15 @@ impl Upstreams {
         ids
     }
 
+    /// Where to dial `ep`: straight, or through its cluster's gateway with a tunnel request
+    /// that carries `traceparent` (the request that caused the dial, for the gateway's span).
     fn target(
         &self,
         snap: &Snapshot,
         svc: &ServiceEntry,
         ep: &EndpointEntry,
         port: u16,
+        traceparent: &str,
     ) -> Result<Target, UpstreamError> {
         let via = if ep.locality.cluster == self.cluster {
             None
@@ -238,7 +241,7 @@ impl Upstreams {
                 namespace: svc.namespace.clone(),
                 port: port as u32,
                 endpoint: ep.address.to_string(),
-                traceparent: String::new(),
+                traceparent: traceparent.to_string(),
                 deadline_unix_ms: (strait_api::unix_ms(std::time::SystemTime::now()) + 10_000) as u64,
                 source_cluster: self.cluster.clone(),
             };
@@ -261,7 +264,7 @@ impl Upstreams {
         port: u16,
         alpn: &[u8],
     ) -> Result<UpstreamTls, UpstreamError> {
-        let target = self.target(snap, svc, ep, port)?;
+        let target = self.target(snap, svc, ep, port, "")?;
         self.dialer.connect(&target, alpn).await
     }
 
@@ -295,6 +298,7 @@ impl Upstreams {
         ep: &EndpointEntry,
         port: u16,
         limits: &ConnLimits,
+        traceparent: &str,
     ) -> Result<(SendRequest<ReplayBody>, bool), Arc<UpstreamError>> {
         let now = Instant::now();
         if let Ok(mut pool) = self.pool.lock() {
@@ -345,7 +349,7 @@ impl Upstreams {
                     if let Some(opened) = &self.opened {
                         opened.with_label_values(&[&svc.host()]).inc();
                     }
-                    let target = self.target(snap, svc, ep, port).map_err(Arc::new)?;
+                    let target = self.target(snap, svc, ep, port, traceparent).map_err(Arc::new)?;
                     let d = self.dialer.clone().h2(target).boxed().shared();
                     dialing.insert(ep.key.clone(), d.clone());
                     d

@@ -153,7 +153,54 @@ pub struct SidecarArgs {
     #[command(flatten)]
     pub limits: Limits,
     #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
     pub identity: Identity,
+}
+
+/// Spans and access logs (metrics are always on, at the admin address's /metrics).
+#[derive(Args, Debug, Clone)]
+pub struct TelemetryArgs {
+    /// Export spans over OTLP/HTTP (protobuf) to this URL, e.g. http://127.0.0.1:4318/v1/traces
+    /// (Jaeger, the OpenTelemetry Collector). Without it no span is exported; trace context is
+    /// still propagated.
+    #[arg(long, env = "STRAIT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Percentage of new traces sampled, 0–100 (Istio's default is 1); a caller's decision in
+    /// traceparent or B3 is honoured, and a TrafficPolicy's tracing.randomSamplingPercentage
+    /// overrides it for its service.
+    #[arg(long, default_value_t = 1.0, value_parser = percentage)]
+    pub trace_sampling: f64,
+    /// Write an access log line per request and per TCP connection to stdout: Istio's default
+    /// text format, or JSON with the same fields.
+    #[arg(long, value_enum)]
+    pub access_log: Option<AccessLogFormat>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AccessLogFormat {
+    Text,
+    Json,
+}
+
+fn percentage(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100 (e.g. 1 or 0.5)")),
+    }
+}
+
+impl From<TelemetryArgs> for strait_api::telemetry::TelemetryOptions {
+    fn from(a: TelemetryArgs) -> Self {
+        strait_api::telemetry::TelemetryOptions {
+            otlp_endpoint: a.otlp_endpoint,
+            trace_sampling: a.trace_sampling,
+            access_log: a.access_log.map(|f| match f {
+                AccessLogFormat::Text => strait_api::accesslog::LogFormat::Text,
+                AccessLogFormat::Json => strait_api::accesslog::LogFormat::Json,
+            }),
+        }
+    }
 }
 
 /// Bounds on what one client can make the sidecar hold or wait for.
@@ -206,6 +253,8 @@ pub struct GatewayArgs {
     #[arg(long)]
     pub admin: SocketAddr,
     #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
     pub identity: Identity,
 }
 
@@ -241,6 +290,7 @@ pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
         },
         drain_timeout: a.identity.drain_timeout,
         limits: a.limits.into(),
+        telemetry: a.telemetry.into(),
         controller: a.identity.link()?,
     })
     .await
@@ -253,6 +303,7 @@ pub async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         listen: a.listen,
         admin: a.admin,
         drain_timeout: a.identity.drain_timeout,
+        telemetry: a.telemetry.into(),
         controller: a.identity.link()?,
     })
     .await

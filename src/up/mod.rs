@@ -94,6 +94,17 @@ pub struct UpArgs {
     /// in every workload, so unmodified clients work: `ip netns exec <ns> curl http://…`.
     #[arg(long)]
     pub netns: bool,
+    /// Every sidecar and gateway exports spans to this OTLP/HTTP URL, e.g.
+    /// http://127.0.0.1:4318/v1/traces (a Jaeger all-in-one listens there).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Percentage of new traces sampled (0–100).
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_sampling: f64,
+    /// Access logs from every sidecar and gateway, into their log files: text (Istio's default
+    /// format) or json.
+    #[arg(long, value_parser = ["text", "json"])]
+    pub access_log: Option<String>,
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -179,6 +190,7 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                 args.push("--sa-token-file".into());
                 args.push(c.token_file(component).display().to_string());
             }
+            args.extend(plan.telemetry.iter().cloned());
             args
         };
         let token = |t: &str| if plan.kube { None } else { Some(t.to_string()) };
@@ -612,7 +624,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "--netns creates network namespaces, bridges and iptables rules: run it as root (sudo strait up --netns)"
         );
     }
-    let plan = Plan::new(topology, &state_dir, mode);
+    let mut plan = Plan::new(topology, &state_dir, mode);
+    plan.telemetry = telemetry_args(&args);
     progress(format!(
         "creating trust domain {} with {} cluster CAs in {}",
         plan.topology.trust_domain,
@@ -778,4 +791,16 @@ async fn start_kube(plan: &Plan, log_filter: &str, procs_out: &mut Vec<Proc>) ->
         ));
     }
     Ok(())
+}
+
+/// What every sidecar and gateway is told about spans and access logs.
+fn telemetry_args(a: &UpArgs) -> Vec<String> {
+    let mut out = vec!["--trace-sampling".to_string(), a.trace_sampling.to_string()];
+    if let Some(e) = &a.otlp_endpoint {
+        out.extend(["--otlp-endpoint".into(), e.clone()]);
+    }
+    if let Some(f) = &a.access_log {
+        out.extend(["--access-log".into(), f.clone()]);
+    }
+    out
 }

@@ -94,6 +94,8 @@ pub struct Plan {
     pub state_dir: PathBuf,
     pub bundle: PathBuf,
     pub clusters: Vec<ClusterPlan>,
+    /// Flags for every sidecar and gateway: spans and access logs.
+    pub telemetry: Vec<String>,
 }
 
 /// The address of `host` in cluster number `cluster` (1-based).
@@ -209,6 +211,7 @@ impl Plan {
             state_dir: state_dir.to_path_buf(),
             bundle: state_dir.join("trust").join("bundle.pem"),
             clusters,
+            telemetry: vec![],
         }
     }
 

@@ -22,9 +22,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{response_class, SidecarMetrics};
 use crate::outbound::Body;
-use crate::telemetry::{Counted, LocalWorkload, Tally};
+use crate::telemetry::{Counted, Tally, Telemetry};
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
 use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload, PEER_METADATA_HEADER};
+use strait_api::trace::SpanKind;
 
 pub struct Inbound {
     cluster: String,
@@ -44,8 +45,8 @@ pub struct Inbound {
     /// This workload's endpoint address in the catalog (its labels select AuthorizationPolicies).
     endpoint: Option<SocketAddr>,
     limiter: crate::policy::RateLimiter,
-    /// This workload, as the destination of what it reports.
-    local: Arc<LocalWorkload>,
+    /// This workload as the destination of what it reports; its tracer and access log.
+    telemetry: Arc<Telemetry>,
 }
 
 impl Inbound {
@@ -78,13 +79,13 @@ impl Inbound {
             config: None,
             endpoint: None,
             limiter: crate::policy::RateLimiter::default(),
-            local: Arc::default(),
+            telemetry: Arc::default(),
         }
     }
 
     /// This workload as metrics, traces and logs name it.
-    pub fn local_workload(mut self, local: Arc<LocalWorkload>) -> Self {
-        self.local = local;
+    pub fn telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = telemetry;
         self
     }
 
@@ -369,7 +370,8 @@ impl Inbound {
         }
     }
 
-    /// One request from another sidecar to the app, reported as `reporter="destination"`.
+    /// One request from another sidecar to the app, reported as `reporter="destination"`,
+    /// with a server span (child of the caller's client span) and an access log entry.
     async fn to_app(&self, req: Request<hyper::body::Incoming>, peer: &PeerAuth) -> Response<Body> {
         let started = std::time::Instant::now();
         let grpc = crate::telemetry::is_grpc(req.headers());
@@ -379,10 +381,17 @@ impl Inbound {
             peer.cluster.as_deref(),
         );
         let tally = Arc::new(Tally::default());
-        let req = req.map(|b| Counted::into_tally(b, grpc, tally.clone()));
-        let resp = self.app_request(req, peer).await;
-        let (destination, _) = self.local.current(&self.snapshot());
+        let mut req = req.map(|b| Counted::into_tally(b, grpc, tally.clone()));
         let service = self.service_name();
+        // The server span (child of the caller's client span): the app sees it as the parent
+        // of whatever it calls next.
+        let app = self.app_addr;
+        let hop = self.telemetry.start_hop(&mut req, None, SpanKind::Server, || {
+            format!("{}:{}/*", service.host, app.port())
+        });
+        let resp = self.app_request(req, peer).await;
+        let upstream_time = started.elapsed();
+        let (destination, _) = self.telemetry.local.current(&self.snapshot());
         let metrics = self.metrics.istio.clone();
         crate::telemetry::report(resp, started, grpc, tally, move |outcome| {
             let edge = Edge {
@@ -393,6 +402,13 @@ impl Inbound {
                 protocol: if grpc { "grpc" } else { "http" },
             };
             metrics.record_http(&edge, outcome);
+            let upstream = crate::telemetry::Upstream {
+                cluster: format!("inbound|{}||", app.port()),
+                host: Some(app),
+                time: Some(upstream_time),
+                peer: source.principal.clone(),
+            };
+            hop.finish(outcome, &source, &destination, upstream);
         })
     }
 
@@ -494,7 +510,7 @@ impl Inbound {
         // Istio's TCP family as `reporter="destination"`: the caller as its certificate says.
         let peer = PeerAuth::of(&tls);
         let source = Workload::from_metadata(None, peer.principal.as_deref(), peer.cluster.as_deref());
-        let (destination, _) = self.local.current(&self.snapshot());
+        let (destination, _) = self.telemetry.local.current(&self.snapshot());
         let service = self.service_name();
         let edge = Edge {
             reporter: Reporter::Destination,
@@ -504,12 +520,30 @@ impl Inbound {
             protocol: "tcp",
         };
         self.metrics.istio.tcp_opened(&edge, "-");
+        let (started, start_time) = (std::time::Instant::now(), std::time::SystemTime::now());
         let (result, flags, (received, sent)) =
             match crate::splice::splice(tls, app, self.limits.tcp_idle_timeout).await {
                 Ok(bytes) => ("ok", "-", bytes),
                 Err(_) => ("reset", "UC", (0, 0)),
             };
         self.metrics.istio.tcp_closed(&edge, flags, received, sent);
+        if self.telemetry.access.enabled() {
+            self.telemetry.access.log(
+                crate::telemetry::TcpLog {
+                    started,
+                    start_time,
+                    flags,
+                    received,
+                    sent,
+                    upstream_host: self.app_addr.to_string(),
+                    upstream_cluster: format!("inbound|{}||", self.app_addr.port()),
+                    source: &source,
+                    destination: &destination,
+                    peer_principal: &source.principal,
+                }
+                .entry(),
+            );
+        }
         self.metrics
             .connections
             .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, result])

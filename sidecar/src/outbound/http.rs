@@ -19,6 +19,14 @@ use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER}
 use strait_api::routes::compile::Mirror;
 use strait_api::snapshot::{ServiceEntry, Snapshot};
 use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload, PEER_METADATA_HEADER};
+use strait_api::trace::{self, SpanKind};
+
+/// The service, workload and endpoint address that answered a request.
+pub(crate) struct Reached {
+    service: ServiceName,
+    workload: Workload,
+    address: Option<std::net::SocketAddr>,
+}
 use strait_api::traffic::{Abort, CompiledPolicy};
 
 /// Headers that belong to one hop and must not be forwarded (RFC 9110 §7.6.1, plus proxy ones).
@@ -128,11 +136,25 @@ impl Outbound {
         let started = Instant::now();
         let grpc = crate::telemetry::is_grpc(req.headers());
         let tally = Arc::new(Tally::default());
-        let req = req.map(|b| Counted::into_tally(b, grpc, tally.clone()));
+        let mut req = req.map(|b| Counted::into_tally(b, grpc, tally.clone()));
+        // The client span of this hop: the request leaves with it as its parent.
+        let percent = snap.traffic_policy(svc, None).and_then(|p| p.trace_sampling);
+        let hop = self.telemetry.start_hop(&mut req, percent, SpanKind::Client, || {
+            format!("{}:{port}/*", svc.host())
+        });
         let mut reached = None;
         let resp = self.forward_inner(snap, svc, port, req, &mut reached).await;
-        let (service, destination) = reached.unwrap_or_else(|| (ServiceName::of(svc), Workload::unknown()));
-        let (source, _) = self.local.current(snap);
+        let upstream_time = started.elapsed();
+        let Reached {
+            service,
+            workload: destination,
+            address,
+        } = reached.unwrap_or_else(|| Reached {
+            service: ServiceName::of(svc),
+            workload: Workload::unknown(),
+            address: None,
+        });
+        let (source, _) = self.telemetry.local.current(snap);
         let metrics = self.metrics.istio.clone();
         crate::telemetry::report(resp, started, grpc, tally, move |outcome| {
             let edge = Edge {
@@ -143,6 +165,13 @@ impl Outbound {
                 protocol: if grpc { "grpc" } else { "http" },
             };
             metrics.record_http(&edge, outcome);
+            let upstream = crate::telemetry::Upstream {
+                cluster: format!("outbound|{port}||{}", service.host),
+                host: address,
+                time: address.map(|_| upstream_time),
+                peer: destination.principal.clone(),
+            };
+            hop.finish(outcome, &source, &destination, upstream);
         })
     }
 
@@ -153,7 +182,7 @@ impl Outbound {
         svc: &ServiceEntry,
         port: u16,
         req: Request<Counted<hyper::body::Incoming>>,
-        reached: &mut Option<(ServiceName, Workload)>,
+        reached: &mut Option<Reached>,
     ) -> Response<Body> {
         let started = Instant::now();
         let downstream = req.version();
@@ -215,7 +244,7 @@ impl Outbound {
                 }
             }
         }
-        self.upstream_headers(&mut parts, downstream, &self.local.current(snap).1);
+        self.upstream_headers(&mut parts, downstream, &self.telemetry.local.current(snap).1);
         let replay = Replay::new(body, self.limits.replay_buffer);
         let stream_idle = traffic.as_ref().and_then(|t| t.stream_idle_timeout);
         let attempts = self.attempts(snap, svc, port, &parts, &replay, &policy);
@@ -243,7 +272,11 @@ impl Outbound {
         match outcome {
             Ok((resp, i)) => {
                 let ep = &svc.endpoints[i];
-                *reached = Some((ServiceName::of(svc), Workload::of_endpoint(ep, &svc.namespace)));
+                *reached = Some(Reached {
+                    service: ServiceName::of(svc),
+                    workload: Workload::of_endpoint(ep, &svc.namespace),
+                    address: Some(ep.address),
+                });
                 let status = resp.status().as_u16();
                 let labels = [self.cluster.as_str(), ep.locality.cluster.as_str(), &svc.host()];
                 self.metrics
@@ -362,7 +395,7 @@ impl Outbound {
                     let ep = &target.endpoints[i];
                     let (mut sender, _) = this
                         .upstreams
-                        .h2(&snap, &target, ep, port, &Default::default())
+                        .h2(&snap, &target, ep, port, &Default::default(), "")
                         .await
                         .map_err(|_| "connect")?;
                     let resp = sender
@@ -490,7 +523,12 @@ impl Outbound {
                 self.metrics.retries.with_label_values(&[&host, "retry"]).inc();
             }
             // A connect failure sent nothing: always retriable.
-            let dial = self.upstreams.h2(snap, svc, ep, port, &policy.conn);
+            let traceparent = parts
+                .headers
+                .get(trace::TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let dial = self.upstreams.h2(snap, svc, ep, port, &policy.conn, traceparent);
             let dialed = match policy.connect_timeout {
                 None => dial.await,
                 Some(limit) => match tokio::time::timeout(limit, dial).await {

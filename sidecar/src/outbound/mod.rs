@@ -75,8 +75,8 @@ pub struct Outbound {
     limits: crate::ProxyLimits,
     /// TrafficPolicy state: retry budgets and request pools per destination.
     traffic: TrafficState,
-    /// This workload, as the source of what it reports.
-    local: Arc<crate::telemetry::LocalWorkload>,
+    /// This workload as the source of what it reports; its tracer and access log.
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 #[derive(Default)]
@@ -198,13 +198,13 @@ impl Outbound {
             traffic: TrafficState::default(),
             sniff_timeout: std::time::Duration::from_millis(100),
             limits: crate::ProxyLimits::default(),
-            local: Arc::default(),
+            telemetry: Arc::default(),
         }
     }
 
     /// This workload as metrics, traces and logs name it.
-    pub fn local_workload(mut self, local: Arc<crate::telemetry::LocalWorkload>) -> Self {
-        self.local = local;
+    pub fn telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = telemetry;
         self
     }
 

@@ -81,8 +81,9 @@ impl Outbound {
         upstream: UpstreamTls,
         ep: &EndpointEntry,
         service: &ServiceName,
+        port: u16,
     ) {
-        let (source, _) = self.local.current(&self.config.borrow().clone());
+        let (source, _) = self.telemetry.local.current(&self.config.borrow().clone());
         let destination = Workload::of_endpoint(ep, &service.namespace);
         let edge = Edge {
             reporter: Reporter::Source,
@@ -92,12 +93,30 @@ impl Outbound {
             protocol: "tcp",
         };
         self.metrics.istio.tcp_opened(&edge, "-");
+        let (started, start_time) = (std::time::Instant::now(), std::time::SystemTime::now());
         let (result, flags, (received, sent)) =
             match crate::splice::splice(client, upstream, self.limits.tcp_idle_timeout).await {
                 Ok(bytes) => ("ok", "-", bytes),
                 Err(_) => ("reset", "UC", (0, 0)),
             };
         self.metrics.istio.tcp_closed(&edge, flags, received, sent);
+        if self.telemetry.access.enabled() {
+            self.telemetry.access.log(
+                crate::telemetry::TcpLog {
+                    started,
+                    start_time,
+                    flags,
+                    received,
+                    sent,
+                    upstream_host: ep.address.to_string(),
+                    upstream_cluster: format!("outbound|{port}||{}", service.host),
+                    source: &source,
+                    destination: &destination,
+                    peer_principal: &destination.principal,
+                }
+                .entry(),
+            );
+        }
         self.metrics
             .connections
             .with_label_values(&["outbound", &self.cluster, &ep.locality.cluster, &service.host, result])
@@ -124,7 +143,7 @@ impl Outbound {
                 tokio::spawn(async move {
                     let _guard = guard;
                     match hyper::upgrade::on(&mut req).await {
-                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &ep, &service).await,
+                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &ep, &service, port).await,
                         Err(_) => {
                             this.metrics
                                 .connections

@@ -165,7 +165,7 @@ impl Outbound {
     async fn opaque(&self, stream: TcpStream, snap: &Snapshot, svc: &ServiceEntry, port: u16, only: Option<usize>) {
         let host = svc.host();
         match self.open_tcp(snap, svc, port, only).await {
-            Ok((upstream, ep)) => self.splice(stream, upstream, &ep, &ServiceName::of(svc)).await,
+            Ok((upstream, ep)) => self.splice(stream, upstream, &ep, &ServiceName::of(svc), port).await,
             Err(NoEndpoint { tried, last_error }) => {
                 // The app sees a reset, as from a host that refused the connection.
                 tracing::info!(service = %host, tried, error = %last_error, "no endpoint took an intercepted connection");
