@@ -33,6 +33,8 @@ command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 # A real Prometheus scrapes a running mesh in the observability tests.
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+# A real headless browser loads the clusterset page.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then

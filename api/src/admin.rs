@@ -52,7 +52,8 @@ impl Admin {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    fn respond(&self, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+    /// The answer for `path` (a JSON view, `/metrics`, `/ready`, `/healthz`, or 404).
+    pub fn respond(&self, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
         if let Some(view) = self.query_views.get(path) {
             let pairs = parse_query(query.unwrap_or_default());
             let body = serde_json::to_vec_pretty(&view(&pairs)).unwrap_or_default();

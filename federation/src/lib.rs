@@ -8,6 +8,7 @@
 
 pub mod ca;
 pub mod catalog;
+pub mod clusterset;
 pub mod config;
 pub mod k8s;
 pub mod objects;

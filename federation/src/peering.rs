@@ -33,6 +33,8 @@ pub struct PeerState {
     pub objects: Vec<pb::PolicyObject>,
     /// How the peer enforces every object it holds.
     pub statuses: Vec<pb::ObjectStatus>,
+    /// The peer's last traffic summary (for the clusterset page; stale once the lease ran out).
+    pub traffic: Option<pb::TrafficSummary>,
     pub expires_at: Instant,
     pub last_renewed: SystemTime,
     pub connected: bool,
@@ -80,6 +82,7 @@ impl PeerTable {
             services: BTreeMap::new(),
             objects: vec![],
             statuses: vec![],
+            traffic: None,
             expires_at: now,
             last_renewed: SystemTime::now(),
             connected: true,
@@ -92,6 +95,10 @@ impl PeerTable {
         if update.objects_included && entry.objects != update.objects {
             entry.objects = update.objects.clone();
             content_changed = true;
+        }
+        // Traffic changes every few seconds and never changes what proxies are told.
+        if update.traffic_included {
+            entry.traffic = update.traffic.clone();
         }
         if update.statuses_included && entry.statuses != update.statuses {
             entry.statuses = update.statuses.clone();
@@ -268,6 +275,8 @@ pub struct PeerClient {
     pub store: CertStore,
     pub tunnel: TunnelClient,
     pub exports: watch::Receiver<Arc<Exports>>,
+    /// This cluster's traffic summary, sent along when it changes.
+    pub traffic: watch::Receiver<Arc<pb::TrafficSummary>>,
 }
 
 impl PeerClient {
@@ -329,6 +338,7 @@ impl PeerClient {
         let mut client = PeeringServiceClient::new(self.channel()?);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut exports = self.exports.clone();
+        let mut traffic = self.traffic.clone();
         let base = pb::ExportUpdate {
             cluster: self.cluster.clone(),
             region: self.region.clone(),
@@ -341,6 +351,7 @@ impl PeerClient {
             let mut sent: BTreeMap<String, pb::ExportedService> = BTreeMap::new();
             let mut sent_objects: Option<Vec<pb::PolicyObject>> = None;
             let mut sent_statuses: Option<Vec<pb::ObjectStatus>> = None;
+            let mut sent_traffic_at = 0i64;
             let mut generation = 0u64;
             let mut first = true;
             loop {
@@ -376,11 +387,18 @@ impl PeerClient {
                     update.statuses = current.statuses.clone();
                     sent_statuses = Some(current.statuses.clone());
                 }
+                let summary = traffic.borrow_and_update().clone();
+                if summary.at_unix_ms != sent_traffic_at {
+                    update.traffic_included = true;
+                    update.traffic = Some((*summary).clone());
+                    sent_traffic_at = summary.at_unix_ms;
+                }
                 if tx.send(update).await.is_err() {
                     return;
                 }
                 tokio::select! {
                     r = exports.changed() => if r.is_err() { return },
+                    r = traffic.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(renew_every) => {}
                 }
             }

@@ -197,6 +197,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         reachable: true,
     };
     let (exports_tx, exports_rx) = tokio::sync::watch::channel(Arc::new(Exports::default()));
+    // This cluster's traffic, read from its proxies' metrics, for every clusterset page.
+    let (traffic_tx, traffic_rx) = tokio::sync::watch::channel(Arc::new(pb::TrafficSummary {
+        cluster: cfg.cluster.clone(),
+        ..Default::default()
+    }));
+    tokio::spawn(Arc::new(crate::clusterset::TrafficCollector::new(&cfg.cluster)).run(xds.clone(), traffic_tx));
     let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
     for peer in &cfg.peers {
@@ -209,13 +215,20 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             store: store.clone(),
             tunnel: tunnel.clone(),
             exports: exports_rx.clone(),
+            traffic: traffic_rx.clone(),
         };
         tokio::spawn(client.run());
     }
 
     let view = Arc::new(Mutex::new(View::default()));
-    let admin = admin_views(&cfg, &registry, view.clone(), table.clone(), xds.clone());
-    tokio::spawn(admin.clone().serve(admin_listener));
+    let (admin, page) = admin_views(&cfg, &registry, view.clone(), table.clone(), xds.clone(), traffic_rx);
+    // The admin address: the clusterset page and its API (axum), the admin views behind them.
+    let router = crate::clusterset::router(Arc::new(page), admin.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin_listener, router).await {
+            tracing::warn!(error = %e, "the admin server stopped");
+        }
+    });
 
     // Where this cluster's gateway reaches the controller: its pod IP in Kubernetes (the
     // Deployment sets STRAIT_ADVERTISE_IP), else the listen address.
@@ -575,7 +588,8 @@ fn admin_views(
     view: Arc<Mutex<View>>,
     table: PeerTable,
     xds: XdsServer,
-) -> Admin {
+    traffic: tokio::sync::watch::Receiver<Arc<pb::TrafficSummary>>,
+) -> (Admin, crate::clusterset::Page) {
     let configured: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
     let expected: Vec<String> = std::iter::once(cfg.cluster.clone())
         .chain(configured.iter().cloned())
@@ -588,7 +602,8 @@ fn admin_views(
     let status_view = view.clone();
     let routes_view = view.clone();
     let table_view = table.clone();
-    let status = Arc::new(move || {
+    let table_view_page = table.clone();
+    let status: strait_api::admin::JsonView = Arc::new(move || {
         let v = status_view.lock();
         let (version, errors, policy_error) = match &v {
             Ok(v) => (
@@ -611,7 +626,31 @@ fn admin_views(
             "policy_error": policy_error,
         })
     });
-    let services = Arc::new(move || {
+    let endpoints_view = view.clone();
+    let endpoints: strait_api::admin::JsonView = Arc::new(move || {
+        let Ok(v) = endpoints_view.lock() else {
+            return json!({"endpoints": []});
+        };
+        let list: Vec<serde_json::Value> = v
+            .merged
+            .values()
+            .flat_map(|s| {
+                s.endpoints.iter().map(move |e| {
+                    let loc = e.locality.clone().unwrap_or_default();
+                    json!({
+                        "cluster": loc.cluster,
+                        "zone": loc.zone,
+                        "workload": e.workload,
+                        "service": s.name,
+                        "namespace": s.namespace,
+                        "ready": e.ready,
+                    })
+                })
+            })
+            .collect();
+        json!({"endpoints": list})
+    });
+    let services: strait_api::admin::JsonView = Arc::new(move || {
         let Ok(v) = view.lock() else {
             return json!({"services": []});
         };
@@ -665,11 +704,24 @@ fn admin_views(
         &[crate::objects::TRAFFIC_POLICY, crate::objects::AUTHORIZATION_POLICY],
         "policies",
     );
-    Admin::new(registry.clone())
-        .view("/status", status)
-        .view("/services", services)
-        .view("/routes", routes)
-        .view("/policies", policies)
+    let admin = Admin::new(registry.clone())
+        .view("/status", status.clone())
+        .view("/services", services.clone())
+        .view("/routes", routes.clone())
+        .view("/policies", policies.clone());
+    let page = crate::clusterset::Page {
+        cluster: cfg.cluster.clone(),
+        region: cfg.region.clone(),
+        status,
+        services,
+        endpoints,
+        routes,
+        policies,
+        traffic,
+        peers: table_view_page,
+        registry: registry.clone(),
+    };
+    (admin, page)
 }
 
 /// Adds to each status how many of this cluster's sidecars acknowledged a config version that

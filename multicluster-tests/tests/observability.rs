@@ -307,6 +307,51 @@ spec:
     let (gateway_bytes, gateway_cluster) = sent_by("gateway-central").unwrap_or_else(|| panic!("{tcp:#?}"));
     assert!(gateway_bytes >= 10_000.0, "{tcp:#?}");
     assert_eq!(gateway_cluster, "central");
+
+    // deploy/observability: every query of the Grafana dashboard runs in this Prometheus (its
+    // variables set to "all clusters"), and the ones this traffic feeds answer with data.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/observability");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/grafana-strait-clusterset.json")).unwrap())
+            .unwrap();
+    let mut answered = std::collections::BTreeMap::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap().to_string();
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$cluster", ".*");
+            let result = prom
+                .query(&expr)
+                .await
+                .unwrap_or_else(|e| panic!("panel {title:?}: {e}"));
+            *answered.entry(title.clone()).or_insert(0) += result.len();
+        }
+    }
+    for title in [
+        "Requests/s (all clusters)",
+        "Success rate (non-5xx)",
+        "Error rate (5xx and gRPC failures)",
+        "mTLS share (destination-verified)",
+        "Traffic between clusters",
+        "Latency p50 / p90 / p99 by service (caller's view)",
+        "Proxy-made failures by response flag",
+        "gRPC by status",
+        "TCP bytes/s by service",
+    ] {
+        assert!(
+            answered.get(title).copied().unwrap_or(0) > 0,
+            "panel {title:?} has no data: {answered:?}"
+        );
+    }
+    // Its scrape configuration for `strait up` is one Prometheus accepts.
+    let check = std::process::Command::new("promtool")
+        .args(["check", "config", &format!("{dir}/prometheus-strait-up.yaml")])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
 }
 
 /// The access log lines (JSON) of a component's log file.

@@ -379,9 +379,11 @@ async fn a_workload_runs_the_users_own_program_and_its_exit_is_reported() {
         .filter(|e| e["workload"] == "own-us-east-1a")
         .map(|e| e["labels"].clone())
         .collect();
+    // The topology's labels, plus the `app` label `strait up` gives every workload (as a
+    // Deployment's pods carry one).
     assert_eq!(
         labels,
-        vec![serde_json::json!({"version": "v2"})],
+        vec![serde_json::json!({"app": "own", "version": "v2"})],
         "labels travel with the endpoint"
     );
     // The user's Python server answers through the mesh (every call goes to the ready one).

@@ -17,6 +17,15 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DashboardArgs {
+    /// The controller's admin address (`controller.admin_addr` in `strait up --output json`).
+    #[arg(long)]
+    pub controller: SocketAddr,
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
 pub struct ServicesArgs {
     /// The controller's admin address.
     #[arg(long)]
@@ -79,6 +88,42 @@ fn ago(ms: i64) -> String {
     }
     let now = strait_api::unix_ms(std::time::SystemTime::now());
     format!("{:.1}s ago", (now - ms).max(0) as f64 / 1000.0)
+}
+
+/// The clusterset page's URL, once the controller answered its API, and the clusters it sees.
+pub async fn dashboard(a: DashboardArgs) -> anyhow::Result<()> {
+    let v = get_json(a.controller, "/api/clusterset").await?;
+    let url = format!("http://{}/", a.controller);
+    if a.output == Output::Json {
+        let out = serde_json::json!({"url": url, "cluster": v["cluster"], "clusters": v["clusters"]});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{url}");
+    let empty = vec![];
+    let rows: Vec<Vec<String>> = v["clusters"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|c| {
+            vec![
+                s(&c["name"]),
+                s(&c["state"]),
+                c["zones"]
+                    .as_array()
+                    .map(|z| z.iter().map(s).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
+                c["gateway"]["transport"].as_str().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["CLUSTER", "STATE", "ZONES", "TUNNEL"], &rows));
+    println!(
+        "{} traffic edges over the last {}s; the page refreshes itself (JSON: {url}api/clusterset)",
+        v["edges"].as_array().map_or(0, Vec::len),
+        v["window_ms"].as_u64().unwrap_or(0) / 1000
+    );
+    Ok(())
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {

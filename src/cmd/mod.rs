@@ -62,6 +62,12 @@ pub enum Command {
         after_help = "Example:\n  strait status --controller 127.10.1.1:15014\n  strait status --controller 127.10.1.1:15014 --output json"
     )]
     Status(inspect::StatusArgs),
+    /// Print the address of the clusterset page a controller serves (open it in a browser):
+    /// every cluster, its workloads and gateways, live traffic, routes and policies.
+    #[command(
+        after_help = "Example:\n  strait dashboard --controller 127.10.1.1:15014\n  strait dashboard --controller 127.10.1.1:15014 --output json"
+    )]
+    Dashboard(inspect::DashboardArgs),
     /// Show the merged service catalog of one controller.
     #[command(after_help = "Example:\n  strait services --controller 127.10.1.1:15014")]
     Services(inspect::ServicesArgs),
@@ -137,6 +143,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Join(args) => crate::install::join(args).await,
         Command::Check(args) => crate::install::check(args).await,
         Command::Status(args) => inspect::status(args).await,
+        Command::Dashboard(args) => inspect::dashboard(args).await,
         Command::Services(args) => inspect::services(args).await,
         Command::Get(inspect::GetCommand::Routes(args)) => policy::get(args, "routes").await,
         Command::Get(inspect::GetCommand::Policies(args)) => policy::get(args, "policies").await,
