@@ -183,7 +183,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
             metrics,
         )
         .limits(opts.limits.clone())
-        .policies(rx.clone(), &opts.namespace, opts.inbound)
+        .policies(rx.clone(), &opts.namespace)
         .telemetry(telemetry),
     );
     let drain = Drain::new();

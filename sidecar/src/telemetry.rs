@@ -2,6 +2,7 @@
 //! when the response body ends, so durations, sizes, gRPC statuses and message counts are
 //! whole), measured by a body wrapper that counts as bytes pass and never buffers.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,8 +39,8 @@ pub struct LocalWorkload {
     cached: Mutex<Option<Cached>>,
 }
 
-/// The workload and its metadata header value, for one config version.
-type Cached = (u64, Arc<Workload>, Arc<str>);
+/// The workload, its metadata header value and its labels, for one config version.
+type Cached = (u64, Arc<Workload>, Arc<str>, Arc<BTreeMap<String, String>>);
 
 impl LocalWorkload {
     pub fn new(name: &str, namespace: &str, principal: &str, cluster: &str, endpoint: Option<SocketAddr>) -> Self {
@@ -55,16 +56,35 @@ impl LocalWorkload {
 
     /// The workload and its metadata header value, for the config `snap`.
     pub fn current(&self, snap: &Snapshot) -> (Arc<Workload>, Arc<str>) {
+        let (w, m, _) = self.refresh(snap);
+        (w, m)
+    }
+
+    /// This workload's labels in the catalog (AuthorizationPolicy selectors match them).
+    pub fn labels(&self, snap: &Snapshot) -> Arc<BTreeMap<String, String>> {
+        self.refresh(snap).2
+    }
+
+    fn refresh(&self, snap: &Snapshot) -> (Arc<Workload>, Arc<str>, Arc<BTreeMap<String, String>>) {
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((version, w, m)) = cached.as_ref() {
+        if let Some((version, w, m, l)) = cached.as_ref() {
             if *version == snap.version {
-                return (w.clone(), m.clone());
+                return (w.clone(), m.clone(), l.clone());
             }
         }
+        // Its endpoint: by the address it listens on where that is the catalog's (loopback),
+        // else by name in its cluster (a pod's endpoint is its IP and the app's port).
         let labels = self
             .endpoint
             .and_then(|a| snap.endpoint_by_addr(a))
             .map(|(svc, i)| svc.endpoints[i].labels.clone())
+            .or_else(|| {
+                snap.services
+                    .values()
+                    .flat_map(|s| s.endpoints.iter())
+                    .find(|e| e.workload == self.name && e.locality.cluster == self.cluster)
+                    .map(|e| e.labels.clone())
+            })
             .unwrap_or_default();
         let w = Arc::new(Workload::from_labels(
             &self.name,
@@ -74,8 +94,9 @@ impl LocalWorkload {
             &labels,
         ));
         let m: Arc<str> = w.metadata().into();
-        *cached = Some((snap.version, w.clone(), m.clone()));
-        (w, m)
+        let l = Arc::new(labels);
+        *cached = Some((snap.version, w.clone(), m.clone(), l.clone()));
+        (w, m, l)
     }
 
     pub fn cluster(&self) -> &str {

@@ -42,8 +42,6 @@ pub struct Inbound {
         tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
         String,
     )>,
-    /// This workload's endpoint address in the catalog (its labels select AuthorizationPolicies).
-    endpoint: Option<SocketAddr>,
     limiter: crate::policy::RateLimiter,
     /// This workload as the destination of what it reports; its tracer and access log.
     telemetry: Arc<Telemetry>,
@@ -77,7 +75,6 @@ impl Inbound {
             h2_client,
             limits: crate::ProxyLimits::default(),
             config: None,
-            endpoint: None,
             limiter: crate::policy::RateLimiter::default(),
             telemetry: Arc::default(),
         }
@@ -111,16 +108,14 @@ impl Inbound {
         }
     }
 
-    /// Enforces the rate limits of TrafficPolicies targeting `namespace/service`.
+    /// Enforces the TrafficPolicies and AuthorizationPolicies of `namespace/service`.
     pub fn policies(
         mut self,
         config: tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
         namespace: &str,
-        endpoint: SocketAddr,
     ) -> Self {
         let key = format!("{namespace}/{}", self.service);
         self.config = Some((config, key));
-        self.endpoint = Some(endpoint);
         self
     }
 
@@ -134,11 +129,7 @@ impl Inbound {
             return vec![];
         }
         let namespace = key.split('/').next().unwrap_or_default();
-        let labels = self
-            .endpoint
-            .and_then(|a| snap.endpoint_by_addr(a))
-            .map(|(svc, i)| svc.endpoints[i].labels.clone())
-            .unwrap_or_default();
+        let labels = self.telemetry.local.labels(&snap);
         snap.authz
             .iter()
             .filter(|p| strait_api::authz::applies(p, &self.service, namespace, &labels))
