@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use multicluster_tests::{connect_tunnel, Mesh, MeshOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,92 +47,10 @@ clusters:
       - {service: sink, zone: us-west-2a}
 "#;
 
-const RATE: u32 = 1_000;
-const CONNECTIONS: usize = 16;
-const BODY: usize = 1024;
-
-struct Latencies(Vec<Duration>);
-
-impl Latencies {
-    fn pct(&self, p: f64) -> Duration {
-        let mut v = self.0.clone();
-        v.sort();
-        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
-    }
-}
-
-/// Open-loop load: requests become due every 1/RATE s; a dedicated OS thread releases each at
-/// its due time (thread sleeps are precise to tens of microseconds, tokio's timer only to a
-/// millisecond); 16 keep-alive connections take them in order; latency runs from the due time
-/// to the full response, so queueing behind a slow request counts.
-async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -> (Latencies, usize) {
-    let total = RATE as u64 * seconds;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let body = Bytes::from(vec![b'x'; BODY]);
-    let uri: String = if absolute {
-        url.to_string()
-    } else {
-        url.parse::<hyper::Uri>().unwrap().path().to_string()
-    };
-    let host = url.parse::<hyper::Uri>().unwrap().authority().unwrap().to_string();
-    let mut workers = vec![];
-    for _ in 0..CONNECTIONS {
-        let rx = rx.clone();
-        let body = body.clone();
-        let uri = uri.clone();
-        let host = host.clone();
-        let stream = tokio::net::TcpStream::connect(target).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        workers.push(tokio::spawn(async move {
-            let mut lat = vec![];
-            let mut errors = 0;
-            loop {
-                let next = rx.lock().await.recv().await;
-                let Some(due) = next else { break };
-                let req = hyper::Request::post(&uri)
-                    .header(hyper::header::HOST, &host)
-                    .body(Full::new(body.clone()))
-                    .unwrap();
-                match sender.send_request(req).await {
-                    Ok(resp) if resp.status().is_success() => {
-                        let _ = resp.into_body().collect().await;
-                        lat.push(due.elapsed());
-                    }
-                    _ => errors += 1,
-                }
-            }
-            (lat, errors)
-        }));
-    }
-    let dispatcher = std::thread::spawn(move || {
-        let start = Instant::now();
-        let interval = Duration::from_secs_f64(1.0 / RATE as f64);
-        for i in 0..total {
-            let due = start + interval * i as u32;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            if tx.send(due).is_err() {
-                return;
-            }
-        }
-    });
-    let mut all = vec![];
-    let mut errors = 0;
-    for w in workers {
-        let (l, e) = w.await.unwrap();
-        all.extend(l);
-        errors += e;
-    }
-    let _ = dispatcher.join();
-    (Latencies(all), errors)
-}
+const RATE: u32 = multicluster_tests::load::RATE;
+const CONNECTIONS: usize = multicluster_tests::load::CONNECTIONS;
+const BODY: usize = multicluster_tests::load::BODY;
+use multicluster_tests::load::{load, peak_rss_kib, rss_kib};
 
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
@@ -268,17 +186,6 @@ async fn stream_http(target: SocketAddr, url: &str, absolute: bool, bytes: u64, 
     bytes as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or_default()
-}
-
 /// Runs `work` while sampling the RSS of `pids` every 20 ms; returns its result and each
 /// process's largest growth over its RSS before the work (KiB).
 async fn with_rss<T>(pids: &[u32], work: impl std::future::Future<Output = T>) -> (T, Vec<u64>) {
@@ -300,32 +207,9 @@ async fn with_rss<T>(pids: &[u32], work: impl std::future::Future<Output = T>) -
     }
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::main]
 async fn main() {
-    if std::env::var_os("STRAIT_BIN").is_none() {
-        let exe = std::env::current_exe().unwrap();
-        let release = exe.parent().unwrap().parent().unwrap().join("strait");
-        assert!(
-            release.exists(),
-            "build the release binary first: cargo build --release --bin strait"
-        );
-        std::env::set_var("STRAIT_BIN", &release);
-    }
-    let seconds: u64 = std::env::var("STRAIT_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let seconds = multicluster_tests::load::bench_setup();
     let mesh = Mesh::start_with(MeshOptions {
         topology: Some(TOPOLOGY.into()),
         ..Default::default()

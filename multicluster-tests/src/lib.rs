@@ -6,6 +6,7 @@
 
 mod client;
 pub mod jaeger;
+pub mod load;
 mod mesh;
 mod metrics;
 pub mod prometheus;

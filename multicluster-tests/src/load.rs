@@ -1,0 +1,139 @@
+//! Load generation and process measurements for the benchmarks (they print figures; nothing
+//! here asserts on time). A benchmark fails loudly on a broken setup, so it unwraps.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+pub const RATE: u32 = 1_000;
+pub const CONNECTIONS: usize = 16;
+pub const BODY: usize = 1024;
+
+pub struct Latencies(pub Vec<Duration>);
+
+impl Latencies {
+    pub fn pct(&self, p: f64) -> Duration {
+        let mut v = self.0.clone();
+        v.sort();
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+    }
+}
+
+/// Open-loop load: requests become due every 1/RATE s; a dedicated OS thread releases each at
+/// its due time (thread sleeps are precise to tens of microseconds, tokio's timer only to a
+/// millisecond); 16 keep-alive connections take them in order; latency runs from the due time
+/// to the full response, so queueing behind a slow request counts.
+pub async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -> (Latencies, usize) {
+    let total = RATE as u64 * seconds;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let body = Bytes::from(vec![b'x'; BODY]);
+    let uri: String = if absolute {
+        url.to_string()
+    } else {
+        url.parse::<hyper::Uri>().unwrap().path().to_string()
+    };
+    let host = url.parse::<hyper::Uri>().unwrap().authority().unwrap().to_string();
+    let mut workers = vec![];
+    for _ in 0..CONNECTIONS {
+        let rx = rx.clone();
+        let body = body.clone();
+        let uri = uri.clone();
+        let host = host.clone();
+        let stream = tokio::net::TcpStream::connect(target).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        workers.push(tokio::spawn(async move {
+            let mut lat = vec![];
+            let mut errors = 0;
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(due) = next else { break };
+                let req = hyper::Request::post(&uri)
+                    .header(hyper::header::HOST, &host)
+                    .body(Full::new(body.clone()))
+                    .unwrap();
+                match sender.send_request(req).await {
+                    Ok(resp) if resp.status().is_success() => {
+                        let _ = resp.into_body().collect().await;
+                        lat.push(due.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let dispatcher = std::thread::spawn(move || {
+        let start = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / RATE as f64);
+        for i in 0..total {
+            let due = start + interval * i as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.send(due).is_err() {
+                return;
+            }
+        }
+    });
+    let mut all = vec![];
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    let _ = dispatcher.join();
+    (Latencies(all), errors)
+}
+
+/// A `/proc/<pid>/status` field in KiB (0 if the process is gone).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or_default()
+}
+
+/// Resident memory now, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident memory, KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Points the mesh fixture at the release binary next to the running benchmark (unless
+/// `STRAIT_BIN` says otherwise) and returns the seconds per run (`STRAIT_BENCH_SECONDS`,
+/// default 10).
+pub fn bench_setup() -> u64 {
+    if std::env::var_os("STRAIT_BIN").is_none() {
+        let exe = std::env::current_exe().unwrap();
+        let release = exe.parent().unwrap().parent().unwrap().join("strait");
+        assert!(
+            release.exists(),
+            "build the release binary first: cargo build --release --bin strait"
+        );
+        std::env::set_var("STRAIT_BIN", &release);
+    }
+    std::env::var("STRAIT_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+}
