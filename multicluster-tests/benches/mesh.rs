@@ -11,6 +11,9 @@
 //! - streamed HTTP upload and download throughput (1 GiB each way by default,
 //!   `STRAIT_BENCH_STREAM_MIB`) direct, through a sidecar pair and cross-cluster, with how much
 //!   each proxy's resident memory grew during the transfer;
+//! - the same proxy-pair figures for an HAProxy 2.6 mutual-TLS pair (Debian's `haproxy`) in front
+//!   of the same app at the same load, side by side with Strait's sidecar pair: added latency,
+//!   CPU seconds per 1,000 requests and RSS of each proxy, and the ratios;
 //! - each proxy's peak RSS.
 
 #![allow(clippy::unwrap_used)]
@@ -50,10 +53,15 @@ clusters:
 const RATE: u32 = multicluster_tests::load::RATE;
 const CONNECTIONS: usize = multicluster_tests::load::CONNECTIONS;
 const BODY: usize = multicluster_tests::load::BODY;
+use multicluster_tests::haproxy::{cpu_seconds, HaproxyPair};
 use multicluster_tests::load::{load, peak_rss_kib, rss_kib};
 
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn added_ms(mesh: Duration, direct: Duration) -> f64 {
+    (mesh.as_secs_f64() - direct.as_secs_f64()) * 1000.0
 }
 
 fn added(mesh: Duration, direct: Duration) -> String {
@@ -237,6 +245,7 @@ async fn main() {
         "latency (ms)", "p50", "p90", "p99", "errors"
     );
     let mut rows = vec![];
+    let mut strait_pair = None;
     for (label, app, url) in [
         (
             "(a) sidecar pair, one cluster",
@@ -250,7 +259,20 @@ async fn main() {
         ),
     ] {
         let (direct, derr) = load(app, &format!("http://{app}/"), false, seconds).await;
+        let pair = [client.sidecar_pid, echo.sidecar_pid];
+        let cpu_before = pair.map(cpu_seconds);
         let (meshed, merr) = load(client.outbound_proxy, url, true, seconds).await;
+        if label.starts_with("(a)") {
+            let used = [0, 1].map(|i| cpu_seconds(pair[i]) - cpu_before[i]);
+            let per_thousand = used.map(|c| c / (meshed.0.len().max(1) as f64 / 1000.0));
+            strait_pair = Some((
+                direct.pct(0.5),
+                direct.pct(0.9),
+                direct.pct(0.99),
+                per_thousand,
+                pair.map(rss_kib),
+            ));
+        }
         println!(
             "{:<44} {:>9} {:>9} {:>9} {:>7}",
             format!("{label}: direct"),
@@ -283,6 +305,73 @@ async fn main() {
             added(meshed.pct(0.99), direct.pct(0.99))
         );
     }
+
+    // The peer, in the same run: an HAProxy mutual-TLS pair in front of the same app, same load.
+    let haproxy = HaproxyPair::start(mesh.info.state_dir.join("haproxy"), echo.app_addr)
+        .await
+        .unwrap();
+    let app_url = format!("http://{}/", echo.app_addr);
+    let (hdirect, _) = load(echo.app_addr, &app_url, false, seconds).await;
+    let hpids = haproxy.pids();
+    let before = hpids.map(cpu_seconds);
+    let (hmeshed, herr) = load(haproxy.front, &app_url, false, seconds).await;
+    let hcpu = [0, 1].map(|i| (cpu_seconds(hpids[i]) - before[i]) / (hmeshed.0.len().max(1) as f64 / 1000.0));
+    let hrss = hpids.map(rss_kib);
+    let (sd50, sd90, sd99, scpu, srss) = strait_pair.unwrap();
+    let (_, smeshed) = rows
+        .iter()
+        .find(|(l, _, _)| l.starts_with("(a)"))
+        .map(|(_, d, m)| (d, m))
+        .unwrap();
+    let s_added = [
+        added_ms(smeshed.pct(0.5), sd50),
+        added_ms(smeshed.pct(0.9), sd90),
+        added_ms(smeshed.pct(0.99), sd99),
+    ];
+    let h_added = [
+        added_ms(hmeshed.pct(0.5), hdirect.pct(0.5)),
+        added_ms(hmeshed.pct(0.9), hdirect.pct(0.9)),
+        added_ms(hmeshed.pct(0.99), hdirect.pct(0.99)),
+    ];
+    println!(
+        "\nside by side, proxy pair in one cluster, same app and load ({}; {herr} errors)",
+        haproxy.version
+    );
+    println!(
+        "  {:<28} {:>8} {:>8} {:>8}   {:>22}   {:>18}",
+        "", "+p50 ms", "+p90 ms", "+p99 ms", "CPU s/1000 req (c, d)", "RSS MiB (c, d)"
+    );
+    for (name, a, cpu, rss) in [
+        ("strait sidecar pair", s_added, scpu, srss),
+        ("haproxy mTLS pair", h_added, hcpu, hrss),
+    ] {
+        println!(
+            "  {name:<28} {:>+8.3} {:>+8.3} {:>+8.3}   {:>10.3} {:>10.3}   {:>8.1} {:>8.1}",
+            a[0],
+            a[1],
+            a[2],
+            cpu[0],
+            cpu[1],
+            rss[0] as f64 / 1024.0,
+            rss[1] as f64 / 1024.0
+        );
+    }
+    println!(
+        "  {:<28} {:>7.2}x {:>7.2}x {:>7.2}x   {:>9.2}x {:>9.2}x   (strait / haproxy; goal <= 1.0x)",
+        "ratio",
+        s_added[0] / h_added[0].max(0.001),
+        s_added[1] / h_added[1].max(0.001),
+        s_added[2] / h_added[2].max(0.001),
+        scpu[0] / hcpu[0].max(1e-9),
+        scpu[1] / hcpu[1].max(1e-9)
+    );
+    println!(
+        "  strait: {:.3} vCPU per 1,000 req/s per proxy (caller, destination: {:.3}, {:.3})",
+        (scpu[0] + scpu[1]) / 2.0,
+        scpu[0],
+        scpu[1]
+    );
+    drop(haproxy);
 
     let total = 256 * 1024 * 1024;
     let plain = bulk(tokio::net::TcpStream::connect(sink.app_addr).await.unwrap(), total).await;
