@@ -586,6 +586,32 @@ spec:
     assert_eq!(tcp_entry["destination_cluster"], "central", "{tcp_entry}");
     assert_eq!(tcp_entry["method"], serde_json::Value::Null, "{tcp_entry}");
 
+    // A request an HTTPRoute routed names it (and its rule) in the caller's log line.
+    apply(
+        &mesh,
+        "east",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: greeter-logged, namespace: demo}
+spec:
+  parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter}]
+  rules:
+    - name: everything
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter, port: 80}]
+"#,
+    );
+    let a = get_with(
+        east.outbound_proxy,
+        "http://greeter.demo.svc.clusterset.local/routed",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    let routed = wait_for_entry(&east.sidecar_log, "/routed").await;
+    assert_eq!(routed["route_name"], "demo/greeter-logged/everything", "{routed}");
+
     // Nothing was dropped on the way.
     let metrics = multicluster_tests::scrape(east.admin_addr).await.unwrap();
     assert_eq!(

@@ -169,6 +169,8 @@ pub(crate) struct Upstream {
     pub time: Option<std::time::Duration>,
     /// The other side's identity.
     pub peer: String,
+    /// The HTTPRoute (and rule) that routed the request, if one did.
+    pub route: Option<String>,
 }
 
 impl Telemetry {
@@ -211,6 +213,9 @@ impl Hop {
     pub(crate) fn finish(self, o: &HttpOutcome, source: &Workload, destination: &Workload, upstream: Upstream) {
         if let Some(mut span) = self.span {
             span_outcome(&mut span, o, source, destination, &upstream.cluster);
+            if let Some(r) = &upstream.route {
+                span.attr("route_name", r.clone());
+            }
             self.telemetry.tracer.finish(span, span_error(o));
         }
         if let Some(mut e) = self.entry {
@@ -219,6 +224,7 @@ impl Hop {
             e.upstream_host = upstream.host.map(|a| a.to_string()).unwrap_or_default();
             e.upstream_cluster = upstream.cluster;
             e.peer_principal = upstream.peer;
+            e.route_name = upstream.route.unwrap_or_default();
             self.telemetry.access.log(e);
         }
     }

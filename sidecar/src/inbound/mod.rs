@@ -398,6 +398,7 @@ impl Inbound {
                 host: Some(app),
                 time: Some(upstream_time),
                 peer: source.principal.clone(),
+                route: None,
             };
             hop.finish(outcome, &source, &destination, upstream);
         })

@@ -142,8 +142,8 @@ impl Outbound {
         let hop = self.telemetry.start_hop(&mut req, percent, SpanKind::Client, || {
             format!("{}:{port}/*", svc.host())
         });
-        let mut reached = None;
-        let resp = self.forward_inner(snap, svc, port, req, &mut reached).await;
+        let (mut reached, mut route) = (None, None);
+        let resp = self.forward_inner(snap, svc, port, req, &mut reached, &mut route).await;
         let upstream_time = started.elapsed();
         let Reached {
             service,
@@ -170,6 +170,7 @@ impl Outbound {
                 host: address,
                 time: address.map(|_| upstream_time),
                 peer: destination.principal.clone(),
+                route,
             };
             hop.finish(outcome, &source, &destination, upstream);
         })
@@ -183,6 +184,7 @@ impl Outbound {
         port: u16,
         req: Request<Counted<hyper::body::Incoming>>,
         reached: &mut Option<Reached>,
+        route: &mut Option<String>,
     ) -> Response<Body> {
         let started = Instant::now();
         let downstream = req.version();
@@ -195,12 +197,14 @@ impl Outbound {
             request_timeout,
             attempts: policy,
             rule,
+            route_name,
             mirrors,
         } = match super::route::route(snap, svc, port, &mut parts) {
             Routed::Direct => Chosen::direct(port),
             Routed::Respond(resp) => return resp,
             Routed::Backend(chosen) => chosen,
         };
+        *route = route_name;
         let named = svc;
         let svc: &ServiceEntry = backend.as_deref().unwrap_or(svc);
         // The TrafficPolicy of the service the caller named (or of the rule that routed it),

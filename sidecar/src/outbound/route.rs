@@ -39,6 +39,9 @@ pub(crate) struct Chosen {
     pub attempts: AttemptPolicy,
     /// The name of the rule that matched (a TrafficPolicy may target it).
     pub rule: Option<String>,
+    /// The HTTPRoute that routed the request, `<namespace>/<name>[/<rule>]` (access logs'
+    /// %ROUTE_NAME%).
+    pub route_name: Option<String>,
     /// Copies of the request to send elsewhere (RequestMirror), fire and forget.
     pub mirrors: Vec<Mirror>,
 }
@@ -174,6 +177,10 @@ pub(crate) fn route(snap: &Snapshot, svc: &ServiceEntry, port: u16, parts: &mut 
             conn: Default::default(),
         },
         rule: rule.name.clone(),
+        route_name: Some(match &rule.name {
+            Some(r) => format!("{}/{}/{r}", svc.namespace, route.name),
+            None => format!("{}/{}", svc.namespace, route.name),
+        }),
         mirrors: rule.mirrors.clone(),
     })
 }
