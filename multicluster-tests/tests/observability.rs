@@ -630,3 +630,18 @@ async fn wait_for_entry(log: &std::path::Path, path: &str) -> serde_json::Value 
     }
     panic!("no access log entry for {path} in {}", log.display());
 }
+
+#[test]
+fn a_sampling_rate_outside_0_to_100_is_refused_before_anything_starts() {
+    let out = std::process::Command::new(multicluster_tests::strait_bin())
+        .args(["up", "--trace-sampling", "150"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--trace-sampling") && err.contains("not a percentage from 0 to 100"),
+        "{err}"
+    );
+    assert!(!err.contains("starting"), "processes were started: {err}");
+}

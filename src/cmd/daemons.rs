@@ -183,7 +183,7 @@ pub enum AccessLogFormat {
     Json,
 }
 
-fn percentage(s: &str) -> Result<f64, String> {
+pub(crate) fn percentage(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
         _ => Err(format!("{s:?} is not a percentage from 0 to 100 (e.g. 1 or 0.5)")),

@@ -1,7 +1,7 @@
 //! Command-line parsing and dispatch. Each command lives in its own module; daemons hand over
 //! to their crate's `run` at once.
 
-mod daemons;
+pub(crate) mod daemons;
 mod demo;
 mod demo_http;
 mod http;

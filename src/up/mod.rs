@@ -99,7 +99,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
     /// Percentage of new traces sampled (0–100).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cmd::daemons::percentage)]
     pub trace_sampling: f64,
     /// Access logs from every sidecar and gateway, into their log files: text (Istio's default
     /// format) or json.
