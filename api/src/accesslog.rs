@@ -233,6 +233,13 @@ impl AccessLog {
         self.queue.is_some()
     }
 
+    /// Queues the entry `make` builds, only when logs are on; never waits.
+    pub fn log_with(&self, make: impl FnOnce() -> Entry) {
+        if self.enabled() {
+            self.log(make());
+        }
+    }
+
     /// Queues one entry; never waits.
     pub fn log(&self, entry: Entry) {
         if let Some(q) = &self.queue {

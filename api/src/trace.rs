@@ -140,12 +140,12 @@ pub fn parse_b3(v: &[u8]) -> Incoming {
 
 /// The trace a request joins: `traceparent` first, then `b3`, then the `X-B3-*` headers.
 pub fn extract(headers: &HeaderMap) -> Incoming {
-    if let Some(ctx) = headers.get(TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
-        return Incoming {
-            parent: Some(ctx),
-            sampled: Some(ctx.sampled),
-            b3: headers.contains_key(B3) || headers.contains_key(B3_TRACE),
-        };
+    if let Some(mut incoming) = headers
+        .get(TRACEPARENT)
+        .and_then(|v| Incoming::from_traceparent(v.as_bytes()))
+    {
+        incoming.b3 = headers.contains_key(B3) || headers.contains_key(B3_TRACE);
+        return incoming;
     }
     if let Some(v) = headers.get(B3) {
         let b3 = parse_b3(v.as_bytes());
@@ -177,6 +177,18 @@ pub fn extract(headers: &HeaderMap) -> Incoming {
             sampled,
             b3: sampled.is_some(),
         },
+    }
+}
+
+impl Incoming {
+    /// A W3C `traceparent` value as the position to join, with its decision.
+    pub fn from_traceparent(v: &[u8]) -> Option<Incoming> {
+        let ctx = parse_traceparent(v)?;
+        Some(Incoming {
+            parent: Some(ctx),
+            sampled: Some(ctx.sampled),
+            b3: false,
+        })
     }
 }
 
@@ -459,10 +471,6 @@ impl Tracer {
         if queue.try_send(data).is_err() {
             self.dropped.inc();
         }
-    }
-
-    pub fn exporting(&self) -> bool {
-        self.queue.is_some()
     }
 }
 

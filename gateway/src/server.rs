@@ -323,7 +323,8 @@ impl Gateway {
         let started = std::time::Instant::now();
         let start_time = std::time::SystemTime::now();
         // The gateway's span (the tunnel's setup) in the trace of the request that opened it.
-        if let Some(mut span) = self.tunnel_span(&req) {
+        let incoming = strait_api::trace::Incoming::from_traceparent(req.traceparent.as_bytes());
+        if let Some(mut span) = self.tunnel_span(&req, incoming) {
             span.attr("strait.tunnel_status", code.to_string());
             span.attr("strait.source_cluster", caller.cluster.clone().unwrap_or_default());
             span.attr("strait.source_principal", caller.principal.clone().unwrap_or_default());
@@ -383,7 +384,8 @@ impl Gateway {
             authority: service.host.clone(),
             upstream_host: resp.endpoint.clone(),
             upstream_cluster: format!("outbound|{}||{}", req.port, service.host),
-            trace_id: strait_api::trace::parse_traceparent(req.traceparent.as_bytes())
+            trace_id: incoming
+                .and_then(|i| i.parent)
                 .map(|c| c.trace_id_hex())
                 .unwrap_or_default(),
             source_cluster: caller.cluster.clone().unwrap_or_default(),
@@ -395,13 +397,12 @@ impl Gateway {
 
     /// A span for a tunnel whose request carried a sampled trace context (a gateway never
     /// starts a trace of its own).
-    fn tunnel_span(&self, req: &pb::TunnelRequest) -> Option<strait_api::trace::Span> {
-        let parent = strait_api::trace::parse_traceparent(req.traceparent.as_bytes())?;
-        let incoming = strait_api::trace::Incoming {
-            parent: Some(parent),
-            sampled: Some(parent.sampled),
-            b3: false,
-        };
+    fn tunnel_span(
+        &self,
+        req: &pb::TunnelRequest,
+        incoming: Option<strait_api::trace::Incoming>,
+    ) -> Option<strait_api::trace::Span> {
+        let incoming = incoming?;
         let (_, span) = self
             .tracer
             .start(&incoming, Some(0.0), strait_api::trace::SpanKind::Server, || {

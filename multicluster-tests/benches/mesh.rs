@@ -54,7 +54,7 @@ const RATE: u32 = multicluster_tests::load::RATE;
 const CONNECTIONS: usize = multicluster_tests::load::CONNECTIONS;
 const BODY: usize = multicluster_tests::load::BODY;
 use multicluster_tests::haproxy::{cpu_seconds, HaproxyPair};
-use multicluster_tests::load::{load, peak_rss_kib, rss_kib};
+use multicluster_tests::load::{load, peak_rss_kib, rss_kib, Latencies};
 
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
@@ -265,13 +265,7 @@ async fn main() {
         if label.starts_with("(a)") {
             let used = [0, 1].map(|i| cpu_seconds(pair[i]) - cpu_before[i]);
             let per_thousand = used.map(|c| c / (meshed.0.len().max(1) as f64 / 1000.0));
-            strait_pair = Some((
-                direct.pct(0.5),
-                direct.pct(0.9),
-                direct.pct(0.99),
-                per_thousand,
-                pair.map(rss_kib),
-            ));
+            strait_pair = Some((per_thousand, pair.map(rss_kib)));
         }
         println!(
             "{:<44} {:>9} {:>9} {:>9} {:>7}",
@@ -317,22 +311,11 @@ async fn main() {
     let (hmeshed, herr) = load(haproxy.front, &app_url, false, seconds).await;
     let hcpu = [0, 1].map(|i| (cpu_seconds(hpids[i]) - before[i]) / (hmeshed.0.len().max(1) as f64 / 1000.0));
     let hrss = hpids.map(rss_kib);
-    let (sd50, sd90, sd99, scpu, srss) = strait_pair.unwrap();
-    let (_, smeshed) = rows
-        .iter()
-        .find(|(l, _, _)| l.starts_with("(a)"))
-        .map(|(_, d, m)| (d, m))
-        .unwrap();
-    let s_added = [
-        added_ms(smeshed.pct(0.5), sd50),
-        added_ms(smeshed.pct(0.9), sd90),
-        added_ms(smeshed.pct(0.99), sd99),
-    ];
-    let h_added = [
-        added_ms(hmeshed.pct(0.5), hdirect.pct(0.5)),
-        added_ms(hmeshed.pct(0.9), hdirect.pct(0.9)),
-        added_ms(hmeshed.pct(0.99), hdirect.pct(0.99)),
-    ];
+    let (scpu, srss) = strait_pair.unwrap();
+    let (_, sdirect, smeshed) = rows.iter().find(|(l, _, _)| l.starts_with("(a)")).unwrap();
+    let added3 = |m: &Latencies, d: &Latencies| [0.5, 0.9, 0.99].map(|p| added_ms(m.pct(p), d.pct(p)));
+    let s_added = added3(smeshed, sdirect);
+    let h_added = added3(&hmeshed, &hdirect);
     println!(
         "\nside by side, proxy pair in one cluster, same app and load ({}; {herr} errors)",
         haproxy.version

@@ -116,17 +116,8 @@ async fn start(extra: &[String]) -> Mesh {
 
 /// `strait apply` of `yaml` on east's controller, waiting for every proxy.
 fn apply(mesh: &Mesh, yaml: &str) {
-    let path = mesh.info.state_dir.join("bench-authz.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(multicluster_tests::strait_bin())
-        .args(["apply", "-f", path.to_str().unwrap(), "--controller"])
-        .arg(mesh.cluster("east").controller.admin_addr.to_string())
-        .arg("--credentials")
-        .arg(mesh.info.state_dir.join("operator"))
-        .args(["--wait", "60s"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, out, err) = mesh.policy("apply", "east", "bench-authz", yaml, "60s");
+    assert!(ok, "{out}{err}");
 }
 
 /// Asks the app through the mesh once and reads the answer (a request the rules must admit).

@@ -300,6 +300,42 @@ impl Mesh {
             .ok_or_else(|| anyhow::anyhow!("no peer {name} in {status}"))
     }
 
+    /// Runs `strait ARGS` with this mesh's operator credential (`strait up` issued it into the
+    /// state directory); returns (success, stdout, stderr).
+    pub fn strait(&self, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new(strait_bin())
+            .args(args)
+            .arg("--credentials")
+            .arg(self.info.state_dir.join("operator"))
+            .output()
+            .expect("running strait");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `strait apply|delete -f` of `yaml` (kept as `<state>/<name>.yaml`) against `cluster`'s
+    /// controller; `apply` waits up to `wait` for every cluster and proxy.
+    pub fn policy(&self, verb: &str, cluster: &str, name: &str, yaml: &str, wait: &str) -> (bool, String, String) {
+        let path = self.info.state_dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml).expect("writing the policy file");
+        let admin = self.cluster(cluster).controller.admin_addr.to_string();
+        let file = path.to_string_lossy().into_owned();
+        let mut args = vec![verb, "-f", &file, "--controller", &admin];
+        if verb == "apply" {
+            args.extend(["--wait", wait]);
+        }
+        self.strait(&args)
+    }
+
+    /// [`Mesh::policy`] with a 30 s wait, failing the caller with strait's output if it fails.
+    pub fn policy_ok(&self, verb: &str, cluster: &str, name: &str, yaml: &str) {
+        let (ok, out, err) = self.policy(verb, cluster, name, yaml, "30s");
+        assert!(ok, "strait {verb} {name}: {out}{err}");
+    }
+
     /// Waits until `cond` holds, polling; fails with `what` after `timeout`.
     pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> anyhow::Result<()>
     where

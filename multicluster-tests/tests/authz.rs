@@ -15,25 +15,7 @@ const ECHO: &str = "http://echo.demo.svc.clusterset.local";
 const GREETER: &str = "http://greeter.demo.svc.clusterset.local";
 
 fn apply(mesh: &Mesh, cluster: &str, name: &str, yaml: &str, verb: &str) {
-    let path = mesh.info.state_dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let admin = mesh.cluster(cluster).controller.admin_addr.to_string();
-    let mut args = vec![verb, "-f", path.to_str().unwrap(), "--controller", &admin];
-    if verb == "apply" {
-        args.extend(["--wait", "30s"]);
-    }
-    let out = std::process::Command::new(multicluster_tests::strait_bin())
-        .args(&args)
-        .arg("--credentials")
-        .arg(mesh.info.state_dir.join("operator"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mesh.policy_ok(verb, cluster, name, yaml);
 }
 
 async fn status(proxy: SocketAddr, method: &str, url: &str) -> u16 {

@@ -442,26 +442,6 @@ async fn leftovers_of_a_crash_are_cleaned_up() {
     assert!(namespaces(&prefix).is_empty(), "{:?}", namespaces(&prefix));
 }
 
-/// `strait apply|delete -f` of `yaml` against `cluster`'s controller, waiting for every proxy.
-fn policy(mesh: &Mesh, verb: &str, cluster: &str, yaml: &str) {
-    let path = mesh.info.state_dir.join(format!("netns-policy-{verb}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let mut cmd = Command::new(strait_bin());
-    cmd.args([verb, "-f", path.to_str().unwrap(), "--controller"])
-        .arg(mesh.cluster(cluster).controller.admin_addr.to_string())
-        .arg("--credentials")
-        .arg(mesh.info.state_dir.join("operator"));
-    if verb == "apply" {
-        cmd.args(["--wait", "30s"]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "strait {verb}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The same cut and the same metrics with unmodified clients in network namespaces: an
 /// AuthorizationPolicy written in east cuts east off from greeter (403 from west's sidecar on
 /// the open tunnel, and at west's gateway for a new one), west's own callers keep working, and
@@ -483,10 +463,10 @@ async fn authorization_and_istio_metrics_in_network_namespaces() {
     let (ok, out) = curl(&first, "http://greeter.demo.svc.clusterset.local/before");
     assert!(ok && out.contains("\"cluster\":\"west\""), "{out}");
 
-    policy(
-        &mesh,
+    mesh.policy_ok(
         "apply",
         "east",
+        "greeter-not-from-east",
         r#"
 apiVersion: policy.strait.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -583,10 +563,10 @@ spec:
     );
 
     // Deleted: east calls greeter again.
-    policy(
-        &mesh,
+    mesh.policy_ok(
         "delete",
         "east",
+        "greeter-not-from-east",
         "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: greeter-not-from-east, namespace: demo}\nspec: {}\n",
     );
     let mut back = false;

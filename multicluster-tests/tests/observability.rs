@@ -53,19 +53,9 @@ fn label<'a>(sample: &'a serde_json::Value, name: &str) -> &'a str {
     sample["metric"][name].as_str().unwrap_or_default()
 }
 
-/// `strait apply` of a TrafficPolicy on `cluster`'s controller, waiting for every proxy.
+/// `strait apply` of `yaml` on `cluster`'s controller, waiting for every proxy.
 fn apply(mesh: &Mesh, cluster: &str, yaml: &str) {
-    let path = mesh.info.state_dir.join("observability-policy.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = std::process::Command::new(multicluster_tests::strait_bin())
-        .args(["apply", "-f", path.to_str().unwrap(), "--controller"])
-        .arg(mesh.cluster(cluster).controller.admin_addr.to_string())
-        .arg("--credentials")
-        .arg(mesh.info.state_dir.join("operator"))
-        .args(["--wait", "30s"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    mesh.policy_ok("apply", cluster, "observability-policy", yaml);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,39 +35,9 @@ async fn call(proxy: SocketAddr, url: &str, headers: &[(&str, &str)]) -> Answer 
     }
 }
 
-/// Runs `strait` with the mesh's operator credential; returns (success, stdout, stderr).
-fn strait(mesh: &Mesh, args: &[&str]) -> (bool, String, String) {
-    let creds = mesh.info.state_dir.join("operator");
-    let out = std::process::Command::new(multicluster_tests::strait_bin())
-        .args(args)
-        .arg("--credentials")
-        .arg(&creds)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `strait apply -f <yaml>` against `cluster`'s controller.
 fn apply(mesh: &Mesh, cluster: &str, name: &str, yaml: &str, wait: &str) -> (bool, String, String) {
-    let path = mesh.info.state_dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let admin = mesh.cluster(cluster).controller.admin_addr.to_string();
-    strait(
-        mesh,
-        &[
-            "apply",
-            "-f",
-            path.to_str().unwrap(),
-            "--controller",
-            &admin,
-            "--wait",
-            wait,
-        ],
-    )
+    mesh.policy("apply", cluster, name, yaml, wait)
 }
 
 fn get(mesh: &Mesh, cluster: &str, what: &str, output: &str) -> String {
@@ -310,10 +280,7 @@ async fn a_route_applied_in_one_cluster_shapes_calls_in_every_other() {
     // now wins: its 100/0 sends everything to greeter.
     let path = mesh.info.state_dir.join("canary.yaml");
     let west_admin = mesh.cluster("west").controller.admin_addr.to_string();
-    let (ok, out, err) = strait(
-        &mesh,
-        &["delete", "-f", path.to_str().unwrap(), "--controller", &west_admin],
-    );
+    let (ok, out, err) = mesh.strait(&["delete", "-f", path.to_str().unwrap(), "--controller", &west_admin]);
     assert!(ok && out.contains("deleted"), "{out}{err}");
     Mesh::eventually(
         "east's version takes over in central",

@@ -27,7 +27,8 @@ pub const UPSTREAM_FAILURE_HEADER: &str = "x-strait-upstream-failure";
 /// Request header telling the inbound sidecar to speak HTTP/2 to its app because the calling app
 /// spoke HTTP/2 (gRPC). Set only by outbound sidecars, inside mTLS.
 pub const APP_PROTOCOL_HEADER: &str = "x-strait-app-protocol";
-/// Request header carrying the caller's cluster (inside mTLS, for metrics).
+/// Request header that carried the caller's cluster before it was read from the caller's
+/// certificate; removed wherever it appears so no app can plant it.
 pub const SOURCE_CLUSTER_HEADER: &str = "x-strait-source-cluster";
 
 /// A byte stream the proxy can carry: TCP, TLS, a QUIC stream, an upgraded HTTP connection.

@@ -17,7 +17,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::Response;
 use strait_api::accesslog::Entry;
 use strait_api::snapshot::Snapshot;
-use strait_api::telemetry::{GrpcFramer, HttpOutcome, Workload};
+use strait_api::telemetry::{Edge, GrpcFramer, HttpOutcome, IstioMetrics, Workload};
 use strait_api::trace::Span;
 
 /// Envoy-style response flags on answers the proxy made itself, read back by the recorder.
@@ -97,10 +97,6 @@ impl LocalWorkload {
         let l = Arc::new(labels);
         *cached = Some((snap.version, w.clone(), m.clone(), l.clone()));
         (w, m, l)
-    }
-
-    pub fn cluster(&self) -> &str {
-        &self.cluster
     }
 }
 
@@ -230,6 +226,43 @@ impl Hop {
     }
 }
 
+impl Telemetry {
+    /// Splices one TCP connection and reports it, from either side: Istio's TCP family (opened
+    /// now, closed with its bytes), and an access log line (Envoy logs TCP with `-` for the
+    /// HTTP fields and code 0). Returns `ok` or `reset`.
+    pub(crate) async fn splice_reported(
+        &self,
+        istio: &IstioMetrics,
+        edge: &Edge<'_>,
+        client: impl crate::Io,
+        upstream_io: impl crate::Io,
+        idle: std::time::Duration,
+        upstream: Upstream,
+    ) -> &'static str {
+        istio.tcp_opened(edge, "-");
+        let (started, start_time) = (Instant::now(), std::time::SystemTime::now());
+        let (result, flags, (received, sent)) = match crate::splice::splice(client, upstream_io, idle).await {
+            Ok(bytes) => ("ok", "-", bytes),
+            Err(_) => ("reset", "UC", (0, 0)),
+        };
+        istio.tcp_closed(edge, flags, received, sent);
+        self.access.log_with(|| Entry {
+            start_time: Some(start_time),
+            response_flags: flags.to_string(),
+            bytes_received: received,
+            bytes_sent: sent,
+            duration: started.elapsed(),
+            upstream_host: upstream.host.map(|a| a.to_string()).unwrap_or_default(),
+            upstream_cluster: upstream.cluster,
+            source_cluster: edge.source.cluster.clone(),
+            destination_cluster: edge.destination.cluster.clone(),
+            peer_principal: upstream.peer,
+            ..Default::default()
+        });
+        result
+    }
+}
+
 /// The request's side of an access log entry, taken before the request is sent on.
 fn request_entry<B>(req: &hyper::Request<B>, request_id: String, trace_id: String) -> Entry {
     let header = |name: &str| {
@@ -260,39 +293,6 @@ fn request_entry<B>(req: &hyper::Request<B>, request_id: String, trace_id: Strin
             .unwrap_or_else(|| header("host")),
         trace_id,
         ..Default::default()
-    }
-}
-
-/// One TCP connection's access log entry (Envoy logs TCP with `-` for the HTTP fields and
-/// response code 0).
-pub(crate) struct TcpLog<'a> {
-    pub started: Instant,
-    pub start_time: std::time::SystemTime,
-    pub flags: &'a str,
-    pub received: u64,
-    pub sent: u64,
-    pub upstream_host: String,
-    pub upstream_cluster: String,
-    pub source: &'a Workload,
-    pub destination: &'a Workload,
-    pub peer_principal: &'a str,
-}
-
-impl TcpLog<'_> {
-    pub fn entry(self) -> Entry {
-        Entry {
-            start_time: Some(self.start_time),
-            response_flags: self.flags.to_string(),
-            bytes_received: self.received,
-            bytes_sent: self.sent,
-            duration: self.started.elapsed(),
-            upstream_host: self.upstream_host,
-            upstream_cluster: self.upstream_cluster,
-            source_cluster: self.source.cluster.clone(),
-            destination_cluster: self.destination.cluster.clone(),
-            peer_principal: self.peer_principal.to_string(),
-            ..Default::default()
-        }
     }
 }
 

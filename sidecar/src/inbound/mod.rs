@@ -45,6 +45,7 @@ pub struct Inbound {
     limiter: crate::policy::RateLimiter,
     /// This workload as the destination of what it reports; its tracer and access log.
     telemetry: Arc<Telemetry>,
+    service_name: Arc<ServiceName>,
 }
 
 impl Inbound {
@@ -65,6 +66,11 @@ impl Inbound {
             .pool_idle_timeout(Duration::from_secs(30))
             .http2_only(true)
             .build(connector);
+        let service_name = Arc::new(ServiceName {
+            host: format!("{service}.unknown.{}", strait_api::snapshot::CLUSTERSET_SUFFIX),
+            name: service.clone(),
+            namespace: strait_api::telemetry::UNKNOWN.into(),
+        });
         Inbound {
             cluster,
             service,
@@ -77,6 +83,7 @@ impl Inbound {
             config: None,
             limiter: crate::policy::RateLimiter::default(),
             telemetry: Arc::default(),
+            service_name,
         }
     }
 
@@ -93,19 +100,9 @@ impl Inbound {
             .unwrap_or_default()
     }
 
-    /// The service this workload serves, as metrics name it.
-    fn service_name(&self) -> ServiceName {
-        let namespace = self
-            .config
-            .as_ref()
-            .and_then(|(_, key)| key.split('/').next())
-            .unwrap_or(strait_api::telemetry::UNKNOWN)
-            .to_string();
-        ServiceName {
-            host: format!("{}.{namespace}.svc.clusterset.local", self.service),
-            name: self.service.clone(),
-            namespace,
-        }
+    /// The service this workload serves, as metrics name it (set with its namespace).
+    fn service_name(&self) -> Arc<ServiceName> {
+        self.service_name.clone()
     }
 
     /// Enforces the TrafficPolicies and AuthorizationPolicies of `namespace/service`.
@@ -116,6 +113,15 @@ impl Inbound {
     ) -> Self {
         let key = format!("{namespace}/{}", self.service);
         self.config = Some((config, key));
+        self.service_name = Arc::new(ServiceName {
+            host: format!(
+                "{}.{namespace}.{}",
+                self.service,
+                strait_api::snapshot::CLUSTERSET_SUFFIX
+            ),
+            name: self.service.clone(),
+            namespace: namespace.to_string(),
+        });
         self
     }
 
@@ -413,11 +419,9 @@ impl Inbound {
             return refused;
         }
         parts.headers.remove(PEER_METADATA_HEADER);
-        let source = parts
-            .headers
-            .remove(SOURCE_CLUSTER_HEADER)
-            .and_then(|v| v.to_str().ok().map(str::to_string))
-            .unwrap_or_else(|| "unknown".into());
+        // Sent by older sidecars; the caller's cluster is the one its certificate names.
+        parts.headers.remove(SOURCE_CLUSTER_HEADER);
+        let source = peer.cluster.clone().unwrap_or_else(|| "unknown".into());
         let authority = parts.uri.authority().map(|a| a.to_string());
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         parts.uri = match format!("http://{}{}", self.app_addr, path).parse() {
@@ -467,9 +471,10 @@ impl Inbound {
     }
 
     async fn splice(self: Arc<Self>, mut tls: tokio_rustls::server::TlsStream<TcpStream>) {
+        // The caller as its certificate says: for the decision and for what is reported.
+        let peer = PeerAuth::of(&tls);
         let policies = self.authz_policies();
         if !policies.is_empty() {
-            let peer = PeerAuth::of(&tls);
             let refs: Vec<&strait_api::authz::CompiledAuthz> = policies.iter().map(|p| p.as_ref()).collect();
             let d = strait_api::authz::decide(&refs, &peer.view(), self.app_addr.port(), None);
             self.record(&d, &peer);
@@ -499,8 +504,7 @@ impl Inbound {
         if tls.write_all(&[0]).await.is_err() {
             return;
         }
-        // Istio's TCP family as `reporter="destination"`: the caller as its certificate says.
-        let peer = PeerAuth::of(&tls);
+        // Istio's TCP family as `reporter="destination"`.
         let source = Workload::from_metadata(None, peer.principal.as_deref(), peer.cluster.as_deref());
         let (destination, _) = self.telemetry.local.current(&self.snapshot());
         let service = self.service_name();
@@ -511,31 +515,24 @@ impl Inbound {
             service: &service,
             protocol: "tcp",
         };
-        self.metrics.istio.tcp_opened(&edge, "-");
-        let (started, start_time) = (std::time::Instant::now(), std::time::SystemTime::now());
-        let (result, flags, (received, sent)) =
-            match crate::splice::splice(tls, app, self.limits.tcp_idle_timeout).await {
-                Ok(bytes) => ("ok", "-", bytes),
-                Err(_) => ("reset", "UC", (0, 0)),
-            };
-        self.metrics.istio.tcp_closed(&edge, flags, received, sent);
-        if self.telemetry.access.enabled() {
-            self.telemetry.access.log(
-                crate::telemetry::TcpLog {
-                    started,
-                    start_time,
-                    flags,
-                    received,
-                    sent,
-                    upstream_host: self.app_addr.to_string(),
-                    upstream_cluster: format!("inbound|{}||", self.app_addr.port()),
-                    source: &source,
-                    destination: &destination,
-                    peer_principal: &source.principal,
-                }
-                .entry(),
-            );
-        }
+        let upstream = crate::telemetry::Upstream {
+            cluster: format!("inbound|{}||", self.app_addr.port()),
+            host: Some(self.app_addr),
+            time: None,
+            peer: source.principal.clone(),
+            route: None,
+        };
+        let result = self
+            .telemetry
+            .splice_reported(
+                &self.metrics.istio,
+                &edge,
+                tls,
+                app,
+                self.limits.tcp_idle_timeout,
+                upstream,
+            )
+            .await;
         self.metrics
             .connections
             .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, result])

@@ -437,10 +437,9 @@ impl Outbound {
         if let Ok(v) = HeaderValue::from_str(metadata) {
             parts.headers.insert(PEER_METADATA_HEADER, v);
         }
-        parts.headers.insert(
-            SOURCE_CLUSTER_HEADER,
-            HeaderValue::from_str(&self.cluster).unwrap_or(HeaderValue::from_static("unknown")),
-        );
+        // What the destination must not take from an app: the caller's cluster is in its
+        // certificate, not in a header.
+        parts.headers.remove(SOURCE_CLUSTER_HEADER);
         parts.version = Version::HTTP_2;
     }
 

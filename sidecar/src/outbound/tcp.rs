@@ -92,31 +92,25 @@ impl Outbound {
             service,
             protocol: "tcp",
         };
-        self.metrics.istio.tcp_opened(&edge, "-");
-        let (started, start_time) = (std::time::Instant::now(), std::time::SystemTime::now());
-        let (result, flags, (received, sent)) =
-            match crate::splice::splice(client, upstream, self.limits.tcp_idle_timeout).await {
-                Ok(bytes) => ("ok", "-", bytes),
-                Err(_) => ("reset", "UC", (0, 0)),
-            };
-        self.metrics.istio.tcp_closed(&edge, flags, received, sent);
-        if self.telemetry.access.enabled() {
-            self.telemetry.access.log(
-                crate::telemetry::TcpLog {
-                    started,
-                    start_time,
-                    flags,
-                    received,
-                    sent,
-                    upstream_host: ep.address.to_string(),
-                    upstream_cluster: format!("outbound|{port}||{}", service.host),
-                    source: &source,
-                    destination: &destination,
-                    peer_principal: &destination.principal,
-                }
-                .entry(),
-            );
-        }
+        let upstream_io = upstream;
+        let upstream = crate::telemetry::Upstream {
+            cluster: format!("outbound|{port}||{}", service.host),
+            host: Some(ep.address),
+            time: None,
+            peer: destination.principal.clone(),
+            route: None,
+        };
+        let result = self
+            .telemetry
+            .splice_reported(
+                &self.metrics.istio,
+                &edge,
+                client,
+                upstream_io,
+                self.limits.tcp_idle_timeout,
+                upstream,
+            )
+            .await;
         self.metrics
             .connections
             .with_label_values(&["outbound", &self.cluster, &ep.locality.cluster, &service.host, result])
