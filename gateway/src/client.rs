@@ -101,7 +101,7 @@ pub struct TunnelClient {
 impl TunnelClient {
     /// A client endpoint bound to `bind` (use port 0).
     pub fn new(bind: SocketAddr, store: CertStore) -> std::io::Result<Self> {
-        let endpoint = quinn::Endpoint::client(bind)?;
+        let endpoint = crate::endpoint(bind, None)?;
         Ok(TunnelClient {
             endpoint,
             bind,

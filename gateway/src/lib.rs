@@ -25,6 +25,53 @@ pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(250
 /// How long a tunnel connection may hear nothing from its peer before it counts as dead.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_000);
 
+/// Kernel buffer asked for each tunnel UDP socket, both directions. Linux's default (208 KiB)
+/// overflows under a bulk transfer: the dropped datagrams read as loss and the congestion
+/// controller backs off. The kernel caps the request at `net.core.{r,w}mem_max`.
+pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A non-blocking UDP socket bound to `addr` with [`UDP_BUFFER`] asked for each way (what the
+/// kernel grants is logged when it is less).
+fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    for (which, set, get) in [
+        (
+            "receive",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+        ),
+        ("send", Socket::set_send_buffer_size, Socket::send_buffer_size),
+    ] {
+        if let Err(e) = set(&socket, UDP_BUFFER) {
+            tracing::debug!(error = %e, which, "cannot size the tunnel's UDP buffer");
+        }
+        // Linux reports twice what was granted (it counts its bookkeeping).
+        let granted = get(&socket).unwrap_or(0) / 2;
+        if granted < UDP_BUFFER {
+            tracing::debug!(
+                which,
+                granted,
+                wanted = UDP_BUFFER,
+                "the kernel capped the tunnel's UDP buffer (raise net.core.rmem_max / wmem_max)"
+            );
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A quinn endpoint on [`udp_socket`]: a server when `server` is given, else a client only.
+fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp_socket(addr)?, runtime)
+}
+
 /// QUIC transport settings shared by both ends.
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();

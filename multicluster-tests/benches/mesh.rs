@@ -6,8 +6,10 @@
 //! - added p50/p90/p99 latency over a direct call, at a fixed 1,000 requests/s of 1 kB over 16
 //!   connections, open loop (latency counted from each request's intended send time), for
 //!   (a) a sidecar pair in one cluster and (b) a cross-cluster call through the gateway;
-//! - bulk throughput through the QUIC tunnel (CONNECT, cross-cluster) beside a TCP+TLS baseline
-//!   and plain TCP to the same app;
+//! - bulk throughput through the QUIC tunnel (CONNECT, cross-cluster) beside the same path over
+//!   the TCP+TLS fallback (UDP to the gateway dropped with iptables for that run: same hops, same
+//!   inner mTLS), with the CPU seconds per GiB of the proxies on the path for each, and a
+//!   single-hop TCP+TLS baseline and plain TCP to the same app;
 //! - streamed HTTP upload and download throughput (1 GiB each way by default,
 //!   `STRAIT_BENCH_STREAM_MIB`) direct, through a sidecar pair and cross-cluster, with how much
 //!   each proxy's resident memory grew during the transfer;
@@ -15,6 +17,9 @@
 //!   of the same app at the same load, side by side with Strait's sidecar pair: added latency,
 //!   CPU seconds per 1,000 requests and RSS of each proxy, and the ratios;
 //! - each proxy's peak RSS.
+//!
+//! `STRAIT_BENCH_ONLY=latency,bulk,stream` runs only those sections (the HAProxy comparison is
+//! part of `latency`). Every figure is also written to `target/strait-bench/mesh.json`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,7 +30,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use multicluster_tests::{connect_tunnel, Mesh, MeshOptions};
+use multicluster_tests::figures::Figures;
+use multicluster_tests::{connect_tunnel, metric_sum, scrape, Mesh, MeshOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOPOLOGY: &str = r#"
@@ -194,6 +200,70 @@ async fn stream_http(target: SocketAddr, url: &str, absolute: bool, bytes: u64, 
     bytes as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Bulk echo through the caller's CONNECT tunnel to the `sink` service: MB/s, and the CPU the
+/// processes on the path (`pids`) used together per GiB they carried (both directions counted).
+async fn tunnel_bulk(proxy: SocketAddr, pids: &[u32], total: usize) -> (f64, f64) {
+    let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+    let stream = connect_tunnel(proxy, "sink.demo.svc.clusterset.local:9000")
+        .await
+        .unwrap();
+    let mbps = bulk(stream, total).await;
+    let used: f64 = pids.iter().zip(&before).map(|(p, b)| cpu_seconds(*p) - b).sum();
+    (mbps, used / (2.0 * total as f64 / GIB))
+}
+
+/// UDP to one loopback port dropped (iptables) while this lives: the tunnel client then takes
+/// its TCP+TLS fallback to that gateway, exactly as when a network drops UDP.
+struct DropUdp(String);
+
+impl DropUdp {
+    fn to(port: u16) -> Self {
+        let port = port.to_string();
+        let ok = std::process::Command::new("iptables")
+            .args(["-I", "OUTPUT", "-o", "lo", "-p", "udp", "--dport", &port, "-j", "DROP"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "iptables -I OUTPUT failed: the TCP fallback run needs root and iptables"
+        );
+        DropUdp(port)
+    }
+}
+
+impl Drop for DropUdp {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables")
+            .args([
+                "-D", "OUTPUT", "-o", "lo", "-p", "udp", "--dport", &self.0, "-j", "DROP",
+            ])
+            .status();
+    }
+}
+
+/// Opens tunnels to `sink` until the caller's `strait_tunnel_fallback_active` reads `want`.
+async fn await_transport(proxy: SocketAddr, admin: SocketAddr, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut s) = connect_tunnel(proxy, "sink.demo.svc.clusterset.local:9000").await {
+            let _ = s.write_all(b"x").await;
+            let mut b = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await;
+        }
+        let text = scrape(admin).await.unwrap_or_default();
+        if metric_sum(&text, "strait_tunnel_fallback_active", &[]) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the caller never reached strait_tunnel_fallback_active {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs `work` while sampling the RSS of `pids` every 20 ms; returns its result and each
 /// process's largest growth over its RSS before the work (KiB).
 async fn with_rss<T>(pids: &[u32], work: impl std::future::Future<Output = T>) -> (T, Vec<u64>) {
@@ -218,6 +288,9 @@ async fn with_rss<T>(pids: &[u32], work: impl std::future::Future<Output = T>) -
 #[tokio::main]
 async fn main() {
     let seconds = multicluster_tests::load::bench_setup();
+    let only = std::env::var("STRAIT_BENCH_ONLY").unwrap_or_default();
+    let wanted = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
+    let mut figures = Figures::new("mesh");
     let mesh = Mesh::start_with(MeshOptions {
         topology: Some(TOPOLOGY.into()),
         ..Default::default()
@@ -228,6 +301,7 @@ async fn main() {
     let echo = mesh.workload("echo", "us-east-1a").clone();
     let remote = mesh.workload("remote", "us-west-2a").clone();
     let sink = mesh.workload("sink", "us-west-2a").clone();
+    let gateway_west = mesh.cluster("west").gateway.pid;
     println!("strait mesh benchmark: {RATE} req/s of {BODY} B over {CONNECTIONS} connections, open loop, {seconds}s per run\n");
 
     // Warm-up: connections, pools and caches.
@@ -240,19 +314,70 @@ async fn main() {
     )
     .await;
 
+    if wanted("latency") {
+        latency(&mesh, &client, &echo, &remote, seconds, &mut figures).await;
+    }
+    if wanted("bulk") {
+        bulk_section(&mesh, &client, &sink, gateway_west, &mut figures).await;
+    }
+    if wanted("stream") {
+        stream_section(&client, &echo, &remote, gateway_west, &mut figures).await;
+    }
+
+    println!("\npeak RSS (VmHWM)");
+    let mut procs: Vec<(String, String, u32)> = vec![];
+    for c in &mesh.info.clusters {
+        procs.push((
+            format!("controller {}", c.name),
+            format!("controller.{}", c.name),
+            c.controller.pid,
+        ));
+        procs.push((
+            format!("gateway {}", c.name),
+            format!("gateway.{}", c.name),
+            c.gateway.pid,
+        ));
+        for w in &c.workloads {
+            procs.push((
+                format!("sidecar {}", w.name),
+                format!("sidecar.{}", w.name),
+                w.sidecar_pid,
+            ));
+        }
+    }
+    for (name, key, pid) in procs {
+        let mib = peak_rss_kib(pid) as f64 / 1024.0;
+        println!("  {name:<40} {mib:>8.1} MiB");
+        figures.add(&format!("peak_rss.{key}"), mib, "MiB");
+    }
+    figures.write();
+}
+
+/// Added latency of a sidecar pair and of a cross-cluster call, then the HAProxy pair beside
+/// the sidecar pair.
+async fn latency(
+    mesh: &Mesh,
+    client: &multicluster_tests::WorkloadInfo,
+    echo: &multicluster_tests::WorkloadInfo,
+    remote: &multicluster_tests::WorkloadInfo,
+    seconds: u64,
+    figures: &mut Figures,
+) {
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>7}",
         "latency (ms)", "p50", "p90", "p99", "errors"
     );
     let mut rows = vec![];
     let mut strait_pair = None;
-    for (label, app, url) in [
+    for (key, label, app, url) in [
         (
+            "pair",
             "(a) sidecar pair, one cluster",
             echo.app_addr,
             "http://echo.demo.svc.clusterset.local/",
         ),
         (
+            "cross_cluster",
             "(b) cross-cluster through the gateway",
             remote.app_addr,
             "http://remote.demo.svc.clusterset.local/",
@@ -262,35 +387,30 @@ async fn main() {
         let pair = [client.sidecar_pid, echo.sidecar_pid];
         let cpu_before = pair.map(cpu_seconds);
         let (meshed, merr) = load(client.outbound_proxy, url, true, seconds).await;
-        if label.starts_with("(a)") {
+        if key == "pair" {
             let used = [0, 1].map(|i| cpu_seconds(pair[i]) - cpu_before[i]);
             let per_thousand = used.map(|c| c / (meshed.0.len().max(1) as f64 / 1000.0));
             strait_pair = Some((per_thousand, pair.map(rss_kib)));
         }
-        println!(
-            "{:<44} {:>9} {:>9} {:>9} {:>7}",
-            format!("{label}: direct"),
-            ms(direct.pct(0.5)),
-            ms(direct.pct(0.9)),
-            ms(direct.pct(0.99)),
-            derr
-        );
-        println!(
-            "{:<44} {:>9} {:>9} {:>9} {:>7}",
-            format!("{label}: via mesh"),
-            ms(meshed.pct(0.5)),
-            ms(meshed.pct(0.9)),
-            ms(meshed.pct(0.99)),
-            merr
-        );
-        rows.push((label, direct, meshed));
+        for (how, lat, err) in [("direct", &direct, derr), ("via mesh", &meshed, merr)] {
+            println!(
+                "{:<44} {:>9} {:>9} {:>9} {:>7}",
+                format!("{label}: {how}"),
+                ms(lat.pct(0.5)),
+                ms(lat.pct(0.9)),
+                ms(lat.pct(0.99)),
+                err
+            );
+        }
+        figures.add(&format!("{key}.errors"), merr as f64, "requests");
+        rows.push((key, label, direct, meshed));
     }
     println!();
     println!(
         "{:<44} {:>9} {:>9} {:>9}",
         "added latency over direct (ms)", "p50", "p90", "p99"
     );
-    for (label, direct, meshed) in &rows {
+    for (key, label, direct, meshed) in &rows {
         println!(
             "{:<44} {:>9} {:>9} {:>9}",
             label,
@@ -298,6 +418,13 @@ async fn main() {
             added(meshed.pct(0.9), direct.pct(0.9)),
             added(meshed.pct(0.99), direct.pct(0.99))
         );
+        for (p, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
+            figures.add(
+                &format!("{key}.added_{name}"),
+                added_ms(meshed.pct(p), direct.pct(p)),
+                "ms",
+            );
+        }
     }
 
     // The peer, in the same run: an HAProxy mutual-TLS pair in front of the same app, same load.
@@ -312,7 +439,7 @@ async fn main() {
     let hcpu = [0, 1].map(|i| (cpu_seconds(hpids[i]) - before[i]) / (hmeshed.0.len().max(1) as f64 / 1000.0));
     let hrss = hpids.map(rss_kib);
     let (scpu, srss) = strait_pair.unwrap();
-    let (_, sdirect, smeshed) = rows.iter().find(|(l, _, _)| l.starts_with("(a)")).unwrap();
+    let (_, _, sdirect, smeshed) = rows.iter().find(|r| r.0 == "pair").unwrap();
     let added3 = |m: &Latencies, d: &Latencies| [0.5, 0.9, 0.99].map(|p| added_ms(m.pct(p), d.pct(p)));
     let s_added = added3(smeshed, sdirect);
     let h_added = added3(&hmeshed, &hdirect);
@@ -324,9 +451,9 @@ async fn main() {
         "  {:<28} {:>8} {:>8} {:>8}   {:>22}   {:>18}",
         "", "+p50 ms", "+p90 ms", "+p99 ms", "CPU s/1000 req (c, d)", "RSS MiB (c, d)"
     );
-    for (name, a, cpu, rss) in [
-        ("strait sidecar pair", s_added, scpu, srss),
-        ("haproxy mTLS pair", h_added, hcpu, hrss),
+    for (name, key, a, cpu, rss) in [
+        ("strait sidecar pair", "strait", s_added, scpu, srss),
+        ("haproxy mTLS pair", "haproxy", h_added, hcpu, hrss),
     ] {
         println!(
             "  {name:<28} {:>+8.3} {:>+8.3} {:>+8.3}   {:>10.3} {:>10.3}   {:>8.1} {:>8.1}",
@@ -338,57 +465,118 @@ async fn main() {
             rss[0] as f64 / 1024.0,
             rss[1] as f64 / 1024.0
         );
+        for (i, p) in ["p50", "p90", "p99"].iter().enumerate() {
+            figures.add(&format!("side_by_side.{key}.added_{p}"), a[i], "ms");
+        }
+        for (i, side) in ["caller", "destination"].iter().enumerate() {
+            figures.add(&format!("side_by_side.{key}.cpu_{side}"), cpu[i], "s/1000 req");
+            figures.add(&format!("side_by_side.{key}.rss_{side}"), rss[i] as f64 / 1024.0, "MiB");
+        }
     }
+    let r = |s: f64, h: f64, floor: f64| s / h.max(floor);
     println!(
         "  {:<28} {:>7.2}x {:>7.2}x {:>7.2}x   {:>9.2}x {:>9.2}x   (strait / haproxy; goal <= 1.0x)",
         "ratio",
-        s_added[0] / h_added[0].max(0.001),
-        s_added[1] / h_added[1].max(0.001),
-        s_added[2] / h_added[2].max(0.001),
-        scpu[0] / hcpu[0].max(1e-9),
-        scpu[1] / hcpu[1].max(1e-9)
+        r(s_added[0], h_added[0], 0.001),
+        r(s_added[1], h_added[1], 0.001),
+        r(s_added[2], h_added[2], 0.001),
+        r(scpu[0], hcpu[0], 1e-9),
+        r(scpu[1], hcpu[1], 1e-9)
     );
+    for (i, p) in ["p50", "p90", "p99"].iter().enumerate() {
+        let goal = (*p == "p99").then_some(1.0);
+        figures.ratio(
+            &format!("side_by_side.added_{p}.strait_over_haproxy"),
+            r(s_added[i], h_added[i], 0.001),
+            goal,
+        );
+    }
+    for (i, side) in ["caller", "destination"].iter().enumerate() {
+        figures.ratio(
+            &format!("side_by_side.cpu_{side}.strait_over_haproxy"),
+            r(scpu[i], hcpu[i], 1e-9),
+            Some(1.0),
+        );
+    }
+    let vcpu = (scpu[0] + scpu[1]) / 2.0;
     println!(
-        "  strait: {:.3} vCPU per 1,000 req/s per proxy (caller, destination: {:.3}, {:.3})",
-        (scpu[0] + scpu[1]) / 2.0,
-        scpu[0],
-        scpu[1]
+        "  strait: {vcpu:.3} vCPU per 1,000 req/s per proxy (caller, destination: {:.3}, {:.3}; goal <= 0.05)",
+        scpu[0], scpu[1]
     );
-    drop(haproxy);
+    figures.add("side_by_side.strait.vcpu_per_1000_rps_per_proxy", vcpu, "vCPU");
+}
 
-    let total = 256 * 1024 * 1024;
+/// Bulk echo: plain TCP and a one-hop TCP+TLS baseline, then the cross-cluster tunnel over QUIC
+/// and over the TCP+TLS fallback through the same hops.
+async fn bulk_section(
+    mesh: &Mesh,
+    client: &multicluster_tests::WorkloadInfo,
+    sink: &multicluster_tests::WorkloadInfo,
+    gateway_west: u32,
+    figures: &mut Figures,
+) {
+    let mib: usize = std::env::var("STRAIT_BENCH_BULK_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let total = mib * 1024 * 1024;
     let plain = bulk(tokio::net::TcpStream::connect(sink.app_addr).await.unwrap(), total).await;
-    let tls = tls_baseline(&mesh, total).await;
-    let tunnel = bulk(
-        connect_tunnel(client.outbound_proxy, "sink.demo.svc.clusterset.local:9000")
-            .await
-            .unwrap(),
-        total,
-    )
-    .await;
-    println!("\nbulk echo throughput, {} MiB each way (MB/s)", total / (1024 * 1024));
-    println!("  plain TCP to the app (loopback)         {plain:>10.1}");
-    println!("  TCP+TLS 1.3 baseline (rustls, loopback) {tls:>10.1}");
+    let tls = tls_baseline(mesh, total).await;
+    let path = [client.sidecar_pid, gateway_west, sink.sidecar_pid];
+    let (quic, quic_cpu) = tunnel_bulk(client.outbound_proxy, &path, total).await;
+    let port: SocketAddr = mesh.cluster("west").gateway.addr.parse().unwrap();
+    let (tcp, tcp_cpu) = {
+        let _udp_dropped = DropUdp::to(port.port());
+        await_transport(client.outbound_proxy, client.admin_addr, 1.0).await;
+        tunnel_bulk(client.outbound_proxy, &path, total).await
+    };
+    await_transport(client.outbound_proxy, client.admin_addr, 0.0).await;
     println!(
-        "  QUIC tunnel, cross-cluster via gateway  {tunnel:>10.1}   ({:.2}x the TCP+TLS baseline)",
-        tunnel / tls
+        "\nbulk echo throughput, {mib} MiB each way (MB/s; CPU of caller sidecar + gateway + destination sidecar)"
     );
+    println!("  plain TCP to the app (loopback)                    {plain:>10.1}");
+    println!("  one-hop TCP+TLS 1.3 (rustls, loopback)             {tls:>10.1}");
+    println!("  cross-cluster tunnel over QUIC                     {quic:>10.1}   {quic_cpu:>6.2} CPU s/GiB");
+    println!("  cross-cluster tunnel over the TCP+TLS fallback     {tcp:>10.1}   {tcp_cpu:>6.2} CPU s/GiB");
+    println!(
+        "  QUIC / TCP fallback, same hops and inner mTLS      {:>9.2}x   {:>6.2}x CPU per GiB   (goal >= 1.0x throughput)",
+        quic / tcp,
+        quic_cpu / tcp_cpu
+    );
+    figures.add("bulk.plain_tcp", plain, "MB/s");
+    figures.add("bulk.one_hop_tls", tls, "MB/s");
+    figures.add("bulk.quic", quic, "MB/s");
+    figures.add("bulk.tcp_fallback", tcp, "MB/s");
+    figures.add("bulk.quic_cpu", quic_cpu, "CPU s/GiB");
+    figures.add("bulk.tcp_fallback_cpu", tcp_cpu, "CPU s/GiB");
+    figures.ratio_at_least("bulk.quic_over_tcp_fallback", quic / tcp, 1.0);
+    figures.ratio("bulk.quic_cpu_over_tcp_fallback", quic_cpu / tcp_cpu, None);
+}
 
+/// Streamed HTTP bodies direct, through a sidecar pair and cross-cluster, with RSS growth.
+async fn stream_section(
+    client: &multicluster_tests::WorkloadInfo,
+    echo: &multicluster_tests::WorkloadInfo,
+    remote: &multicluster_tests::WorkloadInfo,
+    gateway_west: u32,
+    figures: &mut Figures,
+) {
     let stream_mib: u64 = std::env::var("STRAIT_BENCH_STREAM_MIB")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1024);
     let bytes = stream_mib * 1024 * 1024;
-    let gateway_west = mesh.cluster("west").gateway.pid;
     println!("\nstreamed HTTP bodies, {stream_mib} MiB each way (MB/s; RSS growth of each proxy during the transfer)");
-    for (label, app, host, pids) in [
+    for (key, label, app, host, pids) in [
         (
+            "pair",
             "sidecar pair, one cluster",
             echo.app_addr,
             "echo",
             vec![("caller", client.sidecar_pid), ("destination", echo.sidecar_pid)],
         ),
         (
+            "cross_cluster",
             "cross-cluster via the gateway",
             remote.app_addr,
             "remote",
@@ -417,18 +605,16 @@ async fn main() {
             down / direct_down
         );
         println!("  {:<32} RSS growth up/down: {}", "", growth.join(", "));
-    }
-
-    println!("\npeak RSS (VmHWM)");
-    let mut procs: Vec<(String, u32)> = vec![];
-    for c in &mesh.info.clusters {
-        procs.push((format!("controller {}", c.name), c.controller.pid));
-        procs.push((format!("gateway {}", c.name), c.gateway.pid));
-        for w in &c.workloads {
-            procs.push((format!("sidecar {}", w.name), w.sidecar_pid));
+        figures.add(&format!("stream.{key}.upload"), up, "MB/s");
+        figures.add(&format!("stream.{key}.download"), down, "MB/s");
+        figures.ratio(&format!("stream.{key}.upload_over_direct"), up / direct_up, None);
+        figures.ratio(&format!("stream.{key}.download_over_direct"), down / direct_down, None);
+        for ((name, _), (u, d)) in pids.iter().zip(grew_up.iter().zip(&grew_down)) {
+            figures.add(
+                &format!("stream.{key}.rss_growth_{name}"),
+                (*u).max(*d) as f64 / 1024.0,
+                "MiB",
+            );
         }
-    }
-    for (name, pid) in procs {
-        println!("  {name:<40} {:>8.1} MiB", peak_rss_kib(pid) as f64 / 1024.0);
     }
 }
