@@ -71,13 +71,13 @@ pub struct MergedService {
 }
 
 /// Merges exports by cluster. `exports` maps cluster name → its services by `<ns>/<name>`.
-pub fn merge(
-    exports: &BTreeMap<String, BTreeMap<String, pb::ExportedService>>,
+pub fn merge<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>(
+    exports: &BTreeMap<String, M>,
     range: IpRange,
 ) -> BTreeMap<String, MergedService> {
     let mut by_service: BTreeMap<&String, Vec<(&String, &pb::ExportedService)>> = BTreeMap::new();
     for (cluster, services) in exports {
-        for (key, svc) in services {
+        for (key, svc) in services.borrow() {
             by_service.entry(key).or_default().push((cluster, svc));
         }
     }

@@ -27,7 +27,9 @@ pub struct PeerState {
     pub cluster: String,
     pub region: String,
     pub gateway: Option<pb::Gateway>,
-    pub services: BTreeMap<String, pb::ExportedService>,
+    /// Shared with the merge loop's snapshot (copied only when an update lands while a merge
+    /// holds the previous one).
+    pub services: Arc<BTreeMap<String, pb::ExportedService>>,
     /// The peer's clusterset routes and policies. Kept when its lease runs out: a cluster cut
     /// off from a peer keeps enforcing the last copies it got.
     pub objects: Vec<pb::PolicyObject>,
@@ -79,7 +81,7 @@ impl PeerTable {
             cluster: update.cluster.clone(),
             region: update.region.clone(),
             gateway: None,
-            services: BTreeMap::new(),
+            services: Arc::default(),
             objects: vec![],
             statuses: vec![],
             traffic: None,
@@ -89,7 +91,7 @@ impl PeerTable {
         });
         let was_alive = entry.alive(now);
         if update.full {
-            entry.services.clear();
+            entry.services = Arc::default();
         }
         let mut content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
         if update.objects_included && entry.objects != update.objects {
@@ -104,13 +106,12 @@ impl PeerTable {
             entry.statuses = update.statuses.clone();
             content_changed = true;
         }
+        let services = Arc::make_mut(&mut entry.services);
         for svc in &update.upserts {
-            entry
-                .services
-                .insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
+            services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
         }
         for key in &update.removed {
-            entry.services.remove(key);
+            services.remove(key);
         }
         if update.gateway.is_some() {
             entry.gateway = update.gateway.clone();
@@ -277,6 +278,37 @@ pub struct PeerClient {
     pub exports: watch::Receiver<Arc<Exports>>,
     /// This cluster's traffic summary, sent along when it changes.
     pub traffic: watch::Receiver<Arc<pb::TrafficSummary>>,
+    pub metrics: PeeringMetrics,
+}
+
+/// What this controller sends each peer: updates and their encoded bytes (the peering
+/// bandwidth, before TLS and QUIC framing).
+#[derive(Clone)]
+pub struct PeeringMetrics {
+    updates: prometheus::IntCounterVec,
+    bytes: prometheus::IntCounterVec,
+}
+
+impl PeeringMetrics {
+    pub fn new(registry: &prometheus::Registry) -> anyhow::Result<Self> {
+        let updates = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "strait_peering_updates_sent_total",
+                "Export updates sent to each peer cluster (full, deltas and lease renewals)",
+            ),
+            &["peer"],
+        )?;
+        let bytes = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "strait_peering_sent_bytes_total",
+                "Encoded bytes of the export updates sent to each peer cluster",
+            ),
+            &["peer"],
+        )?;
+        registry.register(Box::new(updates.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        Ok(PeeringMetrics { updates, bytes })
+    }
 }
 
 impl PeerClient {
@@ -347,6 +379,8 @@ impl PeerClient {
             ..Default::default()
         };
         let renew_every = self.lease / 3;
+        let sent_updates = self.metrics.updates.with_label_values(&[&self.peer.name]);
+        let sent_bytes = self.metrics.bytes.with_label_values(&[&self.peer.name]);
         let sender = tokio::spawn(async move {
             let mut sent: BTreeMap<String, pb::ExportedService> = BTreeMap::new();
             let mut sent_objects: Option<Vec<pb::PolicyObject>> = None;
@@ -393,6 +427,8 @@ impl PeerClient {
                     update.traffic = Some((*summary).clone());
                     sent_traffic_at = summary.at_unix_ms;
                 }
+                sent_updates.inc();
+                sent_bytes.inc_by(prost::Message::encoded_len(&update) as u64);
                 if tx.send(update).await.is_err() {
                     return;
                 }

@@ -205,6 +205,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     tokio::spawn(Arc::new(crate::clusterset::TrafficCollector::new(&cfg.cluster)).run(xds.clone(), traffic_tx));
     let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
+    let peering_metrics = crate::peering::PeeringMetrics::new(&registry)?;
     for peer in &cfg.peers {
         let client = PeerClient {
             peer: peer.clone(),
@@ -216,6 +217,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             tunnel: tunnel.clone(),
             exports: exports_rx.clone(),
             traffic: traffic_rx.clone(),
+            metrics: peering_metrics.clone(),
         };
         tokio::spawn(client.run());
     }
@@ -353,10 +355,10 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             .map(|(k, s)| (k.clone(), s.service.clone()))
             .collect();
 
-        let mut by_cluster: BTreeMap<String, BTreeMap<String, pb::ExportedService>> = BTreeMap::new();
+        let mut by_cluster: BTreeMap<String, Arc<BTreeMap<String, pb::ExportedService>>> = BTreeMap::new();
         by_cluster.insert(
             cfg.cluster.clone(),
-            local.into_iter().map(|(k, s)| (k, s.service)).collect(),
+            Arc::new(local.into_iter().map(|(k, s)| (k, s.service)).collect()),
         );
         let mut gateways = vec![own_gateway.clone()];
         let peers = table.snapshot();
@@ -497,21 +499,42 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         } else {
             wake.min(started_at + cfg.lease + Duration::from_millis(5))
         };
-        let kube_changed = async {
-            match &source {
-                Source::Kube(watched, _) => watched.changed().notified().await,
-                Source::File(_) => std::future::pending().await,
+        // Rebuild at once when a peer, the API server or `strait apply` changes something, within
+        // FILE_POLL when a catalog or object file changes, and every REFRESH regardless (proxy
+        // ACK counts and lease expiries).
+        let refresh = (Instant::now() + REFRESH).min(wake);
+        loop {
+            let kube_changed = async {
+                match &source {
+                    Source::Kube(watched, _) => watched.changed().notified().await,
+                    Source::File(_) => std::future::pending().await,
+                }
+            };
+            let step = (Instant::now() + FILE_POLL).min(refresh);
+            tokio::select! {
+                _ = tokio::time::sleep_until(step.into()) => {}
+                _ = table.changed().notified() => break,
+                _ = kube_changed => break,
+                _ = applied.notified() => break,
             }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = table.changed().notified() => {}
-            _ = tokio::time::sleep_until(wake.into()) => {}
-            _ = kube_changed => {}
-            _ = applied.notified() => {}
+            if Instant::now() >= refresh {
+                break;
+            }
+            let files_changed = match &mut source {
+                Source::File(files) => files.poll(),
+                Source::Kube(..) => false,
+            };
+            if object_store.poll() | files_changed {
+                break;
+            }
         }
     }
 }
+
+/// How often the merge loop runs with nothing else waking it.
+const REFRESH: Duration = Duration::from_millis(500);
+/// How often catalog and object files are checked (a stat each; only a changed file is read).
+const FILE_POLL: Duration = Duration::from_millis(50);
 
 /// Serves the injection webhook with a certificate from the cluster CA and registers it.
 async fn start_injector(

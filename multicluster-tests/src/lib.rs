@@ -5,6 +5,7 @@
 //! Tests in `tests/` use only what is exported here; see `README.md` for the tiers.
 
 mod client;
+pub mod clusterset;
 pub mod figures;
 pub mod haproxy;
 pub mod jaeger;

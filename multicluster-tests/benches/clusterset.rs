@@ -1,0 +1,66 @@
+//! The clusterset simulator: the control plane at a given size. Prints figures, asserts nothing
+//! about time.
+//!
+//! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench clusterset`
+//! (flags after `--`: `--clusters 10 --services 300 --endpoints 4000 --churn 50 --seconds 30
+//! --sidecars 1`; the defaults are Istio ambient's published multi-cluster test).
+//!
+//! `strait up` starts N real clusters (controller, gateway and K real sidecars each, peered over
+//! the QUIC tunnel as in production). Each controller is then given a synthetic catalog: the same
+//! `services` names in namespace `sim` in every cluster, `endpoints` endpoints per cluster spread
+//! over them and over two zones (one catalog file per service), so each merged service has
+//! endpoints in every cluster. Then,
+//! for `seconds`, endpoints churn at `churn` changes/s across the clusterset (one endpoint of a
+//! random cluster gets a new address, as when a pod is replaced). One probe per cluster
+//! subscribes to that cluster's controller over the config stream (real mTLS gRPC, ACKing each
+//! version as a sidecar does) and notes when each change from another cluster reaches it.
+//!
+//! Printed: time to the first complete catalog everywhere; change -> delivered to (and ACKed
+//! by) the probe of every other cluster, p50/p99/max; each controller's RSS and CPU (share of a
+//! core) during the churn, in total and per remote cluster; the encoded peering bytes per cluster
+//! pair per second; each real sidecar's RSS holding the full catalog. Written also to
+//! `target/strait-bench/clusterset.json`.
+
+#![allow(clippy::unwrap_used)]
+
+use multicluster_tests::clusterset::{run, Size};
+
+/// `--clusters N --services N --endpoints N --churn N --seconds N --sidecars N`.
+fn args() -> Size {
+    let mut a = Size::default();
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let value = || argv.get(i + 1).cloned().unwrap_or_default();
+        let bad = |flag: &str| -> ! { panic!("{flag} needs a number, got {:?}", value()) };
+        match argv[i].as_str() {
+            "--clusters" => a.clusters = value().parse().unwrap_or_else(|_| bad("--clusters")),
+            "--services" => a.services = value().parse().unwrap_or_else(|_| bad("--services")),
+            "--endpoints" => a.endpoints = value().parse().unwrap_or_else(|_| bad("--endpoints")),
+            "--churn" => a.churn = value().parse().unwrap_or_else(|_| bad("--churn")),
+            "--seconds" => a.seconds = value().parse().unwrap_or_else(|_| bad("--seconds")),
+            "--sidecars" => a.sidecars = value().parse().unwrap_or_else(|_| bad("--sidecars")),
+            // cargo bench passes `--bench` to every harness; anything else is a mistake.
+            "--bench" => {
+                i += 1;
+                continue;
+            }
+            other => panic!("unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars"),
+        }
+        i += 2;
+    }
+    a
+}
+
+#[tokio::main]
+async fn main() {
+    multicluster_tests::load::bench_setup();
+    let a = args();
+    println!(
+        "strait clusterset simulator: {} clusters x {} services x {} endpoints per cluster, {} changes/s, {}s, {} sidecar(s) per cluster",
+        a.clusters, a.services, a.endpoints, a.churn, a.seconds, a.sidecars
+    );
+    let report = run(a).await.unwrap();
+    report.print();
+    report.figures().write();
+}

@@ -1,0 +1,539 @@
+//! The clusterset simulator behind `cargo bench --bench clusterset` (see that file for what it
+//! measures), here so that a test can run it small in CI and check its behaviour: every
+//! endpoint change reaches every other cluster's subscriber.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use strait_api::pb;
+
+use crate::figures::Figures;
+use crate::haproxy::cpu_seconds;
+use crate::load::rss_kib;
+use crate::{metric_sum, scrape, Mesh, MeshOptions};
+
+/// The simulated size (defaults: Istio ambient's published multi-cluster test).
+#[derive(Clone, Debug)]
+pub struct Size {
+    pub clusters: usize,
+    pub services: usize,
+    /// Per cluster, spread over the services.
+    pub endpoints: usize,
+    /// Endpoint changes per second, clusterset-wide.
+    pub churn: f64,
+    pub seconds: u64,
+    /// Real sidecars per cluster.
+    pub sidecars: usize,
+}
+
+impl Default for Size {
+    fn default() -> Self {
+        Size {
+            clusters: 10,
+            services: 300,
+            endpoints: 4000,
+            churn: 50.0,
+            seconds: 30,
+            sidecars: 1,
+        }
+    }
+}
+
+/// What a run measured (also printed, and written by [`Report::figures`]).
+#[derive(Debug)]
+pub struct Report {
+    pub size: Size,
+    pub changes: usize,
+    /// Change -> delivered to (and ACKed by) each other cluster's probe, sorted.
+    pub delays: Vec<Duration>,
+    /// (change, other cluster) deliveries that never came though the change still stands.
+    pub missing: usize,
+    /// Deliveries of changes overwritten by a later change of the same endpoint first.
+    pub superseded: usize,
+    pub initial_sync: Duration,
+    pub controller_rss_mib: Vec<f64>,
+    /// Share of a core per controller during the churn.
+    pub controller_cpu: Vec<f64>,
+    pub sidecar_cpu: f64,
+    pub gateway_cpu: f64,
+    pub peering_bytes_per_pair: f64,
+    pub sidecar_rss_mib: Vec<f64>,
+    /// Endpoints in `sim` each probe held at the end (deltas applied right: clusters x endpoints).
+    pub final_endpoints: Vec<usize>,
+}
+
+fn cluster_name(c: usize) -> String {
+    format!("c{c:02}")
+}
+
+fn zones(c: usize) -> [String; 2] {
+    [format!("z{c:02}-a"), format!("z{c:02}-b")]
+}
+
+fn topology(a: &Size) -> String {
+    let mut t =
+        String::from("trustDomain: mesh.local\nservices:\n  - {name: probe, port: 80, protocol: http}\nclusters:\n");
+    for c in 0..a.clusters {
+        let [za, zb] = zones(c);
+        t += &format!(
+            "  - name: {}\n    region: region-{}\n    zones: [{za}, {zb}]\n    workloads:\n",
+            cluster_name(c),
+            c % 5
+        );
+        for _ in 0..a.sidecars {
+            t += &format!("      - {{service: probe, zone: {za}}}\n");
+        }
+    }
+    t
+}
+
+/// One cluster's synthetic endpoints: `(service index, address)`, addresses unique clusterset-wide.
+struct Catalog {
+    cluster: usize,
+    services: usize,
+    endpoints: Vec<(usize, String)>,
+    next_port: u16,
+}
+
+impl Catalog {
+    fn new(cluster: usize, a: &Size) -> Self {
+        let endpoints = (0..a.endpoints)
+            .map(|e| (e % a.services, Self::address(cluster, e, 10_000)))
+            .collect();
+        Catalog {
+            cluster,
+            services: a.services,
+            endpoints,
+            next_port: 10_001,
+        }
+    }
+
+    fn address(cluster: usize, e: usize, port: u16) -> String {
+        format!("10.{}.{}.{}:{port}", cluster, e / 250, e % 250 + 1)
+    }
+
+    /// Moves endpoint `e` to a new address; returns it.
+    fn churn(&mut self, e: usize) -> String {
+        self.next_port = self.next_port.checked_add(1).unwrap_or(10_001);
+        let addr = Self::address(self.cluster, e, self.next_port);
+        self.endpoints[e].1 = addr.clone();
+        addr
+    }
+
+    /// Service `s`'s catalog file: the service with this cluster's endpoints of it.
+    fn yaml(&self, s: usize) -> String {
+        let zones = zones(self.cluster);
+        let mut y = format!(
+            "services:\n  - name: svc-{s:04}\n    namespace: sim\n    serviceAccount: sim\n    ports: [{{name: http, port: 80, protocol: http}}]\n    endpoints:\n"
+        );
+        for (e, (_, addr)) in self.endpoints.iter().enumerate().filter(|(_, (svc, _))| *svc == s) {
+            y += &format!(
+                "      - {{workload: w-{}-{e}, address: \"{addr}\", zone: {}}}\n",
+                self.cluster,
+                zones[e % 2]
+            );
+        }
+        y
+    }
+
+    /// Replaces service `s`'s file whole (a rename, so the controller never reads half of it):
+    /// one file per service, as a Kubernetes controller gets one event per EndpointSlice.
+    fn write(&self, dir: &std::path::Path, s: usize) {
+        let tmp = dir.join(".sim.tmp");
+        std::fs::write(&tmp, self.yaml(s)).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("sim-{s:04}.yaml"))).unwrap();
+    }
+
+    fn write_all(&self, dir: &std::path::Path) {
+        for s in 0..self.services {
+            self.write(dir, s);
+        }
+    }
+}
+
+/// Changes not yet seen by every other cluster's probe: address -> (made at, origin cluster).
+type Pending = Arc<Mutex<HashMap<String, (Instant, usize)>>>;
+
+/// What the probes saw.
+#[derive(Default)]
+struct Seen {
+    /// Endpoints in `sim` each probe holds now.
+    endpoints: Vec<usize>,
+    /// Change -> delivery latencies, one per (change, other cluster).
+    delays: Vec<Duration>,
+    /// (address, probe cluster) already counted.
+    counted: std::collections::HashSet<(String, usize)>,
+}
+
+/// Subscribes to cluster `c`'s controller as a proxy would, ACKs every version, and records
+/// when pending changes from other clusters arrive.
+async fn probe(c: usize, controller: String, store: strait_trust::CertStore, pending: Pending, seen: Arc<Mutex<Seen>>) {
+    let td = store.id().trust_domain().clone();
+    let controller_id =
+        strait_trust::SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA).unwrap();
+    let config = strait_trust::client_config(
+        Some(&store),
+        store.bundle(),
+        store.metrics(),
+        strait_trust::PeerPolicy::OneOf(vec![controller_id]),
+        &[strait_trust::ALPN_H2],
+    )
+    .unwrap();
+    let channel = strait_api::transport::tls_channel(&controller, Arc::new(config));
+    let mut client = pb::config_service_client::ConfigServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::ProxyMessage {
+        kind: Some(pb::proxy_message::Kind::Hello(pb::Hello {
+            node: format!("sim-probe-{c}"),
+            kind: "sidecar".into(),
+            cluster: cluster_name(c),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut updates = client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut held: HashMap<String, usize> = HashMap::new();
+    while let Ok(Some(update)) = updates.message().await {
+        let now = Instant::now();
+        if update.full {
+            held.clear();
+        }
+        for name in &update.removed {
+            held.remove(name);
+        }
+        let mut arrived = vec![];
+        for r in &update.resources {
+            let Some(pb::resource::Kind::Service(s)) = &r.kind else {
+                continue;
+            };
+            if s.namespace != "sim" {
+                continue;
+            }
+            held.insert(r.name.clone(), s.endpoints.len());
+            arrived.extend(s.endpoints.iter().map(|e| e.address.clone()));
+        }
+        {
+            let pending = pending.lock().unwrap();
+            let mut seen = seen.lock().unwrap();
+            for addr in arrived {
+                if let Some((made, origin)) = pending.get(&addr) {
+                    if *origin != c && seen.counted.insert((addr.clone(), c)) {
+                        seen.delays.push(now - *made);
+                    }
+                }
+            }
+            seen.endpoints[c] = held.values().sum();
+        }
+        let ack = pb::ProxyMessage {
+            kind: Some(pb::proxy_message::Kind::Ack(pb::Ack {
+                version: update.version,
+                rejected: vec![],
+            })),
+        };
+        if tx.send(ack).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn pct(v: &[Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().cloned().fold(0.0, f64::max)
+}
+
+/// Starts the clusterset, loads the synthetic catalogs, churns them and measures.
+pub async fn run(a: Size) -> anyhow::Result<Report> {
+    let n = a.clusters;
+    anyhow::ensure!(
+        n >= 2 && a.services >= 1 && a.endpoints >= a.services && n <= 250,
+        "need 2..=250 clusters and at least one endpoint per service: {a:?}"
+    );
+    let mesh = Mesh::start_with(MeshOptions {
+        topology: Some(topology(&a)),
+        ..Default::default()
+    })
+    .await?;
+
+    // Probes, one per cluster, with certificates from that cluster's CA.
+    let td: strait_trust::TrustDomain = mesh.info.trust_domain.parse()?;
+    let bundle = strait_trust::TrustBundle::load(&mesh.info.bundle)?;
+    let pending: Pending = Arc::default();
+    let seen = Arc::new(Mutex::new(Seen {
+        endpoints: vec![0; n],
+        ..Default::default()
+    }));
+    for (c, info) in mesh.info.clusters.iter().enumerate() {
+        let ca = strait_trust::Authority::load(&mesh.info.state_dir.join(&info.name).join("ca"), &td)?;
+        let id: strait_trust::SpiffeId = format!("spiffe://{td}/ns/sim/sa/probe").parse()?;
+        let (issued, key) = ca.issue_with_key(&id, SystemTime::now(), Duration::from_secs(24 * 3600))?;
+        let store = strait_trust::CertStore::new(
+            strait_trust::WorkloadCert::new(id, issued, key)?,
+            bundle.clone(),
+            strait_trust::TlsMetrics::unregistered(),
+        );
+        tokio::spawn(probe(
+            c,
+            info.controller.addr.clone(),
+            store,
+            pending.clone(),
+            seen.clone(),
+        ));
+    }
+
+    // The synthetic catalogs, then the wait for every probe to hold all of them.
+    let mut catalogs: Vec<Catalog> = (0..n).map(|c| Catalog::new(c, &a)).collect();
+    let dirs: Vec<std::path::PathBuf> = mesh
+        .info
+        .clusters
+        .iter()
+        .map(|c| c.controller.catalog_dir.clone())
+        .collect::<Option<_>>()
+        .ok_or_else(|| anyhow::anyhow!("the simulator needs file-backed controllers"))?;
+    let sync = Instant::now();
+    for (c, cat) in catalogs.iter().enumerate() {
+        cat.write_all(&dirs[c]);
+    }
+    let want = n * a.endpoints;
+    let mut last_print = Instant::now();
+    loop {
+        let have = seen.lock().unwrap().endpoints.clone();
+        if have.iter().all(|h| *h >= want) {
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            println!(
+                "  initial sync: probes hold {}..{} of {want} endpoints after {:.0}s",
+                have.iter().min().unwrap_or(&0),
+                have.iter().max().unwrap_or(&0),
+                sync.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        anyhow::ensure!(
+            sync.elapsed() < Duration::from_secs(600),
+            "the catalog never converged: probes hold {have:?} of {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let initial_sync = sync.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Churn, with each process's CPU and the peering bytes over the same period.
+    let controllers: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
+    let admins: Vec<std::net::SocketAddr> = mesh.info.clusters.iter().map(|c| c.controller.admin_addr).collect();
+    let peering_bytes = || async {
+        let mut total = 0.0;
+        for a in &admins {
+            total += metric_sum(
+                &scrape(*a).await.unwrap_or_default(),
+                "strait_peering_sent_bytes_total",
+                &[],
+            );
+        }
+        total
+    };
+    let sidecar_pids: Vec<u32> = mesh
+        .info
+        .clusters
+        .iter()
+        .flat_map(|c| c.workloads.iter().map(|w| w.sidecar_pid))
+        .collect();
+    let gateway_pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.gateway.pid).collect();
+    let total_cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let bytes_before = peering_bytes().await;
+    let cpu_before: Vec<f64> = controllers.iter().map(|p| cpu_seconds(*p)).collect();
+    let others_before = (total_cpu(&sidecar_pids), total_cpu(&gateway_pids));
+    let churn_start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / a.churn.max(0.001));
+    let mut changes = 0usize;
+    let mut rng = rand::rng();
+    while churn_start.elapsed() < Duration::from_secs(a.seconds) {
+        let due = churn_start + interval * changes as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let c = rng.random_range(0..n);
+        let e = rng.random_range(0..a.endpoints);
+        let addr = catalogs[c].churn(e);
+        pending.lock().unwrap().insert(addr, (Instant::now(), c));
+        catalogs[c].write(&dirs[c], catalogs[c].endpoints[e].0);
+        changes += 1;
+    }
+    let churned = churn_start.elapsed().as_secs_f64();
+    let controller_cpu: Vec<f64> = controllers
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, b)| (cpu_seconds(*p) - b) / churned)
+        .collect();
+    let bytes = peering_bytes().await - bytes_before;
+    let sidecar_cpu = (total_cpu(&sidecar_pids) - others_before.0) / churned / sidecar_pids.len().max(1) as f64;
+    let gateway_cpu = (total_cpu(&gateway_pids) - others_before.1) / churned / gateway_pids.len() as f64;
+
+    // Let the last changes land (up to 10 s). A change a later change of the same endpoint
+    // overwrote is never seen by its address where it had not yet arrived: "superseded", apart
+    // from "missing" (still current, not delivered).
+    let expected = changes * (n - 1);
+    let settle = Instant::now();
+    while seen.lock().unwrap().delays.len() < expected && settle.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut delays = seen.lock().unwrap().delays.clone();
+    delays.sort();
+    let (missing, superseded) = {
+        let pending = pending.lock().unwrap();
+        let seen = seen.lock().unwrap();
+        let current: std::collections::HashSet<&String> = catalogs
+            .iter()
+            .flat_map(|c| c.endpoints.iter().map(|(_, a)| a))
+            .collect();
+        let mut missing = 0;
+        let mut superseded = 0;
+        for (addr, (_, origin)) in pending.iter() {
+            for c in (0..n).filter(|c| c != origin) {
+                if !seen.counted.contains(&(addr.clone(), c)) {
+                    if current.contains(addr) {
+                        missing += 1;
+                    } else {
+                        superseded += 1;
+                    }
+                }
+            }
+        }
+        (missing, superseded)
+    };
+    let controller_rss_mib = controllers.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
+    let sidecar_rss_mib = sidecar_pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
+    let final_endpoints = seen.lock().unwrap().endpoints.clone();
+    Ok(Report {
+        changes,
+        delays,
+        missing,
+        superseded,
+        initial_sync,
+        controller_rss_mib,
+        controller_cpu,
+        sidecar_cpu,
+        gateway_cpu,
+        peering_bytes_per_pair: bytes / churned / (n * (n - 1)) as f64,
+        sidecar_rss_mib,
+        final_endpoints,
+        size: a,
+    })
+}
+
+impl Report {
+    pub fn print(&self) {
+        let remotes = (self.size.clusters - 1) as f64;
+        let churned = self.size.seconds as f64;
+        println!(
+            "\nchurn: {} endpoint changes in {churned:.0}s ({:.1}/s)",
+            self.changes,
+            self.changes as f64 / churned
+        );
+        println!(
+            "change -> delivered and ACKed in every other cluster: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} deliveries, {} missing, {} superseded; goal p99 <= 500 ms)",
+            ms(pct(&self.delays, 0.5)),
+            ms(pct(&self.delays, 0.99)),
+            ms(self.delays.last().copied().unwrap_or_default()),
+            self.delays.len(),
+            self.missing,
+            self.superseded
+        );
+        let rss = &self.controller_rss_mib;
+        let cpu = &self.controller_cpu;
+        println!(
+            "controller RSS: mean {:.1} MiB, max {:.1} MiB; per remote cluster {:.2} MiB (goal <= 20 MB)",
+            mean(rss),
+            max(rss),
+            mean(rss) / remotes
+        );
+        println!(
+            "controller CPU during churn: mean {:.2}% of a core, max {:.2}%; per remote cluster {:.3}% (goal <= 0.2%)",
+            mean(cpu) * 100.0,
+            max(cpu) * 100.0,
+            mean(cpu) * 100.0 / remotes
+        );
+        println!(
+            "sidecar CPU during churn: mean {:.2}% of a core; gateway: mean {:.2}%",
+            self.sidecar_cpu * 100.0,
+            self.gateway_cpu * 100.0
+        );
+        println!(
+            "peering: {:.0} bytes/s per cluster pair (encoded export updates, one direction)",
+            self.peering_bytes_per_pair
+        );
+        println!(
+            "sidecar RSS with the full catalog ({} endpoints): mean {:.1} MiB, max {:.1} MiB (goal <= 15 MiB)",
+            self.size.clusters * self.size.endpoints,
+            mean(&self.sidecar_rss_mib),
+            max(&self.sidecar_rss_mib)
+        );
+        println!("initial sync to every probe: {:.2}s", self.initial_sync.as_secs_f64());
+    }
+
+    pub fn figures(&self) -> Figures {
+        let remotes = (self.size.clusters - 1) as f64;
+        let mut f = Figures::new("clusterset");
+        let s = &self.size;
+        let size = BTreeMap::from([
+            ("clusters", s.clusters as f64),
+            ("services", s.services as f64),
+            ("endpoints_per_cluster", s.endpoints as f64),
+            ("churn_per_s", s.churn),
+            ("sidecars_per_cluster", s.sidecars as f64),
+        ]);
+        for (k, v) in size {
+            f.add(&format!("size.{k}"), v, "count");
+        }
+        let d = &self.delays;
+        f.add("change_to_ack.p50", ms(pct(d, 0.5)), "ms");
+        f.add("change_to_ack.p99", ms(pct(d, 0.99)), "ms");
+        f.add("change_to_ack.max", ms(d.last().copied().unwrap_or_default()), "ms");
+        f.add("change_to_ack.missing", self.missing as f64, "deliveries");
+        let rss = &self.controller_rss_mib;
+        let cpu = &self.controller_cpu;
+        f.add("controller.rss_mean", mean(rss), "MiB");
+        f.add("controller.rss_max", max(rss), "MiB");
+        f.add("controller.rss_per_remote_cluster", mean(rss) / remotes, "MiB");
+        f.add("controller.cpu_mean", mean(cpu) * 100.0, "% of a core");
+        f.add(
+            "controller.cpu_per_remote_cluster",
+            mean(cpu) * 100.0 / remotes,
+            "% of a core",
+        );
+        f.add("sidecar.cpu_mean", self.sidecar_cpu * 100.0, "% of a core");
+        f.add("gateway.cpu_mean", self.gateway_cpu * 100.0, "% of a core");
+        f.add("peering.bytes_per_pair", self.peering_bytes_per_pair, "B/s");
+        f.add("sidecar.rss_mean", mean(&self.sidecar_rss_mib), "MiB");
+        f.add("sidecar.rss_max", max(&self.sidecar_rss_mib), "MiB");
+        f.add("initial_sync", self.initial_sync.as_secs_f64(), "s");
+        f
+    }
+
+    /// The p-th percentile of change -> delivery.
+    pub fn delay(&self, p: f64) -> Duration {
+        pct(&self.delays, p)
+    }
+}
