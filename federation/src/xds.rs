@@ -122,7 +122,8 @@ impl ConfigService for XdsServer {
         );
         connected.inc();
         tokio::spawn(async move {
-            let include = |name: &str| gateway || !gateway_only(name);
+            let scope = hello.namespaces.clone();
+            let include = |name: &str| (gateway || !gateway_only(name)) && in_scope(&scope, name);
             let mut sent: BTreeMap<String, String> = BTreeMap::new();
             let mut first = true;
             loop {
@@ -194,5 +195,34 @@ impl ConfigService for XdsServer {
             tracing::info!(node = %key, "proxy unsubscribed");
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Whether a resource is sent to a proxy scoped to `namespaces` (empty: every namespace). Only
+/// services are scoped; the mesh's own namespace, gateways, policies and routes always go.
+fn in_scope(namespaces: &[String], name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("service/") else {
+        return true;
+    };
+    let ns = rest.split('/').next().unwrap_or_default();
+    namespaces.is_empty() || ns == strait_api::SYSTEM_NAMESPACE || namespaces.iter().any(|n| n == ns)
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::in_scope;
+
+    #[test]
+    fn only_services_of_other_namespaces_are_left_out() {
+        let scope = vec!["demo".to_string()];
+        assert!(in_scope(&scope, "service/demo/echo"));
+        assert!(!in_scope(&scope, "service/sim/svc-0001"));
+        assert!(in_scope(
+            &scope,
+            &format!("service/{}/federation", strait_api::SYSTEM_NAMESPACE)
+        ));
+        assert!(in_scope(&scope, "route/sim/r"));
+        assert!(in_scope(&scope, "gateway/west"));
+        assert!(in_scope(&[], "service/sim/svc-0001"));
     }
 }

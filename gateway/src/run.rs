@@ -41,6 +41,7 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         cluster: opts.locality.cluster.clone(),
         have_version: 0,
         admin: opts.admin.to_string(),
+        namespaces: vec![],
     };
     let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
 

@@ -3,7 +3,8 @@
 //!
 //! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench clusterset`
 //! (flags after `--`: `--clusters 10 --services 300 --endpoints 4000 --churn 50 --seconds 30
-//! --sidecars 1`; the defaults are Istio ambient's published multi-cluster test).
+//! --sidecars 1`; the defaults are Istio ambient's published multi-cluster test;
+//! `--sidecar-scope demo` scopes the sidecars to their own namespace, away from the catalog).
 //!
 //! `strait up` starts N real clusters (controller, gateway and K real sidecars each, peered over
 //! the QUIC tunnel as in production). Each controller is then given a synthetic catalog: the same
@@ -25,7 +26,8 @@
 
 use multicluster_tests::clusterset::{run, Size};
 
-/// `--clusters N --services N --endpoints N --churn N --seconds N --sidecars N`.
+/// `--clusters N --services N --endpoints N --churn N --seconds N --sidecars N
+/// [--sidecar-scope demo]`.
 fn args() -> Size {
     let mut a = Size::default();
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -40,12 +42,15 @@ fn args() -> Size {
             "--churn" => a.churn = value().parse().unwrap_or_else(|_| bad("--churn")),
             "--seconds" => a.seconds = value().parse().unwrap_or_else(|_| bad("--seconds")),
             "--sidecars" => a.sidecars = value().parse().unwrap_or_else(|_| bad("--sidecars")),
+            "--sidecar-scope" => a.sidecar_scope = value().split(',').map(String::from).collect(),
             // cargo bench passes `--bench` to every harness; anything else is a mistake.
             "--bench" => {
                 i += 1;
                 continue;
             }
-            other => panic!("unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars"),
+            other => panic!(
+                "unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars --sidecar-scope"
+            ),
         }
         i += 2;
     }

@@ -5,7 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+use std::time::Duration;
+
 use multicluster_tests::clusterset::{run, Size};
+use multicluster_tests::{get_via, Mesh, MeshOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_change_reaches_every_other_cluster() {
@@ -16,6 +19,7 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         churn: 10.0,
         seconds: 5,
         sidecars: 1,
+        sidecar_scope: vec![],
     };
     let report = run(size.clone()).await.unwrap();
     report.print();
@@ -40,4 +44,52 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
     ] {
         assert!(doc["figures"][key]["value"].is_number(), "{key} missing in {doc}");
     }
+}
+
+/// `--sidecar-scope-namespaces demo`: the sidecars are sent none of the `sim` catalog (the
+/// controller leaves those services out of their config stream), keep everything in `demo`,
+/// and still call across clusters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_sidecar_holds_only_its_namespaces_and_still_calls_them() {
+    let mesh = Mesh::start_with(MeshOptions {
+        extra_args: vec!["--sidecar-scope-namespaces".into(), "demo".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east = mesh.cluster("east");
+    let catalog = east.controller.catalog_dir.clone().unwrap();
+    std::fs::write(
+        catalog.join("other.yaml"),
+        "services:\n  - name: ledger-copy\n    namespace: other\n    serviceAccount: other\n    ports: [{port: 80}]\n    endpoints:\n      - {workload: x, address: \"10.9.9.9:80\", zone: us-east-1a}\n",
+    )
+    .unwrap();
+    // The controller has it (its own view) ...
+    Mesh::eventually(
+        "the controller merges other/ledger-copy",
+        Duration::from_secs(10),
+        || async {
+            Mesh::admin_json(east.controller.admin_addr, "/services")
+                .await
+                .map(|v| v.to_string().contains("ledger-copy"))
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+    // ... a sidecar scoped to demo is not sent it, and still holds and calls demo services.
+    let w = &east.workloads[0];
+    let config = Mesh::admin_json(w.admin_addr, "/config").await.unwrap();
+    let hosts: Vec<String> = config["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["host"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(!hosts.iter().any(|h| h.contains(".other.")), "{hosts:?}");
+    assert!(hosts.iter().any(|h| h.starts_with("echo.demo.")), "{hosts:?}");
+    let (status, _) = get_via(w.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
 }

@@ -42,6 +42,8 @@ pub struct SidecarOptions {
     pub limits: crate::ProxyLimits,
     /// Spans and access logs.
     pub telemetry: strait_api::telemetry::TelemetryOptions,
+    /// Only services in these namespaces are sent to this sidecar (empty: every namespace).
+    pub scope_namespaces: Vec<String>,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -118,6 +120,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         cluster: opts.locality.cluster.clone(),
         have_version: 0,
         admin: opts.admin.to_string(),
+        namespaces: opts.scope_namespaces.clone(),
     };
     let (store, found) = opts.controller.connect(hello, &registry, tx).await?;
     // No zone given (the injector does not know the node yet): take the one the CA found.

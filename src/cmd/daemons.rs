@@ -135,6 +135,12 @@ pub struct SidecarArgs {
     /// (allow-any) or refuse them (registry-only).
     #[arg(long, value_enum, default_value_t = OutboundTraffic::AllowAny)]
     pub outbound_traffic: OutboundTraffic,
+    /// Only services in these namespaces (comma-separated) are sent to this sidecar, so its
+    /// memory and config traffic follow what it calls rather than the clusterset's size, like
+    /// Istio's Sidecar egress hosts. Services elsewhere are unknown to it (see
+    /// --outbound-traffic). Default: every namespace. Example: --scope-namespaces demo,payments
+    #[arg(long, value_delimiter = ',', value_parser = namespace_name)]
+    pub scope_namespaces: Vec<String>,
     /// The DNS proxy's address (UDP and TCP), where `strait sidecar init` sends port 53, e.g.
     /// 127.0.0.1:15053. Off when not given.
     #[arg(long)]
@@ -181,6 +187,23 @@ pub struct TelemetryArgs {
 pub enum AccessLogFormat {
     Text,
     Json,
+}
+
+/// A Kubernetes namespace name (an RFC 1123 label).
+pub(crate) fn namespace_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (lowercase letters, digits and '-', at most 63, e.g. demo)"
+        ))
+    }
 }
 
 pub(crate) fn percentage(s: &str) -> Result<f64, String> {
@@ -291,6 +314,7 @@ pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
         drain_timeout: a.identity.drain_timeout,
         limits: a.limits.into(),
         telemetry: a.telemetry.into(),
+        scope_namespaces: a.scope_namespaces,
         controller: a.identity.link()?,
     })
     .await

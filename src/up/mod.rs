@@ -105,6 +105,10 @@ pub struct UpArgs {
     /// format) or json.
     #[arg(long, value_parser = ["text", "json"])]
     pub access_log: Option<String>,
+    /// Every sidecar is sent only the services of these namespaces (comma-separated; see
+    /// `strait sidecar --scope-namespaces`). Default: every namespace.
+    #[arg(long, value_delimiter = ',', value_parser = crate::cmd::daemons::namespace_name)]
+    pub sidecar_scope_namespaces: Vec<String>,
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -263,6 +267,9 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
             ]);
             if netns {
                 args.extend(["--dns".into(), plan::DNS_PROXY.into()]);
+            }
+            if !plan.sidecar_scope.is_empty() {
+                args.extend(["--scope-namespaces".into(), plan.sidecar_scope.join(",")]);
             }
             args.extend(identity(c.controller, &w.name));
             let name = format!("sidecar-{}-{}", c.name, w.name);
@@ -626,6 +633,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let mut plan = Plan::new(topology, &state_dir, mode);
     plan.telemetry = telemetry_args(&args);
+    plan.sidecar_scope = args.sidecar_scope_namespaces.clone();
     progress(format!(
         "creating trust domain {} with {} cluster CAs in {}",
         plan.topology.trust_domain,

@@ -96,6 +96,8 @@ pub struct Plan {
     pub clusters: Vec<ClusterPlan>,
     /// Flags for every sidecar and gateway: spans and access logs.
     pub telemetry: Vec<String>,
+    /// `--scope-namespaces` for every sidecar (empty: every namespace).
+    pub sidecar_scope: Vec<String>,
 }
 
 /// The address of `host` in cluster number `cluster` (1-based).
@@ -212,6 +214,7 @@ impl Plan {
             bundle: state_dir.join("trust").join("bundle.pem"),
             clusters,
             telemetry: vec![],
+            sidecar_scope: vec![],
         }
     }
 
