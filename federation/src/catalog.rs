@@ -4,8 +4,9 @@
 //! condition (in every cluster, since every cluster computes the same merge); every service
 //! gets a ClusterSet IP that is the same in every cluster. Pure functions over plain data.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use strait_api::pb;
@@ -70,11 +71,35 @@ pub struct MergedService {
     pub clusters: Vec<String>,
 }
 
+/// The merged catalog by `<ns>/<name>`; a service that did not change between two merges is
+/// the same `Arc` in both, so everything downstream can skip it by pointer.
+pub type Merged = BTreeMap<String, Arc<MergedService>>;
+
+/// What the last merge saw and made, per service: a service whose exports (and address) are
+/// unchanged is not merged again. This keeps a change's cost in proportion to what changed,
+/// not to the catalog.
+#[derive(Default)]
+pub struct MergeMemo {
+    by_service: HashMap<String, Memo>,
+}
+
+/// One service's inputs (exporting cluster, export) as last merged, and the result.
+type Memo = (Vec<(String, pb::ExportedService)>, Arc<MergedService>);
+
 /// Merges exports by cluster. `exports` maps cluster name → its services by `<ns>/<name>`.
 pub fn merge<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>(
     exports: &BTreeMap<String, M>,
     range: IpRange,
-) -> BTreeMap<String, MergedService> {
+) -> Merged {
+    merge_with(&mut MergeMemo::default(), exports, range)
+}
+
+/// [`merge`], reusing from `memo` every service whose inputs did not change.
+pub fn merge_with<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>(
+    memo: &mut MergeMemo,
+    exports: &BTreeMap<String, M>,
+    range: IpRange,
+) -> Merged {
     let mut by_service: BTreeMap<&String, Vec<(&String, &pb::ExportedService)>> = BTreeMap::new();
     for (cluster, services) in exports {
         for (key, svc) in services.borrow() {
@@ -85,6 +110,15 @@ pub fn merge<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>(
     let mut out = BTreeMap::new();
     for (key, mut list) in by_service {
         list.sort_by(|a, b| (a.1.exported_at_unix_ms, a.0).cmp(&(b.1.exported_at_unix_ms, b.0)));
+        if let Some((inputs, done)) = memo.by_service.get(key) {
+            let same = done.clusterset_ip == ips[key]
+                && inputs.len() == list.len()
+                && inputs.iter().zip(&list).all(|((c, s), (c2, s2))| c == *c2 && s == *s2);
+            if same {
+                out.insert(key.clone(), done.clone());
+                continue;
+            }
+        }
         let (oldest_cluster, oldest) = list[0];
         let mut ports: Vec<pb::ServicePort> = vec![];
         let mut conflicts = vec![];
@@ -120,20 +154,26 @@ pub fn merge<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>(
         let mut identities: Vec<String> = list.iter().flat_map(|(_, s)| s.identities.iter().cloned()).collect();
         identities.sort();
         identities.dedup();
-        out.insert(
+        let merged = Arc::new(MergedService {
+            name: oldest.name.clone(),
+            namespace: oldest.namespace.clone(),
+            clusterset_ip: ips[key],
+            ports,
+            endpoints: list.iter().flat_map(|(_, s)| s.endpoints.iter().cloned()).collect(),
+            identities,
+            conditions,
+            clusters: list.iter().map(|(c, _)| (*c).clone()).collect(),
+        });
+        memo.by_service.insert(
             key.clone(),
-            MergedService {
-                name: oldest.name.clone(),
-                namespace: oldest.namespace.clone(),
-                clusterset_ip: ips[key],
-                ports,
-                endpoints: list.iter().flat_map(|(_, s)| s.endpoints.iter().cloned()).collect(),
-                identities,
-                conditions,
-                clusters: list.iter().map(|(c, _)| (*c).clone()).collect(),
-            },
+            (
+                list.iter().map(|(c, s)| ((*c).clone(), (*s).clone())).collect(),
+                merged.clone(),
+            ),
         );
+        out.insert(key.clone(), merged);
     }
+    memo.by_service.retain(|k, _| out.contains_key(k));
     out
 }
 
@@ -175,6 +215,33 @@ mod tests {
                 .insert(format!("demo/{}", svc.name), svc);
         }
         out
+    }
+
+    #[test]
+    fn a_merge_redoes_only_what_changed() {
+        let mut memo = MergeMemo::default();
+        let range: IpRange = "240.0.0.0/4".parse().unwrap();
+        let mut e = exports(vec![
+            ("east", export("a", "east", 1, &[(80, "http")])),
+            ("west", export("a", "west", 2, &[(80, "http")])),
+            ("west", export("b", "west", 3, &[(80, "http")])),
+        ]);
+        let first = merge_with(&mut memo, &e, range);
+        // West moves b's endpoint: b is merged again, a is the very same Arc.
+        let mut moved = export("b", "west", 3, &[(80, "http")]);
+        moved.endpoints[0].address = "127.0.0.1:9".into();
+        e.get_mut("west").unwrap().insert("demo/b".into(), moved);
+        let second = merge_with(&mut memo, &e, range);
+        assert!(Arc::ptr_eq(&first["demo/a"], &second["demo/a"]));
+        assert!(!Arc::ptr_eq(&first["demo/b"], &second["demo/b"]));
+        assert_eq!(second["demo/b"].endpoints[0].address, "127.0.0.1:9");
+        // And the result equals a merge from scratch.
+        assert_eq!(second, merge(&e, range));
+        // A service that is gone leaves the memo and the result.
+        e.get_mut("west").unwrap().remove("demo/b");
+        let third = merge_with(&mut memo, &e, range);
+        assert!(!third.contains_key("demo/b"));
+        assert_eq!(memo.by_service.len(), 1);
     }
 
     #[test]

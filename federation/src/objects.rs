@@ -26,8 +26,6 @@ use strait_api::routes::compile::{compile_route, BackendLookup, RouteError, Targ
 use strait_api::routes::{grpc, GrpcRouteSpec, HttpRouteSpec};
 use strait_api::traffic::{compile_policy, TargetLookup, TrafficPolicySpec};
 
-use crate::catalog::MergedService;
-
 pub const HTTP_ROUTE: &str = "HTTPRoute";
 pub const GRPC_ROUTE: &str = "GRPCRoute";
 pub const TRAFFIC_POLICY: &str = "TrafficPolicy";
@@ -700,7 +698,7 @@ pub struct Checked {
 /// last good version (`last_good`, updated here) and reports why; nothing else is affected.
 pub fn check(
     effective: &BTreeMap<String, Effective>,
-    merged: &BTreeMap<String, MergedService>,
+    merged: &crate::catalog::Merged,
     last_good: &mut BTreeMap<String, pb::PolicyObject>,
     cluster: &str,
 ) -> Checked {
@@ -1091,13 +1089,13 @@ spec: {targetRefs: [{kind: Service, name: x}]}
     }
 
     /// A catalog of HTTP services on port 80 in namespace demo.
-    fn catalog(names: &[&str]) -> BTreeMap<String, MergedService> {
+    fn catalog(names: &[&str]) -> crate::catalog::Merged {
         names
             .iter()
             .map(|s| {
                 (
                     format!("demo/{s}"),
-                    MergedService {
+                    std::sync::Arc::new(crate::catalog::MergedService {
                         name: s.to_string(),
                         namespace: "demo".into(),
                         clusterset_ip: std::net::Ipv4Addr::UNSPECIFIED,
@@ -1110,7 +1108,7 @@ spec: {targetRefs: [{kind: Service, name: x}]}
                         identities: vec![],
                         conditions: vec![],
                         clusters: vec!["east".into()],
-                    },
+                    }),
                 )
             })
             .collect()

@@ -382,7 +382,8 @@ impl PeerClient {
         let sent_updates = self.metrics.updates.with_label_values(&[&self.peer.name]);
         let sent_bytes = self.metrics.bytes.with_label_values(&[&self.peer.name]);
         let sender = tokio::spawn(async move {
-            let mut sent: BTreeMap<String, pb::ExportedService> = BTreeMap::new();
+            // What the peer holds: the exports last sent, shared with the watch (never copied).
+            let mut sent: Arc<Exports> = Arc::default();
             let mut sent_objects: Option<Vec<pb::PolicyObject>> = None;
             let mut sent_statuses: Option<Vec<pb::ObjectStatus>> = None;
             let mut sent_traffic_at = 0i64;
@@ -401,16 +402,17 @@ impl PeerClient {
                     update.upserts = current
                         .services
                         .iter()
-                        .filter(|(k, v)| sent.get(*k) != Some(v))
+                        .filter(|(k, v)| sent.services.get(*k) != Some(v))
                         .map(|(_, v)| v.clone())
                         .collect();
                     update.removed = sent
+                        .services
                         .keys()
                         .filter(|k| !current.services.contains_key(*k))
                         .cloned()
                         .collect();
                 }
-                sent = current.services.clone();
+                sent = current.clone();
                 if sent_objects.as_ref() != Some(&current.objects) {
                     update.objects_included = true;
                     update.objects = current.objects.clone();

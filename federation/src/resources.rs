@@ -1,20 +1,21 @@
 //! From the merged catalog to the named, versioned resources the config stream carries, and
 //! the diff between two such sets. Pure functions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use prost::Message;
 use sha2::{Digest, Sha256};
 use strait_api::pb;
 use strait_api::pb::resource::Kind;
 
-use crate::catalog::MergedService;
+use crate::catalog::{Merged, MergedService};
 
 /// The full config at one version.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigState {
     pub version: u64,
-    pub resources: BTreeMap<String, pb::Resource>,
+    pub resources: BTreeMap<String, Arc<pb::Resource>>,
     /// False right after a (re)start until every peer has been heard from (or one lease
     /// passed): until then the catalog lacks remote services, and serving it to sidecars would
     /// make them drop endpoints that are fine. Gateways get it at once (peers reach this
@@ -30,7 +31,7 @@ impl ConfigState {
     /// resource whose version did not change.
     pub fn since_from(
         previous: &ConfigState,
-        resources: &BTreeMap<String, pb::Resource>,
+        resources: &BTreeMap<String, Arc<pb::Resource>>,
         version: u64,
     ) -> BTreeMap<String, u64> {
         resources
@@ -78,27 +79,72 @@ pub fn service_resource(svc: &MergedService) -> pb::Resource {
     )
 }
 
+/// Each service's resource from the last build, by the merged service it was made from: an
+/// unchanged service (the same `Arc`) is not encoded and hashed again.
+#[derive(Default)]
+pub struct BuildMemo {
+    by_service: HashMap<String, (Arc<MergedService>, Arc<pb::Resource>)>,
+}
+
+/// Whether two builds hold the same resources (names and versions; a version is a digest of
+/// the content).
+pub fn same_versions(a: &BTreeMap<String, Arc<pb::Resource>>, b: &BTreeMap<String, Arc<pb::Resource>>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, ra), (kb, rb))| ka == kb && ra.version == rb.version)
+}
+
 /// Everything proxies of this cluster receive.
 pub fn build(
-    merged: &BTreeMap<String, MergedService>,
+    merged: &Merged,
     system_services: &[pb::Service],
     gateways: &[pb::Gateway],
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
     objects: &crate::objects::Checked,
-) -> BTreeMap<String, pb::Resource> {
+) -> BTreeMap<String, Arc<pb::Resource>> {
+    build_with(
+        &mut BuildMemo::default(),
+        merged,
+        system_services,
+        gateways,
+        policy,
+        bundles,
+        objects,
+    )
+}
+
+/// [`build`], reusing from `memo` the resource of every service that did not change.
+pub fn build_with(
+    memo: &mut BuildMemo,
+    merged: &Merged,
+    system_services: &[pb::Service],
+    gateways: &[pb::Gateway],
+    policy: &pb::LocalityPolicy,
+    bundles: &[pb::TrustBundle],
+    objects: &crate::objects::Checked,
+) -> BTreeMap<String, Arc<pb::Resource>> {
     let mut out = BTreeMap::new();
-    for svc in merged.values() {
-        let r = service_resource(svc);
+    for (key, svc) in merged {
+        let r = match memo.by_service.get(key) {
+            Some((made_from, r)) if Arc::ptr_eq(made_from, svc) => r.clone(),
+            _ => {
+                let r = Arc::new(service_resource(svc));
+                memo.by_service.insert(key.clone(), (svc.clone(), r.clone()));
+                r
+            }
+        };
         out.insert(r.name.clone(), r);
     }
+    memo.by_service.retain(|k, _| merged.contains_key(k));
     for s in system_services {
         let r = resource(format!("service/{}/{}", s.namespace, s.name), Kind::Service(s.clone()));
-        out.insert(r.name.clone(), r);
+        out.insert(r.name.clone(), Arc::new(r));
     }
     for g in gateways {
         let r = resource(format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
-        out.insert(r.name.clone(), r);
+        out.insert(r.name.clone(), Arc::new(r));
     }
     for route in &objects.routes {
         let prefix = if route.kind == "GRPCRoute" {
@@ -110,27 +156,27 @@ pub fn build(
             format!("{prefix}/{}/{}", route.namespace, route.name),
             Kind::HttpRoute(route.clone()),
         );
-        out.insert(r.name.clone(), r);
+        out.insert(r.name.clone(), Arc::new(r));
     }
     for p in &objects.policies {
         let r = resource(
             format!("trafficpolicy/{}/{}", p.namespace, p.name),
             Kind::TrafficPolicy(p.clone()),
         );
-        out.insert(r.name.clone(), r);
+        out.insert(r.name.clone(), Arc::new(r));
     }
     for p in &objects.authz {
         let r = resource(
             format!("authz/{}/{}", p.namespace, p.name),
             Kind::AuthorizationPolicy(p.clone()),
         );
-        out.insert(r.name.clone(), r);
+        out.insert(r.name.clone(), Arc::new(r));
     }
     let r = resource("policy/locality".into(), Kind::LocalityPolicy(policy.clone()));
-    out.insert(r.name.clone(), r);
+    out.insert(r.name.clone(), Arc::new(r));
     for b in bundles {
         let r = resource(format!("bundle/{}", b.trust_domain), Kind::TrustBundle(b.clone()));
-        out.insert(r.name.clone(), r);
+        out.insert(r.name.clone(), Arc::new(r));
     }
     out
 }
@@ -138,13 +184,13 @@ pub fn build(
 /// What changed from `sent` (name → version) to `now`: resources to send and names removed.
 pub fn diff(
     sent: &BTreeMap<String, String>,
-    now: &BTreeMap<String, pb::Resource>,
+    now: &BTreeMap<String, Arc<pb::Resource>>,
     include: impl Fn(&str) -> bool,
 ) -> (Vec<pb::Resource>, Vec<String>) {
     let changed = now
         .values()
         .filter(|r| include(&r.name) && sent.get(&r.name) != Some(&r.version))
-        .cloned()
+        .map(|r| (**r).clone())
         .collect();
     let removed = sent
         .keys()
@@ -157,6 +203,39 @@ pub fn diff(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_reuses_unchanged_services() {
+        let policy = pb::LocalityPolicy::default();
+        let svc = |name: &str, port: u32| {
+            Arc::new(MergedService {
+                name: name.into(),
+                namespace: "demo".into(),
+                clusterset_ip: std::net::Ipv4Addr::new(240, 0, 0, 1),
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    port,
+                    protocol: "http".into(),
+                }],
+                endpoints: vec![],
+                identities: vec![],
+                conditions: vec![],
+                clusters: vec!["east".into()],
+            })
+        };
+        let mut merged: Merged = BTreeMap::from([("demo/a".into(), svc("a", 80)), ("demo/b".into(), svc("b", 80))]);
+        let mut memo = BuildMemo::default();
+        let objects = Default::default();
+        let first = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        merged.insert("demo/b".into(), svc("b", 81));
+        let second = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        assert!(Arc::ptr_eq(&first["service/demo/a"], &second["service/demo/a"]));
+        assert_ne!(first["service/demo/b"].version, second["service/demo/b"].version);
+        // The same content as a build from scratch, version for version.
+        let fresh = build(&merged, &[], &[], &policy, &[], &objects);
+        assert!(same_versions(&second, &fresh));
+        assert!(!same_versions(&first, &fresh));
+    }
 
     #[test]
     fn diff_sends_only_changes() {

@@ -24,10 +24,10 @@ use strait_trust::{
     WorkloadCert,
 };
 
-use crate::catalog::{merge, IpRange, MergedService};
+use crate::catalog::{merge_with, IpRange, MergeMemo, Merged};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
-use crate::resources::{build, ConfigState};
+use crate::resources::{build_with, same_versions, BuildMemo, ConfigState};
 use crate::source::{FileSource, SourceError};
 use crate::xds::XdsServer;
 use crate::{policy, ControllerConfig, FEDERATION_PORT};
@@ -35,7 +35,7 @@ use crate::{policy, ControllerConfig, FEDERATION_PORT};
 /// What the admin views show, refreshed by the merge loop.
 #[derive(Default)]
 struct View {
-    merged: BTreeMap<String, MergedService>,
+    merged: Merged,
     source_errors: Vec<SourceError>,
     policy_error: Option<String>,
     version: u64,
@@ -286,7 +286,9 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("the controller config names no source (catalogDir or kubernetes)"),
     };
-    let mut last_merged: Option<BTreeMap<String, MergedService>> = None;
+    let mut last_merged: Option<Merged> = None;
+    let mut merge_memo = MergeMemo::default();
+    let mut build_memo = BuildMemo::default();
     let mut policy_generation: Option<i64> = None;
     let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
     if let Some(dir) = &cfg.routes_dir {
@@ -376,7 +378,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             }
         }
         peers_alive.set(alive);
-        let merged = merge(&by_cluster, range);
+        let merged = merge_with(&mut merge_memo, &by_cluster, range);
         // Routes and policies: ours (both scopes) and every peer's clusterset ones, merged,
         // then checked against this cluster's catalog.
         let own_objects: Vec<pb::PolicyObject> = object_store
@@ -388,7 +390,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let peer_objects: Vec<pb::PolicyObject> = peers.iter().flat_map(|p| p.objects.iter().cloned()).collect();
         let effective = crate::objects::effective(&own_objects, &peer_objects);
         let checked = crate::objects::check(&effective, &merged, &mut last_good, &cfg.cluster);
-        let resources = build(
+        let resources = build_with(
+            &mut build_memo,
             &merged,
             std::slice::from_ref(&federation_service),
             &gateways,
@@ -402,7 +405,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 .peers
                 .iter()
                 .all(|p| peers.iter().any(|s| s.cluster == p.name && s.alive(now)));
-        let changed = state_tx.borrow().resources != resources || state_tx.borrow().warm != warm;
+        let changed = !same_versions(&state_tx.borrow().resources, &resources) || state_tx.borrow().warm != warm;
         if changed || version == 0 {
             version += 1;
             versions.set(version as i64);

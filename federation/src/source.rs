@@ -178,7 +178,14 @@ pub struct FileSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     first_seen: HashMap<String, i64>,
+    /// The directory's modification time at the last full scan, and when that was.
+    scanned: Option<(Option<SystemTime>, std::time::Instant)>,
 }
+
+/// A file edited in place leaves its directory's mtime alone: every file is looked at again at
+/// least this often. Files created, replaced (renamed over) or removed change the directory,
+/// and are seen at the next poll.
+pub const FULL_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// When a file last changed, as far as polling can tell: modification time and size.
 pub type Fingerprint = (Option<SystemTime>, u64);
@@ -207,13 +214,24 @@ impl FileSource {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
             first_seen: HashMap::new(),
+            scanned: None,
         }
     }
 
-    /// Re-reads files whose modification time or size changed.
+    /// Re-reads files whose modification time or size changed: at once when the directory
+    /// changed (a file created, renamed over or removed), else every [`FULL_SCAN`]. A poll that
+    /// finds neither costs one stat, whatever the number of files.
     pub fn poll(&mut self) -> bool {
+        let dir_mtime = std::fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
+        if let Some((seen, at)) = self.scanned {
+            if seen == dir_mtime && at.elapsed() < FULL_SCAN {
+                return false;
+            }
+        }
+        // Read before the scan: a change during it shows as a newer mtime at the next poll.
+        self.scanned = Some((dir_mtime, std::time::Instant::now()));
         let mut changed = false;
-        let mut present = vec![];
+        let mut present = std::collections::HashSet::new();
         let files = match yaml_files(&self.dir) {
             Ok(f) => f,
             Err(e) => {
@@ -222,11 +240,14 @@ impl FileSource {
             }
         };
         for (path, fp) in files {
-            present.push(path.clone());
-            let state = self.files.entry(path.clone()).or_default();
-            if state.fingerprint == fp && (state.good.is_some() || state.error.is_some()) {
-                continue;
+            if let Some(state) = self.files.get(&path) {
+                if state.fingerprint == fp && (state.good.is_some() || state.error.is_some()) {
+                    present.insert(path);
+                    continue;
+                }
             }
+            present.insert(path.clone());
+            let state = self.files.entry(path.clone()).or_default();
             state.fingerprint = fp;
             changed = true;
             let parsed = std::fs::read_to_string(&path)
@@ -361,6 +382,33 @@ fn to_export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_files_are_seen_at_once_and_edits_in_place_within_a_full_scan() {
+        let dir = std::env::temp_dir().join(format!("strait-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = |port: u16| {
+            format!("services:\n- name: echo\n  namespace: demo\n  serviceAccount: echo\n  ports: [{{port: {port}}}]\n")
+        };
+        let mut source = FileSource::new(&dir);
+        assert!(!source.poll());
+        std::fs::write(dir.join("a.yaml"), svc(80)).unwrap();
+        assert!(source.poll(), "a new file changes the directory: seen at the next poll");
+        assert!(!source.poll(), "nothing changed");
+        // Same size, new content, same inode: only the full scan notices.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.join("a.yaml"), svc(81)).unwrap();
+        let started = std::time::Instant::now();
+        while !source.poll() {
+            assert!(started.elapsed() < FULL_SCAN * 3, "an edit in place was never seen");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (services, _) = source.services("east", "us-east", &"mesh.local".parse().unwrap(), SystemTime::now());
+        assert_eq!(services["demo/echo"].service.ports[0].port, 81);
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert!(source.poll(), "a removed file changes the directory");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn validation_names_every_bad_field() {

@@ -139,7 +139,7 @@ impl ConfigService for XdsServer {
                                 .resources
                                 .values()
                                 .filter(|r| include(&r.name))
-                                .cloned()
+                                .map(|r| (**r).clone())
                                 .collect(),
                             removed: vec![],
                         }

@@ -62,7 +62,7 @@ impl ImportWriter {
 
     /// Makes this cluster's ServiceImports match `merged`. Namespaces that do not exist here
     /// get no import (MCS namespace sameness).
-    pub async fn sync(&mut self, merged: &BTreeMap<String, MergedService>) -> Result<(), kube::Error> {
+    pub async fn sync(&mut self, merged: &crate::catalog::Merged) -> Result<(), kube::Error> {
         let namespaces: Vec<String> = Api::<Namespace>::all(self.client.clone())
             .list_metadata(&ListParams::default())
             .await?

@@ -140,7 +140,7 @@ impl KubeSource {
     /// merge decides, so every exporting cluster reports the same conflict).
     pub fn export_conditions(
         &self,
-        merged: &BTreeMap<String, crate::catalog::MergedService>,
+        merged: &crate::catalog::Merged,
         errors: &[SourceError],
     ) -> BTreeMap<String, Vec<Condition>> {
         let mut out = BTreeMap::new();
