@@ -67,6 +67,14 @@ pub struct Report {
     pub sidecar_rss_mib: Vec<f64>,
     /// Endpoints in `sim` each probe held at the end (deltas applied right: clusters x endpoints).
     pub final_endpoints: Vec<usize>,
+    /// From `kill -9` of one controller until its subscribers hold the whole catalog again.
+    pub restart_resync: Duration,
+    /// Peering bytes sent by every controller in the 10 s after that kill ...
+    pub restart_bytes: f64,
+    /// ... and in 10 quiet seconds before it.
+    pub quiet_bytes: f64,
+    /// Peering bytes of the first sync: every cluster's whole catalog to every peer.
+    pub initial_sync_bytes: f64,
 }
 
 fn cluster_name(c: usize) -> String {
@@ -166,6 +174,8 @@ type Pending = Arc<Mutex<HashMap<String, (Instant, usize)>>>;
 struct Seen {
     /// Endpoints in `sim` each probe holds now.
     endpoints: Vec<usize>,
+    /// Config streams each probe has opened.
+    sessions: Vec<usize>,
     /// Change -> delivery latencies, one per (change, other cluster).
     delays: Vec<Duration>,
     /// (address, probe cluster) already counted.
@@ -175,18 +185,33 @@ struct Seen {
 /// Subscribes to cluster `c`'s controller as a proxy would, ACKs every version, and records
 /// when pending changes from other clusters arrive.
 async fn probe(c: usize, controller: String, store: strait_trust::CertStore, pending: Pending, seen: Arc<Mutex<Seen>>) {
+    // Like a sidecar, subscribe again when the controller goes away.
+    loop {
+        probe_session(c, &controller, &store, &pending, &seen).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn probe_session(
+    c: usize,
+    controller: &str,
+    store: &strait_trust::CertStore,
+    pending: &Pending,
+    seen: &Arc<Mutex<Seen>>,
+) {
     let td = store.id().trust_domain().clone();
     let controller_id =
         strait_trust::SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA).unwrap();
-    let config = strait_trust::client_config(
-        Some(&store),
+    let Ok(config) = strait_trust::client_config(
+        Some(store),
         store.bundle(),
         store.metrics(),
         strait_trust::PeerPolicy::OneOf(vec![controller_id]),
         &[strait_trust::ALPN_H2],
-    )
-    .unwrap();
-    let channel = strait_api::transport::tls_channel(&controller, Arc::new(config));
+    ) else {
+        return;
+    };
+    let channel = strait_api::transport::tls_channel(controller, Arc::new(config));
     let mut client = pb::config_service_client::ConfigServiceClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::ProxyMessage {
@@ -199,11 +224,11 @@ async fn probe(c: usize, controller: String, store: strait_trust::CertStore, pen
     })
     .await
     .unwrap();
-    let mut updates = client
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let Ok(updates) = client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
+        return;
+    };
+    let mut updates = updates.into_inner();
+    seen.lock().unwrap().sessions[c] += 1;
     let mut held: HashMap<String, usize> = HashMap::new();
     while let Ok(Some(update)) = updates.message().await {
         let now = Instant::now();
@@ -278,7 +303,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     if !a.sidecar_scope.is_empty() {
         extra_args = vec!["--sidecar-scope-namespaces".to_string(), a.sidecar_scope.join(",")];
     }
-    let mesh = Mesh::start_with(MeshOptions {
+    let mut mesh = Mesh::start_with(MeshOptions {
         topology: Some(topology(&a)),
         extra_args,
         ..Default::default()
@@ -291,6 +316,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     let pending: Pending = Arc::default();
     let seen = Arc::new(Mutex::new(Seen {
         endpoints: vec![0; n],
+        sessions: vec![0; n],
         ..Default::default()
     }));
     for (c, info) in mesh.info.clusters.iter().enumerate() {
@@ -320,6 +346,19 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         .map(|c| c.controller.catalog_dir.clone())
         .collect::<Option<_>>()
         .ok_or_else(|| anyhow::anyhow!("the simulator needs file-backed controllers"))?;
+    let admins: Vec<std::net::SocketAddr> = mesh.info.clusters.iter().map(|c| c.controller.admin_addr).collect();
+    let peering_bytes = || async {
+        let mut total = 0.0;
+        for a in &admins {
+            total += metric_sum(
+                &scrape(*a).await.unwrap_or_default(),
+                "strait_peering_sent_bytes_total",
+                &[],
+            );
+        }
+        total
+    };
+    let sync_bytes_before = peering_bytes().await;
     let sync = Instant::now();
     for (c, cat) in catalogs.iter().enumerate() {
         cat.write_all(&dirs[c]);
@@ -347,22 +386,11 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let initial_sync = sync.elapsed();
+    let initial_sync_bytes = peering_bytes().await - sync_bytes_before;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Churn, with each process's CPU and the peering bytes over the same period.
     let controllers: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
-    let admins: Vec<std::net::SocketAddr> = mesh.info.clusters.iter().map(|c| c.controller.admin_addr).collect();
-    let peering_bytes = || async {
-        let mut total = 0.0;
-        for a in &admins {
-            total += metric_sum(
-                &scrape(*a).await.unwrap_or_default(),
-                "strait_peering_sent_bytes_total",
-                &[],
-            );
-        }
-        total
-    };
     let sidecar_pids: Vec<u32> = mesh
         .info
         .clusters
@@ -435,6 +463,59 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     let controller_rss_mib = controllers.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
     let sidecar_rss_mib = sidecar_pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
     let final_endpoints = seen.lock().unwrap().endpoints.clone();
+
+    // A controller restarts (kill -9, then its own command): how long until its subscribers
+    // hold the whole catalog again, and what the clusterset sends meanwhile beside what it
+    // sends when nothing happens. Peers resend their exports to it; nothing else should move.
+    let per_controller = || async {
+        let mut out = vec![];
+        for a in &admins {
+            out.push(metric_sum(
+                &scrape(*a).await.unwrap_or_default(),
+                "strait_peering_sent_bytes_total",
+                &[],
+            ));
+        }
+        out
+    };
+    let window = Duration::from_secs(10);
+    // A restarted counter starts again from 0.
+    let sent_since = |before: &[f64], after: &[f64]| -> f64 {
+        before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| if a >= b { a - b } else { *a })
+            .sum()
+    };
+    let quiet_before = per_controller().await;
+    tokio::time::sleep(window).await;
+    let quiet_bytes = sent_since(&quiet_before, &per_controller().await);
+    let restarted = mesh.info.clusters[0].controller.clone();
+    let sessions_before = seen.lock().unwrap().sessions[0];
+    let before = per_controller().await;
+    mesh.kill9(restarted.pid);
+    let killed_at = Instant::now();
+    mesh.restart(&restarted.command, Some(&restarted.log))?;
+    loop {
+        let (sessions, held) = {
+            let s = seen.lock().unwrap();
+            (s.sessions[0], s.endpoints[0])
+        };
+        if sessions > sessions_before && held >= want {
+            break;
+        }
+        anyhow::ensure!(
+            killed_at.elapsed() < Duration::from_secs(120),
+            "after a restart, {} never served the whole catalog again ({held} of {want})",
+            restarted.addr
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let restart_resync = killed_at.elapsed();
+    if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
+        tokio::time::sleep(rest).await;
+    }
+    let restart_bytes = sent_since(&before, &per_controller().await);
     Ok(Report {
         changes,
         delays,
@@ -448,6 +529,10 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         peering_bytes_per_pair: bytes / churned / (n * (n - 1)) as f64,
         sidecar_rss_mib,
         final_endpoints,
+        restart_resync,
+        restart_bytes,
+        initial_sync_bytes,
+        quiet_bytes,
         size: a,
     })
 }
@@ -507,6 +592,14 @@ impl Report {
             max(&self.sidecar_rss_mib)
         );
         println!("initial sync to every probe: {:.2}s", self.initial_sync.as_secs_f64());
+        println!(
+            "controller restart (kill -9): its subscribers whole again after {:.2}s; peering bytes in the 10 s after: {:.0} (10 quiet seconds: {:.0}; the first sync of the whole clusterset: {:.0}, so the restart cost {:.2} of it)",
+            self.restart_resync.as_secs_f64(),
+            self.restart_bytes,
+            self.quiet_bytes,
+            self.initial_sync_bytes,
+            self.restart_extra() / self.initial_sync_bytes.max(1.0)
+        );
     }
 
     pub fn figures(&self) -> Figures {
@@ -546,7 +639,23 @@ impl Report {
         f.add("sidecar.rss_mean", mean(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.rss_max", max(&self.sidecar_rss_mib), "MiB");
         f.add("initial_sync", self.initial_sync.as_secs_f64(), "s");
+        f.add("restart.resync", self.restart_resync.as_secs_f64(), "s");
+        f.add("restart.peering_bytes_10s", self.restart_bytes, "B");
+        f.add("quiet.peering_bytes_10s", self.quiet_bytes, "B");
+        f.add("initial_sync.peering_bytes", self.initial_sync_bytes, "B");
+        f.ratio(
+            "restart.extra_bytes_over_initial_sync",
+            self.restart_extra() / self.initial_sync_bytes.max(1.0),
+            Some(1.0),
+        );
         f
+    }
+
+    /// What a controller's restart sent beyond quiet traffic: its peers' exports to it and its
+    /// own to them (about 2/N of the first sync). A resync storm would be the whole first sync
+    /// again, or more.
+    pub fn restart_extra(&self) -> f64 {
+        (self.restart_bytes - self.quiet_bytes).max(0.0)
     }
 
     /// The p-th percentile of change -> delivery.
