@@ -18,7 +18,10 @@
 //!   CPU seconds per 1,000 requests and RSS of each proxy, and the ratios;
 //! - each proxy's peak RSS.
 //!
-//! `STRAIT_BENCH_ONLY=latency,bulk,stream` runs only those sections (the HAProxy comparison is
+//! - new connection setup: a new cross-cluster connection until its first echoed byte, beside a
+//!   direct connection to the app (added p50/p90/p99).
+//!
+//! `STRAIT_BENCH_ONLY=latency,setup,bulk,stream` runs only those sections (the HAProxy comparison is
 //! part of `latency`). Every figure is also written to `target/strait-bench/mesh.json`.
 
 #![allow(clippy::unwrap_used)]
@@ -317,6 +320,9 @@ async fn main() {
     if wanted("latency") {
         latency(&mesh, &client, &echo, &remote, seconds, &mut figures).await;
     }
+    if wanted("setup") {
+        setup_section(&client, &sink, &mut figures).await;
+    }
     if wanted("bulk") {
         bulk_section(&mesh, &client, &sink, gateway_west, &mut figures).await;
     }
@@ -504,6 +510,70 @@ async fn latency(
         scpu[0], scpu[1]
     );
     figures.add("side_by_side.strait.vcpu_per_1000_rps_per_proxy", vcpu, "vCPU");
+}
+
+/// Connects, sends one byte and reads its echo; returns the time taken.
+async fn first_echo(stream: impl std::future::Future<Output = tokio::net::TcpStream>) -> Duration {
+    let start = Instant::now();
+    let mut s = stream.await;
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    start.elapsed()
+}
+
+/// New connection setup: an application's new cross-cluster connection (through its sidecar,
+/// a new stream on the pooled QUIC connection to the gateway, a new inner mTLS session with the
+/// destination sidecar) until its first echoed byte, beside a direct TCP connection to the app.
+async fn setup_section(
+    client: &multicluster_tests::WorkloadInfo,
+    sink: &multicluster_tests::WorkloadInfo,
+    figures: &mut Figures,
+) {
+    const N: usize = 300;
+    let mut direct = vec![];
+    let mut mesh = vec![];
+    for _ in 0..N {
+        direct.push(first_echo(async { tokio::net::TcpStream::connect(sink.app_addr).await.unwrap() }).await);
+        mesh.push(
+            first_echo(async {
+                connect_tunnel(client.outbound_proxy, "sink.demo.svc.clusterset.local:9000")
+                    .await
+                    .unwrap()
+            })
+            .await,
+        );
+    }
+    let (direct, mesh) = (Latencies(direct), Latencies(mesh));
+    println!(
+        "
+new connection to the first echoed byte, {N} each (ms)   p50       p90       p99"
+    );
+    for (label, l) in [
+        ("direct TCP to the app", &direct),
+        ("cross-cluster via sidecar and gateway", &mesh),
+    ] {
+        println!(
+            "  {label:<46} {:>9} {:>9} {:>9}",
+            ms(l.pct(0.5)),
+            ms(l.pct(0.9)),
+            ms(l.pct(0.99))
+        );
+    }
+    println!(
+        "  {:<46} {:>9} {:>9} {:>9}   (goal: <= +0.5 ms)",
+        "added",
+        added(mesh.pct(0.5), direct.pct(0.5)),
+        added(mesh.pct(0.9), direct.pct(0.9)),
+        added(mesh.pct(0.99), direct.pct(0.99))
+    );
+    for (p, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
+        figures.add(
+            &format!("setup.cross_cluster.added_{name}"),
+            added_ms(mesh.pct(p), direct.pct(p)),
+            "ms",
+        );
+    }
 }
 
 /// Bulk echo: plain TCP and a one-hop TCP+TLS baseline, then the cross-cluster tunnel over QUIC
