@@ -30,35 +30,27 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1
 /// controller backs off. The kernel caps the request at `net.core.{r,w}mem_max`.
 pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
-/// A non-blocking UDP socket bound to `addr` with [`UDP_BUFFER`] asked for each way (what the
-/// kernel grants is logged when it is less).
+/// A non-blocking UDP socket bound to `addr` with [`UDP_BUFFER`] asked for each way (a smaller
+/// receive buffer granted by the kernel is logged).
 fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         let _ = socket.set_only_v6(false);
     }
-    for (which, set, get) in [
-        (
-            "receive",
-            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
-            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
-        ),
-        ("send", Socket::set_send_buffer_size, Socket::send_buffer_size),
-    ] {
-        if let Err(e) = set(&socket, UDP_BUFFER) {
-            tracing::debug!(error = %e, which, "cannot size the tunnel's UDP buffer");
-        }
-        // Linux reports twice what was granted (it counts its bookkeeping).
-        let granted = get(&socket).unwrap_or(0) / 2;
-        if granted < UDP_BUFFER {
-            tracing::debug!(
-                which,
-                granted,
-                wanted = UDP_BUFFER,
-                "the kernel capped the tunnel's UDP buffer (raise net.core.rmem_max / wmem_max)"
-            );
-        }
+    // Best effort both ways; the receive side is where datagrams are dropped.
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    if let Err(e) = socket.set_recv_buffer_size(UDP_BUFFER) {
+        tracing::debug!(error = %e, "cannot size the tunnel's UDP receive buffer");
+    }
+    // Linux reports twice what it granted (it counts its bookkeeping).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < UDP_BUFFER {
+        tracing::debug!(
+            granted,
+            wanted = UDP_BUFFER,
+            "the kernel capped the tunnel's UDP receive buffer (raise net.core.rmem_max)"
+        );
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

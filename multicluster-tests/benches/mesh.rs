@@ -74,7 +74,7 @@ fn added_ms(mesh: Duration, direct: Duration) -> f64 {
 }
 
 fn added(mesh: Duration, direct: Duration) -> String {
-    format!("{:+.3}", (mesh.as_secs_f64() - direct.as_secs_f64()) * 1000.0)
+    format!("{:+.3}", added_ms(mesh, direct))
 }
 
 /// Echoes `total` bytes through a stream and returns MB/s.

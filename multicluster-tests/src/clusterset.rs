@@ -12,7 +12,7 @@ use strait_api::pb;
 
 use crate::figures::Figures;
 use crate::haproxy::cpu_seconds;
-use crate::load::rss_kib;
+use crate::load::{percentile as pct, rss_kib};
 use crate::{metric_sum, scrape, Mesh, MeshOptions};
 
 /// The simulated size (defaults: Istio ambient's published multi-cluster test).
@@ -273,13 +273,6 @@ async fn probe_session(
     }
 }
 
-fn pct(v: &[Duration], p: f64) -> Duration {
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -347,17 +340,19 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         .collect::<Option<_>>()
         .ok_or_else(|| anyhow::anyhow!("the simulator needs file-backed controllers"))?;
     let admins: Vec<std::net::SocketAddr> = mesh.info.clusters.iter().map(|c| c.controller.admin_addr).collect();
-    let peering_bytes = || async {
-        let mut total = 0.0;
+    // Each controller's peering bytes sent so far; summed, the clusterset's.
+    let per_controller = || async {
+        let mut out = vec![];
         for a in &admins {
-            total += metric_sum(
+            out.push(metric_sum(
                 &scrape(*a).await.unwrap_or_default(),
                 "strait_peering_sent_bytes_total",
                 &[],
-            );
+            ));
         }
-        total
+        out
     };
+    let peering_bytes = || async { per_controller().await.iter().sum::<f64>() };
     let sync_bytes_before = peering_bytes().await;
     let sync = Instant::now();
     for (c, cat) in catalogs.iter().enumerate() {
@@ -467,17 +462,6 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     // A controller restarts (kill -9, then its own command): how long until its subscribers
     // hold the whole catalog again, and what the clusterset sends meanwhile beside what it
     // sends when nothing happens. Peers resend their exports to it; nothing else should move.
-    let per_controller = || async {
-        let mut out = vec![];
-        for a in &admins {
-            out.push(metric_sum(
-                &scrape(*a).await.unwrap_or_default(),
-                "strait_peering_sent_bytes_total",
-                &[],
-            ));
-        }
-        out
-    };
     let window = Duration::from_secs(10);
     // A restarted counter starts again from 0.
     let sent_since = |before: &[f64], after: &[f64]| -> f64 {

@@ -20,7 +20,15 @@ impl Latencies {
     pub fn pct(&self, p: f64) -> Duration {
         let mut v = self.0.clone();
         v.sort();
-        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+        percentile(&v, p)
+    }
+}
+
+/// The `p` quantile (0..=1) of durations already sorted; zero when there are none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    match sorted.len() {
+        0 => Duration::ZERO,
+        n => sorted[((n as f64 * p) as usize).min(n - 1)],
     }
 }
 

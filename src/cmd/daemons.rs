@@ -191,13 +191,7 @@ pub enum AccessLogFormat {
 
 /// A Kubernetes namespace name (an RFC 1123 label).
 pub(crate) fn namespace_name(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
+    if crate::up::topology::dns_label(s) {
         Ok(s.to_string())
     } else {
         Err(format!(

@@ -131,7 +131,8 @@ clusters:
       - {service: ledger, zone: eu-central-1a}
 "#;
 
-fn dns_label(v: &str) -> bool {
+/// Whether `v` is an RFC 1123 label (Kubernetes names of namespaces, services, clusters).
+pub(crate) fn dns_label(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 63
         && v.chars()
