@@ -476,7 +476,7 @@ impl TunnelClient {
             .await
             .map_err(|_| connect_err("TCP connect timed out".into()))?
             .map_err(|e| connect_err(format!("TCP: {e}")))?;
-        let _ = tcp.set_nodelay(true);
+        crate::fallback_socket(&tcp);
         let tls = tokio::time::timeout(
             QUIC_HANDSHAKE_TIMEOUT,
             tokio_rustls::TlsConnector::from(Arc::new(self.tls(identity, strait_trust::ALPN_H2)?))
@@ -490,6 +490,8 @@ impl TunnelClient {
             .keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true)
+            .initial_stream_window_size(crate::STREAM_WINDOW)
+            .initial_connection_window_size(crate::CONNECTION_WINDOW)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| connect_err(format!("HTTP/2: {e}")))?;

@@ -57,6 +57,29 @@ fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket
     Ok(socket.into())
 }
 
+/// Flow-control windows of a tunnel stream and of a whole tunnel connection, the same over QUIC
+/// and the TCP+TLS fallback: room for bulk transfers on fast links, and a connection window
+/// well above one stream's, so a stream whose reader stalls (a bulk echo waiting on its way
+/// back) cannot take the whole connection's window and stop every other stream on it.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
+/// Unsent bytes the kernel may hold on a TCP+TLS fallback connection before it stops taking
+/// more. Every tunnel to a gateway shares that one connection: without a low mark the kernel
+/// buffers megabytes of a bulk stream (its send buffer grows with the window), and a small
+/// request, or the HTTP/2 ping that proves the connection alive, waits behind all of it —
+/// seconds on a slow, lossy link. With it HTTP/2 interleaves the streams' frames just before
+/// the wire.
+pub const FALLBACK_NOTSENT_LOWAT: u32 = 16 * 1024;
+
+/// Socket options of both ends of a TCP+TLS fallback connection.
+fn fallback_socket(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(FALLBACK_NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT on the fallback connection");
+    }
+}
+
 /// A quinn endpoint on [`udp_socket`]: a server when `server` is given, else a client only.
 fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
     let runtime =
@@ -76,9 +99,8 @@ fn transport_config() -> quinn::TransportConfig {
     ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    // Room for bulk transfers on fast links (one tunnel carries many streams).
-    t.stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024));
-    t.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
-    t.send_window(32 * 1024 * 1024);
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(CONNECTION_WINDOW as u64);
     t
 }

@@ -183,7 +183,7 @@ impl Gateway {
                 },
                 _ = signal.signaled() => return Ok(()),
             };
-            let _ = tcp.set_nodelay(true);
+            crate::fallback_socket(&tcp);
             let gw = self.clone();
             let acceptor = acceptor.clone();
             let drain = drain.clone();
@@ -228,6 +228,8 @@ impl Gateway {
                 let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .timer(hyper_util::rt::TokioTimer::new())
                     .keep_alive_interval(Some(Duration::from_secs(10)))
+                    .initial_stream_window_size(crate::STREAM_WINDOW)
+                    .initial_connection_window_size(crate::CONNECTION_WINDOW)
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
                 if let Err(e) = conn.await {
                     tracing::debug!(%remote, error = %e, "fallback connection ended");

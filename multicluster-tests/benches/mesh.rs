@@ -531,6 +531,15 @@ async fn setup_section(
     figures: &mut Figures,
 ) {
     const N: usize = 300;
+    let handshakes = |kind: &'static str| async move {
+        let text = scrape(client.admin_addr).await.unwrap_or_default();
+        metric_sum(
+            &text,
+            "strait_tls_handshakes_total",
+            &[("side", "client"), ("kind", kind)],
+        )
+    };
+    let (full_before, resumed_before) = (handshakes("full").await, handshakes("resumed").await);
     let mut direct = vec![];
     let mut mesh = vec![];
     for _ in 0..N {
@@ -544,6 +553,8 @@ async fn setup_section(
             .await,
         );
     }
+    let full = handshakes("full").await - full_before;
+    let resumed = handshakes("resumed").await - resumed_before;
     let (direct, mesh) = (Latencies(direct), Latencies(mesh));
     println!(
         "
@@ -567,6 +578,9 @@ new connection to the first echoed byte, {N} each (ms)   p50       p90       p99
         added(mesh.pct(0.9), direct.pct(0.9)),
         added(mesh.pct(0.99), direct.pct(0.99))
     );
+    println!("  inner mTLS handshakes of the caller's sidecar meanwhile: {resumed} resumed, {full} full");
+    figures.add("setup.inner_tls.resumed", resumed, "handshakes");
+    figures.add("setup.inner_tls.full", full, "handshakes");
     for (p, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
         figures.add(
             &format!("setup.cross_cluster.added_{name}"),

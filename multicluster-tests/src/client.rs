@@ -104,7 +104,11 @@ pub async fn request_with(
 
 /// Opens a CONNECT tunnel through a sidecar's outbound proxy to `authority` (host:port).
 pub async fn connect_tunnel(proxy: SocketAddr, authority: &str) -> anyhow::Result<TcpStream> {
-    let mut s = TcpStream::connect(proxy).await?;
+    tunnel_over(TcpStream::connect(proxy).await?, authority).await
+}
+
+/// [`connect_tunnel`] over a connection to the proxy the caller already opened.
+pub async fn tunnel_over(mut s: TcpStream, authority: &str) -> anyhow::Result<TcpStream> {
     s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
         .await?;
     let mut head = Vec::new();

@@ -12,8 +12,11 @@ pub mod jaeger;
 pub mod load;
 mod mesh;
 mod metrics;
+pub mod netem;
 pub mod prometheus;
 
-pub use client::{connect_tunnel, get_via, get_with, grpcurl_hello, request_with, Answer, LoadReport, Outcome, Sample};
+pub use client::{
+    connect_tunnel, get_via, get_with, grpcurl_hello, request_with, tunnel_over, Answer, LoadReport, Outcome, Sample,
+};
 pub use mesh::{strait_bin, ClusterInfo, Mesh, MeshOptions, WorkloadInfo};
 pub use metrics::{metric_sum, scrape};

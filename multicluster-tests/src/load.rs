@@ -37,7 +37,24 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// millisecond); 16 keep-alive connections take them in order; latency runs from the due time
 /// to the full response, so queueing behind a slow request counts.
 pub async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -> (Latencies, usize) {
-    let total = RATE as u64 * seconds;
+    let mut streams = vec![];
+    for _ in 0..CONNECTIONS {
+        let stream = tokio::net::TcpStream::connect(target).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        streams.push(stream);
+    }
+    load_over(streams, url, absolute, RATE, RATE as u64 * seconds).await
+}
+
+/// [`load`]'s open loop at `rate` requests/s, `total` requests, over connections the caller
+/// opened (one keep-alive HTTP/1.1 connection each).
+pub async fn load_over(
+    streams: Vec<tokio::net::TcpStream>,
+    url: &str,
+    absolute: bool,
+    rate: u32,
+    total: u64,
+) -> (Latencies, usize) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let body = Bytes::from(vec![b'x'; BODY]);
@@ -48,13 +65,11 @@ pub async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -
     };
     let host = url.parse::<hyper::Uri>().unwrap().authority().unwrap().to_string();
     let mut workers = vec![];
-    for _ in 0..CONNECTIONS {
+    for stream in streams {
         let rx = rx.clone();
         let body = body.clone();
         let uri = uri.clone();
         let host = host.clone();
-        let stream = tokio::net::TcpStream::connect(target).await.unwrap();
-        stream.set_nodelay(true).unwrap();
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
@@ -82,7 +97,7 @@ pub async fn load(target: SocketAddr, url: &str, absolute: bool, seconds: u64) -
     }
     let dispatcher = std::thread::spawn(move || {
         let start = Instant::now();
-        let interval = Duration::from_secs_f64(1.0 / RATE as f64);
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
         for i in 0..total {
             let due = start + interval * i as u32;
             let now = Instant::now();

@@ -8,6 +8,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use multicluster_tests::netem::Impairment;
 use multicluster_tests::{metric_sum, scrape, strait_bin, Mesh, MeshOptions};
 
 /// Runs `program args` inside `ns` (optionally as the sidecar's UID 1337), with `input` on stdin.
@@ -274,58 +275,8 @@ async fn unmodified_clients_in_network_namespaces() {
         }
     };
     let baseline = timed_calls("baseline")();
-    let links: Vec<String> = (1..=mesh.info.clusters.len()).map(|n| format!("x{n}gw")).collect();
-    let netem_args = ["delay", "20ms", "loss", "3%"];
-    let mut qdisc = true;
-    for l in &links {
-        let mut args = vec!["netns", "exec", &hub, "tc", "qdisc", "add", "dev", l, "root", "netem"];
-        args.extend_from_slice(&netem_args);
-        let (ok, out) = host("ip", &args);
-        if !ok && out.contains("qdisc kind is unknown") {
-            qdisc = false;
-            break;
-        }
-        assert!(ok, "{out}");
-    }
-    let gateway_nses: Vec<String> = mesh
-        .info
-        .clusters
-        .iter()
-        .map(|c| {
-            c.gateway
-                .netns
-                .clone()
-                .expect("--netns reports each gateway's namespace")
-        })
-        .collect();
-    let mut emulators = vec![];
-    if !qdisc {
-        let queue_rule = [
-            "POSTROUTING",
-            "-o",
-            "eth1",
-            "-j",
-            "NFQUEUE",
-            "--queue-num",
-            "7",
-            "--queue-bypass",
-        ];
-        for ns in &gateway_nses {
-            let mut args = vec!["netns", "exec", ns, "iptables", "-t", "mangle", "-A"];
-            args.extend_from_slice(&queue_rule);
-            let (ok, out) = host("ip", &args);
-            assert!(ok, "{out}");
-            emulators.push(
-                std::process::Command::new("ip")
-                    .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_nfq-netem")])
-                    .args(["--queue", "7", "--delay-ms", "20", "--loss-percent", "3"])
-                    .spawn()
-                    .expect("nfq-netem starts"),
-            );
-        }
-        eprintln!("NOTE: this kernel has no netem qdisc; delay 20ms and loss 3% come from nfq-netem (NFQUEUE) on each gateway's inter-cluster egress");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let impaired = Impairment::apply(&mesh, env!("CARGO_BIN_EXE_nfq-netem"), Duration::from_millis(20), 3.0).unwrap();
+    eprintln!("NOTE: delay 20ms and loss 3% from {}", impaired.how());
     let delayed = timed_calls("netem")();
     eprintln!(
         "figures: cross-cluster call from a workload namespace (curl, mean of 10): {baseline:?} plain, {delayed:?} with 20ms delay + 3% loss each way"
@@ -335,21 +286,7 @@ async fn unmodified_clients_in_network_namespaces() {
         delayed > baseline + Duration::from_millis(35),
         "{baseline:?} -> {delayed:?}"
     );
-    if qdisc {
-        for l in &links {
-            host("ip", &["netns", "exec", &hub, "tc", "qdisc", "del", "dev", l, "root"]);
-        }
-    }
-    for mut e in emulators {
-        let _ = e.kill();
-        let _ = e.wait();
-    }
-    for ns in &gateway_nses {
-        host(
-            "ip",
-            &["netns", "exec", ns, "iptables", "-t", "mangle", "-F", "POSTROUTING"],
-        );
-    }
+    drop(impaired);
 
     // UDP dropped between clusters: tunnels move to TCP+TLS; UDP back: they return to QUIC.
     nft(&["add", "table", "bridge", "strait_test"]);

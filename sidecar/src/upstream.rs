@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_api::pb;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 use strait_gateway::{TunnelClient, TunnelError};
-use strait_trust::{CertStore, PeerPolicy, SpiffeId};
+use strait_trust::{CertStore, SpiffeId};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -107,7 +107,7 @@ struct Target {
 /// Opens mTLS connections to endpoints (directly or through a gateway).
 #[derive(Clone)]
 struct Dialer {
-    store: CertStore,
+    configs: Arc<strait_trust::ClientConfigs>,
     tunnel: TunnelClient,
     connect_timeout: Duration,
 }
@@ -134,20 +134,17 @@ impl Dialer {
                 Box::new(stream)
             }
         };
-        let config = strait_trust::client_config(
-            Some(&self.store),
-            self.store.bundle(),
-            self.store.metrics(),
-            PeerPolicy::OneOf(t.expected.clone()),
-            &[alpn],
-        )
-        .map_err(|e| UpstreamError::Tls {
-            endpoint: t.key.clone(),
-            detail: e.to_string(),
-        })?;
-        tokio::time::timeout(
+        // Kept per endpoint: a new connection resumes the TLS session of an earlier one.
+        let config = self
+            .configs
+            .get(&t.key, &t.expected, alpn)
+            .map_err(|e| UpstreamError::Tls {
+                endpoint: t.key.clone(),
+                detail: e.to_string(),
+            })?;
+        let tls = tokio::time::timeout(
             self.connect_timeout,
-            TlsConnector::from(Arc::new(config)).connect(strait_api::transport::mesh_server_name(), raw),
+            TlsConnector::from(config).connect(strait_api::transport::mesh_server_name(), raw),
         )
         .await
         .map_err(|_| UpstreamError::Tls {
@@ -157,7 +154,11 @@ impl Dialer {
         .map_err(|e| UpstreamError::Tls {
             endpoint: t.key.clone(),
             detail: e.to_string(),
-        })
+        })?;
+        self.configs
+            .metrics()
+            .handshake_completed("client", tls.get_ref().1.handshake_kind());
+        Ok(tls)
     }
 
     async fn h2(self, t: Target) -> Result<Pooled, Arc<UpstreamError>> {
@@ -190,7 +191,7 @@ impl Upstreams {
     pub fn new(cluster: String, store: CertStore, tunnel: TunnelClient) -> Self {
         Upstreams {
             dialer: Dialer {
-                store,
+                configs: Arc::new(strait_trust::ClientConfigs::new(store)),
                 tunnel,
                 connect_timeout: Duration::from_secs(2),
             },

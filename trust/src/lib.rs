@@ -26,7 +26,9 @@ pub use identity::{SpiffeId, TrustDomain};
 pub use metrics::TlsMetrics;
 pub use rotation::{next_rotation, RotationPlan};
 pub use store::{CertStore, WorkloadCert};
-pub use tls::{client_config, server_config, ServerAuth, ALPN_H2, ALPN_TCP, ALPN_TUNNEL};
+pub use tls::{
+    client_config, server_config, ClientConfigs, ServerAuth, ALPN_H2, ALPN_TCP, ALPN_TUNNEL, RESUMPTION_MAX_AGE,
+};
 pub use verify::{peer_cluster, peer_identity, PeerPolicy, RefusalReason, SpiffeVerifier};
 
 /// The crypto provider every Strait TLS config uses: one provider for the whole workspace.

@@ -1,9 +1,11 @@
 use prometheus::{IntCounterVec, Opts, Registry};
 
-/// TLS handshake failures by reason, shared by every verifier of one process.
+/// TLS handshake failures by reason, and completed handshakes by side and kind (full or
+/// resumed), shared by every verifier of one process.
 #[derive(Clone, Debug)]
 pub struct TlsMetrics {
     failures: IntCounterVec,
+    completed: IntCounterVec,
 }
 
 impl TlsMetrics {
@@ -16,9 +18,18 @@ impl TlsMetrics {
             &["reason"],
         )
         .expect("static metric definition is valid");
+        let completed = IntCounterVec::new(
+            Opts::new(
+                "strait_tls_handshakes_total",
+                "Completed mutual-TLS handshakes between proxies, by side (client, server) and kind (full; resumed: a session resumed without certificates)",
+            ),
+            &["side", "kind"],
+        )
+        .expect("static metric definition is valid");
         // A second registration (tests that build two stores in one registry) keeps the first.
         let _ = registry.register(Box::new(failures.clone()));
-        TlsMetrics { failures }
+        let _ = registry.register(Box::new(completed.clone()));
+        TlsMetrics { failures, completed }
     }
 
     /// A metrics handle that is not exported anywhere (unit tests, one-shot CLI commands).
@@ -28,6 +39,15 @@ impl TlsMetrics {
 
     pub fn handshake_failure(&self, reason: &str) {
         self.failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a completed handshake; `side` is `client` or `server`.
+    pub fn handshake_completed(&self, side: &str, kind: Option<rustls::HandshakeKind>) {
+        let kind = match kind {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        self.completed.with_label_values(&[side, kind]).inc();
     }
 
     pub fn failures(&self, reason: &str) -> u64 {

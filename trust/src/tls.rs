@@ -1,16 +1,18 @@
 //! rustls configurations for every Strait connection: TLS 1.3 only, a certificate resolved from
 //! the rotating [`CertStore`] at each handshake, and peers verified by SPIFFE ID.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustls::client::ResolvesClientCert;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 
 use arc_swap::ArcSwap;
 
-use crate::{CertStore, PeerPolicy, SpiffeVerifier, TlsMetrics, TrustBundle, TrustError};
+use crate::{CertStore, PeerPolicy, SpiffeId, SpiffeVerifier, TlsMetrics, TrustBundle, TrustError, WorkloadCert};
 
 /// ALPN of the east-west QUIC tunnel.
 pub const ALPN_TUNNEL: &[u8] = b"strait/1";
@@ -62,7 +64,160 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(StoreResolver(store.clone())));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.session_storage = Arc::new(ResumableSessions::new(store.bundle().clone()));
     Ok(config)
+}
+
+/// How long a TLS 1.3 session may be resumed after the full handshake that verified its peer.
+pub const RESUMPTION_MAX_AGE: Duration = Duration::from_secs(300);
+/// Sessions one server keeps for resumption; the oldest go first.
+const RESUMABLE_SESSIONS: usize = 4096;
+
+/// The server side of TLS 1.3 resumption (stateful tickets: the ticket is only a key into this
+/// store, nothing secret leaves the process). A resumed session skips certificate
+/// verification, so it is honoured only while what verified the peer still holds: for
+/// [`RESUMPTION_MAX_AGE`] after the full handshake, and only while the trust bundle is the one
+/// it was verified against (a trust domain removed from the bundle ends every session of it at
+/// once). The peer's certificates are kept with the session, so authorization on a resumed
+/// connection sees the same identity the full handshake proved. Each ticket resumes once.
+#[derive(Debug)]
+struct ResumableSessions {
+    bundle: Arc<ArcSwap<TrustBundle>>,
+    sessions: Mutex<HashMap<Vec<u8>, Session>>,
+}
+
+#[derive(Debug)]
+struct Session {
+    at: Instant,
+    bundle: Arc<TrustBundle>,
+    value: Vec<u8>,
+}
+
+impl ResumableSessions {
+    fn new(bundle: Arc<ArcSwap<TrustBundle>>) -> Self {
+        ResumableSessions {
+            bundle,
+            sessions: Mutex::default(),
+        }
+    }
+
+    fn valid(&self, s: &Session, now: Instant) -> bool {
+        now.duration_since(s.at) < RESUMPTION_MAX_AGE && Arc::ptr_eq(&s.bundle, &self.bundle.load())
+    }
+}
+
+impl StoresServerSessions for ResumableSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if sessions.len() >= RESUMABLE_SESSIONS {
+            sessions.retain(|_, s| self.valid(s, now));
+        }
+        if sessions.len() >= RESUMABLE_SESSIONS {
+            if let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| k.clone()) {
+                sessions.remove(&oldest);
+            }
+        }
+        sessions.insert(
+            key,
+            Session {
+                at: now,
+                bundle: self.bundle.load_full(),
+                value,
+            },
+        );
+        true
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let sessions = self.sessions.lock().ok()?;
+        sessions
+            .get(key)
+            .filter(|s| self.valid(s, Instant::now()))
+            .map(|s| s.value.clone())
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let session = self.sessions.lock().ok()?.remove(key)?;
+        self.valid(&session, Instant::now()).then_some(session.value)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+/// Client configs kept per peer endpoint, so that a new connection to an endpoint resumes the
+/// TLS 1.3 session of an earlier one (no certificates sent or verified, no signatures: the
+/// setup of a new connection costs less) where the server still honours it. A config is built
+/// for one endpoint, one set of identities it may prove and one ALPN, so a session is only
+/// ever resumed with the endpoint whose identity verified it. All are dropped when this
+/// workload's certificate rotates or the trust bundle changes: no session outlives the
+/// credentials it was made with.
+pub struct ClientConfigs {
+    store: CertStore,
+    state: Mutex<ConfigsState>,
+}
+
+#[derive(Default)]
+struct ConfigsState {
+    cert: Option<Arc<WorkloadCert>>,
+    bundle: Option<Arc<TrustBundle>>,
+    configs: HashMap<(String, Vec<SpiffeId>, Vec<u8>), Arc<ClientConfig>>,
+}
+
+/// Endpoints whose configs are kept before all are dropped and rebuilt on demand.
+const KEPT_CONFIGS: usize = 4096;
+
+impl ClientConfigs {
+    pub fn new(store: CertStore) -> Self {
+        ClientConfigs {
+            store,
+            state: Mutex::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> &TlsMetrics {
+        self.store.metrics()
+    }
+
+    /// The config for connecting to `endpoint`, which must prove one of `expected`.
+    pub fn get(&self, endpoint: &str, expected: &[SpiffeId], alpn: &[u8]) -> Result<Arc<ClientConfig>, TrustError> {
+        let build = || {
+            client_config(
+                Some(&self.store),
+                self.store.bundle(),
+                self.store.metrics(),
+                PeerPolicy::OneOf(expected.to_vec()),
+                &[alpn],
+            )
+            .map(Arc::new)
+        };
+        let Ok(mut state) = self.state.lock() else {
+            return build();
+        };
+        let cert = self.store.current();
+        let bundle = self.store.bundle().load_full();
+        if !same(&state.cert, &cert) || !same(&state.bundle, &bundle) || state.configs.len() >= KEPT_CONFIGS {
+            state.configs.clear();
+            state.cert = Some(cert);
+            state.bundle = Some(bundle);
+        }
+        let key = (endpoint.to_string(), expected.to_vec(), alpn.to_vec());
+        if let Some(config) = state.configs.get(&key) {
+            return Ok(config.clone());
+        }
+        let config = build()?;
+        state.configs.insert(key, config.clone());
+        Ok(config)
+    }
+}
+
+/// Whether `kept` is the very `now` (not an equal copy).
+fn same<T>(kept: &Option<Arc<T>>, now: &Arc<T>) -> bool {
+    kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, now))
 }
 
 /// A client config presenting the store's identity (when `store` is given) and accepting only

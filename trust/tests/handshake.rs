@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use strait_trust::{
-    client_config, server_config, Authority, CertStore, PeerPolicy, ServerAuth, SpiffeId, TlsMetrics, TrustBundle,
-    TrustDomain, WorkloadCert,
+    client_config, server_config, Authority, CertStore, ClientConfigs, PeerPolicy, ServerAuth, SpiffeId, TlsMetrics,
+    TrustBundle, TrustDomain, WorkloadCert,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -224,4 +224,91 @@ fn written_authorities_load_back() {
     let back = TrustBundle::from_pem("test", pem.as_bytes()).unwrap();
     assert!(back.roots_for(&mesh.td).is_some());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A workload of `mesh` with identity `id`, valid for a day.
+fn member(mesh: &Domain, id: &SpiffeId) -> CertStore {
+    store(
+        &mesh.intermediate,
+        &[id.to_string()],
+        day(),
+        bundle(mesh),
+        TlsMetrics::unregistered(),
+    )
+}
+
+fn serving(store: &CertStore) -> Arc<rustls::ServerConfig> {
+    Arc::new(server_config(store, PeerPolicy::AnyInBundle, ServerAuth::RequireClientCert, &[b"t"]).unwrap())
+}
+
+/// One connection with a kept client config: how the handshake went and who the server saw.
+async fn resumable_handshake(
+    sconf: Arc<rustls::ServerConfig>,
+    configs: &ClientConfigs,
+    expected: &SpiffeId,
+) -> Option<(rustls::HandshakeKind, rustls::HandshakeKind, Option<SpiffeId>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tokio_rustls::TlsAcceptor::from(sconf).accept(tcp).await.ok()?;
+        let mut b = [0u8; 4];
+        tls.read_exact(&mut b).await.ok()?;
+        tls.write_all(&b).await.ok()?;
+        let (_, conn) = tls.get_ref();
+        Some((
+            conn.handshake_kind()?,
+            strait_trust::peer_identity(conn.peer_certificates()),
+        ))
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let config = configs.get("endpoint-a", std::slice::from_ref(expected), b"t").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(rustls::pki_types::ServerName::try_from("strait.mesh").unwrap(), tcp)
+        .await
+        .ok()?;
+    tls.write_all(b"ping").await.ok()?;
+    let mut b = [0u8; 4];
+    tls.read_exact(&mut b).await.ok()?;
+    // The server's tickets arrive after the handshake; reading them stores them.
+    tls.shutdown().await.ok()?;
+    let mut rest = vec![];
+    let _ = tls.read_to_end(&mut rest).await;
+    let client_kind = tls.get_ref().1.handshake_kind()?;
+    let (server_kind, seen) = srv.await.ok()??;
+    Some((client_kind, server_kind, seen))
+}
+
+#[tokio::test]
+async fn sessions_resume_with_the_proven_identity_until_the_bundle_changes() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let mesh = domain("mesh.local");
+    let server_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/echo".parse().unwrap();
+    let client_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/client".parse().unwrap();
+    let server = member(&mesh, &server_id);
+    let client = member(&mesh, &client_id);
+    let sconf = serving(&server);
+    let configs = ClientConfigs::new(client.clone());
+
+    let first = resumable_handshake(sconf.clone(), &configs, &server_id).await.unwrap();
+    assert_eq!(first, (Full, Full, Some(client_id.clone())));
+    // The next connection resumes, and the server still knows who the client proved to be.
+    let second = resumable_handshake(sconf.clone(), &configs, &server_id).await.unwrap();
+    assert_eq!(second, (Resumed, Resumed, Some(client_id.clone())));
+
+    // A new bundle (as when a trust domain is removed) ends resumption on both sides: the
+    // server no longer honours the ticket even for a client that still offers it.
+    let stale = ClientConfigs::new(client.clone());
+    resumable_handshake(sconf.clone(), &stale, &server_id).await.unwrap();
+    server.set_bundle(bundle(&mesh));
+    let after = resumable_handshake(sconf.clone(), &stale, &server_id).await.unwrap();
+    assert_eq!(after, (Full, Full, Some(client_id.clone())));
+
+    // A server with another identity is never resumed into: the kept config for an endpoint
+    // expects that endpoint's identities, and a full handshake checks them.
+    let other_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/other".parse().unwrap();
+    let other = member(&mesh, &other_id);
+    assert!(resumable_handshake(serving(&other), &configs, &server_id)
+        .await
+        .is_none());
 }

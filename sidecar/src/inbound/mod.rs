@@ -339,6 +339,9 @@ impl Inbound {
                     }
                     Err(_) => return,
                 };
+                this.store
+                    .metrics()
+                    .handshake_completed("server", tls.get_ref().1.handshake_kind());
                 let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
                 match alpn.as_deref() {
                     Some(p) if p == strait_trust::ALPN_TCP => this.splice(tls).await,
