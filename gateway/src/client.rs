@@ -5,17 +5,21 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prost::Message;
 use strait_api::pb;
-use strait_api::tunnel::{read_header, status, write_header, HeaderError};
+use strait_api::tunnel::{status, write_header, HeaderError, MAX_HEADER_LEN};
 use strait_trust::{CertStore, PeerPolicy, SpiffeId};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::TunnelClientMetrics;
@@ -75,6 +79,128 @@ pub enum TunnelError {
     Header(#[from] HeaderError),
     #[error("TLS configuration: {0}")]
     Config(String),
+}
+
+impl TunnelError {
+    /// The tunnel error an I/O error of a [`TunnelClient::open`] stream carries (the gateway's
+    /// refusal, read after the caller had started its handshake), or the I/O error itself.
+    pub fn from_io(e: std::io::Error) -> Result<TunnelError, std::io::Error> {
+        if !e.get_ref().is_some_and(|inner| inner.is::<TunnelError>()) {
+            return Err(e);
+        }
+        let kind = e.kind();
+        match e.into_inner() {
+            Some(inner) => inner
+                .downcast::<TunnelError>()
+                .map(|t| *t)
+                .map_err(|other| std::io::Error::new(kind, other)),
+            None => Err(std::io::Error::from(kind)),
+        }
+    }
+}
+
+/// Whether the gateway has answered a tunnel stream yet (see [`TunnelClient::open`]).
+#[derive(Clone, Debug, Default)]
+pub struct Answered(Arc<AtomicBool>);
+
+impl Answered {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A tunnel stream whose gateway answer is read before its first byte of data, not before the
+/// caller may write: the caller's first bytes (its TLS ClientHello) travel right behind the
+/// tunnel header, which saves a round trip through the gateway on every new connection. A
+/// refusal comes out of the first read as an I/O error carrying the [`TunnelError`]
+/// ([`TunnelError::from_io`]).
+struct Pipelined {
+    inner: TunnelStream,
+    gateway: SocketAddr,
+    /// The answer's bytes so far; `None` once it has been read and said OK.
+    head: Option<Vec<u8>>,
+    answered: Answered,
+}
+
+impl Pipelined {
+    fn refuse(e: TunnelError) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Err(std::io::Error::other(e)))
+    }
+
+    /// Ready(Ok) once the gateway's answer has been read and was OK.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let gateway = self.gateway;
+        while let Some(head) = self.head.as_mut() {
+            let want = match head.get(..4) {
+                Some(&[a, b, c, d]) => 4 + u32::from_be_bytes([a, b, c, d]) as usize,
+                _ => 4,
+            };
+            if want > 4 + MAX_HEADER_LEN {
+                return Self::refuse(TunnelError::Header(HeaderError::TooLong(want - 4)));
+            }
+            if head.len() >= 4 && head.len() == want {
+                let resp = match pb::TunnelResponse::decode(&head[4..]) {
+                    Ok(r) => r,
+                    Err(e) => return Self::refuse(TunnelError::Header(e.into())),
+                };
+                self.answered.0.store(true, Ordering::Release);
+                if resp.status != status::OK {
+                    return Self::refuse(TunnelError::Refused {
+                        gateway,
+                        status: resp.status,
+                        message: resp.message,
+                    });
+                }
+                self.head = None;
+                break;
+            }
+            let mut chunk = [0u8; 256];
+            let n = (want - head.len()).min(chunk.len());
+            let mut buf = ReadBuf::new(&mut chunk[..n]);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+            if buf.filled().is_empty() {
+                return Self::refuse(TunnelError::Stream {
+                    gateway,
+                    detail: "the gateway closed the stream without answering the tunnel header".into(),
+                });
+            }
+            head.extend_from_slice(buf.filled());
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for Pipelined {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_answer(cx))?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Pipelined {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The transport to one gateway.
@@ -374,13 +500,16 @@ impl TunnelClient {
     }
 
     /// Opens a stream to `req`'s service through the gateway at `gateway`: over QUIC, or over
-    /// TCP+TLS when UDP does not get through.
+    /// TCP+TLS when UDP does not get through. The stream is returned once the tunnel header is
+    /// sent, without waiting for the gateway's answer: it is read before the first byte of
+    /// data, and a refusal is an error of that read ([`TunnelError::from_io`]); [`Answered`]
+    /// tells whether the answer has come.
     pub async fn open(
         &self,
         gateway: SocketAddr,
         identity: &SpiffeId,
         req: &pb::TunnelRequest,
-    ) -> Result<(TunnelStream, pb::TunnelResponse), TunnelError> {
+    ) -> Result<(TunnelStream, Answered), TunnelError> {
         if let Ok(mut g) = self.gateways.lock() {
             g.entry(gateway).or_default().last_used = Some(Instant::now());
         }
@@ -432,7 +561,7 @@ impl TunnelClient {
         gateway: SocketAddr,
         conn: quinn::Connection,
         req: &pb::TunnelRequest,
-    ) -> Result<(TunnelStream, pb::TunnelResponse), TunnelError> {
+    ) -> Result<(TunnelStream, Answered), TunnelError> {
         let (send, recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
@@ -514,7 +643,7 @@ impl TunnelClient {
         gateway: SocketAddr,
         identity: &SpiffeId,
         req: &pb::TunnelRequest,
-    ) -> Result<(TunnelStream, pb::TunnelResponse), TunnelError> {
+    ) -> Result<(TunnelStream, Answered), TunnelError> {
         let stream_err = |detail: String| TunnelError::Stream { gateway, detail };
         let mut sender = self.h2_sender(gateway, identity).await?;
         let connect = hyper::Request::builder()
@@ -549,29 +678,120 @@ impl TunnelClient {
     }
 }
 
-/// Sends the tunnel header on a fresh stream and reads the gateway's answer.
+/// Sends the tunnel header on a fresh stream; the gateway's answer is read by the stream.
 async fn exchange(
     gateway: SocketAddr,
     mut stream: TunnelStream,
     req: &pb::TunnelRequest,
-) -> Result<(TunnelStream, pb::TunnelResponse), TunnelError> {
+) -> Result<(TunnelStream, Answered), TunnelError> {
     write_header(&mut stream, req).await?;
-    let resp: pb::TunnelResponse = tokio::time::timeout(Duration::from_secs(2), read_header(&mut stream))
-        .await
-        .map_err(|_| TunnelError::Stream {
-            gateway,
-            detail: "no answer to tunnel header".into(),
-        })??;
-    if resp.status != status::OK {
-        return Err(TunnelError::Refused {
-            gateway,
-            status: resp.status,
-            message: resp.message,
-        });
-    }
-    Ok((stream, resp))
+    let answered = Answered::default();
+    let stream = Pipelined {
+        inner: stream,
+        gateway,
+        head: Some(Vec::with_capacity(64)),
+        answered: answered.clone(),
+    };
+    Ok((Box::new(stream), answered))
 }
 
 fn poisoned() -> TunnelError {
     TunnelError::Config("connection cache lock poisoned".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn answer(status: u32, message: &str) -> Vec<u8> {
+        let resp = pb::TunnelResponse {
+            status,
+            message: message.into(),
+            ..Default::default()
+        };
+        let mut out = (resp.encoded_len() as u32).to_be_bytes().to_vec();
+        resp.encode(&mut out).unwrap();
+        out
+    }
+
+    /// A pipelined stream over one end of a pipe, and the gateway's end.
+    fn pipelined() -> (Pipelined, tokio::io::DuplexStream, Answered) {
+        let (ours, gateway) = tokio::io::duplex(4096);
+        let answered = Answered::default();
+        let stream = Pipelined {
+            inner: Box::new(ours),
+            gateway: "192.0.2.1:15443".parse().unwrap(),
+            head: Some(vec![]),
+            answered: answered.clone(),
+        };
+        (stream, gateway, answered)
+    }
+
+    #[tokio::test]
+    async fn writes_go_out_before_the_answer_and_reads_start_after_it() {
+        let (mut s, mut gw, answered) = pipelined();
+        s.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        gw.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        assert!(!answered.get());
+        // The answer arrives a byte at a time, with data right behind it.
+        let mut bytes = answer(status::OK, "");
+        bytes.extend_from_slice(b"world");
+        let writer = tokio::spawn(async move {
+            for b in bytes {
+                gw.write_all(&[b]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            gw
+        });
+        let mut data = [0u8; 5];
+        s.read_exact(&mut data).await.unwrap();
+        assert_eq!(&data, b"world");
+        assert!(answered.get());
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_the_first_read_and_keeps_its_status() {
+        let (mut s, mut gw, answered) = pipelined();
+        gw.write_all(&answer(status::FORBIDDEN, "denied by policy"))
+            .await
+            .unwrap();
+        let err = s.read(&mut [0u8; 8]).await.unwrap_err();
+        assert!(answered.get());
+        match TunnelError::from_io(err) {
+            Ok(TunnelError::Refused { status, message, .. }) => {
+                assert_eq!((status, message.as_str()), (status::FORBIDDEN, "denied by policy"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_closes_or_lies_is_a_tunnel_error() {
+        let (mut s, gw, answered) = pipelined();
+        drop(gw);
+        let err = TunnelError::from_io(s.read(&mut [0u8; 8]).await.unwrap_err());
+        assert!(matches!(err, Ok(TunnelError::Stream { .. })), "{err:?}");
+        assert!(!answered.get());
+
+        let (mut s, mut gw, _) = pipelined();
+        gw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let err = TunnelError::from_io(s.read(&mut [0u8; 8]).await.unwrap_err());
+        assert!(
+            matches!(err, Ok(TunnelError::Header(HeaderError::TooLong(_)))),
+            "{err:?}"
+        );
+
+        // Any other I/O error stays what it was.
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(
+            TunnelError::from_io(plain).unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
+    }
 }

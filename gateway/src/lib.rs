@@ -15,7 +15,7 @@ mod metrics;
 mod run;
 mod server;
 
-pub use client::{GatewayHealth, TunnelClient, TunnelError, TunnelIo, TunnelStream};
+pub use client::{Answered, GatewayHealth, TunnelClient, TunnelError, TunnelIo, TunnelStream};
 pub use metrics::{GatewayMetrics, TunnelClientMetrics};
 pub use run::{run, GatewayRunOptions};
 pub use server::{Gateway, GatewayOptions};

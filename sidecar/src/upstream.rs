@@ -114,7 +114,7 @@ struct Dialer {
 
 impl Dialer {
     async fn connect(&self, t: &Target, alpn: &[u8]) -> Result<UpstreamTls, UpstreamError> {
-        let raw: Box<dyn Io> = match &t.via {
+        let (raw, answered): (Box<dyn Io>, Option<strait_gateway::Answered>) = match &t.via {
             None => {
                 let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(t.address))
                     .await
@@ -127,11 +127,13 @@ impl Dialer {
                         detail: e.to_string(),
                     })?;
                 let _ = tcp.set_nodelay(true);
-                Box::new(tcp)
+                (Box::new(tcp), None)
             }
             Some((gateway, identity, req)) => {
-                let (stream, _) = self.tunnel.open(*gateway, identity, req).await?;
-                Box::new(stream)
+                // The ClientHello follows the tunnel header without waiting for the gateway's
+                // answer; a refusal comes out of the handshake as the tunnel's error.
+                let (stream, answered) = self.tunnel.open(*gateway, identity, req).await?;
+                (Box::new(stream), Some(answered))
             }
         };
         // Kept per endpoint: a new connection resumes the TLS session of an earlier one.
@@ -142,19 +144,35 @@ impl Dialer {
                 endpoint: t.key.clone(),
                 detail: e.to_string(),
             })?;
-        let tls = tokio::time::timeout(
+        let handshake = tokio::time::timeout(
             self.connect_timeout,
             TlsConnector::from(config).connect(strait_api::transport::mesh_server_name(), raw),
         )
-        .await
-        .map_err(|_| UpstreamError::Tls {
-            endpoint: t.key.clone(),
-            detail: "handshake timed out".into(),
-        })?
-        .map_err(|e| UpstreamError::Tls {
-            endpoint: t.key.clone(),
-            detail: e.to_string(),
-        })?;
+        .await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                return Err(match TunnelError::from_io(e) {
+                    Ok(tunnel) => UpstreamError::Tunnel(tunnel),
+                    Err(e) => UpstreamError::Tls {
+                        endpoint: t.key.clone(),
+                        detail: e.to_string(),
+                    },
+                })
+            }
+            Err(_) => {
+                return Err(match (&t.via, answered) {
+                    (Some((gateway, ..)), Some(a)) if !a.get() => UpstreamError::Tunnel(TunnelError::Stream {
+                        gateway: *gateway,
+                        detail: format!("no answer to the tunnel header within {:?}", self.connect_timeout),
+                    }),
+                    _ => UpstreamError::Tls {
+                        endpoint: t.key.clone(),
+                        detail: "handshake timed out".into(),
+                    },
+                })
+            }
+        };
         self.configs
             .metrics()
             .handshake_completed("client", tls.get_ref().1.handshake_kind());
