@@ -16,6 +16,9 @@
 //! dropped in the caller's namespace, so the same hops and the same inner mTLS ride the TCP+TLS
 //! fallback (HTTP/2 CONNECT streams sharing one TCP connection).
 //!
+//! Also the time a new connection takes to its first echoed byte over each transport (50 each,
+//! with the impairment on), and that time in inter-cluster round trips.
+//!
 //! Prints p50/p90/p99/max of the small requests, failures, the bulk's MB/s, and QUIC / TCP p99
 //! beside bulk (goal <= 0.5x: a lost packet of the bulk stream must not hold up the others).
 //! Figures also go to `target/strait-bench/loss.json`.
@@ -203,6 +206,34 @@ impl Drop for DropUdp {
     }
 }
 
+/// New connections to `sink`, each until its first echoed byte: a new tunnel stream on the
+/// pooled connection to the gateway, the inner mTLS session with the destination sidecar.
+async fn setup_times(ns: &str, n: usize) -> Latencies {
+    let mut times = vec![];
+    for _ in 0..n {
+        let started = Instant::now();
+        let mut s = tunnel_over(proxy_conn(ns).await, SINK).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        times.push(started.elapsed());
+    }
+    Latencies(times)
+}
+
+fn print_setup(label: &str, l: &Latencies, rtt: Duration, figures: &mut Figures, key: &str) {
+    println!(
+        "  {label:<38} {:>8.1} {:>8.1} {:>8.1}   p50 = {:.2} inter-cluster round trips",
+        ms(l.pct(0.5)),
+        ms(l.pct(0.9)),
+        ms(l.pct(0.99)),
+        l.pct(0.5).as_secs_f64() / rtt.as_secs_f64()
+    );
+    for (p, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
+        figures.add(&format!("setup.{key}.{name}"), ms(l.pct(p)), "ms");
+    }
+}
+
 fn print_row(label: &str, r: &Run) {
     println!(
         "  {label:<38} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>9} {:>6} {:>7}",
@@ -260,15 +291,18 @@ async fn main() {
 
     // Warm-up: the tunnel, the pools and the inner mTLS sessions.
     let _ = small_requests(&ns, client.admin_addr, rate, 2, false).await;
+    const SETUPS: usize = 50;
+    let quic_setup = setup_times(&ns, SETUPS).await;
     let quic_alone = small_requests(&ns, client.admin_addr, rate, seconds, false).await;
     let quic_bulk = small_requests(&ns, client.admin_addr, rate, seconds, true).await;
-    let (tcp_alone, tcp_bulk) = {
+    let (tcp_setup, tcp_alone, tcp_bulk) = {
         let _udp_dropped = DropUdp::to(&ns, west_gateway);
         await_transport(&ns, client.admin_addr, 1.0).await;
         let _ = small_requests(&ns, client.admin_addr, rate, 2, false).await;
+        let setup = setup_times(&ns, SETUPS).await;
         let alone = small_requests(&ns, client.admin_addr, rate, seconds, false).await;
         let bulk = small_requests(&ns, client.admin_addr, rate, seconds, true).await;
-        (alone, bulk)
+        (setup, alone, bulk)
     };
     drop(impaired);
 
@@ -280,6 +314,16 @@ async fn main() {
     print_row("QUIC tunnel, beside bulk", &quic_bulk);
     print_row("TCP+TLS fallback, alone", &tcp_alone);
     print_row("TCP+TLS fallback, beside bulk", &tcp_bulk);
+    println!(
+        "\n  {:<38} {:>8} {:>8} {:>8}",
+        format!("new connection, first echoed byte ({SETUPS})"),
+        "p50",
+        "p90",
+        "p99"
+    );
+    let rtt = 2 * delay;
+    print_setup("QUIC tunnel", &quic_setup, rtt, &mut figures, "quic");
+    print_setup("TCP+TLS fallback", &tcp_setup, rtt, &mut figures, "tcp_fallback");
     let ratio = ms(quic_bulk.lat.pct(0.99)) / ms(tcp_bulk.lat.pct(0.99));
     println!(
         "  QUIC / TCP fallback p99 beside bulk: {:.1} / {:.1} ms = {ratio:.3}x   (goal: <= 0.5x)",
