@@ -123,6 +123,24 @@ pub struct OutlierSpec {
     pub base_ejection_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<u32>,
+    /// Envoy's failure-percentage ejection, judged every `interval`; absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_percentage: Option<FailurePercentageSpec>,
+}
+
+/// `outlierDetection.failurePercentage` (Envoy's `failure_percentage_*`, Kuma's
+/// `detectors.failurePercentage`): at each interval, an endpoint that took at least
+/// `requestVolume` requests (default 50), of which at least `threshold` % (default 85) failed,
+/// is ejected, when at least `minimumHosts` endpoints (default 5) took that many.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailurePercentageSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_hosts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_volume: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -279,6 +297,7 @@ pub struct Outlier {
     pub interval: Duration,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
+    pub failure_percentage: Option<crate::lb::FailurePercentage>,
 }
 
 /// A checked policy, ready for the proxies.
@@ -560,6 +579,20 @@ pub fn compile_policy(
             )
             .unwrap_or(Duration::from_secs(30)),
             max_ejection_percent: max.min(100),
+            failure_percentage: o.failure_percentage.as_ref().map(|f| {
+                let threshold = f.threshold.unwrap_or(85);
+                if threshold > 100 {
+                    errors.push(err(
+                        "spec.outlierDetection.failurePercentage.threshold",
+                        "a percentage between 0 and 100",
+                    ));
+                }
+                crate::lb::FailurePercentage {
+                    threshold: threshold.min(100),
+                    minimum_hosts: f.minimum_hosts.unwrap_or(5),
+                    request_volume: f.request_volume.unwrap_or(50).max(1),
+                }
+            }),
         }
     });
     let fault = spec.fault.as_ref().map(|f| {

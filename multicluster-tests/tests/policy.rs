@@ -694,14 +694,15 @@ async fn stream_idle_timeouts_and_per_service_outlier_detection() {
         "30s",
     );
     assert!(ok, "{out}{err}");
-    let opened = || async {
+    let echo_count = |name: &'static str| async move {
         let text = scrape(caller.admin_addr).await.unwrap();
         metric_sum(
             &text,
-            "strait_upstream_connections_opened_total",
+            name,
             &[("destination_service", "echo.demo.svc.clusterset.local")],
         )
     };
+    let opened = || echo_count("strait_upstream_connections_opened_total");
     let before = opened().await;
     for _ in 0..10 {
         assert_eq!(call(caller.outbound_proxy, &format!("{ECHO}/"), &[]).await.status, 200);
@@ -724,14 +725,7 @@ async fn stream_idle_timeouts_and_per_service_outlier_detection() {
     assert!(next.body.starts_with(b"{"), "{:?}", next.body);
     let zone = serde_json::from_slice::<serde_json::Value>(&next.body).unwrap()["zone"].clone();
     assert_eq!(zone, "us-east-1b", "the 5xx endpoint is ejected");
-    let text = scrape(caller.admin_addr).await.unwrap();
-    assert!(
-        metric_sum(
-            &text,
-            "strait_outlier_ejections_total",
-            &[("destination_service", "echo.demo.svc.clusterset.local")]
-        ) >= 1.0
-    );
+    assert!(echo_count("strait_outlier_ejections_total").await >= 1.0);
 
     // ... unless maxEjectionPercent forbids ejecting that many.
     let spec = "outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 30s, maxEjectionPercent: 20}";
@@ -743,6 +737,42 @@ async fn stream_idle_timeouts_and_per_service_outlier_detection() {
         zone, "us-east-1a",
         "1 of 4 ejected is over 20 %: the ejection is ignored"
     );
+
+    // failurePercentage, judged every interval: with the consecutive rule off, us-east-1a
+    // answering 503 to every call is not ejected at its first 503s, but at the first judgement
+    // after enough requests (5), and then us-east-1b serves.
+    let spec = "outlierDetection: {consecutive5xxErrors: 0, interval: 1s, baseEjectionTime: 30s, \
+                maxEjectionPercent: 50, failurePercentage: {threshold: 50, minimumHosts: 1, requestVolume: 5}}";
+    let (ok, out, err) = apply(&mesh, "west", "limits", &echo_policy("echo-limits", spec), "30s");
+    assert!(ok, "{out}{err}");
+    let ejections = || echo_count("strait_outlier_ejections_total");
+    let ejected_before = ejections().await;
+    let failing = format!("{ECHO}/status/503?zone=us-east-1a");
+    let started = Instant::now();
+    let mut failed = 0;
+    let zone = loop {
+        let a = get_with(caller.outbound_proxy, &failing, &[]).await.unwrap();
+        if a.status == 200 {
+            break serde_json::from_slice::<serde_json::Value>(&a.body).unwrap()["zone"].clone();
+        }
+        assert_eq!(a.status, 503, "{:?}", a.body);
+        failed += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never ejected after {failed} failures"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "failurePercentage: us-east-1a ejected after {failed} failed calls, {:?} after the first",
+        started.elapsed()
+    );
+    assert!(
+        failed >= 5,
+        "ejected after {failed} failures: before the request volume"
+    );
+    assert_eq!(zone, "us-east-1b");
+    assert_eq!(ejections().await - ejected_before, 1.0);
 
     // locality: echo's own failover order (us-east -> eu-central) over the mesh-wide one, as
     // `strait route explain` shows it.

@@ -5,12 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use strait_api::lb::{choose, Candidate, OutlierDetector};
+use strait_api::lb::{choose, Candidate, Outcome, OutlierDetector, ServiceOutlier};
 use strait_api::locality::Locality;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 use strait_gateway::GatewayHealth;
 
 use crate::metrics::SidecarMetrics;
+
+/// The longest a TrafficPolicy's outlier detection ejects an endpoint that keeps failing
+/// (its `baseEjectionTime` times the ejections in a row; Envoy's `max_ejection_time`).
+const MAX_POLICY_EJECTION: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn gateway_key(cluster: &str) -> String {
     format!("gateway/{cluster}")
@@ -64,7 +68,16 @@ impl Balancer {
     /// clusters.
     pub fn pick(&self, snap: &Snapshot, svc: &ServiceEntry, tried: &[usize]) -> Option<usize> {
         let now = Instant::now();
-        let outlier = self.outlier.lock().ok()?;
+        let mut outlier = self.outlier.lock().ok()?;
+        // A TrafficPolicy's failure percentage is judged here, once per its interval.
+        if let Some(rules) = self.rules(snap, svc).filter(|r| r.failure_percentage.is_some()) {
+            let keys: Vec<&str> = svc.endpoints.iter().map(|e| e.key.as_str()).collect();
+            for (key, time) in outlier.sweep(&svc.key(), &keys, now, &rules) {
+                if let Some(ep) = svc.endpoints.iter().find(|e| e.key == key) {
+                    self.ejected(svc, ep, time, "failure percentage");
+                }
+            }
+        }
         let healthy: Vec<bool> = svc
             .endpoints
             .iter()
@@ -183,16 +196,6 @@ impl Balancer {
             })
     }
 
-    /// Whether an answer with `status` is a failure for outlier detection: a TrafficPolicy's
-    /// `consecutive5xxErrors` counts every 5xx, `consecutiveGatewayErrors` 502, 503 and 504.
-    pub fn counts_as_failure(&self, snap: &Snapshot, svc: &ServiceEntry, status: u16) -> bool {
-        snap.traffic_policy(svc, None)
-            .and_then(|p| p.outlier.as_ref())
-            .is_some_and(|o| {
-                (o.consecutive_5xx > 0 && status >= 500) || (o.consecutive_gateway > 0 && (502..=504).contains(&status))
-            })
-    }
-
     pub fn success(&self, ep: &EndpointEntry) {
         if let Ok(mut o) = self.outlier.lock() {
             o.success(&ep.key);
@@ -215,34 +218,74 @@ impl Balancer {
         }
     }
 
+    /// A TrafficPolicy's outlierDetection for `svc`, which overrides the mesh-wide settings.
+    fn rules(&self, snap: &Snapshot, svc: &ServiceEntry) -> Option<ServiceOutlier> {
+        let o = snap.traffic_policy(svc, None)?.outlier.as_ref()?;
+        Some(ServiceOutlier {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway: o.consecutive_gateway,
+            interval: o.interval,
+            base_ejection: o.base_ejection,
+            max_ejection: o.base_ejection.max(MAX_POLICY_EJECTION),
+            failure_percentage: o.failure_percentage,
+        })
+    }
+
+    fn ejected(&self, svc: &ServiceEntry, ep: &EndpointEntry, time: std::time::Duration, why: &str) {
+        tracing::info!(endpoint = %ep.key, service = %svc.host(), ejection = ?time, why, "outlier detection ejected endpoint");
+        self.metrics
+            .ejections
+            .with_label_values(&[&ep.locality.cluster, &svc.host()])
+            .inc();
+    }
+
+    /// No answer from `ep` (no connection, a reset, a timeout).
     pub fn failure(&self, snap: &Snapshot, svc: &ServiceEntry, ep: &EndpointEntry) {
-        // A TrafficPolicy's outlierDetection overrides the mesh-wide settings for its service.
-        let own = snap
-            .traffic_policy(svc, None)
-            .and_then(|p| p.outlier.as_ref())
-            .map(|o| {
-                let consecutive = match o.consecutive_gateway {
-                    0 => o.consecutive_5xx,
-                    g => g.min(o.consecutive_5xx.max(1)),
-                };
-                strait_api::lb::OutlierConfig {
-                    consecutive_errors: consecutive.max(1),
-                    base_ejection: o.base_ejection,
-                    max_ejection: o.base_ejection.max(snap.policy.outlier.max_ejection),
-                }
-            });
-        let config = own.as_ref().unwrap_or(&snap.policy.outlier);
-        let ejected = self
-            .outlier
-            .lock()
-            .ok()
-            .and_then(|mut o| o.failure(&ep.key, Instant::now(), config));
+        self.record(snap, svc, ep, Outcome::Local);
+    }
+
+    /// `ep` answered `status`. Without a TrafficPolicy's outlierDetection every answer is a
+    /// success (only local failures eject); with one, 5xx answers count as it says.
+    pub fn answered(&self, snap: &Snapshot, svc: &ServiceEntry, ep: &EndpointEntry, status: u16) {
+        let outcome = if status >= 500 {
+            Outcome::Error {
+                gateway: (502..=504).contains(&status),
+            }
+        } else {
+            Outcome::Success
+        };
+        self.record(snap, svc, ep, outcome);
+    }
+
+    /// `ep` answered `status`, which a route retries elsewhere: a failure as the service's
+    /// outlierDetection counts it, or (without one) as the mesh-wide detection counts a failure.
+    pub fn retried(&self, snap: &Snapshot, svc: &ServiceEntry, ep: &EndpointEntry, status: u16) {
+        if self.rules(snap, svc).is_some() {
+            self.answered(snap, svc, ep, status);
+        } else {
+            self.failure(snap, svc, ep);
+        }
+    }
+
+    fn record(&self, snap: &Snapshot, svc: &ServiceEntry, ep: &EndpointEntry, outcome: Outcome) {
+        let now = Instant::now();
+        let rules = self.rules(snap, svc);
+        let Ok(mut o) = self.outlier.lock() else { return };
+        let ejected = match (&rules, outcome) {
+            (Some(rules), _) => o.record(&ep.key, outcome, now, rules),
+            (None, Outcome::Local) => o.failure(&ep.key, now, &snap.policy.outlier),
+            (None, _) => {
+                o.success(&ep.key);
+                None
+            }
+        };
+        // Any answer shows the cluster's gateway works.
+        if outcome != Outcome::Local && ep.locality.cluster != self.locality.cluster {
+            o.success(&gateway_key(&ep.locality.cluster));
+        }
+        drop(o);
         if let Some(time) = ejected {
-            tracing::info!(endpoint = %ep.key, service = %svc.host(), ejection = ?time, "outlier detection ejected endpoint");
-            self.metrics
-                .ejections
-                .with_label_values(&[&ep.locality.cluster, &svc.host()])
-                .inc();
+            self.ejected(svc, ep, time, "consecutive failures");
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The demo app's HTTP paths, httpbin-style, so every proxy feature can be tried by hand:
-//! `/bytes/{n}` (n bytes, streamed), `/status/{code}`, `/delay/{ms}`, `/headers`,
+//! `/bytes/{n}` (n bytes, streamed), `/status/{code}` (`?zone=Z`: only in zone Z), `/delay/{ms}`, `/headers`,
 //! `/sse?events=N&interval_ms=M` (server-sent events, each flushed as written), `/ws`
 //! (a WebSocket echo), and anything else: JSON naming where it runs, with the number of body
 //! bytes received (counted as they stream, never buffered).
@@ -42,12 +42,16 @@ fn streamed(
 }
 
 fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<u64> {
+    query_text(req, key)?.parse().ok()
+}
+
+fn query_text<'a>(req: &'a Request<hyper::body::Incoming>, key: &str) -> Option<&'a str> {
     req.uri()
         .query()?
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|(_, v)| v)
 }
 
 pub async fn handle(a: DemoArgs, mut req: Request<hyper::body::Incoming>) -> Response<DemoBody> {
@@ -69,6 +73,11 @@ pub async fn handle(a: DemoArgs, mut req: Request<hyper::body::Incoming>) -> Res
             Err(_) => full(StatusCode::BAD_REQUEST, "text/plain", "use /bytes/<count>\n"),
         },
         ("status", Some(code)) => match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+            // `?zone=Z`: only the app in zone Z answers the code, the others as for `/`
+            // (one failing zone, for trying outlier detection by hand).
+            Some(_) if query_text(&req, "zone").is_some_and(|z| z != a.zone) => {
+                describe(&a, req, serde_json::Value::Null).await
+            }
             Some(code) => {
                 let mut resp = full(code, "text/plain", format!("{code}\n"));
                 // `?retry_after=S`: a Retry-After to honour (rate limits, overload).

@@ -1,4 +1,7 @@
 //! Passive outlier detection: endpoints that fail are ejected for a while, longer each time.
+//!
+//! Two ways to be ejected, as in Envoy: consecutive failures (decided at each answer), and a
+//! failure percentage over an interval (decided at each interval's sweep, per service).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -22,30 +25,88 @@ impl Default for OutlierConfig {
     }
 }
 
+/// A service's own outlier detection (a TrafficPolicy's `outlierDetection`), Envoy semantics:
+/// a local failure (no connection, reset, timeout) counts as a gateway error and as a 5xx.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceOutlier {
+    /// Consecutive 5xx answers that eject; 0: off.
+    pub consecutive_5xx: u32,
+    /// Consecutive 502, 503 and 504 answers (and local failures) that eject; 0: off.
+    pub consecutive_gateway: u32,
+    /// How often the failure percentage is judged.
+    pub interval: Duration,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub failure_percentage: Option<FailurePercentage>,
+}
+
+/// Envoy's failure-percentage ejection: at each interval, an endpoint that took at least
+/// `request_volume` requests, of which at least `threshold` % failed, is ejected, provided at
+/// least `minimum_hosts` endpoints of the service took that many requests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FailurePercentage {
+    pub threshold: u32,
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+}
+
+/// How one attempt ended, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer that is not a failure.
+    Success,
+    /// A 5xx answer; `gateway` for 502, 503 and 504.
+    Error { gateway: bool },
+    /// No answer: no connection, a reset, a timeout.
+    Local,
+}
+
 #[derive(Debug, Default)]
 struct State {
     consecutive: u32,
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
     ejected_until: Option<Instant>,
     ejections: u32,
+    /// Requests and failures since the last sweep of this endpoint's service.
+    requests: u32,
+    failures: u32,
+}
+
+impl State {
+    fn eject(&mut self, now: Instant, base: Duration, max: Duration) -> Duration {
+        self.ejections += 1;
+        self.consecutive = 0;
+        self.consecutive_5xx = 0;
+        self.consecutive_gateway = 0;
+        let time = (base * self.ejections).min(max.max(base));
+        self.ejected_until = Some(now + time);
+        time
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| now < until)
+    }
 }
 
 /// Per-endpoint failure state, keyed by the caller's endpoint key.
 #[derive(Debug, Default)]
 pub struct OutlierDetector {
     endpoints: HashMap<String, State>,
+    /// When each service's failure percentage was last judged.
+    sweeps: HashMap<String, Instant>,
 }
 
 impl OutlierDetector {
     pub fn is_ejected(&self, key: &str, now: Instant) -> bool {
-        self.endpoints
-            .get(key)
-            .and_then(|s| s.ejected_until)
-            .is_some_and(|until| now < until)
+        self.endpoints.get(key).is_some_and(|s| s.ejected(now))
     }
 
     pub fn success(&mut self, key: &str) {
         if let Some(s) = self.endpoints.get_mut(key) {
             s.consecutive = 0;
+            s.consecutive_5xx = 0;
+            s.consecutive_gateway = 0;
             if s.ejected_until.is_none() {
                 s.ejections = 0;
             }
@@ -56,18 +117,103 @@ impl OutlierDetector {
     /// Records a failure; returns the ejection time when this failure ejects the endpoint.
     pub fn failure(&mut self, key: &str, now: Instant, config: &OutlierConfig) -> Option<Duration> {
         let s = self.endpoints.entry(key.to_string()).or_default();
-        if s.ejected_until.is_some_and(|until| now < until) {
+        if s.ejected(now) {
             return None;
         }
         s.consecutive += 1;
         if s.consecutive < config.consecutive_errors.max(1) {
             return None;
         }
-        s.ejections += 1;
-        s.consecutive = 0;
-        let time = (config.base_ejection * s.ejections).min(config.max_ejection);
-        s.ejected_until = Some(now + time);
-        Some(time)
+        Some(s.eject(now, config.base_ejection, config.max_ejection))
+    }
+
+    /// Records one attempt's outcome under a service's own rules; returns the ejection time
+    /// when it ejects the endpoint. Every outcome counts towards the failure percentage.
+    pub fn record(&mut self, key: &str, outcome: Outcome, now: Instant, rules: &ServiceOutlier) -> Option<Duration> {
+        let s = self.endpoints.entry(key.to_string()).or_default();
+        s.requests = s.requests.saturating_add(1);
+        match outcome {
+            Outcome::Success => {
+                self.success(key);
+                return None;
+            }
+            Outcome::Error { gateway } => {
+                s.failures = s.failures.saturating_add(1);
+                s.consecutive_5xx += 1;
+                if gateway {
+                    s.consecutive_gateway += 1;
+                } else {
+                    s.consecutive_gateway = 0;
+                }
+            }
+            Outcome::Local => {
+                s.failures = s.failures.saturating_add(1);
+                s.consecutive_5xx += 1;
+                s.consecutive_gateway += 1;
+            }
+        }
+        if s.ejected(now) {
+            return None;
+        }
+        let hit = |n: u32, threshold: u32| threshold > 0 && n >= threshold;
+        // With neither consecutive rule on, a local failure still ejects as the mesh-wide
+        // default does (failover must not depend on a setting).
+        let local_default = outcome == Outcome::Local && rules.consecutive_5xx == 0 && rules.consecutive_gateway == 0;
+        if hit(s.consecutive_5xx, rules.consecutive_5xx)
+            || hit(s.consecutive_gateway, rules.consecutive_gateway)
+            || local_default
+        {
+            return Some(s.eject(now, rules.base_ejection, rules.max_ejection));
+        }
+        None
+    }
+
+    /// Judges the failure percentage of `service`'s endpoints (`keys`) once per interval (the
+    /// first call only starts the clock); returns the endpoints it ejects and for how long.
+    pub fn sweep(
+        &mut self,
+        service: &str,
+        keys: &[&str],
+        now: Instant,
+        rules: &ServiceOutlier,
+    ) -> Vec<(String, Duration)> {
+        let Some(fp) = rules.failure_percentage else {
+            return vec![];
+        };
+        let due = match self.sweeps.get(service) {
+            None => {
+                self.sweeps.insert(service.to_string(), now);
+                for k in keys {
+                    if let Some(s) = self.endpoints.get_mut(*k) {
+                        (s.requests, s.failures) = (0, 0);
+                    }
+                }
+                return vec![];
+            }
+            Some(last) => now.duration_since(*last) >= rules.interval,
+        };
+        if !due {
+            return vec![];
+        }
+        self.sweeps.insert(service.to_string(), now);
+        let volume = fp.request_volume.max(1);
+        let judged = keys
+            .iter()
+            .filter(|k| self.endpoints.get(**k).is_some_and(|s| s.requests >= volume))
+            .count();
+        let mut ejected = vec![];
+        for k in keys {
+            let Some(s) = self.endpoints.get_mut(*k) else { continue };
+            let (requests, failures) = (s.requests, s.failures);
+            (s.requests, s.failures) = (0, 0);
+            if judged < fp.minimum_hosts as usize || requests < volume || s.ejected(now) {
+                continue;
+            }
+            if u64::from(failures) * 100 >= u64::from(fp.threshold) * u64::from(requests) {
+                ejected.push((k.to_string(), s.eject(now, rules.base_ejection, rules.max_ejection)));
+            }
+        }
+        ejected
     }
 
     /// Forgets endpoints that no longer exist.
@@ -101,5 +247,109 @@ mod tests {
         assert_eq!(d.failure("a", t3, &cfg), Some(Duration::from_secs(5)), "capped");
         d.success("a");
         assert!(!d.is_ejected("a", t3));
+    }
+
+    fn rules(c5xx: u32, gw: u32, fp: Option<FailurePercentage>) -> ServiceOutlier {
+        ServiceOutlier {
+            consecutive_5xx: c5xx,
+            consecutive_gateway: gw,
+            interval: Duration::from_secs(10),
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            failure_percentage: fp,
+        }
+    }
+
+    #[test]
+    fn consecutive_5xx_and_gateway_errors_are_counted_apart() {
+        let r = rules(3, 2, None);
+        let mut d = OutlierDetector::default();
+        let t = Instant::now();
+        let err = |g| Outcome::Error { gateway: g };
+        // 500, 503: one gateway error in a row, two 5xx.
+        assert_eq!(d.record("a", err(false), t, &r), None);
+        assert_eq!(d.record("a", err(true), t, &r), None);
+        // A third 5xx ejects under consecutive5xxErrors: 3.
+        assert_eq!(d.record("a", err(false), t, &r), Some(Duration::from_secs(30)));
+        assert!(d.is_ejected("a", t));
+        // Two gateway errors in a row (a local failure is one) eject under 2.
+        assert_eq!(d.record("b", Outcome::Local, t, &r), None);
+        assert_eq!(d.record("b", err(true), t, &r), Some(Duration::from_secs(30)));
+        // A success in between starts the count again.
+        assert_eq!(d.record("c", err(true), t, &r), None);
+        assert_eq!(d.record("c", Outcome::Success, t, &r), None);
+        assert_eq!(d.record("c", err(true), t, &r), None);
+        assert!(!d.is_ejected("c", t));
+        // Both rules off: 5xx answers never eject, a local failure still does.
+        let off = rules(0, 0, None);
+        for _ in 0..10 {
+            assert_eq!(d.record("e", err(true), t, &off), None);
+        }
+        assert!(d.record("e", Outcome::Local, t, &off).is_some());
+    }
+
+    #[test]
+    fn failure_percentage_is_judged_once_per_interval_with_enough_volume_and_hosts() {
+        let fp = FailurePercentage {
+            threshold: 50,
+            minimum_hosts: 2,
+            request_volume: 10,
+        };
+        let r = rules(0, 0, Some(fp));
+        let mut d = OutlierDetector::default();
+        let t = Instant::now();
+        let keys = ["a", "b", "c"];
+        assert!(
+            d.sweep("svc", &keys, t, &r).is_empty(),
+            "the first sweep starts the clock"
+        );
+        // a: 6 of 10 failed; b: 1 of 10; c: 5 of 5 (below the volume).
+        for i in 0..10 {
+            let bad = if i < 6 {
+                Outcome::Error { gateway: false }
+            } else {
+                Outcome::Success
+            };
+            d.record("a", bad, t, &r);
+            d.record(
+                "b",
+                if i == 0 {
+                    Outcome::Error { gateway: true }
+                } else {
+                    Outcome::Success
+                },
+                t,
+                &r,
+            );
+        }
+        for _ in 0..5 {
+            d.record("c", Outcome::Error { gateway: false }, t, &r);
+        }
+        assert!(
+            !d.is_ejected("a", t),
+            "5xx alone eject nobody with the consecutive rules off"
+        );
+        assert!(
+            d.sweep("svc", &keys, t + Duration::from_secs(5), &r).is_empty(),
+            "not due yet"
+        );
+        let at = t + Duration::from_secs(10);
+        let out = d.sweep("svc", &keys, at, &r);
+        assert_eq!(out, vec![("a".to_string(), Duration::from_secs(30))]);
+        assert!(d.is_ejected("a", at) && !d.is_ejected("b", at) && !d.is_ejected("c", at));
+        // The window starts again: c's earlier failures are forgotten.
+        for _ in 0..10 {
+            d.record("b", Outcome::Success, at, &r);
+            d.record("c", Outcome::Error { gateway: false }, at, &r);
+        }
+        let out = d.sweep("svc", &keys, at + Duration::from_secs(10), &r);
+        assert_eq!(out.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["c"]);
+        // Fewer judged endpoints than minimumHosts: nobody is ejected.
+        let mut d = OutlierDetector::default();
+        d.sweep("svc", &keys, t, &r);
+        for _ in 0..10 {
+            d.record("a", Outcome::Error { gateway: false }, t, &r);
+        }
+        assert!(d.sweep("svc", &keys, t + Duration::from_secs(10), &r).is_empty());
     }
 }

@@ -86,9 +86,15 @@ fn policy_summary(p: &CompiledPolicy) -> Vec<String> {
     }
     if let Some(o) = &p.outlier {
         out.push(format!(
-            "outlier detection: {} consecutive 5xx, {} gateway errors, ejection {:?}",
-            o.consecutive_5xx, o.consecutive_gateway, o.base_ejection
+            "outlier detection: {} consecutive 5xx, {} gateway errors, ejection {:?}, at most {}% ejected",
+            o.consecutive_5xx, o.consecutive_gateway, o.base_ejection, o.max_ejection_percent
         ));
+        if let Some(f) = &o.failure_percentage {
+            out.push(format!(
+                "outlier detection: eject at {}% failed of at least {} requests every {:?}, when {} endpoints have that many",
+                f.threshold, f.request_volume, o.interval, f.minimum_hosts
+            ));
+        }
     }
     for (what, t) in [
         ("connect", p.connect_timeout),

@@ -620,7 +620,7 @@ impl Outbound {
                 {
                     // The route retries this status elsewhere; keep the answer in case no
                     // other attempt does better.
-                    self.balancer.failure(snap, svc, ep);
+                    self.balancer.retried(snap, svc, ep, resp.status().as_u16());
                     last_error = format!("{} answered {}", ep.key, resp.status());
                     retried_answer = Some((resp, i));
                     status_retries += 1;
@@ -655,11 +655,7 @@ impl Outbound {
                     }
                 }
                 Ok(resp) => {
-                    if self.balancer.counts_as_failure(snap, svc, resp.status().as_u16()) {
-                        self.balancer.failure(snap, svc, ep);
-                    } else {
-                        self.balancer.success(ep);
-                    }
+                    self.balancer.answered(snap, svc, ep, resp.status().as_u16());
                     return Ok((resp, i));
                 }
                 Err(e) if reused && (e.is_canceled() || idempotent) && !tried[..tried.len() - 1].contains(&i) => {
