@@ -96,6 +96,8 @@ pub enum Typed {
     Route(Arc<RouteEntry>),
     Traffic(Arc<crate::traffic::CompiledPolicy>, i64),
     Authz(Arc<crate::authz::CompiledAuthz>),
+    /// A service key (`<ns>/<name>`) and its rate-limit shares.
+    Shares(String, Arc<HashMap<String, f64>>),
 }
 
 /// An HTTPRoute as received: its spec checked (every field but the backends, which are looked
@@ -198,6 +200,18 @@ pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
                 })
         }
         Some(Kind::TrafficPolicy(p)) => convert_traffic(p).map(|c| Typed::Traffic(Arc::new(c), p.created_unix_ms)),
+        Some(Kind::RateShares(r)) => {
+            if let Some((k, v)) = r.shares.iter().find(|(_, v)| !v.is_finite() || **v < 0.0 || **v > 1.0) {
+                return Err(bad(
+                    &format!("shares.{k}"),
+                    format!("{v} is not a fraction between 0 and 1"),
+                ));
+            }
+            Ok(Typed::Shares(
+                format!("{}/{}", r.namespace, r.name),
+                Arc::new(r.shares.iter().map(|(k, v)| (k.clone(), *v)).collect()),
+            ))
+        }
         Some(Kind::TrustBundle(b)) => TrustBundle::from_pem(&res.name, b.pem.as_bytes())
             .map(|b| Typed::Bundle(Arc::new(b)))
             .map_err(|e| bad("pem", e.to_string())),
@@ -409,6 +423,9 @@ impl Resources {
                     let _ = merged.merge(b);
                 }
                 Typed::Authz(a) => snap.authz.push(a.clone()),
+                Typed::Shares(key, shares) => {
+                    snap.rate_shares.insert(key.clone(), shares.clone());
+                }
                 Typed::Route(_) | Typed::Traffic(..) => {}
             }
         }
@@ -474,6 +491,9 @@ pub struct Snapshot {
     pub traffic: HashMap<String, Arc<crate::traffic::CompiledPolicy>>,
     /// Every AuthorizationPolicy; each sidecar evaluates those that apply to its workload.
     pub authz: Vec<Arc<crate::authz::CompiledAuthz>>,
+    /// By service (`<ns>/<name>`): each endpoint's (`<cluster>/<workload>`) share of a
+    /// destination-total rate limit, as the controller divides it by demand.
+    pub rate_shares: HashMap<String, Arc<HashMap<String, f64>>>,
 }
 
 /// Compiles each route against the snapshot's services (a backend that is not there fails

@@ -15,6 +15,7 @@ pub mod objects;
 pub mod peering;
 pub mod policy;
 pub mod policy_api;
+pub mod rateshare;
 pub mod resources;
 mod run;
 pub mod source;

@@ -64,6 +64,14 @@ fn resource(name: String, kind: Kind) -> pb::Resource {
     r
 }
 
+/// `rateshare/<ns>/<name>`: a destination-total rate limit's shares for its sidecars.
+pub fn rate_shares_resource(body: pb::RateShares) -> pb::Resource {
+    resource(
+        format!("rateshare/{}/{}", body.namespace, body.name),
+        Kind::RateShares(body),
+    )
+}
+
 pub fn service_resource(svc: &MergedService) -> pb::Resource {
     resource(
         format!("service/{}/{}", svc.namespace, svc.name),

@@ -222,6 +222,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         tokio::spawn(client.run());
     }
 
+    let own_traffic = traffic_rx.clone();
+    let mut rate_shares = crate::rateshare::RateShares::default();
     let view = Arc::new(Mutex::new(View::default()));
     let (admin, page) = admin_views(&cfg, &registry, view.clone(), table.clone(), xds.clone(), traffic_rx);
     // The admin address: the clusterset page and its API (axum), the admin views behind them.
@@ -390,7 +392,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let peer_objects: Vec<pb::PolicyObject> = peers.iter().flat_map(|p| p.objects.iter().cloned()).collect();
         let effective = crate::objects::effective(&own_objects, &peer_objects);
         let checked = crate::objects::check(&effective, &merged, &mut last_good, &cfg.cluster);
-        let resources = build_with(
+        let mut resources = build_with(
             &mut build_memo,
             &merged,
             std::slice::from_ref(&federation_service),
@@ -399,6 +401,18 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             &bundles,
             &checked,
         );
+        // Destination-total rate limits, divided by where the requests arrive in every cluster.
+        {
+            let own = own_traffic.borrow().clone();
+            let summaries: Vec<&pb::TrafficSummary> = std::iter::once(&*own)
+                .chain(peers.iter().filter(|p| p.alive(now)).filter_map(|p| p.traffic.as_ref()))
+                .collect();
+            rate_shares.update(&checked.policies, &merged, &summaries);
+        }
+        for body in rate_shares.bodies() {
+            let r = crate::resources::rate_shares_resource(body);
+            resources.insert(r.name.clone(), Arc::new(r));
+        }
         // Warm once every configured peer has pushed since this start, or one lease has passed.
         let warm = started_at.elapsed() >= cfg.lease
             || cfg

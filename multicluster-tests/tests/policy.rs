@@ -368,34 +368,36 @@ async fn traffic_policies_apply_in_every_cluster() {
     let (ok, out, err) = apply(&mesh, "central", "rate", RATE, "30s");
     assert!(ok, "{out}{err}");
     let east_b = mesh.workload("echo", "us-east-1b").outbound_proxy;
-    let seconds = 5.0;
-    let mut tasks = vec![];
-    for caller in [east_caller.outbound_proxy, east_b, west_caller, central_caller] {
-        tasks.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let (mut allowed, mut limited) = (0u32, 0u32);
-            while started.elapsed().as_secs_f64() < seconds {
-                let a = call(caller, &format!("{ECHO}/"), &[]).await;
-                match a.status {
-                    200 => allowed += 1,
-                    429 => limited += 1,
-                    other => panic!("unexpected {other}: {}", a.service),
-                }
-            }
-            (allowed, limited)
-        }));
-    }
-    let (mut allowed, mut limited) = (0, 0);
-    for t in tasks {
-        let (a, l) = t.await.unwrap();
-        allowed += a;
-        limited += l;
-    }
-    let rate = f64::from(allowed) / seconds;
+    let seconds = 5;
+    let (allowed, limited) = rate_phase(
+        &[east_caller.outbound_proxy, east_b, west_caller, central_caller],
+        seconds,
+    )
+    .await;
+    let allowed: u32 = allowed.iter().sum();
+    let rate = f64::from(allowed) / f64::from(seconds);
     println!("rate limit 40/s for echo (4 endpoints, 3 clusters): {allowed} allowed, {limited} limited in {seconds}s = {rate:.1}/s");
     assert!(limited > 0, "the callers sent more than the limit");
     // 4 endpoints start with one token each.
-    assert!((36.0..=44.0 + 4.0 / seconds).contains(&rate), "{rate}/s allowed");
+    assert!(
+        (36.0..=44.0 + 4.0 / f64::from(seconds)).contains(&rate),
+        "{rate}/s allowed"
+    );
+
+    // All the traffic to one endpoint (a caller in us-east-1a calls its own zone's): divided
+    // equally it would allow 10/s; the controllers divide the total by where requests arrive,
+    // so the total holds again once the shares follow (within the traffic window, 10 s).
+    let (warm, _) = rate_phase(&[east_caller.outbound_proxy], 25).await;
+    let moved = warm.iter().position(|n| *n >= 30);
+    println!("skewed to us-east-1a, allowed per second: {warm:?}");
+    let moved = moved.expect("the share followed the demand");
+    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], seconds).await;
+    let allowed: u32 = allowed.iter().sum();
+    let rate = f64::from(allowed) / f64::from(seconds);
+    println!(
+        "rate limit 40/s, every request to one endpoint: {rate:.1}/s allowed ({limited} limited) once the shares moved, {moved} s into the skew"
+    );
+    assert!((36.0..=44.0).contains(&rate), "{rate}/s allowed");
 
     // Circuit breaking: 2 in flight from one proxy, no queue; the rest are shed with 503 UO.
     let (ok, out, err) = apply(
@@ -586,6 +588,39 @@ async fn a_grpc_route_applied_in_one_cluster_routes_calls_in_another() {
 }
 
 /// A TrafficPolicy `name` on echo (the whole clusterset) with `spec`'s settings.
+/// Callers calling echo back to back for `seconds`: requests allowed in each second, and how
+/// many were limited (429) in all.
+async fn rate_phase(callers: &[SocketAddr], seconds: u32) -> (Vec<u32>, u32) {
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for caller in callers.iter().copied() {
+        tasks.push(tokio::spawn(async move {
+            let mut allowed = vec![0u32; seconds as usize];
+            let mut limited = 0u32;
+            loop {
+                let a = call(caller, &format!("{ECHO}/"), &[]).await;
+                let second = started.elapsed().as_secs() as usize;
+                if second >= seconds as usize {
+                    break;
+                }
+                match a.status {
+                    200 => allowed[second] += 1,
+                    429 => limited += 1,
+                    other => panic!("unexpected {other}: {}", a.service),
+                }
+            }
+            (allowed, limited)
+        }));
+    }
+    let (mut allowed, mut limited) = (vec![0u32; seconds as usize], 0);
+    for t in tasks {
+        let (a, l) = t.await.unwrap();
+        allowed.iter_mut().zip(a).for_each(|(sum, n)| *sum += n);
+        limited += l;
+    }
+    (allowed, limited)
+}
+
 fn echo_policy(name: &str, spec: &str) -> String {
     format!(
         r#"

@@ -32,6 +32,9 @@ impl Bucket {
     }
 }
 
+/// The fewest tokens a rate-limit bucket holds (see [`RateLimiter::allow`]).
+const MIN_BUCKET: f64 = 2.0;
+
 /// Local rate limits, one bucket per key.
 #[derive(Default)]
 pub struct RateLimiter {
@@ -40,11 +43,13 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// Takes a token for `key` under `limit`, this proxy's share being `share` (1 for a
-    /// per-proxy limit; 1/N for a destination total divided among N endpoints). The bucket
-    /// holds the share of the burst (at least one request), so a total stays a total.
+    /// per-proxy limit; a fraction for a destination total). The bucket holds the share of the
+    /// burst, so a total stays a total — but at least two tokens: a bucket of one drops what
+    /// accrues between a token falling due and the next request, and so undershoots its rate
+    /// by the gap between arrivals (10 % with requests at ten times the rate).
     pub fn allow(&self, key: &str, limit: &RateLimit, share: f64, now: Instant) -> bool {
         let rate = limit.per_second * share;
-        let capacity = (f64::from(limit.burst) * share).max(1.0);
+        let capacity = (f64::from(limit.burst) * share).max(MIN_BUCKET);
         let Ok(mut buckets) = self.buckets.lock() else {
             return true;
         };
@@ -225,15 +230,19 @@ pub fn retry_backoff(n: u32) -> Duration {
 mod tests {
     use super::*;
 
+    fn limit(per_second: f64, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second,
+            burst,
+            per_destination: false,
+            shadow: false,
+        }
+    }
+
     #[test]
     fn a_bucket_allows_its_rate_and_burst() {
         let rl = RateLimiter::default();
-        let limit = RateLimit {
-            per_second: 10.0,
-            burst: 5,
-            per_destination: false,
-            shadow: false,
-        };
+        let limit = limit(10.0, 5);
         let t0 = Instant::now();
         let burst = (0..20).filter(|_| rl.allow("a", &limit, 1.0, t0)).count();
         assert_eq!(burst, 5);
@@ -241,9 +250,24 @@ mod tests {
             .filter(|_| rl.allow("a", &limit, 1.0, t0 + Duration::from_millis(1000)))
             .count();
         assert_eq!(later, 5, "10/s for one second, capped at the burst of 5");
-        // Half the total: half the rate and half the burst.
+        // Half the total: half the rate and half the burst (but never under two tokens).
         let half = (0..20).filter(|_| rl.allow("b", &limit, 0.5, t0)).count();
         assert_eq!(half, 2);
+        let tenth = (0..20).filter(|_| rl.allow("c", &limit, 0.1, t0)).count();
+        assert_eq!(tenth, 2);
+    }
+
+    #[test]
+    fn requests_at_any_spacing_get_the_whole_rate() {
+        // 40/s with no burst, requests every 7 ms (a token falls due between two of them):
+        // 400 in 10 s, plus the bucket's two.
+        let rl = RateLimiter::default();
+        let limit = limit(40.0, 0);
+        let t0 = Instant::now();
+        let allowed = (0..10_000 / 7)
+            .filter(|i| rl.allow("a", &limit, 1.0, t0 + Duration::from_millis(i * 7)))
+            .count();
+        assert!((400..=402).contains(&allowed), "{allowed}");
     }
 
     #[test]

@@ -54,6 +54,12 @@ impl LocalWorkload {
         }
     }
 
+    /// `<cluster>/<workload>`, as the Istio metrics' destination labels name this workload
+    /// (and the controller's rate-limit shares key it).
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.cluster, self.name)
+    }
+
     /// The workload and its metadata header value, for the config `snap`.
     pub fn current(&self, snap: &Snapshot) -> (Arc<Workload>, Arc<str>) {
         let (w, m, _) = self.refresh(snap);

@@ -236,7 +236,8 @@ impl Inbound {
     }
 
     /// A TrafficPolicy's local rate limit, enforced here at the destination: per proxy, or a
-    /// destination total divided among the service's ready endpoints in every cluster.
+    /// destination total divided among the service's ready endpoints in every cluster in
+    /// proportion to the requests each receives (`federation/src/rateshare.rs`).
     /// Returns the refusal to send (429 with retry-after, or RESOURCE_EXHAUSTED for gRPC).
     fn rate_limited(&self, parts: &hyper::http::request::Parts) -> Option<Response<Body>> {
         let (config, key) = self.config.as_ref()?;
@@ -244,13 +245,20 @@ impl Inbound {
         let tp = snap.traffic.get(key)?;
         let limit = tp.rate_limit.as_ref()?;
         let share = if limit.per_destination {
-            let ready = snap
-                .services
+            // This endpoint's share as the controller divides the total by demand; until it
+            // has, an equal share of the service's ready endpoints.
+            snap.rate_shares
                 .get(key)
-                .map(|s| s.endpoints.iter().filter(|e| e.ready).count())
-                .unwrap_or(1)
-                .max(1);
-            1.0 / ready as f64
+                .and_then(|shares| shares.get(&self.telemetry.local.key()).copied())
+                .unwrap_or_else(|| {
+                    let ready = snap
+                        .services
+                        .get(key)
+                        .map(|s| s.endpoints.iter().filter(|e| e.ready).count())
+                        .unwrap_or(1)
+                        .max(1);
+                    1.0 / ready as f64
+                })
         } else {
             1.0
         };
