@@ -13,6 +13,25 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::{Encoder, Registry, TextEncoder};
 
+/// The query of a sidecar's `/explain` for a request (`headers` as `name: value`).
+pub fn explain_query(method: &str, url: &str, headers: &[String]) -> String {
+    let mut query = format!("method={}&url={}", percent_encode(method), percent_encode(url));
+    for h in headers {
+        query.push_str(&format!("&header={}", percent_encode(h)));
+    }
+    query
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters stay as they are).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 pub type JsonView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// A view that reads the request's query string (decoded `key=value` pairs, in order).
 pub type QueryView = Arc<dyn Fn(&[(String, String)]) -> serde_json::Value + Send + Sync>;

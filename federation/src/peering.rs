@@ -311,6 +311,51 @@ impl PeeringMetrics {
     }
 }
 
+/// A gRPC channel to a peer cluster's controller: a tunnel stream through its east-west
+/// gateway (`gateway`), then mutual TLS with this controller's certificate, the peer checked
+/// by the controllers' SPIFFE ID. `cluster` is this cluster, for the gateway's records.
+pub fn peer_channel(
+    store: &CertStore,
+    tunnel: &TunnelClient,
+    gateway: std::net::SocketAddr,
+    cluster: &str,
+) -> Result<tonic::transport::Channel, anyhow::Error> {
+    let td = store.id().trust_domain().clone();
+    let gateway_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::GATEWAY_SA)?;
+    let controller_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA)?;
+    let tls = Arc::new(strait_trust::client_config(
+        Some(store),
+        store.bundle(),
+        store.metrics(),
+        PeerPolicy::OneOf(vec![controller_id]),
+        &[strait_trust::ALPN_H2],
+    )?);
+    let tunnel = tunnel.clone();
+    let cluster = cluster.to_string();
+    Ok(strait_api::transport::channel_with(move || {
+        let tunnel = tunnel.clone();
+        let tls = tls.clone();
+        let gateway_id = gateway_id.clone();
+        let cluster = cluster.clone();
+        async move {
+            let req = pb::TunnelRequest {
+                service: strait_api::FEDERATION_SERVICE.into(),
+                namespace: strait_api::SYSTEM_NAMESPACE.into(),
+                port: crate::FEDERATION_PORT as u32,
+                source_cluster: cluster,
+                ..Default::default()
+            };
+            let (stream, _) = tunnel
+                .open(gateway, &gateway_id, &req)
+                .await
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))?;
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(strait_api::transport::mesh_server_name(), stream)
+                .await
+        }
+    }))
+}
+
 impl PeerClient {
     pub async fn run(self) {
         let mut backoff = Duration::from_millis(200);
@@ -329,41 +374,7 @@ impl PeerClient {
     }
 
     fn channel(&self) -> Result<tonic::transport::Channel, anyhow::Error> {
-        let td = self.store.id().trust_domain().clone();
-        let gateway_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::GATEWAY_SA)?;
-        let controller_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA)?;
-        let tls = Arc::new(strait_trust::client_config(
-            Some(&self.store),
-            self.store.bundle(),
-            self.store.metrics(),
-            PeerPolicy::OneOf(vec![controller_id]),
-            &[strait_trust::ALPN_H2],
-        )?);
-        let tunnel = self.tunnel.clone();
-        let gateway = self.peer.gateway;
-        let cluster = self.cluster.clone();
-        Ok(strait_api::transport::channel_with(move || {
-            let tunnel = tunnel.clone();
-            let tls = tls.clone();
-            let gateway_id = gateway_id.clone();
-            let cluster = cluster.clone();
-            async move {
-                let req = pb::TunnelRequest {
-                    service: strait_api::FEDERATION_SERVICE.into(),
-                    namespace: strait_api::SYSTEM_NAMESPACE.into(),
-                    port: crate::FEDERATION_PORT as u32,
-                    source_cluster: cluster,
-                    ..Default::default()
-                };
-                let (stream, _) = tunnel
-                    .open(gateway, &gateway_id, &req)
-                    .await
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))?;
-                tokio_rustls::TlsConnector::from(tls)
-                    .connect(strait_api::transport::mesh_server_name(), stream)
-                    .await
-            }
-        }))
+        peer_channel(&self.store, &self.tunnel, self.peer.gateway, &self.cluster)
     }
 
     async fn session(&self) -> Result<(), anyhow::Error> {

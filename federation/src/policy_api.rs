@@ -25,6 +25,88 @@ pub struct PolicyApi {
     pub changed: Arc<Notify>,
     /// Serialises writes (two applies of one object must not interleave).
     pub lock: tokio::sync::Mutex<()>,
+    pub explain: Explainer,
+}
+
+/// What `Explain` needs: this cluster's sidecars (their admin addresses, from their Hello)
+/// and a channel to each peer cluster's controller.
+pub struct Explainer {
+    pub cluster: String,
+    pub xds: crate::xds::XdsServer,
+    pub peers: std::collections::BTreeMap<String, tonic::transport::Channel>,
+}
+
+/// How long a sidecar (or a peer's controller) may take to explain.
+const EXPLAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Explainer {
+    /// Asks this cluster's sidecar `workload` for its `/explain` of the request.
+    async fn local(&self, req: &pb::ExplainRequest) -> Result<String, Status> {
+        let proxies = self.xds.proxies();
+        let sidecars = || proxies.iter().filter(|p| p.kind == "sidecar");
+        let proxy = sidecars().find(|p| p.node == req.workload).ok_or_else(|| {
+            let known: Vec<&str> = sidecars().map(|p| p.node.as_str()).collect();
+            Status::not_found(format!(
+                "no sidecar {} in cluster {}; its sidecars: {}",
+                req.workload,
+                self.cluster,
+                known.join(", ")
+            ))
+        })?;
+        if proxy.admin.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "sidecar {} did not say its admin address (an older version?)",
+                req.workload
+            )));
+        }
+        let query = strait_api::admin::explain_query(&req.method, &req.url, &req.headers);
+        let uri: hyper::Uri = format!("http://{}/explain?{query}", proxy.admin)
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("cannot build the request: {e}")))?;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let unavailable = |e: String| Status::unavailable(format!("sidecar {} at {}: {e}", req.workload, proxy.admin));
+        let body = tokio::time::timeout(EXPLAIN_TIMEOUT, async {
+            use http_body_util::BodyExt;
+            let resp = client.get(uri).await.map_err(|e| unavailable(e.to_string()))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unavailable(e.to_string()))?
+                .to_bytes();
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            if !status.is_success() {
+                return Err(Status::invalid_argument(text.trim().to_string()));
+            }
+            Ok(text)
+        })
+        .await
+        .map_err(|_| unavailable(format!("no answer within {EXPLAIN_TIMEOUT:?}")))??;
+        Ok(body)
+    }
+
+    /// Asks the controller of `req.cluster` (a peer).
+    async fn remote(&self, req: pb::ExplainRequest) -> Result<String, Status> {
+        let channel = self.peers.get(&req.cluster).cloned().ok_or_else(|| {
+            let known: Vec<&str> = std::iter::once(self.cluster.as_str())
+                .chain(self.peers.keys().map(String::as_str))
+                .collect();
+            Status::not_found(format!(
+                "no cluster {} in this clusterset; its clusters: {}",
+                req.cluster,
+                known.join(", ")
+            ))
+        })?;
+        let cluster = req.cluster.clone();
+        let mut client = pb::policy_service_client::PolicyServiceClient::new(channel);
+        let answer = tokio::time::timeout(EXPLAIN_TIMEOUT * 2, client.explain(req))
+            .await
+            .map_err(|_| Status::unavailable(format!("cluster {cluster}'s controller did not answer in time")))?
+            .map_err(|e| Status::new(e.code(), format!("cluster {cluster}: {}", e.message())))?;
+        Ok(answer.into_inner().json)
+    }
 }
 
 fn file_name(p: &Parsed) -> String {
@@ -55,6 +137,23 @@ impl PolicyApi {
         self.dir.clone().ok_or_else(|| {
             Status::failed_precondition("this controller has no policy directory (routesDir in its config)")
         })
+    }
+
+    /// Explaining reads, never writes: the operator may ask, and so may a peer cluster's
+    /// controller on the operator's behalf (for its own cluster only, see `explain`).
+    fn may_explain<T>(&self, req: &Request<T>) -> Result<bool, Status> {
+        let id = PeerInfo::of(req)
+            .and_then(|p| p.identity.clone())
+            .ok_or_else(|| Status::unauthenticated("explaining needs the operator's client certificate"))?;
+        let system = id.namespace() == Some(strait_api::SYSTEM_NAMESPACE);
+        match id.service_account() {
+            Some(OPERATOR_SA) if system => Ok(false),
+            Some(strait_api::FEDERATION_SA) if system => Ok(true),
+            _ => Err(Status::permission_denied(format!(
+                "{id} may not ask for explanations; only {}/{OPERATOR_SA} may",
+                strait_api::SYSTEM_NAMESPACE
+            ))),
+        }
     }
 
     fn parse(req: &pb::ApplyRequest) -> Result<Vec<Parsed>, Status> {
@@ -138,6 +237,26 @@ impl PolicyService for PolicyApi {
             self.changed.notify_one();
         }
         Ok(Response::new(pb::ApplyResponse { results }))
+    }
+
+    async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
+        let from_peer = self.may_explain(&req)?;
+        let req = req.into_inner();
+        if let Some(bad) = req.headers.iter().find(|h| !h.contains(':')) {
+            return Err(Status::invalid_argument(format!("header {bad:?}: use 'name: value'")));
+        }
+        let json = if req.cluster == self.explain.cluster {
+            self.explain.local(&req).await?
+        } else if from_peer {
+            // A peer asks only for its own peers' clusters; never forwarded twice.
+            return Err(Status::not_found(format!(
+                "this is cluster {}'s controller, not {}'s",
+                self.explain.cluster, req.cluster
+            )));
+        } else {
+            self.explain.remote(req).await?
+        };
+        Ok(Response::new(pb::ExplainResponse { json }))
     }
 
     async fn delete(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {

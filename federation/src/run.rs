@@ -170,10 +170,22 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     )?;
     let incoming = strait_api::transport::tls_incoming(grpc_listener, Arc::new(server_tls));
     let applied = Arc::new(tokio::sync::Notify::new());
+    let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?
+        .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
+    let mut peer_channels = BTreeMap::new();
+    for peer in &cfg.peers {
+        let channel = crate::peering::peer_channel(&store, &tunnel, peer.gateway, &cfg.cluster)?;
+        peer_channels.insert(peer.name.clone(), channel);
+    }
     let policy_api = crate::policy_api::PolicyApi {
         dir: cfg.routes_dir.clone(),
         changed: applied.clone(),
         lock: tokio::sync::Mutex::new(()),
+        explain: crate::policy_api::Explainer {
+            cluster: cfg.cluster.clone(),
+            xds: xds.clone(),
+            peers: peer_channels,
+        },
     };
     let grpc = tonic::transport::Server::builder()
         .add_service(ConfigServiceServer::new(xds.clone()))
@@ -203,8 +215,6 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         ..Default::default()
     }));
     tokio::spawn(Arc::new(crate::clusterset::TrafficCollector::new(&cfg.cluster)).run(xds.clone(), traffic_tx));
-    let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?
-        .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
     let peering_metrics = crate::peering::PeeringMetrics::new(&registry)?;
     for peer in &cfg.peers {
         let client = PeerClient {

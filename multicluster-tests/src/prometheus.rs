@@ -12,16 +12,6 @@ pub struct Prometheus {
     dir: PathBuf,
 }
 
-/// Percent-encodes a query parameter.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 impl Prometheus {
     /// Starts Prometheus scraping `targets` (`/metrics` on each) every second, with its data in
     /// `dir`; waits until it answers.
@@ -59,8 +49,11 @@ impl Prometheus {
 
     /// Runs an instant query; returns the result vector (each `{metric: {...}, value: [t, "v"]}`).
     pub async fn query(&self, promql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-        let (status, body) =
-            crate::client::plain_get(self.addr, &format!("/api/v1/query?query={}", encode(promql))).await?;
+        let (status, body) = crate::client::plain_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", strait_api::admin::percent_encode(promql)),
+        )
+        .await?;
         let v: serde_json::Value = serde_json::from_slice(&body)?;
         anyhow::ensure!(status == 200 && v["status"] == "success", "{promql}: {status} {v}");
         Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())

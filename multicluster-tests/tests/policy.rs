@@ -826,22 +826,29 @@ async fn stream_idle_timeouts_and_per_service_outlier_detection() {
             .map(|l| l["level"].as_u64().unwrap())
             .unwrap()
     };
-    let explain = || {
-        let admin = mesh.cluster("east").controller.admin_addr.to_string();
-        let out = std::process::Command::new(multicluster_tests::strait_bin())
-            .args([
-                "route",
-                "explain",
-                "--controller",
-                &admin,
-                "--from",
-                "east/echo-us-east-1a",
-            ])
-            .args([&format!("{ECHO}/"), "--output", "json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    // Asked of any cluster's controller: east's answers from its sidecar, west's asks east's
+    // controller over the mesh (with the operator credential) and gets the same answer.
+    let explain_from = |cluster: &str, from: &str| {
+        let admin = mesh.cluster(cluster).controller.admin_addr.to_string();
+        let url = format!("{ECHO}/");
+        mesh.strait(&[
+            "route",
+            "explain",
+            "--controller",
+            &admin,
+            "--from",
+            from,
+            &url,
+            "--output",
+            "json",
+        ])
     };
+    let explain_via = |cluster: &str| {
+        let (ok, out, err) = explain_from(cluster, "east/echo-us-east-1a");
+        assert!(ok, "{out}{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let explain = || explain_via("east");
     let before = explain();
     assert!(level_of(&before, "west") < level_of(&before, "central"), "{before}");
     let spec = "locality: {failover: [{from: us-east, to: eu-central}]}";
@@ -850,4 +857,15 @@ async fn stream_idle_timeouts_and_per_service_outlier_detection() {
     let after = explain();
     assert!(level_of(&after, "central") < level_of(&after, "west"), "{after}");
     assert_eq!(after["traffic_policy"]["name"], "demo/echo-limits", "{after}");
+    let from_west = explain_via("west");
+    assert_eq!(from_west["priorities"], after["priorities"], "{from_west}");
+    assert_eq!(from_west["traffic_policy"], after["traffic_policy"], "{from_west}");
+    // A workload or cluster that does not exist is named, with what does.
+    for (from, expect) in [
+        ("east/nobody", "no sidecar nobody in cluster east; its sidecars:"),
+        ("mars/echo", "no cluster mars in this clusterset; its clusters: west"),
+    ] {
+        let (ok, out, err) = explain_from("west", from);
+        assert!(!ok && err.contains(expect), "{out}{err}");
+    }
 }

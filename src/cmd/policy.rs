@@ -441,7 +441,9 @@ pub const EXPLAIN_EXAMPLES: &str = "Examples:
   strait route explain --controller 127.10.1.1:15014 --from east/echo-us-east-1a \\
       http://echo.demo.svc.clusterset.local/status/503 --output json
 
---controller is the admin address of the controller of the --from cluster (strait up prints it).";
+--controller is the admin address of any cluster's controller (strait up prints them): for
+another cluster's workload it asks that cluster's controller over the mesh, with the operator
+credential (--credentials).";
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RouteCommand {
@@ -464,37 +466,24 @@ pub struct ExplainArgs {
     pub headers: Vec<String>,
     #[arg(short = 'X', long, default_value = "GET")]
     pub method: String,
-    /// The admin address of the --from cluster's controller.
+    /// The admin address of a controller (any cluster's).
     #[arg(long)]
     pub controller: SocketAddr,
+    /// The operator credential, needed when --from names another cluster than the
+    /// controller's (default: ~/.config/strait/operator, which `strait up` writes).
+    #[arg(long, env = "STRAIT_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
-    let (cluster, workload) = a.from.split_once('/').ok_or_else(|| {
-        anyhow::anyhow!(
-            "--from {:?}: use <cluster>/<workload>, e.g. east/echo-us-east-1a",
-            a.from
-        )
-    })?;
-    let status = get_json(a.controller, "/status").await?;
-    if status["cluster"] != cluster {
-        anyhow::bail!(
-            "the controller at {} is cluster {}'s; pass the admin address of cluster {cluster}'s controller",
-            a.controller,
-            s(&status["cluster"])
-        );
-    }
+/// Asks the sidecar of `workload` in the controller's own cluster, at its admin address.
+async fn local_explain(
+    status: &serde_json::Value,
+    cluster: &str,
+    workload: &str,
+    a: &ExplainArgs,
+) -> anyhow::Result<serde_json::Value> {
     let empty = vec![];
     let proxies = status["proxies"].as_array().unwrap_or(&empty);
     let proxy = proxies
@@ -514,14 +503,42 @@ pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
     let admin: SocketAddr = s(&proxy["admin"])
         .parse()
         .map_err(|_| anyhow::anyhow!("sidecar {workload} did not say its admin address (an older version?)"))?;
-    let mut query = format!("method={}&url={}", encode(&a.method), encode(&a.url));
+    let query = strait_api::admin::explain_query(&a.method, &a.url, &a.headers);
+    get_json(admin, &format!("/explain?{query}")).await
+}
+
+pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
+    let (cluster, workload) = a.from.split_once('/').ok_or_else(|| {
+        anyhow::anyhow!(
+            "--from {:?}: use <cluster>/<workload>, e.g. east/echo-us-east-1a",
+            a.from
+        )
+    })?;
     for h in &a.headers {
         if !h.contains(':') {
             anyhow::bail!("-H {h:?}: use 'name: value'");
         }
-        query.push_str(&format!("&header={}", encode(h)));
     }
-    let v = get_json(admin, &format!("/explain?{query}")).await?;
+    let status = get_json(a.controller, "/status").await?;
+    let v = if status["cluster"] != cluster {
+        // Another cluster's workload: that cluster's controller answers, asked over the mesh.
+        let mut c = client(a.controller, a.credentials.clone()).await?;
+        let answer = c
+            .explain(pb::ExplainRequest {
+                cluster: cluster.to_string(),
+                workload: workload.to_string(),
+                method: a.method.clone(),
+                url: a.url.clone(),
+                headers: a.headers.clone(),
+            })
+            .await
+            .map_err(status_error)?;
+        serde_json::from_str(&answer.into_inner().json)
+            .map_err(|e| anyhow::anyhow!("cluster {cluster}'s answer is not JSON: {e}"))?
+    } else {
+        local_explain(&status, cluster, workload, &a).await?
+    };
+    let empty = vec![];
     if a.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
