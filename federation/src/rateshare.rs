@@ -151,7 +151,8 @@ fn destination_limits(policies: &[pb::TrafficPolicy]) -> BTreeMap<String, f64> {
         let Some(limit) = compiled.rate_limit.filter(|r| r.per_destination) else {
             continue;
         };
-        for t in compiled.targets.iter().filter(|t| t.rule.is_none()) {
+        // A route rule's limit is divided by the demand on the rule's parent service.
+        for t in &compiled.targets {
             out.entry(format!("{}/{}", t.namespace, t.name))
                 .or_insert(limit.per_second);
         }

@@ -371,6 +371,7 @@ async fn traffic_policies_apply_in_every_cluster() {
     let seconds = 5;
     let (allowed, limited) = rate_phase(
         &[east_caller.outbound_proxy, east_b, west_caller, central_caller],
+        "/",
         seconds,
     )
     .await;
@@ -387,11 +388,11 @@ async fn traffic_policies_apply_in_every_cluster() {
     // All the traffic to one endpoint (a caller in us-east-1a calls its own zone's): divided
     // equally it would allow 10/s; the controllers divide the total by where requests arrive,
     // so the total holds again once the shares follow (within the traffic window, 10 s).
-    let (warm, _) = rate_phase(&[east_caller.outbound_proxy], 25).await;
+    let (warm, _) = rate_phase(&[east_caller.outbound_proxy], "/", 25).await;
     let moved = warm.iter().position(|n| *n >= 30);
     println!("skewed to us-east-1a, allowed per second: {warm:?}");
     let moved = moved.expect("the share followed the demand");
-    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], seconds).await;
+    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], "/", seconds).await;
     let allowed: u32 = allowed.iter().sum();
     let rate = f64::from(allowed) / f64::from(seconds);
     println!(
@@ -444,7 +445,52 @@ async fn traffic_policies_apply_in_every_cluster() {
             &[("action", "pool_overflow")]
         ) >= 4.0
     );
+
+    // A rate limit on one route rule (sectionName): the destination enforces it on what that
+    // rule routed (the calling sidecar names the rule), and nothing else is limited.
+    let (ok, out, err) = apply(&mesh, "central", "rule-rate", RULE_RATE, "30s");
+    assert!(ok, "{out}{err}");
+    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], "/bytes/16", seconds).await;
+    let rate = f64::from(allowed.iter().sum::<u32>()) / f64::from(seconds);
+    println!("rate limit 10/s per proxy on rule bytes: {rate:.1}/s allowed, {limited} limited");
+    assert!(limited > 0, "the caller sent more than the limit");
+    assert!(
+        (9.0..=11.0 + 2.0 / f64::from(seconds)).contains(&rate),
+        "{rate}/s allowed"
+    );
+    let (_, limited) = rate_phase(&[east_caller.outbound_proxy], "/", 2).await;
+    assert_eq!(limited, 0, "other paths are not that rule's");
+    // An app cannot pick the bucket: the header is the caller sidecar's to set.
+    let a = get_with(
+        east_caller.outbound_proxy,
+        &format!("{ECHO}/headers"),
+        &[("x-strait-rate-limit-target", "demo/echo#bytes")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    assert!(!String::from_utf8_lossy(&a.body).contains("x-strait-rate-limit-target"));
 }
+
+const RULE_RATE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-paths, namespace: demo}
+spec:
+  parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  rules:
+    - name: bytes
+      matches: [{path: {type: PathPrefix, value: /bytes}}]
+      backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+    - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, port: 80}]
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo-bytes-rate, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, sectionName: bytes}]
+  rateLimit: {requestsPerSecond: 10, burst: 0, scope: proxy}
+"#;
 
 const MIRROR_AND_BUDGET: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -588,9 +634,9 @@ async fn a_grpc_route_applied_in_one_cluster_routes_calls_in_another() {
 }
 
 /// A TrafficPolicy `name` on echo (the whole clusterset) with `spec`'s settings.
-/// Callers calling echo back to back for `seconds`: requests allowed in each second, and how
+/// Callers calling echo's `path` back to back for `seconds`: requests allowed in each second, and how
 /// many were limited (429) in all.
-async fn rate_phase(callers: &[SocketAddr], seconds: u32) -> (Vec<u32>, u32) {
+async fn rate_phase(callers: &[SocketAddr], path: &'static str, seconds: u32) -> (Vec<u32>, u32) {
     let started = Instant::now();
     let mut tasks = vec![];
     for caller in callers.iter().copied() {
@@ -598,7 +644,7 @@ async fn rate_phase(callers: &[SocketAddr], seconds: u32) -> (Vec<u32>, u32) {
             let mut allowed = vec![0u32; seconds as usize];
             let mut limited = 0u32;
             loop {
-                let a = call(caller, &format!("{ECHO}/"), &[]).await;
+                let a = call(caller, &format!("{ECHO}{path}"), &[]).await;
                 let second = started.elapsed().as_secs() as usize;
                 if second >= seconds as usize {
                     break;

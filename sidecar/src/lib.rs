@@ -31,6 +31,11 @@ pub const APP_PROTOCOL_HEADER: &str = "x-strait-app-protocol";
 /// certificate; removed wherever it appears so no app can plant it.
 pub const SOURCE_CLUSTER_HEADER: &str = "x-strait-source-cluster";
 
+/// Sent by a calling sidecar to the destination's (inside mTLS, never taken from an app): the
+/// route rule (`<ns>/<svc>#<rule>`) whose TrafficPolicy's rate limit applies to the request,
+/// which the destination enforces but cannot see (the caller matched the route).
+pub const RATE_LIMIT_TARGET_HEADER: &str = "x-strait-rate-limit-target";
+
 /// A byte stream the proxy can carry: TCP, TLS, a QUIC stream, an upgraded HTTP connection.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}

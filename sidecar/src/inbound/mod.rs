@@ -242,11 +242,32 @@ impl Inbound {
     fn rate_limited(&self, parts: &hyper::http::request::Parts) -> Option<Response<Body>> {
         let (config, key) = self.config.as_ref()?;
         let snap = config.borrow().clone();
-        let tp = snap.traffic.get(key)?;
+        // The service's limit, then the limit of the route rule that routed the request (the
+        // calling sidecar names it; see `RATE_LIMIT_TARGET_HEADER`), each its own bucket.
+        let rule = parts
+            .headers
+            .get(crate::RATE_LIMIT_TARGET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| t.contains('#'));
+        std::iter::once(key.as_str())
+            .chain(rule)
+            .find_map(|target| self.over_limit(&snap, key, target, parts))
+    }
+
+    /// The refusal when the rate limit of the TrafficPolicy for `target` (a service key, or
+    /// `<ns>/<svc>#<rule>`) has no token for this request.
+    fn over_limit(
+        &self,
+        snap: &strait_api::snapshot::Snapshot,
+        key: &str,
+        target: &str,
+        parts: &hyper::http::request::Parts,
+    ) -> Option<Response<Body>> {
+        let tp = snap.traffic.get(target)?;
         let limit = tp.rate_limit.as_ref()?;
         let share = if limit.per_destination {
-            // This endpoint's share as the controller divides the total by demand; until it
-            // has, an equal share of the service's ready endpoints.
+            // This endpoint's share as the controller divides the total by the demand on this
+            // service's endpoints; until it has, an equal share of its ready endpoints.
             snap.rate_shares
                 .get(key)
                 .and_then(|shares| shares.get(&self.telemetry.local.key()).copied())
@@ -262,7 +283,7 @@ impl Inbound {
         } else {
             1.0
         };
-        if self.limiter.allow(key, limit, share, std::time::Instant::now()) {
+        if self.limiter.allow(target, limit, share, std::time::Instant::now()) {
             return None;
         }
         let host = format!(
@@ -283,10 +304,11 @@ impl Inbound {
             tp.namespace,
             tp.name,
             limit.per_second,
-            if limit.per_destination {
-                " for the whole service"
-            } else {
-                " per proxy"
+            match (limit.per_destination, target.split_once('#')) {
+                (true, None) => " for the whole service".to_string(),
+                (false, None) => " per proxy".to_string(),
+                (true, Some((_, rule))) => format!(" for route rule {rule}"),
+                (false, Some((_, rule))) => format!(" per proxy for route rule {rule}"),
             }
         );
         let grpc = parts
@@ -430,6 +452,7 @@ impl Inbound {
             return refused;
         }
         parts.headers.remove(PEER_METADATA_HEADER);
+        parts.headers.remove(crate::RATE_LIMIT_TARGET_HEADER);
         // Sent by older sidecars; the caller's cluster is the one its certificate names.
         parts.headers.remove(SOURCE_CLUSTER_HEADER);
         let source = peer.cluster.clone().unwrap_or_else(|| "unknown".into());

@@ -249,6 +249,15 @@ impl Outbound {
             }
         }
         self.upstream_headers(&mut parts, downstream, &self.telemetry.local.current(snap).1);
+        // A rate limit on the rule that routed this request is the destination's to enforce,
+        // and it cannot see the rule: name it.
+        let rate_target = rule
+            .as_deref()
+            .map(|r| format!("{}/{}#{r}", named.namespace, named.name))
+            .filter(|target| snap.traffic.get(target).is_some_and(|p| p.rate_limit.is_some()));
+        if let Some(v) = rate_target.and_then(|t| HeaderValue::from_str(&t).ok()) {
+            parts.headers.insert(crate::RATE_LIMIT_TARGET_HEADER, v);
+        }
         let replay = Replay::new(body, self.limits.replay_buffer);
         let stream_idle = traffic.as_ref().and_then(|t| t.stream_idle_timeout);
         let attempts = self.attempts(snap, svc, port, &parts, &replay, &policy);
@@ -376,6 +385,8 @@ impl Outbound {
                 continue;
             };
             let mut parts = parts.clone();
+            // The copy is not the rule's traffic: the mirror's sidecar applies only its own limits.
+            parts.headers.remove(crate::RATE_LIMIT_TARGET_HEADER);
             // Envoy's convention: the mirror sees the host with "-shadow" appended.
             if let Some(host) = parts.uri.authority().map(|a| a.host().to_string()) {
                 let shadow = format!(
@@ -440,6 +451,7 @@ impl Outbound {
         // What the destination must not take from an app: the caller's cluster is in its
         // certificate, not in a header.
         parts.headers.remove(SOURCE_CLUSTER_HEADER);
+        parts.headers.remove(crate::RATE_LIMIT_TARGET_HEADER);
         parts.version = Version::HTTP_2;
     }
 
