@@ -75,6 +75,11 @@ pub struct Report {
     pub quiet_bytes: f64,
     /// Peering bytes of the first sync: every cluster's whole catalog to every peer.
     pub initial_sync_bytes: f64,
+    /// From `kill -9` of every controller at once until every subscriber holds the whole
+    /// catalog again ...
+    pub restart_all_resync: Duration,
+    /// ... and the peering bytes of the 10 s after (a storm would be several first syncs).
+    pub restart_all_bytes: f64,
 }
 
 fn cluster_name(c: usize) -> String {
@@ -228,7 +233,12 @@ async fn probe_session(
         return;
     };
     let mut updates = updates.into_inner();
-    seen.lock().unwrap().sessions[c] += 1;
+    {
+        // A new session holds nothing until its controller sends it the catalog.
+        let mut seen = seen.lock().unwrap();
+        seen.sessions[c] += 1;
+        seen.endpoints[c] = 0;
+    }
     let mut held: HashMap<String, usize> = HashMap::new();
     while let Ok(Some(update)) = updates.message().await {
         let now = Instant::now();
@@ -270,6 +280,46 @@ async fn probe_session(
         if tx.send(ack).await.is_err() {
             return;
         }
+    }
+}
+
+/// `kill -9` of the controllers of `clusters` (their `pids`, updated with the new ones), then
+/// their own commands again; returns the time until every subscriber of those clusters holds
+/// the whole catalog (`want` endpoints) in a new session.
+async fn restart_controllers(
+    mesh: &mut Mesh,
+    seen: &Arc<Mutex<Seen>>,
+    pids: &mut [u32],
+    clusters: &[usize],
+    want: usize,
+) -> anyhow::Result<Duration> {
+    let sessions_before = seen.lock().unwrap().sessions.clone();
+    for c in clusters {
+        mesh.kill9(pids[*c]);
+    }
+    let killed_at = Instant::now();
+    for c in clusters {
+        let controller = mesh.info.clusters[*c].controller.clone();
+        pids[*c] = mesh.restart(&controller.command, Some(&controller.log))?;
+    }
+    loop {
+        {
+            let s = seen.lock().unwrap();
+            if clusters
+                .iter()
+                .all(|c| s.sessions[*c] > sessions_before[*c] && s.endpoints[*c] >= want)
+            {
+                return Ok(killed_at.elapsed());
+            }
+            if killed_at.elapsed() > Duration::from_secs(180) {
+                anyhow::bail!(
+                    "after the controllers of clusters {clusters:?} restarted, their subscribers never held the whole catalog ({want} endpoints) again: sessions {:?} (before {sessions_before:?}), endpoints held {:?}",
+                    s.sessions,
+                    s.endpoints
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -474,32 +524,25 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     let quiet_before = per_controller().await;
     tokio::time::sleep(window).await;
     let quiet_bytes = sent_since(&quiet_before, &per_controller().await);
-    let restarted = mesh.info.clusters[0].controller.clone();
-    let sessions_before = seen.lock().unwrap().sessions[0];
+    let mut pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
     let before = per_controller().await;
-    mesh.kill9(restarted.pid);
     let killed_at = Instant::now();
-    mesh.restart(&restarted.command, Some(&restarted.log))?;
-    loop {
-        let (sessions, held) = {
-            let s = seen.lock().unwrap();
-            (s.sessions[0], s.endpoints[0])
-        };
-        if sessions > sessions_before && held >= want {
-            break;
-        }
-        anyhow::ensure!(
-            killed_at.elapsed() < Duration::from_secs(120),
-            "after a restart, {} never served the whole catalog again ({held} of {want})",
-            restarted.addr
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let restart_resync = killed_at.elapsed();
+    let restart_resync = restart_controllers(&mut mesh, &seen, &mut pids, &[0], want).await?;
     if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
         tokio::time::sleep(rest).await;
     }
     let restart_bytes = sent_since(&before, &per_controller().await);
+
+    // Every controller at once (a control-plane upgrade, a region's power): each resends its
+    // exports to each peer once, no more.
+    let before = per_controller().await;
+    let killed_at = Instant::now();
+    let every: Vec<usize> = (0..n).collect();
+    let restart_all_resync = restart_controllers(&mut mesh, &seen, &mut pids, &every, want).await?;
+    if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
+        tokio::time::sleep(rest).await;
+    }
+    let restart_all_bytes = sent_since(&before, &per_controller().await);
     Ok(Report {
         changes,
         delays,
@@ -515,6 +558,8 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         final_endpoints,
         restart_resync,
         restart_bytes,
+        restart_all_resync,
+        restart_all_bytes,
         initial_sync_bytes,
         quiet_bytes,
         size: a,
@@ -584,6 +629,12 @@ impl Report {
             self.initial_sync_bytes,
             self.restart_extra() / self.initial_sync_bytes.max(1.0)
         );
+        println!(
+            "every controller restarted at once (kill -9): every subscriber whole again after {:.2}s; peering bytes in the 10 s after: {:.0} = {:.2} of the first sync (beyond quiet traffic)",
+            self.restart_all_resync.as_secs_f64(),
+            self.restart_all_bytes,
+            self.restart_all_extra() / self.initial_sync_bytes.max(1.0)
+        );
     }
 
     pub fn figures(&self) -> Figures {
@@ -626,6 +677,13 @@ impl Report {
         f.add("restart.resync", self.restart_resync.as_secs_f64(), "s");
         f.add("restart.peering_bytes_10s", self.restart_bytes, "B");
         f.add("quiet.peering_bytes_10s", self.quiet_bytes, "B");
+        f.add("restart_all.resync", self.restart_all_resync.as_secs_f64(), "s");
+        f.add("restart_all.peering_bytes_10s", self.restart_all_bytes, "B");
+        f.ratio(
+            "restart_all.extra_bytes_over_initial_sync",
+            self.restart_all_extra() / self.initial_sync_bytes.max(1.0),
+            Some(1.0),
+        );
         f.add("initial_sync.peering_bytes", self.initial_sync_bytes, "B");
         f.ratio(
             "restart.extra_bytes_over_initial_sync",
@@ -640,6 +698,12 @@ impl Report {
     /// again, or more.
     pub fn restart_extra(&self) -> f64 {
         (self.restart_bytes - self.quiet_bytes).max(0.0)
+    }
+
+    /// What restarting every controller sent beyond quiet traffic: each cluster's exports to
+    /// each peer once is the first sync again (1.0); a storm would be more.
+    pub fn restart_all_extra(&self) -> f64 {
+        (self.restart_all_bytes - self.quiet_bytes).max(0.0)
     }
 
     /// The p-th percentile of change -> delivery.
