@@ -86,7 +86,7 @@ fn yes() -> bool {
     true
 }
 
-fn dns_label(field: &str, v: &str) -> Result<(), String> {
+pub(crate) fn dns_label(field: &str, v: &str) -> Result<(), String> {
     let ok = !v.is_empty()
         && v.len() <= 63
         && v.chars()

@@ -312,10 +312,15 @@ async fn restart_controllers(
                 return Ok(killed_at.elapsed());
             }
             if killed_at.elapsed() > Duration::from_secs(180) {
+                let log = &mesh.info.clusters[clusters[0]].controller.log;
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
                 anyhow::bail!(
-                    "after the controllers of clusters {clusters:?} restarted, their subscribers never held the whole catalog ({want} endpoints) again: sessions {:?} (before {sessions_before:?}), endpoints held {:?}",
+                    "after the controllers of clusters {clusters:?} restarted, their subscribers never held the whole catalog ({want} endpoints) again: sessions {:?} (before {sessions_before:?}), endpoints held {:?}; the end of {}:\n{}",
                     s.sessions,
-                    s.endpoints
+                    s.endpoints,
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
         }
@@ -513,17 +518,19 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     // hold the whole catalog again, and what the clusterset sends meanwhile beside what it
     // sends when nothing happens. Peers resend their exports to it; nothing else should move.
     let window = Duration::from_secs(10);
-    // A restarted counter starts again from 0.
-    let sent_since = |before: &[f64], after: &[f64]| -> f64 {
+    // A restarted controller's counter starts again from 0: all it counts is new. (Comparing
+    // counters cannot tell: a controller restarted twice may count more the second time.)
+    let sent_since = |before: &[f64], after: &[f64], restarted: &[usize]| -> f64 {
         before
             .iter()
             .zip(after)
-            .map(|(b, a)| if a >= b { a - b } else { *a })
+            .enumerate()
+            .map(|(c, (b, a))| if restarted.contains(&c) { *a } else { (a - b).max(0.0) })
             .sum()
     };
     let quiet_before = per_controller().await;
     tokio::time::sleep(window).await;
-    let quiet_bytes = sent_since(&quiet_before, &per_controller().await);
+    let quiet_bytes = sent_since(&quiet_before, &per_controller().await, &[]);
     let mut pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
     let before = per_controller().await;
     let killed_at = Instant::now();
@@ -531,7 +538,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
         tokio::time::sleep(rest).await;
     }
-    let restart_bytes = sent_since(&before, &per_controller().await);
+    let restart_bytes = sent_since(&before, &per_controller().await, &[0]);
 
     // Every controller at once (a control-plane upgrade, a region's power): each resends its
     // exports to each peer once, no more.
@@ -542,7 +549,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
         tokio::time::sleep(rest).await;
     }
-    let restart_all_bytes = sent_since(&before, &per_controller().await);
+    let restart_all_bytes = sent_since(&before, &per_controller().await, &every);
     Ok(Report {
         changes,
         delays,

@@ -267,8 +267,25 @@ impl Mesh {
     }
 
     /// SIGKILLs a process, as a crash would.
+    /// SIGKILL, then waits (up to 5 s) until the process is gone or a zombie, so what it held
+    /// (its listening sockets) is free when this returns: a component started again at once
+    /// would otherwise find its address in use.
     pub fn kill9(&self, pid: u32) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+            // The state is the field after the parenthesised command name.
+            let gone = state
+                .as_deref()
+                .and_then(|s| s.rsplit_once(')'))
+                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+                .unwrap_or(true);
+            if gone {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Starts a component again with the command `strait up` reported for it; returns its pid.

@@ -32,17 +32,40 @@ pub struct InjectSettings {
     pub bundle_pem: String,
 }
 
-/// The JSON patch that injects the sidecar into `pod`, or None when it must not be touched.
-pub fn patch_for(pod: &Value, s: &InjectSettings) -> Option<Value> {
+/// Pod annotation: the namespaces (comma-separated) whose services the sidecar is sent
+/// (`strait sidecar --scope-namespaces`), so its memory follows what it calls.
+pub const SCOPE_ANNOTATION: &str = "strait.dev/scope-namespaces";
+
+/// The JSON patch that injects the sidecar into `pod`, None when it must not be touched, or
+/// why the pod is refused (a bad `strait.dev/` annotation, named with the fix).
+pub fn patch_for(pod: &Value, s: &InjectSettings) -> Result<Option<Value>, String> {
     let spec = &pod["spec"];
     let annotations = &pod["metadata"]["annotations"];
     if annotations[INJECT_LABEL] == "false" || annotations["strait.dev/injected"] == "true" {
-        return None;
+        return Ok(None);
     }
-    let containers = spec["containers"].as_array()?;
+    let Some(containers) = spec["containers"].as_array() else {
+        return Ok(None);
+    };
     if containers.iter().any(|c| c["name"] == SIDECAR_NAME) || spec["hostNetwork"] == true {
-        return None;
+        return Ok(None);
     }
+    let scope = match &annotations[SCOPE_ANNOTATION] {
+        Value::Null => None,
+        Value::String(v) => {
+            let names: Vec<&str> = v.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            if names.is_empty() {
+                return Err(format!(
+                    "annotation {SCOPE_ANNOTATION} is empty; name the namespaces the workload calls, e.g. \"demo,payments\", or remove it"
+                ));
+            }
+            for n in &names {
+                crate::source::dns_label(&format!("metadata.annotations[{SCOPE_ANNOTATION}]"), n)?;
+            }
+            Some(names.join(","))
+        }
+        other => return Err(format!("annotation {SCOPE_ANNOTATION} must be a string, not {other}")),
+    };
     // The app's first declared port is what the inbound sidecar forwards to.
     let app_port = containers
         .iter()
@@ -55,14 +78,42 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Option<Value> {
         .unwrap_or("default")
         .to_string();
     let env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let mut args = json!([
+        "sidecar",
+        "--workload",
+        "$(POD_NAME)",
+        "--service",
+        service,
+        "--namespace",
+        "$(POD_NAMESPACE)",
+        "--cluster",
+        s.cluster,
+        "--region",
+        s.region,
+        "--outbound",
+        "0.0.0.0:15001",
+        "--inbound",
+        "0.0.0.0:15006",
+        "--admin",
+        "0.0.0.0:15000",
+        "--dns",
+        "127.0.0.1:15053",
+        "--app",
+        format!("127.0.0.1:{app_port}"),
+        "--controller",
+        s.controller,
+        "--trust-domain",
+        s.trust_domain,
+        "--sa-token-file",
+        "/var/run/secrets/strait/token"
+    ]);
+    if let (Some(scope), Some(list)) = (scope, args.as_array_mut()) {
+        list.extend([json!("--scope-namespaces"), json!(scope)]);
+    }
     let sidecar = json!({
         "name": SIDECAR_NAME,
         "image": s.image,
-        "args": ["sidecar", "--workload", "$(POD_NAME)", "--service", service, "--namespace", "$(POD_NAMESPACE)",
-                 "--cluster", s.cluster, "--region", s.region,
-                 "--outbound", "0.0.0.0:15001", "--inbound", "0.0.0.0:15006", "--admin", "0.0.0.0:15000",
-                 "--dns", "127.0.0.1:15053", "--app", format!("127.0.0.1:{app_port}"), "--controller", s.controller,
-                 "--trust-domain", s.trust_domain, "--sa-token-file", "/var/run/secrets/strait/token"],
+        "args": args,
         "env": [env("POD_NAME", "metadata.name"), env("POD_NAMESPACE", "metadata.namespace"),
                 {"name": "STRAIT_TRUST_BUNDLE", "value": s.bundle_pem}],
         "ports": [{"name": "strait-admin", "containerPort": 15000}],
@@ -103,18 +154,26 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Option<Value> {
     } else {
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {"strait.dev/injected": "true"}}));
     }
-    Some(Value::Array(ops))
+    Ok(Some(Value::Array(ops)))
 }
 
-/// Answers one AdmissionReview. Never denies: a pod the injector cannot handle is admitted as is.
+/// Answers one AdmissionReview. Denies only a pod whose `strait.dev/` annotations are wrong
+/// (with the fix); a pod the injector cannot handle otherwise is admitted as is.
 pub fn review(body: &Value, s: &InjectSettings) -> Value {
     let request = &body["request"];
     let uid = request["uid"].clone();
     let mut response = json!({"uid": uid, "allowed": true});
     if request["kind"]["kind"] == "Pod" {
-        if let Some(patch) = patch_for(&request["object"], s) {
-            response["patchType"] = json!("JSONPatch");
-            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch.to_string()));
+        match patch_for(&request["object"], s) {
+            Ok(Some(patch)) => {
+                response["patchType"] = json!("JSONPatch");
+                response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch.to_string()));
+            }
+            Ok(None) => {}
+            Err(why) => {
+                response["allowed"] = json!(false);
+                response["status"] = json!({"code": 400, "message": format!("strait sidecar injection: {why}")});
+            }
         }
     }
     json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
@@ -269,13 +328,42 @@ mod tests {
     fn injects_once_and_respects_opt_out() {
         let pod = json!({"metadata": {"name": "a", "labels": {"app": "echo"}},
                          "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 9090}]}]}});
-        let patch = patch_for(&pod, &settings()).unwrap();
+        let patch = patch_for(&pod, &settings()).unwrap().unwrap();
         let text = patch.to_string();
         assert!(text.contains(SIDECAR_NAME) && text.contains(INIT_NAME) && text.contains("127.0.0.1:9090"));
         assert!(text.contains("\"--service\",\"echo\""));
+        assert!(!text.contains("--scope-namespaces"), "every namespace by default");
         let opted_out = json!({"metadata": {"annotations": {"strait.dev/inject": "false"}}, "spec": {"containers": [{"name": "app"}]}});
-        assert!(patch_for(&opted_out, &settings()).is_none());
+        assert!(patch_for(&opted_out, &settings()).unwrap().is_none());
         let already = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME}]}});
-        assert!(patch_for(&already, &settings()).is_none());
+        assert!(patch_for(&already, &settings()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_scope_annotation_becomes_the_sidecars_scope_and_a_bad_one_refuses_the_pod() {
+        let pod = |scope: Value| {
+            json!({"metadata": {"name": "a", "annotations": {SCOPE_ANNOTATION: scope}},
+                   "spec": {"containers": [{"name": "app"}]}})
+        };
+        let text = patch_for(&pod(json!("demo, payments")), &settings())
+            .unwrap()
+            .unwrap()
+            .to_string();
+        assert!(text.contains("\"--scope-namespaces\",\"demo,payments\""), "{text}");
+        let err = patch_for(&pod(json!("demo,Pay_ments")), &settings()).unwrap_err();
+        assert!(
+            err.contains(SCOPE_ANNOTATION) && err.contains("\"Pay_ments\" is not a DNS label"),
+            "{err}"
+        );
+        assert!(patch_for(&pod(json!(" , ")), &settings())
+            .unwrap_err()
+            .contains("is empty"));
+        let review_req = json!({"request": {"uid": "u1", "kind": {"kind": "Pod"}, "object": pod(json!("Bad"))}});
+        let answer = review(&review_req, &settings());
+        assert_eq!(answer["response"]["allowed"], false);
+        assert!(answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(SCOPE_ANNOTATION));
     }
 }
