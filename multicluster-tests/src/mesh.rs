@@ -267,21 +267,27 @@ impl Mesh {
     }
 
     /// SIGKILLs a process, as a crash would.
-    /// SIGKILL, then waits (up to 5 s) until the process is gone or a zombie, so what it held
-    /// (its listening sockets) is free when this returns: a component started again at once
-    /// would otherwise find its address in use.
+    /// SIGKILL, then waits (up to 5 s) until every thread of the process is gone or a zombie,
+    /// so what it held (its listening sockets) is free when this returns: a component started
+    /// again at once would otherwise find its address in use. (The main thread turns zombie
+    /// before the others have exited; the sockets go with the last.)
     pub fn kill9(&self, pid: u32) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let exited = |stat: &str| {
             // The state is the field after the parenthesised command name.
-            let gone = state
-                .as_deref()
-                .and_then(|s| s.rsplit_once(')'))
-                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-                .unwrap_or(true);
-            if gone {
+            stat.rsplit_once(')')
+                .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        };
+        while std::time::Instant::now() < deadline {
+            let alive = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks
+                        .flatten()
+                        .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !exited(&stat)))
+                })
+                .unwrap_or(false);
+            if !alive {
                 return;
             }
             std::thread::sleep(Duration::from_millis(2));
