@@ -259,7 +259,8 @@ impl PeeringService for PeeringServer {
 /// This cluster's exports as peers see them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Exports {
-    pub services: BTreeMap<String, pb::ExportedService>,
+    /// Shared with the merge loop, and unchanged (the same `Arc`) until the catalog changes.
+    pub services: Arc<BTreeMap<String, pb::ExportedService>>,
     /// Clusterset routes and policies written here.
     pub objects: Vec<pb::PolicyObject>,
     /// How this cluster enforces every object it holds.
@@ -409,7 +410,7 @@ impl PeerClient {
                     update.full = true;
                     update.upserts = current.services.values().cloned().collect();
                     first = false;
-                } else {
+                } else if !Arc::ptr_eq(&current.services, &sent.services) {
                     update.upserts = current
                         .services
                         .iter()

@@ -299,6 +299,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("the controller config names no source (catalogDir or kubernetes)"),
     };
     let mut last_merged: Option<Merged> = None;
+    let mut local_memo: Option<LocalCatalog> = None;
     let mut merge_memo = MergeMemo::default();
     let mut build_memo = BuildMemo::default();
     let mut policy_generation: Option<i64> = None;
@@ -353,27 +354,44 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             object_store.set_kube(watched.objects.objects());
         }
         let now = Instant::now();
-        let (local, errors) = match &mut source {
-            Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
-            Source::Kube(watched, _) => watched.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
+        // This cluster's own catalog, rebuilt only when its source changed: most passes are
+        // for a peer's change, and rebuilding (and comparing) the whole local catalog on each
+        // made a change's cost grow with the catalog.
+        let source_changes = match &source {
+            Source::File(files) => Some(files.changes),
+            Source::Kube(..) => None,
         };
+        let local_changed = source_changes.is_none() || local_memo.as_ref().map(|m| m.changes) != source_changes;
+        if local_changed {
+            let (local, errors) = match &mut source {
+                Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
+                Source::Kube(watched, _) => watched.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
+            };
+            let exported: Arc<BTreeMap<String, pb::ExportedService>> = Arc::new(
+                local
+                    .iter()
+                    .filter(|(_, s)| s.exported)
+                    .map(|(k, s)| (k.clone(), s.service.clone()))
+                    .collect(),
+            );
+            local_memo = Some(LocalCatalog {
+                changes: source_changes.unwrap_or_default(),
+                all: Arc::new(local.into_iter().map(|(k, s)| (k, s.service)).collect()),
+                exported,
+                errors,
+            });
+        }
+        let Some(own) = local_memo.as_ref() else { continue };
+        let errors = own.errors.clone();
         if errors != last_errors {
             rejected
                 .with_label_values(&["catalog"])
                 .inc_by(errors.iter().filter(|e| !last_errors.contains(e)).count() as u64);
             last_errors = errors.clone();
         }
-        let exported: BTreeMap<String, pb::ExportedService> = local
-            .iter()
-            .filter(|(_, s)| s.exported)
-            .map(|(k, s)| (k.clone(), s.service.clone()))
-            .collect();
 
         let mut by_cluster: BTreeMap<String, Arc<BTreeMap<String, pb::ExportedService>>> = BTreeMap::new();
-        by_cluster.insert(
-            cfg.cluster.clone(),
-            Arc::new(local.into_iter().map(|(k, s)| (k, s.service)).collect()),
-        );
+        by_cluster.insert(cfg.cluster.clone(), own.all.clone());
         let mut gateways = vec![own_gateway.clone()];
         let peers = table.snapshot();
         let mut alive = 0;
@@ -470,9 +488,15 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let objects_out = object_store.exported();
         let statuses_out: Vec<pb::ObjectStatus> = statuses.values().cloned().collect();
         exports_tx.send_if_modified(|cur| {
-            if cur.services != exported || cur.objects != objects_out || cur.statuses != statuses_out {
+            // Unchanged exports keep their `Arc`, so peering senders skip comparing them.
+            let services_changed = local_changed && cur.services != own.exported;
+            if services_changed || cur.objects != objects_out || cur.statuses != statuses_out {
                 *cur = Arc::new(Exports {
-                    services: exported,
+                    services: if services_changed {
+                        own.exported.clone()
+                    } else {
+                        cur.services.clone()
+                    },
                     objects: objects_out,
                     statuses: statuses_out,
                 });
@@ -630,6 +654,17 @@ async fn kube_client(k: &crate::config::KubernetesSource) -> anyhow::Result<kube
         })?,
     };
     Ok(kube::Client::try_from(config)?)
+}
+
+/// This cluster's catalog as the last change of its source left it.
+struct LocalCatalog {
+    /// The source's change count it was built at.
+    changes: u64,
+    /// Every local service, for the merge.
+    all: Arc<BTreeMap<String, pb::ExportedService>>,
+    /// The exported ones, for peers.
+    exported: Arc<BTreeMap<String, pb::ExportedService>>,
+    errors: Vec<SourceError>,
 }
 
 fn admin_views(

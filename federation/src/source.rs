@@ -180,6 +180,9 @@ pub struct FileSource {
     first_seen: HashMap<String, i64>,
     /// The directory's modification time at the last full scan, and when that was.
     scanned: Option<(Option<SystemTime>, std::time::Instant)>,
+    /// Bumped whenever a poll finds a change: what [`FileSource::services`] returns is the same
+    /// while this is.
+    pub changes: u64,
 }
 
 /// A file edited in place leaves its directory's mtime alone: every file is looked at again at
@@ -215,6 +218,7 @@ impl FileSource {
             files: BTreeMap::new(),
             first_seen: HashMap::new(),
             scanned: None,
+            changes: 0,
         }
     }
 
@@ -274,7 +278,11 @@ impl FileSource {
         }
         let before = self.files.len();
         self.files.retain(|p, _| present.contains(p));
-        changed || before != self.files.len()
+        let changed = changed || before != self.files.len();
+        if changed {
+            self.changes += 1;
+        }
+        changed
     }
 
     pub fn errors(&self) -> Vec<SourceError> {
