@@ -328,6 +328,15 @@ async fn restart_controllers(
     }
 }
 
+/// `d`, or 0 when negative; unlike `f64::max`, a missing figure (NaN) stays missing.
+fn not_below_zero(d: f64) -> f64 {
+    if d < 0.0 {
+        0.0
+    } else {
+        d
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -396,14 +405,21 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         .ok_or_else(|| anyhow::anyhow!("the simulator needs file-backed controllers"))?;
     let admins: Vec<std::net::SocketAddr> = mesh.info.clusters.iter().map(|c| c.controller.admin_addr).collect();
     // Each controller's peering bytes sent so far; summed, the clusterset's.
+    // Each controller's peering bytes so far. A scrape can time out on a saturated machine:
+    // it is tried again, and a controller that never answers counts as NaN (a figure that is
+    // visibly missing), never as 0 (which would read as a counter reset).
     let per_controller = || async {
         let mut out = vec![];
         for a in &admins {
-            out.push(metric_sum(
-                &scrape(*a).await.unwrap_or_default(),
-                "strait_peering_sent_bytes_total",
-                &[],
-            ));
+            let mut value = f64::NAN;
+            for _ in 0..5 {
+                if let Ok(text) = scrape(*a).await {
+                    value = metric_sum(&text, "strait_peering_sent_bytes_total", &[]);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            out.push(value);
         }
         out
     };
@@ -525,7 +541,13 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
             .iter()
             .zip(after)
             .enumerate()
-            .map(|(c, (b, a))| if restarted.contains(&c) { *a } else { (a - b).max(0.0) })
+            .map(|(c, (b, a))| {
+                if restarted.contains(&c) {
+                    *a
+                } else {
+                    not_below_zero(a - b)
+                }
+            })
             .sum()
     };
     let quiet_before = per_controller().await;
@@ -704,13 +726,13 @@ impl Report {
     /// own to them (about 2/N of the first sync). A resync storm would be the whole first sync
     /// again, or more.
     pub fn restart_extra(&self) -> f64 {
-        (self.restart_bytes - self.quiet_bytes).max(0.0)
+        not_below_zero(self.restart_bytes - self.quiet_bytes)
     }
 
     /// What restarting every controller sent beyond quiet traffic: each cluster's exports to
     /// each peer once is the first sync again (1.0); a storm would be more.
     pub fn restart_all_extra(&self) -> f64 {
-        (self.restart_all_bytes - self.quiet_bytes).max(0.0)
+        not_below_zero(self.restart_all_bytes - self.quiet_bytes)
     }
 
     /// The p-th percentile of change -> delivery.
