@@ -47,6 +47,17 @@ pub struct EndpointEntry {
     pub labels: BTreeMap<String, String>,
 }
 
+/// How a destination-total rate limit's shares name an endpoint: `<cluster>/<workload>`, as
+/// the Istio metrics' destination labels name it.
+pub fn share_key(cluster: &str, workload: &str) -> String {
+    format!("{cluster}/{workload}")
+}
+
+/// The key of a TrafficPolicy aimed at one route rule of `namespace/name`.
+pub fn rule_key(namespace: &str, name: &str, rule: &str) -> String {
+    format!("{namespace}/{name}#{rule}")
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceEntry {
     pub name: String,
@@ -456,7 +467,7 @@ impl Resources {
         for (p, _) in policies {
             for t in &p.targets {
                 let key = match &t.rule {
-                    Some(rule) => format!("{}/{}#{rule}", t.namespace, t.name),
+                    Some(rule) => rule_key(&t.namespace, &t.name, rule),
                     None => format!("{}/{}", t.namespace, t.name),
                 };
                 match snap.traffic.get_mut(&key) {
@@ -542,7 +553,7 @@ impl Snapshot {
             return None;
         }
         if let Some(rule) = rule {
-            if let Some(p) = self.traffic.get(&format!("{}/{}#{rule}", svc.namespace, svc.name)) {
+            if let Some(p) = self.traffic.get(&rule_key(&svc.namespace, &svc.name, rule)) {
                 return Some(p);
             }
         }

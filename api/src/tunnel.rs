@@ -42,13 +42,19 @@ pub async fn write_header<W: AsyncWrite + Unpin, M: prost::Message>(w: &mut W, m
     Ok(())
 }
 
-pub async fn read_header<R: AsyncRead + Unpin, M: prost::Message + Default>(r: &mut R) -> Result<M, HeaderError> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
+/// The length of the message a header's 4-byte prefix announces, within [`MAX_HEADER_LEN`].
+pub fn header_len(prefix: [u8; 4]) -> Result<usize, HeaderError> {
+    let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_HEADER_LEN {
         return Err(HeaderError::TooLong(len));
     }
+    Ok(len)
+}
+
+pub async fn read_header<R: AsyncRead + Unpin, M: prost::Message + Default>(r: &mut R) -> Result<M, HeaderError> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).await?;
+    let len = header_len(prefix)?;
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
     Ok(M::decode(buf.as_slice())?)

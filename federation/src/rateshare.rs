@@ -7,7 +7,8 @@
 //!
 //! Pure logic; the merge loop calls [`RateShares::update`] every pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use strait_api::pb;
 use strait_api::traffic::{compile_policy, TargetLookup, TrafficPolicySpec};
@@ -53,6 +54,12 @@ pub fn divide(limit: f64, demand: &[f64]) -> Vec<f64> {
 #[derive(Default)]
 pub struct RateShares {
     published: BTreeMap<String, BTreeMap<String, f64>>,
+    /// `published` as `rateshare/<ns>/<name>` resources, rebuilt only when it changes.
+    resources: Vec<Arc<pb::Resource>>,
+    /// The policies the limits were last read from, and those limits (compiling policies on
+    /// every pass of the merge loop would be work for nothing: they rarely change).
+    policies: Vec<pb::TrafficPolicy>,
+    limits: BTreeMap<String, f64>,
 }
 
 impl RateShares {
@@ -65,74 +72,87 @@ impl RateShares {
         merged: &Merged,
         summaries: &[&pb::TrafficSummary],
     ) -> bool {
-        let limits = destination_limits(policies);
+        if self.policies != policies {
+            self.policies = policies.to_vec();
+            self.limits = destination_limits(policies);
+        }
         let mut next: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-        for (key, limit) in limits {
-            let Some(svc) = merged.get(&key) else { continue };
-            let host = format!(
-                "{}.{}.{}",
-                svc.name,
-                svc.namespace,
-                strait_api::snapshot::CLUSTERSET_SUFFIX
-            );
+        let mut changed = false;
+        for (key, limit) in &self.limits {
+            let Some(svc) = merged.get(key) else { continue };
             let mut endpoints: Vec<String> = svc
                 .endpoints
                 .iter()
                 .filter(|e| e.ready)
                 .map(|e| {
                     let cluster = e.locality.as_ref().map(|l| l.cluster.as_str()).unwrap_or_default();
-                    format!("{cluster}/{}", e.workload)
+                    strait_api::snapshot::share_key(cluster, &e.workload)
                 })
                 .collect();
             endpoints.sort();
             endpoints.dedup();
+            // Requests per second arriving at each endpoint, as its cluster's proxies report.
+            let host = format!(
+                "{}.{}.{}",
+                svc.name,
+                svc.namespace,
+                strait_api::snapshot::CLUSTERSET_SUFFIX
+            );
+            let mut arriving: HashMap<String, f64> = HashMap::new();
+            for e in summaries.iter().flat_map(|s| s.edges.iter()) {
+                if e.reporter == "destination" && e.destination_service == host {
+                    let at = strait_api::snapshot::share_key(&e.destination_cluster, &e.destination_workload);
+                    *arriving.entry(at).or_default() += e.rps;
+                }
+            }
             let demand: Vec<f64> = endpoints
                 .iter()
-                .map(|ep| {
-                    summaries
-                        .iter()
-                        .flat_map(|s| s.edges.iter())
-                        .filter(|e| {
-                            e.reporter == "destination"
-                                && e.destination_service == host
-                                && ep.split_once('/')
-                                    == Some((e.destination_cluster.as_str(), e.destination_workload.as_str()))
-                        })
-                        .map(|e| e.rps)
-                        .sum()
-                })
+                .map(|ep| arriving.get(ep).copied().unwrap_or_default())
                 .collect();
-            let shares = divide(limit, &demand);
-            let fresh: BTreeMap<String, f64> = endpoints.into_iter().zip(shares).collect();
-            let keep = self.published.get(&key).is_some_and(|old| {
-                old.len() == fresh.len()
-                    && old
-                        .iter()
-                        .zip(&fresh)
-                        .all(|((k0, v0), (k1, v1))| k0 == k1 && (v0 - v1).abs() <= HYSTERESIS)
-            });
-            let chosen = match (keep, self.published.get(&key)) {
-                (true, Some(old)) => old.clone(),
-                _ => fresh,
+            let fresh: BTreeMap<String, f64> = endpoints.into_iter().zip(divide(*limit, &demand)).collect();
+            let chosen = match self.published.remove(key) {
+                Some(old)
+                    if old.len() == fresh.len()
+                        && old
+                            .iter()
+                            .zip(&fresh)
+                            .all(|((k0, v0), (k1, v1))| k0 == k1 && (v0 - v1).abs() <= HYSTERESIS) =>
+                {
+                    old
+                }
+                _ => {
+                    changed = true;
+                    fresh
+                }
             };
-            next.insert(key, chosen);
+            next.insert(key.clone(), chosen);
         }
-        let changed = next != self.published;
+        // What is left had its limit removed.
+        changed |= !self.published.is_empty();
         self.published = next;
+        if changed {
+            self.resources = self
+                .published
+                .iter()
+                .map(|(key, shares)| Arc::new(resource(key, shares)))
+                .collect();
+        }
         changed
     }
 
-    /// The published shares as `rateshare/<ns>/<name>` resources' bodies.
-    pub fn bodies(&self) -> impl Iterator<Item = pb::RateShares> + '_ {
-        self.published.iter().map(|(key, shares)| {
-            let (namespace, name) = key.split_once('/').unwrap_or_default();
-            pb::RateShares {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                shares: shares.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            }
-        })
+    /// The published shares as `rateshare/<ns>/<name>` resources.
+    pub fn resources(&self) -> &[Arc<pb::Resource>] {
+        &self.resources
     }
+}
+
+fn resource(key: &str, shares: &BTreeMap<String, f64>) -> pb::Resource {
+    let (namespace, name) = key.split_once('/').unwrap_or_default();
+    crate::resources::rate_shares_resource(pb::RateShares {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        shares: shares.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+    })
 }
 
 /// Per service key, the destination-total rate limit (requests/s) that applies to it: the
@@ -163,7 +183,6 @@ fn destination_limits(policies: &[pb::TrafficPolicy]) -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn catalog(endpoints: &[(&str, &str, bool)]) -> Merged {
         let svc = crate::catalog::MergedService {
@@ -240,6 +259,13 @@ mod tests {
         }
     }
 
+    fn first(shares: &RateShares) -> pb::RateShares {
+        match &shares.resources()[0].kind {
+            Some(pb::resource::Kind::RateShares(body)) => body.clone(),
+            other => panic!("not rate shares: {other:?}"),
+        }
+    }
+
     #[test]
     fn shares_follow_every_clusters_traffic_and_ignore_noise() {
         let spec = r#"{"targetRefs":[{"group":"multicluster.x-k8s.io","kind":"ServiceImport","name":"echo"}],
@@ -255,7 +281,7 @@ mod tests {
         let east = summary(&[("east", "a", 90.0)]);
         let west = summary(&[("west", "c", 10.0)]);
         assert!(shares.update(&policies, &merged, &[&east, &west]));
-        let body = shares.bodies().next().unwrap();
+        let body = first(&shares);
         assert_eq!((body.namespace.as_str(), body.name.as_str()), ("demo", "echo"));
         let (a, b, c) = (body.shares["east/a"], body.shares["east/b"], body.shares["west/c"]);
         assert!(!body.shares.contains_key("west/d"), "not ready: no share");
@@ -266,10 +292,10 @@ mod tests {
         assert!(!shares.update(&policies, &merged, &[&east, &west]));
         let east = summary(&[("east", "a", 10.0), ("east", "b", 80.0)]);
         assert!(shares.update(&policies, &merged, &[&east, &west]));
-        assert!(shares.bodies().next().unwrap().shares["east/b"] > 0.75);
+        assert!(first(&shares).shares["east/b"] > 0.75);
         // Proxy-scoped limits and policies without a limit have no shares.
         let per_proxy = spec.replace("destination", "proxy");
         assert!(shares.update(&[policy(&per_proxy, 1)], &merged, &[&east]));
-        assert_eq!(shares.bodies().count(), 0);
+        assert_eq!(shares.resources().len(), 0);
     }
 }

@@ -437,9 +437,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 .collect();
             rate_shares.update(&checked.policies, &merged, &summaries);
         }
-        for body in rate_shares.bodies() {
-            let r = crate::resources::rate_shares_resource(body);
-            resources.insert(r.name.clone(), Arc::new(r));
+        for r in rate_shares.resources() {
+            resources.insert(r.name.clone(), r.clone());
         }
         // Warm once every configured peer has pushed since this start, or one lease has passed.
         let warm = started_at.elapsed() >= cfg.lease

@@ -17,7 +17,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prost::Message;
 use strait_api::pb;
-use strait_api::tunnel::{status, write_header, HeaderError, MAX_HEADER_LEN};
+use strait_api::tunnel::{header_len, status, write_header, HeaderError};
 use strait_trust::{CertStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -132,12 +132,12 @@ impl Pipelined {
         let gateway = self.gateway;
         while let Some(head) = self.head.as_mut() {
             let want = match head.get(..4) {
-                Some(&[a, b, c, d]) => 4 + u32::from_be_bytes([a, b, c, d]) as usize,
+                Some(&[a, b, c, d]) => match header_len([a, b, c, d]) {
+                    Ok(len) => 4 + len,
+                    Err(e) => return Self::refuse(TunnelError::Header(e)),
+                },
                 _ => 4,
             };
-            if want > 4 + MAX_HEADER_LEN {
-                return Self::refuse(TunnelError::Header(HeaderError::TooLong(want - 4)));
-            }
             if head.len() >= 4 && head.len() == want {
                 let resp = match pb::TunnelResponse::decode(&head[4..]) {
                     Ok(r) => r,

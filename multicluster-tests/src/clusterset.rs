@@ -283,16 +283,59 @@ async fn probe_session(
     }
 }
 
+/// How long after a restart its peering bytes are counted.
+const RESTART_WINDOW: Duration = Duration::from_secs(10);
+
+/// Each controller's peering bytes sent so far. A scrape can time out on a saturated machine:
+/// it is tried again, and a controller that never answers counts as NaN (a figure that is
+/// visibly missing), never as 0 (which would read as a counter reset).
+async fn peering_sent(admins: &[std::net::SocketAddr]) -> Vec<f64> {
+    let mut out = vec![];
+    for a in admins {
+        let mut value = f64::NAN;
+        for _ in 0..5 {
+            if let Ok(text) = scrape(*a).await {
+                value = metric_sum(&text, "strait_peering_sent_bytes_total", &[]);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        out.push(value);
+    }
+    out
+}
+
+/// Peering bytes sent between two readings. A restarted controller's counter starts again
+/// from 0: all it counts is new. (Comparing counters cannot tell: a controller restarted twice
+/// may count more the second time.)
+fn sent_since(before: &[f64], after: &[f64], restarted: &[usize]) -> f64 {
+    before
+        .iter()
+        .zip(after)
+        .enumerate()
+        .map(|(c, (b, a))| {
+            if restarted.contains(&c) {
+                *a
+            } else {
+                not_below_zero(a - b)
+            }
+        })
+        .sum()
+}
+
 /// `kill -9` of the controllers of `clusters` (their `pids`, updated with the new ones), then
-/// their own commands again; returns the time until every subscriber of those clusters holds
-/// the whole catalog (`want` endpoints) in a new session.
+/// their own commands again. Returns the time until every subscriber of those clusters holds
+/// the whole catalog (`want` endpoints) in a new session, and the peering bytes every
+/// controller sent in the [`RESTART_WINDOW`] from the kill.
 async fn restart_controllers(
     mesh: &mut Mesh,
     seen: &Arc<Mutex<Seen>>,
+    admins: &[std::net::SocketAddr],
     pids: &mut [u32],
     clusters: &[usize],
     want: usize,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, f64)> {
+    let before = peering_sent(admins).await;
     let sessions_before = seen.lock().unwrap().sessions.clone();
     for c in clusters {
         mesh.kill9(pids[*c]);
@@ -302,14 +345,14 @@ async fn restart_controllers(
         let controller = mesh.info.clusters[*c].controller.clone();
         pids[*c] = mesh.restart(&controller.command, Some(&controller.log))?;
     }
-    loop {
+    let resync = loop {
         {
             let s = seen.lock().unwrap();
             if clusters
                 .iter()
                 .all(|c| s.sessions[*c] > sessions_before[*c] && s.endpoints[*c] >= want)
             {
-                return Ok(killed_at.elapsed());
+                break killed_at.elapsed();
             }
             if killed_at.elapsed() > Duration::from_secs(180) {
                 let log = &mesh.info.clusters[clusters[0]].controller.log;
@@ -325,7 +368,11 @@ async fn restart_controllers(
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if let Some(rest) = (killed_at + RESTART_WINDOW).checked_duration_since(Instant::now()) {
+        tokio::time::sleep(rest).await;
     }
+    Ok((resync, sent_since(&before, &peering_sent(admins).await, clusters)))
 }
 
 /// `d`, or 0 when negative; unlike `f64::max`, a missing figure (NaN) stays missing.
@@ -404,26 +451,8 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         .collect::<Option<_>>()
         .ok_or_else(|| anyhow::anyhow!("the simulator needs file-backed controllers"))?;
     let admins: Vec<std::net::SocketAddr> = mesh.info.clusters.iter().map(|c| c.controller.admin_addr).collect();
-    // Each controller's peering bytes sent so far; summed, the clusterset's.
-    // Each controller's peering bytes so far. A scrape can time out on a saturated machine:
-    // it is tried again, and a controller that never answers counts as NaN (a figure that is
-    // visibly missing), never as 0 (which would read as a counter reset).
-    let per_controller = || async {
-        let mut out = vec![];
-        for a in &admins {
-            let mut value = f64::NAN;
-            for _ in 0..5 {
-                if let Ok(text) = scrape(*a).await {
-                    value = metric_sum(&text, "strait_peering_sent_bytes_total", &[]);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            out.push(value);
-        }
-        out
-    };
-    let peering_bytes = || async { per_controller().await.iter().sum::<f64>() };
+    // Summed over the controllers, the clusterset's peering bytes so far.
+    let peering_bytes = || async { peering_sent(&admins).await.iter().sum::<f64>() };
     let sync_bytes_before = peering_bytes().await;
     let sync = Instant::now();
     for (c, cat) in catalogs.iter().enumerate() {
@@ -533,45 +562,17 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     // A controller restarts (kill -9, then its own command): how long until its subscribers
     // hold the whole catalog again, and what the clusterset sends meanwhile beside what it
     // sends when nothing happens. Peers resend their exports to it; nothing else should move.
-    let window = Duration::from_secs(10);
-    // A restarted controller's counter starts again from 0: all it counts is new. (Comparing
-    // counters cannot tell: a controller restarted twice may count more the second time.)
-    let sent_since = |before: &[f64], after: &[f64], restarted: &[usize]| -> f64 {
-        before
-            .iter()
-            .zip(after)
-            .enumerate()
-            .map(|(c, (b, a))| {
-                if restarted.contains(&c) {
-                    *a
-                } else {
-                    not_below_zero(a - b)
-                }
-            })
-            .sum()
-    };
-    let quiet_before = per_controller().await;
-    tokio::time::sleep(window).await;
-    let quiet_bytes = sent_since(&quiet_before, &per_controller().await, &[]);
+    let quiet_before = peering_sent(&admins).await;
+    tokio::time::sleep(RESTART_WINDOW).await;
+    let quiet_bytes = sent_since(&quiet_before, &peering_sent(&admins).await, &[]);
     let mut pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
-    let before = per_controller().await;
-    let killed_at = Instant::now();
-    let restart_resync = restart_controllers(&mut mesh, &seen, &mut pids, &[0], want).await?;
-    if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
-        tokio::time::sleep(rest).await;
-    }
-    let restart_bytes = sent_since(&before, &per_controller().await, &[0]);
+    let (restart_resync, restart_bytes) = restart_controllers(&mut mesh, &seen, &admins, &mut pids, &[0], want).await?;
 
     // Every controller at once (a control-plane upgrade, a region's power): each resends its
     // exports to each peer once, no more.
-    let before = per_controller().await;
-    let killed_at = Instant::now();
     let every: Vec<usize> = (0..n).collect();
-    let restart_all_resync = restart_controllers(&mut mesh, &seen, &mut pids, &every, want).await?;
-    if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
-        tokio::time::sleep(rest).await;
-    }
-    let restart_all_bytes = sent_since(&before, &per_controller().await, &every);
+    let (restart_all_resync, restart_all_bytes) =
+        restart_controllers(&mut mesh, &seen, &admins, &mut pids, &every, want).await?;
     Ok(Report {
         changes,
         delays,

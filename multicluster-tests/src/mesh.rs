@@ -266,8 +266,7 @@ impl Mesh {
             .unwrap_or_else(|| panic!("no {service} workload in zone {zone}"))
     }
 
-    /// SIGKILLs a process, as a crash would.
-    /// SIGKILL, then waits (up to 5 s) until every thread of the process is gone or a zombie,
+    /// SIGKILLs a process, as a crash would, then waits (up to 5 s) until every thread of the process is gone or a zombie,
     /// so what it held (its listening sockets) is free when this returns: a component started
     /// again at once would otherwise find its address in use. (The main thread turns zombie
     /// before the others have exited; the sockets go with the last.)

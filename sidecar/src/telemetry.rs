@@ -36,6 +36,8 @@ pub struct LocalWorkload {
     cluster: String,
     /// This workload's endpoint address in the catalog.
     endpoint: Option<SocketAddr>,
+    /// `<cluster>/<workload>` ([`strait_api::snapshot::share_key`]), made once.
+    share_key: String,
     cached: Mutex<Option<Cached>>,
 }
 
@@ -50,14 +52,14 @@ impl LocalWorkload {
             principal: principal.into(),
             cluster: cluster.into(),
             endpoint,
+            share_key: strait_api::snapshot::share_key(cluster, name),
             cached: Mutex::new(None),
         }
     }
 
-    /// `<cluster>/<workload>`, as the Istio metrics' destination labels name this workload
-    /// (and the controller's rate-limit shares key it).
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.cluster, self.name)
+    /// This workload's key in the controller's rate-limit shares.
+    pub fn share_key(&self) -> &str {
+        &self.share_key
     }
 
     /// The workload and its metadata header value, for the config `snap`.

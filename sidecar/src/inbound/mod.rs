@@ -270,7 +270,7 @@ impl Inbound {
             // service's endpoints; until it has, an equal share of its ready endpoints.
             snap.rate_shares
                 .get(key)
-                .and_then(|shares| shares.get(&self.telemetry.local.key()).copied())
+                .and_then(|shares| shares.get(self.telemetry.local.share_key()).copied())
                 .unwrap_or_else(|| {
                     let ready = snap
                         .services

@@ -253,7 +253,7 @@ impl Outbound {
         // and it cannot see the rule: name it.
         let rate_target = rule
             .as_deref()
-            .map(|r| format!("{}/{}#{r}", named.namespace, named.name))
+            .map(|r| strait_api::snapshot::rule_key(&named.namespace, &named.name, r))
             .filter(|target| snap.traffic.get(target).is_some_and(|p| p.rate_limit.is_some()));
         if let Some(v) = rate_target.and_then(|t| HeaderValue::from_str(&t).ok()) {
             parts.headers.insert(crate::RATE_LIMIT_TARGET_HEADER, v);
