@@ -3,7 +3,9 @@
 //!
 //! [`Resources::apply`] is the two-step update: every resource in an update is converted and
 //! checked first; a bad one is rejected by name (and the last good version of it kept), then
-//! the new set replaces the old in one step.
+//! the new set replaces the old in one step. [`Resources::update`] also makes the next
+//! snapshot, from the previous one where only services changed (endpoint churn), so a
+//! change's cost follows what changed rather than the catalog's size.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -370,27 +372,18 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// Applies an update: returns the new set and the resources it rejected (name, reason).
-    /// Rejected resources keep their last good version.
-    pub fn apply(&self, update: &pb::ConfigUpdate) -> (Resources, Vec<pb::Rejection>) {
-        let mut next = if update.full {
+    /// Applies an update and returns the resources it rejected (name, reason). Rejected
+    /// resources keep their last good version.
+    pub fn apply(&mut self, update: &pb::ConfigUpdate) -> Vec<pb::Rejection> {
+        if update.full {
             let named: std::collections::HashSet<&str> = update.resources.iter().map(|r| r.name.as_str()).collect();
-            Resources {
-                entries: self
-                    .entries
-                    .iter()
-                    .filter(|(k, _)| named.contains(k.as_str()))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            }
-        } else {
-            self.clone()
-        };
+            self.entries.retain(|k, _| named.contains(k.as_str()));
+        }
         let mut rejected = vec![];
         for res in &update.resources {
             match convert(res) {
                 Ok(typed) => {
-                    next.entries.insert(res.name.clone(), (res.version.clone(), typed));
+                    self.entries.insert(res.name.clone(), (res.version.clone(), typed));
                 }
                 Err(e) => {
                     tracing::warn!(resource = %res.name, error = %e, "rejected config resource; keeping the last good version");
@@ -402,9 +395,124 @@ impl Resources {
             }
         }
         for name in &update.removed {
-            next.entries.remove(name);
+            self.entries.remove(name);
         }
-        (next, rejected)
+        rejected
+    }
+
+    /// Applies an update (as [`Resources::apply`]) and returns the snapshot of the result.
+    /// `prev` must be the snapshot of these resources before the update. When the update only
+    /// replaces or removes services, the snapshot is `prev` with those services' entries
+    /// swapped; anything else (or two services claiming one address or host) builds it anew.
+    pub fn update(&mut self, prev: &Snapshot, update: &pb::ConfigUpdate) -> (Snapshot, Vec<pb::Rejection>) {
+        let touched: Vec<&String> = update
+            .resources
+            .iter()
+            .map(|r| &r.name)
+            .chain(update.removed.iter())
+            .collect();
+        let service = |t: Option<&(String, Typed)>| match t {
+            None => Some(None),
+            Some((_, Typed::Service(s))) => Some(Some(s.clone())),
+            Some(_) => None,
+        };
+        let before: Option<Vec<Option<Arc<ServiceEntry>>>> =
+            touched.iter().map(|n| service(self.entries.get(*n))).collect();
+        let rejected = self.apply(update);
+        let after: Option<Vec<Option<Arc<ServiceEntry>>>> =
+            touched.iter().map(|n| service(self.entries.get(*n))).collect();
+        let snap = match (update.full, before, after) {
+            (false, Some(before), Some(after)) => {
+                self.swap_services(prev, update.version, before.into_iter().zip(after))
+            }
+            _ => None,
+        };
+        (snap.unwrap_or_else(|| self.snapshot(update.version)), rejected)
+    }
+
+    /// `prev` with each (old, new) service pair swapped, or `None` where the result could
+    /// differ from a snapshot built anew: an address, host or IP shared by two services, now or
+    /// in `prev` (removing one owner would have to uncover the other).
+    fn swap_services(
+        &self,
+        prev: &Snapshot,
+        version: u64,
+        changes: impl Iterator<Item = (Option<Arc<ServiceEntry>>, Option<Arc<ServiceEntry>>)>,
+    ) -> Option<Snapshot> {
+        if prev.shadowed {
+            return None;
+        }
+        let mut snap = prev.clone();
+        snap.version = version;
+        let mut reroute = false;
+        let mut added = vec![];
+        for (old, new) in changes {
+            if let (Some(o), Some(n)) = (&old, &new) {
+                if Arc::ptr_eq(o, n) {
+                    continue;
+                }
+            }
+            reroute |= match (&old, &new) {
+                (Some(o), Some(n)) => o.key() != n.key() || o.ports != n.ports,
+                _ => true,
+            };
+            if let Some(o) = old {
+                let owned = |s: Option<&Arc<ServiceEntry>>| s.is_some_and(|s| Arc::ptr_eq(s, &o));
+                if !owned(snap.services.remove(&o.key()).as_ref()) || !owned(snap.by_host.remove(&o.host()).as_ref()) {
+                    return None;
+                }
+                if let Some(ip) = o.clusterset_ip {
+                    if !owned(snap.by_ip.remove(&ip).as_ref()) {
+                        return None;
+                    }
+                }
+                for (i, e) in o.endpoints.iter().enumerate() {
+                    match snap.by_endpoint.remove(&e.address) {
+                        Some((s, j)) if Arc::ptr_eq(&s, &o) && i == j => {}
+                        _ => return None,
+                    }
+                }
+            }
+            added.extend(new);
+        }
+        // Added after every removal, so a service that takes over another's address in the
+        // same update is not mistaken for a conflict.
+        for n in added {
+            if snap.services.insert(n.key(), n.clone()).is_some() || snap.by_host.insert(n.host(), n.clone()).is_some()
+            {
+                return None;
+            }
+            if let Some(ip) = n.clusterset_ip {
+                if snap.by_ip.insert(ip, n.clone()).is_some() {
+                    return None;
+                }
+            }
+            for (i, e) in n.endpoints.iter().enumerate() {
+                if snap.by_endpoint.insert(e.address, (n.clone(), i)).is_some() {
+                    return None;
+                }
+            }
+        }
+        if reroute {
+            snap.routes = route_tables(&snap, &self.routes());
+        }
+        Some(snap)
+    }
+
+    /// The HTTPRoutes, oldest first (the order that breaks ties in precedence).
+    fn routes(&self) -> Vec<&Arc<RouteEntry>> {
+        let mut routes: Vec<&Arc<RouteEntry>> = self
+            .entries
+            .values()
+            .filter_map(|(_, t)| match t {
+                Typed::Route(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        routes.sort_by(|a, b| {
+            (a.created_unix_ms, &a.namespace, &a.name).cmp(&(b.created_unix_ms, &b.namespace, &b.name))
+        });
+        routes
     }
 
     pub fn snapshot(&self, version: u64) -> Snapshot {
@@ -415,15 +523,15 @@ impl Resources {
         for (_, typed) in self.entries.values() {
             match typed {
                 Typed::Service(s) => {
-                    let key = format!("{}/{}", s.namespace, s.name);
-                    snap.by_host.insert(s.host(), key.clone());
+                    let mut shadows = snap.by_host.insert(s.host(), s.clone()).is_some();
                     if let Some(ip) = s.clusterset_ip {
-                        snap.by_ip.insert(ip, key.clone());
+                        shadows |= snap.by_ip.insert(ip, s.clone()).is_some();
                     }
                     for (i, e) in s.endpoints.iter().enumerate() {
-                        snap.by_endpoint.insert(e.address, (key.clone(), i));
+                        shadows |= snap.by_endpoint.insert(e.address, (s.clone(), i)).is_some();
                     }
-                    snap.services.insert(key, s.clone());
+                    shadows |= snap.services.insert(s.key(), s.clone()).is_some();
+                    snap.shadowed |= shadows;
                 }
                 Typed::Gateway(g) => {
                     snap.gateways.insert(g.cluster.clone(), g.clone());
@@ -440,18 +548,7 @@ impl Resources {
                 Typed::Route(_) | Typed::Traffic(..) => {}
             }
         }
-        let mut routes: Vec<&Arc<RouteEntry>> = self
-            .entries
-            .values()
-            .filter_map(|(_, t)| match t {
-                Typed::Route(r) => Some(r),
-                _ => None,
-            })
-            .collect();
-        routes.sort_by(|a, b| {
-            (a.created_unix_ms, &a.namespace, &a.name).cmp(&(b.created_unix_ms, &b.namespace, &b.name))
-        });
-        snap.routes = route_tables(&snap, &routes);
+        snap.routes = route_tables(&snap, &self.routes());
         // TrafficPolicies by target (`<ns>/<svc>`, or `<ns>/<svc>#<rule>` for one route rule);
         // where several target the same, they merge field by field and the oldest wins each
         // field (Gateway API policy attachment).
@@ -488,10 +585,10 @@ pub struct Snapshot {
     pub version: u64,
     /// By `<namespace>/<name>`.
     pub services: BTreeMap<String, Arc<ServiceEntry>>,
-    pub by_host: HashMap<String, String>,
-    pub by_ip: HashMap<IpAddr, String>,
-    /// Endpoint address → (service key, index in its endpoints).
-    pub by_endpoint: HashMap<SocketAddr, (String, usize)>,
+    pub by_host: HashMap<String, Arc<ServiceEntry>>,
+    pub by_ip: HashMap<IpAddr, Arc<ServiceEntry>>,
+    /// Endpoint address → (service, index in its endpoints).
+    pub by_endpoint: HashMap<SocketAddr, (Arc<ServiceEntry>, usize)>,
     pub gateways: BTreeMap<String, Arc<GatewayEntry>>,
     pub policy: Arc<PolicyEntry>,
     pub bundle: Option<TrustBundle>,
@@ -505,6 +602,9 @@ pub struct Snapshot {
     /// By service (`<ns>/<name>`): each endpoint's (`<cluster>/<workload>`) share of a
     /// destination-total rate limit, as the controller divides it by demand.
     pub rate_shares: HashMap<String, Arc<HashMap<String, f64>>>,
+    /// Whether two services share an endpoint address, host or IP (the later by name wins
+    /// the lookup). Such a snapshot is always built anew, never updated in place.
+    pub shadowed: bool,
 }
 
 /// Compiles each route against the snapshot's services (a backend that is not there fails
@@ -562,22 +662,21 @@ impl Snapshot {
 
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<ServiceEntry>> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let key = match host.parse::<IpAddr>() {
+        match host.parse::<IpAddr>() {
             Ok(ip) => self.by_ip.get(&ip),
             Err(_) => self.by_host.get(&host),
-        }?;
-        self.services.get(key)
+        }
     }
 
     /// Finds the service and endpoint index a workload address belongs to.
     pub fn endpoint_by_addr(&self, addr: SocketAddr) -> Option<(&Arc<ServiceEntry>, usize)> {
-        let (key, i) = self.by_endpoint.get(&addr)?;
-        Some((self.services.get(key)?, *i))
+        let (svc, i) = self.by_endpoint.get(&addr)?;
+        Some((svc, *i))
     }
 
     /// Finds a service by its ClusterSet IP.
     pub fn service_by_ip(&self, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
-        self.services.get(self.by_ip.get(&ip)?)
+        self.by_ip.get(&ip)
     }
 }
 
@@ -623,7 +722,8 @@ mod tests {
             resources: vec![service_resource("echo", "127.0.0.1:15006")],
             removed: vec![],
         };
-        let (r1, rej) = Resources::default().apply(&good);
+        let mut r = Resources::default();
+        let rej = r.apply(&good);
         assert!(rej.is_empty());
         let bad = pb::ConfigUpdate {
             version: 2,
@@ -631,10 +731,10 @@ mod tests {
             resources: vec![service_resource("echo", "not-an-address")],
             removed: vec![],
         };
-        let (r2, rej) = r1.apply(&bad);
+        let rej = r.apply(&bad);
         assert_eq!(rej.len(), 1);
         assert!(rej[0].error.contains("endpoints[0].address"), "{}", rej[0].error);
-        let snap = r2.snapshot(2);
+        let snap = r.snapshot(2);
         let svc = snap.service_by_host("echo.demo.svc.clusterset.local.").unwrap();
         assert_eq!(svc.endpoints[0].address.to_string(), "127.0.0.1:15006");
         assert!(snap.service_by_host("240.0.0.10").is_some());
@@ -642,7 +742,8 @@ mod tests {
 
     #[test]
     fn full_update_removes_what_it_does_not_name() {
-        let (r1, _) = Resources::default().apply(&pb::ConfigUpdate {
+        let mut r = Resources::default();
+        r.apply(&pb::ConfigUpdate {
             version: 1,
             full: true,
             resources: vec![
@@ -651,19 +752,90 @@ mod tests {
             ],
             removed: vec![],
         });
-        let (r2, _) = r1.apply(&pb::ConfigUpdate {
+        r.apply(&pb::ConfigUpdate {
             version: 2,
             full: true,
             resources: vec![service_resource("b", "127.0.0.1:2")],
             removed: vec![],
         });
-        assert_eq!(r2.snapshot(2).services.len(), 1);
-        let (r3, _) = r2.apply(&pb::ConfigUpdate {
+        assert_eq!(r.snapshot(2).services.len(), 1);
+        r.apply(&pb::ConfigUpdate {
             version: 3,
             full: false,
             resources: vec![],
             removed: vec!["service/demo/b".into()],
         });
-        assert!(r3.snapshot(3).services.is_empty());
+        assert!(r.snapshot(3).services.is_empty());
+    }
+
+    /// What a snapshot maps, by service key, for comparing two built differently.
+    fn shape(s: &Snapshot) -> Vec<String> {
+        let mut out: Vec<String> = s.services.iter().map(|(k, v)| format!("svc {k} {v:?}")).collect();
+        out.extend(s.by_host.iter().map(|(h, v)| format!("host {h} {}", v.key())));
+        out.extend(s.by_ip.iter().map(|(ip, v)| format!("ip {ip} {}", v.key())));
+        out.extend(
+            s.by_endpoint
+                .iter()
+                .map(|(a, (v, i))| format!("ep {a} {} {i}", v.key())),
+        );
+        out.extend(s.routes.keys().map(|k| format!("route {k}")));
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn an_update_of_services_gives_the_snapshot_a_full_build_gives() {
+        let svc = |name: &str, ip: u8, addrs: &[u16]| {
+            let mut r = service_resource(name, "127.0.0.1:1");
+            let Some(pb::resource::Kind::Service(s)) = &mut r.kind else {
+                unreachable!()
+            };
+            s.clusterset_ip = format!("240.0.0.{ip}");
+            let ep = s.endpoints[0].clone();
+            s.endpoints = addrs
+                .iter()
+                .map(|p| pb::Endpoint {
+                    address: format!("127.0.0.1:{p}"),
+                    ..ep.clone()
+                })
+                .collect();
+            r
+        };
+        let update = |version: u64, resources: Vec<pb::Resource>, removed: &[&str]| pb::ConfigUpdate {
+            version,
+            full: version == 1,
+            resources,
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+        };
+        let steps = [
+            update(1, vec![svc("a", 1, &[1, 2]), svc("b", 2, &[3]), svc("c", 3, &[4])], &[]),
+            // Endpoint churn: swapped in place.
+            update(2, vec![svc("a", 1, &[1, 5])], &[]),
+            // A service gone, one new, one taking over the other's address in the same update.
+            update(3, vec![svc("d", 4, &[3]), svc("a", 1, &[1])], &["service/demo/b"]),
+            // Two services claiming one address: built anew (the later name wins), and
+            // again when one of them lets go of it (the other's entry comes back).
+            update(4, vec![svc("e", 5, &[1])], &[]),
+            update(5, vec![svc("e", 5, &[7])], &[]),
+            update(6, vec![svc("e", 5, &[9])], &[]),
+            // Unchanged resent; a rejected one keeps its last good version.
+            update(7, vec![svc("c", 3, &[4]), service_resource("d", "not-an-address")], &[]),
+            // Something other than a service: built anew.
+            update(8, vec![svc("c", 3, &[8])], &["bundle/none"]),
+        ];
+        let mut r = Resources::default();
+        let mut snap = Snapshot::default();
+        for (i, u) in steps.iter().enumerate() {
+            let (next, _) = r.update(&snap, u);
+            assert_eq!(next.version, u.version);
+            assert_eq!(shape(&next), shape(&r.snapshot(u.version)), "after step {i}");
+            snap = next;
+        }
+        assert_eq!(
+            snap.endpoint_by_addr("127.0.0.1:1".parse().unwrap()).unwrap().0.name,
+            "a"
+        );
+        assert!(!snap.shadowed);
+        assert_eq!(snap.service_by_ip("240.0.0.4".parse().unwrap()).unwrap().name, "d");
     }
 }

@@ -105,9 +105,9 @@ impl XdsClient {
             .into_inner();
         self.metrics.connected.set(1);
         while let Some(update) = inbound.message().await? {
-            let (next, rejected) = resources.apply(&update);
-            *resources = next;
-            let snapshot = resources.snapshot(update.version);
+            let prev = tx.borrow().clone();
+            let (snapshot, rejected) = resources.update(&prev, &update);
+            drop(prev);
             if let Some(bundle) = &snapshot.bundle {
                 self.store.set_bundle(bundle.clone());
             }

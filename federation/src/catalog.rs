@@ -75,45 +75,78 @@ pub struct MergedService {
 /// the same `Arc` in both, so everything downstream can skip it by pointer.
 pub type Merged = BTreeMap<String, Arc<MergedService>>;
 
+/// One cluster's services by `<ns>/<name>`. Each export is shared from where it was received
+/// or read to the merge, which skips an unchanged one by pointer instead of comparing its
+/// endpoints.
+pub type Services = BTreeMap<String, Arc<pb::ExportedService>>;
+
+/// Whether two exports are the same: by pointer, else by value.
+pub fn same_export(a: &Arc<pb::ExportedService>, b: &Arc<pb::ExportedService>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// `services` with every export that equals the one in `before` replaced by that one's `Arc`,
+/// so a rebuilt catalog (the Kubernetes source makes every export anew) shares what did not
+/// change. An export already shared costs a pointer comparison.
+pub fn share_unchanged(before: &Services, services: Services) -> Services {
+    services
+        .into_iter()
+        .map(|(k, s)| {
+            let shared = match before.get(&k) {
+                Some(b) if same_export(b, &s) => b.clone(),
+                _ => s,
+            };
+            (k, shared)
+        })
+        .collect()
+}
+
 /// What the last merge saw and made, per service: a service whose exports (and address) are
 /// unchanged is not merged again. This keeps a change's cost in proportion to what changed,
 /// not to the catalog.
 #[derive(Default)]
 pub struct MergeMemo {
     by_service: HashMap<String, Memo>,
+    /// The addresses last allocated, given out again while the set of services is the same.
+    ips: BTreeMap<String, Ipv4Addr>,
 }
 
 /// One service's inputs (exporting cluster, export) as last merged, and the result.
-type Memo = (Vec<(String, pb::ExportedService)>, Arc<MergedService>);
+type Memo = (Vec<(String, Arc<pb::ExportedService>)>, Arc<MergedService>);
 
 /// Merges exports by cluster. `exports` maps cluster name → its services by `<ns>/<name>`.
-pub fn merge<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>(
-    exports: &BTreeMap<String, M>,
-    range: IpRange,
-) -> Merged {
+pub fn merge<M: std::borrow::Borrow<Services>>(exports: &BTreeMap<String, M>, range: IpRange) -> Merged {
     merge_with(&mut MergeMemo::default(), exports, range)
 }
 
-/// [`merge`], reusing from `memo` every service whose inputs did not change.
-pub fn merge_with<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>(
+/// [`merge`], reusing from `memo` every service whose inputs did not change: the same exports
+/// (by pointer, else by value) from the same clusters.
+pub fn merge_with<M: std::borrow::Borrow<Services>>(
     memo: &mut MergeMemo,
     exports: &BTreeMap<String, M>,
     range: IpRange,
 ) -> Merged {
-    let mut by_service: BTreeMap<&String, Vec<(&String, &pb::ExportedService)>> = BTreeMap::new();
+    let mut by_service: BTreeMap<&String, Vec<(&String, &Arc<pb::ExportedService>)>> = BTreeMap::new();
     for (cluster, services) in exports {
         for (key, svc) in services.borrow() {
             by_service.entry(key).or_default().push((cluster, svc));
         }
     }
-    let ips = allocate_ips(by_service.keys().copied(), range);
+    let same_keys = memo.ips.len() == by_service.len() && memo.ips.keys().zip(by_service.keys()).all(|(a, b)| a == *b);
+    if !same_keys {
+        memo.ips = allocate_ips(by_service.keys().copied(), range);
+    }
+    let ips = &memo.ips;
     let mut out = BTreeMap::new();
     for (key, mut list) in by_service {
         list.sort_by(|a, b| (a.1.exported_at_unix_ms, a.0).cmp(&(b.1.exported_at_unix_ms, b.0)));
         if let Some((inputs, done)) = memo.by_service.get(key) {
             let same = done.clusterset_ip == ips[key]
                 && inputs.len() == list.len()
-                && inputs.iter().zip(&list).all(|((c, s), (c2, s2))| c == *c2 && s == *s2);
+                && inputs
+                    .iter()
+                    .zip(&list)
+                    .all(|((c, s), (c2, s2))| c == *c2 && same_export(s, s2));
             if same {
                 out.insert(key.clone(), done.clone());
                 continue;
@@ -167,7 +200,7 @@ pub fn merge_with<M: std::borrow::Borrow<BTreeMap<String, pb::ExportedService>>>
         memo.by_service.insert(
             key.clone(),
             (
-                list.iter().map(|(c, s)| ((*c).clone(), (*s).clone())).collect(),
+                list.iter().map(|(c, s)| ((*c).clone(), Arc::clone(s))).collect(),
                 merged.clone(),
             ),
         );
@@ -207,12 +240,12 @@ mod tests {
         }
     }
 
-    fn exports(list: Vec<(&str, pb::ExportedService)>) -> BTreeMap<String, BTreeMap<String, pb::ExportedService>> {
-        let mut out: BTreeMap<String, BTreeMap<String, pb::ExportedService>> = BTreeMap::new();
+    fn exports(list: Vec<(&str, pb::ExportedService)>) -> BTreeMap<String, Services> {
+        let mut out: BTreeMap<String, Services> = BTreeMap::new();
         for (cluster, svc) in list {
             out.entry(cluster.into())
                 .or_default()
-                .insert(format!("demo/{}", svc.name), svc);
+                .insert(format!("demo/{}", svc.name), Arc::new(svc));
         }
         out
     }
@@ -230,18 +263,43 @@ mod tests {
         // West moves b's endpoint: b is merged again, a is the very same Arc.
         let mut moved = export("b", "west", 3, &[(80, "http")]);
         moved.endpoints[0].address = "127.0.0.1:9".into();
-        e.get_mut("west").unwrap().insert("demo/b".into(), moved);
+        e.get_mut("west").unwrap().insert("demo/b".into(), Arc::new(moved));
         let second = merge_with(&mut memo, &e, range);
         assert!(Arc::ptr_eq(&first["demo/a"], &second["demo/a"]));
         assert!(!Arc::ptr_eq(&first["demo/b"], &second["demo/b"]));
         assert_eq!(second["demo/b"].endpoints[0].address, "127.0.0.1:9");
         // And the result equals a merge from scratch.
         assert_eq!(second, merge(&e, range));
+        // An equal export in a new allocation (a rebuilt catalog) is still the same input.
+        let copy = Arc::new((*e["east"]["demo/a"]).clone());
+        e.get_mut("east").unwrap().insert("demo/a".into(), copy);
+        assert!(Arc::ptr_eq(
+            &first["demo/a"],
+            &merge_with(&mut memo, &e, range)["demo/a"]
+        ));
         // A service that is gone leaves the memo and the result.
         e.get_mut("west").unwrap().remove("demo/b");
         let third = merge_with(&mut memo, &e, range);
         assert!(!third.contains_key("demo/b"));
         assert_eq!(memo.by_service.len(), 1);
+    }
+
+    #[test]
+    fn a_rebuilt_catalog_shares_what_did_not_change() {
+        let before: Services = [("demo/a", 1), ("demo/b", 2)]
+            .into_iter()
+            .map(|(n, at)| (n.to_string(), Arc::new(export(&n[5..], "east", at, &[(80, "http")]))))
+            .collect();
+        let mut b = export("b", "east", 2, &[(80, "http")]);
+        b.endpoints[0].address = "127.0.0.1:9".into();
+        let rebuilt = BTreeMap::from([
+            ("demo/a".to_string(), Arc::new(export("a", "east", 1, &[(80, "http")]))),
+            ("demo/b".to_string(), Arc::new(b.clone())),
+        ]);
+        let after = share_unchanged(&before, rebuilt);
+        assert!(Arc::ptr_eq(&before["demo/a"], &after["demo/a"]));
+        assert!(!Arc::ptr_eq(&before["demo/b"], &after["demo/b"]));
+        assert_eq!(*after["demo/b"], b);
     }
 
     #[test]

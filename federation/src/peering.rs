@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::catalog::{same_export, Services};
 use futures::Stream;
 use serde::Serialize;
 use strait_api::pb;
@@ -29,14 +30,14 @@ pub struct PeerState {
     pub gateway: Option<pb::Gateway>,
     /// Shared with the merge loop's snapshot (copied only when an update lands while a merge
     /// holds the previous one).
-    pub services: Arc<BTreeMap<String, pb::ExportedService>>,
+    pub services: Arc<Services>,
     /// The peer's clusterset routes and policies. Kept when its lease runs out: a cluster cut
     /// off from a peer keeps enforcing the last copies it got.
-    pub objects: Vec<pb::PolicyObject>,
+    pub objects: Arc<Vec<pb::PolicyObject>>,
     /// How the peer enforces every object it holds.
-    pub statuses: Vec<pb::ObjectStatus>,
+    pub statuses: Arc<Vec<pb::ObjectStatus>>,
     /// The peer's last traffic summary (for the clusterset page; stale once the lease ran out).
-    pub traffic: Option<pb::TrafficSummary>,
+    pub traffic: Option<Arc<pb::TrafficSummary>>,
     pub expires_at: Instant,
     pub last_renewed: SystemTime,
     pub connected: bool,
@@ -82,8 +83,8 @@ impl PeerTable {
             region: update.region.clone(),
             gateway: None,
             services: Arc::default(),
-            objects: vec![],
-            statuses: vec![],
+            objects: Arc::default(),
+            statuses: Arc::default(),
             traffic: None,
             expires_at: now,
             last_renewed: SystemTime::now(),
@@ -94,21 +95,21 @@ impl PeerTable {
             entry.services = Arc::default();
         }
         let mut content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
-        if update.objects_included && entry.objects != update.objects {
-            entry.objects = update.objects.clone();
+        if update.objects_included && *entry.objects != update.objects {
+            entry.objects = Arc::new(update.objects.clone());
             content_changed = true;
         }
         // Traffic changes every few seconds and never changes what proxies are told.
         if update.traffic_included {
-            entry.traffic = update.traffic.clone();
+            entry.traffic = update.traffic.clone().map(Arc::new);
         }
-        if update.statuses_included && entry.statuses != update.statuses {
-            entry.statuses = update.statuses.clone();
+        if update.statuses_included && *entry.statuses != update.statuses {
+            entry.statuses = Arc::new(update.statuses.clone());
             content_changed = true;
         }
         let services = Arc::make_mut(&mut entry.services);
         for svc in &update.upserts {
-            services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
+            services.insert(format!("{}/{}", svc.namespace, svc.name), Arc::new(svc.clone()));
         }
         for key in &update.removed {
             services.remove(key);
@@ -260,7 +261,7 @@ impl PeeringService for PeeringServer {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Exports {
     /// Shared with the merge loop, and unchanged (the same `Arc`) until the catalog changes.
-    pub services: Arc<BTreeMap<String, pb::ExportedService>>,
+    pub services: Arc<Services>,
     /// Clusterset routes and policies written here.
     pub objects: Vec<pb::PolicyObject>,
     /// How this cluster enforces every object it holds.
@@ -408,14 +409,14 @@ impl PeerClient {
                 update.generation = generation;
                 if first {
                     update.full = true;
-                    update.upserts = current.services.values().cloned().collect();
+                    update.upserts = current.services.values().map(|s| (**s).clone()).collect();
                     first = false;
                 } else if !Arc::ptr_eq(&current.services, &sent.services) {
                     update.upserts = current
                         .services
                         .iter()
-                        .filter(|(k, v)| sent.services.get(*k) != Some(v))
-                        .map(|(_, v)| v.clone())
+                        .filter(|(k, v)| sent.services.get(*k).is_none_or(|s| !same_export(s, v)))
+                        .map(|(_, v)| (**v).clone())
                         .collect();
                     update.removed = sent
                         .services

@@ -21,8 +21,9 @@ pub struct ConfigState {
     /// make them drop endpoints that are fine. Gateways get it at once (peers reach this
     /// controller through them).
     pub warm: bool,
-    /// For each resource, the config version at which its current version first went out: a
-    /// proxy that acknowledged that version (or a later one) has it.
+    /// For each resource but services (the bulk of the config, and not objects with a status),
+    /// the config version at which its current version first went out: a proxy that
+    /// acknowledged that version (or a later one) has it.
     pub since: BTreeMap<String, u64>,
 }
 
@@ -36,6 +37,7 @@ impl ConfigState {
     ) -> BTreeMap<String, u64> {
         resources
             .iter()
+            .filter(|(k, _)| !k.starts_with("service/"))
             .map(|(k, r)| {
                 let kept = previous
                     .resources
@@ -50,7 +52,33 @@ impl ConfigState {
 
 /// Resources only gateways receive (the controller's own peering service).
 pub fn gateway_only(name: &str) -> bool {
-    name.starts_with(&format!("service/{}/", strait_api::SYSTEM_NAMESPACE))
+    name.strip_prefix("service/")
+        .and_then(|rest| rest.strip_prefix(strait_api::SYSTEM_NAMESPACE))
+        .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Walks two maps in key order at once: each key of either, with its value in each.
+fn join<'a, V, W>(
+    a: &'a BTreeMap<String, V>,
+    b: &'a BTreeMap<String, W>,
+) -> impl Iterator<Item = (&'a String, Option<&'a V>, Option<&'a W>)> {
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    std::iter::from_fn(move || {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        Some(match order {
+            std::cmp::Ordering::Less => a.next().map(|(k, v)| (k, Some(v), None))?,
+            std::cmp::Ordering::Greater => b.next().map(|(k, w)| (k, None, Some(w)))?,
+            std::cmp::Ordering::Equal => {
+                let (k, v) = a.next()?;
+                (k, Some(v), b.next().map(|(_, w)| w))
+            }
+        })
+    })
 }
 
 fn resource(name: String, kind: Kind) -> pb::Resource {
@@ -189,22 +217,27 @@ pub fn build_with(
     out
 }
 
-/// What changed from `sent` (name → version) to `now`: resources to send and names removed.
+/// What changed from the resources last sent to `now`, both seen through `include`:
+/// resources to send and names removed. One walk over both; a resource rebuilt from an
+/// unchanged source is the same `Arc` and is skipped without comparing versions.
 pub fn diff(
-    sent: &BTreeMap<String, String>,
+    sent: &BTreeMap<String, Arc<pb::Resource>>,
     now: &BTreeMap<String, Arc<pb::Resource>>,
     include: impl Fn(&str) -> bool,
 ) -> (Vec<pb::Resource>, Vec<String>) {
-    let changed = now
-        .values()
-        .filter(|r| include(&r.name) && sent.get(&r.name) != Some(&r.version))
-        .map(|r| (**r).clone())
-        .collect();
-    let removed = sent
-        .keys()
-        .filter(|name| !now.contains_key(*name) || !include(name))
-        .cloned()
-        .collect();
+    let mut changed = vec![];
+    let mut removed = vec![];
+    for (name, before, after) in join(sent, now) {
+        if !include(name) {
+            continue;
+        }
+        match (before, after) {
+            (Some(b), Some(a)) if Arc::ptr_eq(b, a) || b.version == a.version => {}
+            (_, Some(a)) => changed.push((**a).clone()),
+            (Some(_), None) => removed.push(name.clone()),
+            (None, None) => {}
+        }
+    }
     (changed, removed)
 }
 
@@ -212,25 +245,26 @@ pub fn diff(
 mod tests {
     use super::*;
 
+    fn svc(name: &str, port: u32) -> Arc<MergedService> {
+        Arc::new(MergedService {
+            name: name.into(),
+            namespace: "demo".into(),
+            clusterset_ip: std::net::Ipv4Addr::new(240, 0, 0, 1),
+            ports: vec![pb::ServicePort {
+                name: "http".into(),
+                port,
+                protocol: "http".into(),
+            }],
+            endpoints: vec![],
+            identities: vec![],
+            conditions: vec![],
+            clusters: vec!["east".into()],
+        })
+    }
+
     #[test]
     fn a_build_reuses_unchanged_services() {
         let policy = pb::LocalityPolicy::default();
-        let svc = |name: &str, port: u32| {
-            Arc::new(MergedService {
-                name: name.into(),
-                namespace: "demo".into(),
-                clusterset_ip: std::net::Ipv4Addr::new(240, 0, 0, 1),
-                ports: vec![pb::ServicePort {
-                    name: "http".into(),
-                    port,
-                    protocol: "http".into(),
-                }],
-                endpoints: vec![],
-                identities: vec![],
-                conditions: vec![],
-                clusters: vec!["east".into()],
-            })
-        };
         let mut merged: Merged = BTreeMap::from([("demo/a".into(), svc("a", 80)), ("demo/b".into(), svc("b", 80))]);
         let mut memo = BuildMemo::default();
         let objects = Default::default();
@@ -249,18 +283,51 @@ mod tests {
     fn diff_sends_only_changes() {
         let policy = pb::LocalityPolicy::default();
         let a = build(&BTreeMap::new(), &[], &[], &policy, &[], &Default::default());
-        let sent: BTreeMap<String, String> = a.iter().map(|(k, v)| (k.clone(), v.version.clone())).collect();
-        let (changed, removed) = diff(&sent, &a, |_| true);
+        let (changed, removed) = diff(&a, &a, |_| true);
+        assert!(changed.is_empty() && removed.is_empty());
+        // Scoped out: the same as absent.
+        let (changed, removed) = diff(&a, &a, |n| n != "policy/locality");
         assert!(changed.is_empty() && removed.is_empty());
         let policy2 = pb::LocalityPolicy {
             cluster_order: vec!["west".into()],
             ..Default::default()
         };
         let b = build(&BTreeMap::new(), &[], &[], &policy2, &[], &Default::default());
-        let (changed, removed) = diff(&sent, &b, |_| true);
+        let (changed, removed) = diff(&a, &b, |_| true);
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());
-        let (_, removed) = diff(&sent, &BTreeMap::new(), |_| true);
+        let (_, removed) = diff(&a, &BTreeMap::new(), |_| true);
         assert_eq!(removed, vec!["policy/locality".to_string()]);
+        // Services on either side of the walk: one gone, one new, one changed, one the same.
+        let objects = Default::default();
+        let one: Merged = [("a", 80), ("b", 80), ("c", 80)]
+            .map(|(n, p)| (format!("demo/{n}"), svc(n, p)))
+            .into();
+        let two: Merged = [("b", 81), ("c", 80), ("d", 80)]
+            .map(|(n, p)| (format!("demo/{n}"), svc(n, p)))
+            .into();
+        let before = build(&one, &[], &[], &policy, &[], &objects);
+        let after = build(&two, &[], &[], &policy, &[], &objects);
+        let (changed, removed) = diff(&before, &after, |_| true);
+        let changed: Vec<&str> = changed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(changed, vec!["service/demo/b", "service/demo/d"]);
+        assert_eq!(removed, vec!["service/demo/a".to_string()]);
+        let (changed, removed) = diff(&before, &after, |n| n != "service/demo/d" && n != "service/demo/a");
+        assert_eq!(changed.len(), 1);
+        assert!(removed.is_empty());
+    }
+
+    #[test]
+    fn only_the_mesh_namespace_services_are_for_gateways_alone() {
+        assert!(gateway_only(&format!(
+            "service/{}/federation",
+            strait_api::SYSTEM_NAMESPACE
+        )));
+        assert!(!gateway_only(&format!(
+            "service/{}x/federation",
+            strait_api::SYSTEM_NAMESPACE
+        )));
+        assert!(!gateway_only("service/demo/echo"));
+        assert!(!gateway_only(&format!("route/{}/r", strait_api::SYSTEM_NAMESPACE)));
     }
 }

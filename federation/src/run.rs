@@ -24,7 +24,7 @@ use strait_trust::{
     WorkloadCert,
 };
 
-use crate::catalog::{merge_with, IpRange, MergeMemo, Merged};
+use crate::catalog::{merge_with, same_export, share_unchanged, IpRange, MergeMemo, Merged, Services};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
 use crate::resources::{build_with, same_versions, BuildMemo, ConfigState};
@@ -367,16 +367,24 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
                 Source::Kube(watched, _) => watched.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
             };
-            let exported: Arc<BTreeMap<String, pb::ExportedService>> = Arc::new(
-                local
-                    .iter()
-                    .filter(|(_, s)| s.exported)
-                    .map(|(k, s)| (k.clone(), s.service.clone()))
+            // Services that did not change keep their `Arc`, so the merge and the peering
+            // senders skip them by pointer.
+            let before = local_memo.as_ref().map(|m| m.all.clone()).unwrap_or_default();
+            let exported_keys: Vec<String> = local
+                .iter()
+                .filter(|(_, s)| s.exported)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let all = share_unchanged(&before, local.into_iter().map(|(k, s)| (k, s.service)).collect());
+            let exported: Arc<Services> = Arc::new(
+                exported_keys
+                    .into_iter()
+                    .map(|k| (k.clone(), all[&k].clone()))
                     .collect(),
             );
             local_memo = Some(LocalCatalog {
                 changes: source_changes.unwrap_or_default(),
-                all: Arc::new(local.into_iter().map(|(k, s)| (k, s.service)).collect()),
+                all: Arc::new(all),
                 exported,
                 errors,
             });
@@ -390,7 +398,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             last_errors = errors.clone();
         }
 
-        let mut by_cluster: BTreeMap<String, Arc<BTreeMap<String, pb::ExportedService>>> = BTreeMap::new();
+        let mut by_cluster: BTreeMap<String, Arc<Services>> = BTreeMap::new();
         by_cluster.insert(cfg.cluster.clone(), own.all.clone());
         let mut gateways = vec![own_gateway.clone()];
         let peers = table.snapshot();
@@ -433,7 +441,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         {
             let own = own_traffic.borrow().clone();
             let summaries: Vec<&pb::TrafficSummary> = std::iter::once(&*own)
-                .chain(peers.iter().filter(|p| p.alive(now)).filter_map(|p| p.traffic.as_ref()))
+                .chain(
+                    peers
+                        .iter()
+                        .filter(|p| p.alive(now))
+                        .filter_map(|p| p.traffic.as_deref()),
+                )
                 .collect();
             rate_shares.update(&checked.policies, &merged, &summaries);
         }
@@ -488,7 +501,13 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let statuses_out: Vec<pb::ObjectStatus> = statuses.values().cloned().collect();
         exports_tx.send_if_modified(|cur| {
             // Unchanged exports keep their `Arc`, so peering senders skip comparing them.
-            let services_changed = local_changed && cur.services != own.exported;
+            let services_changed = local_changed
+                && (cur.services.len() != own.exported.len()
+                    || !cur
+                        .services
+                        .iter()
+                        .zip(own.exported.iter())
+                        .all(|((k, a), (k2, b))| k == k2 && same_export(a, b)));
             if services_changed || cur.objects != objects_out || cur.statuses != statuses_out {
                 *cur = Arc::new(Exports {
                     services: if services_changed {
@@ -660,9 +679,9 @@ struct LocalCatalog {
     /// The source's change count it was built at.
     changes: u64,
     /// Every local service, for the merge.
-    all: Arc<BTreeMap<String, pb::ExportedService>>,
+    all: Arc<Services>,
     /// The exported ones, for peers.
-    exported: Arc<BTreeMap<String, pb::ExportedService>>,
+    exported: Arc<Services>,
     errors: Vec<SourceError>,
 }
 

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -149,7 +150,8 @@ pub fn validate(file: &CatalogFile) -> Vec<String> {
 /// One service of this cluster.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalService {
-    pub service: pb::ExportedService,
+    /// Shared until its definition changes, so the merge skips it by pointer.
+    pub service: Arc<pb::ExportedService>,
     pub exported: bool,
 }
 
@@ -170,6 +172,9 @@ impl std::fmt::Display for SourceError {
 struct FileState {
     fingerprint: Fingerprint,
     good: Option<CatalogFile>,
+    /// `good`'s services as exports, made at the first [`FileSource::services`] after it was
+    /// read: an unchanged file's services are the same `Arc`s from one call to the next.
+    made: Option<Vec<(String, LocalService)>>,
     error: Option<String>,
 }
 
@@ -268,6 +273,7 @@ impl FileSource {
             match parsed {
                 Ok(file) => {
                     state.good = Some(file);
+                    state.made = None;
                     state.error = None;
                 }
                 Err(message) => {
@@ -307,11 +313,30 @@ impl FileSource {
     ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
         let mut out = BTreeMap::new();
         let mut errors = self.errors();
-        for (path, state) in &self.files {
+        for (path, state) in &mut self.files {
             let Some(file) = &state.good else { continue };
-            for spec in &file.services {
-                let key = format!("{}/{}", spec.namespace, spec.name);
-                if out.contains_key(&key) {
+            let made = state.made.get_or_insert_with(|| {
+                file.services
+                    .iter()
+                    .map(|spec| {
+                        let key = format!("{}/{}", spec.namespace, spec.name);
+                        let exported_at = *self
+                            .first_seen
+                            .entry(key.clone())
+                            .or_insert_with(|| strait_api::unix_ms(now));
+                        let service = Arc::new(to_export(spec, cluster, region, td, exported_at));
+                        (
+                            key,
+                            LocalService {
+                                service,
+                                exported: spec.export,
+                            },
+                        )
+                    })
+                    .collect()
+            });
+            for (key, local) in made.iter() {
+                if out.contains_key(key) {
                     errors.push(SourceError {
                         file: path.clone(),
                         message: format!(
@@ -320,17 +345,7 @@ impl FileSource {
                     });
                     continue;
                 }
-                let exported_at = *self
-                    .first_seen
-                    .entry(key.clone())
-                    .or_insert_with(|| strait_api::unix_ms(now));
-                out.insert(
-                    key,
-                    LocalService {
-                        service: to_export(spec, cluster, region, td, exported_at),
-                        exported: spec.export,
-                    },
-                );
+                out.insert(key.clone(), local.clone());
             }
         }
         (out, errors)
@@ -411,8 +426,16 @@ mod tests {
             assert!(started.elapsed() < FULL_SCAN * 3, "an edit in place was never seen");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let (services, _) = source.services("east", "us-east", &"mesh.local".parse().unwrap(), SystemTime::now());
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let (services, _) = source.services("east", "us-east", &td, SystemTime::now());
         assert_eq!(services["demo/echo"].service.ports[0].port, 81);
+        // Another file: the first one's service is the very same export as before.
+        std::fs::write(dir.join("b.yaml"), svc(82).replace("echo", "other")).unwrap();
+        assert!(source.poll());
+        let (again, _) = source.services("east", "us-east", &td, SystemTime::now());
+        assert!(Arc::ptr_eq(&services["demo/echo"].service, &again["demo/echo"].service));
+        assert_eq!(again["demo/other"].service.ports[0].port, 82);
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         assert!(source.poll(), "a removed file changes the directory");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -124,11 +124,13 @@ impl ConfigService for XdsServer {
         tokio::spawn(async move {
             let scope = hello.namespaces.clone();
             let include = |name: &str| (gateway || !gateway_only(name)) && in_scope(&scope, name);
-            let mut sent: BTreeMap<String, String> = BTreeMap::new();
+            // The state last sent, shared with the watch: the proxy holds what `include` lets
+            // through of it.
+            let mut sent: Arc<ConfigState> = Arc::default();
             let mut first = true;
             loop {
                 let current = state.borrow_and_update().clone();
-                let (changed, removed) = diff(&sent, &current.resources, include);
+                let (changed, removed) = diff(&sent.resources, &current.resources, include);
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty()) {
                     let update = if first {
@@ -152,12 +154,7 @@ impl ConfigService for XdsServer {
                         }
                     };
                     first = false;
-                    sent = current
-                        .resources
-                        .iter()
-                        .filter(|(k, _)| include(k))
-                        .map(|(k, v)| (k.clone(), v.version.clone()))
-                        .collect();
+                    sent = current.clone();
                     if tx.send(Ok(update)).await.is_err() {
                         break;
                     }

@@ -307,14 +307,14 @@ impl KubeSource {
             out.insert(
                 key,
                 LocalService {
-                    service: pb::ExportedService {
+                    service: std::sync::Arc::new(pb::ExportedService {
                         name,
                         namespace: ns,
                         ports,
                         endpoints,
                         exported_at_unix_ms: exported_at,
                         identities,
-                    },
+                    }),
                     exported: true,
                 },
             );
