@@ -41,7 +41,9 @@ fn catalog() -> Snapshot {
         ],
         removed: vec![],
     };
-    Resources::default().apply(&update).0.snapshot(1)
+    let mut resources = Resources::default();
+    resources.apply(&update);
+    resources.snapshot(1)
 }
 
 struct Fixture {
