@@ -170,8 +170,10 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     )?;
     let incoming = strait_api::transport::tls_incoming(grpc_listener, Arc::new(server_tls));
     let applied = Arc::new(tokio::sync::Notify::new());
+    // Peering tolerates silence for half a lease (the lease decides when exports expire).
     let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?
-        .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
+        .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry))
+        .with_idle_timeout(cfg.lease / 2);
     let mut peer_channels = BTreeMap::new();
     for peer in &cfg.peers {
         let channel = crate::peering::peer_channel(&store, &tunnel, peer.gateway, &cfg.cluster)?;

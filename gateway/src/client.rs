@@ -222,6 +222,8 @@ pub struct TunnelClient {
     gateways: Arc<Mutex<HashMap<SocketAddr, GatewayState>>>,
     health: GatewayHealth,
     metrics: Option<TunnelClientMetrics>,
+    /// How long a QUIC connection may hear nothing before its gateway counts as lost.
+    idle_timeout: Duration,
 }
 
 impl TunnelClient {
@@ -235,7 +237,17 @@ impl TunnelClient {
             gateways: Arc::default(),
             health: GatewayHealth::default(),
             metrics: None,
+            idle_timeout: crate::IDLE_TIMEOUT,
         })
+    }
+
+    /// Counts a gateway lost only after `idle` of silence (at least [`crate::IDLE_TIMEOUT`])
+    /// instead of the data path's one second. For controllers' peering: its lease decides when
+    /// a peer's exports expire, and on an overloaded machine a one-second limit closed peering
+    /// tunnels whose pings were merely late, each reopened stream resending its full exports.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle.max(crate::IDLE_TIMEOUT);
+        self
     }
 
     /// Counts tunnels by transport and fallback switches in `metrics`.
@@ -278,7 +290,7 @@ impl TunnelClient {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls(identity, strait_trust::ALPN_TUNNEL)?)
             .map_err(|e| TunnelError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(crate::transport_config()));
+        config.transport_config(Arc::new(crate::transport_config(self.idle_timeout)));
         let connecting = self
             .endpoint
             .connect_with(config, gateway, "strait.mesh")
@@ -292,7 +304,7 @@ impl TunnelClient {
     }
 
     /// Watches a tunnel connection. Both ends send keep-alives every `KEEP_ALIVE`, so a
-    /// connection that received nothing for `IDLE_TIMEOUT` has a dead peer: it is closed here,
+    /// connection that received nothing for its idle timeout has a dead peer: it is closed here,
     /// which fails every stream on it at once (their requests are retried elsewhere), and the
     /// gateway is down until a probe reaches it again. (quinn's own idle timer would fire later:
     /// it restarts whenever this side sends after a quiet spell.)
@@ -315,7 +327,7 @@ impl TunnelClient {
                         if rx != last_rx {
                             last_rx = rx;
                             heard = Instant::now();
-                        } else if heard.elapsed() >= crate::IDLE_TIMEOUT {
+                        } else if heard.elapsed() >= this.idle_timeout {
                             // Down first, then close: the retries the close sets off must
                             // already find the gateway down.
                             if this.is_current(gateway, &conn) {

@@ -22,8 +22,13 @@ pub use server::{Gateway, GatewayOptions};
 
 /// How often an idle tunnel connection is pinged.
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(250);
-/// How long a tunnel connection may hear nothing from its peer before it counts as dead.
+/// How long a tunnel connection may hear nothing from its peer before it counts as dead: the
+/// data path's setting, so calls move off a lost gateway within a second. A client may ask
+/// for more ([`TunnelClient::with_idle_timeout`]: controllers' peering, where the lease decides).
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_000);
+/// The most a gateway lets a client's connection be silent. QUIC takes the smaller of the two
+/// ends' limits, so a connection gets its client's.
+pub const SERVER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Kernel buffer asked for each tunnel UDP socket, both directions. Linux's default (208 KiB)
 /// overflows under a bulk transfer: the dropped datagrams read as loss and the congestion
@@ -87,15 +92,15 @@ fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> 
     quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp_socket(addr)?, runtime)
 }
 
-/// QUIC transport settings shared by both ends.
-fn transport_config() -> quinn::TransportConfig {
+/// QUIC transport settings shared by both ends, but for how long a connection may be silent.
+fn transport_config(idle_timeout: std::time::Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Keep-alives every 250 ms, and a peer silent for 1 s is dead: the client then closes its
     // streams at once (their idempotent requests are retried elsewhere) and stops choosing
     // that gateway until a probe reaches it again (see `client.rs`).
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        IDLE_TIMEOUT.as_millis() as u32,
+        idle_timeout.as_millis().min(u32::MAX as u128) as u32,
     ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
