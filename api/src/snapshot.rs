@@ -43,8 +43,10 @@ pub struct EndpointEntry {
     pub key: String,
     pub address: SocketAddr,
     pub workload: String,
-    pub locality: Locality,
-    pub identity: SpiffeId,
+    /// Shared by the endpoints of a service in one locality (one allocation, not one each).
+    pub locality: Arc<Locality>,
+    /// Shared by the endpoints of a service that run as one identity.
+    pub identity: Arc<SpiffeId>,
     pub ready: bool,
     pub labels: BTreeMap<String, String>,
 }
@@ -67,6 +69,8 @@ pub struct ServiceEntry {
     pub clusterset_ip: Option<IpAddr>,
     pub ports: Vec<PortEntry>,
     pub endpoints: Vec<EndpointEntry>,
+    /// Every identity that may serve this service, sorted: those the catalog declares and
+    /// those of its endpoints (what a client accepts from whichever endpoint answers).
     pub identities: Vec<SpiffeId>,
 }
 
@@ -274,30 +278,54 @@ fn convert_service(s: &pb::Service) -> Result<ServiceEntry, FieldError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // A service's endpoints share a few localities and identities: each is parsed and held
+    // once (a catalog of 40,000 endpoints would otherwise hold 40,000 copies of each).
+    let mut localities: Vec<Arc<Locality>> = vec![];
+    let no_locality = pb::Locality::default();
+    let mut ids: HashMap<&str, Arc<SpiffeId>> = HashMap::new();
     let endpoints = s
         .endpoints
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let locality = e.locality.as_ref().map(Locality::from).unwrap_or_default();
+            let wire = e.locality.as_ref().unwrap_or(&no_locality);
+            let locality = match localities.iter().find(|l| same_locality(l, wire)) {
+                Some(l) => l.clone(),
+                None => {
+                    let l = Arc::new(Locality::from(wire));
+                    localities.push(l.clone());
+                    l
+                }
+            };
+            let identity = match ids.get(e.identity.as_str()) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = Arc::new(parse_id(&format!("endpoints[{i}].identity"), &e.identity)?);
+                    ids.insert(&e.identity, id.clone());
+                    id
+                }
+            };
             let address = parse_addr(&format!("endpoints[{i}].address"), &e.address)?;
             Ok(EndpointEntry {
                 key: format!("{}/{}", locality.cluster, address),
                 address,
                 workload: e.workload.clone(),
-                identity: parse_id(&format!("endpoints[{i}].identity"), &e.identity)?,
+                identity,
                 locality,
                 ready: e.ready,
                 labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let identities = s
+    let mut identities = s
         .identities
         .iter()
         .enumerate()
         .map(|(i, id)| parse_id(&format!("identities[{i}]"), id))
         .collect::<Result<Vec<_>, _>>()?;
+    identities.extend(ids.into_values().map(|id| (*id).clone()));
+    identities.sort();
+    identities.dedup();
     Ok(ServiceEntry {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
@@ -306,6 +334,10 @@ fn convert_service(s: &pb::Service) -> Result<ServiceEntry, FieldError> {
         endpoints,
         identities,
     })
+}
+
+fn same_locality(l: &Locality, wire: &pb::Locality) -> bool {
+    l.cluster == wire.cluster && l.region == wire.region && l.zone == wire.zone && l.subzone == wire.subzone
 }
 
 fn convert_policy(p: &pb::LocalityPolicy) -> Result<PolicyEntry, FieldError> {
@@ -373,17 +405,18 @@ pub struct Resources {
 
 impl Resources {
     /// Applies an update and returns the resources it rejected (name, reason). Rejected
-    /// resources keep their last good version.
-    pub fn apply(&mut self, update: &pb::ConfigUpdate) -> Vec<pb::Rejection> {
+    /// resources keep their last good version. The update is consumed resource by resource, so
+    /// a large one (a whole catalog on connect) is not held twice, wire and typed, at its peak.
+    pub fn apply(&mut self, update: pb::ConfigUpdate) -> Vec<pb::Rejection> {
         if update.full {
             let named: std::collections::HashSet<&str> = update.resources.iter().map(|r| r.name.as_str()).collect();
             self.entries.retain(|k, _| named.contains(k.as_str()));
         }
         let mut rejected = vec![];
-        for res in &update.resources {
-            match convert(res) {
+        for res in update.resources {
+            match convert(&res) {
                 Ok(typed) => {
-                    self.entries.insert(res.name.clone(), (res.version.clone(), typed));
+                    self.entries.insert(res.name, (res.version, typed));
                 }
                 Err(e) => {
                     tracing::warn!(resource = %res.name, error = %e, "rejected config resource; keeping the last good version");
@@ -404,12 +437,14 @@ impl Resources {
     /// `prev` must be the snapshot of these resources before the update. When the update only
     /// replaces or removes services, the snapshot is `prev` with those services' entries
     /// swapped; anything else (or two services claiming one address or host) builds it anew.
-    pub fn update(&mut self, prev: &Snapshot, update: &pb::ConfigUpdate) -> (Snapshot, Vec<pb::Rejection>) {
-        let touched: Vec<&String> = update
+    pub fn update(&mut self, prev: &Snapshot, update: pb::ConfigUpdate) -> (Snapshot, Vec<pb::Rejection>) {
+        let (full, version) = (update.full, update.version);
+        let touched: Vec<String> = update
             .resources
             .iter()
             .map(|r| &r.name)
             .chain(update.removed.iter())
+            .cloned()
             .collect();
         let service = |t: Option<&(String, Typed)>| match t {
             None => Some(None),
@@ -417,17 +452,15 @@ impl Resources {
             Some(_) => None,
         };
         let before: Option<Vec<Option<Arc<ServiceEntry>>>> =
-            touched.iter().map(|n| service(self.entries.get(*n))).collect();
+            touched.iter().map(|n| service(self.entries.get(n))).collect();
         let rejected = self.apply(update);
         let after: Option<Vec<Option<Arc<ServiceEntry>>>> =
-            touched.iter().map(|n| service(self.entries.get(*n))).collect();
-        let snap = match (update.full, before, after) {
-            (false, Some(before), Some(after)) => {
-                self.swap_services(prev, update.version, before.into_iter().zip(after))
-            }
+            touched.iter().map(|n| service(self.entries.get(n))).collect();
+        let snap = match (full, before, after) {
+            (false, Some(before), Some(after)) => self.swap_services(prev, version, before.into_iter().zip(after)),
             _ => None,
         };
-        (snap.unwrap_or_else(|| self.snapshot(update.version)), rejected)
+        (snap.unwrap_or_else(|| self.snapshot(version)), rejected)
     }
 
     /// `prev` with each (old, new) service pair swapped, or `None` where the result could
@@ -723,7 +756,7 @@ mod tests {
             removed: vec![],
         };
         let mut r = Resources::default();
-        let rej = r.apply(&good);
+        let rej = r.apply(good);
         assert!(rej.is_empty());
         let bad = pb::ConfigUpdate {
             version: 2,
@@ -731,7 +764,7 @@ mod tests {
             resources: vec![service_resource("echo", "not-an-address")],
             removed: vec![],
         };
-        let rej = r.apply(&bad);
+        let rej = r.apply(bad);
         assert_eq!(rej.len(), 1);
         assert!(rej[0].error.contains("endpoints[0].address"), "{}", rej[0].error);
         let snap = r.snapshot(2);
@@ -743,7 +776,7 @@ mod tests {
     #[test]
     fn full_update_removes_what_it_does_not_name() {
         let mut r = Resources::default();
-        r.apply(&pb::ConfigUpdate {
+        r.apply(pb::ConfigUpdate {
             version: 1,
             full: true,
             resources: vec![
@@ -752,14 +785,14 @@ mod tests {
             ],
             removed: vec![],
         });
-        r.apply(&pb::ConfigUpdate {
+        r.apply(pb::ConfigUpdate {
             version: 2,
             full: true,
             resources: vec![service_resource("b", "127.0.0.1:2")],
             removed: vec![],
         });
         assert_eq!(r.snapshot(2).services.len(), 1);
-        r.apply(&pb::ConfigUpdate {
+        r.apply(pb::ConfigUpdate {
             version: 3,
             full: false,
             resources: vec![],
@@ -826,7 +859,7 @@ mod tests {
         let mut r = Resources::default();
         let mut snap = Snapshot::default();
         for (i, u) in steps.iter().enumerate() {
-            let (next, _) = r.update(&snap, u);
+            let (next, _) = r.update(&snap, u.clone());
             assert_eq!(next.version, u.version);
             assert_eq!(shape(&next), shape(&r.snapshot(u.version)), "after step {i}");
             snap = next;

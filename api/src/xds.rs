@@ -90,7 +90,7 @@ impl XdsClient {
         )
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
         let channel = crate::transport::tls_channel(&self.controller, Arc::new(config));
-        let mut client = ConfigServiceClient::new(channel);
+        let mut client = ConfigServiceClient::new(channel).max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
         let mut hello = self.hello.clone();
         hello.have_version = tx.borrow().version;
@@ -106,12 +106,13 @@ impl XdsClient {
         self.metrics.connected.set(1);
         while let Some(update) = inbound.message().await? {
             let prev = tx.borrow().clone();
-            let (snapshot, rejected) = resources.update(&prev, &update);
+            let (version, received) = (update.version, update.resources.len());
+            let (snapshot, rejected) = resources.update(&prev, update);
             drop(prev);
             if let Some(bundle) = &snapshot.bundle {
                 self.store.set_bundle(bundle.clone());
             }
-            let applied = update.resources.len() - rejected.len();
+            let applied = received - rejected.len();
             self.metrics
                 .updates
                 .with_label_values(&["applied"])
@@ -120,19 +121,11 @@ impl XdsClient {
                 .updates
                 .with_label_values(&["rejected"])
                 .inc_by(rejected.len() as u64);
-            self.metrics.version.set(update.version as i64);
-            tracing::debug!(
-                version = update.version,
-                applied,
-                rejected = rejected.len(),
-                "config applied"
-            );
+            self.metrics.version.set(version as i64);
+            tracing::debug!(version, applied, rejected = rejected.len(), "config applied");
             tx.send_replace(Arc::new(snapshot));
             let ack = pb::ProxyMessage {
-                kind: Some(pb::proxy_message::Kind::Ack(pb::Ack {
-                    version: update.version,
-                    rejected,
-                })),
+                kind: Some(pb::proxy_message::Kind::Ack(pb::Ack { version, rejected })),
             };
             if out_tx.send(ack).await.is_err() {
                 break;

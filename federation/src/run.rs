@@ -192,7 +192,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let grpc = tonic::transport::Server::builder()
         .add_service(ConfigServiceServer::new(xds.clone()))
         .add_service(CertificateServiceServer::new(ca))
-        .add_service(PeeringServiceServer::new(peering))
+        .add_service(PeeringServiceServer::new(peering).max_decoding_message_size(strait_api::MAX_MESSAGE_BYTES))
         .add_service(PolicyServiceServer::new(policy_api))
         .serve_with_incoming(incoming);
     let grpc_task = tokio::spawn(grpc);

@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(update) = pb::ConfigUpdate::decode(data) {
         let mut resources = Resources::default();
-        let (snap, rejected) = resources.update(&Snapshot::default(), &update);
+        let (snap, rejected) = resources.update(&Snapshot::default(), update.clone());
         for r in &rejected {
             assert!(!r.error.is_empty(), "a rejection names its reason");
         }
@@ -38,7 +38,8 @@ fuzz_target!(|data: &[u8]| {
             version: update.version.wrapping_add(1),
             ..update
         };
-        let (next, _) = resources.update(&snap, &again);
-        assert_eq!(shape(&next), shape(&resources.snapshot(again.version)));
+        let version = again.version;
+        let (next, _) = resources.update(&snap, again);
+        assert_eq!(shape(&next), shape(&resources.snapshot(version)));
     }
 });

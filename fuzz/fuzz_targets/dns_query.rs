@@ -42,7 +42,7 @@ fn catalog() -> Snapshot {
         removed: vec![],
     };
     let mut resources = Resources::default();
-    resources.apply(&update);
+    resources.apply(update);
     resources.snapshot(1)
 }
 

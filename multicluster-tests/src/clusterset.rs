@@ -217,7 +217,8 @@ async fn probe_session(
         return;
     };
     let channel = strait_api::transport::tls_channel(controller, Arc::new(config));
-    let mut client = pb::config_service_client::ConfigServiceClient::new(channel);
+    let mut client = pb::config_service_client::ConfigServiceClient::new(channel)
+        .max_decoding_message_size(strait_api::MAX_MESSAGE_BYTES);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::ProxyMessage {
         kind: Some(pb::proxy_message::Kind::Hello(pb::Hello {

@@ -115,3 +115,58 @@ async fn a_scoped_sidecar_holds_only_its_namespaces_and_still_calls_them() {
         .unwrap();
     assert_eq!(status, 200);
 }
+
+/// One service of 60,000 endpoints (about 100 bytes each on the wire): its export (peering)
+/// and the sidecars' config stream each carry it in one message of about 6 MB, larger than
+/// gRPC's default limit of 4 MiB; it still reaches a sidecar in the other cluster whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar() {
+    const ENDPOINTS: usize = 60_000;
+    let mesh = Mesh::start().await.unwrap();
+    let east = mesh.cluster("east");
+    let mut yaml = String::from(
+        "services:\n  - name: wide\n    namespace: big\n    serviceAccount: wide\n    ports: [{port: 80}]\n    endpoints:\n",
+    );
+    for i in 0..ENDPOINTS {
+        yaml += &format!(
+            "      - {{workload: w-{i}, address: \"10.{}.{}.{}:8080\", zone: us-east-1a}}\n",
+            100 + i / 65536,
+            (i / 256) % 256,
+            i % 256
+        );
+    }
+    std::fs::write(east.controller.catalog_dir.clone().unwrap().join("wide.yaml"), yaml).unwrap();
+    let west = &mesh.cluster("west").workloads[0];
+    let held = std::sync::atomic::AtomicUsize::new(0);
+    let found = Mesh::eventually(
+        "a west sidecar holds every endpoint of big/wide",
+        Duration::from_secs(90),
+        || {
+            let held = &held;
+            async move {
+                let Ok(config) = Mesh::admin_json(west.admin_addr, "/config").await else {
+                    return false;
+                };
+                let n = config["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s["host"].as_str() == Some("wide.big.svc.clusterset.local"))
+                    .and_then(|s| s["endpoints"].as_array())
+                    .map_or(0, |e| e.len());
+                held.store(n, std::sync::atomic::Ordering::Relaxed);
+                n == ENDPOINTS
+            }
+        },
+    )
+    .await;
+    assert!(
+        found.is_ok(),
+        "the west sidecar holds {held:?} of {ENDPOINTS} endpoints"
+    );
+    // The sidecar still calls across clusters with the big catalog in place.
+    let (status, _) = get_via(west.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}

@@ -477,11 +477,11 @@ mod tests {
                     key: format!("{cluster}/{addr}"),
                     address: addr.parse().unwrap(),
                     workload: w.to_string(),
-                    locality: Locality {
+                    locality: Arc::new(Locality {
                         cluster: cluster.to_string(),
                         ..Default::default()
-                    },
-                    identity: "spiffe://mesh.local/ns/demo/sa/x".parse().unwrap(),
+                    }),
+                    identity: Arc::new("spiffe://mesh.local/ns/demo/sa/x".parse().unwrap()),
                     ready: true,
                     labels: Default::default(),
                 })

@@ -226,12 +226,13 @@ impl Upstreams {
         self
     }
 
+    /// The identities `ep` may present: any that serves `svc` (a snapshot holds them, its
+    /// endpoints' included).
     fn expected_identities(svc: &ServiceEntry, ep: &EndpointEntry) -> Vec<SpiffeId> {
         let mut ids = svc.identities.clone();
-        ids.push(ep.identity.clone());
-        ids.extend(svc.endpoints.iter().map(|e| e.identity.clone()));
-        ids.sort();
-        ids.dedup();
+        if !ids.contains(&ep.identity) {
+            ids.push((*ep.identity).clone());
+        }
         ids
     }
 
