@@ -85,6 +85,12 @@ pub fn same_export(a: &Arc<pb::ExportedService>, b: &Arc<pb::ExportedService>) -
     Arc::ptr_eq(a, b) || a == b
 }
 
+/// Whether two catalogs name the same services with the same exports (by pointer, else by
+/// value).
+pub fn same_services(a: &Services, b: &Services) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|((k, x), (k2, y))| k == k2 && same_export(x, y))
+}
+
 /// `services` with every export that equals the one in `before` replaced by that one's `Arc`,
 /// so a rebuilt catalog (the Kubernetes source makes every export anew) shares what did not
 /// change. An export already shared costs a pointer comparison.
@@ -101,34 +107,97 @@ pub fn share_unchanged(before: &Services, services: Services) -> Services {
         .collect()
 }
 
-/// What the last merge saw and made, per service: a service whose exports (and address) are
-/// unchanged is not merged again. This keeps a change's cost in proportion to what changed,
-/// not to the catalog.
+/// What the last merge saw and made: a service whose exports (and address) are unchanged is
+/// not merged again, and a pass looks only at the services of clusters whose exports changed.
+/// This keeps a change's cost in proportion to what changed, not to the catalog.
 #[derive(Default)]
 pub struct MergeMemo {
     by_service: HashMap<String, Memo>,
     /// The addresses last allocated, given out again while the set of services is the same.
     ips: BTreeMap<String, Ipv4Addr>,
+    /// The last pass's inputs and result, with its range.
+    last: Option<(BTreeMap<String, Arc<Services>>, Merged, IpRange)>,
 }
+
+/// One service's exports as a merge takes them: (exporting cluster, export).
+type Inputs<'a> = Vec<(&'a String, &'a Arc<pb::ExportedService>)>;
 
 /// One service's inputs (exporting cluster, export) as last merged, and the result.
 type Memo = (Vec<(String, Arc<pb::ExportedService>)>, Arc<MergedService>);
 
 /// Merges exports by cluster. `exports` maps cluster name → its services by `<ns>/<name>`.
-pub fn merge<M: std::borrow::Borrow<Services>>(exports: &BTreeMap<String, M>, range: IpRange) -> Merged {
-    merge_with(&mut MergeMemo::default(), exports, range)
+pub fn merge(exports: &BTreeMap<String, Services>, range: IpRange) -> Merged {
+    let shared = exports.iter().map(|(c, s)| (c.clone(), Arc::new(s.clone()))).collect();
+    merge_with(&mut MergeMemo::default(), &shared, range)
+}
+
+/// The services whose inputs may differ between `before` and `now` (by the clusters' maps,
+/// then their exports, by pointer first): those a changed cluster adds, removes or changes,
+/// every service of a cluster that came or went.
+fn changed_services<'a>(
+    before: &'a BTreeMap<String, Arc<Services>>,
+    now: &'a BTreeMap<String, Arc<Services>>,
+) -> BTreeSet<&'a String> {
+    let mut dirty = BTreeSet::new();
+    for (cluster, services) in now {
+        match before.get(cluster) {
+            Some(b) if Arc::ptr_eq(b, services) => {}
+            Some(b) => {
+                dirty.extend(
+                    services
+                        .iter()
+                        .filter(|(k, s)| b.get(*k).is_none_or(|old| !same_export(old, s)))
+                        .map(|(k, _)| k),
+                );
+                dirty.extend(b.keys().filter(|k| !services.contains_key(*k)));
+            }
+            None => dirty.extend(services.keys()),
+        }
+    }
+    for (cluster, services) in before {
+        if !now.contains_key(cluster) {
+            dirty.extend(services.keys());
+        }
+    }
+    dirty
 }
 
 /// [`merge`], reusing from `memo` every service whose inputs did not change: the same exports
-/// (by pointer, else by value) from the same clusters.
-pub fn merge_with<M: std::borrow::Borrow<Services>>(
-    memo: &mut MergeMemo,
-    exports: &BTreeMap<String, M>,
-    range: IpRange,
-) -> Merged {
-    let mut by_service: BTreeMap<&String, Vec<(&String, &Arc<pb::ExportedService>)>> = BTreeMap::new();
+/// (by pointer, else by value) from the same clusters. When only some clusters' exports
+/// changed (the same `Arc` otherwise) and no service came or went, only the services those
+/// changes name are looked at.
+pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>>, range: IpRange) -> Merged {
+    if let Some((inputs, last, last_range)) = &memo.last {
+        if *last_range == range {
+            let dirty = changed_services(inputs, exports);
+            let lists: Vec<(&String, Inputs)> = dirty
+                .into_iter()
+                .map(|key| {
+                    let list = exports
+                        .iter()
+                        .filter_map(|(c, services)| services.get(key).map(|s| (c, s)))
+                        .collect();
+                    (key, list)
+                })
+                .collect();
+            // A service that came or went can move others' addresses: merged whole below.
+            let same_set = lists
+                .iter()
+                .all(|(key, list)| list.is_empty() != last.contains_key(*key));
+            if same_set {
+                let mut out = last.clone();
+                for (key, list) in lists {
+                    let merged = merge_service(&mut memo.by_service, key, list, memo.ips[key]);
+                    out.insert(key.clone(), merged);
+                }
+                memo.last = Some((exports.clone(), out.clone(), range));
+                return out;
+            }
+        }
+    }
+    let mut by_service: BTreeMap<&String, Inputs> = BTreeMap::new();
     for (cluster, services) in exports {
-        for (key, svc) in services.borrow() {
+        for (key, svc) in services.iter() {
             by_service.entry(key).or_default().push((cluster, svc));
         }
     }
@@ -136,78 +205,84 @@ pub fn merge_with<M: std::borrow::Borrow<Services>>(
     if !same_keys {
         memo.ips = allocate_ips(by_service.keys().copied(), range);
     }
-    let ips = &memo.ips;
     let mut out = BTreeMap::new();
-    for (key, mut list) in by_service {
-        list.sort_by(|a, b| (a.1.exported_at_unix_ms, a.0).cmp(&(b.1.exported_at_unix_ms, b.0)));
-        if let Some((inputs, done)) = memo.by_service.get(key) {
-            let same = done.clusterset_ip == ips[key]
-                && inputs.len() == list.len()
-                && inputs
-                    .iter()
-                    .zip(&list)
-                    .all(|((c, s), (c2, s2))| c == *c2 && same_export(s, s2));
-            if same {
-                out.insert(key.clone(), done.clone());
-                continue;
-            }
-        }
-        let (oldest_cluster, oldest) = list[0];
-        let mut ports: Vec<pb::ServicePort> = vec![];
-        let mut conflicts = vec![];
-        for (cluster, svc) in &list {
-            for p in &svc.ports {
-                match ports.iter().find(|q| q.port == p.port) {
-                    None => ports.push(p.clone()),
-                    Some(q) if q.protocol != p.protocol => conflicts.push(format!(
-                        "port {}: cluster {cluster} exports protocol {}, but the oldest export (cluster {oldest_cluster}) says {}; using {}",
-                        p.port, p.protocol, q.protocol, q.protocol
-                    )),
-                    Some(_) => {}
-                }
-            }
-        }
-        ports.sort_by_key(|p| p.port);
-        let mut conditions = vec![];
-        if conflicts.is_empty() {
-            conditions.push(pb::Condition {
-                r#type: "Conflict".into(),
-                status: "False".into(),
-                reason: "NoConflicts".into(),
-                message: String::new(),
-            });
-        } else {
-            conditions.push(pb::Condition {
-                r#type: "Conflict".into(),
-                status: "True".into(),
-                reason: "PortConflict".into(),
-                message: conflicts.join("; "),
-            });
-        }
-        let mut identities: Vec<String> = list.iter().flat_map(|(_, s)| s.identities.iter().cloned()).collect();
-        identities.sort();
-        identities.dedup();
-        let merged = Arc::new(MergedService {
-            name: oldest.name.clone(),
-            namespace: oldest.namespace.clone(),
-            clusterset_ip: ips[key],
-            ports,
-            endpoints: list.iter().flat_map(|(_, s)| s.endpoints.iter().cloned()).collect(),
-            identities,
-            conditions,
-            clusters: list.iter().map(|(c, _)| (*c).clone()).collect(),
-        });
-        memo.by_service.insert(
-            key.clone(),
-            (
-                list.iter().map(|(c, s)| ((*c).clone(), Arc::clone(s))).collect(),
-                merged.clone(),
-            ),
-        );
+    for (key, list) in by_service {
+        let merged = merge_service(&mut memo.by_service, key, list, memo.ips[key]);
         out.insert(key.clone(), merged);
     }
     memo.by_service.retain(|k, _| out.contains_key(k));
+    memo.last = Some((exports.clone(), out.clone(), range));
     out
+}
+
+/// One service from its exports (cluster, export), or the memo's result where they are the
+/// same as last time.
+fn merge_service(memo: &mut HashMap<String, Memo>, key: &String, mut list: Inputs, ip: Ipv4Addr) -> Arc<MergedService> {
+    list.sort_by(|a, b| (a.1.exported_at_unix_ms, a.0).cmp(&(b.1.exported_at_unix_ms, b.0)));
+    if let Some((inputs, done)) = memo.get(key) {
+        let same = done.clusterset_ip == ip
+            && inputs.len() == list.len()
+            && inputs
+                .iter()
+                .zip(&list)
+                .all(|((c, s), (c2, s2))| c == *c2 && same_export(s, s2));
+        if same {
+            return done.clone();
+        }
+    }
+    let (oldest_cluster, oldest) = list[0];
+    let mut ports: Vec<pb::ServicePort> = vec![];
+    let mut conflicts = vec![];
+    for (cluster, svc) in &list {
+        for p in &svc.ports {
+            match ports.iter().find(|q| q.port == p.port) {
+                None => ports.push(p.clone()),
+                Some(q) if q.protocol != p.protocol => conflicts.push(format!(
+                    "port {}: cluster {cluster} exports protocol {}, but the oldest export (cluster {oldest_cluster}) says {}; using {}",
+                    p.port, p.protocol, q.protocol, q.protocol
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    ports.sort_by_key(|p| p.port);
+    let mut conditions = vec![];
+    if conflicts.is_empty() {
+        conditions.push(pb::Condition {
+            r#type: "Conflict".into(),
+            status: "False".into(),
+            reason: "NoConflicts".into(),
+            message: String::new(),
+        });
+    } else {
+        conditions.push(pb::Condition {
+            r#type: "Conflict".into(),
+            status: "True".into(),
+            reason: "PortConflict".into(),
+            message: conflicts.join("; "),
+        });
+    }
+    let mut identities: Vec<String> = list.iter().flat_map(|(_, s)| s.identities.iter().cloned()).collect();
+    identities.sort();
+    identities.dedup();
+    let merged = Arc::new(MergedService {
+        name: oldest.name.clone(),
+        namespace: oldest.namespace.clone(),
+        clusterset_ip: ip,
+        ports,
+        endpoints: list.iter().flat_map(|(_, s)| s.endpoints.iter().cloned()).collect(),
+        identities,
+        conditions,
+        clusters: list.iter().map(|(c, _)| (*c).clone()).collect(),
+    });
+    memo.insert(
+        key.clone(),
+        (
+            list.iter().map(|(c, s)| ((*c).clone(), Arc::clone(s))).collect(),
+            merged.clone(),
+        ),
+    );
+    merged
 }
 
 #[cfg(test)]
@@ -254,34 +329,49 @@ mod tests {
     fn a_merge_redoes_only_what_changed() {
         let mut memo = MergeMemo::default();
         let range: IpRange = "240.0.0.0/4".parse().unwrap();
-        let mut e = exports(vec![
+        let plain = exports(vec![
             ("east", export("a", "east", 1, &[(80, "http")])),
             ("west", export("a", "west", 2, &[(80, "http")])),
             ("west", export("b", "west", 3, &[(80, "http")])),
         ]);
+        let mut e: BTreeMap<String, Arc<Services>> = plain.into_iter().map(|(c, s)| (c, Arc::new(s))).collect();
+        let from_scratch = |e: &BTreeMap<String, Arc<Services>>| {
+            merge(&e.iter().map(|(c, s)| (c.clone(), (**s).clone())).collect(), range)
+        };
         let first = merge_with(&mut memo, &e, range);
         // West moves b's endpoint: b is merged again, a is the very same Arc.
         let mut moved = export("b", "west", 3, &[(80, "http")]);
         moved.endpoints[0].address = "127.0.0.1:9".into();
-        e.get_mut("west").unwrap().insert("demo/b".into(), Arc::new(moved));
+        Arc::make_mut(e.get_mut("west").unwrap()).insert("demo/b".into(), Arc::new(moved));
         let second = merge_with(&mut memo, &e, range);
         assert!(Arc::ptr_eq(&first["demo/a"], &second["demo/a"]));
         assert!(!Arc::ptr_eq(&first["demo/b"], &second["demo/b"]));
         assert_eq!(second["demo/b"].endpoints[0].address, "127.0.0.1:9");
         // And the result equals a merge from scratch.
-        assert_eq!(second, merge(&e, range));
+        assert_eq!(second, from_scratch(&e));
         // An equal export in a new allocation (a rebuilt catalog) is still the same input.
         let copy = Arc::new((*e["east"]["demo/a"]).clone());
-        e.get_mut("east").unwrap().insert("demo/a".into(), copy);
+        Arc::make_mut(e.get_mut("east").unwrap()).insert("demo/a".into(), copy);
         assert!(Arc::ptr_eq(
             &first["demo/a"],
             &merge_with(&mut memo, &e, range)["demo/a"]
         ));
-        // A service that is gone leaves the memo and the result.
-        e.get_mut("west").unwrap().remove("demo/b");
+        // A new service (addresses allocated again), a cluster gone, a service gone: each
+        // result equals a merge from scratch.
+        Arc::make_mut(e.get_mut("east").unwrap())
+            .insert("demo/c".into(), Arc::new(export("c", "east", 4, &[(81, "http")])));
+        assert_eq!(merge_with(&mut memo, &e, range), from_scratch(&e));
+        let west = e.remove("west").unwrap();
+        let without_west = merge_with(&mut memo, &e, range);
+        assert_eq!(without_west, from_scratch(&e));
+        assert_eq!(without_west["demo/a"].clusters, vec!["east".to_string()]);
+        e.insert("west".into(), west);
+        assert_eq!(merge_with(&mut memo, &e, range), from_scratch(&e));
+        Arc::make_mut(e.get_mut("west").unwrap()).remove("demo/b");
         let third = merge_with(&mut memo, &e, range);
         assert!(!third.contains_key("demo/b"));
-        assert_eq!(memo.by_service.len(), 1);
+        assert_eq!(third, from_scratch(&e));
+        assert_eq!(memo.by_service.len(), 2);
     }
 
     #[test]

@@ -107,12 +107,16 @@ impl PeerTable {
             entry.statuses = Arc::new(update.statuses.clone());
             content_changed = true;
         }
-        let services = Arc::make_mut(&mut entry.services);
-        for svc in &update.upserts {
-            services.insert(format!("{}/{}", svc.namespace, svc.name), Arc::new(svc.clone()));
-        }
-        for key in &update.removed {
-            services.remove(key);
+        // The merge holds the last map it saw: a renewal that changes no service leaves the
+        // map (and its `Arc`, which tells the merge it is unchanged) alone.
+        if !update.upserts.is_empty() || !update.removed.is_empty() {
+            let services = Arc::make_mut(&mut entry.services);
+            for svc in &update.upserts {
+                services.insert(format!("{}/{}", svc.namespace, svc.name), Arc::new(svc.clone()));
+            }
+            for key in &update.removed {
+                services.remove(key);
+            }
         }
         if update.gateway.is_some() {
             entry.gateway = update.gateway.clone();

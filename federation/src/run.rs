@@ -24,7 +24,7 @@ use strait_trust::{
     WorkloadCert,
 };
 
-use crate::catalog::{merge_with, same_export, share_unchanged, IpRange, MergeMemo, Merged, Services};
+use crate::catalog::{merge_with, same_services, share_unchanged, IpRange, MergeMemo, Merged, Services};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
 use crate::resources::{build_with, same_versions, BuildMemo, ConfigState};
@@ -503,13 +503,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let statuses_out: Vec<pb::ObjectStatus> = statuses.values().cloned().collect();
         exports_tx.send_if_modified(|cur| {
             // Unchanged exports keep their `Arc`, so peering senders skip comparing them.
-            let services_changed = local_changed
-                && (cur.services.len() != own.exported.len()
-                    || !cur
-                        .services
-                        .iter()
-                        .zip(own.exported.iter())
-                        .all(|((k, a), (k2, b))| k == k2 && same_export(a, b)));
+            let services_changed = local_changed && !same_services(&cur.services, &own.exported);
             if services_changed || cur.objects != objects_out || cur.statuses != statuses_out {
                 *cur = Arc::new(Exports {
                     services: if services_changed {
