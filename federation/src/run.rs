@@ -173,7 +173,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     // Peering tolerates silence for half a lease (the lease decides when exports expire).
     let tunnel = TunnelClient::new(SocketAddr::new(cfg.listen.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry))
-        .with_idle_timeout(cfg.lease / 2);
+        .with_idle_timeout(cfg.lease / 2)
+        .with_handshake_timeout(cfg.lease / 2);
     let mut peer_channels = BTreeMap::new();
     for peer in &cfg.peers {
         let channel = crate::peering::peer_channel(&store, &tunnel, peer.gateway, &cfg.cluster)?;

@@ -224,6 +224,8 @@ pub struct TunnelClient {
     metrics: Option<TunnelClientMetrics>,
     /// How long a QUIC connection may hear nothing before its gateway counts as lost.
     idle_timeout: Duration,
+    /// How long a QUIC handshake may take before the TCP+TLS fallback is tried.
+    handshake_timeout: Duration,
 }
 
 impl TunnelClient {
@@ -238,6 +240,7 @@ impl TunnelClient {
             health: GatewayHealth::default(),
             metrics: None,
             idle_timeout: crate::IDLE_TIMEOUT,
+            handshake_timeout: QUIC_HANDSHAKE_TIMEOUT,
         })
     }
 
@@ -247,6 +250,15 @@ impl TunnelClient {
     /// tunnels whose pings were merely late, each reopened stream resending its full exports.
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle.max(crate::IDLE_TIMEOUT);
+        self
+    }
+
+    /// Lets a QUIC handshake take up to `limit` (at least the data path's two seconds) before
+    /// falling back to TCP+TLS. For controllers' peering, where a late handshake costs nothing
+    /// but a fallback tunnel stays on TCP until the next probe; at 50 clusters on two cores the
+    /// data path's limit sent most peering tunnels to the fallback.
+    pub fn with_handshake_timeout(mut self, limit: Duration) -> Self {
+        self.handshake_timeout = limit.max(QUIC_HANDSHAKE_TIMEOUT);
         self
     }
 
@@ -463,7 +475,7 @@ impl TunnelClient {
                 if !this.in_fallback(gateway) {
                     return;
                 }
-                if let Ok(conn) = this.quic_handshake(gateway, &identity, QUIC_HANDSHAKE_TIMEOUT).await {
+                if let Ok(conn) = this.quic_handshake(gateway, &identity, this.handshake_timeout).await {
                     if let Ok(mut g) = this.gateways.lock() {
                         g.entry(gateway).or_default().quic = Some(conn);
                     }
@@ -500,7 +512,7 @@ impl TunnelClient {
                 Some(_) => {}
             }
         }
-        let conn = self.quic_handshake(gateway, identity, QUIC_HANDSHAKE_TIMEOUT).await?;
+        let conn = self.quic_handshake(gateway, identity, self.handshake_timeout).await?;
         tracing::debug!(%gateway, "QUIC connection established");
         self.gateways
             .lock()
@@ -613,13 +625,13 @@ impl TunnelClient {
             Ok(s)
         }
         .map_err(|e| connect_err(e.to_string()))?;
-        let tcp: TcpStream = tokio::time::timeout(QUIC_HANDSHAKE_TIMEOUT, socket.connect(gateway))
+        let tcp: TcpStream = tokio::time::timeout(self.handshake_timeout, socket.connect(gateway))
             .await
             .map_err(|_| connect_err("TCP connect timed out".into()))?
             .map_err(|e| connect_err(format!("TCP: {e}")))?;
         crate::fallback_socket(&tcp);
         let tls = tokio::time::timeout(
-            QUIC_HANDSHAKE_TIMEOUT,
+            self.handshake_timeout,
             tokio_rustls::TlsConnector::from(Arc::new(self.tls(identity, strait_trust::ALPN_H2)?))
                 .connect(strait_api::transport::mesh_server_name(), tcp),
         )
