@@ -499,11 +499,22 @@ impl Resources {
                         return None;
                     }
                 }
+                let mut slot = None;
                 for (i, e) in o.endpoints.iter().enumerate() {
                     match snap.by_endpoint.remove(&e.address) {
-                        Some((s, j)) if Arc::ptr_eq(&s, &o) && i == j => {}
+                        Some((k, j))
+                            if j as usize == i
+                                && slot.is_none_or(|s| s == k)
+                                && snap.slot(k).is_some_and(|s| Arc::ptr_eq(s, &o)) =>
+                        {
+                            slot = Some(k)
+                        }
                         _ => return None,
                     }
+                }
+                if let Some(k) = slot {
+                    snap.slots[k as usize] = None;
+                    snap.free.push(k);
                 }
             }
             added.extend(new);
@@ -520,8 +531,9 @@ impl Resources {
                     return None;
                 }
             }
+            let k = if n.endpoints.is_empty() { 0 } else { snap.take_slot(&n) };
             for (i, e) in n.endpoints.iter().enumerate() {
-                if snap.by_endpoint.insert(e.address, (n.clone(), i)).is_some() {
+                if snap.by_endpoint.insert(e.address, (k, i as u32)).is_some() {
                     return None;
                 }
             }
@@ -560,8 +572,9 @@ impl Resources {
                     if let Some(ip) = s.clusterset_ip {
                         shadows |= snap.by_ip.insert(ip, s.clone()).is_some();
                     }
+                    let k = if s.endpoints.is_empty() { 0 } else { snap.take_slot(s) };
                     for (i, e) in s.endpoints.iter().enumerate() {
-                        shadows |= snap.by_endpoint.insert(e.address, (s.clone(), i)).is_some();
+                        shadows |= snap.by_endpoint.insert(e.address, (k, i as u32)).is_some();
                     }
                     shadows |= snap.services.insert(s.key(), s.clone()).is_some();
                     snap.shadowed |= shadows;
@@ -620,8 +633,13 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Arc<ServiceEntry>>,
     pub by_host: HashMap<String, Arc<ServiceEntry>>,
     pub by_ip: HashMap<IpAddr, Arc<ServiceEntry>>,
-    /// Endpoint address → (service, index in its endpoints).
-    pub by_endpoint: HashMap<SocketAddr, (Arc<ServiceEntry>, usize)>,
+    /// Endpoint address → (its service's slot in `slots`, index in its endpoints): plain
+    /// numbers, so copying the map for the next snapshot (once per update) has nothing to
+    /// count or drop per endpoint. Look up with [`Snapshot::endpoint_by_addr`].
+    by_endpoint: HashMap<SocketAddr, (u32, u32)>,
+    /// The services `by_endpoint` points at; a freed slot is `None` until reused (`free`).
+    slots: Vec<Option<Arc<ServiceEntry>>>,
+    free: Vec<u32>,
     pub gateways: BTreeMap<String, Arc<GatewayEntry>>,
     pub policy: Arc<PolicyEntry>,
     pub bundle: Option<TrustBundle>,
@@ -703,8 +721,33 @@ impl Snapshot {
 
     /// Finds the service and endpoint index a workload address belongs to.
     pub fn endpoint_by_addr(&self, addr: SocketAddr) -> Option<(&Arc<ServiceEntry>, usize)> {
-        let (svc, i) = self.by_endpoint.get(&addr)?;
-        Some((svc, *i))
+        let (k, i) = self.by_endpoint.get(&addr)?;
+        Some((self.slot(*k)?, *i as usize))
+    }
+
+    /// Every endpoint address with its service and index, in no order.
+    pub fn endpoints(&self) -> impl Iterator<Item = (SocketAddr, &Arc<ServiceEntry>, usize)> {
+        self.by_endpoint
+            .iter()
+            .filter_map(|(a, (k, i))| Some((*a, self.slot(*k)?, *i as usize)))
+    }
+
+    fn slot(&self, k: u32) -> Option<&Arc<ServiceEntry>> {
+        self.slots.get(k as usize)?.as_ref()
+    }
+
+    /// A slot for `svc`: a freed one, else a new one.
+    fn take_slot(&mut self, svc: &Arc<ServiceEntry>) -> u32 {
+        match self.free.pop() {
+            Some(k) => {
+                self.slots[k as usize] = Some(svc.clone());
+                k
+            }
+            None => {
+                self.slots.push(Some(svc.clone()));
+                (self.slots.len() - 1) as u32
+            }
+        }
     }
 
     /// Finds a service by its ClusterSet IP.
@@ -806,11 +849,7 @@ mod tests {
         let mut out: Vec<String> = s.services.iter().map(|(k, v)| format!("svc {k} {v:?}")).collect();
         out.extend(s.by_host.iter().map(|(h, v)| format!("host {h} {}", v.key())));
         out.extend(s.by_ip.iter().map(|(ip, v)| format!("ip {ip} {}", v.key())));
-        out.extend(
-            s.by_endpoint
-                .iter()
-                .map(|(a, (v, i))| format!("ep {a} {} {i}", v.key())),
-        );
+        out.extend(s.endpoints().map(|(a, v, i)| format!("ep {a} {} {i}", v.key())));
         out.extend(s.routes.keys().map(|k| format!("route {k}")));
         out.sort();
         out
@@ -862,6 +901,14 @@ mod tests {
             let (next, _) = r.update(&snap, u.clone());
             assert_eq!(next.version, u.version);
             assert_eq!(shape(&next), shape(&r.snapshot(u.version)), "after step {i}");
+            // Slots are reused: one per service with endpoints, none left behind.
+            let with_endpoints = next.services.values().filter(|s| !s.endpoints.is_empty()).count();
+            assert_eq!(next.slots.iter().flatten().count(), with_endpoints, "after step {i}");
+            assert!(
+                next.slots.len() <= with_endpoints + 1,
+                "after step {i}: {} slots",
+                next.slots.len()
+            );
             snap = next;
         }
         assert_eq!(

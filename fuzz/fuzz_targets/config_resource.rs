@@ -13,7 +13,7 @@ fn shape(s: &Snapshot) -> Vec<String> {
     let mut out: Vec<String> = s.services.iter().map(|(k, v)| format!("svc {k} {v:?}")).collect();
     out.extend(s.by_host.iter().map(|(h, v)| format!("host {h} {}", v.key())));
     out.extend(s.by_ip.iter().map(|(ip, v)| format!("ip {ip} {}", v.key())));
-    out.extend(s.by_endpoint.iter().map(|(a, (v, i))| format!("ep {a} {} {i}", v.key())));
+    out.extend(s.endpoints().map(|(a, v, i)| format!("ep {a} {} {i}", v.key())));
     out.extend(s.routes.keys().map(|k| format!("route {k}")));
     out.sort();
     out
