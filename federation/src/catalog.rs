@@ -91,6 +91,20 @@ pub fn same_services(a: &Services, b: &Services) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|((k, x), (k2, y))| k == k2 && same_export(x, y))
 }
 
+/// The services `now` adds or changes against `before` (by pointer, then value).
+pub fn upserted<'a>(
+    before: &'a Services,
+    now: &'a Services,
+) -> impl Iterator<Item = (&'a String, &'a Arc<pb::ExportedService>)> {
+    now.iter()
+        .filter(|(k, s)| before.get(*k).is_none_or(|old| !same_export(old, s)))
+}
+
+/// The services of `before` that `now` no longer has.
+pub fn removed<'a>(before: &'a Services, now: &'a Services) -> impl Iterator<Item = &'a String> {
+    before.keys().filter(|k| !now.contains_key(*k))
+}
+
 /// `services` with every export that equals the one in `before` replaced by that one's `Arc`,
 /// so a rebuilt catalog (the Kubernetes source makes every export anew) shares what did not
 /// change. An export already shared costs a pointer comparison.
@@ -143,13 +157,8 @@ fn changed_services<'a>(
         match before.get(cluster) {
             Some(b) if Arc::ptr_eq(b, services) => {}
             Some(b) => {
-                dirty.extend(
-                    services
-                        .iter()
-                        .filter(|(k, s)| b.get(*k).is_none_or(|old| !same_export(old, s)))
-                        .map(|(k, _)| k),
-                );
-                dirty.extend(b.keys().filter(|k| !services.contains_key(*k)));
+                dirty.extend(upserted(b, services).map(|(k, _)| k));
+                dirty.extend(removed(b, services));
             }
             None => dirty.extend(services.keys()),
         }

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::catalog::{same_export, Services};
+use crate::catalog::{removed, upserted, Services};
 use futures::Stream;
 use serde::Serialize;
 use strait_api::pb;
@@ -416,18 +416,10 @@ impl PeerClient {
                     update.upserts = current.services.values().map(|s| (**s).clone()).collect();
                     first = false;
                 } else if !Arc::ptr_eq(&current.services, &sent.services) {
-                    update.upserts = current
-                        .services
-                        .iter()
-                        .filter(|(k, v)| sent.services.get(*k).is_none_or(|s| !same_export(s, v)))
+                    update.upserts = upserted(&sent.services, &current.services)
                         .map(|(_, v)| (**v).clone())
                         .collect();
-                    update.removed = sent
-                        .services
-                        .keys()
-                        .filter(|k| !current.services.contains_key(*k))
-                        .cloned()
-                        .collect();
+                    update.removed = removed(&sent.services, &current.services).cloned().collect();
                 }
                 sent = current.clone();
                 if sent_objects.as_ref() != Some(&current.objects) {
