@@ -4,6 +4,15 @@ mod cmd;
 mod install;
 mod up;
 
+/// jemalloc instead of glibc's malloc: glibc keeps an arena per thread that allocated and
+/// seldom gives their freed pages back, so a controller or proxy applying catalog updates on
+/// several threads held two to four times its live data. In the 10-cluster simulator the
+/// controller's RSS fell from 167 to 92 MiB (CPU 10.3 to 8.2 % of a core) and a sidecar's
+/// from 72 to 47 MiB; the data path's CPU and RSS were unchanged (README, "Scale and
+/// performance").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = cmd::parse();
     cmd::init_tracing(&cli);

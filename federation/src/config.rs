@@ -44,6 +44,12 @@ pub struct ControllerConfig {
     /// Lease on exports; a peer silent this long is dropped. Default 10s.
     #[serde(default = "default_lease", with = "humantime_ms")]
     pub lease: Duration,
+    /// The shortest time between two rebuilds of this cluster's catalog. A change that
+    /// arrives sooner waits for the window to end, and every change in it goes out in one
+    /// rebuild and one push to proxies; a change after a quiet window goes out at once.
+    /// Default 50ms; at most a tenth of `lease`.
+    #[serde(default = "default_batch_window", with = "humantime_ms")]
+    pub batch_window: Duration,
     /// Lifetime of workload certificates. Default 24h.
     #[serde(default = "default_ttl", with = "humantime_ms")]
     pub cert_ttl: Duration,
@@ -107,6 +113,9 @@ pub struct JoinToken {
 
 fn default_lease() -> Duration {
     Duration::from_secs(10)
+}
+pub fn default_batch_window() -> Duration {
+    Duration::from_millis(50)
 }
 fn default_ttl() -> Duration {
     strait_trust::DEFAULT_WORKLOAD_TTL
@@ -201,6 +210,17 @@ impl ControllerConfig {
                     .into(),
             });
         }
+        if config.batch_window > config.lease / 10 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!(
+                    "field `batchWindow`: {} is longer than a tenth of `lease` ({}); changes would wait \
+                     too long to reach proxies and peers. Use e.g. 50ms",
+                    humantime_ms::format(&config.batch_window),
+                    humantime_ms::format(&config.lease)
+                ),
+            });
+        }
         Ok(config)
     }
 }
@@ -217,5 +237,33 @@ mod tests {
         assert!(humantime_ms::parse("0s").is_err());
         assert!(humantime_ms::parse("ten").is_err());
         assert_eq!(humantime_ms::format(&Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn the_batch_window_defaults_and_is_bounded_by_the_lease() {
+        let dir = std::env::temp_dir().join(format!("strait-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("controller.yaml");
+        let base = "cluster: east\nregion: us-east\ntrustDomain: mesh.local\nlisten: 127.0.0.1:15012\n\
+                    admin: 127.0.0.1:15014\ncaDir: /tmp/ca\nbundle: /tmp/bundle.pem\ncatalogDir: /tmp/catalog\n\
+                    gateway: {address: 127.0.0.1:15443, zone: a}\n";
+        std::fs::write(&path, base).unwrap();
+        let c = ControllerConfig::load(&path).unwrap();
+        assert_eq!(c.batch_window, Duration::from_millis(50));
+        std::fs::write(&path, format!("{base}batchWindow: 5ms\n")).unwrap();
+        assert_eq!(
+            ControllerConfig::load(&path).unwrap().batch_window,
+            Duration::from_millis(5)
+        );
+        std::fs::write(&path, format!("{base}lease: 3s\nbatchWindow: 500ms\n")).unwrap();
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("`batchWindow`") && e.contains("tenth of `lease` (3s)"),
+            "{e}"
+        );
+        std::fs::write(&path, format!("{base}batchWindow: 0ms\n")).unwrap();
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("`batchWindow`") && e.contains("positive"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

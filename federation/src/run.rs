@@ -3,6 +3,7 @@
 //! re-reads local sources and re-merges the catalog whenever anything changes or a lease
 //! runs out.
 
+use futures::FutureExt;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -319,7 +320,20 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_errors: Vec<SourceError> = vec![];
     let started_at = Instant::now();
     let mut version = 0u64;
+    let mut last_pass: Option<Instant> = None;
     loop {
+        // Changes that arrive within `batchWindow` of the last pass wait for it to end and go
+        // out together: one merge, one build and one push for many changes under churn, and
+        // no wait for a change after a quiet spell.
+        if let Some(next) = last_pass.map(|t| t + cfg.batch_window) {
+            if Instant::now() < next {
+                tokio::time::sleep_until(next.into()).await;
+            }
+        }
+        // This pass sees every peer change so far; a wake-up stored for them is spent here, so
+        // they do not cause another pass (a change from now on stores a new one).
+        let _ = table.changed().notified().now_or_never();
+        last_pass = Some(Instant::now());
         if let Source::File(files) = &mut source {
             files.poll();
         }

@@ -98,11 +98,54 @@ fn spawn(bin: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
         .map_err(|e| anyhow::anyhow!("{bin}: {e} (Debian: apt-get install haproxy)"))
 }
 
+/// Installs Debian's `haproxy` package when no `haproxy` runs here (the benchmark's peer is
+/// installed by the benchmark, like `./test.sh` installs what the tests need): with apt-get as
+/// root, else through sudo.
+fn ensure_installed(bin: &str) -> anyhow::Result<()> {
+    let runs = |b: &str| {
+        Command::new(b)
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if runs(bin) || bin != "haproxy" {
+        return Ok(());
+    }
+    eprintln!("installing Debian's haproxy (apt-get install haproxy), the benchmark's peer");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            Command::new("sudo")
+        };
+        if !root {
+            cmd.arg("apt-get");
+        }
+        let status = cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
+        anyhow::ensure!(status.success(), "apt-get {} failed ({status})", args.join(" "));
+        Ok(())
+    };
+    apt(&["update", "-qq"])
+        .and_then(|()| apt(&["install", "-y", "-qq", "haproxy"]))
+        .map_err(|e| {
+            anyhow::anyhow!("cannot install haproxy: {e} (Debian: apt-get install haproxy, or set STRAIT_HAPROXY)")
+        })?;
+    anyhow::ensure!(runs(bin), "haproxy was installed but does not run");
+    Ok(())
+}
+
 impl HaproxyPair {
     /// Starts the pair in front of `app`, with certificates and configs in `dir`; waits until
     /// a request passes through both.
     pub async fn start(dir: PathBuf, app: SocketAddr) -> anyhow::Result<HaproxyPair> {
         let bin = std::env::var("STRAIT_HAPROXY").unwrap_or_else(|_| "haproxy".into());
+        ensure_installed(&bin)?;
         std::fs::create_dir_all(&dir)?;
         certificates(&dir)?;
         let (front, back) = (free_port()?, free_port()?);

@@ -73,6 +73,7 @@ fn controller_config(s: &Settings) -> anyhow::Result<String> {
         peers: vec![],
         join_tokens: vec![],
         lease: std::time::Duration::from_secs(10),
+        batch_window: strait_federation::config::default_batch_window(),
         cert_ttl: strait_trust::DEFAULT_WORKLOAD_TTL,
         clusterset_ip_range: "240.0.0.0/4".into(),
     };
