@@ -634,9 +634,9 @@ pub struct Snapshot {
     pub by_host: HashMap<String, Arc<ServiceEntry>>,
     pub by_ip: HashMap<IpAddr, Arc<ServiceEntry>>,
     /// Endpoint address → (its service's slot in `slots`, index in its endpoints): plain
-    /// numbers, so copying the map for the next snapshot (once per update) has nothing to
-    /// count or drop per endpoint. Look up with [`Snapshot::endpoint_by_addr`].
-    by_endpoint: HashMap<SocketAddr, (u32, u32)>,
+    /// numbers in shards shared with the snapshot before, so the next snapshot copies only the
+    /// shards its update touches. Look up with [`Snapshot::endpoint_by_addr`].
+    by_endpoint: EndpointIndex,
     /// The services `by_endpoint` points at; a freed slot is `None` until reused (`free`).
     slots: Vec<Option<Arc<ServiceEntry>>>,
     free: Vec<u32>,
@@ -656,6 +656,56 @@ pub struct Snapshot {
     /// Whether two services share an endpoint address, host or IP (the later by name wins
     /// the lookup). Such a snapshot is always built anew, never updated in place.
     pub shadowed: bool,
+}
+
+/// How many shards [`EndpointIndex`] splits addresses into: an update that changes one
+/// service's endpoints copies about that many shards' worth, not the whole index.
+const ENDPOINT_SHARDS: usize = 64;
+
+/// A map from endpoint address to (slot, index), split by a hash of the address into shards
+/// that snapshots share until one changes (copy on write, one shard at a time).
+#[derive(Clone, Debug, Default)]
+struct EndpointIndex {
+    /// Empty until the first insert, then `ENDPOINT_SHARDS` long.
+    shards: Vec<Arc<HashMap<SocketAddr, (u32, u32)>>>,
+}
+
+impl EndpointIndex {
+    fn shard(addr: &SocketAddr) -> usize {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                (bits as u64) ^ ((bits >> 64) as u64)
+            }
+        };
+        // Fibonacci hashing: the top bits of a multiply spread neighbouring addresses.
+        let h = (ip ^ (u64::from(addr.port()) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> 58) as usize % ENDPOINT_SHARDS
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&(u32, u32)> {
+        self.shards.get(Self::shard(addr))?.get(addr)
+    }
+
+    fn insert(&mut self, addr: SocketAddr, at: (u32, u32)) -> Option<(u32, u32)> {
+        if self.shards.is_empty() {
+            self.shards = (0..ENDPOINT_SHARDS).map(|_| Arc::default()).collect();
+        }
+        Arc::make_mut(&mut self.shards[Self::shard(&addr)]).insert(addr, at)
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) -> Option<(u32, u32)> {
+        let shard = self.shards.get_mut(Self::shard(addr))?;
+        if !shard.contains_key(addr) {
+            return None;
+        }
+        Arc::make_mut(shard).remove(addr)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &(u32, u32))> {
+        self.shards.iter().flat_map(|m| m.iter())
+    }
 }
 
 /// Compiles each route against the snapshot's services (a backend that is not there fails
@@ -909,6 +959,18 @@ mod tests {
                 "after step {i}: {} slots",
                 next.slots.len()
             );
+            if i == 1 {
+                // Swapped in place: only the shards holding the three addresses it moved
+                // (1, 2 out; 1, 5 in) are copies; the rest are the previous snapshot's.
+                let shared = next
+                    .by_endpoint
+                    .shards
+                    .iter()
+                    .zip(&snap.by_endpoint.shards)
+                    .filter(|(a, b)| Arc::ptr_eq(a, b))
+                    .count();
+                assert!(shared >= ENDPOINT_SHARDS - 3, "only {shared} shards shared");
+            }
             snap = next;
         }
         assert_eq!(
