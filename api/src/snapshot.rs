@@ -7,7 +7,7 @@
 //! snapshot, from the previous one where only services changed (endpoint churn), so a
 //! change's cost follows what changed rather than the catalog's size.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -478,7 +478,8 @@ impl Resources {
         let mut snap = prev.clone();
         snap.version = version;
         let mut reroute = false;
-        let mut added = vec![];
+        // Each new service, with the slot of the old one it replaces where it keeps it.
+        let mut added: Vec<(Arc<ServiceEntry>, Option<u32>)> = vec![];
         for (old, new) in changes {
             if let (Some(o), Some(n)) = (&old, &new) {
                 if Arc::ptr_eq(o, n) {
@@ -489,6 +490,7 @@ impl Resources {
                 (Some(o), Some(n)) => o.key() != n.key() || o.ports != n.ports,
                 _ => true,
             };
+            let mut kept = None;
             if let Some(o) = old {
                 let owned = |s: Option<&Arc<ServiceEntry>>| s.is_some_and(|s| Arc::ptr_eq(s, &o));
                 if !owned(snap.services.remove(&o.key()).as_ref()) || !owned(snap.by_host.remove(&o.host()).as_ref()) {
@@ -499,9 +501,21 @@ impl Resources {
                         return None;
                     }
                 }
+                // A new version of the same service keeps the old one's slot, and the addresses
+                // both have stay in the index: an endpoint's churn touches only its own entries
+                // (and the index shards they live in), not every endpoint of its service.
+                let keep: HashSet<&SocketAddr> = match &new {
+                    Some(n) if n.key() == o.key() => n.endpoints.iter().map(|e| &e.address).collect(),
+                    _ => HashSet::new(),
+                };
                 let mut slot = None;
                 for (i, e) in o.endpoints.iter().enumerate() {
-                    match snap.by_endpoint.remove(&e.address) {
+                    let at = if keep.contains(&e.address) {
+                        snap.by_endpoint.get(&e.address).copied()
+                    } else {
+                        snap.by_endpoint.remove(&e.address)
+                    };
+                    match at {
                         Some((k, j))
                             if j as usize == i
                                 && slot.is_none_or(|s| s == k)
@@ -513,15 +527,19 @@ impl Resources {
                     }
                 }
                 if let Some(k) = slot {
-                    snap.slots[k as usize] = None;
-                    snap.free.push(k);
+                    if keep.is_empty() {
+                        snap.slots[k as usize] = None;
+                        snap.free.push(k);
+                    } else {
+                        kept = Some(k);
+                    }
                 }
             }
-            added.extend(new);
+            added.extend(new.map(|n| (n, kept)));
         }
         // Added after every removal, so a service that takes over another's address in the
         // same update is not mistaken for a conflict.
-        for n in added {
+        for (n, kept) in added {
             if snap.services.insert(n.key(), n.clone()).is_some() || snap.by_host.insert(n.host(), n.clone()).is_some()
             {
                 return None;
@@ -531,10 +549,25 @@ impl Resources {
                     return None;
                 }
             }
-            let k = if n.endpoints.is_empty() { 0 } else { snap.take_slot(&n) };
+            let k = match kept {
+                Some(k) => {
+                    snap.slots[k as usize] = Some(n.clone());
+                    k
+                }
+                None if n.endpoints.is_empty() => 0,
+                None => snap.take_slot(&n),
+            };
             for (i, e) in n.endpoints.iter().enumerate() {
-                if snap.by_endpoint.insert(e.address, (k, i as u32)).is_some() {
-                    return None;
+                let at = (k, i as u32);
+                if kept.is_some() && snap.by_endpoint.get(&e.address) == Some(&at) {
+                    continue;
+                }
+                match snap.by_endpoint.insert(e.address, at) {
+                    None => {}
+                    // Its own address, moved to another index.
+                    Some((k2, _)) if kept == Some(k2) => {}
+                    // Another service's: built anew.
+                    Some(_) => return None,
                 }
             }
         }
@@ -903,6 +936,47 @@ mod tests {
         out.extend(s.routes.keys().map(|k| format!("route {k}")));
         out.sort();
         out
+    }
+
+    #[test]
+    fn one_endpoints_churn_copies_only_its_own_index_shards() {
+        let big = |moved: u16| {
+            let mut r = service_resource("big", "127.0.0.1:1");
+            let Some(pb::resource::Kind::Service(s)) = &mut r.kind else {
+                unreachable!()
+            };
+            let ep = s.endpoints[0].clone();
+            s.endpoints = (1..=300u16)
+                .map(|p| pb::Endpoint {
+                    address: format!("127.0.0.1:{}", if p == 150 { moved } else { p }),
+                    ..ep.clone()
+                })
+                .collect();
+            r
+        };
+        let update = |version, r| pb::ConfigUpdate {
+            version,
+            full: version == 1,
+            resources: vec![r],
+            removed: vec![],
+        };
+        let mut r = Resources::default();
+        let (first, _) = r.update(&Snapshot::default(), update(1, big(150)));
+        let (next, _) = r.update(&first, update(2, big(5000)));
+        assert_eq!(shape(&next), shape(&r.snapshot(2)));
+        let copied = next
+            .by_endpoint
+            .shards
+            .iter()
+            .zip(&first.by_endpoint.shards)
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .count();
+        assert!(
+            copied <= 2,
+            "{copied} of {ENDPOINT_SHARDS} shards copied for one endpoint"
+        );
+        assert_eq!(next.endpoint_by_addr("127.0.0.1:5000".parse().unwrap()).unwrap().1, 149);
+        assert!(next.endpoint_by_addr("127.0.0.1:150".parse().unwrap()).is_none());
     }
 
     #[test]
