@@ -37,13 +37,13 @@ pub mod pb {
     tonic::include_proto!("strait.v1");
 }
 
-/// The namespace of Strait's own components.
 /// The largest config-stream or peering message a controller or proxy accepts. gRPC's
 /// default (4 MiB) is a whole catalog of about 42,000 endpoints: a proxy connecting to a larger
 /// clusterset, or a cluster exporting more, would be refused its first message. 256 MiB holds
 /// millions; past that, scope proxies to the namespaces they call (`--scope-namespaces`).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// The namespace of Strait's own components.
 pub const SYSTEM_NAMESPACE: &str = "strait-system";
 /// The service name under which a controller serves peering (reached through its gateway).
 pub const FEDERATION_SERVICE: &str = "strait-federation";

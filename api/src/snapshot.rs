@@ -554,7 +554,6 @@ impl Resources {
                     snap.slots[k as usize] = Some(n.clone());
                     k
                 }
-                None if n.endpoints.is_empty() => 0,
                 None => snap.take_slot(&n),
             };
             for (i, e) in n.endpoints.iter().enumerate() {
@@ -605,7 +604,7 @@ impl Resources {
                     if let Some(ip) = s.clusterset_ip {
                         shadows |= snap.by_ip.insert(ip, s.clone()).is_some();
                     }
-                    let k = if s.endpoints.is_empty() { 0 } else { snap.take_slot(s) };
+                    let k = snap.take_slot(s);
                     for (i, e) in s.endpoints.iter().enumerate() {
                         shadows |= snap.by_endpoint.insert(e.address, (k, i as u32)).is_some();
                     }
@@ -691,9 +690,10 @@ pub struct Snapshot {
     pub shadowed: bool,
 }
 
-/// How many shards [`EndpointIndex`] splits addresses into: an update that changes one
-/// service's endpoints copies about that many shards' worth, not the whole index.
+/// How many shards [`EndpointIndex`] splits addresses into (a power of two): an update copies
+/// only the shards holding addresses it changes, each about 1/64 of the index.
 const ENDPOINT_SHARDS: usize = 64;
+const _: () = assert!(ENDPOINT_SHARDS.is_power_of_two());
 
 /// A map from endpoint address to (slot, index), split by a hash of the address into shards
 /// that snapshots share until one changes (copy on write, one shard at a time).
@@ -714,7 +714,7 @@ impl EndpointIndex {
         };
         // Fibonacci hashing: the top bits of a multiply spread neighbouring addresses.
         let h = (ip ^ (u64::from(addr.port()) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (h >> 58) as usize % ENDPOINT_SHARDS
+        (h >> (u64::BITS - ENDPOINT_SHARDS.trailing_zeros())) as usize
     }
 
     fn get(&self, addr: &SocketAddr) -> Option<&(u32, u32)> {
@@ -819,8 +819,12 @@ impl Snapshot {
         self.slots.get(k as usize)?.as_ref()
     }
 
-    /// A slot for `svc`: a freed one, else a new one.
+    /// A slot for `svc`: a freed one, else a new one. A service without endpoints has nothing
+    /// in the index to point at its slot and takes none (0, never looked up).
     fn take_slot(&mut self, svc: &Arc<ServiceEntry>) -> u32 {
+        if svc.endpoints.is_empty() {
+            return 0;
+        }
         match self.free.pop() {
             Some(k) => {
                 self.slots[k as usize] = Some(svc.clone());

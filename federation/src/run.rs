@@ -3,7 +3,6 @@
 //! re-reads local sources and re-merges the catalog whenever anything changes or a lease
 //! runs out.
 
-use futures::FutureExt;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use futures::FutureExt;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::json;
 use strait_api::admin::Admin;
