@@ -239,7 +239,8 @@ pub fn grpcurl_hello(proxy: SocketAddr, name: &str, headers: &[&str]) -> (bool, 
             std::env::var("HOME").unwrap_or_default()
         )
     });
-    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/proto");
+    let proto_dir = crate::repo_dir().join("deploy/proto");
+    let proto_dir = proto_dir.to_str().expect("a UTF-8 path");
     let data = format!(r#"{{"name":"{name}"}}"#);
     let mut args: Vec<String> = [
         "-plaintext",

@@ -18,6 +18,18 @@ static STARTED: AtomicU32 = AtomicU32::new(0);
 
 /// The `strait` binary under test: `$STRAIT_BIN`, else `target/<profile>/strait` next to the
 /// test executable.
+/// The repository's root, for files tests read from it (`deploy/`, `examples/`). Taken from
+/// `CARGO_MANIFEST_DIR` as `cargo test` sets it when it runs the test, not as it was when the
+/// test was compiled: cargo reuses a test binary built in another clone of the same sources
+/// (a shared target directory), and the compile-time path then names that clone.
+pub fn repo_dir() -> PathBuf {
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    PathBuf::from(manifest)
+        .parent()
+        .expect("multicluster-tests sits in the repository's root")
+        .to_path_buf()
+}
+
 pub fn strait_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("STRAIT_BIN") {
         return PathBuf::from(p);

@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::path::Path;
-
-use multicluster_tests::{strait_bin, Mesh, MeshOptions};
+use multicluster_tests::{repo_dir, strait_bin, Mesh, MeshOptions};
 
 const ONE_CLUSTER: &str = r#"
 trustDomain: mesh.local
@@ -43,7 +41,7 @@ fn strait(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn deploy_directory_is_generated_not_hand_edited() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("deploy");
+    let repo = repo_dir().join("deploy");
     let fresh = std::env::temp_dir().join(format!("strait-deploy-{}", std::process::id()));
     let (ok, out) = strait(&["install", "--write-deploy", fresh.to_str().unwrap()]);
     assert!(ok, "{out}");

@@ -119,7 +119,8 @@ async fn unmodified_clients_in_network_namespaces() {
     );
     assert!(ok && out.contains("\"path\":\"/h2\""), "{out}");
     // gRPC with an unmodified client.
-    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/proto");
+    let proto_dir = multicluster_tests::repo_dir().join("deploy/proto");
+    let proto_dir = proto_dir.to_str().expect("a UTF-8 path");
     let (ok, out) = exec(
         &ws,
         false,

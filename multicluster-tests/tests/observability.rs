@@ -300,7 +300,8 @@ spec:
 
     // deploy/observability: every query of the Grafana dashboard runs in this Prometheus (its
     // variables set to "all clusters"), and the ones this traffic feeds answer with data.
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/observability");
+    let dir = multicluster_tests::repo_dir().join("deploy/observability");
+    let dir = dir.display();
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/grafana-strait-clusterset.json")).unwrap())
             .unwrap();
