@@ -15,7 +15,9 @@
 //!   each proxy's resident memory grew during the transfer;
 //! - the same proxy-pair figures for an HAProxy 2.6 mutual-TLS pair (Debian's `haproxy`) in front
 //!   of the same app at the same load, side by side with Strait's sidecar pair: added latency,
-//!   CPU seconds per 1,000 requests and RSS of each proxy, and the ratios;
+//!   CPU seconds per 1,000 requests, RSS and private memory (RSS less the pages shared with other
+//!   processes, such as the executable's text every sidecar on a node shares) of each proxy, and
+//!   the ratios;
 //! - each proxy's peak RSS.
 //!
 //! - new connection setup: a new cross-cluster connection until its first echoed byte, beside a
@@ -63,7 +65,7 @@ const RATE: u32 = multicluster_tests::load::RATE;
 const CONNECTIONS: usize = multicluster_tests::load::CONNECTIONS;
 const BODY: usize = multicluster_tests::load::BODY;
 use multicluster_tests::haproxy::{cpu_seconds, HaproxyPair};
-use multicluster_tests::load::{load, peak_rss_kib, rss_kib, Latencies};
+use multicluster_tests::load::{load, peak_rss_kib, private_kib, rss_kib, Latencies};
 
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
@@ -396,7 +398,7 @@ async fn latency(
         if key == "pair" {
             let used = [0, 1].map(|i| cpu_seconds(pair[i]) - cpu_before[i]);
             let per_thousand = used.map(|c| c / (meshed.0.len().max(1) as f64 / 1000.0));
-            strait_pair = Some((per_thousand, pair.map(rss_kib)));
+            strait_pair = Some((per_thousand, pair.map(rss_kib), pair.map(private_kib)));
         }
         for (how, lat, err) in [("direct", &direct, derr), ("via mesh", &meshed, merr)] {
             println!(
@@ -443,8 +445,8 @@ async fn latency(
     let before = hpids.map(cpu_seconds);
     let (hmeshed, herr) = load(haproxy.front, &app_url, false, seconds).await;
     let hcpu = [0, 1].map(|i| (cpu_seconds(hpids[i]) - before[i]) / (hmeshed.0.len().max(1) as f64 / 1000.0));
-    let hrss = hpids.map(rss_kib);
-    let (scpu, srss) = strait_pair.unwrap();
+    let (hrss, hprivate) = (hpids.map(rss_kib), hpids.map(private_kib));
+    let (scpu, srss, sprivate) = strait_pair.unwrap();
     let (_, _, sdirect, smeshed) = rows.iter().find(|r| r.0 == "pair").unwrap();
     let added3 = |m: &Latencies, d: &Latencies| [0.5, 0.9, 0.99].map(|p| added_ms(m.pct(p), d.pct(p)));
     let s_added = added3(smeshed, sdirect);
@@ -454,22 +456,24 @@ async fn latency(
         haproxy.version
     );
     println!(
-        "  {:<28} {:>8} {:>8} {:>8}   {:>22}   {:>18}",
-        "", "+p50 ms", "+p90 ms", "+p99 ms", "CPU s/1000 req (c, d)", "RSS MiB (c, d)"
+        "  {:<28} {:>8} {:>8} {:>8}   {:>22}   {:>18}   {:>18}",
+        "", "+p50 ms", "+p90 ms", "+p99 ms", "CPU s/1000 req (c, d)", "RSS MiB (c, d)", "private MiB (c, d)"
     );
-    for (name, key, a, cpu, rss) in [
-        ("strait sidecar pair", "strait", s_added, scpu, srss),
-        ("haproxy mTLS pair", "haproxy", h_added, hcpu, hrss),
+    for (name, key, a, cpu, rss, private) in [
+        ("strait sidecar pair", "strait", s_added, scpu, srss, sprivate),
+        ("haproxy mTLS pair", "haproxy", h_added, hcpu, hrss, hprivate),
     ] {
         println!(
-            "  {name:<28} {:>+8.3} {:>+8.3} {:>+8.3}   {:>10.3} {:>10.3}   {:>8.1} {:>8.1}",
+            "  {name:<28} {:>+8.3} {:>+8.3} {:>+8.3}   {:>10.3} {:>10.3}   {:>8.1} {:>8.1}   {:>8.1} {:>8.1}",
             a[0],
             a[1],
             a[2],
             cpu[0],
             cpu[1],
             rss[0] as f64 / 1024.0,
-            rss[1] as f64 / 1024.0
+            rss[1] as f64 / 1024.0,
+            private[0] as f64 / 1024.0,
+            private[1] as f64 / 1024.0
         );
         for (i, p) in ["p50", "p90", "p99"].iter().enumerate() {
             figures.add(&format!("side_by_side.{key}.added_{p}"), a[i], "ms");
@@ -477,6 +481,11 @@ async fn latency(
         for (i, side) in ["caller", "destination"].iter().enumerate() {
             figures.add(&format!("side_by_side.{key}.cpu_{side}"), cpu[i], "s/1000 req");
             figures.add(&format!("side_by_side.{key}.rss_{side}"), rss[i] as f64 / 1024.0, "MiB");
+            figures.add(
+                &format!("side_by_side.{key}.private_{side}"),
+                private[i] as f64 / 1024.0,
+                "MiB",
+            );
         }
     }
     let r = |s: f64, h: f64, floor: f64| s / h.max(floor);

@@ -137,6 +137,19 @@ pub fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
 
+/// Resident memory this process alone holds, KiB: its private pages (heap, stacks, and
+/// pages of its files no other process has touched), from `/proc/<pid>/smaps_rollup`.
+/// Unlike RSS it leaves out the executable's text shared with every other process
+/// running the same binary, which is what each additional proxy on a node costs.
+pub fn private_kib(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
 /// Peak resident memory, KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmHWM:")
