@@ -153,6 +153,16 @@ fn dur(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
+/// A loopback range (`127.<base>.0.0/16`, and with `--netns` the namespaces `strait-<base>-…`)
+/// no other mesh of this test process has used, and the mesh's number in the process. Tests
+/// that run `strait up` themselves take theirs here too: a base picked any other way can
+/// collide with a fixture's (two tests of one binary once both got 205 and the second's
+/// `ip netns add` failed).
+pub fn fresh_address_base() -> (u32, u8) {
+    let n = STARTED.fetch_add(1, Ordering::SeqCst);
+    (n, 20 + ((std::process::id() * 7 + n * 13) % 230) as u8)
+}
+
 impl Mesh {
     pub async fn start() -> anyhow::Result<Mesh> {
         Self::start_with(MeshOptions::default()).await
@@ -162,8 +172,7 @@ impl Mesh {
         let turn = ONE_AT_A_TIME.lock().await;
         // A fresh loopback range per mesh, so a lingering process of an earlier mesh never
         // answers for this one.
-        let n = STARTED.fetch_add(1, Ordering::SeqCst);
-        let base = 20 + ((std::process::id() * 7 + n * 13) % 230) as u8;
+        let (n, base) = fresh_address_base();
         let state_dir = std::env::temp_dir().join(format!("strait-test-{}-{n}", std::process::id()));
         let mut cmd = Command::new(strait_bin());
         cmd.arg("up")

@@ -349,7 +349,7 @@ async fn unmodified_clients_in_network_namespaces() {
 /// next run with the same address base removes them first and comes up cleanly.
 #[tokio::test]
 async fn leftovers_of_a_crash_are_cleaned_up() {
-    let base = 200 + (std::process::id() % 40) as u8;
+    let (_, base) = multicluster_tests::fresh_address_base();
     let prefix = format!("strait-{base}-");
     let up = || {
         let mut child = Command::new(strait_bin())
