@@ -16,8 +16,6 @@ use tokio::process::{Child, Command};
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 static STARTED: AtomicU32 = AtomicU32::new(0);
 
-/// The `strait` binary under test: `$STRAIT_BIN`, else `target/<profile>/strait` next to the
-/// test executable.
 /// The repository's root, for files tests read from it (`deploy/`, `examples/`). Taken from
 /// `CARGO_MANIFEST_DIR` as `cargo test` sets it when it runs the test, not as it was when the
 /// test was compiled: cargo reuses a test binary built in another clone of the same sources
@@ -30,6 +28,8 @@ pub fn repo_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The `strait` binary under test: `$STRAIT_BIN`, else `target/<profile>/strait` next to the
+/// test executable.
 pub fn strait_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("STRAIT_BIN") {
         return PathBuf::from(p);
