@@ -120,21 +120,19 @@ pub async fn load_over(
     (Latencies(all), errors)
 }
 
-/// A `/proc/<pid>/status` field in KiB (0 if the process is gone).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
+/// The sum of the named KiB fields of a `/proc/<pid>/<file>` (0 if the process is gone).
+fn proc_kib(pid: u32, file: &str, fields: &[&str]) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
+        .lines()
+        .filter(|l| fields.iter().any(|f| l.starts_with(f)))
+        .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .sum()
 }
 
 /// Resident memory now, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
+    proc_kib(pid, "status", &["VmRSS:"])
 }
 
 /// Resident memory this process alone holds, KiB: its private pages (heap, stacks, and
@@ -142,17 +140,12 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// Unlike RSS it leaves out the executable's text shared with every other process
 /// running the same binary, which is what each additional proxy on a node costs.
 pub fn private_kib(pid: u32) -> u64 {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    rollup
-        .lines()
-        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
-        .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-        .sum()
+    proc_kib(pid, "smaps_rollup", &["Private_Clean:", "Private_Dirty:"])
 }
 
 /// Peak resident memory, KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmHWM:")
+    proc_kib(pid, "status", &["VmHWM:"])
 }
 
 /// Points the mesh fixture at the release binary next to the running benchmark (unless
