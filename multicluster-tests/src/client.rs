@@ -218,15 +218,36 @@ impl LoadReport {
 
     /// Zones that served requests due in `[from, to)`, with counts.
     pub fn zones_between(&self, from: Duration, to: Duration) -> std::collections::BTreeMap<String, usize> {
+        self.zones_where(|s| s.due >= from && s.due < to)
+    }
+
+    /// Zones that served requests due from `from` and answered before `to`, with counts: what
+    /// was served before something happened at `to`, leaving out requests still in flight
+    /// then (one due just before a kill may rightly fail over).
+    pub fn zones_answered_between(&self, from: Duration, to: Duration) -> std::collections::BTreeMap<String, usize> {
+        self.zones_where(|s| s.due >= from && s.due + s.latency < to)
+    }
+
+    fn zones_where(&self, pick: impl Fn(&Sample) -> bool) -> std::collections::BTreeMap<String, usize> {
         let mut out = std::collections::BTreeMap::new();
-        for s in &self.samples {
+        for s in self.samples.iter().filter(|s| pick(s)) {
             if let Outcome::Served { zone, .. } = &s.outcome {
-                if s.due >= from && s.due < to {
-                    *out.entry(zone.clone()).or_insert(0) += 1;
-                }
+                *out.entry(zone.clone()).or_insert(0) += 1;
             }
         }
         out
+    }
+
+    /// Requests due in `[from, to)` served outside `zone`: (due, latency, zone), for messages.
+    pub fn served_elsewhere(&self, from: Duration, to: Duration, zone: &str) -> Vec<(Duration, Duration, String)> {
+        self.samples
+            .iter()
+            .filter(|s| s.due >= from && s.due < to)
+            .filter_map(|s| match &s.outcome {
+                Outcome::Served { zone: z, .. } if z != zone => Some((s.due, s.latency, z.clone())),
+                _ => None,
+            })
+            .collect()
     }
 }
 
