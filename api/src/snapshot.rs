@@ -39,8 +39,6 @@ pub struct PortEntry {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointEntry {
-    /// Unique key for load-balancer state: `<cluster>/<address>`.
-    pub key: String,
     pub address: SocketAddr,
     pub workload: String,
     /// Shared by the endpoints of a service in one locality (one allocation, not one each).
@@ -48,7 +46,22 @@ pub struct EndpointEntry {
     /// Shared by the endpoints of a service that run as one identity.
     pub identity: Arc<SpiffeId>,
     pub ready: bool,
-    pub labels: BTreeMap<String, String>,
+    /// Shared by the endpoints of a service that carry the same labels.
+    pub labels: Arc<BTreeMap<String, String>>,
+}
+
+impl EndpointEntry {
+    /// `<cluster>/<address>`: unique in the clusterset (an address only within its cluster),
+    /// for connection pools and messages. Made on demand rather than held: a catalog of 40,000
+    /// endpoints would hold 2 MiB of these.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.locality.cluster, self.address)
+    }
+
+    /// How outlier detection knows this endpoint (nothing allocated).
+    pub fn target(&self) -> crate::lb::Target<'_> {
+        crate::lb::Target::Endpoint(&self.locality.cluster, self.address)
+    }
 }
 
 /// How a destination-total rate limit's shares name an endpoint: `<cluster>/<workload>`, as
@@ -278,12 +291,13 @@ fn convert_service(s: &pb::Service) -> Result<ServiceEntry, FieldError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // A service's endpoints share a few localities and identities: each is parsed and held
-    // once (a catalog of 40,000 endpoints would otherwise hold 40,000 copies of each).
+    // A service's endpoints share a few localities, identities and label sets: each is parsed
+    // and held once (a catalog of 40,000 endpoints would otherwise hold 40,000 copies of each).
     let mut localities: Vec<Arc<Locality>> = vec![];
     let no_locality = pb::Locality::default();
     let mut ids: HashMap<&str, Arc<SpiffeId>> = HashMap::new();
-    let endpoints = s
+    let mut label_sets: HashMap<BTreeMap<String, String>, Arc<BTreeMap<String, String>>> = HashMap::new();
+    let mut endpoints = s
         .endpoints
         .iter()
         .enumerate()
@@ -307,16 +321,21 @@ fn convert_service(s: &pb::Service) -> Result<ServiceEntry, FieldError> {
             };
             let address = parse_addr(&format!("endpoints[{i}].address"), &e.address)?;
             Ok(EndpointEntry {
-                key: format!("{}/{}", locality.cluster, address),
                 address,
                 workload: e.workload.clone(),
                 identity,
                 locality,
                 ready: e.ready,
-                labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                labels: label_sets
+                    .entry(e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .or_insert_with_key(|l| Arc::new(l.clone()))
+                    .clone(),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Collected through a `Result`, the vector grew by doubling: up to half of it would be
+    // spare capacity, held for as long as the service is.
+    endpoints.shrink_to_fit();
     let mut identities = s
         .identities
         .iter()
@@ -397,6 +416,80 @@ fn convert_policy(p: &pb::LocalityPolicy) -> Result<PolicyEntry, FieldError> {
     })
 }
 
+/// An update as it arrives, each resource converted and checked as soon as its part is
+/// decoded: a large update comes in parts (`ConfigUpdate.more`), and each part's wire form is
+/// dropped once converted, so a whole catalog is never held twice, wire and typed.
+#[derive(Debug, Default)]
+pub struct Pending {
+    version: u64,
+    full: bool,
+    parts: usize,
+    accepted: Vec<(String, String, Typed)>,
+    rejected: Vec<pb::Rejection>,
+    removed: Vec<String>,
+}
+
+impl Pending {
+    /// Adds one part of an update; returns whether the update is whole (the part was the
+    /// last). A bad resource is rejected by name here; the rest go on.
+    pub fn add(&mut self, part: pb::ConfigUpdate) -> bool {
+        self.version = part.version;
+        self.full |= part.full;
+        self.parts += 1;
+        for res in part.resources {
+            match convert(&res) {
+                Ok(typed) => self.accepted.push((res.name, res.version, typed)),
+                Err(e) => {
+                    tracing::warn!(resource = %res.name, error = %e, "rejected config resource; keeping the last good version");
+                    self.rejected.push(pb::Rejection {
+                        name: res.name,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.removed.extend(part.removed);
+        !part.more
+    }
+
+    /// A whole update in one message.
+    pub fn whole(update: pb::ConfigUpdate) -> Pending {
+        let mut p = Pending::default();
+        p.add(update);
+        p
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Whether the update is the whole state (sent on every new stream).
+    pub fn full(&self) -> bool {
+        self.full
+    }
+
+    /// How many messages the update came in.
+    pub fn parts(&self) -> usize {
+        self.parts
+    }
+
+    /// How many resources the update carried (accepted or not).
+    pub fn received(&self) -> usize {
+        self.accepted.len() + self.rejected.len()
+    }
+
+    /// Every name the update touches: its resources (rejected ones too) and its removals.
+    fn touched(&self) -> Vec<String> {
+        self.accepted
+            .iter()
+            .map(|(name, _, _)| name)
+            .chain(self.rejected.iter().map(|r| &r.name))
+            .chain(&self.removed)
+            .cloned()
+            .collect()
+    }
+}
+
 /// The accepted resources of a proxy, by name, with their versions.
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
@@ -405,32 +498,29 @@ pub struct Resources {
 
 impl Resources {
     /// Applies an update and returns the resources it rejected (name, reason). Rejected
-    /// resources keep their last good version. The update is consumed resource by resource, so
-    /// a large one (a whole catalog on connect) is not held twice, wire and typed, at its peak.
+    /// resources keep their last good version.
     pub fn apply(&mut self, update: pb::ConfigUpdate) -> Vec<pb::Rejection> {
+        self.commit(Pending::whole(update))
+    }
+
+    fn commit(&mut self, update: Pending) -> Vec<pb::Rejection> {
         if update.full {
-            let named: std::collections::HashSet<&str> = update.resources.iter().map(|r| r.name.as_str()).collect();
+            // A rejected resource is named too: it keeps its last good version.
+            let named: HashSet<&str> = update
+                .accepted
+                .iter()
+                .map(|(name, _, _)| name.as_str())
+                .chain(update.rejected.iter().map(|r| r.name.as_str()))
+                .collect();
             self.entries.retain(|k, _| named.contains(k.as_str()));
         }
-        let mut rejected = vec![];
-        for res in update.resources {
-            match convert(&res) {
-                Ok(typed) => {
-                    self.entries.insert(res.name, (res.version, typed));
-                }
-                Err(e) => {
-                    tracing::warn!(resource = %res.name, error = %e, "rejected config resource; keeping the last good version");
-                    rejected.push(pb::Rejection {
-                        name: res.name.clone(),
-                        error: e.to_string(),
-                    });
-                }
-            }
+        for (name, version, typed) in update.accepted {
+            self.entries.insert(name, (version, typed));
         }
         for name in &update.removed {
             self.entries.remove(name);
         }
-        rejected
+        update.rejected
     }
 
     /// Applies an update (as [`Resources::apply`]) and returns the snapshot of the result.
@@ -438,14 +528,13 @@ impl Resources {
     /// replaces or removes services, the snapshot is `prev` with those services' entries
     /// swapped; anything else (or two services claiming one address or host) builds it anew.
     pub fn update(&mut self, prev: &Snapshot, update: pb::ConfigUpdate) -> (Snapshot, Vec<pb::Rejection>) {
+        self.update_with(prev, Pending::whole(update))
+    }
+
+    /// [`Resources::update`] with an update received in parts.
+    pub fn update_with(&mut self, prev: &Snapshot, update: Pending) -> (Snapshot, Vec<pb::Rejection>) {
         let (full, version) = (update.full, update.version);
-        let touched: Vec<String> = update
-            .resources
-            .iter()
-            .map(|r| &r.name)
-            .chain(update.removed.iter())
-            .cloned()
-            .collect();
+        let touched = update.touched();
         let service = |t: Option<&(String, Typed)>| match t {
             None => Some(None),
             Some((_, Typed::Service(s))) => Some(Some(s.clone())),
@@ -453,7 +542,7 @@ impl Resources {
         };
         let before: Option<Vec<Option<Arc<ServiceEntry>>>> =
             touched.iter().map(|n| service(self.entries.get(n))).collect();
-        let rejected = self.apply(update);
+        let rejected = self.commit(update);
         let after: Option<Vec<Option<Arc<ServiceEntry>>>> =
             touched.iter().map(|n| service(self.entries.get(n))).collect();
         let snap = match (full, before, after) {
@@ -884,6 +973,7 @@ mod tests {
             full: true,
             resources: vec![service_resource("echo", "127.0.0.1:15006")],
             removed: vec![],
+            more: false,
         };
         let mut r = Resources::default();
         let rej = r.apply(good);
@@ -893,6 +983,7 @@ mod tests {
             full: false,
             resources: vec![service_resource("echo", "not-an-address")],
             removed: vec![],
+            more: false,
         };
         let rej = r.apply(bad);
         assert_eq!(rej.len(), 1);
@@ -914,12 +1005,14 @@ mod tests {
                 service_resource("b", "127.0.0.1:2"),
             ],
             removed: vec![],
+            more: false,
         });
         r.apply(pb::ConfigUpdate {
             version: 2,
             full: true,
             resources: vec![service_resource("b", "127.0.0.1:2")],
             removed: vec![],
+            more: false,
         });
         assert_eq!(r.snapshot(2).services.len(), 1);
         r.apply(pb::ConfigUpdate {
@@ -927,8 +1020,68 @@ mod tests {
             full: false,
             resources: vec![],
             removed: vec!["service/demo/b".into()],
+            more: false,
         });
         assert!(r.snapshot(3).services.is_empty());
+    }
+
+    #[test]
+    fn an_update_in_parts_applies_as_one_update_after_its_last_part() {
+        let whole = |version, resources: Vec<pb::Resource>, removed: Vec<String>| pb::ConfigUpdate {
+            version,
+            full: version == 1,
+            resources,
+            removed,
+            more: false,
+        };
+        let mut one = Resources::default();
+        one.apply(whole(1, vec![service_resource("old", "127.0.0.1:9")], vec![]));
+        let mut parted = one.clone();
+        let mut snap = parted.snapshot(1);
+        // A full update of three services (one of them bad) and a removal, sent whole ...
+        let resources = vec![
+            service_resource("a", "127.0.0.1:1"),
+            service_resource("b", "not-an-address"),
+            service_resource("c", "127.0.0.1:3"),
+        ];
+        let mut full = whole(2, resources.clone(), vec!["service/demo/gone".into()]);
+        full.full = true;
+        let rejected = one.apply(full);
+        // ... and in parts: `full` on the first, `removed` on the last, `more` on all but it.
+        let mut pending = Pending::default();
+        let parts = [
+            (true, vec![resources[0].clone()], vec![], true),
+            (false, vec![resources[1].clone()], vec![], true),
+            (
+                false,
+                vec![resources[2].clone()],
+                vec!["service/demo/gone".to_string()],
+                false,
+            ),
+        ];
+        for (i, (full, resources, removed, more)) in parts.into_iter().enumerate() {
+            let part = pb::ConfigUpdate {
+                version: 2,
+                full,
+                resources,
+                removed,
+                more,
+            };
+            assert_eq!(pending.add(part), !more, "part {i}");
+            if more {
+                // Nothing is applied before the last part: the proxy serves the old config.
+                assert!(snap.services.contains_key("demo/old"));
+            }
+        }
+        assert_eq!((pending.version(), pending.received(), pending.parts()), (2, 3, 3));
+        let (next, parted_rejected) = parted.update_with(&snap, pending);
+        snap = next;
+        assert_eq!(parted_rejected, rejected);
+        assert_eq!(shape(&snap), shape(&one.snapshot(2)));
+        // The full update (all its parts) removed what none of them named.
+        assert!(!snap.services.contains_key("demo/old"));
+        assert!(snap.services.contains_key("demo/a") && snap.services.contains_key("demo/c"));
+        assert_eq!(snap.version, 2);
     }
 
     /// What a snapshot maps, by service key, for comparing two built differently.
@@ -963,6 +1116,7 @@ mod tests {
             full: version == 1,
             resources: vec![r],
             removed: vec![],
+            more: false,
         };
         let mut r = Resources::default();
         let (first, _) = r.update(&Snapshot::default(), update(1, big(150)));
@@ -1002,6 +1156,7 @@ mod tests {
             r
         };
         let update = |version: u64, resources: Vec<pb::Resource>, removed: &[&str]| pb::ConfigUpdate {
+            more: false,
             version,
             full: version == 1,
             resources,

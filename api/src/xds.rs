@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::pb;
 use crate::pb::config_service_client::ConfigServiceClient;
-use crate::snapshot::{Resources, Snapshot};
+use crate::snapshot::{Pending, Resources, Snapshot};
 
 #[derive(Clone, Debug)]
 pub struct XdsMetrics {
@@ -94,6 +94,7 @@ impl XdsClient {
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
         let mut hello = self.hello.clone();
         hello.have_version = tx.borrow().version;
+        hello.accepts_parts = true;
         let _ = out_tx
             .send(pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Hello(hello)),
@@ -104,10 +105,15 @@ impl XdsClient {
             .await?
             .into_inner();
         self.metrics.connected.set(1);
-        while let Some(update) = inbound.message().await? {
+        let mut pending = Pending::default();
+        while let Some(part) = inbound.message().await? {
+            if !pending.add(part) {
+                continue;
+            }
+            let update = std::mem::take(&mut pending);
             let prev = tx.borrow().clone();
-            let (version, received) = (update.version, update.resources.len());
-            let (snapshot, rejected) = resources.update(&prev, update);
+            let (version, received, parts, full) = (update.version(), update.received(), update.parts(), update.full());
+            let (snapshot, rejected) = resources.update_with(&prev, update);
             drop(prev);
             if let Some(bundle) = &snapshot.bundle {
                 self.store.set_bundle(bundle.clone());
@@ -122,7 +128,18 @@ impl XdsClient {
                 .with_label_values(&["rejected"])
                 .inc_by(rejected.len() as u64);
             self.metrics.version.set(version as i64);
-            tracing::debug!(version, applied, rejected = rejected.len(), "config applied");
+            if full {
+                // Once per stream: the whole state, in as many parts as its size took.
+                tracing::info!(
+                    version,
+                    applied,
+                    rejected = rejected.len(),
+                    parts,
+                    "full config applied"
+                );
+            } else {
+                tracing::debug!(version, applied, rejected = rejected.len(), "config applied");
+            }
             tx.send_replace(Arc::new(snapshot));
             let ack = pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Ack(pb::Ack { version, rejected })),

@@ -133,29 +133,31 @@ impl ConfigService for XdsServer {
                 let (changed, removed) = diff(&sent.resources, &current.resources, include);
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty()) {
-                    let update = if first {
-                        pb::ConfigUpdate {
-                            version: current.version,
-                            full: true,
-                            resources: current
+                    let mut parts = Parts::new(current.version, first, hello.accepts_parts);
+                    let resources: Box<dyn Iterator<Item = pb::Resource> + Send> = if first {
+                        // Copied part by part as they are sent, not all at once.
+                        Box::new(
+                            current
                                 .resources
                                 .values()
                                 .filter(|r| include(&r.name))
-                                .map(|r| (**r).clone())
-                                .collect(),
-                            removed: vec![],
-                        }
+                                .map(|r| (**r).clone()),
+                        )
                     } else {
-                        pb::ConfigUpdate {
-                            version: current.version,
-                            full: false,
-                            resources: changed,
-                            removed,
-                        }
+                        Box::new(changed.into_iter())
                     };
+                    let mut gone = false;
+                    for r in resources {
+                        if let Some(part) = parts.push(r) {
+                            gone = tx.send(Ok(part)).await.is_err();
+                            if gone {
+                                break;
+                            }
+                        }
+                    }
                     first = false;
                     sent = current.clone();
-                    if tx.send(Ok(update)).await.is_err() {
+                    if gone || tx.send(Ok(parts.last(removed))).await.is_err() {
                         break;
                     }
                     if let Ok(mut p) = proxies.lock() {
@@ -195,6 +197,69 @@ impl ConfigService for XdsServer {
     }
 }
 
+/// How large a part of an update split for sending may grow (encoded bytes; a resource larger
+/// than this is a part alone). A whole catalog of 40,000 endpoints is 3.5 MB: sent whole, the
+/// proxy's decode buffer would grow to hold it and keep that size for as long as the stream.
+pub const PART_BYTES: usize = 256 * 1024;
+
+/// An update cut into parts of at most [`PART_BYTES`] as its resources are added (for a proxy
+/// that takes parts; for one that does not, one part).
+struct Parts {
+    version: u64,
+    full: bool,
+    split: bool,
+    resources: Vec<pb::Resource>,
+    bytes: usize,
+    sent_any: bool,
+}
+
+impl Parts {
+    fn new(version: u64, full: bool, split: bool) -> Self {
+        Parts {
+            version,
+            full,
+            split,
+            resources: vec![],
+            bytes: 0,
+            sent_any: false,
+        }
+    }
+
+    /// Adds a resource; returns a part to send when this one would not fit in it.
+    fn push(&mut self, r: pb::Resource) -> Option<pb::ConfigUpdate> {
+        use prost::Message;
+        let mut ready = None;
+        if self.split {
+            let len = r.encoded_len();
+            if !self.resources.is_empty() && self.bytes + len > PART_BYTES {
+                ready = Some(self.part(vec![], true));
+            }
+            self.bytes += len;
+        }
+        self.resources.push(r);
+        ready
+    }
+
+    /// The last part, with the update's removals.
+    fn last(mut self, removed: Vec<String>) -> pb::ConfigUpdate {
+        self.part(removed, false)
+    }
+
+    fn part(&mut self, removed: Vec<String>, more: bool) -> pb::ConfigUpdate {
+        // `full` on the first part only: it covers every part.
+        let full = self.full && !self.sent_any;
+        self.sent_any = true;
+        self.bytes = 0;
+        pb::ConfigUpdate {
+            version: self.version,
+            full,
+            resources: std::mem::take(&mut self.resources),
+            removed,
+            more,
+        }
+    }
+}
+
 /// Whether a resource is sent to a proxy scoped to `namespaces` (empty: every namespace). Only
 /// services are scoped; the mesh's own namespace, gateways, policies and routes always go.
 fn in_scope(namespaces: &[String], name: &str) -> bool {
@@ -221,5 +286,74 @@ mod scope_tests {
         assert!(in_scope(&scope, "route/sim/r"));
         assert!(in_scope(&scope, "gateway/west"));
         assert!(in_scope(&[], "service/sim/svc-0001"));
+    }
+}
+
+#[cfg(test)]
+mod parts_tests {
+    use super::{Parts, PART_BYTES};
+    use prost::Message;
+    use strait_api::pb;
+
+    /// A resource of about `kib` KiB encoded.
+    fn resource(name: &str, kib: usize) -> pb::Resource {
+        pb::Resource {
+            name: name.into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::TrustBundle(pb::TrustBundle {
+                pem: "x".repeat(kib * 1024),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn split(resources: &[pb::Resource], full: bool, accepts_parts: bool) -> Vec<pb::ConfigUpdate> {
+        let mut parts = Parts::new(7, full, accepts_parts);
+        let mut out: Vec<pb::ConfigUpdate> = resources.iter().filter_map(|r| parts.push(r.clone())).collect();
+        out.push(parts.last(vec!["gone".into()]));
+        out
+    }
+
+    #[test]
+    fn a_large_update_is_sent_in_bounded_parts_that_add_up_to_it() {
+        // 100 KiB each, one of 600 KiB (a part alone), then small ones.
+        let mut resources: Vec<pb::Resource> = (0..5).map(|i| resource(&format!("a{i}"), 100)).collect();
+        resources.push(resource("big", 600));
+        resources.extend((0..3).map(|i| resource(&format!("c{i}"), 1)));
+        let parts = split(&resources, true, true);
+        assert!(parts.len() >= 4, "{} parts", parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            let last = i == parts.len() - 1;
+            assert_eq!(p.version, 7);
+            assert_eq!(p.full, i == 0, "full on the first part only (part {i})");
+            assert_eq!(p.more, !last, "more on every part but the last (part {i})");
+            assert_eq!(p.removed.is_empty(), !last, "removals in the last part (part {i})");
+            assert!(
+                p.resources.len() == 1 || p.encoded_len() <= PART_BYTES + 64,
+                "part {i}: {} resources, {} bytes",
+                p.resources.len(),
+                p.encoded_len()
+            );
+        }
+        let names: Vec<&str> = parts
+            .iter()
+            .flat_map(|p| p.resources.iter().map(|r| r.name.as_str()))
+            .collect();
+        let want: Vec<&str> = resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, want, "every resource once, in order");
+        assert!(parts
+            .iter()
+            .any(|p| p.resources.len() == 1 && p.resources[0].name == "big"));
+    }
+
+    #[test]
+    fn small_updates_and_proxies_that_do_not_take_parts_get_one_message() {
+        let resources: Vec<pb::Resource> = (0..5).map(|i| resource(&format!("a{i}"), 100)).collect();
+        let whole = split(&resources, true, false);
+        assert_eq!(whole.len(), 1);
+        assert!(whole[0].full && !whole[0].more && whole[0].resources.len() == 5 && whole[0].removed == ["gone"]);
+        let small = split(&resources[..2], false, true);
+        assert_eq!(small.len(), 1);
+        assert!(!small[0].full && !small[0].more && small[0].resources.len() == 2);
     }
 }

@@ -40,6 +40,7 @@ fn catalog() -> Snapshot {
             service("db", "", &["198.18.1.11:8080", "198.18.2.11:8080"]),
         ],
         removed: vec![],
+        more: false,
     };
     let mut resources = Resources::default();
     resources.apply(update);

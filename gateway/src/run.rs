@@ -42,6 +42,7 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         have_version: 0,
         admin: opts.admin.to_string(),
         namespaces: vec![],
+        accepts_parts: true,
     };
     let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
 

@@ -225,6 +225,7 @@ async fn probe_session(
             node: format!("sim-probe-{c}"),
             kind: "sidecar".into(),
             cluster: cluster_name(c),
+            accepts_parts: true,
             ..Default::default()
         })),
     })
@@ -271,6 +272,10 @@ async fn probe_session(
                 }
             }
             seen.endpoints[c] = held.values().sum();
+        }
+        // A version in parts is ACKed once, after its last part.
+        if update.more {
+            continue;
         }
         let ack = pb::ProxyMessage {
             kind: Some(pb::proxy_message::Kind::Ack(pb::Ack {

@@ -118,11 +118,14 @@ async fn a_scoped_sidecar_holds_only_its_namespaces_and_still_calls_them() {
 
 /// One service of 60,000 endpoints (about 100 bytes each on the wire): its export (peering)
 /// and the sidecars' config stream each carry it in one message of about 6 MB, larger than
-/// gRPC's default limit of 4 MiB; it still reaches a sidecar in the other cluster whole.
+/// gRPC's default limit of 4 MiB; it still reaches a sidecar in the other cluster whole. Then
+/// that cluster's controller restarts: its sidecar subscribes again and is sent the whole
+/// catalog as one update in parts (the resources before the big service, the big service
+/// alone, the rest), and holds all of it again and calls through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar() {
     const ENDPOINTS: usize = 60_000;
-    let mesh = Mesh::start().await.unwrap();
+    let mut mesh = Mesh::start().await.unwrap();
     let east = mesh.cluster("east");
     let mut yaml = String::from(
         "services:\n  - name: wide\n    namespace: big\n    serviceAccount: wide\n    ports: [{port: 80}]\n    endpoints:\n",
@@ -136,14 +139,16 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
         );
     }
     std::fs::write(east.controller.catalog_dir.clone().unwrap().join("wide.yaml"), yaml).unwrap();
-    let west = &mesh.cluster("west").workloads[0];
+    let west = mesh.cluster("west").workloads[0].clone();
     let held = std::sync::atomic::AtomicUsize::new(0);
-    let found = Mesh::eventually(
-        "a west sidecar holds every endpoint of big/wide",
-        Duration::from_secs(90),
-        || {
-            let held = &held;
-            async move {
+    // Every endpoint arrives, and the sidecar still calls across clusters with the big catalog
+    // in place.
+    let (west, held) = (&west, &held);
+    let holds_all_and_calls = |when: &'static str| async move {
+        let found = Mesh::eventually(
+            "a west sidecar holds every endpoint of big/wide",
+            Duration::from_secs(90),
+            || async move {
                 let Ok(config) = Mesh::admin_json(west.admin_addr, "/config").await else {
                     return false;
                 };
@@ -156,17 +161,42 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
                     .map_or(0, |e| e.len());
                 held.store(n, std::sync::atomic::Ordering::Relaxed);
                 n == ENDPOINTS
-            }
+            },
+        )
+        .await;
+        assert!(
+            found.is_ok(),
+            "{when}: the west sidecar holds {held:?} of {ENDPOINTS} endpoints"
+        );
+        let (status, _) = get_via(west.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{when}");
+    };
+    holds_all_and_calls("first").await;
+
+    // West's controller restarts; its sidecar gets the whole catalog again, in parts.
+    let controller = mesh.cluster("west").controller.clone();
+    mesh.kill9(controller.pid);
+    mesh.restart(&controller.command, Some(&controller.log)).unwrap();
+    let acked = Mesh::eventually(
+        "the restarted west controller's proxies ACK its config",
+        Duration::from_secs(60),
+        || async {
+            Mesh::admin_json(controller.admin_addr, "/status")
+                .await
+                .ok()
+                .and_then(|s| {
+                    let proxies = s["proxies"].as_array()?.clone();
+                    let sidecar = proxies
+                        .iter()
+                        .find(|p| p["kind"] == "sidecar" && p["node"] == west.name.as_str())?;
+                    Some(sidecar["acked_version"].as_u64()? > 0 && sidecar["acked_version"] == sidecar["sent_version"])
+                })
+                .unwrap_or(false)
         },
     )
     .await;
-    assert!(
-        found.is_ok(),
-        "the west sidecar holds {held:?} of {ENDPOINTS} endpoints"
-    );
-    // The sidecar still calls across clusters with the big catalog in place.
-    let (status, _) = get_via(west.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    assert!(acked.is_ok(), "{acked:?}");
+    holds_all_and_calls("after its controller restarted").await;
 }

@@ -474,7 +474,6 @@ mod tests {
             endpoints: eps
                 .iter()
                 .map(|(w, cluster, addr)| EndpointEntry {
-                    key: format!("{cluster}/{addr}"),
                     address: addr.parse().unwrap(),
                     workload: w.to_string(),
                     locality: Arc::new(Locality {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use strait_api::lb::{choose, Candidate, Outcome, OutlierDetector, ServiceOutlier};
+use strait_api::lb::{choose, Candidate, Outcome, OutlierDetector, ServiceOutlier, Target};
 use strait_api::locality::Locality;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 use strait_gateway::GatewayHealth;
@@ -15,10 +15,6 @@ use crate::metrics::SidecarMetrics;
 /// The longest a TrafficPolicy's outlier detection ejects an endpoint that keeps failing
 /// (its `baseEjectionTime` times the ejections in a row; Envoy's `max_ejection_time`).
 const MAX_POLICY_EJECTION: std::time::Duration = std::time::Duration::from_secs(300);
-
-fn gateway_key(cluster: &str) -> String {
-    format!("gateway/{cluster}")
-}
 
 pub struct Balancer {
     locality: Locality,
@@ -58,7 +54,7 @@ impl Balancer {
             return false;
         }
         outlier.is_none_or(|o| {
-            !o.is_ejected(&ep.key, now) && (local || !o.is_ejected(&gateway_key(&ep.locality.cluster), now))
+            !o.is_ejected(ep.target(), now) && (local || !o.is_ejected(Target::Gateway(&ep.locality.cluster), now))
         })
     }
 
@@ -71,11 +67,9 @@ impl Balancer {
         let mut outlier = self.outlier.lock().ok()?;
         // A TrafficPolicy's failure percentage is judged here, once per its interval.
         if let Some(rules) = self.rules(snap, svc).filter(|r| r.failure_percentage.is_some()) {
-            let keys: Vec<&str> = svc.endpoints.iter().map(|e| e.key.as_str()).collect();
-            for (key, time) in outlier.sweep(&svc.key(), &keys, now, &rules) {
-                if let Some(ep) = svc.endpoints.iter().find(|e| e.key == key) {
-                    self.ejected(svc, ep, time, "failure percentage");
-                }
+            let targets: Vec<Target<'_>> = svc.endpoints.iter().map(EndpointEntry::target).collect();
+            for (i, time) in outlier.sweep(&svc.key(), &targets, now, &rules) {
+                self.ejected(svc, &svc.endpoints[i], time, "failure percentage");
             }
         }
         let healthy: Vec<bool> = svc
@@ -198,9 +192,9 @@ impl Balancer {
 
     pub fn success(&self, ep: &EndpointEntry) {
         if let Ok(mut o) = self.outlier.lock() {
-            o.success(&ep.key);
+            o.success(ep.target());
             if ep.locality.cluster != self.locality.cluster {
-                o.success(&gateway_key(&ep.locality.cluster));
+                o.success(Target::Gateway(&ep.locality.cluster));
             }
         }
     }
@@ -212,7 +206,7 @@ impl Balancer {
             .outlier
             .lock()
             .ok()
-            .and_then(|mut o| o.failure(&gateway_key(cluster), Instant::now(), &snap.policy.outlier));
+            .and_then(|mut o| o.failure(Target::Gateway(cluster), Instant::now(), &snap.policy.outlier));
         if let Some(time) = ejected {
             tracing::info!(%cluster, ejection = ?time, "gateway unreachable; its cluster's endpoints are ejected");
         }
@@ -232,7 +226,7 @@ impl Balancer {
     }
 
     fn ejected(&self, svc: &ServiceEntry, ep: &EndpointEntry, time: std::time::Duration, why: &str) {
-        tracing::info!(endpoint = %ep.key, service = %svc.host(), ejection = ?time, why, "outlier detection ejected endpoint");
+        tracing::info!(endpoint = %ep.key(), service = %svc.host(), ejection = ?time, why, "outlier detection ejected endpoint");
         self.metrics
             .ejections
             .with_label_values(&[&ep.locality.cluster, &svc.host()])
@@ -272,16 +266,16 @@ impl Balancer {
         let rules = self.rules(snap, svc);
         let Ok(mut o) = self.outlier.lock() else { return };
         let ejected = match (&rules, outcome) {
-            (Some(rules), _) => o.record(&ep.key, outcome, now, rules),
-            (None, Outcome::Local) => o.failure(&ep.key, now, &snap.policy.outlier),
+            (Some(rules), _) => o.record(ep.target(), outcome, now, rules),
+            (None, Outcome::Local) => o.failure(ep.target(), now, &snap.policy.outlier),
             (None, _) => {
-                o.success(&ep.key);
+                o.success(ep.target());
                 None
             }
         };
         // Any answer shows the cluster's gateway works.
         if outcome != Outcome::Local && ep.locality.cluster != self.locality.cluster {
-            o.success(&gateway_key(&ep.locality.cluster));
+            o.success(Target::Gateway(&ep.locality.cluster));
         }
         drop(o);
         if let Some(time) = ejected {

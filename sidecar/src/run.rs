@@ -66,7 +66,7 @@ fn config_view(snap: &Snapshot) -> serde_json::Value {
                 "cluster": e.locality.cluster,
                 "zone": e.locality.zone,
                 "ready": e.ready,
-                "labels": e.labels,
+                "labels": &*e.labels,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "gateways": snap.gateways.values().map(|g| serde_json::json!({
@@ -121,6 +121,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         have_version: 0,
         admin: opts.admin.to_string(),
         namespaces: opts.scope_namespaces.clone(),
+        accepts_parts: true,
     };
     let (store, found) = opts.controller.connect(hello, &registry, tx).await?;
     // No zone given (the injector does not know the node yet): take the one the CA found.

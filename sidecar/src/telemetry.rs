@@ -102,9 +102,8 @@ impl LocalWorkload {
             &labels,
         ));
         let m: Arc<str> = w.metadata().into();
-        let l = Arc::new(labels);
-        *cached = Some((snap.version, w.clone(), m.clone(), l.clone()));
-        (w, m, l)
+        *cached = Some((snap.version, w.clone(), m.clone(), labels.clone()));
+        (w, m, labels)
     }
 }
 

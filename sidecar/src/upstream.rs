@@ -268,7 +268,7 @@ impl Upstreams {
             Some((gw.address, gw.identity.clone(), req))
         };
         Ok(Target {
-            key: ep.key.clone(),
+            key: ep.key(),
             address: ep.address,
             via,
             expected: Self::expected_identities(svc, ep),
@@ -302,9 +302,7 @@ impl Upstreams {
         let mut status = [0u8; 1];
         match tokio::time::timeout(self.dialer.connect_timeout * 2, tls.read_exact(&mut status)).await {
             Ok(Ok(_)) if status[0] == 0 => Ok(tls),
-            _ => Err(UpstreamError::AppUnreachable {
-                endpoint: ep.key.clone(),
-            }),
+            _ => Err(UpstreamError::AppUnreachable { endpoint: ep.key() }),
         }
     }
 
@@ -321,8 +319,9 @@ impl Upstreams {
         traceparent: &str,
     ) -> Result<(SendRequest<ReplayBody>, bool), Arc<UpstreamError>> {
         let now = Instant::now();
+        let key = ep.key();
         if let Ok(mut pool) = self.pool.lock() {
-            if let Some(conn) = pool.get_mut(&ep.key) {
+            if let Some(conn) = pool.get_mut(&key) {
                 let still_trusted = conn
                     .peer
                     .as_ref()
@@ -341,7 +340,7 @@ impl Upstreams {
                 }
                 // Worn out, idle too long, or no longer trusted: a new connection takes over;
                 // requests still on the old one finish there.
-                pool.remove(&ep.key);
+                pool.remove(&key);
             }
             if let Some(max) = limits.max_connections {
                 let open = pool
@@ -359,11 +358,11 @@ impl Upstreams {
         let dial = {
             let mut dialing = self.dialing.lock().map_err(|_| {
                 Arc::new(UpstreamError::Connect {
-                    endpoint: ep.key.clone(),
+                    endpoint: key.clone(),
                     detail: "connection table lock poisoned".into(),
                 })
             })?;
-            match dialing.get(&ep.key) {
+            match dialing.get(&key) {
                 Some(d) => d.clone(),
                 None => {
                     if let Some(opened) = &self.opened {
@@ -371,21 +370,21 @@ impl Upstreams {
                     }
                     let target = self.target(snap, svc, ep, port, traceparent).map_err(Arc::new)?;
                     let d = self.dialer.clone().h2(target).boxed().shared();
-                    dialing.insert(ep.key.clone(), d.clone());
+                    dialing.insert(key.clone(), d.clone());
                     d
                 }
             }
         };
         let result = dial.clone().await;
         if let Ok(mut dialing) = self.dialing.lock() {
-            if dialing.get(&ep.key).is_some_and(|d| d.ptr_eq(&dial)) {
-                dialing.remove(&ep.key);
+            if dialing.get(&key).is_some_and(|d| d.ptr_eq(&dial)) {
+                dialing.remove(&key);
             }
         }
         let (sender, peer) = result?;
         if let Ok(mut p) = self.pool.lock() {
             p.insert(
-                ep.key.clone(),
+                key,
                 PooledConn {
                     sender: sender.clone(),
                     peer,
@@ -410,7 +409,7 @@ impl Upstreams {
 
     pub fn evict(&self, ep: &EndpointEntry) {
         if let Ok(mut p) = self.pool.lock() {
-            p.remove(&ep.key);
+            p.remove(&ep.key());
         }
     }
 }

@@ -9,5 +9,5 @@
 mod outlier;
 mod priority;
 
-pub use outlier::{FailurePercentage, Outcome, OutlierConfig, OutlierDetector, ServiceOutlier};
+pub use outlier::{FailurePercentage, Outcome, OutlierConfig, OutlierDetector, ServiceOutlier, Target};
 pub use priority::{choose, priorities, priority_load, Candidate, DistributeRule, LbPolicy};

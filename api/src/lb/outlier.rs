@@ -4,6 +4,7 @@
 //! failure percentage over an interval (decided at each interval's sweep, per service).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -89,21 +90,66 @@ impl State {
     }
 }
 
-/// Per-endpoint failure state, keyed by the caller's endpoint key.
+/// What outlier detection judges: an endpoint (its cluster and address: addresses are only
+/// unique within a cluster) or a remote cluster's gateway. Borrowed, so looking one up on the
+/// request path allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    Endpoint(&'a str, SocketAddr),
+    Gateway(&'a str),
+}
+
+/// One cluster's state: its gateway's and its endpoints'.
+#[derive(Debug, Default)]
+struct ClusterState {
+    gateway: Option<State>,
+    endpoints: HashMap<SocketAddr, State>,
+}
+
+/// Per-endpoint (and per-gateway) failure state, by cluster.
 #[derive(Debug, Default)]
 pub struct OutlierDetector {
-    endpoints: HashMap<String, State>,
+    clusters: HashMap<String, ClusterState>,
     /// When each service's failure percentage was last judged.
     sweeps: HashMap<String, Instant>,
 }
 
 impl OutlierDetector {
-    pub fn is_ejected(&self, key: &str, now: Instant) -> bool {
-        self.endpoints.get(key).is_some_and(|s| s.ejected(now))
+    fn get(&self, t: Target<'_>) -> Option<&State> {
+        match t {
+            Target::Endpoint(cluster, addr) => self.clusters.get(cluster)?.endpoints.get(&addr),
+            Target::Gateway(cluster) => self.clusters.get(cluster)?.gateway.as_ref(),
+        }
     }
 
-    pub fn success(&mut self, key: &str) {
-        if let Some(s) = self.endpoints.get_mut(key) {
+    fn get_mut(&mut self, t: Target<'_>) -> Option<&mut State> {
+        match t {
+            Target::Endpoint(cluster, addr) => self.clusters.get_mut(cluster)?.endpoints.get_mut(&addr),
+            Target::Gateway(cluster) => self.clusters.get_mut(cluster)?.gateway.as_mut(),
+        }
+    }
+
+    /// The state of `t`, made on its first failure or outcome.
+    fn entry(&mut self, t: Target<'_>) -> &mut State {
+        let cluster = match t {
+            Target::Endpoint(c, _) | Target::Gateway(c) => c,
+        };
+        if !self.clusters.contains_key(cluster) {
+            self.clusters.insert(cluster.to_string(), ClusterState::default());
+        }
+        let c = self.clusters.get_mut(cluster).expect("inserted above");
+        match t {
+            Target::Endpoint(_, addr) => c.endpoints.entry(addr).or_default(),
+            Target::Gateway(_) => c.gateway.get_or_insert_with(State::default),
+        }
+    }
+
+    pub fn is_ejected(&self, t: Target<'_>, now: Instant) -> bool {
+        self.get(t).is_some_and(|s| s.ejected(now))
+    }
+
+    pub fn success(&mut self, t: Target<'_>) {
+        if let Some(s) = self.get_mut(t) {
             s.consecutive = 0;
             s.consecutive_5xx = 0;
             s.consecutive_gateway = 0;
@@ -115,8 +161,8 @@ impl OutlierDetector {
     }
 
     /// Records a failure; returns the ejection time when this failure ejects the endpoint.
-    pub fn failure(&mut self, key: &str, now: Instant, config: &OutlierConfig) -> Option<Duration> {
-        let s = self.endpoints.entry(key.to_string()).or_default();
+    pub fn failure(&mut self, t: Target<'_>, now: Instant, config: &OutlierConfig) -> Option<Duration> {
+        let s = self.entry(t);
         if s.ejected(now) {
             return None;
         }
@@ -129,12 +175,18 @@ impl OutlierDetector {
 
     /// Records one attempt's outcome under a service's own rules; returns the ejection time
     /// when it ejects the endpoint. Every outcome counts towards the failure percentage.
-    pub fn record(&mut self, key: &str, outcome: Outcome, now: Instant, rules: &ServiceOutlier) -> Option<Duration> {
-        let s = self.endpoints.entry(key.to_string()).or_default();
+    pub fn record(
+        &mut self,
+        t: Target<'_>,
+        outcome: Outcome,
+        now: Instant,
+        rules: &ServiceOutlier,
+    ) -> Option<Duration> {
+        let s = self.entry(t);
         s.requests = s.requests.saturating_add(1);
         match outcome {
             Outcome::Success => {
-                self.success(key);
+                self.success(t);
                 return None;
             }
             Outcome::Error { gateway } => {
@@ -168,23 +220,24 @@ impl OutlierDetector {
         None
     }
 
-    /// Judges the failure percentage of `service`'s endpoints (`keys`) once per interval (the
-    /// first call only starts the clock); returns the endpoints it ejects and for how long.
+    /// Judges the failure percentage of `service`'s endpoints (`targets`) once per interval
+    /// (the first call only starts the clock); returns those it ejects (as indices into
+    /// `targets`) and for how long.
     pub fn sweep(
         &mut self,
         service: &str,
-        keys: &[&str],
+        targets: &[Target<'_>],
         now: Instant,
         rules: &ServiceOutlier,
-    ) -> Vec<(String, Duration)> {
+    ) -> Vec<(usize, Duration)> {
         let Some(fp) = rules.failure_percentage else {
             return vec![];
         };
         let due = match self.sweeps.get(service) {
             None => {
                 self.sweeps.insert(service.to_string(), now);
-                for k in keys {
-                    if let Some(s) = self.endpoints.get_mut(*k) {
+                for t in targets {
+                    if let Some(s) = self.get_mut(*t) {
                         (s.requests, s.failures) = (0, 0);
                     }
                 }
@@ -197,34 +250,34 @@ impl OutlierDetector {
         }
         self.sweeps.insert(service.to_string(), now);
         let volume = fp.request_volume.max(1);
-        let judged = keys
+        let judged = targets
             .iter()
-            .filter(|k| self.endpoints.get(**k).is_some_and(|s| s.requests >= volume))
+            .filter(|t| self.get(**t).is_some_and(|s| s.requests >= volume))
             .count();
         let mut ejected = vec![];
-        for k in keys {
-            let Some(s) = self.endpoints.get_mut(*k) else { continue };
+        for (i, t) in targets.iter().enumerate() {
+            let Some(s) = self.get_mut(*t) else { continue };
             let (requests, failures) = (s.requests, s.failures);
             (s.requests, s.failures) = (0, 0);
             if judged < fp.minimum_hosts as usize || requests < volume || s.ejected(now) {
                 continue;
             }
             if u64::from(failures) * 100 >= u64::from(fp.threshold) * u64::from(requests) {
-                ejected.push((k.to_string(), s.eject(now, rules.base_ejection, rules.max_ejection)));
+                ejected.push((i, s.eject(now, rules.base_ejection, rules.max_ejection)));
             }
         }
         ejected
-    }
-
-    /// Forgets endpoints that no longer exist.
-    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
-        self.endpoints.retain(|k, _| keep(k));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Endpoint `n` of cluster `west`.
+    fn ep(n: u8) -> Target<'static> {
+        Target::Endpoint("west", SocketAddr::from(([10, 0, 0, n], 8080)))
+    }
 
     #[test]
     fn ejects_for_growing_times_and_returns() {
@@ -235,18 +288,26 @@ mod tests {
         };
         let mut d = OutlierDetector::default();
         let t = Instant::now();
-        assert_eq!(d.failure("a", t, &cfg), None);
-        assert_eq!(d.failure("a", t, &cfg), Some(Duration::from_secs(2)));
-        assert!(d.is_ejected("a", t + Duration::from_secs(1)));
-        assert!(!d.is_ejected("a", t + Duration::from_secs(2)));
+        assert_eq!(d.failure(ep(1), t, &cfg), None);
+        assert_eq!(d.failure(ep(1), t, &cfg), Some(Duration::from_secs(2)));
+        assert!(d.is_ejected(ep(1), t + Duration::from_secs(1)));
+        assert!(!d.is_ejected(ep(1), t + Duration::from_secs(2)));
         let t2 = t + Duration::from_secs(3);
-        d.failure("a", t2, &cfg);
-        assert_eq!(d.failure("a", t2, &cfg), Some(Duration::from_secs(4)));
+        d.failure(ep(1), t2, &cfg);
+        assert_eq!(d.failure(ep(1), t2, &cfg), Some(Duration::from_secs(4)));
         let t3 = t2 + Duration::from_secs(10);
-        d.failure("a", t3, &cfg);
-        assert_eq!(d.failure("a", t3, &cfg), Some(Duration::from_secs(5)), "capped");
-        d.success("a");
-        assert!(!d.is_ejected("a", t3));
+        d.failure(ep(1), t3, &cfg);
+        assert_eq!(d.failure(ep(1), t3, &cfg), Some(Duration::from_secs(5)), "capped");
+        d.success(ep(1));
+        assert!(!d.is_ejected(ep(1), t3));
+        // The same address in another cluster, and the cluster's gateway, are judged apart.
+        let twin = Target::Endpoint("east", SocketAddr::from(([10, 0, 0, 1], 8080)));
+        d.failure(ep(1), t3, &cfg);
+        assert!(d.failure(ep(1), t3, &cfg).is_some());
+        assert!(!d.is_ejected(twin, t3) && !d.is_ejected(Target::Gateway("west"), t3));
+        d.failure(Target::Gateway("east"), t3, &cfg);
+        d.failure(Target::Gateway("east"), t3, &cfg);
+        assert!(d.is_ejected(Target::Gateway("east"), t3) && !d.is_ejected(twin, t3));
     }
 
     fn rules(c5xx: u32, gw: u32, fp: Option<FailurePercentage>) -> ServiceOutlier {
@@ -267,25 +328,25 @@ mod tests {
         let t = Instant::now();
         let err = |g| Outcome::Error { gateway: g };
         // 500, 503: one gateway error in a row, two 5xx.
-        assert_eq!(d.record("a", err(false), t, &r), None);
-        assert_eq!(d.record("a", err(true), t, &r), None);
+        assert_eq!(d.record(ep(1), err(false), t, &r), None);
+        assert_eq!(d.record(ep(1), err(true), t, &r), None);
         // A third 5xx ejects under consecutive5xxErrors: 3.
-        assert_eq!(d.record("a", err(false), t, &r), Some(Duration::from_secs(30)));
-        assert!(d.is_ejected("a", t));
+        assert_eq!(d.record(ep(1), err(false), t, &r), Some(Duration::from_secs(30)));
+        assert!(d.is_ejected(ep(1), t));
         // Two gateway errors in a row (a local failure is one) eject under 2.
-        assert_eq!(d.record("b", Outcome::Local, t, &r), None);
-        assert_eq!(d.record("b", err(true), t, &r), Some(Duration::from_secs(30)));
+        assert_eq!(d.record(ep(2), Outcome::Local, t, &r), None);
+        assert_eq!(d.record(ep(2), err(true), t, &r), Some(Duration::from_secs(30)));
         // A success in between starts the count again.
-        assert_eq!(d.record("c", err(true), t, &r), None);
-        assert_eq!(d.record("c", Outcome::Success, t, &r), None);
-        assert_eq!(d.record("c", err(true), t, &r), None);
-        assert!(!d.is_ejected("c", t));
+        assert_eq!(d.record(ep(3), err(true), t, &r), None);
+        assert_eq!(d.record(ep(3), Outcome::Success, t, &r), None);
+        assert_eq!(d.record(ep(3), err(true), t, &r), None);
+        assert!(!d.is_ejected(ep(3), t));
         // Both rules off: 5xx answers never eject, a local failure still does.
         let off = rules(0, 0, None);
         for _ in 0..10 {
-            assert_eq!(d.record("e", err(true), t, &off), None);
+            assert_eq!(d.record(ep(5), err(true), t, &off), None);
         }
-        assert!(d.record("e", Outcome::Local, t, &off).is_some());
+        assert!(d.record(ep(5), Outcome::Local, t, &off).is_some());
     }
 
     #[test]
@@ -298,7 +359,7 @@ mod tests {
         let r = rules(0, 0, Some(fp));
         let mut d = OutlierDetector::default();
         let t = Instant::now();
-        let keys = ["a", "b", "c"];
+        let keys = [ep(1), ep(2), ep(3)];
         assert!(
             d.sweep("svc", &keys, t, &r).is_empty(),
             "the first sweep starts the clock"
@@ -310,9 +371,9 @@ mod tests {
             } else {
                 Outcome::Success
             };
-            d.record("a", bad, t, &r);
+            d.record(ep(1), bad, t, &r);
             d.record(
-                "b",
+                ep(2),
                 if i == 0 {
                     Outcome::Error { gateway: true }
                 } else {
@@ -323,10 +384,10 @@ mod tests {
             );
         }
         for _ in 0..5 {
-            d.record("c", Outcome::Error { gateway: false }, t, &r);
+            d.record(ep(3), Outcome::Error { gateway: false }, t, &r);
         }
         assert!(
-            !d.is_ejected("a", t),
+            !d.is_ejected(ep(1), t),
             "5xx alone eject nobody with the consecutive rules off"
         );
         assert!(
@@ -335,20 +396,20 @@ mod tests {
         );
         let at = t + Duration::from_secs(10);
         let out = d.sweep("svc", &keys, at, &r);
-        assert_eq!(out, vec![("a".to_string(), Duration::from_secs(30))]);
-        assert!(d.is_ejected("a", at) && !d.is_ejected("b", at) && !d.is_ejected("c", at));
+        assert_eq!(out, vec![(0, Duration::from_secs(30))], "a: the first target");
+        assert!(d.is_ejected(ep(1), at) && !d.is_ejected(ep(2), at) && !d.is_ejected(ep(3), at));
         // The window starts again: c's earlier failures are forgotten.
         for _ in 0..10 {
-            d.record("b", Outcome::Success, at, &r);
-            d.record("c", Outcome::Error { gateway: false }, at, &r);
+            d.record(ep(2), Outcome::Success, at, &r);
+            d.record(ep(3), Outcome::Error { gateway: false }, at, &r);
         }
         let out = d.sweep("svc", &keys, at + Duration::from_secs(10), &r);
-        assert_eq!(out.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(out.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2], "c alone");
         // Fewer judged endpoints than minimumHosts: nobody is ejected.
         let mut d = OutlierDetector::default();
         d.sweep("svc", &keys, t, &r);
         for _ in 0..10 {
-            d.record("a", Outcome::Error { gateway: false }, t, &r);
+            d.record(ep(1), Outcome::Error { gateway: false }, t, &r);
         }
         assert!(d.sweep("svc", &keys, t + Duration::from_secs(10), &r).is_empty());
     }

@@ -550,7 +550,7 @@ impl Outbound {
                     Ok(r) => r,
                     Err(_) => {
                         self.balancer.failure(snap, svc, ep);
-                        last_error = format!("{}: no connection within the connect timeout ({limit:?})", ep.key);
+                        last_error = format!("{}: no connection within the connect timeout ({limit:?})", ep.key());
                         continue;
                     }
                 },
@@ -583,7 +583,7 @@ impl Outbound {
                     return Err(resp);
                 }
                 Err(e) => {
-                    tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
+                    tracing::debug!(endpoint = %ep.key(), error = %e, "upstream connect failed; trying another endpoint");
                     self.balancer.failure(snap, svc, ep);
                     if e.gateway_down() {
                         self.balancer.gateway_failure(snap, &ep.locality.cluster);
@@ -615,7 +615,7 @@ impl Outbound {
                         // reset); another may be tried if the request is idempotent.
                         timed_out = true;
                         self.balancer.failure(snap, svc, ep);
-                        last_error = format!("{} sent no response within the per-try timeout ({limit:?})", ep.key);
+                        last_error = format!("{} sent no response within the per-try timeout ({limit:?})", ep.key());
                         if !idempotent {
                             skipped("not_idempotent");
                             break;
@@ -633,7 +633,7 @@ impl Outbound {
                     // The route retries this status elsewhere; keep the answer in case no
                     // other attempt does better.
                     self.balancer.retried(snap, svc, ep, resp.status().as_u16());
-                    last_error = format!("{} answered {}", ep.key, resp.status());
+                    last_error = format!("{} answered {}", ep.key(), resp.status());
                     retried_answer = Some((resp, i));
                     status_retries += 1;
                     // A TrafficPolicy's retry honours the answer's Retry-After (in seconds, at
@@ -655,7 +655,7 @@ impl Outbound {
                 }
                 Ok(resp) if resp.headers().contains_key(UPSTREAM_FAILURE_HEADER) => {
                     self.balancer.failure(snap, svc, ep);
-                    last_error = format!("{} could not reach its application", ep.key);
+                    last_error = format!("{} could not reach its application", ep.key());
                     let connect = resp
                         .headers()
                         .get(UPSTREAM_FAILURE_HEADER)
@@ -674,13 +674,13 @@ impl Outbound {
                     // A pooled connection died unnoticed (say a tunnel whose UDP path went away)
                     // before it took the request: the same endpoint on a fresh connection, once.
                     self.upstreams.evict(ep);
-                    last_error = format!("{}: {e}", ep.key);
+                    last_error = format!("{}: {e}", ep.key());
                     stale_retry = Some(i);
                 }
                 Err(e) => {
                     self.upstreams.evict(ep);
                     self.balancer.failure(snap, svc, ep);
-                    last_error = format!("{}: {e}", ep.key);
+                    last_error = format!("{}: {e}", ep.key());
                     if !(idempotent || e.is_canceled()) {
                         skipped("not_idempotent");
                         break;

@@ -54,7 +54,7 @@ impl Outbound {
                     return Ok((upstream, ep));
                 }
                 Err(e) => {
-                    tracing::debug!(endpoint = %ep.key, error = %e, "upstream connect failed; trying another endpoint");
+                    tracing::debug!(endpoint = %ep.key(), error = %e, "upstream connect failed; trying another endpoint");
                     self.balancer.failure(snap, svc, &ep);
                     if e.gateway_down() {
                         self.balancer.gateway_failure(snap, &ep.locality.cluster);

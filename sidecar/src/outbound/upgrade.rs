@@ -47,7 +47,7 @@ impl Outbound {
         };
         let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
             Ok(x) => x,
-            Err(e) => return text(StatusCode::BAD_GATEWAY, format!("{}: {e}", ep.key)),
+            Err(e) => return text(StatusCode::BAD_GATEWAY, format!("{}: {e}", ep.key())),
         };
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -77,7 +77,7 @@ impl Outbound {
             Err(e) => {
                 return text(
                     StatusCode::BAD_GATEWAY,
-                    format!("{} did not answer the upgrade: {e}", ep.key),
+                    format!("{} did not answer the upgrade: {e}", ep.key()),
                 )
             }
         };
