@@ -13,6 +13,63 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::{Encoder, Registry, TextEncoder};
 
+/// A metrics registry for a daemon, with the allocator's own figures in it: every process
+/// exports `strait_memory_allocated_bytes` and `strait_memory_resident_bytes`.
+pub fn new_registry() -> Registry {
+    let registry = Registry::new();
+    let _ = registry.register(Box::new(AllocatorMetrics::new()));
+    registry
+}
+
+/// The allocator's figures, read at each scrape (as Envoy's `server.memory_allocated` and
+/// `server.memory_heap_size`): bytes allocated and not yet freed, and the memory the allocator
+/// holds resident for them (its pages, metadata, and freed pages not yet given back). Beside a
+/// process's RSS they tell its heap from the executable's text, which RSS counts although
+/// every process running the binary shares it. jemalloc's (the `strait` binary's allocator);
+/// in a process with another allocator they are jemalloc's own small figures.
+struct AllocatorMetrics {
+    allocated: prometheus::IntGauge,
+    resident: prometheus::IntGauge,
+}
+
+impl AllocatorMetrics {
+    fn new() -> Self {
+        let gauge = |name: &str, help: &str| prometheus::IntGauge::new(name, help).expect("valid metric");
+        AllocatorMetrics {
+            allocated: gauge(
+                "strait_memory_allocated_bytes",
+                "Heap bytes this process has allocated and not yet freed (the allocator's count)",
+            ),
+            resident: gauge(
+                "strait_memory_resident_bytes",
+                "Memory the allocator holds resident: live allocations, its metadata and freed pages not yet returned",
+            ),
+        }
+    }
+}
+
+impl prometheus::core::Collector for AllocatorMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.allocated.desc().into_iter().chain(self.resident.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        // The statistics are a snapshot taken when the epoch advances.
+        if epoch::advance().is_ok() {
+            if let Ok(v) = stats::allocated::read() {
+                self.allocated.set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+            if let Ok(v) = stats::resident::read() {
+                self.resident.set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+        let mut families = self.allocated.collect();
+        families.extend(self.resident.collect());
+        families
+    }
+}
+
 /// The query of a sidecar's `/explain` for a request (`headers` as `name: value`).
 pub fn explain_query(method: &str, url: &str, headers: &[String]) -> String {
     let mut query = format!("method={}&url={}", percent_encode(method), percent_encode(url));

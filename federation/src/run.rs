@@ -116,7 +116,7 @@ fn spawn_self_rotation(authority: Arc<Authority>, store: CertStore, ttl: Duratio
 }
 
 pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
-    let registry = Registry::new();
+    let registry = strait_api::admin::new_registry();
     let tls_metrics = TlsMetrics::new(&registry);
     let range: IpRange = cfg
         .clusterset_ip_range

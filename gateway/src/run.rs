@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::Registry;
 use strait_api::admin::Admin;
 use strait_api::drain::{shutdown_signal, Drain};
 use strait_api::locality::Locality;
@@ -29,7 +28,7 @@ pub struct GatewayRunOptions {
 }
 
 pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
-    let registry = Registry::new();
+    let registry = strait_api::admin::new_registry();
     let admin = Admin::new(registry.clone());
     let admin_listener = strait_api::admin::bind(opts.admin).await?;
     tokio::spawn(admin.clone().serve(admin_listener));

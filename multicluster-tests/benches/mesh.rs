@@ -488,28 +488,29 @@ async fn latency(
             );
         }
     }
-    let r = |s: f64, h: f64, floor: f64| s / h.max(floor);
+    // An added latency at or below zero (the direct run had the worse figure: noise) has no
+    // meaningful ratio; it is printed as n/a and left out of the figures.
+    let added_ratio = |i: usize| (h_added[i] > 0.0).then(|| s_added[i] / h_added[i]);
+    let shown = |r: Option<f64>| r.map_or_else(|| "n/a".to_string(), |r| format!("{r:.2}x"));
     println!(
-        "  {:<28} {:>7.2}x {:>7.2}x {:>7.2}x   {:>9.2}x {:>9.2}x   (strait / haproxy; goal <= 1.0x)",
+        "  {:<28} {:>8} {:>8} {:>8}   {:>9.2}x {:>9.2}x   (strait / haproxy; goal <= 1.0x)",
         "ratio",
-        r(s_added[0], h_added[0], 0.001),
-        r(s_added[1], h_added[1], 0.001),
-        r(s_added[2], h_added[2], 0.001),
-        r(scpu[0], hcpu[0], 1e-9),
-        r(scpu[1], hcpu[1], 1e-9)
+        shown(added_ratio(0)),
+        shown(added_ratio(1)),
+        shown(added_ratio(2)),
+        scpu[0] / hcpu[0].max(1e-9),
+        scpu[1] / hcpu[1].max(1e-9)
     );
     for (i, p) in ["p50", "p90", "p99"].iter().enumerate() {
         let goal = (*p == "p99").then_some(1.0);
-        figures.ratio(
-            &format!("side_by_side.added_{p}.strait_over_haproxy"),
-            r(s_added[i], h_added[i], 0.001),
-            goal,
-        );
+        if let Some(r) = added_ratio(i) {
+            figures.ratio(&format!("side_by_side.added_{p}.strait_over_haproxy"), r, goal);
+        }
     }
     for (i, side) in ["caller", "destination"].iter().enumerate() {
         figures.ratio(
             &format!("side_by_side.cpu_{side}.strait_over_haproxy"),
-            r(scpu[i], hcpu[i], 1e-9),
+            scpu[i] / hcpu[i].max(1e-9),
             Some(1.0),
         );
     }

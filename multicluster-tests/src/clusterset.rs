@@ -65,6 +65,8 @@ pub struct Report {
     pub gateway_cpu: f64,
     pub peering_bytes_per_pair: f64,
     pub sidecar_rss_mib: Vec<f64>,
+    /// Each sidecar's heap at the end of the churn (`strait_memory_allocated_bytes`), MiB.
+    pub sidecar_heap_mib: Vec<f64>,
     /// Endpoints in `sim` each probe held at the end (deltas applied right: clusters x endpoints).
     pub final_endpoints: Vec<usize>,
     /// From `kill -9` of one controller until its subscribers hold the whole catalog again.
@@ -563,6 +565,15 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     };
     let controller_rss_mib = controllers.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
     let sidecar_rss_mib = sidecar_pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
+    // What of that is heap, by the allocator's own count (the rest is mostly the executable's
+    // text, shared by every process running it).
+    let mut sidecar_heap_mib = vec![];
+    for w in mesh.info.clusters.iter().flat_map(|c| c.workloads.iter()) {
+        if let Ok(m) = crate::metrics::scrape(w.admin_addr).await {
+            sidecar_heap_mib
+                .push(crate::metrics::metric_sum(&m, "strait_memory_allocated_bytes", &[]) / (1024.0 * 1024.0));
+        }
+    }
     let final_endpoints = seen.lock().unwrap().endpoints.clone();
 
     // A controller restarts (kill -9, then its own command): how long until its subscribers
@@ -591,6 +602,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         gateway_cpu,
         peering_bytes_per_pair: bytes / churned / (n * (n - 1)) as f64,
         sidecar_rss_mib,
+        sidecar_heap_mib,
         final_endpoints,
         restart_resync,
         restart_bytes,
@@ -656,6 +668,10 @@ impl Report {
             mean(&self.sidecar_rss_mib),
             max(&self.sidecar_rss_mib)
         );
+        println!(
+            "sidecar heap (allocated, by the allocator's count): mean {:.1} MiB; the rest of its RSS is mostly the executable's text, shared by every process running it",
+            mean(&self.sidecar_heap_mib)
+        );
         println!("initial sync to every probe: {:.2}s", self.initial_sync.as_secs_f64());
         println!(
             "controller restart (kill -9): its subscribers whole again after {:.2}s; peering bytes in the 10 s after: {:.0} (10 quiet seconds: {:.0}; the first sync of the whole clusterset: {:.0}, so the restart cost {:.2} of it)",
@@ -709,6 +725,7 @@ impl Report {
         f.add("peering.bytes_per_pair", self.peering_bytes_per_pair, "B/s");
         f.add("sidecar.rss_mean", mean(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.rss_max", max(&self.sidecar_rss_mib), "MiB");
+        f.add("sidecar.heap_allocated_mean", mean(&self.sidecar_heap_mib), "MiB");
         f.add("initial_sync", self.initial_sync.as_secs_f64(), "s");
         f.add("restart.resync", self.restart_resync.as_secs_f64(), "s");
         f.add("restart.peering_bytes_10s", self.restart_bytes, "B");

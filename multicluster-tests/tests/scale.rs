@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use multicluster_tests::clusterset::{run, Size};
-use multicluster_tests::{get_via, Mesh, MeshOptions};
+use multicluster_tests::{get_via, metric_sum, scrape, Mesh, MeshOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_change_reaches_every_other_cluster() {
@@ -174,6 +174,18 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
         assert_eq!(status, 200, "{when}");
     };
     holds_all_and_calls("first").await;
+    // Its heap, as the allocator counts it, holds the catalog: 60,000 endpoints are more than
+    // 6 MB however compact; and it is part of the process's resident memory.
+    let heap = metric_sum(
+        &scrape(west.admin_addr).await.unwrap(),
+        "strait_memory_allocated_bytes",
+        &[],
+    );
+    let rss = Mesh::rss(west.sidecar_pid).unwrap() as f64;
+    assert!(
+        heap > 6e6 && heap < rss,
+        "strait_memory_allocated_bytes {heap} (RSS {rss} bytes)"
+    );
 
     // West's controller restarts; its sidecar gets the whole catalog again, in parts.
     let controller = mesh.cluster("west").controller.clone();

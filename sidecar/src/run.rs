@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::Registry;
 use strait_api::admin::Admin;
 use strait_api::drain::{shutdown_signal, Drain};
 use strait_api::locality::Locality;
@@ -76,7 +75,7 @@ fn config_view(snap: &Snapshot) -> serde_json::Value {
 }
 
 pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
-    let registry = Registry::new();
+    let registry = strait_api::admin::new_registry();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
     let view_rx = rx.clone();
     // `strait route explain` asks the outbound side, which exists once the certificate is in.
