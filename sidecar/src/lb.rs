@@ -65,6 +65,9 @@ impl Balancer {
     pub fn pick(&self, snap: &Snapshot, svc: &ServiceEntry, tried: &[usize]) -> Option<usize> {
         let now = Instant::now();
         let mut outlier = self.outlier.lock().ok()?;
+        if outlier.prune_due(now) {
+            outlier.retain_endpoints(|_, addr| snap.endpoint_by_addr(addr).is_some());
+        }
         // A TrafficPolicy's failure percentage is judged here, once per its interval.
         if let Some(rules) = self.rules(snap, svc).filter(|r| r.failure_percentage.is_some()) {
             let targets: Vec<Target<'_>> = svc.endpoints.iter().map(EndpointEntry::target).collect();

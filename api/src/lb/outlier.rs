@@ -106,15 +106,46 @@ struct ClusterState {
     endpoints: HashMap<SocketAddr, State>,
 }
 
+/// How often the state of endpoints that left the catalog is dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+
 /// Per-endpoint (and per-gateway) failure state, by cluster.
 #[derive(Debug, Default)]
 pub struct OutlierDetector {
     clusters: HashMap<String, ClusterState>,
     /// When each service's failure percentage was last judged.
     sweeps: HashMap<String, Instant>,
+    pruned_at: Option<Instant>,
 }
 
 impl OutlierDetector {
+    /// Whether it is time to drop the state of endpoints that left (every [`PRUNE_EVERY`]; the
+    /// first call starts the clock): endpoints churn, and each that took a request has state.
+    pub fn prune_due(&mut self, now: Instant) -> bool {
+        match self.pruned_at {
+            Some(at) if now.duration_since(at) < PRUNE_EVERY => false,
+            _ => {
+                self.pruned_at = Some(now);
+                true
+            }
+        }
+    }
+
+    /// Drops the state of every endpoint `exists` says is gone (gateways' state stays).
+    pub fn retain_endpoints(&mut self, exists: impl Fn(&str, SocketAddr) -> bool) {
+        for (cluster, c) in &mut self.clusters {
+            c.endpoints.retain(|addr, _| exists(cluster, *addr));
+        }
+        self.clusters
+            .retain(|_, c| c.gateway.is_some() || !c.endpoints.is_empty());
+    }
+
+    /// How many endpoints have state.
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.clusters.values().map(|c| c.endpoints.len()).sum()
+    }
+
     fn get(&self, t: Target<'_>) -> Option<&State> {
         match t {
             Target::Endpoint(cluster, addr) => self.clusters.get(cluster)?.endpoints.get(&addr),
@@ -308,6 +339,25 @@ mod tests {
         d.failure(Target::Gateway("east"), t3, &cfg);
         d.failure(Target::Gateway("east"), t3, &cfg);
         assert!(d.is_ejected(Target::Gateway("east"), t3) && !d.is_ejected(twin, t3));
+    }
+
+    #[test]
+    fn the_state_of_endpoints_that_left_is_dropped_every_so_often() {
+        let cfg = OutlierConfig::default();
+        let mut d = OutlierDetector::default();
+        let t = Instant::now();
+        assert!(d.prune_due(t), "the first call prunes (nothing yet)");
+        for n in 1..=3 {
+            d.failure(ep(n), t, &cfg);
+        }
+        d.failure(Target::Gateway("east"), t, &cfg);
+        assert!(!d.prune_due(t + Duration::from_secs(29)));
+        assert!(d.prune_due(t + PRUNE_EVERY));
+        // Endpoint 2 left the catalog; 1 and 3 are still there, ejected.
+        d.retain_endpoints(|cluster, addr| cluster == "west" && addr != SocketAddr::from(([10, 0, 0, 2], 8080)));
+        assert_eq!(d.tracked(), 2);
+        assert!(d.is_ejected(ep(1), t) && d.is_ejected(ep(3), t) && !d.is_ejected(ep(2), t));
+        assert!(d.is_ejected(Target::Gateway("east"), t), "a gateway's state stays");
     }
 
     fn rules(c5xx: u32, gw: u32, fp: Option<FailurePercentage>) -> ServiceOutlier {
