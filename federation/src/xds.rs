@@ -134,20 +134,9 @@ impl ConfigService for XdsServer {
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty()) {
                     let mut parts = Parts::new(current.version, first, hello.accepts_parts);
-                    let resources: Box<dyn Iterator<Item = pb::Resource> + Send> = if first {
-                        // Copied part by part as they are sent, not all at once.
-                        Box::new(
-                            current
-                                .resources
-                                .values()
-                                .filter(|r| include(&r.name))
-                                .map(|r| (**r).clone()),
-                        )
-                    } else {
-                        Box::new(changed.into_iter())
-                    };
                     let mut gone = false;
-                    for r in resources {
+                    // On the first send `sent` is empty, so `changed` is the whole state.
+                    for r in changed {
                         if let Some(part) = parts.push(r) {
                             gone = tx.send(Ok(part)).await.is_err();
                             if gone {

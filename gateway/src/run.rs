@@ -41,7 +41,8 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         have_version: 0,
         admin: opts.admin.to_string(),
         namespaces: vec![],
-        accepts_parts: true,
+        // The config client says it takes updates in parts.
+        ..Default::default()
     };
     let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
 

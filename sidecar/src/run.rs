@@ -120,7 +120,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         have_version: 0,
         admin: opts.admin.to_string(),
         namespaces: opts.scope_namespaces.clone(),
-        accepts_parts: true,
+        // The config client says it takes updates in parts.
+        ..Default::default()
     };
     let (store, found) = opts.controller.connect(hello, &registry, tx).await?;
     // No zone given (the injector does not know the node yet): take the one the CA found.
