@@ -35,6 +35,13 @@ pub mod xds;
 #[allow(clippy::all, clippy::unwrap_used)]
 pub mod pb {
     tonic::include_proto!("strait.v1");
+
+    /// The controller's config-stream server, which sends each resource as bytes encoded once
+    /// and shared by every subscriber (`proto/config_wire.proto`); proxies read the same bytes
+    /// as [`ConfigUpdate`].
+    pub mod wire {
+        include!(concat!(env!("OUT_DIR"), "/wire/strait.v1.rs"));
+    }
 }
 
 /// The largest config-stream or peering message a controller or proxy accepts. gRPC's

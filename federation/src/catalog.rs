@@ -64,11 +64,24 @@ pub struct MergedService {
     pub namespace: String,
     pub clusterset_ip: Ipv4Addr,
     pub ports: Vec<pb::ServicePort>,
-    pub endpoints: Vec<pb::Endpoint>,
+    /// Each exporting cluster's export, oldest first (as `clusters`): the endpoints are theirs,
+    /// shared rather than copied into one list ([`MergedService::endpoints`]).
+    pub exports: Vec<Arc<pb::ExportedService>>,
     pub identities: Vec<String>,
     pub conditions: Vec<pb::Condition>,
     /// Exporting clusters, oldest export first.
     pub clusters: Vec<String>,
+}
+
+impl MergedService {
+    /// Every endpoint, cluster by cluster in `clusters` order.
+    pub fn endpoints(&self) -> impl Iterator<Item = &pb::Endpoint> {
+        self.exports.iter().flat_map(|e| e.endpoints.iter())
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.exports.iter().map(|e| e.endpoints.len()).sum()
+    }
 }
 
 /// The merged catalog by `<ns>/<name>`; a service that did not change between two merges is
@@ -91,18 +104,45 @@ pub fn same_services(a: &Services, b: &Services) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|((k, x), (k2, y))| k == k2 && same_export(x, y))
 }
 
-/// The services `now` adds or changes against `before` (by pointer, then value).
+/// The services `now` adds or changes against `before` (by pointer, then value). One walk over
+/// both in key order, not a lookup in `before` per service.
 pub fn upserted<'a>(
     before: &'a Services,
     now: &'a Services,
 ) -> impl Iterator<Item = (&'a String, &'a Arc<pb::ExportedService>)> {
-    now.iter()
-        .filter(|(k, s)| before.get(*k).is_none_or(|old| !same_export(old, s)))
+    join(before, now).filter_map(|(k, old, new)| match (old, new) {
+        (Some(old), Some(new)) if same_export(old, new) => None,
+        (_, new) => new.map(|new| (k, new)),
+    })
 }
 
 /// The services of `before` that `now` no longer has.
 pub fn removed<'a>(before: &'a Services, now: &'a Services) -> impl Iterator<Item = &'a String> {
-    before.keys().filter(|k| !now.contains_key(*k))
+    join(before, now).filter_map(|(k, old, new)| (old.is_some() && new.is_none()).then_some(k))
+}
+
+/// Walks two maps in key order at once: each key of either, with its value in each.
+pub fn join<'a, V, W>(
+    a: &'a BTreeMap<String, V>,
+    b: &'a BTreeMap<String, W>,
+) -> impl Iterator<Item = (&'a String, Option<&'a V>, Option<&'a W>)> {
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    std::iter::from_fn(move || {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        Some(match order {
+            std::cmp::Ordering::Less => a.next().map(|(k, v)| (k, Some(v), None))?,
+            std::cmp::Ordering::Greater => b.next().map(|(k, w)| (k, None, Some(w)))?,
+            std::cmp::Ordering::Equal => {
+                let (k, v) = a.next()?;
+                (k, Some(v), b.next().map(|(_, w)| w))
+            }
+        })
+    })
 }
 
 /// `services` with every export that equals the one in `before` replaced by that one's `Arc`,
@@ -279,7 +319,7 @@ fn merge_service(memo: &mut HashMap<String, Memo>, key: &String, mut list: Input
         namespace: oldest.namespace.clone(),
         clusterset_ip: ip,
         ports,
-        endpoints: list.iter().flat_map(|(_, s)| s.endpoints.iter().cloned()).collect(),
+        exports: list.iter().map(|(_, s)| Arc::clone(s)).collect(),
         identities,
         conditions,
         clusters: list.iter().map(|(c, _)| (*c).clone()).collect(),
@@ -355,7 +395,7 @@ mod tests {
         let second = merge_with(&mut memo, &e, range);
         assert!(Arc::ptr_eq(&first["demo/a"], &second["demo/a"]));
         assert!(!Arc::ptr_eq(&first["demo/b"], &second["demo/b"]));
-        assert_eq!(second["demo/b"].endpoints[0].address, "127.0.0.1:9");
+        assert_eq!(second["demo/b"].endpoints().next().unwrap().address, "127.0.0.1:9");
         // And the result equals a merge from scratch.
         assert_eq!(second, from_scratch(&e));
         // An equal export in a new allocation (a rebuilt catalog) is still the same input.
@@ -402,6 +442,41 @@ mod tests {
     }
 
     #[test]
+    fn upserted_and_removed_compare_by_pointer_then_value_in_one_walk() {
+        let svc = |n: &str, at: i64| Arc::new(export(n, "east", at, &[(80, "http")]));
+        let shared = svc("b", 2);
+        let before: Services = [
+            ("demo/a", svc("a", 1)),
+            ("demo/b", shared.clone()),
+            ("demo/c", svc("c", 3)),
+        ]
+        .into_iter()
+        .map(|(k, s)| (k.to_string(), s))
+        .collect();
+        // a: equal in a new allocation; b: the same Arc; c: gone; d: new; e: changed.
+        let mut changed = export("e", "east", 5, &[(80, "http")]);
+        let before_e = Arc::new(changed.clone());
+        changed.endpoints[0].address = "127.0.0.1:9".into();
+        let mut before = before;
+        before.insert("demo/e".into(), before_e);
+        let now: Services = [
+            ("demo/a", svc("a", 1)),
+            ("demo/b", shared),
+            ("demo/d", svc("d", 4)),
+            ("demo/e", Arc::new(changed)),
+        ]
+        .into_iter()
+        .map(|(k, s)| (k.to_string(), s))
+        .collect();
+        let up: Vec<&str> = upserted(&before, &now).map(|(k, _)| k.as_str()).collect();
+        assert_eq!(up, vec!["demo/d", "demo/e"]);
+        let gone: Vec<&str> = removed(&before, &now).map(String::as_str).collect();
+        assert_eq!(gone, vec!["demo/c"]);
+        assert_eq!(upserted(&BTreeMap::new(), &now).count(), 4);
+        assert_eq!(removed(&now, &BTreeMap::new()).count(), 4);
+    }
+
+    #[test]
     fn union_of_ports_and_endpoints() {
         let e = exports(vec![
             ("east", export("echo", "east", 10, &[(80, "http")])),
@@ -410,7 +485,9 @@ mod tests {
         let m = merge(&e, "240.0.0.0/4".parse().unwrap());
         let echo = &m["demo/echo"];
         assert_eq!(echo.ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![80, 9090]);
-        assert_eq!(echo.endpoints.len(), 2);
+        assert_eq!(echo.endpoint_count(), 2);
+        let workloads: Vec<&str> = echo.endpoints().map(|e| e.workload.as_str()).collect();
+        assert_eq!(workloads, vec!["echo-east", "echo-west"], "oldest export first");
         assert_eq!(echo.clusters, vec!["east", "west"]);
         assert_eq!(echo.conditions[0].status, "False");
     }

@@ -1104,7 +1104,7 @@ spec: {targetRefs: [{kind: Service, name: x}]}
                             port: 80,
                             protocol: "http".into(),
                         }],
-                        endpoints: vec![],
+                        exports: vec![],
                         identities: vec![],
                         conditions: vec![],
                         clusters: vec!["east".into()],

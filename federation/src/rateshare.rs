@@ -81,8 +81,7 @@ impl RateShares {
         for (key, limit) in &self.limits {
             let Some(svc) = merged.get(key) else { continue };
             let mut endpoints: Vec<String> = svc
-                .endpoints
-                .iter()
+                .endpoints()
                 .filter(|e| e.ready)
                 .map(|e| {
                     let cluster = e.locality.as_ref().map(|l| l.cluster.as_str()).unwrap_or_default();
@@ -190,20 +189,23 @@ mod tests {
             namespace: "demo".into(),
             clusterset_ip: std::net::Ipv4Addr::new(241, 0, 0, 1),
             ports: vec![],
-            endpoints: endpoints
-                .iter()
-                .map(|(cluster, workload, ready)| pb::Endpoint {
-                    address: "127.0.0.1:1".into(),
-                    workload: workload.to_string(),
-                    locality: Some(pb::Locality {
-                        cluster: cluster.to_string(),
-                        ..Default::default()
-                    }),
-                    identity: String::new(),
-                    ready: *ready,
-                    labels: Default::default(),
-                })
-                .collect(),
+            exports: vec![Arc::new(pb::ExportedService {
+                endpoints: endpoints
+                    .iter()
+                    .map(|(cluster, workload, ready)| pb::Endpoint {
+                        address: "127.0.0.1:1".into(),
+                        workload: workload.to_string(),
+                        locality: Some(pb::Locality {
+                            cluster: cluster.to_string(),
+                            ..Default::default()
+                        }),
+                        identity: String::new(),
+                        ready: *ready,
+                        labels: Default::default(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })],
             identities: vec![],
             conditions: vec![],
             clusters: vec![],

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use strait_api::pb;
 use strait_api::pb::resource::Kind;
 
-use crate::catalog::{Merged, MergedService};
+use crate::catalog::{join, Merged, MergedService};
 
 /// The full config at one version.
 #[derive(Clone, Debug, Default)]
@@ -57,30 +57,6 @@ pub fn gateway_only(name: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Walks two maps in key order at once: each key of either, with its value in each.
-fn join<'a, V, W>(
-    a: &'a BTreeMap<String, V>,
-    b: &'a BTreeMap<String, W>,
-) -> impl Iterator<Item = (&'a String, Option<&'a V>, Option<&'a W>)> {
-    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
-    std::iter::from_fn(move || {
-        let order = match (a.peek(), b.peek()) {
-            (None, None) => return None,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
-        };
-        Some(match order {
-            std::cmp::Ordering::Less => a.next().map(|(k, v)| (k, Some(v), None))?,
-            std::cmp::Ordering::Greater => b.next().map(|(k, w)| (k, None, Some(w)))?,
-            std::cmp::Ordering::Equal => {
-                let (k, v) = a.next()?;
-                (k, Some(v), b.next().map(|(_, w)| w))
-            }
-        })
-    })
-}
-
 fn resource(name: String, kind: Kind) -> pb::Resource {
     let mut r = pb::Resource {
         name,
@@ -108,7 +84,11 @@ pub fn service_resource(svc: &MergedService) -> pb::Resource {
             namespace: svc.namespace.clone(),
             clusterset_ip: svc.clusterset_ip.to_string(),
             ports: svc.ports.clone(),
-            endpoints: svc.endpoints.clone(),
+            endpoints: {
+                let mut all = Vec::with_capacity(svc.endpoint_count());
+                all.extend(svc.endpoints().cloned());
+                all
+            },
             conditions: svc.conditions.clone(),
             identities: svc.identities.clone(),
         }),
@@ -218,13 +198,13 @@ pub fn build_with(
 }
 
 /// What changed from the resources last sent to `now`, both seen through `include`:
-/// resources to send and names removed. One walk over both; a resource rebuilt from an
-/// unchanged source is the same `Arc` and is skipped without comparing versions.
-pub fn diff(
-    sent: &BTreeMap<String, Arc<pb::Resource>>,
-    now: &BTreeMap<String, Arc<pb::Resource>>,
+/// resources to send (shared, not copied) and names removed. One walk over both; a resource
+/// rebuilt from an unchanged source is the same `Arc` and is skipped without comparing versions.
+pub fn diff<'a>(
+    sent: &'a BTreeMap<String, Arc<pb::Resource>>,
+    now: &'a BTreeMap<String, Arc<pb::Resource>>,
     include: impl Fn(&str) -> bool,
-) -> (Vec<pb::Resource>, Vec<String>) {
+) -> (Vec<&'a Arc<pb::Resource>>, Vec<String>) {
     let mut changed = vec![];
     let mut removed = vec![];
     for (name, before, after) in join(sent, now) {
@@ -233,7 +213,7 @@ pub fn diff(
         }
         match (before, after) {
             (Some(b), Some(a)) if Arc::ptr_eq(b, a) || b.version == a.version => {}
-            (_, Some(a)) => changed.push((**a).clone()),
+            (_, Some(a)) => changed.push(a),
             (Some(_), None) => removed.push(name.clone()),
             (None, None) => {}
         }
@@ -255,7 +235,7 @@ mod tests {
                 port,
                 protocol: "http".into(),
             }],
-            endpoints: vec![],
+            exports: vec![],
             identities: vec![],
             conditions: vec![],
             clusters: vec!["east".into()],

@@ -16,9 +16,9 @@ use serde_json::json;
 use strait_api::admin::Admin;
 use strait_api::pb;
 use strait_api::pb::certificate_service_server::CertificateServiceServer;
-use strait_api::pb::config_service_server::ConfigServiceServer;
 use strait_api::pb::peering_service_server::PeeringServiceServer;
 use strait_api::pb::policy_service_server::PolicyServiceServer;
+use strait_api::pb::wire::config_service_server::ConfigServiceServer;
 use strait_gateway::TunnelClient;
 use strait_trust::{
     next_rotation, Authority, CertStore, PeerPolicy, RotationPlan, ServerAuth, SpiffeId, TlsMetrics, TrustBundle,
@@ -749,7 +749,7 @@ fn admin_views(
             .merged
             .values()
             .flat_map(|s| {
-                s.endpoints.iter().map(move |e| {
+                s.endpoints().map(move |e| {
                     let loc = e.locality.clone().unwrap_or_default();
                     json!({
                         "cluster": loc.cluster,
@@ -773,7 +773,7 @@ fn admin_views(
             .values()
             .map(|s| {
                 let mut clusters: BTreeMap<String, (Vec<String>, usize, usize)> = BTreeMap::new();
-                for e in &s.endpoints {
+                for e in s.endpoints() {
                     let loc = e.locality.clone().unwrap_or_default();
                     let entry = clusters.entry(loc.cluster.clone()).or_default();
                     if !entry.0.contains(&loc.zone) {

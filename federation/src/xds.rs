@@ -1,15 +1,16 @@
 //! The controller side of the config stream: every connected proxy gets the full state, then
 //! only what changed, and its ACKs and NACKs are recorded (and shown by `strait status`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures::Stream;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use serde::Serialize;
 use strait_api::pb;
-use strait_api::pb::config_service_server::ConfigService;
+use strait_api::pb::wire::config_service_server::ConfigService;
 use strait_api::transport::PeerInfo;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
@@ -33,6 +34,7 @@ pub struct ProxyStatus {
 pub struct XdsServer {
     state: watch::Receiver<Arc<ConfigState>>,
     proxies: Arc<Mutex<BTreeMap<String, ProxyStatus>>>,
+    encoded: Arc<Encoded>,
     connected: IntGauge,
     acks: IntCounterVec,
 }
@@ -57,6 +59,7 @@ impl XdsServer {
         XdsServer {
             state,
             proxies: Arc::default(),
+            encoded: Arc::default(),
             connected,
             acks,
         }
@@ -70,7 +73,40 @@ impl XdsServer {
     }
 }
 
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::wire::ConfigUpdateWire, Status>> + Send>>;
+
+/// Each resource encoded at its current version, made once and shared by every subscriber: a
+/// change to a service is encoded once however many proxies it goes to (before, each proxy's
+/// stream copied the resource and encoded it again).
+#[derive(Default)]
+struct Encoded(Mutex<HashMap<String, (String, Bytes)>>);
+
+impl Encoded {
+    /// The resource's encoding; a version is a digest of the content, so name and version
+    /// name the bytes.
+    fn get(&self, r: &pb::Resource) -> Bytes {
+        use prost::Message;
+        if let Some((_, bytes)) = self.lock().get(&r.name).filter(|(v, _)| *v == r.version) {
+            return bytes.clone();
+        }
+        let bytes = Bytes::from(r.encode_to_vec());
+        self.lock().insert(r.name.clone(), (r.version.clone(), bytes.clone()));
+        bytes
+    }
+
+    /// Forgets resources that left `state` once they could be as many as those in it.
+    fn prune(&self, state: &ConfigState) {
+        let mut map = self.lock();
+        if map.len() > state.resources.len() + 64 {
+            map.retain(|name, _| state.resources.contains_key(name));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Bytes)>> {
+        // A panic while holding it leaves nothing half-done: entries are inserted whole.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 #[tonic::async_trait]
 impl ConfigService for XdsServer {
@@ -108,6 +144,7 @@ impl ConfigService for XdsServer {
         let proxies = self.proxies.clone();
         let connected = self.connected.clone();
         let acks = self.acks.clone();
+        let encoded = self.encoded.clone();
         proxies.lock().map_err(|_| Status::internal("lock"))?.insert(
             key.clone(),
             ProxyStatus {
@@ -137,7 +174,7 @@ impl ConfigService for XdsServer {
                     let mut gone = false;
                     // On the first send `sent` is empty, so `changed` is the whole state.
                     for r in changed {
-                        if let Some(part) = parts.push(r) {
+                        if let Some(part) = parts.push(encoded.get(r)) {
                             gone = tx.send(Ok(part)).await.is_err();
                             if gone {
                                 break;
@@ -145,6 +182,7 @@ impl ConfigService for XdsServer {
                         }
                     }
                     first = false;
+                    encoded.prune(&current);
                     sent = current.clone();
                     if gone || tx.send(Ok(parts.last(removed))).await.is_err() {
                         break;
@@ -191,13 +229,13 @@ impl ConfigService for XdsServer {
 /// proxy's decode buffer would grow to hold it and keep that size for as long as the stream.
 pub const PART_BYTES: usize = 256 * 1024;
 
-/// An update cut into parts of at most [`PART_BYTES`] as its resources are added (for a proxy
-/// that takes parts; for one that does not, one part).
+/// An update cut into parts of at most [`PART_BYTES`] as its encoded resources are added (for a
+/// proxy that takes parts; for one that does not, one part).
 struct Parts {
     version: u64,
     full: bool,
     split: bool,
-    resources: Vec<pb::Resource>,
+    resources: Vec<Bytes>,
     bytes: usize,
     sent_any: bool,
 }
@@ -214,12 +252,11 @@ impl Parts {
         }
     }
 
-    /// Adds a resource; returns a part to send when this one would not fit in it.
-    fn push(&mut self, r: pb::Resource) -> Option<pb::ConfigUpdate> {
-        use prost::Message;
+    /// Adds an encoded resource; returns a part to send when this one would not fit in it.
+    fn push(&mut self, r: Bytes) -> Option<pb::wire::ConfigUpdateWire> {
         let mut ready = None;
         if self.split {
-            let len = r.encoded_len();
+            let len = r.len();
             if !self.resources.is_empty() && self.bytes + len > PART_BYTES {
                 ready = Some(self.part(vec![], true));
             }
@@ -230,16 +267,16 @@ impl Parts {
     }
 
     /// The last part, with the update's removals.
-    fn last(mut self, removed: Vec<String>) -> pb::ConfigUpdate {
+    fn last(mut self, removed: Vec<String>) -> pb::wire::ConfigUpdateWire {
         self.part(removed, false)
     }
 
-    fn part(&mut self, removed: Vec<String>, more: bool) -> pb::ConfigUpdate {
+    fn part(&mut self, removed: Vec<String>, more: bool) -> pb::wire::ConfigUpdateWire {
         // `full` on the first part only: it covers every part.
         let full = self.full && !self.sent_any;
         self.sent_any = true;
         self.bytes = 0;
-        pb::ConfigUpdate {
+        pb::wire::ConfigUpdateWire {
             version: self.version,
             full,
             resources: std::mem::take(&mut self.resources),
@@ -280,7 +317,7 @@ mod scope_tests {
 
 #[cfg(test)]
 mod parts_tests {
-    use super::{Parts, PART_BYTES};
+    use super::{ConfigState, Encoded, Parts, PART_BYTES};
     use prost::Message;
     use strait_api::pb;
 
@@ -296,11 +333,63 @@ mod parts_tests {
         }
     }
 
+    /// The parts as a proxy reads them: each sent as `ConfigUpdateWire`, decoded as
+    /// `ConfigUpdate`.
     fn split(resources: &[pb::Resource], full: bool, accepts_parts: bool) -> Vec<pb::ConfigUpdate> {
         let mut parts = Parts::new(7, full, accepts_parts);
-        let mut out: Vec<pb::ConfigUpdate> = resources.iter().filter_map(|r| parts.push(r.clone())).collect();
+        let mut out: Vec<pb::wire::ConfigUpdateWire> = resources
+            .iter()
+            .filter_map(|r| parts.push(r.encode_to_vec().into()))
+            .collect();
         out.push(parts.last(vec!["gone".into()]));
-        out
+        out.iter()
+            .map(|w| pb::ConfigUpdate::decode(w.encode_to_vec().as_slice()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn what_the_controller_writes_is_what_proxies_read_as_a_config_update() {
+        let resources = vec![resource("a", 1), resource("b", 2)];
+        let parts = split(&resources, true, true);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(
+            parts[0],
+            pb::ConfigUpdate {
+                version: 7,
+                full: true,
+                resources,
+                removed: vec!["gone".into()],
+                more: false,
+            }
+        );
+    }
+
+    #[test]
+    fn a_resource_is_encoded_once_per_version_and_shared() {
+        let encoded = Encoded::default();
+        let mut r = resource("a", 1);
+        let first = encoded.get(&r);
+        let again = encoded.get(&r);
+        assert_eq!(first.as_ptr(), again.as_ptr(), "the same bytes, not a new encoding");
+        assert_eq!(pb::Resource::decode(first.clone()).unwrap(), r);
+        r.version = "2".into();
+        r.kind = Some(pb::resource::Kind::TrustBundle(pb::TrustBundle {
+            pem: "changed".into(),
+            ..Default::default()
+        }));
+        let changed = encoded.get(&r);
+        assert_ne!(changed, first);
+        assert_eq!(pb::Resource::decode(changed).unwrap(), r);
+        // Resources that left are forgotten once they could outnumber those there.
+        for i in 0..100 {
+            encoded.get(&resource(&format!("old{i}"), 0));
+        }
+        let state = ConfigState {
+            resources: [("a".to_string(), std::sync::Arc::new(r))].into(),
+            ..Default::default()
+        };
+        encoded.prune(&state);
+        assert_eq!(encoded.lock().keys().collect::<Vec<_>>(), vec!["a"]);
     }
 
     #[test]
