@@ -55,7 +55,7 @@ pub fn divide(limit: f64, demand: &[f64]) -> Vec<f64> {
 pub struct RateShares {
     published: BTreeMap<String, BTreeMap<String, f64>>,
     /// `published` as `rateshare/<ns>/<name>` resources, rebuilt only when it changes.
-    resources: Vec<Arc<pb::Resource>>,
+    resources: Vec<Arc<crate::resources::Built>>,
     /// The policies the limits were last read from, and those limits (compiling policies on
     /// every pass of the merge loop would be work for nothing: they rarely change).
     policies: Vec<pb::TrafficPolicy>,
@@ -140,12 +140,12 @@ impl RateShares {
     }
 
     /// The published shares as `rateshare/<ns>/<name>` resources.
-    pub fn resources(&self) -> &[Arc<pb::Resource>] {
+    pub fn resources(&self) -> &[Arc<crate::resources::Built>] {
         &self.resources
     }
 }
 
-fn resource(key: &str, shares: &BTreeMap<String, f64>) -> pb::Resource {
+fn resource(key: &str, shares: &BTreeMap<String, f64>) -> crate::resources::Built {
     let (namespace, name) = key.split_once('/').unwrap_or_default();
     crate::resources::rate_shares_resource(pb::RateShares {
         namespace: namespace.to_string(),
@@ -262,8 +262,8 @@ mod tests {
     }
 
     fn first(shares: &RateShares) -> pb::RateShares {
-        match &shares.resources()[0].kind {
-            Some(pb::resource::Kind::RateShares(body)) => body.clone(),
+        match shares.resources()[0].decode().unwrap().kind {
+            Some(pb::resource::Kind::RateShares(body)) => body,
             other => panic!("not rate shares: {other:?}"),
         }
     }

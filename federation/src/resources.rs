@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prost::Message;
 use sha2::{Digest, Sha256};
 use strait_api::pb;
@@ -15,7 +16,7 @@ use crate::catalog::{join, Merged, MergedService};
 #[derive(Clone, Debug, Default)]
 pub struct ConfigState {
     pub version: u64,
-    pub resources: BTreeMap<String, Arc<pb::Resource>>,
+    pub resources: BTreeMap<String, Arc<Built>>,
     /// False right after a (re)start until every peer has been heard from (or one lease
     /// passed): until then the catalog lacks remote services, and serving it to sidecars would
     /// make them drop endpoints that are fine. Gateways get it at once (peers reach this
@@ -32,7 +33,7 @@ impl ConfigState {
     /// resource whose version did not change.
     pub fn since_from(
         previous: &ConfigState,
-        resources: &BTreeMap<String, Arc<pb::Resource>>,
+        resources: &BTreeMap<String, Arc<Built>>,
         version: u64,
     ) -> BTreeMap<String, u64> {
         resources
@@ -57,54 +58,108 @@ pub fn gateway_only(name: &str) -> bool {
         .is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn resource(name: String, kind: Kind) -> pb::Resource {
-    let mut r = pb::Resource {
+/// A resource as the config stream sends it: its name, its version (a digest of its content)
+/// and its encoding as a `pb::Resource`, made once when it is built and shared by every
+/// proxy's stream. The controller keeps nothing else of it: the decoded form (a service's
+/// endpoints above all) was a copy of what the merge already holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Built {
+    pub name: String,
+    pub version: String,
+    pub wire: Bytes,
+}
+
+impl Built {
+    /// `buf` is the resource encoded without a version (its name and kind): the version is a
+    /// digest of those bytes, appended as `Resource.version` (a field may come in any order).
+    fn finish(name: String, mut buf: Vec<u8>) -> Built {
+        let digest = Sha256::digest(&buf);
+        let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        prost::encoding::string::encode(RESOURCE_VERSION, &version, &mut buf);
+        Built {
+            name,
+            version,
+            wire: buf.into(),
+        }
+    }
+
+    /// The resource as a proxy decodes it.
+    pub fn decode(&self) -> Result<pb::Resource, prost::DecodeError> {
+        pb::Resource::decode(self.wire.clone())
+    }
+}
+
+/// `Resource`'s field numbers that [`Built`] writes itself (`proto/strait.proto`; the unit
+/// tests decode what is written and compare).
+const RESOURCE_NAME: u32 = 1;
+const RESOURCE_VERSION: u32 = 2;
+const RESOURCE_SERVICE: u32 = 3;
+const SERVICE_ENDPOINTS: u32 = 5;
+
+fn resource(name: String, kind: Kind) -> Built {
+    let r = pb::Resource {
         name,
         version: String::new(),
         kind: Some(kind),
     };
-    let digest = Sha256::digest(r.encode_to_vec());
-    r.version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    r
+    let buf = r.encode_to_vec();
+    Built::finish(r.name, buf)
 }
 
 /// `rateshare/<ns>/<name>`: a destination-total rate limit's shares for its sidecars.
-pub fn rate_shares_resource(body: pb::RateShares) -> pb::Resource {
+pub fn rate_shares_resource(body: pb::RateShares) -> Built {
     resource(
         format!("rateshare/{}/{}", body.namespace, body.name),
         Kind::RateShares(body),
     )
 }
 
-pub fn service_resource(svc: &MergedService) -> pb::Resource {
-    resource(
-        format!("service/{}/{}", svc.namespace, svc.name),
-        Kind::Service(pb::Service {
-            name: svc.name.clone(),
-            namespace: svc.namespace.clone(),
-            clusterset_ip: svc.clusterset_ip.to_string(),
-            ports: svc.ports.clone(),
-            endpoints: {
-                let mut all = Vec::with_capacity(svc.endpoint_count());
-                all.extend(svc.endpoints().cloned());
-                all
-            },
-            conditions: svc.conditions.clone(),
-            identities: svc.identities.clone(),
-        }),
-    )
+/// `service/<ns>/<name>`, encoded straight from the merged service: its endpoints are written
+/// from the exports that hold them, not copied into a `pb::Service` first. The same fields as
+/// a `pb::Service` made from it, in the same order.
+pub fn service_resource(svc: &MergedService) -> Built {
+    use prost::encoding::{encode_key, encode_varint, message, string, WireType};
+    let name = format!("service/{}/{}", svc.namespace, svc.name);
+    // Fields 1-4, then the endpoints (5), then 6 and 7: prost writes them in this order.
+    let head = pb::Service {
+        name: svc.name.clone(),
+        namespace: svc.namespace.clone(),
+        clusterset_ip: svc.clusterset_ip.to_string(),
+        ports: svc.ports.clone(),
+        ..Default::default()
+    };
+    let tail = pb::Service {
+        conditions: svc.conditions.clone(),
+        identities: svc.identities.clone(),
+        ..Default::default()
+    };
+    let endpoints: usize = svc
+        .endpoints()
+        .map(|e| message::encoded_len(SERVICE_ENDPOINTS, e))
+        .sum();
+    let body = head.encoded_len() + endpoints + tail.encoded_len();
+    let mut buf = Vec::with_capacity(name.len() + body + 48);
+    string::encode(RESOURCE_NAME, &name, &mut buf);
+    encode_key(RESOURCE_SERVICE, WireType::LengthDelimited, &mut buf);
+    encode_varint(body as u64, &mut buf);
+    head.encode(&mut buf).expect("a Vec grows to fit");
+    for e in svc.endpoints() {
+        message::encode(SERVICE_ENDPOINTS, e, &mut buf);
+    }
+    tail.encode(&mut buf).expect("a Vec grows to fit");
+    Built::finish(name, buf)
 }
 
 /// Each service's resource from the last build, by the merged service it was made from: an
 /// unchanged service (the same `Arc`) is not encoded and hashed again.
 #[derive(Default)]
 pub struct BuildMemo {
-    by_service: HashMap<String, (Arc<MergedService>, Arc<pb::Resource>)>,
+    by_service: HashMap<String, (Arc<MergedService>, Arc<Built>)>,
 }
 
 /// Whether two builds hold the same resources (names and versions; a version is a digest of
 /// the content).
-pub fn same_versions(a: &BTreeMap<String, Arc<pb::Resource>>, b: &BTreeMap<String, Arc<pb::Resource>>) -> bool {
+pub fn same_versions(a: &BTreeMap<String, Arc<Built>>, b: &BTreeMap<String, Arc<Built>>) -> bool {
     a.len() == b.len()
         && a.iter()
             .zip(b)
@@ -119,7 +174,7 @@ pub fn build(
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
     objects: &crate::objects::Checked,
-) -> BTreeMap<String, Arc<pb::Resource>> {
+) -> BTreeMap<String, Arc<Built>> {
     build_with(
         &mut BuildMemo::default(),
         merged,
@@ -140,7 +195,7 @@ pub fn build_with(
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
     objects: &crate::objects::Checked,
-) -> BTreeMap<String, Arc<pb::Resource>> {
+) -> BTreeMap<String, Arc<Built>> {
     let mut out = BTreeMap::new();
     for (key, svc) in merged {
         let r = match memo.by_service.get(key) {
@@ -201,10 +256,10 @@ pub fn build_with(
 /// resources to send (shared, not copied) and names removed. One walk over both; a resource
 /// rebuilt from an unchanged source is the same `Arc` and is skipped without comparing versions.
 pub fn diff<'a>(
-    sent: &'a BTreeMap<String, Arc<pb::Resource>>,
-    now: &'a BTreeMap<String, Arc<pb::Resource>>,
+    sent: &'a BTreeMap<String, Arc<Built>>,
+    now: &'a BTreeMap<String, Arc<Built>>,
     include: impl Fn(&str) -> bool,
-) -> (Vec<&'a Arc<pb::Resource>>, Vec<String>) {
+) -> (Vec<&'a Arc<Built>>, Vec<String>) {
     let mut changed = vec![];
     let mut removed = vec![];
     for (name, before, after) in join(sent, now) {
@@ -240,6 +295,64 @@ mod tests {
             conditions: vec![],
             clusters: vec!["east".into()],
         })
+    }
+
+    #[test]
+    fn a_service_encoded_from_its_exports_is_what_prost_writes_for_it() {
+        let export = |cluster: &str, n: usize| {
+            Arc::new(pb::ExportedService {
+                endpoints: (0..n)
+                    .map(|i| pb::Endpoint {
+                        address: format!("10.0.0.{i}:8080"),
+                        workload: format!("echo-{cluster}-{i}"),
+                        locality: Some(pb::Locality {
+                            cluster: cluster.into(),
+                            zone: "us-east-1a".into(),
+                            ..Default::default()
+                        }),
+                        identity: "spiffe://mesh.local/ns/demo/sa/echo".into(),
+                        ready: i % 2 == 0,
+                        labels: [("version".to_string(), format!("v{i}"))].into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let mut merged = (*svc("echo", 80)).clone();
+        merged.exports = vec![export("east", 3), export("west", 2)];
+        merged.identities = vec!["spiffe://mesh.local/ns/demo/sa/echo".into()];
+        merged.conditions = vec![pb::Condition {
+            r#type: "Conflict".into(),
+            status: "False".into(),
+            ..Default::default()
+        }];
+        let built = service_resource(&merged);
+        let body = pb::Service {
+            name: merged.name.clone(),
+            namespace: merged.namespace.clone(),
+            clusterset_ip: merged.clusterset_ip.to_string(),
+            ports: merged.ports.clone(),
+            endpoints: merged.endpoints().cloned().collect(),
+            conditions: merged.conditions.clone(),
+            identities: merged.identities.clone(),
+        };
+        let mut want = pb::Resource {
+            name: "service/demo/echo".into(),
+            version: String::new(),
+            kind: Some(Kind::Service(body)),
+        };
+        // Byte for byte prost's encoding, the version appended; and it decodes to the resource.
+        let mut bytes = want.encode_to_vec();
+        prost::encoding::string::encode(2, &built.version, &mut bytes);
+        assert_eq!(built.wire, bytes);
+        want.version = built.version.clone();
+        assert_eq!(built.decode().unwrap(), want);
+        assert_eq!(built.name, "service/demo/echo");
+        // The version is the content's: the same service built again has it, a changed one not.
+        assert_eq!(service_resource(&merged).version, built.version);
+        let moved = &mut Arc::make_mut(&mut merged.exports[1]).endpoints[0];
+        moved.ready = !moved.ready;
+        assert_ne!(service_resource(&merged).version, built.version);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The controller side of the config stream: every connected proxy gets the full state, then
 //! only what changed, and its ACKs and NACKs are recorded (and shown by `strait status`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -34,7 +34,6 @@ pub struct ProxyStatus {
 pub struct XdsServer {
     state: watch::Receiver<Arc<ConfigState>>,
     proxies: Arc<Mutex<BTreeMap<String, ProxyStatus>>>,
-    encoded: Arc<Encoded>,
     connected: IntGauge,
     acks: IntCounterVec,
 }
@@ -59,7 +58,6 @@ impl XdsServer {
         XdsServer {
             state,
             proxies: Arc::default(),
-            encoded: Arc::default(),
             connected,
             acks,
         }
@@ -74,40 +72,6 @@ impl XdsServer {
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::wire::ConfigUpdateWire, Status>> + Send>>;
-
-/// Each resource encoded at its current version, made once and shared by every subscriber: a
-/// change to a service is encoded once however many proxies it goes to (before, each proxy's
-/// stream copied the resource and encoded it again).
-#[derive(Default)]
-struct Encoded(Mutex<HashMap<String, (String, Bytes)>>);
-
-impl Encoded {
-    /// The resource's encoding; a version is a digest of the content, so name and version
-    /// name the bytes.
-    fn get(&self, r: &pb::Resource) -> Bytes {
-        use prost::Message;
-        if let Some((_, bytes)) = self.lock().get(&r.name).filter(|(v, _)| *v == r.version) {
-            return bytes.clone();
-        }
-        let bytes = Bytes::from(r.encode_to_vec());
-        self.lock().insert(r.name.clone(), (r.version.clone(), bytes.clone()));
-        bytes
-    }
-
-    /// Forgets resources that left `state` once they could be as many as those in it.
-    fn prune(&self, state: &ConfigState) {
-        let mut map = self.lock();
-        if map.len() > state.resources.len() + 64 {
-            map.retain(|name, _| state.resources.contains_key(name));
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Bytes)>> {
-        // A panic while holding it leaves nothing half-done: entries are inserted whole.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 #[tonic::async_trait]
 impl ConfigService for XdsServer {
     type SubscribeStream = UpdateStream;
@@ -144,7 +108,6 @@ impl ConfigService for XdsServer {
         let proxies = self.proxies.clone();
         let connected = self.connected.clone();
         let acks = self.acks.clone();
-        let encoded = self.encoded.clone();
         proxies.lock().map_err(|_| Status::internal("lock"))?.insert(
             key.clone(),
             ProxyStatus {
@@ -174,7 +137,8 @@ impl ConfigService for XdsServer {
                     let mut gone = false;
                     // On the first send `sent` is empty, so `changed` is the whole state.
                     for r in changed {
-                        if let Some(part) = parts.push(encoded.get(r)) {
+                        // Encoded once when built; every proxy's stream shares the bytes.
+                        if let Some(part) = parts.push(r.wire.clone()) {
                             gone = tx.send(Ok(part)).await.is_err();
                             if gone {
                                 break;
@@ -182,7 +146,6 @@ impl ConfigService for XdsServer {
                         }
                     }
                     first = false;
-                    encoded.prune(&current);
                     sent = current.clone();
                     if gone || tx.send(Ok(parts.last(removed))).await.is_err() {
                         break;
@@ -317,7 +280,7 @@ mod scope_tests {
 
 #[cfg(test)]
 mod parts_tests {
-    use super::{ConfigState, Encoded, Parts, PART_BYTES};
+    use super::{Parts, PART_BYTES};
     use prost::Message;
     use strait_api::pb;
 
@@ -362,34 +325,6 @@ mod parts_tests {
                 more: false,
             }
         );
-    }
-
-    #[test]
-    fn a_resource_is_encoded_once_per_version_and_shared() {
-        let encoded = Encoded::default();
-        let mut r = resource("a", 1);
-        let first = encoded.get(&r);
-        let again = encoded.get(&r);
-        assert_eq!(first.as_ptr(), again.as_ptr(), "the same bytes, not a new encoding");
-        assert_eq!(pb::Resource::decode(first.clone()).unwrap(), r);
-        r.version = "2".into();
-        r.kind = Some(pb::resource::Kind::TrustBundle(pb::TrustBundle {
-            pem: "changed".into(),
-            ..Default::default()
-        }));
-        let changed = encoded.get(&r);
-        assert_ne!(changed, first);
-        assert_eq!(pb::Resource::decode(changed).unwrap(), r);
-        // Resources that left are forgotten once they could outnumber those there.
-        for i in 0..100 {
-            encoded.get(&resource(&format!("old{i}"), 0));
-        }
-        let state = ConfigState {
-            resources: [("a".to_string(), std::sync::Arc::new(r))].into(),
-            ..Default::default()
-        };
-        encoded.prune(&state);
-        assert_eq!(encoded.lock().keys().collect::<Vec<_>>(), vec!["a"]);
     }
 
     #[test]
