@@ -170,6 +170,9 @@ impl std::fmt::Display for SourceError {
 
 #[derive(Default)]
 struct FileState {
+    /// Its inode when last read: a file replaced (renamed over) has a new one, which the
+    /// directory listing gives without a `stat`.
+    inode: u64,
     fingerprint: Fingerprint,
     good: Option<CatalogFile>,
     /// `good`'s services as exports, made at the first [`FileSource::services`] after it was
@@ -181,9 +184,11 @@ struct FileState {
 /// Reads the catalog directory; [`FileSource::poll`] returns whether anything changed.
 pub struct FileSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
+    /// By file name (not path: comparing paths walks their components).
+    files: BTreeMap<std::ffi::OsString, FileState>,
     first_seen: HashMap<String, i64>,
-    /// The directory's modification time at the last full scan, and when that was.
+    /// The directory's modification time at the last listing, and when every file was last
+    /// looked at.
     scanned: Option<(Option<SystemTime>, std::time::Instant)>,
     /// Bumped whenever a poll finds a change: what [`FileSource::services`] returns is the same
     /// while this is.
@@ -203,17 +208,22 @@ pub fn yaml_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
     let mut out = vec![];
     for entry in std::fs::read_dir(dir)?.flatten() {
         let path = entry.path();
-        if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-            continue;
+        if is_yaml(&path) {
+            out.push((path, fingerprint(entry.metadata().ok())));
         }
-        let meta = entry.metadata().ok();
-        let fp = (
-            meta.as_ref().and_then(|m| m.modified().ok()),
-            meta.map(|m| m.len()).unwrap_or_default(),
-        );
-        out.push((path, fp));
     }
     Ok(out)
+}
+
+fn is_yaml(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+fn fingerprint(meta: Option<std::fs::Metadata>) -> Fingerprint {
+    (
+        meta.as_ref().and_then(|m| m.modified().ok()),
+        meta.map(|m| m.len()).unwrap_or_default(),
+    )
 }
 
 impl FileSource {
@@ -227,36 +237,55 @@ impl FileSource {
         }
     }
 
-    /// Re-reads files whose modification time or size changed: at once when the directory
-    /// changed (a file created, renamed over or removed), else every [`FULL_SCAN`]. A poll that
-    /// finds neither costs one stat, whatever the number of files.
+    /// Re-reads changed files. When the directory changed (a file created, renamed over or
+    /// removed) its listing is read at once and only files with a new name or inode are looked
+    /// at; every [`FULL_SCAN`] every file's modification time and size are (edits in place). A
+    /// poll that finds neither costs one stat, whatever the number of files.
     pub fn poll(&mut self) -> bool {
+        use std::os::unix::fs::DirEntryExt;
         let dir_mtime = std::fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
-        if let Some((seen, at)) = self.scanned {
-            if seen == dir_mtime && at.elapsed() < FULL_SCAN {
-                return false;
-            }
+        let full = self.scanned.is_none_or(|(_, at)| at.elapsed() >= FULL_SCAN);
+        if !full && self.scanned.is_some_and(|(seen, _)| seen == dir_mtime) {
+            return false;
         }
-        // Read before the scan: a change during it shows as a newer mtime at the next poll.
-        self.scanned = Some((dir_mtime, std::time::Instant::now()));
-        let mut changed = false;
-        let mut present = std::collections::HashSet::new();
-        let files = match yaml_files(&self.dir) {
-            Ok(f) => f,
+        // Read before the listing: a change during it shows as a newer mtime at the next poll.
+        let last_full = match self.scanned {
+            Some((_, at)) if !full => at,
+            _ => std::time::Instant::now(),
+        };
+        self.scanned = Some((dir_mtime, last_full));
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
             Err(e) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the catalog directory; keeping the last catalog");
                 return false;
             }
         };
-        for (path, fp) in files {
-            if let Some(state) = self.files.get(&path) {
-                if state.fingerprint == fp && (state.good.is_some() || state.error.is_some()) {
-                    present.insert(path);
-                    continue;
-                }
+        let mut changed = false;
+        let mut present = std::collections::BTreeSet::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let path = entry.path();
+            if !is_yaml(&path) {
+                continue;
             }
-            present.insert(path.clone());
-            let state = self.files.entry(path.clone()).or_default();
+            let inode = entry.ino();
+            let known = self
+                .files
+                .get(&name)
+                .filter(|s| s.inode == inode && (s.good.is_some() || s.error.is_some()));
+            if let (Some(_), false) = (known, full) {
+                present.insert(name);
+                continue;
+            }
+            let fp = fingerprint(entry.metadata().ok());
+            if known.is_some_and(|s| s.fingerprint == fp) {
+                present.insert(name);
+                continue;
+            }
+            present.insert(name.clone());
+            let state = self.files.entry(name).or_default();
+            state.inode = inode;
             state.fingerprint = fp;
             changed = true;
             let parsed = std::fs::read_to_string(&path)
@@ -296,7 +325,7 @@ impl FileSource {
             .iter()
             .filter_map(|(p, s)| {
                 s.error.as_ref().map(|m| SourceError {
-                    file: p.clone(),
+                    file: self.dir.join(p),
                     message: m.clone(),
                 })
             })
@@ -313,7 +342,7 @@ impl FileSource {
     ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
         let mut out = BTreeMap::new();
         let mut errors = self.errors();
-        for (path, state) in &mut self.files {
+        for (file_name, state) in &mut self.files {
             let Some(file) = &state.good else { continue };
             let made = state.made.get_or_insert_with(|| {
                 file.services
@@ -338,7 +367,7 @@ impl FileSource {
             for (key, local) in made.iter() {
                 if out.contains_key(key) {
                     errors.push(SourceError {
-                        file: path.clone(),
+                        file: self.dir.join(file_name),
                         message: format!(
                             "service {key} is already defined in another catalog file; define each service once"
                         ),
@@ -429,6 +458,15 @@ mod tests {
         let td: TrustDomain = "mesh.local".parse().unwrap();
         let (services, _) = source.services("east", "us-east", &td, SystemTime::now());
         assert_eq!(services["demo/echo"].service.ports[0].port, 81);
+        // Replaced (written aside and renamed over, as editors and kubectl-style tools do):
+        // a new inode in the listing, seen at the next poll, even at the same size.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.join("a.tmp"), svc(83)).unwrap();
+        std::fs::rename(dir.join("a.tmp"), dir.join("a.yaml")).unwrap();
+        assert!(source.poll(), "a file renamed over is seen at once");
+        assert!(!source.poll(), "nothing changed");
+        let (services, _) = source.services("east", "us-east", &td, SystemTime::now());
+        assert_eq!(services["demo/echo"].service.ports[0].port, 83);
         // Another file: the first one's service is the very same export as before.
         std::fs::write(dir.join("b.yaml"), svc(82).replace("echo", "other")).unwrap();
         assert!(source.poll());
