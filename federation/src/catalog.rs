@@ -216,7 +216,7 @@ fn changed_services<'a>(
 /// changed (the same `Arc` otherwise) and no service came or went, only the services those
 /// changes name are looked at.
 pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>>, range: IpRange) -> Merged {
-    if let Some((inputs, last, last_range)) = &memo.last {
+    if let Some((inputs, last, last_range)) = &mut memo.last {
         if *last_range == range {
             let dirty = changed_services(inputs, exports);
             let lists: Vec<(&String, Inputs)> = dirty
@@ -234,13 +234,13 @@ pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>
                 .iter()
                 .all(|(key, list)| list.is_empty() != last.contains_key(*key));
             if same_set {
-                let mut out = last.clone();
+                // The memo's map is updated in place: one copy of it per pass, the one returned.
                 for (key, list) in lists {
                     let merged = merge_service(&mut memo.by_service, key, list, memo.ips[key]);
-                    out.insert(key.clone(), merged);
+                    last.insert(key.clone(), merged);
                 }
-                memo.last = Some((exports.clone(), out.clone(), range));
-                return out;
+                *inputs = exports.clone();
+                return last.clone();
             }
         }
     }

@@ -74,8 +74,10 @@ impl PeerTable {
         &self.changed
     }
 
-    /// Applies one update from a peer and renews its lease.
-    pub fn apply(&self, update: &pb::ExportUpdate, now: Instant) {
+    /// Applies one update from a peer and renews its lease. Takes the update: its services
+    /// move into the table instead of being copied (about 130 endpoints each at the published
+    /// size, several strings apiece).
+    pub fn apply(&self, update: pb::ExportUpdate, now: Instant) {
         let Ok(mut peers) = self.peers.lock() else { return };
         let lease = Duration::from_millis(update.lease_ms.clamp(1_000, 300_000));
         let entry = peers.entry(update.cluster.clone()).or_insert_with(|| PeerState {
@@ -96,32 +98,32 @@ impl PeerTable {
         }
         let mut content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
         if update.objects_included && *entry.objects != update.objects {
-            entry.objects = Arc::new(update.objects.clone());
+            entry.objects = Arc::new(update.objects);
             content_changed = true;
         }
         // Traffic changes every few seconds and never changes what proxies are told.
         if update.traffic_included {
-            entry.traffic = update.traffic.clone().map(Arc::new);
+            entry.traffic = update.traffic.map(Arc::new);
         }
         if update.statuses_included && *entry.statuses != update.statuses {
-            entry.statuses = Arc::new(update.statuses.clone());
+            entry.statuses = Arc::new(update.statuses);
             content_changed = true;
         }
         // The merge holds the last map it saw: a renewal that changes no service leaves the
         // map (and its `Arc`, which tells the merge it is unchanged) alone.
         if !update.upserts.is_empty() || !update.removed.is_empty() {
             let services = Arc::make_mut(&mut entry.services);
-            for svc in &update.upserts {
-                services.insert(format!("{}/{}", svc.namespace, svc.name), Arc::new(svc.clone()));
+            for svc in update.upserts {
+                services.insert(format!("{}/{}", svc.namespace, svc.name), Arc::new(svc));
             }
             for key in &update.removed {
                 services.remove(key);
             }
         }
         if update.gateway.is_some() {
-            entry.gateway = update.gateway.clone();
+            entry.gateway = update.gateway;
         }
-        entry.region = update.region.clone();
+        entry.region = update.region;
         entry.expires_at = now + lease;
         entry.last_renewed = SystemTime::now();
         entry.connected = true;
@@ -241,14 +243,9 @@ impl PeeringService for PeeringServer {
                     tracing::info!(peer = %update.cluster, %identity, "peer connected");
                 }
                 cluster = Some(update.cluster.clone());
-                table.apply(&update, Instant::now());
-                if tx
-                    .send(Ok(pb::ExportAck {
-                        generation: update.generation,
-                    }))
-                    .await
-                    .is_err()
-                {
+                let generation = update.generation;
+                table.apply(update, Instant::now());
+                if tx.send(Ok(pb::ExportAck { generation })).await.is_err() {
                     break;
                 }
             }
@@ -479,7 +476,7 @@ mod tests {
             ..Default::default()
         };
         table.apply(
-            &pb::ExportUpdate {
+            pb::ExportUpdate {
                 cluster: "west".into(),
                 lease_ms: 2_000,
                 full: true,
@@ -493,7 +490,7 @@ mod tests {
         assert!(p.alive(t0 + Duration::from_millis(1_999)));
         assert!(!p.alive(t0 + Duration::from_millis(2_000)));
         table.apply(
-            &pb::ExportUpdate {
+            pb::ExportUpdate {
                 cluster: "west".into(),
                 lease_ms: 2_000,
                 removed: vec!["demo/a".into()],

@@ -173,6 +173,8 @@ struct FileState {
     /// Its inode when last read: a file replaced (renamed over) has a new one, which the
     /// directory listing gives without a `stat`.
     inode: u64,
+    /// The last listing of the directory that showed it (a file not in the latest is gone).
+    listed: u64,
     fingerprint: Fingerprint,
     good: Option<CatalogFile>,
     /// `good`'s services as exports, made at the first [`FileSource::services`] after it was
@@ -190,6 +192,8 @@ pub struct FileSource {
     /// The directory's modification time at the last listing, and when every file was last
     /// looked at.
     scanned: Option<(Option<SystemTime>, std::time::Instant)>,
+    /// Counts the directory's listings.
+    listings: u64,
     /// Bumped whenever a poll finds a change: what [`FileSource::services`] returns is the same
     /// while this is.
     pub changes: u64,
@@ -233,6 +237,7 @@ impl FileSource {
             files: BTreeMap::new(),
             first_seen: HashMap::new(),
             scanned: None,
+            listings: 0,
             changes: 0,
         }
     }
@@ -262,29 +267,33 @@ impl FileSource {
             }
         };
         let mut changed = false;
-        let mut present = std::collections::BTreeSet::new();
+        self.listings += 1;
+        let listing = self.listings;
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let path = entry.path();
-            if !is_yaml(&path) {
+            if !is_yaml(Path::new(&name)) {
                 continue;
             }
             let inode = entry.ino();
-            let known = self
-                .files
-                .get(&name)
-                .filter(|s| s.inode == inode && (s.good.is_some() || s.error.is_some()));
-            if let (Some(_), false) = (known, full) {
-                present.insert(name);
-                continue;
-            }
+            // Marks it listed; a file read before with the same inode is looked at no further
+            // unless this is a full scan, and then only its fingerprint.
+            let known = match self.files.get_mut(&name) {
+                Some(s) if s.inode == inode && (s.good.is_some() || s.error.is_some()) => {
+                    s.listed = listing;
+                    if !full {
+                        continue;
+                    }
+                    Some(s.fingerprint)
+                }
+                _ => None,
+            };
             let fp = fingerprint(entry.metadata().ok());
-            if known.is_some_and(|s| s.fingerprint == fp) {
-                present.insert(name);
+            if known == Some(fp) {
                 continue;
             }
-            present.insert(name.clone());
+            let path = self.dir.join(&name);
             let state = self.files.entry(name).or_default();
+            state.listed = listing;
             state.inode = inode;
             state.fingerprint = fp;
             changed = true;
@@ -312,7 +321,7 @@ impl FileSource {
             }
         }
         let before = self.files.len();
-        self.files.retain(|p, _| present.contains(p));
+        self.files.retain(|_, s| s.listed == listing);
         let changed = changed || before != self.files.len();
         if changed {
             self.changes += 1;
