@@ -47,7 +47,9 @@ pub struct ControllerConfig {
     /// The shortest time between two rebuilds of this cluster's catalog. A change that
     /// arrives sooner waits for the window to end, and every change in it goes out in one
     /// rebuild and one push to proxies; a change after a quiet window goes out at once.
-    /// Default 50ms; at most a tenth of `lease`.
+    /// Default 100ms (Istio's debounce default); at most a tenth of `lease`. At the published
+    /// scale (10 clusters, 50 changes/s) 50ms cost every controller 21 % more CPU and every
+    /// sidecar 17 % more, for a change→ACK p99 of 108 instead of 197 ms (README).
     #[serde(default = "default_batch_window", with = "humantime_ms")]
     pub batch_window: Duration,
     /// Lifetime of workload certificates. Default 24h.
@@ -115,7 +117,7 @@ fn default_lease() -> Duration {
     Duration::from_secs(10)
 }
 pub fn default_batch_window() -> Duration {
-    Duration::from_millis(50)
+    Duration::from_millis(100)
 }
 fn default_ttl() -> Duration {
     strait_trust::DEFAULT_WORKLOAD_TTL
@@ -215,7 +217,7 @@ impl ControllerConfig {
                 path: path.to_path_buf(),
                 message: format!(
                     "field `batchWindow`: {} is longer than a tenth of `lease` ({}); changes would wait \
-                     too long to reach proxies and peers. Use e.g. 50ms",
+                     too long to reach proxies and peers. Use e.g. 100ms",
                     humantime_ms::format(&config.batch_window),
                     humantime_ms::format(&config.lease)
                 ),
@@ -249,7 +251,7 @@ mod tests {
                     gateway: {address: 127.0.0.1:15443, zone: a}\n";
         std::fs::write(&path, base).unwrap();
         let c = ControllerConfig::load(&path).unwrap();
-        assert_eq!(c.batch_window, Duration::from_millis(50));
+        assert_eq!(c.batch_window, Duration::from_millis(100));
         std::fs::write(&path, format!("{base}batchWindow: 5ms\n")).unwrap();
         assert_eq!(
             ControllerConfig::load(&path).unwrap().batch_window,

@@ -4,7 +4,8 @@
 //! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench clusterset`
 //! (flags after `--`: `--clusters 10 --services 300 --endpoints 4000 --churn 50 --seconds 30
 //! --sidecars 1`; the defaults are Istio ambient's published multi-cluster test;
-//! `--sidecar-scope demo` scopes the sidecars to their own namespace, away from the catalog).
+//! `--sidecar-scope demo` scopes the sidecars to their own namespace, away from the catalog;
+//! `--batch-window 100` sets every controller's `batchWindow` in milliseconds).
 //!
 //! `strait up` starts N real clusters (controller, gateway and K real sidecars each, peered over
 //! the QUIC tunnel as in production). Each controller is then given a synthetic catalog: the same
@@ -27,7 +28,7 @@
 use multicluster_tests::clusterset::{run, Size};
 
 /// `--clusters N --services N --endpoints N --churn N --seconds N --sidecars N
-/// [--sidecar-scope demo]`.
+/// [--sidecar-scope demo] [--batch-window MS]`.
 fn args() -> Size {
     let mut a = Size::default();
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -43,13 +44,14 @@ fn args() -> Size {
             "--seconds" => a.seconds = value().parse().unwrap_or_else(|_| bad("--seconds")),
             "--sidecars" => a.sidecars = value().parse().unwrap_or_else(|_| bad("--sidecars")),
             "--sidecar-scope" => a.sidecar_scope = value().split(',').map(String::from).collect(),
+            "--batch-window" => a.batch_window_ms = Some(value().parse().unwrap_or_else(|_| bad("--batch-window"))),
             // cargo bench passes `--bench` to every harness; anything else is a mistake.
             "--bench" => {
                 i += 1;
                 continue;
             }
             other => panic!(
-                "unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars --sidecar-scope"
+                "unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars --sidecar-scope --batch-window"
             ),
         }
         i += 2;
@@ -62,8 +64,14 @@ async fn main() {
     multicluster_tests::load::bench_setup();
     let a = args();
     println!(
-        "strait clusterset simulator: {} clusters x {} services x {} endpoints per cluster, {} changes/s, {}s, {} sidecar(s) per cluster",
-        a.clusters, a.services, a.endpoints, a.churn, a.seconds, a.sidecars
+        "strait clusterset simulator: {} clusters x {} services x {} endpoints per cluster, {} changes/s, {}s, {} sidecar(s) per cluster, batchWindow {}",
+        a.clusters,
+        a.services,
+        a.endpoints,
+        a.churn,
+        a.seconds,
+        a.sidecars,
+        a.batch_window_ms.map_or("default".into(), |ms| format!("{ms} ms"))
     );
     let report = run(a).await.unwrap();
     report.print();

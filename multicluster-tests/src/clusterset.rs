@@ -30,6 +30,9 @@ pub struct Size {
     /// `strait up --sidecar-scope-namespaces`: the namespaces sidecars are sent (empty: all;
     /// the synthetic catalog is in `sim`, the sidecars' own service in `demo`).
     pub sidecar_scope: Vec<String>,
+    /// Every controller's `batchWindow` (topology `batchWindow`), milliseconds; `None`: the
+    /// controller's default.
+    pub batch_window_ms: Option<u64>,
 }
 
 impl Default for Size {
@@ -42,6 +45,7 @@ impl Default for Size {
             seconds: 30,
             sidecars: 1,
             sidecar_scope: vec![],
+            batch_window_ms: None,
         }
     }
 }
@@ -93,8 +97,11 @@ fn zones(c: usize) -> [String; 2] {
 }
 
 fn topology(a: &Size) -> String {
-    let mut t =
-        String::from("trustDomain: mesh.local\nservices:\n  - {name: probe, port: 80, protocol: http}\nclusters:\n");
+    let mut t = String::from("trustDomain: mesh.local\nservices:\n  - {name: probe, port: 80, protocol: http}\n");
+    if let Some(ms) = a.batch_window_ms {
+        t += &format!("batchWindow: {ms}ms\n");
+    }
+    t += "clusters:\n";
     for c in 0..a.clusters {
         let [za, zb] = zones(c);
         t += &format!(
@@ -703,6 +710,9 @@ impl Report {
         ]);
         for (k, v) in size {
             f.add(&format!("size.{k}"), v, "count");
+        }
+        if let Some(ms) = s.batch_window_ms {
+            f.add("size.batch_window", ms as f64, "ms");
         }
         let d = &self.delays;
         f.add("change_to_ack.p50", ms(pct(d, 0.5)), "ms");

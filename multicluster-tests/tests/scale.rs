@@ -21,6 +21,7 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         seconds: 5,
         sidecars: 1,
         sidecar_scope: vec![],
+        batch_window_ms: None,
     };
     let report = run(size.clone()).await.unwrap();
     report.print();

@@ -32,6 +32,7 @@ A topology file:
   trustDomain: mesh.local
   addressBase: 10          # cluster n uses 127.10.n.0/24
   lease: 10s
+  batchWindow: 100ms       # changes within it of the last merge go out together
   policy: failover.yaml    # optional locality policy, applied in every cluster
   services:
     - {name: echo, port: 80, protocol: http}

@@ -379,7 +379,7 @@ impl Plan {
                 // With --kube, workloads prove who they are with service-account tokens instead.
                 join_tokens: if kube { vec![] } else { tokens },
                 lease: self.topology.lease,
-                batch_window: strait_federation::config::default_batch_window(),
+                batch_window: self.topology.batch_window,
                 cert_ttl: self.topology.cert_ttl,
                 // 241.0.0.0/8 and up hold the API servers' Service ranges (strait up --kube).
                 clusterset_ip_range: "240.0.0.0/8".into(),

@@ -22,6 +22,10 @@ pub struct Topology {
     pub lease: Duration,
     #[serde(default = "default_ttl", with = "humantime_ms")]
     pub cert_ttl: Duration,
+    /// Every controller's `batchWindow`: changes arriving within it of the last merge wait
+    /// and go out together (default 100ms; at most a tenth of `lease`).
+    #[serde(default = "strait_federation::config::default_batch_window", with = "humantime_ms")]
+    pub batch_window: Duration,
     /// A locality policy file applied in every cluster (relative to the topology file).
     #[serde(default)]
     pub policy: Option<PathBuf>,
@@ -168,6 +172,13 @@ impl Topology {
         if self.address_base == 0 || self.address_base == 255 {
             errors.push("field `addressBase`: use 1-254 (clusters get 127.<addressBase>.<n>.0/24)".into());
         }
+        if self.batch_window > self.lease / 10 {
+            errors.push(format!(
+                "field `batchWindow`: {} is longer than a tenth of `lease` ({}); use e.g. 100ms",
+                humantime_ms::format(&self.batch_window),
+                humantime_ms::format(&self.lease)
+            ));
+        }
         if self.clusters.is_empty() {
             errors.push("field `clusters`: list at least one cluster".into());
         }
@@ -272,6 +283,20 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("clusters[0].workloads[0].zone"));
         assert!(errors[1].contains("clusters[1].workloads[1].service"));
+    }
+
+    #[test]
+    fn the_batch_window_defaults_and_is_checked_against_the_lease() {
+        let mut t = Topology::default_demo();
+        assert_eq!(t.batch_window, strait_federation::config::default_batch_window());
+        t.lease = Duration::from_secs(2);
+        t.batch_window = Duration::from_millis(500);
+        let errors = t.validate();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("field `batchWindow`: 500ms is longer than a tenth of `lease` (2s)"),
+            "{errors:?}"
+        );
     }
 
     #[test]
