@@ -218,10 +218,13 @@ impl Plan {
         }
     }
 
-    /// The /24 (first three octets) of cluster `n`'s workloads in kube mode: one of the 512 /24s
-    /// of 198.18.0.0/15, chosen by the address base so that meshes on one machine differ.
+    /// The /24 (first three octets) of cluster `n`'s workloads in kube mode: one of the first 511
+    /// /24s of 198.18.0.0/15, chosen by the address base so that meshes on one machine differ.
+    /// The last, 198.19.255.0/24, is the bridge between clusters in `--netns` mode
+    /// ([`INTER_CLUSTER_NET`]): with all 512, address base 127's third cluster got it, and its
+    /// controller's route to the bridge failed ("File exists").
     pub fn workload_subnet(base: u8, n: usize) -> [u8; 3] {
-        let index = (base as usize * 4 + n) % 512;
+        let index = (base as usize * 4 + n) % 511;
         [198, 18 + (index / 256) as u8, (index % 256) as u8]
     }
 
@@ -387,5 +390,28 @@ impl Plan {
             std::fs::write(c.controller_config(), serde_yaml::to_string(&config)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_clusters_subnet_is_the_bridge_between_clusters() {
+        for base in 1..=254u8 {
+            for n in 1..=250 {
+                assert_ne!(
+                    Plan::workload_subnet(base, n),
+                    INTER_CLUSTER_NET,
+                    "address base {base}, cluster {n}"
+                );
+            }
+            // One mesh's clusters never share a /24.
+            let mut seen: Vec<[u8; 3]> = (1..=250).map(|n| Plan::workload_subnet(base, n)).collect();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), 250, "address base {base}");
+        }
     }
 }
