@@ -78,10 +78,6 @@ impl MergedService {
     pub fn endpoints(&self) -> impl Iterator<Item = &pb::Endpoint> {
         self.exports.iter().flat_map(|e| e.endpoints.iter())
     }
-
-    pub fn endpoint_count(&self) -> usize {
-        self.exports.iter().map(|e| e.endpoints.len()).sum()
-    }
 }
 
 /// The merged catalog by `<ns>/<name>`; a service that did not change between two merges is
@@ -485,7 +481,7 @@ mod tests {
         let m = merge(&e, "240.0.0.0/4".parse().unwrap());
         let echo = &m["demo/echo"];
         assert_eq!(echo.ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![80, 9090]);
-        assert_eq!(echo.endpoint_count(), 2);
+        assert_eq!(echo.endpoints().count(), 2);
         let workloads: Vec<&str> = echo.endpoints().map(|e| e.workload.as_str()).collect();
         assert_eq!(workloads, vec!["echo-east", "echo-west"], "oldest export first");
         assert_eq!(echo.clusters, vec!["east", "west"]);

@@ -212,19 +212,26 @@ impl ControllerConfig {
                     .into(),
             });
         }
-        if config.batch_window > config.lease / 10 {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message: format!(
-                    "field `batchWindow`: {} is longer than a tenth of `lease` ({}); changes would wait \
-                     too long to reach proxies and peers. Use e.g. 100ms",
-                    humantime_ms::format(&config.batch_window),
-                    humantime_ms::format(&config.lease)
-                ),
-            });
-        }
+        check_batch_window(config.batch_window, config.lease).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(config)
     }
+}
+
+/// `batchWindow` may be at most a tenth of `lease` (the controller config's rule, and the
+/// `strait up` topology's, which writes both into every controller's config).
+pub fn check_batch_window(window: Duration, lease: Duration) -> Result<(), String> {
+    if window > lease / 10 {
+        return Err(format!(
+            "field `batchWindow`: {} is longer than a tenth of `lease` ({}); changes would wait \
+             too long to reach proxies and peers. Use e.g. 100ms",
+            humantime_ms::format(&window),
+            humantime_ms::format(&lease)
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

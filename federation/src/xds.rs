@@ -72,6 +72,7 @@ impl XdsServer {
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::wire::ConfigUpdateWire, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ConfigService for XdsServer {
     type SubscribeStream = UpdateStream;

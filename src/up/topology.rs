@@ -172,12 +172,8 @@ impl Topology {
         if self.address_base == 0 || self.address_base == 255 {
             errors.push("field `addressBase`: use 1-254 (clusters get 127.<addressBase>.<n>.0/24)".into());
         }
-        if self.batch_window > self.lease / 10 {
-            errors.push(format!(
-                "field `batchWindow`: {} is longer than a tenth of `lease` ({}); use e.g. 100ms",
-                humantime_ms::format(&self.batch_window),
-                humantime_ms::format(&self.lease)
-            ));
+        if let Err(e) = strait_federation::config::check_batch_window(self.batch_window, self.lease) {
+            errors.push(e);
         }
         if self.clusters.is_empty() {
             errors.push("field `clusters`: list at least one cluster".into());
