@@ -17,13 +17,25 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> std::process::ExitCode {
     let cli = cmd::parse();
     cmd::init_tracing(&cli);
-    // `STRAIT_WORKER_THREADS`: how many threads run tasks (default: one per CPU). A sidecar
-    // given one CPU or less does better with 1 (less cross-thread waking; see the README's
-    // "Scale and performance").
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("STRAIT_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
-        builder.worker_threads(n);
-    }
+    let threads = match worker_threads(
+        std::env::var("STRAIT_WORKER_THREADS").ok().as_deref(),
+        matches!(cli.command, cmd::Command::Sidecar(_)),
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -36,6 +48,41 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// How many threads run tasks: `STRAIT_WORKER_THREADS` if set, else one for a sidecar (a
+/// single-threaded runtime, as Linkerd's proxy given one core: no waking across threads; in
+/// the mesh bench 10-20 % less CPU per request, README "Scale and performance"), else `None`:
+/// one per CPU.
+fn worker_threads(env: Option<&str>, sidecar: bool) -> Result<Option<usize>, String> {
+    match env.map(str::trim) {
+        None | Some("") => Ok(sidecar.then_some(1)),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(format!(
+                "STRAIT_WORKER_THREADS={v:?} is not a number of threads: set a whole number, 1 or more \
+                 (1 runs one thread, the sidecar's default), or unset it (one per CPU for the other daemons)"
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn a_sidecar_runs_one_thread_unless_told_and_a_bad_count_is_refused_by_name() {
+        assert_eq!(worker_threads(None, true), Ok(Some(1)));
+        assert_eq!(worker_threads(None, false), Ok(None));
+        assert_eq!(worker_threads(Some(""), false), Ok(None));
+        assert_eq!(worker_threads(Some("4"), true), Ok(Some(4)));
+        assert_eq!(worker_threads(Some(" 1 "), false), Ok(Some(1)));
+        for bad in ["0", "two", "-1", "1.5"] {
+            let e = worker_threads(Some(bad), true).unwrap_err();
+            assert!(e.contains("STRAIT_WORKER_THREADS") && e.contains("whole number"), "{e}");
         }
     }
 }

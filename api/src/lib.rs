@@ -19,6 +19,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod authz;
 pub mod certs;
+pub mod coalesce;
 pub mod drain;
 pub mod lb;
 pub mod locality;

@@ -11,6 +11,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_api::coalesce::Coalesced;
 use strait_api::pb;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 use strait_gateway::{TunnelClient, TunnelError};
@@ -189,7 +190,7 @@ impl Dialer {
             .keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(1))
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(Coalesced::new(tls)))
             .await
             .map_err(|e| UpstreamError::Connect {
                 endpoint: t.key.clone(),

@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_api::coalesce::Coalesced;
 use strait_api::drain::Watch;
 use strait_trust::{CertStore, PeerPolicy, ServerAuth};
 use tokio::io::AsyncWriteExt;
@@ -394,7 +395,7 @@ impl Inbound {
         crate::outbound::auto_limits(&mut builder, &limits);
         builder.http2().keep_alive_interval(Some(Duration::from_secs(20)));
         // On drain: GOAWAY, callers finish what is in flight and open new streams elsewhere.
-        let result = crate::outbound::drive!(builder.serve_connection(TokioIo::new(tls), svc), drain);
+        let result = crate::outbound::drive!(builder.serve_connection(TokioIo::new(Coalesced::new(tls)), svc), drain);
         if let Err(e) = result {
             tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
         }
