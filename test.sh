@@ -114,8 +114,8 @@ cargo fmt --all -- --check
 say "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-say "building the strait binary"
-cargo build --bin strait
+say "building the strait and strait-sidecar binaries"
+cargo build --bin strait --bin strait-sidecar
 export STRAIT_BIN="$CARGO_TARGET_DIR/debug/strait"
 
 say "unit and end-to-end tests"

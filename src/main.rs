@@ -1,88 +1,13 @@
-//! `strait`: every daemon and every operator command in one executable.
+//! `strait`: every daemon and every operator command in one executable (the sidecar proxy is
+//! also built alone as `strait-sidecar`, see src/bin/strait-sidecar.rs).
 
 mod cmd;
 mod install;
 mod up;
 
-/// jemalloc instead of glibc's malloc: glibc keeps an arena per thread that allocated and
-/// seldom gives their freed pages back, so a controller or proxy applying catalog updates on
-/// several threads held two to four times its live data. In the 10-cluster simulator the
-/// controller's RSS fell from 167 to 92 MiB (CPU 10.3 to 8.2 % of a core) and a sidecar's
-/// from 72 to 47 MiB; the data path's CPU and RSS were unchanged (README, "Scale and
-/// performance"). Its options (one arena, freed pages returned within a second) are compiled
-/// in from `.cargo/config.toml`, which says why.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = cmd::parse();
-    cmd::init_tracing(&cli);
-    let threads = match worker_threads(
-        std::env::var("STRAIT_WORKER_THREADS").ok().as_deref(),
-        matches!(cli.command, cmd::Command::Sidecar(_)),
-    ) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(cmd::dispatch(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// How many threads run tasks: `STRAIT_WORKER_THREADS` if set, else one for a sidecar (a
-/// single-threaded runtime, as Linkerd's proxy given one core: no waking across threads; in
-/// the mesh bench 10-20 % less CPU per request, README "Scale and performance"), else `None`:
-/// one per CPU.
-fn worker_threads(env: Option<&str>, sidecar: bool) -> Result<Option<usize>, String> {
-    match env.map(str::trim) {
-        None | Some("") => Ok(sidecar.then_some(1)),
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(Some(n)),
-            _ => Err(format!(
-                "STRAIT_WORKER_THREADS={v:?} is not a number of threads: set a whole number, 1 or more \
-                 (1 runs one thread, the sidecar's default), or unset it (one per CPU for the other daemons)"
-            )),
-        },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::worker_threads;
-
-    #[test]
-    fn a_sidecar_runs_one_thread_unless_told_and_a_bad_count_is_refused_by_name() {
-        assert_eq!(worker_threads(None, true), Ok(Some(1)));
-        assert_eq!(worker_threads(None, false), Ok(None));
-        assert_eq!(worker_threads(Some(""), false), Ok(None));
-        assert_eq!(worker_threads(Some("4"), true), Ok(Some(4)));
-        assert_eq!(worker_threads(Some(" 1 "), false), Ok(Some(1)));
-        for bad in ["0", "two", "-1", "1.5"] {
-            let e = worker_threads(Some(bad), true).unwrap_err();
-            assert!(e.contains("STRAIT_WORKER_THREADS") && e.contains("whole number"), "{e}");
-        }
-    }
+    strait::init_tracing(&cli.log);
+    let sidecar = matches!(cli.command, cmd::Command::Sidecar(_));
+    strait::main(sidecar, cmd::dispatch(cli))
 }

@@ -20,7 +20,7 @@ done
 step() { printf '\n==> %s\n' "$*"; }
 
 step "building strait and the image $IMAGE"
-cargo build --release --bin strait
+cargo build --release --bin strait --bin strait-sidecar
 STRAIT="$PWD/target/release/strait"
 docker build -t "$IMAGE" -f deploy/Dockerfile .
 

@@ -1,7 +1,7 @@
 //! The clusterset simulator: the control plane at a given size. Prints figures, asserts nothing
 //! about time.
 //!
-//! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench clusterset`
+//! Run: `cargo build --release --bin strait --bin strait-sidecar && cargo bench -p multicluster-tests --bench clusterset`
 //! (flags after `--`: `--clusters 10 --services 300 --endpoints 4000 --churn 50 --seconds 30
 //! --sidecars 1`; the defaults are Istio ambient's published multi-cluster test;
 //! `--sidecar-scope demo` scopes the sidecars to their own namespace, away from the catalog;

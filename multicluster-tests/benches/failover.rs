@@ -1,6 +1,6 @@
 //! Failover time: prints figures, asserts nothing about time.
 //!
-//! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench failover`
+//! Run: `cargo build --release --bin strait --bin strait-sidecar && cargo bench -p multicluster-tests --bench failover`
 //!
 //! One mesh from the release binary, three clusters. A caller in `us-east-1a` sends GETs at
 //! 1,000 requests/s (`STRAIT_BENCH_RPS`), open loop, each on a new connection to its sidecar,

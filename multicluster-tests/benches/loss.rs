@@ -1,6 +1,6 @@
 //! Delay and loss between clusters: prints figures, asserts nothing about time. Needs root.
 //!
-//! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench loss`
+//! Run: `cargo build --release --bin strait --bin strait-sidecar && cargo bench -p multicluster-tests --bench loss`
 //!
 //! A `strait up --netns` mesh from the release binary (every process in its own network
 //! namespace, only gateways on the bridge between clusters): a caller in `east`, an HTTP app

@@ -1,6 +1,6 @@
 //! The mesh benchmark: prints figures, asserts nothing about time.
 //!
-//! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench mesh`
+//! Run: `cargo build --release --bin strait --bin strait-sidecar && cargo bench -p multicluster-tests --bench mesh`
 //!
 //! In one run, against a mesh started from the release binary:
 //! - added p50/p90/p99 latency over a direct call, at a fixed 1,000 requests/s of 1 kB over 16

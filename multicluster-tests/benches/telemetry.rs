@@ -1,6 +1,6 @@
 //! What visibility and authorization cost: prints figures, asserts nothing about time.
 //!
-//! Run: `cargo build --release --bin strait && cargo bench -p multicluster-tests --bench telemetry`
+//! Run: `cargo build --release --bin strait --bin strait-sidecar && cargo bench -p multicluster-tests --bench telemetry`
 //!
 //! Two meshes from the release binary, one after the other, same topology and load (1,000
 //! requests/s of 1 kB over 16 connections, open loop, `STRAIT_BENCH_SECONDS` per run, default

@@ -156,8 +156,8 @@ pub fn bench_setup() -> u64 {
         let exe = std::env::current_exe().unwrap();
         let release = exe.parent().unwrap().parent().unwrap().join("strait");
         assert!(
-            release.exists(),
-            "build the release binary first: cargo build --release --bin strait"
+            release.exists() && release.with_file_name("strait-sidecar").exists(),
+            "build the release binaries first: cargo build --release --bin strait --bin strait-sidecar"
         );
         std::env::set_var("STRAIT_BIN", &release);
     }

@@ -42,7 +42,7 @@ pub fn strait_bin() -> PathBuf {
     let bin = profile_dir.join("strait");
     assert!(
         bin.exists(),
-        "{} does not exist: build it first (cargo build --bin strait) or set STRAIT_BIN; ./test.sh does both",
+        "{} does not exist: build it first (cargo build --bin strait --bin strait-sidecar) or set STRAIT_BIN; ./test.sh does both",
         bin.display()
     );
     bin
@@ -84,6 +84,9 @@ pub struct WorkloadInfo {
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub sidecar_log: PathBuf,
+    /// The executable the sidecar runs: `strait-sidecar` beside `strait` when it was built.
+    #[serde(default)]
+    pub sidecar_program: Option<PathBuf>,
     #[serde(default)]
     pub app_log: Option<PathBuf>,
     /// `demo` or `command` (the topology gave the workload's own program).

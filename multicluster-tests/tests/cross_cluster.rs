@@ -27,6 +27,15 @@ fn json(s: &str) -> serde_json::Value {
 async fn calls_by_name_reach_every_service_from_every_cluster() {
     let mesh = Mesh::start().await.unwrap();
     let from_east = mesh.workload("echo", "us-east-1a").outbound_proxy.to_string();
+    // Every sidecar runs the sidecar-only executable built beside `strait` (./test.sh builds
+    // both), and it is that process that answers below.
+    let alone = std::fs::canonicalize(multicluster_tests::strait_bin().with_file_name("strait-sidecar")).unwrap();
+    for w in mesh.info.clusters.iter().flat_map(|c| &c.workloads) {
+        let program = w.sidecar_program.as_ref().map(|p| std::fs::canonicalize(p).unwrap());
+        assert_eq!(program, Some(alone.clone()), "{}", w.name);
+        let exe = std::fs::read_link(format!("/proc/{}/exe", w.sidecar_pid)).unwrap();
+        assert!(exe.ends_with("strait-sidecar"), "{}: {}", w.name, exe.display());
+    }
     let from_central = mesh.workload("echo", "eu-central-1a").outbound_proxy.to_string();
 
     // greeter runs only in west: reached from east and central through west's gateway.

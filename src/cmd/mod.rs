@@ -1,7 +1,6 @@
 //! Command-line parsing and dispatch. Each command lives in its own module; daemons hand over
 //! to their crate's `run` at once.
 
-pub(crate) mod daemons;
 mod demo;
 mod demo_http;
 mod http;
@@ -13,6 +12,7 @@ mod trust;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::up;
+use strait::daemons;
 
 pub use daemons::{EXIT_WITH_PARENT_ENV, JOIN_TOKEN_ENV};
 pub use http::{get as http_get, get_json};
@@ -122,17 +122,6 @@ pub fn parse() -> Cli {
         args.splice(1..3, [std::ffi::OsString::from("sidecar-init")]);
     }
     Cli::parse_from(args)
-}
-
-pub fn init_tracing(cli: &Cli) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(true)
-        .try_init();
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {

@@ -100,7 +100,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
     /// Percentage of new traces sampled (0–100).
-    #[arg(long, default_value_t = 1.0, value_parser = crate::cmd::daemons::percentage)]
+    #[arg(long, default_value_t = 1.0, value_parser = strait::daemons::percentage)]
     pub trace_sampling: f64,
     /// Access logs from every sidecar and gateway, into their log files: text (Istio's default
     /// format) or json.
@@ -108,7 +108,7 @@ pub struct UpArgs {
     pub access_log: Option<String>,
     /// Every sidecar is sent only the services of these namespaces (comma-separated; see
     /// `strait sidecar --scope-namespaces`). Default: every namespace.
-    #[arg(long, value_delimiter = ',', value_parser = crate::cmd::daemons::namespace_name)]
+    #[arg(long, value_delimiter = ',', value_parser = strait::daemons::namespace_name)]
     pub sidecar_scope_namespaces: Vec<String>,
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
@@ -142,7 +142,8 @@ impl Started {
     }
 }
 
-fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Started> {
+fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>, sidecar: &procs::SidecarProgram) -> anyhow::Result<Started> {
+    let strait = std::env::current_exe()?;
     let logs = plan.state_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let td = plan.topology.trust_domain.to_string();
@@ -169,6 +170,7 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
         started.controllers.push(procs::spawn_in(
             &name,
             &prefix(names.controller(&c.name), false),
+            &strait,
             vec![
                 "federation".into(),
                 "--config".into(),
@@ -217,6 +219,7 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
         started.gateways.push(procs::spawn_in(
             &name,
             &prefix(names.gateway(&c.name), false),
+            &strait,
             args,
             token(&c.gateway_token).as_deref(),
             &logs.join(format!("{name}.log")),
@@ -252,7 +255,7 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
                     log_filter,
                 )?);
             }
-            let mut args: Vec<String> = vec!["sidecar".into()];
+            let mut args: Vec<String> = sidecar.command.clone();
             args.extend(workload_args(c, w));
             args.extend([
                 "--namespace".into(),
@@ -277,6 +280,7 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>) -> anyhow::Result<Start
             sidecars.push(procs::spawn_in(
                 &name,
                 &prefix(names.workload(&c.name, &w.name), true),
+                &sidecar.exe,
                 args,
                 token(&w.token).as_deref(),
                 &logs.join(format!("{name}.log")),
@@ -320,7 +324,7 @@ fn demo_app(
         args.push("--tcp".into());
     }
     let log = plan.state_dir.join("logs").join(format!("{name}.log"));
-    procs::spawn_in(name, prefix, args, None, &log, log_filter)
+    procs::spawn_in(name, prefix, &std::env::current_exe()?, args, None, &log, log_filter)
 }
 
 async fn ready(addr: SocketAddr) -> bool {
@@ -478,7 +482,7 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
                         "labels": w.labels,
                         "app_addr": s(w.app), "app_pid": app.pid, "app_command": app.args, "app_log": app.log,
                         "sidecar_pid": sc.pid, "outbound_proxy": s(w.outbound), "inbound_addr": s(w.inbound),
-                        "admin_addr": s(w.admin), "sidecar_log": sc.log, "sidecar_command": sc.args,
+                        "admin_addr": s(w.admin), "sidecar_log": sc.log, "sidecar_command": sc.args, "sidecar_program": sc.program,
                         "ip": w.ip.to_string(), "endpoint": s(w.endpoint),
                         "netns": ns(names.workload(&c.name, &w.name)),
                         "dns": if netns { Some(plan::DNS_PROXY) } else { None },
@@ -661,9 +665,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     }
+    let (sidecar, note) = procs::SidecarProgram::find(&std::env::current_exe()?, progress).await;
+    if let Some(note) = note {
+        progress(note);
+    }
     let total: usize = plan.clusters.iter().map(|c| 2 + 2 * c.workloads.len()).sum();
     progress(format!("starting {total} processes"));
-    let mut started = match start(&plan, &args.component_log, kube_procs) {
+    let mut started = match start(&plan, &args.component_log, kube_procs, &sidecar) {
         Ok(started) => started,
         Err(e) => {
             network.remove();

@@ -14,6 +14,8 @@ use crate::cmd::{EXIT_WITH_PARENT_ENV, JOIN_TOKEN_ENV};
 pub struct Proc {
     pub name: String,
     pub pid: u32,
+    /// The executable (`strait`, `strait-sidecar`, etcd, ...), even when started behind a prefix.
+    pub program: PathBuf,
     pub args: Vec<String>,
     pub log: PathBuf,
     /// The user's own program (a topology `command`): its exit is reported, not fatal.
@@ -31,27 +33,150 @@ impl Proc {
     }
 }
 
-/// Starts `strait <args>` with its output in `log`.
-pub fn spawn(name: &str, args: Vec<String>, token: Option<&str>, log: &Path, log_filter: &str) -> anyhow::Result<Proc> {
-    spawn_with(name, &std::env::current_exe()?, args, token, log, log_filter)
-}
-
-/// Starts `strait <args>` behind a command prefix (`ip netns exec NS [setpriv ...]`).
+/// Starts `program <args>` (`strait` or `strait-sidecar`) behind a command prefix (`ip netns
+/// exec NS [setpriv ...]`, or none).
 pub fn spawn_in(
     name: &str,
     prefix: &[String],
+    program: &Path,
     args: Vec<String>,
     token: Option<&str>,
     log: &Path,
     log_filter: &str,
 ) -> anyhow::Result<Proc> {
-    let Some((exe, rest)) = prefix.split_first() else {
-        return spawn(name, args, token, log, log_filter);
+    let mut proc = match prefix.split_first() {
+        None => spawn_with(name, program, args, token, log, log_filter)?,
+        Some((exe, rest)) => {
+            let mut full: Vec<String> = rest.to_vec();
+            full.push(program.display().to_string());
+            full.extend(args);
+            spawn_with(name, Path::new(exe), full, token, log, log_filter)?
+        }
     };
-    let mut full: Vec<String> = rest.to_vec();
-    full.push(std::env::current_exe()?.display().to_string());
-    full.extend(args);
-    spawn_with(name, Path::new(exe), full, token, log, log_filter)
+    proc.program = program.to_path_buf();
+    Ok(proc)
+}
+
+/// The sidecar proxy alone, built beside `strait` (src/bin/strait-sidecar.rs).
+pub const SIDECAR_EXE: &str = "strait-sidecar";
+
+/// What `strait up` runs sidecars as: `strait-sidecar` beside this executable when it is there
+/// (the same proxy without the controller, the Kubernetes client and the operator commands, so
+/// each sidecar maps about half the code: README, "Scale and performance"), else this
+/// executable's `sidecar` command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarProgram {
+    pub exe: PathBuf,
+    /// The words before the sidecar's flags: `sidecar` for `strait`, none for `strait-sidecar`.
+    pub command: Vec<String>,
+}
+
+impl SidecarProgram {
+    /// `strait-sidecar` beside `strait` if it exists, else `strait sidecar` and a line saying
+    /// how to build the smaller one.
+    pub fn beside(strait: &Path) -> (Self, Option<String>) {
+        let alone = strait.with_file_name(SIDECAR_EXE);
+        if alone.is_file() {
+            return (
+                Self {
+                    exe: alone,
+                    command: vec![],
+                },
+                None,
+            );
+        }
+        (
+            Self {
+                exe: strait.to_path_buf(),
+                command: vec!["sidecar".into()],
+            },
+            Some(format!(
+                "sidecars run as `strait sidecar`: {} is not there (cargo build --release --bin {SIDECAR_EXE} \
+                 builds it; each sidecar then maps about half the code)",
+                alone.display()
+            )),
+        )
+    }
+
+    /// Under `cargo run` of this package, builds `strait-sidecar` with the same profile first
+    /// (a no-op when it is up to date), so a changed tree never runs an older sidecar beside a
+    /// newer `strait`; then as [`SidecarProgram::beside`].
+    pub async fn find(strait: &Path, progress: impl Fn(String)) -> (Self, Option<String>) {
+        if let Some(build) = cargo_build_args(
+            strait,
+            std::env::var_os("CARGO").map(PathBuf::from),
+            std::env::var("CARGO_PKG_NAME").ok().as_deref(),
+            std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
+        ) {
+            progress(format!(
+                "building {SIDECAR_EXE}, the sidecar proxy alone ({})",
+                build.join(" ")
+            ));
+            let (cargo, args) = build.split_first().expect("cargo_build_args starts with cargo");
+            let mut command = Command::new(cargo);
+            command.args(args).stdin(Stdio::null());
+            // What `cargo run` set for this process is not the user's environment: a build
+            // script that watches one of them (ring watches CARGO_MANIFEST_DIR) would rebuild,
+            // and the next `cargo run` rebuild it back.
+            for (name, _) in std::env::vars_os() {
+                if name.to_str().is_some_and(set_by_cargo_run) {
+                    command.env_remove(name);
+                }
+            }
+            match command.status().await {
+                Ok(status) if status.success() => {}
+                Ok(status) => progress(format!("building {SIDECAR_EXE} failed ({status})")),
+                Err(e) => progress(format!("cannot run {cargo}: {e}")),
+            }
+        }
+        Self::beside(strait)
+    }
+}
+
+/// The variables `cargo run` sets for the program it runs (`CARGO` too: the build is started
+/// by its path).
+fn set_by_cargo_run(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO"
+                | "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "OUT_DIR"
+        )
+}
+
+/// The `cargo build` that makes `strait-sidecar` beside `strait` when `strait` was started by
+/// `cargo run` of this package (cargo sets `CARGO`, `CARGO_PKG_NAME` and `CARGO_MANIFEST_DIR`
+/// for what it runs); the profile is the directory `strait` sits in.
+fn cargo_build_args(
+    strait: &Path,
+    cargo: Option<PathBuf>,
+    package: Option<&str>,
+    manifest_dir: Option<PathBuf>,
+) -> Option<Vec<String>> {
+    let (cargo, manifest_dir) = (cargo?, manifest_dir?);
+    if package != Some(env!("CARGO_PKG_NAME")) {
+        return None;
+    }
+    let profile = strait.parent()?.file_name()?.to_str()?;
+    let mut args = vec![
+        cargo.display().to_string(),
+        "build".into(),
+        "--manifest-path".into(),
+        manifest_dir.join("Cargo.toml").display().to_string(),
+        "--bin".into(),
+        SIDECAR_EXE.into(),
+    ];
+    match profile {
+        "debug" => {}
+        "release" => args.push("--release".into()),
+        other => args.extend(["--profile".into(), other.to_string()]),
+    }
+    Some(args)
 }
 
 /// Starts a user's program (a workload's `command`) behind `prefix`, with `env` added. Where
@@ -91,6 +216,7 @@ pub fn spawn_user(
     Ok(Proc {
         name: name.to_string(),
         pid: child.id().unwrap_or_default(),
+        program: command.first().map(PathBuf::from).unwrap_or_default(),
         args: command.to_vec(),
         log: log.to_path_buf(),
         user: true,
@@ -127,6 +253,7 @@ fn spawn_with(
     Ok(Proc {
         name: name.to_string(),
         pid,
+        program: exe.to_path_buf(),
         args,
         log: log.to_path_buf(),
         user: false,
@@ -146,5 +273,53 @@ pub async fn stop_all(procs: &mut [Proc]) {
             let _ = p.child.start_kill();
             let _ = p.child.wait().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::{cargo_build_args, SidecarProgram, SIDECAR_EXE};
+
+    #[test]
+    fn under_cargo_run_the_sidecar_is_built_with_the_same_profile_and_never_otherwise() {
+        let cargo = || Some(PathBuf::from("/usr/bin/cargo"));
+        let dir = || Some(PathBuf::from("/src/strait"));
+        let release = cargo_build_args(Path::new("/t/release/strait"), cargo(), Some("strait"), dir()).unwrap();
+        assert_eq!(
+            release.join(" "),
+            "/usr/bin/cargo build --manifest-path /src/strait/Cargo.toml --bin strait-sidecar --release"
+        );
+        let debug = cargo_build_args(Path::new("/t/debug/strait"), cargo(), Some("strait"), dir()).unwrap();
+        assert!(
+            !debug.iter().any(|a| a.starts_with("--release") || a == "--profile"),
+            "{debug:?}"
+        );
+        let custom = cargo_build_args(Path::new("/t/bench/strait"), cargo(), Some("strait"), dir()).unwrap();
+        assert!(custom.join(" ").ends_with("--profile bench"), "{custom:?}");
+        // Started by a test of another package (cargo sets its name), or not by cargo at all.
+        assert_eq!(
+            cargo_build_args(Path::new("/t/debug/strait"), cargo(), Some("multicluster-tests"), dir()),
+            None
+        );
+        assert_eq!(cargo_build_args(Path::new("/t/debug/strait"), None, None, None), None);
+    }
+
+    #[test]
+    fn the_sidecar_executable_beside_strait_is_used_when_there_and_named_when_not() {
+        let dir = std::env::temp_dir().join(format!("strait-sidecar-program-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let strait = dir.join("strait");
+        let (program, note) = SidecarProgram::beside(&strait);
+        assert_eq!(program.exe, strait);
+        assert_eq!(program.command, vec!["sidecar".to_string()]);
+        let note = note.unwrap();
+        assert!(note.contains("cargo build --release --bin strait-sidecar"), "{note}");
+        std::fs::write(dir.join(SIDECAR_EXE), b"").unwrap();
+        let (program, note) = SidecarProgram::beside(&strait);
+        assert_eq!(program.exe, dir.join(SIDECAR_EXE));
+        assert!(program.command.is_empty() && note.is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -135,15 +135,7 @@ clusters:
       - {service: ledger, zone: eu-central-1a}
 "#;
 
-/// Whether `v` is an RFC 1123 label (Kubernetes names of namespaces, services, clusters).
-pub(crate) fn dns_label(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 63
-        && v.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !v.starts_with('-')
-        && !v.ends_with('-')
-}
+pub(crate) use strait::daemons::dns_label;
 
 impl Topology {
     pub fn default_demo() -> Self {

@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 /// Opt-in label (on a namespace or a pod).
 pub const INJECT_LABEL: &str = "strait.dev/inject";
 pub const SIDECAR_NAME: &str = "strait-sidecar";
+/// The sidecar container's executable in the Strait image.
+pub const SIDECAR_COMMAND: &str = "/usr/local/bin/strait-sidecar";
 pub const INIT_NAME: &str = "strait-init";
 /// The UID the sidecar runs as; `strait sidecar init` excludes it from interception.
 pub const SIDECAR_UID: i64 = 1337;
@@ -79,7 +81,6 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Result<Option<Value>, Strin
         .to_string();
     let env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let mut args = json!([
-        "sidecar",
         "--workload",
         "$(POD_NAME)",
         "--service",
@@ -113,6 +114,9 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Result<Option<Value>, Strin
     let sidecar = json!({
         "name": SIDECAR_NAME,
         "image": s.image,
+        // The sidecar proxy alone (deploy/Dockerfile builds it beside `strait`): about half the
+        // code of the full executable mapped in every pod.
+        "command": [SIDECAR_COMMAND],
         "args": args,
         "env": [env("POD_NAME", "metadata.name"), env("POD_NAMESPACE", "metadata.namespace"),
                 {"name": "STRAIT_TRUST_BUNDLE", "value": s.bundle_pem}],
@@ -332,6 +336,9 @@ mod tests {
         let text = patch.to_string();
         assert!(text.contains(SIDECAR_NAME) && text.contains(INIT_NAME) && text.contains("127.0.0.1:9090"));
         assert!(text.contains("\"--service\",\"echo\""));
+        // The proxy runs as the sidecar-only executable, its flags straight after it.
+        assert!(text.contains(&format!("\"command\":[\"{SIDECAR_COMMAND}\"]")), "{text}");
+        assert!(text.contains("\"args\":[\"--workload\""), "{text}");
         assert!(!text.contains("--scope-namespaces"), "every namespace by default");
         let opted_out = json!({"metadata": {"annotations": {"strait.dev/inject": "false"}}, "spec": {"containers": [{"name": "app"}]}});
         assert!(patch_for(&opted_out, &settings()).unwrap().is_none());

@@ -189,9 +189,19 @@ pub enum AccessLogFormat {
     Json,
 }
 
+/// Whether `v` is an RFC 1123 label (Kubernetes names of namespaces, services, clusters).
+pub fn dns_label(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+}
+
 /// A Kubernetes namespace name (an RFC 1123 label).
-pub(crate) fn namespace_name(s: &str) -> Result<String, String> {
-    if crate::up::topology::dns_label(s) {
+pub fn namespace_name(s: &str) -> Result<String, String> {
+    if dns_label(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -200,7 +210,7 @@ pub(crate) fn namespace_name(s: &str) -> Result<String, String> {
     }
 }
 
-pub(crate) fn percentage(s: &str) -> Result<f64, String> {
+pub fn percentage(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
         _ => Err(format!("{s:?} is not a percentage from 0 to 100 (e.g. 1 or 0.5)")),
