@@ -30,6 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const LIMIT: usize = 64 * 1024;
 /// How many flushes in a row may be answered without writing.
 pub const MAX_DEFERRED: u8 = 32;
+/// The capacity a connection's buffer keeps between passes. A pass that wrote less gives back
+/// the rest (a bulk transfer grows it to 128 KiB; without this every pooled connection that
+/// ever carried one held that for its life, though its later passes write a few KiB). Bulk
+/// passes write at least [`LIMIT`], so a transfer in progress keeps its buffer.
+pub const KEEP: usize = 16 * 1024;
 
 /// A transport whose writes are gathered per pass of the task that drives it (see the
 /// module's documentation).
@@ -74,6 +79,9 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.sent += n;
+        }
+        if self.buf.len() < KEEP && self.buf.capacity() > KEEP {
+            self.buf.shrink_to(KEEP);
         }
         self.buf.clear();
         self.sent = 0;
@@ -264,6 +272,33 @@ mod tests {
         assert_eq!(io.get_ref().writes.len(), 4);
         assert_eq!(io.get_ref().writes[3].len(), LIMIT / 4);
         assert!(io.get_ref().shut);
+    }
+
+    #[test]
+    fn a_buffer_grown_by_bulk_is_given_back_by_the_next_small_pass() {
+        let waker = Waker::from(Arc::new(Wakes::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesced::new(Recorder::default());
+        let mut space = [0u8; 16];
+        let mut out = ReadBuf::new(&mut space);
+        // Bulk: 16 KiB frames fill the buffer past the limit, which writes it.
+        for _ in 0..5 {
+            assert!(Pin::new(&mut io).poll_write(&mut cx, &[7u8; 16 * 1024]).is_ready());
+        }
+        assert_eq!(io.get_ref().writes.len(), 1);
+        assert!(io.buf.capacity() >= LIMIT, "bulk grew the buffer");
+        // Writing a bulk pass keeps the buffer: the transfer goes on.
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut out).is_pending());
+        frame(&mut io, &mut cx, &[8u8; 16 * 1024]);
+        assert_eq!(io.get_ref().writes.len(), 2);
+        assert!(io.buf.capacity() >= LIMIT);
+        // A small pass (a request, a PING answer) writes and gives the rest back.
+        frame(&mut io, &mut cx, b"ping");
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut out).is_pending());
+        frame(&mut io, &mut cx, b"pong");
+        assert_eq!(io.get_ref().writes.len(), 3);
+        assert_eq!(io.get_ref().writes[2], b"pingpong".to_vec());
+        assert!(io.buf.capacity() <= KEEP, "capacity {}", io.buf.capacity());
     }
 
     /// Real HTTP/2 (hyper's client and server) over coalesced transports on both ends: many
