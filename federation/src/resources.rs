@@ -38,7 +38,7 @@ impl ConfigState {
     ) -> BTreeMap<String, u64> {
         resources
             .iter()
-            .filter(|(k, _)| !k.starts_with("service/"))
+            .filter(|(k, _)| !is_service(k))
             .map(|(k, r)| {
                 let kept = previous
                     .resources
@@ -51,11 +51,31 @@ impl ConfigState {
     }
 }
 
-/// Resources only gateways receive (the controller's own peering service).
+/// Resources only gateways receive: the controller's own peering service, and each service's
+/// gateway view ([`LOCAL_VIEW`]).
 pub fn gateway_only(name: &str) -> bool {
-    name.strip_prefix("service/")
-        .and_then(|rest| rest.strip_prefix(strait_api::SYSTEM_NAMESPACE))
-        .is_some_and(|rest| rest.starts_with('/'))
+    name.starts_with(LOCAL_VIEW)
+        || name
+            .strip_prefix("service/")
+            .and_then(|rest| rest.strip_prefix(strait_api::SYSTEM_NAMESPACE))
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Resources gateways do not receive: the clusterset's services with every cluster's endpoints,
+/// which they get as their [`LOCAL_VIEW`] instead.
+pub fn sidecar_only(name: &str) -> bool {
+    name.starts_with("service/") && !gateway_only(name)
+}
+
+/// The prefix of a service's gateway view, `local/service/<ns>/<name>`: the service with only
+/// this cluster's endpoints. A gateway forwards tunnels to local endpoints alone, so it needs no
+/// other; the view changes only when they (or the service itself) do, not with every endpoint
+/// change elsewhere in the clusterset, which was most of a gateway's work under churn.
+pub const LOCAL_VIEW: &str = "local/";
+
+/// Whether a resource is a service (either form).
+pub fn is_service(name: &str) -> bool {
+    name.strip_prefix(LOCAL_VIEW).unwrap_or(name).starts_with("service/")
 }
 
 /// A resource as the config stream sends it: its name, its version (a digest of its content)
@@ -118,8 +138,22 @@ pub fn rate_shares_resource(body: pb::RateShares) -> Built {
 /// from the exports that hold them, not copied into a `pb::Service` first. The same fields as
 /// a `pb::Service` made from it, in the same order.
 pub fn service_resource(svc: &MergedService) -> Built {
+    encode_service(format!("service/{}/{}", svc.namespace, svc.name), svc, None)
+}
+
+/// The gateway view of a service in cluster `local` (`local/service/<ns>/<name>`): the same
+/// service with only the endpoints `local` exports.
+pub fn local_service_resource(svc: &MergedService, local: &str) -> Built {
+    encode_service(
+        format!("{LOCAL_VIEW}service/{}/{}", svc.namespace, svc.name),
+        svc,
+        Some(local),
+    )
+}
+
+/// A service resource named `name` with every endpoint, or only those cluster `only` exports.
+fn encode_service(name: String, svc: &MergedService, only: Option<&str>) -> Built {
     use prost::encoding::{encode_key, encode_varint, message, string, WireType};
-    let name = format!("service/{}/{}", svc.namespace, svc.name);
     // Fields 1-4, then the endpoints (5), then 6 and 7: prost writes them in this order.
     let head = pb::Service {
         name: svc.name.clone(),
@@ -133,28 +167,49 @@ pub fn service_resource(svc: &MergedService) -> Built {
         identities: svc.identities.clone(),
         ..Default::default()
     };
-    let endpoints: usize = svc
-        .endpoints()
-        .map(|e| message::encoded_len(SERVICE_ENDPOINTS, e))
-        .sum();
+    let kept = || {
+        svc.exports
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| only.is_none_or(|c| svc.clusters.get(*i).is_some_and(|k| k == c)))
+            .flat_map(|(_, export)| export.endpoints.iter())
+    };
+    let endpoints: usize = kept().map(|e| message::encoded_len(SERVICE_ENDPOINTS, e)).sum();
     let body = head.encoded_len() + endpoints + tail.encoded_len();
     let mut buf = Vec::with_capacity(name.len() + body + 48);
     string::encode(RESOURCE_NAME, &name, &mut buf);
     encode_key(RESOURCE_SERVICE, WireType::LengthDelimited, &mut buf);
     encode_varint(body as u64, &mut buf);
     head.encode(&mut buf).expect("a Vec grows to fit");
-    for e in svc.endpoints() {
+    for e in kept() {
         message::encode(SERVICE_ENDPOINTS, e, &mut buf);
     }
     tail.encode(&mut buf).expect("a Vec grows to fit");
     Built::finish(name, buf)
 }
 
-/// Each service's resource from the last build, by the merged service it was made from: an
-/// unchanged service (the same `Arc`) is not encoded and hashed again.
-#[derive(Default)]
+/// Each service's resources (its whole form and its gateway view in cluster `local`) from the
+/// last build, by the merged service they were made from: an unchanged service (the same
+/// `Arc`) is not encoded and hashed again.
 pub struct BuildMemo {
-    by_service: HashMap<String, (Arc<MergedService>, Arc<Built>)>,
+    local: String,
+    by_service: HashMap<String, Memoized>,
+}
+
+struct Memoized {
+    made_from: Arc<MergedService>,
+    whole: Arc<Built>,
+    view: Arc<Built>,
+}
+
+impl BuildMemo {
+    /// For the proxies of cluster `local`.
+    pub fn new(local: &str) -> Self {
+        BuildMemo {
+            local: local.to_string(),
+            by_service: HashMap::new(),
+        }
+    }
 }
 
 /// Whether two builds hold the same resources (names and versions; a version is a digest of
@@ -166,8 +221,9 @@ pub fn same_versions(a: &BTreeMap<String, Arc<Built>>, b: &BTreeMap<String, Arc<
             .all(|((ka, ra), (kb, rb))| ka == kb && ra.version == rb.version)
 }
 
-/// Everything proxies of this cluster receive.
+/// Everything proxies of cluster `local` receive.
 pub fn build(
+    local: &str,
     merged: &Merged,
     system_services: &[pb::Service],
     gateways: &[pb::Gateway],
@@ -176,7 +232,7 @@ pub fn build(
     objects: &crate::objects::Checked,
 ) -> BTreeMap<String, Arc<Built>> {
     build_with(
-        &mut BuildMemo::default(),
+        &mut BuildMemo::new(local),
         merged,
         system_services,
         gateways,
@@ -198,15 +254,29 @@ pub fn build_with(
 ) -> BTreeMap<String, Arc<Built>> {
     let mut out = BTreeMap::new();
     for (key, svc) in merged {
-        let r = match memo.by_service.get(key) {
-            Some((made_from, r)) if Arc::ptr_eq(made_from, svc) => r.clone(),
-            _ => {
-                let r = Arc::new(service_resource(svc));
-                memo.by_service.insert(key.clone(), (svc.clone(), r.clone()));
-                r
+        let (whole, view) = match memo.by_service.get(key) {
+            Some(m) if Arc::ptr_eq(&m.made_from, svc) => (m.whole.clone(), m.view.clone()),
+            old => {
+                let whole = Arc::new(service_resource(svc));
+                let view = Arc::new(local_service_resource(svc, &memo.local));
+                // A view that came out as before stays the same `Arc`: gateways' streams skip it
+                // by pointer.
+                let view = match old {
+                    Some(m) if m.view.version == view.version => m.view.clone(),
+                    _ => view,
+                };
+                let made_from = svc.clone();
+                let m = Memoized {
+                    made_from,
+                    whole: whole.clone(),
+                    view: view.clone(),
+                };
+                memo.by_service.insert(key.clone(), m);
+                (whole, view)
             }
         };
-        out.insert(r.name.clone(), r);
+        out.insert(whole.name.clone(), whole);
+        out.insert(view.name.clone(), view);
     }
     memo.by_service.retain(|k, _| merged.contains_key(k));
     for s in system_services {
@@ -320,6 +390,7 @@ mod tests {
         };
         let mut merged = (*svc("echo", 80)).clone();
         merged.exports = vec![export("east", 3), export("west", 2)];
+        merged.clusters = vec!["east".into(), "west".into()];
         merged.identities = vec!["spiffe://mesh.local/ns/demo/sa/echo".into()];
         merged.conditions = vec![pb::Condition {
             r#type: "Conflict".into(),
@@ -359,7 +430,7 @@ mod tests {
     fn a_build_reuses_unchanged_services() {
         let policy = pb::LocalityPolicy::default();
         let mut merged: Merged = BTreeMap::from([("demo/a".into(), svc("a", 80)), ("demo/b".into(), svc("b", 80))]);
-        let mut memo = BuildMemo::default();
+        let mut memo = BuildMemo::new("east");
         let objects = Default::default();
         let first = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
         merged.insert("demo/b".into(), svc("b", 81));
@@ -367,7 +438,7 @@ mod tests {
         assert!(Arc::ptr_eq(&first["service/demo/a"], &second["service/demo/a"]));
         assert_ne!(first["service/demo/b"].version, second["service/demo/b"].version);
         // The same content as a build from scratch, version for version.
-        let fresh = build(&merged, &[], &[], &policy, &[], &objects);
+        let fresh = build("east", &merged, &[], &[], &policy, &[], &objects);
         assert!(same_versions(&second, &fresh));
         assert!(!same_versions(&first, &fresh));
     }
@@ -375,7 +446,7 @@ mod tests {
     #[test]
     fn diff_sends_only_changes() {
         let policy = pb::LocalityPolicy::default();
-        let a = build(&BTreeMap::new(), &[], &[], &policy, &[], &Default::default());
+        let a = build("east", &BTreeMap::new(), &[], &[], &policy, &[], &Default::default());
         let (changed, removed) = diff(&a, &a, |_| true);
         assert!(changed.is_empty() && removed.is_empty());
         // Scoped out: the same as absent.
@@ -385,7 +456,7 @@ mod tests {
             cluster_order: vec!["west".into()],
             ..Default::default()
         };
-        let b = build(&BTreeMap::new(), &[], &[], &policy2, &[], &Default::default());
+        let b = build("east", &BTreeMap::new(), &[], &[], &policy2, &[], &Default::default());
         let (changed, removed) = diff(&a, &b, |_| true);
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());
@@ -399,15 +470,23 @@ mod tests {
         let two: Merged = [("b", 81), ("c", 80), ("d", 80)]
             .map(|(n, p)| (format!("demo/{n}"), svc(n, p)))
             .into();
-        let before = build(&one, &[], &[], &policy, &[], &objects);
-        let after = build(&two, &[], &[], &policy, &[], &objects);
-        let (changed, removed) = diff(&before, &after, |_| true);
+        let before = build("east", &one, &[], &[], &policy, &[], &objects);
+        let after = build("east", &two, &[], &[], &policy, &[], &objects);
+        let sidecar = |n: &str| !gateway_only(n);
+        let (changed, removed) = diff(&before, &after, sidecar);
         let changed: Vec<&str> = changed.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(changed, vec!["service/demo/b", "service/demo/d"]);
         assert_eq!(removed, vec!["service/demo/a".to_string()]);
-        let (changed, removed) = diff(&before, &after, |n| n != "service/demo/d" && n != "service/demo/a");
+        let (changed, removed) = diff(&before, &after, |n| {
+            sidecar(n) && n != "service/demo/d" && n != "service/demo/a"
+        });
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());
+        // A gateway sees the same changes in the services' gateway views.
+        let (changed, removed) = diff(&before, &after, |n| !sidecar_only(n));
+        let changed: Vec<&str> = changed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(changed, vec!["local/service/demo/b", "local/service/demo/d"]);
+        assert_eq!(removed, vec!["local/service/demo/a".to_string()]);
     }
 
     #[test]
@@ -422,5 +501,74 @@ mod tests {
         )));
         assert!(!gateway_only("service/demo/echo"));
         assert!(!gateway_only(&format!("route/{}/r", strait_api::SYSTEM_NAMESPACE)));
+        // Gateways take services in their gateway view, sidecars whole; everything else both.
+        assert!(gateway_only("local/service/demo/echo") && !sidecar_only("local/service/demo/echo"));
+        assert!(sidecar_only("service/demo/echo"));
+        assert!(!sidecar_only(&format!(
+            "service/{}/federation",
+            strait_api::SYSTEM_NAMESPACE
+        )));
+        assert!(!sidecar_only("route/demo/r") && !gateway_only("route/demo/r"));
+        assert!(is_service("local/service/demo/echo") && is_service("service/demo/echo"));
+        assert!(!is_service("local/route/demo/r") && !is_service("gateway/east"));
+    }
+
+    #[test]
+    fn a_gateway_view_holds_this_clusters_endpoints_and_ignores_changes_elsewhere() {
+        let export = |cluster: &str, ready: bool| {
+            Arc::new(pb::ExportedService {
+                endpoints: (0..3)
+                    .map(|i| pb::Endpoint {
+                        address: format!("10.0.0.{i}:8080"),
+                        workload: format!("echo-{cluster}-{i}"),
+                        locality: Some(pb::Locality {
+                            cluster: cluster.into(),
+                            ..Default::default()
+                        }),
+                        ready,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let mut echo = (*svc("echo", 80)).clone();
+        echo.exports = vec![export("east", true), export("west", true)];
+        echo.clusters = vec!["east".into(), "west".into()];
+        let view = local_service_resource(&echo, "west");
+        assert_eq!(view.name, "local/service/demo/echo");
+        let Some(Kind::Service(s)) = view.decode().unwrap().kind else {
+            panic!("not a service")
+        };
+        assert_eq!(s.endpoints.len(), 3);
+        assert!(s.endpoints.iter().all(|e| e.workload.starts_with("echo-west-")));
+        assert_eq!((s.name.as_str(), s.ports.len()), ("echo", 1));
+        // Through builds: east's endpoints change, west's gateway view does not (the same
+        // `Arc`), the whole service does.
+        let policy = pb::LocalityPolicy::default();
+        let objects = Default::default();
+        let mut memo = BuildMemo::new("west");
+        let mut merged: Merged = BTreeMap::from([("demo/echo".into(), Arc::new(echo.clone()))]);
+        let first = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        echo.exports[0] = export("east", false);
+        merged.insert("demo/echo".into(), Arc::new(echo.clone()));
+        let second = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        assert!(Arc::ptr_eq(
+            &first["local/service/demo/echo"],
+            &second["local/service/demo/echo"]
+        ));
+        assert_ne!(first["service/demo/echo"].version, second["service/demo/echo"].version);
+        // West's own change reaches its gateway.
+        echo.exports[1] = export("west", false);
+        merged.insert("demo/echo".into(), Arc::new(echo.clone()));
+        let third = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        assert_ne!(
+            second["local/service/demo/echo"].version,
+            third["local/service/demo/echo"].version
+        );
+        assert!(same_versions(
+            &third,
+            &build("west", &merged, &[], &[], &policy, &[], &objects)
+        ));
     }
 }

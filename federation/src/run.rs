@@ -305,7 +305,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_merged: Option<Merged> = None;
     let mut local_memo: Option<LocalCatalog> = None;
     let mut merge_memo = MergeMemo::default();
-    let mut build_memo = BuildMemo::default();
+    let mut build_memo = BuildMemo::new(&cfg.cluster);
     let mut policy_generation: Option<i64> = None;
     let mut policy_watch = PolicyWatch::new(cfg.policy.clone());
     if let Some(dir) = &cfg.routes_dir {

@@ -15,7 +15,7 @@ use strait_api::transport::PeerInfo;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::resources::{diff, gateway_only, ConfigState};
+use crate::resources::{diff, gateway_only, sidecar_only, ConfigState};
 
 /// What the controller knows of one connected proxy.
 #[derive(Clone, Debug, Serialize)]
@@ -124,7 +124,15 @@ impl ConfigService for XdsServer {
         connected.inc();
         tokio::spawn(async move {
             let scope = hello.namespaces.clone();
-            let include = |name: &str| (gateway || !gateway_only(name)) && in_scope(&scope, name);
+            // Gateways take each service's gateway view (its local endpoints) instead of the
+            // whole service; sidecars the whole service, in their scope.
+            let include = |name: &str| {
+                if gateway {
+                    !sidecar_only(name)
+                } else {
+                    !gateway_only(name) && in_scope(&scope, name)
+                }
+            };
             // The state last sent, shared with the watch: the proxy holds what `include` lets
             // through of it.
             let mut sent: Arc<ConfigState> = Arc::default();
@@ -156,6 +164,12 @@ impl ConfigService for XdsServer {
                             s.sent_version = current.version;
                         }
                     }
+                } else if may_send && !first {
+                    // Nothing this proxy takes changed: what it holds is `current` as much as
+                    // `sent`. Holding on to `sent` would keep every resource since replaced
+                    // alive (a gateway, sent only its services' local views, held a whole old
+                    // catalog's encodings).
+                    sent = current;
                 }
                 tokio::select! {
                     changed = state.changed() => if changed.is_err() { break },
