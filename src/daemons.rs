@@ -116,6 +116,17 @@ impl Where {
     }
 }
 
+/// The sidecar's `--help` epilogue (an example and the thread default), for `program`:
+/// `strait sidecar` or `strait-sidecar`.
+pub fn sidecar_help(program: &str) -> String {
+    format!(
+        "Example:\n  STRAIT_JOIN_TOKEN=... {program} --workload echo-1 --service echo --cluster east --region us-east --zone us-east-1a \\\n    \
+         --outbound 127.0.0.1:15001 --inbound 127.0.0.1:15006 --admin 127.0.0.1:15000 --app 127.0.0.1:8080 \\\n    \
+         --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem\n\n\
+         Threads: one (a single-threaded runtime) unless STRAIT_WORKER_THREADS says more."
+    )
+}
+
 #[derive(Args, Debug)]
 pub struct SidecarArgs {
     #[arg(long)]

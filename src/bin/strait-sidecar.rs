@@ -11,7 +11,10 @@ use strait::daemons::{self, SidecarArgs};
     name = "strait-sidecar",
     version,
     about = "Strait's sidecar proxy (the same as `strait sidecar`, in a smaller executable)",
-    after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait-sidecar --workload echo-1 --service echo --cluster east --region us-east --zone us-east-1a \\\n    --outbound 127.0.0.1:15001 --inbound 127.0.0.1:15006 --admin 127.0.0.1:15000 --app 127.0.0.1:8080 \\\n    --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem\n\nThreads: one (a single-threaded runtime) unless STRAIT_WORKER_THREADS says more.\nInterception rules for a pod are written by `strait sidecar init` (the full executable)."
+    after_help = format!(
+        "{}\nInterception rules for a pod are written by `strait sidecar init` (the full executable).",
+        daemons::sidecar_help("strait-sidecar")
+    )
 )]
 struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `strait_sidecar=debug`.

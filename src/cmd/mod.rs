@@ -88,7 +88,7 @@ pub enum Command {
     Trust(trust::TrustCommand),
     /// Run a sidecar proxy (started by `strait up` or the injector).
     #[command(
-        after_help = "Example:\n  STRAIT_JOIN_TOKEN=... strait sidecar --workload echo-1 --service echo --cluster east --region us-east --zone us-east-1a \\\n    --outbound 127.0.0.1:15001 --inbound 127.0.0.1:15006 --admin 127.0.0.1:15000 --app 127.0.0.1:8080 \\\n    --controller 127.0.0.1:15012 --trust-domain mesh.local --bundle bundle.pem\n\nThreads: one (a single-threaded runtime) unless STRAIT_WORKER_THREADS says more."
+        after_help = daemons::sidecar_help("strait sidecar")
     )]
     Sidecar(Box<daemons::SidecarArgs>),
     /// Write the pod's iptables interception rules (`strait sidecar init`; what the injected
