@@ -212,6 +212,30 @@ impl BuildMemo {
     }
 }
 
+/// Whether `svc`'s gateway view in cluster `local` is the one made from `old`: the same export
+/// from `local` (by pointer; an export that did not change is the same `Arc` from its source
+/// on) and the same fields beside the endpoints.
+fn same_view(old: &MergedService, svc: &MergedService, local: &str) -> bool {
+    let export = |s: &MergedService| {
+        s.clusters
+            .iter()
+            .position(|c| c == local)
+            .and_then(|i| s.exports.get(i).cloned())
+    };
+    let same_export = match (export(old), export(svc)) {
+        (Some(a), Some(b)) => Arc::ptr_eq(&a, &b),
+        (None, None) => true,
+        _ => false,
+    };
+    same_export
+        && old.name == svc.name
+        && old.namespace == svc.namespace
+        && old.clusterset_ip == svc.clusterset_ip
+        && old.ports == svc.ports
+        && old.identities == svc.identities
+        && old.conditions == svc.conditions
+}
+
 /// Whether two builds hold the same resources (names and versions; a version is a digest of
 /// the content).
 pub fn same_versions(a: &BTreeMap<String, Arc<Built>>, b: &BTreeMap<String, Arc<Built>>) -> bool {
@@ -258,12 +282,18 @@ pub fn build_with(
             Some(m) if Arc::ptr_eq(&m.made_from, svc) => (m.whole.clone(), m.view.clone()),
             old => {
                 let whole = Arc::new(service_resource(svc));
-                let view = Arc::new(local_service_resource(svc, &memo.local));
-                // A view that came out as before stays the same `Arc`: gateways' streams skip it
-                // by pointer.
+                // A view that is, or comes out, as before stays the same `Arc`: gateways'
+                // streams skip it by pointer. Most changes are to other clusters' exports,
+                // which the view does not hold: it is not encoded again for those.
                 let view = match old {
-                    Some(m) if m.view.version == view.version => m.view.clone(),
-                    _ => view,
+                    Some(m) if same_view(&m.made_from, svc, &memo.local) => m.view.clone(),
+                    old => {
+                        let view = Arc::new(local_service_resource(svc, &memo.local));
+                        match old {
+                            Some(m) if m.view.version == view.version => m.view.clone(),
+                            _ => view,
+                        }
+                    }
                 };
                 let made_from = svc.clone();
                 let m = Memoized {
@@ -570,5 +600,57 @@ mod tests {
             &third,
             &build("west", &merged, &[], &[], &policy, &[], &objects)
         ));
+        // A field the view holds beside its endpoints (the ports, a union over every cluster's
+        // export) changed by east alone: the view is made again although west's export is
+        // the same `Arc`.
+        echo.ports.push(pb::ServicePort {
+            name: "grpc".into(),
+            port: 9090,
+            protocol: "grpc".into(),
+        });
+        merged.insert("demo/echo".into(), Arc::new(echo.clone()));
+        let fourth = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        assert_ne!(
+            third["local/service/demo/echo"].version,
+            fourth["local/service/demo/echo"].version
+        );
+        assert!(same_versions(
+            &fourth,
+            &build("west", &merged, &[], &[], &policy, &[], &objects)
+        ));
+    }
+
+    #[test]
+    fn a_view_is_the_same_only_for_the_same_local_export_and_fields() {
+        let local = Arc::new(pb::ExportedService::default());
+        let mut old = (*svc("echo", 80)).clone();
+        old.exports = vec![Arc::new(pb::ExportedService::default()), local.clone()];
+        old.clusters = vec!["east".into(), "west".into()];
+        // East's export replaced: west's view is the same.
+        let mut new = old.clone();
+        new.exports[0] = Arc::new(pb::ExportedService::default());
+        assert!(same_view(&old, &new, "west"));
+        assert!(!same_view(&old, &new, "east"), "east's own export is a new Arc");
+        // West's replaced by an equal one: looked at again (the version then decides).
+        let mut replaced = old.clone();
+        replaced.exports[1] = Arc::new(pb::ExportedService::default());
+        assert!(!same_view(&old, &replaced, "west"));
+        // West stops exporting, or a field beside the endpoints changes.
+        let mut gone = old.clone();
+        gone.exports.pop();
+        gone.clusters.pop();
+        assert!(!same_view(&old, &gone, "west"));
+        assert!(
+            same_view(&gone, &gone.clone(), "west"),
+            "no export of west's either way"
+        );
+        let mut other_ip = old.clone();
+        other_ip.clusterset_ip = std::net::Ipv4Addr::new(10, 9, 9, 9);
+        assert!(!same_view(&old, &other_ip, "west"));
+        let mut other_identities = old.clone();
+        other_identities
+            .identities
+            .push("spiffe://mesh.local/ns/demo/sa/other".into());
+        assert!(!same_view(&old, &other_identities, "west"));
     }
 }
