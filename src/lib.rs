@@ -29,13 +29,14 @@ pub fn init_tracing(filter: &str) {
         .try_init();
 }
 
-/// Runs `work` on a tokio runtime sized by [`worker_threads`] and turns its outcome into the
+/// Runs `work` on a tokio runtime sized by [`worker_threads`] (`one_thread`: the daemon runs one
+/// thread unless `STRAIT_WORKER_THREADS` says otherwise) and turns its outcome into the
 /// process's exit code, printing the error chain.
-pub fn main<F>(sidecar: bool, work: F) -> std::process::ExitCode
+pub fn main<F>(one_thread: bool, work: F) -> std::process::ExitCode
 where
     F: Future<Output = anyhow::Result<()>>,
 {
-    let threads = match worker_threads(std::env::var("STRAIT_WORKER_THREADS").ok().as_deref(), sidecar) {
+    let threads = match worker_threads(std::env::var("STRAIT_WORKER_THREADS").ok().as_deref(), one_thread) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("error: {e}");
@@ -67,18 +68,23 @@ where
     }
 }
 
-/// How many threads run tasks: `STRAIT_WORKER_THREADS` if set, else one for a sidecar (a
-/// single-threaded runtime, as Linkerd's proxy given one core: no waking across threads; in
-/// the mesh bench 10-20 % less CPU per request, README "Scale and performance"), else `None`:
-/// one per CPU.
-fn worker_threads(env: Option<&str>, sidecar: bool) -> Result<Option<usize>, String> {
+/// How many threads run tasks: `STRAIT_WORKER_THREADS` if set, else one for a sidecar and a
+/// controller (`one_thread`), else `None`: one per CPU (the gateway, which carries all of its
+/// cluster's cross-cluster traffic).
+///
+/// One thread is a single-threaded runtime, as Linkerd's proxy given one core: no waking
+/// across threads. In the mesh bench a sidecar used 10-20 % less CPU per request; in the
+/// clusterset bench a controller (one merge loop, the rest waiting on the network) about 20 %
+/// less CPU (README, "Scale and performance").
+fn worker_threads(env: Option<&str>, one_thread: bool) -> Result<Option<usize>, String> {
     match env.map(str::trim) {
-        None | Some("") => Ok(sidecar.then_some(1)),
+        None | Some("") => Ok(one_thread.then_some(1)),
         Some(v) => match v.parse::<usize>() {
             Ok(n) if n > 0 => Ok(Some(n)),
             _ => Err(format!(
                 "STRAIT_WORKER_THREADS={v:?} is not a number of threads: set a whole number, 1 or more \
-                 (1 runs one thread, the sidecar's default), or unset it (one per CPU for the other daemons)"
+                 (1 runs one thread, the sidecar's and the controller's default), or unset it (one per CPU \
+                 for the gateway)"
             )),
         },
     }
@@ -89,7 +95,7 @@ mod tests {
     use super::worker_threads;
 
     #[test]
-    fn a_sidecar_runs_one_thread_unless_told_and_a_bad_count_is_refused_by_name() {
+    fn sidecars_and_controllers_run_one_thread_unless_told_and_a_bad_count_is_refused_by_name() {
         assert_eq!(worker_threads(None, true), Ok(Some(1)));
         assert_eq!(worker_threads(None, false), Ok(None));
         assert_eq!(worker_threads(Some(""), false), Ok(None));

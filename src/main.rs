@@ -8,6 +8,7 @@ mod up;
 fn main() -> std::process::ExitCode {
     let cli = cmd::parse();
     strait::init_tracing(&cli.log);
-    let sidecar = matches!(cli.command, cmd::Command::Sidecar(_));
-    strait::main(sidecar, cmd::dispatch(cli))
+    // The sidecar and the controller run one thread by default (`strait::main`).
+    let one_thread = matches!(cli.command, cmd::Command::Sidecar(_) | cmd::Command::Federation(_));
+    strait::main(one_thread, cmd::dispatch(cli))
 }

@@ -302,7 +302,10 @@ impl TunnelClient {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls(identity, strait_trust::ALPN_TUNNEL)?)
             .map_err(|e| TunnelError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(crate::transport_config(self.idle_timeout)));
+        config.transport_config(Arc::new(crate::transport_config(
+            self.idle_timeout,
+            Some(crate::keep_alive(self.idle_timeout)),
+        )));
         let connecting = self
             .endpoint
             .connect_with(config, gateway, "strait.mesh")
@@ -315,8 +318,9 @@ impl TunnelClient {
         Ok(conn)
     }
 
-    /// Watches a tunnel connection. Both ends send keep-alives every `KEEP_ALIVE`, so a
-    /// connection that received nothing for its idle timeout has a dead peer: it is closed here,
+    /// Watches a tunnel connection. This end pings every [`crate::keep_alive`] and each ping is
+    /// answered, so a connection that received nothing for its idle timeout has a dead peer
+    /// (looked at twice per ping interval): it is closed here,
     /// which fails every stream on it at once (their requests are retried elsewhere), and the
     /// gateway is down until a probe reaches it again. (quinn's own idle timer would fire later:
     /// it restarts whenever this side sends after a quiet spell.)
@@ -334,7 +338,7 @@ impl TunnelClient {
                         }
                         return;
                     }
-                    _ = tokio::time::sleep(crate::KEEP_ALIVE / 2) => {
+                    _ = tokio::time::sleep(crate::keep_alive(this.idle_timeout) / 2) => {
                         let rx = conn.stats().udp_rx.datagrams;
                         if rx != last_rx {
                             last_rx = rx;

@@ -20,7 +20,7 @@ pub use metrics::{GatewayMetrics, TunnelClientMetrics};
 pub use run::{run, GatewayRunOptions};
 pub use server::{Gateway, GatewayOptions};
 
-/// How often an idle tunnel connection is pinged.
+/// How often an idle tunnel connection of the data path is pinged by its client ([`keep_alive`]).
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(250);
 /// How long a tunnel connection may hear nothing from its peer before it counts as dead: the
 /// data path's setting, so calls move off a lost gateway within a second. A client may ask
@@ -92,13 +92,29 @@ fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> 
     quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp_socket(addr)?, runtime)
 }
 
-/// QUIC transport settings shared by both ends, but for how long a connection may be silent.
-fn transport_config(idle_timeout: std::time::Duration) -> quinn::TransportConfig {
+/// How often a client pings a tunnel connection that may be silent for `idle_timeout`: four
+/// times within it ([`KEEP_ALIVE`] for the data path's 1 s), so one lost ping does not count as
+/// a dead peer. A controller's peering tunnels (half a lease) ping less often than sidecars'.
+pub fn keep_alive(idle_timeout: std::time::Duration) -> std::time::Duration {
+    (idle_timeout / 4).max(KEEP_ALIVE)
+}
+
+/// QUIC transport settings shared by both ends, but for how long a connection may be silent
+/// and whether this end pings (`keep_alive`).
+///
+/// Only clients ping: each ping is acknowledged, so the client hears its peer at least every
+/// `keep_alive` (the peer's answer is what it watches, see `client.rs`), and the gateway hears
+/// the client as often; a gateway pinging every connection too doubled that traffic and woke
+/// every controller and sidecar four more times a second per tunnel.
+fn transport_config(
+    idle_timeout: std::time::Duration,
+    keep_alive: Option<std::time::Duration>,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // Keep-alives every 250 ms, and a peer silent for 1 s is dead: the client then closes its
-    // streams at once (their idempotent requests are retried elsewhere) and stops choosing
-    // that gateway until a probe reaches it again (see `client.rs`).
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Data path: keep-alives every 250 ms, and a peer silent for 1 s is dead: the client then
+    // closes its streams at once (their idempotent requests are retried elsewhere) and stops
+    // choosing that gateway until a probe reaches it again (see `client.rs`).
+    t.keep_alive_interval(keep_alive);
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
         idle_timeout.as_millis().min(u32::MAX as u128) as u32,
     ))));

@@ -83,7 +83,7 @@ impl Gateway {
         )?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(crate::transport_config(crate::SERVER_IDLE_TIMEOUT)));
+        config.transport_config(Arc::new(crate::transport_config(crate::SERVER_IDLE_TIMEOUT, None)));
         let endpoint = crate::endpoint(self.opts.listen, Some(config)).map_err(|e| {
             anyhow::anyhow!(
                 "cannot bind the gateway's QUIC listener on UDP {}: {e}",

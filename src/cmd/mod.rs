@@ -105,7 +105,8 @@ pub enum Command {
     )]
     Gateway(daemons::GatewayArgs),
     /// Run a federation controller.
-    #[command(after_help = "Example:\n  strait federation --config east/controller.yaml")]
+    #[command(after_help = "Example:\n  strait federation --config east/controller.yaml\n\n\
+         Threads: one (a single-threaded runtime) unless STRAIT_WORKER_THREADS says more.")]
     Federation(daemons::FederationArgs),
     /// Run the demo app (HTTP JSON echo, or a TCP byte echo with --tcp).
     #[command(
