@@ -151,7 +151,10 @@ fn set_by_cargo_run(name: &str) -> bool {
 
 /// The `cargo build` that makes `strait-sidecar` beside `strait` when `strait` was started by
 /// `cargo run` of this package (cargo sets `CARGO`, `CARGO_PKG_NAME` and `CARGO_MANIFEST_DIR`
-/// for what it runs); the profile is the directory `strait` sits in.
+/// for what it runs); the profile is the directory `strait` sits in, and the target directory
+/// (and target, if one was given) where that directory is, so a `--target-dir` or `--target`
+/// given to `cargo run` is kept: the nested build writes where `strait` was built, and never
+/// leaves an older `strait-sidecar` there to be run.
 fn cargo_build_args(
     strait: &Path,
     cargo: Option<PathBuf>,
@@ -176,7 +179,29 @@ fn cargo_build_args(
         "release" => args.push("--release".into()),
         other => args.extend(["--profile".into(), other.to_string()]),
     }
+    let (target_dir, triple) = target_of(strait)?;
+    if let Some(triple) = triple {
+        args.extend(["--target".into(), triple]);
+    }
+    args.extend(["--target-dir".into(), target_dir.display().to_string()]);
     Some(args)
+}
+
+/// The target directory an executable built by cargo sits in, and its target triple if it
+/// was built with `--target`: `<dir>/<profile>/strait` or `<dir>/<triple>/<profile>/strait`,
+/// told apart by the `CACHEDIR.TAG` cargo writes at the top of every target directory (the
+/// first layout when neither has one).
+fn target_of(strait: &Path) -> Option<(PathBuf, Option<String>)> {
+    let above_profile = strait.parent()?.parent()?;
+    let tagged = |dir: &Path| dir.join("CACHEDIR.TAG").is_file();
+    if !tagged(above_profile) {
+        if let (Some(root), Some(triple)) = (above_profile.parent(), above_profile.file_name()) {
+            if tagged(root) {
+                return Some((root.to_path_buf(), Some(triple.to_str()?.to_string())));
+            }
+        }
+    }
+    Some((above_profile.to_path_buf(), None))
 }
 
 /// Starts a user's program (a workload's `command`) behind `prefix`, with `env` added. Where
@@ -289,7 +314,7 @@ mod tests {
         let release = cargo_build_args(Path::new("/t/release/strait"), cargo(), Some("strait"), dir()).unwrap();
         assert_eq!(
             release.join(" "),
-            "/usr/bin/cargo build --manifest-path /src/strait/Cargo.toml --bin strait-sidecar --release"
+            "/usr/bin/cargo build --manifest-path /src/strait/Cargo.toml --bin strait-sidecar --release --target-dir /t"
         );
         let debug = cargo_build_args(Path::new("/t/debug/strait"), cargo(), Some("strait"), dir()).unwrap();
         assert!(
@@ -297,7 +322,32 @@ mod tests {
             "{debug:?}"
         );
         let custom = cargo_build_args(Path::new("/t/bench/strait"), cargo(), Some("strait"), dir()).unwrap();
-        assert!(custom.join(" ").ends_with("--profile bench"), "{custom:?}");
+        assert!(
+            custom.join(" ").ends_with("--profile bench --target-dir /t"),
+            "{custom:?}"
+        );
+        // `cargo run --target <triple> --target-dir <dir>`: both kept, told by cargo's tag file.
+        let top = std::env::temp_dir().join(format!("strait-target-dir-{}", std::process::id()));
+        let profile = top.join("x86_64-unknown-linux-gnu").join("release");
+        std::fs::create_dir_all(&profile).unwrap();
+        std::fs::write(top.join("CACHEDIR.TAG"), b"Signature: 8a477f597d28d172789f06886806bc55").unwrap();
+        let cross = cargo_build_args(&profile.join("strait"), cargo(), Some("strait"), dir()).unwrap();
+        assert!(
+            cross.join(" ").ends_with(&format!(
+                "--release --target x86_64-unknown-linux-gnu --target-dir {}",
+                top.display()
+            )),
+            "{cross:?}"
+        );
+        // The plain layout with its tag: the directory above the profile.
+        let plain = cargo_build_args(&top.join("release").join("strait"), cargo(), Some("strait"), dir()).unwrap();
+        assert!(
+            plain
+                .join(" ")
+                .ends_with(&format!("--release --target-dir {}", top.display())),
+            "{plain:?}"
+        );
+        std::fs::remove_dir_all(&top).unwrap();
         // Started by a test of another package (cargo sets its name), or not by cargo at all.
         assert_eq!(
             cargo_build_args(Path::new("/t/debug/strait"), cargo(), Some("multicluster-tests"), dir()),
