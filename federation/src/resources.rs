@@ -588,18 +588,22 @@ mod tests {
             &second["local/service/demo/echo"]
         ));
         assert_ne!(first["service/demo/echo"].version, second["service/demo/echo"].version);
+        // Builds again with `echo` as it now is: its view must have changed, and the build
+        // must equal one from scratch.
+        let mut view_changed = |echo: &MergedService, before: &BTreeMap<String, Arc<Built>>| {
+            merged.insert("demo/echo".into(), Arc::new(echo.clone()));
+            let now = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+            let view = "local/service/demo/echo";
+            assert_ne!(before[view].version, now[view].version);
+            assert!(same_versions(
+                &now,
+                &build("west", &merged, &[], &[], &policy, &[], &objects)
+            ));
+            now
+        };
         // West's own change reaches its gateway.
         echo.exports[1] = export("west", false);
-        merged.insert("demo/echo".into(), Arc::new(echo.clone()));
-        let third = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
-        assert_ne!(
-            second["local/service/demo/echo"].version,
-            third["local/service/demo/echo"].version
-        );
-        assert!(same_versions(
-            &third,
-            &build("west", &merged, &[], &[], &policy, &[], &objects)
-        ));
+        let third = view_changed(&echo, &second);
         // A field the view holds beside its endpoints (the ports, a union over every cluster's
         // export) changed by east alone: the view is made again although west's export is
         // the same `Arc`.
@@ -608,16 +612,7 @@ mod tests {
             port: 9090,
             protocol: "grpc".into(),
         });
-        merged.insert("demo/echo".into(), Arc::new(echo.clone()));
-        let fourth = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
-        assert_ne!(
-            third["local/service/demo/echo"].version,
-            fourth["local/service/demo/echo"].version
-        );
-        assert!(same_versions(
-            &fourth,
-            &build("west", &merged, &[], &[], &policy, &[], &objects)
-        ));
+        view_changed(&echo, &third);
     }
 
     #[test]
