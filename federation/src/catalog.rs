@@ -78,6 +78,14 @@ impl MergedService {
     pub fn endpoints(&self) -> impl Iterator<Item = &pb::Endpoint> {
         self.exports.iter().flat_map(|e| e.endpoints.iter())
     }
+
+    /// The export of `cluster`, if it exports this service (one export per cluster).
+    pub fn export_of(&self, cluster: &str) -> Option<&Arc<pb::ExportedService>> {
+        self.clusters
+            .iter()
+            .position(|c| c == cluster)
+            .and_then(|i| self.exports.get(i))
+    }
 }
 
 /// The merged catalog by `<ns>/<name>`; a service that did not change between two merges is

@@ -167,13 +167,11 @@ fn encode_service(name: String, svc: &MergedService, only: Option<&str>) -> Buil
         identities: svc.identities.clone(),
         ..Default::default()
     };
-    let kept = || {
-        svc.exports
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| only.is_none_or(|c| svc.clusters.get(*i).is_some_and(|k| k == c)))
-            .flat_map(|(_, export)| export.endpoints.iter())
+    let exports: &[Arc<pb::ExportedService>] = match only {
+        None => &svc.exports,
+        Some(cluster) => svc.export_of(cluster).map(std::slice::from_ref).unwrap_or_default(),
     };
+    let kept = || exports.iter().flat_map(|export| export.endpoints.iter());
     let endpoints: usize = kept().map(|e| message::encoded_len(SERVICE_ENDPOINTS, e)).sum();
     let body = head.encoded_len() + endpoints + tail.encoded_len();
     let mut buf = Vec::with_capacity(name.len() + body + 48);
@@ -216,14 +214,8 @@ impl BuildMemo {
 /// from `local` (by pointer; an export that did not change is the same `Arc` from its source
 /// on) and the same fields beside the endpoints.
 fn same_view(old: &MergedService, svc: &MergedService, local: &str) -> bool {
-    let export = |s: &MergedService| {
-        s.clusters
-            .iter()
-            .position(|c| c == local)
-            .and_then(|i| s.exports.get(i).cloned())
-    };
-    let same_export = match (export(old), export(svc)) {
-        (Some(a), Some(b)) => Arc::ptr_eq(&a, &b),
+    let same_export = match (old.export_of(local), svc.export_of(local)) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
         (None, None) => true,
         _ => false,
     };
@@ -287,17 +279,16 @@ pub fn build_with(
                 // which the view does not hold: it is not encoded again for those.
                 let view = match old {
                     Some(m) if same_view(&m.made_from, svc, &memo.local) => m.view.clone(),
-                    old => {
-                        let view = Arc::new(local_service_resource(svc, &memo.local));
+                    _ => {
+                        let view = local_service_resource(svc, &memo.local);
                         match old {
                             Some(m) if m.view.version == view.version => m.view.clone(),
-                            _ => view,
+                            _ => Arc::new(view),
                         }
                     }
                 };
-                let made_from = svc.clone();
                 let m = Memoized {
-                    made_from,
+                    made_from: svc.clone(),
                     whole: whole.clone(),
                     view: view.clone(),
                 };

@@ -330,6 +330,7 @@ impl TunnelClient {
         tokio::spawn(async move {
             let mut last_rx = conn.stats().udp_rx.datagrams;
             let mut heard = Instant::now();
+            let look_every = crate::keep_alive(this.idle_timeout) / 2;
             loop {
                 tokio::select! {
                     reason = conn.closed() => {
@@ -338,7 +339,7 @@ impl TunnelClient {
                         }
                         return;
                     }
-                    _ = tokio::time::sleep(crate::keep_alive(this.idle_timeout) / 2) => {
+                    _ = tokio::time::sleep(look_every) => {
                         let rx = conn.stats().udp_rx.datagrams;
                         if rx != last_rx {
                             last_rx = rx;
