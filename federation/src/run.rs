@@ -236,7 +236,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         tokio::spawn(client.run());
     }
 
-    let own_traffic = traffic_rx.clone();
+    let mut own_traffic = traffic_rx.clone();
     let mut rate_shares = crate::rateshare::RateShares::default();
     let view = Arc::new(Mutex::new(View::default()));
     let (admin, page) = admin_views(&cfg, &registry, view.clone(), table.clone(), xds.clone(), traffic_rx);
@@ -456,7 +456,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         );
         // Destination-total rate limits, divided by where the requests arrive in every cluster.
         {
-            let own = own_traffic.borrow().clone();
+            let own = own_traffic.borrow_and_update().clone();
             let summaries: Vec<&pb::TrafficSummary> = std::iter::once(&*own)
                 .chain(
                     peers
@@ -465,7 +465,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                         .filter_map(|p| p.traffic.as_deref()),
                 )
                 .collect();
-            rate_shares.update(&checked.policies, &merged, &summaries);
+            rate_shares.update(&checked.policies, &merged, &summaries, now);
         }
         for r in rate_shares.resources() {
             resources.insert(r.name.clone(), r.clone());
@@ -596,6 +596,9 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 _ = table.changed().notified() => break,
                 _ = kube_changed => break,
                 _ = applied.notified() => break,
+                // A new traffic summary goes to the peers at once; dividing rate limits by it
+                // here at once too keeps this cluster's view of it close to theirs.
+                Ok(()) = own_traffic.changed() => break,
             }
             if Instant::now() >= refresh {
                 break;
