@@ -38,10 +38,10 @@ impl std::str::FromStr for IpRange {
 
 /// Gives each service an address by hashing its name into the range, probing past collisions in
 /// name order, so clusters that see the same services agree without talking.
-pub fn allocate_ips<'a>(keys: impl IntoIterator<Item = &'a String>, range: IpRange) -> BTreeMap<String, Ipv4Addr> {
+pub fn allocate_ips<'a>(keys: impl IntoIterator<Item = &'a Key>, range: IpRange) -> BTreeMap<Key, Ipv4Addr> {
     let mut taken = BTreeSet::new();
     let mut out = BTreeMap::new();
-    let mut keys: Vec<&String> = keys.into_iter().collect();
+    let mut keys: Vec<&Key> = keys.into_iter().collect();
     keys.sort();
     keys.dedup();
     for key in keys {
@@ -88,14 +88,20 @@ impl MergedService {
     }
 }
 
+/// A map key (a service's `<ns>/<name>`, a resource's name) shared by every map that holds it:
+/// the merge, the build and the config streams copy maps of hundreds of entries on every pass,
+/// and a shared key costs a reference count where a `String` cost an allocation and a copy.
+/// Two keys from the same origin compare by pointer first ([`join`]).
+pub type Key = Arc<str>;
+
 /// The merged catalog by `<ns>/<name>`; a service that did not change between two merges is
 /// the same `Arc` in both, so everything downstream can skip it by pointer.
-pub type Merged = BTreeMap<String, Arc<MergedService>>;
+pub type Merged = BTreeMap<Key, Arc<MergedService>>;
 
 /// One cluster's services by `<ns>/<name>`. Each export is shared from where it was received
 /// or read to the merge, which skips an unchanged one by pointer instead of comparing its
 /// endpoints.
-pub type Services = BTreeMap<String, Arc<pb::ExportedService>>;
+pub type Services = BTreeMap<Key, Arc<pb::ExportedService>>;
 
 /// Whether two exports are the same: by pointer, else by value.
 pub fn same_export(a: &Arc<pb::ExportedService>, b: &Arc<pb::ExportedService>) -> bool {
@@ -113,7 +119,7 @@ pub fn same_services(a: &Services, b: &Services) -> bool {
 pub fn upserted<'a>(
     before: &'a Services,
     now: &'a Services,
-) -> impl Iterator<Item = (&'a String, &'a Arc<pb::ExportedService>)> {
+) -> impl Iterator<Item = (&'a Key, &'a Arc<pb::ExportedService>)> {
     join(before, now).filter_map(|(k, old, new)| match (old, new) {
         (Some(old), Some(new)) if same_export(old, new) => None,
         (_, new) => new.map(|new| (k, new)),
@@ -121,21 +127,22 @@ pub fn upserted<'a>(
 }
 
 /// The services of `before` that `now` no longer has.
-pub fn removed<'a>(before: &'a Services, now: &'a Services) -> impl Iterator<Item = &'a String> {
+pub fn removed<'a>(before: &'a Services, now: &'a Services) -> impl Iterator<Item = &'a Key> {
     join(before, now).filter_map(|(k, old, new)| (old.is_some() && new.is_none()).then_some(k))
 }
 
 /// Walks two maps in key order at once: each key of either, with its value in each.
 pub fn join<'a, V, W>(
-    a: &'a BTreeMap<String, V>,
-    b: &'a BTreeMap<String, W>,
-) -> impl Iterator<Item = (&'a String, Option<&'a V>, Option<&'a W>)> {
+    a: &'a BTreeMap<Key, V>,
+    b: &'a BTreeMap<Key, W>,
+) -> impl Iterator<Item = (&'a Key, Option<&'a V>, Option<&'a W>)> {
     let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
     std::iter::from_fn(move || {
         let order = match (a.peek(), b.peek()) {
             (None, None) => return None,
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) if Arc::ptr_eq(ka, kb) => std::cmp::Ordering::Equal,
             (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
         };
         Some(match order {
@@ -152,15 +159,17 @@ pub fn join<'a, V, W>(
 /// `services` with every export that equals the one in `before` replaced by that one's `Arc`,
 /// so a rebuilt catalog (the Kubernetes source makes every export anew) shares what did not
 /// change. An export already shared costs a pointer comparison.
-pub fn share_unchanged(before: &Services, services: Services) -> Services {
+/// A key already in `before` is shared too.
+pub fn share_unchanged(
+    before: &Services,
+    services: impl IntoIterator<Item = (String, Arc<pb::ExportedService>)>,
+) -> Services {
     services
         .into_iter()
-        .map(|(k, s)| {
-            let shared = match before.get(&k) {
-                Some(b) if same_export(b, &s) => b.clone(),
-                _ => s,
-            };
-            (k, shared)
+        .map(|(k, s)| match before.get_key_value(k.as_str()) {
+            Some((key, b)) if same_export(b, &s) => (key.clone(), b.clone()),
+            Some((key, _)) => (key.clone(), s),
+            None => (k.into(), s),
         })
         .collect()
 }
@@ -170,9 +179,9 @@ pub fn share_unchanged(before: &Services, services: Services) -> Services {
 /// This keeps a change's cost in proportion to what changed, not to the catalog.
 #[derive(Default)]
 pub struct MergeMemo {
-    by_service: HashMap<String, Memo>,
+    by_service: HashMap<Key, Memo>,
     /// The addresses last allocated, given out again while the set of services is the same.
-    ips: BTreeMap<String, Ipv4Addr>,
+    ips: BTreeMap<Key, Ipv4Addr>,
     /// The last pass's inputs and result, with its range.
     last: Option<(BTreeMap<String, Arc<Services>>, Merged, IpRange)>,
 }
@@ -195,7 +204,7 @@ pub fn merge(exports: &BTreeMap<String, Services>, range: IpRange) -> Merged {
 fn changed_services<'a>(
     before: &'a BTreeMap<String, Arc<Services>>,
     now: &'a BTreeMap<String, Arc<Services>>,
-) -> BTreeSet<&'a String> {
+) -> BTreeSet<&'a Key> {
     let mut dirty = BTreeSet::new();
     for (cluster, services) in now {
         match before.get(cluster) {
@@ -223,7 +232,7 @@ pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>
     if let Some((inputs, last, last_range)) = &mut memo.last {
         if *last_range == range {
             let dirty = changed_services(inputs, exports);
-            let lists: Vec<(&String, Inputs)> = dirty
+            let lists: Vec<(&Key, Inputs)> = dirty
                 .into_iter()
                 .map(|key| {
                     let list = exports
@@ -248,7 +257,7 @@ pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>
             }
         }
     }
-    let mut by_service: BTreeMap<&String, Inputs> = BTreeMap::new();
+    let mut by_service: BTreeMap<&Key, Inputs> = BTreeMap::new();
     for (cluster, services) in exports {
         for (key, svc) in services.iter() {
             by_service.entry(key).or_default().push((cluster, svc));
@@ -270,7 +279,7 @@ pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>
 
 /// One service from its exports (cluster, export), or the memo's result where they are the
 /// same as last time.
-fn merge_service(memo: &mut HashMap<String, Memo>, key: &String, mut list: Inputs, ip: Ipv4Addr) -> Arc<MergedService> {
+fn merge_service(memo: &mut HashMap<Key, Memo>, key: &Key, mut list: Inputs, ip: Ipv4Addr) -> Arc<MergedService> {
     list.sort_by(|a, b| (a.1.exported_at_unix_ms, a.0).cmp(&(b.1.exported_at_unix_ms, b.0)));
     if let Some((inputs, done)) = memo.get(key) {
         let same = done.clusterset_ip == ip
@@ -373,7 +382,7 @@ mod tests {
         for (cluster, svc) in list {
             out.entry(cluster.into())
                 .or_default()
-                .insert(format!("demo/{}", svc.name), Arc::new(svc));
+                .insert(format!("demo/{}", svc.name).into(), Arc::new(svc));
         }
         out
     }
@@ -431,14 +440,14 @@ mod tests {
     fn a_rebuilt_catalog_shares_what_did_not_change() {
         let before: Services = [("demo/a", 1), ("demo/b", 2)]
             .into_iter()
-            .map(|(n, at)| (n.to_string(), Arc::new(export(&n[5..], "east", at, &[(80, "http")]))))
+            .map(|(n, at)| (n.into(), Arc::new(export(&n[5..], "east", at, &[(80, "http")]))))
             .collect();
         let mut b = export("b", "east", 2, &[(80, "http")]);
         b.endpoints[0].address = "127.0.0.1:9".into();
-        let rebuilt = BTreeMap::from([
+        let rebuilt = [
             ("demo/a".to_string(), Arc::new(export("a", "east", 1, &[(80, "http")]))),
             ("demo/b".to_string(), Arc::new(b.clone())),
-        ]);
+        ];
         let after = share_unchanged(&before, rebuilt);
         assert!(Arc::ptr_eq(&before["demo/a"], &after["demo/a"]));
         assert!(!Arc::ptr_eq(&before["demo/b"], &after["demo/b"]));
@@ -455,7 +464,7 @@ mod tests {
             ("demo/c", svc("c", 3)),
         ]
         .into_iter()
-        .map(|(k, s)| (k.to_string(), s))
+        .map(|(k, s)| (k.into(), s))
         .collect();
         // a: equal in a new allocation; b: the same Arc; c: gone; d: new; e: changed.
         let mut changed = export("e", "east", 5, &[(80, "http")]);
@@ -470,11 +479,11 @@ mod tests {
             ("demo/e", Arc::new(changed)),
         ]
         .into_iter()
-        .map(|(k, s)| (k.to_string(), s))
+        .map(|(k, s)| (k.into(), s))
         .collect();
-        let up: Vec<&str> = upserted(&before, &now).map(|(k, _)| k.as_str()).collect();
+        let up: Vec<&str> = upserted(&before, &now).map(|(k, _)| &**k).collect();
         assert_eq!(up, vec!["demo/d", "demo/e"]);
-        let gone: Vec<&str> = removed(&before, &now).map(String::as_str).collect();
+        let gone: Vec<&str> = removed(&before, &now).map(|k| &**k).collect();
         assert_eq!(gone, vec!["demo/c"]);
         assert_eq!(upserted(&BTreeMap::new(), &now).count(), 4);
         assert_eq!(removed(&now, &BTreeMap::new()).count(), 4);
@@ -516,7 +525,7 @@ mod tests {
     #[test]
     fn clusterset_ips_are_stable_unique_and_in_range() {
         let range: IpRange = "240.0.0.0/24".parse().unwrap();
-        let keys: Vec<String> = (0..200).map(|i| format!("demo/svc{i}")).collect();
+        let keys: Vec<Key> = (0..200).map(|i| format!("demo/svc{i}").into()).collect();
         let a = allocate_ips(&keys, range);
         let mut rev = keys.clone();
         rev.reverse();

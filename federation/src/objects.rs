@@ -702,7 +702,7 @@ pub fn check(
     last_good: &mut BTreeMap<String, pb::PolicyObject>,
     cluster: &str,
 ) -> Checked {
-    let lookup = |t: &Target| match merged.get(&format!("{}/{}", t.namespace, t.name)) {
+    let lookup = |t: &Target| match merged.get(format!("{}/{}", t.namespace, t.name).as_str()) {
         None => BackendLookup::NoSuchService,
         Some(svc) => match t.port.map(|p| svc.ports.iter().find(|sp| sp.port == p as u32)) {
             Some(None) => BackendLookup::NoSuchPort,
@@ -711,7 +711,7 @@ pub fn check(
         },
     };
     let target_lookup = |ns: &str, name: &str| {
-        if merged.contains_key(&format!("{ns}/{name}")) {
+        if merged.contains_key(format!("{ns}/{name}").as_str()) {
             TargetLookup::Found
         } else {
             TargetLookup::NotFound
@@ -784,7 +784,7 @@ pub fn check(
                         let missing: Vec<String> = match &compiled.scope {
                             Scope::Services(names) => names
                                 .iter()
-                                .filter(|n| !merged.contains_key(&format!("{}/{n}", o.namespace)))
+                                .filter(|n| !merged.contains_key(format!("{}/{n}", o.namespace).as_str()))
                                 .map(|n| format!("service {}/{n} is not in the catalog of any cluster", o.namespace))
                                 .collect(),
                             _ => vec![],
@@ -796,7 +796,7 @@ pub fn check(
                             Scope::Services(names) if compiled.has_http_rules() => names
                                 .iter()
                                 .filter(|n| {
-                                    merged.get(&format!("{}/{n}", o.namespace)).is_some_and(|svc| {
+                                    merged.get(format!("{}/{n}", o.namespace).as_str()).is_some_and(|svc| {
                                         svc.ports.iter().any(|p| p.protocol.eq_ignore_ascii_case("tcp"))
                                     })
                                 })
@@ -1094,7 +1094,7 @@ spec: {targetRefs: [{kind: Service, name: x}]}
             .iter()
             .map(|s| {
                 (
-                    format!("demo/{s}"),
+                    format!("demo/{s}").into(),
                     std::sync::Arc::new(crate::catalog::MergedService {
                         name: s.to_string(),
                         namespace: "demo".into(),

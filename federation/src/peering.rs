@@ -114,10 +114,10 @@ impl PeerTable {
         if !update.upserts.is_empty() || !update.removed.is_empty() {
             let services = Arc::make_mut(&mut entry.services);
             for svc in update.upserts {
-                services.insert(format!("{}/{}", svc.namespace, svc.name), Arc::new(svc));
+                services.insert(format!("{}/{}", svc.namespace, svc.name).into(), Arc::new(svc));
             }
             for key in &update.removed {
-                services.remove(key);
+                services.remove(key.as_str());
             }
         }
         if update.gateway.is_some() {
@@ -416,7 +416,9 @@ impl PeerClient {
                     update.upserts = upserted(&sent.services, &current.services)
                         .map(|(_, v)| (**v).clone())
                         .collect();
-                    update.removed = removed(&sent.services, &current.services).cloned().collect();
+                    update.removed = removed(&sent.services, &current.services)
+                        .map(|k| k.to_string())
+                        .collect();
                 }
                 sent = current.clone();
                 if sent_objects.as_ref() != Some(&current.objects) {
@@ -499,7 +501,10 @@ mod tests {
             t0 + Duration::from_secs(1),
         );
         let p = &table.snapshot()[0];
-        assert_eq!(p.services.keys().collect::<Vec<_>>(), vec!["demo/b"]);
+        assert_eq!(
+            p.services.keys().collect::<Vec<_>>(),
+            vec![&crate::catalog::Key::from("demo/b")]
+        );
         assert!(p.alive(t0 + Duration::from_millis(2_500)), "renewed");
     }
 }

@@ -103,7 +103,7 @@ impl RateShares {
         let mut next: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
         let mut changed = false;
         for (key, limit) in &self.limits {
-            let Some(svc) = merged.get(key) else { continue };
+            let Some(svc) = merged.get(key.as_str()) else { continue };
             let mut endpoints: Vec<String> = svc
                 .endpoints()
                 .filter(|e| e.ready)
@@ -266,7 +266,7 @@ mod tests {
             conditions: vec![],
             clusters: vec![],
         };
-        BTreeMap::from([("demo/echo".to_string(), Arc::new(svc))])
+        BTreeMap::from([("demo/echo".into(), Arc::new(svc))])
     }
 
     fn close(a: &[f64], b: &[f64]) -> bool {

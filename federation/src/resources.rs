@@ -10,13 +10,16 @@ use sha2::{Digest, Sha256};
 use strait_api::pb;
 use strait_api::pb::resource::Kind;
 
-use crate::catalog::{join, Merged, MergedService};
+use crate::catalog::{join, Key, Merged, MergedService};
+
+/// Resources by name, as a controller serves them.
+pub type Resources = BTreeMap<Key, Arc<Built>>;
 
 /// The full config at one version.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigState {
     pub version: u64,
-    pub resources: BTreeMap<String, Arc<Built>>,
+    pub resources: Resources,
     /// False right after a (re)start until every peer has been heard from (or one lease
     /// passed): until then the catalog lacks remote services, and serving it to sidecars would
     /// make them drop endpoints that are fine. Gateways get it at once (peers reach this
@@ -25,17 +28,13 @@ pub struct ConfigState {
     /// For each resource but services (the bulk of the config, and not objects with a status),
     /// the config version at which its current version first went out: a proxy that
     /// acknowledged that version (or a later one) has it.
-    pub since: BTreeMap<String, u64>,
+    pub since: BTreeMap<Key, u64>,
 }
 
 impl ConfigState {
     /// The `since` map of a new state at `version`, carried over from `previous` for every
     /// resource whose version did not change.
-    pub fn since_from(
-        previous: &ConfigState,
-        resources: &BTreeMap<String, Arc<Built>>,
-        version: u64,
-    ) -> BTreeMap<String, u64> {
+    pub fn since_from(previous: &ConfigState, resources: &Resources, version: u64) -> BTreeMap<Key, u64> {
         resources
             .iter()
             .filter(|(k, _)| !is_service(k))
@@ -84,7 +83,8 @@ pub fn is_service(name: &str) -> bool {
 /// endpoints above all) was a copy of what the merge already holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Built {
-    pub name: String,
+    /// The name, shared with every map that holds the resource.
+    pub name: Key,
     pub version: String,
     pub wire: Bytes,
 }
@@ -92,7 +92,7 @@ pub struct Built {
 impl Built {
     /// `buf` is the resource encoded without a version (its name and kind): the version is a
     /// digest of those bytes, appended as `Resource.version` (a field may come in any order).
-    fn finish(name: String, mut buf: Vec<u8>) -> Built {
+    fn finish(name: Key, mut buf: Vec<u8>) -> Built {
         let digest = Sha256::digest(&buf);
         let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         prost::encoding::string::encode(RESOURCE_VERSION, &version, &mut buf);
@@ -123,7 +123,7 @@ fn resource(name: String, kind: Kind) -> Built {
         kind: Some(kind),
     };
     let buf = r.encode_to_vec();
-    Built::finish(r.name, buf)
+    Built::finish(r.name.into(), buf)
 }
 
 /// `rateshare/<ns>/<name>`: a destination-total rate limit's shares for its sidecars.
@@ -183,7 +183,7 @@ fn encode_service(name: String, svc: &MergedService, only: Option<&str>) -> Buil
         message::encode(SERVICE_ENDPOINTS, e, &mut buf);
     }
     tail.encode(&mut buf).expect("a Vec grows to fit");
-    Built::finish(name, buf)
+    Built::finish(name.into(), buf)
 }
 
 /// Each service's resources (its whole form and its gateway view in cluster `local`) from the
@@ -191,7 +191,7 @@ fn encode_service(name: String, svc: &MergedService, only: Option<&str>) -> Buil
 /// `Arc`) is not encoded and hashed again.
 pub struct BuildMemo {
     local: String,
-    by_service: HashMap<String, Memoized>,
+    by_service: HashMap<Key, Memoized>,
 }
 
 struct Memoized {
@@ -230,7 +230,7 @@ fn same_view(old: &MergedService, svc: &MergedService, local: &str) -> bool {
 
 /// Whether two builds hold the same resources (names and versions; a version is a digest of
 /// the content).
-pub fn same_versions(a: &BTreeMap<String, Arc<Built>>, b: &BTreeMap<String, Arc<Built>>) -> bool {
+pub fn same_versions(a: &Resources, b: &Resources) -> bool {
     a.len() == b.len()
         && a.iter()
             .zip(b)
@@ -246,7 +246,7 @@ pub fn build(
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
     objects: &crate::objects::Checked,
-) -> BTreeMap<String, Arc<Built>> {
+) -> Resources {
     build_with(
         &mut BuildMemo::new(local),
         merged,
@@ -267,8 +267,10 @@ pub fn build_with(
     policy: &pb::LocalityPolicy,
     bundles: &[pb::TrustBundle],
     objects: &crate::objects::Checked,
-) -> BTreeMap<String, Arc<Built>> {
-    let mut out = BTreeMap::new();
+) -> Resources {
+    // Collected, then sorted once: most names come in order, and the map is built in one go
+    // instead of searched for each of hundreds of inserts.
+    let mut out: Vec<(Key, Arc<Built>)> = Vec::with_capacity(2 * merged.len() + 16);
     for (key, svc) in merged {
         let (whole, view) = match memo.by_service.get(key) {
             Some(m) if Arc::ptr_eq(&m.made_from, svc) => (m.whole.clone(), m.view.clone()),
@@ -296,17 +298,17 @@ pub fn build_with(
                 (whole, view)
             }
         };
-        out.insert(whole.name.clone(), whole);
-        out.insert(view.name.clone(), view);
+        out.push((whole.name.clone(), whole));
+        out.push((view.name.clone(), view));
     }
     memo.by_service.retain(|k, _| merged.contains_key(k));
     for s in system_services {
         let r = resource(format!("service/{}/{}", s.namespace, s.name), Kind::Service(s.clone()));
-        out.insert(r.name.clone(), Arc::new(r));
+        out.push((r.name.clone(), Arc::new(r)));
     }
     for g in gateways {
         let r = resource(format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
-        out.insert(r.name.clone(), Arc::new(r));
+        out.push((r.name.clone(), Arc::new(r)));
     }
     for route in &objects.routes {
         let prefix = if route.kind == "GRPCRoute" {
@@ -318,37 +320,37 @@ pub fn build_with(
             format!("{prefix}/{}/{}", route.namespace, route.name),
             Kind::HttpRoute(route.clone()),
         );
-        out.insert(r.name.clone(), Arc::new(r));
+        out.push((r.name.clone(), Arc::new(r)));
     }
     for p in &objects.policies {
         let r = resource(
             format!("trafficpolicy/{}/{}", p.namespace, p.name),
             Kind::TrafficPolicy(p.clone()),
         );
-        out.insert(r.name.clone(), Arc::new(r));
+        out.push((r.name.clone(), Arc::new(r)));
     }
     for p in &objects.authz {
         let r = resource(
             format!("authz/{}/{}", p.namespace, p.name),
             Kind::AuthorizationPolicy(p.clone()),
         );
-        out.insert(r.name.clone(), Arc::new(r));
+        out.push((r.name.clone(), Arc::new(r)));
     }
     let r = resource("policy/locality".into(), Kind::LocalityPolicy(policy.clone()));
-    out.insert(r.name.clone(), Arc::new(r));
+    out.push((r.name.clone(), Arc::new(r)));
     for b in bundles {
         let r = resource(format!("bundle/{}", b.trust_domain), Kind::TrustBundle(b.clone()));
-        out.insert(r.name.clone(), Arc::new(r));
+        out.push((r.name.clone(), Arc::new(r)));
     }
-    out
+    out.into_iter().collect()
 }
 
 /// What changed from the resources last sent to `now`, both seen through `include`:
 /// resources to send (shared, not copied) and names removed. One walk over both; a resource
 /// rebuilt from an unchanged source is the same `Arc` and is skipped without comparing versions.
 pub fn diff<'a>(
-    sent: &'a BTreeMap<String, Arc<Built>>,
-    now: &'a BTreeMap<String, Arc<Built>>,
+    sent: &'a Resources,
+    now: &'a Resources,
     include: impl Fn(&str) -> bool,
 ) -> (Vec<&'a Arc<Built>>, Vec<String>) {
     let mut changed = vec![];
@@ -360,7 +362,7 @@ pub fn diff<'a>(
         match (before, after) {
             (Some(b), Some(a)) if Arc::ptr_eq(b, a) || b.version == a.version => {}
             (_, Some(a)) => changed.push(a),
-            (Some(_), None) => removed.push(name.clone()),
+            (Some(_), None) => removed.push(name.to_string()),
             (None, None) => {}
         }
     }
@@ -439,7 +441,7 @@ mod tests {
         assert_eq!(built.wire, bytes);
         want.version = built.version.clone();
         assert_eq!(built.decode().unwrap(), want);
-        assert_eq!(built.name, "service/demo/echo");
+        assert_eq!(&*built.name, "service/demo/echo");
         // The version is the content's: the same service built again has it, a changed one not.
         assert_eq!(service_resource(&merged).version, built.version);
         let moved = &mut Arc::make_mut(&mut merged.exports[1]).endpoints[0];
@@ -486,16 +488,16 @@ mod tests {
         // Services on either side of the walk: one gone, one new, one changed, one the same.
         let objects = Default::default();
         let one: Merged = [("a", 80), ("b", 80), ("c", 80)]
-            .map(|(n, p)| (format!("demo/{n}"), svc(n, p)))
+            .map(|(n, p)| (format!("demo/{n}").into(), svc(n, p)))
             .into();
         let two: Merged = [("b", 81), ("c", 80), ("d", 80)]
-            .map(|(n, p)| (format!("demo/{n}"), svc(n, p)))
+            .map(|(n, p)| (format!("demo/{n}").into(), svc(n, p)))
             .into();
         let before = build("east", &one, &[], &[], &policy, &[], &objects);
         let after = build("east", &two, &[], &[], &policy, &[], &objects);
         let sidecar = |n: &str| !gateway_only(n);
         let (changed, removed) = diff(&before, &after, sidecar);
-        let changed: Vec<&str> = changed.iter().map(|r| r.name.as_str()).collect();
+        let changed: Vec<&str> = changed.iter().map(|r| &*r.name).collect();
         assert_eq!(changed, vec!["service/demo/b", "service/demo/d"]);
         assert_eq!(removed, vec!["service/demo/a".to_string()]);
         let (changed, removed) = diff(&before, &after, |n| {
@@ -505,7 +507,7 @@ mod tests {
         assert!(removed.is_empty());
         // A gateway sees the same changes in the services' gateway views.
         let (changed, removed) = diff(&before, &after, |n| !sidecar_only(n));
-        let changed: Vec<&str> = changed.iter().map(|r| r.name.as_str()).collect();
+        let changed: Vec<&str> = changed.iter().map(|r| &*r.name).collect();
         assert_eq!(changed, vec!["local/service/demo/b", "local/service/demo/d"]);
         assert_eq!(removed, vec!["local/service/demo/a".to_string()]);
     }
@@ -557,7 +559,7 @@ mod tests {
         echo.exports = vec![export("east", true), export("west", true)];
         echo.clusters = vec!["east".into(), "west".into()];
         let view = local_service_resource(&echo, "west");
-        assert_eq!(view.name, "local/service/demo/echo");
+        assert_eq!(&*view.name, "local/service/demo/echo");
         let Some(Kind::Service(s)) = view.decode().unwrap().kind else {
             panic!("not a service")
         };
@@ -581,7 +583,7 @@ mod tests {
         assert_ne!(first["service/demo/echo"].version, second["service/demo/echo"].version);
         // Builds again with `echo` as it now is: its view must have changed, and the build
         // must equal one from scratch.
-        let mut view_changed = |echo: &MergedService, before: &BTreeMap<String, Arc<Built>>| {
+        let mut view_changed = |echo: &MergedService, before: &Resources| {
             merged.insert("demo/echo".into(), Arc::new(echo.clone()));
             let now = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
             let view = "local/service/demo/echo";

@@ -392,11 +392,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 .filter(|(_, s)| s.exported)
                 .map(|(k, _)| k.clone())
                 .collect();
-            let all = share_unchanged(&before, local.into_iter().map(|(k, s)| (k, s.service)).collect());
+            let all = share_unchanged(&before, local.into_iter().map(|(k, s)| (k, s.service)));
             let exported: Arc<Services> = Arc::new(
                 exported_keys
                     .into_iter()
-                    .map(|k| (k.clone(), all[&k].clone()))
+                    .filter_map(|k| all.get_key_value(k.as_str()))
+                    .map(|(k, s)| (k.clone(), s.clone()))
                     .collect(),
             );
             local_memo = Some(LocalCatalog {
@@ -857,7 +858,9 @@ fn count_acks(
             continue;
         }
         let name = crate::objects::resource_name(&s.kind, &s.namespace, &s.name);
-        let Some(since) = state.since.get(&name) else { continue };
+        let Some(since) = state.since.get(name.as_str()) else {
+            continue;
+        };
         let rejection = format!("{name}:");
         for p in &sidecars {
             let rejected = p.rejected.iter().any(|r| r.starts_with(&rejection));

@@ -92,7 +92,7 @@ impl ImportWriter {
                 continue;
             }
             let want = desired(svc);
-            if self.written.get(key) == Some(&want) {
+            if self.written.get(&**key) == Some(&want) {
                 continue;
             }
             let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &svc.namespace);
@@ -106,14 +106,14 @@ impl ImportWriter {
             });
             api.patch_status(&svc.name, &params, &Patch::Apply(&status)).await?;
             tracing::info!(import = %key, ip = %svc.clusterset_ip, clusters = ?svc.clusters, "ServiceImport written");
-            self.written.insert(key.clone(), want);
+            self.written.insert(key.to_string(), want);
         }
         // Remove imports of ours that left the catalog (also ones left from before a restart,
         // which the first sync seeded into `written`).
         let stale: Vec<(String, String)> = self
             .written
             .keys()
-            .filter(|k| !merged.contains_key(*k))
+            .filter(|k| !merged.contains_key(k.as_str()))
             .filter_map(|k| k.split_once('/').map(|(ns, n)| (ns.to_string(), n.to_string())))
             .collect();
         for (ns, name) in stale {

@@ -166,7 +166,7 @@ impl KubeSource {
                 last_transition_time: None,
             }];
             if let Some(c) = merged
-                .get(&key)
+                .get(key.as_str())
                 .and_then(|m| m.conditions.iter().find(|c| c.r#type == "Conflict"))
             {
                 conditions.push(c.into());
