@@ -229,6 +229,7 @@ impl PeeringService for PeeringServer {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut cluster = None;
+            let mut acked: Option<Instant> = None;
             while let Ok(Some(update)) = inbound.message().await {
                 if update.cluster.is_empty() || update.cluster == own {
                     let _ = tx
@@ -244,7 +245,15 @@ impl PeeringService for PeeringServer {
                 }
                 cluster = Some(update.cluster.clone());
                 let generation = update.generation;
-                table.apply(update, Instant::now());
+                let now = Instant::now();
+                table.apply(update, now);
+                // Acknowledged at most every ACK_EVERY (the sender reads acknowledgements only
+                // to see the stream is alive): one per update was a message back through the
+                // tunnel for every change received.
+                if acked.is_some_and(|at| now.duration_since(at) < ACK_EVERY) {
+                    continue;
+                }
+                acked = Some(now);
                 if tx.send(Ok(pb::ExportAck { generation })).await.is_err() {
                     break;
                 }
@@ -257,6 +266,9 @@ impl PeeringService for PeeringServer {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
+
+/// How often a peering stream's receiver acknowledges what it applied, at most.
+const ACK_EVERY: Duration = Duration::from_secs(1);
 
 /// This cluster's exports as peers see them.
 #[derive(Clone, Debug, Default, PartialEq)]
