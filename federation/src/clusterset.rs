@@ -215,6 +215,8 @@ impl TrafficCollector {
         let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
         let mut tick = tokio::time::interval(SCRAPE_EVERY);
+        // The edges last published: a summary that says the same goes to nobody.
+        let mut published: Vec<pb::TrafficEdge> = Vec::new();
         loop {
             tick.tick().await;
             let proxies = xds.proxies();
@@ -251,6 +253,13 @@ impl TrafficCollector {
                 }
                 self.summarize(&samples)
             };
+            // Each summary sent goes to every peer through two gateways and wakes every
+            // controller's merge loop; one that repeats the last (idle, or steady traffic)
+            // tells them nothing.
+            if same_traffic(&published, &summary.edges) {
+                continue;
+            }
+            published.clone_from(&summary.edges);
             tx.send_replace(Arc::new(summary));
         }
     }
@@ -307,6 +316,42 @@ impl TrafficCollector {
         }
     }
 }
+
+/// Whether two summaries' edges say the same: the same edges, each figure within
+/// [`SAME_WITHIN`] of the other (a steady rate measured twice differs in its last digits).
+fn same_traffic(a: &[pb::TrafficEdge], b: &[pb::TrafficEdge]) -> bool {
+    let close = |x: f64, y: f64| (x - y).abs() <= SAME_WITHIN * x.abs().max(y.abs()) + 1e-6;
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (
+                &x.reporter,
+                &x.source_cluster,
+                &x.source_workload,
+                &x.source_namespace,
+                &x.destination_cluster,
+                &x.destination_service,
+                &x.destination_workload,
+                &x.protocol,
+            ) == (
+                &y.reporter,
+                &y.source_cluster,
+                &y.source_workload,
+                &y.source_namespace,
+                &y.destination_cluster,
+                &y.destination_service,
+                &y.destination_workload,
+                &y.protocol,
+            ) && close(x.rps, y.rps)
+                && close(x.error_rate, y.error_rate)
+                && close(x.p99_ms, y.p99_ms)
+                && close(x.mtls, y.mtls)
+                && close(x.bytes_per_second, y.bytes_per_second)
+        })
+}
+
+/// How far apart (relative) two figures of an edge may be and still count as the same: well
+/// inside the rate shares' own hysteresis (3 %), so no share a new summary would move is held.
+const SAME_WITHIN: f64 = 0.01;
 
 /// What the page shows, gathered from the controller's views.
 pub struct Page {
@@ -564,6 +609,34 @@ istio_request_duration_milliseconds_bucket{destination_cluster="west",destinatio
 istio_request_duration_milliseconds_bucket{destination_cluster="west",destination_service="greeter.demo.svc.clusterset.local",destination_workload="greeter-1",reporter="source",request_protocol="http",response_code="200",source_cluster="east",source_workload="echo-1",source_workload_namespace="demo",le="10"} 100
 istio_request_duration_milliseconds_bucket{destination_cluster="west",destination_service="greeter.demo.svc.clusterset.local",destination_workload="greeter-1",reporter="source",request_protocol="http",response_code="200",source_cluster="east",source_workload="echo-1",source_workload_namespace="demo",le="+Inf"} 100
 "#;
+
+    #[test]
+    fn a_summary_that_repeats_the_last_is_not_sent_again() {
+        let edge = |workload: &str, rps: f64| pb::TrafficEdge {
+            reporter: "source".into(),
+            source_cluster: "east".into(),
+            source_workload: workload.into(),
+            destination_cluster: "west".into(),
+            destination_service: "greeter.demo.svc.clusterset.local".into(),
+            rps,
+            p99_ms: 4.5,
+            mtls: 1.0,
+            ..Default::default()
+        };
+        let last = vec![edge("echo-1", 40.0), edge("echo-2", 0.5)];
+        // Idle stays idle; a steady rate measured again differs in its last digits.
+        assert!(same_traffic(&[], &[]));
+        assert!(same_traffic(&last, &[edge("echo-1", 40.2), edge("echo-2", 0.502)]));
+        // A rate that moved, an edge that came or went, another caller: all sent.
+        assert!(!same_traffic(&last, &[edge("echo-1", 41.0), edge("echo-2", 0.5)]));
+        assert!(!same_traffic(&last, &[edge("echo-1", 40.0), edge("echo-2", 0.0)]));
+        assert!(!same_traffic(&last, &last[..1]));
+        assert!(!same_traffic(&last, &[edge("echo-1", 40.0), edge("echo-3", 0.5)]));
+        assert!(!same_traffic(&[], &last[..1]));
+        let mut errors = last.clone();
+        errors[0].error_rate = 0.1;
+        assert!(!same_traffic(&last, &errors));
+    }
 
     #[test]
     fn counters_become_edges_with_rates_errors_and_p99() {
