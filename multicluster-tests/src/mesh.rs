@@ -20,9 +20,22 @@ static STARTED: AtomicU32 = AtomicU32::new(0);
 /// `CARGO_MANIFEST_DIR` as `cargo test` sets it when it runs the test, not as it was when the
 /// test was compiled: cargo reuses a test binary built in another clone of the same sources
 /// (a shared target directory), and the compile-time path then names that clone.
+///
+/// A test binary run by hand (no `CARGO_MANIFEST_DIR`) looks for the repository from the
+/// current directory up, and only then trusts the compile-time path.
 pub fn repo_dir() -> PathBuf {
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
-    PathBuf::from(manifest)
+    let is_repo = |dir: &std::path::Path| dir.join("multicluster-tests/Cargo.toml").is_file();
+    if let Some(manifest) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        if let Some(root) = PathBuf::from(manifest).parent().filter(|d| is_repo(d)) {
+            return root.to_path_buf();
+        }
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Some(root) = cwd.ancestors().find(|d| is_repo(d)) {
+            return root.to_path_buf();
+        }
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("multicluster-tests sits in the repository's root")
         .to_path_buf()
