@@ -320,33 +320,24 @@ impl TrafficCollector {
 /// Whether two summaries' edges say the same: the same edges, each figure within
 /// [`SAME_WITHIN`] of the other (a steady rate measured twice differs in its last digits).
 fn same_traffic(a: &[pb::TrafficEdge], b: &[pb::TrafficEdge]) -> bool {
-    let close = |x: f64, y: f64| (x - y).abs() <= SAME_WITHIN * x.abs().max(y.abs()) + 1e-6;
+    fn labels(e: &pb::TrafficEdge) -> [&String; 8] {
+        [
+            &e.reporter,
+            &e.source_cluster,
+            &e.source_workload,
+            &e.source_namespace,
+            &e.destination_cluster,
+            &e.destination_service,
+            &e.destination_workload,
+            &e.protocol,
+        ]
+    }
+    let figures = |e: &pb::TrafficEdge| [e.rps, e.error_rate, e.p99_ms, e.mtls, e.bytes_per_second];
+    let close = |(x, y): (f64, f64)| (x - y).abs() <= SAME_WITHIN * x.abs().max(y.abs()) + 1e-6;
     a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            (
-                &x.reporter,
-                &x.source_cluster,
-                &x.source_workload,
-                &x.source_namespace,
-                &x.destination_cluster,
-                &x.destination_service,
-                &x.destination_workload,
-                &x.protocol,
-            ) == (
-                &y.reporter,
-                &y.source_cluster,
-                &y.source_workload,
-                &y.source_namespace,
-                &y.destination_cluster,
-                &y.destination_service,
-                &y.destination_workload,
-                &y.protocol,
-            ) && close(x.rps, y.rps)
-                && close(x.error_rate, y.error_rate)
-                && close(x.p99_ms, y.p99_ms)
-                && close(x.mtls, y.mtls)
-                && close(x.bytes_per_second, y.bytes_per_second)
-        })
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| labels(x) == labels(y) && figures(x).into_iter().zip(figures(y)).all(close))
 }
 
 /// How far apart (relative) two figures of an edge may be and still count as the same: well
