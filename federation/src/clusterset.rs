@@ -215,8 +215,6 @@ impl TrafficCollector {
         let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
         let mut tick = tokio::time::interval(SCRAPE_EVERY);
-        // The edges last published: a summary that says the same goes to nobody.
-        let mut published: Vec<pb::TrafficEdge> = Vec::new();
         loop {
             tick.tick().await;
             let proxies = xds.proxies();
@@ -255,11 +253,11 @@ impl TrafficCollector {
             };
             // Each summary sent goes to every peer through two gateways and wakes every
             // controller's merge loop; one that repeats the last (idle, or steady traffic)
-            // tells them nothing.
-            if same_traffic(&published, &summary.edges) {
+            // tells them nothing. The channel holds the last one published (this task is its
+            // only sender).
+            if same_traffic(&tx.borrow().edges, &summary.edges) {
                 continue;
             }
-            published.clone_from(&summary.edges);
             tx.send_replace(Arc::new(summary));
         }
     }

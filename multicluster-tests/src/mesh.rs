@@ -24,21 +24,18 @@ static STARTED: AtomicU32 = AtomicU32::new(0);
 /// A test binary run by hand (no `CARGO_MANIFEST_DIR`) looks for the repository from the
 /// current directory up, and only then trusts the compile-time path.
 pub fn repo_dir() -> PathBuf {
-    let is_repo = |dir: &std::path::Path| dir.join("multicluster-tests/Cargo.toml").is_file();
-    if let Some(manifest) = std::env::var_os("CARGO_MANIFEST_DIR") {
-        if let Some(root) = PathBuf::from(manifest).parent().filter(|d| is_repo(d)) {
-            return root.to_path_buf();
-        }
-    }
-    if let Ok(cwd) = std::env::current_dir() {
-        if let Some(root) = cwd.ancestors().find(|d| is_repo(d)) {
-            return root.to_path_buf();
-        }
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("multicluster-tests sits in the repository's root")
-        .to_path_buf()
+    let is_repo = |dir: &&std::path::Path| dir.join("multicluster-tests/Cargo.toml").is_file();
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::current_dir().ok())
+        .find_map(|start| start.ancestors().find(is_repo).map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("multicluster-tests sits in the repository's root")
+                .to_path_buf()
+        })
 }
 
 /// The `strait` binary under test: `$STRAIT_BIN`, else `target/<profile>/strait` next to the
