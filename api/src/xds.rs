@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::pb;
 use crate::pb::config_service_client::ConfigServiceClient;
-use crate::snapshot::{Pending, Resources, Snapshot};
+use crate::snapshot::{Resources, Snapshot};
 
 #[derive(Clone, Debug)]
 pub struct XdsMetrics {
@@ -105,7 +105,7 @@ impl XdsClient {
             .await?
             .into_inner();
         self.metrics.connected.set(1);
-        let mut pending = Pending::default();
+        let mut pending = resources.pending();
         while let Some(part) = inbound.message().await? {
             if !pending.add(part) {
                 continue;
@@ -114,6 +114,7 @@ impl XdsClient {
             let prev = tx.borrow().clone();
             let (version, received, parts, full) = (update.version(), update.received(), update.parts(), update.full());
             let (snapshot, rejected) = resources.update_with(&prev, update);
+            pending = resources.pending();
             drop(prev);
             if let Some(bundle) = &snapshot.bundle {
                 self.store.set_bundle(bundle.clone());

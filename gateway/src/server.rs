@@ -487,21 +487,23 @@ impl Gateway {
         // The caller's choice first (only if it is one of ours), then the rest from a random start.
         let start = rand_index(local.len());
         local.rotate_left(start);
-        if let Some(pos) = local.iter().position(|e| e.address.to_string() == req.endpoint) {
+        // Parsed once rather than every endpoint printed for the comparison.
+        let asked = req.endpoint.parse::<strait_api::snapshot::EndpointAddr>().ok();
+        if let Some(pos) = local.iter().position(|e| Some(e.address) == asked) {
             let chosen = local.remove(pos);
             local.insert(0, chosen);
         }
         let started = Instant::now();
         let mut last_error = String::new();
         for ep in local {
-            match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(ep.address)).await {
+            match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(ep.address.socket())).await {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
                     self.metrics
                         .connect_latency
                         .with_label_values(&[&format!("{}.{}", req.service, req.namespace)])
                         .observe(started.elapsed().as_secs_f64());
-                    return (status::OK, String::new(), Some((tcp, ep.address)));
+                    return (status::OK, String::new(), Some((tcp, ep.address.socket())));
                 }
                 Ok(Err(e)) => last_error = format!("{}: {e}", ep.address),
                 Err(_) => last_error = format!("{}: connect timed out", ep.address),

@@ -475,7 +475,7 @@ mod tests {
                 .iter()
                 .map(|(w, cluster, addr)| EndpointEntry {
                     address: addr.parse().unwrap(),
-                    workload: w.to_string(),
+                    workload: (*w).into(),
                     locality: Arc::new(Locality {
                         cluster: cluster.to_string(),
                         ..Default::default()

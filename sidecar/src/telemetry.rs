@@ -90,7 +90,7 @@ impl LocalWorkload {
                 snap.services
                     .values()
                     .flat_map(|s| s.endpoints.iter())
-                    .find(|e| e.workload == self.name && e.locality.cluster == self.cluster)
+                    .find(|e| *e.workload == *self.name && e.locality.cluster == self.cluster)
                     .map(|e| e.labels.clone())
             })
             .unwrap_or_default();

@@ -270,7 +270,7 @@ impl Upstreams {
         };
         Ok(Target {
             key: ep.key(),
-            address: ep.address,
+            address: ep.address.socket(),
             via,
             expected: Self::expected_identities(svc, ep),
         })

@@ -288,7 +288,7 @@ impl Outbound {
                 *reached = Some(Reached {
                     service: ServiceName::of(svc),
                     workload: Workload::of_endpoint(ep, &svc.namespace),
-                    address: Some(ep.address),
+                    address: Some(ep.address.socket()),
                 });
                 let status = resp.status().as_u16();
                 let labels = [self.cluster.as_str(), ep.locality.cluster.as_str(), &svc.host()];

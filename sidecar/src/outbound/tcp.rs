@@ -95,7 +95,7 @@ impl Outbound {
         let upstream_io = upstream;
         let upstream = crate::telemetry::Upstream {
             cluster: format!("outbound|{port}||{}", service.host),
-            host: Some(ep.address),
+            host: Some(ep.address.socket()),
             time: None,
             peer: destination.principal.clone(),
             route: None,
