@@ -137,13 +137,13 @@ impl Workload {
 
     /// The workload behind a catalog endpoint of a service in `namespace`.
     pub fn of_endpoint(ep: &EndpointEntry, namespace: &str) -> Self {
-        let ns = ep.identity.namespace().unwrap_or(namespace);
+        let ns = ep.identity().namespace().unwrap_or(namespace);
         Workload::from_labels(
             &ep.workload,
             ns,
-            &ep.identity.to_string(),
-            &ep.locality.cluster,
-            &ep.labels,
+            &ep.identity().to_string(),
+            &ep.locality().cluster,
+            ep.labels(),
         )
     }
 

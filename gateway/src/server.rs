@@ -475,7 +475,7 @@ impl Gateway {
         let mut local: Vec<&EndpointEntry> = service
             .endpoints
             .iter()
-            .filter(|e| e.locality.cluster == self.opts.cluster && e.ready)
+            .filter(|e| e.locality().cluster == self.opts.cluster && e.ready)
             .collect();
         if local.is_empty() {
             return (

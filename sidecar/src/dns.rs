@@ -217,7 +217,7 @@ pub fn mesh_answer(snap: &Snapshot, qname: &str, qtype: RecordType) -> Option<Me
             }
             let targets: Vec<String> = if is_headless(svc) {
                 ready()
-                    .map(|e| format!("{}.{}.{host}", hostname(&e.workload), e.locality.cluster))
+                    .map(|e| format!("{}.{}.{host}", hostname(&e.workload), e.locality().cluster))
                     .collect()
             } else {
                 vec![host.clone()]
@@ -237,7 +237,7 @@ pub fn mesh_answer(snap: &Snapshot, qname: &str, qtype: RecordType) -> Option<Me
         }
         [host_label, cluster] if is_headless(svc) => {
             let matches: Vec<IpAddr> = ready()
-                .filter(|e| hostname(&e.workload) == *host_label && e.locality.cluster == *cluster)
+                .filter(|e| hostname(&e.workload) == *host_label && e.locality().cluster == *cluster)
                 .map(|e| e.address.ip())
                 .collect();
             if matches.is_empty() {
@@ -254,7 +254,7 @@ pub fn mesh_answer(snap: &Snapshot, qname: &str, qtype: RecordType) -> Option<Me
                 answers,
             })
         }
-        [cluster] if is_headless(svc) && svc.endpoints.iter().any(|e| e.locality.cluster == *cluster) => Some(nodata),
+        [cluster] if is_headless(svc) && svc.endpoints.iter().any(|e| e.locality().cluster == *cluster) => Some(nodata),
         _ => Some(nx),
     }
 }
@@ -459,7 +459,7 @@ impl DnsProxy {
 mod tests {
     use super::*;
     use strait_api::locality::Locality;
-    use strait_api::snapshot::{EndpointEntry, PortEntry, Protocol};
+    use strait_api::snapshot::{EndpointEntry, EndpointProfile, PortEntry, Protocol};
 
     fn svc(name: &str, ip: Option<&str>, eps: &[(&str, &str, &str)]) -> Arc<ServiceEntry> {
         Arc::new(ServiceEntry {
@@ -476,13 +476,15 @@ mod tests {
                 .map(|(w, cluster, addr)| EndpointEntry {
                     address: addr.parse().unwrap(),
                     workload: (*w).into(),
-                    locality: Arc::new(Locality {
-                        cluster: cluster.to_string(),
-                        ..Default::default()
-                    }),
-                    identity: Arc::new("spiffe://mesh.local/ns/demo/sa/x".parse().unwrap()),
                     ready: true,
-                    labels: Default::default(),
+                    profile: Arc::new(EndpointProfile {
+                        locality: Arc::new(Locality {
+                            cluster: cluster.to_string(),
+                            ..Default::default()
+                        }),
+                        identity: Arc::new("spiffe://mesh.local/ns/demo/sa/x".parse().unwrap()),
+                        labels: Default::default(),
+                    }),
                 })
                 .collect(),
             identities: vec![],

@@ -44,17 +44,17 @@ impl Balancer {
     /// the tunnel client has not found its gateway down), and (unless `outlier` is None: panic
     /// routing) neither it nor its cluster's gateway ejected.
     fn healthy(&self, snap: &Snapshot, ep: &EndpointEntry, outlier: Option<&OutlierDetector>, now: Instant) -> bool {
-        let local = ep.locality.cluster == self.locality.cluster;
+        let local = ep.locality().cluster == self.locality.cluster;
         let reachable = local
             || snap
                 .gateways
-                .get(&ep.locality.cluster)
+                .get(&ep.locality().cluster)
                 .is_some_and(|g| g.reachable && !self.gateways.is_down(g.address));
         if !ep.ready || !reachable {
             return false;
         }
         outlier.is_none_or(|o| {
-            !o.is_ejected(ep.target(), now) && (local || !o.is_ejected(Target::Gateway(&ep.locality.cluster), now))
+            !o.is_ejected(ep.target(), now) && (local || !o.is_ejected(Target::Gateway(&ep.locality().cluster), now))
         })
     }
 
@@ -125,8 +125,8 @@ impl Balancer {
             .iter()
             .zip(healthy)
             .map(|(ep, h)| Candidate {
-                locality: &ep.locality,
-                labels: &ep.labels,
+                locality: ep.locality(),
+                labels: ep.labels(),
                 healthy: *h,
             })
             .collect();
@@ -154,8 +154,8 @@ impl Balancer {
             .endpoints
             .iter()
             .map(|ep| Candidate {
-                locality: &ep.locality,
-                labels: &ep.labels,
+                locality: ep.locality(),
+                labels: ep.labels(),
                 healthy: true,
             })
             .collect();
@@ -196,8 +196,8 @@ impl Balancer {
     pub fn success(&self, ep: &EndpointEntry) {
         if let Ok(mut o) = self.outlier.lock() {
             o.success(ep.target());
-            if ep.locality.cluster != self.locality.cluster {
-                o.success(Target::Gateway(&ep.locality.cluster));
+            if ep.locality().cluster != self.locality.cluster {
+                o.success(Target::Gateway(&ep.locality().cluster));
             }
         }
     }
@@ -232,7 +232,7 @@ impl Balancer {
         tracing::info!(endpoint = %ep.key(), service = %svc.host(), ejection = ?time, why, "outlier detection ejected endpoint");
         self.metrics
             .ejections
-            .with_label_values(&[&ep.locality.cluster, &svc.host()])
+            .with_label_values(&[&ep.locality().cluster, &svc.host()])
             .inc();
     }
 
@@ -277,8 +277,8 @@ impl Balancer {
             }
         };
         // Any answer shows the cluster's gateway works.
-        if outcome != Outcome::Local && ep.locality.cluster != self.locality.cluster {
-            o.success(Target::Gateway(&ep.locality.cluster));
+        if outcome != Outcome::Local && ep.locality().cluster != self.locality.cluster {
+            o.success(Target::Gateway(&ep.locality().cluster));
         }
         drop(o);
         if let Some(time) = ejected {

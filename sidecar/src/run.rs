@@ -61,11 +61,11 @@ fn config_view(snap: &Snapshot) -> serde_json::Value {
             "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
                 "address": e.address.to_string(),
                 "workload": e.workload,
-                "identity": e.identity.to_string(),
-                "cluster": e.locality.cluster,
-                "zone": e.locality.zone,
+                "identity": e.identity().to_string(),
+                "cluster": e.locality().cluster,
+                "zone": e.locality().zone,
                 "ready": e.ready,
-                "labels": &*e.labels,
+                "labels": &**e.labels(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "gateways": snap.gateways.values().map(|g| serde_json::json!({

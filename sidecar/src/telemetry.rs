@@ -85,13 +85,13 @@ impl LocalWorkload {
         let labels = self
             .endpoint
             .and_then(|a| snap.endpoint_by_addr(a))
-            .map(|(svc, i)| svc.endpoints[i].labels.clone())
+            .map(|(svc, i)| svc.endpoints[i].labels().clone())
             .or_else(|| {
                 snap.services
                     .values()
                     .flat_map(|s| s.endpoints.iter())
-                    .find(|e| *e.workload == *self.name && e.locality.cluster == self.cluster)
-                    .map(|e| e.labels.clone())
+                    .find(|e| *e.workload == *self.name && e.locality().cluster == self.cluster)
+                    .map(|e| e.labels().clone())
             })
             .unwrap_or_default();
         let w = Arc::new(Workload::from_labels(

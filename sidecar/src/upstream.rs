@@ -231,8 +231,8 @@ impl Upstreams {
     /// endpoints' included).
     fn expected_identities(svc: &ServiceEntry, ep: &EndpointEntry) -> Vec<SpiffeId> {
         let mut ids = svc.identities.clone();
-        if !ids.contains(&ep.identity) {
-            ids.push((*ep.identity).clone());
+        if !ids.contains(ep.identity()) {
+            ids.push((**ep.identity()).clone());
         }
         ids
     }
@@ -247,15 +247,15 @@ impl Upstreams {
         port: u16,
         traceparent: &str,
     ) -> Result<Target, UpstreamError> {
-        let via = if ep.locality.cluster == self.cluster {
+        let via = if ep.locality().cluster == self.cluster {
             None
         } else {
             let gw = snap
                 .gateways
-                .get(&ep.locality.cluster)
+                .get(&ep.locality().cluster)
                 .filter(|g| g.reachable)
                 .ok_or_else(|| UpstreamError::NoGateway {
-                    cluster: ep.locality.cluster.clone(),
+                    cluster: ep.locality().cluster.clone(),
                 })?;
             let req = pb::TunnelRequest {
                 service: svc.name.clone(),

@@ -242,8 +242,8 @@ impl Outbound {
             by_level.entry(level).or_default().push(json!({
                 "endpoint": ep.workload,
                 "address": ep.address.to_string(),
-                "cluster": ep.locality.cluster,
-                "zone": ep.locality.zone,
+                "cluster": ep.locality().cluster,
+                "zone": ep.locality().zone,
                 "ready": ready,
                 "reachable": reachable,
                 "ejected": ejected,
@@ -257,7 +257,7 @@ impl Outbound {
         out["pick"] = match self.balancer.pick(&snap, &destination, &[]) {
             Some(i) => {
                 let ep = &destination.endpoints[i];
-                json!({"endpoint": ep.workload, "address": ep.address.to_string(), "cluster": ep.locality.cluster, "zone": ep.locality.zone})
+                json!({"endpoint": ep.workload, "address": ep.address.to_string(), "cluster": ep.locality().cluster, "zone": ep.locality().zone})
             }
             None => Value::Null,
         };

@@ -291,7 +291,7 @@ impl Outbound {
                     address: Some(ep.address.socket()),
                 });
                 let status = resp.status().as_u16();
-                let labels = [self.cluster.as_str(), ep.locality.cluster.as_str(), &svc.host()];
+                let labels = [self.cluster.as_str(), ep.locality().cluster.as_str(), &svc.host()];
                 self.metrics
                     .requests
                     .with_label_values(&[labels[0], labels[1], labels[2], response_class(status)])
@@ -469,7 +469,7 @@ impl Outbound {
         // A `Service` backend of a route: only this cluster's endpoints may take it.
         let mut elsewhere: Vec<usize> = if policy.local_only {
             (0..svc.endpoints.len())
-                .filter(|i| svc.endpoints[*i].locality.cluster != self.cluster)
+                .filter(|i| svc.endpoints[*i].locality().cluster != self.cluster)
                 .collect()
         } else {
             vec![]
@@ -531,7 +531,7 @@ impl Outbound {
             if attempt == 0 && policy.traffic.as_ref().is_some_and(|t| !t.other_clusters) {
                 // retryOtherClusters: false — retries stay in the first attempt's cluster.
                 elsewhere.extend(
-                    (0..svc.endpoints.len()).filter(|j| svc.endpoints[*j].locality.cluster != ep.locality.cluster),
+                    (0..svc.endpoints.len()).filter(|j| svc.endpoints[*j].locality().cluster != ep.locality().cluster),
                 );
             }
             if attempt > 0 {
@@ -586,7 +586,7 @@ impl Outbound {
                     tracing::debug!(endpoint = %ep.key(), error = %e, "upstream connect failed; trying another endpoint");
                     self.balancer.failure(snap, svc, ep);
                     if e.gateway_down() {
-                        self.balancer.gateway_failure(snap, &ep.locality.cluster);
+                        self.balancer.gateway_failure(snap, &ep.locality().cluster);
                     }
                     last_error = e.to_string();
                     continue;

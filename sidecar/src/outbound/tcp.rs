@@ -57,7 +57,7 @@ impl Outbound {
                     tracing::debug!(endpoint = %ep.key(), error = %e, "upstream connect failed; trying another endpoint");
                     self.balancer.failure(snap, svc, &ep);
                     if e.gateway_down() {
-                        self.balancer.gateway_failure(snap, &ep.locality.cluster);
+                        self.balancer.gateway_failure(snap, &ep.locality().cluster);
                     }
                     last_error = e.to_string();
                 }
@@ -113,7 +113,7 @@ impl Outbound {
             .await;
         self.metrics
             .connections
-            .with_label_values(&["outbound", &self.cluster, &ep.locality.cluster, &service.host, result])
+            .with_label_values(&["outbound", &self.cluster, &ep.locality().cluster, &service.host, result])
             .inc();
     }
 
@@ -144,7 +144,7 @@ impl Outbound {
                                 .with_label_values(&[
                                     "outbound",
                                     &this.cluster,
-                                    &ep.locality.cluster,
+                                    &ep.locality().cluster,
                                     &host,
                                     "upgrade_failed",
                                 ])

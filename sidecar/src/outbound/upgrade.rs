@@ -91,7 +91,7 @@ impl Outbound {
         let labels = [
             "outbound".to_string(),
             self.cluster.clone(),
-            ep.locality.cluster.clone(),
+            ep.locality().cluster.clone(),
             host,
         ];
         let idle = self.limits.tcp_idle_timeout;
