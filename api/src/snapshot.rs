@@ -283,7 +283,7 @@ fn parse_id(field: &str, s: &str) -> Result<SpiffeId, FieldError> {
 /// keeps it between updates, so a service's next version shares them too; what no resource
 /// holds any more is let go after each update.
 #[derive(Clone, Debug, Default)]
-pub struct Interned {
+struct Interned {
     localities: HashSet<Arc<Locality>>,
     identities: HashMap<String, Arc<SpiffeId>>,
 }
@@ -321,7 +321,7 @@ pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
 }
 
 /// [`convert`], sharing localities and identities through `interned`.
-pub fn convert_with(res: &pb::Resource, interned: &mut Interned) -> Result<Typed, FieldError> {
+fn convert_with(res: &pb::Resource, interned: &mut Interned) -> Result<Typed, FieldError> {
     use pb::resource::Kind;
     match &res.kind {
         Some(Kind::Service(s)) => convert_service(s, interned).map(|s| Typed::Service(Arc::new(s))),
