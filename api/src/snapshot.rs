@@ -94,8 +94,6 @@ impl std::fmt::Display for EndpointAddr {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointEntry {
     pub address: EndpointAddr,
-    /// Boxed rather than a `String`: 8 bytes less for each of a catalog's endpoints.
-    pub workload: Box<str>,
     pub ready: bool,
     /// Where it runs, as whom and with which labels: shared by the endpoints of a service
     /// that have all three in common (one pointer each, where three made an entry 16 bytes
@@ -158,12 +156,49 @@ pub struct ServiceEntry {
     pub clusterset_ip: Option<IpAddr>,
     pub ports: Vec<PortEntry>,
     pub endpoints: Vec<EndpointEntry>,
+    /// The workload name of each endpoint, in the same order ([`ServiceEntry::workload`]).
+    pub workloads: Workloads,
     /// Every identity that may serve this service, sorted: those the catalog declares and
     /// those of its endpoints (what a client accepts from whichever endpoint answers).
     pub identities: Vec<SpiffeId>,
 }
 
+/// A service's endpoints' workload names end to end in one string, with where each ends: one
+/// allocation for all of them, where a name of its own in each endpoint took 16 bytes there
+/// plus an allocation (a pod's name is some 30 bytes).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Workloads {
+    names: Box<str>,
+    ends: Box<[u32]>,
+}
+
+impl Workloads {
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let (mut all, mut ends) = (String::new(), vec![]);
+        for name in names {
+            all.push_str(name);
+            ends.push(u32::try_from(all.len()).unwrap_or(u32::MAX));
+        }
+        Workloads {
+            names: all.into_boxed_str(),
+            ends: ends.into_boxed_slice(),
+        }
+    }
+
+    /// The `i`th name ("" past the last).
+    pub fn get(&self, i: usize) -> &str {
+        let Some(&end) = self.ends.get(i) else { return "" };
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.names.get(start as usize..end as usize).unwrap_or("")
+    }
+}
+
 impl ServiceEntry {
+    /// The workload name of endpoint `i`.
+    pub fn workload(&self, i: usize) -> &str {
+        self.workloads.get(i)
+    }
+
     /// `<namespace>/<name>`, the key of the catalog and of policies.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -469,7 +504,6 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
             };
             Ok(EndpointEntry {
                 address,
-                workload: e.workload.as_str().into(),
                 ready: e.ready,
                 profile,
             })
@@ -493,6 +527,7 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
         clusterset_ip,
         ports,
         endpoints,
+        workloads: Workloads::new(s.endpoints.iter().map(|e| e.workload.as_str())),
         identities,
     })
 }
@@ -1370,6 +1405,27 @@ mod tests {
         assert_eq!(index.insert(addrs[2], (3, 3)), None);
         assert_eq!(index.insert(addrs[2], (4, 4)), Some((3, 3)));
         assert_eq!(index.remove(&"10.0.0.2:80".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn workload_names_are_read_back_by_endpoint_index() {
+        let w = Workloads::new(["web-7d4f-x2x", "", "api-0"]);
+        assert_eq!(
+            (w.get(0), w.get(1), w.get(2), w.get(3)),
+            ("web-7d4f-x2x", "", "api-0", "")
+        );
+        assert_eq!(Workloads::new([]).get(0), "");
+        let mut r = Resources::default();
+        r.apply(pb::ConfigUpdate {
+            version: 1,
+            full: true,
+            resources: vec![service_resource("a", "127.0.0.1:1")],
+            removed: vec![],
+            more: false,
+        });
+        let snap = r.snapshot(1);
+        let (svc, i) = snap.endpoint_by_addr("127.0.0.1:1".parse().unwrap()).unwrap();
+        assert_eq!(svc.workload(i), "w");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-use crate::snapshot::EndpointEntry;
+use crate::snapshot::ServiceEntry;
 
 pub const UNKNOWN: &str = "unknown";
 
@@ -135,11 +135,14 @@ impl Workload {
         }
     }
 
-    /// The workload behind a catalog endpoint of a service in `namespace`.
-    pub fn of_endpoint(ep: &EndpointEntry, namespace: &str) -> Self {
-        let ns = ep.identity().namespace().unwrap_or(namespace);
+    /// The workload behind endpoint `i` of `svc`.
+    pub fn of_endpoint(svc: &ServiceEntry, i: usize) -> Self {
+        let Some(ep) = svc.endpoints.get(i) else {
+            return Workload::default();
+        };
+        let ns = ep.identity().namespace().unwrap_or(&svc.namespace);
         Workload::from_labels(
-            &ep.workload,
+            svc.workload(i),
             ns,
             &ep.identity().to_string(),
             &ep.locality().cluster,

@@ -313,7 +313,7 @@ impl Gateway {
         let destination = upstream
             .as_ref()
             .and_then(|(_, addr)| snapshot.endpoint_by_addr(*addr))
-            .map(|(svc, i)| Workload::of_endpoint(&svc.endpoints[i], &svc.namespace))
+            .map(|(svc, i)| Workload::of_endpoint(svc, i))
             .unwrap_or_default();
         let edge = Edge {
             reporter: Reporter::Source,

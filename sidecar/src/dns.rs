@@ -182,13 +182,20 @@ pub fn mesh_answer(snap: &Snapshot, qname: &str, qtype: RecordType) -> Option<Me
         return Some(nx);
     };
     let host = svc.host();
-    let ready = || svc.endpoints.iter().filter(|e| e.ready);
+    // Each ready endpoint with its workload name.
+    let ready = || {
+        svc.endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.ready)
+            .map(|(i, e)| (svc.workload(i), e))
+    };
     match &labels[..n - 3] {
         [] => {
             let ips: Vec<IpAddr> = match svc.clusterset_ip {
                 Some(ip) => vec![ip],
                 None => {
-                    let mut ips: Vec<IpAddr> = ready().map(|e| e.address.ip()).collect();
+                    let mut ips: Vec<IpAddr> = ready().map(|(_, e)| e.address.ip()).collect();
                     ips.sort();
                     ips.dedup();
                     ips
@@ -217,7 +224,7 @@ pub fn mesh_answer(snap: &Snapshot, qname: &str, qtype: RecordType) -> Option<Me
             }
             let targets: Vec<String> = if is_headless(svc) {
                 ready()
-                    .map(|e| format!("{}.{}.{host}", hostname(&e.workload), e.locality().cluster))
+                    .map(|(w, e)| format!("{}.{}.{host}", hostname(w), e.locality().cluster))
                     .collect()
             } else {
                 vec![host.clone()]
@@ -237,8 +244,8 @@ pub fn mesh_answer(snap: &Snapshot, qname: &str, qtype: RecordType) -> Option<Me
         }
         [host_label, cluster] if is_headless(svc) => {
             let matches: Vec<IpAddr> = ready()
-                .filter(|e| hostname(&e.workload) == *host_label && e.locality().cluster == *cluster)
-                .map(|e| e.address.ip())
+                .filter(|(w, e)| hostname(w) == *host_label && e.locality().cluster == *cluster)
+                .map(|(_, e)| e.address.ip())
                 .collect();
             if matches.is_empty() {
                 return Some(nx);
@@ -459,7 +466,7 @@ impl DnsProxy {
 mod tests {
     use super::*;
     use strait_api::locality::Locality;
-    use strait_api::snapshot::{EndpointEntry, EndpointProfile, PortEntry, Protocol};
+    use strait_api::snapshot::{EndpointEntry, EndpointProfile, PortEntry, Protocol, Workloads};
 
     fn svc(name: &str, ip: Option<&str>, eps: &[(&str, &str, &str)]) -> Arc<ServiceEntry> {
         Arc::new(ServiceEntry {
@@ -473,9 +480,8 @@ mod tests {
             }],
             endpoints: eps
                 .iter()
-                .map(|(w, cluster, addr)| EndpointEntry {
+                .map(|(_, cluster, addr)| EndpointEntry {
                     address: addr.parse().unwrap(),
-                    workload: (*w).into(),
                     ready: true,
                     profile: Arc::new(EndpointProfile {
                         locality: Arc::new(Locality {
@@ -487,6 +493,7 @@ mod tests {
                     }),
                 })
                 .collect(),
+            workloads: Workloads::new(eps.iter().map(|(w, _, _)| *w)),
             identities: vec![],
         })
     }

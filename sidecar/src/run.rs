@@ -58,9 +58,9 @@ fn config_view(snap: &Snapshot) -> serde_json::Value {
             "host": s.host(),
             "clusterset_ip": s.clusterset_ip.map(|ip| ip.to_string()),
             "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
-            "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+            "endpoints": s.endpoints.iter().enumerate().map(|(i, e)| serde_json::json!({
                 "address": e.address.to_string(),
-                "workload": e.workload,
+                "workload": s.workload(i),
                 "identity": e.identity().to_string(),
                 "cluster": e.locality().cluster,
                 "zone": e.locality().zone,

@@ -89,9 +89,9 @@ impl LocalWorkload {
             .or_else(|| {
                 snap.services
                     .values()
-                    .flat_map(|s| s.endpoints.iter())
-                    .find(|e| *e.workload == *self.name && e.locality().cluster == self.cluster)
-                    .map(|e| e.labels().clone())
+                    .flat_map(|s| s.endpoints.iter().enumerate().map(move |(i, e)| (s.workload(i), e)))
+                    .find(|(w, e)| *w == self.name && e.locality().cluster == self.cluster)
+                    .map(|(_, e)| e.labels().clone())
             })
             .unwrap_or_default();
         let w = Arc::new(Workload::from_labels(

@@ -238,9 +238,9 @@ impl Outbound {
         }
         let levels = self.balancer.levels(&snap, &destination);
         let mut by_level: std::collections::BTreeMap<u32, Vec<Value>> = Default::default();
-        for (ep, (level, ready, reachable, ejected)) in destination.endpoints.iter().zip(levels) {
+        for (i, (ep, (level, ready, reachable, ejected))) in destination.endpoints.iter().zip(levels).enumerate() {
             by_level.entry(level).or_default().push(json!({
-                "endpoint": ep.workload,
+                "endpoint": destination.workload(i),
                 "address": ep.address.to_string(),
                 "cluster": ep.locality().cluster,
                 "zone": ep.locality().zone,
@@ -257,7 +257,7 @@ impl Outbound {
         out["pick"] = match self.balancer.pick(&snap, &destination, &[]) {
             Some(i) => {
                 let ep = &destination.endpoints[i];
-                json!({"endpoint": ep.workload, "address": ep.address.to_string(), "cluster": ep.locality().cluster, "zone": ep.locality().zone})
+                json!({"endpoint": destination.workload(i), "address": ep.address.to_string(), "cluster": ep.locality().cluster, "zone": ep.locality().zone})
             }
             None => Value::Null,
         };

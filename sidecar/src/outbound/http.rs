@@ -287,7 +287,7 @@ impl Outbound {
                 let ep = &svc.endpoints[i];
                 *reached = Some(Reached {
                     service: ServiceName::of(svc),
-                    workload: Workload::of_endpoint(ep, &svc.namespace),
+                    workload: Workload::of_endpoint(svc, i),
                     address: Some(ep.address.socket()),
                 });
                 let status = resp.status().as_u16();

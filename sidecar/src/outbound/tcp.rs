@@ -7,7 +7,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use strait_api::drain::Watch;
-use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
+use strait_api::snapshot::{ServiceEntry, Snapshot};
 use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload};
 
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
@@ -22,14 +22,15 @@ pub(crate) struct NoEndpoint {
 
 impl Outbound {
     /// Opens an opaque stream to an endpoint of `svc` (or to endpoint `only` when the caller
-    /// dialled that endpoint's address), retrying connect failures on other endpoints.
+    /// dialled that endpoint's address), retrying connect failures on other endpoints; returns
+    /// the stream and the endpoint's index.
     pub(crate) async fn open_tcp(
         &self,
         snap: &Snapshot,
         svc: &ServiceEntry,
         port: u16,
         only: Option<usize>,
-    ) -> Result<(UpstreamTls, EndpointEntry), NoEndpoint> {
+    ) -> Result<(UpstreamTls, usize), NoEndpoint> {
         let host = svc.host();
         let mut tried = vec![];
         let mut last_error = String::from("no endpoint of the service is known");
@@ -41,21 +42,21 @@ impl Outbound {
             };
             let Some(i) = pick else { break };
             tried.push(i);
-            let ep = svc.endpoints[i].clone();
+            let ep = &svc.endpoints[i];
             if attempt > 0 {
                 self.metrics
                     .retries
                     .with_label_values(&[&host, "connect_failure"])
                     .inc();
             }
-            match self.upstreams.tcp(snap, svc, &ep, port).await {
+            match self.upstreams.tcp(snap, svc, ep, port).await {
                 Ok(upstream) => {
-                    self.balancer.success(&ep);
-                    return Ok((upstream, ep));
+                    self.balancer.success(ep);
+                    return Ok((upstream, i));
                 }
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.key(), error = %e, "upstream connect failed; trying another endpoint");
-                    self.balancer.failure(snap, svc, &ep);
+                    self.balancer.failure(snap, svc, ep);
                     if e.gateway_down() {
                         self.balancer.gateway_failure(snap, &ep.locality().cluster);
                     }
@@ -74,17 +75,11 @@ impl Outbound {
     }
 
     /// Copies both ways until either side closes, then counts the connection (Istio's TCP
-    /// family as `reporter="source"`).
-    pub(crate) async fn splice(
-        &self,
-        client: impl Io,
-        upstream: UpstreamTls,
-        ep: &EndpointEntry,
-        service: &ServiceName,
-        port: u16,
-    ) {
+    /// family as `reporter="source"`) to endpoint `i` of `svc`.
+    pub(crate) async fn splice(&self, client: impl Io, upstream: UpstreamTls, svc: &ServiceEntry, i: usize, port: u16) {
+        let (ep, service) = (&svc.endpoints[i], &ServiceName::of(svc));
         let (source, _) = self.telemetry.local.current(&self.config.borrow().clone());
-        let destination = Workload::of_endpoint(ep, &service.namespace);
+        let destination = Workload::of_endpoint(svc, i);
         let edge = Edge {
             reporter: Reporter::Source,
             source: &source,
@@ -128,23 +123,22 @@ impl Outbound {
             Err(no_route) => return no_route.response(),
         };
         let host = svc.host();
-        let service = ServiceName::of(&svc);
         match self.open_tcp(&snap, &svc, port, None).await {
-            Ok((upstream, ep)) => {
+            Ok((upstream, i)) => {
                 let this = self.clone();
                 // An open tunnel holds the drain until it closes or the deadline passes.
                 let guard = drain.guard();
                 tokio::spawn(async move {
                     let _guard = guard;
                     match hyper::upgrade::on(&mut req).await {
-                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &ep, &service, port).await,
+                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &svc, i, port).await,
                         Err(_) => {
                             this.metrics
                                 .connections
                                 .with_label_values(&[
                                     "outbound",
                                     &this.cluster,
-                                    &ep.locality().cluster,
+                                    &svc.endpoints[i].locality().cluster,
                                     &host,
                                     "upgrade_failed",
                                 ])

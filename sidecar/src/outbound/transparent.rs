@@ -14,7 +14,6 @@ use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_api::drain::Watch;
 use strait_api::snapshot::{Protocol, ServiceEntry, Snapshot};
-use strait_api::telemetry::ServiceName;
 use tokio::net::TcpStream;
 
 use super::tcp::NoEndpoint;
@@ -165,7 +164,7 @@ impl Outbound {
     async fn opaque(&self, stream: TcpStream, snap: &Snapshot, svc: &ServiceEntry, port: u16, only: Option<usize>) {
         let host = svc.host();
         match self.open_tcp(snap, svc, port, only).await {
-            Ok((upstream, ep)) => self.splice(stream, upstream, &ep, &ServiceName::of(svc), port).await,
+            Ok((upstream, i)) => self.splice(stream, upstream, svc, i, port).await,
             Err(NoEndpoint { tried, last_error }) => {
                 // The app sees a reset, as from a host that refused the connection.
                 tracing::info!(service = %host, tried, error = %last_error, "no endpoint took an intercepted connection");

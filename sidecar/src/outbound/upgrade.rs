@@ -35,7 +35,7 @@ impl Outbound {
     ) -> Response<Body> {
         let host = svc.host();
         let (upstream, ep) = match self.open_tcp(snap, svc, port, None).await {
-            Ok(x) => x,
+            Ok((upstream, i)) => (upstream, &svc.endpoints[i]),
             Err(NoEndpoint { tried, last_error }) => {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
