@@ -334,11 +334,12 @@ impl Interned {
         l
     }
 
-    fn identity(&mut self, field: &str, id: &str) -> Result<Arc<SpiffeId>, FieldError> {
+    /// The identity of endpoint `i`, parsed the first time the catalog names it.
+    fn identity(&mut self, i: usize, id: &str) -> Result<Arc<SpiffeId>, FieldError> {
         if let Some(held) = self.identities.get(id) {
             return Ok(held.clone());
         }
-        let parsed = Arc::new(parse_id(field, id)?);
+        let parsed = Arc::new(parse_id(&format!("endpoints[{i}].identity"), id)?);
         self.identities.insert(id.to_string(), parsed.clone());
         Ok(parsed)
     }
@@ -447,11 +448,11 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
         .collect::<Result<Vec<_>, _>>()?;
     // A service's endpoints share a few localities, identities and label sets: each is parsed
     // and held once (a catalog of 40,000 endpoints would otherwise hold 40,000 copies of each),
-    // localities and identities once for the whole catalog. The service's own short lists are
-    // looked at first, so the catalog-wide table is asked once per distinct value here.
+    // localities and identities once for the whole catalog. Identities are looked up there by
+    // their text; a locality is compared with the service's own short list first, since the
+    // catalog-wide table is keyed by a built `Locality` (one per distinct value here).
     let mut localities: Vec<Arc<Locality>> = vec![];
     let no_locality = pb::Locality::default();
-    let mut ids: HashMap<&str, Arc<SpiffeId>> = HashMap::new();
     let mut label_sets: HashMap<BTreeMap<String, String>, Arc<BTreeMap<String, String>>> = HashMap::new();
     // Then each distinct combination of the three, told apart by pointer.
     let mut profiles: Vec<Arc<EndpointProfile>> = vec![];
@@ -469,14 +470,7 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
                     l
                 }
             };
-            let identity = match ids.get(e.identity.as_str()) {
-                Some(id) => id.clone(),
-                None => {
-                    let id = interned.identity(&format!("endpoints[{i}].identity"), &e.identity)?;
-                    ids.insert(&e.identity, id.clone());
-                    id
-                }
-            };
+            let identity = interned.identity(i, &e.identity)?;
             let address = e
                 .address
                 .parse::<EndpointAddr>()
@@ -518,7 +512,7 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
         .enumerate()
         .map(|(i, id)| parse_id(&format!("identities[{i}]"), id))
         .collect::<Result<Vec<_>, _>>()?;
-    identities.extend(ids.into_values().map(|id| (*id).clone()));
+    identities.extend(profiles.iter().map(|p| (*p.identity).clone()));
     identities.sort();
     identities.dedup();
     Ok(ServiceEntry {
