@@ -182,9 +182,46 @@ pub struct MergeMemo {
     by_service: HashMap<Key, Memo>,
     /// The addresses last allocated, given out again while the set of services is the same.
     ips: BTreeMap<Key, Ipv4Addr>,
-    /// The last pass's inputs and result, with its range.
-    last: Option<(BTreeMap<String, Arc<Services>>, Merged, IpRange)>,
+    /// The last pass's clusters and result, with its range. Not the clusters' maps: holding
+    /// them kept every peer's map shared, so each update from a peer copied its whole map
+    /// (hundreds of entries) to change one; what changed comes as [`Touched`] instead.
+    last: Option<(BTreeSet<String>, Merged, IpRange)>,
 }
+
+/// Which of one cluster's services changed since the last merge: these keys (added, changed
+/// or removed), or any of them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Touched {
+    Keys(BTreeSet<Key>),
+    All,
+}
+
+impl Default for Touched {
+    fn default() -> Self {
+        Touched::Keys(BTreeSet::new())
+    }
+}
+
+impl Touched {
+    /// The services `now` adds, changes or removes against `before`.
+    pub fn between(before: &Services, now: &Services) -> Touched {
+        let mut keys: BTreeSet<Key> = upserted(before, now).map(|(k, _)| k.clone()).collect();
+        keys.extend(removed(before, now).cloned());
+        Touched::Keys(keys)
+    }
+
+    /// Adds what `other` touched.
+    pub fn add(&mut self, other: Touched) {
+        match (&mut *self, other) {
+            (Touched::All, _) => {}
+            (_, Touched::All) => *self = Touched::All,
+            (Touched::Keys(mine), Touched::Keys(theirs)) => mine.extend(theirs),
+        }
+    }
+}
+
+/// For each cluster whose services changed since the last merge, which ones.
+pub type Changes = BTreeMap<String, Touched>;
 
 /// One service's exports as a merge takes them: (exporting cluster, export).
 type Inputs<'a> = Vec<(&'a String, &'a Arc<pb::ExportedService>)>;
@@ -195,64 +232,82 @@ type Memo = (Vec<(String, Arc<pb::ExportedService>)>, Arc<MergedService>);
 /// Merges exports by cluster. `exports` maps cluster name → its services by `<ns>/<name>`.
 pub fn merge(exports: &BTreeMap<String, Services>, range: IpRange) -> Merged {
     let shared = exports.iter().map(|(c, s)| (c.clone(), Arc::new(s.clone()))).collect();
-    merge_with(&mut MergeMemo::default(), &shared, range)
+    merge_with(&mut MergeMemo::default(), &shared, &Changes::new(), range)
 }
 
-/// The services whose inputs may differ between `before` and `now` (by the clusters' maps,
-/// then their exports, by pointer first): those a changed cluster adds, removes or changes,
-/// every service of a cluster that came or went.
-fn changed_services<'a>(
-    before: &'a BTreeMap<String, Arc<Services>>,
-    now: &'a BTreeMap<String, Arc<Services>>,
-) -> BTreeSet<&'a Key> {
+/// The services whose inputs may differ from the last merge's: those `changes` names for a
+/// cluster merged before, and every service of a cluster that came or went (or changed whole).
+fn changed_services(
+    memo: &HashMap<Key, Memo>,
+    before: &BTreeSet<String>,
+    now: &BTreeMap<String, Arc<Services>>,
+    changes: &Changes,
+) -> BTreeSet<Key> {
     let mut dirty = BTreeSet::new();
+    // A cluster's services as last merged, from the memo's inputs (rare: a cluster came,
+    // went or sent its whole catalog again).
+    let had = |cluster: &str, dirty: &mut BTreeSet<Key>| {
+        dirty.extend(
+            memo.iter()
+                .filter(|(_, (inputs, _))| inputs.iter().any(|(c, _)| c == cluster))
+                .map(|(k, _)| k.clone()),
+        )
+    };
     for (cluster, services) in now {
-        match before.get(cluster) {
-            Some(b) if Arc::ptr_eq(b, services) => {}
-            Some(b) => {
-                dirty.extend(upserted(b, services).map(|(k, _)| k));
-                dirty.extend(removed(b, services));
+        match (before.contains(cluster), changes.get(cluster)) {
+            (true, None) => {}
+            (true, Some(Touched::Keys(keys))) => dirty.extend(keys.iter().cloned()),
+            (true, Some(Touched::All)) => {
+                dirty.extend(services.keys().cloned());
+                had(cluster, &mut dirty);
             }
-            None => dirty.extend(services.keys()),
+            (false, _) => dirty.extend(services.keys().cloned()),
         }
     }
-    for (cluster, services) in before {
+    for cluster in before {
         if !now.contains_key(cluster) {
-            dirty.extend(services.keys());
+            had(cluster, &mut dirty);
         }
     }
     dirty
 }
 
 /// [`merge`], reusing from `memo` every service whose inputs did not change: the same exports
-/// (by pointer, else by value) from the same clusters. When only some clusters' exports
-/// changed (the same `Arc` otherwise) and no service came or went, only the services those
-/// changes name are looked at.
-pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>>, range: IpRange) -> Merged {
-    if let Some((inputs, last, last_range)) = &mut memo.last {
+/// (by pointer, else by value) from the same clusters. `changes` says, for each cluster whose
+/// services changed since the last merge, which ones (a cluster not named is taken as
+/// unchanged); when no service came or went, only those are looked at.
+pub fn merge_with(
+    memo: &mut MergeMemo,
+    exports: &BTreeMap<String, Arc<Services>>,
+    changes: &Changes,
+    range: IpRange,
+) -> Merged {
+    if let Some((clusters, last, last_range)) = &mut memo.last {
         if *last_range == range {
-            let dirty = changed_services(inputs, exports);
-            let lists: Vec<(&Key, Inputs)> = dirty
+            let dirty = changed_services(&memo.by_service, clusters, exports, changes);
+            let lists: Vec<(Key, Inputs)> = dirty
                 .into_iter()
                 .map(|key| {
                     let list = exports
                         .iter()
-                        .filter_map(|(c, services)| services.get(key).map(|s| (c, s)))
+                        .filter_map(|(c, services)| services.get(&key).map(|s| (c, s)))
                         .collect();
                     (key, list)
                 })
+                // Touched, but neither merged before nor exported now (it came and went).
+                .filter(|(key, list): &(Key, Inputs)| !list.is_empty() || last.contains_key(key))
                 .collect();
             // A service that came or went can move others' addresses: merged whole below.
             let same_set = lists
                 .iter()
-                .all(|(key, list)| list.is_empty() != last.contains_key(*key));
+                .all(|(key, list)| list.is_empty() != last.contains_key(key));
             if same_set {
                 // The memo's map is updated in place: one copy of it per pass, the one returned.
                 for (key, list) in lists {
-                    let merged = merge_service(&mut memo.by_service, key, list, memo.ips[key]);
-                    last.insert(key.clone(), merged);
+                    let merged = merge_service(&mut memo.by_service, &key, list, memo.ips[&key]);
+                    last.insert(key, merged);
                 }
-                *inputs = exports.clone();
+                *clusters = exports.keys().cloned().collect();
                 return last.clone();
             }
         }
@@ -273,7 +328,7 @@ pub fn merge_with(memo: &mut MergeMemo, exports: &BTreeMap<String, Arc<Services>
         out.insert(key.clone(), merged);
     }
     memo.by_service.retain(|k, _| out.contains_key(k));
-    memo.last = Some((exports.clone(), out.clone(), range));
+    memo.last = Some((exports.keys().cloned().collect(), out.clone(), range));
     out
 }
 
@@ -387,25 +442,45 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_merge_redoes_only_what_changed() {
-        let mut memo = MergeMemo::default();
-        let range: IpRange = "240.0.0.0/4".parse().unwrap();
+    /// East exports a; west exports a and b.
+    fn two_clusters() -> BTreeMap<String, Arc<Services>> {
         let plain = exports(vec![
             ("east", export("a", "east", 1, &[(80, "http")])),
             ("west", export("a", "west", 2, &[(80, "http")])),
             ("west", export("b", "west", 3, &[(80, "http")])),
         ]);
-        let mut e: BTreeMap<String, Arc<Services>> = plain.into_iter().map(|(c, s)| (c, Arc::new(s))).collect();
+        plain.into_iter().map(|(c, s)| (c, Arc::new(s))).collect()
+    }
+
+    #[test]
+    fn a_merge_redoes_only_what_changed() {
+        let mut memo = MergeMemo::default();
+        let range: IpRange = "240.0.0.0/4".parse().unwrap();
+        let mut e = two_clusters();
         let from_scratch = |e: &BTreeMap<String, Arc<Services>>| {
             merge(&e.iter().map(|(c, s)| (c.clone(), (**s).clone())).collect(), range)
         };
-        let first = merge_with(&mut memo, &e, range);
+        // What each cluster's source would report: the services changed since the last merge.
+        let mut seen: BTreeMap<String, Arc<Services>> = BTreeMap::new();
+        let changes = |seen: &mut BTreeMap<String, Arc<Services>>, e: &BTreeMap<String, Arc<Services>>| {
+            let out: Changes = e
+                .iter()
+                .map(|(c, s)| {
+                    (
+                        c.clone(),
+                        Touched::between(&seen.get(c).cloned().unwrap_or_default(), s),
+                    )
+                })
+                .collect();
+            *seen = e.iter().map(|(c, s)| (c.clone(), Arc::new((**s).clone()))).collect();
+            out
+        };
+        let first = merge_with(&mut memo, &e, &changes(&mut seen, &e), range);
         // West moves b's endpoint: b is merged again, a is the very same Arc.
         let mut moved = export("b", "west", 3, &[(80, "http")]);
         moved.endpoints[0].address = "127.0.0.1:9".into();
         Arc::make_mut(e.get_mut("west").unwrap()).insert("demo/b".into(), Arc::new(moved));
-        let second = merge_with(&mut memo, &e, range);
+        let second = merge_with(&mut memo, &e, &changes(&mut seen, &e), range);
         assert!(Arc::ptr_eq(&first["demo/a"], &second["demo/a"]));
         assert!(!Arc::ptr_eq(&first["demo/b"], &second["demo/b"]));
         assert_eq!(second["demo/b"].endpoints().next().unwrap().address, "127.0.0.1:9");
@@ -416,24 +491,68 @@ mod tests {
         Arc::make_mut(e.get_mut("east").unwrap()).insert("demo/a".into(), copy);
         assert!(Arc::ptr_eq(
             &first["demo/a"],
-            &merge_with(&mut memo, &e, range)["demo/a"]
+            &merge_with(&mut memo, &e, &changes(&mut seen, &e), range)["demo/a"]
         ));
         // A new service (addresses allocated again), a cluster gone, a service gone: each
         // result equals a merge from scratch.
         Arc::make_mut(e.get_mut("east").unwrap())
             .insert("demo/c".into(), Arc::new(export("c", "east", 4, &[(81, "http")])));
-        assert_eq!(merge_with(&mut memo, &e, range), from_scratch(&e));
+        assert_eq!(
+            merge_with(&mut memo, &e, &changes(&mut seen, &e), range),
+            from_scratch(&e)
+        );
         let west = e.remove("west").unwrap();
-        let without_west = merge_with(&mut memo, &e, range);
+        let without_west = merge_with(&mut memo, &e, &changes(&mut seen, &e), range);
         assert_eq!(without_west, from_scratch(&e));
         assert_eq!(without_west["demo/a"].clusters, vec!["east".to_string()]);
         e.insert("west".into(), west);
-        assert_eq!(merge_with(&mut memo, &e, range), from_scratch(&e));
+        assert_eq!(
+            merge_with(&mut memo, &e, &changes(&mut seen, &e), range),
+            from_scratch(&e)
+        );
         Arc::make_mut(e.get_mut("west").unwrap()).remove("demo/b");
-        let third = merge_with(&mut memo, &e, range);
+        let third = merge_with(&mut memo, &e, &changes(&mut seen, &e), range);
         assert!(!third.contains_key("demo/b"));
         assert_eq!(third, from_scratch(&e));
         assert_eq!(memo.by_service.len(), 2);
+    }
+
+    #[test]
+    fn a_merge_looks_at_what_the_changes_name() {
+        let mut memo = MergeMemo::default();
+        let range: IpRange = "240.0.0.0/4".parse().unwrap();
+        let mut e = two_clusters();
+        let from_scratch = |e: &BTreeMap<String, Arc<Services>>| {
+            merge(&e.iter().map(|(c, s)| (c.clone(), (**s).clone())).collect(), range)
+        };
+        let keys = |k: &[&str]| Touched::Keys(k.iter().map(|k| Key::from(*k)).collect());
+        merge_with(&mut memo, &e, &Changes::new(), range);
+        // West's map changed in place (as a peer's update changes it): b is merged again
+        // because the changes name it, a is not looked at.
+        let mut moved = export("b", "west", 3, &[(80, "http")]);
+        moved.endpoints[0].address = "127.0.0.1:9".into();
+        Arc::make_mut(e.get_mut("west").unwrap()).insert("demo/b".into(), Arc::new(moved));
+        let changes = Changes::from([("west".to_string(), keys(&["demo/b"]))]);
+        let second = merge_with(&mut memo, &e, &changes, range);
+        assert_eq!(second, from_scratch(&e));
+        // A service that came and went between two merges, named in the changes: nothing to do.
+        let changes = Changes::from([("east".to_string(), keys(&["demo/gone"]))]);
+        assert_eq!(merge_with(&mut memo, &e, &changes, range), from_scratch(&e));
+        // A whole new catalog from west (a peer's full update after a reconnect): without b.
+        Arc::make_mut(e.get_mut("west").unwrap()).remove("demo/b");
+        let moved = export("a", "west", 5, &[(80, "http")]);
+        Arc::make_mut(e.get_mut("west").unwrap()).insert("demo/a".into(), Arc::new(moved));
+        let changes = Changes::from([("west".to_string(), Touched::All)]);
+        let third = merge_with(&mut memo, &e, &changes, range);
+        assert!(!third.contains_key("demo/b"));
+        assert_eq!(third, from_scratch(&e));
+        // Touched sets add up; All absorbs keys.
+        let mut t = keys(&["demo/a"]);
+        t.add(keys(&["demo/b"]));
+        assert_eq!(t, keys(&["demo/a", "demo/b"]));
+        t.add(Touched::All);
+        t.add(keys(&["demo/c"]));
+        assert_eq!(t, Touched::All);
     }
 
     #[test]

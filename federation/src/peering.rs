@@ -5,12 +5,12 @@
 //! then as changes, renewing its lease in between. The receiving side keeps each peer's
 //! exports until the lease runs out; a silent cluster's endpoints then expire everywhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::catalog::{removed, upserted, Services};
+use crate::catalog::{removed, upserted, Changes, Key, Services, Touched};
 use futures::Stream;
 use serde::Serialize;
 use strait_api::pb;
@@ -66,6 +66,9 @@ pub struct PeerView {
 #[derive(Clone, Default)]
 pub struct PeerTable {
     peers: Arc<Mutex<BTreeMap<String, PeerState>>>,
+    /// Which services each peer's updates touched since the merge last took them
+    /// ([`PeerTable::take_changes`]).
+    changes: Arc<Mutex<Changes>>,
     changed: Arc<Notify>,
 }
 
@@ -93,8 +96,10 @@ impl PeerTable {
             connected: true,
         });
         let was_alive = entry.alive(now);
+        let mut touched = Touched::default();
         if update.full {
             entry.services = Arc::default();
+            touched = Touched::All;
         }
         let mut content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
         if update.objects_included && *entry.objects != update.objects {
@@ -111,14 +116,27 @@ impl PeerTable {
         }
         // The merge holds the last map it saw: a renewal that changes no service leaves the
         // map (and its `Arc`, which tells the merge it is unchanged) alone.
+        // Changed in place: the merge holds no peer's map between passes, so this copies
+        // nothing (during a pass, the one copy the pass's snapshot forces).
         if !update.upserts.is_empty() || !update.removed.is_empty() {
             let services = Arc::make_mut(&mut entry.services);
+            let mut keys = BTreeSet::new();
             for svc in update.upserts {
-                services.insert(format!("{}/{}", svc.namespace, svc.name).into(), Arc::new(svc));
+                let key: Key = format!("{}/{}", svc.namespace, svc.name).into();
+                keys.insert(key.clone());
+                services.insert(key, Arc::new(svc));
             }
             for key in &update.removed {
-                services.remove(key.as_str());
+                if let Some((key, _)) = services.remove_entry(key.as_str()) {
+                    keys.insert(key);
+                }
             }
+            touched.add(Touched::Keys(keys));
+        }
+        if touched != Touched::default() {
+            // A poisoned lock still holds every change before the panic: none is dropped.
+            let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+            changes.entry(update.cluster.clone()).or_default().add(touched);
         }
         if update.gateway.is_some() {
             entry.gateway = update.gateway;
@@ -139,6 +157,12 @@ impl PeerTable {
                 p.connected = false;
             }
         }
+    }
+
+    /// Which services each peer's updates touched since the last call. Taken right before
+    /// [`PeerTable::snapshot`] with no wait between, so the snapshot holds every change taken.
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn snapshot(&self) -> Vec<PeerState> {
@@ -503,6 +527,11 @@ mod tests {
         assert_eq!(p.services.len(), 2);
         assert!(p.alive(t0 + Duration::from_millis(1_999)));
         assert!(!p.alive(t0 + Duration::from_millis(2_000)));
+        assert_eq!(
+            table.take_changes(),
+            Changes::from([("west".to_string(), Touched::All)])
+        );
+        assert!(table.take_changes().is_empty(), "taken once");
         table.apply(
             pb::ExportUpdate {
                 cluster: "west".into(),
@@ -518,5 +547,46 @@ mod tests {
             vec![&crate::catalog::Key::from("demo/b")]
         );
         assert!(p.alive(t0 + Duration::from_millis(2_500)), "renewed");
+        let touched = Touched::Keys([crate::catalog::Key::from("demo/a")].into());
+        assert_eq!(table.take_changes(), Changes::from([("west".to_string(), touched)]));
+    }
+
+    #[test]
+    fn an_update_changes_a_peers_map_in_place_and_names_what_it_touched() {
+        let table = PeerTable::default();
+        let update = |upserts: &[&str], removed: &[&str]| pb::ExportUpdate {
+            cluster: "west".into(),
+            lease_ms: 2_000,
+            upserts: upserts
+                .iter()
+                .map(|name| pb::ExportedService {
+                    name: name.to_string(),
+                    namespace: "demo".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            removed: removed.iter().map(|k| k.to_string()).collect(),
+            ..Default::default()
+        };
+        table.apply(update(&["a", "b"], &[]), Instant::now());
+        table.take_changes();
+        let map = Arc::as_ptr(&table.snapshot()[0].services);
+        // Nothing else holds the map between merges: the update does not copy it.
+        table.apply(update(&["c"], &["demo/a", "demo/never-sent"]), Instant::now());
+        assert_eq!(Arc::as_ptr(&table.snapshot()[0].services), map);
+        let keys = |k: &[&str]| Touched::Keys(k.iter().map(|k| crate::catalog::Key::from(*k)).collect());
+        // What was added and removed, not a name the peer never sent.
+        assert_eq!(
+            table.take_changes(),
+            Changes::from([("west".to_string(), keys(&["demo/a", "demo/c"]))])
+        );
+        // A snapshot held across an update (a merge pass in progress) gets its own map.
+        let held = table.snapshot();
+        table.apply(update(&["d"], &[]), Instant::now());
+        assert_ne!(
+            Arc::as_ptr(&table.snapshot()[0].services),
+            Arc::as_ptr(&held[0].services)
+        );
+        assert!(!held[0].services.contains_key("demo/d"));
     }
 }

@@ -92,8 +92,13 @@ pub struct Built {
 impl Built {
     /// `buf` is the resource encoded without a version (its name and kind): the version is a
     /// digest of those bytes, appended as `Resource.version` (a field may come in any order).
-    fn finish(name: Key, mut buf: Vec<u8>) -> Built {
+    fn finish(name: Key, buf: Vec<u8>) -> Built {
         let digest = Sha256::digest(&buf);
+        Built::with_version(name, buf, &digest)
+    }
+
+    /// `buf` as [`Built::finish`] takes it, with the digest that stands for its content.
+    fn with_version(name: Key, mut buf: Vec<u8>, digest: &[u8]) -> Built {
         let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         prost::encoding::string::encode(RESOURCE_VERSION, &version, &mut buf);
         Built {
@@ -134,26 +139,81 @@ pub fn rate_shares_resource(body: pb::RateShares) -> Built {
     )
 }
 
+/// One cluster's export of a service, encoded as the endpoints of a `pb::Service` (field 5,
+/// repeated) with a digest of those bytes. Made once per export and kept by [`BuildMemo`]
+/// while the export is the same `Arc`: a change in one cluster encodes and hashes that
+/// cluster's endpoints, not every cluster's (it was most of a controller's work under churn).
+struct Part {
+    export: Arc<pb::ExportedService>,
+    wire: Vec<u8>,
+    digest: [u8; 32],
+}
+
+impl Part {
+    fn new(export: &Arc<pb::ExportedService>) -> Arc<Part> {
+        let len = export
+            .endpoints
+            .iter()
+            .map(|e| prost::encoding::message::encoded_len(SERVICE_ENDPOINTS, e))
+            .sum();
+        let mut wire = Vec::with_capacity(len);
+        for e in &export.endpoints {
+            prost::encoding::message::encode(SERVICE_ENDPOINTS, e, &mut wire);
+        }
+        let digest = Sha256::digest(&wire).into();
+        Arc::new(Part {
+            export: export.clone(),
+            wire,
+            digest,
+        })
+    }
+
+    /// The part of `export` in `old` (by pointer), or a new one.
+    fn reuse_or_new(old: &[Arc<Part>], export: &Arc<pb::ExportedService>) -> Arc<Part> {
+        old.iter()
+            .find(|p| Arc::ptr_eq(&p.export, export))
+            .cloned()
+            .unwrap_or_else(|| Part::new(export))
+    }
+}
+
+/// Each export of `svc` as a [`Part`], in `svc.exports` order.
+fn parts(svc: &MergedService) -> Vec<Arc<Part>> {
+    svc.exports.iter().map(Part::new).collect()
+}
+
 /// `service/<ns>/<name>`, encoded straight from the merged service: its endpoints are written
-/// from the exports that hold them, not copied into a `pb::Service` first. The same fields as
-/// a `pb::Service` made from it, in the same order.
+/// from the parts of the exports that hold them, not copied into a `pb::Service` first. The
+/// same fields as a `pb::Service` made from it, in the same order.
 pub fn service_resource(svc: &MergedService) -> Built {
-    encode_service(format!("service/{}/{}", svc.namespace, svc.name), svc, None)
+    service_resource_of(svc, &parts(svc))
+}
+
+fn service_resource_of(svc: &MergedService, parts: &[Arc<Part>]) -> Built {
+    encode_service(format!("service/{}/{}", svc.namespace, svc.name), svc, parts)
 }
 
 /// The gateway view of a service in cluster `local` (`local/service/<ns>/<name>`): the same
 /// service with only the endpoints `local` exports.
 pub fn local_service_resource(svc: &MergedService, local: &str) -> Built {
+    local_service_resource_of(svc, &parts(svc), local)
+}
+
+fn local_service_resource_of(svc: &MergedService, parts: &[Arc<Part>], local: &str) -> Built {
+    let only = svc.clusters.iter().position(|c| c == local).and_then(|i| parts.get(i));
     encode_service(
         format!("{LOCAL_VIEW}service/{}/{}", svc.namespace, svc.name),
         svc,
-        Some(local),
+        only.map(std::slice::from_ref).unwrap_or_default(),
     )
 }
 
-/// A service resource named `name` with every endpoint, or only those cluster `only` exports.
-fn encode_service(name: String, svc: &MergedService, only: Option<&str>) -> Built {
-    use prost::encoding::{encode_key, encode_varint, message, string, WireType};
+/// A service resource named `name` with the endpoints of `parts`. Its version is a digest of
+/// the bytes before the endpoints, each part's digest and the bytes after, each with its
+/// length: the same content gives the same version in every build and controller, and a
+/// change anywhere a new one, without hashing every endpoint again.
+fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>]) -> Built {
+    use prost::encoding::{encode_key, encode_varint, string, WireType};
     // Fields 1-4, then the endpoints (5), then 6 and 7: prost writes them in this order.
     let head = pb::Service {
         name: svc.name.clone(),
@@ -167,35 +227,43 @@ fn encode_service(name: String, svc: &MergedService, only: Option<&str>) -> Buil
         identities: svc.identities.clone(),
         ..Default::default()
     };
-    let exports: &[Arc<pb::ExportedService>] = match only {
-        None => &svc.exports,
-        Some(cluster) => svc.export_of(cluster).map(std::slice::from_ref).unwrap_or_default(),
-    };
-    let kept = || exports.iter().flat_map(|export| export.endpoints.iter());
-    let endpoints: usize = kept().map(|e| message::encoded_len(SERVICE_ENDPOINTS, e)).sum();
+    let endpoints: usize = parts.iter().map(|p| p.wire.len()).sum();
     let body = head.encoded_len() + endpoints + tail.encoded_len();
     let mut buf = Vec::with_capacity(name.len() + body + 48);
     string::encode(RESOURCE_NAME, &name, &mut buf);
     encode_key(RESOURCE_SERVICE, WireType::LengthDelimited, &mut buf);
     encode_varint(body as u64, &mut buf);
     head.encode(&mut buf).expect("a Vec grows to fit");
-    for e in kept() {
-        message::encode(SERVICE_ENDPOINTS, e, &mut buf);
+    let mut digest = Sha256::new();
+    let mut segment = |bytes: &[u8]| {
+        digest.update((bytes.len() as u64).to_le_bytes());
+        digest.update(bytes);
+    };
+    segment(&buf);
+    for p in parts {
+        segment(&p.digest);
+        buf.extend_from_slice(&p.wire);
     }
+    let before_tail = buf.len();
     tail.encode(&mut buf).expect("a Vec grows to fit");
-    Built::finish(name.into(), buf)
+    segment(&buf[before_tail..]);
+    Built::with_version(name.into(), buf, &digest.finalize())
 }
 
 /// Each service's resources (its whole form and its gateway view in cluster `local`) from the
 /// last build, by the merged service they were made from: an unchanged service (the same
-/// `Arc`) is not encoded and hashed again.
+/// `Arc`) is not encoded and hashed again; nor is any other resource whose content is the
+/// same as in the last build (gateways, bundles, routes and policies are built on every pass).
 pub struct BuildMemo {
     local: String,
     by_service: HashMap<Key, Memoized>,
+    others: HashMap<String, (Kind, Arc<Built>)>,
 }
 
 struct Memoized {
     made_from: Arc<MergedService>,
+    /// The parts of `made_from.exports`, in order.
+    parts: Vec<Arc<Part>>,
     whole: Arc<Built>,
     view: Arc<Built>,
 }
@@ -206,6 +274,7 @@ impl BuildMemo {
         BuildMemo {
             local: local.to_string(),
             by_service: HashMap::new(),
+            others: HashMap::new(),
         }
     }
 }
@@ -270,19 +339,23 @@ pub fn build_with(
 ) -> Resources {
     // Collected, then sorted once: most names come in order, and the map is built in one go
     // instead of searched for each of hundreds of inserts.
+    // Wholes and views each come in name order: the sort below finds the runs and merges them.
     let mut out: Vec<(Key, Arc<Built>)> = Vec::with_capacity(2 * merged.len() + 16);
+    let mut views: Vec<(Key, Arc<Built>)> = Vec::with_capacity(merged.len());
     for (key, svc) in merged {
         let (whole, view) = match memo.by_service.get(key) {
             Some(m) if Arc::ptr_eq(&m.made_from, svc) => (m.whole.clone(), m.view.clone()),
             old => {
-                let whole = Arc::new(service_resource(svc));
+                let old_parts = old.map(|m| m.parts.as_slice()).unwrap_or_default();
+                let parts: Vec<Arc<Part>> = svc.exports.iter().map(|e| Part::reuse_or_new(old_parts, e)).collect();
+                let whole = Arc::new(service_resource_of(svc, &parts));
                 // A view that is, or comes out, as before stays the same `Arc`: gateways'
                 // streams skip it by pointer. Most changes are to other clusters' exports,
                 // which the view does not hold: it is not encoded again for those.
                 let view = match old {
                     Some(m) if same_view(&m.made_from, svc, &memo.local) => m.view.clone(),
                     _ => {
-                        let view = local_service_resource(svc, &memo.local);
+                        let view = local_service_resource_of(svc, &parts, &memo.local);
                         match old {
                             Some(m) if m.view.version == view.version => m.view.clone(),
                             _ => Arc::new(view),
@@ -291,6 +364,7 @@ pub fn build_with(
                 };
                 let m = Memoized {
                     made_from: svc.clone(),
+                    parts,
                     whole: whole.clone(),
                     view: view.clone(),
                 };
@@ -299,16 +373,24 @@ pub fn build_with(
             }
         };
         out.push((whole.name.clone(), whole));
-        out.push((view.name.clone(), view));
+        views.push((view.name.clone(), view));
     }
+    out.append(&mut views);
     memo.by_service.retain(|k, _| merged.contains_key(k));
+    let mut others = std::mem::take(&mut memo.others);
+    let mut add = |name: String, kind: Kind| {
+        let built = match others.remove(&name) {
+            Some((was, built)) if was == kind => built,
+            _ => Arc::new(resource(name.clone(), kind.clone())),
+        };
+        out.push((built.name.clone(), built.clone()));
+        memo.others.insert(name, (kind, built));
+    };
     for s in system_services {
-        let r = resource(format!("service/{}/{}", s.namespace, s.name), Kind::Service(s.clone()));
-        out.push((r.name.clone(), Arc::new(r)));
+        add(format!("service/{}/{}", s.namespace, s.name), Kind::Service(s.clone()));
     }
     for g in gateways {
-        let r = resource(format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
-        out.push((r.name.clone(), Arc::new(r)));
+        add(format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
     }
     for route in &objects.routes {
         let prefix = if route.kind == "GRPCRoute" {
@@ -316,31 +398,26 @@ pub fn build_with(
         } else {
             "route"
         };
-        let r = resource(
+        add(
             format!("{prefix}/{}/{}", route.namespace, route.name),
             Kind::HttpRoute(route.clone()),
         );
-        out.push((r.name.clone(), Arc::new(r)));
     }
     for p in &objects.policies {
-        let r = resource(
+        add(
             format!("trafficpolicy/{}/{}", p.namespace, p.name),
             Kind::TrafficPolicy(p.clone()),
         );
-        out.push((r.name.clone(), Arc::new(r)));
     }
     for p in &objects.authz {
-        let r = resource(
+        add(
             format!("authz/{}/{}", p.namespace, p.name),
             Kind::AuthorizationPolicy(p.clone()),
         );
-        out.push((r.name.clone(), Arc::new(r)));
     }
-    let r = resource("policy/locality".into(), Kind::LocalityPolicy(policy.clone()));
-    out.push((r.name.clone(), Arc::new(r)));
+    add("policy/locality".into(), Kind::LocalityPolicy(policy.clone()));
     for b in bundles {
-        let r = resource(format!("bundle/{}", b.trust_domain), Kind::TrustBundle(b.clone()));
-        out.push((r.name.clone(), Arc::new(r)));
+        add(format!("bundle/{}", b.trust_domain), Kind::TrustBundle(b.clone()));
     }
     out.into_iter().collect()
 }
@@ -356,14 +433,12 @@ pub fn diff<'a>(
     let mut changed = vec![];
     let mut removed = vec![];
     for (name, before, after) in join(sent, now) {
-        if !include(name) {
-            continue;
-        }
+        // Most resources are the same `Arc` in both: skipped before `include` looks at the name.
         match (before, after) {
             (Some(b), Some(a)) if Arc::ptr_eq(b, a) || b.version == a.version => {}
-            (_, Some(a)) => changed.push(a),
-            (Some(_), None) => removed.push(name.to_string()),
-            (None, None) => {}
+            (_, Some(a)) if include(name) => changed.push(a),
+            (Some(_), None) if include(name) => removed.push(name.to_string()),
+            _ => {}
         }
     }
     (changed, removed)
@@ -464,6 +539,71 @@ mod tests {
         let fresh = build("east", &merged, &[], &[], &policy, &[], &objects);
         assert!(same_versions(&second, &fresh));
         assert!(!same_versions(&first, &fresh));
+        // Resources besides services too: the same gateway is the same `Arc`, a changed one
+        // is built again, and one no longer given is gone.
+        let gateway = |reachable| pb::Gateway {
+            cluster: "west".into(),
+            reachable,
+            ..Default::default()
+        };
+        let third = build_with(&mut memo, &merged, &[], &[gateway(true)], &policy, &[], &objects);
+        let fourth = build_with(&mut memo, &merged, &[], &[gateway(true)], &policy, &[], &objects);
+        assert!(Arc::ptr_eq(&third["gateway/west"], &fourth["gateway/west"]));
+        assert!(Arc::ptr_eq(&third["policy/locality"], &second["policy/locality"]));
+        let fifth = build_with(&mut memo, &merged, &[], &[gateway(false)], &policy, &[], &objects);
+        assert_ne!(fifth["gateway/west"].version, fourth["gateway/west"].version);
+        assert_eq!(
+            fifth["gateway/west"],
+            build("east", &merged, &[], &[gateway(false)], &policy, &[], &objects)["gateway/west"]
+        );
+        let sixth = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        assert!(!sixth.contains_key("gateway/west") && !memo.others.contains_key("gateway/west"));
+    }
+
+    #[test]
+    fn a_change_in_one_clusters_export_encodes_that_export_alone() {
+        let export = |cluster: &str, ready: bool| {
+            Arc::new(pb::ExportedService {
+                endpoints: vec![pb::Endpoint {
+                    address: "10.0.0.1:8080".into(),
+                    workload: format!("echo-{cluster}"),
+                    locality: Some(pb::Locality {
+                        cluster: cluster.into(),
+                        ..Default::default()
+                    }),
+                    ready,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let policy = pb::LocalityPolicy::default();
+        let objects = Default::default();
+        let mut echo = (*svc("echo", 80)).clone();
+        echo.exports = vec![export("east", true), export("west", true)];
+        echo.clusters = vec!["east".into(), "west".into()];
+        let mut merged: Merged = BTreeMap::from([("demo/echo".into(), Arc::new(echo.clone()))]);
+        let mut memo = BuildMemo::new("east");
+        let first = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let east_part = memo.by_service["demo/echo"].parts[0].clone();
+        echo.exports[1] = export("west", false);
+        merged.insert("demo/echo".into(), Arc::new(echo.clone()));
+        let second = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        // East's endpoints were not encoded again; the service changed, east's view did not.
+        assert!(Arc::ptr_eq(&memo.by_service["demo/echo"].parts[0], &east_part));
+        assert_ne!(first["service/demo/echo"].version, second["service/demo/echo"].version);
+        assert!(Arc::ptr_eq(
+            &first["local/service/demo/echo"],
+            &second["local/service/demo/echo"]
+        ));
+        // Byte for byte and version for version what a build from scratch makes, and back to
+        // the first content is back to the first version.
+        let fresh = build("east", &merged, &[], &[], &policy, &[], &objects);
+        assert_eq!(second["service/demo/echo"], fresh["service/demo/echo"]);
+        echo.exports[1] = export("west", true);
+        merged.insert("demo/echo".into(), Arc::new(echo));
+        let third = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        assert_eq!(third["service/demo/echo"], first["service/demo/echo"]);
     }
 
     #[test]

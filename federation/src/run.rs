@@ -25,7 +25,9 @@ use strait_trust::{
     WorkloadCert,
 };
 
-use crate::catalog::{merge_with, same_services, share_unchanged, IpRange, MergeMemo, Merged, Services};
+use crate::catalog::{
+    merge_with, same_services, share_unchanged, Changes, IpRange, MergeMemo, Merged, Services, Touched,
+};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
 use crate::resources::{build_with, same_versions, BuildMemo, ConfigState};
@@ -379,6 +381,9 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             Source::Kube(..) => None,
         };
         let local_changed = source_changes.is_none() || local_memo.as_ref().map(|m| m.changes) != source_changes;
+        // What changed in each cluster since the last merge: the peers' updates say it; this
+        // cluster's is found below when its catalog is rebuilt.
+        let mut changes = Changes::new();
         if local_changed {
             let (local, errors) = match &mut source {
                 Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
@@ -393,6 +398,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 .map(|(k, _)| k.clone())
                 .collect();
             let all = share_unchanged(&before, local.into_iter().map(|(k, s)| (k, s.service)));
+            changes.insert(cfg.cluster.clone(), Touched::between(&before, &all));
             let exported: Arc<Services> = Arc::new(
                 exported_keys
                     .into_iter()
@@ -419,6 +425,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let mut by_cluster: BTreeMap<String, Arc<Services>> = BTreeMap::new();
         by_cluster.insert(cfg.cluster.clone(), own.all.clone());
         let mut gateways = vec![own_gateway.clone()];
+        // Taken right before the snapshot, with no wait between: it holds every change taken.
+        changes.extend(table.take_changes());
         let peers = table.snapshot();
         let mut alive = 0;
         for p in &peers {
@@ -434,7 +442,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             }
         }
         peers_alive.set(alive);
-        let merged = merge_with(&mut merge_memo, &by_cluster, range);
+        let merged = merge_with(&mut merge_memo, &by_cluster, &changes, range);
         // Routes and policies: ours (both scopes) and every peer's clusterset ones, merged,
         // then checked against this cluster's catalog.
         let own_objects: Vec<pb::PolicyObject> = object_store
