@@ -3,7 +3,7 @@
 //! `strait up` uses. Files are re-read when they change; a file with a mistake is reported
 //! (file, field, fix) and its last good content keeps serving.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -197,6 +197,29 @@ pub struct FileSource {
     /// Bumped whenever a poll finds a change: what [`FileSource::services`] returns is the same
     /// while this is.
     pub changes: u64,
+    /// An inotify watch of the directory, when the kernel gives one: a poll reads the names of
+    /// the files written, renamed or removed since the last and looks at those alone, and the
+    /// listing and full scan run only every [`SAFETY_SCAN`] (for what a watch cannot see, such
+    /// as a change made on another host of a network filesystem). Without one (or after the
+    /// queue overflowed, or the directory itself moved) polling works as before.
+    watch: Option<nix::sys::inotify::Inotify>,
+}
+
+/// With a watch, the directory is still listed and every file looked at this often.
+pub const SAFETY_SCAN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the watch reports: a file written and closed, renamed in or out, removed, or its
+/// attributes changed (`touch`); and the directory itself removed or moved. Not a file being
+/// created or written to: it is read once it is closed, not half-written.
+fn watch_flags() -> nix::sys::inotify::AddWatchFlags {
+    use nix::sys::inotify::AddWatchFlags as F;
+    F::IN_CLOSE_WRITE
+        | F::IN_MOVED_TO
+        | F::IN_MOVED_FROM
+        | F::IN_DELETE
+        | F::IN_ATTRIB
+        | F::IN_DELETE_SELF
+        | F::IN_MOVE_SELF
 }
 
 /// A file edited in place leaves its directory's mtime alone: every file is looked at again at
@@ -239,14 +262,104 @@ impl FileSource {
             scanned: None,
             listings: 0,
             changes: 0,
+            watch: Self::watch(dir),
+        }
+    }
+
+    fn watch(dir: &Path) -> Option<nix::sys::inotify::Inotify> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .and_then(|w| w.add_watch(dir, watch_flags()).map(|_| w));
+        match watch {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::info!(dir = %dir.display(), error = %e, "no inotify watch of the catalog directory; polling it");
+                None
+            }
+        }
+    }
+
+    /// The YAML files the watch saw change since the last call; `None` when there is no
+    /// watch or it cannot be trusted this time (its queue overflowed: everything is looked at).
+    fn watched(&mut self) -> Option<BTreeSet<std::ffi::OsString>> {
+        use nix::errno::Errno;
+        use nix::sys::inotify::AddWatchFlags as F;
+        let watch = self.watch.as_ref()?;
+        let mut names = BTreeSet::new();
+        loop {
+            match watch.read_events() {
+                Ok(events) => {
+                    for e in events {
+                        if e.mask.intersects(F::IN_DELETE_SELF | F::IN_MOVE_SELF | F::IN_IGNORED) {
+                            tracing::warn!(dir = %self.dir.display(), "the catalog directory was removed or moved; polling it");
+                            self.watch = None;
+                            return None;
+                        }
+                        if e.mask.contains(F::IN_Q_OVERFLOW) {
+                            // Every file is looked at; later events stay queued.
+                            self.scanned = None;
+                            return None;
+                        }
+                        names.extend(e.name.filter(|n| is_yaml(Path::new(n))));
+                    }
+                }
+                Err(Errno::EAGAIN) => return Some(names),
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the catalog directory's watch; polling it");
+                    self.watch = None;
+                    return None;
+                }
+            }
         }
     }
 
     /// Re-reads changed files. When the directory changed (a file created, renamed over or
     /// removed) its listing is read at once and only files with a new name or inode are looked
     /// at; every [`FULL_SCAN`] every file's modification time and size are (edits in place). A
-    /// poll that finds neither costs one stat, whatever the number of files.
+    /// poll that finds neither costs one stat, whatever the number of files. With a watch of
+    /// the directory, only the files it names are looked at, and the above runs every
+    /// [`SAFETY_SCAN`].
     pub fn poll(&mut self) -> bool {
+        let names = self.watched();
+        let safety_due = self.scanned.is_none_or(|(_, at)| at.elapsed() >= SAFETY_SCAN);
+        match names {
+            Some(names) if !safety_due => self.look_at(names),
+            _ => self.scan(),
+        }
+    }
+
+    /// Looks at the named files: read again if their inode or fingerprint changed, forgotten if
+    /// they are gone.
+    fn look_at(&mut self, names: BTreeSet<std::ffi::OsString>) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let mut changed = false;
+        for name in names {
+            match std::fs::symlink_metadata(self.dir.join(&name)) {
+                Ok(meta) => {
+                    let (inode, fp) = (meta.ino(), fingerprint(Some(meta)));
+                    let known = self.files.get(&name).is_some_and(|s| {
+                        s.inode == inode && s.fingerprint == fp && (s.good.is_some() || s.error.is_some())
+                    });
+                    if !known {
+                        self.read(name, inode, fp, self.listings);
+                        changed = true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => changed |= self.files.remove(&name).is_some(),
+                Err(e) => {
+                    tracing::warn!(file = %self.dir.join(&name).display(), error = %e, "cannot look at a catalog file; keeping its last good content");
+                }
+            }
+        }
+        if changed {
+            self.changes += 1;
+        }
+        changed
+    }
+
+    /// The listing and, when due, the full scan ([`FileSource::poll`] without a watch).
+    fn scan(&mut self) -> bool {
         use std::os::unix::fs::DirEntryExt;
         let dir_mtime = std::fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
         let full = self.scanned.is_none_or(|(_, at)| at.elapsed() >= FULL_SCAN);
@@ -291,34 +404,8 @@ impl FileSource {
             if known == Some(fp) {
                 continue;
             }
-            let path = self.dir.join(&name);
-            let state = self.files.entry(name).or_default();
-            state.listed = listing;
-            state.inode = inode;
-            state.fingerprint = fp;
+            self.read(name, inode, fp, listing);
             changed = true;
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read: {e}"))
-                .and_then(|text| parse_yaml::<CatalogFile>(&path, &text).map_err(|e| strip_path(&e.to_string(), &path)))
-                .and_then(|file| {
-                    let errors = validate(&file);
-                    if errors.is_empty() {
-                        Ok(file)
-                    } else {
-                        Err(errors.join("; "))
-                    }
-                });
-            match parsed {
-                Ok(file) => {
-                    state.good = Some(file);
-                    state.made = None;
-                    state.error = None;
-                }
-                Err(message) => {
-                    tracing::error!(file = %path.display(), error = %message, "catalog file rejected; its last good content keeps serving");
-                    state.error = Some(message);
-                }
-            }
         }
         let before = self.files.len();
         self.files.retain(|_, s| s.listed == listing);
@@ -327,6 +414,37 @@ impl FileSource {
             self.changes += 1;
         }
         changed
+    }
+
+    /// Reads and checks one file, keeping its last good content when the new one is bad.
+    fn read(&mut self, name: std::ffi::OsString, inode: u64, fp: Fingerprint, listing: u64) {
+        let path = self.dir.join(&name);
+        let state = self.files.entry(name).or_default();
+        state.listed = listing;
+        state.inode = inode;
+        state.fingerprint = fp;
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|text| parse_yaml::<CatalogFile>(&path, &text).map_err(|e| strip_path(&e.to_string(), &path)))
+            .and_then(|file| {
+                let errors = validate(&file);
+                if errors.is_empty() {
+                    Ok(file)
+                } else {
+                    Err(errors.join("; "))
+                }
+            });
+        match parsed {
+            Ok(file) => {
+                state.good = Some(file);
+                state.made = None;
+                state.error = None;
+            }
+            Err(message) => {
+                tracing::error!(file = %path.display(), error = %message, "catalog file rejected; its last good content keeps serving");
+                state.error = Some(message);
+            }
+        }
     }
 
     pub fn errors(&self) -> Vec<SourceError> {
@@ -446,13 +564,28 @@ mod tests {
 
     #[test]
     fn new_files_are_seen_at_once_and_edits_in_place_within_a_full_scan() {
-        let dir = std::env::temp_dir().join(format!("strait-source-{}", std::process::id()));
+        files_are_seen(false);
+    }
+
+    #[test]
+    fn with_a_watch_every_change_is_seen_at_the_next_poll_without_listing_the_directory() {
+        files_are_seen(true);
+    }
+
+    fn svc(port: u16) -> String {
+        format!("services:\n- name: echo\n  namespace: demo\n  serviceAccount: echo\n  ports: [{{port: {port}}}]\n")
+    }
+
+    fn files_are_seen(watched: bool) {
+        let dir = std::env::temp_dir().join(format!("strait-source-{}-{watched}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let svc = |port: u16| {
-            format!("services:\n- name: echo\n  namespace: demo\n  serviceAccount: echo\n  ports: [{{port: {port}}}]\n")
-        };
         let mut source = FileSource::new(&dir);
+        assert!(source.watch.is_some(), "this kernel gives an inotify watch");
+        if !watched {
+            source.watch = None;
+        }
         assert!(!source.poll());
+        let listings = source.listings;
         std::fs::write(dir.join("a.yaml"), svc(80)).unwrap();
         assert!(source.poll(), "a new file changes the directory: seen at the next poll");
         assert!(!source.poll(), "nothing changed");
@@ -485,6 +618,29 @@ mod tests {
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         assert!(source.poll(), "a removed file changes the directory");
+        assert!(source.files.is_empty());
+        // With a watch, all of the above without listing the directory once.
+        assert_eq!(
+            source.listings == listings,
+            watched,
+            "{} listings",
+            source.listings - listings
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_watched_directory_removed_falls_back_to_polling() {
+        let dir = std::env::temp_dir().join(format!("strait-source-{}-moved", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut source = FileSource::new(&dir);
+        assert!(source.watch.is_some());
+        assert!(!source.poll());
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), svc(80)).unwrap();
+        assert!(source.poll(), "the new directory's file is seen by listing it");
+        assert!(source.watch.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
