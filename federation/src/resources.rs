@@ -337,9 +337,9 @@ pub fn build_with(
     bundles: &[pb::TrustBundle],
     objects: &crate::objects::Checked,
 ) -> Resources {
-    // Collected, then sorted once: most names come in order, and the map is built in one go
-    // instead of searched for each of hundreds of inserts.
-    // Wholes and views each come in name order: the sort below finds the runs and merges them.
+    // Collected, then sorted once, and the map built in one go instead of searched for each of
+    // hundreds of inserts: wholes and views each come in name order, so the sort finds the
+    // runs and merges them.
     let mut out: Vec<(Key, Arc<Built>)> = Vec::with_capacity(2 * merged.len() + 16);
     let mut views: Vec<(Key, Arc<Built>)> = Vec::with_capacity(merged.len());
     for (key, svc) in merged {
