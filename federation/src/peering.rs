@@ -114,10 +114,10 @@ impl PeerTable {
             entry.statuses = Arc::new(update.statuses);
             content_changed = true;
         }
-        // The merge holds the last map it saw: a renewal that changes no service leaves the
-        // map (and its `Arc`, which tells the merge it is unchanged) alone.
-        // Changed in place: the merge holds no peer's map between passes, so this copies
-        // nothing (during a pass, the one copy the pass's snapshot forces).
+        // Changed in place, and only when the update names services (a renewal leaves the map
+        // alone): the merge holds no peer's map between passes, so this copies nothing (during
+        // a pass, the one copy the pass's snapshot forces); it learns what changed from
+        // `changes`.
         if !update.upserts.is_empty() || !update.removed.is_empty() {
             let services = Arc::make_mut(&mut entry.services);
             let mut keys = BTreeSet::new();

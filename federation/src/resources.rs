@@ -177,29 +177,17 @@ impl Part {
     }
 }
 
-/// Each export of `svc` as a [`Part`], in `svc.exports` order.
-fn parts(svc: &MergedService) -> Vec<Arc<Part>> {
-    svc.exports.iter().map(Part::new).collect()
-}
-
 /// `service/<ns>/<name>`, encoded straight from the merged service: its endpoints are written
-/// from the parts of the exports that hold them, not copied into a `pb::Service` first. The
-/// same fields as a `pb::Service` made from it, in the same order.
-pub fn service_resource(svc: &MergedService) -> Built {
-    service_resource_of(svc, &parts(svc))
-}
-
-fn service_resource_of(svc: &MergedService, parts: &[Arc<Part>]) -> Built {
+/// from the parts of the exports that hold them (`parts`, in `svc.exports` order), not copied
+/// into a `pb::Service` first. The same fields as a `pb::Service` made from it, in the same
+/// order.
+fn service_resource(svc: &MergedService, parts: &[Arc<Part>]) -> Built {
     encode_service(format!("service/{}/{}", svc.namespace, svc.name), svc, parts)
 }
 
 /// The gateway view of a service in cluster `local` (`local/service/<ns>/<name>`): the same
 /// service with only the endpoints `local` exports.
-pub fn local_service_resource(svc: &MergedService, local: &str) -> Built {
-    local_service_resource_of(svc, &parts(svc), local)
-}
-
-fn local_service_resource_of(svc: &MergedService, parts: &[Arc<Part>], local: &str) -> Built {
+fn local_service_resource(svc: &MergedService, parts: &[Arc<Part>], local: &str) -> Built {
     let only = svc.clusters.iter().position(|c| c == local).and_then(|i| parts.get(i));
     encode_service(
         format!("{LOCAL_VIEW}service/{}/{}", svc.namespace, svc.name),
@@ -348,14 +336,14 @@ pub fn build_with(
             old => {
                 let old_parts = old.map(|m| m.parts.as_slice()).unwrap_or_default();
                 let parts: Vec<Arc<Part>> = svc.exports.iter().map(|e| Part::reuse_or_new(old_parts, e)).collect();
-                let whole = Arc::new(service_resource_of(svc, &parts));
+                let whole = Arc::new(service_resource(svc, &parts));
                 // A view that is, or comes out, as before stays the same `Arc`: gateways'
                 // streams skip it by pointer. Most changes are to other clusters' exports,
                 // which the view does not hold: it is not encoded again for those.
                 let view = match old {
                     Some(m) if same_view(&m.made_from, svc, &memo.local) => m.view.clone(),
                     _ => {
-                        let view = local_service_resource_of(svc, &parts, &memo.local);
+                        let view = local_service_resource(svc, &parts, &memo.local);
                         match old {
                             Some(m) if m.view.version == view.version => m.view.clone(),
                             _ => Arc::new(view),
@@ -448,6 +436,15 @@ pub fn diff<'a>(
 mod tests {
     use super::*;
 
+    /// Each export of `svc` as a [`Part`], in `svc.exports` order.
+    fn parts(svc: &MergedService) -> Vec<Arc<Part>> {
+        svc.exports.iter().map(Part::new).collect()
+    }
+
+    fn whole(svc: &MergedService) -> Built {
+        service_resource(svc, &parts(svc))
+    }
+
     fn svc(name: &str, port: u32) -> Arc<MergedService> {
         Arc::new(MergedService {
             name: name.into(),
@@ -495,7 +492,7 @@ mod tests {
             status: "False".into(),
             ..Default::default()
         }];
-        let built = service_resource(&merged);
+        let built = whole(&merged);
         let body = pb::Service {
             name: merged.name.clone(),
             namespace: merged.namespace.clone(),
@@ -518,10 +515,10 @@ mod tests {
         assert_eq!(built.decode().unwrap(), want);
         assert_eq!(&*built.name, "service/demo/echo");
         // The version is the content's: the same service built again has it, a changed one not.
-        assert_eq!(service_resource(&merged).version, built.version);
+        assert_eq!(whole(&merged).version, built.version);
         let moved = &mut Arc::make_mut(&mut merged.exports[1]).endpoints[0];
         moved.ready = !moved.ready;
-        assert_ne!(service_resource(&merged).version, built.version);
+        assert_ne!(whole(&merged).version, built.version);
     }
 
     #[test]
@@ -698,7 +695,7 @@ mod tests {
         let mut echo = (*svc("echo", 80)).clone();
         echo.exports = vec![export("east", true), export("west", true)];
         echo.clusters = vec!["east".into(), "west".into()];
-        let view = local_service_resource(&echo, "west");
+        let view = local_service_resource(&echo, &parts(&echo), "west");
         assert_eq!(&*view.name, "local/service/demo/echo");
         let Some(Kind::Service(s)) = view.decode().unwrap().kind else {
             panic!("not a service")
