@@ -161,6 +161,25 @@ pub struct ServiceEntry {
     /// Every identity that may serve this service, sorted: those the catalog declares and
     /// those of its endpoints (what a client accepts from whichever endpoint answers).
     pub identities: Vec<SpiffeId>,
+    /// Those the service's own resource declares (`identities` less its endpoints'): kept to
+    /// work `identities` out again when one cluster's endpoints change.
+    pub declared: Vec<SpiffeId>,
+    /// For a service received in parts (`endpoints/<ns>/<name>/<cluster>`), where each
+    /// cluster's endpoints end in `endpoints`, in cluster-name order; the endpoints before the
+    /// first came with the service's own resource. Empty for a service received whole.
+    /// (cluster, start, end).
+    pub spans: Vec<(Box<str>, u32, u32)>,
+}
+
+/// One cluster's endpoints of a service as received (`endpoints/<ns>/<name>/<cluster>`),
+/// converted and checked; joined to its service when the update is applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointsPart {
+    /// The service's resource name, `service/<ns>/<name>`.
+    pub service: String,
+    pub cluster: String,
+    pub endpoints: Vec<EndpointEntry>,
+    pub workloads: Workloads,
 }
 
 /// A service's endpoints' workload names end to end in one string, with where each ends: one
@@ -239,6 +258,9 @@ pub enum Typed {
     Authz(Arc<crate::authz::CompiledAuthz>),
     /// A service key (`<ns>/<name>`) and its rate-limit shares.
     Shares(String, Arc<HashMap<String, f64>>),
+    /// One cluster's endpoints of a service ([`EndpointsPart`]) as received: joined to its
+    /// service when the update is applied, and held there (its span), not by name.
+    Endpoints(Arc<EndpointsPart>),
 }
 
 /// An HTTPRoute as received: its spec checked (every field but the backends, which are looked
@@ -361,6 +383,7 @@ fn convert_with(res: &pb::Resource, interned: &mut Interned) -> Result<Typed, Fi
     use pb::resource::Kind;
     match &res.kind {
         Some(Kind::Service(s)) => convert_service(s, interned).map(|s| Typed::Service(Arc::new(s))),
+        Some(Kind::ServiceEndpoints(p)) => convert_part(&res.name, p, interned).map(|p| Typed::Endpoints(Arc::new(p))),
         Some(Kind::Gateway(g)) => Ok(Typed::Gateway(Arc::new(GatewayEntry {
             cluster: g.cluster.clone(),
             address: parse_addr("address", &g.address)?,
@@ -446,6 +469,72 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let (endpoints, profiles) = convert_endpoints(&s.endpoints, interned)?;
+    let declared = s
+        .identities
+        .iter()
+        .enumerate()
+        .map(|(i, id)| parse_id(&format!("identities[{i}]"), id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ServiceEntry {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        clusterset_ip,
+        ports,
+        endpoints,
+        workloads: Workloads::new(s.endpoints.iter().map(|e| e.workload.as_str())),
+        identities: identities_of(&declared, profiles.iter().map(|p| &p.identity)),
+        declared,
+        spans: vec![],
+    })
+}
+
+/// The declared identities and the endpoints' (`ids`, shared: told apart by pointer first),
+/// sorted, each once.
+fn identities_of<'a>(declared: &[SpiffeId], ids: impl IntoIterator<Item = &'a Arc<SpiffeId>>) -> Vec<SpiffeId> {
+    let mut seen: Vec<&Arc<SpiffeId>> = vec![];
+    for id in ids {
+        if !seen.iter().any(|s| Arc::ptr_eq(s, id)) {
+            seen.push(id);
+        }
+    }
+    let mut identities: Vec<SpiffeId> = declared.to_vec();
+    identities.extend(seen.into_iter().map(|id| (**id).clone()));
+    identities.sort();
+    identities.dedup();
+    identities
+}
+
+/// `endpoints/<ns>/<name>/<cluster>`: checked like a service's endpoints, and its name must be
+/// the one its body gives (removals find it by name).
+fn convert_part(name: &str, p: &pb::ServiceEndpoints, interned: &mut Interned) -> Result<EndpointsPart, FieldError> {
+    if p.name.is_empty() || p.namespace.is_empty() || p.cluster.is_empty() {
+        return Err(bad(
+            "name",
+            "the service's name and namespace and the cluster are required",
+        ));
+    }
+    let want = format!("endpoints/{}/{}/{}", p.namespace, p.name, p.cluster);
+    if name != want {
+        return Err(bad(
+            "name",
+            format!("{name:?} must be {want:?}, from the resource's fields"),
+        ));
+    }
+    let (endpoints, _) = convert_endpoints(&p.endpoints, interned)?;
+    Ok(EndpointsPart {
+        service: format!("service/{}/{}", p.namespace, p.name),
+        cluster: p.cluster.clone(),
+        endpoints,
+        workloads: Workloads::new(p.endpoints.iter().map(|e| e.workload.as_str())),
+    })
+}
+
+/// Endpoints from the wire, with the distinct profiles they share.
+fn convert_endpoints(
+    wire: &[pb::Endpoint],
+    interned: &mut Interned,
+) -> Result<(Vec<EndpointEntry>, Vec<Arc<EndpointProfile>>), FieldError> {
     // A service's endpoints share a few localities, identities and label sets: each is parsed
     // and held once (a catalog of 40,000 endpoints would otherwise hold 40,000 copies of each),
     // localities and identities once for the whole catalog. Identities are looked up there by
@@ -456,8 +545,7 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
     let mut label_sets: HashMap<BTreeMap<String, String>, Arc<BTreeMap<String, String>>> = HashMap::new();
     // Then each distinct combination of the three, told apart by pointer.
     let mut profiles: Vec<Arc<EndpointProfile>> = vec![];
-    let mut endpoints = s
-        .endpoints
+    let mut endpoints = wire
         .iter()
         .enumerate()
         .map(|(i, e)| {
@@ -506,24 +594,7 @@ fn convert_service(s: &pb::Service, interned: &mut Interned) -> Result<ServiceEn
     // Collected through a `Result`, the vector grew by doubling: up to half of it would be
     // spare capacity, held for as long as the service is.
     endpoints.shrink_to_fit();
-    let mut identities = s
-        .identities
-        .iter()
-        .enumerate()
-        .map(|(i, id)| parse_id(&format!("identities[{i}]"), id))
-        .collect::<Result<Vec<_>, _>>()?;
-    identities.extend(profiles.iter().map(|p| (*p.identity).clone()));
-    identities.sort();
-    identities.dedup();
-    Ok(ServiceEntry {
-        name: s.name.clone(),
-        namespace: s.namespace.clone(),
-        clusterset_ip,
-        ports,
-        endpoints,
-        workloads: Workloads::new(s.endpoints.iter().map(|e| e.workload.as_str())),
-        identities,
-    })
+    Ok((endpoints, profiles))
 }
 
 fn same_locality(l: &Locality, wire: &pb::Locality) -> bool {
@@ -645,16 +716,40 @@ impl Pending {
         self.accepted.len() + self.rejected.len()
     }
 
-    /// Every name the update touches: its resources (rejected ones too) and its removals.
+    /// Every name the update touches: its resources (rejected ones too) and its removals,
+    /// each once; a cluster's endpoints of a service as the service's name.
     fn touched(&self) -> Vec<String> {
-        self.accepted
+        let names: std::collections::BTreeSet<String> = self
+            .accepted
             .iter()
             .map(|(name, _, _)| name)
             .chain(self.rejected.iter().map(|r| &r.name))
             .chain(&self.removed)
-            .cloned()
-            .collect()
+            .map(|name| part_of(name).map_or_else(|| name.clone(), |(service, _)| service))
+            .collect();
+        names.into_iter().collect()
     }
+}
+
+/// What an update does to one service received in parts.
+#[derive(Default)]
+struct Join {
+    /// Set when the service's own resource came: what it replaced.
+    replaced: Option<Option<Arc<ServiceEntry>>>,
+    /// Its clusters' endpoints that came (with the resource's name).
+    came: Vec<(String, EndpointsPart)>,
+    /// The clusters whose endpoints were removed.
+    gone: Vec<String>,
+    /// The clusters whose endpoints were rejected: they keep their last good version.
+    kept: Vec<String>,
+}
+
+/// The service (`service/<ns>/<name>`) and cluster a part's name
+/// (`endpoints/<ns>/<name>/<cluster>`) stands for.
+fn part_of(name: &str) -> Option<(String, String)> {
+    let rest = name.strip_prefix("endpoints/")?;
+    let (service, cluster) = rest.rsplit_once('/')?;
+    Some((format!("service/{service}"), cluster.to_string()))
 }
 
 /// The accepted resources of a proxy, by name, with their versions.
@@ -690,25 +785,138 @@ impl Resources {
     }
 
     fn commit(&mut self, update: Pending) -> Vec<pb::Rejection> {
+        let mut rejected = update.rejected;
+        // Services to join again: those whose own resource came (with what it replaced) and
+        // those whose endpoints in some cluster came, went, or were rejected (and keep their
+        // last good version).
+        let mut joins: BTreeMap<String, Join> = BTreeMap::new();
+        for r in &rejected {
+            if let Some((service, cluster)) = part_of(&r.name) {
+                joins.entry(service).or_default().kept.push(cluster);
+            }
+        }
         if update.full {
             // A rejected resource is named too: it keeps its last good version.
             let named: HashSet<&str> = update
                 .accepted
                 .iter()
                 .map(|(name, _, _)| name.as_str())
-                .chain(update.rejected.iter().map(|r| r.name.as_str()))
+                .chain(rejected.iter().map(|r| r.name.as_str()))
                 .collect();
             self.entries.retain(|k, _| named.contains(k.as_str()));
         }
         for (name, version, typed) in update.accepted {
-            self.entries.insert(name, (version, typed));
+            match typed {
+                Typed::Endpoints(part) => {
+                    let part = Arc::unwrap_or_clone(part);
+                    joins.entry(part.service.clone()).or_default().came.push((name, part));
+                }
+                typed => {
+                    let is_service = matches!(typed, Typed::Service(_));
+                    let old = self.entries.insert(name.clone(), (version, typed));
+                    if is_service {
+                        let join = joins.entry(name).or_default();
+                        if join.replaced.is_none() {
+                            join.replaced = Some(match old {
+                                Some((_, Typed::Service(s))) => Some(s),
+                                _ => None,
+                            });
+                        }
+                    }
+                }
+            }
         }
         for name in &update.removed {
-            self.entries.remove(name);
+            match part_of(name) {
+                Some((service, cluster)) => joins.entry(service).or_default().gone.push(cluster),
+                None => {
+                    self.entries.remove(name);
+                }
+            }
+        }
+        for (service, join) in joins {
+            rejected.extend(self.join(&service, join, update.full));
         }
         self.interned = update.interned;
         self.interned.prune();
-        update.rejected
+        rejected
+    }
+
+    /// `service` (`service/<ns>/<name>`) as its own resource now held, followed by the
+    /// endpoints of each cluster it holds a part of, in cluster-name order: those that came in
+    /// this update, the others as the service held them before (`ServiceEntry::spans`). Which
+    /// clusters: after a full update, those it named; else those held before, with those that
+    /// came and without those removed. A part with no service to join is rejected (and not
+    /// held: the controller sends a service with all of its parts).
+    fn join(&mut self, service: &str, join: Join, full: bool) -> Vec<pb::Rejection> {
+        let Some((version, Typed::Service(head))) = self.entries.get(service) else {
+            let what = service.strip_prefix("service/").unwrap_or(service);
+            return join
+                .came
+                .into_iter()
+                .map(|(name, _)| pb::Rejection {
+                    name,
+                    error: format!(
+                        "name: no service {what} to hold these endpoints (its resource was rejected or not sent); \
+                         they are taken when it comes again"
+                    ),
+                })
+                .collect();
+        };
+        let (version, head) = (version.clone(), head.clone());
+        // The service as it was before this update.
+        let before: Option<Arc<ServiceEntry>> = match &join.replaced {
+            Some(old) => old.clone(),
+            None => Some(head.clone()),
+        };
+        let old_spans = before.as_ref().map(|b| b.spans.as_slice()).unwrap_or_default();
+        let fields_came = join.replaced.is_some();
+        if join.came.is_empty() && join.gone.is_empty() && (old_spans.is_empty() || !fields_came) {
+            // Received whole (as from a controller before parts), or nothing of it changed.
+            return vec![];
+        }
+        let mut clusters: std::collections::BTreeSet<&str> = if full {
+            join.kept.iter().map(String::as_str).collect()
+        } else {
+            old_spans.iter().map(|s| &*s.0).collect()
+        };
+        clusters.extend(join.came.iter().map(|(_, p)| p.cluster.as_str()));
+        for c in &join.gone {
+            clusters.remove(c.as_str());
+        }
+        let came: HashMap<&str, &EndpointsPart> = join.came.iter().map(|(_, p)| (p.cluster.as_str(), p)).collect();
+        // The service's own endpoints first (none for a service sent in parts).
+        let inline = head.spans.first().map_or(head.endpoints.len(), |s| s.1 as usize);
+        let mut endpoints: Vec<EndpointEntry> = head.endpoints[..inline].to_vec();
+        let mut names: Vec<&str> = (0..inline).map(|i| head.workload(i)).collect();
+        let mut spans = Vec::with_capacity(clusters.len());
+        for c in clusters {
+            let start = endpoints.len();
+            if let Some(p) = came.get(c) {
+                endpoints.extend_from_slice(&p.endpoints);
+                names.extend((0..p.endpoints.len()).map(|i| p.workloads.get(i)));
+            } else if let (Some(old), Some(span)) = (&before, old_spans.iter().find(|s| &*s.0 == c)) {
+                let range = span.1 as usize..span.2 as usize;
+                endpoints.extend_from_slice(&old.endpoints[range.clone()]);
+                names.extend(range.map(|i| old.workload(i)));
+            }
+            spans.push((c.into(), start as u32, endpoints.len() as u32));
+        }
+        endpoints.shrink_to_fit();
+        let joined = ServiceEntry {
+            name: head.name.clone(),
+            namespace: head.namespace.clone(),
+            clusterset_ip: head.clusterset_ip,
+            ports: head.ports.clone(),
+            identities: identities_of(&head.declared, endpoints.iter().map(|e| &e.profile.identity)),
+            workloads: Workloads::new(names),
+            endpoints,
+            declared: head.declared.clone(),
+            spans,
+        };
+        self.entries
+            .insert(service.to_string(), (version, Typed::Service(Arc::new(joined))));
+        vec![]
     }
 
     /// Applies an update (as [`Resources::apply`]) and returns the snapshot of the result.
@@ -898,7 +1106,7 @@ impl Resources {
                 Typed::Shares(key, shares) => {
                     snap.rate_shares.insert(key.clone(), shares.clone());
                 }
-                Typed::Route(_) | Typed::Traffic(..) => {}
+                Typed::Route(_) | Typed::Traffic(..) | Typed::Endpoints(_) => {}
             }
         }
         // The index at once, in the order the services took their slots (a fresh snapshot
@@ -1692,5 +1900,193 @@ mod tests {
         );
         assert!(!snap.shadowed);
         assert_eq!(snap.service_by_ip("240.0.0.4".parse().unwrap()).unwrap().name, "d");
+    }
+
+    /// `endpoints/demo/echo/<cluster>` with an endpoint at each address.
+    fn part_resource(cluster: &str, addresses: &[&str]) -> pb::Resource {
+        pb::Resource {
+            name: format!("endpoints/demo/echo/{cluster}"),
+            version: addresses.join(","),
+            kind: Some(pb::resource::Kind::ServiceEndpoints(pb::ServiceEndpoints {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                cluster: cluster.into(),
+                endpoints: addresses
+                    .iter()
+                    .map(|a| pb::Endpoint {
+                        address: a.to_string(),
+                        workload: format!("w-{a}"),
+                        locality: Some(pb::Locality {
+                            cluster: cluster.into(),
+                            ..Default::default()
+                        }),
+                        identity: format!("spiffe://mesh.local/ns/demo/sa/{cluster}"),
+                        ready: true,
+                        labels: Default::default(),
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    /// `service/demo/echo`'s fields alone, as a proxy that takes parts gets them.
+    fn head_resource(port: u32) -> pb::Resource {
+        let mut r = service_resource("echo", "127.0.0.1:1");
+        if let Some(pb::resource::Kind::Service(s)) = &mut r.kind {
+            s.endpoints.clear();
+            s.ports[0].port = port;
+            s.identities = vec!["spiffe://mesh.local/ns/demo/sa/echo".into()];
+        }
+        r
+    }
+
+    fn update(version: u64, full: bool, resources: Vec<pb::Resource>, removed: &[&str]) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            version,
+            full,
+            resources,
+            removed: removed.iter().map(|r| r.to_string()).collect(),
+            more: false,
+        }
+    }
+
+    /// The echo service's endpoints (address, workload) and identities.
+    fn echo(snap: &Snapshot) -> (Vec<(String, String)>, Vec<String>) {
+        let s = &snap.services["demo/echo"];
+        (
+            s.endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.address.to_string(), s.workload(i).to_string()))
+                .collect(),
+            s.identities.iter().map(|i| i.to_string()).collect(),
+        )
+    }
+
+    /// [`Resources::update`], checking that the snapshot it makes from the last one is the
+    /// one made anew.
+    fn checked(r: &mut Resources, prev: &Snapshot, u: pb::ConfigUpdate) -> (Snapshot, Vec<pb::Rejection>) {
+        let (snap, rejected) = r.update(prev, u);
+        let fresh = r.snapshot(snap.version);
+        assert_eq!(snap.services, fresh.services);
+        assert_eq!(snap.endpoints().count(), fresh.endpoints().count());
+        for (addr, svc, i) in fresh.endpoints() {
+            let (s, j) = snap.endpoint_by_addr(addr.socket()).expect("indexed");
+            assert!(Arc::ptr_eq(s, svc) && i == j, "{addr}");
+        }
+        (snap, rejected)
+    }
+
+    #[test]
+    fn a_service_in_parts_is_joined_in_cluster_order_and_patched_one_cluster_at_a_time() {
+        let mut r = Resources::default();
+        // Parts before the service, as a name-ordered update may carry them.
+        let (snap, rejected) = checked(
+            &mut r,
+            &Snapshot::default(),
+            update(
+                1,
+                true,
+                vec![
+                    part_resource("west", &["127.0.0.3:80"]),
+                    part_resource("east", &["127.0.0.1:80", "127.0.0.2:80"]),
+                    head_resource(80),
+                ],
+                &[],
+            ),
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let addrs = |s: &Snapshot| echo(s).0.into_iter().map(|(a, _)| a).collect::<Vec<_>>();
+        assert_eq!(addrs(&snap), ["127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80"]);
+        assert_eq!(echo(&snap).0[2].1, "w-127.0.0.3:80");
+        assert_eq!(
+            echo(&snap).1,
+            [
+                "spiffe://mesh.local/ns/demo/sa/east",
+                "spiffe://mesh.local/ns/demo/sa/echo",
+                "spiffe://mesh.local/ns/demo/sa/west"
+            ]
+        );
+        assert_eq!(snap.endpoint_by_addr("127.0.0.3:80".parse().unwrap()).unwrap().1, 2);
+        // East changes: west's endpoints are kept as they were.
+        let (snap, rejected) = checked(
+            &mut r,
+            &snap,
+            update(2, false, vec![part_resource("east", &["127.0.0.4:80"])], &[]),
+        );
+        assert!(rejected.is_empty());
+        assert_eq!(addrs(&snap), ["127.0.0.4:80", "127.0.0.3:80"]);
+        assert!(snap.endpoint_by_addr("127.0.0.1:80".parse().unwrap()).is_none());
+        assert_eq!(snap.endpoint_by_addr("127.0.0.3:80".parse().unwrap()).unwrap().1, 1);
+        // The service's fields change alone: its endpoints stay.
+        let (snap, _) = checked(&mut r, &snap, update(3, false, vec![head_resource(81)], &[]));
+        assert_eq!(snap.services["demo/echo"].ports[0].port, 81);
+        assert_eq!(addrs(&snap), ["127.0.0.4:80", "127.0.0.3:80"]);
+        // A bad part is rejected by field; that cluster keeps its last good endpoints.
+        let (snap, rejected) = checked(
+            &mut r,
+            &snap,
+            update(4, false, vec![part_resource("west", &["not-an-address"])], &[]),
+        );
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].name, "endpoints/demo/echo/west");
+        assert!(
+            rejected[0].error.contains("endpoints[0].address"),
+            "{}",
+            rejected[0].error
+        );
+        assert_eq!(addrs(&snap), ["127.0.0.4:80", "127.0.0.3:80"]);
+        // West stops exporting: its endpoints and its identity go.
+        let (snap, _) = checked(&mut r, &snap, update(5, false, vec![], &["endpoints/demo/echo/west"]));
+        assert_eq!(addrs(&snap), ["127.0.0.4:80"]);
+        assert!(!echo(&snap).1.iter().any(|i| i.ends_with("/west")));
+        // A full update that no longer names a part drops its endpoints too.
+        let (snap, _) = checked(
+            &mut r,
+            &snap,
+            update(
+                6,
+                true,
+                vec![head_resource(81), part_resource("west", &["127.0.0.5:80"])],
+                &[],
+            ),
+        );
+        assert_eq!(addrs(&snap), ["127.0.0.5:80"]);
+        // The service removed with its parts: nothing of it is left.
+        let (snap, _) = checked(
+            &mut r,
+            &snap,
+            update(7, false, vec![], &["service/demo/echo", "endpoints/demo/echo/west"]),
+        );
+        assert!(snap.services.is_empty() && snap.endpoints().next().is_none());
+        assert!(r.entries.is_empty());
+    }
+
+    #[test]
+    fn a_part_without_its_service_or_under_another_name_is_rejected_by_name() {
+        let mut r = Resources::default();
+        let rejected = r.apply(update(1, true, vec![part_resource("east", &["127.0.0.1:80"])], &[]));
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].name, "endpoints/demo/echo/east");
+        assert!(
+            rejected[0].error.contains("no service demo/echo"),
+            "{}",
+            rejected[0].error
+        );
+        assert!(r.entries.is_empty(), "a part with no service is not held");
+        let mut renamed = part_resource("east", &["127.0.0.1:80"]);
+        renamed.name = "endpoints/demo/other/east".into();
+        let rejected = r.apply(update(2, false, vec![head_resource(80), renamed], &[]));
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].error.starts_with("name:"), "{}", rejected[0].error);
+        // Sent again with its service, it is taken.
+        let rejected = r.apply(update(
+            3,
+            false,
+            vec![head_resource(80), part_resource("east", &["127.0.0.1:80"])],
+            &[],
+        ));
+        assert!(rejected.is_empty());
+        assert_eq!(echo(&r.snapshot(3)).0.len(), 1);
     }
 }

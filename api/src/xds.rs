@@ -95,6 +95,7 @@ impl XdsClient {
         let mut hello = self.hello.clone();
         hello.have_version = tx.borrow().version;
         hello.accepts_parts = true;
+        hello.accepts_endpoint_parts = true;
         let _ = out_tx
             .send(pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Hello(hello)),

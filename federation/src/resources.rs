@@ -87,6 +87,20 @@ pub struct Built {
     pub name: Key,
     pub version: String,
     pub wire: Bytes,
+    /// A clusterset service also in parts, for proxies that take it so
+    /// (`Hello.accepts_endpoint_parts`): an endpoint change in one cluster then sends them that
+    /// cluster's endpoints, not every cluster's. `None` for every other resource.
+    pub split: Option<Box<Split>>,
+}
+
+/// A service as its fields and one resource per exporting cluster's endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split {
+    /// `service/<ns>/<name>` without endpoints.
+    pub head: Built,
+    /// `endpoints/<ns>/<name>/<cluster>`, one per exporting cluster, in cluster-name order
+    /// (the order in which proxies join them).
+    pub parts: Vec<Arc<Built>>,
 }
 
 impl Built {
@@ -105,6 +119,7 @@ impl Built {
             name,
             version,
             wire: buf.into(),
+            split: None,
         }
     }
 
@@ -119,6 +134,7 @@ impl Built {
 const RESOURCE_NAME: u32 = 1;
 const RESOURCE_VERSION: u32 = 2;
 const RESOURCE_SERVICE: u32 = 3;
+const RESOURCE_SERVICE_ENDPOINTS: u32 = 11;
 const SERVICE_ENDPOINTS: u32 = 5;
 
 fn resource(name: String, kind: Kind) -> Built {
@@ -139,41 +155,74 @@ pub fn rate_shares_resource(body: pb::RateShares) -> Built {
     )
 }
 
-/// One cluster's export of a service, encoded as the endpoints of a `pb::Service` (field 5,
-/// repeated) with a digest of those bytes. Made once per export and kept by [`BuildMemo`]
-/// while the export is the same `Arc`: a change in one cluster encodes and hashes that
-/// cluster's endpoints, not every cluster's (it was most of a controller's work under churn).
+/// One cluster's export of a service, encoded once as a resource of its own
+/// (`endpoints/<ns>/<name>/<cluster>`, a `pb::ServiceEndpoints`) whose endpoints (field 5,
+/// repeated, as in `pb::Service`) the service's whole form copies, with a digest of those bytes.
+/// Made once per export and kept by [`BuildMemo`] while the export is the same `Arc`: a change
+/// in one cluster encodes and hashes that cluster's endpoints, not every cluster's (it was most
+/// of a controller's work under churn).
 struct Part {
     export: Arc<pb::ExportedService>,
-    wire: Vec<u8>,
+    resource: Arc<Built>,
+    /// Where the endpoints lie in `resource.wire`.
+    endpoints: std::ops::Range<usize>,
     digest: [u8; 32],
 }
 
 impl Part {
-    fn new(export: &Arc<pb::ExportedService>) -> Arc<Part> {
-        let len = export
+    fn new(svc: &MergedService, cluster: &str, export: &Arc<pb::ExportedService>) -> Arc<Part> {
+        use prost::encoding::{encode_key, encode_varint, string, WireType};
+        let endpoints: usize = export
             .endpoints
             .iter()
             .map(|e| prost::encoding::message::encoded_len(SERVICE_ENDPOINTS, e))
             .sum();
-        let mut wire = Vec::with_capacity(len);
-        for e in &export.endpoints {
-            prost::encoding::message::encode(SERVICE_ENDPOINTS, e, &mut wire);
+        // Fields 1-3 as prost writes them (an empty string is left out), then the endpoints.
+        let fields = [(1, &svc.namespace), (2, &svc.name), (3, &cluster.to_string())];
+        let body = fields
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(tag, v)| string::encoded_len(*tag, v))
+            .sum::<usize>()
+            + endpoints;
+        let name = format!("endpoints/{}/{}/{cluster}", svc.namespace, svc.name);
+        let mut buf = Vec::with_capacity(name.len() + body + 48);
+        string::encode(RESOURCE_NAME, &name, &mut buf);
+        encode_key(RESOURCE_SERVICE_ENDPOINTS, WireType::LengthDelimited, &mut buf);
+        encode_varint(body as u64, &mut buf);
+        for (tag, v) in fields.iter().filter(|(_, v)| !v.is_empty()) {
+            string::encode(*tag, v, &mut buf);
         }
-        let digest = Sha256::digest(&wire).into();
+        let start = buf.len();
+        for e in &export.endpoints {
+            prost::encoding::message::encode(SERVICE_ENDPOINTS, e, &mut buf);
+        }
+        let range = start..buf.len();
+        let digest: [u8; 32] = Sha256::digest(&buf[range.clone()]).into();
         Arc::new(Part {
             export: export.clone(),
-            wire,
+            resource: Arc::new(Built::with_version(name.into(), buf, &digest)),
+            endpoints: range,
             digest,
         })
     }
 
+    /// The endpoints' bytes, as field 5 of a `pb::Service`.
+    fn endpoint_bytes(&self) -> &[u8] {
+        &self.resource.wire[self.endpoints.clone()]
+    }
+
     /// The part of `export` in `old` (by pointer), or a new one.
-    fn reuse_or_new(old: &[Arc<Part>], export: &Arc<pb::ExportedService>) -> Arc<Part> {
+    fn reuse_or_new(
+        old: &[Arc<Part>],
+        svc: &MergedService,
+        cluster: &str,
+        export: &Arc<pb::ExportedService>,
+    ) -> Arc<Part> {
         old.iter()
             .find(|p| Arc::ptr_eq(&p.export, export))
             .cloned()
-            .unwrap_or_else(|| Part::new(export))
+            .unwrap_or_else(|| Part::new(svc, cluster, export))
     }
 }
 
@@ -182,7 +231,16 @@ impl Part {
 /// into a `pb::Service` first. The same fields as a `pb::Service` made from it, in the same
 /// order.
 fn service_resource(svc: &MergedService, parts: &[Arc<Part>]) -> Built {
-    encode_service(format!("service/{}/{}", svc.namespace, svc.name), svc, parts)
+    let name = format!("service/{}/{}", svc.namespace, svc.name);
+    let head = encode_service(name.clone(), svc, &[]);
+    let mut by_cluster: Vec<(&String, &Arc<Part>)> = svc.clusters.iter().zip(parts).collect();
+    by_cluster.sort_by(|a, b| a.0.cmp(b.0));
+    let mut whole = encode_service(name, svc, parts);
+    whole.split = Some(Box::new(Split {
+        head,
+        parts: by_cluster.into_iter().map(|(_, p)| p.resource.clone()).collect(),
+    }));
+    whole
 }
 
 /// The gateway view of a service in cluster `local` (`local/service/<ns>/<name>`): the same
@@ -215,7 +273,7 @@ fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>]) -> Bui
         identities: svc.identities.clone(),
         ..Default::default()
     };
-    let endpoints: usize = parts.iter().map(|p| p.wire.len()).sum();
+    let endpoints: usize = parts.iter().map(|p| p.endpoints.len()).sum();
     let body = head.encoded_len() + endpoints + tail.encoded_len();
     let mut buf = Vec::with_capacity(name.len() + body + 48);
     string::encode(RESOURCE_NAME, &name, &mut buf);
@@ -230,7 +288,7 @@ fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>]) -> Bui
     segment(&buf);
     for p in parts {
         segment(&p.digest);
-        buf.extend_from_slice(&p.wire);
+        buf.extend_from_slice(p.endpoint_bytes());
     }
     let before_tail = buf.len();
     tail.encode(&mut buf).expect("a Vec grows to fit");
@@ -335,7 +393,12 @@ pub fn build_with(
             Some(m) if Arc::ptr_eq(&m.made_from, svc) => (m.whole.clone(), m.view.clone()),
             old => {
                 let old_parts = old.map(|m| m.parts.as_slice()).unwrap_or_default();
-                let parts: Vec<Arc<Part>> = svc.exports.iter().map(|e| Part::reuse_or_new(old_parts, e)).collect();
+                let parts: Vec<Arc<Part>> = svc
+                    .exports
+                    .iter()
+                    .zip(&svc.clusters)
+                    .map(|(e, c)| Part::reuse_or_new(old_parts, svc, c, e))
+                    .collect();
                 let whole = Arc::new(service_resource(svc, &parts));
                 // A view that is, or comes out, as before stays the same `Arc`: gateways'
                 // streams skip it by pointer. Most changes are to other clusters' exports,
@@ -432,13 +495,72 @@ pub fn diff<'a>(
     (changed, removed)
 }
 
+/// What a proxy that takes services in parts (`Hello.accepts_endpoint_parts`) is sent for
+/// [`diff`]'s result against the resources it was sent before (`sent`): a service whose fields
+/// changed (or that is new to it) as its fields and every cluster's endpoints; one whose fields
+/// did not, only the clusters' endpoints that changed, and the names of those gone; a service
+/// removed, with all of its parts. Every other resource as it is.
+pub fn in_parts(sent: &Resources, changed: Vec<&Arc<Built>>, mut removed: Vec<String>) -> (Vec<Bytes>, Vec<String>) {
+    let mut out = Vec::with_capacity(changed.len());
+    let mut gone = vec![];
+    for r in changed {
+        let Some(split) = &r.split else {
+            out.push(r.wire.clone());
+            continue;
+        };
+        let before = sent.get(&r.name).and_then(|b| b.split.as_deref());
+        let fields_same = before.is_some_and(|b| b.head.version == split.head.version);
+        if !fields_same {
+            out.push(split.head.wire.clone());
+        }
+        let old = before.map(|b| b.parts.as_slice()).unwrap_or_default();
+        // Both in name order: one walk.
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < split.parts.len() {
+            match (old.get(i), split.parts.get(j)) {
+                (Some(o), Some(n)) if o.name == n.name => {
+                    if !fields_same || o.version != n.version {
+                        out.push(n.wire.clone());
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(o), None) => {
+                    gone.push(o.name.to_string());
+                    i += 1;
+                }
+                (Some(o), Some(n)) if o.name < n.name => {
+                    gone.push(o.name.to_string());
+                    i += 1;
+                }
+                (_, Some(n)) => {
+                    out.push(n.wire.clone());
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+    }
+    for name in &removed {
+        if let Some(split) = sent.get(name.as_str()).and_then(|b| b.split.as_deref()) {
+            gone.extend(split.parts.iter().map(|p| p.name.to_string()));
+        }
+    }
+    removed.append(&mut gone);
+    (out, removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Each export of `svc` as a [`Part`], in `svc.exports` order.
     fn parts(svc: &MergedService) -> Vec<Arc<Part>> {
-        svc.exports.iter().map(Part::new).collect()
+        svc.exports
+            .iter()
+            .zip(&svc.clusters)
+            .map(|(e, c)| Part::new(svc, c, e))
+            .collect()
     }
 
     fn whole(svc: &MergedService) -> Built {
@@ -514,11 +636,54 @@ mod tests {
         want.version = built.version.clone();
         assert_eq!(built.decode().unwrap(), want);
         assert_eq!(&*built.name, "service/demo/echo");
-        // The version is the content's: the same service built again has it, a changed one not.
+        // In parts, as prost writes them too: the service's fields alone, and each cluster's
+        // endpoints as a resource of their own, in cluster-name order.
+        let prost_bytes = |r: &pb::Resource, version: &String| {
+            let mut bytes = pb::Resource {
+                version: String::new(),
+                ..r.clone()
+            }
+            .encode_to_vec();
+            prost::encoding::string::encode(2, version, &mut bytes);
+            bytes
+        };
+        let split = built
+            .split
+            .as_deref()
+            .expect("a clusterset service is also built in parts");
+        let mut head = want.clone();
+        if let Some(Kind::Service(s)) = &mut head.kind {
+            s.endpoints.clear();
+        }
+        assert_eq!(split.head.wire, prost_bytes(&head, &split.head.version));
+        assert_eq!(&*split.head.name, "service/demo/echo");
+        assert_eq!(split.parts.len(), 2);
+        for (part, (cluster, export)) in split.parts.iter().zip(merged.clusters.iter().zip(&merged.exports)) {
+            let want = pb::Resource {
+                name: format!("endpoints/demo/echo/{cluster}"),
+                version: part.version.clone(),
+                kind: Some(Kind::ServiceEndpoints(pb::ServiceEndpoints {
+                    namespace: "demo".into(),
+                    name: "echo".into(),
+                    cluster: cluster.clone(),
+                    endpoints: export.endpoints.clone(),
+                })),
+            };
+            assert_eq!(part.wire, prost_bytes(&want, &part.version));
+            assert_eq!(part.decode().unwrap(), want);
+            assert_eq!(*part.name, *want.name);
+        }
+        // The version is the content's: the same service built again has it, a changed one not;
+        // a part's changes with its cluster's endpoints alone.
         assert_eq!(whole(&merged).version, built.version);
         let moved = &mut Arc::make_mut(&mut merged.exports[1]).endpoints[0];
         moved.ready = !moved.ready;
-        assert_ne!(whole(&merged).version, built.version);
+        let again = whole(&merged);
+        assert_ne!(again.version, built.version);
+        let again = again.split.unwrap();
+        assert_eq!(again.head, split.head);
+        assert_eq!(again.parts[0], split.parts[0]);
+        assert_ne!(again.parts[1].version, split.parts[1].version);
     }
 
     #[test]
@@ -777,5 +942,218 @@ mod tests {
             .identities
             .push("spiffe://mesh.local/ns/demo/sa/other".into());
         assert!(!same_view(&old, &other_identities, "west"));
+    }
+
+    /// A proxy's resources and snapshot, fed updates as the config stream sends them.
+    struct Proxy {
+        resources: strait_api::snapshot::Resources,
+        snapshot: strait_api::snapshot::Snapshot,
+        version: u64,
+    }
+
+    impl Proxy {
+        fn new() -> Self {
+            Proxy {
+                resources: Default::default(),
+                snapshot: Default::default(),
+                version: 0,
+            }
+        }
+
+        fn apply(&mut self, wire: &[Bytes], removed: Vec<String>) {
+            self.version += 1;
+            let update = pb::ConfigUpdate {
+                version: self.version,
+                full: self.version == 1,
+                resources: wire.iter().map(|b| pb::Resource::decode(b.clone()).unwrap()).collect(),
+                removed,
+                more: false,
+            };
+            let (snapshot, rejected) = self.resources.update(&self.snapshot, update);
+            assert!(rejected.is_empty(), "{rejected:?}");
+            // The snapshot made from the last one is the one made anew.
+            let fresh = self.resources.snapshot(self.version);
+            assert_eq!(snapshot.services, fresh.services);
+            for (addr, svc, i) in fresh.endpoints() {
+                let (s, j) = snapshot
+                    .endpoint_by_addr(addr.socket())
+                    .expect("every endpoint indexed");
+                assert!(Arc::ptr_eq(s, svc) && i == j);
+            }
+            self.snapshot = snapshot;
+        }
+
+        /// Each service with its endpoints in address order (the order of clusters differs
+        /// between the whole form, oldest export first, and parts, by name).
+        fn services(&self) -> Vec<String> {
+            self.snapshot
+                .services
+                .values()
+                .map(|s| {
+                    let mut endpoints: Vec<String> = s
+                        .endpoints
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| {
+                            format!(
+                                "{} ready={} {} {} {}",
+                                e.address,
+                                e.ready,
+                                e.locality().cluster,
+                                e.identity(),
+                                s.workload(i)
+                            )
+                        })
+                        .collect();
+                    endpoints.sort();
+                    format!(
+                        "{} {:?} {:?} {:?} {endpoints:?}",
+                        s.key(),
+                        s.clusterset_ip,
+                        s.ports,
+                        s.identities
+                    )
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_proxy_given_services_in_parts_holds_what_one_given_them_whole_holds() {
+        let export = |cluster: &str, n: usize, ready: bool| {
+            Arc::new(pb::ExportedService {
+                identities: vec!["spiffe://mesh.local/ns/demo/sa/echo".into()],
+                endpoints: (0..n)
+                    .map(|i| pb::Endpoint {
+                        address: format!("10.0.{}.{i}:8080", cluster.len()),
+                        workload: format!("echo-{cluster}-{i}"),
+                        locality: Some(pb::Locality {
+                            cluster: cluster.into(),
+                            ..Default::default()
+                        }),
+                        identity: format!("spiffe://mesh.local/ns/demo/sa/echo-{cluster}"),
+                        ready: ready || i > 0,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let service = |exports: Vec<(&str, Arc<pb::ExportedService>)>, port: u32| {
+            let mut s = (*svc("echo", port)).clone();
+            s.identities = vec!["spiffe://mesh.local/ns/demo/sa/echo".into()];
+            s.clusters = exports.iter().map(|(c, _)| c.to_string()).collect();
+            s.exports = exports.into_iter().map(|(_, e)| e).collect();
+            Arc::new(s)
+        };
+        let other = Arc::new(MergedService {
+            exports: vec![export("east", 1, true)],
+            ..(*svc("other", 80)).clone()
+        });
+        // West exported first: the whole form lists west's endpoints first, parts east's.
+        let (west, east) = (export("westcluster", 2, true), export("east", 3, true));
+        let steps: Vec<Merged> = vec![
+            BTreeMap::from([
+                (
+                    "demo/echo".into(),
+                    service(vec![("westcluster", west.clone()), ("east", east.clone())], 80),
+                ),
+                ("demo/other".into(), other.clone()),
+            ]),
+            // One cluster's endpoints change: east's part alone is sent.
+            BTreeMap::from([
+                (
+                    "demo/echo".into(),
+                    service(
+                        vec![("westcluster", west.clone()), ("east", export("east", 4, false))],
+                        80,
+                    ),
+                ),
+                ("demo/other".into(), other.clone()),
+            ]),
+            // West stops exporting: its part is removed, and so are its endpoints' identities.
+            BTreeMap::from([
+                (
+                    "demo/echo".into(),
+                    service(vec![("east", export("east", 4, false))], 80),
+                ),
+                ("demo/other".into(), other.clone()),
+            ]),
+            // West is back and the port changes: the service's fields and every part.
+            BTreeMap::from([
+                (
+                    "demo/echo".into(),
+                    service(vec![("east", export("east", 4, false)), ("westcluster", west)], 81),
+                ),
+                ("demo/other".into(), other.clone()),
+            ]),
+            // The service goes, with its parts.
+            BTreeMap::from([("demo/other".into(), other)]),
+        ];
+        let (policy, objects) = (pb::LocalityPolicy::default(), Default::default());
+        let (mut whole_proxy, mut parts_proxy) = (Proxy::new(), Proxy::new());
+        let mut sent = Resources::new();
+        let mut memo = BuildMemo::new("east");
+        let (mut sent_in_parts, mut identities) = (vec![], vec![]);
+        for merged in &steps {
+            let now = build_with(&mut memo, merged, &[], &[], &policy, &[], &objects);
+            let sidecar = |name: &str| !gateway_only(name);
+            let (changed, removed) = diff(&sent, &now, sidecar);
+            let wire: Vec<Bytes> = changed.iter().map(|r| r.wire.clone()).collect();
+            whole_proxy.apply(&wire, removed.clone());
+            let (wire, removed) = in_parts(&sent, changed, removed);
+            let names: Vec<String> = wire
+                .iter()
+                .map(|b| pb::Resource::decode(b.clone()).unwrap().name)
+                .chain(removed.iter().map(|r| format!("-{r}")))
+                .collect();
+            sent_in_parts.push(names);
+            parts_proxy.apply(&wire, removed);
+            assert_eq!(parts_proxy.services(), whole_proxy.services());
+            identities.push(
+                parts_proxy
+                    .snapshot
+                    .services
+                    .get("demo/echo")
+                    .map(|s| s.identities.iter().map(|i| i.to_string()).collect::<Vec<_>>()),
+            );
+            sent = now;
+        }
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            sent_in_parts[0],
+            names(&[
+                "policy/locality",
+                "service/demo/echo",
+                "endpoints/demo/echo/east",
+                "endpoints/demo/echo/westcluster",
+                "service/demo/other",
+                "endpoints/demo/other/east",
+            ])
+        );
+        assert_eq!(sent_in_parts[1], names(&["endpoints/demo/echo/east"]));
+        assert_eq!(sent_in_parts[2], names(&["-endpoints/demo/echo/westcluster"]));
+        assert_eq!(
+            sent_in_parts[3],
+            names(&[
+                "service/demo/echo",
+                "endpoints/demo/echo/east",
+                "endpoints/demo/echo/westcluster"
+            ])
+        );
+        assert_eq!(
+            sent_in_parts[4],
+            names(&[
+                "-service/demo/echo",
+                "-endpoints/demo/echo/east",
+                "-endpoints/demo/echo/westcluster"
+            ])
+        );
+        // West's endpoints' identity went with them, and came back.
+        let west_id = |ids: &Vec<String>| ids.iter().any(|i| i.ends_with("sa/echo-westcluster"));
+        assert_eq!(
+            identities.iter().map(|i| i.as_ref().map(west_id)).collect::<Vec<_>>(),
+            [Some(true), Some(true), Some(false), Some(true), None]
+        );
     }
 }

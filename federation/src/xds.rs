@@ -15,7 +15,7 @@ use strait_api::transport::PeerInfo;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::resources::{diff, gateway_only, sidecar_only, ConfigState};
+use crate::resources::{diff, gateway_only, in_parts, sidecar_only, ConfigState};
 
 /// What the controller knows of one connected proxy.
 #[derive(Clone, Debug, Serialize)]
@@ -142,12 +142,17 @@ impl ConfigService for XdsServer {
                 let (changed, removed) = diff(&sent.resources, &current.resources, include);
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty()) {
+                    // Encoded once when built; every proxy's stream shares the bytes.
+                    let (changed, removed) = if hello.accepts_endpoint_parts {
+                        in_parts(&sent.resources, changed, removed)
+                    } else {
+                        (changed.into_iter().map(|r| r.wire.clone()).collect(), removed)
+                    };
                     let mut parts = Parts::new(current.version, first, hello.accepts_parts);
                     let mut gone = false;
                     // On the first send `sent` is empty, so `changed` is the whole state.
                     for r in changed {
-                        // Encoded once when built; every proxy's stream shares the bytes.
-                        if let Some(part) = parts.push(r.wire.clone()) {
+                        if let Some(part) = parts.push(r) {
                             gone = tx.send(Ok(part)).await.is_err();
                             if gone {
                                 break;

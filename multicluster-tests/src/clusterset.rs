@@ -235,6 +235,7 @@ async fn probe_session(
             kind: "sidecar".into(),
             cluster: cluster_name(c),
             accepts_parts: true,
+            accepts_endpoint_parts: true,
             ..Default::default()
         })),
     })
@@ -261,14 +262,18 @@ async fn probe_session(
         }
         let mut arrived = vec![];
         for r in &update.resources {
-            let Some(pb::resource::Kind::Service(s)) = &r.kind else {
-                continue;
+            // A service comes as its fields and each cluster's endpoints (or, from an older
+            // controller, whole): endpoints are counted by the resource that holds them.
+            let (namespace, endpoints) = match &r.kind {
+                Some(pb::resource::Kind::Service(s)) => (&s.namespace, &s.endpoints),
+                Some(pb::resource::Kind::ServiceEndpoints(p)) => (&p.namespace, &p.endpoints),
+                _ => continue,
             };
-            if s.namespace != "sim" {
+            if namespace != "sim" {
                 continue;
             }
-            held.insert(r.name.clone(), s.endpoints.len());
-            arrived.extend(s.endpoints.iter().map(|e| e.address.clone()));
+            held.insert(r.name.clone(), endpoints.len());
+            arrived.extend(endpoints.iter().map(|e| e.address.clone()));
         }
         {
             let pending = pending.lock().unwrap();

@@ -495,6 +495,8 @@ mod tests {
                 .collect(),
             workloads: Workloads::new(eps.iter().map(|(w, _, _)| *w)),
             identities: vec![],
+            declared: vec![],
+            spans: vec![],
         })
     }
 
