@@ -369,10 +369,12 @@ async fn traffic_policies_apply_in_every_cluster() {
     assert!(ok, "{out}{err}");
     let east_b = mesh.workload("echo", "us-east-1b").outbound_proxy;
     let seconds = 5;
+    // Each caller offers 40/s, four times its endpoint's share.
     let (allowed, limited) = rate_phase(
         &[east_caller.outbound_proxy, east_b, west_caller, central_caller],
         "/",
         seconds,
+        40,
     )
     .await;
     let allowed: u32 = allowed.iter().sum();
@@ -388,11 +390,11 @@ async fn traffic_policies_apply_in_every_cluster() {
     // All the traffic to one endpoint (a caller in us-east-1a calls its own zone's): divided
     // equally it would allow 10/s; the controllers divide the total by where requests arrive,
     // so the total holds again once the shares follow (within the traffic window, 10 s).
-    let (warm, _) = rate_phase(&[east_caller.outbound_proxy], "/", 25).await;
+    let (warm, _) = rate_phase(&[east_caller.outbound_proxy], "/", 25, 80).await;
     let moved = warm.iter().position(|n| *n >= 30);
     println!("skewed to us-east-1a, allowed per second: {warm:?}");
     let moved = moved.expect("the share followed the demand");
-    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], "/", seconds).await;
+    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], "/", seconds, 80).await;
     let allowed: u32 = allowed.iter().sum();
     let rate = f64::from(allowed) / f64::from(seconds);
     println!(
@@ -450,7 +452,7 @@ async fn traffic_policies_apply_in_every_cluster() {
     // rule routed (the calling sidecar names the rule), and nothing else is limited.
     let (ok, out, err) = apply(&mesh, "central", "rule-rate", RULE_RATE, "30s");
     assert!(ok, "{out}{err}");
-    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], "/bytes/16", seconds).await;
+    let (allowed, limited) = rate_phase(&[east_caller.outbound_proxy], "/bytes/16", seconds, 40).await;
     let rate = f64::from(allowed.iter().sum::<u32>()) / f64::from(seconds);
     println!("rate limit 10/s per proxy on rule bytes: {rate:.1}/s allowed, {limited} limited");
     assert!(limited > 0, "the caller sent more than the limit");
@@ -458,7 +460,7 @@ async fn traffic_policies_apply_in_every_cluster() {
         (9.0..=11.0 + 2.0 / f64::from(seconds)).contains(&rate),
         "{rate}/s allowed"
     );
-    let (_, limited) = rate_phase(&[east_caller.outbound_proxy], "/", 2).await;
+    let (_, limited) = rate_phase(&[east_caller.outbound_proxy], "/", 2, 40).await;
     assert_eq!(limited, 0, "other paths are not that rule's");
     // An app cannot pick the bucket: the header is the caller sidecar's to set.
     let a = get_with(
@@ -633,22 +635,23 @@ async fn a_grpc_route_applied_in_one_cluster_routes_calls_in_another() {
     );
 }
 
-/// A TrafficPolicy `name` on echo (the whole clusterset) with `spec`'s settings.
-/// Callers calling echo's `path` back to back for `seconds`: requests allowed in each second, and how
-/// many were limited (429) in all.
-async fn rate_phase(callers: &[SocketAddr], path: &'static str, seconds: u32) -> (Vec<u32>, u32) {
-    let started = Instant::now();
+/// Requests from each of `callers` at `rps` a second for `seconds`, one at a time (the rate
+/// policy allows two in flight per proxy), each sent at its time or as soon as the one before
+/// it was answered: every caller offers the same load while it keeps up (callers each sending
+/// back to back offered what the scheduler gave them on a busy machine, and a limit divided by
+/// demand followed that). Returns those allowed by the second they were sent in, and how many
+/// were limited.
+async fn rate_phase(callers: &[SocketAddr], path: &'static str, seconds: u32, rps: u32) -> (Vec<u32>, u32) {
+    let started = tokio::time::Instant::now();
     let mut tasks = vec![];
     for caller in callers.iter().copied() {
         tasks.push(tokio::spawn(async move {
             let mut allowed = vec![0u32; seconds as usize];
             let mut limited = 0u32;
-            loop {
+            for i in 0..seconds * rps {
+                tokio::time::sleep_until(started + Duration::from_secs(1) * i / rps).await;
+                let second = (i / rps) as usize;
                 let a = call(caller, &format!("{ECHO}{path}"), &[]).await;
-                let second = started.elapsed().as_secs() as usize;
-                if second >= seconds as usize {
-                    break;
-                }
                 match a.status {
                     200 => allowed[second] += 1,
                     429 => limited += 1,
@@ -667,6 +670,7 @@ async fn rate_phase(callers: &[SocketAddr], path: &'static str, seconds: u32) ->
     (allowed, limited)
 }
 
+/// A TrafficPolicy `name` on echo (the whole clusterset) with `spec`'s settings.
 fn echo_policy(name: &str, spec: &str) -> String {
     format!(
         r#"
