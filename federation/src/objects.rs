@@ -276,6 +276,11 @@ pub struct ObjectStore {
     pub file_errors: BTreeMap<PathBuf, Vec<String>>,
     /// By `Kind/namespace/name`.
     pub objects: BTreeMap<String, Authored>,
+    /// A watch of the directory, when the kernel gives one: a poll lists the directory only
+    /// when it saw a file change, and every [`crate::source::SAFETY_SCAN`] regardless.
+    watch: Option<crate::source::DirWatch>,
+    /// When the directory was last listed.
+    listed: Option<std::time::Instant>,
 }
 
 impl ObjectStore {
@@ -283,17 +288,38 @@ impl ObjectStore {
         ObjectStore {
             dir: dir.map(Path::to_path_buf),
             cluster: cluster.to_string(),
+            watch: dir.and_then(|d| crate::source::DirWatch::new(d, "policy")),
             ..Default::default()
         }
+    }
+
+    /// The directory's watch, when a loop may wait on it instead of polling.
+    pub fn waker(&self) -> Option<&crate::source::DirWatch> {
+        self.watch.as_ref().filter(|w| w.wakes())
+    }
+
+    /// Whether the directory must be polled to see changes (it has no watch to wait on).
+    pub fn polled(&self) -> bool {
+        self.dir.is_some() && self.waker().is_none()
     }
 
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }
 
-    /// Re-reads changed files; returns whether anything changed.
+    /// Re-reads changed files; returns whether anything changed. With a watch, the directory
+    /// is listed only when the watch saw a file change (or every
+    /// [`crate::source::SAFETY_SCAN`]); without, on every poll.
     pub fn poll(&mut self) -> bool {
+        use crate::source::Seen;
         let Some(dir) = self.dir.clone() else { return false };
+        let due = self.listed.is_none_or(|at| at.elapsed() >= crate::source::SAFETY_SCAN);
+        match self.watch.as_ref().map(|w| w.read()) {
+            Some(Seen::Files(names)) if names.is_empty() && !due => return false,
+            Some(Seen::Gone) => self.watch = None,
+            _ => {}
+        }
+        self.listed = Some(std::time::Instant::now());
         let Ok(files) = crate::source::yaml_files(&dir) else {
             return false;
         };

@@ -588,9 +588,10 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         } else {
             wake.min(started_at + cfg.lease + Duration::from_millis(5))
         };
-        // Rebuild at once when a peer, the API server or `strait apply` changes something, within
-        // FILE_POLL when a catalog or object file changes, and every REFRESH regardless (proxy
-        // ACK counts and lease expiries).
+        // Rebuild at once when a peer, the API server or `strait apply` changes something, when
+        // a catalog or object file changes (its directory's watch wakes the loop; a directory
+        // without one is polled every FILE_POLL), and every REFRESH regardless (proxy ACK
+        // counts and lease expiries).
         let refresh = (Instant::now() + REFRESH).min(wake);
         loop {
             let kube_changed = async {
@@ -599,9 +600,20 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                     Source::File(_) => std::future::pending().await,
                 }
             };
-            let step = (Instant::now() + FILE_POLL).min(refresh);
+            let catalog_watch = match &source {
+                Source::File(files) => files.waker(),
+                Source::Kube(..) => None,
+            };
+            let polled = (matches!(source, Source::File(_)) && catalog_watch.is_none()) || object_store.polled();
+            let step = if polled {
+                (Instant::now() + FILE_POLL).min(refresh)
+            } else {
+                refresh
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(step.into()) => {}
+                _ = crate::source::DirWatch::wait(catalog_watch) => {}
+                _ = crate::source::DirWatch::wait(object_store.waker()) => {}
                 _ = table.changed().notified() => break,
                 _ = kube_changed => break,
                 _ = applied.notified() => break,
@@ -625,7 +637,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
 
 /// How often the merge loop runs with nothing else waking it.
 const REFRESH: Duration = Duration::from_millis(500);
-/// How often catalog and object files are checked (a stat each; only a changed file is read).
+/// How often catalog and object files are checked when their directory has no watch (a stat
+/// each; only a changed file is read).
 const FILE_POLL: Duration = Duration::from_millis(50);
 
 /// Serves the injection webhook with a certificate from the cluster CA and registers it.

@@ -202,7 +202,128 @@ pub struct FileSource {
     /// listing and full scan run only every [`SAFETY_SCAN`] (for what a watch cannot see, such
     /// as a change made on another host of a network filesystem). Without one (or after the
     /// queue overflowed, or the directory itself moved) polling works as before.
-    watch: Option<nix::sys::inotify::Inotify>,
+    watch: Option<DirWatch>,
+}
+
+/// An inotify watch of a directory (`watch_flags`), read without blocking; inside a Tokio
+/// runtime a second watch of it blocks in a thread of its own and wakes
+/// [`DirWatch::changed`], so a loop can wait for the directory instead of waking to poll it.
+/// (Registering the watch's descriptor with the runtime would take `unsafe`, or a deprecated
+/// unsound call; the thread sleeps in `read` and costs a few KiB.) The thread ends at the
+/// first event after the watch is dropped, or when the directory goes.
+pub struct DirWatch {
+    wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+    inotify: nix::sys::inotify::Inotify,
+    dir: PathBuf,
+    /// What the directory holds, for messages ("catalog", "policy").
+    what: &'static str,
+}
+
+/// What a watch saw since it was last read.
+pub enum Seen {
+    /// The YAML files written, renamed, removed or touched (none: nothing happened).
+    Files(BTreeSet<std::ffi::OsString>),
+    /// Its queue overflowed: anything may have changed (later events stay queued).
+    Overflowed,
+    /// The directory was removed or moved, or the watch failed: it is gone.
+    Gone,
+}
+
+impl DirWatch {
+    /// A watch of `dir`, or `None` (logged) when the kernel gives none.
+    pub fn new(dir: &Path, what: &'static str) -> Option<DirWatch> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let watch = |flags: InitFlags| Inotify::init(flags).and_then(|w| w.add_watch(dir, watch_flags()).map(|_| w));
+        let inotify = match watch(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::info!(dir = %dir.display(), error = %e, "no inotify watch of the {what} directory; polling it");
+                return None;
+            }
+        };
+        let wake = tokio::runtime::Handle::try_current()
+            .ok()
+            .and_then(|_| watch(InitFlags::IN_CLOEXEC).ok())
+            .and_then(|blocking| {
+                let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+                let weak = std::sync::Arc::downgrade(&wake);
+                std::thread::Builder::new()
+                    .name(format!("strait-watch-{what}"))
+                    .spawn(move || loop {
+                        match blocking.read_events() {
+                            Err(nix::errno::Errno::EINTR) => {}
+                            Err(_) => return,
+                            Ok(events) => {
+                                let Some(wake) = weak.upgrade() else { return };
+                                wake.notify_one();
+                                let gone = nix::sys::inotify::AddWatchFlags::IN_IGNORED;
+                                if events.iter().any(|e| e.mask.contains(gone)) {
+                                    return;
+                                }
+                            }
+                        }
+                    })
+                    .ok()
+                    .map(|_| wake)
+            });
+        Some(DirWatch {
+            wake,
+            inotify,
+            dir: dir.to_path_buf(),
+            what,
+        })
+    }
+
+    /// What happened since the last read (without waiting).
+    pub fn read(&self) -> Seen {
+        use nix::errno::Errno;
+        use nix::sys::inotify::AddWatchFlags as F;
+        let mut names = BTreeSet::new();
+        loop {
+            match self.inotify.read_events() {
+                Ok(events) => {
+                    for e in events {
+                        if e.mask.intersects(F::IN_DELETE_SELF | F::IN_MOVE_SELF | F::IN_IGNORED) {
+                            tracing::warn!(dir = %self.dir.display(), "the {} directory was removed or moved; polling it", self.what);
+                            return Seen::Gone;
+                        }
+                        if e.mask.contains(F::IN_Q_OVERFLOW) {
+                            return Seen::Overflowed;
+                        }
+                        names.extend(e.name.filter(|n| is_yaml(Path::new(n))));
+                    }
+                }
+                Err(Errno::EAGAIN) => return Seen::Files(names),
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the {} directory's watch; polling it", self.what);
+                    return Seen::Gone;
+                }
+            }
+        }
+    }
+
+    /// Resolves when the directory changed since the last wake (never without a waking
+    /// thread). Read the watch with [`DirWatch::read`] afterwards.
+    pub async fn changed(&self) {
+        match &self.wake {
+            Some(wake) => wake.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// [`DirWatch::changed`] of `watch`, or never.
+    pub async fn wait(watch: Option<&DirWatch>) {
+        match watch {
+            Some(w) => w.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether a loop may wait on [`DirWatch::changed`] instead of polling.
+    pub fn wakes(&self) -> bool {
+        self.wake.is_some()
+    }
 }
 
 /// With a watch, the directory is still listed and every file looked at this often.
@@ -262,56 +383,29 @@ impl FileSource {
             scanned: None,
             listings: 0,
             changes: 0,
-            watch: Self::watch(dir),
-        }
-    }
-
-    fn watch(dir: &Path) -> Option<nix::sys::inotify::Inotify> {
-        use nix::sys::inotify::{InitFlags, Inotify};
-        let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .and_then(|w| w.add_watch(dir, watch_flags()).map(|_| w));
-        match watch {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::info!(dir = %dir.display(), error = %e, "no inotify watch of the catalog directory; polling it");
-                None
-            }
+            watch: DirWatch::new(dir, "catalog"),
         }
     }
 
     /// The YAML files the watch saw change since the last call; `None` when there is no
     /// watch or it cannot be trusted this time (its queue overflowed: everything is looked at).
     fn watched(&mut self) -> Option<BTreeSet<std::ffi::OsString>> {
-        use nix::errno::Errno;
-        use nix::sys::inotify::AddWatchFlags as F;
-        let watch = self.watch.as_ref()?;
-        let mut names = BTreeSet::new();
-        loop {
-            match watch.read_events() {
-                Ok(events) => {
-                    for e in events {
-                        if e.mask.intersects(F::IN_DELETE_SELF | F::IN_MOVE_SELF | F::IN_IGNORED) {
-                            tracing::warn!(dir = %self.dir.display(), "the catalog directory was removed or moved; polling it");
-                            self.watch = None;
-                            return None;
-                        }
-                        if e.mask.contains(F::IN_Q_OVERFLOW) {
-                            // Every file is looked at; later events stay queued.
-                            self.scanned = None;
-                            return None;
-                        }
-                        names.extend(e.name.filter(|n| is_yaml(Path::new(n))));
-                    }
-                }
-                Err(Errno::EAGAIN) => return Some(names),
-                Err(Errno::EINTR) => {}
-                Err(e) => {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the catalog directory's watch; polling it");
-                    self.watch = None;
-                    return None;
-                }
+        match self.watch.as_ref()?.read() {
+            Seen::Files(names) => Some(names),
+            Seen::Overflowed => {
+                self.scanned = None;
+                None
+            }
+            Seen::Gone => {
+                self.watch = None;
+                None
             }
         }
+    }
+
+    /// The directory's watch, when a loop may wait on it instead of polling.
+    pub fn waker(&self) -> Option<&DirWatch> {
+        self.watch.as_ref().filter(|w| w.wakes())
     }
 
     /// Re-reads changed files. When the directory changed (a file created, renamed over or
@@ -626,6 +720,33 @@ mod tests {
             "{} listings",
             source.listings - listings
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_watch_wakes_a_waiting_loop_when_a_file_is_written_and_not_before() {
+        let dir = std::env::temp_dir().join(format!("strait-source-{}-wakes", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let watch = DirWatch::new(&dir, "catalog").expect("this kernel gives an inotify watch");
+        assert!(watch.wakes(), "inside a runtime a thread wakes the loop");
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), watch.changed()).await;
+        assert!(quiet.is_err(), "nothing written, no wake");
+        std::fs::write(dir.join("a.yaml"), svc(80)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), watch.changed())
+            .await
+            .expect("woken by the write");
+        match watch.read() {
+            Seen::Files(names) => assert!(names.contains(std::ffi::OsStr::new("a.yaml")), "{names:?}"),
+            _ => panic!("the write is read as a file"),
+        }
+        // Without a runtime there is no thread: the loop polls.
+        let polled = std::thread::spawn({
+            let dir = dir.clone();
+            move || DirWatch::new(&dir, "catalog").map(|w| w.wakes())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(polled, Some(false));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
