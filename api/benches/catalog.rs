@@ -1,8 +1,12 @@
 //! What a proxy's config costs in memory at the published clusterset size (10 clusters x 300
 //! services x 4,000 endpoints per cluster: 40,000 endpoints): the heap a full catalog holds
 //! once applied (resources and snapshot), per endpoint, and the decoded full update it is
-//! built from; then the heap after endpoints churned one service at a time.
-//! Counted by jemalloc (the `strait` binary's allocator): bytes allocated and not freed. Figures only; nothing is asserted.
+//! built from; then the heap after endpoints churned one service at a time. Both ways a
+//! controller sends a service: whole (every cluster's endpoints in one resource) and in parts
+//! (its fields, and each cluster's endpoints as `endpoints/<ns>/<name>/<cluster>`, which is
+//! what sidecars take), with what one endpoint's change costs on the wire each way.
+//! Counted by jemalloc (the `strait` binary's allocator): bytes allocated and not freed.
+//! Figures only; nothing is asserted. Also written to `target/strait-bench/catalog.json`.
 //!
 //! Run: `cargo bench -p strait-api --bench catalog`
 
@@ -27,32 +31,55 @@ const CLUSTERS: usize = 10;
 const SERVICES: usize = 300;
 const ENDPOINTS_PER_CLUSTER: usize = 4000;
 
-/// Service `s` as a controller sends it: every cluster's endpoints of it (the simulator's
-/// catalog: endpoint `e` of a cluster belongs to service `e % SERVICES`, two zones each), all
-/// on port 10000 but for the `moved`-th endpoint, on `port`.
+/// Service `s` as a controller sends it whole: every cluster's endpoints of it (the
+/// simulator's catalog: endpoint `e` of a cluster belongs to service `e % SERVICES`, two zones
+/// each), all on port 10000 but for the `moved`-th endpoint, on `port`.
 fn service(s: usize, moved: usize, port: u32) -> pb::Resource {
-    let endpoints = (0..CLUSTERS)
-        .flat_map(|c| {
-            (s..ENDPOINTS_PER_CLUSTER).step_by(SERVICES).map(move |e| pb::Endpoint {
-                address: format!(
-                    "10.{c}.{}.{}:{}",
-                    e / 250,
-                    e % 250 + 1,
-                    if e == moved { port } else { 10_000 }
-                ),
-                workload: format!("w-{c}-{e}"),
-                locality: Some(pb::Locality {
-                    cluster: format!("c{c:02}"),
-                    region: format!("region-{c}"),
-                    zone: format!("z{c:02}-{}", ["a", "b"][e % 2]),
-                    subzone: String::new(),
-                }),
-                identity: "spiffe://mesh.local/ns/sim/sa/sim".into(),
-                ready: true,
-                labels: Default::default(),
-            })
+    let endpoints = (0..CLUSTERS).flat_map(|c| endpoints(c, s, moved, port)).collect();
+    head(s, endpoints, port)
+}
+
+/// Cluster `c`'s endpoints of service `s`.
+fn endpoints(c: usize, s: usize, moved: usize, port: u32) -> Vec<pb::Endpoint> {
+    (s..ENDPOINTS_PER_CLUSTER)
+        .step_by(SERVICES)
+        .map(move |e| pb::Endpoint {
+            address: format!(
+                "10.{c}.{}.{}:{}",
+                e / 250,
+                e % 250 + 1,
+                if e == moved { port } else { 10_000 }
+            ),
+            workload: format!("w-{c}-{e}"),
+            locality: Some(pb::Locality {
+                cluster: format!("c{c:02}"),
+                region: format!("region-{c}"),
+                zone: format!("z{c:02}-{}", ["a", "b"][e % 2]),
+                subzone: String::new(),
+            }),
+            identity: "spiffe://mesh.local/ns/sim/sa/sim".into(),
+            ready: true,
+            labels: Default::default(),
         })
-        .collect();
+        .collect()
+}
+
+/// Cluster `c`'s endpoints of service `s` as a resource of their own.
+fn part(c: usize, s: usize, moved: usize, port: u32) -> pb::Resource {
+    pb::Resource {
+        name: format!("endpoints/sim/svc-{s:04}/c{c:02}"),
+        version: format!("{port}"),
+        kind: Some(pb::resource::Kind::ServiceEndpoints(pb::ServiceEndpoints {
+            namespace: "sim".into(),
+            name: format!("svc-{s:04}"),
+            cluster: format!("c{c:02}"),
+            endpoints: endpoints(c, s, moved, port),
+        })),
+    }
+}
+
+/// Service `s` with `endpoints` (none: its fields alone, as sent in parts).
+fn head(s: usize, endpoints: Vec<pb::Endpoint>, port: u32) -> pb::Resource {
     pb::Resource {
         name: format!("service/sim/svc-{s:04}"),
         version: format!("{port}"),
@@ -76,13 +103,46 @@ fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn main() {
+/// How a controller sends the catalog.
+#[derive(Clone, Copy, PartialEq)]
+enum Form {
+    Whole,
+    Parts,
+}
+
+/// Service `s` in `form`: one resource, or its fields and one per cluster.
+fn resources(form: Form, s: usize) -> Vec<pb::Resource> {
+    match form {
+        Form::Whole => vec![service(s, 0, 10_000)],
+        Form::Parts => std::iter::once(head(s, vec![], 10_000))
+            .chain((0..CLUSTERS).map(|c| part(c, s, 0, 10_000)))
+            .collect(),
+    }
+}
+
+/// The `i`th churn update's resources: endpoint `i` of a service moves to a new port (in every
+/// cluster: the whole service; in parts: cluster `i % CLUSTERS`'s alone).
+fn churn(form: Form, i: usize) -> Vec<pb::Resource> {
+    let (s, moved, port) = (i % SERVICES, i % ENDPOINTS_PER_CLUSTER, 10_001 + i as u32);
+    match form {
+        Form::Whole => vec![service(s, moved, port)],
+        Form::Parts => vec![part(i % CLUSTERS, s, moved, port)],
+    }
+}
+
+/// Applies the full catalog in `form`, then 1,000 churn updates, printing and recording what
+/// each costs.
+fn measure(form: Form, figures: &mut Vec<(String, f64, &'static str)>) {
+    let label = match form {
+        Form::Whole => "whole",
+        Form::Parts => "parts",
+    };
     let endpoints = CLUSTERS * ENDPOINTS_PER_CLUSTER;
     let base = live();
     let full = pb::ConfigUpdate {
         version: 1,
         full: true,
-        resources: (0..SERVICES).map(|s| service(s, 0, 10_000)).collect(),
+        resources: (0..SERVICES).flat_map(|s| resources(form, s)).collect(),
         removed: vec![],
         more: false,
     };
@@ -92,39 +152,113 @@ fn main() {
     let decoded = pb::ConfigUpdate::decode(wire.as_slice()).unwrap();
     let decoded_bytes = live() - before_decode;
     println!(
-        "{CLUSTERS} clusters x {SERVICES} services x {ENDPOINTS_PER_CLUSTER} endpoints per cluster ({endpoints} endpoints)"
-    );
-    println!(
-        "full update on the wire: {:.1} MiB ({:.0} B per endpoint); decoded: {:.1} MiB ({:.0} B per endpoint)",
+        "[{label}] full update on the wire: {:.1} MiB ({:.0} B per endpoint); decoded: {:.1} MiB ({:.0} B per endpoint)",
         mib(wire.len()),
         wire.len() as f64 / endpoints as f64,
         mib(decoded_bytes),
         decoded_bytes as f64 / endpoints as f64
     );
+    figures.push((format!("{label}.full_update_wire"), mib(wire.len()), "MiB"));
+    figures.push((format!("{label}.full_update_decoded"), mib(decoded_bytes), "MiB"));
     drop(wire);
     let mut resources = Resources::default();
     let (snapshot, rejected) = resources.update(&Snapshot::default(), decoded);
     assert!(rejected.is_empty(), "{rejected:?}");
     let held = live() - base;
     println!(
-        "held once applied (resources + snapshot): {:.1} MiB, {:.0} B per endpoint",
+        "[{label}] held once applied (resources + snapshot): {:.1} MiB, {:.0} B per endpoint",
         mib(held),
         held as f64 / endpoints as f64,
     );
-    // Churn as the simulator's: one endpoint moves to a new port, one update each.
+    figures.push((format!("{label}.held"), mib(held), "MiB"));
+    figures.push((
+        format!("{label}.held_per_endpoint"),
+        held as f64 / endpoints as f64,
+        "B",
+    ));
     let mut prev = snapshot;
+    let (mut bytes, started) = (0usize, std::time::Instant::now());
     for i in 0..1000 {
         let update = pb::ConfigUpdate {
             version: 2 + i as u64,
             full: false,
-            resources: vec![service(i % SERVICES, i % ENDPOINTS_PER_CLUSTER, 10_001 + i as u32)],
+            resources: churn(form, i),
             removed: vec![],
             more: false,
         };
+        bytes += update.encoded_len();
         let (next, _) = resources.update(&prev, update);
         prev = next;
     }
-    println!("after 1,000 one-service updates: held {:.1} MiB", mib(live() - base),);
+    let each = started.elapsed().as_secs_f64() * 1e6 / 1000.0;
+    let after = live() - base;
+    println!(
+        "[{label}] 1,000 one-change updates: {:.0} B each on the wire, {each:.0} us each to apply; held after: {:.1} MiB",
+        bytes as f64 / 1000.0,
+        mib(after),
+    );
+    figures.push((format!("{label}.churn_update_wire"), bytes as f64 / 1000.0, "B"));
+    figures.push((format!("{label}.churn_update_apply"), each, "us"));
+    figures.push((format!("{label}.held_after_churn"), mib(after), "MiB"));
     drop(prev);
     drop(resources);
+}
+
+fn main() {
+    println!(
+        "{CLUSTERS} clusters x {SERVICES} services x {ENDPOINTS_PER_CLUSTER} endpoints per cluster ({} endpoints)",
+        CLUSTERS * ENDPOINTS_PER_CLUSTER
+    );
+    let mut figures = vec![];
+    measure(Form::Whole, &mut figures);
+    measure(Form::Parts, &mut figures);
+    let get = |k: &str| figures.iter().find(|f| f.0 == k).map(|f| f.1).unwrap_or(f64::NAN);
+    let ratios: Vec<(String, f64)> = ["churn_update_wire", "churn_update_apply", "held"]
+        .iter()
+        .map(|k| {
+            (
+                format!("{k}.parts_over_whole"),
+                get(&format!("parts.{k}")) / get(&format!("whole.{k}")),
+            )
+        })
+        .collect();
+    for (k, v) in &ratios {
+        println!("{k}: {v:.3}");
+    }
+    write_json(&figures, &ratios);
+}
+
+/// `target/strait-bench/catalog.json`, in the format of the other benchmarks' documents.
+fn write_json(figures: &[(String, f64, &'static str)], ratios: &[(String, f64)]) {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.ancestors().nth(3).map(std::path::PathBuf::from))
+        })
+        .unwrap_or_else(|| "target".into())
+        .join("strait-bench");
+    let doc = serde_json::json!({
+        "bench": "catalog",
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        "figures": figures
+            .iter()
+            .map(|(k, v, unit)| (k.clone(), serde_json::json!({"value": v, "unit": unit})))
+            .collect::<serde_json::Map<_, _>>(),
+        "ratios": ratios
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!({"value": v})))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    let path = dir.join("catalog.json");
+    match std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap_or_default()))
+    {
+        Ok(()) => println!("\nfigures written to {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+    }
 }

@@ -165,9 +165,9 @@ pub struct ServiceEntry {
     /// work `identities` out again when one cluster's endpoints change.
     pub declared: Vec<SpiffeId>,
     /// For a service received in parts (`endpoints/<ns>/<name>/<cluster>`), where each
-    /// cluster's endpoints end in `endpoints`, in cluster-name order; the endpoints before the
-    /// first came with the service's own resource. Empty for a service received whole.
-    /// (cluster, start, end).
+    /// cluster's endpoints lie in `endpoints` as (cluster, start, end), in cluster-name order;
+    /// the endpoints before the first came with the service's own resource. Empty for a
+    /// service received whole.
     pub spans: Vec<(Box<str>, u32, u32)>,
 }
 
