@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use prost::Message;
 use strait_api::pb;
 use strait_api::snapshot::{Resources, Snapshot};
@@ -225,40 +227,5 @@ fn main() {
     for (k, v) in &ratios {
         println!("{k}: {v:.3}");
     }
-    write_json(&figures, &ratios);
-}
-
-/// `target/strait-bench/catalog.json`, in the format of the other benchmarks' documents.
-fn write_json(figures: &[(String, f64, &'static str)], ratios: &[(String, f64)]) {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.ancestors().nth(3).map(std::path::PathBuf::from))
-        })
-        .unwrap_or_else(|| "target".into())
-        .join("strait-bench");
-    let doc = serde_json::json!({
-        "bench": "catalog",
-        "unix_time": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default(),
-        "figures": figures
-            .iter()
-            .map(|(k, v, unit)| (k.clone(), serde_json::json!({"value": v, "unit": unit})))
-            .collect::<serde_json::Map<_, _>>(),
-        "ratios": ratios
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::json!({"value": v})))
-            .collect::<serde_json::Map<_, _>>(),
-    });
-    let path = dir.join("catalog.json");
-    match std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap_or_default()))
-    {
-        Ok(()) => println!("\nfigures written to {}", path.display()),
-        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
-    }
+    support::write_json("catalog", &figures, &ratios);
 }

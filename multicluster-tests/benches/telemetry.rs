@@ -183,6 +183,18 @@ async fn main() {
         "",
         on.added(0.99) / off.added(0.99).max(0.001)
     );
+    let mut figures = multicluster_tests::figures::Figures::new("telemetry");
+    for (key, r) in [("metrics_only", &off), ("traces_and_access_logs", &on)] {
+        for (q, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
+            figures.add(&format!("{key}.added_{name}"), r.added(q), "ms");
+        }
+        figures.add(&format!("{key}.errors"), r.errors as f64, "requests");
+    }
+    figures.ratio(
+        "traces_and_access_logs_over_metrics_only.added_p99",
+        on.added(0.99) / off.added(0.99).max(0.001),
+        None,
+    );
     println!(
         "  (on: {} OTLP export requests received, {} access log lines on the destination sidecar)\n",
         exports.load(std::sync::atomic::Ordering::Relaxed),
@@ -225,4 +237,12 @@ async fn main() {
         with_rules.added(0.99),
         with_rules.errors
     );
+    for (key, kib) in [("before", before), ("idle", idle), ("after_load", after)] {
+        figures.add(&format!("authz_50.rss_{key}"), kib as f64 / 1024.0, "MiB");
+    }
+    for (q, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
+        figures.add(&format!("authz_50.added_{name}"), with_rules.added(q), "ms");
+    }
+    figures.add("authz_50.errors", with_rules.errors as f64, "requests");
+    figures.write();
 }
