@@ -160,6 +160,37 @@ pub struct Mesh {
     up: Child,
     extra: Vec<Child>,
     _turn: tokio::sync::MutexGuard<'static, ()>,
+    /// The state directory and topology file, removed once the processes stopped (after
+    /// `drop` below).
+    _scratch: Vec<Scratch>,
+}
+
+/// A file or directory a test made under the temporary directory, removed when dropped unless
+/// the thread is panicking: a failing test keeps its logs and state for whoever reads the
+/// failure, a passing one leaves nothing behind.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(path: PathBuf) -> Self {
+        Scratch(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let _ = if self.0.is_dir() {
+            std::fs::remove_dir_all(&self.0)
+        } else {
+            std::fs::remove_file(&self.0)
+        };
+    }
 }
 
 fn dur(d: Duration) -> String {
@@ -199,11 +230,14 @@ impl Mesh {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        // Removed with the mesh; kept when it fails to start (its logs say why).
+        let mut scratch = vec![state_dir.clone()];
         if let Some(t) = &opts.topology {
             std::fs::create_dir_all(&state_dir)?;
             let path = std::env::temp_dir().join(format!("strait-test-{}-{n}.yaml", std::process::id()));
             std::fs::write(&path, t)?;
-            cmd.arg("--topology").arg(path);
+            cmd.arg("--topology").arg(&path);
+            scratch.push(path);
         }
         if let Some(l) = opts.lease {
             cmd.arg("--lease").arg(dur(l));
@@ -232,6 +266,7 @@ impl Mesh {
             up,
             extra: vec![],
             _turn: turn,
+            _scratch: scratch.into_iter().map(Scratch::new).collect(),
         })
     }
 

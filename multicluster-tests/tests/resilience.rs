@@ -243,15 +243,18 @@ async fn a_bad_catalog_file_is_rejected_and_the_last_good_one_serves() {
 
 #[test]
 fn a_bad_topology_is_refused_with_the_field_named() {
-    let path = std::env::temp_dir().join(format!("strait-bad-topology-{}.yaml", std::process::id()));
+    let path = multicluster_tests::Scratch::new(
+        std::env::temp_dir().join(format!("strait-bad-topology-{}.yaml", std::process::id())),
+    );
+    let path = path.path();
     std::fs::write(
-        &path,
+        path,
         "services:\n  - {name: echo, port: 80}\nclusters:\n  - name: east\n    region: us-east\n    zones: [us-east-1a]\n    workloads:\n      - {service: echo, zone: mars-1}\n",
     )
     .unwrap();
     let out = std::process::Command::new(multicluster_tests::strait_bin())
         .args(["up", "--topology"])
-        .arg(&path)
+        .arg(path)
         .output()
         .unwrap();
     assert!(!out.status.success());
