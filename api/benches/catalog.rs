@@ -12,7 +12,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+/// The JSON document every benchmark writes, `target/strait-bench/<name>.json`: the same source
+/// as the other benchmarks' (this crate cannot depend on `multicluster-tests`).
+#[allow(dead_code, unused_imports)]
+#[path = "../../multicluster-tests/src/figures.rs"]
+mod figures;
 
 use prost::Message;
 use strait_api::pb;
@@ -227,5 +231,12 @@ fn main() {
     for (k, v) in &ratios {
         println!("{k}: {v:.3}");
     }
-    support::write_json("catalog", &figures, &ratios);
+    let mut doc = figures::Figures::new("catalog");
+    for (k, v, unit) in &figures {
+        doc.add(k, *v, unit);
+    }
+    for (k, v) in &ratios {
+        doc.ratio(k, *v, None);
+    }
+    doc.write();
 }

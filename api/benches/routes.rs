@@ -7,7 +7,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+/// The JSON document every benchmark writes, `target/strait-bench/<name>.json`: the same source
+/// as the other benchmarks' (this crate cannot depend on `multicluster-tests`).
+#[allow(dead_code, unused_imports)]
+#[path = "../../multicluster-tests/src/figures.rs"]
+mod figures;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,5 +86,9 @@ fn main() {
         figures.push((format!("{key}.p50"), pct(0.5) as f64, "ns"));
         figures.push((format!("{key}.p99"), pct(0.99) as f64, "ns"));
     }
-    support::write_json("routes", &figures, &[]);
+    let mut doc = figures::Figures::new("routes");
+    for (k, v, unit) in &figures {
+        doc.add(k, *v, unit);
+    }
+    doc.write();
 }
