@@ -186,6 +186,38 @@ pub struct MergeMemo {
     /// them kept every peer's map shared, so each update from a peer copied its whole map
     /// (hundreds of entries) to change one; what changed comes as [`Touched`] instead.
     last: Option<(BTreeSet<String>, Merged, IpRange)>,
+    /// How many merges this memo has made, and which services the last one may have changed
+    /// against the one before (`None`: any).
+    generation: u64,
+    touched: Option<Vec<Key>>,
+}
+
+/// Which services one merge changed against the merge before it, as [`MergeMemo::last_change`]
+/// tells: every service whose `Arc` differs from the one before is among `keys`; `None` when
+/// any may have (the first merge, a service that came or went, a new address range).
+#[derive(Clone, Copy, Debug)]
+pub struct MergeChange<'a> {
+    /// The merge's number in its memo (1 for the first).
+    pub generation: u64,
+    pub keys: Option<&'a [Key]>,
+}
+
+impl MergeChange<'_> {
+    /// A merge that may have changed anything.
+    pub const ANY: MergeChange<'static> = MergeChange {
+        generation: 0,
+        keys: None,
+    };
+}
+
+impl MergeMemo {
+    /// What the last merge changed.
+    pub fn last_change(&self) -> MergeChange<'_> {
+        MergeChange {
+            generation: self.generation,
+            keys: self.touched.as_deref(),
+        }
+    }
 }
 
 /// Which of one cluster's services changed since the last merge: these keys (added, changed
@@ -282,6 +314,8 @@ pub fn merge_with(
     changes: &Changes,
     range: IpRange,
 ) -> Merged {
+    memo.generation += 1;
+    memo.touched = None;
     if let Some((clusters, last, last_range)) = &mut memo.last {
         if *last_range == range {
             let dirty = changed_services(&memo.by_service, clusters, exports, changes);
@@ -303,10 +337,13 @@ pub fn merge_with(
                 .all(|(key, list)| list.is_empty() != last.contains_key(key));
             if same_set {
                 // The memo's map is updated in place: one copy of it per pass, the one returned.
+                let mut touched = Vec::with_capacity(lists.len());
                 for (key, list) in lists {
                     let merged = merge_service(&mut memo.by_service, &key, list, memo.ips[&key]);
-                    last.insert(key, merged);
+                    last.insert(key.clone(), merged);
+                    touched.push(key);
                 }
+                memo.touched = Some(touched);
                 *clusters = exports.keys().cloned().collect();
                 return last.clone();
             }

@@ -1,7 +1,7 @@
 //! From the merged catalog to the named, versioned resources the config stream carries, and
 //! the diff between two such sets. Pure functions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,10 +10,123 @@ use sha2::{Digest, Sha256};
 use strait_api::pb;
 use strait_api::pb::resource::Kind;
 
-use crate::catalog::{join, Key, Merged, MergedService};
+use crate::catalog::{join, Key, MergeChange, Merged, MergedService};
 
-/// Resources by name, as a controller serves them.
-pub type Resources = BTreeMap<Key, Arc<Built>>;
+/// Resources by name, as a controller serves them: in [`SHARDS`] shards by a hash of the name,
+/// each shared by `Arc` with the states before it that hold the same. A pass replaces only the
+/// shards its changes touch, so copying a state, comparing two, diffing what a proxy was sent
+/// against the state now and dropping an old one cost what changed, not the catalog's ~600
+/// resources (each walk over all of them was a cache miss per entry, on every pass, in every
+/// proxy's stream).
+#[derive(Clone, Debug)]
+pub struct Resources {
+    shards: Vec<Arc<Shard>>,
+    len: usize,
+}
+
+type Shard = BTreeMap<Key, Arc<Built>>;
+
+/// How many shards [`Resources`] has: ~10 resources each at the published size (300 services
+/// and their gateway views).
+pub const SHARDS: usize = 64;
+
+/// The shard of a resource name (FNV-1a: stable, and cheap for short names).
+fn shard_of(name: &str) -> usize {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % SHARDS as u64) as usize
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        // One empty shard shared by all: two empty shards are the same by pointer.
+        static EMPTY: std::sync::OnceLock<Arc<Shard>> = std::sync::OnceLock::new();
+        let empty = EMPTY.get_or_init(Arc::default);
+        Resources {
+            shards: vec![empty.clone(); SHARDS],
+            len: 0,
+        }
+    }
+}
+
+impl Resources {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Built>> {
+        self.shards[shard_of(name)].get(name)
+    }
+
+    /// Holds `built` under its name; a shard changes (and is copied, if shared) only when
+    /// `built` is not the resource it holds there already.
+    pub fn insert(&mut self, built: Arc<Built>) {
+        let shard = &mut self.shards[shard_of(&built.name)];
+        if shard.get(&*built.name).is_some_and(|b| Arc::ptr_eq(b, &built)) {
+            return;
+        }
+        if Arc::make_mut(shard).insert(built.name.clone(), built).is_none() {
+            self.len += 1;
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Arc<Built>> {
+        let shard = &mut self.shards[shard_of(name)];
+        if !shard.contains_key(name) {
+            return None;
+        }
+        let gone = Arc::make_mut(shard).remove(name);
+        self.len -= gone.is_some() as usize;
+        gone
+    }
+
+    /// Every resource, shard by shard (in name order within a shard only).
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Arc<Built>)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    /// Every name, in name order.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.iter().map(|(k, _)| &**k).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The shards that differ between `self` and `other` (not the same `Arc`), side by side.
+    fn differing<'a>(&'a self, other: &'a Resources) -> impl Iterator<Item = (&'a Shard, &'a Shard)> {
+        self.shards
+            .iter()
+            .zip(&other.shards)
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .map(|(a, b)| (&**a, &**b))
+    }
+}
+
+impl FromIterator<Arc<Built>> for Resources {
+    fn from_iter<I: IntoIterator<Item = Arc<Built>>>(iter: I) -> Self {
+        let mut out = Resources::default();
+        for b in iter {
+            out.insert(b);
+        }
+        out
+    }
+}
+
+impl std::ops::Index<&str> for Resources {
+    type Output = Arc<Built>;
+    fn index(&self, name: &str) -> &Arc<Built> {
+        self.get(name).unwrap_or_else(|| panic!("no resource {name}"))
+    }
+}
 
 /// The full config at one version.
 #[derive(Clone, Debug, Default)]
@@ -34,19 +147,26 @@ pub struct ConfigState {
 impl ConfigState {
     /// The `since` map of a new state at `version`, carried over from `previous` for every
     /// resource whose version did not change.
+    /// Only the shards that changed are looked at: the rest hold what they held, since included.
     pub fn since_from(previous: &ConfigState, resources: &Resources, version: u64) -> BTreeMap<Key, u64> {
-        resources
-            .iter()
-            .filter(|(k, _)| !is_service(k))
-            .map(|(k, r)| {
-                let kept = previous
-                    .resources
-                    .get(k)
-                    .filter(|old| old.version == r.version)
-                    .and_then(|_| previous.since.get(k).copied());
-                (k.clone(), kept.unwrap_or(version))
-            })
-            .collect()
+        let mut since = previous.since.clone();
+        for (before, now) in previous.resources.differing(resources) {
+            for (k, old, new) in join(before, now) {
+                if is_service(k) {
+                    continue;
+                }
+                match (old, new) {
+                    (Some(old), Some(new)) if old.version == new.version => {}
+                    (_, Some(_)) => {
+                        since.insert(k.clone(), version);
+                    }
+                    (_, None) => {
+                        since.remove(k);
+                    }
+                }
+            }
+        }
+        since
     }
 }
 
@@ -300,10 +420,18 @@ fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>]) -> Bui
 /// last build, by the merged service they were made from: an unchanged service (the same
 /// `Arc`) is not encoded and hashed again; nor is any other resource whose content is the
 /// same as in the last build (gateways, bundles, routes and policies are built on every pass).
+/// It holds the last build's resources too, and changes them in place: a pass after a merge
+/// that says which services it changed ([`MergeChange`]) looks at those alone.
 pub struct BuildMemo {
     local: String,
     by_service: HashMap<Key, Memoized>,
     others: HashMap<String, (Kind, Arc<Built>)>,
+    /// The names of the last build's resources that are not services (they are built, or
+    /// given, on every pass: one not given again is gone).
+    other_names: BTreeSet<Key>,
+    resources: Resources,
+    /// The generation of the merge the last build was made from.
+    built_from: Option<u64>,
 }
 
 struct Memoized {
@@ -321,8 +449,70 @@ impl BuildMemo {
             local: local.to_string(),
             by_service: HashMap::new(),
             others: HashMap::new(),
+            other_names: BTreeSet::new(),
+            resources: Resources::default(),
+            built_from: None,
         }
     }
+
+    /// Makes `key`'s resources from `svc` (or removes them, when it is gone), unless they were
+    /// made from the same `Arc`.
+    fn service(&mut self, key: &Key, svc: Option<&Arc<MergedService>>) {
+        let Some(svc) = svc else {
+            if let Some(m) = self.by_service.remove(key) {
+                self.resources.remove(&m.whole.name);
+                self.resources.remove(&m.view.name);
+            }
+            return;
+        };
+        let old = self.by_service.get(key);
+        if old.is_some_and(|m| Arc::ptr_eq(&m.made_from, svc)) {
+            return;
+        }
+        let old_parts = old.map(|m| m.parts.as_slice()).unwrap_or_default();
+        let parts: Vec<Arc<Part>> = svc
+            .exports
+            .iter()
+            .zip(&svc.clusters)
+            .map(|(e, c)| Part::reuse_or_new(old_parts, svc, c, e))
+            .collect();
+        let whole = Arc::new(service_resource(svc, &parts));
+        // A view that is, or comes out, as before stays the same `Arc`: gateways' streams skip
+        // it by pointer. Most changes are to other clusters' exports, which the view does not
+        // hold: it is not encoded again for those.
+        let view = match old {
+            Some(m) if same_view(&m.made_from, svc, &self.local) => m.view.clone(),
+            _ => {
+                let view = local_service_resource(svc, &parts, &self.local);
+                match old {
+                    Some(m) if m.view.version == view.version => m.view.clone(),
+                    _ => Arc::new(view),
+                }
+            }
+        };
+        self.resources.insert(whole.clone());
+        self.resources.insert(view.clone());
+        let m = Memoized {
+            made_from: svc.clone(),
+            parts,
+            whole,
+            view,
+        };
+        self.by_service.insert(key.clone(), m);
+    }
+}
+
+/// What a build holds besides the merged catalog's services.
+#[derive(Clone, Copy)]
+pub struct Others<'a> {
+    /// The controller's own services (its peering endpoint).
+    pub system_services: &'a [pb::Service],
+    pub gateways: &'a [pb::Gateway],
+    pub policy: &'a pb::LocalityPolicy,
+    pub bundles: &'a [pb::TrustBundle],
+    pub objects: &'a crate::objects::Checked,
+    /// Resources built elsewhere (each destination-total rate limit's shares).
+    pub built: &'a [Arc<Built>],
 }
 
 /// Whether `svc`'s gateway view in cluster `local` is the one made from `old`: the same export
@@ -347,135 +537,116 @@ fn same_view(old: &MergedService, svc: &MergedService, local: &str) -> bool {
 /// the content).
 pub fn same_versions(a: &Resources, b: &Resources) -> bool {
     a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|((ka, ra), (kb, rb))| ka == kb && ra.version == rb.version)
+        && a.differing(b).all(|(x, y)| {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|((ka, ra), (kb, rb))| ka == kb && ra.version == rb.version)
+        })
 }
 
 /// Everything proxies of cluster `local` receive.
-pub fn build(
-    local: &str,
-    merged: &Merged,
-    system_services: &[pb::Service],
-    gateways: &[pb::Gateway],
-    policy: &pb::LocalityPolicy,
-    bundles: &[pb::TrustBundle],
-    objects: &crate::objects::Checked,
-) -> Resources {
-    build_with(
-        &mut BuildMemo::new(local),
-        merged,
-        system_services,
-        gateways,
-        policy,
-        bundles,
-        objects,
-    )
+pub fn build(local: &str, merged: &Merged, others: &Others) -> Resources {
+    build_with(&mut BuildMemo::new(local), merged, MergeChange::ANY, others)
 }
 
-/// [`build`], reusing from `memo` the resource of every service that did not change.
-pub fn build_with(
-    memo: &mut BuildMemo,
-    merged: &Merged,
-    system_services: &[pb::Service],
-    gateways: &[pb::Gateway],
-    policy: &pb::LocalityPolicy,
-    bundles: &[pb::TrustBundle],
-    objects: &crate::objects::Checked,
-) -> Resources {
-    // Collected, then sorted once, and the map built in one go instead of searched for each of
-    // hundreds of inserts: wholes and views each come in name order, so the sort finds the
-    // runs and merges them.
-    let mut out: Vec<(Key, Arc<Built>)> = Vec::with_capacity(2 * merged.len() + 16);
-    let mut views: Vec<(Key, Arc<Built>)> = Vec::with_capacity(merged.len());
-    for (key, svc) in merged {
-        let (whole, view) = match memo.by_service.get(key) {
-            Some(m) if Arc::ptr_eq(&m.made_from, svc) => (m.whole.clone(), m.view.clone()),
-            old => {
-                let old_parts = old.map(|m| m.parts.as_slice()).unwrap_or_default();
-                let parts: Vec<Arc<Part>> = svc
-                    .exports
-                    .iter()
-                    .zip(&svc.clusters)
-                    .map(|(e, c)| Part::reuse_or_new(old_parts, svc, c, e))
-                    .collect();
-                let whole = Arc::new(service_resource(svc, &parts));
-                // A view that is, or comes out, as before stays the same `Arc`: gateways'
-                // streams skip it by pointer. Most changes are to other clusters' exports,
-                // which the view does not hold: it is not encoded again for those.
-                let view = match old {
-                    Some(m) if same_view(&m.made_from, svc, &memo.local) => m.view.clone(),
-                    _ => {
-                        let view = local_service_resource(svc, &parts, &memo.local);
-                        match old {
-                            Some(m) if m.view.version == view.version => m.view.clone(),
-                            _ => Arc::new(view),
-                        }
-                    }
-                };
-                let m = Memoized {
-                    made_from: svc.clone(),
-                    parts,
-                    whole: whole.clone(),
-                    view: view.clone(),
-                };
-                memo.by_service.insert(key.clone(), m);
-                (whole, view)
+/// [`build`], reusing from `memo` the resource of every service that did not change. When
+/// `change` is the merge right after the one `memo` last built from and names the services it
+/// changed, only those are looked at; else every service of `merged`.
+pub fn build_with(memo: &mut BuildMemo, merged: &Merged, change: MergeChange, others: &Others) -> Resources {
+    let follows = change.generation != 0 && memo.built_from == Some(change.generation - 1);
+    match change.keys.filter(|_| follows) {
+        Some(keys) => {
+            for key in keys {
+                memo.service(key, merged.get(key));
             }
-        };
-        out.push((whole.name.clone(), whole));
-        views.push((view.name.clone(), view));
+        }
+        None => {
+            for (key, svc) in merged {
+                memo.service(key, Some(svc));
+            }
+            let gone: Vec<Key> = memo
+                .by_service
+                .keys()
+                .filter(|k| !merged.contains_key(*k))
+                .cloned()
+                .collect();
+            for key in gone {
+                memo.service(&key, None);
+            }
+        }
     }
-    out.append(&mut views);
-    memo.by_service.retain(|k, _| merged.contains_key(k));
-    let mut others = std::mem::take(&mut memo.others);
-    let mut add = |name: String, kind: Kind| {
-        let built = match others.remove(&name) {
+    memo.built_from = (change.generation != 0).then_some(change.generation);
+    let mut kept = std::mem::take(&mut memo.others);
+    let mut names = BTreeSet::new();
+    let mut add = |memo: &mut BuildMemo, name: String, kind: Kind| {
+        let built = match kept.remove(&name) {
             Some((was, built)) if was == kind => built,
             _ => Arc::new(resource(name.clone(), kind.clone())),
         };
-        out.push((built.name.clone(), built.clone()));
+        names.insert(built.name.clone());
+        memo.resources.insert(built.clone());
         memo.others.insert(name, (kind, built));
     };
-    for s in system_services {
-        add(format!("service/{}/{}", s.namespace, s.name), Kind::Service(s.clone()));
+    for s in others.system_services {
+        add(
+            memo,
+            format!("service/{}/{}", s.namespace, s.name),
+            Kind::Service(s.clone()),
+        );
     }
-    for g in gateways {
-        add(format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
+    for g in others.gateways {
+        add(memo, format!("gateway/{}", g.cluster), Kind::Gateway(g.clone()));
     }
-    for route in &objects.routes {
+    for route in &others.objects.routes {
         let prefix = if route.kind == "GRPCRoute" {
             "grpcroute"
         } else {
             "route"
         };
         add(
+            memo,
             format!("{prefix}/{}/{}", route.namespace, route.name),
             Kind::HttpRoute(route.clone()),
         );
     }
-    for p in &objects.policies {
+    for p in &others.objects.policies {
         add(
+            memo,
             format!("trafficpolicy/{}/{}", p.namespace, p.name),
             Kind::TrafficPolicy(p.clone()),
         );
     }
-    for p in &objects.authz {
+    for p in &others.objects.authz {
         add(
+            memo,
             format!("authz/{}/{}", p.namespace, p.name),
             Kind::AuthorizationPolicy(p.clone()),
         );
     }
-    add("policy/locality".into(), Kind::LocalityPolicy(policy.clone()));
-    for b in bundles {
-        add(format!("bundle/{}", b.trust_domain), Kind::TrustBundle(b.clone()));
+    add(
+        memo,
+        "policy/locality".into(),
+        Kind::LocalityPolicy(others.policy.clone()),
+    );
+    for b in others.bundles {
+        add(memo, format!("bundle/{}", b.trust_domain), Kind::TrustBundle(b.clone()));
     }
-    out.into_iter().collect()
+    for b in others.built {
+        names.insert(b.name.clone());
+        memo.resources.insert(b.clone());
+    }
+    for gone in memo.other_names.difference(&names) {
+        memo.resources.remove(gone);
+    }
+    memo.other_names = names;
+    memo.resources.clone()
 }
 
 /// What changed from the resources last sent to `now`, both seen through `include`:
-/// resources to send (shared, not copied) and names removed. One walk over both; a resource
-/// rebuilt from an unchanged source is the same `Arc` and is skipped without comparing versions.
+/// resources to send (shared, not copied) and names removed, shard by shard (in name order
+/// within each). One walk over the shards that differ; a resource rebuilt from an unchanged
+/// source is the same `Arc` and is skipped without comparing versions.
 pub fn diff<'a>(
     sent: &'a Resources,
     now: &'a Resources,
@@ -483,7 +654,8 @@ pub fn diff<'a>(
 ) -> (Vec<&'a Arc<Built>>, Vec<String>) {
     let mut changed = vec![];
     let mut removed = vec![];
-    for (name, before, after) in join(sent, now) {
+    // Shards that are the same `Arc` in both hold nothing new: skipped whole.
+    for (name, before, after) in sent.differing(now).flat_map(|(a, b)| join(a, b)) {
         // Most resources are the same `Arc` in both: skipped before `include` looks at the name.
         match (before, after) {
             (Some(b), Some(a)) if Arc::ptr_eq(b, a) || b.version == a.version => {}
@@ -553,6 +725,22 @@ pub fn in_parts(sent: &Resources, changed: Vec<&Arc<Built>>, mut removed: Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A build's other inputs: these gateways, policy and objects, nothing else.
+    fn inputs<'a>(
+        gateways: &'a [pb::Gateway],
+        policy: &'a pb::LocalityPolicy,
+        objects: &'a crate::objects::Checked,
+    ) -> Others<'a> {
+        Others {
+            system_services: &[],
+            gateways,
+            policy,
+            bundles: &[],
+            objects,
+            built: &[],
+        }
+    }
 
     /// Each export of `svc` as a [`Part`], in `svc.exports` order.
     fn parts(svc: &MergedService) -> Vec<Arc<Part>> {
@@ -686,19 +874,196 @@ mod tests {
         assert_ne!(again.parts[1].version, split.parts[1].version);
     }
 
+    /// One pass as the controller's loop makes it: merge, then build from what the merge
+    /// changed; checked against a build made anew from the same merge, and the state's `since`
+    /// against its definition. Returns the new state.
+    fn pass(
+        merge_memo: &mut crate::catalog::MergeMemo,
+        memo: &mut BuildMemo,
+        clusters: &BTreeMap<String, Arc<crate::catalog::Services>>,
+        changes: &crate::catalog::Changes,
+        others: &Others,
+        before: &ConfigState,
+    ) -> ConfigState {
+        let range = "240.0.0.0/4".parse().unwrap();
+        let merged = crate::catalog::merge_with(merge_memo, clusters, changes, range);
+        let now = build_with(memo, &merged, merge_memo.last_change(), others);
+        let fresh = build("east", &merged, others);
+        assert_eq!(now.names(), fresh.names());
+        assert_eq!(now.len(), fresh.len());
+        for (name, r) in fresh.iter() {
+            assert_eq!(now[name].version, r.version, "{name}");
+        }
+        let version = before.version + 1;
+        let since = ConfigState::since_from(before, &now, version);
+        let want: BTreeMap<Key, u64> = now
+            .iter()
+            .filter(|(k, _)| !is_service(k))
+            .map(|(k, r)| {
+                let kept = before.resources.get(k).filter(|b| b.version == r.version);
+                (k.clone(), kept.map_or(version, |_| before.since[k]))
+            })
+            .collect();
+        assert_eq!(since, want);
+        ConfigState {
+            version,
+            resources: now,
+            warm: true,
+            since,
+        }
+    }
+
+    #[test]
+    fn a_build_after_a_merge_that_names_its_changes_holds_what_a_build_anew_holds() {
+        use crate::catalog::{Changes, MergeMemo, Services, Touched};
+        let export = |name: &str, cluster: &str, port: u32| {
+            Arc::new(pb::ExportedService {
+                name: name.into(),
+                namespace: "demo".into(),
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "http".into(),
+                }],
+                endpoints: vec![pb::Endpoint {
+                    address: format!("10.0.{}.1:{port}", cluster.len()),
+                    workload: format!("{name}-{cluster}"),
+                    ..Default::default()
+                }],
+                exported_at_unix_ms: 1,
+                identities: vec![],
+            })
+        };
+        let names: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+        let mut clusters: BTreeMap<String, Arc<Services>> = ["east", "west"]
+            .iter()
+            .map(|c| {
+                let services: Services = names
+                    .iter()
+                    .map(|n| (Key::from(format!("demo/{n}")), export(n, c, 8080)))
+                    .collect();
+                (c.to_string(), Arc::new(services))
+            })
+            .collect();
+        let keys = |k: &[&str]| Touched::Keys(k.iter().map(|k| Key::from(*k)).collect());
+        let policy = pb::LocalityPolicy::default();
+        let objects = Default::default();
+        let gateway = |cluster: &str| pb::Gateway {
+            cluster: cluster.into(),
+            ..Default::default()
+        };
+        let gateways = [gateway("east"), gateway("west")];
+        let others = inputs(&gateways, &policy, &objects);
+        let (mut merge_memo, mut memo) = (MergeMemo::default(), BuildMemo::new("east"));
+        let first = pass(
+            &mut merge_memo,
+            &mut memo,
+            &clusters,
+            &Changes::new(),
+            &others,
+            &ConfigState::default(),
+        );
+        assert_eq!(first.resources.len(), 2 * 40 + 3);
+
+        // West moves one endpoint of s7: the merge names s7, the build looks at it alone, and
+        // only its whole form changes (east's view holds east's endpoints): one shard differs.
+        Arc::make_mut(clusters.get_mut("west").unwrap()).insert("demo/s7".into(), export("s7", "west", 9090));
+        let changes = Changes::from([("west".to_string(), keys(&["demo/s7"]))]);
+        let second = pass(&mut merge_memo, &mut memo, &clusters, &changes, &others, &first);
+        assert_eq!(merge_memo.last_change().keys.map(<[Key]>::len), Some(1));
+        assert_eq!(second.resources.differing(&first.resources).count(), 1);
+        let (changed, removed) = diff(&first.resources, &second.resources, |_| true);
+        assert_eq!(
+            changed.iter().map(|r| &*r.name).collect::<Vec<_>>(),
+            ["service/demo/s7"]
+        );
+        assert!(removed.is_empty());
+
+        // Nothing changed: every shard is the one before.
+        let third = pass(&mut merge_memo, &mut memo, &clusters, &Changes::new(), &others, &second);
+        assert_eq!(third.resources.differing(&second.resources).count(), 0);
+        assert!(same_versions(&third.resources, &second.resources));
+
+        // East changes s3 and its own view changes with it; then a service comes (the merge
+        // gives every address again: the build looks at every service) and one goes.
+        Arc::make_mut(clusters.get_mut("east").unwrap()).insert("demo/s3".into(), export("s3", "east", 9090));
+        let changes = Changes::from([("east".to_string(), keys(&["demo/s3"]))]);
+        let fourth = pass(&mut merge_memo, &mut memo, &clusters, &changes, &others, &third);
+        let (changed, _) = diff(&third.resources, &fourth.resources, |_| true);
+        let mut changed: Vec<&str> = changed.iter().map(|r| &*r.name).collect();
+        changed.sort_unstable();
+        assert_eq!(changed, ["local/service/demo/s3", "service/demo/s3"]);
+        Arc::make_mut(clusters.get_mut("east").unwrap()).insert("demo/new".into(), export("new", "east", 80));
+        for c in ["east", "west"] {
+            Arc::make_mut(clusters.get_mut(c).unwrap()).remove("demo/s0");
+        }
+        let changes = Changes::from([
+            ("east".to_string(), keys(&["demo/new", "demo/s0"])),
+            ("west".to_string(), keys(&["demo/s0"])),
+        ]);
+        let fifth = pass(&mut merge_memo, &mut memo, &clusters, &changes, &others, &fourth);
+        assert!(merge_memo.last_change().keys.is_none());
+        assert!(fifth.resources.get("service/demo/s0").is_none());
+        assert!(fifth.resources.get("local/service/demo/s0").is_none());
+        assert!(fifth.resources.get("service/demo/new").is_some());
+
+        // Other resources: a gateway goes, a rate limit's shares come and go.
+        let shares = Arc::new(rate_shares_resource(pb::RateShares {
+            namespace: "demo".into(),
+            name: "s1".into(),
+            shares: [("east/a".to_string(), 1.0)].into(),
+        }));
+        let built = [shares];
+        let with_shares = Others {
+            gateways: &gateways[..1],
+            built: &built,
+            ..others
+        };
+        let sixth = pass(
+            &mut merge_memo,
+            &mut memo,
+            &clusters,
+            &Changes::new(),
+            &with_shares,
+            &fifth,
+        );
+        assert!(sixth.resources.get("gateway/west").is_none());
+        assert!(sixth.resources.get("rateshare/demo/s1").is_some());
+        assert_eq!(sixth.since["rateshare/demo/s1"], sixth.version);
+        assert_eq!(sixth.since["gateway/east"], first.version);
+        let seventh = pass(&mut merge_memo, &mut memo, &clusters, &Changes::new(), &others, &sixth);
+        assert!(seventh.resources.get("rateshare/demo/s1").is_none());
+        assert!(!seventh.since.contains_key("rateshare/demo/s1"));
+        assert_eq!(seventh.since["gateway/west"], seventh.version);
+
+        // A memo that missed a merge does not trust the next one's keys: it looks at every
+        // service (the pass checks the result against a build anew).
+        let range = "240.0.0.0/4".parse().unwrap();
+        Arc::make_mut(clusters.get_mut("west").unwrap()).insert("demo/s9".into(), export("s9", "west", 9090));
+        let changes = Changes::from([("west".to_string(), keys(&["demo/s9"]))]);
+        crate::catalog::merge_with(&mut merge_memo, &clusters, &changes, range);
+        Arc::make_mut(clusters.get_mut("west").unwrap()).insert("demo/s8".into(), export("s8", "west", 9090));
+        let changes = Changes::from([("west".to_string(), keys(&["demo/s8"]))]);
+        let eighth = pass(&mut merge_memo, &mut memo, &clusters, &changes, &others, &seventh);
+        assert_ne!(
+            eighth.resources["service/demo/s9"].version,
+            seventh.resources["service/demo/s9"].version
+        );
+    }
+
     #[test]
     fn a_build_reuses_unchanged_services() {
         let policy = pb::LocalityPolicy::default();
         let mut merged: Merged = BTreeMap::from([("demo/a".into(), svc("a", 80)), ("demo/b".into(), svc("b", 80))]);
         let mut memo = BuildMemo::new("east");
         let objects = Default::default();
-        let first = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let first = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
         merged.insert("demo/b".into(), svc("b", 81));
-        let second = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let second = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
         assert!(Arc::ptr_eq(&first["service/demo/a"], &second["service/demo/a"]));
         assert_ne!(first["service/demo/b"].version, second["service/demo/b"].version);
         // The same content as a build from scratch, version for version.
-        let fresh = build("east", &merged, &[], &[], &policy, &[], &objects);
+        let fresh = build("east", &merged, &inputs(&[], &policy, &objects));
         assert!(same_versions(&second, &fresh));
         assert!(!same_versions(&first, &fresh));
         // Resources besides services too: the same gateway is the same `Arc`, a changed one
@@ -708,18 +1073,33 @@ mod tests {
             reachable,
             ..Default::default()
         };
-        let third = build_with(&mut memo, &merged, &[], &[gateway(true)], &policy, &[], &objects);
-        let fourth = build_with(&mut memo, &merged, &[], &[gateway(true)], &policy, &[], &objects);
+        let third = build_with(
+            &mut memo,
+            &merged,
+            MergeChange::ANY,
+            &inputs(&[gateway(true)], &policy, &objects),
+        );
+        let fourth = build_with(
+            &mut memo,
+            &merged,
+            MergeChange::ANY,
+            &inputs(&[gateway(true)], &policy, &objects),
+        );
         assert!(Arc::ptr_eq(&third["gateway/west"], &fourth["gateway/west"]));
         assert!(Arc::ptr_eq(&third["policy/locality"], &second["policy/locality"]));
-        let fifth = build_with(&mut memo, &merged, &[], &[gateway(false)], &policy, &[], &objects);
+        let fifth = build_with(
+            &mut memo,
+            &merged,
+            MergeChange::ANY,
+            &inputs(&[gateway(false)], &policy, &objects),
+        );
         assert_ne!(fifth["gateway/west"].version, fourth["gateway/west"].version);
         assert_eq!(
             fifth["gateway/west"],
-            build("east", &merged, &[], &[gateway(false)], &policy, &[], &objects)["gateway/west"]
+            build("east", &merged, &inputs(&[gateway(false)], &policy, &objects))["gateway/west"]
         );
-        let sixth = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
-        assert!(!sixth.contains_key("gateway/west") && !memo.others.contains_key("gateway/west"));
+        let sixth = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
+        assert!(sixth.get("gateway/west").is_none() && !memo.others.contains_key("gateway/west"));
     }
 
     #[test]
@@ -746,11 +1126,11 @@ mod tests {
         echo.clusters = vec!["east".into(), "west".into()];
         let mut merged: Merged = BTreeMap::from([("demo/echo".into(), Arc::new(echo.clone()))]);
         let mut memo = BuildMemo::new("east");
-        let first = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let first = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
         let east_part = memo.by_service["demo/echo"].parts[0].clone();
         echo.exports[1] = export("west", false);
         merged.insert("demo/echo".into(), Arc::new(echo.clone()));
-        let second = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let second = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
         // East's endpoints were not encoded again; the service changed, east's view did not.
         assert!(Arc::ptr_eq(&memo.by_service["demo/echo"].parts[0], &east_part));
         assert_ne!(first["service/demo/echo"].version, second["service/demo/echo"].version);
@@ -760,18 +1140,18 @@ mod tests {
         ));
         // Byte for byte and version for version what a build from scratch makes, and back to
         // the first content is back to the first version.
-        let fresh = build("east", &merged, &[], &[], &policy, &[], &objects);
+        let fresh = build("east", &merged, &inputs(&[], &policy, &objects));
         assert_eq!(second["service/demo/echo"], fresh["service/demo/echo"]);
         echo.exports[1] = export("west", true);
         merged.insert("demo/echo".into(), Arc::new(echo));
-        let third = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let third = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
         assert_eq!(third["service/demo/echo"], first["service/demo/echo"]);
     }
 
     #[test]
     fn diff_sends_only_changes() {
         let policy = pb::LocalityPolicy::default();
-        let a = build("east", &BTreeMap::new(), &[], &[], &policy, &[], &Default::default());
+        let a = build("east", &BTreeMap::new(), &inputs(&[], &policy, &Default::default()));
         let (changed, removed) = diff(&a, &a, |_| true);
         assert!(changed.is_empty() && removed.is_empty());
         // Scoped out: the same as absent.
@@ -781,11 +1161,11 @@ mod tests {
             cluster_order: vec!["west".into()],
             ..Default::default()
         };
-        let b = build("east", &BTreeMap::new(), &[], &[], &policy2, &[], &Default::default());
+        let b = build("east", &BTreeMap::new(), &inputs(&[], &policy2, &Default::default()));
         let (changed, removed) = diff(&a, &b, |_| true);
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());
-        let (_, removed) = diff(&a, &BTreeMap::new(), |_| true);
+        let (_, removed) = diff(&a, &Resources::new(), |_| true);
         assert_eq!(removed, vec!["policy/locality".to_string()]);
         // Services on either side of the walk: one gone, one new, one changed, one the same.
         let objects = Default::default();
@@ -795,8 +1175,8 @@ mod tests {
         let two: Merged = [("b", 81), ("c", 80), ("d", 80)]
             .map(|(n, p)| (format!("demo/{n}").into(), svc(n, p)))
             .into();
-        let before = build("east", &one, &[], &[], &policy, &[], &objects);
-        let after = build("east", &two, &[], &[], &policy, &[], &objects);
+        let before = build("east", &one, &inputs(&[], &policy, &objects));
+        let after = build("east", &two, &inputs(&[], &policy, &objects));
         let sidecar = |n: &str| !gateway_only(n);
         let (changed, removed) = diff(&before, &after, sidecar);
         let changed: Vec<&str> = changed.iter().map(|r| &*r.name).collect();
@@ -874,10 +1254,10 @@ mod tests {
         let objects = Default::default();
         let mut memo = BuildMemo::new("west");
         let mut merged: Merged = BTreeMap::from([("demo/echo".into(), Arc::new(echo.clone()))]);
-        let first = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let first = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
         echo.exports[0] = export("east", false);
         merged.insert("demo/echo".into(), Arc::new(echo.clone()));
-        let second = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+        let second = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
         assert!(Arc::ptr_eq(
             &first["local/service/demo/echo"],
             &second["local/service/demo/echo"]
@@ -887,12 +1267,12 @@ mod tests {
         // must equal one from scratch.
         let mut view_changed = |echo: &MergedService, before: &Resources| {
             merged.insert("demo/echo".into(), Arc::new(echo.clone()));
-            let now = build_with(&mut memo, &merged, &[], &[], &policy, &[], &objects);
+            let now = build_with(&mut memo, &merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
             let view = "local/service/demo/echo";
             assert_ne!(before[view].version, now[view].version);
             assert!(same_versions(
                 &now,
-                &build("west", &merged, &[], &[], &policy, &[], &objects)
+                &build("west", &merged, &inputs(&[], &policy, &objects))
             ));
             now
         };
@@ -1096,7 +1476,7 @@ mod tests {
         let mut memo = BuildMemo::new("east");
         let (mut sent_in_parts, mut identities) = (vec![], vec![]);
         for merged in &steps {
-            let now = build_with(&mut memo, merged, &[], &[], &policy, &[], &objects);
+            let now = build_with(&mut memo, merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
             let sidecar = |name: &str| !gateway_only(name);
             let (changed, removed) = diff(&sent, &now, sidecar);
             let wire: Vec<Bytes> = changed.iter().map(|r| r.wire.clone()).collect();

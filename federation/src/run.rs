@@ -30,7 +30,7 @@ use crate::catalog::{
 };
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
-use crate::resources::{build_with, same_versions, BuildMemo, ConfigState};
+use crate::resources::{build_with, same_versions, BuildMemo, ConfigState, Others};
 use crate::source::{FileSource, SourceError};
 use crate::xds::XdsServer;
 use crate::{policy, ControllerConfig, FEDERATION_PORT};
@@ -443,6 +443,10 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         }
         peers_alive.set(alive);
         let merged = merge_with(&mut merge_memo, &by_cluster, &changes, range);
+        // Peers' maps are held only while the pass reads them: a peer's update that arrives
+        // while a reference is held here copies its whole map to change it (the table changes
+        // a map in place only when nothing else holds it).
+        drop(by_cluster);
         // Routes and policies: ours (both scopes) and every peer's clusterset ones, merged,
         // then checked against this cluster's catalog.
         let own_objects: Vec<pb::PolicyObject> = object_store
@@ -454,15 +458,6 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let peer_objects: Vec<pb::PolicyObject> = peers.iter().flat_map(|p| p.objects.iter().cloned()).collect();
         let effective = crate::objects::effective(&own_objects, &peer_objects);
         let checked = crate::objects::check(&effective, &merged, &mut last_good, &cfg.cluster);
-        let mut resources = build_with(
-            &mut build_memo,
-            &merged,
-            std::slice::from_ref(&federation_service),
-            &gateways,
-            &policy_watch.current,
-            &bundles,
-            &checked,
-        );
         // Destination-total rate limits, divided by where the requests arrive in every cluster.
         {
             let own = own_traffic.borrow_and_update().clone();
@@ -476,9 +471,19 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 .collect();
             rate_shares.update(&checked.policies, &merged, &summaries, now);
         }
-        for r in rate_shares.resources() {
-            resources.insert(r.name.clone(), r.clone());
-        }
+        let resources = build_with(
+            &mut build_memo,
+            &merged,
+            merge_memo.last_change(),
+            &Others {
+                system_services: std::slice::from_ref(&federation_service),
+                gateways: &gateways,
+                policy: &policy_watch.current,
+                bundles: &bundles,
+                objects: &checked,
+                built: rate_shares.resources(),
+            },
+        );
         // Warm once every configured peer has pushed since this start, or one lease has passed.
         let warm = started_at.elapsed() >= cfg.lease
             || cfg
@@ -523,6 +528,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             }
             watched.objects.write_statuses(&reports).await;
         }
+        drop(peers);
         let objects_out = object_store.exported();
         let statuses_out: Vec<pb::ObjectStatus> = statuses.values().cloned().collect();
         exports_tx.send_if_modified(|cur| {
