@@ -198,7 +198,7 @@ pub fn is_service(name: &str) -> bool {
 }
 
 /// A resource as the config stream sends it: its name, its version (a digest of its content)
-/// and its encoding as a `pb::Resource`, made once when it is built and shared by every
+/// and its encoding as a `pb::Resource` ([`Built::wire`]), made once and shared by every
 /// proxy's stream. The controller keeps nothing else of it: the decoded form (a service's
 /// endpoints above all) was a copy of what the merge already holds.
 #[derive(Clone, Debug, PartialEq)]
@@ -206,7 +206,7 @@ pub struct Built {
     /// The name, shared with every map that holds the resource.
     pub name: Key,
     pub version: String,
-    pub wire: Bytes,
+    wire: Wire,
     /// A clusterset service also in parts, for proxies that take it so
     /// (`Hello.accepts_endpoint_parts`): an endpoint change in one cluster then sends them that
     /// cluster's endpoints, not every cluster's. `None` for every other resource.
@@ -223,6 +223,48 @@ pub struct Split {
     pub parts: Vec<Arc<Built>>,
 }
 
+/// A resource's encoding: its bytes, or (a clusterset service's whole form) the pieces they are
+/// joined from when first asked for. Proxies that take services in parts (every proxy of this
+/// version) are never sent the whole form, so a controller serving only them never writes it:
+/// copying every cluster's endpoints into it on each change was a third of building a changed
+/// service, and holding it a copy of the whole catalog's endpoints.
+#[derive(Clone, Debug)]
+enum Wire {
+    Bytes(Bytes),
+    /// The bytes before the endpoints, each part's endpoints (slices of the parts' own
+    /// encodings, not copies) and the bytes after them.
+    Pieces {
+        pieces: Vec<Bytes>,
+        joined: std::sync::OnceLock<Bytes>,
+    },
+}
+
+impl Wire {
+    fn bytes(&self) -> &Bytes {
+        match self {
+            Wire::Bytes(b) => b,
+            Wire::Pieces { pieces, joined } => joined.get_or_init(|| {
+                let mut buf = Vec::with_capacity(pieces.iter().map(Bytes::len).sum());
+                for p in pieces {
+                    buf.extend_from_slice(p);
+                }
+                buf.into()
+            }),
+        }
+    }
+}
+
+impl PartialEq for Wire {
+    fn eq(&self, other: &Wire) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+/// The version for a digest: its first 8 bytes in hex.
+fn version_of(digest: &[u8]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Built {
     /// `buf` is the resource encoded without a version (its name and kind): the version is a
     /// digest of those bytes, appended as `Resource.version` (a field may come in any order).
@@ -233,19 +275,24 @@ impl Built {
 
     /// `buf` as [`Built::finish`] takes it, with the digest that stands for its content.
     fn with_version(name: Key, mut buf: Vec<u8>, digest: &[u8]) -> Built {
-        let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let version = version_of(digest);
         prost::encoding::string::encode(RESOURCE_VERSION, &version, &mut buf);
         Built {
             name,
             version,
-            wire: buf.into(),
+            wire: Wire::Bytes(buf.into()),
             split: None,
         }
     }
 
+    /// The resource encoded as a `pb::Resource`, as the config stream sends it.
+    pub fn wire(&self) -> &Bytes {
+        self.wire.bytes()
+    }
+
     /// The resource as a proxy decodes it.
     pub fn decode(&self) -> Result<pb::Resource, prost::DecodeError> {
-        pb::Resource::decode(self.wire.clone())
+        pb::Resource::decode(self.wire().clone())
     }
 }
 
@@ -329,7 +376,7 @@ impl Part {
 
     /// The endpoints' bytes, as field 5 of a `pb::Service`.
     fn endpoint_bytes(&self) -> &[u8] {
-        &self.resource.wire[self.endpoints.clone()]
+        &self.resource.wire()[self.endpoints.clone()]
     }
 
     /// The part of `export` in `old` (by pointer), or a new one.
@@ -349,13 +396,13 @@ impl Part {
 /// `service/<ns>/<name>`, encoded straight from the merged service: its endpoints are written
 /// from the parts of the exports that hold them (`parts`, in `svc.exports` order), not copied
 /// into a `pb::Service` first. The same fields as a `pb::Service` made from it, in the same
-/// order.
+/// order; the whole form's bytes are joined only for a proxy that asks for it.
 fn service_resource(svc: &MergedService, parts: &[Arc<Part>]) -> Built {
     let name = format!("service/{}/{}", svc.namespace, svc.name);
-    let head = encode_service(name.clone(), svc, &[]);
+    let head = encode_service(name.clone(), svc, &[], false);
     let mut by_cluster: Vec<(&String, &Arc<Part>)> = svc.clusters.iter().zip(parts).collect();
     by_cluster.sort_by(|a, b| a.0.cmp(b.0));
-    let mut whole = encode_service(name, svc, parts);
+    let mut whole = encode_service(name, svc, parts, true);
     whole.split = Some(Box::new(Split {
         head,
         parts: by_cluster.into_iter().map(|(_, p)| p.resource.clone()).collect(),
@@ -371,6 +418,7 @@ fn local_service_resource(svc: &MergedService, parts: &[Arc<Part>], local: &str)
         format!("{LOCAL_VIEW}service/{}/{}", svc.namespace, svc.name),
         svc,
         only.map(std::slice::from_ref).unwrap_or_default(),
+        false,
     )
 }
 
@@ -378,7 +426,8 @@ fn local_service_resource(svc: &MergedService, parts: &[Arc<Part>], local: &str)
 /// the bytes before the endpoints, each part's digest and the bytes after, each with its
 /// length: the same content gives the same version in every build and controller, and a
 /// change anywhere a new one, without hashing every endpoint again.
-fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>]) -> Built {
+/// `in_pieces`: its bytes are joined only when first asked for ([`Wire::Pieces`]).
+fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>], in_pieces: bool) -> Built {
     use prost::encoding::{encode_key, encode_varint, string, WireType};
     // Fields 1-4, then the endpoints (5), then 6 and 7: prost writes them in this order.
     let head = pb::Service {
@@ -406,14 +455,36 @@ fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>]) -> Bui
         digest.update(bytes);
     };
     segment(&buf);
+    if !in_pieces {
+        for p in parts {
+            segment(&p.digest);
+            buf.extend_from_slice(p.endpoint_bytes());
+        }
+        let before_tail = buf.len();
+        tail.encode(&mut buf).expect("a Vec grows to fit");
+        segment(&buf[before_tail..]);
+        return Built::with_version(name.into(), buf, &digest.finalize());
+    }
+    let mut pieces = Vec::with_capacity(parts.len() + 2);
+    pieces.push(Bytes::from(buf));
     for p in parts {
         segment(&p.digest);
-        buf.extend_from_slice(p.endpoint_bytes());
+        pieces.push(p.resource.wire().slice(p.endpoints.clone()));
     }
-    let before_tail = buf.len();
-    tail.encode(&mut buf).expect("a Vec grows to fit");
-    segment(&buf[before_tail..]);
-    Built::with_version(name.into(), buf, &digest.finalize())
+    let mut after = tail.encode_to_vec();
+    segment(&after);
+    let version = version_of(&digest.finalize());
+    string::encode(RESOURCE_VERSION, &version, &mut after);
+    pieces.push(after.into());
+    Built {
+        name: name.into(),
+        version,
+        wire: Wire::Pieces {
+            pieces,
+            joined: Default::default(),
+        },
+        split: None,
+    }
 }
 
 /// Each service's resources (its whole form and its gateway view in cluster `local`) from the
@@ -677,13 +748,13 @@ pub fn in_parts(sent: &Resources, changed: Vec<&Arc<Built>>, mut removed: Vec<St
     let mut gone = vec![];
     for r in changed {
         let Some(split) = &r.split else {
-            out.push(r.wire.clone());
+            out.push(r.wire().clone());
             continue;
         };
         let before = sent.get(&r.name).and_then(|b| b.split.as_deref());
         let fields_same = before.is_some_and(|b| b.head.version == split.head.version);
         if !fields_same {
-            out.push(split.head.wire.clone());
+            out.push(split.head.wire().clone());
         }
         let old = before.map(|b| b.parts.as_slice()).unwrap_or_default();
         // Both in name order: one walk.
@@ -692,7 +763,7 @@ pub fn in_parts(sent: &Resources, changed: Vec<&Arc<Built>>, mut removed: Vec<St
             match (old.get(i), split.parts.get(j)) {
                 (Some(o), Some(n)) if o.name == n.name => {
                     if !fields_same || o.version != n.version {
-                        out.push(n.wire.clone());
+                        out.push(n.wire().clone());
                     }
                     i += 1;
                     j += 1;
@@ -706,7 +777,7 @@ pub fn in_parts(sent: &Resources, changed: Vec<&Arc<Built>>, mut removed: Vec<St
                     i += 1;
                 }
                 (_, Some(n)) => {
-                    out.push(n.wire.clone());
+                    out.push(n.wire().clone());
                     j += 1;
                 }
                 (None, None) => break,
@@ -820,7 +891,11 @@ mod tests {
         // Byte for byte prost's encoding, the version appended; and it decodes to the resource.
         let mut bytes = want.encode_to_vec();
         prost::encoding::string::encode(2, &built.version, &mut bytes);
-        assert_eq!(built.wire, bytes);
+        assert_eq!(built.wire(), &bytes);
+        // Joined from its pieces or written at once: the same bytes and version.
+        let at_once = encode_service(built.name.to_string(), &merged, &parts(&merged), false);
+        assert!(matches!(at_once.wire, Wire::Bytes(_)) && matches!(built.wire, Wire::Pieces { .. }));
+        assert_eq!((at_once.wire(), &at_once.version), (built.wire(), &built.version));
         want.version = built.version.clone();
         assert_eq!(built.decode().unwrap(), want);
         assert_eq!(&*built.name, "service/demo/echo");
@@ -843,7 +918,7 @@ mod tests {
         if let Some(Kind::Service(s)) = &mut head.kind {
             s.endpoints.clear();
         }
-        assert_eq!(split.head.wire, prost_bytes(&head, &split.head.version));
+        assert_eq!(split.head.wire(), &prost_bytes(&head, &split.head.version));
         assert_eq!(&*split.head.name, "service/demo/echo");
         assert_eq!(split.parts.len(), 2);
         for (part, (cluster, export)) in split.parts.iter().zip(merged.clusters.iter().zip(&merged.exports)) {
@@ -857,7 +932,7 @@ mod tests {
                     endpoints: export.endpoints.clone(),
                 })),
             };
-            assert_eq!(part.wire, prost_bytes(&want, &part.version));
+            assert_eq!(part.wire(), &prost_bytes(&want, &part.version));
             assert_eq!(part.decode().unwrap(), want);
             assert_eq!(*part.name, *want.name);
         }
@@ -1479,7 +1554,7 @@ mod tests {
             let now = build_with(&mut memo, merged, MergeChange::ANY, &inputs(&[], &policy, &objects));
             let sidecar = |name: &str| !gateway_only(name);
             let (changed, removed) = diff(&sent, &now, sidecar);
-            let wire: Vec<Bytes> = changed.iter().map(|r| r.wire.clone()).collect();
+            let wire: Vec<Bytes> = changed.iter().map(|r| r.wire().clone()).collect();
             whole_proxy.apply(&wire, removed.clone());
             let (wire, removed) = in_parts(&sent, changed, removed);
             let names: Vec<String> = wire

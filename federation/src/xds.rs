@@ -146,7 +146,7 @@ impl ConfigService for XdsServer {
                     let (changed, removed) = if hello.accepts_endpoint_parts {
                         in_parts(&sent.resources, changed, removed)
                     } else {
-                        (changed.into_iter().map(|r| r.wire.clone()).collect(), removed)
+                        (changed.into_iter().map(|r| r.wire().clone()).collect(), removed)
                     };
                     let mut parts = Parts::new(current.version, first, hello.accepts_parts);
                     let mut gone = false;
