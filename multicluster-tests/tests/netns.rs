@@ -351,9 +351,14 @@ async fn unmodified_clients_in_network_namespaces() {
 async fn leftovers_of_a_crash_are_cleaned_up() {
     let (_, base) = multicluster_tests::fresh_address_base();
     let prefix = format!("strait-{base}-");
+    // A SIGKILLed `strait up` cannot remove its state directory either: given one here, so the
+    // test removes it (in its default place, one was left in /tmp by every run).
+    let state = multicluster_tests::Scratch::new(std::env::temp_dir().join(format!("strait-crash-{base}")));
     let up = || {
         let mut child = Command::new(strait_bin())
             .args(["up", "--netns", "--output", "json", "--address-base", &base.to_string()])
+            .arg("--state-dir")
+            .arg(state.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
