@@ -709,6 +709,11 @@ pub fn build_with(memo: &mut BuildMemo, merged: &Merged, change: MergeChange, ot
     }
     for gone in memo.other_names.difference(&names) {
         memo.resources.remove(gone);
+        // A merged service of the same name (one a system service hid) is served again.
+        let hidden = gone.strip_prefix("service/").and_then(|k| memo.by_service.get(k));
+        if let Some(m) = hidden {
+            memo.resources.insert(m.whole.clone());
+        }
     }
     memo.other_names = names;
     memo.resources.clone()
@@ -1110,6 +1115,29 @@ mod tests {
         assert!(seventh.resources.get("rateshare/demo/s1").is_none());
         assert!(!seventh.since.contains_key("rateshare/demo/s1"));
         assert_eq!(seventh.since["gateway/west"], seventh.version);
+
+        // A system service of a merged service's name is served in its place while it is
+        // given; then the merged one again (each pass checks against a build anew).
+        let system = [pb::Service {
+            name: "s1".into(),
+            namespace: "demo".into(),
+            ..Default::default()
+        }];
+        let hiding = Others {
+            system_services: &system,
+            ..others
+        };
+        let hidden = pass(
+            &mut merge_memo,
+            &mut memo,
+            &clusters,
+            &Changes::new(),
+            &hiding,
+            &seventh,
+        );
+        assert!(hidden.resources["service/demo/s1"].split.is_none());
+        let seventh = pass(&mut merge_memo, &mut memo, &clusters, &Changes::new(), &others, &hidden);
+        assert!(seventh.resources["service/demo/s1"].split.is_some());
 
         // A memo that missed a merge does not trust the next one's keys: it looks at every
         // service (the pass checks the result against a build anew).
