@@ -369,23 +369,25 @@ async fn traffic_policies_apply_in_every_cluster() {
     assert!(ok, "{out}{err}");
     let east_b = mesh.workload("echo", "us-east-1b").outbound_proxy;
     let seconds = 5;
-    // Each caller offers 40/s, four times its endpoint's share.
+    // Each caller offers 40/s, four times its endpoint's share, for the traffic window and a
+    // hold (the shares follow the demand once each cluster's summaries show it: while they
+    // ramp up, out of step between clusters, a share that shrinks goes out at once and one
+    // that grows waits HOLD, so the total under-admits by design: 34–35/s in the first 5 s on
+    // a busy machine); then the total is measured over the next 5 s, the demand unbroken.
+    let settle = 16;
     let (allowed, limited) = rate_phase(
         &[east_caller.outbound_proxy, east_b, west_caller, central_caller],
         "/",
-        seconds,
+        settle + seconds,
         40,
     )
     .await;
-    let allowed: u32 = allowed.iter().sum();
+    println!("destination total, allowed per second while the shares settle and after: {allowed:?}");
+    let allowed: u32 = allowed[settle as usize..].iter().sum();
     let rate = f64::from(allowed) / f64::from(seconds);
-    println!("rate limit 40/s for echo (4 endpoints, 3 clusters): {allowed} allowed, {limited} limited in {seconds}s = {rate:.1}/s");
+    println!("rate limit 40/s for echo (4 endpoints, 3 clusters): {allowed} allowed in {seconds}s = {rate:.1}/s ({limited} limited in all)");
     assert!(limited > 0, "the callers sent more than the limit");
-    // 4 endpoints start with one token each.
-    assert!(
-        (36.0..=44.0 + 4.0 / f64::from(seconds)).contains(&rate),
-        "{rate}/s allowed"
-    );
+    assert!((36.0..=44.0).contains(&rate), "{rate}/s allowed");
 
     // All the traffic to one endpoint (a caller in us-east-1a calls its own zone's): divided
     // equally it would allow 10/s; the controllers divide the total by where requests arrive,
