@@ -137,8 +137,9 @@ fn churn(form: Form, i: usize) -> Vec<pb::Resource> {
 }
 
 /// Applies the full catalog in `form`, then 1,000 churn updates, printing and recording what
-/// each costs.
-fn measure(form: Form, figures: &mut Vec<(String, f64, &'static str)>) {
+/// each costs; returns what the two forms are compared by: one churn update's bytes on the
+/// wire and microseconds to apply, and the MiB held once the catalog is applied.
+fn measure(form: Form, figures: &mut figures::Figures) -> [f64; 3] {
     let label = match form {
         Form::Whole => "whole",
         Form::Parts => "parts",
@@ -164,8 +165,8 @@ fn measure(form: Form, figures: &mut Vec<(String, f64, &'static str)>) {
         mib(decoded_bytes),
         decoded_bytes as f64 / endpoints as f64
     );
-    figures.push((format!("{label}.full_update_wire"), mib(wire.len()), "MiB"));
-    figures.push((format!("{label}.full_update_decoded"), mib(decoded_bytes), "MiB"));
+    figures.add(&format!("{label}.full_update_wire"), mib(wire.len()), "MiB");
+    figures.add(&format!("{label}.full_update_decoded"), mib(decoded_bytes), "MiB");
     drop(wire);
     let mut resources = Resources::default();
     let (snapshot, rejected) = resources.update(&Snapshot::default(), decoded);
@@ -176,12 +177,12 @@ fn measure(form: Form, figures: &mut Vec<(String, f64, &'static str)>) {
         mib(held),
         held as f64 / endpoints as f64,
     );
-    figures.push((format!("{label}.held"), mib(held), "MiB"));
-    figures.push((
-        format!("{label}.held_per_endpoint"),
+    figures.add(&format!("{label}.held"), mib(held), "MiB");
+    figures.add(
+        &format!("{label}.held_per_endpoint"),
         held as f64 / endpoints as f64,
         "B",
-    ));
+    );
     let mut prev = snapshot;
     let (mut bytes, started) = (0usize, std::time::Instant::now());
     for i in 0..1000 {
@@ -203,11 +204,12 @@ fn measure(form: Form, figures: &mut Vec<(String, f64, &'static str)>) {
         bytes as f64 / 1000.0,
         mib(after),
     );
-    figures.push((format!("{label}.churn_update_wire"), bytes as f64 / 1000.0, "B"));
-    figures.push((format!("{label}.churn_update_apply"), each, "us"));
-    figures.push((format!("{label}.held_after_churn"), mib(after), "MiB"));
+    figures.add(&format!("{label}.churn_update_wire"), bytes as f64 / 1000.0, "B");
+    figures.add(&format!("{label}.churn_update_apply"), each, "us");
+    figures.add(&format!("{label}.held_after_churn"), mib(after), "MiB");
     drop(prev);
     drop(resources);
+    [bytes as f64 / 1000.0, each, mib(held)]
 }
 
 fn main() {
@@ -215,28 +217,16 @@ fn main() {
         "{CLUSTERS} clusters x {SERVICES} services x {ENDPOINTS_PER_CLUSTER} endpoints per cluster ({} endpoints)",
         CLUSTERS * ENDPOINTS_PER_CLUSTER
     );
-    let mut figures = vec![];
-    measure(Form::Whole, &mut figures);
-    measure(Form::Parts, &mut figures);
-    let get = |k: &str| figures.iter().find(|f| f.0 == k).map(|f| f.1).unwrap_or(f64::NAN);
-    let ratios: Vec<(String, f64)> = ["churn_update_wire", "churn_update_apply", "held"]
+    let mut figures = figures::Figures::new("catalog");
+    let whole = measure(Form::Whole, &mut figures);
+    let parts = measure(Form::Parts, &mut figures);
+    for (k, (p, w)) in ["churn_update_wire", "churn_update_apply", "held"]
         .iter()
-        .map(|k| {
-            (
-                format!("{k}.parts_over_whole"),
-                get(&format!("parts.{k}")) / get(&format!("whole.{k}")),
-            )
-        })
-        .collect();
-    for (k, v) in &ratios {
-        println!("{k}: {v:.3}");
+        .zip(parts.iter().zip(whole))
+    {
+        let key = format!("{k}.parts_over_whole");
+        println!("{key}: {:.3}", p / w);
+        figures.ratio(&key, p / w, None);
     }
-    let mut doc = figures::Figures::new("catalog");
-    for (k, v, unit) in &figures {
-        doc.add(k, *v, unit);
-    }
-    for (k, v) in &ratios {
-        doc.ratio(k, *v, None);
-    }
-    doc.write();
+    figures.write();
 }

@@ -51,7 +51,8 @@ fn main() {
     let table = RouteTable::new(&routes);
     let build = started.elapsed();
     println!("50 routes x 16 rules: compiled and indexed in {build:.2?}");
-    let mut figures = vec![("build".to_string(), build.as_secs_f64() * 1e6, "us")];
+    let mut figures = figures::Figures::new("routes");
+    figures.add("build", build.as_secs_f64() * 1e6, "us");
 
     let mut headers = http::HeaderMap::new();
     headers.insert("x-rule", "14".parse().unwrap());
@@ -83,12 +84,8 @@ fn main() {
         let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_nanos();
         println!("{label:<28} {:>10} {:>10}", pct(0.5), pct(0.99));
         let key = label.replace([' ', ','], "_").replace("__", "_");
-        figures.push((format!("{key}.p50"), pct(0.5) as f64, "ns"));
-        figures.push((format!("{key}.p99"), pct(0.99) as f64, "ns"));
+        figures.add(&format!("{key}.p50"), pct(0.5) as f64, "ns");
+        figures.add(&format!("{key}.p99"), pct(0.99) as f64, "ns");
     }
-    let mut doc = figures::Figures::new("routes");
-    for (k, v, unit) in &figures {
-        doc.add(k, *v, unit);
-    }
-    doc.write();
+    figures.write();
 }

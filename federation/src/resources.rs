@@ -28,7 +28,7 @@ type Shard = BTreeMap<Key, Arc<Built>>;
 
 /// How many shards [`Resources`] has: ~10 resources each at the published size (300 services
 /// and their gateway views).
-pub const SHARDS: usize = 64;
+const SHARDS: usize = 64;
 
 /// The shard of a resource name (FNV-1a: stable, and cheap for short names).
 fn shard_of(name: &str) -> usize {
@@ -51,10 +51,6 @@ impl Default for Resources {
 }
 
 impl Resources {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -94,13 +90,6 @@ impl Resources {
         self.shards.iter().flat_map(|s| s.iter())
     }
 
-    /// Every name, in name order.
-    pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.iter().map(|(k, _)| &**k).collect();
-        names.sort_unstable();
-        names
-    }
-
     /// The shards that differ between `self` and `other` (not the same `Arc`), side by side.
     fn differing<'a>(&'a self, other: &'a Resources) -> impl Iterator<Item = (&'a Shard, &'a Shard)> {
         self.shards
@@ -108,16 +97,6 @@ impl Resources {
             .zip(&other.shards)
             .filter(|(a, b)| !Arc::ptr_eq(a, b))
             .map(|(a, b)| (&**a, &**b))
-    }
-}
-
-impl FromIterator<Arc<Built>> for Resources {
-    fn from_iter<I: IntoIterator<Item = Arc<Built>>>(iter: I) -> Self {
-        let mut out = Resources::default();
-        for b in iter {
-            out.insert(b);
-        }
-        out
     }
 }
 
@@ -240,18 +219,32 @@ enum Wire {
 }
 
 impl Wire {
+    /// `pieces` as they are sent: joined at once, or `in_pieces` when first asked for.
+    fn of(pieces: Vec<Bytes>, in_pieces: bool) -> Wire {
+        if in_pieces {
+            Wire::Pieces {
+                pieces,
+                joined: Default::default(),
+            }
+        } else {
+            Wire::Bytes(join_pieces(&pieces))
+        }
+    }
+
     fn bytes(&self) -> &Bytes {
         match self {
             Wire::Bytes(b) => b,
-            Wire::Pieces { pieces, joined } => joined.get_or_init(|| {
-                let mut buf = Vec::with_capacity(pieces.iter().map(Bytes::len).sum());
-                for p in pieces {
-                    buf.extend_from_slice(p);
-                }
-                buf.into()
-            }),
+            Wire::Pieces { pieces, joined } => joined.get_or_init(|| join_pieces(pieces)),
         }
     }
+}
+
+fn join_pieces(pieces: &[Bytes]) -> Bytes {
+    let mut buf = Vec::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for p in pieces {
+        buf.extend_from_slice(p);
+    }
+    buf.into()
 }
 
 impl PartialEq for Wire {
@@ -374,9 +367,9 @@ impl Part {
         })
     }
 
-    /// The endpoints' bytes, as field 5 of a `pb::Service`.
-    fn endpoint_bytes(&self) -> &[u8] {
-        &self.resource.wire()[self.endpoints.clone()]
+    /// The endpoints' bytes, as field 5 of a `pb::Service` (a slice of the part's encoding).
+    fn endpoint_bytes(&self) -> Bytes {
+        self.resource.wire().slice(self.endpoints.clone())
     }
 
     /// The part of `export` in `old` (by pointer), or a new one.
@@ -444,7 +437,8 @@ fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>], in_pie
     };
     let endpoints: usize = parts.iter().map(|p| p.endpoints.len()).sum();
     let body = head.encoded_len() + endpoints + tail.encoded_len();
-    let mut buf = Vec::with_capacity(name.len() + body + 48);
+    // Up to the endpoints: the name, the field's key and length, fields 1-4.
+    let mut buf = Vec::with_capacity(name.len() + head.encoded_len() + 24);
     string::encode(RESOURCE_NAME, &name, &mut buf);
     encode_key(RESOURCE_SERVICE, WireType::LengthDelimited, &mut buf);
     encode_varint(body as u64, &mut buf);
@@ -455,21 +449,13 @@ fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>], in_pie
         digest.update(bytes);
     };
     segment(&buf);
-    if !in_pieces {
-        for p in parts {
-            segment(&p.digest);
-            buf.extend_from_slice(p.endpoint_bytes());
-        }
-        let before_tail = buf.len();
-        tail.encode(&mut buf).expect("a Vec grows to fit");
-        segment(&buf[before_tail..]);
-        return Built::with_version(name.into(), buf, &digest.finalize());
-    }
+    // The bytes before the endpoints, each part's endpoints (slices of its own encoding), the
+    // bytes after them with the version.
     let mut pieces = Vec::with_capacity(parts.len() + 2);
     pieces.push(Bytes::from(buf));
     for p in parts {
         segment(&p.digest);
-        pieces.push(p.resource.wire().slice(p.endpoints.clone()));
+        pieces.push(p.endpoint_bytes());
     }
     let mut after = tail.encode_to_vec();
     segment(&after);
@@ -479,10 +465,7 @@ fn encode_service(name: String, svc: &MergedService, parts: &[Arc<Part>], in_pie
     Built {
         name: name.into(),
         version,
-        wire: Wire::Pieces {
-            pieces,
-            joined: Default::default(),
-        },
+        wire: Wire::of(pieces, in_pieces),
         split: None,
     }
 }
@@ -969,7 +952,12 @@ mod tests {
         let merged = crate::catalog::merge_with(merge_memo, clusters, changes, range);
         let now = build_with(memo, &merged, merge_memo.last_change(), others);
         let fresh = build("east", &merged, others);
-        assert_eq!(now.names(), fresh.names());
+        let names = |r: &Resources| {
+            let mut names: Vec<Key> = r.iter().map(|(k, _)| k.clone()).collect();
+            names.sort_unstable();
+            names
+        };
+        assert_eq!(names(&now), names(&fresh));
         assert_eq!(now.len(), fresh.len());
         for (name, r) in fresh.iter() {
             assert_eq!(now[name].version, r.version, "{name}");
@@ -1268,7 +1256,7 @@ mod tests {
         let (changed, removed) = diff(&a, &b, |_| true);
         assert_eq!(changed.len(), 1);
         assert!(removed.is_empty());
-        let (_, removed) = diff(&a, &Resources::new(), |_| true);
+        let (_, removed) = diff(&a, &Resources::default(), |_| true);
         assert_eq!(removed, vec!["policy/locality".to_string()]);
         // Services on either side of the walk: one gone, one new, one changed, one the same.
         let objects = Default::default();
@@ -1575,7 +1563,7 @@ mod tests {
         ];
         let (policy, objects) = (pb::LocalityPolicy::default(), Default::default());
         let (mut whole_proxy, mut parts_proxy) = (Proxy::new(), Proxy::new());
-        let mut sent = Resources::new();
+        let mut sent = Resources::default();
         let mut memo = BuildMemo::new("east");
         let (mut sent_in_parts, mut identities) = (vec![], vec![]);
         for merged in &steps {

@@ -175,6 +175,11 @@ impl Scratch {
         Scratch(path)
     }
 
+    /// `strait-<pid>-<name>` under the temporary directory: a name of this test process alone.
+    pub fn temp(name: &str) -> Self {
+        Scratch(std::env::temp_dir().join(format!("strait-{}-{name}", std::process::id())))
+    }
+
     pub fn path(&self) -> &std::path::Path {
         &self.0
     }

@@ -42,8 +42,7 @@ fn strait(args: &[&str]) -> (bool, String) {
 #[test]
 fn deploy_directory_is_generated_not_hand_edited() {
     let repo = repo_dir().join("deploy");
-    let fresh =
-        multicluster_tests::Scratch::new(std::env::temp_dir().join(format!("strait-deploy-{}", std::process::id())));
+    let fresh = multicluster_tests::Scratch::temp("deploy");
     let fresh = fresh.path();
     let (ok, out) = strait(&["install", "--write-deploy", fresh.to_str().unwrap()]);
     assert!(ok, "{out}");

@@ -120,9 +120,7 @@ async fn zone_of(proxy: std::net::SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_policy_orders_regions_and_bad_policies_are_rejected() {
-    let policy = multicluster_tests::Scratch::new(
-        std::env::temp_dir().join(format!("strait-policy-{}.yaml", std::process::id())),
-    );
+    let policy = multicluster_tests::Scratch::temp("policy.yaml");
     let policy = policy.path();
     std::fs::write(
         policy,

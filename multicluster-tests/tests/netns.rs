@@ -353,7 +353,7 @@ async fn leftovers_of_a_crash_are_cleaned_up() {
     let prefix = format!("strait-{base}-");
     // A SIGKILLed `strait up` cannot remove its state directory either: given one here, so the
     // test removes it (in its default place, one was left in /tmp by every run).
-    let state = multicluster_tests::Scratch::new(std::env::temp_dir().join(format!("strait-crash-{base}")));
+    let state = multicluster_tests::Scratch::temp(&format!("crash-{base}"));
     let up = || {
         let mut child = Command::new(strait_bin())
             .args(["up", "--netns", "--output", "json", "--address-base", &base.to_string()])

@@ -358,8 +358,7 @@ fn access_log(path: &std::path::Path) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_crosses_clusters_in_jaeger_and_every_hop_logs_it() {
-    let dir =
-        multicluster_tests::Scratch::new(std::env::temp_dir().join(format!("strait-jaeger-{}", std::process::id())));
+    let dir = multicluster_tests::Scratch::temp("jaeger");
     let jaeger = Jaeger::start(dir.path()).await.unwrap();
     let mesh = Mesh::start_with(MeshOptions {
         extra_args: [

@@ -243,9 +243,7 @@ async fn a_bad_catalog_file_is_rejected_and_the_last_good_one_serves() {
 
 #[test]
 fn a_bad_topology_is_refused_with_the_field_named() {
-    let path = multicluster_tests::Scratch::new(
-        std::env::temp_dir().join(format!("strait-bad-topology-{}.yaml", std::process::id())),
-    );
+    let path = multicluster_tests::Scratch::temp("bad-topology.yaml");
     let path = path.path();
     std::fs::write(
         path,
