@@ -10,7 +10,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::snapshot::ServiceEntry;
 
@@ -374,6 +378,28 @@ pub struct IstioMetrics {
     tcp_received: IntCounterVec,
     tcp_opened: IntCounterVec,
     tcp_closed: IntCounterVec,
+    /// The HTTP series already in use, found with one hash of a request's labels instead of one
+    /// lookup per metric (prometheus hashes every label value again for each).
+    http_series: Arc<SeriesCache>,
+}
+
+/// [`IstioMetrics`]' HTTP series by a keyed hash of their label values; an entry holds its
+/// values, so a request whose labels hash alike but differ takes the slow path instead.
+#[derive(Debug, Default)]
+struct SeriesCache {
+    hasher: RandomState,
+    series: Mutex<HashMap<u64, Arc<HttpSeries>>>,
+}
+
+/// The series of one HTTP label set: the message counters for gRPC only.
+#[derive(Debug)]
+struct HttpSeries {
+    labels: Vec<String>,
+    requests: IntCounter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+    messages: Option<(IntCounter, IntCounter)>,
 }
 
 impl IstioMetrics {
@@ -417,32 +443,56 @@ impl IstioMetrics {
             ),
             tcp_opened: counter("istio_tcp_connections_opened_total", "TCP connections opened", &tcp),
             tcp_closed: counter("istio_tcp_connections_closed_total", "TCP connections closed", &tcp),
+            http_series: Arc::default(),
         }
+    }
+
+    /// The series of `labels` (an HTTP label set), made on first use.
+    fn http_series(&self, labels: &[&str], grpc: bool) -> Arc<HttpSeries> {
+        let mut h = self.http_series.hasher.build_hasher();
+        for l in labels {
+            l.hash(&mut h);
+        }
+        let hash = h.finish();
+        let mut cache = self.http_series.series.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.get(&hash) {
+            if s.labels.iter().map(String::as_str).eq(labels.iter().copied()) {
+                return s.clone();
+            }
+        }
+        let series = Arc::new(HttpSeries {
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            requests: self.requests.with_label_values(labels),
+            duration: self.duration.with_label_values(labels),
+            request_bytes: self.request_bytes.with_label_values(labels),
+            response_bytes: self.response_bytes.with_label_values(labels),
+            messages: grpc.then(|| {
+                (
+                    self.request_messages.with_label_values(labels),
+                    self.response_messages.with_label_values(labels),
+                )
+            }),
+        });
+        // A label set that hashes like another one in use is served, not cached.
+        cache.entry(hash).or_insert_with(|| series.clone());
+        series
     }
 
     /// Records one finished HTTP or gRPC request.
     pub fn record_http(&self, edge: &Edge, o: &HttpOutcome) {
         let code = o.response_code.to_string();
         let grpc = o.grpc_status.map(|s| s.to_string()).unwrap_or_default();
-        let mut labels: Vec<&str> = edge.common().to_vec();
-        labels.extend([code.as_str(), grpc.as_str(), o.flags, edge.security()]);
-        self.requests.with_label_values(&labels).inc();
-        self.duration
-            .with_label_values(&labels)
-            .observe(o.duration.as_secs_f64() * 1000.0);
-        self.request_bytes
-            .with_label_values(&labels)
-            .observe(o.request_bytes as f64);
-        self.response_bytes
-            .with_label_values(&labels)
-            .observe(o.response_bytes as f64);
-        if edge.protocol == "grpc" {
-            self.request_messages
-                .with_label_values(&labels)
-                .inc_by(o.request_messages);
-            self.response_messages
-                .with_label_values(&labels)
-                .inc_by(o.response_messages);
+        let (common, last) = (edge.common(), [code.as_str(), grpc.as_str(), o.flags, edge.security()]);
+        let labels: [&str; COMMON_LABELS.len() + 4] =
+            std::array::from_fn(|i| common.get(i).copied().unwrap_or_else(|| last[i - common.len()]));
+        let series = self.http_series(&labels, edge.protocol == "grpc");
+        series.requests.inc();
+        series.duration.observe(o.duration.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(o.request_bytes as f64);
+        series.response_bytes.observe(o.response_bytes as f64);
+        if let Some((request, response)) = &series.messages {
+            request.inc_by(o.request_messages);
+            response.inc_by(o.response_messages);
         }
     }
 
@@ -504,6 +554,81 @@ impl GrpcFramer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_requests_are_recorded_in_their_own_series() {
+        let m = IstioMetrics::new(&Registry::new());
+        let a = Workload::unknown();
+        let b = Workload {
+            workload: "b".into(),
+            ..Workload::unknown()
+        };
+        let svc = ServiceName::unknown();
+        let edge = |destination, protocol| Edge {
+            reporter: Reporter::Source,
+            source: &a,
+            destination,
+            service: &svc,
+            protocol,
+        };
+        let labels = |e: &Edge, code: &'static str, grpc: &'static str| {
+            let mut l: Vec<&str> = e.common().to_vec();
+            l.extend([code, grpc, "-", e.security()]);
+            l.into_iter().map(str::to_string).collect::<Vec<_>>()
+        };
+        let count = |l: &[String]| m.requests.with_label_values(l).get();
+        let ok = HttpOutcome {
+            response_code: 200,
+            flags: "-",
+            duration: Duration::from_millis(3),
+            request_bytes: 10,
+            response_bytes: 20,
+            ..Default::default()
+        };
+        m.record_http(&edge(&a, "http"), &ok);
+        m.record_http(&edge(&a, "http"), &ok);
+        let failed = HttpOutcome {
+            response_code: 503,
+            ..ok.clone()
+        };
+        m.record_http(&edge(&b, "http"), &failed);
+        let grpc = HttpOutcome {
+            grpc_status: Some(0),
+            request_messages: 2,
+            response_messages: 3,
+            ..ok.clone()
+        };
+        m.record_http(&edge(&b, "grpc"), &grpc);
+        m.record_http(&edge(&b, "grpc"), &grpc);
+
+        let a200 = labels(&edge(&a, "http"), "200", "");
+        assert_eq!(count(&a200), 2);
+        assert_eq!(count(&labels(&edge(&b, "http"), "503", "")), 1);
+        let g = labels(&edge(&b, "grpc"), "200", "0");
+        assert_eq!(count(&g), 2);
+        assert_eq!(m.request_messages.with_label_values(&g).get(), 4);
+        assert_eq!(m.response_messages.with_label_values(&g).get(), 6);
+        let h = m.duration.with_label_values(&a200);
+        assert_eq!((h.get_sample_count(), h.get_sample_sum()), (2, 6.0));
+        assert_eq!(m.response_bytes.with_label_values(&a200).get_sample_sum(), 40.0);
+        // Plain HTTP has no message series.
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&prometheus::core::Collector::collect(&m.request_messages))
+            .unwrap();
+        assert!(!text.contains(r#"request_protocol="http""#), "{text}");
+
+        // Labels that find another set's entry under their hash are recorded in their own series.
+        let b200 = labels(&edge(&b, "http"), "200", "");
+        let b200_refs: Vec<&str> = b200.iter().map(String::as_str).collect();
+        let mut hasher = m.http_series.hasher.build_hasher();
+        for l in &b200_refs {
+            l.hash(&mut hasher);
+        }
+        let a_series = m.http_series(&a200.iter().map(String::as_str).collect::<Vec<_>>(), false);
+        m.http_series.series.lock().unwrap().insert(hasher.finish(), a_series);
+        m.record_http(&edge(&b, "http"), &ok);
+        assert_eq!((count(&b200), count(&a200)), (1, 2));
+    }
 
     #[test]
     fn grpc_messages_are_counted_across_any_split() {

@@ -192,18 +192,31 @@ impl Incoming {
     }
 }
 
+/// Appends `bytes` as lowercase hex (two digits a byte) to `out`, with no formatting machinery:
+/// every request's id and trace headers are written this way.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
 }
 
 impl TraceContext {
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            if self.sampled { "01" } else { "00" }
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.span_id);
+        out.push_str(if self.sampled { "-01" } else { "-00" });
+        out
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -273,15 +286,17 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
-    let id = format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    );
+    // A version 4 UUID: 8-4-4-4-12 hex digits.
+    let mut id = String::with_capacity(36);
+    for (i, group) in [&b[0..4], &b[4..6], &b[6..8], &b[8..10], &b[10..16]]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            id.push('-');
+        }
+        push_hex(&mut id, group);
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(REQUEST_ID, v);
     }
@@ -553,6 +568,15 @@ mod tests {
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
+        assert!(
+            id.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => matches!(c, '0'..='9' | 'a'..='f'),
+            }),
+            "{id} is not a UUID's 8-4-4-4-12 lowercase hex"
+        );
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "the variant bits of {id}");
+        assert_eq!(hex(&[0x00, 0x09, 0x9a, 0xbc, 0xf0, 0xff]), "00099abcf0ff");
         assert_eq!(ensure_request_id(&mut h), id, "an existing id is kept");
     }
 

@@ -18,7 +18,8 @@ pub struct SidecarMetrics {
     pub upstream_connections: IntCounterVec,
     pub authz: IntCounterVec,
     /// Istio's standard metrics.
-    pub istio: strait_api::telemetry::IstioMetrics,
+    /// Shared with every request's recorder (one pointer to clone, not ten).
+    pub istio: std::sync::Arc<strait_api::telemetry::IstioMetrics>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -42,7 +43,7 @@ impl SidecarMetrics {
         .expect("valid metric");
         let _ = registry.register(Box::new(latency.clone()));
         SidecarMetrics {
-            istio: strait_api::telemetry::IstioMetrics::new(registry),
+            istio: std::sync::Arc::new(strait_api::telemetry::IstioMetrics::new(registry)),
             requests: counter(
                 registry,
                 "strait_requests_total",

@@ -212,8 +212,18 @@ impl Telemetry {
 
 impl Hop {
     /// Ends the hop's span and logs its entry (both off the request path: queued for their
-    /// tasks).
-    pub(crate) fn finish(self, o: &HttpOutcome, source: &Workload, destination: &Workload, upstream: Upstream) {
+    /// tasks). `upstream` is asked for only when there is a span or an entry to fill.
+    pub(crate) fn finish(
+        self,
+        o: &HttpOutcome,
+        source: &Workload,
+        destination: &Workload,
+        upstream: impl FnOnce() -> Upstream,
+    ) {
+        if self.span.is_none() && self.entry.is_none() {
+            return;
+        }
+        let upstream = upstream();
         if let Some(mut span) = self.span {
             span_outcome(&mut span, o, source, destination, &upstream.cluster);
             if let Some(r) = &upstream.route {

@@ -72,11 +72,19 @@ pub struct Upstreams {
     /// Per endpoint: the sender, and the identity the peer proved when it was opened. A pooled
     /// connection is used only while that identity is still one the endpoint may have (the
     /// catalog can change an endpoint's identity under a live connection).
-    pool: Mutex<HashMap<String, PooledConn>>,
+    pool: Mutex<HashMap<PoolKey, PooledConn>>,
     /// HTTP/2 connections being opened, per endpoint: requests that need the same endpoint
     /// meanwhile wait for that one dial (and share its failure) instead of each opening its own.
-    dialing: Mutex<HashMap<String, Dial>>,
+    dialing: Mutex<HashMap<PoolKey, Dial>>,
     opened: Option<prometheus::IntCounterVec>,
+}
+
+/// An endpoint as the pool knows it: its address and cluster (addresses may repeat across
+/// clusters). Made on every request, so nothing is formatted.
+type PoolKey = (SocketAddr, String);
+
+fn pool_key(ep: &EndpointEntry) -> PoolKey {
+    (ep.address.socket(), ep.locality().cluster.clone())
 }
 
 /// A pooled HTTP/2 sender and the identity its peer proved.
@@ -237,6 +245,11 @@ impl Upstreams {
         ids
     }
 
+    /// Whether `id` is one of [`Self::expected_identities`] (nothing copied).
+    fn may_present(svc: &ServiceEntry, ep: &EndpointEntry, id: &SpiffeId) -> bool {
+        svc.identities.contains(id) || **ep.identity() == *id
+    }
+
     /// Where to dial `ep`: straight, or through its cluster's gateway with a tunnel request
     /// that carries `traceparent` (the request that caused the dial, for the gateway's span).
     fn target(
@@ -320,13 +333,10 @@ impl Upstreams {
         traceparent: &str,
     ) -> Result<(SendRequest<ReplayBody>, bool), Arc<UpstreamError>> {
         let now = Instant::now();
-        let key = ep.key();
+        let key = pool_key(ep);
         if let Ok(mut pool) = self.pool.lock() {
             if let Some(conn) = pool.get_mut(&key) {
-                let still_trusted = conn
-                    .peer
-                    .as_ref()
-                    .is_some_and(|id| Self::expected_identities(svc, ep).contains(id));
+                let still_trusted = conn.peer.as_ref().is_some_and(|id| Self::may_present(svc, ep, id));
                 let worn = limits
                     .max_requests_per_connection
                     .is_some_and(|max| conn.requests >= max);
@@ -344,9 +354,10 @@ impl Upstreams {
                 pool.remove(&key);
             }
             if let Some(max) = limits.max_connections {
+                let service = svc.key();
                 let open = pool
                     .values()
-                    .filter(|c| c.service == svc.key() && !c.sender.is_closed())
+                    .filter(|c| c.service == service && !c.sender.is_closed())
                     .count();
                 if open >= max as usize {
                     return Err(Arc::new(UpstreamError::Overflow {
@@ -359,7 +370,7 @@ impl Upstreams {
         let dial = {
             let mut dialing = self.dialing.lock().map_err(|_| {
                 Arc::new(UpstreamError::Connect {
-                    endpoint: key.clone(),
+                    endpoint: ep.key(),
                     detail: "connection table lock poisoned".into(),
                 })
             })?;
@@ -410,7 +421,7 @@ impl Upstreams {
 
     pub fn evict(&self, ep: &EndpointEntry) {
         if let Ok(mut p) = self.pool.lock() {
-            p.remove(&ep.key());
+            p.remove(&pool_key(ep));
         }
     }
 }

@@ -406,11 +406,7 @@ impl Inbound {
     async fn to_app(&self, req: Request<hyper::body::Incoming>, peer: &PeerAuth) -> Response<Body> {
         let started = std::time::Instant::now();
         let grpc = crate::telemetry::is_grpc(req.headers());
-        let source = Workload::from_metadata(
-            req.headers().get(PEER_METADATA_HEADER).and_then(|v| v.to_str().ok()),
-            peer.principal.as_deref(),
-            peer.cluster.as_deref(),
-        );
+        let source = peer.source(req.headers().get(PEER_METADATA_HEADER));
         let tally = Arc::new(Tally::default());
         let mut req = req.map(|b| Counted::into_tally(b, grpc, tally.clone()));
         let service = self.service_name();
@@ -433,14 +429,13 @@ impl Inbound {
                 protocol: if grpc { "grpc" } else { "http" },
             };
             metrics.record_http(&edge, outcome);
-            let upstream = crate::telemetry::Upstream {
+            hop.finish(outcome, &source, &destination, || crate::telemetry::Upstream {
                 cluster: format!("inbound|{}||", app.port()),
                 host: Some(app),
                 time: Some(upstream_time),
                 peer: source.principal.clone(),
                 route: None,
-            };
-            hop.finish(outcome, &source, &destination, upstream);
+            });
         })
     }
 
@@ -579,6 +574,10 @@ impl Inbound {
 struct PeerAuth {
     principal: Option<String>,
     cluster: Option<String>,
+    /// The calling workload as the last request's metadata header named it, with that header:
+    /// the requests of one connection come from one sidecar, so the header is read once, not
+    /// on every request.
+    source: std::sync::Mutex<Option<(hyper::header::HeaderValue, Arc<Workload>)>>,
 }
 
 impl PeerAuth {
@@ -587,7 +586,27 @@ impl PeerAuth {
         PeerAuth {
             principal: strait_trust::peer_identity(certs).map(|id| id.to_string()),
             cluster: strait_trust::peer_cluster(certs),
+            source: Default::default(),
         }
+    }
+
+    /// The calling workload: the metadata header's fields, the certificate's identity.
+    fn source(&self, header: Option<&hyper::header::HeaderValue>) -> Arc<Workload> {
+        let mut last = self.source.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some((seen, w)), Some(h)) = (last.as_ref(), header) {
+            if seen == h {
+                return w.clone();
+            }
+        }
+        let w = Arc::new(Workload::from_metadata(
+            header.and_then(|v| v.to_str().ok()),
+            self.principal.as_deref(),
+            self.cluster.as_deref(),
+        ));
+        if let Some(h) = header {
+            *last = Some((h.clone(), w.clone()));
+        }
+        w
     }
 
     fn view(&self) -> strait_api::authz::Peer<'_> {
@@ -595,5 +614,39 @@ impl PeerAuth {
             principal: self.principal.as_deref(),
             cluster: self.cluster.as_deref(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    #[test]
+    fn a_connections_caller_is_read_from_its_metadata_once_per_header_value() {
+        let peer = PeerAuth {
+            principal: Some("spiffe://mesh.local/ns/shop/sa/cart".into()),
+            cluster: Some("east".into()),
+            source: Default::default(),
+        };
+        let v1 = HeaderValue::from_static("workload=cart-v1;app=cart;version=v1");
+        let first = peer.source(Some(&v1));
+        assert_eq!(
+            (first.workload.as_str(), first.app.as_str(), first.version.as_str()),
+            ("cart-v1", "cart", "v1")
+        );
+        // The certificate names the namespace and cluster, whatever the header says.
+        assert_eq!((first.namespace.as_str(), first.cluster.as_str()), ("shop", "east"));
+        assert!(Arc::ptr_eq(&first, &peer.source(Some(&v1.clone()))));
+        let v2 = HeaderValue::from_static("workload=cart-v2;app=cart;version=v2");
+        let second = peer.source(Some(&v2));
+        assert_eq!(second.version, "v2");
+        assert!(!Arc::ptr_eq(&first, &second));
+        let none = peer.source(None);
+        assert_eq!(
+            (none.workload.as_str(), none.principal.as_str()),
+            ("unknown", "spiffe://mesh.local/ns/shop/sa/cart")
+        );
+        assert_eq!(peer.source(Some(&v2)).version, "v2");
     }
 }

@@ -40,20 +40,23 @@ pub(crate) fn strip_hop(headers: &mut HeaderMap) {
             }
         }
     }
+    use hyper::header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
     // `te: trailers` is end-to-end in HTTP/2 and gRPC needs it; any other `te` is hop-by-hop.
-    if headers.get("te").is_some_and(|v| v != "trailers") {
-        headers.remove("te");
+    if headers.get(TE).is_some_and(|v| v != "trailers") {
+        headers.remove(TE);
     }
+    // The standard names as constants (no name to parse on every request).
     for name in [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        CONNECTION,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
     ] {
+        headers.remove(name);
+    }
+    for name in ["proxy-connection", "keep-alive"] {
         headers.remove(name);
     }
 }
@@ -165,14 +168,13 @@ impl Outbound {
                 protocol: if grpc { "grpc" } else { "http" },
             };
             metrics.record_http(&edge, outcome);
-            let upstream = crate::telemetry::Upstream {
+            hop.finish(outcome, &source, &destination, || crate::telemetry::Upstream {
                 cluster: format!("outbound|{port}||{}", service.host),
                 host: address,
                 time: address.map(|_| upstream_time),
                 peer: destination.principal.clone(),
                 route,
-            };
-            hop.finish(outcome, &source, &destination, upstream);
+            });
         })
     }
 
@@ -842,5 +844,46 @@ impl hyper::body::Body for IdleBody {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_end_to_end_ones_kept() {
+        let mut h = headers(&[
+            ("connection", "x-hop, Keep-Alive"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authorization", "Basic eA=="),
+            ("te", "gzip"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-end-to-end", "kept"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "x-end-to-end"]);
+
+        // `te: trailers` is end-to-end (gRPC needs it).
+        let mut h = headers(&[("te", "trailers"), ("upgrade", "websocket")]);
+        strip_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["te"], "trailers");
     }
 }
