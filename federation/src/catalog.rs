@@ -110,25 +110,18 @@ pub fn same_export(a: &Arc<pb::ExportedService>, b: &Arc<pb::ExportedService>) -
 
 /// Whether two catalogs name the same services with the same exports (by pointer, else by
 /// value).
-pub fn same_services(a: &Services, b: &Services) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|((k, x), (k2, y))| k == k2 && same_export(x, y))
-}
-
-/// The services `now` adds or changes against `before` (by pointer, then value). One walk over
-/// both in key order, not a lookup in `before` per service.
-pub fn upserted<'a>(
+/// The services `now` adds, changes (by pointer, then value) or removes against `before`, in
+/// key order: each with its export in `now`, `None` where `now` no longer has it. One walk over
+/// both, not a lookup in `before` per service.
+pub fn changes<'a>(
     before: &'a Services,
     now: &'a Services,
-) -> impl Iterator<Item = (&'a Key, &'a Arc<pb::ExportedService>)> {
+) -> impl Iterator<Item = (&'a Key, Option<&'a Arc<pb::ExportedService>>)> {
     join(before, now).filter_map(|(k, old, new)| match (old, new) {
         (Some(old), Some(new)) if same_export(old, new) => None,
-        (_, new) => new.map(|new| (k, new)),
+        (None, None) => None,
+        (_, new) => Some((k, new)),
     })
-}
-
-/// The services of `before` that `now` no longer has.
-pub fn removed<'a>(before: &'a Services, now: &'a Services) -> impl Iterator<Item = &'a Key> {
-    join(before, now).filter_map(|(k, old, new)| (old.is_some() && new.is_none()).then_some(k))
 }
 
 /// Walks two maps in key order at once: each key of either, with its value in each.
@@ -237,9 +230,7 @@ impl Default for Touched {
 impl Touched {
     /// The services `now` adds, changes or removes against `before`.
     pub fn between(before: &Services, now: &Services) -> Touched {
-        let mut keys: BTreeSet<Key> = upserted(before, now).map(|(k, _)| k.clone()).collect();
-        keys.extend(removed(before, now).cloned());
-        Touched::Keys(keys)
+        Touched::Keys(changes(before, now).map(|(k, _)| k.clone()).collect())
     }
 
     /// Adds what `other` touched.
@@ -611,7 +602,7 @@ mod tests {
     }
 
     #[test]
-    fn upserted_and_removed_compare_by_pointer_then_value_in_one_walk() {
+    fn changes_compare_by_pointer_then_value_in_one_walk() {
         let svc = |n: &str, at: i64| Arc::new(export(n, "east", at, &[(80, "http")]));
         let shared = svc("b", 2);
         let before: Services = [
@@ -637,12 +628,21 @@ mod tests {
         .into_iter()
         .map(|(k, s)| (k.into(), s))
         .collect();
-        let up: Vec<&str> = upserted(&before, &now).map(|(k, _)| &**k).collect();
-        assert_eq!(up, vec!["demo/d", "demo/e"]);
-        let gone: Vec<&str> = removed(&before, &now).map(|k| &**k).collect();
-        assert_eq!(gone, vec!["demo/c"]);
-        assert_eq!(upserted(&BTreeMap::new(), &now).count(), 4);
-        assert_eq!(removed(&now, &BTreeMap::new()).count(), 4);
+        let found: Vec<(&str, Option<&str>)> = changes(&before, &now)
+            .map(|(k, new)| (&**k, new.map(|s| s.endpoints[0].address.as_str())))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("demo/c", None),
+                ("demo/d", Some("127.0.0.1:4")),
+                ("demo/e", Some("127.0.0.1:9"))
+            ]
+        );
+        assert!(changes(&BTreeMap::new(), &now).all(|(_, new)| new.is_some()));
+        assert_eq!(changes(&BTreeMap::new(), &now).count(), 4);
+        assert!(changes(&now, &BTreeMap::new()).all(|(_, new)| new.is_none()));
+        assert_eq!(changes(&now, &now).count(), 0);
     }
 
     #[test]

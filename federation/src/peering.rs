@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::catalog::{removed, upserted, Changes, Key, Services, Touched};
+use crate::catalog::{Changes, Key, Services, Touched};
 use futures::Stream;
 use serde::Serialize;
 use strait_api::pb;
@@ -299,10 +299,53 @@ const ACK_EVERY: Duration = Duration::from_secs(1);
 pub struct Exports {
     /// Shared with the merge loop, and unchanged (the same `Arc`) until the catalog changes.
     pub services: Arc<Services>,
+    /// What `services` changed against the exports before them, so that a sender that last
+    /// sent those looks at the changed services alone instead of walking both maps (one walk
+    /// here, not one per peer).
+    pub change: Option<Arc<ExportChange>>,
     /// Clusterset routes and policies written here.
     pub objects: Vec<pb::PolicyObject>,
     /// How this cluster enforces every object it holds.
     pub statuses: Vec<pb::ObjectStatus>,
+}
+
+/// The services that differ between two exports: `from`, and the `services` of the [`Exports`]
+/// holding this.
+#[derive(Debug, PartialEq)]
+pub struct ExportChange {
+    pub from: Arc<Services>,
+    /// Added, changed or removed, in key order ([`crate::catalog::changes`]).
+    pub keys: Vec<crate::catalog::Key>,
+}
+
+impl ExportChange {
+    /// What `now` changed against `before`; `None` for nothing.
+    pub fn between(before: &Arc<Services>, now: &Services) -> Option<Self> {
+        let keys: Vec<_> = crate::catalog::changes(before, now).map(|(k, _)| k.clone()).collect();
+        (!keys.is_empty()).then(|| ExportChange {
+            from: before.clone(),
+            keys,
+        })
+    }
+}
+
+/// The services to send a peer that holds `sent`, against `current`: those added or changed,
+/// and the names of those removed, in key order. From `current.change` when it was made
+/// against `sent`, else by a walk over both.
+fn services_delta(sent: &Arc<Services>, current: &Exports) -> (Vec<pb::ExportedService>, Vec<String>) {
+    let delta: Vec<(&crate::catalog::Key, Option<&Arc<pb::ExportedService>>)> =
+        match current.change.as_deref().filter(|c| Arc::ptr_eq(&c.from, sent)) {
+            Some(c) => c.keys.iter().map(|k| (k, current.services.get(k))).collect(),
+            None => crate::catalog::changes(sent, &current.services).collect(),
+        };
+    let (mut upserts, mut removed) = (vec![], vec![]);
+    for (k, new) in delta {
+        match new {
+            Some(s) => upserts.push((**s).clone()),
+            None => removed.push(k.to_string()),
+        }
+    }
+    (upserts, removed)
 }
 
 /// The sending side: one task per configured peer.
@@ -449,12 +492,7 @@ impl PeerClient {
                     update.upserts = current.services.values().map(|s| (**s).clone()).collect();
                     first = false;
                 } else if !Arc::ptr_eq(&current.services, &sent.services) {
-                    update.upserts = upserted(&sent.services, &current.services)
-                        .map(|(_, v)| (**v).clone())
-                        .collect();
-                    update.removed = removed(&sent.services, &current.services)
-                        .map(|k| k.to_string())
-                        .collect();
+                    (update.upserts, update.removed) = services_delta(&sent.services, &current);
                 }
                 sent = current.clone();
                 if sent_objects.as_ref() != Some(&current.objects) {
@@ -503,6 +541,74 @@ impl PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sender_takes_the_changed_services_from_the_exports_or_walks_when_behind() {
+        let svc = |name: &str, at: u32| {
+            Arc::new(pb::ExportedService {
+                name: name.into(),
+                namespace: "demo".into(),
+                endpoints: vec![pb::Endpoint {
+                    address: format!("127.0.0.1:{at}"),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let services = |list: &[(&str, &Arc<pb::ExportedService>)]| -> Arc<Services> {
+            Arc::new(list.iter().map(|(k, s)| (Key::from(*k), (*s).clone())).collect())
+        };
+        let (a, b, c) = (svc("a", 1), svc("b", 2), svc("c", 3));
+        let older = services(&[("demo/a", &a)]);
+        let before = services(&[("demo/a", &a), ("demo/b", &b), ("demo/c", &c)]);
+        let b2 = svc("b", 20);
+        let d = svc("d", 4);
+        let now = services(&[("demo/a", &a), ("demo/b", &b2), ("demo/d", &d)]);
+        let change = ExportChange::between(&before, &now).unwrap();
+        assert_eq!(
+            change.keys,
+            vec![Key::from("demo/b"), Key::from("demo/c"), Key::from("demo/d")]
+        );
+        assert!(ExportChange::between(&now, &now.as_ref().clone()).is_none());
+        let exports = Exports {
+            services: now.clone(),
+            change: Some(Arc::new(change)),
+            ..Default::default()
+        };
+        let names = |(up, gone): (Vec<pb::ExportedService>, Vec<String>)| {
+            let up: Vec<String> = up
+                .iter()
+                .map(|s| format!("{}@{}", s.name, s.endpoints[0].address))
+                .collect();
+            (up, gone)
+        };
+        let expected = (
+            vec!["b@127.0.0.1:20".to_string(), "d@127.0.0.1:4".into()],
+            vec!["demo/c".to_string()],
+        );
+        // A sender that sent `before`: the change's keys.
+        assert_eq!(names(services_delta(&before, &exports)), expected);
+        // The same services in another allocation: a walk, the same answer.
+        let copy = Arc::new(before.as_ref().clone());
+        assert_eq!(names(services_delta(&copy, &exports)), expected);
+        // A sender further behind: a walk against what it sent.
+        assert_eq!(
+            names(services_delta(&older, &exports)),
+            (vec!["b@127.0.0.1:20".to_string(), "d@127.0.0.1:4".into()], vec![])
+        );
+        // The keys are what a sender at `from` looks at (a change naming one service sends one).
+        let partial = Exports {
+            change: Some(Arc::new(ExportChange {
+                from: before.clone(),
+                keys: vec![Key::from("demo/d")],
+            })),
+            ..exports.clone()
+        };
+        assert_eq!(
+            names(services_delta(&before, &partial)),
+            (vec!["d@127.0.0.1:4".to_string()], vec![])
+        );
+    }
 
     #[test]
     fn lease_expires_and_full_update_replaces() {

@@ -25,11 +25,9 @@ use strait_trust::{
     WorkloadCert,
 };
 
-use crate::catalog::{
-    merge_with, same_services, share_unchanged, Changes, IpRange, MergeMemo, Merged, Services, Touched,
-};
+use crate::catalog::{merge_with, share_unchanged, Changes, IpRange, MergeMemo, Merged, Services, Touched};
 use crate::k8s::{ImportWriter, KubeSource};
-use crate::peering::{Exports, PeerClient, PeerTable, PeeringServer};
+use crate::peering::{ExportChange, Exports, PeerClient, PeerTable, PeeringServer};
 use crate::resources::{build_with, same_versions, BuildMemo, ConfigState, Others};
 use crate::source::{FileSource, SourceError};
 use crate::xds::XdsServer;
@@ -532,8 +530,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let objects_out = object_store.exported();
         let statuses_out: Vec<pb::ObjectStatus> = statuses.values().cloned().collect();
         exports_tx.send_if_modified(|cur| {
-            // Unchanged exports keep their `Arc`, so peering senders skip comparing them.
-            let services_changed = local_changed && !same_services(&cur.services, &own.exported);
+            // Unchanged exports keep their `Arc`, so peering senders skip comparing them;
+            // changed ones say which services changed, so each sender looks at those alone.
+            let change = (local_changed && !Arc::ptr_eq(&cur.services, &own.exported))
+                .then(|| ExportChange::between(&cur.services, &own.exported))
+                .flatten();
+            let services_changed = change.is_some();
             if services_changed || cur.objects != objects_out || cur.statuses != statuses_out {
                 *cur = Arc::new(Exports {
                     services: if services_changed {
@@ -541,6 +543,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                     } else {
                         cur.services.clone()
                     },
+                    change: change.map(Arc::new).or_else(|| cur.change.clone()),
                     objects: objects_out,
                     statuses: statuses_out,
                 });
