@@ -51,6 +51,11 @@ impl GatewayHealth {
         self.0.lock().map(|d| d.contains(&gateway)).unwrap_or(false)
     }
 
+    /// Whether any gateway is down (false: none, and no address need be looked up).
+    pub fn any_down(&self) -> bool {
+        self.0.lock().map(|d| !d.is_empty()).unwrap_or(false)
+    }
+
     /// Sets the state; returns whether it changed.
     fn set(&self, gateway: SocketAddr, down: bool) -> bool {
         match self.0.lock() {

@@ -1,11 +1,12 @@
 //! The sidecar's balancer: the shared locality algorithm plus this proxy's view of health
 //! (readiness from the catalog, passive outlier detection, gateway reachability).
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use strait_api::lb::{choose, Candidate, Outcome, OutlierDetector, ServiceOutlier, Target};
+use strait_api::lb::{choose_at, priorities, Candidate, LbPolicy, Outcome, OutlierDetector, ServiceOutlier, Target};
 use strait_api::locality::Locality;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 use strait_gateway::GatewayHealth;
@@ -22,6 +23,31 @@ pub struct Balancer {
     outlier: Mutex<OutlierDetector>,
     gateways: GatewayHealth,
     metrics: SidecarMetrics,
+    views: Mutex<Views>,
+}
+
+/// What a pick needs to know of one service that only the config changes: worked out on the
+/// first pick after a config and kept until the next, so a request pays for the endpoints'
+/// live health (when anything is ejected or a gateway down) and a draw, not for ranking every
+/// endpoint again.
+struct View {
+    /// Each endpoint's priority level for this caller (0 nearest).
+    levels: Vec<u32>,
+    /// Each endpoint ready and, if remote, its cluster's gateway reachable by the controller's
+    /// word.
+    usable: Vec<bool>,
+    /// Each remote endpoint's gateway (`None` for a local one).
+    gateway: Vec<Option<SocketAddr>>,
+    /// The service's locality settings where a TrafficPolicy overrides the mesh's.
+    policy: Option<LbPolicy>,
+}
+
+/// The views of one config version, by service; each with the entry it was made from (held,
+/// so that an entry found at the same address is the same entry).
+#[derive(Default)]
+struct Views {
+    version: u64,
+    by_service: HashMap<String, (Arc<ServiceEntry>, Arc<View>)>,
 }
 
 impl Balancer {
@@ -33,6 +59,7 @@ impl Balancer {
             outlier: Mutex::default(),
             gateways,
             metrics,
+            views: Mutex::default(),
         }
     }
 
@@ -40,22 +67,108 @@ impl Balancer {
         &self.locality
     }
 
-    /// Whether `ep` may take traffic: ready, its cluster reachable (the controller says so and
-    /// the tunnel client has not found its gateway down), and (unless `outlier` is None: panic
-    /// routing) neither it nor its cluster's gateway ejected.
-    fn healthy(&self, snap: &Snapshot, ep: &EndpointEntry, outlier: Option<&OutlierDetector>, now: Instant) -> bool {
-        let local = ep.locality().cluster == self.locality.cluster;
-        let reachable = local
-            || snap
-                .gateways
-                .get(&ep.locality().cluster)
-                .is_some_and(|g| g.reachable && !self.gateways.is_down(g.address));
-        if !ep.ready || !reachable {
-            return false;
+    /// `svc`'s view for `snap`: kept for an entry of `snap` itself, made afresh for any other.
+    fn view(&self, snap: &Snapshot, svc: &ServiceEntry) -> Arc<View> {
+        let key = svc.key();
+        let Some(entry) = snap.services.get(&key).filter(|e| std::ptr::eq(&***e, svc)) else {
+            return Arc::new(self.make_view(snap, svc));
+        };
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if views.version != snap.version {
+            *views = Views {
+                version: snap.version,
+                by_service: HashMap::new(),
+            };
         }
-        outlier.is_none_or(|o| {
-            !o.is_ejected(ep.target(), now) && (local || !o.is_ejected(Target::Gateway(&ep.locality().cluster), now))
-        })
+        if let Some((held, view)) = views.by_service.get(&key) {
+            if Arc::ptr_eq(held, entry) {
+                return view.clone();
+            }
+        }
+        let view = Arc::new(self.make_view(snap, svc));
+        views.by_service.insert(key, (entry.clone(), view.clone()));
+        view
+    }
+
+    fn make_view(&self, snap: &Snapshot, svc: &ServiceEntry) -> View {
+        let policy = self.lb_policy(snap, svc);
+        let candidates = Self::candidates(svc, None);
+        let levels = priorities(
+            &self.locality,
+            &self.labels,
+            &candidates,
+            policy.as_ref().unwrap_or(&snap.policy.lb),
+        );
+        let (usable, gateway) = svc
+            .endpoints
+            .iter()
+            .map(|ep| {
+                if ep.locality().cluster == self.locality.cluster {
+                    return (ep.ready, None);
+                }
+                match snap.gateways.get(&ep.locality().cluster).filter(|g| g.reachable) {
+                    Some(g) => (ep.ready, Some(g.address)),
+                    None => (false, None),
+                }
+            })
+            .unzip();
+        View {
+            levels,
+            usable,
+            gateway,
+            policy,
+        }
+    }
+
+    fn candidates<'a>(svc: &'a ServiceEntry, healthy: Option<&[bool]>) -> Vec<Candidate<'a>> {
+        svc.endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| Candidate {
+                locality: ep.locality(),
+                labels: ep.labels(),
+                healthy: healthy.is_none_or(|h| h[i]),
+            })
+            .collect()
+    }
+
+    /// Whether each endpoint may take traffic: usable by the config, its gateway not found
+    /// down by the tunnel client, and (unless `outlier` is None: panic routing) neither it nor
+    /// its cluster's gateway ejected. While nothing is ejected and no gateway down, the config's
+    /// word alone; else each cluster's gateway is judged once, and each endpoint looked up only
+    /// while some endpoint is ejected.
+    fn health(&self, view: &View, svc: &ServiceEntry, outlier: Option<&OutlierDetector>, now: Instant) -> Vec<bool> {
+        if !self.gateways.any_down() && outlier.is_none_or(|o| !o.any_ejected(now)) {
+            return view.usable.clone();
+        }
+        let endpoints_ejected = outlier.is_some_and(|o| o.any_endpoint_ejected(now));
+        let mut gateways: Vec<(&str, bool)> = vec![];
+        svc.endpoints
+            .iter()
+            .zip(&view.usable)
+            .zip(&view.gateway)
+            .map(|((ep, usable), gateway)| {
+                if !*usable {
+                    return false;
+                }
+                if let Some(address) = gateway {
+                    let cluster = ep.locality().cluster.as_str();
+                    let up = match gateways.iter().find(|(c, _)| *c == cluster) {
+                        Some((_, up)) => *up,
+                        None => {
+                            let up = !self.gateways.is_down(*address)
+                                && outlier.is_none_or(|o| !o.is_ejected(Target::Gateway(cluster), now));
+                            gateways.push((cluster, up));
+                            up
+                        }
+                    };
+                    if !up {
+                        return false;
+                    }
+                }
+                !(endpoints_ejected && outlier.is_some_and(|o| o.is_ejected(ep.target(), now)))
+            })
+            .collect()
     }
 
     /// Picks an endpoint of `svc`, skipping those already tried. When outlier detection has
@@ -63,6 +176,7 @@ impl Balancer {
     /// counted in `strait_lb_panic_total`) rather than among not-ready ones or unreachable
     /// clusters.
     pub fn pick(&self, snap: &Snapshot, svc: &ServiceEntry, tried: &[usize]) -> Option<usize> {
+        let view = self.view(snap, svc);
         let now = Instant::now();
         let mut outlier = self.outlier.lock().ok()?;
         if outlier.prune_due(now) {
@@ -75,11 +189,7 @@ impl Balancer {
                 self.ejected(svc, &svc.endpoints[i], time, "failure percentage");
             }
         }
-        let healthy: Vec<bool> = svc
-            .endpoints
-            .iter()
-            .map(|ep| self.healthy(snap, ep, Some(&outlier), now))
-            .collect();
+        let healthy = self.health(&view, svc, Some(&outlier), now);
         drop(outlier);
         let untried = |flags: &[bool]| flags.iter().enumerate().any(|(i, h)| *h && !tried.contains(&i));
         // A TrafficPolicy's maxEjectionPercent: past it, ejected endpoints take traffic again.
@@ -90,11 +200,7 @@ impl Balancer {
         let healthy = match max_ejection {
             None => healthy,
             Some(max) => {
-                let usable: Vec<bool> = svc
-                    .endpoints
-                    .iter()
-                    .map(|ep| self.healthy(snap, ep, None, now))
-                    .collect();
+                let usable = self.health(&view, svc, None, now);
                 let total = usable.iter().filter(|u| **u).count();
                 let ejected = usable.iter().zip(&healthy).filter(|(u, h)| **u && !**h).count();
                 if total > 0 && ejected * 100 > max as usize * total {
@@ -105,39 +211,31 @@ impl Balancer {
             }
         };
         if untried(&healthy) {
-            return self.choose(snap, svc, &healthy, tried);
+            return self.choose(snap, svc, &view, &healthy, tried);
         }
-        let usable: Vec<bool> = svc
-            .endpoints
-            .iter()
-            .map(|ep| self.healthy(snap, ep, None, now))
-            .collect();
+        let usable = self.health(&view, svc, None, now);
         if untried(&usable) {
             self.metrics.panics.with_label_values(&[&svc.host()]).inc();
         }
         // With nothing usable either, `choose` itself falls back to the nearest endpoints.
-        self.choose(snap, svc, &usable, tried)
+        self.choose(snap, svc, &view, &usable, tried)
     }
 
-    fn choose(&self, snap: &Snapshot, svc: &ServiceEntry, healthy: &[bool], tried: &[usize]) -> Option<usize> {
-        let candidates: Vec<Candidate<'_>> = svc
-            .endpoints
-            .iter()
-            .zip(healthy)
-            .map(|(ep, h)| Candidate {
-                locality: ep.locality(),
-                labels: ep.labels(),
-                healthy: *h,
-            })
-            .collect();
+    fn choose(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        view: &View,
+        healthy: &[bool],
+        tried: &[usize],
+    ) -> Option<usize> {
         // A TrafficPolicy's locality settings override the mesh-wide ones for its service.
-        let overridden = self.lb_policy(snap, svc);
-        choose(
+        choose_at(
             &self.locality,
-            &self.labels,
-            &candidates,
+            &Self::candidates(svc, Some(healthy)),
+            &view.levels,
             tried,
-            overridden.as_ref().unwrap_or(&snap.policy.lb),
+            view.policy.as_ref().unwrap_or(&snap.policy.lb),
             rand::random::<f64>(),
             rand::random::<u64>(),
         )
@@ -146,33 +244,22 @@ impl Balancer {
     /// For `strait route explain`: each endpoint's priority level (0 nearest) as this proxy
     /// computes it, and its health: (level, ready, reachable, ejected).
     pub fn levels(&self, snap: &Snapshot, svc: &ServiceEntry) -> Vec<(u32, bool, bool, bool)> {
+        let view = self.view(snap, svc);
         let now = Instant::now();
         let Ok(outlier) = self.outlier.lock() else {
             return vec![];
         };
-        let candidates: Vec<Candidate<'_>> = svc
-            .endpoints
-            .iter()
-            .map(|ep| Candidate {
-                locality: ep.locality(),
-                labels: ep.labels(),
-                healthy: true,
-            })
-            .collect();
-        let policy = self.lb_policy(snap, svc);
-        let levels = strait_api::lb::priorities(
-            &self.locality,
-            &self.labels,
-            &candidates,
-            policy.as_ref().unwrap_or(&snap.policy.lb),
+        let (usable, healthy) = (
+            self.health(&view, svc, None, now),
+            self.health(&view, svc, Some(&outlier), now),
         );
         svc.endpoints
             .iter()
-            .zip(levels)
-            .map(|(ep, level)| {
-                let reachable = self.healthy(snap, ep, None, now) || !ep.ready;
-                let ejected = ep.ready && reachable && !self.healthy(snap, ep, Some(&outlier), now);
-                (level, ep.ready, reachable, ejected)
+            .enumerate()
+            .map(|(i, ep)| {
+                let reachable = usable[i] || !ep.ready;
+                let ejected = ep.ready && reachable && !healthy[i];
+                (view.levels[i], ep.ready, reachable, ejected)
             })
             .collect()
     }
@@ -284,5 +371,137 @@ impl Balancer {
         if let Some(time) = ejected {
             self.ejected(svc, ep, time, "consecutive failures");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strait_api::pb;
+    use strait_api::snapshot::Resources;
+
+    fn locality(cluster: &str, zone: &str) -> pb::Locality {
+        pb::Locality {
+            cluster: cluster.into(),
+            region: format!("r-{cluster}"),
+            zone: zone.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Config `version`: service demo/echo with `endpoints` (cluster, zone, ready) at
+    /// 10.0.0.<index + 1>, and cluster c1's gateway.
+    fn snapshot(resources: &mut Resources, version: u64, endpoints: &[(&str, &str, bool)]) -> Snapshot {
+        let service = pb::Resource {
+            name: "service/demo/echo".into(),
+            version: version.to_string(),
+            kind: Some(pb::resource::Kind::Service(pb::Service {
+                name: "echo".into(),
+                namespace: "demo".into(),
+                clusterset_ip: "240.0.0.10".into(),
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "http".into(),
+                }],
+                endpoints: endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (cluster, zone, ready))| pb::Endpoint {
+                        address: format!("10.0.0.{}:8080", i + 1),
+                        workload: format!("echo-{i}"),
+                        locality: Some(locality(cluster, zone)),
+                        identity: "spiffe://mesh.local/ns/demo/sa/echo".into(),
+                        ready: *ready,
+                        labels: Default::default(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+        };
+        let gateway = pb::Resource {
+            name: "gateway/c1".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::Gateway(pb::Gateway {
+                cluster: "c1".into(),
+                address: "127.0.1.2:15443".into(),
+                identity: "spiffe://mesh.local/ns/strait-system/sa/strait-gateway".into(),
+                locality: Some(locality("c1", "c1-a")),
+                reachable: true,
+            })),
+        };
+        assert!(resources
+            .apply(pb::ConfigUpdate {
+                version,
+                full: true,
+                resources: vec![service, gateway],
+                ..Default::default()
+            })
+            .is_empty());
+        resources.snapshot(version)
+    }
+
+    /// Which endpoints 300 picks of `svc` went to.
+    fn picked(b: &Balancer, snap: &Snapshot, svc: &ServiceEntry) -> std::collections::BTreeSet<usize> {
+        (0..300).map(|_| b.pick(snap, svc, &[]).unwrap()).collect()
+    }
+
+    #[test]
+    fn what_a_config_decides_is_kept_until_the_next_and_live_health_still_counts() {
+        let registry = prometheus::Registry::new();
+        let caller = Locality {
+            cluster: "c0".into(),
+            region: "r-c0".into(),
+            zone: "c0-a".into(),
+            subzone: String::new(),
+        };
+        let b = Balancer::new(caller, GatewayHealth::default(), SidecarMetrics::new(&registry));
+        let mut resources = Resources::default();
+        let eps = [
+            ("c1", "c1-a", true),
+            ("c0", "c0-a", true),
+            ("c0", "c0-b", true),
+            ("c0", "c0-a", true),
+        ];
+        let one = snapshot(&mut resources, 1, &eps);
+        let svc = one.services["demo/echo"].clone();
+        // The caller's zone takes everything while it is healthy; asked again, the same.
+        assert_eq!(picked(&b, &one, &svc), [1, 3].into());
+        assert_eq!(picked(&b, &one, &svc), [1, 3].into());
+        let levels: Vec<u32> = b.levels(&one, &svc).iter().map(|l| l.0).collect();
+        assert_eq!(levels, [2, 0, 1, 0]);
+
+        // Config 2: the caller's zone is not ready; the next zone takes over.
+        let not_ready = [
+            ("c1", "c1-a", true),
+            ("c0", "c0-a", false),
+            ("c0", "c0-b", true),
+            ("c0", "c0-a", false),
+        ];
+        let two = snapshot(&mut resources, 2, &not_ready);
+        let svc2 = two.services["demo/echo"].clone();
+        assert_eq!(picked(&b, &two, &svc2), [2].into());
+        // Live health: that endpoint fails until ejected, and the other cluster takes over.
+        for _ in 0..10 {
+            b.failure(&two, &svc2, &svc2.endpoints[2]);
+        }
+        assert_eq!(picked(&b, &two, &svc2), [0].into());
+        let (_, ready, reachable, ejected) = b.levels(&two, &svc2)[2];
+        assert!(ready && reachable && ejected);
+        // Its cluster's gateway ejected too: nothing is healthy, and panic routing takes the
+        // nearest endpoint the config allows (not the ones that are not ready).
+        for _ in 0..3 {
+            b.gateway_failure(&two, "c1");
+        }
+        assert_eq!(picked(&b, &two, &svc2), [2].into());
+        let (_, ready, reachable, ejected) = b.levels(&two, &svc2)[0];
+        assert!(ready && reachable && ejected);
+
+        // An entry not of the config (here: the endpoints reversed) is judged on its own.
+        let mut reversed = (*svc).clone();
+        reversed.endpoints.reverse();
+        assert_eq!(picked(&b, &one, &reversed), [0, 2].into());
+        // The config before is still answered rightly (its view made again).
+        assert_eq!(picked(&b, &one, &svc), [1, 3].into());
     }
 }

@@ -116,6 +116,11 @@ pub struct OutlierDetector {
     /// When each service's failure percentage was last judged.
     sweeps: HashMap<String, Instant>,
     pruned_at: Option<Instant>,
+    /// When the last ejection of an endpoint, and of a gateway, to end ends: past it none is
+    /// ejected, and a pick need not look each up (an early return to service only makes this
+    /// later than need be).
+    endpoint_ejections_end: Option<Instant>,
+    gateway_ejections_end: Option<Instant>,
 }
 
 impl OutlierDetector {
@@ -175,6 +180,25 @@ impl OutlierDetector {
         }
     }
 
+    /// Whether any endpoint or gateway may be ejected at `now` (false: none is).
+    pub fn any_ejected(&self, now: Instant) -> bool {
+        self.any_endpoint_ejected(now) || self.gateway_ejections_end.is_some_and(|end| now < end)
+    }
+
+    /// Whether any endpoint may be ejected at `now` (false: none is).
+    pub fn any_endpoint_ejected(&self, now: Instant) -> bool {
+        self.endpoint_ejections_end.is_some_and(|end| now < end)
+    }
+
+    fn ejecting(&mut self, t: Target<'_>, now: Instant, time: Duration) {
+        let last = match t {
+            Target::Endpoint(..) => &mut self.endpoint_ejections_end,
+            Target::Gateway(_) => &mut self.gateway_ejections_end,
+        };
+        let end = now + time;
+        *last = Some(last.map_or(end, |e| e.max(end)));
+    }
+
     pub fn is_ejected(&self, t: Target<'_>, now: Instant) -> bool {
         self.get(t).is_some_and(|s| s.ejected(now))
     }
@@ -201,7 +225,9 @@ impl OutlierDetector {
         if s.consecutive < config.consecutive_errors.max(1) {
             return None;
         }
-        Some(s.eject(now, config.base_ejection, config.max_ejection))
+        let time = s.eject(now, config.base_ejection, config.max_ejection);
+        self.ejecting(t, now, time);
+        Some(time)
     }
 
     /// Records one attempt's outcome under a service's own rules; returns the ejection time
@@ -246,7 +272,9 @@ impl OutlierDetector {
             || hit(s.consecutive_gateway, rules.consecutive_gateway)
             || local_default
         {
-            return Some(s.eject(now, rules.base_ejection, rules.max_ejection));
+            let time = s.eject(now, rules.base_ejection, rules.max_ejection);
+            self.ejecting(t, now, time);
+            return Some(time);
         }
         None
     }
@@ -297,6 +325,9 @@ impl OutlierDetector {
                 ejected.push((i, s.eject(now, rules.base_ejection, rules.max_ejection)));
             }
         }
+        if let Some((i, longest)) = ejected.iter().max_by_key(|(_, time)| *time) {
+            self.ejecting(targets[*i], now, *longest);
+        }
         ejected
     }
 }
@@ -320,9 +351,12 @@ mod tests {
         let mut d = OutlierDetector::default();
         let t = Instant::now();
         assert_eq!(d.failure(ep(1), t, &cfg), None);
+        assert!(!d.any_ejected(t));
         assert_eq!(d.failure(ep(1), t, &cfg), Some(Duration::from_secs(2)));
         assert!(d.is_ejected(ep(1), t + Duration::from_secs(1)));
         assert!(!d.is_ejected(ep(1), t + Duration::from_secs(2)));
+        assert!(d.any_ejected(t + Duration::from_secs(1)) && !d.any_ejected(t + Duration::from_secs(2)));
+        assert!(d.any_endpoint_ejected(t + Duration::from_secs(1)));
         let t2 = t + Duration::from_secs(3);
         d.failure(ep(1), t2, &cfg);
         assert_eq!(d.failure(ep(1), t2, &cfg), Some(Duration::from_secs(4)));
@@ -337,6 +371,10 @@ mod tests {
         assert!(d.failure(ep(1), t3, &cfg).is_some());
         assert!(!d.is_ejected(twin, t3) && !d.is_ejected(Target::Gateway("west"), t3));
         d.failure(Target::Gateway("east"), t3, &cfg);
+        let mut gateway_only = OutlierDetector::default();
+        gateway_only.failure(Target::Gateway("east"), t3, &cfg);
+        gateway_only.failure(Target::Gateway("east"), t3, &cfg);
+        assert!(gateway_only.any_ejected(t3) && !gateway_only.any_endpoint_ejected(t3));
         d.failure(Target::Gateway("east"), t3, &cfg);
         assert!(d.is_ejected(Target::Gateway("east"), t3) && !d.is_ejected(twin, t3));
     }
@@ -381,8 +419,9 @@ mod tests {
         assert_eq!(d.record(ep(1), err(false), t, &r), None);
         assert_eq!(d.record(ep(1), err(true), t, &r), None);
         // A third 5xx ejects under consecutive5xxErrors: 3.
+        assert!(!d.any_ejected(t));
         assert_eq!(d.record(ep(1), err(false), t, &r), Some(Duration::from_secs(30)));
-        assert!(d.is_ejected(ep(1), t));
+        assert!(d.is_ejected(ep(1), t) && d.any_ejected(t + Duration::from_secs(29)));
         // Two gateway errors in a row (a local failure is one) eject under 2.
         assert_eq!(d.record(ep(2), Outcome::Local, t, &r), None);
         assert_eq!(d.record(ep(2), err(true), t, &r), Some(Duration::from_secs(30)));
@@ -447,6 +486,7 @@ mod tests {
         let at = t + Duration::from_secs(10);
         let out = d.sweep("svc", &keys, at, &r);
         assert_eq!(out, vec![(0, Duration::from_secs(30))], "a: the first target");
+        assert!(d.any_ejected(at + Duration::from_secs(29)) && !d.any_ejected(at + Duration::from_secs(30)));
         assert!(d.is_ejected(ep(1), at) && !d.is_ejected(ep(2), at) && !d.is_ejected(ep(3), at));
         // The window starts again: c's earlier failures are forgotten.
         for _ in 0..10 {

@@ -172,6 +172,22 @@ pub fn choose(
     r1: f64,
     r2: u64,
 ) -> Option<usize> {
+    let levels = priorities(caller, caller_labels, candidates, policy);
+    choose_at(caller, candidates, &levels, exclude, policy, r1, r2)
+}
+
+/// [`choose`] with each candidate's priority level already known ([`priorities`] of the same
+/// caller, candidates and policy): what a proxy keeps while its config stays the same.
+pub fn choose_at(
+    caller: &Locality,
+    candidates: &[Candidate<'_>],
+    prio: &[u32],
+    exclude: &[usize],
+    policy: &LbPolicy,
+    r1: f64,
+    r2: u64,
+) -> Option<usize> {
+    debug_assert_eq!(prio.len(), candidates.len());
     let usable: Vec<usize> = (0..candidates.len()).filter(|i| !exclude.contains(i)).collect();
     if usable.is_empty() {
         return None;
@@ -179,7 +195,6 @@ pub fn choose(
     let healthy: Vec<usize> = usable.iter().copied().filter(|&i| candidates[i].healthy).collect();
     if healthy.is_empty() {
         // Panic mode: every endpoint is unhealthy, so health tells us nothing; prefer the nearest.
-        let prio = priorities(caller, caller_labels, candidates, policy);
         let best = usable.iter().map(|&i| prio[i]).min()?;
         let nearest: Vec<usize> = usable.into_iter().filter(|&i| prio[i] == best).collect();
         return Some(nearest[(r2 % nearest.len() as u64) as usize]);
@@ -211,7 +226,6 @@ pub fn choose(
             return Some(members[(r2 % members.len() as u64) as usize]);
         }
     }
-    let prio = priorities(caller, caller_labels, candidates, policy);
     let n_levels = usable.iter().map(|&i| prio[i]).max()? as usize + 1;
     let mut counts = vec![(0usize, 0usize); n_levels];
     for &i in &usable {
