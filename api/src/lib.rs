@@ -27,6 +27,8 @@ pub mod proxy;
 pub mod routes;
 pub mod snapshot;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testing;
 pub mod trace;
 pub mod traffic;
 pub mod transport;

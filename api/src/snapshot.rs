@@ -1493,33 +1493,11 @@ mod tests {
     use super::*;
 
     fn service_resource(name: &str, address: &str) -> pb::Resource {
-        pb::Resource {
-            name: format!("service/demo/{name}"),
-            version: "1".into(),
-            kind: Some(pb::resource::Kind::Service(pb::Service {
-                name: name.into(),
-                namespace: "demo".into(),
-                clusterset_ip: "240.0.0.10".into(),
-                ports: vec![pb::ServicePort {
-                    name: "http".into(),
-                    port: 80,
-                    protocol: "http".into(),
-                }],
-                endpoints: vec![pb::Endpoint {
-                    address: address.into(),
-                    workload: "w".into(),
-                    locality: Some(pb::Locality {
-                        cluster: "east".into(),
-                        ..Default::default()
-                    }),
-                    identity: "spiffe://mesh.local/ns/demo/sa/echo".into(),
-                    ready: true,
-                    labels: Default::default(),
-                }],
-                conditions: vec![],
-                identities: vec![],
-            })),
-        }
+        let east = pb::Locality {
+            cluster: "east".into(),
+            ..Default::default()
+        };
+        crate::testing::http_service("demo", name, "1", vec![crate::testing::endpoint(address, "w", east)])
     }
 
     #[test]

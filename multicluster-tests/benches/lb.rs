@@ -21,6 +21,7 @@ use multicluster_tests::figures::Figures;
 use strait_api::locality::Locality;
 use strait_api::pb;
 use strait_api::snapshot::{Resources, Snapshot};
+use strait_api::testing;
 use strait_sidecar::lb::Balancer;
 
 const CLUSTERS: usize = 10;
@@ -41,43 +42,16 @@ fn snapshot(n: usize) -> Snapshot {
     let endpoints = (0..n)
         .map(|i| {
             let (c, z) = (i % CLUSTERS, (i / CLUSTERS) % ZONES);
+            let address = format!("10.{c}.{}.{}:8080", i / 250, i % 250 + 1);
             pb::Endpoint {
-                address: format!("10.{c}.{}.{}:8080", i / 250, i % 250 + 1),
-                workload: format!("echo-{i}"),
-                locality: Some(locality(c, z)),
-                identity: "spiffe://mesh.local/ns/demo/sa/echo".into(),
-                ready: true,
                 labels: [("app".to_string(), "echo".to_string()), ("version".into(), "v1".into())].into(),
+                ..testing::endpoint(&address, &format!("echo-{i}"), locality(c, z))
             }
         })
         .collect();
-    let service = pb::Resource {
-        name: "service/demo/echo".into(),
-        version: "1".into(),
-        kind: Some(pb::resource::Kind::Service(pb::Service {
-            name: "echo".into(),
-            namespace: "demo".into(),
-            clusterset_ip: "240.0.0.10".into(),
-            ports: vec![pb::ServicePort {
-                name: "http".into(),
-                port: 80,
-                protocol: "http".into(),
-            }],
-            endpoints,
-            ..Default::default()
-        })),
-    };
-    let gateways = (1..CLUSTERS).map(|c| pb::Resource {
-        name: format!("gateway/c{c}"),
-        version: "1".into(),
-        kind: Some(pb::resource::Kind::Gateway(pb::Gateway {
-            cluster: format!("c{c}"),
-            address: format!("127.0.{c}.2:15443"),
-            identity: "spiffe://mesh.local/ns/strait-system/sa/strait-gateway".into(),
-            locality: Some(locality(c, 0)),
-            reachable: true,
-        })),
-    });
+    let service = testing::http_service("demo", "echo", "1", endpoints);
+    let gateways =
+        (1..CLUSTERS).map(|c| testing::gateway(&format!("c{c}"), &format!("127.0.{c}.2:15443"), locality(c, 0)));
     let mut resources = Resources::default();
     let rejected = resources.apply(pb::ConfigUpdate {
         version: 1,

@@ -379,6 +379,7 @@ mod tests {
     use super::*;
     use strait_api::pb;
     use strait_api::snapshot::Resources;
+    use strait_api::testing;
 
     fn locality(cluster: &str, zone: &str) -> pb::Locality {
         pb::Locality {
@@ -392,44 +393,20 @@ mod tests {
     /// Config `version`: service demo/echo with `endpoints` (cluster, zone, ready) at
     /// 10.0.0.<index + 1>, and cluster c1's gateway.
     fn snapshot(resources: &mut Resources, version: u64, endpoints: &[(&str, &str, bool)]) -> Snapshot {
-        let service = pb::Resource {
-            name: "service/demo/echo".into(),
-            version: version.to_string(),
-            kind: Some(pb::resource::Kind::Service(pb::Service {
-                name: "echo".into(),
-                namespace: "demo".into(),
-                clusterset_ip: "240.0.0.10".into(),
-                ports: vec![pb::ServicePort {
-                    name: "http".into(),
-                    port: 80,
-                    protocol: "http".into(),
-                }],
-                endpoints: endpoints
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (cluster, zone, ready))| pb::Endpoint {
-                        address: format!("10.0.0.{}:8080", i + 1),
-                        workload: format!("echo-{i}"),
-                        locality: Some(locality(cluster, zone)),
-                        identity: "spiffe://mesh.local/ns/demo/sa/echo".into(),
-                        ready: *ready,
-                        labels: Default::default(),
-                    })
-                    .collect(),
-                ..Default::default()
-            })),
-        };
-        let gateway = pb::Resource {
-            name: "gateway/c1".into(),
-            version: "1".into(),
-            kind: Some(pb::resource::Kind::Gateway(pb::Gateway {
-                cluster: "c1".into(),
-                address: "127.0.1.2:15443".into(),
-                identity: "spiffe://mesh.local/ns/strait-system/sa/strait-gateway".into(),
-                locality: Some(locality("c1", "c1-a")),
-                reachable: true,
-            })),
-        };
+        let endpoints = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, (cluster, zone, ready))| pb::Endpoint {
+                ready: *ready,
+                ..testing::endpoint(
+                    &format!("10.0.0.{}:8080", i + 1),
+                    &format!("echo-{i}"),
+                    locality(cluster, zone),
+                )
+            })
+            .collect();
+        let service = testing::http_service("demo", "echo", &version.to_string(), endpoints);
+        let gateway = testing::gateway("c1", "127.0.1.2:15443", locality("c1", "c1-a"));
         assert!(resources
             .apply(pb::ConfigUpdate {
                 version,
