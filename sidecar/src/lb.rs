@@ -17,9 +17,14 @@ use crate::metrics::SidecarMetrics;
 /// (its `baseEjectionTime` times the ejections in a row; Envoy's `max_ejection_time`).
 const MAX_POLICY_EJECTION: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// This proxy's own workload labels in a config (its endpoint's, as the catalog has them):
+/// what `failoverPriority` compares with each endpoint's.
+pub type CallerLabels = Arc<dyn Fn(&Snapshot) -> Arc<BTreeMap<String, String>> + Send + Sync>;
+
 pub struct Balancer {
     locality: Locality,
-    labels: BTreeMap<String, String>,
+    /// None: no labels (only the locality's topology keys match).
+    labels: Option<CallerLabels>,
     outlier: Mutex<OutlierDetector>,
     gateways: GatewayHealth,
     metrics: SidecarMetrics,
@@ -55,12 +60,18 @@ impl Balancer {
     pub fn new(locality: Locality, gateways: GatewayHealth, metrics: SidecarMetrics) -> Self {
         Balancer {
             locality,
-            labels: BTreeMap::new(),
+            labels: None,
             outlier: Mutex::default(),
             gateways,
             metrics,
             views: Mutex::default(),
         }
+    }
+
+    /// Where this proxy's own labels come from (read again for each new config).
+    pub fn with_labels(mut self, labels: CallerLabels) -> Self {
+        self.labels = Some(labels);
+        self
     }
 
     pub fn locality(&self) -> &Locality {
@@ -93,9 +104,10 @@ impl Balancer {
     fn make_view(&self, snap: &Snapshot, svc: &ServiceEntry) -> View {
         let policy = self.lb_policy(snap, svc);
         let candidates = Self::candidates(svc, None);
+        let labels = self.labels.as_ref().map(|own| own(snap)).unwrap_or_default();
         let levels = priorities(
             &self.locality,
-            &self.labels,
+            &labels,
             &candidates,
             policy.as_ref().unwrap_or(&snap.policy.lb),
         );
@@ -480,5 +492,62 @@ mod tests {
         assert_eq!(picked(&b, &one, &reversed), [0, 2].into());
         // The config before is still answered rightly (its view made again).
         assert_eq!(picked(&b, &one, &svc), [1, 3].into());
+    }
+
+    #[test]
+    fn failover_priority_compares_the_callers_own_labels() {
+        let caller = Locality {
+            cluster: "c0".into(),
+            region: "r-c0".into(),
+            zone: "c0-a".into(),
+            subzone: String::new(),
+        };
+        let endpoints = ["v1", "v2", "v1"]
+            .iter()
+            .enumerate()
+            .map(|(i, version)| pb::Endpoint {
+                labels: [("version".to_string(), version.to_string())].into(),
+                ..testing::endpoint(
+                    &format!("10.0.0.{}:8080", i + 1),
+                    &format!("echo-{i}"),
+                    locality("c0", "c0-a"),
+                )
+            })
+            .collect();
+        let policy = pb::Resource {
+            name: "policy/locality".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::LocalityPolicy(pb::LocalityPolicy {
+                failover_priority: vec!["version".into()],
+                ..Default::default()
+            })),
+        };
+        let mut resources = Resources::default();
+        assert!(resources
+            .apply(pb::ConfigUpdate {
+                version: 1,
+                full: true,
+                resources: vec![testing::http_service("demo", "echo", "1", endpoints), policy],
+                ..Default::default()
+            })
+            .is_empty());
+        let snap = resources.snapshot(1);
+        let svc = snap.services["demo/echo"].clone();
+        let balancer = |labels: Option<CallerLabels>| {
+            let b = Balancer::new(
+                caller.clone(),
+                GatewayHealth::default(),
+                SidecarMetrics::new(&prometheus::Registry::new()),
+            );
+            match labels {
+                Some(l) => b.with_labels(l),
+                None => b,
+            }
+        };
+        // Without its own labels the caller matches no endpoint's version: all alike.
+        assert_eq!(picked(&balancer(None), &snap, &svc), [0, 1, 2].into());
+        // A v2 caller prefers the v2 endpoint.
+        let v2: CallerLabels = Arc::new(|_: &Snapshot| Arc::new([("version".to_string(), "v2".to_string())].into()));
+        assert_eq!(picked(&balancer(Some(v2)), &snap, &svc), [1].into());
     }
 }

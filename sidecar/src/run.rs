@@ -158,7 +158,10 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     );
     let tunnel = TunnelClient::new(SocketAddr::new(opts.outbound.ip(), 0), store.clone())?
         .with_metrics(strait_gateway::TunnelClientMetrics::new(&registry));
-    let balancer = Balancer::new(opts.locality.clone(), tunnel.health(), metrics.clone());
+    let own = telemetry.clone();
+    let balancer = Balancer::new(opts.locality.clone(), tunnel.health(), metrics.clone()).with_labels(Arc::new(
+        move |snap: &strait_api::snapshot::Snapshot| own.local.labels(snap),
+    ));
     let upstreams = Upstreams::new(opts.locality.cluster.clone(), store.clone(), tunnel)
         .with_metrics(metrics.upstream_connections.clone());
     let outbound = Arc::new(
