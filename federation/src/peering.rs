@@ -333,17 +333,14 @@ impl ExportChange {
 /// and the names of those removed, in key order. From `current.change` when it was made
 /// against `sent`, else by a walk over both.
 fn services_delta(sent: &Arc<Services>, current: &Exports) -> (Vec<pb::ExportedService>, Vec<String>) {
-    let delta: Vec<(&crate::catalog::Key, Option<&Arc<pb::ExportedService>>)> =
-        match current.change.as_deref().filter(|c| Arc::ptr_eq(&c.from, sent)) {
-            Some(c) => c.keys.iter().map(|k| (k, current.services.get(k))).collect(),
-            None => crate::catalog::changes(sent, &current.services).collect(),
-        };
     let (mut upserts, mut removed) = (vec![], vec![]);
-    for (k, new) in delta {
-        match new {
-            Some(s) => upserts.push((**s).clone()),
-            None => removed.push(k.to_string()),
-        }
+    let mut take = |k: &crate::catalog::Key, new: Option<&Arc<pb::ExportedService>>| match new {
+        Some(s) => upserts.push((**s).clone()),
+        None => removed.push(k.to_string()),
+    };
+    match current.change.as_deref().filter(|c| Arc::ptr_eq(&c.from, sent)) {
+        Some(c) => c.keys.iter().for_each(|k| take(k, current.services.get(k))),
+        None => crate::catalog::changes(sent, &current.services).for_each(|(k, new)| take(k, new)),
     }
     (upserts, removed)
 }

@@ -229,7 +229,7 @@ impl Balancer {
         if untried(&usable) {
             self.metrics.panics.with_label_values(&[&svc.host()]).inc();
         }
-        // With nothing usable either, `choose` itself falls back to the nearest endpoints.
+        // With nothing usable either, `choose_at` itself falls back to the nearest endpoints.
         self.choose(snap, svc, &view, &usable, tried)
     }
 

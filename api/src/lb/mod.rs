@@ -10,4 +10,4 @@ mod outlier;
 mod priority;
 
 pub use outlier::{FailurePercentage, Outcome, OutlierConfig, OutlierDetector, ServiceOutlier, Target};
-pub use priority::{choose, choose_at, priorities, priority_load, Candidate, DistributeRule, LbPolicy};
+pub use priority::{choose_at, priorities, priority_load, Candidate, DistributeRule, LbPolicy};

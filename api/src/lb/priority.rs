@@ -161,23 +161,10 @@ pub fn priority_load(levels: &[(usize, usize)], overprovisioning: f64) -> Vec<f6
         .collect()
 }
 
-/// Picks one candidate, skipping `exclude` (endpoints a retry already tried). `r1` in [0, 1)
-/// chooses the level (or the distribute target), `r2` the endpoint within it.
-pub fn choose(
-    caller: &Locality,
-    caller_labels: &BTreeMap<String, String>,
-    candidates: &[Candidate<'_>],
-    exclude: &[usize],
-    policy: &LbPolicy,
-    r1: f64,
-    r2: u64,
-) -> Option<usize> {
-    let levels = priorities(caller, caller_labels, candidates, policy);
-    choose_at(caller, candidates, &levels, exclude, policy, r1, r2)
-}
-
-/// [`choose`] with each candidate's priority level already known ([`priorities`] of the same
-/// caller, candidates and policy): what a proxy keeps while its config stays the same.
+/// Picks one candidate, skipping `exclude` (endpoints a retry already tried), given each
+/// candidate's priority level (`prio`: [`priorities`] of the same caller, candidates and policy,
+/// which a proxy keeps while its config stays the same). `r1` in [0, 1) chooses the level (or
+/// the distribute target), `r2` the endpoint within it.
 pub fn choose_at(
     caller: &Locality,
     candidates: &[Candidate<'_>],
@@ -252,6 +239,20 @@ pub fn choose_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`choose_at`] with the levels worked out for this call.
+    fn choose(
+        caller: &Locality,
+        caller_labels: &BTreeMap<String, String>,
+        candidates: &[Candidate<'_>],
+        exclude: &[usize],
+        policy: &LbPolicy,
+        r1: f64,
+        r2: u64,
+    ) -> Option<usize> {
+        let levels = priorities(caller, caller_labels, candidates, policy);
+        choose_at(caller, candidates, &levels, exclude, policy, r1, r2)
+    }
 
     fn loc(cluster: &str, region: &str, zone: &str) -> Locality {
         Locality::new(cluster, region, zone)
