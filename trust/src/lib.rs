@@ -27,7 +27,8 @@ pub use metrics::TlsMetrics;
 pub use rotation::{next_rotation, RotationPlan};
 pub use store::{CertStore, WorkloadCert};
 pub use tls::{
-    client_config, server_config, ClientConfigs, ServerAuth, ALPN_H2, ALPN_TCP, ALPN_TUNNEL, RESUMPTION_MAX_AGE,
+    client_config, server_config, ClientConfigs, ServerAuth, ALPN_H1, ALPN_H2, ALPN_TCP, ALPN_TUNNEL,
+    RESUMPTION_MAX_AGE,
 };
 pub use verify::{peer_cluster, peer_identity, PeerPolicy, RefusalReason, SpiffeVerifier};
 

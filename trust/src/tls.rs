@@ -16,8 +16,11 @@ use crate::{CertStore, PeerPolicy, SpiffeId, SpiffeVerifier, TlsMetrics, TrustBu
 
 /// ALPN of the east-west QUIC tunnel.
 pub const ALPN_TUNNEL: &[u8] = b"strait/1";
-/// ALPN of sidecar-to-sidecar HTTP (HTTP/2 inside mTLS).
+/// ALPN of sidecar-to-sidecar HTTP/2 inside mTLS (gRPC and any HTTP/2 an app speaks).
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of sidecar-to-sidecar HTTP/1.1 inside mTLS (an app's HTTP/1 requests, one at a time
+/// per pooled connection, as HAProxy and Envoy carry them).
+pub const ALPN_H1: &[u8] = b"http/1.1";
 /// ALPN of sidecar-to-sidecar opaque TCP inside mTLS.
 pub const ALPN_TCP: &[u8] = b"strait-tcp/1";
 
@@ -152,7 +155,7 @@ impl StoresServerSessions for ResumableSessions {
 /// Client configs kept per peer endpoint, so that a new connection to an endpoint resumes the
 /// TLS 1.3 session of an earlier one (no certificates sent or verified, no signatures: the
 /// setup of a new connection costs less) where the server still honours it. A config is built
-/// for one endpoint, one set of identities it may prove and one ALPN, so a session is only
+/// for one endpoint, one set of identities it may prove and one list of ALPNs, so a session is only
 /// ever resumed with the endpoint whose identity verified it. All are dropped when this
 /// workload's certificate rotates or the trust bundle changes: no session outlives the
 /// credentials it was made with.
@@ -165,8 +168,11 @@ pub struct ClientConfigs {
 struct ConfigsState {
     cert: Option<Arc<WorkloadCert>>,
     bundle: Option<Arc<TrustBundle>>,
-    configs: HashMap<(String, Vec<SpiffeId>, Vec<u8>), Arc<ClientConfig>>,
+    configs: HashMap<ConfigKey, Arc<ClientConfig>>,
 }
+
+/// An endpoint, the identities it may prove and the ALPNs offered to it.
+type ConfigKey = (String, Vec<SpiffeId>, Vec<Vec<u8>>);
 
 /// Endpoints whose configs are kept before all are dropped and rebuilt on demand.
 const KEPT_CONFIGS: usize = 4096;
@@ -183,15 +189,16 @@ impl ClientConfigs {
         self.store.metrics()
     }
 
-    /// The config for connecting to `endpoint`, which must prove one of `expected`.
-    pub fn get(&self, endpoint: &str, expected: &[SpiffeId], alpn: &[u8]) -> Result<Arc<ClientConfig>, TrustError> {
+    /// The config for connecting to `endpoint`, which must prove one of `expected`, offering
+    /// the protocols `alpn` (most preferred first; the server chooses).
+    pub fn get(&self, endpoint: &str, expected: &[SpiffeId], alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TrustError> {
         let build = || {
             client_config(
                 Some(&self.store),
                 self.store.bundle(),
                 self.store.metrics(),
                 PeerPolicy::OneOf(expected.to_vec()),
-                &[alpn],
+                alpn,
             )
             .map(Arc::new)
         };
@@ -205,7 +212,11 @@ impl ClientConfigs {
             state.cert = Some(cert);
             state.bundle = Some(bundle);
         }
-        let key = (endpoint.to_string(), expected.to_vec(), alpn.to_vec());
+        let key = (
+            endpoint.to_string(),
+            expected.to_vec(),
+            alpn.iter().map(|p| p.to_vec()).collect(),
+        );
         if let Some(config) = state.configs.get(&key) {
             return Ok(config.clone());
         }

@@ -262,7 +262,9 @@ async fn resumable_handshake(
         ))
     });
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let config = configs.get("endpoint-a", std::slice::from_ref(expected), b"t").unwrap();
+    let config = configs
+        .get("endpoint-a", std::slice::from_ref(expected), &[b"t"])
+        .unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(config)
         .connect(rustls::pki_types::ServerName::try_from("strait.mesh").unwrap(), tcp)
         .await

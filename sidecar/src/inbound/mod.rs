@@ -1,7 +1,9 @@
 //! The inbound listener: terminate mTLS from other sidecars (any identity of a trusted domain),
-//! then forward plaintext to the app on loopback. HTTP arrives as HTTP/2 and leaves as
-//! HTTP/1.1, or as HTTP/2 when the calling app spoke HTTP/2 (gRPC); opaque TCP is spliced after a one-byte status that tells the caller whether the
-//! app answered.
+//! then forward plaintext to the app on loopback. HTTP arrives in the version the calling app
+//! spoke (HTTP/1.1 on a pooled connection, or HTTP/2 for gRPC; an older caller sends HTTP/2
+//! for both) and leaves in the app's: HTTP/1.1, or HTTP/2 when the caller's app spoke it.
+//! Opaque TCP is spliced after a one-byte status that tells the caller whether the app
+//! answered.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -340,7 +342,9 @@ impl Inbound {
             &self.store,
             PeerPolicy::AnyInBundle,
             ServerAuth::RequireClientCert,
-            &[strait_trust::ALPN_H2, strait_trust::ALPN_TCP],
+            // HTTP/1.1 first: a caller that offers it with HTTP/2 does so for an app's HTTP/1
+            // request, and an older caller offers HTTP/2 alone.
+            &[strait_trust::ALPN_H1, strait_trust::ALPN_H2, strait_trust::ALPN_TCP],
         )?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
         loop {
@@ -376,13 +380,16 @@ impl Inbound {
                 let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
                 match alpn.as_deref() {
                     Some(p) if p == strait_trust::ALPN_TCP => this.splice(tls).await,
-                    _ => this.serve_h2(tls, signal).await,
+                    Some(p) if p == strait_trust::ALPN_H1 => this.serve_http(tls, signal, false).await,
+                    _ => this.serve_http(tls, signal, true).await,
                 }
             });
         }
     }
 
-    async fn serve_h2(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch) {
+    /// Serves another sidecar's requests in the protocol its handshake chose: HTTP/2, or
+    /// HTTP/1.1 (one request at a time; the caller pools the connection).
+    async fn serve_http(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch, h2: bool) {
         let limits = self.limits.clone();
         let peer = Arc::new(PeerAuth::of(&tls));
         let svc = hyper::service::service_fn(move |req| {
@@ -390,14 +397,23 @@ impl Inbound {
             let peer = peer.clone();
             async move { Ok::<_, Infallible>(this.to_app(req, &peer).await) }
         });
-        // HTTP/2 only (other sidecars speak nothing else here), with the outbound side's limits.
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
+        // The protocol ALPN chose, with the outbound side's limits.
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         crate::outbound::auto_limits(&mut builder, &limits);
-        builder.http2().keep_alive_interval(Some(Duration::from_secs(20)));
+        if h2 {
+            builder = builder.http2_only();
+            builder.http2().keep_alive_interval(Some(Duration::from_secs(20)));
+        } else {
+            builder = builder.http1_only();
+            // A pooled connection waits idle between requests for as long as the caller keeps
+            // it (an authenticated sidecar, which closes it when unused): no header timeout
+            // here, or a request sent as it fires would be lost.
+            builder.http1().header_read_timeout(None);
+        }
         // On drain: GOAWAY, callers finish what is in flight and open new streams elsewhere.
         let result = crate::outbound::drive!(builder.serve_connection(TokioIo::new(Coalesced::new(tls)), svc), drain);
         if let Err(e) = result {
-            tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+            tracing::debug!(error = %e, h2, "inbound connection from a sidecar ended with an error");
         }
     }
 

@@ -15,6 +15,7 @@ use super::{text, Body, Outbound, MAX_ATTEMPTS, MAX_ROUTE_ATTEMPTS};
 use crate::metrics::response_class;
 use crate::policy::Overflow;
 use crate::telemetry::{Counted, Tally};
+use crate::upstream::Proto;
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
 use strait_api::routes::compile::Mirror;
 use strait_api::snapshot::{ServiceEntry, Snapshot};
@@ -410,15 +411,13 @@ impl Outbound {
                 let result = tokio::time::timeout(MIRROR_TIMEOUT, async {
                     let i = this.balancer.pick(&snap, &target, &[]).ok_or("no endpoint")?;
                     let ep = &target.endpoints[i];
-                    let (mut sender, _) = this
+                    let proto = Proto::of(parts.version);
+                    let (lease, _) = this
                         .upstreams
-                        .h2(&snap, &target, ep, port, &Default::default(), "")
+                        .http(&snap, &target, ep, port, &Default::default(), "", proto)
                         .await
                         .map_err(|_| "connect")?;
-                    let resp = sender
-                        .send_request(Request::from_parts(parts, body))
-                        .await
-                        .map_err(|_| "send")?;
+                    let resp = lease.send(Request::from_parts(parts, body)).await.map_err(|_| "send")?;
                     // Read the answer so the stream ends cleanly; it is dropped.
                     let _ = resp.into_body().collect().await;
                     Ok::<_, &str>(())
@@ -435,7 +434,8 @@ impl Outbound {
     }
 
     /// The request as the destination sidecar gets it: hop-by-hop headers gone, the caller's
-    /// cluster and HTTP version noted (inside mTLS).
+    /// metadata and the app's HTTP version noted (inside mTLS). The version between the sidecars
+    /// is the connection's ([`crate::upstream::Lease::send`]); the app's stays in `parts`.
     fn upstream_headers(&self, parts: &mut Parts, downstream: Version, metadata: &str) {
         strip_hop(&mut parts.headers);
         // This proxy already answered `100 Continue` when it started reading the body.
@@ -454,7 +454,6 @@ impl Outbound {
         // certificate, not in a header.
         parts.headers.remove(SOURCE_CLUSTER_HEADER);
         parts.headers.remove(crate::RATE_LIMIT_TARGET_HEADER);
-        parts.version = Version::HTTP_2;
     }
 
     /// The attempt loop: pick an endpoint, connect, send, classify, retry while that is safe.
@@ -476,6 +475,7 @@ impl Outbound {
         } else {
             vec![]
         };
+        let proto = Proto::of(parts.version);
         let idempotent = matches!(
             parts.method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
@@ -545,7 +545,9 @@ impl Outbound {
                 .get(trace::TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
-            let dial = self.upstreams.h2(snap, svc, ep, port, &policy.conn, traceparent);
+            let dial = self
+                .upstreams
+                .http(snap, svc, ep, port, &policy.conn, traceparent, proto);
             let dialed = match policy.connect_timeout {
                 None => dial.await,
                 Some(limit) => match tokio::time::timeout(limit, dial).await {
@@ -557,7 +559,7 @@ impl Outbound {
                     }
                 },
             };
-            let (mut sender, reused) = match dialed {
+            let (lease, reused) = match dialed {
                 Ok(s) => s,
                 Err(e)
                     if matches!(
@@ -607,7 +609,7 @@ impl Outbound {
                     break;
                 }
             };
-            let sent = sender.send_request(Request::from_parts(parts.clone(), body));
+            let sent = lease.send(Request::from_parts(parts.clone(), body));
             let sent = match policy.per_try {
                 None => sent.await,
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
