@@ -1,4 +1,5 @@
-//! What applications speak, carried whole: streamed bodies both ways with bounded proxy memory,
+//! What applications speak, carried whole: HTTP/1 on pooled HTTP/1.1 connections between the
+//! sidecars of a cluster, streamed bodies both ways with bounded proxy memory,
 //! retries that never resend a partial body, WebSocket through the explicit proxy in a cluster
 //! and across clusters, server-sent events flushed as written, TCP half-close, and a workload
 //! that runs the user's own program. Real clients (curl, tokio-tungstenite) against real
@@ -215,6 +216,60 @@ async fn retries_replay_small_bodies_and_never_resend_a_partial_one() {
         metric_sum(&metrics, "strait_upstream_retries_total", &[]) >= 1.0,
         "{metrics}"
     );
+}
+
+/// An app's HTTP/1 requests ride pooled HTTP/1.1 connections between the sidecars of a cluster,
+/// one request at a time on each: four at once need four connections (HTTP/2 would carry them
+/// on one), and the requests after them reuse those. Through a gateway they share the
+/// endpoint's one HTTP/2 connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_ride_pooled_http1_connections_between_the_sidecars_of_a_cluster() {
+    let mesh = start().await;
+    let caller = mesh.workload("client", "us-east-1a").clone();
+    for host in ["near", "far"] {
+        let service = format!("{host}.demo.svc.clusterset.local");
+        let opened = || async {
+            let text = scrape(caller.admin_addr).await.unwrap();
+            metric_sum(
+                &text,
+                "strait_upstream_connections_opened_total",
+                &[("destination_service", service.as_str())],
+            )
+        };
+        let (code, _) = get_via(caller.outbound_proxy, &format!("http://{service}/"))
+            .await
+            .unwrap();
+        assert_eq!(code, 200);
+        let warm = opened().await;
+        assert_eq!(warm, 1.0, "{host}: the first request opened one connection");
+        let slow = format!("http://{service}/delay/300");
+        let answers = futures::future::join_all((0..4).map(|_| get_via(caller.outbound_proxy, &slow))).await;
+        assert!(answers.into_iter().all(|a| a.unwrap().0 == 200));
+        let at_once = opened().await - warm;
+        for _ in 0..8 {
+            assert_eq!(
+                get_via(caller.outbound_proxy, &format!("http://{service}/"))
+                    .await
+                    .unwrap()
+                    .0,
+                200
+            );
+        }
+        let after = opened().await - warm - at_once;
+        println!("{host}: 4 requests at once opened {at_once} connections, 8 after them {after}");
+        if host == "near" {
+            // The idle one takes a request, the other three dial (all four if it was not yet
+            // back in the pool); then every request finds one ready.
+            assert!((3.0..=4.0).contains(&at_once), "{host}: {at_once}");
+            assert!(after <= 1.0, "{host}: {after} new connections for 8 requests in turn");
+        } else {
+            assert_eq!(
+                (at_once, after),
+                (0.0, 0.0),
+                "{host}: one HTTP/2 connection through the tunnel"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
