@@ -361,20 +361,18 @@ impl Dialer {
     async fn http(self, t: Target, proto: Proto) -> Result<Opened, Arc<UpstreamError>> {
         let tls = self.connect(&t, proto.alpn()).await?;
         let peer = strait_trust::peer_identity(tls.get_ref().1.peer_certificates());
-        if tls.get_ref().1.alpn_protocol() == Some(strait_trust::ALPN_H1) {
+        let h1 = tls.get_ref().1.alpn_protocol() == Some(strait_trust::ALPN_H1);
+        let io = TokioIo::new(Coalesced::new(tls));
+        let failed = |e: hyper::Error, version: &str| UpstreamError::Connect {
+            endpoint: t.key.clone(),
+            detail: format!("{version} handshake: {e}"),
+        };
+        if h1 {
             let (sender, conn) = http1::Builder::new()
-                .handshake(TokioIo::new(Coalesced::new(tls)))
+                .handshake(io)
                 .await
-                .map_err(|e| UpstreamError::Connect {
-                    endpoint: t.key.clone(),
-                    detail: format!("HTTP/1.1 handshake: {e}"),
-                })?;
-            let key = t.key;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(endpoint = %key, error = %e, "upstream HTTP/1.1 connection ended");
-                }
-            });
+                .map_err(|e| failed(e, "HTTP/1.1"))?;
+            run(t.key, "HTTP/1.1", conn);
             return Ok((Sender::H1(sender), peer));
         }
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -384,18 +382,10 @@ impl Dialer {
             .keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(1))
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(Coalesced::new(tls)))
+            .handshake(io)
             .await
-            .map_err(|e| UpstreamError::Connect {
-                endpoint: t.key.clone(),
-                detail: format!("HTTP/2 handshake: {e}"),
-            })?;
-        let key = t.key;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %key, error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
+            .map_err(|e| failed(e, "HTTP/2"))?;
+        run(t.key, "HTTP/2", conn);
         Ok((Sender::H2(sender), peer))
     }
 
@@ -410,6 +400,19 @@ impl Dialer {
             })),
         }
     }
+}
+
+/// Drives a client connection to `endpoint` until it ends.
+fn run(
+    endpoint: String,
+    version: &'static str,
+    conn: impl std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%endpoint, version, error = %e, "upstream connection ended");
+        }
+    });
 }
 
 impl Upstreams {
