@@ -108,8 +108,6 @@ pub fn same_export(a: &Arc<pb::ExportedService>, b: &Arc<pb::ExportedService>) -
     Arc::ptr_eq(a, b) || a == b
 }
 
-/// Whether two catalogs name the same services with the same exports (by pointer, else by
-/// value).
 /// The services `now` adds, changes (by pointer, then value) or removes against `before`, in
 /// key order: each with its export in `now`, `None` where `now` no longer has it. One walk over
 /// both, not a lookup in `before` per service.

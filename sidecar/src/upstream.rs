@@ -134,7 +134,7 @@ fn pool_key(ep: &EndpointEntry, proto: Proto) -> PoolKey {
     (ep.address.socket(), ep.locality().cluster.clone(), proto)
 }
 
-/// HTTP/1.1 connections kept per endpoint; one more goes when its request is done.
+/// HTTP/1.1 connections kept per endpoint; past it, a connection closes once its request is done.
 const MAX_POOLED_H1: usize = 256;
 /// An HTTP/1.1 connection unused this long is closed, unless a TrafficPolicy says otherwise
 /// (hyper's and Go's clients keep an idle connection 90 s).
@@ -570,22 +570,27 @@ impl Upstreams {
                     c.requests += 1;
                     c.last_used = now;
                     c.idle = idle;
-                    let lease = match &conn.sender {
-                        Sender::H2(sender) => Leased::Shared(sender.clone()),
-                        Sender::H1(_) => match conns.swap_remove(i) {
-                            PooledConn {
-                                sender: Sender::H1(sender),
+                    // An HTTP/1.1 connection leaves the pool until its request is on it; an
+                    // HTTP/2 one goes straight back, shared.
+                    let lease = match conns.swap_remove(i) {
+                        PooledConn {
+                            sender: Sender::H2(sender),
+                            info,
+                        } => {
+                            conns.push(PooledConn {
+                                sender: Sender::H2(sender.clone()),
                                 info,
-                            } => Leased::Own {
-                                sender,
-                                info,
-                                key,
-                                pool: self.pool.clone(),
-                            },
-                            PooledConn {
-                                sender: Sender::H2(sender),
-                                ..
-                            } => Leased::Shared(sender),
+                            });
+                            Leased::Shared(sender)
+                        }
+                        PooledConn {
+                            sender: Sender::H1(sender),
+                            info,
+                        } => Leased::Own {
+                            sender,
+                            info,
+                            key,
+                            pool: self.pool.clone(),
                         },
                     };
                     return Ok((Lease(lease), true));
