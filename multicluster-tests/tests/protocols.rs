@@ -1,5 +1,5 @@
 //! What applications speak, carried whole: HTTP/1 on pooled HTTP/1.1 connections between the
-//! sidecars of a cluster, streamed bodies both ways with bounded proxy memory,
+//! sidecars of a cluster, HTTP/1.1 trailers both ways, streamed bodies both ways with bounded proxy memory,
 //! retries that never resend a partial body, WebSocket through the explicit proxy in a cluster
 //! and across clusters, server-sent events flushed as written, TCP half-close, and a workload
 //! that runs the user's own program. Real clients (curl, tokio-tungstenite) against real
@@ -269,6 +269,64 @@ async fn http1_requests_ride_pooled_http1_connections_between_the_sidecars_of_a_
                 "{host}: one HTTP/2 connection through the tunnel"
             );
         }
+    }
+}
+
+/// An HTTP/1.1 app's trailers (chunked bodies, declared in `Trailer`) arrive both ways: in the
+/// cluster over HTTP/1.1 between the sidecars and across clusters over HTTP/2 through the
+/// tunnel, where they are carried as HTTP/2 trailers and turned back into HTTP/1.1 at the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_trailers_pass_both_ways_in_a_cluster_and_across_clusters() {
+    use http_body_util::BodyExt;
+    let mesh = start().await;
+    let caller = mesh.workload("client", "us-east-1a").clone();
+    for (host, workload) in [("near", "near-us-east-1a"), ("far", "far-us-west-2a")] {
+        let authority = format!("{host}.demo.svc.clusterset.local");
+        let stream = tokio::net::TcpStream::connect(caller.outbound_proxy).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut fields = hyper::HeaderMap::new();
+        fields.insert("x-checksum", "5d41402a".parse().unwrap());
+        let frames = [
+            hyper::body::Frame::data(bytes::Bytes::from_static(b"hello")),
+            hyper::body::Frame::trailers(fields),
+        ];
+        let body =
+            http_body_util::StreamBody::new(futures::stream::iter(frames.map(Ok::<_, std::convert::Infallible>)));
+        let req = hyper::Request::post(format!("http://{authority}/trailers"))
+            .header(hyper::header::HOST, &authority)
+            .header(hyper::header::TRAILER, "x-checksum")
+            // An HTTP/1.1 server sends trailers only to a client that says it takes them.
+            .header(hyper::header::TE, "trailers")
+            .body(body)
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{host}");
+        assert_eq!(resp.version(), hyper::Version::HTTP_11);
+        let collected = resp.into_body().collect().await.unwrap();
+        let got = collected.trailers().cloned().unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_slice(&collected.to_bytes()).unwrap();
+        println!("{host}: app got {json}; caller got trailers {got:?}");
+        assert_eq!(json["body_bytes"], 5, "{host}: {json}");
+        assert_eq!(
+            json["trailers"]["x-checksum"], "5d41402a",
+            "{host}: the app never saw the request's trailer: {json}"
+        );
+        assert_eq!(
+            got.get("x-checksum").map(|v| v.to_str().unwrap()),
+            Some("5d41402a"),
+            "{host}: {got:?}"
+        );
+        assert_eq!(
+            got.get("x-served-by").map(|v| v.to_str().unwrap()),
+            Some(workload),
+            "{host}: {got:?}"
+        );
     }
 }
 

@@ -1,7 +1,7 @@
 //! The demo app's HTTP paths, httpbin-style, so every proxy feature can be tried by hand:
 //! `/bytes/{n}` (n bytes, streamed), `/status/{code}` (`?zone=Z`: only in zone Z), `/delay/{ms}`, `/headers`,
 //! `/sse?events=N&interval_ms=M` (server-sent events, each flushed as written), `/ws`
-//! (a WebSocket echo), and anything else: JSON naming where it runs, with the number of body
+//! (a WebSocket echo), `/trailers` (request trailers echoed as response trailers), and anything else: JSON naming where it runs, with the number of body
 //! bytes received (counted as they stream, never buffered).
 
 use std::convert::Infallible;
@@ -132,6 +132,7 @@ pub async fn handle(a: DemoArgs, mut req: Request<hyper::body::Incoming>) -> Res
             resp
         }
         ("ws", None) => websocket(&a, &mut req),
+        ("trailers", None) => trailers(&a, req).await,
         _ => describe(&a, req, serde_json::Value::Null).await,
     }
 }
@@ -175,6 +176,36 @@ async fn describe(a: &DemoArgs, req: Request<hyper::body::Incoming>, extra: serd
         map.extend(more);
     }
     full(StatusCode::OK, "application/json", json.to_string() + "\n")
+}
+
+/// Trailers both ways (HTTP/1.1 chunked or HTTP/2): the answer is JSON naming the request's
+/// trailers and body bytes, sent chunked and followed by those trailers again plus
+/// `x-served-by: <workload>`, all declared in the answer's `Trailer` header as HTTP/1.1 wants.
+async fn trailers(a: &DemoArgs, req: Request<hyper::body::Incoming>) -> Response<DemoBody> {
+    let collected = match req.into_body().collect().await {
+        Ok(c) => c,
+        Err(e) => return full(StatusCode::BAD_REQUEST, "text/plain", format!("request body: {e}\n")),
+    };
+    let mut fields = collected.trailers().cloned().unwrap_or_default();
+    let received: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    let body_bytes = collected.to_bytes().len();
+    if let Ok(v) = HeaderValue::from_str(&a.workload) {
+        fields.insert("x-served-by", v);
+    }
+    let declared = fields.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+    let json = serde_json::json!({"trailers": received, "body_bytes": body_bytes}).to_string() + "\n";
+    let frames = [Frame::data(Bytes::from(json)), Frame::trailers(fields)];
+    let body = StreamBody::new(futures::stream::iter(frames.map(Ok::<_, Infallible>)));
+    let mut resp = Response::new(BodyExt::boxed(body));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&declared) {
+        resp.headers_mut().insert(hyper::header::TRAILER, v);
+    }
+    resp
 }
 
 /// A WebSocket echo: every text or binary message comes back as sent.

@@ -41,17 +41,18 @@ pub(crate) fn strip_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    use hyper::header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    use hyper::header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE};
     // `te: trailers` is end-to-end in HTTP/2 and gRPC needs it; any other `te` is hop-by-hop.
     if headers.get(TE).is_some_and(|v| v != "trailers") {
         headers.remove(TE);
     }
-    // The standard names as constants (no name to parse on every request).
+    // The standard names as constants (no name to parse on every request). `Trailer` is
+    // end-to-end (RFC 9110 §6.6.2) and must stay: an HTTP/1.1 hop sends only the trailer
+    // fields it declares, so without it an HTTP/1.1 app's trailers would be dropped.
     for name in [
         CONNECTION,
         PROXY_AUTHENTICATE,
         PROXY_AUTHORIZATION,
-        TRAILER,
         TRANSFER_ENCODING,
         UPGRADE,
     ] {
@@ -880,7 +881,8 @@ mod tests {
         strip_hop(&mut h);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
-        assert_eq!(left, ["content-type", "x-end-to-end"]);
+        // `Trailer` names the trailer fields end to end (an HTTP/1.1 hop sends only those).
+        assert_eq!(left, ["content-type", "trailer", "x-end-to-end"]);
 
         // `te: trailers` is end-to-end (gRPC needs it).
         let mut h = headers(&[("te", "trailers"), ("upgrade", "websocket")]);
