@@ -1,5 +1,6 @@
 //! What applications speak, carried whole: HTTP/1 on pooled HTTP/1.1 connections between the
-//! sidecars of a cluster, HTTP/1.1 trailers both ways, streamed bodies both ways with bounded proxy memory,
+//! sidecars of a cluster, HTTP/1.1 trailers both ways, a TCP client's first bytes moved to
+//! another endpoint when an app is down, streamed bodies both ways with bounded proxy memory,
 //! retries that never resend a partial body, WebSocket through the explicit proxy in a cluster
 //! and across clusters, server-sent events flushed as written, TCP half-close, and a workload
 //! that runs the user's own program. Real clients (curl, tokio-tungstenite) against real
@@ -444,6 +445,71 @@ async fn server_sent_events_arrive_as_written_and_tcp_half_close_passes_the_tunn
         .unwrap()
         .unwrap();
     assert_eq!(answer, b"question", "the echo answered after the client's half-close");
+}
+
+/// A TCP client's first bytes follow the inner handshake before the destination sidecar has
+/// said it reached its app. When it could not, they go to another endpoint and arrive there
+/// exactly once: an app that refuses connections (`flaky`: its program does not listen) says
+/// so at once, an app that stopped accepting (`stuck`: its accept queue is full, so a connect
+/// hangs until the sidecar's one-second limit) long after the client's bytes were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_clients_first_bytes_move_to_another_endpoint_when_the_app_is_down_and_arrive_once() {
+    let mesh = Mesh::start_with(MeshOptions {
+        topology: Some(
+            r#"
+services:
+  - {name: client, port: 80, protocol: http}
+  - {name: flaky, port: 7000, protocol: tcp}
+  - {name: stuck, port: 7000, protocol: tcp}
+clusters:
+  - name: east
+    region: us-east
+    zones: [us-east-1a]
+    workloads:
+      - {service: client, zone: us-east-1a}
+      - {service: flaky, zone: us-east-1a}
+      - {service: flaky, zone: us-east-1a, name: flaky-deaf, command: [sleep, "3600"]}
+      - {service: stuck, zone: us-east-1a}
+      - {service: stuck, zone: us-east-1a, name: stuck-full, command: [python3, -c, "import os,socket,time; a=(os.environ['STRAIT_APP_ADDR'].rsplit(':',1)[0], int(os.environ['STRAIT_APP_PORT'])); s=socket.socket(); s.bind(a); s.listen(0); c=socket.create_connection(a); time.sleep(3600)"]}
+"#
+            .into(),
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let caller = mesh.workload("client", "us-east-1a").clone();
+    for service in ["flaky", "stuck"] {
+        let host = format!("{service}.demo.svc.clusterset.local");
+        for i in 0..12 {
+            let mut t = connect_tunnel(caller.outbound_proxy, &format!("{host}:7000"))
+                .await
+                .unwrap();
+            let msg = format!("message {i:02} to {service}");
+            t.write_all(msg.as_bytes()).await.unwrap();
+            let mut echo = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut echo))
+                .await
+                .unwrap_or_else(|_| panic!("{service} {i}: no echo"))
+                .unwrap_or_else(|e| panic!("{service} {i}: {e}"));
+            assert_eq!(echo, msg.as_bytes(), "{service} {i}");
+            // Nothing more: the bytes reached the echo once.
+            let mut more = [0u8; 64];
+            let extra = tokio::time::timeout(Duration::from_millis(200), t.read(&mut more)).await;
+            assert!(extra.is_err(), "{service} {i}: more than one echo: {extra:?}");
+        }
+        let text = scrape(caller.admin_addr).await.unwrap();
+        let moved = metric_sum(
+            &text,
+            "strait_upstream_retries_total",
+            &[("destination_service", host.as_str())],
+        );
+        println!("{service}: connections moved off the endpoint whose app is down: {moved}");
+        assert!(
+            moved >= 1.0,
+            "{service}: the endpoint whose app is down was never tried"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,7 +246,9 @@ impl Hop {
 impl Telemetry {
     /// Splices one TCP connection and reports it, from either side: Istio's TCP family (opened
     /// now, closed with its bytes), and an access log line (Envoy logs TCP with `-` for the
-    /// HTTP fields and code 0). Returns `ok` or `reset`.
+    /// HTTP fields and code 0). `received_before`: the client's bytes already sent on
+    /// (behind the handshake, `Outbound::settle`). Returns `ok` or `reset`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn splice_reported(
         &self,
         istio: &IstioMetrics,
@@ -255,12 +257,13 @@ impl Telemetry {
         upstream_io: impl crate::Io,
         idle: std::time::Duration,
         upstream: Upstream,
+        received_before: u64,
     ) -> &'static str {
         istio.tcp_opened(edge, "-");
         let (started, start_time) = (Instant::now(), std::time::SystemTime::now());
         let (result, flags, (received, sent)) = match crate::splice::splice(client, upstream_io, idle).await {
-            Ok(bytes) => ("ok", "-", bytes),
-            Err(_) => ("reset", "UC", (0, 0)),
+            Ok((received, sent)) => ("ok", "-", (received_before + received, sent)),
+            Err(_) => ("reset", "UC", (received_before, 0)),
         };
         istio.tcp_closed(edge, flags, received, sent);
         self.access.log_with(|| Entry {

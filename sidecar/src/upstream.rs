@@ -503,9 +503,11 @@ impl Upstreams {
         self.dialer.connect(&target, alpn).await
     }
 
-    /// An opaque TCP stream to the endpoint's app. The inbound sidecar answers one status byte
-    /// once it reached (0) or failed to reach (1) its app, so a dead app is a retryable connect
-    /// failure here rather than a stream that closes after the client was told "connected".
+    /// An opaque TCP stream to the endpoint's sidecar, its handshake done. That sidecar then
+    /// answers one status byte once it reached (0) or failed to reach (1) its app, so a dead
+    /// app is a retryable connect failure rather than a stream that closes after the client
+    /// was told "connected": read by [`Self::confirm`], or by the caller while it already sends
+    /// the client's first bytes (`outbound::tcp`).
     pub async fn tcp(
         &self,
         snap: &Snapshot,
@@ -513,9 +515,18 @@ impl Upstreams {
         ep: &EndpointEntry,
         port: u16,
     ) -> Result<UpstreamTls, UpstreamError> {
-        let mut tls = self.connect(snap, svc, ep, port, &[strait_trust::ALPN_TCP]).await?;
+        self.connect(snap, svc, ep, port, &[strait_trust::ALPN_TCP]).await
+    }
+
+    /// How long a destination sidecar may take to say whether it reached its app.
+    pub fn status_timeout(&self) -> Duration {
+        self.dialer.connect_timeout * 2
+    }
+
+    /// Waits for the status byte of a stream from [`Self::tcp`].
+    pub async fn confirm(&self, mut tls: UpstreamTls, ep: &EndpointEntry) -> Result<UpstreamTls, UpstreamError> {
         let mut status = [0u8; 1];
-        match tokio::time::timeout(self.dialer.connect_timeout * 2, tls.read_exact(&mut status)).await {
+        match tokio::time::timeout(self.status_timeout(), tls.read_exact(&mut status)).await {
             Ok(Ok(_)) if status[0] == 0 => Ok(tls),
             _ => Err(UpstreamError::AppUnreachable { endpoint: ep.key() }),
         }

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use strait_api::coalesce::Coalesced;
 use strait_api::drain::Watch;
 use strait_trust::{CertStore, PeerPolicy, ServerAuth};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -539,6 +539,14 @@ impl Inbound {
             _ => {
                 let _ = tls.write_all(&[1]).await;
                 let _ = tls.shutdown().await;
+                // The caller may have sent its client's first bytes behind its handshake; read
+                // them off until it closes, so the socket is not closed with unread data (a
+                // reset, which could overtake the status byte on its way back).
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let mut sink = [0u8; 4096];
+                    while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
                 self.metrics
                     .connections
                     .with_label_values(&["inbound", "unknown", &self.cluster, &self.service, "app_unreachable"])
@@ -577,6 +585,7 @@ impl Inbound {
                 app,
                 self.limits.tcp_idle_timeout,
                 upstream,
+                0,
             )
             .await;
         self.metrics

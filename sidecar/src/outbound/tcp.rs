@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use strait_api::drain::Watch;
 use strait_api::snapshot::{ServiceEntry, Snapshot};
 use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload};
 
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
-use crate::upstream::UpstreamTls;
+use crate::upstream::{UpstreamError, UpstreamTls};
 use crate::Io;
 
 /// Why no endpoint took a connection: how many were tried and the last error.
@@ -20,10 +21,48 @@ pub(crate) struct NoEndpoint {
     pub last_error: String,
 }
 
+/// The stream a client's connection continues on: its endpoint, and how many of the client's
+/// bytes were already sent on it.
+pub(crate) struct Settled {
+    upstream: UpstreamTls,
+    endpoint: usize,
+    sent: u64,
+}
+
+/// The endpoints of one service tried for one connection so far, and why the last one failed;
+/// `only` when the client dialled one endpoint's address (no other is tried).
+#[derive(Default)]
+pub(crate) struct Tries {
+    only: Option<usize>,
+    tried: Vec<usize>,
+    last_error: String,
+}
+
+impl Tries {
+    pub(crate) fn only(only: Option<usize>) -> Tries {
+        Tries {
+            only,
+            ..Default::default()
+        }
+    }
+
+    fn gave_up(&mut self) -> NoEndpoint {
+        NoEndpoint {
+            tried: self.tried.len(),
+            last_error: if self.last_error.is_empty() {
+                String::from("no endpoint of the service is known")
+            } else {
+                std::mem::take(&mut self.last_error)
+            },
+        }
+    }
+}
+
 impl Outbound {
-    /// Opens an opaque stream to an endpoint of `svc` (or to endpoint `only` when the caller
-    /// dialled that endpoint's address), retrying connect failures on other endpoints; returns
-    /// the stream and the endpoint's index.
+    /// Opens an opaque stream to an endpoint of `svc` whose sidecar has said it reached its app
+    /// (or to endpoint `only` when the caller dialled that endpoint's address), retrying
+    /// connect failures on other endpoints; returns the stream and the endpoint's index. For a
+    /// WebSocket upgrade, which has nothing to send before the app is known to be there.
     pub(crate) async fn open_tcp(
         &self,
         snap: &Snapshot,
@@ -31,52 +70,151 @@ impl Outbound {
         port: u16,
         only: Option<usize>,
     ) -> Result<(UpstreamTls, usize), NoEndpoint> {
-        let host = svc.host();
-        let mut tried = vec![];
-        let mut last_error = String::from("no endpoint of the service is known");
-        for attempt in 0..MAX_ATTEMPTS {
-            let pick = match only {
-                Some(i) if tried.is_empty() => Some(i),
+        let mut tries = Tries::only(only);
+        loop {
+            let (tls, i) = self.dial_tcp(snap, svc, port, &mut tries).await?;
+            let ep = &svc.endpoints[i];
+            match self.upstreams.confirm(tls, ep).await {
+                Ok(tls) => {
+                    self.balancer.success(ep);
+                    return Ok((tls, i));
+                }
+                Err(e) => self.tcp_failed(snap, svc, i, &e, &mut tries),
+            }
+        }
+    }
+
+    /// Dials endpoints of `svc` until one's sidecar completes the mTLS handshake (it has not
+    /// yet said whether it reached its app: [`Self::settle`] or `Upstreams::confirm` learn
+    /// that); returns the stream and the endpoint's index.
+    pub(crate) async fn dial_tcp(
+        &self,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        port: u16,
+        tries: &mut Tries,
+    ) -> Result<(UpstreamTls, usize), NoEndpoint> {
+        while tries.tried.len() < MAX_ATTEMPTS {
+            let pick = match tries.only {
+                Some(i) if tries.tried.is_empty() => Some(i),
                 Some(_) => None,
-                None => self.balancer.pick(snap, svc, &tried),
+                None => self.balancer.pick(snap, svc, &tries.tried),
             };
             let Some(i) = pick else { break };
-            tried.push(i);
-            let ep = &svc.endpoints[i];
-            if attempt > 0 {
+            if !tries.tried.is_empty() {
                 self.metrics
                     .retries
-                    .with_label_values(&[&host, "connect_failure"])
+                    .with_label_values(&[&svc.host(), "connect_failure"])
                     .inc();
             }
-            match self.upstreams.tcp(snap, svc, ep, port).await {
-                Ok(upstream) => {
-                    self.balancer.success(ep);
-                    return Ok((upstream, i));
-                }
-                Err(e) => {
-                    tracing::debug!(endpoint = %ep.key(), error = %e, "upstream connect failed; trying another endpoint");
-                    self.balancer.failure(snap, svc, ep);
-                    if e.gateway_down() {
-                        self.balancer.gateway_failure(snap, &ep.locality().cluster);
-                    }
-                    last_error = e.to_string();
-                }
+            tries.tried.push(i);
+            match self.upstreams.tcp(snap, svc, &svc.endpoints[i], port).await {
+                Ok(tls) => return Ok((tls, i)),
+                Err(e) => self.tcp_failed(snap, svc, i, &e, tries),
             }
         }
         self.metrics
             .connections
-            .with_label_values(&["outbound", &self.cluster, "none", &host, "no_endpoint"])
+            .with_label_values(&["outbound", &self.cluster, "none", &svc.host(), "no_endpoint"])
             .inc();
-        Err(NoEndpoint {
-            tried: tried.len(),
-            last_error,
-        })
+        Err(tries.gave_up())
+    }
+
+    fn tcp_failed(&self, snap: &Snapshot, svc: &ServiceEntry, i: usize, e: &UpstreamError, tries: &mut Tries) {
+        let ep = &svc.endpoints[i];
+        tracing::debug!(endpoint = %ep.key(), error = %e, "upstream connect failed; trying another endpoint");
+        self.balancer.failure(snap, svc, ep);
+        if e.gateway_down() {
+            self.balancer.gateway_failure(snap, &ep.locality().cluster);
+        }
+        tries.last_error = e.to_string();
+    }
+
+    /// Waits for a dialled endpoint's sidecar to say whether it reached its app, meanwhile
+    /// sending what the client writes right behind the handshake (one round trip through the
+    /// destination fewer before the client's first bytes arrive) and keeping a copy, up to the
+    /// replay buffer. A sidecar that could not reach its app delivered none of it, so the copy
+    /// goes to the next endpoint; a stream that broke before its status once client bytes were
+    /// on it is not retried (they may have reached the app).
+    pub(crate) async fn settle(
+        &self,
+        client: &mut impl Io,
+        snap: &Snapshot,
+        svc: &ServiceEntry,
+        port: u16,
+        dialled: (UpstreamTls, usize),
+        tries: &mut Tries,
+    ) -> Result<Settled, NoEndpoint> {
+        let (mut tls, mut i) = dialled;
+        let (mut sent, mut client_done) = (Vec::new(), false);
+        let mut buf = vec![0u8; crate::SPLICE_BUF.min(self.limits.replay_buffer.max(1))];
+        loop {
+            let deadline = tokio::time::Instant::now() + self.upstreams.status_timeout();
+            let status = loop {
+                let mut status = [0u8; 1];
+                tokio::select! {
+                    r = tls.read(&mut status) => break matches!(r, Ok(1)).then_some(status[0]),
+                    r = client.read(&mut buf), if !client_done && sent.len() < self.limits.replay_buffer => match r {
+                        Ok(n) if n > 0 => {
+                            sent.extend_from_slice(&buf[..n]);
+                            if tls.write_all(&buf[..n]).await.is_err() || tls.flush().await.is_err() {
+                                break None;
+                            }
+                        }
+                        // The client's end or error is met again by the splice.
+                        _ => client_done = true,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break None,
+                }
+            };
+            let ep = &svc.endpoints[i];
+            match status {
+                Some(0) => {
+                    self.balancer.success(ep);
+                    return Ok(Settled {
+                        upstream: tls,
+                        endpoint: i,
+                        sent: sent.len() as u64,
+                    });
+                }
+                None if !sent.is_empty() => {
+                    self.balancer.failure(snap, svc, ep);
+                    self.metrics
+                        .connections
+                        .with_label_values(&["outbound", &self.cluster, &ep.locality().cluster, &svc.host(), "broken"])
+                        .inc();
+                    tries.last_error = format!(
+                        "the stream to {} broke before it said whether it reached its app, with {} bytes of the client's on it (not resent)",
+                        ep.key(),
+                        sent.len()
+                    );
+                    return Err(tries.gave_up());
+                }
+                // It said it could not reach its app, or broke with nothing of the client's on
+                // it: as a failed connect.
+                _ => {
+                    let e = UpstreamError::AppUnreachable { endpoint: ep.key() };
+                    self.tcp_failed(snap, svc, i, &e, tries);
+                }
+            }
+            (tls, i) = self.dial_tcp(snap, svc, port, tries).await?;
+            if !sent.is_empty() {
+                // A failed write shows as a broken stream at the status read above.
+                let _ = tls.write_all(&sent).await;
+                let _ = tls.flush().await;
+            }
+        }
     }
 
     /// Copies both ways until either side closes, then counts the connection (Istio's TCP
-    /// family as `reporter="source"`) to endpoint `i` of `svc`.
-    pub(crate) async fn splice(&self, client: impl Io, upstream: UpstreamTls, svc: &ServiceEntry, i: usize, port: u16) {
+    /// family as `reporter="source"`, with the bytes `settle` sent) to the endpoint of `svc`
+    /// it settled on.
+    pub(crate) async fn splice(&self, client: impl Io, settled: Settled, svc: &ServiceEntry, port: u16) {
+        let Settled {
+            upstream,
+            endpoint: i,
+            sent,
+        } = settled;
         let (ep, service) = (&svc.endpoints[i], &ServiceName::of(svc));
         let (source, _) = self.telemetry.local.current(&self.config.borrow().clone());
         let destination = Workload::of_endpoint(svc, i);
@@ -104,6 +242,7 @@ impl Outbound {
                 upstream_io,
                 self.limits.tcp_idle_timeout,
                 upstream,
+                sent,
             )
             .await;
         self.metrics
@@ -123,15 +262,29 @@ impl Outbound {
             Err(no_route) => return no_route.response(),
         };
         let host = svc.host();
-        match self.open_tcp(&snap, &svc, port, None).await {
-            Ok((upstream, i)) => {
+        // Connected once a destination sidecar proved its identity: the client's first bytes
+        // then follow the handshake while that sidecar reaches its app (`settle`), and an app
+        // that cannot be reached is still retried on another endpoint. If none takes it, the
+        // client sees its tunnel close.
+        let mut tries = Tries::default();
+        match self.dial_tcp(&snap, &svc, port, &mut tries).await {
+            Ok(dialled) => {
                 let this = self.clone();
                 // An open tunnel holds the drain until it closes or the deadline passes.
                 let guard = drain.guard();
                 tokio::spawn(async move {
                     let _guard = guard;
+                    let i = dialled.1;
                     match hyper::upgrade::on(&mut req).await {
-                        Ok(upgraded) => this.splice(TokioIo::new(upgraded), upstream, &svc, i, port).await,
+                        Ok(upgraded) => {
+                            let mut client = TokioIo::new(upgraded);
+                            match this.settle(&mut client, &snap, &svc, port, dialled, &mut tries).await {
+                                Ok(settled) => this.splice(client, settled, &svc, port).await,
+                                Err(NoEndpoint { tried, last_error }) => {
+                                    tracing::info!(service = %host, tried, error = %last_error, "no endpoint took a CONNECT tunnel");
+                                }
+                            }
+                        }
                         Err(_) => {
                             this.metrics
                                 .connections

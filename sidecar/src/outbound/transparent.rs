@@ -161,10 +161,15 @@ impl Outbound {
         }
     }
 
-    async fn opaque(&self, stream: TcpStream, snap: &Snapshot, svc: &ServiceEntry, port: u16, only: Option<usize>) {
+    async fn opaque(&self, mut stream: TcpStream, snap: &Snapshot, svc: &ServiceEntry, port: u16, only: Option<usize>) {
         let host = svc.host();
-        match self.open_tcp(snap, svc, port, only).await {
-            Ok((upstream, i)) => self.splice(stream, upstream, svc, i, port).await,
+        let mut tries = super::tcp::Tries::only(only);
+        let settled = match self.dial_tcp(snap, svc, port, &mut tries).await {
+            Ok(dialled) => self.settle(&mut stream, snap, svc, port, dialled, &mut tries).await,
+            Err(e) => Err(e),
+        };
+        match settled {
+            Ok(settled) => self.splice(stream, settled, svc, port).await,
             Err(NoEndpoint { tried, last_error }) => {
                 // The app sees a reset, as from a host that refused the connection.
                 tracing::info!(service = %host, tried, error = %last_error, "no endpoint took an intercepted connection");
