@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -336,7 +337,8 @@ impl Inbound {
         self
     }
 
-    /// Serves until draining starts; open connections then finish what they carry.
+    /// Serves until draining starts; open connections then finish what they carry (an
+    /// HTTP/1.1 one after [`H1_DRAIN_GRACE`]).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Watch) -> anyhow::Result<()> {
         let config = strait_trust::server_config(
             &self.store,
@@ -392,10 +394,20 @@ impl Inbound {
     async fn serve_http(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch, h2: bool) {
         let limits = self.limits.clone();
         let peer = Arc::new(PeerAuth::of(&tls));
+        let leaving = Arc::new(AtomicBool::new(false));
+        let closing = leaving.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = self.clone();
             let peer = peer.clone();
-            async move { Ok::<_, Infallible>(this.to_app(req, &peer).await) }
+            let closing = closing.clone();
+            async move {
+                let mut resp = this.to_app(req, &peer).await;
+                if closing.load(Ordering::Relaxed) {
+                    resp.headers_mut()
+                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         // The protocol ALPN chose, with the outbound side's limits.
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -410,8 +422,25 @@ impl Inbound {
             // here, or a request sent as it fires would be lost.
             builder.http1().header_read_timeout(None);
         }
-        // On drain: GOAWAY, callers finish what is in flight and open new streams elsewhere.
-        let result = crate::outbound::drive!(builder.serve_connection(TokioIo::new(Coalesced::new(tls)), svc), drain);
+        let conn = builder.serve_connection(TokioIo::new(Coalesced::new(tls)), svc);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.signaled() => {
+                if !h2 {
+                    // An HTTP/1.1 connection has no GOAWAY: closed while idle, it could meet a
+                    // request the caller is sending, lost to it. For a while what arrives is
+                    // answered with `Connection: close` (the caller drops the connection after
+                    // that answer) as callers learn the endpoint is leaving; then what is still
+                    // idle closes.
+                    leaving.store(true, Ordering::Relaxed);
+                    let _ = tokio::time::timeout(H1_DRAIN_GRACE, conn.as_mut()).await;
+                }
+                // HTTP/2: GOAWAY, callers finish what is in flight and open new streams elsewhere.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
         if let Err(e) = result {
             tracing::debug!(error = %e, h2, "inbound connection from a sidecar ended with an error");
         }
@@ -594,6 +623,10 @@ impl Inbound {
             .inc();
     }
 }
+
+/// How long a draining sidecar keeps an idle HTTP/1.1 connection from a caller open, answering
+/// what arrives on it with `Connection: close`, before closing it.
+pub const H1_DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// The verified caller of one inbound connection.
 struct PeerAuth {
