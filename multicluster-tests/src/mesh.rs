@@ -340,6 +340,16 @@ impl Mesh {
             .unwrap_or_else(|| panic!("no {service} workload in zone {zone}"))
     }
 
+    /// The workload called `name` (a topology entry's `name`, else `<service>-<zone>`).
+    pub fn named(&self, name: &str) -> &WorkloadInfo {
+        self.info
+            .clusters
+            .iter()
+            .flat_map(|c| &c.workloads)
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("no workload {name}"))
+    }
+
     /// SIGKILLs a process, as a crash would, then waits (up to 5 s) until every thread of the process is gone or a zombie,
     /// so what it held (its listening sockets) is free when this returns: a component started
     /// again at once would otherwise find its address in use. (The main thread turns zombie

@@ -43,8 +43,12 @@ clusters:
 "#;
 
 async fn start() -> Mesh {
+    start_with(TOPOLOGY).await
+}
+
+async fn start_with(topology: &str) -> Mesh {
     Mesh::start_with(MeshOptions {
-        topology: Some(TOPOLOGY.into()),
+        topology: Some(topology.into()),
         ..Default::default()
     })
     .await
@@ -338,9 +342,8 @@ async fn http1_trailers_pass_both_ways_in_a_cluster_and_across_clusters() {
 /// one after another, under 400 requests/s over 16 keep-alive connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destinations_that_drain_lose_no_request_of_a_steady_post_load() {
-    let mesh = Mesh::start_with(MeshOptions {
-        topology: Some(
-            r#"
+    let mesh = start_with(
+        r#"
 services:
   - {name: client, port: 80, protocol: http}
   - {name: near, port: 80, protocol: http}
@@ -354,25 +357,13 @@ clusters:
       - {service: near, zone: us-east-1a, name: near-b}
       - {service: near, zone: us-east-1a, name: near-c}
       - {service: near, zone: us-east-1a, name: near-d}
-"#
-            .into(),
-        ),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+"#,
+    )
+    .await;
     let caller = mesh.workload("client", "us-east-1a").clone();
     let leaving: Vec<u32> = ["near-b", "near-c", "near-d"]
         .iter()
-        .map(|name| {
-            mesh.info
-                .clusters
-                .iter()
-                .flat_map(|c| &c.workloads)
-                .find(|w| w.name == *name)
-                .unwrap()
-                .sidecar_pid
-        })
+        .map(|name| mesh.named(name).sidecar_pid)
         .collect();
     let mut streams = vec![];
     for _ in 0..16 {
@@ -523,9 +514,8 @@ async fn server_sent_events_arrive_as_written_and_tcp_half_close_passes_the_tunn
 /// hangs until the sidecar's one-second limit) long after the client's bytes were sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_clients_first_bytes_move_to_another_endpoint_when_the_app_is_down_and_arrive_once() {
-    let mesh = Mesh::start_with(MeshOptions {
-        topology: Some(
-            r#"
+    let mesh = start_with(
+        r#"
 services:
   - {name: client, port: 80, protocol: http}
   - {name: flaky, port: 7000, protocol: tcp}
@@ -540,13 +530,9 @@ clusters:
       - {service: flaky, zone: us-east-1a, name: flaky-deaf, command: [sleep, "3600"]}
       - {service: stuck, zone: us-east-1a}
       - {service: stuck, zone: us-east-1a, name: stuck-full, command: [python3, -c, "import os,socket,time; a=(os.environ['STRAIT_APP_ADDR'].rsplit(':',1)[0], int(os.environ['STRAIT_APP_PORT'])); s=socket.socket(); s.bind(a); s.listen(0); c=socket.create_connection(a); time.sleep(3600)"]}
-"#
-            .into(),
-        ),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+"#,
+    )
+    .await;
     let caller = mesh.workload("client", "us-east-1a").clone();
     for service in ["flaky", "stuck"] {
         let host = format!("{service}.demo.svc.clusterset.local");
@@ -585,14 +571,7 @@ clusters:
 async fn a_workload_runs_the_users_own_program_and_its_exit_is_reported() {
     let mut mesh = start().await;
     let caller = mesh.workload("client", "us-east-1a").clone();
-    let own = mesh
-        .info
-        .clusters
-        .iter()
-        .flat_map(|c| &c.workloads)
-        .find(|w| w.name == "own-us-east-1a")
-        .unwrap()
-        .clone();
+    let own = mesh.named("own-us-east-1a").clone();
     assert_eq!(own.app, "command");
     // The batch workload exits 3: reported with its status, and its endpoint goes not-ready.
     let event = mesh.next_event(Duration::from_secs(20)).await.unwrap();
