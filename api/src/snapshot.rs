@@ -374,6 +374,10 @@ impl Interned {
 }
 
 /// Converts one wire resource into its typed form, naming the first bad field.
+/// The prefix of a gateway's view of a service (`local/service/<ns>/<name>`: the service with
+/// only the endpoints the gateway's own cluster exports).
+pub const LOCAL_VIEW: &str = "local/";
+
 pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
     convert_with(res, &mut Interned::default())
 }
@@ -382,7 +386,20 @@ pub fn convert(res: &pb::Resource) -> Result<Typed, FieldError> {
 fn convert_with(res: &pb::Resource, interned: &mut Interned) -> Result<Typed, FieldError> {
     use pb::resource::Kind;
     match &res.kind {
-        Some(Kind::Service(s)) => convert_service(s, interned).map(|s| Typed::Service(Arc::new(s))),
+        Some(Kind::Service(s)) => {
+            let svc = convert_service(s, interned)?;
+            // Named as its key says (or its gateway view, [`LOCAL_VIEW`]): an update's changes
+            // are found by resource name, and an `endpoints/…` name leads to another service's
+            // parts.
+            let want = format!("service/{}/{}", s.namespace, s.name);
+            if res.name.strip_prefix(LOCAL_VIEW).unwrap_or(&res.name) != want {
+                return Err(bad(
+                    "name",
+                    format!("{:?} must be {want:?}, from the resource's fields", res.name),
+                ));
+            }
+            Ok(Typed::Service(Arc::new(svc)))
+        }
         Some(Kind::ServiceEndpoints(p)) => convert_part(&res.name, p, interned).map(|p| Typed::Endpoints(Arc::new(p))),
         Some(Kind::Gateway(g)) => Ok(Typed::Gateway(Arc::new(GatewayEntry {
             cluster: g.cluster.clone(),
@@ -2066,5 +2083,37 @@ mod tests {
         ));
         assert!(rejected.is_empty());
         assert_eq!(echo(&r.snapshot(3)).0.len(), 1);
+    }
+
+    /// Found by the fuzzer: a service sent under an `endpoints/…` name was held, but an update
+    /// finds its changes by name, so applying it in place left the service out where a snapshot
+    /// built anew had it. Any service under a name that is not its own is rejected by name.
+    #[test]
+    fn a_service_under_another_name_is_rejected_by_name_and_in_place_matches_anew() {
+        for name in [
+            "endpoints/mo/echo",
+            "endpoints/service/demo/echo",
+            "service/demo/other",
+            "echo",
+        ] {
+            let mut r = Resources::default();
+            let mut misnamed = head_resource(80);
+            misnamed.name = name.into();
+            let (snap, rejected) = r.update(&Snapshot::default(), update(1, false, vec![misnamed], &[]));
+            assert_eq!(rejected.len(), 1, "{name}");
+            assert_eq!(rejected[0].name, name);
+            assert!(rejected[0].error.starts_with("name:"), "{}", rejected[0].error);
+            assert!(rejected[0].error.contains("service/demo/echo"), "{}", rejected[0].error);
+            assert!(snap.services.is_empty() && r.snapshot(1).services.is_empty(), "{name}");
+        }
+        // Its own name, and a gateway's view of it, are taken.
+        for name in ["service/demo/echo", "local/service/demo/echo"] {
+            let mut r = Resources::default();
+            let mut named = head_resource(80);
+            named.name = name.into();
+            let (snap, rejected) = r.update(&Snapshot::default(), update(1, false, vec![named], &[]));
+            assert!(rejected.is_empty(), "{name}: {rejected:?}");
+            assert_eq!(snap.services.len(), 1, "{name}");
+        }
     }
 }

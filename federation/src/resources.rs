@@ -169,7 +169,7 @@ pub fn sidecar_only(name: &str) -> bool {
 /// this cluster's endpoints. A gateway forwards tunnels to local endpoints alone, so it needs no
 /// other; the view changes only when they (or the service itself) do, not with every endpoint
 /// change elsewhere in the clusterset, which was most of a gateway's work under churn.
-pub const LOCAL_VIEW: &str = "local/";
+pub use strait_api::snapshot::LOCAL_VIEW;
 
 /// Whether a resource is a service (either form).
 pub fn is_service(name: &str) -> bool {
