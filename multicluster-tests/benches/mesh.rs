@@ -550,6 +550,7 @@ async fn setup_section(
         )
     };
     let (full_before, resumed_before) = (handshakes("full").await, handshakes("resumed").await);
+    let sink_rss_before = rss_kib(sink.sidecar_pid);
     let mut direct = vec![];
     let mut mesh = vec![];
     for _ in 0..N {
@@ -591,6 +592,22 @@ new connection to the first echoed byte, {N} each (ms)   p50       p90       p99
     println!("  inner mTLS handshakes of the caller's sidecar meanwhile: {resumed} resumed, {full} full");
     figures.add("setup.inner_tls.resumed", resumed, "handshakes");
     figures.add("setup.inner_tls.full", full, "handshakes");
+    // What the destination keeps of so many connections: sessions held for resumption (one
+    // ticket per handshake, each resuming once) and its RSS.
+    let held = metric_sum(
+        &scrape(sink.admin_addr).await.unwrap_or_default(),
+        "strait_tls_resumable_sessions",
+        &[],
+    );
+    let (rss_before, rss_after) = (
+        sink_rss_before as f64 / 1024.0,
+        rss_kib(sink.sidecar_pid) as f64 / 1024.0,
+    );
+    println!(
+        "  destination sidecar after them: {held} sessions held for resumption, RSS {rss_before:.1} -> {rss_after:.1} MiB"
+    );
+    figures.add("setup.destination.resumable_sessions", held, "sessions");
+    figures.add("setup.destination.rss_after", rss_after, "MiB");
     for (p, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
         figures.add(
             &format!("setup.cross_cluster.added_{name}"),

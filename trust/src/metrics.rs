@@ -1,11 +1,12 @@
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
-/// TLS handshake failures by reason, and completed handshakes by side and kind (full or
-/// resumed), shared by every verifier of one process.
+/// TLS handshake failures by reason, completed handshakes by side and kind (full or resumed)
+/// and the sessions held for resumption, shared by every verifier of one process.
 #[derive(Clone, Debug)]
 pub struct TlsMetrics {
     failures: IntCounterVec,
     completed: IntCounterVec,
+    resumable: IntGauge,
 }
 
 impl TlsMetrics {
@@ -26,10 +27,20 @@ impl TlsMetrics {
             &["side", "kind"],
         )
         .expect("static metric definition is valid");
+        let resumable = IntGauge::new(
+            "strait_tls_resumable_sessions",
+            "TLS 1.3 sessions this process holds for peers to resume (each ticket resumes once; one ticket is issued per handshake)",
+        )
+        .expect("static metric definition is valid");
         // A second registration (tests that build two stores in one registry) keeps the first.
         let _ = registry.register(Box::new(failures.clone()));
         let _ = registry.register(Box::new(completed.clone()));
-        TlsMetrics { failures, completed }
+        let _ = registry.register(Box::new(resumable.clone()));
+        TlsMetrics {
+            failures,
+            completed,
+            resumable,
+        }
     }
 
     /// A metrics handle that is not exported anywhere (unit tests, one-shot CLI commands).
@@ -48,6 +59,16 @@ impl TlsMetrics {
             _ => "full",
         };
         self.completed.with_label_values(&[side, kind]).inc();
+    }
+
+    /// Sessions held for resumption changed by `by` (stored, taken, expired or evicted).
+    pub(crate) fn resumable_sessions_changed(&self, by: i64) {
+        self.resumable.add(by);
+    }
+
+    /// Sessions this process's servers hold for resumption.
+    pub fn resumable_sessions(&self) -> i64 {
+        self.resumable.get()
     }
 
     pub fn failures(&self, reason: &str) -> u64 {

@@ -67,7 +67,12 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(StoreResolver(store.clone())));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.session_storage = Arc::new(ResumableSessions::new(store.bundle().clone()));
+    config.session_storage = Arc::new(ResumableSessions::new(store.bundle().clone(), store.metrics().clone()));
+    // One ticket per handshake: a resumed connection takes one and gets one, so a client keeps
+    // one per connection it may open at once and the store holds no more than clients hold (with
+    // rustls' default of two, every connection left one ticket behind: a server under connection
+    // churn filled all RESUMABLE_SESSIONS, ~6 MB of RSS).
+    config.send_tls13_tickets = 1;
     Ok(config)
 }
 
@@ -87,6 +92,7 @@ const RESUMABLE_SESSIONS: usize = 4096;
 struct ResumableSessions {
     bundle: Arc<ArcSwap<TrustBundle>>,
     sessions: Mutex<HashMap<Vec<u8>, Session>>,
+    metrics: TlsMetrics,
 }
 
 #[derive(Debug)]
@@ -97,15 +103,23 @@ struct Session {
 }
 
 impl ResumableSessions {
-    fn new(bundle: Arc<ArcSwap<TrustBundle>>) -> Self {
+    fn new(bundle: Arc<ArcSwap<TrustBundle>>, metrics: TlsMetrics) -> Self {
         ResumableSessions {
             bundle,
             sessions: Mutex::default(),
+            metrics,
         }
     }
 
     fn valid(&self, s: &Session, now: Instant) -> bool {
         now.duration_since(s.at) < RESUMPTION_MAX_AGE && Arc::ptr_eq(&s.bundle, &self.bundle.load())
+    }
+}
+
+impl Drop for ResumableSessions {
+    fn drop(&mut self) {
+        let held = self.sessions.get_mut().map(|s| s.len()).unwrap_or(0);
+        self.metrics.resumable_sessions_changed(-(held as i64));
     }
 }
 
@@ -115,6 +129,7 @@ impl StoresServerSessions for ResumableSessions {
             return false;
         };
         let now = Instant::now();
+        let before = sessions.len();
         if sessions.len() >= RESUMABLE_SESSIONS {
             sessions.retain(|_, s| self.valid(s, now));
         }
@@ -131,6 +146,8 @@ impl StoresServerSessions for ResumableSessions {
                 value,
             },
         );
+        self.metrics
+            .resumable_sessions_changed(sessions.len() as i64 - before as i64);
         true
     }
 
@@ -144,6 +161,7 @@ impl StoresServerSessions for ResumableSessions {
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
         let session = self.sessions.lock().ok()?.remove(key)?;
+        self.metrics.resumable_sessions_changed(-1);
         self.valid(&session, Instant::now()).then_some(session.value)
     }
 

@@ -314,3 +314,32 @@ async fn sessions_resume_with_the_proven_identity_until_the_bundle_changes() {
         .await
         .is_none());
 }
+
+#[tokio::test]
+async fn a_resumed_connection_takes_one_ticket_and_leaves_one_so_the_store_does_not_grow() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let mesh = domain("mesh.local");
+    let server_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/echo".parse().unwrap();
+    let client_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/client".parse().unwrap();
+    let server = member(&mesh, &server_id);
+    let sconf = serving(&server);
+    let configs = ClientConfigs::new(member(&mesh, &client_id));
+    let mut held = vec![];
+    let mut kinds = vec![];
+    for _ in 0..12 {
+        let (client_kind, server_kind, _) = resumable_handshake(sconf.clone(), &configs, &server_id).await.unwrap();
+        kinds.push((client_kind, server_kind));
+        held.push(server.metrics().resumable_sessions());
+    }
+    assert_eq!(kinds[0], (Full, Full));
+    assert!(kinds[1..].iter().all(|k| *k == (Resumed, Resumed)), "{kinds:?}");
+    // Each connection used the ticket of the one before and was given one: one session held,
+    // however many connections came (with two tickets per handshake it was one per connection).
+    assert_eq!(held, vec![1; 12], "sessions the server held after each connection");
+    drop(sconf);
+    assert_eq!(
+        server.metrics().resumable_sessions(),
+        0,
+        "a dropped server config holds none"
+    );
+}
