@@ -308,6 +308,22 @@ async fn a_terminated_sidecar_drains_before_it_exits() {
     let mut tunnel = multicluster_tests::connect_tunnel(caller.outbound_proxy, "ledger.demo.svc.clusterset.local:7000")
         .await
         .unwrap();
+    // The app's HTTP/1.1 keep-alive connection to its sidecar, used once before the drain.
+    let stream = tokio::net::TcpStream::connect(caller.outbound_proxy).await.unwrap();
+    let (mut app, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = || {
+        hyper::Request::get(ECHO)
+            .header(hyper::header::HOST, "echo.demo.svc.clusterset.local")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let first = app.send_request(get()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get(hyper::header::CONNECTION).is_none());
+    let _ = http_body_util::BodyExt::collect(first.into_body()).await.unwrap();
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(caller.sidecar_pid as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -318,6 +334,25 @@ async fn a_terminated_sidecar_drains_before_it_exits() {
         get_via(caller.outbound_proxy, ECHO).await.is_err(),
         "a draining sidecar takes no new connections"
     );
+    // ... an HTTP/1.1 request on the app's idle connection (no GOAWAY in HTTP/1.1 to say it is
+    // closing) is still answered, with `Connection: close`, and then the connection ends ...
+    let during = tokio::time::timeout(Duration::from_secs(5), app.send_request(get()))
+        .await
+        .expect("an answer during the drain")
+        .expect("the idle HTTP/1.1 connection still takes a request during the drain");
+    assert_eq!(during.status(), 200);
+    assert_eq!(
+        during.headers().get(hyper::header::CONNECTION).map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "{:?}",
+        during.headers()
+    );
+    let _ = http_body_util::BodyExt::collect(during.into_body()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection ends after the answer that said close")
+        .unwrap()
+        .unwrap();
     // ... while the open tunnel keeps working during the drain.
     for i in 0..3 {
         let msg = format!("in flight {i}");

@@ -20,7 +20,6 @@ use strait_api::pb;
 use strait_api::snapshot::{EndpointEntry, ServiceEntry, Snapshot};
 use strait_gateway::{TunnelClient, TunnelError};
 use strait_trust::{CertStore, SpiffeId};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -506,8 +505,8 @@ impl Upstreams {
     /// An opaque TCP stream to the endpoint's sidecar, its handshake done. That sidecar then
     /// answers one status byte once it reached (0) or failed to reach (1) its app, so a dead
     /// app is a retryable connect failure rather than a stream that closes after the client
-    /// was told "connected": read by [`Self::confirm`], or by the caller while it already sends
-    /// the client's first bytes (`outbound::tcp`).
+    /// was told "connected": read by the caller while it already sends the client's first
+    /// bytes (`Outbound::settle`).
     pub async fn tcp(
         &self,
         snap: &Snapshot,
@@ -521,15 +520,6 @@ impl Upstreams {
     /// How long a destination sidecar may take to say whether it reached its app.
     pub fn status_timeout(&self) -> Duration {
         self.dialer.connect_timeout * 2
-    }
-
-    /// Waits for the status byte of a stream from [`Self::tcp`].
-    pub async fn confirm(&self, mut tls: UpstreamTls, ep: &EndpointEntry) -> Result<UpstreamTls, UpstreamError> {
-        let mut status = [0u8; 1];
-        match tokio::time::timeout(self.status_timeout(), tls.read_exact(&mut status)).await {
-            Ok(Ok(_)) if status[0] == 0 => Ok(tls),
-            _ => Err(UpstreamError::AppUnreachable { endpoint: ep.key() }),
-        }
     }
 
     /// A connection to the endpoint's sidecar for one request in `proto`, and whether it was

@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{response_class, SidecarMetrics};
-use crate::outbound::Body;
+use crate::outbound::{drive, Body, Leaving};
 use crate::telemetry::{Counted, Tally, Telemetry};
 use crate::{APP_PROTOCOL_HEADER, SOURCE_CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER};
 use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload, PEER_METADATA_HEADER};
@@ -338,7 +337,7 @@ impl Inbound {
     }
 
     /// Serves until draining starts; open connections then finish what they carry (an
-    /// HTTP/1.1 one after [`H1_DRAIN_GRACE`]).
+    /// HTTP/1.1 one after [`crate::outbound::H1_DRAIN_GRACE`]).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Watch) -> anyhow::Result<()> {
         let config = strait_trust::server_config(
             &self.store,
@@ -394,18 +393,15 @@ impl Inbound {
     async fn serve_http(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch, h2: bool) {
         let limits = self.limits.clone();
         let peer = Arc::new(PeerAuth::of(&tls));
-        let leaving = Arc::new(AtomicBool::new(false));
-        let closing = leaving.clone();
+        let leaving = Leaving::default();
+        let marks = leaving.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = self.clone();
             let peer = peer.clone();
-            let closing = closing.clone();
+            let marks = marks.clone();
             async move {
                 let mut resp = this.to_app(req, &peer).await;
-                if closing.load(Ordering::Relaxed) {
-                    resp.headers_mut()
-                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-                }
+                marks.mark(&mut resp, false);
                 Ok::<_, Infallible>(resp)
             }
         });
@@ -422,25 +418,11 @@ impl Inbound {
             // here, or a request sent as it fires would be lost.
             builder.http1().header_read_timeout(None);
         }
-        let conn = builder.serve_connection(TokioIo::new(Coalesced::new(tls)), svc);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = drain.signaled() => {
-                if !h2 {
-                    // An HTTP/1.1 connection has no GOAWAY: closed while idle, it could meet a
-                    // request the caller is sending, lost to it. For a while what arrives is
-                    // answered with `Connection: close` (the caller drops the connection after
-                    // that answer) as callers learn the endpoint is leaving; then what is still
-                    // idle closes.
-                    leaving.store(true, Ordering::Relaxed);
-                    let _ = tokio::time::timeout(H1_DRAIN_GRACE, conn.as_mut()).await;
-                }
-                // HTTP/2: GOAWAY, callers finish what is in flight and open new streams elsewhere.
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
+        let result = drive!(
+            builder.serve_connection(TokioIo::new(Coalesced::new(tls)), svc),
+            drain,
+            (!h2).then_some(&leaving)
+        );
         if let Err(e) = result {
             tracing::debug!(error = %e, h2, "inbound connection from a sidecar ended with an error");
         }
@@ -623,10 +605,6 @@ impl Inbound {
             .inc();
     }
 }
-
-/// How long a draining sidecar keeps an idle HTTP/1.1 connection from a caller open, answering
-/// what arrives on it with `Connection: close`, before closing it.
-pub const H1_DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// The verified caller of one inbound connection.
 struct PeerAuth {

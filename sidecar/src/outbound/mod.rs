@@ -9,21 +9,70 @@
 //! another endpoint and counted by outlier detection.
 
 /// Drives a hyper server connection until it ends, or until draining starts and it finished
-/// gracefully what it had in flight.
+/// gracefully what it had in flight. HTTP/2 sends GOAWAY at once: the peer finishes what is in
+/// flight and opens new streams elsewhere. HTTP/1.1 has no GOAWAY, and a connection closed
+/// while idle could meet a request the peer is sending, lost to it; so for an HTTP/1.1
+/// connection (given its [`Leaving`] flag, which its service marks answers with) what arrives
+/// for [`H1_DRAIN_GRACE`] is answered with `Connection: close` (the peer drops the connection
+/// after that answer) and only then does what is still idle close.
 macro_rules! drive {
-    ($conn:expr, $drain:expr) => {{
+    ($conn:expr, $drain:expr) => {
+        $crate::outbound::drive!($conn, $drain, None)
+    };
+    ($conn:expr, $drain:expr, $h1:expr) => {{
         let conn = $conn;
+        let h1: Option<&$crate::outbound::Leaving> = $h1;
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
             _ = $drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+                let ended = match h1 {
+                    Some(leaving) => {
+                        leaving.start();
+                        tokio::time::timeout($crate::outbound::H1_DRAIN_GRACE, conn.as_mut()).await.ok()
+                    }
+                    None => None,
+                };
+                match ended {
+                    Some(r) => r,
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
             }
         }
     }};
 }
 pub(crate) use drive;
+
+/// How long a draining sidecar keeps an idle HTTP/1.1 connection open, answering what arrives
+/// on it with `Connection: close`, before closing it.
+pub const H1_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Set when an HTTP/1.1 connection starts draining ([`drive!`]): its answers from then on carry
+/// `Connection: close`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Leaving(Arc<std::sync::atomic::AtomicBool>);
+
+impl Leaving {
+    pub(crate) fn start(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Adds `Connection: close` to an answer given while leaving, but not to a protocol switch
+    /// or an established tunnel (`connect`: the answer is to a CONNECT), which end the HTTP/1.1
+    /// exchange themselves.
+    pub(crate) fn mark<B>(&self, resp: &mut Response<B>, connect: bool) {
+        let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) && !tunnel {
+            resp.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
+    }
+}
 
 mod head;
 pub use head::{check_head, Refusal};
@@ -250,10 +299,18 @@ impl Outbound {
             let this_metrics = self.metrics.clone();
             tokio::spawn(async move {
                 let tunnels = signal.clone();
-                let svc = hyper::service::service_fn(move |req| {
+                let leaving = Leaving::default();
+                let marks = leaving.clone();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let this = this.clone();
                     let tunnels = tunnels.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req, tunnels).await) }
+                    let marks = marks.clone();
+                    async move {
+                        let connect = req.method() == hyper::Method::CONNECT;
+                        let mut resp = this.handle(req, tunnels).await;
+                        marks.mark(&mut resp, connect);
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 // HTTP/1.1 (absolute form, CONNECT, Upgrade) or HTTP/2 with prior knowledge
                 // (h2c, gRPC: the :authority names the service); anything else gets an HTTP/2
@@ -278,7 +335,8 @@ impl Outbound {
                     Sniffed::Http1 | Sniffed::H2 => {
                         drive!(
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), svc),
-                            signal
+                            signal,
+                            (sniffed == Sniffed::Http1).then_some(&leaving)
                         )
                     }
                     Sniffed::Tls | Sniffed::Opaque => {

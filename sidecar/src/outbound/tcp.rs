@@ -71,22 +71,17 @@ impl Outbound {
         only: Option<usize>,
     ) -> Result<(UpstreamTls, usize), NoEndpoint> {
         let mut tries = Tries::only(only);
-        loop {
-            let (tls, i) = self.dial_tcp(snap, svc, port, &mut tries).await?;
-            let ep = &svc.endpoints[i];
-            match self.upstreams.confirm(tls, ep).await {
-                Ok(tls) => {
-                    self.balancer.success(ep);
-                    return Ok((tls, i));
-                }
-                Err(e) => self.tcp_failed(snap, svc, i, &e, &mut tries),
-            }
-        }
+        let dialled = self.dial_tcp(snap, svc, port, &mut tries).await?;
+        // A client that has sent nothing: `settle` only waits for the status.
+        let settled = self
+            .settle(&mut tokio::io::empty(), snap, svc, port, dialled, &mut tries)
+            .await?;
+        Ok((settled.upstream, settled.endpoint))
     }
 
     /// Dials endpoints of `svc` until one's sidecar completes the mTLS handshake (it has not
-    /// yet said whether it reached its app: [`Self::settle`] or `Upstreams::confirm` learn
-    /// that); returns the stream and the endpoint's index.
+    /// yet said whether it reached its app: [`Self::settle`] learns that); returns the stream
+    /// and the endpoint's index.
     pub(crate) async fn dial_tcp(
         &self,
         snap: &Snapshot,
@@ -138,7 +133,7 @@ impl Outbound {
     /// on it is not retried (they may have reached the app).
     pub(crate) async fn settle(
         &self,
-        client: &mut impl Io,
+        client: &mut (impl tokio::io::AsyncRead + Unpin),
         snap: &Snapshot,
         svc: &ServiceEntry,
         port: u16,

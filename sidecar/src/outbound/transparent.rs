@@ -146,10 +146,10 @@ impl Outbound {
                     Some(Sniffed::Http1) => {
                         let (max, wait) = (self.limits.max_header_bytes, self.limits.header_read_timeout);
                         if let Some(stream) = super::head::admit(stream, max, wait, &self.metrics.rejected).await {
-                            self.serve_http(stream, snap, svc, port, drain).await;
+                            self.serve_http(stream, snap, svc, port, drain, true).await;
                         }
                     }
-                    Some(Sniffed::H2) => self.serve_http(stream, snap, svc, port, drain).await,
+                    Some(Sniffed::H2) => self.serve_http(stream, snap, svc, port, drain, false).await,
                     // Bytes that are neither HTTP nor TLS on a port declared HTTP: answered as
                     // an HTTP/2 server answers a broken preface, as the port promised HTTP.
                     // Ports that carry other protocols are declared `tcp`.
@@ -184,15 +184,21 @@ impl Outbound {
         svc: Arc<ServiceEntry>,
         port: u16,
         mut drain: Watch,
+        h1: bool,
     ) {
         let this = self.clone();
+        let leaving = super::Leaving::default();
+        let marks = leaving.clone();
         let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             let this = this.clone();
             let snap = snap.clone();
             let svc = svc.clone();
+            let marks = marks.clone();
             async move {
                 super::http::absolute_uri(&mut req, &svc.host());
-                Ok::<_, Infallible>(this.forward_to(&snap, &svc, port, req).await)
+                let mut resp = this.forward_to(&snap, &svc, port, req).await;
+                marks.mark(&mut resp, false);
+                Ok::<_, Infallible>(resp)
             }
         });
         // hyper's auto builder tells HTTP/1.1 from the HTTP/2 preface the sniffer already saw.
@@ -200,7 +206,8 @@ impl Outbound {
         super::auto_limits(&mut builder, &self.limits);
         let result = super::drive!(
             builder.serve_connection_with_upgrades(TokioIo::new(stream), service),
-            drain
+            drain,
+            h1.then_some(&leaving)
         );
         if let Err(e) = result {
             tracing::debug!(error = %e, "intercepted HTTP connection ended with an error");
