@@ -107,6 +107,30 @@ pub fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// How long a connection between proxies may have what it sent go unacknowledged (or, idle,
+/// its keepalive probes unanswered) before the kernel aborts it. A peer whose host died or
+/// whose network went silent sends no FIN or reset: without this, a request written to it waits
+/// for TCP's retransmissions to give up (about 15 minutes). HTTP/2 connections ping each other
+/// every second and learn it within two; a pooled HTTP/1.1 connection, an opaque TCP stream
+/// and the gateway's connection to a sidecar cannot ping, so the kernel watches them.
+pub const DEAD_PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Idle time before an idle connection's first keepalive probe.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Makes the kernel abort a TCP connection whose peer went silent, after
+/// [`DEAD_PEER_TIMEOUT`] without an acknowledgement (in flight) or a keepalive answer (idle).
+/// Set on a listening socket, the connections it accepts inherit it.
+pub fn detect_dead_peers(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let socket = socket2::SockRef::from(socket);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(std::time::Duration::from_secs(1))
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT))
+}
+
 /// The SNI name Strait clients send; identity is checked by SPIFFE ID, never by this name.
 pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("strait.mesh").expect("static name is valid")

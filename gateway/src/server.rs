@@ -499,6 +499,7 @@ impl Gateway {
             match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(ep.address.socket())).await {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
+                    let _ = strait_api::transport::detect_dead_peers(&tcp);
                     self.metrics
                         .connect_latency
                         .with_label_values(&[&format!("{}.{}", req.service, req.namespace)])

@@ -523,3 +523,86 @@ spec:
     }
     assert!(back, "east stays cut off after the policy was deleted");
 }
+
+/// One cluster: a client and two endpoints of `near`, each in its own namespace.
+const SILENT_TOPOLOGY: &str = r#"
+services:
+  - {name: client, port: 80, protocol: http}
+  - {name: near, port: 80, protocol: http}
+clusters:
+  - name: east
+    region: us-east
+    zones: [us-east-1a]
+    workloads:
+      - {service: client, zone: us-east-1a}
+      - {service: near, zone: us-east-1a}
+      - {service: near, zone: us-east-1a}
+"#;
+
+/// A destination whose network goes silent (its host died or was cut off: no FIN, no reset)
+/// does not hold the requests written to the pooled HTTP/1.1 connections its caller keeps to it.
+/// Those cannot ping as HTTP/2 does; the kernel aborts them once what was sent goes
+/// unacknowledged for `DEAD_PEER_TIMEOUT` (5 s), and the request moves to the other endpoint.
+/// Before, such a request waited for TCP's retransmissions to give up (about 15 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_a_destination_gone_silent_move_to_another_endpoint() {
+    const URL: &str = "http://near.demo.svc.clusterset.local/";
+    let mesh = Mesh::start_with(MeshOptions {
+        netns: true,
+        topology: Some(SILENT_TOPOLOGY.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east = mesh.cluster("east");
+    let client = east.workloads.iter().find(|w| w.service == "client").unwrap();
+    let client_ns = client.netns.clone().unwrap();
+    let near: Vec<_> = east.workloads.iter().filter(|w| w.service == "near").collect();
+    assert_eq!(near.len(), 2);
+    let answered_by = |out: &str| {
+        serde_json::from_str::<serde_json::Value>(out)
+            .ok()
+            .and_then(|v| v["workload"].as_str().map(str::to_string))
+    };
+    // The client's sidecar keeps pooled HTTP/1.1 connections to both endpoints.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let (ok, out) = curl(&client_ns, URL);
+        assert!(ok, "{out}");
+        seen.extend(answered_by(&out));
+    }
+    assert_eq!(seen.len(), 2, "both endpoints answer before: {seen:?}");
+
+    // The second endpoint's network goes silent: every packet in or out is dropped.
+    let silent_ns = near[1].netns.clone().unwrap();
+    for chain in ["INPUT", "OUTPUT"] {
+        let (ok, out) = host(
+            "ip",
+            &["netns", "exec", &silent_ns, "iptables", "-I", chain, "-j", "DROP"],
+        );
+        assert!(ok, "{out}");
+    }
+    // Every request still gets its answer, from the other endpoint; curl gives each 30 s
+    // (without dead-peer detection the one written to the silent endpoint waited minutes).
+    for i in 0..6 {
+        let started = std::time::Instant::now();
+        let (ok, out) = exec(&client_ns, false, "curl", &["-sS", "-m", "30", URL], None);
+        println!(
+            "request {i} after the silence: {:?} {:?}",
+            started.elapsed(),
+            answered_by(&out)
+        );
+        assert!(ok, "request {i}: {out}");
+        assert_eq!(
+            answered_by(&out).as_deref(),
+            Some(near[0].name.as_str()),
+            "request {i}: {out}"
+        );
+    }
+    let retries = metric_sum(
+        &scrape(client.admin_addr).await.unwrap_or_default(),
+        "strait_upstream_retries_total",
+        &[],
+    );
+    println!("client sidecar retries: {retries}");
+}

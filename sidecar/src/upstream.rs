@@ -304,6 +304,7 @@ impl Dialer {
                         detail: e.to_string(),
                     })?;
                 let _ = tcp.set_nodelay(true);
+                let _ = strait_api::transport::detect_dead_peers(&tcp);
                 (Box::new(tcp), None)
             }
             Some((gateway, identity, req)) => {

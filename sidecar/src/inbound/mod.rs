@@ -348,6 +348,10 @@ impl Inbound {
             &[strait_trust::ALPN_H1, strait_trust::ALPN_H2, strait_trust::ALPN_TCP],
         )?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
+        // Accepted connections inherit it: a caller gone silent frees what it held.
+        if let Err(e) = strait_api::transport::detect_dead_peers(&listener) {
+            tracing::warn!(error = %e, "inbound listener: could not set dead-peer detection");
+        }
         loop {
             let mut signal = drain.clone();
             let (stream, remote) = tokio::select! {
