@@ -237,6 +237,30 @@ fn member(mesh: &Domain, id: &SpiffeId) -> CertStore {
     )
 }
 
+/// A server (`echo`) and a client of one trust domain.
+struct Pair {
+    mesh: Domain,
+    server_id: SpiffeId,
+    client_id: SpiffeId,
+    server: CertStore,
+    client: CertStore,
+}
+
+fn pair() -> Pair {
+    let mesh = domain("mesh.local");
+    let server_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/echo".parse().unwrap();
+    let client_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/client".parse().unwrap();
+    let server = member(&mesh, &server_id);
+    let client = member(&mesh, &client_id);
+    Pair {
+        mesh,
+        server_id,
+        client_id,
+        server,
+        client,
+    }
+}
+
 fn serving(store: &CertStore) -> Arc<rustls::ServerConfig> {
     Arc::new(server_config(store, PeerPolicy::AnyInBundle, ServerAuth::RequireClientCert, &[b"t"]).unwrap())
 }
@@ -284,11 +308,13 @@ async fn resumable_handshake(
 #[tokio::test]
 async fn sessions_resume_with_the_proven_identity_until_the_bundle_changes() {
     use rustls::HandshakeKind::{Full, Resumed};
-    let mesh = domain("mesh.local");
-    let server_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/echo".parse().unwrap();
-    let client_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/client".parse().unwrap();
-    let server = member(&mesh, &server_id);
-    let client = member(&mesh, &client_id);
+    let Pair {
+        mesh,
+        server_id,
+        client_id,
+        server,
+        client,
+    } = pair();
     let sconf = serving(&server);
     let configs = ClientConfigs::new(client.clone());
 
@@ -318,12 +344,14 @@ async fn sessions_resume_with_the_proven_identity_until_the_bundle_changes() {
 #[tokio::test]
 async fn a_resumed_connection_takes_one_ticket_and_leaves_one_so_the_store_does_not_grow() {
     use rustls::HandshakeKind::{Full, Resumed};
-    let mesh = domain("mesh.local");
-    let server_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/echo".parse().unwrap();
-    let client_id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/client".parse().unwrap();
-    let server = member(&mesh, &server_id);
+    let Pair {
+        server_id,
+        server,
+        client,
+        ..
+    } = pair();
     let sconf = serving(&server);
-    let configs = ClientConfigs::new(member(&mesh, &client_id));
+    let configs = ClientConfigs::new(client);
     let mut held = vec![];
     let mut kinds = vec![];
     for _ in 0..12 {
