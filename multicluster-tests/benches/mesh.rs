@@ -594,11 +594,12 @@ new connection to the first echoed byte, {N} each (ms)   p50       p90       p99
     figures.add("setup.inner_tls.full", full, "handshakes");
     // What the destination keeps of so many connections: sessions held for resumption (one
     // ticket per handshake, each resuming once) and its RSS.
+    // (An empty sum is -0.0: a build without the gauge shows 0.)
     let held = metric_sum(
         &scrape(sink.admin_addr).await.unwrap_or_default(),
         "strait_tls_resumable_sessions",
         &[],
-    );
+    ) as u64;
     let (rss_before, rss_after) = (
         sink_rss_before as f64 / 1024.0,
         rss_kib(sink.sidecar_pid) as f64 / 1024.0,
@@ -606,7 +607,7 @@ new connection to the first echoed byte, {N} each (ms)   p50       p90       p99
     println!(
         "  destination sidecar after them: {held} sessions held for resumption, RSS {rss_before:.1} -> {rss_after:.1} MiB"
     );
-    figures.add("setup.destination.resumable_sessions", held, "sessions");
+    figures.add("setup.destination.resumable_sessions", held as f64, "sessions");
     figures.add("setup.destination.rss_after", rss_after, "MiB");
     for (p, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
         figures.add(
