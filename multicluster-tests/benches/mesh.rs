@@ -594,7 +594,6 @@ new connection to the first echoed byte, {N} each (ms)   p50       p90       p99
     figures.add("setup.inner_tls.full", full, "handshakes");
     // What the destination keeps of so many connections: sessions held for resumption (one
     // ticket per handshake, each resuming once) and its RSS.
-    // (An empty sum is -0.0: a build without the gauge shows 0.)
     let held = metric_sum(
         &scrape(sink.admin_addr).await.unwrap_or_default(),
         "strait_tls_resumable_sessions",

@@ -9,9 +9,12 @@ pub async fn scrape(admin: SocketAddr) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// Sums the samples of `name` whose labels include every `key="value"` in `labels`.
+/// Sums the samples of `name` whose labels include every `key="value"` in `labels` (0 when
+/// there are none).
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
+    // An empty f64 sum is -0.0, which prints as "-0".
+    0.0 + text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
@@ -31,7 +34,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 None
             }
         })
-        .sum()
+        .sum::<f64>()
 }
 
 #[cfg(test)]

@@ -328,12 +328,15 @@ async fn a_terminated_sidecar_drains_before_it_exits() {
         nix::unistd::Pid::from_raw(caller.sidecar_pid as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // New connections are no longer taken ...
-    assert!(
-        get_via(caller.outbound_proxy, ECHO).await.is_err(),
-        "a draining sidecar takes no new connections"
-    );
+    // New connections are no longer taken once the drain has started (within half a second;
+    // the request below goes out as soon as that is seen, well inside the HTTP/1.1 grace) ...
+    Mesh::eventually(
+        "a draining sidecar takes no new connections",
+        Duration::from_millis(500),
+        || async { get_via(caller.outbound_proxy, ECHO).await.is_err() },
+    )
+    .await
+    .unwrap();
     // ... an HTTP/1.1 request on the app's idle connection (no GOAWAY in HTTP/1.1 to say it is
     // closing) is still answered, with `Connection: close`, and then the connection ends ...
     let during = tokio::time::timeout(Duration::from_secs(5), app.send_request(get()))
