@@ -391,8 +391,9 @@ fn convert_with(res: &pb::Resource, interned: &mut Interned) -> Result<Typed, Fi
             // Named as its key says (or its gateway view, [`LOCAL_VIEW`]): an update's changes
             // are found by resource name, and an `endpoints/…` name leads to another service's
             // parts.
-            let want = format!("service/{}/{}", s.namespace, s.name);
-            if res.name.strip_prefix(LOCAL_VIEW).unwrap_or(&res.name) != want {
+            let name = res.name.strip_prefix(LOCAL_VIEW).unwrap_or(&res.name);
+            if name.strip_prefix("service/").and_then(|n| n.split_once('/')) != Some((&s.namespace, &s.name)) {
+                let want = format!("service/{}/{}", s.namespace, s.name);
                 return Err(bad(
                     "name",
                     format!("{:?} must be {want:?}, from the resource's fields", res.name),

@@ -5,7 +5,6 @@
 //! Opaque TCP is spliced after a one-byte status that tells the caller whether the app
 //! answered.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -400,14 +399,8 @@ impl Inbound {
         let leaving = Leaving::default();
         let marks = leaving.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let this = self.clone();
-            let peer = peer.clone();
-            let marks = marks.clone();
-            async move {
-                let mut resp = this.to_app(req, &peer).await;
-                marks.mark(&mut resp, false);
-                Ok::<_, Infallible>(resp)
-            }
+            let (this, peer) = (self.clone(), peer.clone());
+            marks.answer(false, async move { this.to_app(req, &peer).await })
         });
         // The protocol ALPN chose, with the outbound side's limits.
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

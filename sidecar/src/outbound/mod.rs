@@ -60,16 +60,25 @@ impl Leaving {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Adds `Connection: close` to an answer given while leaving, but not to a protocol switch
-    /// or an established tunnel (`connect`: the answer is to a CONNECT), which end the HTTP/1.1
-    /// exchange themselves.
-    pub(crate) fn mark<B>(&self, resp: &mut Response<B>, connect: bool) {
-        let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
-        if self.0.load(std::sync::atomic::Ordering::Relaxed) && !tunnel {
-            resp.headers_mut().insert(
-                hyper::header::CONNECTION,
-                hyper::header::HeaderValue::from_static("close"),
-            );
+    /// A service's answer (`resp`), given `Connection: close` if it comes while leaving, but not
+    /// a protocol switch or an established tunnel (`connect`: the answer is to a CONNECT), which
+    /// end the HTTP/1.1 exchange themselves.
+    pub(crate) fn answer<B>(
+        &self,
+        connect: bool,
+        resp: impl std::future::Future<Output = Response<B>>,
+    ) -> impl std::future::Future<Output = Result<Response<B>, Infallible>> {
+        let leaving = self.0.clone();
+        async move {
+            let mut resp = resp.await;
+            let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
+            if leaving.load(std::sync::atomic::Ordering::Relaxed) && !tunnel {
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(resp)
         }
     }
 }
@@ -304,13 +313,8 @@ impl Outbound {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let this = this.clone();
                     let tunnels = tunnels.clone();
-                    let marks = marks.clone();
-                    async move {
-                        let connect = req.method() == hyper::Method::CONNECT;
-                        let mut resp = this.handle(req, tunnels).await;
-                        marks.mark(&mut resp, connect);
-                        Ok::<_, Infallible>(resp)
-                    }
+                    let connect = req.method() == hyper::Method::CONNECT;
+                    marks.answer(connect, async move { this.handle(req, tunnels).await })
                 });
                 // HTTP/1.1 (absolute form, CONNECT, Upgrade) or HTTP/2 with prior knowledge
                 // (h2c, gRPC: the :authority names the service); anything else gets an HTTP/2

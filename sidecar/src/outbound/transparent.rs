@@ -5,7 +5,6 @@
 //! as opaque TCP. Destinations the mesh does not know pass through unchanged, or are refused
 //! when the sidecar runs with `--outbound-traffic registry-only`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,13 +192,10 @@ impl Outbound {
             let this = this.clone();
             let snap = snap.clone();
             let svc = svc.clone();
-            let marks = marks.clone();
-            async move {
+            marks.answer(false, async move {
                 super::http::absolute_uri(&mut req, &svc.host());
-                let mut resp = this.forward_to(&snap, &svc, port, req).await;
-                marks.mark(&mut resp, false);
-                Ok::<_, Infallible>(resp)
-            }
+                this.forward_to(&snap, &svc, port, req).await
+            })
         });
         // hyper's auto builder tells HTTP/1.1 from the HTTP/2 preface the sniffer already saw.
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
