@@ -549,7 +549,16 @@ async fn setup_section(
             &[("side", "client"), ("kind", kind)],
         )
     };
+    let early = || async {
+        let text = scrape(client.admin_addr).await.unwrap_or_default();
+        metric_sum(
+            &text,
+            "strait_tls_early_data_total",
+            &[("side", "client"), ("outcome", "accepted")],
+        )
+    };
     let (full_before, resumed_before) = (handshakes("full").await, handshakes("resumed").await);
+    let early_before = early().await;
     let sink_rss_before = rss_kib(sink.sidecar_pid);
     let mut direct = vec![];
     let mut mesh = vec![];
@@ -566,6 +575,7 @@ async fn setup_section(
     }
     let full = handshakes("full").await - full_before;
     let resumed = handshakes("resumed").await - resumed_before;
+    let early = early().await - early_before;
     let (direct, mesh) = (Latencies(direct), Latencies(mesh));
     println!(
         "
@@ -589,8 +599,11 @@ new connection to the first echoed byte, {N} each (ms)   p50       p90       p99
         added(mesh.pct(0.9), direct.pct(0.9)),
         added(mesh.pct(0.99), direct.pct(0.99))
     );
-    println!("  inner mTLS handshakes of the caller's sidecar meanwhile: {resumed} resumed, {full} full");
+    println!(
+        "  inner mTLS handshakes of the caller's sidecar meanwhile: {resumed} resumed ({early} with the first bytes as early data), {full} full"
+    );
     figures.add("setup.inner_tls.resumed", resumed, "handshakes");
+    figures.add("setup.inner_tls.early_data", early, "handshakes");
     figures.add("setup.inner_tls.full", full, "handshakes");
     // What the destination keeps of so many connections: sessions held for resumption (one
     // ticket per handshake, each resuming once) and its RSS.

@@ -507,11 +507,13 @@ async fn server_sent_events_arrive_as_written_and_tcp_half_close_passes_the_tunn
     assert_eq!(answer, b"question", "the echo answered after the client's half-close");
 }
 
-/// A TCP client's first bytes follow the inner handshake before the destination sidecar has
-/// said it reached its app. When it could not, they go to another endpoint and arrive there
-/// exactly once: an app that refuses connections (`flaky`: its program does not listen) says
-/// so at once, an app that stopped accepting (`stuck`: its accept queue is full, so a connect
-/// hangs until the sidecar's one-second limit) long after the client's bytes were sent.
+/// A TCP client's first bytes go before the destination sidecar has said it reached its app:
+/// as TLS early data behind the ClientHello once the caller resumes a session with that
+/// sidecar, else right behind the handshake. When it could not, they go to another endpoint
+/// and arrive there exactly once: an app that refuses connections (`flaky`: its program does
+/// not listen) says so at once, an app that stopped accepting (`stuck`: its accept queue is
+/// full, so a connect hangs until the sidecar's one-second limit) long after the client's
+/// bytes were sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_clients_first_bytes_move_to_another_endpoint_when_the_app_is_down_and_arrive_once() {
     let mesh = start_with(
@@ -565,6 +567,22 @@ clusters:
             "{service}: the endpoint whose app is down was never tried"
         );
     }
+    // Sessions were resumed with the first bytes as early data, the deaf endpoints' too (their
+    // copy went on to the other endpoint).
+    let text = scrape(caller.admin_addr).await.unwrap();
+    let early = |outcome: &str| {
+        metric_sum(
+            &text,
+            "strait_tls_early_data_total",
+            &[("side", "client"), ("outcome", outcome)],
+        )
+    };
+    println!(
+        "early data: {} accepted, {} rejected",
+        early("accepted"),
+        early("rejected")
+    );
+    assert!(early("accepted") >= 10.0, "the first bytes rode early data");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,64 @@ pub enum UpstreamError {
     Overflow { service: String, max: u32 },
 }
 
+/// A stream as dialled: an opaque stream's handshake may still be under way (a resumed
+/// session sending early data, see `Outbound::settle`), so what its failure means goes with it.
+pub struct Dialled {
+    pub tls: UpstreamTls,
+    peer: DialledPeer,
+}
+
+impl Dialled {
+    /// What a handshake that failed with `e` was (see [`DialledPeer::failed`]).
+    pub fn failed(&self, e: std::io::Error) -> UpstreamError {
+        self.peer.failed(e)
+    }
+}
+
+/// The endpoint a stream was dialled to, and the gateway it rides with whether that gateway
+/// has answered the tunnel header.
+struct DialledPeer {
+    endpoint: String,
+    via: Option<(SocketAddr, strait_gateway::Answered)>,
+}
+
+impl DialledPeer {
+    /// What a handshake that failed with `e` was: the gateway's refusal of the tunnel, the
+    /// handshake's own error, or, timed out, the silence of whoever did not answer: the
+    /// gateway's if it never answered the tunnel header.
+    fn failed(&self, e: std::io::Error) -> UpstreamError {
+        if e.kind() != std::io::ErrorKind::TimedOut {
+            return UpstreamError::of_handshake(&self.endpoint, e);
+        }
+        match &self.via {
+            Some((gateway, answered)) if !answered.get() => UpstreamError::Tunnel(TunnelError::Stream {
+                gateway: *gateway,
+                detail: format!("{e}; the tunnel header was not answered"),
+            }),
+            _ => UpstreamError::Tls {
+                endpoint: self.endpoint.clone(),
+                detail: format!("handshake: {e}"),
+            },
+        }
+    }
+}
+
+/// Whether a stream whose handshake failed with `e` certainly delivered nothing to the
+/// destination's app: the gateway could not be reached or refused the tunnel, or TLS failed (a
+/// destination acts on a caller's early data only once the ClientHello has resumed a session,
+/// after which the handshake cannot fail but by tampering). A stream broken otherwise may have
+/// delivered what it carried.
+pub fn delivered_nothing(e: &std::io::Error) -> bool {
+    let Some(inner) = e.get_ref() else {
+        return false;
+    };
+    inner.is::<rustls::Error>()
+        || matches!(
+            inner.downcast_ref::<TunnelError>(),
+            Some(TunnelError::Connect { .. } | TunnelError::Refused { .. })
+        )
+}
+
 /// What a TrafficPolicy asks of the connections to one service's endpoints.
 #[derive(Clone, Debug, Default)]
 pub struct ConnLimits {
@@ -60,6 +118,18 @@ pub struct ConnLimits {
 }
 
 impl UpstreamError {
+    /// What a failed TLS handshake with `endpoint` was: the gateway's refusal of the tunnel it
+    /// rode, or the handshake's own error.
+    fn of_handshake(endpoint: &str, e: std::io::Error) -> Self {
+        match TunnelError::from_io(e) {
+            Ok(tunnel) => UpstreamError::Tunnel(tunnel),
+            Err(e) => UpstreamError::Tls {
+                endpoint: endpoint.to_string(),
+                detail: e.to_string(),
+            },
+        }
+    }
+
     /// Whether the remote cluster's gateway itself failed (rather than one endpoint behind it).
     pub fn gateway_down(&self) -> bool {
         matches!(
@@ -290,7 +360,7 @@ struct Dialer {
 }
 
 impl Dialer {
-    async fn connect(&self, t: &Target, alpn: &[&[u8]]) -> Result<UpstreamTls, UpstreamError> {
+    async fn connect(&self, t: &Target, alpn: &[&[u8]]) -> Result<Dialled, UpstreamError> {
         let (raw, answered): (Box<dyn Io>, Option<strait_gateway::Answered>) = match &t.via {
             None => {
                 let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(t.address))
@@ -322,44 +392,40 @@ impl Dialer {
                 endpoint: t.key.clone(),
                 detail: e.to_string(),
             })?;
+        // An opaque stream resuming a session that allows early data comes back at once: its
+        // ClientHello leaves with the client's first bytes, and the handshake completes at its
+        // first flush (`Outbound::settle`).
+        let early = alpn == [strait_trust::ALPN_TCP];
         let handshake = tokio::time::timeout(
             self.connect_timeout,
-            TlsConnector::from(config).connect(strait_api::transport::mesh_server_name(), raw),
+            TlsConnector::from(config)
+                .early_data(early)
+                .connect(strait_api::transport::mesh_server_name(), raw),
         )
         .await;
+        let peer = DialledPeer {
+            endpoint: t.key.clone(),
+            via: t.via.as_ref().map(|(gateway, ..)| *gateway).zip(answered),
+        };
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                return Err(match TunnelError::from_io(e) {
-                    Ok(tunnel) => UpstreamError::Tunnel(tunnel),
-                    Err(e) => UpstreamError::Tls {
-                        endpoint: t.key.clone(),
-                        detail: e.to_string(),
-                    },
-                })
-            }
+            Ok(Err(e)) => return Err(peer.failed(e)),
             Err(_) => {
-                return Err(match (&t.via, answered) {
-                    (Some((gateway, ..)), Some(a)) if !a.get() => UpstreamError::Tunnel(TunnelError::Stream {
-                        gateway: *gateway,
-                        detail: format!("no answer to the tunnel header within {:?}", self.connect_timeout),
-                    }),
-                    _ => UpstreamError::Tls {
-                        endpoint: t.key.clone(),
-                        detail: "handshake timed out".into(),
-                    },
-                })
+                let waited = format!("no answer within {:?}", self.connect_timeout);
+                return Err(peer.failed(std::io::Error::new(std::io::ErrorKind::TimedOut, waited)));
             }
         };
-        self.configs
-            .metrics()
-            .handshake_completed("client", tls.get_ref().1.handshake_kind());
-        Ok(tls)
+        if !tls.get_ref().1.is_handshaking() {
+            self.configs
+                .metrics()
+                .handshake_completed("client", tls.get_ref().1.handshake_kind());
+        }
+        Ok(Dialled { tls, peer })
     }
 
     /// A new HTTP connection for `proto`, in the protocol the destination chose.
     async fn http(self, t: Target, proto: Proto) -> Result<Opened, Arc<UpstreamError>> {
-        let tls = self.connect(&t, proto.alpn()).await?;
+        let tls = self.connect(&t, proto.alpn()).await?.tls;
         let peer = strait_trust::peer_identity(tls.get_ref().1.peer_certificates());
         let h1 = tls.get_ref().1.alpn_protocol() == Some(strait_trust::ALPN_H1);
         let io = TokioIo::new(Coalesced::new(tls));
@@ -491,18 +557,6 @@ impl Upstreams {
     }
 
     /// Connects to `ep` and runs the mTLS handshake offering the given inner ALPNs.
-    pub async fn connect(
-        &self,
-        snap: &Snapshot,
-        svc: &ServiceEntry,
-        ep: &EndpointEntry,
-        port: u16,
-        alpn: &[&[u8]],
-    ) -> Result<UpstreamTls, UpstreamError> {
-        let target = self.target(snap, svc, ep, port, "")?;
-        self.dialer.connect(&target, alpn).await
-    }
-
     /// An opaque TCP stream to the endpoint's sidecar, its handshake done. That sidecar then
     /// answers one status byte once it reached (0) or failed to reach (1) its app, so a dead
     /// app is a retryable connect failure rather than a stream that closes after the client
@@ -514,13 +568,22 @@ impl Upstreams {
         svc: &ServiceEntry,
         ep: &EndpointEntry,
         port: u16,
-    ) -> Result<UpstreamTls, UpstreamError> {
-        self.connect(snap, svc, ep, port, &[strait_trust::ALPN_TCP]).await
+    ) -> Result<Dialled, UpstreamError> {
+        let target = self.target(snap, svc, ep, port, "")?;
+        self.dialer.connect(&target, &[strait_trust::ALPN_TCP]).await
     }
 
     /// How long a destination sidecar may take to say whether it reached its app.
     pub fn status_timeout(&self) -> Duration {
         self.dialer.connect_timeout * 2
+    }
+
+    /// Counts the handshake of an opaque stream that was still under way when its dial returned
+    /// (it resumed a session with early data), once it has completed.
+    pub fn handshake_done(&self, tls: &UpstreamTls) {
+        let (metrics, conn) = (self.dialer.configs.metrics(), tls.get_ref().1);
+        metrics.handshake_completed("client", conn.handshake_kind());
+        metrics.early_data("client", conn.is_early_data_accepted());
     }
 
     /// A connection to the endpoint's sidecar for one request in `proto`, and whether it was
@@ -717,7 +780,7 @@ impl Upstreams {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::convert::Infallible;
     use std::time::SystemTime;
@@ -732,7 +795,8 @@ mod tests {
     };
     use tokio::net::TcpListener;
 
-    fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
+    /// A workload's store: `id`'s certificate from `ca`, trusting `trust`.
+    pub(crate) fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
         let now = SystemTime::now();
         let (issued, key) = ca
             .issue_custom(

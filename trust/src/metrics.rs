@@ -6,6 +6,7 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 pub struct TlsMetrics {
     failures: IntCounterVec,
     completed: IntCounterVec,
+    early: IntCounterVec,
     resumable: IntGauge,
 }
 
@@ -27,6 +28,14 @@ impl TlsMetrics {
             &["side", "kind"],
         )
         .expect("static metric definition is valid");
+        let early = IntCounterVec::new(
+            Opts::new(
+                "strait_tls_early_data_total",
+                "Resumed handshakes of opaque streams whose client offered TLS 1.3 early data (0-RTT), by side and outcome: accepted; rejected (the server did not take it and the client sent it again after the handshake; counted by clients only)",
+            ),
+            &["side", "outcome"],
+        )
+        .expect("static metric definition is valid");
         let resumable = IntGauge::new(
             "strait_tls_resumable_sessions",
             "TLS 1.3 sessions this process holds for peers to resume (each ticket resumes once; one ticket is issued per handshake)",
@@ -35,10 +44,12 @@ impl TlsMetrics {
         // A second registration (tests that build two stores in one registry) keeps the first.
         let _ = registry.register(Box::new(failures.clone()));
         let _ = registry.register(Box::new(completed.clone()));
+        let _ = registry.register(Box::new(early.clone()));
         let _ = registry.register(Box::new(resumable.clone()));
         TlsMetrics {
             failures,
             completed,
+            early,
             resumable,
         }
     }
@@ -59,6 +70,12 @@ impl TlsMetrics {
             _ => "full",
         };
         self.completed.with_label_values(&[side, kind]).inc();
+    }
+
+    /// Counts early data offered in a resumed handshake, taken by the server or not.
+    pub fn early_data(&self, side: &str, accepted: bool) {
+        let outcome = if accepted { "accepted" } else { "rejected" };
+        self.early.with_label_values(&[side, outcome]).inc();
     }
 
     /// Sessions held for resumption changed by `by` (stored, taken, expired or evicted).

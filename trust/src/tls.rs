@@ -208,17 +208,22 @@ impl ClientConfigs {
     }
 
     /// The config for connecting to `endpoint`, which must prove one of `expected`, offering
-    /// the protocols `alpn` (most preferred first; the server chooses).
+    /// the protocols `alpn` (most preferred first; the server chooses). Offering only
+    /// [`crate::ALPN_TCP`] (an opaque stream), a resumed session may carry the client's first
+    /// bytes as TLS 1.3 early data: a session resumes once (the server's store takes its
+    /// ticket), so they cannot be replayed to the same server, and another server cannot read
+    /// them; the server acts on them before the handshake ends.
     pub fn get(&self, endpoint: &str, expected: &[SpiffeId], alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TrustError> {
         let build = || {
-            client_config(
+            let mut config = client_config(
                 Some(&self.store),
                 self.store.bundle(),
                 self.store.metrics(),
                 PeerPolicy::OneOf(expected.to_vec()),
                 alpn,
-            )
-            .map(Arc::new)
+            )?;
+            config.enable_early_data = alpn == [crate::ALPN_TCP];
+            Ok(Arc::new(config))
         };
         let Ok(mut state) = self.state.lock() else {
             return build();

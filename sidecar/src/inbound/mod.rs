@@ -20,7 +20,8 @@ use strait_api::drain::Watch;
 use strait_trust::{CertStore, PeerPolicy, ServerAuth};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+
+mod early;
 
 use crate::metrics::{response_class, SidecarMetrics};
 use crate::outbound::{drive, Body, Leaving};
@@ -346,7 +347,10 @@ impl Inbound {
             // request, and an older caller offers HTTP/2 alone.
             &[strait_trust::ALPN_H1, strait_trust::ALPN_H2, strait_trust::ALPN_TCP],
         )?;
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        // Opaque streams: the caller's early data is taken behind a resumed ClientHello and the
+        // answer leaves before the caller's Finished (see `early`).
+        let opaque = Arc::new(early::opaque(config.clone()));
+        let config = Arc::new(config);
         // Accepted connections inherit it: a caller gone silent frees what it held.
         if let Err(e) = strait_api::transport::detect_dead_peers(&listener) {
             tracing::warn!(error = %e, "inbound listener: could not set dead-peer detection");
@@ -366,26 +370,51 @@ impl Inbound {
             };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
-            let acceptor = acceptor.clone();
+            let (config, opaque) = (config.clone(), opaque.clone());
             let guard = drain.guard();
             tokio::spawn(async move {
                 let _guard = guard;
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => tls,
+                let handshake = async {
+                    let hello = early::client_hello(&stream).await?;
+                    if !opaque_only(&hello) {
+                        let tls = tokio_rustls::StartHandshake::from_parts(hello, stream)
+                            .into_stream(config)
+                            .await?;
+                        return Ok(Accepted::Http(Box::new(tls)));
+                    }
+                    let conn = hello.into_connection(opaque).map_err(|(e, mut alert)| {
+                        let mut out = Vec::new();
+                        if alert.write_all(&mut out).is_ok() {
+                            let _ = stream.try_write(&out);
+                        }
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+                    })?;
+                    let mut tls = early::ServerTls::new(stream, conn);
+                    tls.identified().await?;
+                    Ok::<_, std::io::Error>(Accepted::Opaque(Box::new(tls)))
+                };
+                let accepted = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                    Ok(Ok(accepted)) => accepted,
                     Ok(Err(e)) => {
                         tracing::info!(%remote, error = %e, "inbound TLS handshake failed");
                         return;
                     }
                     Err(_) => return,
                 };
-                this.store
-                    .metrics()
-                    .handshake_completed("server", tls.get_ref().1.handshake_kind());
-                let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-                match alpn.as_deref() {
-                    Some(p) if p == strait_trust::ALPN_TCP => this.splice(tls).await,
-                    Some(p) if p == strait_trust::ALPN_H1 => this.serve_http(tls, signal, false).await,
-                    _ => this.serve_http(tls, signal, true).await,
+                let metrics = this.store.metrics();
+                match accepted {
+                    Accepted::Opaque(mut tls) => {
+                        metrics.handshake_completed("server", tls.connection().handshake_kind());
+                        if tls.early_data_accepted() {
+                            metrics.early_data("server", true);
+                        }
+                        this.splice(*tls).await
+                    }
+                    Accepted::Http(tls) => {
+                        metrics.handshake_completed("server", tls.get_ref().1.handshake_kind());
+                        let h1 = tls.get_ref().1.alpn_protocol() == Some(strait_trust::ALPN_H1);
+                        this.serve_http(*tls, signal, !h1).await
+                    }
                 }
             });
         }
@@ -395,7 +424,7 @@ impl Inbound {
     /// HTTP/1.1 (one request at a time; the caller pools the connection).
     async fn serve_http(self: Arc<Self>, tls: tokio_rustls::server::TlsStream<TcpStream>, mut drain: Watch, h2: bool) {
         let limits = self.limits.clone();
-        let peer = Arc::new(PeerAuth::of(&tls));
+        let peer = Arc::new(PeerAuth::of(tls.get_ref().1));
         let leaving = Leaving::default();
         let marks = leaving.clone();
         let svc = hyper::service::service_fn(move |req| {
@@ -524,9 +553,10 @@ impl Inbound {
         resp
     }
 
-    async fn splice(self: Arc<Self>, mut tls: tokio_rustls::server::TlsStream<TcpStream>) {
-        // The caller as its certificate says: for the decision and for what is reported.
-        let peer = PeerAuth::of(&tls);
+    async fn splice(self: Arc<Self>, mut tls: early::ServerTls<TcpStream>) {
+        // The caller as its certificate says (a resumed session's: the full handshake's): for
+        // the decision and for what is reported.
+        let peer = PeerAuth::of(tls.connection());
         let policies = self.authz_policies();
         if !policies.is_empty() {
             let refs: Vec<&strait_api::authz::CompiledAuthz> = policies.iter().map(|p| p.as_ref()).collect();
@@ -603,6 +633,28 @@ impl Inbound {
     }
 }
 
+/// An inbound connection whose caller is known, by the protocol it chose.
+enum Accepted {
+    /// HTTP/1.1 or HTTP/2 (handshake complete).
+    Http(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// An opaque stream, usable from a resumed session's ClientHello on.
+    Opaque(Box<early::ServerTls<TcpStream>>),
+}
+
+/// Whether the connection offers only opaque TCP: what `serve`'s ALPN preference would choose,
+/// decided before the handshake (an opaque stream is served by `early::ServerTls`).
+fn opaque_only(hello: &rustls::server::Accepted) -> bool {
+    let Some(alpn) = hello.client_hello().alpn() else {
+        return false;
+    };
+    let (mut tcp, mut http) = (false, false);
+    for p in alpn {
+        tcp |= p == strait_trust::ALPN_TCP;
+        http |= p == strait_trust::ALPN_H1 || p == strait_trust::ALPN_H2;
+    }
+    tcp && !http
+}
+
 /// The verified caller of one inbound connection.
 struct PeerAuth {
     principal: Option<String>,
@@ -614,8 +666,8 @@ struct PeerAuth {
 }
 
 impl PeerAuth {
-    fn of(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Self {
-        let certs = tls.get_ref().1.peer_certificates();
+    fn of(conn: &rustls::ServerConnection) -> Self {
+        let certs = conn.peer_certificates();
         PeerAuth {
             principal: strait_trust::peer_identity(certs).map(|id| id.to_string()),
             cluster: strait_trust::peer_cluster(certs),

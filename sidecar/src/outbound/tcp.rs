@@ -12,7 +12,7 @@ use strait_api::snapshot::{ServiceEntry, Snapshot};
 use strait_api::telemetry::{Edge, Reporter, ServiceName, Workload};
 
 use super::{text, Body, Outbound, MAX_ATTEMPTS};
-use crate::upstream::{UpstreamError, UpstreamTls};
+use crate::upstream::{Dialled, UpstreamError, UpstreamTls};
 use crate::Io;
 
 /// Why no endpoint took a connection: how many were tried and the last error.
@@ -88,7 +88,7 @@ impl Outbound {
         svc: &ServiceEntry,
         port: u16,
         tries: &mut Tries,
-    ) -> Result<(UpstreamTls, usize), NoEndpoint> {
+    ) -> Result<(Dialled, usize), NoEndpoint> {
         while tries.tried.len() < MAX_ATTEMPTS {
             let pick = match tries.only {
                 Some(i) if tries.tried.is_empty() => Some(i),
@@ -126,60 +126,87 @@ impl Outbound {
     }
 
     /// Waits for a dialled endpoint's sidecar to say whether it reached its app, meanwhile
-    /// sending what the client writes right behind the handshake (one round trip through the
-    /// destination fewer before the client's first bytes arrive) and keeping a copy, up to the
-    /// replay buffer. A sidecar that could not reach its app delivered none of it, so the copy
-    /// goes to the next endpoint; a stream that broke before its status once client bytes were
-    /// on it is not retried (they may have reached the app).
+    /// sending what the client writes — as TLS early data behind the ClientHello when the
+    /// stream resumes a session (the destination hands it to its app before the handshake
+    /// ends), else right behind the handshake — and keeping a copy, up to the replay buffer. A
+    /// sidecar that could not reach its app delivered none of it, nor did a stream whose
+    /// tunnel or handshake failed, so the copy goes to the next endpoint; a stream that broke
+    /// otherwise before its status once client bytes were on it is not retried (they may have
+    /// reached the app).
     pub(crate) async fn settle(
         &self,
         client: &mut (impl tokio::io::AsyncRead + Unpin),
         snap: &Snapshot,
         svc: &ServiceEntry,
         port: u16,
-        dialled: (UpstreamTls, usize),
+        dialled: (Dialled, usize),
         tries: &mut Tries,
     ) -> Result<Settled, NoEndpoint> {
-        let (mut tls, mut i) = dialled;
+        let (mut dial, mut i) = dialled;
         let (mut sent, mut client_done) = (Vec::new(), false);
         let mut buf = vec![0u8; crate::SPLICE_BUF.min(self.limits.replay_buffer.max(1))];
         loop {
             let deadline = tokio::time::Instant::now() + self.upstreams.status_timeout();
+            // Dialled with early data: the handshake completes at the first flush.
+            let handshaking = dial.tls.get_ref().1.is_handshaking();
+            if !sent.is_empty() {
+                // What an endpoint before this one did not deliver. A failed write shows as a
+                // broken stream at the status read below.
+                let _ = tokio::time::timeout_at(deadline, async {
+                    dial.tls.write_all(&sent).await?;
+                    dial.tls.flush().await
+                })
+                .await;
+            }
             let status = loop {
-                let mut status = [0u8; 1];
                 tokio::select! {
-                    r = tls.read(&mut status) => break matches!(r, Ok(1)).then_some(status[0]),
+                    r = status_of(&mut dial.tls) => break r,
                     r = client.read(&mut buf), if !client_done && sent.len() < self.limits.replay_buffer => match r {
                         Ok(n) if n > 0 => {
                             sent.extend_from_slice(&buf[..n]);
-                            if tls.write_all(&buf[..n]).await.is_err() || tls.flush().await.is_err() {
-                                break None;
+                            let written = async { dial.tls.write_all(&buf[..n]).await?; dial.tls.flush().await }.await;
+                            if let Err(e) = written {
+                                break Err(e);
                             }
                         }
                         // The client's end or error is met again by the splice.
                         _ => client_done = true,
                     },
-                    _ = tokio::time::sleep_until(deadline) => break None,
+                    _ = tokio::time::sleep_until(deadline) => break Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {:?}", self.upstreams.status_timeout()),
+                    )),
                 }
             };
+            // Whether the handshake failed here rather than in `dial_tcp`.
+            let in_handshake = dial.tls.get_ref().1.is_handshaking();
+            if handshaking && !in_handshake {
+                self.upstreams.handshake_done(&dial.tls);
+            }
             let ep = &svc.endpoints[i];
             match status {
-                Some(0) => {
+                Ok(0) => {
                     self.balancer.success(ep);
                     return Ok(Settled {
-                        upstream: tls,
+                        upstream: dial.tls,
                         endpoint: i,
                         sent: sent.len() as u64,
                     });
                 }
-                None if !sent.is_empty() => {
+                // Its tunnel or handshake failed, with nothing of the client's delivered: as
+                // when `dial_tcp` meets that.
+                Err(e) if in_handshake && (sent.is_empty() || crate::upstream::delivered_nothing(&e)) => {
+                    let e = dial.failed(e);
+                    self.tcp_failed(snap, svc, i, &e, tries);
+                }
+                Err(e) if !sent.is_empty() => {
                     self.balancer.failure(snap, svc, ep);
                     self.metrics
                         .connections
                         .with_label_values(&["outbound", &self.cluster, &ep.locality().cluster, &svc.host(), "broken"])
                         .inc();
                     tries.last_error = format!(
-                        "the stream to {} broke before it said whether it reached its app, with {} bytes of the client's on it (not resent)",
+                        "the stream to {} broke before it said whether it reached its app, with {} bytes of the client's on it (not resent): {e}",
                         ep.key(),
                         sent.len()
                     );
@@ -192,12 +219,7 @@ impl Outbound {
                     self.tcp_failed(snap, svc, i, &e, tries);
                 }
             }
-            (tls, i) = self.dial_tcp(snap, svc, port, tries).await?;
-            if !sent.is_empty() {
-                // A failed write shows as a broken stream at the status read above.
-                let _ = tls.write_all(&sent).await;
-                let _ = tls.flush().await;
-            }
+            (dial, i) = self.dial_tcp(snap, svc, port, tries).await?;
         }
     }
 
@@ -257,10 +279,11 @@ impl Outbound {
             Err(no_route) => return no_route.response(),
         };
         let host = svc.host();
-        // Connected once a destination sidecar proved its identity: the client's first bytes
-        // then follow the handshake while that sidecar reaches its app (`settle`), and an app
-        // that cannot be reached is still retried on another endpoint. If none takes it, the
-        // client sees its tunnel close.
+        // Connected once a destination sidecar proved its identity, or at once when the stream
+        // resumes a session with it (its ClientHello then carries the client's first bytes as
+        // early data): they go while that sidecar reaches its app (`settle`), and an app that
+        // cannot be reached, or a tunnel or handshake that fails, is still retried on another
+        // endpoint. If none takes it, the client sees its tunnel close.
         let mut tries = Tries::default();
         match self.dial_tcp(&snap, &svc, port, &mut tries).await {
             Ok(dialled) => {
@@ -301,5 +324,20 @@ impl Outbound {
                 format!("no healthy endpoint of {host} accepted a connection after {tried} attempt(s): {last_error}"),
             ),
         }
+    }
+}
+
+/// The destination's one-byte status (0: it reached its app). A stream dialled with early data
+/// completes its handshake first (tokio-rustls sends the ClientHello, with what was written,
+/// at the first flush).
+async fn status_of(tls: &mut UpstreamTls) -> std::io::Result<u8> {
+    tls.flush().await?;
+    let mut status = [0u8; 1];
+    match tls.read(&mut status).await? {
+        1 => Ok(status[0]),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before it said whether it reached its app",
+        )),
     }
 }
