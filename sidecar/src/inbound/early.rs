@@ -187,12 +187,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<IO> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            // What processing queued (the session ticket after the peer's Finished, an
-            // alert) goes out before waiting for more.
+            // What is still queued goes out before waiting for more, and what processing
+            // queues (the session ticket after the peer's Finished) right after it.
             if let Poll::Ready(Err(e)) = this.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
             ready!(this.poll_receive(cx))?;
+            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
     }
 }
