@@ -74,7 +74,8 @@ impl DialledPeer {
     /// handshake's own error, or, timed out, the silence of whoever did not answer: the
     /// gateway's if it never answered the tunnel header.
     fn failed(&self, e: std::io::Error) -> UpstreamError {
-        if e.kind() != std::io::ErrorKind::TimedOut {
+        let tunnel = e.get_ref().is_some_and(|inner| inner.is::<TunnelError>());
+        if tunnel || e.kind() != std::io::ErrorKind::TimedOut {
             return UpstreamError::of_handshake(&self.endpoint, e);
         }
         match &self.via {
@@ -795,8 +796,7 @@ pub(crate) mod tests {
     };
     use tokio::net::TcpListener;
 
-    /// A workload's store: `id`'s certificate from `ca`, trusting `trust`.
-    pub(crate) fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
+    fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
         let now = SystemTime::now();
         let (issued, key) = ca
             .issue_custom(
@@ -910,14 +910,24 @@ pub(crate) mod tests {
         }
     }
 
-    async fn caller(destination_alpn: &[&[u8]]) -> Caller {
+    /// The SPIFFE ID of [`echo_and_caller`]'s caller.
+    pub(crate) const CALLER: &str = "spiffe://mesh.local/ns/demo/sa/caller";
+
+    /// Two workloads' stores under one trust domain: `echo` (a destination) and [`CALLER`].
+    pub(crate) fn echo_and_caller() -> (CertStore, CertStore) {
         let td: TrustDomain = "mesh.local".parse().unwrap();
         let root = Authority::new_root(&td, SystemTime::now()).unwrap();
         let ca = root.new_intermediate("east", SystemTime::now()).unwrap();
         let mut trust = TrustBundle::new();
         trust.add_root(&td, root.cert().clone()).unwrap();
-        let server = store(&ca, &trust, "spiffe://mesh.local/ns/demo/sa/echo");
-        let client = store(&ca, &trust, "spiffe://mesh.local/ns/demo/sa/caller");
+        (
+            store(&ca, &trust, "spiffe://mesh.local/ns/demo/sa/echo"),
+            store(&ca, &trust, CALLER),
+        )
+    }
+
+    async fn caller(destination_alpn: &[&[u8]]) -> Caller {
+        let (server, client) = echo_and_caller();
         let addr = destination(&server, destination_alpn).await;
         let opened = prometheus::IntCounterVec::new(prometheus::Opts::new("opened", "opened"), &["service"]).unwrap();
         let tunnel = TunnelClient::new("127.0.0.1:0".parse().unwrap(), client.clone()).unwrap();

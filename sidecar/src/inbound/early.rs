@@ -287,26 +287,18 @@ impl<IO: AsyncWrite + Unpin> Write for Writer<'_, '_, IO> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
-    use strait_trust::{Authority, ClientConfigs, PeerPolicy, ServerAuth, TrustBundle, TrustDomain, ALPN_TCP};
+    use strait_trust::{ClientConfigs, PeerPolicy, ServerAuth, ALPN_TCP};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::upstream::tests::store;
-
-    const CALLER: &str = "spiffe://mesh.local/ns/demo/sa/caller";
+    use crate::upstream::tests::{echo_and_caller, CALLER};
 
     /// A destination's opaque-stream config and a caller's client config for it.
     fn pair() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
-        let td: TrustDomain = "mesh.local".parse().unwrap();
-        let root = Authority::new_root(&td, SystemTime::now()).unwrap();
-        let ca = root.new_intermediate("east", SystemTime::now()).unwrap();
-        let mut trust = TrustBundle::new();
-        trust.add_root(&td, root.cert().clone()).unwrap();
-        let server = store(&ca, &trust, "spiffe://mesh.local/ns/demo/sa/echo");
-        let client = store(&ca, &trust, CALLER);
+        let (server, client) = echo_and_caller();
         let config = strait_trust::server_config(
             &server,
             PeerPolicy::AnyInBundle,

@@ -380,7 +380,7 @@ impl Inbound {
                         let tls = tokio_rustls::StartHandshake::from_parts(hello, stream)
                             .into_stream(config)
                             .await?;
-                        return Ok(Accepted::Http(Box::new(tls)));
+                        return Ok(Identified::Http(Box::new(tls)));
                     }
                     let conn = hello.into_connection(opaque).map_err(|(e, mut alert)| {
                         let mut out = Vec::new();
@@ -391,10 +391,10 @@ impl Inbound {
                     })?;
                     let mut tls = early::ServerTls::new(stream, conn);
                     tls.identified().await?;
-                    Ok::<_, std::io::Error>(Accepted::Opaque(Box::new(tls)))
+                    Ok::<_, std::io::Error>(Identified::Opaque(Box::new(tls)))
                 };
-                let accepted = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-                    Ok(Ok(accepted)) => accepted,
+                let identified = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                    Ok(Ok(identified)) => identified,
                     Ok(Err(e)) => {
                         tracing::info!(%remote, error = %e, "inbound TLS handshake failed");
                         return;
@@ -402,15 +402,15 @@ impl Inbound {
                     Err(_) => return,
                 };
                 let metrics = this.store.metrics();
-                match accepted {
-                    Accepted::Opaque(mut tls) => {
+                match identified {
+                    Identified::Opaque(mut tls) => {
                         metrics.handshake_completed("server", tls.connection().handshake_kind());
                         if tls.early_data_accepted() {
                             metrics.early_data("server", true);
                         }
                         this.splice(*tls).await
                     }
-                    Accepted::Http(tls) => {
+                    Identified::Http(tls) => {
                         metrics.handshake_completed("server", tls.get_ref().1.handshake_kind());
                         let h1 = tls.get_ref().1.alpn_protocol() == Some(strait_trust::ALPN_H1);
                         this.serve_http(*tls, signal, !h1).await
@@ -634,7 +634,7 @@ impl Inbound {
 }
 
 /// An inbound connection whose caller is known, by the protocol it chose.
-enum Accepted {
+enum Identified {
     /// HTTP/1.1 or HTTP/2 (handshake complete).
     Http(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// An opaque stream, usable from a resumed session's ClientHello on.

@@ -145,8 +145,10 @@ impl Outbound {
         let (mut dial, mut i) = dialled;
         let (mut sent, mut client_done) = (Vec::new(), false);
         let mut buf = vec![0u8; crate::SPLICE_BUF.min(self.limits.replay_buffer.max(1))];
+        let waited = self.upstreams.status_timeout();
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {waited:?}"));
         loop {
-            let deadline = tokio::time::Instant::now() + self.upstreams.status_timeout();
+            let deadline = tokio::time::Instant::now() + waited;
             // Dialled with early data: the handshake completes at the first flush.
             let handshaking = dial.tls.get_ref().1.is_handshaking();
             if !sent.is_empty() {
@@ -164,18 +166,21 @@ impl Outbound {
                     r = client.read(&mut buf), if !client_done && sent.len() < self.limits.replay_buffer => match r {
                         Ok(n) if n > 0 => {
                             sent.extend_from_slice(&buf[..n]);
-                            let written = async { dial.tls.write_all(&buf[..n]).await?; dial.tls.flush().await }.await;
-                            if let Err(e) = written {
-                                break Err(e);
+                            // In a handshake with early data the flush completes it.
+                            let written = tokio::time::timeout_at(deadline, async {
+                                dial.tls.write_all(&buf[..n]).await?;
+                                dial.tls.flush().await
+                            });
+                            match written.await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => break Err(e),
+                                Err(_) => break Err(timed_out()),
                             }
                         }
                         // The client's end or error is met again by the splice.
                         _ => client_done = true,
                     },
-                    _ = tokio::time::sleep_until(deadline) => break Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {:?}", self.upstreams.status_timeout()),
-                    )),
+                    _ = tokio::time::sleep_until(deadline) => break Err(timed_out()),
                 }
             };
             // Whether the handshake failed here rather than in `dial_tcp`.
