@@ -84,6 +84,8 @@ pub(crate) struct ServerTls<IO> {
     conn: ServerConnection,
     /// `close_notify` is queued; the transport's write side closes once it is out.
     closing: bool,
+    /// An error met after a read had bytes to return: the next read's.
+    error: Option<io::Error>,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
@@ -94,6 +96,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
             io,
             conn,
             closing: false,
+            error: None,
         }
     }
 
@@ -168,33 +171,55 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<IO> {
+    /// Fills `buf` with as much as has arrived: rustls takes about one record from the
+    /// transport at a time, and a splice should write its app a buffer per pass, not a record.
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        let start = buf.filled().len();
+        // An error after some bytes is kept for the next read.
+        let fail = |this: &mut Self, buf: &ReadBuf<'_>, e: io::Error| {
+            if buf.filled().len() > start {
+                this.error = Some(e);
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Ready(Err(e))
+            }
+        };
         loop {
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
             // Early data precedes everything the peer sends after its Finished.
             if let Some(mut early) = this.conn.early_data() {
                 let n = early.read(buf.initialize_unfilled())?;
-                if n > 0 {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+                buf.advance(n);
             }
             match this.conn.reader().read(buf.initialize_unfilled()) {
+                // The peer's close_notify (end of stream), or a full buffer.
+                Ok(0) => return Poll::Ready(Ok(())),
                 Ok(n) => {
                     buf.advance(n);
-                    return Poll::Ready(Ok(()));
+                    continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                Err(e) => return fail(this, buf, e),
             }
             // What is still queued goes out before waiting for more, and what processing
             // queues (the session ticket after the peer's Finished) right after it.
             if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                return Poll::Ready(Err(e));
+                return fail(this, buf, e);
             }
-            ready!(this.poll_receive(cx))?;
+            match this.poll_receive(cx) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return fail(this, buf, e),
+                Poll::Pending if buf.filled().len() > start => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
             if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-                return Poll::Ready(Err(e));
+                return fail(this, buf, e);
             }
         }
     }
