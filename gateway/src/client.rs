@@ -87,10 +87,15 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
+    /// The tunnel error an I/O error of a [`TunnelClient::open`] stream carries, if it is one.
+    pub fn in_io(e: &std::io::Error) -> Option<&TunnelError> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<TunnelError>())
+    }
+
     /// The tunnel error an I/O error of a [`TunnelClient::open`] stream carries (the gateway's
     /// refusal, read after the caller had started its handshake), or the I/O error itself.
     pub fn from_io(e: std::io::Error) -> Result<TunnelError, std::io::Error> {
-        if !e.get_ref().is_some_and(|inner| inner.is::<TunnelError>()) {
+        if Self::in_io(&e).is_none() {
             return Err(e);
         }
         let kind = e.kind();

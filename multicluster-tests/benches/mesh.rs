@@ -541,24 +541,24 @@ async fn setup_section(
     figures: &mut Figures,
 ) {
     const N: usize = 300;
-    let handshakes = |kind: &'static str| async move {
+    // The caller's TLS counters, from one scrape: full and resumed handshakes, and how many
+    // of those resumed carried early data.
+    let tls_counts = || async {
         let text = scrape(client.admin_addr).await.unwrap_or_default();
-        metric_sum(
-            &text,
-            "strait_tls_handshakes_total",
-            &[("side", "client"), ("kind", kind)],
-        )
+        let sum = |name, labels: &[(&str, &str)]| metric_sum(&text, name, labels);
+        [
+            sum("strait_tls_handshakes_total", &[("side", "client"), ("kind", "full")]),
+            sum(
+                "strait_tls_handshakes_total",
+                &[("side", "client"), ("kind", "resumed")],
+            ),
+            sum(
+                "strait_tls_early_data_total",
+                &[("side", "client"), ("outcome", "accepted")],
+            ),
+        ]
     };
-    let early = || async {
-        let text = scrape(client.admin_addr).await.unwrap_or_default();
-        metric_sum(
-            &text,
-            "strait_tls_early_data_total",
-            &[("side", "client"), ("outcome", "accepted")],
-        )
-    };
-    let (full_before, resumed_before) = (handshakes("full").await, handshakes("resumed").await);
-    let early_before = early().await;
+    let before = tls_counts().await;
     let sink_rss_before = rss_kib(sink.sidecar_pid);
     let mut direct = vec![];
     let mut mesh = vec![];
@@ -573,9 +573,8 @@ async fn setup_section(
             .await,
         );
     }
-    let full = handshakes("full").await - full_before;
-    let resumed = handshakes("resumed").await - resumed_before;
-    let early = early().await - early_before;
+    let after = tls_counts().await;
+    let [full, resumed, early] = [0, 1, 2].map(|i| after[i] - before[i]);
     let (direct, mesh) = (Latencies(direct), Latencies(mesh));
     println!(
         "

@@ -74,8 +74,7 @@ impl DialledPeer {
     /// handshake's own error, or, timed out, the silence of whoever did not answer: the
     /// gateway's if it never answered the tunnel header.
     fn failed(&self, e: std::io::Error) -> UpstreamError {
-        let tunnel = e.get_ref().is_some_and(|inner| inner.is::<TunnelError>());
-        if tunnel || e.kind() != std::io::ErrorKind::TimedOut {
+        if TunnelError::in_io(&e).is_some() || e.kind() != std::io::ErrorKind::TimedOut {
             return UpstreamError::of_handshake(&self.endpoint, e);
         }
         match &self.via {
@@ -97,12 +96,9 @@ impl DialledPeer {
 /// after which the handshake cannot fail but by tampering). A stream broken otherwise may have
 /// delivered what it carried.
 pub fn delivered_nothing(e: &std::io::Error) -> bool {
-    let Some(inner) = e.get_ref() else {
-        return false;
-    };
-    inner.is::<rustls::Error>()
+    e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
         || matches!(
-            inner.downcast_ref::<TunnelError>(),
+            TunnelError::in_io(e),
             Some(TunnelError::Connect { .. } | TunnelError::Refused { .. })
         )
 }

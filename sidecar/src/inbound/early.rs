@@ -17,9 +17,10 @@
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use rustls::server::{Accepted, Acceptor};
+use rustls::server::{Accepted, AcceptedAlert, Acceptor};
 use rustls::{HandshakeKind, ServerConfig, ServerConnection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -57,15 +58,33 @@ pub(crate) async fn client_hello(tcp: &TcpStream) -> io::Result<Accepted> {
         match acceptor.accept() {
             Ok(Some(accepted)) => return Ok(accepted),
             Ok(None) => {}
-            Err((e, mut alert)) => {
-                let mut out = Vec::new();
-                if alert.write_all(&mut out).is_ok() {
-                    let _ = tcp.try_write(&out);
-                }
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-            }
+            Err((e, alert)) => return Err(refuse(tcp, e, alert)),
         }
     }
+}
+
+/// Serves an opaque stream whose ClientHello is `hello` with `config` ([`opaque`]): returns
+/// it once the peer is known ([`ServerTls::identified`]).
+pub(crate) async fn accept(
+    hello: Accepted,
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
+) -> io::Result<ServerTls<TcpStream>> {
+    let conn = hello
+        .into_connection(config)
+        .map_err(|(e, alert)| refuse(&tcp, e, alert))?;
+    let mut tls = ServerTls::new(tcp, conn);
+    tls.identified().await?;
+    Ok(tls)
+}
+
+/// Sends rustls' alert for a refused ClientHello, if the socket takes it at once; the error.
+fn refuse(tcp: &TcpStream, e: rustls::Error, mut alert: AcceptedAlert) -> io::Error {
+    let mut out = Vec::new();
+    if alert.write_all(&mut out).is_ok() {
+        let _ = tcp.try_write(&out);
+    }
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// A TCP stream's non-blocking reads as `std::io::Read` (what rustls' `Acceptor` reads from).
@@ -311,7 +330,6 @@ impl<IO: AsyncWrite + Unpin> Write for Writer<'_, '_, IO> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use strait_trust::{ClientConfigs, PeerPolicy, ServerAuth, ALPN_TCP};
@@ -352,9 +370,7 @@ mod tests {
     async fn serve_one(listener: &TcpListener, config: Arc<ServerConfig>) -> io::Result<Seen> {
         let (tcp, _) = listener.accept().await?;
         let hello = client_hello(&tcp).await?;
-        let conn = hello.into_connection(config).map_err(|(e, _)| io::Error::other(e))?;
-        let mut tls = ServerTls::new(tcp, conn);
-        tls.identified().await?;
+        let mut tls = accept(hello, config, tcp).await?;
         let mut seen = Seen {
             resumed: tls.connection().handshake_kind() == Some(HandshakeKind::Resumed),
             early: tls.early_data_accepted(),

@@ -382,15 +382,7 @@ impl Inbound {
                             .await?;
                         return Ok(Identified::Http(Box::new(tls)));
                     }
-                    let conn = hello.into_connection(opaque).map_err(|(e, mut alert)| {
-                        let mut out = Vec::new();
-                        if alert.write_all(&mut out).is_ok() {
-                            let _ = stream.try_write(&out);
-                        }
-                        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
-                    })?;
-                    let mut tls = early::ServerTls::new(stream, conn);
-                    tls.identified().await?;
+                    let tls = early::accept(hello, opaque, stream).await?;
                     Ok::<_, std::io::Error>(Identified::Opaque(Box::new(tls)))
                 };
                 let identified = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
