@@ -1,6 +1,7 @@
 //! The tunnel client: one QUIC connection per remote gateway, one stream per proxied
 //! connection. Where UDP does not get through (the QUIC handshake times out), the same tunnel
-//! header rides an HTTP/2 CONNECT stream over TCP+TLS to the same gateway address; a prober then
+//! header rides a full-duplex HTTP/2 stream over TCP+TLS to the same gateway address (a `POST`,
+//! see [`crate::duplex`]; an HTTP/2 CONNECT to a gateway from before them); a prober then
 //! retries QUIC in the background and switches back as soon as a handshake succeeds.
 
 use std::collections::{HashMap, HashSet};
@@ -11,8 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prost::Message;
@@ -22,9 +21,10 @@ use strait_trust::{CertStore, PeerPolicy, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::duplex::{self, ChannelBody, ResponseReader};
 use crate::metrics::TunnelClientMetrics;
 
-/// A byte stream through a remote gateway (a QUIC stream or an HTTP/2 CONNECT stream).
+/// A byte stream through a remote gateway (a QUIC stream or an HTTP/2 stream).
 pub trait TunnelIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> TunnelIo for T {}
 
@@ -219,9 +219,17 @@ struct GatewayState {
     quic: Option<quinn::Connection>,
     /// UDP did not get through: tunnels use TCP+TLS until a QUIC probe succeeds.
     fallback: bool,
-    h2: Option<SendRequest<Empty<Bytes>>>,
+    h2: Option<H2Tunnels>,
     /// When a tunnel to this gateway was last asked for (a lost gateway is probed while used).
     last_used: Option<Instant>,
+}
+
+/// A TCP+TLS fallback connection to a gateway.
+#[derive(Clone)]
+struct H2Tunnels {
+    sender: SendRequest<ChannelBody>,
+    /// The gateway serves full-duplex streams ([`duplex::ALPN`]); otherwise CONNECT.
+    duplex: bool,
 }
 
 #[derive(Clone)]
@@ -291,13 +299,13 @@ impl TunnelClient {
         self.health.clone()
     }
 
-    fn tls(&self, identity: &SpiffeId, alpn: &[u8]) -> Result<rustls::ClientConfig, TunnelError> {
+    fn tls(&self, identity: &SpiffeId, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TunnelError> {
         strait_trust::client_config(
             Some(&self.store),
             self.store.bundle(),
             self.store.metrics(),
             PeerPolicy::OneOf(vec![identity.clone()]),
-            &[alpn],
+            alpn,
         )
         .map_err(|e| TunnelError::Config(e.to_string()))
     }
@@ -309,7 +317,7 @@ impl TunnelClient {
         timeout: Duration,
     ) -> Result<quinn::Connection, TunnelError> {
         let connect_err = |detail: String| TunnelError::Connect { gateway, detail };
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls(identity, strait_trust::ALPN_TUNNEL)?)
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.tls(identity, &[strait_trust::ALPN_TUNNEL])?)
             .map_err(|e| TunnelError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(crate::transport_config(
@@ -616,19 +624,15 @@ impl TunnelClient {
         exchange(gateway, Box::new(tokio::io::join(recv, send)), req).await
     }
 
-    async fn h2_sender(
-        &self,
-        gateway: SocketAddr,
-        identity: &SpiffeId,
-    ) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    async fn h2_sender(&self, gateway: SocketAddr, identity: &SpiffeId) -> Result<H2Tunnels, TunnelError> {
         let cached = self
             .gateways
             .lock()
             .map_err(|_| poisoned())?
             .get(&gateway)
             .and_then(|s| s.h2.clone());
-        if let Some(sender) = cached.filter(|s| !s.is_closed()) {
-            return Ok(sender);
+        if let Some(tunnels) = cached.filter(|t| !t.sender.is_closed()) {
+            return Ok(tunnels);
         }
         let connect_err = |detail: String| TunnelError::Connect { gateway, detail };
         let socket = if self.bind.ip().is_unspecified() {
@@ -647,12 +651,13 @@ impl TunnelClient {
         crate::fallback_socket(&tcp);
         let tls = tokio::time::timeout(
             self.handshake_timeout,
-            tokio_rustls::TlsConnector::from(Arc::new(self.tls(identity, strait_trust::ALPN_H2)?))
+            tokio_rustls::TlsConnector::from(Arc::new(self.tls(identity, &[duplex::ALPN, strait_trust::ALPN_H2])?))
                 .connect(strait_api::transport::mesh_server_name(), tcp),
         )
         .await
         .map_err(|_| connect_err("TLS handshake timed out".into()))?
         .map_err(|e| connect_err(format!("TLS: {e}")))?;
+        let duplex = tls.get_ref().1.alpn_protocol() == Some(duplex::ALPN);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(1))
@@ -673,8 +678,11 @@ impl TunnelClient {
             .map_err(|_| poisoned())?
             .entry(gateway)
             .or_default()
-            .h2 = Some(sender.clone());
-        Ok(sender)
+            .h2 = Some(H2Tunnels {
+            sender: sender.clone(),
+            duplex,
+        });
+        Ok(H2Tunnels { sender, duplex })
     }
 
     async fn open_tcp(
@@ -684,20 +692,35 @@ impl TunnelClient {
         req: &pb::TunnelRequest,
     ) -> Result<(TunnelStream, Answered), TunnelError> {
         let stream_err = |detail: String| TunnelError::Stream { gateway, detail };
-        let mut sender = self.h2_sender(gateway, identity).await?;
-        let connect = hyper::Request::builder()
-            .method(hyper::Method::CONNECT)
-            .uri(format!("{}.{}:{}", req.service, req.namespace, req.port))
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| stream_err(e.to_string()))?;
-        let resp = sender.send_request(connect).await.map_err(|e| {
+        let H2Tunnels { mut sender, duplex } = self.h2_sender(gateway, identity).await?;
+        let failed = |e: hyper::Error| {
             if let Ok(mut g) = self.gateways.lock() {
                 if let Some(s) = g.get_mut(&gateway) {
                     s.h2 = None;
                 }
             }
-            stream_err(format!("CONNECT: {e}"))
-        })?;
+            stream_err(format!("HTTP/2: {e}"))
+        };
+        let authority = format!("{}.{}:{}", req.service, req.namespace, req.port);
+        if duplex {
+            // The tunnel header and the caller's first bytes leave with the request, as on a
+            // QUIC stream; the gateway's HTTP answer is awaited by the first read.
+            sender.ready().await.map_err(failed)?;
+            let (writer, body) = duplex::channel();
+            let post = hyper::Request::post(format!("https://{authority}{}", duplex::TUNNEL_PATH))
+                .body(body)
+                .map_err(|e| stream_err(e.to_string()))?;
+            let response = Box::pin(sender.send_request(post));
+            self.count("tcp");
+            let stream = tokio::io::join(ResponseReader::new(gateway, response), writer);
+            return exchange(gateway, Box::new(stream), req).await;
+        }
+        let connect = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(authority)
+            .body(ChannelBody::empty())
+            .map_err(|e| stream_err(e.to_string()))?;
+        let resp = sender.send_request(connect).await.map_err(failed)?;
         if resp.status() != hyper::StatusCode::OK {
             return Err(stream_err(format!("CONNECT answered {}", resp.status())));
         }

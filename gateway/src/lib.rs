@@ -7,10 +7,12 @@
 //! stream carries the caller's own TLS session with the destination sidecar, end to end. The
 //! gateway routes on the header alone and never holds a key that could read the payload.
 //!
-//! Where UDP is dropped, the same header opens an HTTP/2 CONNECT stream over TCP+TLS (ALPN
-//! `h2`) on the same port; the client falls back on its own and returns to QUIC when it can.
+//! Where UDP is dropped, the same header opens a full-duplex HTTP/2 stream over TCP+TLS on the
+//! same port ([`duplex`]; an HTTP/2 CONNECT with a gateway from before them, ALPN `h2`); the
+//! client falls back on its own and returns to QUIC when it can.
 
 mod client;
+mod duplex;
 mod metrics;
 mod run;
 mod server;

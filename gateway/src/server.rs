@@ -1,6 +1,6 @@
 //! The gateway's QUIC listener: authenticate the caller (any identity of a trusted domain),
 //! read the tunnel header, connect to a local endpoint of the named service, answer, splice.
-//! The TCP+TLS fallback listener does the same for HTTP/2 CONNECT streams.
+//! The TCP+TLS fallback listener does the same for full-duplex HTTP/2 streams (and CONNECT).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::duplex::{self, ChannelBody};
 use crate::GatewayMetrics;
 
 pub struct GatewayOptions {
@@ -160,14 +161,15 @@ impl Gateway {
         })
     }
 
-    /// The TCP+TLS fallback: mutual TLS (ALPN `h2`), then each HTTP/2 CONNECT stream carries one
-    /// tunnel exactly as a QUIC stream does (header, answer, bytes).
+    /// The TCP+TLS fallback: mutual TLS, then HTTP/2 whose every full-duplex `POST` (ALPN
+    /// [`duplex::ALPN`]) or CONNECT (ALPN `h2`, clients from before the duplex streams) carries
+    /// one tunnel exactly as a QUIC stream does (header, answer, bytes).
     pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener, drain: Watch) -> anyhow::Result<()> {
         let tls = strait_trust::server_config(
             &self.store,
             PeerPolicy::AnyInBundle,
             ServerAuth::RequireClientCert,
-            &[strait_trust::ALPN_H2],
+            &[duplex::ALPN, strait_trust::ALPN_H2],
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         loop {
@@ -206,20 +208,27 @@ impl Gateway {
                     let guard = drain.guard();
                     let caller = caller.clone();
                     async move {
-                        let mut resp = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                        let mut resp = hyper::Response::new(ChannelBody::empty());
+                        if req.method() == hyper::Method::POST && req.uri().path() == duplex::TUNNEL_PATH {
+                            // Answered at once: the caller's bytes are already coming.
+                            let (writer, body) = duplex::channel();
+                            let reader = duplex::BodyReader::new(req.into_body());
+                            tokio::spawn(async move {
+                                let _guard = guard;
+                                gw.serve_h2_stream(tokio::io::join(reader, writer), &caller).await;
+                            });
+                            *resp.body_mut() = body;
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        }
                         if req.method() != hyper::Method::CONNECT {
                             *resp.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
-                            return Ok::<_, std::convert::Infallible>(resp);
+                            return Ok(resp);
                         }
                         tokio::spawn(async move {
                             let _guard = guard;
                             if let Ok(upgraded) = hyper::upgrade::on(&mut req).await {
-                                let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                                let header = tokio::time::timeout(Duration::from_secs(5), read_header(&mut io)).await;
-                                match header {
-                                    Ok(Ok(tunnel_req)) => gw.serve_request(tunnel_req, io, &caller).await,
-                                    _ => gw.bad_header(),
-                                }
+                                gw.serve_h2_stream(hyper_util::rt::TokioIo::new(upgraded), &caller)
+                                    .await;
                             }
                         });
                         Ok(resp)
@@ -235,6 +244,14 @@ impl Gateway {
                     tracing::debug!(%remote, error = %e, "fallback connection ended");
                 }
             });
+        }
+    }
+
+    /// One tunnel on the fallback: its header, then as [`Self::serve_request`].
+    async fn serve_h2_stream(&self, mut io: impl AsyncRead + AsyncWrite + Unpin, caller: &Caller) {
+        match tokio::time::timeout(Duration::from_secs(5), read_header(&mut io)).await {
+            Ok(Ok(tunnel_req)) => self.serve_request(tunnel_req, io, caller).await,
+            _ => self.bad_header(),
         }
     }
 

@@ -1,0 +1,443 @@
+//! Full-duplex HTTP/2 streams for the TCP+TLS fallback: a tunnel is one `POST` whose request
+//! body carries the caller's bytes and whose response body carries the gateway's, both open
+//! at once (as a gRPC bidirectional stream is).
+//!
+//! An HTTP/2 CONNECT would do the same, but a client may send nothing on a CONNECT stream
+//! before its 2xx (RFC 9113 §8.5; hyper enforces it), so every tunnel over the fallback waited
+//! a round trip through the gateway before its tunnel header and ClientHello could leave. On
+//! a `POST` they leave with the request's HEADERS, as they do on a QUIC stream. A gateway that
+//! serves these streams says so in ALPN ([`ALPN`], offered before `h2`); a client talking to a
+//! gateway that picked plain `h2` (one from before them) uses CONNECT.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::channel::mpsc;
+use futures::StreamExt;
+use hyper::body::{Body, Frame, Incoming};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::client::TunnelError;
+
+/// ALPN of a TCP+TLS fallback connection whose gateway serves full-duplex tunnel streams
+/// (HTTP/2 inside).
+pub const ALPN: &[u8] = b"strait-h2-duplex/1";
+
+/// The path of a full-duplex tunnel stream (its `:authority` names the service, for logs).
+pub const TUNNEL_PATH: &str = "/strait.tunnel/v1";
+
+/// The most one write hands to HTTP/2 at once; a bigger write is taken in parts.
+const MAX_CHUNK: usize = 64 * 1024;
+
+/// The body one end sends: what its [`BodyWriter`] was given, one frame per write. It ends
+/// (END_STREAM) when the writer shuts down or is dropped.
+pub struct ChannelBody(Option<mpsc::Receiver<Bytes>>);
+
+impl ChannelBody {
+    /// A body with nothing in it (a CONNECT's, an error answer's).
+    pub fn empty() -> Self {
+        ChannelBody(None)
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let Some(rx) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(rx.poll_next_unpin(cx)) {
+            Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            None => {
+                self.0 = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// The writing half of a stream: each write is handed to HTTP/2 as one chunk of the
+/// [`ChannelBody`] it feeds. A write waits while the chunk before it has not been taken by
+/// HTTP/2 (which waits for flow-control window), so a slow reader at the far end slows the
+/// writer. Vectored writes are taken whole (up to [`MAX_CHUNK`]): a TLS stream writing into
+/// this one hands over every record it has queued at once. Taking one record per write, as a
+/// writer that is not vectored does, kept rustls' outgoing buffer near its limit under a bulk
+/// transfer, where it takes only the few bytes that fit and seals each in a record of its own:
+/// the chunks shrank to tens of bytes and the fallback carried 4 MB/s instead of 200.
+pub struct BodyWriter(Option<mpsc::Sender<Bytes>>);
+
+/// A writer and the body it feeds.
+pub fn channel() -> (BodyWriter, ChannelBody) {
+    let (tx, rx) = mpsc::channel(0);
+    (BodyWriter(Some(tx)), ChannelBody(Some(rx)))
+}
+
+fn closed() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the tunnel stream was closed or reset")
+}
+
+impl AsyncWrite for BodyWriter {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let Some(tx) = self.0.as_mut() else {
+            return Poll::Ready(Err(closed()));
+        };
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(MAX_CHUNK);
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(tx.poll_ready(cx)).map_err(|_| closed())?;
+        let mut chunk = BytesMut::with_capacity(total);
+        for b in bufs {
+            let take = (total - chunk.len()).min(b.len());
+            chunk.extend_from_slice(&b[..take]);
+        }
+        tx.start_send(chunk.freeze()).map_err(|_| closed())?;
+        Poll::Ready(Ok(total))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Ends the body (END_STREAM): the far end reads end of file, and may still write.
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.0 = None;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The reading half of a stream: a received body's DATA frames as bytes; its end is end of
+/// file, a reset an error.
+pub struct BodyReader {
+    body: Incoming,
+    data: Bytes,
+}
+
+impl BodyReader {
+    pub fn new(body: Incoming) -> Self {
+        BodyReader {
+            body,
+            data: Bytes::new(),
+        }
+    }
+}
+
+impl AsyncRead for BodyReader {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        while self.data.is_empty() {
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                // Trailers carry nothing for a tunnel.
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.data = data;
+                    }
+                }
+            }
+        }
+        let n = self.data.len().min(buf.remaining());
+        buf.put_slice(&self.data[..n]);
+        self.data.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<hyper::Response<Incoming>>> + Send>>;
+
+/// A client's reading half: the gateway's response (HTTP 200 and an open body) is awaited by
+/// the first read, not before the client may write.
+pub struct ResponseReader {
+    gateway: SocketAddr,
+    response: Option<ResponseFuture>,
+    body: Option<BodyReader>,
+}
+
+impl ResponseReader {
+    pub fn new(gateway: SocketAddr, response: ResponseFuture) -> Self {
+        ResponseReader {
+            gateway,
+            response: Some(response),
+            body: None,
+        }
+    }
+}
+
+impl AsyncRead for ResponseReader {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let gateway = self.gateway;
+        if let Some(response) = self.response.as_mut() {
+            let failed = |detail: String| std::io::Error::other(TunnelError::Stream { gateway, detail });
+            let response = ready!(response.as_mut().poll(cx));
+            self.response = None;
+            match response {
+                Ok(r) if r.status() == hyper::StatusCode::OK => self.body = Some(BodyReader::new(r.into_body())),
+                Ok(r) => {
+                    return Poll::Ready(Err(failed(format!(
+                        "the gateway answered the tunnel stream with HTTP {}",
+                        r.status()
+                    ))))
+                }
+                Err(e) => return Poll::Ready(Err(failed(format!("HTTP/2: {e}")))),
+            }
+        }
+        match self.body.as_mut() {
+            Some(body) => Pin::new(body).poll_read(cx, buf),
+            // The response failed: that read returned the error, and there is nothing more.
+            None => Poll::Ready(Err(closed())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use strait_api::pb;
+    use strait_api::tunnel::{read_header, status, write_header};
+    use strait_trust::{
+        server_config, Authority, CertStore, PeerPolicy, ServerAuth, SpiffeId, TlsMetrics, TrustBundle, TrustDomain,
+        WorkloadCert,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::TunnelClient;
+
+    const GATEWAY: &str = "spiffe://mesh.local/ns/strait-system/sa/gateway";
+
+    fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
+        let now = SystemTime::now();
+        let (issued, key) = ca
+            .issue_custom(
+                &[id.to_string()],
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(3600),
+            )
+            .unwrap();
+        let cert = WorkloadCert::new(id.parse().unwrap(), issued, key).unwrap();
+        CertStore::new(cert, trust.clone(), TlsMetrics::new(&prometheus::Registry::new()))
+    }
+
+    /// A gateway's store and a caller's under one trust domain.
+    fn gateway_and_caller() -> (CertStore, CertStore) {
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let root = Authority::new_root(&td, SystemTime::now()).unwrap();
+        let ca = root.new_intermediate("east", SystemTime::now()).unwrap();
+        let mut trust = TrustBundle::new();
+        trust.add_root(&td, root.cert().clone()).unwrap();
+        (
+            store(&ca, &trust, GATEWAY),
+            store(&ca, &trust, "spiffe://mesh.local/ns/demo/sa/caller"),
+        )
+    }
+
+    /// Answers a tunnel header with OK, then echoes what follows in capitals until the caller
+    /// half-closes, and half-closes in turn.
+    async fn answer_and_shout(mut reader: impl AsyncRead + Unpin, mut writer: impl AsyncWrite + Unpin, first: &[u8]) {
+        write_header(
+            &mut writer,
+            &pb::TunnelResponse {
+                status: status::OK,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        writer.write_all(&first.to_ascii_uppercase()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = reader.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            writer.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap();
+        }
+        writer.shutdown().await.unwrap();
+    }
+
+    /// A fallback listener that serves full-duplex streams (and refuses CONNECT with 405) or,
+    /// as a gateway from before them, CONNECT (and refuses `POST`). A full-duplex stream is
+    /// answered only once the tunnel header and the caller's first five bytes are in, so a
+    /// client that waited for the answer before writing would never get one; its service
+    /// `refused` is answered 503. A CONNECT is answered at once, as HTTP/2 requires.
+    async fn fallback_gateway(store: CertStore, duplex: bool) -> SocketAddr {
+        let alpn: &[&[u8]] = if duplex {
+            &[ALPN, strait_trust::ALPN_H2]
+        } else {
+            &[strait_trust::ALPN_H2]
+        };
+        let config =
+            Arc::new(server_config(&store, PeerPolicy::AnyInBundle, ServerAuth::RequireClientCert, alpn).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let tls = tokio_rustls::TlsAcceptor::from(config.clone())
+                    .accept(tcp)
+                    .await
+                    .unwrap();
+                let svc = service_fn(move |mut req: hyper::Request<Incoming>| async move {
+                    let refuse = |status| {
+                        let mut resp = hyper::Response::new(ChannelBody::empty());
+                        *resp.status_mut() = status;
+                        Ok::<_, Infallible>(resp)
+                    };
+                    if (req.method() == hyper::Method::POST) != duplex {
+                        return refuse(hyper::StatusCode::METHOD_NOT_ALLOWED);
+                    }
+                    if duplex {
+                        assert_eq!(req.uri().path(), TUNNEL_PATH);
+                        if req.uri().authority().unwrap().as_str() == "refused.demo:80" {
+                            return refuse(hyper::StatusCode::SERVICE_UNAVAILABLE);
+                        }
+                        assert_eq!(req.uri().authority().unwrap().as_str(), "echo.demo:80");
+                        let mut reader = BodyReader::new(req.into_body());
+                        let header: pb::TunnelRequest = read_header(&mut reader).await.unwrap();
+                        assert_eq!(header.service, "echo");
+                        let mut first = [0u8; 5];
+                        reader.read_exact(&mut first).await.unwrap();
+                        let (writer, body) = channel();
+                        tokio::spawn(async move { answer_and_shout(reader, writer, &first).await });
+                        return Ok(hyper::Response::new(body));
+                    }
+                    tokio::spawn(async move {
+                        let mut io = TokioIo::new(hyper::upgrade::on(&mut req).await.unwrap());
+                        let header: pb::TunnelRequest = read_header(&mut io).await.unwrap();
+                        assert_eq!(header.service, "echo");
+                        let (reader, writer) = tokio::io::split(io);
+                        answer_and_shout(reader, writer, b"").await;
+                    });
+                    Ok(hyper::Response::new(ChannelBody::empty()))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    fn client(caller: CertStore) -> TunnelClient {
+        TunnelClient::new("127.0.0.1:0".parse().unwrap(), caller)
+            .unwrap()
+            .with_handshake_timeout(Duration::from_millis(200))
+    }
+
+    fn to(service: &str) -> pb::TunnelRequest {
+        pb::TunnelRequest {
+            service: service.into(),
+            namespace: "demo".into(),
+            port: 80,
+            ..Default::default()
+        }
+    }
+
+    /// Opens a tunnel to `echo.demo:80` through a gateway at `addr` that does not answer QUIC,
+    /// writes `hello`, half-closes and returns all it read.
+    async fn shout_through(addr: SocketAddr, caller: CertStore) -> (Vec<u8>, TunnelClient) {
+        let client = client(caller);
+        let gateway: SpiffeId = GATEWAY.parse().unwrap();
+        let (mut stream, answered) = client.open(addr, &gateway, &to("echo")).await.unwrap();
+        assert!(!answered.get());
+        stream.write_all(b"hello").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got))
+            .await
+            .expect("the tunnel answered")
+            .unwrap();
+        assert!(answered.get());
+        (got, client)
+    }
+
+    #[tokio::test]
+    async fn a_fallback_tunnels_first_bytes_leave_before_the_gateways_answer() {
+        let (gateway, caller) = gateway_and_caller();
+        let addr = fallback_gateway(gateway, true).await;
+        let (got, client) = shout_through(addr, caller).await;
+        assert_eq!(got, b"HELLO");
+        assert!(client.in_fallback(addr));
+        // An HTTP answer other than 200 is the tunnel's error, at the first read.
+        let gateway: SpiffeId = GATEWAY.parse().unwrap();
+        let (mut stream, answered) = client.open(addr, &gateway, &to("refused")).await.unwrap();
+        stream.write_all(b"hello").await.unwrap();
+        let err = stream.read(&mut [0u8; 8]).await.unwrap_err();
+        match TunnelError::in_io(&err) {
+            Some(TunnelError::Stream { gateway, detail }) => {
+                assert_eq!(*gateway, addr);
+                assert!(detail.contains("HTTP 503"), "{detail}");
+            }
+            other => panic!("not a stream error: {other:?} ({err})"),
+        }
+        assert!(!answered.get());
+    }
+
+    #[tokio::test]
+    async fn a_vectored_write_is_one_chunk_and_a_write_waits_for_the_one_before() {
+        let (mut writer, mut body) = channel();
+        let records = [vec![1u8; 100], vec![2u8; 16 * 1024], vec![3u8; 30]];
+        let slices: Vec<_> = records.iter().map(|r| std::io::IoSlice::new(r)).collect();
+        assert!(writer.is_write_vectored());
+        assert_eq!(writer.write_vectored(&slices).await.unwrap(), 100 + 16 * 1024 + 30);
+        // The chunk before has not been taken: the next write waits.
+        let mut next = std::pin::pin!(writer.write(b"more"));
+        assert!(futures::poll!(next.as_mut()).is_pending());
+        let chunk = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(chunk.len(), 100 + 16 * 1024 + 30);
+        assert_eq!((chunk[0], chunk[100], chunk[chunk.len() - 1]), (1, 2, 3));
+        assert_eq!(next.await.unwrap(), 4);
+        // More than MAX_CHUNK is taken in parts; shutting down ends the body.
+        let big = vec![0u8; MAX_CHUNK + 1];
+        let rest = tokio::spawn(async move {
+            writer.write_all(&big).await.unwrap();
+            writer.shutdown().await.unwrap();
+        });
+        let mut sizes = vec![];
+        while let Some(frame) = body.frame().await {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+        }
+        rest.await.unwrap();
+        assert_eq!(sizes, [4, MAX_CHUNK, 1]);
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_gateway_from_before_duplex_streams_is_tunnelled_to_with_connect() {
+        let (gateway, caller) = gateway_and_caller();
+        let addr = fallback_gateway(gateway, false).await;
+        let (got, client) = shout_through(addr, caller).await;
+        assert_eq!(got, b"HELLO");
+        assert!(client.in_fallback(addr));
+    }
+}
