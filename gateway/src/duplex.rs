@@ -27,13 +27,13 @@ use crate::client::TunnelError;
 /// (HTTP/2 inside).
 pub const ALPN: &[u8] = b"strait-h2-duplex/1";
 
-/// The path of a full-duplex tunnel stream (its `:authority` names the service, for logs).
+/// The path of a full-duplex tunnel stream (its `:authority` names the service).
 pub const TUNNEL_PATH: &str = "/strait.tunnel/v1";
 
 /// The most one write hands to HTTP/2 at once; a bigger write is taken in parts.
 const MAX_CHUNK: usize = 64 * 1024;
 
-/// The body one end sends: what its [`BodyWriter`] was given, one frame per write. It ends
+/// The body one end sends: what its [`BodyWriter`] was given, one chunk per write. It ends
 /// (END_STREAM) when the writer shuts down or is dropped.
 pub struct ChannelBody(Option<mpsc::Receiver<Bytes>>);
 
