@@ -126,12 +126,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let authority = Arc::new(Authority::load(&cfg.ca_dir, &td)?);
     let bundle = TrustBundle::load(&cfg.bundle)?;
     let my_id = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA)?;
-    let (issued, key) = authority.issue_with_key(&my_id, SystemTime::now(), cfg.cert_ttl)?;
-    let store = CertStore::new(
-        WorkloadCert::new(my_id.clone(), issued, key)?,
-        bundle.clone(),
-        tls_metrics,
-    );
+    let store = CertStore::issued_by(&authority, my_id.clone(), cfg.cert_ttl, bundle.clone(), tls_metrics)?;
     spawn_self_rotation(authority.clone(), store.clone(), cfg.cert_ttl);
 
     let admin_listener = strait_api::admin::bind(cfg.admin).await?;

@@ -225,7 +225,6 @@ mod tests {
     use strait_api::tunnel::{read_header, status, write_header};
     use strait_trust::{
         server_config, Authority, CertStore, PeerPolicy, ServerAuth, SpiffeId, TlsMetrics, TrustBundle, TrustDomain,
-        WorkloadCert,
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -235,16 +234,8 @@ mod tests {
     const GATEWAY: &str = "spiffe://mesh.local/ns/strait-system/sa/gateway";
 
     fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
-        let now = SystemTime::now();
-        let (issued, key) = ca
-            .issue_custom(
-                &[id.to_string()],
-                now - Duration::from_secs(60),
-                now + Duration::from_secs(3600),
-            )
-            .unwrap();
-        let cert = WorkloadCert::new(id.parse().unwrap(), issued, key).unwrap();
-        CertStore::new(cert, trust.clone(), TlsMetrics::new(&prometheus::Registry::new()))
+        let ttl = Duration::from_secs(3600);
+        CertStore::issued_by(ca, id.parse().unwrap(), ttl, trust.clone(), TlsMetrics::unregistered()).unwrap()
     }
 
     /// A gateway's store and a caller's under one trust domain.

@@ -30,7 +30,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -113,14 +113,14 @@ async fn tls_baseline(mesh: &Mesh, total: usize) -> f64 {
     let ca = strait_trust::Authority::load(&mesh.info.state_dir.join("east").join("ca"), &td).unwrap();
     let bundle = strait_trust::TrustBundle::load(&mesh.info.bundle).unwrap();
     let id: strait_trust::SpiffeId = "spiffe://mesh.local/ns/demo/sa/bench".parse().unwrap();
-    let (issued, key) = ca
-        .issue_with_key(&id, SystemTime::now(), Duration::from_secs(3600))
-        .unwrap();
-    let store = strait_trust::CertStore::new(
-        strait_trust::WorkloadCert::new(id, issued, key).unwrap(),
+    let store = strait_trust::CertStore::issued_by(
+        &ca,
+        id,
+        Duration::from_secs(3600),
         bundle,
         strait_trust::TlsMetrics::unregistered(),
-    );
+    )
+    .unwrap();
     let sconf = strait_trust::server_config(
         &store,
         strait_trust::PeerPolicy::AnyInBundle,

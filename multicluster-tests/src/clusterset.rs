@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use strait_api::pb;
@@ -446,12 +446,13 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     for (c, info) in mesh.info.clusters.iter().enumerate() {
         let ca = strait_trust::Authority::load(&mesh.info.state_dir.join(&info.name).join("ca"), &td)?;
         let id: strait_trust::SpiffeId = format!("spiffe://{td}/ns/sim/sa/probe").parse()?;
-        let (issued, key) = ca.issue_with_key(&id, SystemTime::now(), Duration::from_secs(24 * 3600))?;
-        let store = strait_trust::CertStore::new(
-            strait_trust::WorkloadCert::new(id, issued, key)?,
+        let store = strait_trust::CertStore::issued_by(
+            &ca,
+            id,
+            Duration::from_secs(24 * 3600),
             bundle.clone(),
             strait_trust::TlsMetrics::unregistered(),
-        );
+        )?;
         tokio::spawn(probe(
             c,
             info.controller.addr.clone(),

@@ -787,22 +787,12 @@ pub(crate) mod tests {
     use http_body_util::{BodyExt, Empty, Full};
     use strait_api::snapshot::Resources;
     use strait_api::{pb, testing};
-    use strait_trust::{
-        server_config, Authority, PeerPolicy, ServerAuth, TlsMetrics, TrustBundle, TrustDomain, WorkloadCert,
-    };
+    use strait_trust::{server_config, Authority, PeerPolicy, ServerAuth, TlsMetrics, TrustBundle, TrustDomain};
     use tokio::net::TcpListener;
 
     fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
-        let now = SystemTime::now();
-        let (issued, key) = ca
-            .issue_custom(
-                &[id.to_string()],
-                now - Duration::from_secs(60),
-                now + Duration::from_secs(3600),
-            )
-            .unwrap();
-        let cert = WorkloadCert::new(id.parse().unwrap(), issued, key).unwrap();
-        CertStore::new(cert, trust.clone(), TlsMetrics::new(&prometheus::Registry::new()))
+        let ttl = Duration::from_secs(3600);
+        CertStore::issued_by(ca, id.parse().unwrap(), ttl, trust.clone(), TlsMetrics::unregistered()).unwrap()
     }
 
     /// A destination sidecar's inbound listener as far as protocols go: mTLS offering `alpn`,

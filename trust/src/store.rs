@@ -2,13 +2,13 @@
 //! rotation so new handshakes use the new certificate while open connections keep theirs.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
-use crate::{IssuedCert, SpiffeId, TlsMetrics, TrustBundle, TrustError};
+use crate::{Authority, IssuedCert, SpiffeId, TlsMetrics, TrustBundle, TrustError};
 
 /// One issued identity, ready for rustls.
 #[derive(Clone, Debug)]
@@ -51,6 +51,20 @@ impl CertStore {
             bundle: Arc::new(ArcSwap::from_pointee(bundle)),
             metrics,
         }
+    }
+
+    /// A store holding a fresh key and a certificate for `id` that `ca` issues now for `ttl`:
+    /// an identity a process issues to itself (a controller's), or a workload's in tests and
+    /// benchmarks that stand one up without the CA service.
+    pub fn issued_by(
+        ca: &Authority,
+        id: SpiffeId,
+        ttl: Duration,
+        bundle: TrustBundle,
+        metrics: TlsMetrics,
+    ) -> Result<Self, TrustError> {
+        let (issued, key) = ca.issue_with_key(&id, SystemTime::now(), ttl)?;
+        Ok(CertStore::new(WorkloadCert::new(id, issued, key)?, bundle, metrics))
     }
 
     pub fn current(&self) -> Arc<WorkloadCert> {
