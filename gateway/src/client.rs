@@ -673,16 +673,14 @@ impl TunnelClient {
                 tracing::debug!(%gateway, error = %e, "TCP+TLS tunnel connection ended");
             }
         });
+        let tunnels = H2Tunnels { sender, duplex };
         self.gateways
             .lock()
             .map_err(|_| poisoned())?
             .entry(gateway)
             .or_default()
-            .h2 = Some(H2Tunnels {
-            sender: sender.clone(),
-            duplex,
-        });
-        Ok(H2Tunnels { sender, duplex })
+            .h2 = Some(tunnels.clone());
+        Ok(tunnels)
     }
 
     async fn open_tcp(

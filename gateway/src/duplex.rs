@@ -171,16 +171,21 @@ type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<hyper::Response<
 /// the first read, not before the client may write.
 pub struct ResponseReader {
     gateway: SocketAddr,
-    response: Option<ResponseFuture>,
-    body: Option<BodyReader>,
+    state: Response,
+}
+
+enum Response {
+    Awaited(ResponseFuture),
+    Body(BodyReader),
+    /// The response was not a 200: the read that found it returned the error.
+    Failed,
 }
 
 impl ResponseReader {
     pub fn new(gateway: SocketAddr, response: ResponseFuture) -> Self {
         ResponseReader {
             gateway,
-            response: Some(response),
-            body: None,
+            state: Response::Awaited(response),
         }
     }
 }
@@ -188,26 +193,20 @@ impl ResponseReader {
 impl AsyncRead for ResponseReader {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let gateway = self.gateway;
-        if let Some(response) = self.response.as_mut() {
-            let failed = |detail: String| std::io::Error::other(TunnelError::Stream { gateway, detail });
-            let response = ready!(response.as_mut().poll(cx));
-            self.response = None;
-            match response {
-                Ok(r) if r.status() == hyper::StatusCode::OK => self.body = Some(BodyReader::new(r.into_body())),
-                Ok(r) => {
-                    return Poll::Ready(Err(failed(format!(
-                        "the gateway answered the tunnel stream with HTTP {}",
-                        r.status()
-                    ))))
+        let detail = match &mut self.state {
+            Response::Body(body) => return Pin::new(body).poll_read(cx, buf),
+            Response::Failed => return Poll::Ready(Err(closed())),
+            Response::Awaited(response) => match ready!(response.as_mut().poll(cx)) {
+                Ok(r) if r.status() == hyper::StatusCode::OK => {
+                    self.state = Response::Body(BodyReader::new(r.into_body()));
+                    return self.poll_read(cx, buf);
                 }
-                Err(e) => return Poll::Ready(Err(failed(format!("HTTP/2: {e}")))),
-            }
-        }
-        match self.body.as_mut() {
-            Some(body) => Pin::new(body).poll_read(cx, buf),
-            // The response failed: that read returned the error, and there is nothing more.
-            None => Poll::Ready(Err(closed())),
-        }
+                Ok(r) => format!("the gateway answered the tunnel stream with HTTP {}", r.status()),
+                Err(e) => format!("HTTP/2: {e}"),
+            },
+        };
+        self.state = Response::Failed;
+        Poll::Ready(Err(std::io::Error::other(TunnelError::Stream { gateway, detail })))
     }
 }
 
