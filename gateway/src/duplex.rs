@@ -215,40 +215,19 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
     use std::sync::Arc;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use http_body_util::BodyExt;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use strait_api::pb;
     use strait_api::tunnel::{read_header, status, write_header};
-    use strait_trust::{
-        server_config, Authority, CertStore, PeerPolicy, ServerAuth, SpiffeId, TlsMetrics, TrustBundle, TrustDomain,
-    };
+    use strait_trust::{server_config, CertStore, PeerPolicy, ServerAuth, SpiffeId};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::testing::{gateway_and_caller, GATEWAY};
     use crate::TunnelClient;
-
-    const GATEWAY: &str = "spiffe://mesh.local/ns/strait-system/sa/gateway";
-
-    fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
-        let ttl = Duration::from_secs(3600);
-        CertStore::issued_by(ca, id.parse().unwrap(), ttl, trust.clone(), TlsMetrics::unregistered()).unwrap()
-    }
-
-    /// A gateway's store and a caller's under one trust domain.
-    fn gateway_and_caller() -> (CertStore, CertStore) {
-        let td: TrustDomain = "mesh.local".parse().unwrap();
-        let root = Authority::new_root(&td, SystemTime::now()).unwrap();
-        let ca = root.new_intermediate("east", SystemTime::now()).unwrap();
-        let mut trust = TrustBundle::new();
-        trust.add_root(&td, root.cert().clone()).unwrap();
-        (
-            store(&ca, &trust, GATEWAY),
-            store(&ca, &trust, "spiffe://mesh.local/ns/demo/sa/caller"),
-        )
-    }
 
     /// Answers a tunnel header with OK, then echoes what follows in capitals until the caller
     /// half-closes, and half-closes in turn.
