@@ -350,6 +350,68 @@ mod tests {
         (got, client)
     }
 
+    /// The real gateway's fallback listener, with no QUIC listener beside it: a tunnel (a
+    /// full-duplex stream) to a service it does not know is answered in-band, as on QUIC; a
+    /// `POST` elsewhere is 404 and any other method 405, naming the two it serves.
+    #[tokio::test]
+    async fn the_gateways_fallback_listener_answers_tunnels_in_band_and_anything_else_by_status() {
+        let (gateway, caller) = gateway_and_caller();
+        let (_config, rx) = tokio::sync::watch::channel(Arc::new(strait_api::snapshot::Snapshot::default()));
+        let opts = crate::GatewayOptions {
+            cluster: "east".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let metrics = crate::GatewayMetrics::new(&prometheus::Registry::new());
+        let server = Arc::new(crate::Gateway::new(opts, gateway.clone(), rx, metrics));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let drain = strait_api::drain::Drain::new();
+        tokio::spawn(server.serve_tcp(listener, drain.watch()));
+
+        let client = client(caller.clone());
+        let id: SpiffeId = GATEWAY.parse().unwrap();
+        let (mut stream, _) = client.open(addr, &id, &to("nowhere")).await.unwrap();
+        assert!(client.in_fallback(addr));
+        let err = stream.read(&mut [0u8; 8]).await.unwrap_err();
+        match TunnelError::from_io(err) {
+            Ok(TunnelError::Refused { status, .. }) => assert_eq!(status, status::UNKNOWN_SERVICE),
+            other => panic!("{other:?}"),
+        }
+
+        // Plain HTTP/2 requests on the same listener.
+        let tls = strait_trust::client_config(
+            Some(&caller),
+            caller.bundle(),
+            caller.metrics(),
+            PeerPolicy::OneOf(vec![id]),
+            &[ALPN],
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("strait.mesh").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let send = |method: hyper::Method, path: &str| {
+            hyper::Request::builder()
+                .method(method)
+                .uri(format!("https://echo.demo:80{path}"))
+                .body(ChannelBody::empty())
+                .unwrap()
+        };
+        let resp = h2.send_request(send(hyper::Method::POST, "/elsewhere")).await.unwrap();
+        assert_eq!(resp.status(), hyper::StatusCode::NOT_FOUND);
+        let resp = h2.send_request(send(hyper::Method::GET, TUNNEL_PATH)).await.unwrap();
+        assert_eq!(resp.status(), hyper::StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[hyper::header::ALLOW], "POST, CONNECT");
+    }
+
     #[tokio::test]
     async fn a_fallback_tunnels_first_bytes_leave_before_the_gateways_answer() {
         let (gateway, caller) = gateway_and_caller();

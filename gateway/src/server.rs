@@ -220,8 +220,17 @@ impl Gateway {
                             *resp.body_mut() = body;
                             return Ok::<_, std::convert::Infallible>(resp);
                         }
+                        if req.method() == hyper::Method::POST {
+                            // Not a tunnel: say where tunnels are.
+                            *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+                            return Ok(resp);
+                        }
                         if req.method() != hyper::Method::CONNECT {
                             *resp.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+                            resp.headers_mut().insert(
+                                hyper::header::ALLOW,
+                                hyper::header::HeaderValue::from_static("POST, CONNECT"),
+                            );
                             return Ok(resp);
                         }
                         tokio::spawn(async move {
