@@ -117,7 +117,57 @@ fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> 
     config
         .max_udp_payload_size(MAX_DATAGRAM)
         .map_err(std::io::Error::other)?;
-    quinn::Endpoint::new(config, server, udp_socket(addr)?, runtime)
+    let socket = TunnelSocket(runtime.wrap_udp_socket(udp_socket(addr)?)?);
+    quinn::Endpoint::new_with_abstract_socket(config, server, std::sync::Arc::new(socket), runtime)
+}
+
+/// Datagrams one receive may hold coalesced (UDP GRO), as told to quinn: enough for the 64 KiB
+/// the kernel coalesces at most, at [`MAX_DATAGRAM`] each.
+const RECEIVE_SEGMENTS: usize = (64 * 1024usize).div_ceil(MAX_DATAGRAM as usize);
+
+const _: () = assert!(RECEIVE_SEGMENTS * MAX_DATAGRAM as usize >= 65_535);
+
+/// quinn's own UDP socket, but for how many coalesced datagrams it says one receive holds.
+/// quinn sizes its receive buffer as the largest datagram (its `max_udp_payload_size`) times
+/// that times 32 receives, and Linux says 64 (GRO's most segments): 13 MiB at [`MAX_DATAGRAM`],
+/// counted in every process's heap though a coalesced receive never passes 64 KiB. With
+/// [`RECEIVE_SEGMENTS`] it is 2.2 MiB (3 MiB at quinn's 1,452-byte datagrams).
+#[derive(Debug)]
+struct TunnelSocket(std::sync::Arc<dyn quinn::AsyncUdpSocket>);
+
+impl quinn::AsyncUdpSocket for TunnelSocket {
+    fn create_io_poller(self: std::sync::Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.0.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.0.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.0.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.0.max_receive_segments().min(RECEIVE_SEGMENTS)
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.0.may_fragment()
+    }
 }
 
 /// How often a client pings a tunnel connection that may be silent for `idle_timeout`: four
