@@ -4,8 +4,8 @@
 //!
 //! A `strait up --netns` mesh from the release binary (every process in its own network
 //! namespace, only gateways on the bridge between clusters): a caller in `east`, an HTTP app
-//! (`remote`) and a TCP echo (`sink`) in `west`. Every gateway's inter-cluster egress is
-//! delayed 20 ms and loses 1 % of its packets (`STRAIT_BENCH_DELAY_MS`,
+//! (`remote`) and a TCP echo (`sink`) in `west`. What reaches each gateway from the other
+//! cluster is delayed 20 ms and loses 1 % of its packets (`STRAIT_BENCH_DELAY_MS`,
 //! `STRAIT_BENCH_LOSS_PERCENT`; the netem qdisc, or `nfq-netem` where the kernel has none).
 //!
 //! From inside the caller's namespace, through its sidecar, as its application would:
@@ -14,7 +14,7 @@
 //! echo to `sink` through the same sidecar and the same gateway pair (one connection, written
 //! as fast as it drains). Both over the QUIC tunnel, then again with UDP to west's gateway
 //! dropped in the caller's namespace, so the same hops and the same inner mTLS ride the TCP+TLS
-//! fallback (HTTP/2 CONNECT streams sharing one TCP connection).
+//! fallback (full-duplex HTTP/2 streams sharing one TCP connection).
 //!
 //! Also the time a new connection takes to its first echoed byte over each transport (50 each,
 //! with the impairment on), and that time in inter-cluster round trips.
@@ -281,7 +281,7 @@ async fn main() {
     let west_gateway: SocketAddr = mesh.cluster("west").gateway.addr.parse().unwrap();
     let impaired = Impairment::apply(&mesh, env!("CARGO_BIN_EXE_nfq-netem"), delay, loss).unwrap();
     println!(
-        "strait loss benchmark: {} ms delay and {loss} % loss on each gateway's inter-cluster egress ({})",
+        "strait loss benchmark: {} ms delay and {loss} % loss on what reaches each gateway from the other cluster ({})",
         delay.as_millis(),
         impaired.how()
     );

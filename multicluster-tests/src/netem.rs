@@ -34,39 +34,25 @@ pub fn in_ns(ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     run(&full)
 }
 
-/// Delay and loss on every gateway's inter-cluster egress while this lives (so each direction
-/// between two clusters is delayed once and loses its share): the netem qdisc on the hub's
-/// links where the kernel has it; where it has not (the CI kernel is built without sch_netem),
-/// an NFQUEUE on each gateway's `eth1` that `nfq-netem` holds packets in, so the kernel really
-/// delivers them late or not at all. TCP autocorking is off in the mesh's namespaces
-/// ([`without_autocorking`]): with the delay held in the host, it would hold small writes too.
+/// Delay and loss on what reaches every gateway from the other clusters while this lives (so
+/// each direction between two clusters is delayed once and loses its share): the netem qdisc
+/// on the hub's links towards the gateways where the kernel has it; where it has not (the CI
+/// kernel is built without sch_netem), an NFQUEUE on what arrives on each gateway's `eth1`
+/// that `nfq-netem` holds packets in, so the kernel really delivers them late or not at all.
+///
+/// On arrival, not on the sender's way out: by the receiving namespace's prerouting hook the
+/// kernel has released the packet from its sender's socket (`ip_rcv` orphans it), as a real
+/// link does once the packet is on the wire. Held at the sender's egress it still counted
+/// against that socket for the whole delay, and TCP Small Queues then held the socket's next
+/// writes too: a gateway's third write on a new fallback stream left a delay late, and a new
+/// connection over the fallback took 1.6 inter-cluster round trips instead of QUIC's 1.1, and
+/// TCP autocorking held every second small write (which, until this placement, the impairment
+/// worked around by turning autocorking off in the mesh's namespaces).
 pub struct Impairment {
     hub: String,
     links: Vec<String>,
     gateways: Vec<String>,
     emulators: Vec<Child>,
-}
-
-/// Turns TCP autocorking off in every namespace of the mesh. Autocorking holds a small write
-/// while the socket's previous packet is still in the host, and the delay here holds each
-/// packet in the host (an NFQUEUE verdict or a netem qdisc; the packet keeps its socket's
-/// reference across veth) for the whole delay, where a real link takes it off the host in
-/// microseconds. With it on, a TCP+TLS fallback connection sent every second small write a
-/// delay late: small requests alone took p50 52 ms against QUIC's 42 at 20 ms each way, and
-/// 42.5 with it off. TCP Small Queues, which limits what a socket has in the host the same
-/// way, cannot be turned off; a burst of small writes may still wait here as it would not on
-/// a real link.
-fn without_autocorking(mesh: &Mesh) -> anyhow::Result<()> {
-    let namespaces = mesh.info.clusters.iter().flat_map(|c| {
-        [c.gateway.netns.as_ref(), c.controller.netns.as_ref()]
-            .into_iter()
-            .chain(c.workloads.iter().map(|w| w.netns.as_ref()))
-            .flatten()
-    });
-    for ns in namespaces {
-        in_ns(ns, "sh", &["-c", "echo 0 > /proc/sys/net/ipv4/tcp_autocorking"])?;
-    }
-    Ok(())
 }
 
 impl Impairment {
@@ -88,7 +74,6 @@ impl Impairment {
             gateways: vec![],
             emulators: vec![],
         };
-        without_autocorking(mesh)?;
         let delay_arg = format!("{}ms", delay.as_millis());
         let loss_arg = format!("{loss_percent}%");
         for n in 1..=mesh.info.clusters.len() {
@@ -119,8 +104,8 @@ impl Impairment {
                     "-t",
                     "mangle",
                     "-A",
-                    "POSTROUTING",
-                    "-o",
+                    "PREROUTING",
+                    "-i",
                     "eth1",
                     "-j",
                     "NFQUEUE",
@@ -148,9 +133,9 @@ impl Impairment {
     /// How the impairment is made, for the figures' footnote.
     pub fn how(&self) -> &'static str {
         if self.links.is_empty() {
-            "nfq-netem (NFQUEUE) on each gateway's inter-cluster egress; this kernel has no netem qdisc"
+            "nfq-netem (NFQUEUE) on what reaches each gateway from the other cluster; this kernel has no netem qdisc"
         } else {
-            "the netem qdisc on each gateway's link of the bridge between clusters"
+            "the netem qdisc on the bridge's link towards each gateway"
         }
     }
 }
@@ -165,7 +150,7 @@ impl Drop for Impairment {
             let _ = e.wait();
         }
         for ns in &self.gateways {
-            let _ = in_ns(ns, "iptables", &["-t", "mangle", "-F", "POSTROUTING"]);
+            let _ = in_ns(ns, "iptables", &["-t", "mangle", "-F", "PREROUTING"]);
         }
     }
 }

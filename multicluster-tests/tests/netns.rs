@@ -277,8 +277,8 @@ async fn unmodified_clients_in_network_namespaces() {
 
     // Delay and loss between clusters: calls are still served. With the netem qdisc on the
     // inter-cluster bridge where the kernel has it; where it has not (this CI kernel is built
-    // without sch_netem), the same delay and loss on every gateway's inter-cluster egress from
-    // an NFQUEUE that `nfq-netem` holds packets in (the kernel really delivers them late).
+    // without sch_netem), the same delay and loss on what reaches every gateway from the other
+    // cluster, from an NFQUEUE that `nfq-netem` holds packets in (the kernel really delivers them late).
     let hub = format!("{prefix}hub");
     let nft = |args: &[&str]| {
         let mut full = vec!["netns", "exec", &hub, "nft"];
