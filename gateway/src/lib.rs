@@ -50,12 +50,13 @@ pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 ///
 /// The bound is what one segmentation-offload send holds: quinn hands the kernel up to
 /// [`GSO_SEGMENTS`] datagrams at once, and the whole send (with UDP, IPv6 and link headers)
-/// must stay within 64 KiB. Above that the kernel segments in software or refuses the send
-/// (quinn then turns offload off for good, and bulk is slower than at 1,452 bytes).
+/// must stay within 64 KiB. Past it, measured on loopback: at 6,550 the kernel segmented every
+/// send in software (seven datagrams received for each sent, and receive-buffer drops); at
+/// 9,000 quinn detected a black hole and fell back to 1,200-byte datagrams.
 pub const MAX_DATAGRAM: u16 = 6_500;
 
 /// Datagrams quinn puts in one segmentation-offload send (its `MAX_TRANSMIT_SEGMENTS`).
-pub const GSO_SEGMENTS: usize = 10;
+const GSO_SEGMENTS: usize = 10;
 
 const _: () = assert!(GSO_SEGMENTS * MAX_DATAGRAM as usize + 8 + 40 + 14 <= 64 * 1024);
 
@@ -217,9 +218,9 @@ mod tests {
     use crate::testing::{gateway_and_caller, GATEWAY};
 
     /// A QUIC tunnel connection on loopback (MTU 64 KiB) grows its datagrams to
-    /// [`MAX_DATAGRAM`] during a bulk transfer, and keeps sending them [`GSO_SEGMENTS`] at a
-    /// time: a ceiling too large for one offloaded send makes the kernel refuse it and quinn
-    /// turn segmentation offload off, and the bytes still arrive, each datagram sent alone.
+    /// [`MAX_DATAGRAM`] during a bulk transfer and still sends several at a time. With a
+    /// ceiling too large for one offloaded send (9,000 bytes) this fails: quinn detects a black
+    /// hole and falls back to 1,200 bytes.
     #[tokio::test]
     async fn tunnel_datagrams_grow_to_the_largest_one_offloaded_send_holds() {
         let (gateway, caller) = gateway_and_caller();

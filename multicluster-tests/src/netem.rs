@@ -44,10 +44,10 @@ pub fn in_ns(ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
 /// kernel has released the packet from its sender's socket (`ip_rcv` orphans it), as a real
 /// link does once the packet is on the wire. Held at the sender's egress it still counted
 /// against that socket for the whole delay, and TCP Small Queues then held the socket's next
-/// writes too: a gateway's third write on a new fallback stream left a delay late, and a new
-/// connection over the fallback took 1.6 inter-cluster round trips instead of QUIC's 1.1, and
-/// TCP autocorking held every second small write (which, until this placement, the impairment
-/// worked around by turning autocorking off in the mesh's namespaces).
+/// writes too: a gateway's third write on a new fallback stream left a delay late, so a new
+/// connection over the fallback took 1.6 inter-cluster round trips against QUIC's 1.1. TCP
+/// autocorking held every second small write the same way; until this placement the
+/// impairment turned it off in the mesh's namespaces.
 pub struct Impairment {
     hub: String,
     links: Vec<String>,
