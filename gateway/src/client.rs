@@ -310,7 +310,7 @@ impl TunnelClient {
         .map_err(|e| TunnelError::Config(e.to_string()))
     }
 
-    async fn quic_handshake(
+    pub(crate) async fn quic_handshake(
         &self,
         gateway: SocketAddr,
         identity: &SpiffeId,

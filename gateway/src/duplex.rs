@@ -356,14 +356,7 @@ mod tests {
     #[tokio::test]
     async fn the_gateways_fallback_listener_answers_tunnels_in_band_and_anything_else_by_status() {
         let (gateway, caller) = gateway_and_caller();
-        let (_config, rx) = tokio::sync::watch::channel(Arc::new(strait_api::snapshot::Snapshot::default()));
-        let opts = crate::GatewayOptions {
-            cluster: "east".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            connect_timeout: Duration::from_secs(1),
-        };
-        let metrics = crate::GatewayMetrics::new(&prometheus::Registry::new());
-        let server = Arc::new(crate::Gateway::new(opts, gateway.clone(), rx, metrics));
+        let server = crate::testing::gateway(gateway);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let drain = strait_api::drain::Drain::new();

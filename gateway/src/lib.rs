@@ -210,12 +210,11 @@ fn transport_config(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::time::Duration;
 
-    use strait_trust::{client_config, server_config, PeerPolicy, ServerAuth, ALPN_TUNNEL};
+    use crate::testing::{gateway_and_caller, GATEWAY};
 
     use super::*;
-    use crate::testing::{gateway_and_caller, GATEWAY};
 
     /// A QUIC tunnel connection on loopback (MTU 64 KiB) grows its datagrams to
     /// [`MAX_DATAGRAM`] during a bulk transfer and still sends several at a time. With a
@@ -224,20 +223,9 @@ mod tests {
     #[tokio::test]
     async fn tunnel_datagrams_grow_to_the_largest_one_offloaded_send_holds() {
         let (gateway, caller) = gateway_and_caller();
-        let tls = server_config(
-            &gateway,
-            PeerPolicy::AnyInBundle,
-            ServerAuth::RequireClientCert,
-            &[ALPN_TUNNEL],
-        )
-        .unwrap();
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
-        ));
-        server.transport_config(Arc::new(transport_config(SERVER_IDLE_TIMEOUT, None)));
-        let server = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
+        // The gateway's own endpoint; its end counts what it reads and answers with the count.
+        let server = crate::testing::gateway(gateway).bind().unwrap();
         let addr = server.local_addr().unwrap();
-        // The gateway's end counts what it reads and answers with the count.
         tokio::spawn(async move {
             let conn = server.accept().await.unwrap().await.unwrap();
             let (mut send, mut recv) = conn.accept_bi().await.unwrap();
@@ -247,20 +235,12 @@ mod tests {
             conn.closed().await;
         });
 
-        let tls = client_config(
-            Some(&caller),
-            caller.bundle(),
-            caller.metrics(),
-            PeerPolicy::OneOf(vec![GATEWAY.parse().unwrap()]),
-            &[ALPN_TUNNEL],
-        )
-        .unwrap();
-        let mut config = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-        ));
-        config.transport_config(Arc::new(transport_config(IDLE_TIMEOUT, Some(KEEP_ALIVE))));
-        let client = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        let conn = client.connect_with(config, addr, "strait.mesh").unwrap().await.unwrap();
+        // A sidecar's tunnel client.
+        let client = TunnelClient::new("127.0.0.1:0".parse().unwrap(), caller).unwrap();
+        let conn = client
+            .quic_handshake(addr, &GATEWAY.parse().unwrap(), Duration::from_secs(5))
+            .await
+            .unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let chunk = vec![0x5a; 64 * 1024];
         let total = 64 * 1024 * 1024u64;

@@ -1,5 +1,6 @@
 //! What the gateway crate's tests share.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use strait_trust::{Authority, CertStore, TlsMetrics, TrustBundle, TrustDomain};
@@ -9,6 +10,19 @@ pub(crate) const GATEWAY: &str = "spiffe://mesh.local/ns/strait-system/sa/gatewa
 fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
     let ttl = Duration::from_secs(3600);
     CertStore::issued_by(ca, id.parse().unwrap(), ttl, trust.clone(), TlsMetrics::unregistered()).unwrap()
+}
+
+/// The real gateway of cluster `east` with an empty catalog, listening on a free loopback port
+/// once bound.
+pub(crate) fn gateway(store: CertStore) -> Arc<crate::Gateway> {
+    let (_config, rx) = tokio::sync::watch::channel(Arc::new(strait_api::snapshot::Snapshot::default()));
+    let opts = crate::GatewayOptions {
+        cluster: "east".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        connect_timeout: Duration::from_secs(1),
+    };
+    let metrics = crate::GatewayMetrics::new(&prometheus::Registry::new());
+    Arc::new(crate::Gateway::new(opts, store, rx, metrics))
 }
 
 /// A gateway's store and a caller's under one trust domain.
