@@ -31,6 +31,7 @@ command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 command -v nc >/dev/null 2>&1 || missing+=(netcat-openbsd)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v readelf >/dev/null 2>&1 || missing+=(binutils)
 # A real Prometheus scrapes a running mesh in the observability tests.
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 # A real headless browser loads the clusterset page.
