@@ -33,6 +33,38 @@ pub use tls::{
 pub use verify::{peer_cluster, peer_identity, PeerPolicy, RefusalReason, SpiffeVerifier};
 
 /// The crypto provider every Strait TLS config uses: one provider for the whole workspace.
+///
+/// ring's suites, with TLS 1.3's mandatory AES-128-GCM/SHA-256 preferred over ring's first
+/// choice, AES-256-GCM/SHA-384 (both sides prefer it, so it is what every Strait connection
+/// negotiates; a peer that offers only the others still gets them). SHA-384 runs ring's
+/// portable SHA-512 code, SHA-256 the CPU's SHA extensions where it has them: in a resumed
+/// inner handshake the key schedule's hashing was a twentieth of the caller's CPU, and AES-128
+/// takes ten rounds a block where AES-256 takes fourteen (README, "Scale and performance").
+/// BoringSSL (Envoy) and Go's crypto/tls prefer the same suite.
 pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // A stable sort: the preferred suite first, the others in ring's order.
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    std::sync::Arc::new(provider)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_provider_prefers_aes_128_gcm_and_keeps_every_suite_ring_offers() {
+        let suites = |p: &rustls::crypto::CryptoProvider| p.cipher_suites.iter().map(|s| s.suite()).collect::<Vec<_>>();
+        let ours = suites(&super::crypto_provider());
+        let ring = suites(&rustls::crypto::ring::default_provider());
+        assert_eq!(ours[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert_ne!(
+            ring[0], ours[0],
+            "ring's own first choice differs (else this ordering is moot)"
+        );
+        let mut sorted = (ours.clone(), ring);
+        sorted.0.sort_by_key(|s| u16::from(*s));
+        sorted.1.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted.0, sorted.1, "the same suites as ring's default: {ours:?}");
+    }
 }

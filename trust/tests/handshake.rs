@@ -39,6 +39,8 @@ fn store(ca: &Authority, uris: &[String], not_after: SystemTime, trust: TrustBun
     CertStore::new(WorkloadCert::new(id, issued, key).unwrap(), trust, metrics)
 }
 
+const PREFERRED_SUITE: rustls::CipherSuite = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+
 fn day() -> SystemTime {
     SystemTime::now() + Duration::from_secs(86400)
 }
@@ -266,6 +268,7 @@ fn serving(store: &CertStore) -> Arc<rustls::ServerConfig> {
 }
 
 /// One connection with a kept client config: how the handshake went and who the server saw.
+/// Every one, full or resumed, must have negotiated the suite `crypto_provider` prefers.
 async fn resumable_handshake(
     sconf: Arc<rustls::ServerConfig>,
     configs: &ClientConfigs,
@@ -280,6 +283,7 @@ async fn resumable_handshake(
         tls.read_exact(&mut b).await.ok()?;
         tls.write_all(&b).await.ok()?;
         let (_, conn) = tls.get_ref();
+        assert_eq!(conn.negotiated_cipher_suite().map(|s| s.suite()), Some(PREFERRED_SUITE));
         Some((
             conn.handshake_kind()?,
             strait_trust::peer_identity(conn.peer_certificates()),
@@ -301,6 +305,10 @@ async fn resumable_handshake(
     let mut rest = vec![];
     let _ = tls.read_to_end(&mut rest).await;
     let client_kind = tls.get_ref().1.handshake_kind()?;
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(PREFERRED_SUITE)
+    );
     let (server_kind, seen) = srv.await.ok()??;
     Some((client_kind, server_kind, seen))
 }
