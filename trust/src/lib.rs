@@ -40,14 +40,20 @@ pub use verify::{peer_cluster, peer_identity, PeerPolicy, RefusalReason, SpiffeV
 /// portable SHA-512 code, SHA-256 the CPU's SHA extensions where it has them: in a resumed
 /// inner handshake the key schedule's hashing was a twentieth of the caller's CPU, and AES-128
 /// takes ten rounds a block where AES-256 takes fourteen (README, "Scale and performance").
-/// BoringSSL (Envoy) and Go's crypto/tls prefer the same suite.
+/// BoringSSL (Envoy) and Go's crypto/tls prefer the same suite. Built once; every config
+/// shares it.
 pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    // A stable sort: the preferred suite first, the others in ring's order.
-    provider
-        .cipher_suites
-        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    std::sync::Arc::new(provider)
+    static PROVIDER: std::sync::OnceLock<std::sync::Arc<rustls::crypto::CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            // A stable sort: the preferred suite first, the others in ring's order.
+            provider
+                .cipher_suites
+                .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+            std::sync::Arc::new(provider)
+        })
+        .clone()
 }
 
 #[cfg(test)]
@@ -62,9 +68,14 @@ mod tests {
             ring[0], ours[0],
             "ring's own first choice differs (else this ordering is moot)"
         );
-        let mut sorted = (ours.clone(), ring);
-        sorted.0.sort_by_key(|s| u16::from(*s));
-        sorted.1.sort_by_key(|s| u16::from(*s));
-        assert_eq!(sorted.0, sorted.1, "the same suites as ring's default: {ours:?}");
+        let sorted = |mut v: Vec<rustls::CipherSuite>| {
+            v.sort_by_key(|s| u16::from(*s));
+            v
+        };
+        assert_eq!(
+            sorted(ours.clone()),
+            sorted(ring),
+            "the same suites as ring's default: {ours:?}"
+        );
     }
 }
