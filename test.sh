@@ -104,10 +104,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 say "shell scripts (bash -n, shellcheck)"
-for script in test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh; do
+for script in test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh pgo/train.sh \
+  pgo/rustc-wrapper; do
   bash -n "$script"
 done
-shellcheck test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh
+shellcheck test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh pgo/train.sh \
+  pgo/rustc-wrapper
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

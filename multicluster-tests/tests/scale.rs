@@ -64,6 +64,131 @@ fn the_executables_pack_their_relative_relocations() {
     }
 }
 
+/// The release build optimises with the committed profile (`pgo/strait.profdata`, recorded by
+/// `pgo/train.sh`): cargo runs every rustc through `pgo/rustc-wrapper` (`.cargo/config.toml`),
+/// which adds the profile to the release profile's units only, on x86_64 Linux, with an LLVM at
+/// least as new as the one that wrote it, and never to an instrumented build or when
+/// `STRAIT_PGO=off`. Then this toolchain's rustc compiles a crate through the wrapper with the
+/// profile and reports nothing about it: an unreadable or missing profile is only a warning to
+/// rustc, which would leave the release executables quietly unoptimised.
+#[test]
+fn release_units_compile_with_the_committed_profile() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let wrapper = repo.join("pgo/rustc-wrapper");
+    let profile = repo.join("pgo/strait.profdata");
+    let config = std::fs::read_to_string(repo.join(".cargo/config.toml")).unwrap();
+    assert!(
+        config.contains("rustc-wrapper = \"pgo/rustc-wrapper\""),
+        ".cargo/config.toml does not run rustc through pgo/rustc-wrapper:\n{config}"
+    );
+    let scratch = std::env::temp_dir().join(format!("strait-pgo-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    // A stand-in rustc that prints its arguments and claims the given LLVM version.
+    let stub = |llvm: &str| {
+        let path = scratch.join(format!("rustc-llvm-{llvm}"));
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = -vV ] && {{ echo 'LLVM version: {llvm}'; exit 0; }}\nprintf '%s\\n' \"$@\"\n"
+            ),
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&path)
+            .status()
+            .unwrap();
+        path
+    };
+    let (new, old) = (stub("99.1.0"), stub("14.0.6"));
+    let run = |rustc: &std::path::Path, args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(&wrapper)
+            .arg(rustc)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let expected: Vec<&str> = args.to_vec();
+        let got: Vec<&str> = printed.lines().collect();
+        assert_eq!(
+            &got[..expected.len()],
+            &expected[..],
+            "the wrapper changed rustc's own arguments"
+        );
+        got[expected.len()..].join(" ")
+    };
+    let release = ["--crate-name", "probe", "-C", "opt-level=s", "-C", "lto"];
+    let on_x86_64_linux = cfg!(all(target_arch = "x86_64", target_os = "linux"));
+    let with_profile = format!("-Cprofile-use={} -Cllvm-args=-no-pgo-warn-mismatch", profile.display());
+    assert_eq!(
+        run(&new, &release, &[]),
+        if on_x86_64_linux { with_profile.as_str() } else { "" },
+        "a release unit"
+    );
+    for (what, args, env, rustc) in [
+        (
+            "a debug unit",
+            &["--crate-name", "probe", "-C", "debuginfo=2"][..],
+            &[][..],
+            &new,
+        ),
+        (
+            "a benchmark harness (O3)",
+            &["--crate-name", "probe", "-C", "opt-level=3"][..],
+            &[][..],
+            &new,
+        ),
+        (
+            "another target",
+            &[&release[..], &["--target", "aarch64-unknown-linux-gnu"]].concat()[..],
+            &[][..],
+            &new,
+        ),
+        (
+            "an instrumented build",
+            &[&release[..], &["-Cprofile-generate=/tmp/x"]].concat()[..],
+            &[][..],
+            &new,
+        ),
+        ("STRAIT_PGO=off", &release[..], &[("STRAIT_PGO", "off")][..], &new),
+        ("an older LLVM", &release[..], &[][..], &old),
+    ] {
+        assert_eq!(run(rustc, args, env), "", "{what} must compile without the profile");
+    }
+    if on_x86_64_linux {
+        let source = scratch.join("probe.rs");
+        std::fs::write(&source, "pub fn triple(x: u32) -> u32 { x * 3 }\n").unwrap();
+        let out = std::process::Command::new(&wrapper)
+            .arg("rustc")
+            .args([
+                "--crate-type",
+                "lib",
+                "--crate-name",
+                "probe",
+                "-C",
+                "opt-level=s",
+                "--emit",
+                "obj",
+                "-o",
+            ])
+            .arg(scratch.join("probe.o"))
+            .arg(&source)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "rustc with the profile: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_change_reaches_every_other_cluster() {
     let size = Size {
