@@ -160,6 +160,17 @@ fn release_units_compile_with_the_committed_profile() {
     ] {
         assert_eq!(run(rustc, args, env), "", "{what} must compile without the profile");
     }
+    // Cargo's environment reaches rustc whole, names with dashes too (CARGO_BIN_EXE_nfq-netem).
+    let env = std::process::Command::new(&wrapper)
+        .arg("env")
+        .env("CARGO_BIN_EXE_probe-tool", "/probe")
+        .output()
+        .unwrap();
+    let env = String::from_utf8_lossy(&env.stdout);
+    assert!(
+        env.lines().any(|l| l == "CARGO_BIN_EXE_probe-tool=/probe"),
+        "the wrapper dropped a variable:\n{env}"
+    );
     if on_x86_64_linux {
         let source = scratch.join("probe.rs");
         std::fs::write(&source, "pub fn triple(x: u32) -> u32 { x * 3 }\n").unwrap();
