@@ -69,8 +69,9 @@ fn the_executables_pack_their_relative_relocations() {
 /// which adds the profile to the release profile's units only, on x86_64 Linux, with an LLVM at
 /// least as new as the one that wrote it, and never to an instrumented build or when
 /// `STRAIT_PGO=off`. Then this toolchain's rustc compiles a crate through the wrapper with the
-/// profile and reports nothing about it: an unreadable or missing profile is only a warning to
-/// rustc, which would leave the release executables quietly unoptimised.
+/// profile and reports nothing about it: an unreadable profile is only a warning to rustc (and
+/// a missing one makes the wrapper leave it out), which would leave the release executables
+/// quietly unoptimised.
 #[test]
 fn release_units_compile_with_the_committed_profile() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
