@@ -104,12 +104,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 say "shell scripts (bash -n, shellcheck)"
-for script in test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh pgo/train.sh \
-  pgo/rustc-wrapper; do
+scripts=(test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh pgo/train.sh
+  pgo/rustc-wrapper)
+for script in "${scripts[@]}"; do
   bash -n "$script"
 done
-shellcheck test.sh .ci/run deploy/kind/up.sh multicluster-tests/kube/build.sh pgo/train.sh \
-  pgo/rustc-wrapper
+shellcheck "${scripts[@]}"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

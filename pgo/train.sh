@@ -4,10 +4,10 @@
 #   2. runs the training workload with them: the mesh benchmark (HTTP/1.1 through a sidecar pair
 #      and across clusters, new connections, bulk and streamed bodies) and the clusterset
 #      simulator (controllers, peering, config streams);
-#   3. merges the counts of every process (sparse: code that never ran is left out);
+#   3. merges the counts of every process (sparse: code that never ran is left out of the file);
 #   4. removes the release build so that every crate is compiled again with the new profile.
 # Code the workload does not run (HTTP/2 and gRPC between applications, WebSocket, failover...)
-# counts as cold: it is optimised for size, as the release profile does without PGO. Adding the
+# has no counts and is optimised as without PGO, for size as the release profile asks. Adding the
 # end-to-end tests to the workload covered it but took the sidecar's idle RSS from 9.5 to 10.2
 # MiB (README, "Profile-guided optimisation").
 # Run it after a change to the data path or the controller's hot paths, or a new Rust
@@ -21,13 +21,14 @@ export CARGO_INCREMENTAL=0
 say() { printf '\n==> %s\n' "$*"; }
 
 rustup component add llvm-tools >/dev/null 2>&1 || true
-host="$(rustc -vV | sed -n 's/^host: //p')"
+version="$(rustc -vV)"
+host="$(sed -n 's/^host: //p' <<<"$version")"
+llvm="$(sed -n 's/^LLVM version: \([0-9]*\).*/\1/p' <<<"$version")"
 llvm_profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
 if [ ! -x "$llvm_profdata" ]; then
   echo "pgo/train.sh: llvm-profdata is missing: rustup component add llvm-tools" >&2
   exit 1
 fi
-llvm="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
 
 work="$HOME/.cache/strait/pgo"
 raw="$work/raw"

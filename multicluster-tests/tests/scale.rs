@@ -97,11 +97,7 @@ fn release_units_compile_with_the_committed_profile() {
             ),
         )
         .unwrap();
-        std::process::Command::new("chmod")
-            .arg("+x")
-            .arg(&path)
-            .status()
-            .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         path
     };
     let (new, old) = (stub("99.1.0"), stub("14.0.6"));
