@@ -1,13 +1,16 @@
 #!/bin/bash
 # Records pgo/strait.profdata, the profile the release build optimises with (pgo/rustc-wrapper):
 #   1. builds strait and strait-sidecar instrumented (-C profile-generate), release profile;
-#   2. runs the training workload with them: the mesh benchmark (HTTP/1.1 through a sidecar pair
-#      and across clusters, new connections, bulk and streamed bodies) and the clusterset
-#      simulator (controllers, peering, config streams);
+#   2. runs the training workload with them: the mesh benchmark's HTTP/1.1 through a sidecar
+#      pair and across clusters, new connections, bulk and streamed bodies (not its HTTP/2
+#      section: trained on it too, an idle sidecar held 10.08-10.18 MiB against 9.68-9.77 and HTTP/2
+#      was no faster), and the clusterset simulator (controllers, peering, config streams);
 #   3. merges the counts of every process (sparse: code that never ran is left out of the file);
 #   4. removes the release build so that every crate is compiled again with the new profile.
-# Code the workload does not run (HTTP/2 and gRPC between applications, WebSocket, failover...)
-# has no counts and is optimised as without PGO, for size as the release profile asks. Adding the
+# Code the workload does not run (HTTP/2 and gRPC from the application, WebSocket, failover...)
+# has no counts and is optimised as without PGO, for size as the release profile asks. An
+# unsparse merge marks it cold instead: that took 0.2-0.3 MiB off an idle sidecar but cost the
+# application's HTTP/2 6-14 % more CPU (README, "Profile-guided optimisation"). Adding the
 # end-to-end tests to the workload covered it but took the sidecar's idle RSS from 9.5 to 10.2
 # MiB (README, "Profile-guided optimisation").
 # Run it after a change to the data path or the controller's hot paths, or a new Rust
@@ -44,7 +47,7 @@ export STRAIT_BIN="$work/target/release/strait"
 
 # Every process of one executable adds its counts to the same file (%m: one per executable).
 say "training: the mesh benchmark"
-LLVM_PROFILE_FILE="$raw/%m.profraw" STRAIT_BENCH_STREAM_MIB=64 \
+LLVM_PROFILE_FILE="$raw/%m.profraw" STRAIT_BENCH_STREAM_MIB=64 STRAIT_BENCH_ONLY=latency,setup,bulk,stream \
   cargo bench -p multicluster-tests --bench mesh
 say "training: the clusterset simulator"
 LLVM_PROFILE_FILE="$raw/%m.profraw" cargo bench -p multicluster-tests --bench clusterset

@@ -22,9 +22,13 @@
 //!
 //! - new connection setup: a new cross-cluster connection until its first echoed byte, beside a
 //!   direct connection to the app (added p50/p90/p99).
+//! - HTTP/2 from the application: h2load (nghttp2's load generator, Debian's `nghttp2-client`,
+//!   installed by the benchmark) with prior knowledge, the same GETs direct to the app, through
+//!   the sidecar pair and across clusters, closed loop: requests/s, mean time per request and
+//!   the CPU seconds per 1,000 requests of the caller's and the destination's sidecar.
 //!
-//! `STRAIT_BENCH_ONLY=latency,setup,bulk,stream` runs only those sections (the HAProxy comparison is
-//! part of `latency`). Every figure is also written to `target/strait-bench/mesh.json`.
+//! `STRAIT_BENCH_ONLY=latency,setup,bulk,stream,http2` runs only those sections (the HAProxy
+//! comparison is part of `latency`). Every figure is also written to `target/strait-bench/mesh.json`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -64,7 +68,7 @@ clusters:
 const RATE: u32 = multicluster_tests::load::RATE;
 const CONNECTIONS: usize = multicluster_tests::load::CONNECTIONS;
 const BODY: usize = multicluster_tests::load::BODY;
-use multicluster_tests::haproxy::{cpu_seconds, HaproxyPair};
+use multicluster_tests::haproxy::{cpu_seconds, install_debian_package, HaproxyPair};
 use multicluster_tests::load::{load, peak_rss_kib, private_kib, rss_kib, Latencies};
 
 fn ms(d: Duration) -> String {
@@ -331,6 +335,9 @@ async fn main() {
     if wanted("stream") {
         stream_section(&client, &echo, &remote, gateway_west, &mut figures).await;
     }
+    if wanted("http2") {
+        http2_section(&client, &echo, &remote, &mut figures).await;
+    }
 
     println!("\npeak RSS (VmHWM)");
     let mut procs: Vec<(String, String, u32)> = vec![];
@@ -359,6 +366,148 @@ async fn main() {
         figures.add(&format!("peak_rss.{key}"), mib, "MiB");
     }
     figures.write();
+}
+
+/// What one h2load run reported.
+struct H2load {
+    per_second: f64,
+    mean_ms: f64,
+    succeeded: u64,
+    failed: u64,
+}
+
+/// `h2load` with prior knowledge: `requests` GETs of `url` over 4 connections of 8 concurrent
+/// streams each, with `authority` as the `:authority` when given.
+async fn h2load(url: String, authority: Option<&str>, requests: u64) -> H2load {
+    let mut cmd = std::process::Command::new("h2load");
+    cmd.args(["-n", &requests.to_string(), "-c", "4", "-m", "8"]);
+    if let Some(a) = authority {
+        cmd.arg(format!("--header=:authority: {a}"));
+    }
+    cmd.arg(&url);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "h2load {url}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "finished in 2.98s, 16768.36 req/s, ..."; "requests: 50000 total, 50000 started, 50000
+    // done, 50000 succeeded, 0 failed, ..."; "time for request:  12us  850us  1.66ms  65us ..."
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_default()
+    };
+    let word_before = |l: &str, marker: &str| -> f64 {
+        let words: Vec<&str> = l.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        words
+            .iter()
+            .position(|w| *w == marker)
+            .and_then(|i| words.get(i.checked_sub(1)?)?.parse().ok())
+            .unwrap_or_else(|| panic!("h2load printed no {marker:?} figure: {l:?}\n{text}"))
+    };
+    let requests_line = line("requests:");
+    let mean = line("time for request:")
+        .split_whitespace()
+        .nth(5)
+        .unwrap_or_else(|| panic!("h2load printed no time per request:\n{text}"));
+    let mean_ms = if let Some(us) = mean.strip_suffix("us") {
+        us.parse::<f64>().unwrap() / 1000.0
+    } else if let Some(ms) = mean.strip_suffix("ms") {
+        ms.parse().unwrap()
+    } else {
+        mean.strip_suffix('s').unwrap().parse::<f64>().unwrap() * 1000.0
+    };
+    H2load {
+        per_second: word_before(line("finished in"), "req/s"),
+        mean_ms,
+        succeeded: word_before(requests_line, "succeeded") as u64,
+        failed: ["failed", "errored", "timeout"]
+            .iter()
+            .map(|m| word_before(requests_line, m) as u64)
+            .sum(),
+    }
+}
+
+/// HTTP/2 from the application, as gRPC clients speak it: the same GETs with h2load direct to
+/// the app, through the sidecar pair and across clusters (the caller's sidecar serves the app's
+/// HTTP/2 and routes each stream), closed loop; the CPU each sidecar used per 1,000 requests.
+async fn http2_section(
+    client: &multicluster_tests::WorkloadInfo,
+    echo: &multicluster_tests::WorkloadInfo,
+    remote: &multicluster_tests::WorkloadInfo,
+    figures: &mut Figures,
+) {
+    const REQUESTS: u64 = 50_000;
+    install_debian_package("h2load", "--version", "nghttp2-client", "the HTTP/2 load generator").unwrap();
+    let version = std::process::Command::new("h2load")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let proxy = format!("http://{}/", client.outbound_proxy);
+    // Warm-up: the caller's HTTP/2 connections and its pool to each destination.
+    for host in ["echo.demo.svc.clusterset.local", "remote.demo.svc.clusterset.local"] {
+        h2load(proxy.clone(), Some(host), 2_000).await;
+    }
+    println!(
+        "\nHTTP/2 from the application ({version}, prior knowledge, {REQUESTS} GETs over 4 connections x 8 streams, closed loop)"
+    );
+    println!(
+        "  {:<48} {:>9} {:>9} {:>7}   {:>22}",
+        "", "req/s", "mean ms", "failed", "CPU s/1000 req (c, d)"
+    );
+    for (key, label, app, host, destination) in [
+        (
+            "pair",
+            "(a) sidecar pair, one cluster",
+            echo.app_addr,
+            "echo.demo.svc.clusterset.local",
+            echo,
+        ),
+        (
+            "cross_cluster",
+            "(b) cross-cluster through the gateway",
+            remote.app_addr,
+            "remote.demo.svc.clusterset.local",
+            remote,
+        ),
+    ] {
+        let direct = h2load(format!("http://{app}/"), None, REQUESTS).await;
+        let pids = [client.sidecar_pid, destination.sidecar_pid];
+        let before = pids.map(cpu_seconds);
+        let meshed = h2load(proxy.clone(), Some(host), REQUESTS).await;
+        let cpu = [0, 1].map(|i| (cpu_seconds(pids[i]) - before[i]) / (meshed.succeeded.max(1) as f64 / 1000.0));
+        for (how, r, cpu) in [("direct", &direct, None), ("via mesh", &meshed, Some(cpu))] {
+            println!(
+                "  {:<48} {:>9.0} {:>9.3} {:>7}   {}",
+                format!("{label}: {how}"),
+                r.per_second,
+                r.mean_ms,
+                r.failed,
+                cpu.map_or(String::new(), |c| format!("{:>10.4} {:>10.4}", c[0], c[1]))
+            );
+            let how = how.replace(' ', "_");
+            figures.add(
+                &format!("http2.{key}.{how}.requests_per_second"),
+                r.per_second,
+                "requests/s",
+            );
+            figures.add(&format!("http2.{key}.{how}.mean"), r.mean_ms, "ms");
+            figures.add(&format!("http2.{key}.{how}.failed"), r.failed as f64, "requests");
+        }
+        figures.add(&format!("http2.{key}.cpu.caller"), cpu[0], "s/1000 requests");
+        figures.add(&format!("http2.{key}.cpu.destination"), cpu[1], "s/1000 requests");
+        figures.add(
+            &format!("http2.{key}.throughput_ratio"),
+            meshed.per_second / direct.per_second.max(f64::MIN_POSITIVE),
+            "x",
+        );
+    }
 }
 
 /// Added latency of a sidecar pair and of a cross-cluster call, then the HAProxy pair beside

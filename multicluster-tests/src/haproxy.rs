@@ -98,22 +98,32 @@ fn spawn(bin: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
         .map_err(|e| anyhow::anyhow!("{bin}: {e} (Debian: apt-get install haproxy)"))
 }
 
-/// Installs Debian's `haproxy` package when no `haproxy` runs here (the benchmark's peer is
-/// installed by the benchmark, like `./test.sh` installs what the tests need): with apt-get as
-/// root, else through sudo.
+/// Installs Debian's `haproxy` package when no `haproxy` runs here (the benchmark's peer); a
+/// `STRAIT_HAPROXY` of the operator's is left as it is.
 fn ensure_installed(bin: &str) -> anyhow::Result<()> {
-    let runs = |b: &str| {
-        Command::new(b)
-            .arg("-v")
+    if bin != "haproxy" {
+        return Ok(());
+    }
+    install_debian_package("haproxy", "-v", "haproxy", "the benchmark's peer")
+        .map_err(|e| anyhow::anyhow!("{e}, or set STRAIT_HAPROXY"))
+}
+
+/// Installs Debian's `package` when `bin probe_arg` does not run here: the benchmarks install
+/// their peers and load generators themselves, as `./test.sh` installs what the tests need,
+/// with apt-get as root, else through sudo.
+pub fn install_debian_package(bin: &str, probe_arg: &str, package: &str, purpose: &str) -> anyhow::Result<()> {
+    let runs = || {
+        Command::new(bin)
+            .arg(probe_arg)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok()
     };
-    if runs(bin) || bin != "haproxy" {
+    if runs() {
         return Ok(());
     }
-    eprintln!("installing Debian's haproxy (apt-get install haproxy), the benchmark's peer");
+    eprintln!("installing Debian's {package} (apt-get install {package}), {purpose}");
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -132,11 +142,9 @@ fn ensure_installed(bin: &str) -> anyhow::Result<()> {
         Ok(())
     };
     apt(&["update", "-qq"])
-        .and_then(|()| apt(&["install", "-y", "-qq", "haproxy"]))
-        .map_err(|e| {
-            anyhow::anyhow!("cannot install haproxy: {e} (Debian: apt-get install haproxy, or set STRAIT_HAPROXY)")
-        })?;
-    anyhow::ensure!(runs(bin), "haproxy was installed but does not run");
+        .and_then(|()| apt(&["install", "-y", "-qq", package]))
+        .map_err(|e| anyhow::anyhow!("cannot install {package}: {e} (Debian: apt-get install {package})"))?;
+    anyhow::ensure!(runs(), "{package} was installed but {bin} does not run");
     Ok(())
 }
 
