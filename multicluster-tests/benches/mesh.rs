@@ -433,7 +433,7 @@ async fn h2load(url: String, authority: Option<&str>, requests: u64) -> H2load {
     }
 }
 
-/// HTTP/2 from the application, as gRPC clients speak it: the same GETs with h2load direct to
+/// HTTP/2 from the application (the protocol gRPC rides on): the same GETs with h2load direct to
 /// the app, through the sidecar pair and across clusters (the caller's sidecar serves the app's
 /// HTTP/2 and routes each stream), closed loop; the CPU each sidecar used per 1,000 requests.
 async fn http2_section(
@@ -500,8 +500,8 @@ async fn http2_section(
             figures.add(&format!("http2.{key}.{how}.mean"), r.mean_ms, "ms");
             figures.add(&format!("http2.{key}.{how}.failed"), r.failed as f64, "requests");
         }
-        figures.add(&format!("http2.{key}.cpu.caller"), cpu[0], "s/1000 requests");
-        figures.add(&format!("http2.{key}.cpu.destination"), cpu[1], "s/1000 requests");
+        figures.add(&format!("http2.{key}.cpu_caller"), cpu[0], "s/1000 req");
+        figures.add(&format!("http2.{key}.cpu_destination"), cpu[1], "s/1000 req");
         figures.add(
             &format!("http2.{key}.throughput_ratio"),
             meshed.per_second / direct.per_second.max(f64::MIN_POSITIVE),
