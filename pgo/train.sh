@@ -3,8 +3,9 @@
 #   1. builds strait and strait-sidecar instrumented (-C profile-generate), release profile;
 #   2. runs the training workload with them: the mesh benchmark's HTTP/1.1 through a sidecar
 #      pair and across clusters, new connections, bulk and streamed bodies (not its HTTP/2
-#      section: trained on it too, an idle sidecar held 10.08-10.18 MiB against 9.68-9.77 and HTTP/2
-#      was no faster), and the clusterset simulator (controllers, peering, config streams);
+#      section: trained on it too, an idle sidecar held 10.08-10.18 MiB against 9.68-9.77 and
+#      HTTP/2 was no faster), and the clusterset simulator (controllers, peering, config
+#      streams);
 #   3. merges the counts of every process (sparse: code that never ran is left out of the file);
 #   4. removes the release build so that every crate is compiled again with the new profile.
 # Code the workload does not run (HTTP/2 and gRPC from the application, WebSocket, failover...)

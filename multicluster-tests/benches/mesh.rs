@@ -68,8 +68,8 @@ clusters:
 const RATE: u32 = multicluster_tests::load::RATE;
 const CONNECTIONS: usize = multicluster_tests::load::CONNECTIONS;
 const BODY: usize = multicluster_tests::load::BODY;
-use multicluster_tests::haproxy::{cpu_seconds, install_debian_package, HaproxyPair};
-use multicluster_tests::load::{load, peak_rss_kib, private_kib, rss_kib, Latencies};
+use multicluster_tests::haproxy::{cpu_seconds, HaproxyPair};
+use multicluster_tests::load::{install_debian_package, load, peak_rss_kib, private_kib, rss_kib, Latencies};
 
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)

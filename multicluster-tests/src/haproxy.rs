@@ -104,48 +104,8 @@ fn ensure_installed(bin: &str) -> anyhow::Result<()> {
     if bin != "haproxy" {
         return Ok(());
     }
-    install_debian_package("haproxy", "-v", "haproxy", "the benchmark's peer")
+    crate::load::install_debian_package("haproxy", "-v", "haproxy", "the benchmark's peer")
         .map_err(|e| anyhow::anyhow!("{e}, or set STRAIT_HAPROXY"))
-}
-
-/// Installs Debian's `package` when `bin probe_arg` does not run here: the benchmarks install
-/// their peers and load generators themselves, as `./test.sh` installs what the tests need,
-/// with apt-get as root, else through sudo.
-pub fn install_debian_package(bin: &str, probe_arg: &str, package: &str, purpose: &str) -> anyhow::Result<()> {
-    let runs = || {
-        Command::new(bin)
-            .arg(probe_arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    };
-    if runs() {
-        return Ok(());
-    }
-    eprintln!("installing Debian's {package} (apt-get install {package}), {purpose}");
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let apt = |args: &[&str]| -> anyhow::Result<()> {
-        let mut cmd = if root {
-            Command::new("apt-get")
-        } else {
-            Command::new("sudo")
-        };
-        if !root {
-            cmd.arg("apt-get");
-        }
-        let status = cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
-        anyhow::ensure!(status.success(), "apt-get {} failed ({status})", args.join(" "));
-        Ok(())
-    };
-    apt(&["update", "-qq"])
-        .and_then(|()| apt(&["install", "-y", "-qq", package]))
-        .map_err(|e| anyhow::anyhow!("cannot install {package}: {e} (Debian: apt-get install {package})"))?;
-    anyhow::ensure!(runs(), "{package} was installed but {bin} does not run");
-    Ok(())
 }
 
 impl HaproxyPair {

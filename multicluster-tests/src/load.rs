@@ -148,6 +148,46 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     proc_kib(pid, "status", &["VmHWM:"])
 }
 
+/// Installs Debian's `package` when `bin probe_arg` does not run here: the benchmarks install
+/// their peers and load generators themselves, as `./test.sh` installs what the tests need,
+/// with apt-get as root, else through sudo.
+pub fn install_debian_package(bin: &str, probe_arg: &str, package: &str, purpose: &str) -> anyhow::Result<()> {
+    let runs = || {
+        std::process::Command::new(bin)
+            .arg(probe_arg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if runs() {
+        return Ok(());
+    }
+    eprintln!("installing Debian's {package} (apt-get install {package}), {purpose}");
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let mut cmd = if root {
+            std::process::Command::new("apt-get")
+        } else {
+            std::process::Command::new("sudo")
+        };
+        if !root {
+            cmd.arg("apt-get");
+        }
+        let status = cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
+        anyhow::ensure!(status.success(), "apt-get {} failed ({status})", args.join(" "));
+        Ok(())
+    };
+    apt(&["update", "-qq"])
+        .and_then(|()| apt(&["install", "-y", "-qq", package]))
+        .map_err(|e| anyhow::anyhow!("cannot install {package}: {e} (Debian: apt-get install {package})"))?;
+    anyhow::ensure!(runs(), "{package} was installed but {bin} does not run");
+    Ok(())
+}
+
 /// Points the mesh fixture at the release binary next to the running benchmark (unless
 /// `STRAIT_BIN` says otherwise) and returns the seconds per run (`STRAIT_BENCH_SECONDS`,
 /// default 10).
