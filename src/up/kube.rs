@@ -42,13 +42,26 @@ pub fn binaries() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
-    Ok(TcpListener::bind(SocketAddr::new(ip, 0))?.local_addr()?.port())
+/// `N` distinct free ports on `ip`. Every listener is held until all are taken: ports asked for
+/// one at a time can repeat (the kernel may hand a just-released port out again), and etcd's
+/// client port once came back as the API server's, which then exited with "address already in use".
+fn free_ports<const N: usize>(ip: IpAddr) -> anyhow::Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind(SocketAddr::new(ip, 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("no free port on {ip}"))?;
+    let mut ports = [0; N];
+    for (port, l) in ports.iter_mut().zip(&listeners) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 pub struct ApiServer {
     pub url: String,
     pub kubeconfig: PathBuf,
+    /// kube-apiserver's log.
+    pub log: PathBuf,
     pub procs: Vec<Proc>,
 }
 
@@ -63,8 +76,7 @@ pub async fn start(
     let dir = cluster.dir.join("kube");
     std::fs::create_dir_all(&dir)?;
     let logs = dir.clone();
-    let etcd_client = free_port(ip)?;
-    let etcd_peer = free_port(ip)?;
+    let [etcd_client, etcd_peer, port] = free_ports(ip)?;
     let etcd = procs::spawn_exe(
         &format!("etcd-{}", cluster.name),
         &bins.join("etcd"),
@@ -106,7 +118,6 @@ pub async fn start(
         format!("{token},strait-admin,1,\"system:masters\"\n"),
     )?;
 
-    let port = free_port(ip)?;
     let path = |f: &str| dir.join(f).display().to_string();
     let apiserver = procs::spawn_exe(
         &format!("kube-apiserver-{}", cluster.name),
@@ -145,6 +156,7 @@ pub async fn start(
     Ok(ApiServer {
         url,
         kubeconfig,
+        log: logs.join("kube-apiserver.log"),
         procs: vec![etcd, apiserver],
     })
 }
@@ -155,19 +167,30 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Waits until the API server answers `/readyz`.
-pub async fn wait_ready(api: &ApiServer, timeout: Duration) -> anyhow::Result<Client> {
+/// Waits until the API server answers `/readyz`. `procs` are its own processes (etcd and
+/// kube-apiserver): if one exits, that is the answer at once, with the end of its log.
+pub async fn wait_ready(api: &ApiServer, procs: &mut [Proc], timeout: Duration) -> anyhow::Result<Client> {
     let deadline = tokio::time::Instant::now() + timeout;
     let client = client(&api.kubeconfig).await?;
     loop {
-        let req = http::Request::get("/readyz").body(Vec::new())?;
-        match client.request_text(req).await {
-            Ok(body) if body.trim() == "ok" => return Ok(client),
-            _ if tokio::time::Instant::now() > deadline => {
-                anyhow::bail!("kube-apiserver at {} not ready after {timeout:?}", api.url)
-            }
-            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        if let Some(e) = procs.iter_mut().find_map(|p| p.exit_error("while starting")) {
+            return Err(e);
         }
+        let req = http::Request::get("/readyz").body(Vec::new())?;
+        let answer = match client.request_text(req).await {
+            Ok(body) if body.trim() == "ok" => return Ok(client),
+            Ok(body) => format!("/readyz says {}", body.trim()),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "kube-apiserver at {} not ready after {timeout:?} ({answer}); see {}{}",
+                api.url,
+                api.log.display(),
+                procs::log_tail(&api.log, 5)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -326,4 +349,24 @@ pub async fn service_account_token(client: &Client, ns: &str, name: &str, out: &
     }
     std::fs::write(out, token)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::net::{IpAddr, Ipv4Addr, TcpListener};
+
+    use super::free_ports;
+
+    #[test]
+    fn a_clusters_ports_are_distinct_and_free() {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        for _ in 0..200 {
+            let ports: [u16; 3] = free_ports(ip).unwrap();
+            assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 3, "{ports:?}");
+            // All three can be listened on together, as etcd and kube-apiserver will.
+            let held: Vec<_> = ports.iter().map(|p| TcpListener::bind((ip, *p)).unwrap()).collect();
+            assert_eq!(held.len(), 3);
+        }
+    }
 }

@@ -341,8 +341,8 @@ async fn wait_ready(plan: &Plan, started: &mut Started, timeout: Duration) -> an
             if p.user {
                 continue; // reported by `watch_apps`, not fatal
             }
-            if let Some(status) = p.exited() {
-                anyhow::bail!("{} exited ({status}) while starting; see {}", p.name, p.log.display());
+            if let Some(e) = p.exit_error("while starting") {
+                return Err(e);
             }
         }
         let mut admin_addrs: Vec<SocketAddr> = vec![];
@@ -785,11 +785,13 @@ async fn start_kube(plan: &Plan, log_filter: &str, procs_out: &mut Vec<Proc>) ->
     for (i, c) in plan.clusters.iter().enumerate() {
         let ip = plan::cluster_ip(plan.topology.address_base, i + 1, 3);
         let mut api = kube::start(c, ip, &format!("241.{}.0.0/16", i + 1), log_filter).await?;
+        // Handed over at once, so that they are stopped whatever happens next.
+        let own = procs_out.len()..procs_out.len() + api.procs.len();
         procs_out.append(&mut api.procs);
-        servers.push(api);
+        servers.push((api, own));
     }
-    for (c, api) in plan.clusters.iter().zip(servers) {
-        let client = kube::wait_ready(&api, Duration::from_secs(60)).await?;
+    for (c, (api, own)) in plan.clusters.iter().zip(servers) {
+        let client = kube::wait_ready(&api, &mut procs_out[own], Duration::from_secs(60)).await?;
         kube::install_crds(&client).await?;
         kube::publish_demo(&client, c, &plan.topology.services).await?;
         kube::service_account_token(

@@ -31,6 +31,36 @@ impl Proc {
             _ => None,
         }
     }
+
+    /// If the process has exited: an error that names it, says how it ended and `when`, and
+    /// quotes the end of its log (where a daemon says why it gave up).
+    pub fn exit_error(&mut self, when: &str) -> Option<anyhow::Error> {
+        let status = self.exited()?;
+        Some(anyhow::anyhow!(
+            "{} exited ({status}) {when}; see {}{}",
+            self.name,
+            self.log.display(),
+            log_tail(&self.log, 5)
+        ))
+    }
+}
+
+/// The last `n` non-empty lines of a log, each on its own indented line after a newline (or
+/// nothing when the log is empty or unreadable). Reads at most the file's last 8 KiB.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = vec![];
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+        let _ = f.read_to_end(&mut buf);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("\n  | {l}"))
+        .collect()
 }
 
 /// Starts `program <args>` (`strait` or `strait-sidecar`) behind a command prefix (`ip netns
@@ -305,7 +335,52 @@ pub async fn stop_all(procs: &mut [Proc]) {
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use super::{cargo_build_args, SidecarProgram, SIDECAR_EXE};
+    use super::{cargo_build_args, log_tail, spawn_exe, SidecarProgram, SIDECAR_EXE};
+
+    #[tokio::test]
+    async fn a_daemon_that_exits_is_named_with_how_it_ended_and_the_end_of_its_log() {
+        let dir = std::env::temp_dir().join(format!("strait-exit-error-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("kube-apiserver.log");
+        let script = "echo starting; echo; for i in 1 2 3 4 5 6; do echo line $i; done; \
+                      echo 'listen tcp 127.1.1.3:34377: bind: address already in use'; exit 1";
+        let mut p = spawn_exe(
+            "kube-apiserver-east",
+            Path::new("/bin/sh"),
+            vec!["-c".into(), script.into()],
+            &log,
+            "info",
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let e = loop {
+            if let Some(e) = p.exit_error("while starting") {
+                break e.to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "the shell did not exit");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let want = format!(
+            "kube-apiserver-east exited (exit status: 1) while starting; see {}\n  | line 3\n  | line 4\n  \
+             | line 5\n  | line 6\n  | listen tcp 127.1.1.3:34377: bind: address already in use",
+            log.display()
+        );
+        assert_eq!(e, want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_tail_reads_only_the_end_of_a_long_log_and_nothing_of_a_missing_one() {
+        let dir = std::env::temp_dir().join(format!("strait-log-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("etcd.log");
+        let mut text: String = (0..10_000).map(|i| format!("line {i}\n")).collect();
+        text.push_str("\n\n");
+        std::fs::write(&log, text).unwrap();
+        assert_eq!(log_tail(&log, 2), "\n  | line 9998\n  | line 9999");
+        assert_eq!(log_tail(&dir.join("missing.log"), 5), "");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn under_cargo_run_the_sidecar_is_built_with_the_same_profile_and_never_otherwise() {
