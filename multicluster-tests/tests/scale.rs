@@ -74,10 +74,8 @@ fn the_executables_pack_their_relative_relocations() {
 /// quietly unoptimised.
 #[test]
 fn release_units_compile_with_the_committed_profile() {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    // Not the compile-time path: a test binary built in another clone is reused (`repo_dir`).
+    let repo = multicluster_tests::repo_dir();
     let wrapper = repo.join("pgo/rustc-wrapper");
     let profile = repo.join("pgo/strait.profdata");
     let config = std::fs::read_to_string(repo.join(".cargo/config.toml")).unwrap();
