@@ -119,6 +119,7 @@ pub async fn start(
     )?;
 
     let path = |f: &str| dir.join(f).display().to_string();
+    let log = logs.join("kube-apiserver.log");
     let apiserver = procs::spawn_exe(
         &format!("kube-apiserver-{}", cluster.name),
         &bins.join("kube-apiserver"),
@@ -140,7 +141,7 @@ pub async fn start(
             // No controller-manager runs, so nothing would create default service accounts.
             "--disable-admission-plugins=ServiceAccount".into(),
         ],
-        &logs.join("kube-apiserver.log"),
+        &log,
         log_filter,
     )?;
     let url = format!("https://{ip}:{port}");
@@ -156,7 +157,7 @@ pub async fn start(
     Ok(ApiServer {
         url,
         kubeconfig,
-        log: logs.join("kube-apiserver.log"),
+        log,
         procs: vec![etcd, apiserver],
     })
 }
