@@ -108,6 +108,16 @@ pub fn same_export(a: &Arc<pb::ExportedService>, b: &Arc<pb::ExportedService>) -
     Arc::ptr_eq(a, b) || a == b
 }
 
+/// Whether two merged catalogs are the same, by pointer before value for each service: a merge
+/// keeps the `Arc` of every service it did not change, so comparing a pass's catalog with the
+/// last one costs a pointer comparison per service, not a walk over every endpoint.
+pub fn same_merged(a: &Merged, b: &Merged) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, va), (kb, vb))| ka == kb && (Arc::ptr_eq(va, vb) || va == vb))
+}
+
 /// The services `now` adds, changes (by pointer, then value) or removes against `before`, in
 /// key order: each with its export in `now`, `None` where `now` no longer has it. One walk over
 /// both, not a lookup in `before` per service.
@@ -541,6 +551,33 @@ mod tests {
         assert!(!third.contains_key("demo/b"));
         assert_eq!(third, from_scratch(&e));
         assert_eq!(memo.by_service.len(), 2);
+    }
+
+    #[test]
+    fn merged_catalogs_compare_by_pointer_then_value() {
+        let range: IpRange = "240.0.0.0/4".parse().unwrap();
+        let e = two_clusters();
+        let plain = |e: &BTreeMap<String, Arc<Services>>| e.iter().map(|(c, s)| (c.clone(), (**s).clone())).collect();
+        let first = merge(&plain(&e), range);
+        // The same Arcs, and equal services in new allocations: the same catalog.
+        assert!(same_merged(&first, &first.clone()));
+        let rebuilt = merge(&plain(&e), range);
+        assert!(!Arc::ptr_eq(&first["demo/a"], &rebuilt["demo/a"]));
+        assert!(same_merged(&first, &rebuilt));
+        // A moved endpoint, a service gone, a service under another name: not the same.
+        let mut moved = (*rebuilt["demo/b"]).clone();
+        let mut export = (*moved.exports[0]).clone();
+        export.endpoints[0].address = "127.0.0.1:9".into();
+        moved.exports[0] = Arc::new(export);
+        let mut changed = rebuilt.clone();
+        changed.insert("demo/b".into(), Arc::new(moved));
+        assert!(!same_merged(&first, &changed));
+        let mut fewer = rebuilt.clone();
+        let b = fewer.remove("demo/b").unwrap();
+        assert!(!same_merged(&first, &fewer));
+        fewer.insert("demo/z".into(), b);
+        assert!(!same_merged(&first, &fewer));
+        assert!(same_merged(&Merged::new(), &Merged::new()));
     }
 
     #[test]

@@ -25,7 +25,9 @@ use strait_trust::{
     WorkloadCert,
 };
 
-use crate::catalog::{merge_with, share_unchanged, Changes, IpRange, MergeMemo, Merged, Services, Touched};
+use crate::catalog::{
+    merge_with, same_merged, share_unchanged, Changes, IpRange, MergeMemo, Merged, Services, Touched,
+};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{ExportChange, Exports, PeerClient, PeerTable, PeeringServer};
 use crate::resources::{build_with, same_versions, BuildMemo, ConfigState, Others};
@@ -298,6 +300,9 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("the controller config names no source (catalogDir or kubernetes)"),
     };
     let mut last_merged: Option<Merged> = None;
+    // The local catalog's change count and the merge the ServiceExports' conditions were last
+    // written for (Kubernetes mode).
+    let mut export_statuses_of: Option<(u64, Merged)> = None;
     let mut local_memo: Option<LocalCatalog> = None;
     let mut merge_memo = MergeMemo::default();
     let mut build_memo = BuildMemo::new(&cfg.cluster);
@@ -368,12 +373,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         let now = Instant::now();
         // This cluster's own catalog, rebuilt only when its source changed: most passes are
         // for a peer's change, and rebuilding (and comparing) the whole local catalog on each
-        // made a change's cost grow with the catalog.
+        // made a change's cost grow with the catalog. The count is read before the rebuild.
         let source_changes = match &source {
-            Source::File(files) => Some(files.changes),
-            Source::Kube(..) => None,
+            Source::File(files) => files.changes,
+            Source::Kube(watched, _) => watched.changes(),
         };
-        let local_changed = source_changes.is_none() || local_memo.as_ref().map(|m| m.changes) != source_changes;
+        let local_changed = local_memo.as_ref().map(|m| m.changes) != Some(source_changes);
         // What changed in each cluster since the last merge: the peers' updates say it; this
         // cluster's is found below when its catalog is rebuilt.
         let mut changes = Changes::new();
@@ -400,7 +405,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                     .collect(),
             );
             local_memo = Some(LocalCatalog {
-                changes: source_changes.unwrap_or_default(),
+                changes: source_changes,
                 all: Arc::new(all),
                 exported,
                 errors,
@@ -549,16 +554,23 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         });
         if let Source::Kube(watched, writer) = &mut source {
             // Like sidecars, the cluster's ServiceImports wait until the catalog is complete.
-            if warm && last_merged.as_ref() != Some(&merged) {
+            if warm && !last_merged.as_ref().is_some_and(|last| same_merged(last, &merged)) {
                 match writer.sync(&merged).await {
                     Ok(()) => last_merged = Some(merged.clone()),
                     Err(e) => tracing::warn!(error = %e, "cannot write ServiceImports yet; retrying"),
                 }
             }
-            if warm {
+            // The ServiceExports' conditions follow from the local catalog (its source's change
+            // count) and the merge: made again only when either changed since they were last
+            // written (or the write failed), not on every pass.
+            let statuses_current = export_statuses_of
+                .as_ref()
+                .is_some_and(|(changes, m)| *changes == source_changes && same_merged(m, &merged));
+            if warm && !statuses_current {
                 let conditions = watched.export_conditions(&merged, &errors);
-                if let Err(e) = writer.sync_export_status(&conditions).await {
-                    tracing::warn!(error = %e, "cannot write ServiceExport conditions yet; retrying");
+                match writer.sync_export_status(&conditions).await {
+                    Ok(()) => export_statuses_of = Some((source_changes, merged.clone())),
+                    Err(e) => tracing::warn!(error = %e, "cannot write ServiceExport conditions yet; retrying"),
                 }
             }
         }

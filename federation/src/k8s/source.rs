@@ -3,6 +3,8 @@
 //! endpoints' zones and readiness from the EndpointSlices.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,164 +31,58 @@ pub const SERVICE_ACCOUNT_ANNOTATION: &str = "strait.dev/service-account";
 pub struct KubeSource {
     client: Client,
     policies: Store<LocalityPolicy>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    exports: Store<ServiceExport>,
-    pods: Store<Pod>,
+    local: LocalObjects,
     changed: Arc<Notify>,
+    /// Counts the changes to the objects [`KubeSource::services`] reads (Services,
+    /// EndpointSlices, ServiceExports, Pods): what it returns is the same while this is.
+    changes: Arc<AtomicU64>,
     /// HTTPRoutes, GRPCRoutes and TrafficPolicies written in this cluster.
     pub objects: super::KubeObjects,
 }
 
-fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>, what: &'static str) -> Store<K>
-where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying with backoff"),
-            }
-        }
-    });
-    reader
+/// The objects this cluster's services are built from (Services, EndpointSlices,
+/// ServiceExports and Pods, each a reflector's store), and what was last built from them.
+struct LocalObjects {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    exports: Store<ServiceExport>,
+    pods: Store<Pod>,
+    /// Counts the changes to Pods alone (an endpoint's identity is its pod's service account).
+    pod_changes: Arc<AtomicU64>,
+    /// Each exported service as last built, with what it was built from: a service whose
+    /// ServiceExport, Service and EndpointSlices have the resource versions they had (and no
+    /// Pod changed) is the same `Arc` as before, not built again from thousands of endpoints.
+    built: HashMap<String, (BuiltFrom, LocalService)>,
 }
 
-impl KubeSource {
-    /// Starts the watches; returns once every cache holds its first full list (or after
-    /// `timeout`, with an error naming what is missing, e.g. the MCS CRDs).
-    pub async fn start(client: Client, timeout: Duration) -> anyhow::Result<Self> {
-        let changed = Arc::new(Notify::new());
-        let source = KubeSource {
-            client: client.clone(),
-            policies: spawn_reflector(
-                Api::<LocalityPolicy>::all(client.clone()),
-                changed.clone(),
-                "LocalityPolicy",
-            ),
-            services: spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), "Service"),
-            slices: spawn_reflector(
-                Api::<EndpointSlice>::all(client.clone()),
-                changed.clone(),
-                "EndpointSlice",
-            ),
-            exports: spawn_reflector(
-                Api::<ServiceExport>::all(client.clone()),
-                changed.clone(),
-                "ServiceExport",
-            ),
-            pods: spawn_reflector(Api::<Pod>::all(client.clone()), changed.clone(), "Pod"),
-            objects: super::KubeObjects::start(client, changed.clone()),
-            changed,
-        };
-        let ready = async {
-            let _ = source.services.wait_until_ready().await;
-            let _ = source.slices.wait_until_ready().await;
-            let _ = source.exports.wait_until_ready().await;
-            let _ = source.policies.wait_until_ready().await;
-            let _ = source.pods.wait_until_ready().await;
-        };
-        tokio::time::timeout(timeout, ready).await.map_err(|_| {
-            anyhow::anyhow!(
-                "the Kubernetes caches did not fill within {timeout:?}: check the kubeconfig, RBAC, and that the \
-                 ServiceExport CRD is installed (`strait install --crds | kubectl apply -f -`)"
-            )
-        })?;
-        Ok(source)
-    }
-
-    /// Wakes when any watched object changed.
-    pub fn changed(&self) -> &Notify {
-        &self.changed
-    }
-
-    /// The `default` LocalityPolicy, if there is one.
-    pub fn locality_policy(&self) -> Option<Arc<LocalityPolicy>> {
-        self.policies.get(&ObjectRef::new(POLICY_NAME))
-    }
-
-    /// Reports on a LocalityPolicy's status whether it was accepted (and why not).
-    pub async fn report_policy(&self, generation: Option<i64>, error: Option<&str>) -> Result<(), kube::Error> {
-        let condition = Condition {
-            type_: "Accepted".into(),
-            status: if error.is_none() { "True" } else { "False" }.into(),
-            reason: Some(if error.is_none() { "Valid" } else { "Invalid" }.into()),
-            message: error.map(|e| format!("{e}; the last good policy keeps serving")),
-            last_transition_time: None,
-        };
-        let status = serde_json::json!({
-            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "LocalityPolicy",
-            "status": LocalityPolicyStatus { observed_generation: generation, conditions: vec![condition] },
-        });
-        Api::<LocalityPolicy>::all(self.client.clone())
-            .patch_status(
-                POLICY_NAME,
-                &kube::api::PatchParams::apply(super::FIELD_MANAGER).force(),
-                &kube::api::Patch::Apply(&status),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// The MCS conditions of every ServiceExport in this cluster: `Valid` (is there a Service
-    /// that can be exported) and `Conflict` (does it agree with the other clusters' exports; the
-    /// merge decides, so every exporting cluster reports the same conflict).
-    pub fn export_conditions(
-        &self,
-        merged: &crate::catalog::Merged,
-        errors: &[SourceError],
-    ) -> BTreeMap<String, Vec<Condition>> {
-        let mut out = BTreeMap::new();
-        for export in self.exports.state() {
-            let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
-                continue;
-            };
-            let key = format!("{ns}/{name}");
-            let file = format!("serviceexport/{key}");
-            let invalid = errors.iter().find(|e| e.file.to_str() == Some(file.as_str()));
-            let mut conditions = vec![Condition {
-                type_: "Valid".into(),
-                status: if invalid.is_none() { "True" } else { "False" }.into(),
-                reason: Some(
-                    if invalid.is_none() {
-                        "ServiceExported"
-                    } else {
-                        "InvalidService"
-                    }
-                    .into(),
-                ),
-                message: invalid.map(|e| e.message.clone()),
-                last_transition_time: None,
-            }];
-            if let Some(c) = merged
-                .get(key.as_str())
-                .and_then(|m| m.conditions.iter().find(|c| c.r#type == "Conflict"))
-            {
-                conditions.push(c.into());
-            }
-            out.insert(key, conditions);
-        }
-        out
-    }
-
-    /// This cluster's exported services.
-    pub fn services(
-        &self,
+impl LocalObjects {
+    /// This cluster's exported services, and the problems of those that cannot be.
+    fn services(
+        &mut self,
         cluster: &str,
         region: &str,
         td: &TrustDomain,
-        _now: SystemTime,
     ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
         let mut out = BTreeMap::new();
         let mut errors = vec![];
-        let slices = self.slices.state();
+        // Read before the stores: a Pod change after this read is a new count next time.
+        let pods = self.pod_changes.load(Ordering::Acquire);
+        let last = std::mem::take(&mut self.built);
+        let mut built = HashMap::with_capacity(last.len());
+        // Each Service's EndpointSlices, by namespace and the `kubernetes.io/service-name`
+        // label, found in one walk over the slices (not one walk per export).
+        let all_slices = self.slices.state();
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &all_slices {
+            let owner = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"));
+            if let (Some(ns), Some(service)) = (slice.metadata.namespace.as_deref(), owner) {
+                slices.entry((ns, service.as_str())).or_default().push(slice);
+            }
+        }
         for export in self.exports.state() {
             let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
                 continue;
@@ -207,6 +103,24 @@ impl KubeSource {
                          export a ClusterIP or headless Service"
                     ),
                 });
+                continue;
+            }
+            let own_slices = slices
+                .get(&(ns.as_str(), name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let from = BuiltFrom {
+                export: export.metadata.resource_version.clone(),
+                service: svc.metadata.resource_version.clone(),
+                slices: own_slices
+                    .iter()
+                    .map(|s| (s.metadata.name.clone(), s.metadata.resource_version.clone()))
+                    .collect(),
+                pods,
+            };
+            if let Some((_, local)) = last.get(&key).filter(|(f, _)| *f == from) {
+                built.insert(key.clone(), (from, local.clone()));
+                out.insert(key, local.clone());
                 continue;
             }
             let exported_at = export
@@ -255,15 +169,7 @@ impl KubeSource {
                 })
                 .collect();
             let mut endpoints = vec![];
-            for slice in slices.iter().filter(|s| {
-                s.metadata.namespace.as_deref() == Some(ns.as_str())
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("kubernetes.io/service-name"))
-                        .map(String::as_str)
-                        == Some(name.as_str())
-            }) {
+            for slice in own_slices {
                 let Some(port) = slice.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port) else {
                     continue;
                 };
@@ -304,21 +210,347 @@ impl KubeSource {
                 identities.push(identity_of(None));
             }
             identities.sort();
-            out.insert(
-                key,
-                LocalService {
-                    service: std::sync::Arc::new(pb::ExportedService {
-                        name,
-                        namespace: ns,
-                        ports,
-                        endpoints,
-                        exported_at_unix_ms: exported_at,
-                        identities,
-                    }),
-                    exported: true,
-                },
-            );
+            let mut local = LocalService {
+                service: std::sync::Arc::new(pb::ExportedService {
+                    name,
+                    namespace: ns,
+                    ports,
+                    endpoints,
+                    exported_at_unix_ms: exported_at,
+                    identities,
+                }),
+                exported: true,
+            };
+            // Built again but the same (its ServiceExport's status was written, say): the `Arc`
+            // of before, which the catalog and the merge still hold and compare by pointer.
+            if let Some((_, before)) = last.get(&key).filter(|(_, before)| *before == local) {
+                local = before.clone();
+            }
+            built.insert(key.clone(), (from, local.clone()));
+            out.insert(key, local);
         }
+        // What is no longer exported is forgotten with the last call's map.
+        self.built = built;
         (out, errors)
+    }
+}
+
+/// What one exported service was built from: the resource versions of its ServiceExport,
+/// Service and EndpointSlices (by name), and the count of Pod changes.
+#[derive(Debug, PartialEq)]
+struct BuiltFrom {
+    export: Option<String>,
+    service: Option<String>,
+    slices: Vec<(Option<String>, Option<String>)>,
+    pods: u64,
+}
+
+/// Starts a reflector of `api`; each change it applies to the store bumps every one of
+/// `counters` and then wakes `changed`, so a loop woken by it and reading a counter after sees
+/// the store as changed.
+fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>, counters: &[&Arc<AtomicU64>], what: &'static str) -> Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let counters: Vec<Arc<AtomicU64>> = counters.iter().map(|c| Arc::clone(c)).collect();
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    // The store already holds this event (`reflect` applies it before passing it on).
+                    for c in &counters {
+                        c.fetch_add(1, Ordering::Release);
+                    }
+                    changed.notify_one()
+                }
+                Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying with backoff"),
+            }
+        }
+    });
+    reader
+}
+
+impl KubeSource {
+    /// Starts the watches; returns once every cache holds its first full list (or after
+    /// `timeout`, with an error naming what is missing, e.g. the MCS CRDs).
+    pub async fn start(client: Client, timeout: Duration) -> anyhow::Result<Self> {
+        let changed = Arc::new(Notify::new());
+        let changes = Arc::new(AtomicU64::new(0));
+        let pod_changes = Arc::new(AtomicU64::new(0));
+        let source = KubeSource {
+            client: client.clone(),
+            policies: spawn_reflector(
+                Api::<LocalityPolicy>::all(client.clone()),
+                changed.clone(),
+                &[],
+                "LocalityPolicy",
+            ),
+            local: LocalObjects {
+                services: spawn_reflector(
+                    Api::<Service>::all(client.clone()),
+                    changed.clone(),
+                    &[&changes],
+                    "Service",
+                ),
+                slices: spawn_reflector(
+                    Api::<EndpointSlice>::all(client.clone()),
+                    changed.clone(),
+                    &[&changes],
+                    "EndpointSlice",
+                ),
+                exports: spawn_reflector(
+                    Api::<ServiceExport>::all(client.clone()),
+                    changed.clone(),
+                    &[&changes],
+                    "ServiceExport",
+                ),
+                pods: spawn_reflector(
+                    Api::<Pod>::all(client.clone()),
+                    changed.clone(),
+                    &[&changes, &pod_changes],
+                    "Pod",
+                ),
+                pod_changes,
+                built: HashMap::new(),
+            },
+            objects: super::KubeObjects::start(client, changed.clone()),
+            changed,
+            changes,
+        };
+        let ready = async {
+            let _ = source.local.services.wait_until_ready().await;
+            let _ = source.local.slices.wait_until_ready().await;
+            let _ = source.local.exports.wait_until_ready().await;
+            let _ = source.policies.wait_until_ready().await;
+            let _ = source.local.pods.wait_until_ready().await;
+        };
+        tokio::time::timeout(timeout, ready).await.map_err(|_| {
+            anyhow::anyhow!(
+                "the Kubernetes caches did not fill within {timeout:?}: check the kubeconfig, RBAC, and that the \
+                 ServiceExport CRD is installed (`strait install --crds | kubectl apply -f -`)"
+            )
+        })?;
+        Ok(source)
+    }
+
+    /// Wakes when any watched object changed.
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// How many changes to the objects [`KubeSource::services`] reads have reached their
+    /// caches. Read it before calling `services`: a change after the read shows as a new count
+    /// at the next pass, so none is missed (at worst one is built twice).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// The `default` LocalityPolicy, if there is one.
+    pub fn locality_policy(&self) -> Option<Arc<LocalityPolicy>> {
+        self.policies.get(&ObjectRef::new(POLICY_NAME))
+    }
+
+    /// Reports on a LocalityPolicy's status whether it was accepted (and why not).
+    pub async fn report_policy(&self, generation: Option<i64>, error: Option<&str>) -> Result<(), kube::Error> {
+        let condition = Condition {
+            type_: "Accepted".into(),
+            status: if error.is_none() { "True" } else { "False" }.into(),
+            reason: Some(if error.is_none() { "Valid" } else { "Invalid" }.into()),
+            message: error.map(|e| format!("{e}; the last good policy keeps serving")),
+            last_transition_time: None,
+        };
+        let status = serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "LocalityPolicy",
+            "status": LocalityPolicyStatus { observed_generation: generation, conditions: vec![condition] },
+        });
+        Api::<LocalityPolicy>::all(self.client.clone())
+            .patch_status(
+                POLICY_NAME,
+                &kube::api::PatchParams::apply(super::FIELD_MANAGER).force(),
+                &kube::api::Patch::Apply(&status),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The MCS conditions of every ServiceExport in this cluster: `Valid` (is there a Service
+    /// that can be exported) and `Conflict` (does it agree with the other clusters' exports; the
+    /// merge decides, so every exporting cluster reports the same conflict).
+    pub fn export_conditions(
+        &self,
+        merged: &crate::catalog::Merged,
+        errors: &[SourceError],
+    ) -> BTreeMap<String, Vec<Condition>> {
+        let mut out = BTreeMap::new();
+        for export in self.local.exports.state() {
+            let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
+                continue;
+            };
+            let key = format!("{ns}/{name}");
+            let file = format!("serviceexport/{key}");
+            let invalid = errors.iter().find(|e| e.file.to_str() == Some(file.as_str()));
+            let mut conditions = vec![Condition {
+                type_: "Valid".into(),
+                status: if invalid.is_none() { "True" } else { "False" }.into(),
+                reason: Some(
+                    if invalid.is_none() {
+                        "ServiceExported"
+                    } else {
+                        "InvalidService"
+                    }
+                    .into(),
+                ),
+                message: invalid.map(|e| e.message.clone()),
+                last_transition_time: None,
+            }];
+            if let Some(c) = merged
+                .get(key.as_str())
+                .and_then(|m| m.conditions.iter().find(|c| c.r#type == "Conflict"))
+            {
+                conditions.push(c.into());
+            }
+            out.insert(key, conditions);
+        }
+        out
+    }
+
+    /// This cluster's exported services. A service built before from the same objects (see
+    /// [`BuiltFrom`]) is the same `Arc` as then.
+    pub fn services(
+        &mut self,
+        cluster: &str,
+        region: &str,
+        td: &TrustDomain,
+        _now: SystemTime,
+    ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
+        self.local.services(cluster, region, td)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+    use serde_json::json;
+
+    /// Stores written by hand, as a reflector writes them.
+    struct Objects {
+        services: Writer<Service>,
+        slices: Writer<EndpointSlice>,
+        exports: Writer<ServiceExport>,
+        pods: Writer<Pod>,
+        local: LocalObjects,
+    }
+
+    fn objects() -> Objects {
+        let (services, services_w) = reflector::store();
+        let (slices, slices_w) = reflector::store();
+        let (exports, exports_w) = reflector::store();
+        let (pods, pods_w) = reflector::store();
+        Objects {
+            services: services_w,
+            slices: slices_w,
+            exports: exports_w,
+            pods: pods_w,
+            local: LocalObjects {
+                services,
+                slices,
+                exports,
+                pods,
+                pod_changes: Arc::new(AtomicU64::new(0)),
+                built: HashMap::new(),
+            },
+        }
+    }
+
+    fn apply<K: serde::de::DeserializeOwned>(value: serde_json::Value) -> watcher::Event<K> {
+        watcher::Event::Apply(serde_json::from_value(value).unwrap())
+    }
+
+    fn service(name: &str, rv: &str) -> watcher::Event<Service> {
+        apply(
+            json!({"metadata": {"name": name, "namespace": "sim", "resourceVersion": rv},
+            "spec": {"ports": [{"name": "http", "port": 80}]}}),
+        )
+    }
+
+    fn export(name: &str, rv: &str) -> watcher::Event<ServiceExport> {
+        apply(
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {"name": name, "namespace": "sim", "resourceVersion": rv}, "spec": {}}),
+        )
+    }
+
+    fn slice(name: &str, rv: &str, address: &str, pod: Option<&str>) -> watcher::Event<EndpointSlice> {
+        let target = pod.map(|p| json!({"kind": "Pod", "name": p, "namespace": "sim"}));
+        apply(
+            json!({"metadata": {"name": format!("{name}-1"), "namespace": "sim", "resourceVersion": rv,
+                "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": [address], "zone": "z1", "targetRef": target}]}),
+        )
+    }
+
+    #[test]
+    fn a_service_is_built_again_only_when_its_objects_change() {
+        let mut o = objects();
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        for name in ["a", "b"] {
+            o.services.apply_watcher_event(&service(name, "1"));
+            o.exports.apply_watcher_event(&export(name, "1"));
+            o.slices
+                .apply_watcher_event(&slice(name, "1", "10.0.0.1", Some(&format!("{name}-pod"))));
+        }
+        let build = |o: &mut Objects| o.local.services("east", "us-east", &td).0;
+        let first = build(&mut o);
+        assert_eq!(first["sim/a"].service.endpoints[0].address, "10.0.0.1:8080");
+        assert_eq!(
+            first["sim/a"].service.endpoints[0].identity,
+            "spiffe://mesh.local/ns/sim/sa/default"
+        );
+        // Nothing changed: the very same exports.
+        let again = build(&mut o);
+        assert!(Arc::ptr_eq(&first["sim/a"].service, &again["sim/a"].service));
+        assert!(Arc::ptr_eq(&first["sim/b"].service, &again["sim/b"].service));
+        // b's EndpointSlice moves an endpoint: b is built again, a is not.
+        o.slices
+            .apply_watcher_event(&slice("b", "2", "10.0.0.2", Some("b-pod")));
+        let moved = build(&mut o);
+        assert!(Arc::ptr_eq(&first["sim/a"].service, &moved["sim/a"].service));
+        assert_eq!(moved["sim/b"].service.endpoints[0].address, "10.0.0.2:8080");
+        // A new resource version with the same content (a status written): built again, and
+        // the same `Arc` as before, which the catalog compares by pointer.
+        o.exports.apply_watcher_event(&export("a", "2"));
+        let restamped = build(&mut o);
+        assert!(Arc::ptr_eq(&first["sim/a"].service, &restamped["sim/a"].service));
+        // A Pod change (its service account is the endpoint's identity) reaches every service
+        // whose endpoints it backs.
+        o.pods.apply_watcher_event(&apply(
+            json!({"metadata": {"name": "a-pod", "namespace": "sim", "resourceVersion": "1"},
+            "spec": {"serviceAccountName": "ledger", "containers": []}}),
+        ));
+        o.local.pod_changes.fetch_add(1, Ordering::Release);
+        let pod = build(&mut o);
+        assert_eq!(
+            pod["sim/a"].service.endpoints[0].identity,
+            "spiffe://mesh.local/ns/sim/sa/ledger"
+        );
+        assert!(Arc::ptr_eq(&moved["sim/b"].service, &pod["sim/b"].service));
+        // An export gone is gone from the map and from what is remembered.
+        o.exports.apply_watcher_event(&watcher::Event::Delete(
+            serde_json::from_value(json!({
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "metadata": {"name": "b", "namespace": "sim"}, "spec": {}}))
+            .unwrap(),
+        ));
+        let gone = build(&mut o);
+        assert!(!gone.contains_key("sim/b"));
+        assert_eq!(o.local.built.len(), 1);
     }
 }
