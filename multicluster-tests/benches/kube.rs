@@ -71,11 +71,7 @@ fn args() -> Args {
 }
 
 async fn client(c: &ClusterInfo) -> Client {
-    let kc = kube::config::Kubeconfig::read_from(c.kubeconfig.as_ref().expect("--kube gives a kubeconfig")).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
+    c.kube_client().await.unwrap()
 }
 
 fn mcs(c: &Client, kind: &str) -> Api<DynamicObject> {

@@ -124,6 +124,19 @@ pub struct ClusterInfo {
     pub apiserver: Option<ApiServerInfo>,
 }
 
+impl ClusterInfo {
+    /// A client of the cluster's API server (`--kube` only).
+    pub async fn kube_client(&self) -> anyhow::Result<kube::Client> {
+        let path = self
+            .kubeconfig
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("cluster {} has no API server: start the mesh with kube", self.name))?;
+        let kc = kube::config::Kubeconfig::read_from(path)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct ApiServerInfo {
     pub pid: u32,

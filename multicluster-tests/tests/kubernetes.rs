@@ -24,11 +24,7 @@ async fn kube_mesh() -> Mesh {
 }
 
 async fn client(c: &ClusterInfo) -> Client {
-    let kc = kube::config::Kubeconfig::read_from(c.kubeconfig.as_ref().expect("--kube gives a kubeconfig")).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
+    c.kube_client().await.unwrap()
 }
 
 fn imports(c: &Client) -> Api<kube::api::DynamicObject> {

@@ -47,7 +47,8 @@ struct LocalObjects {
     slices: Store<EndpointSlice>,
     exports: Store<ServiceExport>,
     pods: Store<Pod>,
-    /// Counts the changes to Pods alone (an endpoint's identity is its pod's service account).
+    /// Counts the Pods created or deleted and the service accounts changed (an endpoint's
+    /// identity is its pod's account; a pod's status is not read).
     pod_changes: Arc<AtomicU64>,
     /// Each exported service as last built, with what it was built from: a service whose
     /// ServiceExport, Service and EndpointSlices have the resource versions they had (and no
@@ -82,6 +83,11 @@ impl LocalObjects {
             if let (Some(ns), Some(service)) = (slice.metadata.namespace.as_deref(), owner) {
                 slices.entry((ns, service.as_str())).or_default().push(slice);
             }
+        }
+        // By name: the store lists in no set order, and what a service was built from is
+        // compared as a list.
+        for own in slices.values_mut() {
+            own.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         }
         for export in self.exports.state() {
             let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
@@ -245,10 +251,66 @@ struct BuiltFrom {
     pods: u64,
 }
 
-/// Starts a reflector of `api`; each change it applies to the store bumps every one of
-/// `counters` and then wakes `changed`, so a loop woken by it and reading a counter after sees
-/// the store as changed.
-fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>, counters: &[&Arc<AtomicU64>], what: &'static str) -> Store<K>
+/// Pods' service accounts as the catalog reads them (an endpoint's identity is its pod's
+/// account): [`PodAccounts::observe`] says whether a watch event changed one, so a pod's status
+/// updates (most of a busy cluster's Pod events) do not rebuild the catalog.
+#[derive(Default)]
+struct PodAccounts {
+    known: HashMap<(String, String), Option<String>>,
+    /// The accounts listed since a relist began (`Init`), which the store takes at `InitDone`.
+    relist: HashMap<(String, String), Option<String>>,
+}
+
+impl PodAccounts {
+    fn key(pod: &Pod) -> (String, String) {
+        (
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
+    fn account(pod: &Pod) -> Option<String> {
+        pod.spec.as_ref().and_then(|s| s.service_account_name.clone())
+    }
+
+    /// Whether the store, once it has applied `event`, holds a pod or an account it did not.
+    fn observe(&mut self, event: &watcher::Event<Pod>) -> bool {
+        match event {
+            watcher::Event::Apply(pod) => {
+                let account = Self::account(pod);
+                self.known.insert(Self::key(pod), account.clone()) != Some(account)
+            }
+            watcher::Event::Delete(pod) => {
+                self.known.remove(&Self::key(pod));
+                true
+            }
+            watcher::Event::Init => {
+                self.relist.clear();
+                false
+            }
+            watcher::Event::InitApply(pod) => {
+                self.relist.insert(Self::key(pod), Self::account(pod));
+                false
+            }
+            watcher::Event::InitDone => {
+                let changed = self.relist != self.known;
+                self.known = std::mem::take(&mut self.relist);
+                changed
+            }
+        }
+    }
+}
+
+/// Starts a reflector of `api`; each change it applies to the store that `counts` says matters
+/// bumps every one of `counters` and then wakes `changed`, so a loop woken by it and reading a
+/// counter after sees the store as changed.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    counters: &[&Arc<AtomicU64>],
+    mut counts: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
+    what: &'static str,
+) -> Store<K>
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -262,12 +324,14 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => {
-                    // The store already holds this event (`reflect` applies it before passing it on).
-                    for c in &counters {
-                        c.fetch_add(1, Ordering::Release);
+                // The store already holds this event (`reflect` applies it before passing it on).
+                Ok(event) => {
+                    if counts(&event) {
+                        for c in &counters {
+                            c.fetch_add(1, Ordering::Release);
+                        }
+                        changed.notify_one()
                     }
-                    changed.notify_one()
                 }
                 Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying with backoff"),
             }
@@ -289,6 +353,7 @@ impl KubeSource {
                 Api::<LocalityPolicy>::all(client.clone()),
                 changed.clone(),
                 &[],
+                |_| true,
                 "LocalityPolicy",
             ),
             local: LocalObjects {
@@ -296,24 +361,31 @@ impl KubeSource {
                     Api::<Service>::all(client.clone()),
                     changed.clone(),
                     &[&changes],
+                    |_| true,
                     "Service",
                 ),
                 slices: spawn_reflector(
                     Api::<EndpointSlice>::all(client.clone()),
                     changed.clone(),
                     &[&changes],
+                    |_| true,
                     "EndpointSlice",
                 ),
                 exports: spawn_reflector(
                     Api::<ServiceExport>::all(client.clone()),
                     changed.clone(),
                     &[&changes],
+                    |_| true,
                     "ServiceExport",
                 ),
                 pods: spawn_reflector(
                     Api::<Pod>::all(client.clone()),
                     changed.clone(),
                     &[&changes, &pod_changes],
+                    {
+                        let mut accounts = PodAccounts::default();
+                        move |event: &watcher::Event<Pod>| accounts.observe(event)
+                    },
                     "Pod",
                 ),
                 pod_changes,
@@ -495,6 +567,45 @@ mod tests {
             "addressType": "IPv4", "ports": [{"port": 8080}],
             "endpoints": [{"addresses": [address], "zone": "z1", "targetRef": target}]}),
         )
+    }
+
+    fn pod(name: &str, account: &str, phase: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "sim"},
+            "spec": {"serviceAccountName": account, "containers": []}, "status": {"phase": phase}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_pods_coming_going_or_changing_account_count() {
+        let mut accounts = PodAccounts::default();
+        let mut seen = |e: watcher::Event<Pod>| accounts.observe(&e);
+        assert!(seen(watcher::Event::Apply(pod("a", "ledger", "Pending"))), "a new pod");
+        assert!(
+            !seen(watcher::Event::Apply(pod("a", "ledger", "Running"))),
+            "its status alone"
+        );
+        assert!(
+            seen(watcher::Event::Apply(pod("a", "billing", "Running"))),
+            "another account"
+        );
+        assert!(seen(watcher::Event::Apply(pod("b", "ledger", "Running"))));
+        assert!(
+            seen(watcher::Event::Delete(pod("b", "ledger", "Running"))),
+            "a pod gone"
+        );
+        // A relist counts once, at its end, and only if it found something else.
+        assert!(!seen(watcher::Event::Init));
+        assert!(!seen(watcher::Event::InitApply(pod("a", "billing", "Succeeded"))));
+        assert!(!seen(watcher::Event::InitDone), "the same pods and accounts");
+        assert!(!seen(watcher::Event::Init));
+        assert!(
+            seen(watcher::Event::InitDone),
+            "a pod missing from the relist was deleted"
+        );
+        assert!(
+            seen(watcher::Event::Apply(pod("a", "billing", "Running"))),
+            "and is new again"
+        );
     }
 
     #[test]
