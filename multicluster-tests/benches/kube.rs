@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use multicluster_tests::figures::Figures;
 use multicluster_tests::haproxy::cpu_seconds;
-use multicluster_tests::{metric_sum, scrape, ClusterInfo, Mesh, MeshOptions};
+use multicluster_tests::{mcs_api, metric_sum, scrape, ClusterInfo, Mesh, MeshOptions};
 use serde_json::json;
 
 struct Args {
@@ -72,15 +72,6 @@ fn args() -> Args {
 
 async fn client(c: &ClusterInfo) -> Client {
     c.kube_client().await.unwrap()
-}
-
-fn mcs(c: &Client, kind: &str) -> Api<DynamicObject> {
-    let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-        "multicluster.x-k8s.io",
-        "v1alpha1",
-        kind,
-    ));
-    Api::namespaced_with(c.clone(), "sim", &ar)
 }
 
 /// The EndpointSlice of service `name` with `count` endpoints, the `n`th version of it.
@@ -133,7 +124,7 @@ async fn write_catalog(c: &Client, services: usize, endpoints: usize) {
                     .unwrap();
                 let export = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
                                     "metadata": {"name": name, "namespace": "sim"}});
-                mcs(&c, "ServiceExport")
+                mcs_api(&c, "sim", "ServiceExport")
                     .patch(&name, &params, &Patch::Apply(&export))
                     .await
                     .unwrap();
@@ -202,7 +193,10 @@ async fn main() {
     // West has an import of every east service once east's controller exported them all.
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let imports = mcs(&west_api, "ServiceImport").list(&Default::default()).await.unwrap();
+        let imports = mcs_api(&west_api, "sim", "ServiceImport")
+            .list(&Default::default())
+            .await
+            .unwrap();
         if imports.items.len() >= a.services {
             break;
         }

@@ -137,6 +137,12 @@ impl ClusterInfo {
     }
 }
 
+/// The Multi-Cluster Services objects of `kind` (`ServiceExport`, `ServiceImport`) in `namespace`.
+pub fn mcs_api(client: &kube::Client, namespace: &str, kind: &str) -> kube::Api<kube::api::DynamicObject> {
+    let gvk = kube::api::GroupVersionKind::gvk("multicluster.x-k8s.io", "v1alpha1", kind);
+    kube::Api::namespaced_with(client.clone(), namespace, &kube::api::ApiResource::from_gvk(&gvk))
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct ApiServerInfo {
     pub pid: u32,

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client};
-use multicluster_tests::{get_via, ClusterInfo, Mesh, MeshOptions};
+use multicluster_tests::{get_via, mcs_api, ClusterInfo, Mesh, MeshOptions};
 use serde_json::json;
 
 /// The three-cluster demo, every cluster backed by a real API server.
@@ -28,21 +28,11 @@ async fn client(c: &ClusterInfo) -> Client {
 }
 
 fn imports(c: &Client) -> Api<kube::api::DynamicObject> {
-    let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-        "multicluster.x-k8s.io",
-        "v1alpha1",
-        "ServiceImport",
-    ));
-    Api::namespaced_with(c.clone(), "demo", &ar)
+    mcs_api(c, "demo", "ServiceImport")
 }
 
 fn exports(c: &Client) -> Api<kube::api::DynamicObject> {
-    let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-        "multicluster.x-k8s.io",
-        "v1alpha1",
-        "ServiceExport",
-    ));
-    Api::namespaced_with(c.clone(), "demo", &ar)
+    mcs_api(c, "demo", "ServiceExport")
 }
 
 async fn import_of(c: &Client, name: &str) -> Option<serde_json::Value> {
