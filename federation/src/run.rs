@@ -25,13 +25,11 @@ use strait_trust::{
     WorkloadCert,
 };
 
-use crate::catalog::{
-    merge_with, same_merged, share_unchanged, Changes, IpRange, MergeMemo, Merged, Services, Touched,
-};
+use crate::catalog::{merge_with, same_merged, Changes, IpRange, MergeMemo, Merged};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{ExportChange, Exports, PeerClient, PeerTable, PeeringServer};
 use crate::resources::{build_with, same_versions, BuildMemo, ConfigState, Others};
-use crate::source::{FileSource, SourceError};
+use crate::source::{FileSource, LocalCatalog, SourceError};
 use crate::xds::XdsServer;
 use crate::{policy, ControllerConfig, FEDERATION_PORT};
 
@@ -299,11 +297,13 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("the controller config names no source (catalogDir or kubernetes)"),
     };
-    let mut last_merged: Option<Merged> = None;
+    // The merge the ServiceImports were last written for, and the count of namespace changes
+    // then (Kubernetes mode).
+    let mut last_merged: Option<(Merged, u64)> = None;
     // The local catalog's change count and the merge the ServiceExports' conditions were last
     // written for (Kubernetes mode).
     let mut export_statuses_of: Option<(u64, Merged)> = None;
-    let mut local_memo: Option<LocalCatalog> = None;
+    let mut local_memo: Option<OwnCatalog> = None;
     let mut merge_memo = MergeMemo::default();
     let mut build_memo = BuildMemo::new(&cfg.cluster);
     let mut policy_generation: Option<i64> = None;
@@ -387,27 +387,13 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 Source::File(files) => files.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
                 Source::Kube(watched, _) => watched.services(&cfg.cluster, &cfg.region, &td, SystemTime::now()),
             };
-            // Services that did not change keep their `Arc`, so the merge and the peering
-            // senders skip them by pointer.
-            let before = local_memo.as_ref().map(|m| m.all.clone()).unwrap_or_default();
-            let exported_keys: Vec<String> = local
-                .iter()
-                .filter(|(_, s)| s.exported)
-                .map(|(k, _)| k.clone())
-                .collect();
-            let all = share_unchanged(&before, local.into_iter().map(|(k, s)| (k, s.service)));
-            changes.insert(cfg.cluster.clone(), Touched::between(&before, &all));
-            let exported: Arc<Services> = Arc::new(
-                exported_keys
-                    .into_iter()
-                    .filter_map(|k| all.get_key_value(k.as_str()))
-                    .map(|(k, s)| (k.clone(), s.clone()))
-                    .collect(),
-            );
-            local_memo = Some(LocalCatalog {
+            // Only the services the source says it touched are looked at; those that did not
+            // change keep their `Arc`, so the merge and the peering senders skip them by pointer.
+            let mut catalog = local_memo.take().map(|m| m.catalog).unwrap_or_default();
+            changes.insert(cfg.cluster.clone(), catalog.apply(local));
+            local_memo = Some(OwnCatalog {
                 changes: source_changes,
-                all: Arc::new(all),
-                exported,
+                catalog,
                 errors,
             });
         }
@@ -420,8 +406,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             last_errors = errors.clone();
         }
 
-        let mut by_cluster: BTreeMap<String, Arc<Services>> = BTreeMap::new();
-        by_cluster.insert(cfg.cluster.clone(), own.all.clone());
+        let mut by_cluster: BTreeMap<String, Arc<crate::catalog::Services>> = BTreeMap::new();
+        by_cluster.insert(cfg.cluster.clone(), own.catalog.all.clone());
         let mut gateways = vec![own_gateway.clone()];
         // Taken right before the snapshot, with no wait between: it holds every change taken.
         changes.extend(table.take_changes());
@@ -532,14 +518,15 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         exports_tx.send_if_modified(|cur| {
             // Unchanged exports keep their `Arc`, so peering senders skip comparing them;
             // changed ones say which services changed, so each sender looks at those alone.
-            let change = (local_changed && !Arc::ptr_eq(&cur.services, &own.exported))
-                .then(|| ExportChange::between(&cur.services, &own.exported))
+            let exported = &own.catalog.exported;
+            let change = (local_changed && !Arc::ptr_eq(&cur.services, exported))
+                .then(|| ExportChange::between(&cur.services, exported))
                 .flatten();
             let services_changed = change.is_some();
             if services_changed || cur.objects != objects_out || cur.statuses != statuses_out {
                 *cur = Arc::new(Exports {
                     services: if services_changed {
-                        own.exported.clone()
+                        exported.clone()
                     } else {
                         cur.services.clone()
                     },
@@ -554,9 +541,14 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         });
         if let Source::Kube(watched, writer) = &mut source {
             // Like sidecars, the cluster's ServiceImports wait until the catalog is complete.
-            if warm && !last_merged.as_ref().is_some_and(|last| same_merged(last, &merged)) {
-                match writer.sync(&merged).await {
-                    Ok(()) => last_merged = Some(merged.clone()),
+            let namespaces = watched.namespace_changes();
+            if warm
+                && !last_merged
+                    .as_ref()
+                    .is_some_and(|(last, ns)| *ns == namespaces && same_merged(last, &merged))
+            {
+                match writer.sync(&merged, |ns| watched.namespace_exists(ns)).await {
+                    Ok(()) => last_merged = Some((merged.clone(), namespaces)),
                     Err(e) => tracing::warn!(error = %e, "cannot write ServiceImports yet; retrying"),
                 }
             }
@@ -727,13 +719,10 @@ async fn kube_client(k: &crate::config::KubernetesSource) -> anyhow::Result<kube
 }
 
 /// This cluster's catalog as the last change of its source left it.
-struct LocalCatalog {
+struct OwnCatalog {
     /// The source's change count it was built at.
     changes: u64,
-    /// Every local service, for the merge.
-    all: Arc<Services>,
-    /// The exported ones, for peers.
-    exported: Arc<Services>,
+    catalog: LocalCatalog,
     errors: Vec<SourceError>,
 }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use strait_api::pb;
 use strait_trust::{SpiffeId, TrustDomain};
 
+use crate::catalog::{same_export, share_unchanged, Key, Services, Touched};
 use crate::config::parse_yaml;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,8 +107,15 @@ pub(crate) fn dns_label(field: &str, v: &str) -> Result<(), String> {
 /// Checks what serde cannot: names, unique ports, zones. Returns every problem at once.
 pub fn validate(file: &CatalogFile) -> Vec<String> {
     let mut errors = vec![];
+    let mut services = std::collections::HashSet::new();
     for (i, s) in file.services.iter().enumerate() {
         let at = format!("services[{i}]");
+        if !services.insert((&s.namespace, &s.name)) {
+            errors.push(format!(
+                "field `{at}.name`: service {}/{} is listed twice in this file; list each service once",
+                s.namespace, s.name
+            ));
+        }
         for (f, v) in [
             ("name", &s.name),
             ("namespace", &s.namespace),
@@ -177,9 +185,9 @@ struct FileState {
     listed: u64,
     fingerprint: Fingerprint,
     good: Option<CatalogFile>,
-    /// `good`'s services as exports, made at the first [`FileSource::services`] after it was
+    /// `good`'s services as exports by `<ns>/<name>`, made when first asked for after it was
     /// read: an unchanged file's services are the same `Arc`s from one call to the next.
-    made: Option<Vec<(String, LocalService)>>,
+    made: Option<BTreeMap<String, LocalService>>,
     error: Option<String>,
 }
 
@@ -197,6 +205,12 @@ pub struct FileSource {
     /// Bumped whenever a poll finds a change: what [`FileSource::services`] returns is the same
     /// while this is.
     pub changes: u64,
+    /// The files (good content) that define each service, by `<ns>/<name>`: the first one by
+    /// name is the definition, any other is reported.
+    defined_in: BTreeMap<String, BTreeSet<std::ffi::OsString>>,
+    /// The services whose definitions may have changed since [`FileSource::services`] last
+    /// returned them; `None`: every one (nothing was returned yet).
+    touched: Option<BTreeSet<String>>,
     /// An inotify watch of the directory, when the kernel gives one: a poll reads the names of
     /// the files written, renamed or removed since the last and looks at those alone, and the
     /// listing and full scan run only every [`SAFETY_SCAN`] (for what a watch cannot see, such
@@ -383,6 +397,8 @@ impl FileSource {
             scanned: None,
             listings: 0,
             changes: 0,
+            defined_in: BTreeMap::new(),
+            touched: None,
             watch: DirWatch::new(dir, "catalog"),
         }
     }
@@ -440,7 +456,7 @@ impl FileSource {
                         changed = true;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => changed |= self.files.remove(&name).is_some(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => changed |= self.forget(&name),
                 Err(e) => {
                     tracing::warn!(file = %self.dir.join(&name).display(), error = %e, "cannot look at a catalog file; keeping its last good content");
                 }
@@ -501,19 +517,57 @@ impl FileSource {
             self.read(name, inode, fp, listing);
             changed = true;
         }
-        let before = self.files.len();
-        self.files.retain(|_, s| s.listed == listing);
-        let changed = changed || before != self.files.len();
+        let gone: Vec<std::ffi::OsString> = self
+            .files
+            .iter()
+            .filter(|(_, s)| s.listed != listing)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            self.forget(name);
+        }
+        let changed = changed || !gone.is_empty();
         if changed {
             self.changes += 1;
         }
         changed
     }
 
+    /// Forgets a file that is gone; returns whether it was known.
+    fn forget(&mut self, name: &std::ffi::OsString) -> bool {
+        let Some(state) = self.files.remove(name) else {
+            return false;
+        };
+        self.define(name, keys_of(state.good.as_ref()), vec![]);
+        true
+    }
+
+    /// Moves file `name`'s entries in [`FileSource::defined_in`] from the services of `before`
+    /// to those of `now`, and marks all of them touched.
+    fn define(&mut self, name: &std::ffi::OsString, before: Vec<String>, now: Vec<String>) {
+        for key in before {
+            if let Some(files) = self.defined_in.get_mut(&key) {
+                files.remove(name);
+                if files.is_empty() {
+                    self.defined_in.remove(&key);
+                }
+            }
+            if let Some(t) = &mut self.touched {
+                t.insert(key);
+            }
+        }
+        for key in now {
+            self.defined_in.entry(key.clone()).or_default().insert(name.clone());
+            if let Some(t) = &mut self.touched {
+                t.insert(key);
+            }
+        }
+    }
+
     /// Reads and checks one file, keeping its last good content when the new one is bad.
     fn read(&mut self, name: std::ffi::OsString, inode: u64, fp: Fingerprint, listing: u64) {
         let path = self.dir.join(&name);
-        let state = self.files.entry(name).or_default();
+        let state = self.files.entry(name.clone()).or_default();
         state.listed = listing;
         state.inode = inode;
         state.fingerprint = fp;
@@ -530,9 +584,11 @@ impl FileSource {
             });
         match parsed {
             Ok(file) => {
+                let (before, now) = (keys_of(state.good.as_ref()), keys_of(Some(&file)));
                 state.good = Some(file);
                 state.made = None;
                 state.error = None;
+                self.define(&name, before, now);
             }
             Err(message) => {
                 tracing::error!(file = %path.display(), error = %message, "catalog file rejected; its last good content keeps serving");
@@ -553,53 +609,167 @@ impl FileSource {
             .collect()
     }
 
-    /// This cluster's services as the merge sees them, with whether each is exported to peers.
+    /// This cluster's services that changed since the last call (every one at the first), with
+    /// whether each is exported to peers, and the problems of every file.
     pub fn services(
         &mut self,
         cluster: &str,
         region: &str,
         td: &TrustDomain,
         now: SystemTime,
-    ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
+    ) -> (LocalUpdate, Vec<SourceError>) {
+        let touched = self.touched.replace(BTreeSet::new());
+        let keys: Vec<String> = match &touched {
+            Some(t) => t.iter().cloned().collect(),
+            None => self.defined_in.keys().cloned().collect(),
+        };
         let mut out = BTreeMap::new();
-        let mut errors = self.errors();
-        for (file_name, state) in &mut self.files {
-            let Some(file) = &state.good else { continue };
-            let made = state.made.get_or_insert_with(|| {
-                file.services
-                    .iter()
-                    .map(|spec| {
-                        let key = format!("{}/{}", spec.namespace, spec.name);
-                        let exported_at = *self
-                            .first_seen
-                            .entry(key.clone())
-                            .or_insert_with(|| strait_api::unix_ms(now));
-                        let service = Arc::new(to_export(spec, cluster, region, td, exported_at));
-                        (
-                            key,
-                            LocalService {
-                                service,
-                                exported: spec.export,
-                            },
-                        )
-                    })
-                    .collect()
+        for key in keys {
+            // The first file by name that defines it.
+            let file_name = self.defined_in.get(&key).and_then(|files| files.first());
+            let state = file_name.and_then(|f| self.files.get_mut(f));
+            let local = state.and_then(|state| {
+                let file = state.good.as_ref()?;
+                let made = state.made.get_or_insert_with(|| {
+                    file.services
+                        .iter()
+                        .map(|spec| {
+                            let key = format!("{}/{}", spec.namespace, spec.name);
+                            let exported_at = *self
+                                .first_seen
+                                .entry(key.clone())
+                                .or_insert_with(|| strait_api::unix_ms(now));
+                            let service = Arc::new(to_export(spec, cluster, region, td, exported_at));
+                            (
+                                key,
+                                LocalService {
+                                    service,
+                                    exported: spec.export,
+                                },
+                            )
+                        })
+                        .collect()
+                });
+                made.get(&key).cloned()
             });
-            for (key, local) in made.iter() {
-                if out.contains_key(key) {
-                    errors.push(SourceError {
-                        file: self.dir.join(file_name),
-                        message: format!(
-                            "service {key} is already defined in another catalog file; define each service once"
-                        ),
-                    });
-                    continue;
-                }
-                out.insert(key.clone(), local.clone());
+            out.insert(key, local);
+        }
+        let mut errors = self.errors();
+        for (key, files) in self.defined_in.iter().filter(|(_, files)| files.len() > 1) {
+            for file_name in files.iter().skip(1) {
+                errors.push(SourceError {
+                    file: self.dir.join(file_name),
+                    message: format!(
+                        "service {key} is already defined in another catalog file; define each service once"
+                    ),
+                });
             }
         }
-        (out, errors)
+        errors.sort_by(|a, b| a.file.cmp(&b.file));
+        let update = match touched {
+            Some(_) => LocalUpdate::Changed(out),
+            None => LocalUpdate::All(out.into_iter().filter_map(|(k, s)| Some((k, s?))).collect()),
+        };
+        (update, errors)
     }
+}
+
+/// What a catalog source's services changed since it was last asked.
+#[derive(Debug)]
+pub enum LocalUpdate {
+    /// Every service this cluster has.
+    All(BTreeMap<String, LocalService>),
+    /// The services that may have changed, by `<ns>/<name>`: each one's definition now, or
+    /// `None` when it is gone. Any other is as it was.
+    Changed(BTreeMap<String, Option<LocalService>>),
+}
+
+/// This cluster's services as the merge and the peers take them, kept up to date by
+/// [`LocalCatalog::apply`]: a service that did not change keeps its `Arc` (so everything after
+/// skips it by pointer), and an update's cost follows the services it touched, not the catalog.
+#[derive(Clone, Default)]
+pub struct LocalCatalog {
+    /// Every local service, for the merge.
+    pub all: Arc<Services>,
+    /// The exported ones, for peers.
+    pub exported: Arc<Services>,
+}
+
+impl LocalCatalog {
+    /// Applies a source's update; returns the services it changed (for the merge).
+    pub fn apply(&mut self, update: LocalUpdate) -> Touched {
+        match update {
+            LocalUpdate::All(services) => {
+                let before = self.all.clone();
+                let exported_keys: Vec<String> = services
+                    .iter()
+                    .filter(|(_, s)| s.exported)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let all = share_unchanged(&before, services.into_iter().map(|(k, s)| (k, s.service)));
+                let touched = Touched::between(&before, &all);
+                self.exported = Arc::new(
+                    exported_keys
+                        .into_iter()
+                        .filter_map(|k| all.get_key_value(k.as_str()))
+                        .map(|(k, s)| (k.clone(), s.clone()))
+                        .collect(),
+                );
+                self.all = Arc::new(all);
+                touched
+            }
+            LocalUpdate::Changed(changed) => {
+                let mut touched = BTreeSet::new();
+                for (k, local) in changed {
+                    let before = self.all.get_key_value(k.as_str());
+                    let key: Key = before.map(|(key, _)| key.clone()).unwrap_or_else(|| k.as_str().into());
+                    // The service as it is now: the one of before when it is the same.
+                    let now = local.map(|l| match before {
+                        Some((_, b)) if same_export(b, &l.service) => (b.clone(), l.exported),
+                        _ => (l.service, l.exported),
+                    });
+                    let same = match (before.map(|(_, b)| b), &now) {
+                        (Some(b), Some((n, _))) => Arc::ptr_eq(b, n),
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if !same {
+                        let all = Arc::make_mut(&mut self.all);
+                        match &now {
+                            Some((service, _)) => all.insert(key.clone(), service.clone()),
+                            None => all.remove(&key),
+                        };
+                        touched.insert(key.clone());
+                    }
+                    let exported_now = now.and_then(|(service, exported)| exported.then_some(service));
+                    let exported_same = match (self.exported.get(&key), &exported_now) {
+                        (Some(b), Some(n)) => Arc::ptr_eq(b, n),
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if !exported_same {
+                        let exported = Arc::make_mut(&mut self.exported);
+                        match exported_now {
+                            Some(service) => exported.insert(key, service),
+                            None => exported.remove(&key),
+                        };
+                    }
+                }
+                Touched::Keys(touched)
+            }
+        }
+    }
+}
+
+/// The `<ns>/<name>` of each service of a file.
+fn keys_of(file: Option<&CatalogFile>) -> Vec<String> {
+    file.map(|f| {
+        f.services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 fn strip_path(msg: &str, path: &Path) -> String {
@@ -692,8 +862,18 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let td: TrustDomain = "mesh.local".parse().unwrap();
-        let (services, _) = source.services("east", "us-east", &td, SystemTime::now());
-        assert_eq!(services["demo/echo"].service.ports[0].port, 81);
+        let mut catalog = LocalCatalog::default();
+        let update = |source: &mut FileSource, catalog: &mut LocalCatalog| {
+            let (update, errors) = source.services("east", "us-east", &td, SystemTime::now());
+            let keys: Vec<String> = match &update {
+                LocalUpdate::All(m) => m.keys().cloned().collect(),
+                LocalUpdate::Changed(m) => m.keys().cloned().collect(),
+            };
+            catalog.apply(update);
+            (keys, errors)
+        };
+        update(&mut source, &mut catalog);
+        assert_eq!(catalog.all["demo/echo"].ports[0].port, 81);
         // Replaced (written aside and renamed over, as editors and kubectl-style tools do):
         // a new inode in the listing, seen at the next poll, even at the same size.
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -701,18 +881,38 @@ mod tests {
         std::fs::rename(dir.join("a.tmp"), dir.join("a.yaml")).unwrap();
         assert!(source.poll(), "a file renamed over is seen at once");
         assert!(!source.poll(), "nothing changed");
-        let (services, _) = source.services("east", "us-east", &td, SystemTime::now());
-        assert_eq!(services["demo/echo"].service.ports[0].port, 83);
-        // Another file: the first one's service is the very same export as before.
+        assert_eq!(update(&mut source, &mut catalog).0, ["demo/echo"]);
+        assert_eq!(catalog.all["demo/echo"].ports[0].port, 83);
+        // Another file: only its service is looked at; the first one's is the very same export.
+        let before = catalog.clone();
         std::fs::write(dir.join("b.yaml"), svc(82).replace("echo", "other")).unwrap();
         assert!(source.poll());
-        let (again, _) = source.services("east", "us-east", &td, SystemTime::now());
-        assert!(Arc::ptr_eq(&services["demo/echo"].service, &again["demo/echo"].service));
-        assert_eq!(again["demo/other"].service.ports[0].port, 82);
-        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert_eq!(update(&mut source, &mut catalog).0, ["demo/other"]);
+        assert!(Arc::ptr_eq(&before.all["demo/echo"], &catalog.all["demo/echo"]));
+        assert_eq!(catalog.all["demo/other"].ports[0].port, 82);
+        // A service defined again in a later file: reported there, the first definition serves
+        // until its file goes.
+        std::fs::write(dir.join("c.yaml"), svc(84)).unwrap();
+        assert!(source.poll());
+        let (_, errors) = update(&mut source, &mut catalog);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, dir.join("c.yaml"));
+        assert!(
+            errors[0].message.contains("service demo/echo is already defined"),
+            "{errors:?}"
+        );
+        assert_eq!(catalog.all["demo/echo"].ports[0].port, 83);
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert!(source.poll());
+        let (touched, errors) = update(&mut source, &mut catalog);
+        assert_eq!((touched, errors), (vec!["demo/echo".to_string()], vec![]));
+        assert_eq!(catalog.all["demo/echo"].ports[0].port, 84);
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
         assert!(source.poll(), "a removed file changes the directory");
         assert!(source.files.is_empty());
+        update(&mut source, &mut catalog);
+        assert!(catalog.all.is_empty() && catalog.exported.is_empty());
         // With a watch, all of the above without listing the directory once.
         assert_eq!(
             source.listings == listings,
@@ -776,6 +976,14 @@ mod tests {
         assert!(errors[0].contains("services[0].name"));
         assert!(errors[1].contains("listed twice"));
         assert!(errors[2].contains("zone"));
+        let twice: CatalogFile = serde_yaml::from_str(
+            "services:\n- {name: a, namespace: demo, serviceAccount: a, ports: [{port: 80}]}\n- {name: a, namespace: demo, serviceAccount: b, ports: [{port: 81}]}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            validate(&twice),
+            ["field `services[1].name`: service demo/a is listed twice in this file; list each service once"]
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod clusterset;
 pub mod figures;
 pub mod haproxy;
 pub mod jaeger;
+pub mod kube_bench;
 pub mod load;
 mod mesh;
 mod metrics;

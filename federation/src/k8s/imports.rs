@@ -1,10 +1,12 @@
 //! Writes the merged catalog into this cluster as ServiceImports (server-side apply, one field
 //! manager), and removes the ones it owns that left the catalog. It writes only what changed
-//! since the last successful write, so a restart or a resync does not storm the API server.
+//! since the last successful write, so a restart or a resync does not storm the API server,
+//! and it makes again only the imports of services the merge changed, so a change costs the
+//! same whatever the size of the catalog.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 
@@ -17,10 +19,18 @@ use crate::catalog::MergedService;
 pub struct ImportWriter {
     client: Client,
     /// What was last written, by `<ns>/<name>`.
-    written: HashMap<String, (ServiceImportSpec, ServiceImportStatus)>,
+    written: HashMap<String, Written>,
     synced_once: bool,
-    /// The ServiceExport conditions last written, by `<ns>/<name>`.
-    export_status: HashMap<String, Vec<Condition>>,
+    /// The ServiceExport conditions last written, by `<ns>/<name>`: as wanted (shared with the
+    /// source, which gives the same `Arc` while they stay the same) and as stamped.
+    export_status: HashMap<String, (Arc<[Condition]>, Vec<Condition>)>,
+}
+
+/// One ServiceImport as last written, and the merged service it was made from: none for one a
+/// restart found already written. A service that is still that `Arc` is not made again.
+struct Written {
+    import: (ServiceImportSpec, ServiceImportStatus),
+    from: Option<Arc<MergedService>>,
 }
 
 fn desired(svc: &MergedService) -> (ServiceImportSpec, ServiceImportStatus) {
@@ -60,16 +70,16 @@ impl ImportWriter {
         }
     }
 
-    /// Makes this cluster's ServiceImports match `merged`. Namespaces that do not exist here
-    /// get no import (MCS namespace sameness).
-    pub async fn sync(&mut self, merged: &crate::catalog::Merged) -> Result<(), kube::Error> {
-        let namespaces: Vec<String> = Api::<Namespace>::all(self.client.clone())
-            .list_metadata(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter_map(|n| n.metadata.name)
-            .collect();
+    /// Makes this cluster's ServiceImports match `merged`. Namespaces for which `exists` says
+    /// no get no import (MCS namespace sameness), and what was written in one is forgotten (its
+    /// imports went with it): call this again when the namespaces change.
+    pub async fn sync(
+        &mut self,
+        merged: &crate::catalog::Merged,
+        exists: impl Fn(&str) -> bool,
+    ) -> Result<(), kube::Error> {
+        self.written
+            .retain(|key, _| key.split_once('/').is_some_and(|(ns, _)| exists(ns)));
         let params = PatchParams::apply(FIELD_MANAGER).force();
         if !self.synced_once {
             // After a restart, what is already in the API server counts as written: unchanged
@@ -82,17 +92,23 @@ impl ImportWriter {
             {
                 if let Some(ns) = import.namespace() {
                     let key = format!("{ns}/{}", import.name_any());
-                    self.written
-                        .insert(key, (import.spec.clone(), import.status.clone().unwrap_or_default()));
+                    let import = (import.spec.clone(), import.status.clone().unwrap_or_default());
+                    self.written.insert(key, Written { import, from: None });
                 }
             }
         }
         for (key, svc) in merged {
-            if !namespaces.contains(&svc.namespace) {
+            let before = self.written.get_mut(&**key);
+            if before
+                .as_ref()
+                .is_some_and(|w| w.from.as_ref().is_some_and(|f| Arc::ptr_eq(f, svc)))
+                || !exists(&svc.namespace)
+            {
                 continue;
             }
             let want = desired(svc);
-            if self.written.get(&**key) == Some(&want) {
+            if let Some(w) = before.filter(|w| w.import == want) {
+                w.from = Some(svc.clone());
                 continue;
             }
             let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &svc.namespace);
@@ -106,7 +122,13 @@ impl ImportWriter {
             });
             api.patch_status(&svc.name, &params, &Patch::Apply(&status)).await?;
             tracing::info!(import = %key, ip = %svc.clusterset_ip, clusters = ?svc.clusters, "ServiceImport written");
-            self.written.insert(key.to_string(), want);
+            self.written.insert(
+                key.to_string(),
+                Written {
+                    import: want,
+                    from: Some(svc.clone()),
+                },
+            );
         }
         // Remove imports of ours that left the catalog (also ones left from before a restart,
         // which the first sync seeded into `written`).
@@ -131,21 +153,28 @@ impl ImportWriter {
 
     /// Writes the conditions of this cluster's ServiceExports (what changed since the last
     /// write). A condition keeps its lastTransitionTime while its status stays the same.
-    pub async fn sync_export_status(&mut self, wanted: &BTreeMap<String, Vec<Condition>>) -> Result<(), kube::Error> {
+    pub async fn sync_export_status(&mut self, wanted: &BTreeMap<String, Arc<[Condition]>>) -> Result<(), kube::Error> {
         let now = k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second);
         let now = now.map(|t| t.to_string()).unwrap_or_default();
+        let same = |a: &Condition, b: &Condition| {
+            (&a.type_, &a.status, &a.reason, &a.message) == (&b.type_, &b.status, &b.reason, &b.message)
+        };
         for (key, conditions) in wanted {
             let Some((ns, name)) = key.split_once('/') else {
                 continue;
             };
-            let before = self.export_status.get(key);
-            let same = |a: &Condition, b: &Condition| {
-                (&a.type_, &a.status, &a.reason, &a.message) == (&b.type_, &b.status, &b.reason, &b.message)
-            };
-            if before.is_some_and(|b| b.len() == conditions.len() && b.iter().zip(conditions).all(|(a, c)| same(a, c)))
-            {
-                continue;
+            match self.export_status.get_mut(key) {
+                Some((w, _)) if Arc::ptr_eq(w, conditions) => continue,
+                Some((w, stamped))
+                    if stamped.len() == conditions.len()
+                        && stamped.iter().zip(conditions.iter()).all(|(a, c)| same(a, c)) =>
+                {
+                    *w = conditions.clone();
+                    continue;
+                }
+                _ => {}
             }
+            let before = self.export_status.get(key).map(|(_, stamped)| stamped);
             let stamped: Vec<Condition> = conditions
                 .iter()
                 .map(|c| {
@@ -172,7 +201,7 @@ impl ImportWriter {
                 Err(kube::Error::Api(e)) if e.code == 404 => continue,
                 Err(e) => return Err(e),
             }
-            self.export_status.insert(key.clone(), stamped);
+            self.export_status.insert(key.clone(), (conditions.clone(), stamped));
         }
         self.export_status.retain(|k, _| wanted.contains_key(k));
         Ok(())

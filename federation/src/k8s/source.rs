@@ -2,14 +2,13 @@
 //! ServiceExports; an exported Service becomes a local service of the merge, with its
 //! endpoints' zones and readiness from the EndpointSlices.
 
-use std::collections::BTreeMap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -19,7 +18,7 @@ use strait_trust::{SpiffeId, TrustDomain};
 use tokio::sync::Notify;
 
 use super::crd::{Condition, LocalityPolicy, LocalityPolicyStatus, ServiceExport};
-use crate::source::{LocalService, SourceError};
+use crate::source::{LocalService, LocalUpdate, SourceError};
 
 /// The one LocalityPolicy that applies.
 pub const POLICY_NAME: &str = "default";
@@ -36,219 +35,399 @@ pub struct KubeSource {
     /// Counts the changes to the objects [`KubeSource::services`] reads (Services,
     /// EndpointSlices, ServiceExports, Pods): what it returns is the same while this is.
     changes: Arc<AtomicU64>,
+    /// This cluster's namespaces (a service is imported only where its namespace exists), and
+    /// a count of their changes.
+    namespaces: Store<Namespace>,
+    namespace_changes: Arc<AtomicU64>,
+    /// Each ServiceExport's conditions as last made, with what they were made from (the merged
+    /// service and the export's problem): the same `Arc` while those are the same.
+    conditions: HashMap<String, MadeConditions>,
     /// HTTPRoutes, GRPCRoutes and TrafficPolicies written in this cluster.
     pub objects: super::KubeObjects,
 }
 
+/// One ServiceExport's conditions and what they were made from.
+struct MadeConditions {
+    merged: Option<Arc<crate::catalog::MergedService>>,
+    invalid: Option<String>,
+    conditions: Arc<[Condition]>,
+}
+
 /// The objects this cluster's services are built from (Services, EndpointSlices,
-/// ServiceExports and Pods, each a reflector's store), and what was last built from them.
+/// ServiceExports and Pods, each a reflector's store), and what changed among them since the
+/// catalog was last built.
 struct LocalObjects {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     exports: Store<ServiceExport>,
     pods: Store<Pod>,
-    /// Counts the Pods created or deleted and the service accounts changed (an endpoint's
-    /// identity is its pod's account; a pod's status is not read).
-    pod_changes: Arc<AtomicU64>,
-    /// Each exported service as last built, with what it was built from: a service whose
-    /// ServiceExport, Service and EndpointSlices have the resource versions they had (and no
-    /// Pod changed) is the same `Arc` as before, not built again from thousands of endpoints.
-    built: HashMap<String, (BuiltFrom, LocalService)>,
+    /// Kept by the watches' event handlers (see [`Touched`]).
+    touched: Arc<Mutex<Touched>>,
+    /// The problems of the exports that cannot be built, by `<ns>/<name>`.
+    errors: BTreeMap<String, SourceError>,
 }
 
-impl LocalObjects {
-    /// This cluster's exported services, and the problems of those that cannot be.
-    fn services(
-        &mut self,
-        cluster: &str,
-        region: &str,
-        td: &TrustDomain,
-    ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
-        let mut out = BTreeMap::new();
-        let mut errors = vec![];
-        // Read before the stores: a Pod change after this read is a new count next time.
-        let pods = self.pod_changes.load(Ordering::Acquire);
-        let last = std::mem::take(&mut self.built);
-        let mut built = HashMap::with_capacity(last.len());
-        // Each Service's EndpointSlices, by namespace and the `kubernetes.io/service-name`
-        // label, found in one walk over the slices (not one walk per export).
-        let all_slices = self.slices.state();
-        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for slice in &all_slices {
-            let owner = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"));
-            if let (Some(ns), Some(service)) = (slice.metadata.namespace.as_deref(), owner) {
-                slices.entry((ns, service.as_str())).or_default().push(slice);
-            }
+/// What changed among the watched objects since the catalog was last built, kept by the
+/// reflectors' event handlers (each runs after its store applied the event): the services to
+/// build again, and which EndpointSlices each service has, so that a change costs the services
+/// it touched, not a walk over every export and slice of the cluster.
+struct Touched {
+    /// Build every service again: at the start, and after a watch listed everything again
+    /// (what was deleted meanwhile is gone without an event).
+    all: bool,
+    /// `<ns>/<name>` of the services whose Service, ServiceExport or EndpointSlices changed.
+    services: BTreeSet<String>,
+    /// Pods (namespace, name) that came, went or changed service account: the services whose
+    /// endpoints they back are found when the catalog is built.
+    pods: BTreeSet<(String, String)>,
+    /// Each EndpointSlice's service (`kubernetes.io/service-name`), and each service's slices by
+    /// name; made again from the store when everything is built.
+    slice_owner: HashMap<(String, String), String>,
+    slices_of: HashMap<String, BTreeSet<String>>,
+}
+
+impl Default for Touched {
+    fn default() -> Self {
+        Touched {
+            all: true,
+            services: BTreeSet::new(),
+            pods: BTreeSet::new(),
+            slice_owner: HashMap::new(),
+            slices_of: HashMap::new(),
         }
-        // By name: the store lists in no set order, and what a service was built from is
-        // compared as a list.
-        for own in slices.values_mut() {
-            own.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        }
-        for export in self.exports.state() {
-            let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
-                continue;
-            };
-            let key = format!("{ns}/{name}");
-            let Some(svc) = self.services.get(&ObjectRef::new(&name).within(&ns)) else {
-                errors.push(SourceError {
-                    file: format!("serviceexport/{key}").into(),
-                    message: format!("no Service {key} exists to export; create it or delete the ServiceExport"),
-                });
-                continue;
-            };
-            if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-                errors.push(SourceError {
-                    file: format!("serviceexport/{key}").into(),
-                    message: format!(
-                        "Service {key} is of type ExternalName, which the MCS API does not export; \
-                         export a ClusterIP or headless Service"
-                    ),
-                });
-                continue;
-            }
-            let own_slices = slices
-                .get(&(ns.as_str(), name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let from = BuiltFrom {
-                export: export.metadata.resource_version.clone(),
-                service: svc.metadata.resource_version.clone(),
-                slices: own_slices
-                    .iter()
-                    .map(|s| (s.metadata.name.clone(), s.metadata.resource_version.clone()))
-                    .collect(),
-                pods,
-            };
-            if let Some((_, local)) = last.get(&key).filter(|(f, _)| *f == from) {
-                built.insert(key.clone(), (from, local.clone()));
-                out.insert(key, local.clone());
-                continue;
-            }
-            let exported_at = export
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.as_millisecond())
-                .unwrap_or_default();
-            let service_sa = svc
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(SERVICE_ACCOUNT_ANNOTATION).cloned())
-                .unwrap_or_else(|| "default".into());
-            // An endpoint's identity is its pod's service account (what the CA issues for).
-            let identity_of = |target: Option<&k8s_openapi::api::core::v1::ObjectReference>| {
-                let pod_sa = target
-                    .filter(|t| t.kind.as_deref() == Some("Pod"))
-                    .and_then(|t| {
-                        let pod_ns = t.namespace.as_deref().unwrap_or(ns.as_str());
-                        self.pods.get(&ObjectRef::new(t.name.as_deref()?).within(pod_ns))
-                    })
-                    .and_then(|p| p.spec.as_ref()?.service_account_name.clone());
-                let sa = pod_sa.unwrap_or_else(|| service_sa.clone());
-                SpiffeId::workload(td, &ns, &sa)
-                    .map(|i| i.to_string())
-                    .unwrap_or_default()
-            };
-            let mut identities = vec![];
-            let ports: Vec<pb::ServicePort> = svc
-                .spec
-                .as_ref()
-                .and_then(|s| s.ports.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| {
-                    let name = p.name.clone().unwrap_or_default();
-                    let http = matches!(p.app_protocol.as_deref(), Some("http" | "http2" | "kubernetes.io/h2c"))
-                        || name == "http"
-                        || name.starts_with("http-");
-                    pb::ServicePort {
-                        name,
-                        port: p.port as u32,
-                        protocol: if http { "http" } else { "tcp" }.into(),
-                    }
-                })
-                .collect();
-            let mut endpoints = vec![];
-            for slice in own_slices {
-                let Some(port) = slice.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port) else {
-                    continue;
-                };
-                for ep in &slice.endpoints {
-                    let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                    let identity = identity_of(ep.target_ref.as_ref());
-                    if !identities.contains(&identity) {
-                        identities.push(identity.clone());
-                    }
-                    for addr in &ep.addresses {
-                        let address = match addr.parse::<std::net::IpAddr>() {
-                            Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
-                            _ => format!("{addr}:{port}"),
-                        };
-                        endpoints.push(pb::Endpoint {
-                            address,
-                            workload: ep
-                                .target_ref
-                                .as_ref()
-                                .and_then(|t| t.name.clone())
-                                .or_else(|| ep.hostname.clone())
-                                .unwrap_or_else(|| addr.clone()),
-                            locality: Some(pb::Locality {
-                                cluster: cluster.into(),
-                                region: region.into(),
-                                zone: ep.zone.clone().unwrap_or_default(),
-                                subzone: String::new(),
-                            }),
-                            identity: identity.clone(),
-                            ready,
-                            labels: Default::default(),
-                        });
-                    }
-                }
-            }
-            endpoints.sort_by(|a, b| a.address.cmp(&b.address));
-            if identities.is_empty() {
-                identities.push(identity_of(None));
-            }
-            identities.sort();
-            let mut local = LocalService {
-                service: std::sync::Arc::new(pb::ExportedService {
-                    name,
-                    namespace: ns,
-                    ports,
-                    endpoints,
-                    exported_at_unix_ms: exported_at,
-                    identities,
-                }),
-                exported: true,
-            };
-            // Built again but the same (its ServiceExport's status was written, say): the `Arc`
-            // of before, which the catalog and the merge still hold and compare by pointer.
-            if let Some((_, before)) = last.get(&key).filter(|(_, before)| *before == local) {
-                local = before.clone();
-            }
-            built.insert(key.clone(), (from, local.clone()));
-            out.insert(key, local);
-        }
-        // What is no longer exported is forgotten with the last call's map.
-        self.built = built;
-        (out, errors)
     }
 }
 
-/// What one exported service was built from: the resource versions of its ServiceExport,
-/// Service and EndpointSlices (by name), and the count of Pod changes.
-#[derive(Debug, PartialEq)]
-struct BuiltFrom {
-    export: Option<String>,
-    service: Option<String>,
-    slices: Vec<(Option<String>, Option<String>)>,
-    pods: u64,
+fn key_of(meta: &kube::api::ObjectMeta) -> Option<String> {
+    Some(format!("{}/{}", meta.namespace.as_deref()?, meta.name.as_deref()?))
+}
+
+impl Touched {
+    /// The event handler of a kind whose objects are named as their service is.
+    fn note_named<K: kube::Resource>(touched: &Arc<Mutex<Self>>) -> impl FnMut(&watcher::Event<K>) -> bool {
+        let touched = touched.clone();
+        move |event| {
+            touched
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .named(event)
+        }
+    }
+
+    /// A Service's or ServiceExport's event: the service of that name.
+    fn named<K: kube::Resource>(&mut self, event: &watcher::Event<K>) -> bool {
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                self.services.extend(key_of(o.meta()));
+                true
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => false,
+            watcher::Event::InitDone => {
+                self.all = true;
+                true
+            }
+        }
+    }
+
+    /// An EndpointSlice's event: the service it belongs to, and the one it left if its label
+    /// changed.
+    fn slice(&mut self, event: &watcher::Event<EndpointSlice>) -> bool {
+        match event {
+            watcher::Event::Apply(s) => {
+                self.set_owner(s, Self::owner(s));
+                true
+            }
+            watcher::Event::Delete(s) => {
+                self.set_owner(s, None);
+                true
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => false,
+            watcher::Event::InitDone => {
+                self.all = true;
+                true
+            }
+        }
+    }
+
+    /// A Pod's event that changed what the catalog reads of it ([`PodAccounts`]).
+    fn pod(&mut self, event: &watcher::Event<Pod>) {
+        match event {
+            watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
+                self.pods.insert(PodAccounts::key(p));
+            }
+            _ => self.all = true,
+        }
+    }
+
+    fn owner(slice: &EndpointSlice) -> Option<String> {
+        let service = slice.metadata.labels.as_ref()?.get("kubernetes.io/service-name")?;
+        Some(format!("{}/{service}", slice.metadata.namespace.as_deref()?))
+    }
+
+    fn set_owner(&mut self, slice: &EndpointSlice, owner: Option<String>) {
+        let (Some(ns), Some(name)) = (slice.metadata.namespace.clone(), slice.metadata.name.clone()) else {
+            return;
+        };
+        let before = match &owner {
+            Some(o) => self.slice_owner.insert((ns, name.clone()), o.clone()),
+            None => self.slice_owner.remove(&(ns, name.clone())),
+        };
+        if let Some(b) = before {
+            if let Some(names) = self.slices_of.get_mut(&b) {
+                names.remove(&name);
+                if names.is_empty() {
+                    self.slices_of.remove(&b);
+                }
+            }
+            self.services.insert(b);
+        }
+        if let Some(o) = owner {
+            self.slices_of.entry(o.clone()).or_default().insert(name);
+            self.services.insert(o);
+        }
+    }
+
+    /// Makes the slice index again from every slice in the store.
+    fn index(&mut self, slices: &Store<EndpointSlice>) {
+        self.slice_owner.clear();
+        self.slices_of.clear();
+        for slice in slices.state() {
+            let owner = Self::owner(&slice);
+            self.set_owner(&slice, owner);
+        }
+        self.services.clear();
+    }
+}
+
+impl LocalObjects {
+    fn new(
+        services: Store<Service>,
+        slices: Store<EndpointSlice>,
+        exports: Store<ServiceExport>,
+        pods: Store<Pod>,
+        touched: Arc<Mutex<Touched>>,
+    ) -> Self {
+        LocalObjects {
+            services,
+            slices,
+            exports,
+            pods,
+            touched,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    /// The exported services that changed since the last call (every one at the first, and
+    /// after a watch listed everything again), and the problems of those that cannot be.
+    fn services(&mut self, cluster: &str, region: &str, td: &TrustDomain) -> (LocalUpdate, Vec<SourceError>) {
+        let (all, wanted) = {
+            let mut touched = self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let all = std::mem::take(&mut touched.all);
+            let pods = std::mem::take(&mut touched.pods);
+            let keys: BTreeSet<String> = if all {
+                touched.index(&self.slices);
+                touched.pods.clear();
+                self.exports
+                    .state()
+                    .iter()
+                    .filter_map(|e| key_of(&e.metadata))
+                    .collect()
+            } else {
+                let mut keys = std::mem::take(&mut touched.services);
+                // The services whose endpoints a changed Pod backs (rare: a pod's first and
+                // last events, or a new service account).
+                if !pods.is_empty() {
+                    for slice in self.slices.state() {
+                        let backs = slice.endpoints.iter().any(|ep| {
+                            ep.target_ref.as_ref().is_some_and(|t| {
+                                t.kind.as_deref() == Some("Pod")
+                                    && pods.iter().any(|(ns, name)| {
+                                        t.name.as_deref() == Some(name.as_str())
+                                            && t.namespace.as_deref().or(slice.metadata.namespace.as_deref())
+                                                == Some(ns.as_str())
+                                    })
+                            })
+                        });
+                        if backs {
+                            keys.extend(Touched::owner(&slice));
+                        }
+                    }
+                }
+                keys
+            };
+            let wanted: Vec<(String, Vec<String>)> = keys
+                .into_iter()
+                .map(|k| {
+                    let slices = touched
+                        .slices_of
+                        .get(&k)
+                        .map(|s| s.iter().cloned().collect())
+                        .unwrap_or_default();
+                    (k, slices)
+                })
+                .collect();
+            (all, wanted)
+        };
+        if all {
+            self.errors.clear();
+        }
+        let mut out = BTreeMap::new();
+        for (key, slices) in wanted {
+            self.errors.remove(&key);
+            let built = match self.build(&key, &slices, cluster, region, td) {
+                Ok(b) => b,
+                Err(message) => {
+                    self.errors.insert(
+                        key.clone(),
+                        SourceError {
+                            file: format!("serviceexport/{key}").into(),
+                            message,
+                        },
+                    );
+                    None
+                }
+            };
+            out.insert(key, built);
+        }
+        let update = if all {
+            LocalUpdate::All(out.into_iter().filter_map(|(k, s)| Some((k, s?))).collect())
+        } else {
+            LocalUpdate::Changed(out)
+        };
+        (update, self.errors.values().cloned().collect())
+    }
+
+    /// Service `key` from its ServiceExport, its Service and its EndpointSlices (named, in name
+    /// order): `None` when it is not exported, an error when it cannot be.
+    fn build(
+        &self,
+        key: &str,
+        slice_names: &[String],
+        cluster: &str,
+        region: &str,
+        td: &TrustDomain,
+    ) -> Result<Option<LocalService>, String> {
+        let Some((ns, name)) = key.split_once('/') else {
+            return Ok(None);
+        };
+        let Some(export) = self.exports.get(&ObjectRef::new(name).within(ns)) else {
+            return Ok(None);
+        };
+        let Some(svc) = self.services.get(&ObjectRef::new(name).within(ns)) else {
+            return Err(format!(
+                "no Service {key} exists to export; create it or delete the ServiceExport"
+            ));
+        };
+        if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+            return Err(format!(
+                "Service {key} is of type ExternalName, which the MCS API does not export; \
+                 export a ClusterIP or headless Service"
+            ));
+        }
+        let own_slices: Vec<Arc<EndpointSlice>> = slice_names
+            .iter()
+            .filter_map(|n| self.slices.get(&ObjectRef::new(n).within(ns)))
+            .collect();
+        let exported_at = export
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_millisecond())
+            .unwrap_or_default();
+        let service_sa = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SERVICE_ACCOUNT_ANNOTATION).cloned())
+            .unwrap_or_else(|| "default".into());
+        // An endpoint's identity is its pod's service account (what the CA issues for).
+        let identity_of = |target: Option<&k8s_openapi::api::core::v1::ObjectReference>| {
+            let pod_sa = target
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+                .and_then(|t| {
+                    let pod_ns = t.namespace.as_deref().unwrap_or(ns);
+                    self.pods.get(&ObjectRef::new(t.name.as_deref()?).within(pod_ns))
+                })
+                .and_then(|p| p.spec.as_ref()?.service_account_name.clone());
+            let sa = pod_sa.unwrap_or_else(|| service_sa.clone());
+            SpiffeId::workload(td, ns, &sa)
+                .map(|i| i.to_string())
+                .unwrap_or_default()
+        };
+        let mut identities = vec![];
+        let ports: Vec<pb::ServicePort> = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let name = p.name.clone().unwrap_or_default();
+                let http = matches!(p.app_protocol.as_deref(), Some("http" | "http2" | "kubernetes.io/h2c"))
+                    || name == "http"
+                    || name.starts_with("http-");
+                pb::ServicePort {
+                    name,
+                    port: p.port as u32,
+                    protocol: if http { "http" } else { "tcp" }.into(),
+                }
+            })
+            .collect();
+        let mut endpoints = vec![];
+        for slice in own_slices {
+            let Some(port) = slice.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port) else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                let identity = identity_of(ep.target_ref.as_ref());
+                if !identities.contains(&identity) {
+                    identities.push(identity.clone());
+                }
+                for addr in &ep.addresses {
+                    let address = match addr.parse::<std::net::IpAddr>() {
+                        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                        _ => format!("{addr}:{port}"),
+                    };
+                    endpoints.push(pb::Endpoint {
+                        address,
+                        workload: ep
+                            .target_ref
+                            .as_ref()
+                            .and_then(|t| t.name.clone())
+                            .or_else(|| ep.hostname.clone())
+                            .unwrap_or_else(|| addr.clone()),
+                        locality: Some(pb::Locality {
+                            cluster: cluster.into(),
+                            region: region.into(),
+                            zone: ep.zone.clone().unwrap_or_default(),
+                            subzone: String::new(),
+                        }),
+                        identity: identity.clone(),
+                        ready,
+                        labels: Default::default(),
+                    });
+                }
+            }
+        }
+        endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+        if identities.is_empty() {
+            identities.push(identity_of(None));
+        }
+        identities.sort();
+        let local = LocalService {
+            service: std::sync::Arc::new(pb::ExportedService {
+                name: name.to_string(),
+                namespace: ns.to_string(),
+                ports,
+                endpoints,
+                exported_at_unix_ms: exported_at,
+                identities,
+            }),
+            exported: true,
+        };
+        Ok(Some(local))
+    }
 }
 
 /// Pods' service accounts as the catalog reads them (an endpoint's identity is its pod's
@@ -346,7 +525,8 @@ impl KubeSource {
     pub async fn start(client: Client, timeout: Duration) -> anyhow::Result<Self> {
         let changed = Arc::new(Notify::new());
         let changes = Arc::new(AtomicU64::new(0));
-        let pod_changes = Arc::new(AtomicU64::new(0));
+        let touched = Arc::new(Mutex::new(Touched::default()));
+        let namespace_changes = Arc::new(AtomicU64::new(0));
         let source = KubeSource {
             client: client.clone(),
             policies: spawn_reflector(
@@ -356,41 +536,66 @@ impl KubeSource {
                 |_| true,
                 "LocalityPolicy",
             ),
-            local: LocalObjects {
-                services: spawn_reflector(
+            local: LocalObjects::new(
+                spawn_reflector(
                     Api::<Service>::all(client.clone()),
                     changed.clone(),
                     &[&changes],
-                    |_| true,
+                    Touched::note_named(&touched),
                     "Service",
                 ),
-                slices: spawn_reflector(
+                spawn_reflector(
                     Api::<EndpointSlice>::all(client.clone()),
                     changed.clone(),
                     &[&changes],
-                    |_| true,
+                    {
+                        let touched = touched.clone();
+                        move |event: &watcher::Event<EndpointSlice>| {
+                            touched
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .slice(event)
+                        }
+                    },
                     "EndpointSlice",
                 ),
-                exports: spawn_reflector(
+                spawn_reflector(
                     Api::<ServiceExport>::all(client.clone()),
                     changed.clone(),
                     &[&changes],
-                    |_| true,
+                    Touched::note_named(&touched),
                     "ServiceExport",
                 ),
-                pods: spawn_reflector(
+                spawn_reflector(
                     Api::<Pod>::all(client.clone()),
                     changed.clone(),
-                    &[&changes, &pod_changes],
+                    &[&changes],
                     {
-                        let mut accounts = PodAccounts::default();
-                        move |event: &watcher::Event<Pod>| accounts.observe(event)
+                        let (touched, mut accounts) = (touched.clone(), PodAccounts::default());
+                        move |event: &watcher::Event<Pod>| {
+                            let counts = accounts.observe(event);
+                            if counts {
+                                touched
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .pod(event);
+                            }
+                            counts
+                        }
                     },
                     "Pod",
                 ),
-                pod_changes,
-                built: HashMap::new(),
-            },
+                touched,
+            ),
+            namespaces: spawn_reflector(
+                Api::<Namespace>::all(client.clone()),
+                changed.clone(),
+                &[&namespace_changes],
+                |_| true,
+                "Namespace",
+            ),
+            namespace_changes,
+            conditions: HashMap::new(),
             objects: super::KubeObjects::start(client, changed.clone()),
             changed,
             changes,
@@ -401,6 +606,7 @@ impl KubeSource {
             let _ = source.local.exports.wait_until_ready().await;
             let _ = source.policies.wait_until_ready().await;
             let _ = source.local.pods.wait_until_ready().await;
+            let _ = source.namespaces.wait_until_ready().await;
         };
         tokio::time::timeout(timeout, ready).await.map_err(|_| {
             anyhow::anyhow!(
@@ -421,6 +627,16 @@ impl KubeSource {
     /// at the next pass, so none is missed (at worst one is built twice).
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::Acquire)
+    }
+
+    /// How many changes to this cluster's namespaces have reached their cache.
+    pub fn namespace_changes(&self) -> u64 {
+        self.namespace_changes.load(Ordering::Acquire)
+    }
+
+    /// Whether namespace `name` exists in this cluster.
+    pub fn namespace_exists(&self, name: &str) -> bool {
+        self.namespaces.get(&ObjectRef::new(name)).is_some()
     }
 
     /// The `default` LocalityPolicy, if there is one.
@@ -453,54 +669,79 @@ impl KubeSource {
 
     /// The MCS conditions of every ServiceExport in this cluster: `Valid` (is there a Service
     /// that can be exported) and `Conflict` (does it agree with the other clusters' exports; the
-    /// merge decides, so every exporting cluster reports the same conflict).
+    /// merge decides, so every exporting cluster reports the same conflict). An export whose
+    /// merged service (by pointer) and problem are what they were gets the same `Arc` as then.
     pub fn export_conditions(
-        &self,
+        &mut self,
         merged: &crate::catalog::Merged,
         errors: &[SourceError],
-    ) -> BTreeMap<String, Vec<Condition>> {
+    ) -> BTreeMap<String, Arc<[Condition]>> {
         let mut out = BTreeMap::new();
+        let last = std::mem::take(&mut self.conditions);
         for export in self.local.exports.state() {
-            let (Some(name), Some(ns)) = (export.metadata.name.clone(), export.metadata.namespace.clone()) else {
+            let (Some(name), Some(ns)) = (export.metadata.name.as_deref(), export.metadata.namespace.as_deref()) else {
                 continue;
             };
             let key = format!("{ns}/{name}");
-            let file = format!("serviceexport/{key}");
-            let invalid = errors.iter().find(|e| e.file.to_str() == Some(file.as_str()));
-            let mut conditions = vec![Condition {
-                type_: "Valid".into(),
-                status: if invalid.is_none() { "True" } else { "False" }.into(),
-                reason: Some(
-                    if invalid.is_none() {
-                        "ServiceExported"
-                    } else {
-                        "InvalidService"
+            let invalid = errors
+                .iter()
+                .find(|e| e.file.to_str().and_then(|f| f.strip_prefix("serviceexport/")) == Some(key.as_str()))
+                .map(|e| e.message.clone());
+            let service = merged.get(key.as_str());
+            let made = match last.get(&key) {
+                Some(m)
+                    if m.invalid == invalid
+                        && match (&m.merged, service) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            (None, None) => true,
+                            _ => false,
+                        } =>
+                {
+                    m.conditions.clone()
+                }
+                _ => {
+                    let mut conditions = vec![Condition {
+                        type_: "Valid".into(),
+                        status: if invalid.is_none() { "True" } else { "False" }.into(),
+                        reason: Some(
+                            if invalid.is_none() {
+                                "ServiceExported"
+                            } else {
+                                "InvalidService"
+                            }
+                            .into(),
+                        ),
+                        message: invalid.clone(),
+                        last_transition_time: None,
+                    }];
+                    if let Some(c) = service.and_then(|m| m.conditions.iter().find(|c| c.r#type == "Conflict")) {
+                        conditions.push(c.into());
                     }
-                    .into(),
-                ),
-                message: invalid.map(|e| e.message.clone()),
-                last_transition_time: None,
-            }];
-            if let Some(c) = merged
-                .get(key.as_str())
-                .and_then(|m| m.conditions.iter().find(|c| c.r#type == "Conflict"))
-            {
-                conditions.push(c.into());
-            }
-            out.insert(key, conditions);
+                    conditions.into()
+                }
+            };
+            self.conditions.insert(
+                key.clone(),
+                MadeConditions {
+                    merged: service.cloned(),
+                    invalid,
+                    conditions: made.clone(),
+                },
+            );
+            out.insert(key, made);
         }
         out
     }
 
-    /// This cluster's exported services. A service built before from the same objects (see
-    /// [`BuiltFrom`]) is the same `Arc` as then.
+    /// This cluster's exported services that changed since the last call (every one at the
+    /// first), and the problems of every export that cannot be.
     pub fn services(
         &mut self,
         cluster: &str,
         region: &str,
         td: &TrustDomain,
         _now: SystemTime,
-    ) -> (BTreeMap<String, LocalService>, Vec<SourceError>) {
+    ) -> (LocalUpdate, Vec<SourceError>) {
         self.local.services(cluster, region, td)
     }
 }
@@ -508,6 +749,7 @@ impl KubeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::LocalCatalog;
     use kube::runtime::reflector::store::Writer;
     use serde_json::json;
 
@@ -517,6 +759,7 @@ mod tests {
         slices: Writer<EndpointSlice>,
         exports: Writer<ServiceExport>,
         pods: Writer<Pod>,
+        accounts: PodAccounts,
         local: LocalObjects,
     }
 
@@ -530,15 +773,51 @@ mod tests {
             slices: slices_w,
             exports: exports_w,
             pods: pods_w,
-            local: LocalObjects {
+            accounts: PodAccounts::default(),
+            local: LocalObjects::new(
                 services,
                 slices,
                 exports,
                 pods,
-                pod_changes: Arc::new(AtomicU64::new(0)),
-                built: HashMap::new(),
-            },
+                Arc::new(Mutex::new(Touched::default())),
+            ),
         }
+    }
+
+    impl Objects {
+        /// Each event as a reflector passes it on: applied to its store, then to the handler.
+        fn service(&mut self, e: watcher::Event<Service>) {
+            self.services.apply_watcher_event(&e);
+            self.local.touched.lock().unwrap().named(&e);
+        }
+        fn export(&mut self, e: watcher::Event<ServiceExport>) {
+            self.exports.apply_watcher_event(&e);
+            self.local.touched.lock().unwrap().named(&e);
+        }
+        fn slice(&mut self, e: watcher::Event<EndpointSlice>) {
+            self.slices.apply_watcher_event(&e);
+            self.local.touched.lock().unwrap().slice(&e);
+        }
+        fn pod(&mut self, e: watcher::Event<Pod>) {
+            self.pods.apply_watcher_event(&e);
+            if self.accounts.observe(&e) {
+                self.local.touched.lock().unwrap().pod(&e);
+            }
+        }
+        /// What the source returns, applied to `catalog`: the keys it built and what changed.
+        fn build(&mut self, catalog: &mut LocalCatalog) -> (Vec<String>, crate::catalog::Touched, Vec<SourceError>) {
+            let td: TrustDomain = "mesh.local".parse().unwrap();
+            let (update, errors) = self.local.services("east", "us-east", &td);
+            let built = match &update {
+                LocalUpdate::All(m) => m.keys().cloned().collect(),
+                LocalUpdate::Changed(m) => m.keys().cloned().collect(),
+            };
+            (built, catalog.apply(update), errors)
+        }
+    }
+
+    fn keys(keys: &[&str]) -> crate::catalog::Touched {
+        crate::catalog::Touched::Keys(keys.iter().map(|k| Arc::from(*k)).collect())
     }
 
     fn apply<K: serde::de::DeserializeOwned>(value: serde_json::Value) -> watcher::Event<K> {
@@ -560,10 +839,21 @@ mod tests {
     }
 
     fn slice(name: &str, rv: &str, address: &str, pod: Option<&str>) -> watcher::Event<EndpointSlice> {
+        slice_of(name, name, rv, address, pod)
+    }
+
+    /// Slice `<name>-1`, of service `service`.
+    fn slice_of(
+        name: &str,
+        service: &str,
+        rv: &str,
+        address: &str,
+        pod: Option<&str>,
+    ) -> watcher::Event<EndpointSlice> {
         let target = pod.map(|p| json!({"kind": "Pod", "name": p, "namespace": "sim"}));
         apply(
             json!({"metadata": {"name": format!("{name}-1"), "namespace": "sim", "resourceVersion": rv,
-                "labels": {"kubernetes.io/service-name": name}},
+                "labels": {"kubernetes.io/service-name": service}},
             "addressType": "IPv4", "ports": [{"port": 8080}],
             "endpoints": [{"addresses": [address], "zone": "z1", "targetRef": target}]}),
         )
@@ -609,59 +899,100 @@ mod tests {
     }
 
     #[test]
-    fn a_service_is_built_again_only_when_its_objects_change() {
+    fn only_the_services_an_event_touches_are_built_again() {
         let mut o = objects();
-        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let mut catalog = LocalCatalog::default();
         for name in ["a", "b"] {
-            o.services.apply_watcher_event(&service(name, "1"));
-            o.exports.apply_watcher_event(&export(name, "1"));
-            o.slices
-                .apply_watcher_event(&slice(name, "1", "10.0.0.1", Some(&format!("{name}-pod"))));
+            o.service(service(name, "1"));
+            o.export(export(name, "1"));
+            o.slice(slice(name, "1", "10.0.0.1", Some(&format!("{name}-pod"))));
         }
-        let build = |o: &mut Objects| o.local.services("east", "us-east", &td).0;
-        let first = build(&mut o);
-        assert_eq!(first["sim/a"].service.endpoints[0].address, "10.0.0.1:8080");
+        let (built, changed, _) = o.build(&mut catalog);
+        assert_eq!(built, ["sim/a", "sim/b"], "everything at the first call");
+        assert_eq!(changed, keys(&["sim/a", "sim/b"]));
+        let first = catalog.clone();
+        assert_eq!(first.all["sim/a"].endpoints[0].address, "10.0.0.1:8080");
         assert_eq!(
-            first["sim/a"].service.endpoints[0].identity,
+            first.all["sim/a"].endpoints[0].identity,
             "spiffe://mesh.local/ns/sim/sa/default"
         );
-        // Nothing changed: the very same exports.
-        let again = build(&mut o);
-        assert!(Arc::ptr_eq(&first["sim/a"].service, &again["sim/a"].service));
-        assert!(Arc::ptr_eq(&first["sim/b"].service, &again["sim/b"].service));
-        // b's EndpointSlice moves an endpoint: b is built again, a is not.
-        o.slices
-            .apply_watcher_event(&slice("b", "2", "10.0.0.2", Some("b-pod")));
-        let moved = build(&mut o);
-        assert!(Arc::ptr_eq(&first["sim/a"].service, &moved["sim/a"].service));
-        assert_eq!(moved["sim/b"].service.endpoints[0].address, "10.0.0.2:8080");
-        // A new resource version with the same content (a status written): built again, and
-        // the same `Arc` as before, which the catalog compares by pointer.
-        o.exports.apply_watcher_event(&export("a", "2"));
-        let restamped = build(&mut o);
-        assert!(Arc::ptr_eq(&first["sim/a"].service, &restamped["sim/a"].service));
-        // A Pod change (its service account is the endpoint's identity) reaches every service
-        // whose endpoints it backs.
-        o.pods.apply_watcher_event(&apply(
-            json!({"metadata": {"name": "a-pod", "namespace": "sim", "resourceVersion": "1"},
-            "spec": {"serviceAccountName": "ledger", "containers": []}}),
-        ));
-        o.local.pod_changes.fetch_add(1, Ordering::Release);
-        let pod = build(&mut o);
+        assert!(Arc::ptr_eq(&first.all["sim/a"], &first.exported["sim/a"]));
+        // Nothing changed: nothing built, the very same catalog.
+        let (built, changed, _) = o.build(&mut catalog);
+        assert!(built.is_empty());
+        assert_eq!(changed, keys(&[]));
+        assert!(Arc::ptr_eq(&first.all, &catalog.all) && Arc::ptr_eq(&first.exported, &catalog.exported));
+        // b's EndpointSlice moves an endpoint: b alone is built again.
+        o.slice(slice("b", "2", "10.0.0.2", Some("b-pod")));
+        let (built, changed, _) = o.build(&mut catalog);
+        assert_eq!((built, changed), (vec!["sim/b".to_string()], keys(&["sim/b"])));
+        assert!(Arc::ptr_eq(&first.all["sim/a"], &catalog.all["sim/a"]));
+        assert_eq!(catalog.all["sim/b"].endpoints[0].address, "10.0.0.2:8080");
+        assert_eq!(catalog.exported["sim/b"].endpoints[0].address, "10.0.0.2:8080");
+        // A new resource version with the same content (its status written): built again, and
+        // it is the same `Arc` as before, which everything after compares by pointer.
+        o.export(export("a", "2"));
+        let (built, changed, _) = o.build(&mut catalog);
+        assert_eq!((built, changed), (vec!["sim/a".to_string()], keys(&[])));
+        assert!(Arc::ptr_eq(&first.all["sim/a"], &catalog.all["sim/a"]));
+        // A Pod's service account is its endpoints' identity: the service it backs is built
+        // again; its status changing alone builds nothing.
+        o.pod(apply(json!({"metadata": {"name": "a-pod", "namespace": "sim"},
+            "spec": {"serviceAccountName": "ledger", "containers": []}})));
+        let (built, _, _) = o.build(&mut catalog);
+        assert_eq!(built, ["sim/a"]);
         assert_eq!(
-            pod["sim/a"].service.endpoints[0].identity,
+            catalog.all["sim/a"].endpoints[0].identity,
             "spiffe://mesh.local/ns/sim/sa/ledger"
         );
-        assert!(Arc::ptr_eq(&moved["sim/b"].service, &pod["sim/b"].service));
-        // An export gone is gone from the map and from what is remembered.
-        o.exports.apply_watcher_event(&watcher::Event::Delete(
+        o.pod(watcher::Event::Apply(pod("a-pod", "ledger", "Running")));
+        assert!(o.build(&mut catalog).0.is_empty());
+        // A slice that moves to another service (its label): both are built again.
+        o.slice(slice_of("a", "b", "3", "10.0.0.3", None));
+        let (built, changed, _) = o.build(&mut catalog);
+        assert_eq!(
+            (built, changed),
+            (
+                vec!["sim/a".to_string(), "sim/b".to_string()],
+                keys(&["sim/a", "sim/b"])
+            )
+        );
+        assert!(catalog.all["sim/a"].endpoints.is_empty());
+        assert_eq!(catalog.all["sim/b"].endpoints.len(), 2);
+        // A Service gone while its export stays: reported, and out of the catalog.
+        o.service(watcher::Event::Delete(
+            serde_json::from_value(json!({"metadata": {"name": "a", "namespace": "sim"}})).unwrap(),
+        ));
+        let (_, changed, errors) = o.build(&mut catalog);
+        assert_eq!(changed, keys(&["sim/a"]));
+        assert!(!catalog.all.contains_key("sim/a"));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].message.contains("no Service sim/a exists"), "{errors:?}");
+        // An export gone: out of the catalog and of what peers get.
+        o.export(watcher::Event::Delete(
             serde_json::from_value(json!({
                 "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
                 "metadata": {"name": "b", "namespace": "sim"}, "spec": {}}))
             .unwrap(),
         ));
-        let gone = build(&mut o);
-        assert!(!gone.contains_key("sim/b"));
-        assert_eq!(o.local.built.len(), 1);
+        let (_, changed, errors) = o.build(&mut catalog);
+        assert_eq!(changed, keys(&["sim/b"]));
+        assert!(!catalog.all.contains_key("sim/b") && !catalog.exported.contains_key("sim/b"));
+        assert_eq!(errors.len(), 1, "a's problem is still reported");
+        // A watch that listed everything again: everything built again, from the store alone.
+        o.service(service("a", "5"));
+        o.local
+            .touched
+            .lock()
+            .unwrap()
+            .named(&watcher::Event::<Service>::InitDone);
+        let (built, changed, errors) = o.build(&mut catalog);
+        assert_eq!((built, changed), (vec!["sim/a".to_string()], keys(&["sim/a"])));
+        assert!(errors.is_empty());
+        assert_eq!(
+            catalog.all["sim/a"].endpoints.len(),
+            0,
+            "a has no slice since its slice moved to b"
+        );
     }
 }
