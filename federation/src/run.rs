@@ -320,20 +320,26 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_errors: Vec<SourceError> = vec![];
     let started_at = Instant::now();
     let mut version = 0u64;
-    let mut last_pass: Option<Instant> = None;
+    // When the last pass woken by a change began, and whether this one is (the first is).
+    let mut last_change_pass: Option<Instant> = None;
+    let mut for_change = true;
     loop {
-        // Changes that arrive within `batchWindow` of the last pass wait for it to end and go
-        // out together: one merge, one build and one push for many changes under churn, and
-        // no wait for a change after a quiet spell.
-        if let Some(next) = last_pass.map(|t| t + cfg.batch_window) {
-            if Instant::now() < next {
-                tokio::time::sleep_until(next.into()).await;
+        // Changes that arrive within `batchWindow` of the last pass for a change wait for it
+        // to end and go out together: one merge, one build and one push for many changes under
+        // churn, and no wait for a change after a quiet spell. A periodic pass (ACK counts,
+        // leases) starts no window: a change right after one goes out at once, not up to a
+        // window later (which an isolated change used to wait one time in five).
+        if for_change {
+            if let Some(next) = last_change_pass.map(|t| t + cfg.batch_window) {
+                if Instant::now() < next {
+                    tokio::time::sleep_until(next.into()).await;
+                }
             }
+            last_change_pass = Some(Instant::now());
         }
         // This pass sees every peer change so far; a wake-up stored for them is spent here, so
         // they do not cause another pass (a change from now on stores a new one).
         let _ = table.changed().notified().now_or_never();
-        last_pass = Some(Instant::now());
         if let Source::File(files) = &mut source {
             files.poll();
         }
@@ -601,7 +607,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         // without one is polled every FILE_POLL), and every REFRESH regardless (proxy ACK
         // counts and lease expiries).
         let refresh = (Instant::now() + REFRESH).min(wake);
-        loop {
+        for_change = loop {
             let kube_changed = async {
                 match &source {
                     Source::Kube(watched, _) => watched.changed().notified().await,
@@ -622,24 +628,24 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 _ = tokio::time::sleep_until(step.into()) => {}
                 _ = crate::source::DirWatch::wait(catalog_watch) => {}
                 _ = crate::source::DirWatch::wait(object_store.waker()) => {}
-                _ = table.changed().notified() => break,
-                _ = kube_changed => break,
-                _ = applied.notified() => break,
+                _ = table.changed().notified() => break true,
+                _ = kube_changed => break true,
+                _ = applied.notified() => break true,
                 // A new traffic summary goes to the peers at once; dividing rate limits by it
                 // here at once too keeps this cluster's view of it close to theirs.
-                Ok(()) = own_traffic.changed() => break,
+                Ok(()) = own_traffic.changed() => break true,
             }
             if Instant::now() >= refresh {
-                break;
+                break false;
             }
             let files_changed = match &mut source {
                 Source::File(files) => files.poll(),
                 Source::Kube(..) => false,
             };
             if object_store.poll() | files_changed {
-                break;
+                break true;
             }
-        }
+        };
     }
 }
 

@@ -375,15 +375,33 @@ async fn restart_controllers(
                 break killed_at.elapsed();
             }
             if killed_at.elapsed() > Duration::from_secs(180) {
-                let log = &mesh.info.clusters[clusters[0]].controller.log;
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                // The log of each cluster whose subscriber is not whole, and whether its
+                // controller runs.
+                let behind: Vec<String> = clusters
+                    .iter()
+                    .filter(|c| !(s.sessions[**c] > sessions_before[**c] && s.endpoints[**c] >= want))
+                    .map(|c| {
+                        let log = &mesh.info.clusters[*c].controller.log;
+                        let text = std::fs::read_to_string(log).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                        let state = std::fs::read_to_string(format!("/proc/{}/stat", pids[*c]))
+                            .ok()
+                            .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()))
+                            .flatten()
+                            .map_or("gone".to_string(), |st| format!("state {st}"));
+                        format!(
+                            "cluster {c}: controller pid {} {state}; the end of {}:\n{}",
+                            pids[*c],
+                            log.display(),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
                 anyhow::bail!(
-                    "after the controllers of clusters {clusters:?} restarted, their subscribers never held the whole catalog ({want} endpoints) again: sessions {:?} (before {sessions_before:?}), endpoints held {:?}; the end of {}:\n{}",
+                    "after the controllers of clusters {clusters:?} restarted, their subscribers never held the whole catalog ({want} endpoints) again: sessions {:?} (before {sessions_before:?}), endpoints held {:?}\n{}",
                     s.sessions,
                     s.endpoints,
-                    log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    behind.join("\n")
                 );
             }
         }

@@ -59,7 +59,7 @@ pub struct Phase {
     /// EndpointSlice changes made.
     pub changes: usize,
     /// From the API server's answer to the phase's last change until a sidecar in east held it
-    /// (polled every 20 ms; none: not within 30 s, or no change was made).
+    /// (its `/config` polled, 5 ms apart; none: not within 30 s, or no change was made).
     pub last_change_seen: Option<Duration>,
 }
 
@@ -178,6 +178,10 @@ async fn phase(
                     .await?;
                 last_written = Instant::now();
                 let next = start + Duration::from_secs_f64(n as f64 / rate);
+                // The phase ends with its last change, so its delivery is timed from there.
+                if next >= start + Duration::from_secs(seconds) {
+                    break;
+                }
                 tokio::time::sleep_until(next.into()).await;
             }
             None => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -194,7 +198,7 @@ async fn phase(
                 last_change_seen = Some(last_written.elapsed());
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     Ok(Phase {
