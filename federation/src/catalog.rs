@@ -157,24 +157,6 @@ pub fn join<'a, V, W>(
     })
 }
 
-/// `services` with every export that equals the one in `before` replaced by that one's `Arc`,
-/// so a rebuilt catalog (the Kubernetes source makes every export anew) shares what did not
-/// change. An export already shared costs a pointer comparison.
-/// A key already in `before` is shared too.
-pub fn share_unchanged(
-    before: &Services,
-    services: impl IntoIterator<Item = (String, Arc<pb::ExportedService>)>,
-) -> Services {
-    services
-        .into_iter()
-        .map(|(k, s)| match before.get_key_value(k.as_str()) {
-            Some((key, b)) if same_export(b, &s) => (key.clone(), b.clone()),
-            Some((key, _)) => (key.clone(), s),
-            None => (k.into(), s),
-        })
-        .collect()
-}
-
 /// What the last merge saw and made: a service whose exports (and address) are unchanged is
 /// not merged again, and a pass looks only at the services of clusters whose exports changed.
 /// This keeps a change's cost in proportion to what changed, not to the catalog.
@@ -616,24 +598,6 @@ mod tests {
         t.add(Touched::All);
         t.add(keys(&["demo/c"]));
         assert_eq!(t, Touched::All);
-    }
-
-    #[test]
-    fn a_rebuilt_catalog_shares_what_did_not_change() {
-        let before: Services = [("demo/a", 1), ("demo/b", 2)]
-            .into_iter()
-            .map(|(n, at)| (n.into(), Arc::new(export(&n[5..], "east", at, &[(80, "http")]))))
-            .collect();
-        let mut b = export("b", "east", 2, &[(80, "http")]);
-        b.endpoints[0].address = "127.0.0.1:9".into();
-        let rebuilt = [
-            ("demo/a".to_string(), Arc::new(export("a", "east", 1, &[(80, "http")]))),
-            ("demo/b".to_string(), Arc::new(b.clone())),
-        ];
-        let after = share_unchanged(&before, rebuilt);
-        assert!(Arc::ptr_eq(&before["demo/a"], &after["demo/a"]));
-        assert!(!Arc::ptr_eq(&before["demo/b"], &after["demo/b"]));
-        assert_eq!(*after["demo/b"], b);
     }
 
     #[test]

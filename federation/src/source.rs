@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use strait_api::pb;
 use strait_trust::{SpiffeId, TrustDomain};
 
-use crate::catalog::{same_export, share_unchanged, Key, Services, Touched};
+use crate::catalog::{same_export, Key, Services, Touched};
 use crate::config::parse_yaml;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -698,66 +698,44 @@ pub struct LocalCatalog {
 impl LocalCatalog {
     /// Applies a source's update; returns the services it changed (for the merge).
     pub fn apply(&mut self, update: LocalUpdate) -> Touched {
-        match update {
+        let changed = match update {
+            LocalUpdate::Changed(changed) => changed,
+            // Every service: those of before that it does not hold are gone.
             LocalUpdate::All(services) => {
-                let before = self.all.clone();
-                let exported_keys: Vec<String> = services
-                    .iter()
-                    .filter(|(_, s)| s.exported)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                let all = share_unchanged(&before, services.into_iter().map(|(k, s)| (k, s.service)));
-                let touched = Touched::between(&before, &all);
-                self.exported = Arc::new(
-                    exported_keys
-                        .into_iter()
-                        .filter_map(|k| all.get_key_value(k.as_str()))
-                        .map(|(k, s)| (k.clone(), s.clone()))
-                        .collect(),
-                );
-                self.all = Arc::new(all);
-                touched
+                let mut changed: BTreeMap<String, Option<LocalService>> =
+                    self.all.keys().map(|k| (k.to_string(), None)).collect();
+                changed.extend(services.into_iter().map(|(k, s)| (k, Some(s))));
+                changed
             }
-            LocalUpdate::Changed(changed) => {
-                let mut touched = BTreeSet::new();
-                for (k, local) in changed {
-                    let before = self.all.get_key_value(k.as_str());
-                    let key: Key = before.map(|(key, _)| key.clone()).unwrap_or_else(|| k.as_str().into());
-                    // The service as it is now: the one of before when it is the same.
-                    let now = local.map(|l| match before {
-                        Some((_, b)) if same_export(b, &l.service) => (b.clone(), l.exported),
-                        _ => (l.service, l.exported),
-                    });
-                    let same = match (before.map(|(_, b)| b), &now) {
-                        (Some(b), Some((n, _))) => Arc::ptr_eq(b, n),
-                        (None, None) => true,
-                        _ => false,
-                    };
-                    if !same {
-                        let all = Arc::make_mut(&mut self.all);
-                        match &now {
-                            Some((service, _)) => all.insert(key.clone(), service.clone()),
-                            None => all.remove(&key),
-                        };
-                        touched.insert(key.clone());
-                    }
-                    let exported_now = now.and_then(|(service, exported)| exported.then_some(service));
-                    let exported_same = match (self.exported.get(&key), &exported_now) {
-                        (Some(b), Some(n)) => Arc::ptr_eq(b, n),
-                        (None, None) => true,
-                        _ => false,
-                    };
-                    if !exported_same {
-                        let exported = Arc::make_mut(&mut self.exported);
-                        match exported_now {
-                            Some(service) => exported.insert(key, service),
-                            None => exported.remove(&key),
-                        };
-                    }
-                }
-                Touched::Keys(touched)
+        };
+        let ptr = |s: Option<&Arc<pb::ExportedService>>| s.map(Arc::as_ptr);
+        let mut touched = BTreeSet::new();
+        for (k, local) in changed {
+            let before = self.all.get_key_value(k.as_str());
+            let key: Key = before.map(|(key, _)| key.clone()).unwrap_or_else(|| k.as_str().into());
+            // The service as it is now: the one of before when it is the same.
+            let now = local.map(|l| match before {
+                Some((_, b)) if same_export(b, &l.service) => (b.clone(), l.exported),
+                _ => (l.service, l.exported),
+            });
+            if ptr(before.map(|(_, b)| b)) != ptr(now.as_ref().map(|(n, _)| n)) {
+                let all = Arc::make_mut(&mut self.all);
+                match &now {
+                    Some((service, _)) => all.insert(key.clone(), service.clone()),
+                    None => all.remove(&key),
+                };
+                touched.insert(key.clone());
+            }
+            let exported_now = now.and_then(|(service, exported)| exported.then_some(service));
+            if ptr(self.exported.get(&key)) != ptr(exported_now.as_ref()) {
+                let exported = Arc::make_mut(&mut self.exported);
+                match exported_now {
+                    Some(service) => exported.insert(key, service),
+                    None => exported.remove(&key),
+                };
             }
         }
+        Touched::Keys(touched)
     }
 }
 
@@ -963,6 +941,45 @@ mod tests {
         assert!(source.poll(), "the new directory's file is seen by listing it");
         assert!(source.watch.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rebuilt_catalog_shares_what_did_not_change() {
+        let svc = |name: &str, address: &str| LocalService {
+            service: Arc::new(pb::ExportedService {
+                name: name.into(),
+                namespace: "demo".into(),
+                endpoints: vec![pb::Endpoint {
+                    address: address.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            exported: true,
+        };
+        let mut catalog = LocalCatalog::default();
+        catalog.apply(LocalUpdate::All(
+            [("demo/a", svc("a", "127.0.0.1:1")), ("demo/b", svc("b", "127.0.0.1:2"))]
+                .into_iter()
+                .map(|(k, s)| (k.to_string(), s))
+                .collect(),
+        ));
+        let before = catalog.clone();
+        let b = svc("b", "127.0.0.1:9");
+        let touched = catalog.apply(LocalUpdate::All(
+            [("demo/a", svc("a", "127.0.0.1:1")), ("demo/b", b.clone())]
+                .into_iter()
+                .map(|(k, s)| (k.to_string(), s))
+                .collect(),
+        ));
+        assert!(Arc::ptr_eq(&before.all["demo/a"], &catalog.all["demo/a"]));
+        assert!(!Arc::ptr_eq(&before.all["demo/b"], &catalog.all["demo/b"]));
+        assert_eq!(catalog.all["demo/b"], b.service);
+        assert_eq!(touched, Touched::Keys(["demo/b".into()].into()));
+        // A service left out of a whole update is gone.
+        let touched = catalog.apply(LocalUpdate::All([("demo/b".to_string(), b)].into()));
+        assert!(!catalog.all.contains_key("demo/a") && !catalog.exported.contains_key("demo/a"));
+        assert_eq!(touched, Touched::Keys(["demo/a".into()].into()));
     }
 
     #[test]

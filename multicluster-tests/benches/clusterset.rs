@@ -26,35 +26,26 @@
 #![allow(clippy::unwrap_used)]
 
 use multicluster_tests::clusterset::{run, Size};
+use multicluster_tests::load::{bench_flags, flag_value};
 
 /// `--clusters N --services N --endpoints N --churn N --seconds N --sidecars N
 /// [--sidecar-scope demo] [--batch-window MS]`.
 fn args() -> Size {
     let mut a = Size::default();
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let value = || argv.get(i + 1).cloned().unwrap_or_default();
-        let bad = |flag: &str| -> ! { panic!("{flag} needs a number, got {:?}", value()) };
-        match argv[i].as_str() {
-            "--clusters" => a.clusters = value().parse().unwrap_or_else(|_| bad("--clusters")),
-            "--services" => a.services = value().parse().unwrap_or_else(|_| bad("--services")),
-            "--endpoints" => a.endpoints = value().parse().unwrap_or_else(|_| bad("--endpoints")),
-            "--churn" => a.churn = value().parse().unwrap_or_else(|_| bad("--churn")),
-            "--seconds" => a.seconds = value().parse().unwrap_or_else(|_| bad("--seconds")),
-            "--sidecars" => a.sidecars = value().parse().unwrap_or_else(|_| bad("--sidecars")),
-            "--sidecar-scope" => a.sidecar_scope = value().split(',').map(String::from).collect(),
-            "--batch-window" => a.batch_window_ms = Some(value().parse().unwrap_or_else(|_| bad("--batch-window"))),
-            // cargo bench passes `--bench` to every harness; anything else is a mistake.
-            "--bench" => {
-                i += 1;
-                continue;
-            }
+    for (flag, value) in bench_flags() {
+        match flag.as_str() {
+            "--clusters" => a.clusters = flag_value(&flag, &value),
+            "--services" => a.services = flag_value(&flag, &value),
+            "--endpoints" => a.endpoints = flag_value(&flag, &value),
+            "--churn" => a.churn = flag_value(&flag, &value),
+            "--seconds" => a.seconds = flag_value(&flag, &value),
+            "--sidecars" => a.sidecars = flag_value(&flag, &value),
+            "--sidecar-scope" => a.sidecar_scope = value.split(',').map(String::from).collect(),
+            "--batch-window" => a.batch_window_ms = Some(flag_value(&flag, &value)),
             other => panic!(
                 "unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars --sidecar-scope --batch-window"
             ),
         }
-        i += 2;
     }
     a
 }

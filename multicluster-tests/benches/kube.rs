@@ -10,27 +10,18 @@
 #![allow(clippy::unwrap_used)]
 
 use multicluster_tests::kube_bench::{run, Size};
+use multicluster_tests::load::{bench_flags, flag_value};
 
 fn args() -> Size {
     let mut a = Size::default();
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let value = argv.get(i + 1).cloned().unwrap_or_default();
-        let bad = |flag: &str| -> ! { panic!("{flag} needs a number, got {value:?}") };
-        match argv[i].as_str() {
-            "--services" => a.services = value.parse().unwrap_or_else(|_| bad("--services")),
-            "--endpoints" => a.endpoints = value.parse().unwrap_or_else(|_| bad("--endpoints")),
-            "--rate" => a.rate = value.parse().unwrap_or_else(|_| bad("--rate")),
-            "--seconds" => a.seconds = value.parse().unwrap_or_else(|_| bad("--seconds")),
-            // cargo bench passes `--bench` to every harness; anything else is a mistake.
-            "--bench" => {
-                i += 1;
-                continue;
-            }
+    for (flag, value) in bench_flags() {
+        match flag.as_str() {
+            "--services" => a.services = flag_value(&flag, &value),
+            "--endpoints" => a.endpoints = flag_value(&flag, &value),
+            "--rate" => a.rate = flag_value(&flag, &value),
+            "--seconds" => a.seconds = flag_value(&flag, &value),
             other => panic!("unknown flag {other}: use --services --endpoints --rate --seconds"),
         }
-        i += 2;
     }
     a
 }

@@ -188,6 +188,24 @@ pub fn install_debian_package(bin: &str, probe_arg: &str, package: &str, purpose
     Ok(())
 }
 
+/// The `--flag value` pairs a bench was given after `--` (`cargo bench` adds `--bench`
+/// itself, which is skipped).
+pub fn bench_flags() -> Vec<(String, String)> {
+    let mut argv = std::env::args().skip(1).filter(|a| a != "--bench");
+    let mut flags = vec![];
+    while let Some(flag) = argv.next() {
+        flags.push((flag, argv.next().unwrap_or_default()));
+    }
+    flags
+}
+
+/// `value` parsed as flag `flag`'s, or a stop that names the flag.
+pub fn flag_value<T: std::str::FromStr>(flag: &str, value: &str) -> T {
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{flag} needs a number, got {value:?}"))
+}
+
 /// Points the mesh fixture at the release binary next to the running benchmark (unless
 /// `STRAIT_BIN` says otherwise) and returns the seconds per run (`STRAIT_BENCH_SECONDS`,
 /// default 10).

@@ -84,6 +84,8 @@ struct Touched {
     /// name; made again from the store when everything is built.
     slice_owner: HashMap<(String, String), String>,
     slices_of: HashMap<String, BTreeSet<String>>,
+    /// Which Pod events count (see [`PodAccounts`]).
+    accounts: PodAccounts,
 }
 
 impl Default for Touched {
@@ -94,6 +96,7 @@ impl Default for Touched {
             pods: BTreeSet::new(),
             slice_owner: HashMap::new(),
             slices_of: HashMap::new(),
+            accounts: PodAccounts::default(),
         }
     }
 }
@@ -103,14 +106,17 @@ fn key_of(meta: &kube::api::ObjectMeta) -> Option<String> {
 }
 
 impl Touched {
-    /// The event handler of a kind whose objects are named as their service is.
-    fn note_named<K: kube::Resource>(touched: &Arc<Mutex<Self>>) -> impl FnMut(&watcher::Event<K>) -> bool {
+    /// A watch's event handler: `note` on the shared state; returns whether the event counts.
+    fn handler<K: 'static>(
+        touched: &Arc<Mutex<Self>>,
+        note: fn(&mut Self, &watcher::Event<K>) -> bool,
+    ) -> impl FnMut(&watcher::Event<K>) -> bool + Send + 'static {
         let touched = touched.clone();
         move |event| {
-            touched
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .named(event)
+            note(
+                &mut touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                event,
+            )
         }
     }
 
@@ -121,11 +127,7 @@ impl Touched {
                 self.services.extend(key_of(o.meta()));
                 true
             }
-            watcher::Event::Init | watcher::Event::InitApply(_) => false,
-            watcher::Event::InitDone => {
-                self.all = true;
-                true
-            }
+            _ => self.relist(event),
         }
     }
 
@@ -133,30 +135,32 @@ impl Touched {
     /// changed.
     fn slice(&mut self, event: &watcher::Event<EndpointSlice>) -> bool {
         match event {
-            watcher::Event::Apply(s) => {
-                self.set_owner(s, Self::owner(s));
-                true
-            }
-            watcher::Event::Delete(s) => {
-                self.set_owner(s, None);
-                true
-            }
-            watcher::Event::Init | watcher::Event::InitApply(_) => false,
-            watcher::Event::InitDone => {
-                self.all = true;
-                true
-            }
+            watcher::Event::Apply(s) => self.set_owner(s, Self::owner(s)),
+            watcher::Event::Delete(s) => self.set_owner(s, None),
+            _ => return self.relist(event),
         }
+        true
     }
 
-    /// A Pod's event that changed what the catalog reads of it ([`PodAccounts`]).
-    fn pod(&mut self, event: &watcher::Event<Pod>) {
+    /// A Pod's event, when it changed what the catalog reads of the pod ([`PodAccounts`]).
+    fn pod(&mut self, event: &watcher::Event<Pod>) -> bool {
+        if !self.accounts.observe(event) {
+            return false;
+        }
         match event {
             watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
                 self.pods.insert(PodAccounts::key(p));
             }
             _ => self.all = true,
         }
+        true
+    }
+
+    /// A relist's events: the end of one (the store replaced whole) touches everything.
+    fn relist<K>(&mut self, event: &watcher::Event<K>) -> bool {
+        let done = matches!(event, watcher::Event::InitDone);
+        self.all |= done;
+        done
     }
 
     fn owner(slice: &EndpointSlice) -> Option<String> {
@@ -199,6 +203,17 @@ impl Touched {
     }
 }
 
+/// Whether an endpoint of `slice` is one of `pods` (namespace, name).
+fn names_a_pod(slice: &EndpointSlice, pods: &BTreeSet<(String, String)>) -> bool {
+    slice.endpoints.iter().filter_map(|ep| ep.target_ref.as_ref()).any(|t| {
+        let ns = t.namespace.as_deref().or(slice.metadata.namespace.as_deref());
+        t.kind.as_deref() == Some("Pod")
+            && pods
+                .iter()
+                .any(|(pod_ns, pod)| t.name.as_deref() == Some(pod.as_str()) && ns == Some(pod_ns.as_str()))
+    })
+}
+
 impl LocalObjects {
     fn new(
         services: Store<Service>,
@@ -226,7 +241,6 @@ impl LocalObjects {
             let pods = std::mem::take(&mut touched.pods);
             let keys: BTreeSet<String> = if all {
                 touched.index(&self.slices);
-                touched.pods.clear();
                 self.exports
                     .state()
                     .iter()
@@ -237,20 +251,8 @@ impl LocalObjects {
                 // The services whose endpoints a changed Pod backs (rare: a pod's first and
                 // last events, or a new service account).
                 if !pods.is_empty() {
-                    for slice in self.slices.state() {
-                        let backs = slice.endpoints.iter().any(|ep| {
-                            ep.target_ref.as_ref().is_some_and(|t| {
-                                t.kind.as_deref() == Some("Pod")
-                                    && pods.iter().any(|(ns, name)| {
-                                        t.name.as_deref() == Some(name.as_str())
-                                            && t.namespace.as_deref().or(slice.metadata.namespace.as_deref())
-                                                == Some(ns.as_str())
-                                    })
-                            })
-                        });
-                        if backs {
-                            keys.extend(Touched::owner(&slice));
-                        }
+                    for slice in self.slices.state().iter().filter(|s| names_a_pod(s, &pods)) {
+                        keys.extend(Touched::owner(slice));
                     }
                 }
                 keys
@@ -481,12 +483,12 @@ impl PodAccounts {
 }
 
 /// Starts a reflector of `api`; each change it applies to the store that `counts` says matters
-/// bumps every one of `counters` and then wakes `changed`, so a loop woken by it and reading a
+/// bumps `counter` (if any) and then wakes `changed`, so a loop woken by it and reading the
 /// counter after sees the store as changed.
 fn spawn_reflector<K>(
     api: Api<K>,
     changed: Arc<Notify>,
-    counters: &[&Arc<AtomicU64>],
+    counter: Option<&Arc<AtomicU64>>,
     mut counts: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
     what: &'static str,
 ) -> Store<K>
@@ -494,7 +496,7 @@ where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let counters: Vec<Arc<AtomicU64>> = counters.iter().map(|c| Arc::clone(c)).collect();
+    let counter = counter.cloned();
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -506,7 +508,7 @@ where
                 // The store already holds this event (`reflect` applies it before passing it on).
                 Ok(event) => {
                     if counts(&event) {
-                        for c in &counters {
+                        if let Some(c) = &counter {
                             c.fetch_add(1, Ordering::Release);
                         }
                         changed.notify_one()
@@ -532,7 +534,7 @@ impl KubeSource {
             policies: spawn_reflector(
                 Api::<LocalityPolicy>::all(client.clone()),
                 changed.clone(),
-                &[],
+                None,
                 |_| true,
                 "LocalityPolicy",
             ),
@@ -540,49 +542,29 @@ impl KubeSource {
                 spawn_reflector(
                     Api::<Service>::all(client.clone()),
                     changed.clone(),
-                    &[&changes],
-                    Touched::note_named(&touched),
+                    Some(&changes),
+                    Touched::handler(&touched, Touched::named),
                     "Service",
                 ),
                 spawn_reflector(
                     Api::<EndpointSlice>::all(client.clone()),
                     changed.clone(),
-                    &[&changes],
-                    {
-                        let touched = touched.clone();
-                        move |event: &watcher::Event<EndpointSlice>| {
-                            touched
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .slice(event)
-                        }
-                    },
+                    Some(&changes),
+                    Touched::handler(&touched, Touched::slice),
                     "EndpointSlice",
                 ),
                 spawn_reflector(
                     Api::<ServiceExport>::all(client.clone()),
                     changed.clone(),
-                    &[&changes],
-                    Touched::note_named(&touched),
+                    Some(&changes),
+                    Touched::handler(&touched, Touched::named),
                     "ServiceExport",
                 ),
                 spawn_reflector(
                     Api::<Pod>::all(client.clone()),
                     changed.clone(),
-                    &[&changes],
-                    {
-                        let (touched, mut accounts) = (touched.clone(), PodAccounts::default());
-                        move |event: &watcher::Event<Pod>| {
-                            let counts = accounts.observe(event);
-                            if counts {
-                                touched
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .pod(event);
-                            }
-                            counts
-                        }
-                    },
+                    Some(&changes),
+                    Touched::handler(&touched, Touched::pod),
                     "Pod",
                 ),
                 touched,
@@ -590,7 +572,7 @@ impl KubeSource {
             namespaces: spawn_reflector(
                 Api::<Namespace>::all(client.clone()),
                 changed.clone(),
-                &[&namespace_changes],
+                Some(&namespace_changes),
                 |_| true,
                 "Namespace",
             ),
@@ -759,7 +741,6 @@ mod tests {
         slices: Writer<EndpointSlice>,
         exports: Writer<ServiceExport>,
         pods: Writer<Pod>,
-        accounts: PodAccounts,
         local: LocalObjects,
     }
 
@@ -773,7 +754,6 @@ mod tests {
             slices: slices_w,
             exports: exports_w,
             pods: pods_w,
-            accounts: PodAccounts::default(),
             local: LocalObjects::new(
                 services,
                 slices,
@@ -800,9 +780,7 @@ mod tests {
         }
         fn pod(&mut self, e: watcher::Event<Pod>) {
             self.pods.apply_watcher_event(&e);
-            if self.accounts.observe(&e) {
-                self.local.touched.lock().unwrap().pod(&e);
-            }
+            self.local.touched.lock().unwrap().pod(&e);
         }
         /// What the source returns, applied to `catalog`: the keys it built and what changed.
         fn build(&mut self, catalog: &mut LocalCatalog) -> (Vec<String>, crate::catalog::Touched, Vec<SourceError>) {
