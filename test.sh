@@ -164,6 +164,8 @@ else
       else
         fuzz_failed=$((fuzz_failed + 1))
         tail -40 "$scratch.log"
+        # The panic's message is far above the tail (the stack trace and the input come after).
+        grep -m1 -A1 "panicked at" "$scratch.log" || true
         for crash in fuzz/artifacts/"$target"/*; do
           [ -f "$crash" ] || continue
           echo "fuzz $target: FAILED, input saved in $crash (base64: $(base64 -w0 "$crash"))"

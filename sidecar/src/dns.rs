@@ -324,31 +324,49 @@ impl DnsProxy {
             .inc();
     }
 
-    /// Answers one query message; `None` for what is not a query at all (dropped).
-    pub async fn answer(&self, query: &[u8], max_len: Option<usize>) -> Option<Vec<u8>> {
+    /// Answers one query message; `None` for what is not a query at all (dropped). `udp` is
+    /// set for a datagram: the answer then fits the client's EDNS payload size (512 bytes
+    /// without EDNS), truncated with TC set when it does not, so the client asks over TCP.
+    pub async fn answer(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
         let request = Message::from_vec(query).ok()?;
         if request.metadata.message_type != MessageType::Query {
             return None;
         }
+        let resp = self.respond(&request).await;
+        let bytes = resp.to_vec().ok()?;
+        let limit = request
+            .edns
+            .as_ref()
+            .map_or(UDP_PLAIN_MAX, |e| e.max_payload().clamp(512, EDNS_MAX) as usize);
+        if !udp || bytes.len() <= limit {
+            return Some(bytes);
+        }
+        let mut truncated = resp.truncate();
+        let bytes = truncated.to_vec().ok()?;
+        if bytes.len() <= limit {
+            return Some(bytes);
+        }
+        // Even the questions alone do not fit (several long names): the header and TC alone.
+        truncated.queries.clear();
+        truncated.to_vec().ok()
+    }
+
+    async fn respond(&self, request: &Message) -> Message {
         let mut resp = Message::response(request.metadata.id, request.metadata.op_code);
         resp.metadata.recursion_desired = request.metadata.recursion_desired;
         resp.metadata.recursion_available = true;
         resp.queries = request.queries.clone();
-        let udp_limit = request
-            .edns
-            .as_ref()
-            .map(|e| e.max_payload().clamp(512, EDNS_MAX) as usize);
         if request.edns.is_some() {
             let mut edns = Edns::new();
             edns.set_max_payload(EDNS_MAX);
             resp.set_edns(edns);
         }
         let q = match (request.metadata.op_code, request.queries.as_slice()) {
-            (OpCode::Query, [q]) if q.query_class == DNSClass::IN => q.clone(),
+            (OpCode::Query, [q]) if q.query_class == DNSClass::IN => q,
             _ => {
                 resp.metadata.response_code = ResponseCode::NotImp;
                 self.count("mesh", ResponseCode::NotImp);
-                return resp.to_vec().ok();
+                return resp;
             }
         };
         let qname = q.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
@@ -369,12 +387,7 @@ impl DnsProxy {
         } else {
             self.forward(&mut resp, &q.name, q.query_type).await;
         }
-        let bytes = resp.to_vec().ok()?;
-        let limit = max_len.map(|_| udp_limit.unwrap_or(UDP_PLAIN_MAX));
-        match limit {
-            Some(limit) if bytes.len() > limit => resp.truncate().to_vec().ok(),
-            _ => Some(bytes),
-        }
+        resp
     }
 
     async fn forward(&self, resp: &mut Message, qname: &Name, qtype: RecordType) {
@@ -423,7 +436,7 @@ impl DnsProxy {
             let this = self.clone();
             let socket = socket.clone();
             tokio::spawn(async move {
-                if let Some(reply) = this.answer(&query, Some(UDP_PLAIN_MAX)).await {
+                if let Some(reply) = this.answer(&query, true).await {
                     let _ = socket.send_to(&reply, from).await;
                 }
             });
@@ -448,7 +461,7 @@ impl DnsProxy {
                     let Ok(Ok(query)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
                         return;
                     };
-                    let Some(reply) = this.answer(&query, None).await else {
+                    let Some(reply) = this.answer(&query, false).await else {
                         return;
                     };
                     let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
@@ -595,6 +608,24 @@ mod tests {
         ));
         assert!(!search_expansion("echo.demo.svc.cluster.local", &search));
         assert!(!search_expansion("example.com.cluster.local", &search));
+    }
+
+    /// A query the fuzzer found (unknown opcode, four questions of long names): over UDP even
+    /// its questions do not fit 512 bytes, so the answer is the header with TC set.
+    #[tokio::test]
+    async fn a_udp_answer_fits_even_when_the_questions_do_not() {
+        let (_tx, rx) = watch::channel(Arc::new(snapshot()));
+        let proxy = DnsProxy::new(
+            rx,
+            &ResolvConf::parse("search demo.svc.cluster.local svc.cluster.local\n"),
+            &[],
+            DnsMetrics::new(&Registry::new()),
+        );
+        let query = include_bytes!("../../fuzz/corpus/dns_query/unknown-opcode-long-names");
+        assert!(proxy.answer(query, false).await.unwrap().len() > 512, "the full answer");
+        let udp = Message::from_vec(&proxy.answer(query, true).await.unwrap()).unwrap();
+        assert!(udp.metadata.truncation && udp.queries.is_empty(), "{udp:?}");
+        assert_eq!(udp.metadata.response_code, ResponseCode::NotImp);
     }
 
     #[test]
