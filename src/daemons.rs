@@ -148,7 +148,8 @@ pub struct SidecarArgs {
     pub outbound_traffic: OutboundTraffic,
     /// Only services in these namespaces (comma-separated) are sent to this sidecar, so its
     /// memory and config traffic follow what it calls rather than the clusterset's size, like
-    /// Istio's Sidecar egress hosts. Services elsewhere are unknown to it (see
+    /// Istio's Sidecar egress hosts; so are the services elsewhere that routes for their
+    /// services send to (backendRefs, mirrors). Other services are unknown to it (see
     /// --outbound-traffic). Default: every namespace. Example: --scope-namespaces demo,payments
     #[arg(long, value_delimiter = ',', value_parser = namespace_name)]
     pub scope_namespaces: Vec<String>,

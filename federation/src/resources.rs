@@ -121,6 +121,58 @@ pub struct ConfigState {
     /// the config version at which its current version first went out: a proxy that
     /// acknowledged that version (or a later one) has it.
     pub since: BTreeMap<Key, u64>,
+    /// Which services outside a namespace its services' routes send to, for proxies scoped
+    /// to namespaces.
+    pub reach: Arc<RouteReach>,
+}
+
+/// For each namespace, the services of other namespaces that the routes for its services
+/// send to (backends and mirrors), by resource name. A proxy scoped to some namespaces is sent
+/// these too, or a route there would send its requests to a service the proxy does not know
+/// (Gateway API answers such a request 500).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouteReach(BTreeMap<String, BTreeSet<Key>>);
+
+impl RouteReach {
+    /// From the routes proxies are sent (a route's spec that does not parse reaches nothing:
+    /// proxies do not serve it either).
+    pub fn of(routes: &[pb::HttpRoute]) -> Self {
+        let mut reach: BTreeMap<String, BTreeSet<Key>> = BTreeMap::new();
+        for r in routes {
+            let Ok(spec) = serde_json::from_str::<strait_api::routes::HttpRouteSpec>(&r.spec_json) else {
+                continue;
+            };
+            let (parents, backends) = strait_api::routes::route_services(&r.namespace, &spec);
+            for parent in &parents {
+                let ns = parent.split('/').next().unwrap_or_default();
+                for b in &backends {
+                    if b.split('/').next() != Some(ns) {
+                        reach
+                            .entry(ns.to_string())
+                            .or_default()
+                            .insert(format!("service/{b}").into());
+                    }
+                }
+            }
+        }
+        RouteReach(reach)
+    }
+
+    /// The services a proxy scoped to `namespaces` is sent beyond them (none for a proxy of
+    /// every namespace).
+    pub fn beyond(&self, namespaces: &[String]) -> BTreeSet<Key> {
+        namespaces
+            .iter()
+            .filter_map(|ns| self.0.get(ns))
+            .flatten()
+            .filter(|k| {
+                !namespaces
+                    .iter()
+                    .any(|ns| k.strip_prefix("service/").and_then(|r| r.split('/').next()) == Some(ns))
+            })
+            .cloned()
+            .collect()
+    }
 }
 
 impl ConfigState {
@@ -785,6 +837,34 @@ pub fn in_parts(sent: &Resources, changed: Vec<&Arc<Built>>, mut removed: Vec<St
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_scoped_proxy_reaches_the_backends_of_its_namespaces_routes_in_other_namespaces() {
+        let route = |ns: &str, spec: &str| pb::HttpRoute {
+            namespace: ns.into(),
+            name: "r".into(),
+            spec_json: spec.into(),
+            ..Default::default()
+        };
+        let reach = RouteReach::of(&[
+            route(
+                "web",
+                r#"{"parentRefs":[{"name":"front"}],"rules":[{"backendRefs":[{"name":"front-v2"},{"name":"echo","namespace":"demo"}]}]}"#,
+            ),
+            // A consumer route in web for a service of shop: shop's proxies reach audit.
+            route(
+                "web",
+                r#"{"parentRefs":[{"name":"cart","namespace":"shop"}],"rules":[{"filters":[{"type":"RequestMirror","requestMirror":{"backendRef":{"name":"log","namespace":"audit"}}}]}]}"#,
+            ),
+            route("web", "not json"),
+        ]);
+        let names = |set: BTreeSet<Key>| set.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(reach.beyond(&["web".into()])), ["service/demo/echo"]);
+        assert_eq!(names(reach.beyond(&["shop".into()])), ["service/audit/log"]);
+        assert!(reach.beyond(&["web".into(), "demo".into()]).is_empty());
+        assert!(reach.beyond(&["demo".into()]).is_empty());
+        assert!(reach.beyond(&[]).is_empty());
+    }
+
     /// A build's other inputs: these gateways, policy and objects, nothing else.
     fn inputs<'a>(
         gateways: &'a [pb::Gateway],
@@ -978,6 +1058,7 @@ mod tests {
             resources: now,
             warm: true,
             since,
+            reach: Arc::default(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! The controller side of the config stream: every connected proxy gets the full state, then
 //! only what changed, and its ACKs and NACKs are recorded (and shown by `strait status`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +15,8 @@ use strait_api::transport::PeerInfo;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::resources::{diff, gateway_only, in_parts, sidecar_only, ConfigState};
+use crate::catalog::Key;
+use crate::resources::{diff, gateway_only, in_parts, sidecar_only, Built, ConfigState, Resources};
 
 /// What the controller knows of one connected proxy.
 #[derive(Clone, Debug, Serialize)]
@@ -124,29 +125,56 @@ impl ConfigService for XdsServer {
         connected.inc();
         tokio::spawn(async move {
             let scope = hello.namespaces.clone();
-            // Gateways take each service's gateway view (its local endpoints) instead of the
-            // whole service; sidecars the whole service, in their scope.
-            let include = |name: &str| {
-                if gateway {
-                    !sidecar_only(name)
-                } else {
-                    !gateway_only(name) && in_scope(&scope, name)
-                }
-            };
             // The state last sent, shared with the watch: the proxy holds what `include` lets
             // through of it.
             let mut sent: Arc<ConfigState> = Arc::default();
+            // A scoped proxy's services beyond its namespaces (its routes' backends) as sent.
+            let mut beyond_sent: BTreeSet<Key> = BTreeSet::new();
             let mut first = true;
             loop {
                 let current = state.borrow_and_update().clone();
-                let (changed, removed) = diff(&sent.resources, &current.resources, include);
+                let beyond = if gateway || scope.is_empty() {
+                    BTreeSet::new()
+                } else {
+                    current.reach.beyond(&scope)
+                };
+                // Gateways take each service's gateway view (its local endpoints) instead of
+                // the whole service; sidecars the whole service, in their scope.
+                let include = |name: &str| {
+                    if gateway {
+                        !sidecar_only(name)
+                    } else {
+                        !gateway_only(name) && (in_scope(&scope, name) || beyond.contains(name))
+                    }
+                };
+                let (mut changed, mut removed) = diff(&sent.resources, &current.resources, include);
+                // A service a route now reaches is new to the proxy, changed or not; one no
+                // route reaches any more is gone from it.
+                let newly: Vec<&Arc<Built>> = beyond
+                    .difference(&beyond_sent)
+                    .filter_map(|name| current.resources.get(name))
+                    .collect();
+                changed.retain(|r| !beyond.contains(&*r.name) || beyond_sent.contains(&*r.name));
+                for name in beyond_sent.difference(&beyond) {
+                    if sent.resources.get(name).is_some()
+                        && !in_scope(&scope, name)
+                        && !removed.iter().any(|r| **r == **name)
+                    {
+                        removed.push(name.to_string());
+                    }
+                }
                 let may_send = gateway || current.warm;
-                if may_send && (first || !changed.is_empty() || !removed.is_empty()) {
+                if may_send && (first || !changed.is_empty() || !removed.is_empty() || !newly.is_empty()) {
                     // Encoded once when built; every proxy's stream shares the bytes.
                     let (changed, removed) = if hello.accepts_endpoint_parts {
-                        in_parts(&sent.resources, changed, removed)
+                        let (mut out, removed) = in_parts(&sent.resources, changed, removed);
+                        out.extend(in_parts(&Resources::default(), newly, vec![]).0);
+                        (out, removed)
                     } else {
-                        (changed.into_iter().map(|r| r.wire().clone()).collect(), removed)
+                        (
+                            changed.into_iter().chain(newly).map(|r| r.wire().clone()).collect(),
+                            removed,
+                        )
                     };
                     let mut parts = Parts::new(current.version, first, hello.accepts_parts);
                     let mut gone = false;
@@ -161,6 +189,7 @@ impl ConfigService for XdsServer {
                     }
                     first = false;
                     sent = current.clone();
+                    beyond_sent = beyond;
                     if gone || tx.send(Ok(parts.last(removed))).await.is_err() {
                         break;
                     }
@@ -175,6 +204,7 @@ impl ConfigService for XdsServer {
                     // alive (a gateway, sent only its services' local views, held a whole old
                     // catalog's encodings).
                     sent = current;
+                    beyond_sent = beyond;
                 }
                 tokio::select! {
                     changed = state.changed() => if changed.is_err() { break },

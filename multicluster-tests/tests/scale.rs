@@ -301,6 +301,109 @@ async fn a_scoped_sidecar_holds_only_its_namespaces_and_still_calls_them() {
     assert_eq!(status, 200);
 }
 
+/// A sidecar scoped to its namespace is also sent the services its namespace's routes send
+/// to in other namespaces (and only those), so a route across namespaces works for it; when
+/// the route goes, so does the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_sidecar_is_sent_what_its_routes_send_to_in_other_namespaces() {
+    let mesh = Mesh::start_with(MeshOptions {
+        topology: Some(
+            "services:
+  - {name: front, namespace: web, port: 80, protocol: http}
+  - {name: echo, port: 80, protocol: http}
+  - {name: greeter, port: 80, protocol: http}
+clusters:
+  - name: east
+    region: us-east
+    zones: [us-east-1a]
+    workloads:
+      - {service: front, zone: us-east-1a}
+  - name: west
+    region: us-west
+    zones: [us-west-2a]
+    workloads:
+      - {service: echo, zone: us-west-2a}
+      - {service: greeter, zone: us-west-2a}
+"
+            .into(),
+        ),
+        extra_args: vec!["--sidecar-scope-namespaces".into(), "web".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let front = mesh.workload("front", "us-east-1a");
+    let echo = mesh.workload("echo", "us-west-2a");
+    let hosts = || async {
+        let config = Mesh::admin_json(front.admin_addr, "/config").await.unwrap_or_default();
+        config["services"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["host"].as_str())
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let holds = |hosts: &[String], prefix: &str| hosts.iter().any(|h| h.starts_with(prefix));
+    let call = || async {
+        let (status, body) = get_via(front.outbound_proxy, "http://front.web.svc.clusterset.local/")
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    // Scoped to web: front only.
+    let (status, body) = call().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("\"workload\":\"{}\"", front.name)), "{body}");
+    let before = hosts().await;
+    assert!(
+        holds(&before, "front.web.") && !holds(&before, "echo.demo."),
+        "{before:?}"
+    );
+    // A route in web sends front's requests to echo in demo (a ServiceImport: every cluster's
+    // endpoints): the sidecar is sent echo (not greeter) and its calls reach echo in west.
+    let route = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: front-to-echo, namespace: web}
+spec:
+  parentRefs: [{name: front}]
+  rules:
+    - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, namespace: demo, port: 80}]
+";
+    mesh.policy_ok("apply", "east", "front-to-echo", route);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = call().await;
+        if status == 200 && body.contains(&format!("\"workload\":\"{}\"", echo.name)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "front's calls never reached echo in demo: last {status} {body}; the sidecar holds {}; the route: {}",
+            Mesh::admin_json(front.admin_addr, "/config").await.unwrap_or_default()["services"],
+            Mesh::admin_json(mesh.cluster("east").controller.admin_addr, "/routes")
+                .await
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let with_route = hosts().await;
+    assert!(holds(&with_route, "echo.demo."), "{with_route:?}");
+    assert!(!holds(&with_route, "greeter.demo."), "{with_route:?}");
+    // The route goes: so does echo, and front answers its calls again.
+    mesh.policy_ok("delete", "east", "front-to-echo", route);
+    Mesh::eventually("echo leaves the scoped sidecar", Duration::from_secs(15), || async {
+        !holds(&hosts().await, "echo.demo.")
+    })
+    .await
+    .unwrap();
+    let (status, body) = call().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("\"workload\":\"{}\"", front.name)), "{body}");
+}
+
 /// One service of 60,000 endpoints (about 100 bytes each on the wire): its export (peering)
 /// and the sidecars' config stream each carry it in one message of about 6 MB, larger than
 /// gRPC's default limit of 4 MiB; it still reaches a sidecar in the other cluster whole. Then

@@ -404,10 +404,13 @@ async fn peering_links(plan: &Plan) -> usize {
     links
 }
 
+/// Each service's endpoints, by host, that every sidecar should hold once synced: those of its
+/// scope (`--sidecar-scope-namespaces`) when it has one.
 fn expected_endpoints(plan: &Plan) -> std::collections::BTreeMap<String, usize> {
     let mut out = std::collections::BTreeMap::new();
     for c in &plan.clusters {
-        for w in &c.workloads {
+        let in_scope = |ns: &String| plan.sidecar_scope.is_empty() || plan.sidecar_scope.contains(ns);
+        for w in c.workloads.iter().filter(|w| in_scope(&w.namespace)) {
             *out.entry(format!("{}.{}.svc.clusterset.local", w.service, w.namespace))
                 .or_insert(0) += 1;
         }

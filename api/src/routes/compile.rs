@@ -216,6 +216,38 @@ fn target_kind(group: Option<&str>, kind: Option<&str>) -> Option<TargetKind> {
     }
 }
 
+/// The services a route (in `namespace`) is for and the services it sends to, as `ns/name`:
+/// its Service and ServiceImport parents, and its backends and mirrors. A proxy given a
+/// parent must be given the backends too, or the route's requests meet a backend it does not
+/// know (a proxy scoped to some namespaces, say).
+pub fn route_services(namespace: &str, spec: &HttpRouteSpec) -> (Vec<String>, Vec<String>) {
+    let key = |group: Option<&str>, kind: Option<&str>, ns: Option<&str>, name: &str| {
+        target_kind(group, kind).map(|_| format!("{}/{name}", ns.unwrap_or(namespace)))
+    };
+    let parents = spec
+        .parent_refs
+        .iter()
+        .filter_map(|p| key(p.group.as_deref(), p.kind.as_deref(), p.namespace.as_deref(), &p.name))
+        .collect();
+    let object = |b: &BackendObjectRef| key(b.group.as_deref(), b.kind.as_deref(), b.namespace.as_deref(), &b.name);
+    let mirrors = |filters: &[HttpRouteFilter]| -> Vec<String> {
+        filters
+            .iter()
+            .filter_map(|f| f.request_mirror.as_ref())
+            .filter_map(|m| object(&m.backend_ref))
+            .collect()
+    };
+    let mut backends = vec![];
+    for rule in &spec.rules {
+        backends.extend(mirrors(&rule.filters));
+        for b in &rule.backend_refs {
+            backends.extend(object(&b.object()));
+            backends.extend(mirrors(&b.filters));
+        }
+    }
+    (parents, backends)
+}
+
 /// Checks and compiles `spec` (the route `namespace/name`). `lookup` answers whether a
 /// backend exists in the catalog. Returns the compiled route unless an error rejects it, and
 /// every error found.
@@ -701,5 +733,33 @@ fn mirror(
         errors,
     ) {
         rule.mirrors.push(Mirror { target, per_million });
+    }
+}
+
+#[cfg(test)]
+mod route_services_tests {
+    use super::*;
+
+    #[test]
+    fn a_route_names_its_parents_and_every_service_it_sends_to() {
+        let spec: HttpRouteSpec = serde_yaml::from_str(
+            r#"
+parentRefs:
+  - {name: front}
+  - {group: multicluster.x-k8s.io, kind: ServiceImport, name: front, namespace: web}
+  - {group: gateway.networking.k8s.io, kind: Gateway, name: ingress}
+rules:
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, namespace: audit}}}]
+    backendRefs:
+      - {name: front-v1, port: 80}
+      - {group: multicluster.x-k8s.io, kind: ServiceImport, name: echo, namespace: demo, port: 80}
+      - {kind: Bucket, group: storage.example.com, name: not-a-service}
+  - backendRefs: [{name: front-v2, port: 80}]
+"#,
+        )
+        .unwrap();
+        let (parents, backends) = route_services("web", &spec);
+        assert_eq!(parents, ["web/front", "web/front"]);
+        assert_eq!(backends, ["audit/shadow", "web/front-v1", "demo/echo", "web/front-v2"]);
     }
 }

@@ -17,7 +17,9 @@ pub mod grpc;
 pub mod matching;
 pub mod spec;
 
-pub use compile::{compile_route, Backend, BackendLookup, CompiledRoute, CompiledRule, RouteError, RouteErrorKind};
+pub use compile::{
+    compile_route, route_services, Backend, BackendLookup, CompiledRoute, CompiledRule, RouteError, RouteErrorKind,
+};
 pub use grpc::GrpcRouteSpec;
 pub use matching::{pick_backend, RequestView, RouteTable};
 pub use spec::HttpRouteSpec;
