@@ -6,6 +6,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use multicluster_tests::{get_with, Mesh, MeshOptions};
@@ -130,8 +132,25 @@ async fn the_clusterset_page_shows_every_cluster_and_marks_a_lost_one() {
     assert_eq!(edge["error_rate"].as_f64(), Some(0.0), "{edge}");
     assert!(edge["p99_ms"].as_f64().unwrap_or_default() > 0.0, "{edge}");
 
+    // Traffic goes on while the browser renders the page: an edge is the rates over the last
+    // 10 s, and with the traffic stopped here it ages out of the window while a browser slow to
+    // start on a busy machine is still loading (CI once rendered the page 8 s on, edgeless).
+    let flowing = Arc::new(AtomicBool::new(true));
+    let traffic = tokio::spawn({
+        let (flowing, proxy) = (flowing.clone(), caller.outbound_proxy);
+        async move {
+            while flowing.load(Ordering::Relaxed) {
+                let _ = get_with(proxy, "http://greeter.demo.svc.clusterset.local/live", &[]).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+
     // The page, rendered: three clusters, the edge with its padlock, no console errors.
+    let rendering = std::time::Instant::now();
     let (html, console) = dom(&profile, &url);
+    let rendered_in = rendering.elapsed();
+    let edges_now = Mesh::admin_json(east_admin, "/api/clusterset").await.unwrap()["edges"].clone();
     assert!(console.is_empty(), "browser console: {console:#?}");
     for (cluster, state) in [("east", "local"), ("west", "connected"), ("central", "connected")] {
         assert!(
@@ -143,13 +162,15 @@ async fn the_clusterset_page_shows_every_cluster_and_marks_a_lost_one() {
         html.contains(
             "data-source=\"east/echo-us-east-1a\" data-destination=\"west/greeter-us-west-2a\" data-mtls=\"true\""
         ),
-        "no cross-cluster edge with mTLS: {html}"
+        "no cross-cluster edge with mTLS in the page rendered in {rendered_in:?} (the edge before: {edge}; the edges after: {edges_now}): {html}"
     );
     assert!(
         html.contains("us-west-2a") && html.contains("eu-central-1a"),
         "zones missing"
     );
     screenshot(&profile, &url, "clusterset-live");
+    flowing.store(false, Ordering::Relaxed);
+    traffic.await.unwrap();
 
     // The same data streams as server-sent events.
     let event = first_event(east_admin).await;

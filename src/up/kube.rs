@@ -42,19 +42,42 @@ pub fn binaries() -> anyhow::Result<PathBuf> {
     })
 }
 
-/// `N` distinct free ports on `ip`. Every listener is held until all are taken: ports asked for
-/// one at a time can repeat (the kernel may hand a just-released port out again), and etcd's
-/// client port once came back as the API server's, which then exited with "address already in use".
+/// `N` distinct free ports on `ip` for etcd and kube-apiserver to listen on, found by binding
+/// each (every listener is held until all are taken: ports asked for one at a time can repeat).
+/// They are taken below the kernel's ephemeral range (`ip_local_port_range`): a port from that
+/// range, released here, can be handed to any outgoing connection before the daemon binds it
+/// (etcd then exited with "address already in use"); below it, only another listener can take it.
 fn free_ports<const N: usize>(ip: IpAddr) -> anyhow::Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind(SocketAddr::new(ip, 0)))
-        .collect::<std::io::Result<Vec<_>>>()
-        .with_context(|| format!("no free port on {ip}"))?;
+    let (first, end) = listen_range();
+    // From a random place, so that two `strait up`s starting together do not race for the same
+    // ports.
+    let span = u64::from(end - first);
+    let offset = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), ip) % span;
+    let listeners: Vec<TcpListener> = (0..span)
+        .map(|i| first + ((offset + i) % span) as u16)
+        .filter_map(|port| TcpListener::bind(SocketAddr::new(ip, port)).ok())
+        .take(N)
+        .collect();
+    anyhow::ensure!(
+        listeners.len() == N,
+        "no {N} free ports on {ip} between {first} and {end} (below the ephemeral range)"
+    );
     let mut ports = [0; N];
     for (port, l) in ports.iter_mut().zip(&listeners) {
         *port = l.local_addr()?.port();
     }
     Ok(ports)
+}
+
+/// The ports [`free_ports`] chooses from: 10000 up to the first ephemeral port (32768 when
+/// `/proc/sys/net/ipv4/ip_local_port_range` cannot be read; at least 1024 ports).
+fn listen_range() -> (u16, u16) {
+    let ephemeral_first = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let end = ephemeral_first.max(2048);
+    (10000.min(end - 1024), end)
 }
 
 pub struct ApiServer {
@@ -357,16 +380,34 @@ mod tests {
     use std::collections::BTreeSet;
     use std::net::{IpAddr, Ipv4Addr, TcpListener};
 
-    use super::free_ports;
+    use super::{free_ports, listen_range};
 
     #[test]
-    fn a_clusters_ports_are_distinct_and_free() {
+    fn a_clusters_ports_are_distinct_free_and_outside_the_ephemeral_range() {
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let (first, end) = listen_range();
         for _ in 0..200 {
             let ports: [u16; 3] = free_ports(ip).unwrap();
             assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 3, "{ports:?}");
-            // All three can be listened on together, as etcd and kube-apiserver will.
-            let held: Vec<_> = ports.iter().map(|p| TcpListener::bind((ip, *p)).unwrap()).collect();
+            assert!(
+                ports.iter().all(|p| (first..end).contains(p)),
+                "{ports:?} not in {first}..{end}"
+            );
+            // All three can be listened on together, as etcd and kube-apiserver will. A process
+            // another test forks while `free_ports` holds its listeners holds copies of them until
+            // it runs its program (they close on exec), so a bind at once may wait for that.
+            let bind = |port: u16| {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                loop {
+                    match TcpListener::bind((ip, port)) {
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                            std::thread::sleep(std::time::Duration::from_millis(5))
+                        }
+                        other => break other.unwrap(),
+                    }
+                }
+            };
+            let held: Vec<_> = ports.iter().map(|p| bind(*p)).collect();
             assert_eq!(held.len(), 3);
         }
     }
