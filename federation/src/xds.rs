@@ -155,11 +155,9 @@ impl ConfigService for XdsServer {
                     .filter_map(|name| current.resources.get(name))
                     .collect();
                 changed.retain(|r| !beyond.contains(&*r.name) || beyond_sent.contains(&*r.name));
+                // (Never in the scope's namespaces, so `diff` left them out.)
                 for name in beyond_sent.difference(&beyond) {
-                    if sent.resources.get(name).is_some()
-                        && !in_scope(&scope, name)
-                        && !removed.iter().any(|r| **r == **name)
-                    {
+                    if sent.resources.get(name).is_some() {
                         removed.push(name.to_string());
                     }
                 }

@@ -384,10 +384,7 @@ async fn restart_controllers(
                         let log = &mesh.info.clusters[*c].controller.log;
                         let text = std::fs::read_to_string(log).unwrap_or_default();
                         let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                        let state = std::fs::read_to_string(format!("/proc/{}/stat", pids[*c]))
-                            .ok()
-                            .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()))
-                            .flatten()
+                        let state = crate::mesh::process_state(format!("/proc/{}/stat", pids[*c]).as_ref())
                             .map_or("gone".to_string(), |st| format!("state {st}"));
                         format!(
                             "cluster {c}: controller pid {} {state}; the end of {}:\n{}",

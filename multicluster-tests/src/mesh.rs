@@ -171,6 +171,13 @@ pub struct MeshOptions {
     pub extra_args: Vec<String>,
 }
 
+/// The state letter (`R`, `S`, `Z`, ...) in a `/proc/.../stat` file: the field after the
+/// parenthesised command name. `None` when the file cannot be read (the process is gone).
+pub fn process_state(stat: &std::path::Path) -> Option<char> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 /// A running mesh. Dropping it stops every process it started.
 pub struct Mesh {
     pub info: MeshInfo,
@@ -376,17 +383,12 @@ impl Mesh {
     pub fn kill9(&self, pid: u32) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let exited = |stat: &str| {
-            // The state is the field after the parenthesised command name.
-            stat.rsplit_once(')')
-                .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-        };
         while std::time::Instant::now() < deadline {
             let alive = std::fs::read_dir(format!("/proc/{pid}/task"))
                 .map(|tasks| {
                     tasks
                         .flatten()
-                        .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !exited(&stat)))
+                        .any(|t| process_state(&t.path().join("stat")).is_some_and(|st| !matches!(st, 'Z' | 'X')))
                 })
                 .unwrap_or(false);
             if !alive {
@@ -394,6 +396,16 @@ impl Mesh {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// The hosts of the services a sidecar holds (its admin `/config`); none when it cannot
+    /// be read.
+    pub async fn sidecar_hosts(admin: SocketAddr) -> Vec<String> {
+        let config = Self::admin_json(admin, "/config").await.unwrap_or_default();
+        config["services"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["host"].as_str()).map(String::from).collect())
+            .unwrap_or_default()
     }
 
     /// Starts a component again with the command `strait up` reported for it; returns its pid.

@@ -286,13 +286,7 @@ async fn a_scoped_sidecar_holds_only_its_namespaces_and_still_calls_them() {
     .unwrap();
     // ... a sidecar scoped to demo is not sent it, and still holds and calls demo services.
     let w = &east.workloads[0];
-    let config = Mesh::admin_json(w.admin_addr, "/config").await.unwrap();
-    let hosts: Vec<String> = config["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["host"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let hosts = Mesh::sidecar_hosts(w.admin_addr).await;
     assert!(!hosts.iter().any(|h| h.contains(".other.")), "{hosts:?}");
     assert!(hosts.iter().any(|h| h.starts_with("echo.demo.")), "{hosts:?}");
     let (status, _) = get_via(w.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
@@ -334,18 +328,7 @@ clusters:
     .unwrap();
     let front = mesh.workload("front", "us-east-1a");
     let echo = mesh.workload("echo", "us-west-2a");
-    let hosts = || async {
-        let config = Mesh::admin_json(front.admin_addr, "/config").await.unwrap_or_default();
-        config["services"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s["host"].as_str())
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
+    let hosts = || Mesh::sidecar_hosts(front.admin_addr);
     let holds = |hosts: &[String], prefix: &str| hosts.iter().any(|h| h.starts_with(prefix));
     let call = || async {
         let (status, body) = get_via(front.outbound_proxy, "http://front.web.svc.clusterset.local/")
