@@ -153,6 +153,13 @@ pub struct SidecarArgs {
     /// --outbound-traffic). Default: every namespace. Example: --scope-namespaces demo,payments
     #[arg(long, value_delimiter = ',', value_parser = namespace_name)]
     pub scope_namespaces: Vec<String>,
+    /// Only services that could let this workload in are sent to this sidecar: those whose
+    /// AuthorizationPolicies (as this cluster's controller serves them) allow some request of
+    /// its identity; one that refuses it everything is unknown to it, as if out of scope. With
+    /// --scope-namespaces, only the services of the scope that could. Its own service is always
+    /// sent. Default: off (every service, whatever the policies). Example: --scope-authorized
+    #[arg(long)]
+    pub scope_authorized: bool,
     /// The DNS proxy's address (UDP and TCP), where `strait sidecar init` sends port 53, e.g.
     /// 127.0.0.1:15053. Off when not given.
     #[arg(long)]
@@ -331,6 +338,7 @@ pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
         limits: a.limits.into(),
         telemetry: a.telemetry.into(),
         scope_namespaces: a.scope_namespaces,
+        scope_authorized: a.scope_authorized,
         controller: a.identity.link()?,
     })
     .await

@@ -659,15 +659,84 @@ pub fn decide(policies: &[&CompiledAuthz], peer: &Peer<'_>, port: u16, http: Opt
 
 /// Whether `p` applies to a workload of service `service` in `namespace` with `labels`.
 pub fn applies(p: &CompiledAuthz, service: &str, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+    match (reach(p, service, namespace), &p.scope) {
+        (Reach::None, _) => false,
+        (Reach::Some, Scope::Selector(want)) => want.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        _ => true,
+    }
+}
+
+/// How far a policy reaches over the workloads of a service known only by name (its
+/// workloads' labels unknown): none of them, maybe some (a selector), or every one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    None,
+    Some,
+    Every,
+}
+
+/// Which of service `service`'s workloads in `namespace` `p` applies to, by name alone (see
+/// [`applies`] for one workload).
+pub fn reach(p: &CompiledAuthz, service: &str, namespace: &str) -> Reach {
     let root = p.namespace == ROOT_NAMESPACE;
     if !root && p.namespace != namespace {
-        return false;
+        return Reach::None;
     }
     match &p.scope {
-        Scope::All => true,
-        Scope::Services(names) => !root && names.iter().any(|n| n == service),
-        Scope::Selector(want) => want.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        Scope::All => Reach::Every,
+        Scope::Services(names) if !root && names.iter().any(|n| n == service) => Reach::Every,
+        Scope::Services(_) => Reach::None,
+        Scope::Selector(want) if want.is_empty() => Reach::Every,
+        Scope::Selector(_) => Reach::Some,
     }
+}
+
+impl CompiledRule {
+    /// Whether the rule depends on the caller alone: no operation, and conditions only on
+    /// source keys.
+    fn names_only_sources(&self) -> bool {
+        self.to.is_empty() && self.when.iter().all(|w| !matches!(w.key, Key::Header(_) | Key::Port))
+    }
+
+    /// Whether the caller's side of the rule holds: one of its sources (if any) and every
+    /// condition on a source key. Request attributes are not looked at.
+    fn sources_hold(&self, peer: &Peer<'_>) -> bool {
+        let (td, ns, _) = split_principal(peer.principal);
+        (self.from.is_empty() || self.from.iter().any(|s| s.holds(peer)))
+            && self.when.iter().all(|w| match &w.key {
+                Key::Header(_) | Key::Port => true,
+                Key::Principal => w.field.holds(peer.principal),
+                Key::Namespace => w.field.holds(ns),
+                Key::Cluster => w.field.holds(peer.cluster),
+                Key::TrustDomain => w.field.holds(td),
+            })
+    }
+}
+
+/// Whether some request of this caller could be allowed by a service whose policies are
+/// these, each with how far it reaches over the service's workloads ([`reach`]). False only
+/// when every workload refuses every request of the caller: a DENY reaching every workload
+/// has a rule that names only sources and holds for it, or ALLOW policies reach every
+/// workload and no rule of any ALLOW policy that may apply holds for it. Ports, methods, paths
+/// and headers are taken as ones some request has, so this never refuses a caller the
+/// destination would let in (a proxy scoped by authorization is sent the services this
+/// holds for).
+pub fn may_call(policies: &[(&CompiledAuthz, Reach)], peer: &Peer<'_>) -> bool {
+    let denied = policies.iter().any(|(p, reach)| {
+        *reach == Reach::Every
+            && p.action == Action::Deny
+            && p.rules.iter().any(|r| r.names_only_sources() && r.sources_hold(peer))
+    });
+    if denied {
+        return false;
+    }
+    let bound = policies
+        .iter()
+        .any(|(p, reach)| *reach == Reach::Every && p.action == Action::Allow);
+    !bound
+        || policies.iter().any(|(p, reach)| {
+            *reach != Reach::None && p.action == Action::Allow && p.rules.iter().any(|r| r.sources_hold(peer))
+        })
 }
 
 /// The one form of a path both the decision and the application see: percent-encoded
@@ -870,6 +939,85 @@ rules: [{when: [{key: "request.headers[x-role]", notValues: [admin]}], to: [{ope
             None,
             "left to the sidecar, which sees the path"
         );
+    }
+
+    #[test]
+    fn a_caller_may_call_unless_every_workload_refuses_it_every_request() {
+        let peer = |sa: &'static str, cluster: &'static str| Peer {
+            principal: Some(sa),
+            cluster: Some(cluster),
+        };
+        let alice = peer(ALICE, "east");
+        let bob = peer("spiffe://mesh.local/ns/web/sa/bob", "east");
+        let from_west = peer(ALICE, "west");
+        let may = |ps: &[(&CompiledAuthz, Reach)], who: &Peer<'_>| may_call(ps, who);
+        assert!(may(&[], &alice), "no policy: everyone");
+        // An ALLOW naming alice (and a path: some request of hers passes).
+        let allow_alice = policy(&format!(
+            "targetRefs: [{{kind: Service, name: greeter}}]\nrules: [{{from: [{{source: {{principals: [\"{ALICE}\"]}}}}], to: [{{operation: {{paths: [/api]}}}}]}}]"
+        ));
+        let every = |p| (p, Reach::Every);
+        assert!(may(&[every(&allow_alice)], &alice));
+        assert!(
+            !may(&[every(&allow_alice)], &bob),
+            "bound by an ALLOW that never names bob"
+        );
+        // A selector ALLOW may cover only some workloads: the others have no ALLOW, so bob may.
+        assert!(may(&[(&allow_alice, Reach::Some)], &bob));
+        // ... but with an ALLOW over every workload, a selector ALLOW naming bob is his way in.
+        let allow_web =
+            policy("selector: {matchLabels: {app: greeter}}\nrules: [{from: [{source: {namespaces: [web]}}]}]");
+        assert!(may(&[every(&allow_alice), (&allow_web, Reach::Some)], &bob));
+        // Source conditions count; request ones are taken as some request's.
+        let when_cluster = policy(
+            "rules: [{when: [{key: source.cluster, values: [east]}, {key: \"request.headers[x-a]\", values: [b]}]}]",
+        );
+        assert!(may(&[every(&when_cluster)], &alice));
+        assert!(!may(&[every(&when_cluster)], &from_west));
+        // An ALLOW with no rules allows nothing.
+        let nothing = policy("action: ALLOW");
+        assert!(!may(&[every(&nothing)], &alice));
+        // A DENY of west's callers refuses them everything; one that names a path does not.
+        let deny_west = policy("action: DENY\nrules: [{from: [{source: {clusters: [west]}}]}]");
+        assert!(!may(&[every(&deny_west)], &from_west));
+        assert!(may(&[every(&deny_west)], &alice));
+        assert!(
+            may(&[(&deny_west, Reach::Some)], &from_west),
+            "maybe not every workload"
+        );
+        let deny_path = policy(
+            "action: DENY\nrules: [{from: [{source: {clusters: [west]}}], to: [{operation: {paths: [/admin]}}]}]",
+        );
+        assert!(may(&[every(&deny_path)], &from_west));
+        let deny_port = policy("action: DENY\nrules: [{when: [{key: destination.port, values: [\"8080\"]}]}]");
+        assert!(may(&[every(&deny_port)], &alice), "another port may be open");
+        let deny_all = policy("action: DENY\nrules: [{}]");
+        assert!(!may(&[every(&deny_all)], &alice));
+        // AUDIT decides nothing.
+        let audit = policy("action: AUDIT\nrules: [{}]");
+        assert!(may(&[every(&audit)], &bob));
+    }
+
+    #[test]
+    fn how_far_a_policy_reaches_by_service_name() {
+        let targeted = policy("targetRefs: [{kind: Service, name: greeter}]\nrules: [{}]");
+        assert_eq!(reach(&targeted, "greeter", "demo"), Reach::Every);
+        assert_eq!(reach(&targeted, "echo", "demo"), Reach::None);
+        assert_eq!(reach(&targeted, "greeter", "web"), Reach::None, "another namespace");
+        let selected = policy("selector: {matchLabels: {app: greeter}}\nrules: [{}]");
+        assert_eq!(reach(&selected, "greeter", "demo"), Reach::Some);
+        let whole = policy("rules: [{}]");
+        assert_eq!(reach(&whole, "echo", "demo"), Reach::Every);
+        let spec: AuthorizationPolicySpec = serde_yaml::from_str("rules: [{}]").expect("yaml");
+        let root = compile_authz(ROOT_NAMESPACE, "mesh-wide", &spec).expect("compiles");
+        assert_eq!(
+            reach(&root, "echo", "web"),
+            Reach::Every,
+            "the root namespace's reach the mesh"
+        );
+        let labels = BTreeMap::from([("app".to_string(), "greeter".to_string())]);
+        assert!(applies(&selected, "greeter", "demo", &labels));
+        assert!(!applies(&selected, "greeter", "demo", &BTreeMap::new()));
     }
 
     #[test]

@@ -124,6 +124,69 @@ pub struct ConfigState {
     /// Which services outside a namespace its services' routes send to, for proxies scoped
     /// to namespaces.
     pub reach: Arc<RouteReach>,
+    /// The served authorization policies, for proxies scoped by authorization.
+    pub authz: Arc<AuthzScope>,
+}
+
+/// The authorization policies proxies are sent, compiled once and kept by namespace, for
+/// proxies scoped by authorization (`Hello.scope_authorized`): such a proxy is sent only the
+/// services that could allow some request of its identity as a caller in this cluster
+/// ([`strait_api::authz::may_call`]; a service's policies are known here by its name, not its
+/// workloads' labels, so a selector counts as maybe applying). A cluster-scoped policy of
+/// another cluster is not seen here (peers do not send them): a service it opens there is
+/// left out while this cluster's view refuses the caller.
+#[derive(Debug, Default)]
+pub struct AuthzScope {
+    cluster: String,
+    by_namespace: BTreeMap<String, Vec<strait_api::authz::CompiledAuthz>>,
+}
+
+impl AuthzScope {
+    /// From the policies proxies are sent (one that does not compile is left out, so it
+    /// refuses nothing here: proxies refuse it too).
+    pub fn of(cluster: &str, policies: &[pb::AuthorizationPolicy]) -> Self {
+        let mut by_namespace: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for p in policies {
+            let compiled = serde_json::from_str::<strait_api::authz::AuthorizationPolicySpec>(&p.spec_json)
+                .ok()
+                .and_then(|spec| strait_api::authz::compile_authz(&p.namespace, &p.name, &spec).ok());
+            if let Some(c) = compiled {
+                by_namespace.entry(p.namespace.clone()).or_default().push(c);
+            }
+        }
+        AuthzScope {
+            cluster: cluster.to_string(),
+            by_namespace,
+        }
+    }
+
+    /// Whether a proxy of identity `principal` scoped by authorization is sent resource
+    /// `name`: every resource but a service its policies refuse the principal everything.
+    pub fn may_call(&self, principal: &str, name: &str) -> bool {
+        use strait_api::authz::{may_call, reach, Peer, Reach, ROOT_NAMESPACE};
+        if self.by_namespace.is_empty() {
+            return true;
+        }
+        let Some((ns, service)) = name.strip_prefix("service/").and_then(|r| r.split_once('/')) else {
+            return true;
+        };
+        let root = self.by_namespace.get(ROOT_NAMESPACE).filter(|_| ns != ROOT_NAMESPACE);
+        let policies: Vec<_> = root
+            .into_iter()
+            .chain(self.by_namespace.get(ns))
+            .flatten()
+            .map(|p| (p, reach(p, service, ns)))
+            .filter(|(_, r)| *r != Reach::None)
+            .collect();
+        policies.is_empty()
+            || may_call(
+                &policies,
+                &Peer {
+                    principal: Some(principal),
+                    cluster: Some(&self.cluster),
+                },
+            )
+    }
 }
 
 /// For each namespace, the services of other namespaces that the routes for its services
@@ -349,7 +412,7 @@ const RESOURCE_SERVICE: u32 = 3;
 const RESOURCE_SERVICE_ENDPOINTS: u32 = 11;
 const SERVICE_ENDPOINTS: u32 = 5;
 
-fn resource(name: String, kind: Kind) -> Built {
+pub(crate) fn resource(name: String, kind: Kind) -> Built {
     let r = pb::Resource {
         name,
         version: String::new(),
@@ -1059,6 +1122,7 @@ mod tests {
             warm: true,
             since,
             reach: Arc::default(),
+            authz: Arc::default(),
         }
     }
 

@@ -28,7 +28,7 @@ use strait_trust::{
 use crate::catalog::{merge_with, same_merged, Changes, IpRange, MergeMemo, Merged};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{ExportChange, Exports, PeerClient, PeerTable, PeeringServer};
-use crate::resources::{build_with, same_versions, BuildMemo, ConfigState, Others, RouteReach};
+use crate::resources::{build_with, same_versions, AuthzScope, BuildMemo, ConfigState, Others, RouteReach};
 use crate::source::{FileSource, LocalCatalog, SourceError};
 use crate::xds::XdsServer;
 use crate::{policy, ControllerConfig, FEDERATION_PORT};
@@ -316,6 +316,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_good: BTreeMap<String, pb::PolicyObject> = BTreeMap::new();
     // The routes proxies were last sent, and where they reach (made again when they change).
     let mut reach: (Vec<pb::HttpRoute>, Arc<RouteReach>) = Default::default();
+    // The authorization policies proxies were last sent, compiled (made again when they change).
+    let mut authz: (Vec<pb::AuthorizationPolicy>, Arc<AuthzScope>) = Default::default();
     let expected_clusters: Vec<String> = std::iter::once(cfg.cluster.clone())
         .chain(cfg.peers.iter().map(|p| p.name.clone()))
         .collect();
@@ -485,6 +487,12 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         if reach.0 != checked.routes {
             reach = (checked.routes.clone(), Arc::new(RouteReach::of(&checked.routes)));
         }
+        if authz.0 != checked.authz {
+            authz = (
+                checked.authz.clone(),
+                Arc::new(AuthzScope::of(&cfg.cluster, &checked.authz)),
+            );
+        }
         let changed = !same_versions(&state_tx.borrow().resources, &resources) || state_tx.borrow().warm != warm;
         if changed || version == 0 {
             version += 1;
@@ -497,6 +505,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 warm,
                 since,
                 reach: reach.1.clone(),
+                authz: authz.1.clone(),
             }));
         }
         // Each object's status here, with how many of this cluster's proxies have its

@@ -124,43 +124,21 @@ impl ConfigService for XdsServer {
         );
         connected.inc();
         tokio::spawn(async move {
-            let scope = hello.namespaces.clone();
-            // The state last sent, shared with the watch: the proxy holds what `include` lets
+            let scope = ProxyScope::of(&hello, &identity);
+            // The state last sent, shared with the watch: the proxy holds what its scope lets
             // through of it.
             let mut sent: Arc<ConfigState> = Arc::default();
-            // A scoped proxy's services beyond its namespaces (its routes' backends) as sent.
-            let mut beyond_sent: BTreeSet<Key> = BTreeSet::new();
             let mut first = true;
             loop {
                 let current = state.borrow_and_update().clone();
-                let beyond = if gateway || scope.is_empty() {
-                    BTreeSet::new()
-                } else {
-                    current.reach.beyond(&scope)
-                };
                 // Gateways take each service's gateway view (its local endpoints) instead of
                 // the whole service; sidecars the whole service, in their scope.
-                let include = |name: &str| {
-                    if gateway {
-                        !sidecar_only(name)
-                    } else {
-                        !gateway_only(name) && (in_scope(&scope, name) || beyond.contains(name))
-                    }
+                let (changed, removed, newly) = if gateway {
+                    let (changed, removed) = diff(&sent.resources, &current.resources, |n| !sidecar_only(n));
+                    (changed, removed, vec![])
+                } else {
+                    scope.changes(&sent, &current)
                 };
-                let (mut changed, mut removed) = diff(&sent.resources, &current.resources, include);
-                // A service a route now reaches is new to the proxy, changed or not; one no
-                // route reaches any more is gone from it.
-                let newly: Vec<&Arc<Built>> = beyond
-                    .difference(&beyond_sent)
-                    .filter_map(|name| current.resources.get(name))
-                    .collect();
-                changed.retain(|r| !beyond.contains(&*r.name) || beyond_sent.contains(&*r.name));
-                // (Never in the scope's namespaces, so `diff` left them out.)
-                for name in beyond_sent.difference(&beyond) {
-                    if sent.resources.get(name).is_some() {
-                        removed.push(name.to_string());
-                    }
-                }
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty() || !newly.is_empty()) {
                     // Encoded once when built; every proxy's stream shares the bytes.
@@ -187,7 +165,6 @@ impl ConfigService for XdsServer {
                     }
                     first = false;
                     sent = current.clone();
-                    beyond_sent = beyond;
                     if gone || tx.send(Ok(parts.last(removed))).await.is_err() {
                         break;
                     }
@@ -202,7 +179,6 @@ impl ConfigService for XdsServer {
                     // alive (a gateway, sent only its services' local views, held a whole old
                     // catalog's encodings).
                     sent = current;
-                    beyond_sent = beyond;
                 }
                 tokio::select! {
                     changed = state.changed() => if changed.is_err() { break },
@@ -297,6 +273,92 @@ impl Parts {
     }
 }
 
+/// What a sidecar is sent of the services: those of its scope (every one by default).
+struct ProxyScope {
+    /// The namespaces whose services it is sent (empty: every namespace).
+    namespaces: Vec<String>,
+    /// Its own service's resource name (empty if it did not say), always sent.
+    own: String,
+    /// Its identity, when it is scoped by authorization.
+    principal: Option<String>,
+}
+
+impl ProxyScope {
+    fn of(hello: &pb::Hello, identity: &strait_trust::SpiffeId) -> Self {
+        ProxyScope {
+            namespaces: hello.namespaces.clone(),
+            own: match hello.service.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() => format!("service/{}", hello.service),
+                _ => String::new(),
+            },
+            principal: hello.scope_authorized.then(|| identity.to_string()),
+        }
+    }
+
+    /// The services beyond its namespaces it is sent in `state`: those its namespaces'
+    /// routes send to.
+    fn beyond(&self, state: &ConfigState) -> BTreeSet<Key> {
+        if self.namespaces.is_empty() {
+            BTreeSet::new()
+        } else {
+            state.reach.beyond(&self.namespaces)
+        }
+    }
+
+    /// Whether it is sent resource `name` of `state`, where `beyond` is [`Self::beyond`].
+    fn includes(&self, state: &ConfigState, beyond: &BTreeSet<Key>, name: &str) -> bool {
+        if gateway_only(name) {
+            return false;
+        }
+        if name == self.own || !name.starts_with("service/") {
+            return true;
+        }
+        (in_scope(&self.namespaces, name) || beyond.contains(name))
+            && self.principal.as_deref().is_none_or(|p| state.authz.may_call(p, name))
+    }
+
+    /// What to send it going from `sent` to `current`: the resources in its scope that
+    /// changed and the names of those removed (as [`diff`]), and the services new to it
+    /// because a route or a policy now brings them into its scope, changed or not (sent
+    /// whole); one a route or a policy takes out of its scope is removed.
+    fn changes<'a>(
+        &self,
+        sent: &'a ConfigState,
+        current: &'a ConfigState,
+    ) -> (Vec<&'a Arc<Built>>, Vec<String>, Vec<&'a Arc<Built>>) {
+        let (beyond_before, beyond_now) = (self.beyond(sent), self.beyond(current));
+        let before = |name: &str| self.includes(sent, &beyond_before, name);
+        let now = |name: &str| self.includes(current, &beyond_now, name);
+        let (mut changed, mut removed) = diff(&sent.resources, &current.resources, now);
+        let mut moved: BTreeSet<&str> = beyond_before.symmetric_difference(&beyond_now).map(|k| &**k).collect();
+        if self.principal.is_some() && !Arc::ptr_eq(&sent.authz, &current.authz) {
+            // The policies changed: any service may have moved in or out.
+            moved.extend(
+                sent.resources
+                    .iter()
+                    .chain(current.resources.iter())
+                    .map(|(k, _)| &**k)
+                    .filter(|k| k.starts_with("service/")),
+            );
+        }
+        moved.retain(|name| before(name) != now(name));
+        if moved.is_empty() {
+            return (changed, removed, vec![]);
+        }
+        changed.retain(|r| !moved.contains(&*r.name));
+        removed.retain(|name| !moved.contains(name.as_str()));
+        let mut newly = vec![];
+        for name in moved {
+            if now(name) {
+                newly.extend(current.resources.get(name));
+            } else if sent.resources.get(name).is_some() {
+                removed.push(name.to_string());
+            }
+        }
+        (changed, removed, newly)
+    }
+}
+
 /// Whether a resource is sent to a proxy scoped to `namespaces` (empty: every namespace). Only
 /// services are scoped; the mesh's own namespace, gateways, policies and routes always go.
 fn in_scope(namespaces: &[String], name: &str) -> bool {
@@ -309,7 +371,127 @@ fn in_scope(namespaces: &[String], name: &str) -> bool {
 
 #[cfg(test)]
 mod scope_tests {
-    use super::in_scope;
+    use std::sync::Arc;
+
+    use strait_api::pb;
+
+    use super::{in_scope, ProxyScope};
+    use crate::resources::{resource, AuthzScope, ConfigState, Resources};
+
+    /// A state holding these resources (each name's version given: a new version is a change).
+    fn state(resources: &[(&str, &str)], authz: &Arc<AuthzScope>) -> ConfigState {
+        let mut r = Resources::default();
+        for (name, version) in resources {
+            let kind = pb::resource::Kind::TrustBundle(pb::TrustBundle {
+                pem: version.to_string(),
+                ..Default::default()
+            });
+            r.insert(Arc::new(resource(name.to_string(), kind)));
+        }
+        ConfigState {
+            resources: r,
+            authz: authz.clone(),
+            warm: true,
+            ..Default::default()
+        }
+    }
+
+    fn authz(policies: &[(&str, &str)]) -> Arc<AuthzScope> {
+        let policies: Vec<pb::AuthorizationPolicy> = policies
+            .iter()
+            .map(|(ns, yaml)| pb::AuthorizationPolicy {
+                namespace: ns.to_string(),
+                name: "p".into(),
+                spec_json: serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(yaml).unwrap()).unwrap(),
+                ..Default::default()
+            })
+            .collect();
+        Arc::new(AuthzScope::of("east", &policies))
+    }
+
+    fn names<'a>(resources: impl IntoIterator<Item = &'a Arc<crate::resources::Built>>) -> Vec<String> {
+        let mut v: Vec<String> = resources.into_iter().map(|r| r.name.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_proxy_scoped_by_authorization_gains_and_loses_services_as_policies_change() {
+        let hello = pb::Hello {
+            scope_authorized: true,
+            service: "web/front".into(),
+            ..Default::default()
+        };
+        let identity: strait_trust::SpiffeId = "spiffe://mesh.local/ns/web/sa/front".parse().unwrap();
+        let scope = ProxyScope::of(&hello, &identity);
+        let catalog = |greeter: &'static str| {
+            vec![
+                ("service/demo/echo", "1"),
+                ("service/demo/greeter", greeter),
+                ("service/web/front", "1"),
+                ("service/web/admin", "1"),
+                ("route/web/r", "1"),
+            ]
+        };
+        let none = authz(&[]);
+        let s0 = state(&catalog("1"), &none);
+        let empty = ConfigState::default();
+        let (changed, removed, newly) = scope.changes(&empty, &s0);
+        assert_eq!(changed.len(), 5, "no policy: everything");
+        assert!(removed.is_empty() && newly.is_empty());
+        // greeter lets in only demo's callers; web's admin service refuses everyone (but front
+        // is the proxy's own service, always sent).
+        let policies = authz(&[
+            (
+                "demo",
+                "targetRefs: [{kind: Service, name: greeter}]\nrules: [{from: [{source: {namespaces: [demo]}}]}]",
+            ),
+            ("web", "action: DENY\nrules: [{}]"),
+        ]);
+        let mut with_policy = catalog("1");
+        with_policy.push(("authz/demo/p", "1"));
+        let s1 = state(&with_policy, &policies);
+        let (changed, mut removed, newly) = scope.changes(&s0, &s1);
+        removed.sort();
+        assert_eq!(names(changed), ["authz/demo/p"]);
+        assert_eq!(removed, ["service/demo/greeter", "service/web/admin"]);
+        assert!(newly.is_empty());
+        // A change of greeter is not sent while it is out of scope ...
+        with_policy[1].1 = "2";
+        let s2 = state(&with_policy, &policies);
+        let (changed, removed, newly) = scope.changes(&s1, &s2);
+        assert!(changed.is_empty() && removed.is_empty() && newly.is_empty());
+        // ... and once the policies go, greeter and admin come back whole, changed or not.
+        let s3 = state(&catalog("2"), &none);
+        let (changed, removed, newly) = scope.changes(&s2, &s3);
+        assert!(changed.is_empty(), "{:?}", names(changed));
+        assert_eq!(removed, ["authz/demo/p"]);
+        assert_eq!(names(newly), ["service/demo/greeter", "service/web/admin"]);
+        // Scoped to other namespaces, a proxy is still sent its own service.
+        let demo_only = ProxyScope::of(
+            &pb::Hello {
+                namespaces: vec!["demo".into()],
+                service: "web/front".into(),
+                ..Default::default()
+            },
+            &identity,
+        );
+        let (changed, _, _) = demo_only.changes(&empty, &s0);
+        assert_eq!(
+            names(changed),
+            [
+                "route/web/r",
+                "service/demo/echo",
+                "service/demo/greeter",
+                "service/web/front"
+            ]
+        );
+        // Unscoped: the policies change nothing of what it is sent.
+        let all = ProxyScope::of(&pb::Hello::default(), &identity);
+        let (changed, removed, newly) = all.changes(&s0, &s1);
+        assert_eq!(names(changed), ["authz/demo/p"]);
+        assert!(removed.is_empty() && newly.is_empty());
+    }
 
     #[test]
     fn only_services_of_other_namespaces_are_left_out() {

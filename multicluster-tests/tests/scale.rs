@@ -387,6 +387,107 @@ spec:
     assert!(body.contains(&format!("\"workload\":\"{}\"", front.name)), "{body}");
 }
 
+/// `--sidecar-scope-authorized`: each sidecar is sent only the services whose
+/// AuthorizationPolicies could let its identity in, as a caller in its cluster, and always its
+/// own service. A policy applied in one cluster takes a service out of the sidecars it refuses
+/// (by principal, or by cluster) in every cluster and leaves it with the others, who still call
+/// it; deleting the policies brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_scoped_by_authorization_holds_what_may_let_it_in() {
+    let mesh = Mesh::start_with(MeshOptions {
+        extra_args: vec!["--sidecar-scope-authorized".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let east_echo = mesh.workload("echo", "us-east-1a");
+    let west_echo = mesh.workload("echo", "us-west-2a");
+    let west_greeter = mesh.workload("greeter", "us-west-2a");
+    let ledger = mesh.workload("ledger", "eu-central-1a");
+    let holds = |addr, prefix: &'static str| async move {
+        Mesh::sidecar_hosts(addr).await.iter().any(|h| h.starts_with(prefix))
+    };
+    // No policy: every sidecar holds every service.
+    for w in [east_echo, west_echo, west_greeter, ledger] {
+        for svc in ["echo.demo.", "greeter.demo.", "ledger.demo."] {
+            assert!(holds(w.admin_addr, svc).await, "{} lacks {svc}", w.name);
+        }
+    }
+    // greeter lets in only ledger's identity (from any cluster); echo refuses west's callers.
+    let readers = "apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: greeter-readers, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, name: greeter}]
+  rules: [{from: [{source: {principals: [\"spiffe://mesh.local/ns/demo/sa/ledger\"]}}], to: [{operation: {methods: [GET]}}]}]
+";
+    let no_west = "apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: echo-no-west, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: echo}]
+  action: DENY
+  rules: [{from: [{source: {clusters: [west]}}]}]
+";
+    mesh.policy_ok("apply", "east", "greeter-readers", readers);
+    mesh.policy_ok("apply", "east", "echo-no-west", no_west);
+    for (w, svc, want) in [
+        // By principal, in every cluster: echo's sidecars lose greeter, ledger's keeps it, and
+        // greeter's own sidecar keeps its own service.
+        (east_echo, "greeter.demo.", false),
+        (west_echo, "greeter.demo.", false),
+        (ledger, "greeter.demo.", true),
+        (west_greeter, "greeter.demo.", true),
+        // By cluster: west's greeter loses echo; west's echo keeps its own service; east's
+        // sidecars keep echo.
+        (west_greeter, "echo.demo.", false),
+        (west_echo, "echo.demo.", true),
+        (east_echo, "echo.demo.", true),
+        (east_echo, "ledger.demo.", true),
+    ] {
+        Mesh::eventually(
+            &format!(
+                "{}'s sidecar {} {svc}",
+                w.name,
+                if want { "holds" } else { "does not hold" }
+            ),
+            Duration::from_secs(15),
+            || async { holds(w.admin_addr, svc).await == want },
+        )
+        .await
+        .unwrap();
+    }
+    // Those it may call still answer.
+    let (status, _) = get_via(ledger.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = get_via(east_echo.outbound_proxy, "http://echo.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // The policies go: the services come back.
+    mesh.policy_ok("delete", "east", "greeter-readers", readers);
+    mesh.policy_ok("delete", "east", "echo-no-west", no_west);
+    for (w, svc) in [
+        (east_echo, "greeter.demo."),
+        (west_echo, "greeter.demo."),
+        (west_greeter, "echo.demo."),
+    ] {
+        Mesh::eventually(
+            &format!("{}'s sidecar holds {svc} again", w.name),
+            Duration::from_secs(15),
+            || async { holds(w.admin_addr, svc).await },
+        )
+        .await
+        .unwrap();
+    }
+    let (status, _) = get_via(east_echo.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
 /// One service of 60,000 endpoints (about 100 bytes each on the wire): its export (peering)
 /// and the sidecars' config stream each carry it in one message of about 6 MB, larger than
 /// gRPC's default limit of 4 MiB; it still reaches a sidecar in the other cluster whole. Then

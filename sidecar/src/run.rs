@@ -43,6 +43,8 @@ pub struct SidecarOptions {
     pub telemetry: strait_api::telemetry::TelemetryOptions,
     /// Only services in these namespaces are sent to this sidecar (empty: every namespace).
     pub scope_namespaces: Vec<String>,
+    /// Only services whose AuthorizationPolicies could let this workload in are sent to it.
+    pub scope_authorized: bool,
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -120,6 +122,8 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         have_version: 0,
         admin: opts.admin.to_string(),
         namespaces: opts.scope_namespaces.clone(),
+        scope_authorized: opts.scope_authorized,
+        service: format!("{}/{}", opts.namespace, opts.service),
         // The config client says it takes updates in parts.
         ..Default::default()
     };

@@ -110,6 +110,10 @@ pub struct UpArgs {
     /// `strait sidecar --scope-namespaces`). Default: every namespace.
     #[arg(long, value_delimiter = ',', value_parser = strait::daemons::namespace_name)]
     pub sidecar_scope_namespaces: Vec<String>,
+    /// Every sidecar is sent only the services whose AuthorizationPolicies could let it in (see
+    /// `strait sidecar --scope-authorized`). Default: off.
+    #[arg(long)]
+    pub sidecar_scope_authorized: bool,
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -274,6 +278,9 @@ fn start(plan: &Plan, log_filter: &str, kube: Vec<Proc>, sidecar: &procs::Sideca
             }
             if !plan.sidecar_scope.is_empty() {
                 args.extend(["--scope-namespaces".into(), plan.sidecar_scope.join(",")]);
+            }
+            if plan.sidecar_scope_authorized {
+                args.push("--scope-authorized".into());
             }
             args.extend(identity(c.controller, &w.name));
             let name = format!("sidecar-{}-{}", c.name, w.name);
@@ -642,6 +649,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut plan = Plan::new(topology, &state_dir, mode);
     plan.telemetry = telemetry_args(&args);
     plan.sidecar_scope = args.sidecar_scope_namespaces.clone();
+    plan.sidecar_scope_authorized = args.sidecar_scope_authorized;
     progress(format!(
         "creating trust domain {} with {} cluster CAs in {}",
         plan.topology.trust_domain,

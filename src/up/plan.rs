@@ -98,6 +98,8 @@ pub struct Plan {
     pub telemetry: Vec<String>,
     /// `--scope-namespaces` for every sidecar (empty: every namespace).
     pub sidecar_scope: Vec<String>,
+    /// `--scope-authorized` for every sidecar.
+    pub sidecar_scope_authorized: bool,
 }
 
 /// The address of `host` in cluster number `cluster` (1-based).
@@ -215,6 +217,7 @@ impl Plan {
             clusters,
             telemetry: vec![],
             sidecar_scope: vec![],
+            sidecar_scope_authorized: false,
         }
     }
 

@@ -38,6 +38,10 @@ pub struct InjectSettings {
 /// (`strait sidecar --scope-namespaces`), so its memory follows what it calls.
 pub const SCOPE_ANNOTATION: &str = "strait.dev/scope-namespaces";
 
+/// Pod annotation, "true" or "false": the sidecar is sent only the services whose
+/// AuthorizationPolicies could let the pod in (`strait sidecar --scope-authorized`).
+pub const SCOPE_AUTHORIZED_ANNOTATION: &str = "strait.dev/scope-authorized";
+
 /// The JSON patch that injects the sidecar into `pod`, None when it must not be touched, or
 /// why the pod is refused (a bad `strait.dev/` annotation, named with the fix).
 pub fn patch_for(pod: &Value, s: &InjectSettings) -> Result<Option<Value>, String> {
@@ -67,6 +71,16 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Result<Option<Value>, Strin
             Some(names.join(","))
         }
         other => return Err(format!("annotation {SCOPE_ANNOTATION} must be a string, not {other}")),
+    };
+    let scope_authorized = match &annotations[SCOPE_AUTHORIZED_ANNOTATION] {
+        Value::Null => false,
+        Value::String(v) if v == "true" => true,
+        Value::String(v) if v == "false" => false,
+        other => {
+            return Err(format!(
+                "annotation {SCOPE_AUTHORIZED_ANNOTATION} is {other}; use \"true\" or \"false\", or remove it"
+            ))
+        }
     };
     // The app's first declared port is what the inbound sidecar forwards to.
     let app_port = containers
@@ -110,6 +124,9 @@ pub fn patch_for(pod: &Value, s: &InjectSettings) -> Result<Option<Value>, Strin
     ]);
     if let (Some(scope), Some(list)) = (scope, args.as_array_mut()) {
         list.extend([json!("--scope-namespaces"), json!(scope)]);
+    }
+    if let (true, Some(list)) = (scope_authorized, args.as_array_mut()) {
+        list.push(json!("--scope-authorized"));
     }
     let sidecar = json!({
         "name": SIDECAR_NAME,
@@ -340,6 +357,7 @@ mod tests {
         assert!(text.contains(&format!("\"command\":[\"{SIDECAR_COMMAND}\"]")), "{text}");
         assert!(text.contains("\"args\":[\"--workload\""), "{text}");
         assert!(!text.contains("--scope-namespaces"), "every namespace by default");
+        assert!(!text.contains("--scope-authorized"), "every service by default");
         let opted_out = json!({"metadata": {"annotations": {"strait.dev/inject": "false"}}, "spec": {"containers": [{"name": "app"}]}});
         assert!(patch_for(&opted_out, &settings()).unwrap().is_none());
         let already = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME}]}});
@@ -365,6 +383,21 @@ mod tests {
         assert!(patch_for(&pod(json!(" , ")), &settings())
             .unwrap_err()
             .contains("is empty"));
+        // Scoped by authorization too, or refused when the annotation is neither true nor false.
+        let both = json!({"metadata": {"name": "a", "annotations": {SCOPE_ANNOTATION: "demo", SCOPE_AUTHORIZED_ANNOTATION: "true"}},
+                          "spec": {"containers": [{"name": "app"}]}});
+        let text = patch_for(&both, &settings()).unwrap().unwrap().to_string();
+        assert!(
+            text.contains("\"--scope-namespaces\",\"demo\",\"--scope-authorized\""),
+            "{text}"
+        );
+        let yes = json!({"metadata": {"name": "a", "annotations": {SCOPE_AUTHORIZED_ANNOTATION: "yes"}},
+                         "spec": {"containers": [{"name": "app"}]}});
+        let err = patch_for(&yes, &settings()).unwrap_err();
+        assert!(
+            err.contains(SCOPE_AUTHORIZED_ANNOTATION) && err.contains("\"true\" or \"false\""),
+            "{err}"
+        );
         let review_req = json!({"request": {"uid": "u1", "kind": {"kind": "Pod"}, "object": pod(json!("Bad"))}});
         let answer = review(&review_req, &settings());
         assert_eq!(answer["response"]["allowed"], false);
