@@ -26,6 +26,9 @@ pub struct ProxyStatus {
     pub identity: String,
     /// Its admin address, as it said.
     pub admin: String,
+    /// What it is sent of the services: "" for every one, else its scope (namespaces, and
+    /// "authorized" when scoped by authorization).
+    pub scope: String,
     pub sent_version: u64,
     pub acked_version: u64,
     pub rejected: Vec<String>,
@@ -117,6 +120,7 @@ impl ConfigService for XdsServer {
                 kind: hello.kind.clone(),
                 identity: identity.to_string(),
                 admin: hello.admin.clone(),
+                scope: ProxyScope::describe(&hello),
                 sent_version: 0,
                 acked_version: 0,
                 rejected: vec![],
@@ -295,6 +299,18 @@ impl ProxyScope {
         }
     }
 
+    /// What a proxy that says `hello` is sent of the services, in words: "" for every one.
+    fn describe(hello: &pb::Hello) -> String {
+        let mut how = vec![];
+        if !hello.namespaces.is_empty() {
+            how.push(format!("namespaces {}", hello.namespaces.join(",")));
+        }
+        if hello.scope_authorized {
+            how.push("authorized".to_string());
+        }
+        how.join("; ")
+    }
+
     /// The services beyond its namespaces it is sent in `state`: those its namespaces'
     /// routes send to.
     fn beyond(&self, state: &ConfigState) -> BTreeSet<Key> {
@@ -326,8 +342,16 @@ impl ProxyScope {
         sent: &'a ConfigState,
         current: &'a ConfigState,
     ) -> (Vec<&'a Arc<Built>>, Vec<String>, Vec<&'a Arc<Built>>) {
-        let (beyond_before, beyond_now) = (self.beyond(sent), self.beyond(current));
-        let before = |name: &str| self.includes(sent, &beyond_before, name);
+        let beyond_now = self.beyond(current);
+        // The same routes (most updates): the same reach.
+        let other;
+        let beyond_before = if Arc::ptr_eq(&sent.reach, &current.reach) {
+            &beyond_now
+        } else {
+            other = self.beyond(sent);
+            &other
+        };
+        let before = |name: &str| self.includes(sent, beyond_before, name);
         let now = |name: &str| self.includes(current, &beyond_now, name);
         let (mut changed, mut removed) = diff(&sent.resources, &current.resources, now);
         let mut moved: BTreeSet<&str> = beyond_before.symmetric_difference(&beyond_now).map(|k| &**k).collect();

@@ -407,6 +407,21 @@ async fn a_sidecar_scoped_by_authorization_holds_what_may_let_it_in() {
     let holds = |addr, prefix: &'static str| async move {
         Mesh::sidecar_hosts(addr).await.iter().any(|h| h.starts_with(prefix))
     };
+    // The controller says how its sidecars are scoped (`strait status`).
+    let status = Mesh::admin_json(mesh.cluster("east").controller.admin_addr, "/status")
+        .await
+        .unwrap();
+    let scopes: Vec<&str> = status["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["kind"] == "sidecar")
+        .map(|p| p["scope"].as_str().unwrap_or("?"))
+        .collect();
+    assert!(
+        !scopes.is_empty() && scopes.iter().all(|s| *s == "authorized"),
+        "{status}"
+    );
     // No policy: every sidecar holds every service.
     for w in [east_echo, west_echo, west_greeter, ledger] {
         for svc in ["echo.demo.", "greeter.demo.", "ledger.demo."] {
@@ -457,7 +472,17 @@ spec:
         .await
         .unwrap();
     }
-    // Those it may call still answer.
+    // A call to a service out of its scope is answered by the caller's sidecar, which says so;
+    // those it may call still answer.
+    let (status, body) = get_via(east_echo.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("not in this sidecar's scope") && body.contains("--scope-authorized"),
+        "{body}"
+    );
     let (status, _) = get_via(ledger.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
         .await
         .unwrap();

@@ -177,6 +177,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
             metrics.clone(),
         )
         .unknown_destinations(opts.unknown_destinations)
+        .scope(&opts.scope_namespaces, opts.scope_authorized)
         .limits(opts.limits.clone())
         .telemetry(telemetry.clone()),
     );

@@ -173,6 +173,16 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     );
     let proxies = v["proxies"].as_array().unwrap_or(&empty);
     println!("\n{} proxies subscribed", proxies.len());
+    // Scoped proxies by scope: a service such a proxy does not hold is out of its scope.
+    let mut scopes: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for p in proxies {
+        if let Some(scope) = p["scope"].as_str().filter(|s| !s.is_empty()) {
+            *scopes.entry(scope).or_default() += 1;
+        }
+    }
+    for (scope, n) in scopes {
+        println!("  {n} scoped to {scope}");
+    }
     let rejected: Vec<&Value> = proxies
         .iter()
         .filter(|p| p["rejected"].as_array().is_some_and(|r| !r.is_empty()))

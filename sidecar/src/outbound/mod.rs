@@ -135,6 +135,9 @@ pub struct Outbound {
     traffic: TrafficState,
     /// This workload as the source of what it reports; its tracer and access log.
     telemetry: Arc<crate::telemetry::Telemetry>,
+    /// What this sidecar is sent of the catalog when it is scoped (None: every service), for
+    /// the answer to a name it does not hold.
+    scope: Option<String>,
 }
 
 #[derive(Default)]
@@ -257,7 +260,25 @@ impl Outbound {
             sniff_timeout: std::time::Duration::from_millis(100),
             limits: crate::ProxyLimits::default(),
             telemetry: Arc::default(),
+            scope: None,
         }
+    }
+
+    /// Says this sidecar is scoped (`--scope-namespaces`, `--scope-authorized`), and how: a
+    /// name it does not hold may be one the clusterset has outside its scope.
+    pub fn scope(mut self, namespaces: &[String], authorized: bool) -> Self {
+        let mut how = vec![];
+        if !namespaces.is_empty() {
+            how.push(format!(
+                "--scope-namespaces {}: those namespaces' services and what their routes send to",
+                namespaces.join(",")
+            ));
+        }
+        if authorized {
+            how.push("--scope-authorized: only services whose AuthorizationPolicies could let this workload in".into());
+        }
+        self.scope = (!how.is_empty()).then(|| how.join("; "));
+        self
     }
 
     /// This workload as metrics, traces and logs name it.
@@ -380,7 +401,11 @@ impl Outbound {
         let host = authority.host();
         let port = authority.port_u16().unwrap_or(default_port);
         let Some(svc) = snap.service_by_host(host) else {
-            let msg = if host.trim_end_matches('.').ends_with(CLUSTERSET_SUFFIX) {
+            let msg = if let (true, Some(scope)) =
+                (host.trim_end_matches('.').ends_with(CLUSTERSET_SUFFIX), &self.scope)
+            {
+                format!("{host} is not in this sidecar's scope ({scope}), or no cluster of the clusterset exports it (see `strait services`)")
+            } else if host.trim_end_matches('.').ends_with(CLUSTERSET_SUFFIX) {
                 format!("{host} is not exported by any cluster of the clusterset (see `strait services`)")
             } else {
                 format!("{host} is not a mesh service: this proxy carries <service>.<namespace>.{CLUSTERSET_SUFFIX} names only")
