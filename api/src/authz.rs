@@ -691,6 +691,26 @@ pub fn reach(p: &CompiledAuthz, service: &str, namespace: &str) -> Reach {
     }
 }
 
+/// [`reach`] told apart by the label sets of the service's workloads (distinct; empty when
+/// not known): a selector reaches every workload when every set matches it, none when none
+/// does.
+pub fn reach_over(p: &CompiledAuthz, service: &str, namespace: &str, labels: &[BTreeMap<String, String>]) -> Reach {
+    match (reach(p, service, namespace), &p.scope) {
+        (Reach::Some, Scope::Selector(want)) if !labels.is_empty() => {
+            let selected = labels
+                .iter()
+                .filter(|l| want.iter().all(|(k, v)| l.get(k) == Some(v)))
+                .count();
+            match selected {
+                0 => Reach::None,
+                n if n == labels.len() => Reach::Every,
+                _ => Reach::Some,
+            }
+        }
+        (r, _) => r,
+    }
+}
+
 impl CompiledRule {
     /// Whether the rule depends on the caller alone: no operation, and conditions only on
     /// source keys.
@@ -1018,6 +1038,31 @@ rules: [{when: [{key: "request.headers[x-role]", notValues: [admin]}], to: [{ope
         let labels = BTreeMap::from([("app".to_string(), "greeter".to_string())]);
         assert!(applies(&selected, "greeter", "demo", &labels));
         assert!(!applies(&selected, "greeter", "demo", &BTreeMap::new()));
+        // With the workloads' label sets known, a selector reaches all, some or none of them.
+        let v2 = BTreeMap::from([
+            ("app".to_string(), "greeter".to_string()),
+            ("version".to_string(), "v2".to_string()),
+        ]);
+        let echo = BTreeMap::from([("app".to_string(), "echo".to_string())]);
+        assert_eq!(
+            reach_over(&selected, "greeter", "demo", &[labels.clone(), v2.clone()]),
+            Reach::Every
+        );
+        assert_eq!(
+            reach_over(&selected, "greeter", "demo", &[labels.clone(), echo.clone()]),
+            Reach::Some
+        );
+        assert_eq!(
+            reach_over(&selected, "echo", "demo", std::slice::from_ref(&echo)),
+            Reach::None
+        );
+        assert_eq!(reach_over(&selected, "greeter", "demo", &[]), Reach::Some, "not known");
+        assert_eq!(reach_over(&selected, "greeter", "web", &[labels]), Reach::None);
+        assert_eq!(
+            reach_over(&targeted, "greeter", "demo", &[echo]),
+            Reach::Every,
+            "not a selector"
+        );
     }
 
     #[test]

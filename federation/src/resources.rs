@@ -131,14 +131,85 @@ pub struct ConfigState {
 /// The authorization policies proxies are sent, compiled once and kept by namespace, for
 /// proxies scoped by authorization (`Hello.scope_authorized`): such a proxy is sent only the
 /// services that could allow some request of its identity as a caller in this cluster
-/// ([`strait_api::authz::may_call`]; a service's policies are known here by its name, not its
-/// workloads' labels, so a selector counts as maybe applying). A cluster-scoped policy of
-/// another cluster is not seen here (peers do not send them): a service it opens there is
+/// ([`strait_api::authz::may_call`]). A selector's reach over a service comes from the label
+/// sets of its endpoints in the merged catalog ([`WorkloadLabels`]). A cluster-scoped policy
+/// of another cluster is not seen here (peers do not send them): a service it opens there is
 /// left out while this cluster's view refuses the caller.
 #[derive(Debug, Default)]
 pub struct AuthzScope {
     cluster: String,
-    by_namespace: BTreeMap<String, Vec<strait_api::authz::CompiledAuthz>>,
+    by_namespace: Arc<BTreeMap<String, Vec<strait_api::authz::CompiledAuthz>>>,
+    /// The distinct label sets of the workloads of each service (`<ns>/<name>`) of the
+    /// namespaces a selector policy could reach.
+    labels: HashMap<Key, LabelSets>,
+}
+
+/// The distinct label sets of each service's endpoints, kept for the services of the
+/// namespaces a selector policy could reach, and made again only for a service the merge
+/// changed (a new `Arc`).
+#[derive(Debug, Default)]
+pub struct WorkloadLabels(HashMap<Key, (Arc<MergedService>, LabelSets)>);
+
+/// The distinct label sets of a service's workloads.
+type LabelSets = Arc<[BTreeMap<String, String>]>;
+
+impl WorkloadLabels {
+    /// Brings the sets up to `merged` for the services of the namespaces `wanted` holds for;
+    /// whether any set changed (or came or went).
+    pub fn update(&mut self, merged: &Merged, wanted: impl Fn(&str) -> bool) -> bool {
+        let mut changed = false;
+        self.0.retain(|k, _| {
+            let keep = merged.get(k).is_some_and(|s| wanted(&s.namespace));
+            changed |= !keep;
+            keep
+        });
+        for (k, svc) in merged {
+            if !wanted(&svc.namespace) {
+                continue;
+            }
+            let entry = self.0.get_mut(k);
+            if entry.as_ref().is_some_and(|(from, _)| Arc::ptr_eq(from, svc)) {
+                continue;
+            }
+            let sets = label_sets(svc);
+            match entry {
+                Some((from, old)) => {
+                    *from = svc.clone();
+                    if **old != *sets {
+                        *old = sets.into();
+                        changed = true;
+                    }
+                }
+                None => {
+                    self.0.insert(k.clone(), (svc.clone(), sets.into()));
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Forgets every set; whether there were any.
+    pub fn clear(&mut self) -> bool {
+        let had = !self.0.is_empty();
+        self.0.clear();
+        had
+    }
+}
+
+/// The distinct label sets of a service's endpoints, sorted (a set is copied only when new).
+fn label_sets(svc: &MergedService) -> Vec<BTreeMap<String, String>> {
+    let mut sets: Vec<BTreeMap<String, String>> = vec![];
+    for e in svc.exports.iter().flat_map(|x| &x.endpoints) {
+        let same = |s: &BTreeMap<String, String>| {
+            s.len() == e.labels.len() && s.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+        };
+        if !sets.iter().any(same) {
+            sets.push(e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        }
+    }
+    sets.sort();
+    sets
 }
 
 impl AuthzScope {
@@ -156,26 +227,57 @@ impl AuthzScope {
         }
         AuthzScope {
             cluster: cluster.to_string(),
-            by_namespace,
+            by_namespace: Arc::new(by_namespace),
+            labels: HashMap::new(),
         }
+    }
+
+    /// The same policies, with the workloads' label sets `labels` holds.
+    pub fn with_labels(&self, labels: &WorkloadLabels) -> Self {
+        AuthzScope {
+            cluster: self.cluster.clone(),
+            by_namespace: self.by_namespace.clone(),
+            labels: labels.0.iter().map(|(k, (_, l))| (k.clone(), l.clone())).collect(),
+        }
+    }
+
+    /// Whether a policy with a selector (which may apply to some workloads of a service and
+    /// not others) could reach services of namespace `ns`.
+    pub fn selects_in(&self, ns: &str) -> bool {
+        let selects = |ps: Option<&Vec<strait_api::authz::CompiledAuthz>>| {
+            ps.is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| matches!(&p.scope, strait_api::authz::Scope::Selector(want) if !want.is_empty()))
+            })
+        };
+        selects(self.by_namespace.get(strait_api::authz::ROOT_NAMESPACE)) || selects(self.by_namespace.get(ns))
+    }
+
+    /// Whether any policy has a selector.
+    pub fn selects_any(&self) -> bool {
+        self.by_namespace.keys().any(|ns| self.selects_in(ns))
     }
 
     /// Whether a proxy of identity `principal` scoped by authorization is sent resource
     /// `name`: every resource but a service its policies refuse the principal everything.
     pub fn may_call(&self, principal: &str, name: &str) -> bool {
-        use strait_api::authz::{may_call, reach, Peer, Reach, ROOT_NAMESPACE};
+        use strait_api::authz::{may_call, reach_over, Peer, Reach, ROOT_NAMESPACE};
         if self.by_namespace.is_empty() {
             return true;
         }
-        let Some((ns, service)) = name.strip_prefix("service/").and_then(|r| r.split_once('/')) else {
+        let Some(key) = name.strip_prefix("service/") else {
             return true;
         };
+        let Some((ns, service)) = key.split_once('/') else {
+            return true;
+        };
+        let labels = self.labels.get(key).map(|l| &**l).unwrap_or_default();
         let root = self.by_namespace.get(ROOT_NAMESPACE).filter(|_| ns != ROOT_NAMESPACE);
         let policies: Vec<_> = root
             .into_iter()
             .chain(self.by_namespace.get(ns))
             .flatten()
-            .map(|p| (p, reach(p, service, ns)))
+            .map(|p| (p, reach_over(p, service, ns, labels)))
             .filter(|(_, r)| *r != Reach::None)
             .collect();
         policies.is_empty()
@@ -926,6 +1028,70 @@ mod tests {
         assert!(reach.beyond(&["web".into(), "demo".into()]).is_empty());
         assert!(reach.beyond(&["demo".into()]).is_empty());
         assert!(reach.beyond(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_selector_reaches_the_services_whose_workloads_carry_its_labels() {
+        let service = |name: &str, apps: &[&str]| {
+            let mut s = (*svc(name, 80)).clone();
+            s.exports = vec![Arc::new(pb::ExportedService {
+                endpoints: apps
+                    .iter()
+                    .map(|app| pb::Endpoint {
+                        labels: [("app".to_string(), app.to_string())].into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })];
+            Arc::new(s)
+        };
+        let mut merged: Merged = BTreeMap::new();
+        merged.insert("demo/greeter".into(), service("greeter", &["greeter", "greeter"]));
+        merged.insert("demo/echo".into(), service("echo", &["echo"]));
+        merged.insert("demo/mixed".into(), service("mixed", &["greeter", "echo"]));
+        // Istio's usual form: a selector, ALLOW for one principal.
+        let policy = pb::AuthorizationPolicy {
+            namespace: "demo".into(),
+            name: "greeter-readers".into(),
+            spec_json: r#"{"selector":{"matchLabels":{"app":"greeter"}},"rules":[{"from":[{"source":{"principals":["spiffe://mesh.local/ns/demo/sa/ledger"]}}]}]}"#.into(),
+            ..Default::default()
+        };
+        let policies = AuthzScope::of("east", &[policy]);
+        assert!(policies.selects_in("demo") && !policies.selects_in("web") && policies.selects_any());
+        let mut labels = WorkloadLabels::default();
+        assert!(labels.update(&merged, |ns| policies.selects_in(ns)));
+        let scope = policies.with_labels(&labels);
+        let echo = "spiffe://mesh.local/ns/demo/sa/echo";
+        let ledger = "spiffe://mesh.local/ns/demo/sa/ledger";
+        assert!(
+            !scope.may_call(echo, "service/demo/greeter"),
+            "every greeter workload bound by the ALLOW"
+        );
+        assert!(scope.may_call(ledger, "service/demo/greeter"));
+        assert!(
+            scope.may_call(echo, "service/demo/echo"),
+            "the selector reaches none of echo"
+        );
+        assert!(
+            scope.may_call(echo, "service/demo/mixed"),
+            "an echo workload of mixed has no ALLOW"
+        );
+        // Without the label sets, a selector may apply: nothing is taken away.
+        assert!(policies.may_call(echo, "service/demo/greeter"));
+        // The same services again (the same `Arc`s, or new ones with the same labels): no change.
+        assert!(!labels.update(&merged, |ns| policies.selects_in(ns)));
+        merged.insert("demo/greeter".into(), service("greeter", &["greeter"]));
+        assert!(!labels.update(&merged, |ns| policies.selects_in(ns)));
+        // A workload's labels change: a change, and the selector's reach with it.
+        merged.insert("demo/greeter".into(), service("greeter", &["greeter", "canary"]));
+        assert!(labels.update(&merged, |ns| policies.selects_in(ns)));
+        assert!(policies.with_labels(&labels).may_call(echo, "service/demo/greeter"));
+        // A service gone, or a namespace no selector reaches any more: forgotten.
+        merged.remove("demo/mixed");
+        assert!(labels.update(&merged, |ns| policies.selects_in(ns)));
+        assert!(labels.update(&merged, |_| false));
+        assert!(!labels.clear());
     }
 
     /// A build's other inputs: these gateways, policy and objects, nothing else.

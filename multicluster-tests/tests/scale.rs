@@ -444,8 +444,17 @@ spec:
   action: DENY
   rules: [{from: [{source: {clusters: [west]}}]}]
 ";
+    // Istio's usual form, a selector: ledger's workloads let in only echo's identity.
+    let ledger_callers = "apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: ledger-callers, namespace: demo}
+spec:
+  selector: {matchLabels: {app: ledger}}
+  rules: [{from: [{source: {principals: [\"spiffe://mesh.local/ns/demo/sa/echo\"]}}]}]
+";
     mesh.policy_ok("apply", "east", "greeter-readers", readers);
     mesh.policy_ok("apply", "east", "echo-no-west", no_west);
+    mesh.policy_ok("apply", "west", "ledger-callers", ledger_callers);
     for (w, svc, want) in [
         // By principal, in every cluster: echo's sidecars lose greeter, ledger's keeps it, and
         // greeter's own sidecar keeps its own service.
@@ -458,7 +467,10 @@ spec:
         (west_greeter, "echo.demo.", false),
         (west_echo, "echo.demo.", true),
         (east_echo, "echo.demo.", true),
+        // By the selector's labels: greeter's sidecar loses ledger, echo's keep it.
+        (west_greeter, "ledger.demo.", false),
         (east_echo, "ledger.demo.", true),
+        (west_echo, "ledger.demo.", true),
     ] {
         Mesh::eventually(
             &format!(
@@ -494,10 +506,12 @@ spec:
     // The policies go: the services come back.
     mesh.policy_ok("delete", "east", "greeter-readers", readers);
     mesh.policy_ok("delete", "east", "echo-no-west", no_west);
+    mesh.policy_ok("delete", "west", "ledger-callers", ledger_callers);
     for (w, svc) in [
         (east_echo, "greeter.demo."),
         (west_echo, "greeter.demo."),
         (west_greeter, "echo.demo."),
+        (west_greeter, "ledger.demo."),
     ] {
         Mesh::eventually(
             &format!("{}'s sidecar holds {svc} again", w.name),
