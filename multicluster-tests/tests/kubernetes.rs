@@ -610,6 +610,49 @@ async fn pods_created_through_the_api_server_come_back_injected() {
         "{init_args}"
     );
     assert_eq!(sidecar.security_context.unwrap().run_as_user, Some(1337));
+    // The scope annotations become the sidecar's flags; a bad one refuses the pod, naming it.
+    let annotated = |name: &str, annotations: &[(&str, &str)]| {
+        let mut p = pod(name, json!({"app": name}));
+        p.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        p
+    };
+    let scoped = create(
+        "shop",
+        annotated(
+            "orders",
+            &[
+                ("strait.dev/scope-namespaces", "shop,demo"),
+                ("strait.dev/scope-authorized", "true"),
+            ],
+        ),
+    )
+    .await;
+    let args = scoped.spec.as_ref().unwrap().containers[1]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(
+        args.contains("--scope-namespaces shop,demo") && args.contains("--scope-authorized"),
+        "{args}"
+    );
+    let refused = Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(
+            &params,
+            &annotated("refunds", &[("strait.dev/scope-authorized", "yes")]),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("strait.dev/scope-authorized") && refused.contains("\"true\" or \"false\""),
+        "{refused}"
+    );
     // Opted out in an injected namespace: untouched.
     let opted_out: Pod = serde_json::from_value(
         json!({"metadata": {"name": "batch", "labels": {"strait.dev/inject": "false"}},
