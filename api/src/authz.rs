@@ -483,6 +483,15 @@ pub fn compile_authz(
     })
 }
 
+/// A policy as the config stream carries it, checked: its spec's JSON parsed and compiled (the
+/// first problem when it is refused). Proxies apply it this way; the controller scopes proxies
+/// by the same.
+pub fn compile_wire(p: &crate::pb::AuthorizationPolicy) -> Result<CompiledAuthz, AuthzError> {
+    let spec: AuthorizationPolicySpec = serde_json::from_str(&p.spec_json).map_err(|e| err("spec", e.to_string()))?;
+    compile_authz(&p.namespace, &p.name, &spec)
+        .map_err(|errors| errors.into_iter().next().unwrap_or_else(|| err("spec", "refused")))
+}
+
 /// What a request (or TCP connection) brings to a decision.
 pub struct Peer<'a> {
     /// The verified SPIFFE ID of the caller, `spiffe://<td>/ns/<ns>/sa/<sa>`.
@@ -577,7 +586,7 @@ pub fn gateway_denies(policies: &[&CompiledAuthz], peer: &Peer<'_>) -> Option<(S
             .iter()
             .enumerate()
             .filter(|(_, r)| r.to.is_empty() && r.when.is_empty() && !r.from.is_empty())
-            .find(|(_, r)| r.from.iter().any(|s| s.holds(peer)))
+            .find(|(_, r)| r.sources_hold(peer))
             .map(|(i, _)| (format!("{}/{}", p.namespace, p.name), i))
     })
 }

@@ -411,20 +411,9 @@ fn convert_with(res: &pb::Resource, interned: &mut Interned) -> Result<Typed, Fi
         }))),
         Some(Kind::LocalityPolicy(p)) => convert_policy(p).map(|p| Typed::Policy(Arc::new(p))),
         Some(Kind::HttpRoute(r)) => convert_route(r).map(|r| Typed::Route(Arc::new(r))),
-        Some(Kind::AuthorizationPolicy(p)) => {
-            let spec: crate::authz::AuthorizationPolicySpec =
-                serde_json::from_str(&p.spec_json).map_err(|e| bad("spec", e.to_string()))?;
-            crate::authz::compile_authz(&p.namespace, &p.name, &spec)
-                .map(|c| Typed::Authz(Arc::new(c)))
-                .map_err(|errors| {
-                    let e = errors
-                        .into_iter()
-                        .next()
-                        .map(|e| (e.field, e.message))
-                        .unwrap_or_default();
-                    bad(&e.0, e.1)
-                })
-        }
+        Some(Kind::AuthorizationPolicy(p)) => crate::authz::compile_wire(p)
+            .map(|c| Typed::Authz(Arc::new(c)))
+            .map_err(|e| bad(&e.field, e.message)),
         Some(Kind::TrafficPolicy(p)) => convert_traffic(p).map(|c| Typed::Traffic(Arc::new(c), p.created_unix_ms)),
         Some(Kind::RateShares(r)) => {
             if let Some((k, v)) = r.shares.iter().find(|(_, v)| !v.is_finite() || **v < 0.0 || **v > 1.0) {

@@ -144,11 +144,43 @@ pub struct AuthzScope {
     labels: HashMap<Key, LabelSets>,
 }
 
+/// What the controller keeps to scope proxies by authorization: the policies last served, the
+/// label sets their selectors need, and the [`AuthzScope`] made of both (a new one only when
+/// either changed).
+#[derive(Debug, Default)]
+pub struct AuthzScopes {
+    served: Vec<pb::AuthorizationPolicy>,
+    policies: AuthzScope,
+    labels: WorkloadLabels,
+    current: Arc<AuthzScope>,
+}
+
+impl AuthzScopes {
+    /// The scope for the policies now served (`policies`) over the catalog `merged`.
+    pub fn update(&mut self, cluster: &str, policies: &[pb::AuthorizationPolicy], merged: &Merged) -> Arc<AuthzScope> {
+        let policies_changed = self.served != policies;
+        if policies_changed {
+            self.served = policies.to_vec();
+            self.policies = AuthzScope::of(cluster, policies);
+        }
+        let labels_changed = if self.policies.selects_any() {
+            let policies = &self.policies;
+            self.labels.update(merged, |ns| policies.selects_in(ns))
+        } else {
+            self.labels.clear()
+        };
+        if policies_changed || labels_changed {
+            self.current = Arc::new(self.policies.with_labels(&self.labels));
+        }
+        self.current.clone()
+    }
+}
+
 /// The distinct label sets of each service's endpoints, kept for the services of the
 /// namespaces a selector policy could reach, and made again only for a service the merge
 /// changed (a new `Arc`).
 #[derive(Debug, Default)]
-pub struct WorkloadLabels(HashMap<Key, (Arc<MergedService>, LabelSets)>);
+struct WorkloadLabels(HashMap<Key, (Arc<MergedService>, LabelSets)>);
 
 /// The distinct label sets of a service's workloads.
 type LabelSets = Arc<[BTreeMap<String, String>]>;
@@ -156,7 +188,7 @@ type LabelSets = Arc<[BTreeMap<String, String>]>;
 impl WorkloadLabels {
     /// Brings the sets up to `merged` for the services of the namespaces `wanted` holds for;
     /// whether any set changed (or came or went).
-    pub fn update(&mut self, merged: &Merged, wanted: impl Fn(&str) -> bool) -> bool {
+    fn update(&mut self, merged: &Merged, wanted: impl Fn(&str) -> bool) -> bool {
         let mut changed = false;
         self.0.retain(|k, _| {
             let keep = merged.get(k).is_some_and(|s| wanted(&s.namespace));
@@ -190,7 +222,7 @@ impl WorkloadLabels {
     }
 
     /// Forgets every set; whether there were any.
-    pub fn clear(&mut self) -> bool {
+    fn clear(&mut self) -> bool {
         let had = !self.0.is_empty();
         self.0.clear();
         had
@@ -218,10 +250,7 @@ impl AuthzScope {
     pub fn of(cluster: &str, policies: &[pb::AuthorizationPolicy]) -> Self {
         let mut by_namespace: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for p in policies {
-            let compiled = serde_json::from_str::<strait_api::authz::AuthorizationPolicySpec>(&p.spec_json)
-                .ok()
-                .and_then(|spec| strait_api::authz::compile_authz(&p.namespace, &p.name, &spec).ok());
-            if let Some(c) = compiled {
+            if let Ok(c) = strait_api::authz::compile_wire(p) {
                 by_namespace.entry(p.namespace.clone()).or_default().push(c);
             }
         }
@@ -233,7 +262,7 @@ impl AuthzScope {
     }
 
     /// The same policies, with the workloads' label sets `labels` holds.
-    pub fn with_labels(&self, labels: &WorkloadLabels) -> Self {
+    fn with_labels(&self, labels: &WorkloadLabels) -> Self {
         AuthzScope {
             cluster: self.cluster.clone(),
             by_namespace: self.by_namespace.clone(),
@@ -243,7 +272,7 @@ impl AuthzScope {
 
     /// Whether a policy with a selector (which may apply to some workloads of a service and
     /// not others) could reach services of namespace `ns`.
-    pub fn selects_in(&self, ns: &str) -> bool {
+    fn selects_in(&self, ns: &str) -> bool {
         let selects = |ps: Option<&Vec<strait_api::authz::CompiledAuthz>>| {
             ps.is_some_and(|ps| {
                 ps.iter()
@@ -254,7 +283,7 @@ impl AuthzScope {
     }
 
     /// Whether any policy has a selector.
-    pub fn selects_any(&self) -> bool {
+    fn selects_any(&self) -> bool {
         self.by_namespace.keys().any(|ns| self.selects_in(ns))
     }
 

@@ -28,9 +28,7 @@ use strait_trust::{
 use crate::catalog::{merge_with, same_merged, Changes, IpRange, MergeMemo, Merged};
 use crate::k8s::{ImportWriter, KubeSource};
 use crate::peering::{ExportChange, Exports, PeerClient, PeerTable, PeeringServer};
-use crate::resources::{
-    build_with, same_versions, AuthzScope, BuildMemo, ConfigState, Others, RouteReach, WorkloadLabels,
-};
+use crate::resources::{build_with, same_versions, AuthzScopes, BuildMemo, ConfigState, Others, RouteReach};
 use crate::source::{FileSource, LocalCatalog, SourceError};
 use crate::xds::XdsServer;
 use crate::{policy, ControllerConfig, FEDERATION_PORT};
@@ -318,11 +316,8 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let mut last_good: BTreeMap<String, pb::PolicyObject> = BTreeMap::new();
     // The routes proxies were last sent, and where they reach (made again when they change).
     let mut reach: (Vec<pb::HttpRoute>, Arc<RouteReach>) = Default::default();
-    // The authorization policies proxies were last sent, compiled (made again when they
-    // change), and with the label sets of the workloads their selectors could reach.
-    let mut authz: (Vec<pb::AuthorizationPolicy>, AuthzScope) = Default::default();
-    let mut workload_labels = WorkloadLabels::default();
-    let mut authz_scope: Arc<AuthzScope> = Arc::default();
+    // The authorization policies proxies were last sent, for proxies scoped by them.
+    let mut authz_scopes = AuthzScopes::default();
     let expected_clusters: Vec<String> = std::iter::once(cfg.cluster.clone())
         .chain(cfg.peers.iter().map(|p| p.name.clone()))
         .collect();
@@ -492,18 +487,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         if reach.0 != checked.routes {
             reach = (checked.routes.clone(), Arc::new(RouteReach::of(&checked.routes)));
         }
-        let policies_changed = authz.0 != checked.authz;
-        if policies_changed {
-            authz = (checked.authz.clone(), AuthzScope::of(&cfg.cluster, &checked.authz));
-        }
-        let labels_changed = if authz.1.selects_any() {
-            workload_labels.update(&merged, |ns| authz.1.selects_in(ns))
-        } else {
-            workload_labels.clear()
-        };
-        if policies_changed || labels_changed {
-            authz_scope = Arc::new(authz.1.with_labels(&workload_labels));
-        }
+        let authz_scope = authz_scopes.update(&cfg.cluster, &checked.authz, &merged);
         let changed = !same_versions(&state_tx.borrow().resources, &resources) || state_tx.borrow().warm != warm;
         if changed || version == 0 {
             version += 1;
@@ -516,7 +500,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 warm,
                 since,
                 reach: reach.1.clone(),
-                authz: authz_scope.clone(),
+                authz: authz_scope,
             }));
         }
         // Each object's status here, with how many of this cluster's proxies have its

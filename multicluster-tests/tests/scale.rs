@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use multicluster_tests::clusterset::{run, Size};
-use multicluster_tests::{get_via, metric_sum, scrape, strait_bin, Mesh, MeshOptions};
+use multicluster_tests::{get_via, metric_sum, scrape, strait_bin, Mesh, MeshOptions, WorkloadInfo};
 
 /// Both executables pack their relative relocations (DT_RELR, set in the root `build.rs`) where
 /// the machine's glibc is 2.36 or later, as here. Unpacked, a position-independent executable
@@ -472,17 +472,7 @@ spec:
         (east_echo, "ledger.demo.", true),
         (west_echo, "ledger.demo.", true),
     ] {
-        Mesh::eventually(
-            &format!(
-                "{}'s sidecar {} {svc}",
-                w.name,
-                if want { "holds" } else { "does not hold" }
-            ),
-            Duration::from_secs(15),
-            || async { holds(w.admin_addr, svc).await == want },
-        )
-        .await
-        .unwrap();
+        sidecar_settles(w, svc, want).await;
     }
     // A call to a service out of its scope is answered by the caller's sidecar, which says so;
     // those it may call still answer.
@@ -513,18 +503,31 @@ spec:
         (west_greeter, "echo.demo."),
         (west_greeter, "ledger.demo."),
     ] {
-        Mesh::eventually(
-            &format!("{}'s sidecar holds {svc} again", w.name),
-            Duration::from_secs(15),
-            || async { holds(w.admin_addr, svc).await },
-        )
-        .await
-        .unwrap();
+        sidecar_settles(w, svc, true).await;
     }
     let (status, _) = get_via(east_echo.outbound_proxy, "http://greeter.demo.svc.clusterset.local/")
         .await
         .unwrap();
     assert_eq!(status, 200);
+}
+
+/// Waits until `w`'s sidecar holds (`want`) or no longer holds a service whose host starts
+/// with `svc`.
+async fn sidecar_settles(w: &WorkloadInfo, svc: &str, want: bool) {
+    let what = if want { "holds" } else { "does not hold" };
+    Mesh::eventually(
+        &format!("{}'s sidecar {what} {svc}", w.name),
+        Duration::from_secs(15),
+        || async {
+            Mesh::sidecar_hosts(w.admin_addr)
+                .await
+                .iter()
+                .any(|h| h.starts_with(svc))
+                == want
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// One service of 60,000 endpoints (about 100 bytes each on the wire): its export (peering)
