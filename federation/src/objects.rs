@@ -710,6 +710,57 @@ fn condition(kind: &str, ok: bool, reason: &str, message: impl Into<String>) -> 
     }
 }
 
+/// Where each served object of one kind is known to be enforced as this cluster serves it, for
+/// the objects not known to be so in every cluster: by namespace, then name, the clusters that
+/// are (this one, and each peer that reports serving the same version: the same origin's same
+/// generation, not overridden there). So a cluster-scoped object is enforced here alone, and
+/// a clusterset one is not yet enforced in a peer that has not reported it, serves an older
+/// good version of it, or its own override.
+pub type Enforcement = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+/// The [`Enforcement`] of the served objects of `kind`, from this cluster's statuses (`own`)
+/// and its peers' reports, over the clusters `expected` (this one and its peers).
+pub fn enforcement(
+    kind: &str,
+    own: &BTreeMap<String, pb::ObjectStatus>,
+    peer_reports: &[&pb::ObjectStatus],
+    expected: &[String],
+) -> Enforcement {
+    let mut reports: BTreeMap<(&str, &str), Vec<&pb::ObjectStatus>> = BTreeMap::new();
+    for r in peer_reports.iter().filter(|r| r.kind == kind && r.serving) {
+        reports.entry((&r.namespace, &r.name)).or_default().push(r);
+    }
+    let overridden = |s: &pb::ObjectStatus| {
+        s.conditions
+            .iter()
+            .any(|c| c.r#type == "Overridden" && c.status == "True")
+    };
+    let mut out = Enforcement::new();
+    for s in own.values().filter(|s| s.kind == kind && s.serving) {
+        let mut clusters = vec![s.cluster.clone()];
+        if !overridden(s) {
+            let alike = reports
+                .get(&(s.namespace.as_str(), s.name.as_str()))
+                .into_iter()
+                .flatten()
+                .filter(|r| {
+                    r.origin_cluster == s.origin_cluster
+                        && r.serving_generation == s.serving_generation
+                        && !overridden(r)
+                });
+            clusters.extend(alike.map(|r| r.cluster.clone()));
+        }
+        if !expected.iter().all(|c| clusters.contains(c)) {
+            clusters.sort();
+            clusters.dedup();
+            out.entry(s.namespace.clone())
+                .or_default()
+                .insert(s.name.clone(), clusters);
+        }
+    }
+    out
+}
+
 /// The checked state of the effective objects: what proxies get and every object's status in
 /// this cluster (without proxy counts, which the caller adds).
 #[derive(Default)]
@@ -1042,6 +1093,65 @@ pub fn applied_in<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_is_enforced_where_peers_report_serving_the_same_version() {
+        let status = |cluster: &str, name: &str, origin: &str, generation: u64, overridden: bool| pb::ObjectStatus {
+            kind: AUTHORIZATION_POLICY.into(),
+            namespace: "demo".into(),
+            name: name.into(),
+            origin_cluster: origin.into(),
+            cluster: cluster.into(),
+            serving: true,
+            serving_generation: generation,
+            conditions: if overridden {
+                vec![condition("Overridden", true, "ClusterScopeOverride", "")]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let own: BTreeMap<String, pb::ObjectStatus> = [
+            status("east", "everywhere", "west", 2, false),
+            status("east", "behind", "east", 3, false),
+            status("east", "overridden-there", "east", 1, false),
+            status("east", "local", "east", 1, false),
+            status("east", "overridden-here", "east", 4, true),
+        ]
+        .into_iter()
+        .map(|s| (key(&s.kind, &s.namespace, &s.name), s))
+        .collect();
+        let mut not_served = status("central", "behind", "east", 3, false);
+        not_served.serving = false;
+        let mut a_route = status("west", "local", "east", 1, false);
+        a_route.kind = HTTP_ROUTE.into();
+        let peers = [
+            status("west", "everywhere", "west", 2, false),
+            status("central", "everywhere", "west", 2, false),
+            // West serves an older good version; central none at all.
+            status("west", "behind", "east", 2, false),
+            not_served,
+            status("west", "overridden-there", "west", 1, true),
+            status("central", "overridden-there", "east", 1, false),
+            // Another kind with the same name says nothing of the policy.
+            a_route,
+            status("west", "overridden-here", "west", 4, false),
+        ];
+        let reports: Vec<&pb::ObjectStatus> = peers.iter().collect();
+        let expected = ["east".to_string(), "west".into(), "central".into()];
+        let got = enforcement(AUTHORIZATION_POLICY, &own, &reports, &expected);
+        let clusters = |name: &str| got["demo"].get(name).cloned();
+        assert_eq!(clusters("everywhere"), None, "every cluster reports it: not listed");
+        assert_eq!(clusters("behind"), Some(vec!["east".to_string()]));
+        assert_eq!(
+            clusters("overridden-there"),
+            Some(vec!["central".to_string(), "east".into()])
+        );
+        assert_eq!(clusters("local"), Some(vec!["east".to_string()]));
+        assert_eq!(clusters("overridden-here"), Some(vec!["east".to_string()]));
+        // Without peers (this cluster alone), everything is enforced everywhere.
+        assert!(enforcement(AUTHORIZATION_POLICY, &own, &[], &expected[..1]).is_empty());
+    }
 
     fn obj(cluster: &str, created: i64, spec: serde_json::Value) -> pb::PolicyObject {
         pb::PolicyObject {

@@ -11,6 +11,7 @@ use strait_api::pb;
 use strait_api::pb::resource::Kind;
 
 use crate::catalog::{join, Key, MergeChange, Merged, MergedService};
+use crate::objects::Enforcement;
 
 /// Resources by name, as a controller serves them: in [`SHARDS`] shards by a hash of the name,
 /// each shared by `Arc` with the states before it that hold the same. A pass replaces only the
@@ -132,62 +133,82 @@ pub struct ConfigState {
 /// proxies scoped by authorization (`Hello.scope_authorized`): such a proxy is sent only the
 /// services that could allow some request of its identity as a caller in this cluster
 /// ([`strait_api::authz::may_call`]). A selector's reach over a service comes from the label
-/// sets of its endpoints in the merged catalog ([`WorkloadLabels`]). A cluster-scoped policy
-/// of another cluster is not seen here (peers do not send them): a service it opens there is
-/// left out while this cluster's view refuses the caller.
+/// sets of its endpoints in the merged catalog, and a policy reaches every workload of a
+/// service only if every cluster holding them enforces it as served here (cluster-scoped
+/// policies, a peer's override, a peer that has not taken its version yet: [`Enforcement`]);
+/// otherwise it reaches some at most, and refuses no caller here. A cluster-scoped policy of
+/// another cluster is not seen (peers do not send them): it can only make a service this
+/// scope holds refuse a caller there, which the destination still decides.
 #[derive(Debug, Default)]
 pub struct AuthzScope {
     cluster: String,
     by_namespace: Arc<BTreeMap<String, Vec<strait_api::authz::CompiledAuthz>>>,
-    /// The distinct label sets of the workloads of each service (`<ns>/<name>`) of the
-    /// namespaces a selector policy could reach.
-    labels: HashMap<Key, LabelSets>,
+    /// The served policies not known to be enforced alike in every cluster.
+    partial: Arc<Enforcement>,
+    /// The workloads of each service (`<ns>/<name>`) of the namespaces a selector or a partly
+    /// enforced policy could reach.
+    workloads: HashMap<Key, Workloads>,
 }
 
-/// What the controller keeps to scope proxies by authorization: the policies last served, the
-/// label sets their selectors need, and the [`AuthzScope`] made of both (a new one only when
-/// either changed).
+/// What the controller keeps to scope proxies by authorization: the policies last served, where
+/// they are enforced, the workloads their reach needs, and the [`AuthzScope`] made of these (a
+/// new one only when one of them changed).
 #[derive(Debug, Default)]
 pub struct AuthzScopes {
     served: Vec<pb::AuthorizationPolicy>,
     policies: AuthzScope,
-    labels: WorkloadLabels,
+    workloads: ServiceWorkloads,
     current: Arc<AuthzScope>,
 }
 
 impl AuthzScopes {
-    /// The scope for the policies now served (`policies`) over the catalog `merged`.
-    pub fn update(&mut self, cluster: &str, policies: &[pb::AuthorizationPolicy], merged: &Merged) -> Arc<AuthzScope> {
+    /// The scope for the policies now served (`policies`), enforced as `enforcement` says, over
+    /// the catalog `merged`.
+    pub fn update(
+        &mut self,
+        cluster: &str,
+        policies: &[pb::AuthorizationPolicy],
+        enforcement: &Enforcement,
+        merged: &Merged,
+    ) -> Arc<AuthzScope> {
         let policies_changed = self.served != policies;
         if policies_changed {
             self.served = policies.to_vec();
-            self.policies = AuthzScope::of(cluster, policies);
+            self.policies = AuthzScope::of(cluster, policies, self.policies.partial.clone());
         }
-        let labels_changed = if self.policies.selects_any() {
+        let enforcement_changed = *self.policies.partial != *enforcement;
+        if enforcement_changed {
+            self.policies.partial = Arc::new(enforcement.clone());
+        }
+        let workloads_changed = if self.policies.needs_workloads_any() {
             let policies = &self.policies;
-            self.labels.update(merged, |ns| policies.selects_in(ns))
+            self.workloads.update(merged, |ns| policies.needs_workloads_in(ns))
         } else {
-            self.labels.clear()
+            self.workloads.clear()
         };
-        if policies_changed || labels_changed {
-            self.current = Arc::new(self.policies.with_labels(&self.labels));
+        if policies_changed || enforcement_changed || workloads_changed {
+            self.current = Arc::new(self.policies.with_workloads(&self.workloads));
         }
         self.current.clone()
     }
 }
 
-/// The distinct label sets of each service's endpoints, kept for the services of the
-/// namespaces a selector policy could reach, and made again only for a service the merge
-/// changed (a new `Arc`).
+/// What scoping by authorization reads of a service's workloads: their distinct label sets
+/// (sorted; a selector's reach) and the clusters exporting them.
+#[derive(Clone, Debug, PartialEq)]
+struct Workloads {
+    labels: Arc<[BTreeMap<String, String>]>,
+    clusters: Arc<[String]>,
+}
+
+/// The [`Workloads`] of each service, kept for the services of the namespaces that need them,
+/// and made again only for a service the merge changed (a new `Arc`).
 #[derive(Debug, Default)]
-struct WorkloadLabels(HashMap<Key, (Arc<MergedService>, LabelSets)>);
+struct ServiceWorkloads(HashMap<Key, (Arc<MergedService>, Workloads)>);
 
-/// The distinct label sets of a service's workloads.
-type LabelSets = Arc<[BTreeMap<String, String>]>;
-
-impl WorkloadLabels {
+impl ServiceWorkloads {
     /// Brings the sets up to `merged` for the services of the namespaces `wanted` holds for;
-    /// whether any set changed (or came or went).
+    /// whether any changed (or came or went).
     fn update(&mut self, merged: &Merged, wanted: impl Fn(&str) -> bool) -> bool {
         let mut changed = false;
         self.0.retain(|k, _| {
@@ -203,17 +224,25 @@ impl WorkloadLabels {
             if entry.as_ref().is_some_and(|(from, _)| Arc::ptr_eq(from, svc)) {
                 continue;
             }
-            let sets = label_sets(svc);
+            let labels = label_sets(svc);
             match entry {
                 Some((from, old)) => {
                     *from = svc.clone();
-                    if **old != *sets {
-                        *old = sets.into();
+                    if *old.labels != *labels {
+                        old.labels = labels.into();
+                        changed = true;
+                    }
+                    if *old.clusters != *svc.clusters {
+                        old.clusters = svc.clusters.as_slice().into();
                         changed = true;
                     }
                 }
                 None => {
-                    self.0.insert(k.clone(), (svc.clone(), sets.into()));
+                    let w = Workloads {
+                        labels: labels.into(),
+                        clusters: svc.clusters.as_slice().into(),
+                    };
+                    self.0.insert(k.clone(), (svc.clone(), w));
                     changed = true;
                 }
             }
@@ -221,7 +250,7 @@ impl WorkloadLabels {
         changed
     }
 
-    /// Forgets every set; whether there were any.
+    /// Forgets every service; whether there were any.
     fn clear(&mut self) -> bool {
         let had = !self.0.is_empty();
         self.0.clear();
@@ -246,8 +275,8 @@ fn label_sets(svc: &MergedService) -> Vec<BTreeMap<String, String>> {
 
 impl AuthzScope {
     /// From the policies proxies are sent (one that does not compile is left out, so it
-    /// refuses nothing here: proxies refuse it too).
-    pub fn of(cluster: &str, policies: &[pb::AuthorizationPolicy]) -> Self {
+    /// refuses nothing here: proxies refuse it too), enforced as `partial` says.
+    pub fn of(cluster: &str, policies: &[pb::AuthorizationPolicy], partial: Arc<Enforcement>) -> Self {
         let mut by_namespace: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for p in policies {
             if let Ok(c) = strait_api::authz::compile_wire(p) {
@@ -257,34 +286,47 @@ impl AuthzScope {
         AuthzScope {
             cluster: cluster.to_string(),
             by_namespace: Arc::new(by_namespace),
-            labels: HashMap::new(),
+            partial,
+            workloads: HashMap::new(),
         }
     }
 
-    /// The same policies, with the workloads' label sets `labels` holds.
-    fn with_labels(&self, labels: &WorkloadLabels) -> Self {
+    /// The same policies, with the workloads `workloads` holds.
+    fn with_workloads(&self, workloads: &ServiceWorkloads) -> Self {
         AuthzScope {
             cluster: self.cluster.clone(),
             by_namespace: self.by_namespace.clone(),
-            labels: labels.0.iter().map(|(k, (_, l))| (k.clone(), l.clone())).collect(),
+            partial: self.partial.clone(),
+            workloads: workloads.0.iter().map(|(k, (_, w))| (k.clone(), w.clone())).collect(),
         }
     }
 
-    /// Whether a policy with a selector (which may apply to some workloads of a service and
-    /// not others) could reach services of namespace `ns`.
-    fn selects_in(&self, ns: &str) -> bool {
+    /// Whether a policy that may reach some workloads of a service and not others (one with a
+    /// selector, or one not enforced in every cluster) could reach services of namespace `ns`.
+    fn needs_workloads_in(&self, ns: &str) -> bool {
+        use strait_api::authz::{Scope, ROOT_NAMESPACE};
         let selects = |ps: Option<&Vec<strait_api::authz::CompiledAuthz>>| {
             ps.is_some_and(|ps| {
                 ps.iter()
-                    .any(|p| matches!(&p.scope, strait_api::authz::Scope::Selector(want) if !want.is_empty()))
+                    .any(|p| matches!(&p.scope, Scope::Selector(want) if !want.is_empty()))
             })
         };
-        selects(self.by_namespace.get(strait_api::authz::ROOT_NAMESPACE)) || selects(self.by_namespace.get(ns))
+        [ROOT_NAMESPACE, ns]
+            .iter()
+            .any(|n| selects(self.by_namespace.get(*n)) || self.partial.contains_key(*n))
     }
 
-    /// Whether any policy has a selector.
-    fn selects_any(&self) -> bool {
-        self.by_namespace.keys().any(|ns| self.selects_in(ns))
+    /// Whether any policy needs the workloads of the services it reaches.
+    fn needs_workloads_any(&self) -> bool {
+        self.by_namespace.keys().any(|ns| self.needs_workloads_in(ns))
+    }
+
+    /// Whether every cluster holding `service`'s workloads enforces policy `p` as served here.
+    fn enforced_over(&self, p: &strait_api::authz::CompiledAuthz, service: Option<&Workloads>) -> bool {
+        match self.partial.get(&p.namespace).and_then(|names| names.get(&p.name)) {
+            None => true,
+            Some(enforcing) => service.is_some_and(|w| w.clusters.iter().all(|c| enforcing.contains(c))),
+        }
     }
 
     /// Whether a proxy of identity `principal` scoped by authorization is sent resource
@@ -306,12 +348,16 @@ impl AuthzScope {
             // Most namespaces: no policy, nothing to look at.
             return true;
         }
-        let labels = self.labels.get(key).map(|l| &**l).unwrap_or_default();
+        let workloads = self.workloads.get(key);
+        let labels = workloads.map(|w| &*w.labels).unwrap_or_default();
         let policies: Vec<_> = root
             .into_iter()
             .chain(own)
             .flatten()
-            .map(|p| (p, reach_over(p, service, ns, labels)))
+            .map(|p| match reach_over(p, service, ns, labels) {
+                Reach::Every if !self.enforced_over(p, workloads) => (p, Reach::Some),
+                reach => (p, reach),
+            })
             .filter(|(_, r)| *r != Reach::None)
             .collect();
         policies.is_empty()
@@ -1091,11 +1137,15 @@ mod tests {
             spec_json: r#"{"selector":{"matchLabels":{"app":"greeter"}},"rules":[{"from":[{"source":{"principals":["spiffe://mesh.local/ns/demo/sa/ledger"]}}]}]}"#.into(),
             ..Default::default()
         };
-        let policies = AuthzScope::of("east", &[policy]);
-        assert!(policies.selects_in("demo") && !policies.selects_in("web") && policies.selects_any());
-        let mut labels = WorkloadLabels::default();
-        assert!(labels.update(&merged, |ns| policies.selects_in(ns)));
-        let scope = policies.with_labels(&labels);
+        let policies = AuthzScope::of("east", &[policy], Default::default());
+        assert!(
+            policies.needs_workloads_in("demo")
+                && !policies.needs_workloads_in("web")
+                && policies.needs_workloads_any()
+        );
+        let mut labels = ServiceWorkloads::default();
+        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
+        let scope = policies.with_workloads(&labels);
         let echo = "spiffe://mesh.local/ns/demo/sa/echo";
         let ledger = "spiffe://mesh.local/ns/demo/sa/ledger";
         assert!(
@@ -1114,18 +1164,72 @@ mod tests {
         // Without the label sets, a selector may apply: nothing is taken away.
         assert!(policies.may_call(echo, "service/demo/greeter"));
         // The same services again (the same `Arc`s, or new ones with the same labels): no change.
-        assert!(!labels.update(&merged, |ns| policies.selects_in(ns)));
+        assert!(!labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
         merged.insert("demo/greeter".into(), service("greeter", &["greeter"]));
-        assert!(!labels.update(&merged, |ns| policies.selects_in(ns)));
+        assert!(!labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
         // A workload's labels change: a change, and the selector's reach with it.
         merged.insert("demo/greeter".into(), service("greeter", &["greeter", "canary"]));
-        assert!(labels.update(&merged, |ns| policies.selects_in(ns)));
-        assert!(policies.with_labels(&labels).may_call(echo, "service/demo/greeter"));
+        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
+        assert!(policies.with_workloads(&labels).may_call(echo, "service/demo/greeter"));
         // A service gone, or a namespace no selector reaches any more: forgotten.
         merged.remove("demo/mixed");
-        assert!(labels.update(&merged, |ns| policies.selects_in(ns)));
+        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
         assert!(labels.update(&merged, |_| false));
         assert!(!labels.clear());
+    }
+
+    #[test]
+    fn a_policy_refuses_a_caller_only_where_every_cluster_holding_the_workloads_enforces_it() {
+        let service = |name: &str, clusters: &[&str]| {
+            let mut s = (*svc(name, 80)).clone();
+            s.clusters = clusters.iter().map(|c| c.to_string()).collect();
+            Arc::new(s)
+        };
+        let mut merged: Merged = BTreeMap::new();
+        merged.insert("demo/echo".into(), service("echo", &["east", "west"]));
+        merged.insert("demo/audit".into(), service("audit", &["east"]));
+        // Refuses every caller of east, as east's scoped proxies are.
+        let policy = pb::AuthorizationPolicy {
+            namespace: "demo".into(),
+            name: "no-east".into(),
+            spec_json: r#"{"targetRefs":[{"kind":"Service","name":"echo"},{"kind":"Service","name":"audit"}],"action":"DENY","rules":[{"from":[{"source":{"clusters":["east"]}}]}]}"#.into(),
+            ..Default::default()
+        };
+        let enforced_in = |clusters: &[&str]| -> Enforcement {
+            [(
+                "demo".to_string(),
+                [("no-east".to_string(), clusters.iter().map(|c| c.to_string()).collect())].into(),
+            )]
+            .into()
+        };
+        let caller = "spiffe://mesh.local/ns/demo/sa/greeter";
+        let mut scopes = AuthzScopes::default();
+        let policies = std::slice::from_ref(&policy);
+        // Enforced everywhere (no entry): both services refuse east's callers.
+        let everywhere = scopes.update("east", policies, &Enforcement::new(), &merged);
+        assert!(!everywhere.may_call(caller, "service/demo/echo"));
+        assert!(!everywhere.may_call(caller, "service/demo/audit"));
+        assert!(Arc::ptr_eq(
+            &everywhere,
+            &scopes.update("east", policies, &Enforcement::new(), &merged)
+        ));
+        // East's alone (cluster-scoped, or not yet taken by its peers): west's echo workloads
+        // do not refuse, so echo stays; audit has workloads in east only.
+        let here = scopes.update("east", policies, &enforced_in(&["east"]), &merged);
+        assert!(!Arc::ptr_eq(&everywhere, &here));
+        assert!(here.may_call(caller, "service/demo/echo"));
+        assert!(!here.may_call(caller, "service/demo/audit"));
+        // Every cluster holding echo's workloads enforces it (a third one does not, holding none).
+        let holding = scopes.update("east", policies, &enforced_in(&["east", "west"]), &merged);
+        assert!(!holding.may_call(caller, "service/demo/echo"));
+        // Echo's workloads move: west no longer exports it, central does.
+        merged.insert("demo/echo".into(), service("echo", &["east", "central"]));
+        let moved = scopes.update("east", policies, &enforced_in(&["east", "west"]), &merged);
+        assert!(!Arc::ptr_eq(&holding, &moved));
+        assert!(moved.may_call(caller, "service/demo/echo"));
+        // Enforced everywhere again: nothing about workloads is kept.
+        scopes.update("east", policies, &Enforcement::new(), &merged);
+        assert!(scopes.workloads.0.is_empty());
     }
 
     /// A build's other inputs: these gateways, policy and objects, nothing else.

@@ -487,8 +487,22 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         if reach.0 != checked.routes {
             reach = (checked.routes.clone(), Arc::new(RouteReach::of(&checked.routes)));
         }
-        let authz_scope = authz_scopes.update(&cfg.cluster, &checked.authz, &merged);
-        let changed = !same_versions(&state_tx.borrow().resources, &resources) || state_tx.borrow().warm != warm;
+        // Scoping by authorization needs where each policy is enforced: each peer's report.
+        let enforcement = {
+            let peer_reports: Vec<&pb::ObjectStatus> = peers.iter().flat_map(|p| p.statuses.iter()).collect();
+            crate::objects::enforcement(
+                crate::objects::AUTHORIZATION_POLICY,
+                &checked.statuses,
+                &peer_reports,
+                &expected_clusters,
+            )
+        };
+        let authz_scope = authz_scopes.update(&cfg.cluster, &checked.authz, &enforcement, &merged);
+        let changed = !same_versions(&state_tx.borrow().resources, &resources)
+            || state_tx.borrow().warm != warm
+            // A policy now enforced in every cluster (or no longer) moves services in or out of
+            // the scope of proxies scoped by authorization, with no resource changed.
+            || !Arc::ptr_eq(&state_tx.borrow().authz, &authz_scope);
         if changed || version == 0 {
             version += 1;
             versions.set(version as i64);

@@ -430,7 +430,7 @@ mod scope_tests {
                 ..Default::default()
             })
             .collect();
-        Arc::new(AuthzScope::of("east", &policies))
+        Arc::new(AuthzScope::of("east", &policies, Default::default()))
     }
 
     fn names<'a>(resources: impl IntoIterator<Item = &'a Arc<crate::resources::Built>>) -> Vec<String> {

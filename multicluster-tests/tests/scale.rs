@@ -493,9 +493,41 @@ spec:
         .await
         .unwrap();
     assert_eq!(status, 200);
+    // Cluster-scoped policies of west, refusing west's callers: they bind west's workloads
+    // only. Echo has workloads in east and central too, which let west's greeter in, so it
+    // keeps echo; greeter's workloads are all in west, so west's echo loses greeter; east's
+    // sidecars do not see them. (Their clusterset counterparts above do take echo away: those
+    // every cluster holding echo's workloads enforces.)
+    let west_only = |name: &str, target: &str| {
+        format!(
+            "apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: demo, labels: {{strait.dev/scope: cluster}}}}
+spec:
+  targetRefs: [{{kind: Service, name: {target}}}]
+  action: DENY
+  rules: [{{from: [{{source: {{clusters: [west]}}}}]}}]
+"
+        )
+    };
+    let (echo_here, greeter_here) = (west_only("echo-here", "echo"), west_only("greeter-here", "greeter"));
+    mesh.policy_ok("delete", "east", "echo-no-west", no_west);
+    sidecar_settles(west_greeter, "echo.demo.", true).await;
+    mesh.policy_ok("apply", "west", "echo-here", &echo_here);
+    mesh.policy_ok("apply", "west", "greeter-here", &greeter_here);
+    sidecar_settles(west_echo, "greeter.demo.", false).await;
+    for (w, svc, want) in [
+        (west_greeter, "echo.demo.", true),
+        (west_greeter, "greeter.demo.", true),
+        (east_echo, "echo.demo.", true),
+        (ledger, "greeter.demo.", true),
+    ] {
+        assert_eq!(holds(w.admin_addr, svc).await, want, "{} holding {svc}", w.name);
+    }
+    mesh.policy_ok("delete", "west", "echo-here", &echo_here);
+    mesh.policy_ok("delete", "west", "greeter-here", &greeter_here);
     // The policies go: the services come back.
     mesh.policy_ok("delete", "east", "greeter-readers", readers);
-    mesh.policy_ok("delete", "east", "echo-no-west", no_west);
     mesh.policy_ok("delete", "west", "ledger-callers", ledger_callers);
     for (w, svc) in [
         (east_echo, "greeter.demo."),
