@@ -148,6 +148,48 @@ pub struct AuthzScope {
     /// The workloads of each service (`<ns>/<name>`) of the namespaces a selector or a partly
     /// enforced policy could reach.
     workloads: HashMap<Key, Workloads>,
+    /// Where this scope stands in the sequence the controller made (0: made alone), and the
+    /// services whose place in a scope may have moved since the one before it.
+    seq: u64,
+    moved: Moved,
+}
+
+/// Services whose place in an authorization scope may have moved between two scopes: those
+/// of the namespaces whose policies or their enforcement changed, and those whose workloads
+/// changed (`all`: the root namespace's policies changed, or the scopes are not consecutive).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Moved {
+    all: bool,
+    namespaces: BTreeSet<String>,
+    services: BTreeSet<Key>,
+}
+
+impl Moved {
+    fn all() -> Self {
+        Moved {
+            all: true,
+            ..Default::default()
+        }
+    }
+
+    /// Whether resource `name` is a service that may have moved.
+    pub fn covers(&self, name: &str) -> bool {
+        let Some(key) = name.strip_prefix("service/") else {
+            return false;
+        };
+        self.all
+            || key.split_once('/').is_some_and(|(ns, _)| self.namespaces.contains(ns))
+            || self.services.contains(key)
+    }
+
+    /// Adds namespace `ns` (every namespace when it is the root namespace).
+    fn namespace(&mut self, ns: &str) {
+        if ns == strait_api::authz::ROOT_NAMESPACE {
+            self.all = true;
+        } else {
+            self.namespaces.insert(ns.to_string());
+        }
+    }
 }
 
 /// What the controller keeps to scope proxies by authorization: the policies last served, where
@@ -171,13 +213,30 @@ impl AuthzScopes {
         enforcement: &Enforcement,
         merged: &Merged,
     ) -> Arc<AuthzScope> {
-        let policies_changed = self.served != policies;
-        if policies_changed {
+        let mut moved = Moved::default();
+        if self.served != policies {
+            let by_namespace = |ps: &[pb::AuthorizationPolicy]| {
+                let mut m: BTreeMap<String, Vec<pb::AuthorizationPolicy>> = BTreeMap::new();
+                for p in ps {
+                    m.entry(p.namespace.clone()).or_default().push(p.clone());
+                }
+                m
+            };
+            let (before, now) = (by_namespace(&self.served), by_namespace(policies));
+            for ns in before.keys().chain(now.keys()) {
+                if before.get(ns) != now.get(ns) {
+                    moved.namespace(ns);
+                }
+            }
             self.served = policies.to_vec();
             self.policies = AuthzScope::of(cluster, policies, self.policies.partial.clone());
         }
-        let enforcement_changed = *self.policies.partial != *enforcement;
-        if enforcement_changed {
+        if *self.policies.partial != *enforcement {
+            for ns in self.policies.partial.keys().chain(enforcement.keys()) {
+                if self.policies.partial.get(ns) != enforcement.get(ns) {
+                    moved.namespace(ns);
+                }
+            }
             self.policies.partial = Arc::new(enforcement.clone());
         }
         let workloads_changed = if self.policies.needs_workloads_any() {
@@ -186,8 +245,12 @@ impl AuthzScopes {
         } else {
             self.workloads.clear()
         };
-        if policies_changed || enforcement_changed || workloads_changed {
-            self.current = Arc::new(self.policies.with_workloads(&self.workloads));
+        moved.services.extend(workloads_changed);
+        if moved != Moved::default() {
+            let mut next = self.policies.with_workloads(&self.workloads);
+            next.seq = self.current.seq + 1;
+            next.moved = moved;
+            self.current = Arc::new(next);
         }
         self.current.clone()
     }
@@ -208,12 +271,14 @@ struct ServiceWorkloads(HashMap<Key, (Arc<MergedService>, Workloads)>);
 
 impl ServiceWorkloads {
     /// Brings the sets up to `merged` for the services of the namespaces `wanted` holds for;
-    /// whether any changed (or came or went).
-    fn update(&mut self, merged: &Merged, wanted: impl Fn(&str) -> bool) -> bool {
-        let mut changed = false;
+    /// the services whose workloads changed (or came or went).
+    fn update(&mut self, merged: &Merged, wanted: impl Fn(&str) -> bool) -> Vec<Key> {
+        let mut changed = vec![];
         self.0.retain(|k, _| {
             let keep = merged.get(k).is_some_and(|s| wanted(&s.namespace));
-            changed |= !keep;
+            if !keep {
+                changed.push(k.clone());
+            }
             keep
         });
         for (k, svc) in merged {
@@ -228,13 +293,10 @@ impl ServiceWorkloads {
             match entry {
                 Some((from, old)) => {
                     *from = svc.clone();
-                    if *old.labels != *labels {
+                    if *old.labels != *labels || *old.clusters != *svc.clusters {
                         old.labels = labels.into();
-                        changed = true;
-                    }
-                    if *old.clusters != *svc.clusters {
                         old.clusters = svc.clusters.as_slice().into();
-                        changed = true;
+                        changed.push(k.clone());
                     }
                 }
                 None => {
@@ -243,18 +305,16 @@ impl ServiceWorkloads {
                         clusters: svc.clusters.as_slice().into(),
                     };
                     self.0.insert(k.clone(), (svc.clone(), w));
-                    changed = true;
+                    changed.push(k.clone());
                 }
             }
         }
         changed
     }
 
-    /// Forgets every service; whether there were any.
-    fn clear(&mut self) -> bool {
-        let had = !self.0.is_empty();
-        self.0.clear();
-        had
+    /// Forgets every service; those there were.
+    fn clear(&mut self) -> Vec<Key> {
+        self.0.drain().map(|(k, _)| k).collect()
     }
 }
 
@@ -288,6 +348,8 @@ impl AuthzScope {
             by_namespace: Arc::new(by_namespace),
             partial,
             workloads: HashMap::new(),
+            seq: 0,
+            moved: Moved::all(),
         }
     }
 
@@ -298,6 +360,18 @@ impl AuthzScope {
             by_namespace: self.by_namespace.clone(),
             partial: self.partial.clone(),
             workloads: workloads.0.iter().map(|(k, (_, w))| (k.clone(), w.clone())).collect(),
+            seq: 0,
+            moved: Moved::all(),
+        }
+    }
+
+    /// The services whose place in the scope may have moved since `before` (a scope of the same
+    /// sequence, or any: then every service).
+    pub fn moved_since(&self, before: &AuthzScope) -> std::borrow::Cow<'_, Moved> {
+        if self.seq > 0 && self.seq == before.seq + 1 {
+            std::borrow::Cow::Borrowed(&self.moved)
+        } else {
+            std::borrow::Cow::Owned(Moved::all())
         }
     }
 
@@ -1144,7 +1218,7 @@ mod tests {
                 && policies.needs_workloads_any()
         );
         let mut labels = ServiceWorkloads::default();
-        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
+        assert_eq!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)).len(), 3);
         let scope = policies.with_workloads(&labels);
         let echo = "spiffe://mesh.local/ns/demo/sa/echo";
         let ledger = "spiffe://mesh.local/ns/demo/sa/ledger";
@@ -1164,18 +1238,24 @@ mod tests {
         // Without the label sets, a selector may apply: nothing is taken away.
         assert!(policies.may_call(echo, "service/demo/greeter"));
         // The same services again (the same `Arc`s, or new ones with the same labels): no change.
-        assert!(!labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
+        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)).is_empty());
         merged.insert("demo/greeter".into(), service("greeter", &["greeter"]));
-        assert!(!labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
+        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)).is_empty());
         // A workload's labels change: a change, and the selector's reach with it.
         merged.insert("demo/greeter".into(), service("greeter", &["greeter", "canary"]));
-        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
+        assert_eq!(
+            labels.update(&merged, |ns| policies.needs_workloads_in(ns)),
+            [Key::from("demo/greeter")]
+        );
         assert!(policies.with_workloads(&labels).may_call(echo, "service/demo/greeter"));
         // A service gone, or a namespace no selector reaches any more: forgotten.
         merged.remove("demo/mixed");
-        assert!(labels.update(&merged, |ns| policies.needs_workloads_in(ns)));
-        assert!(labels.update(&merged, |_| false));
-        assert!(!labels.clear());
+        assert_eq!(
+            labels.update(&merged, |ns| policies.needs_workloads_in(ns)),
+            [Key::from("demo/mixed")]
+        );
+        assert_eq!(labels.update(&merged, |_| false).len(), 2);
+        assert!(labels.clear().is_empty());
     }
 
     #[test]

@@ -356,13 +356,15 @@ impl ProxyScope {
         let (mut changed, mut removed) = diff(&sent.resources, &current.resources, now);
         let mut moved: BTreeSet<&str> = beyond_before.symmetric_difference(&beyond_now).map(|k| &**k).collect();
         if self.principal.is_some() && !Arc::ptr_eq(&sent.authz, &current.authz) {
-            // The policies changed: any service may have moved in or out.
+            // The policies, where they are enforced, or the workloads they reach changed: the
+            // services of the namespaces concerned may have moved in or out.
+            let moved_by_authz = current.authz.moved_since(&sent.authz);
             moved.extend(
                 sent.resources
                     .iter()
                     .chain(current.resources.iter())
                     .map(|(k, _)| &**k)
-                    .filter(|k| k.starts_with("service/")),
+                    .filter(|k| moved_by_authz.covers(k)),
             );
         }
         moved.retain(|name| before(name) != now(name));
@@ -515,6 +517,103 @@ mod scope_tests {
         let (changed, removed, newly) = all.changes(&s0, &s1);
         assert_eq!(names(changed), ["authz/demo/p"]);
         assert!(removed.is_empty() && newly.is_empty());
+    }
+
+    #[test]
+    fn a_policy_change_moves_only_the_services_of_its_namespace() {
+        use crate::objects::Enforcement;
+        use crate::resources::AuthzScopes;
+        let hello = pb::Hello {
+            scope_authorized: true,
+            service: "web/front".into(),
+            ..Default::default()
+        };
+        let identity: strait_trust::SpiffeId = "spiffe://mesh.local/ns/web/sa/front".parse().unwrap();
+        let scope = ProxyScope::of(&hello, &identity);
+        let catalog = [
+            ("service/demo/echo", "1"),
+            ("service/demo/greeter", "1"),
+            ("service/shop/cart", "1"),
+            ("service/web/front", "1"),
+            ("service/web/admin", "1"),
+        ];
+        let policy = |ns: &str, yaml: &str| pb::AuthorizationPolicy {
+            namespace: ns.to_string(),
+            name: "p".into(),
+            spec_json: serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(yaml).unwrap()).unwrap(),
+            ..Default::default()
+        };
+        let shop_from_demo = policy("shop", "rules: [{from: [{source: {namespaces: [demo]}}]}]");
+        let demo_closed = policy("demo", "action: DENY\nrules: [{}]");
+        let root_closed = policy(strait_api::authz::ROOT_NAMESPACE, "action: DENY\nrules: [{}]");
+        let demo_here: Enforcement =
+            [("demo".to_string(), [("p".to_string(), vec!["east".to_string()])].into())].into();
+        let steps: Vec<(Vec<pb::AuthorizationPolicy>, Enforcement)> = vec![
+            (vec![], Enforcement::new()),
+            (vec![shop_from_demo.clone()], Enforcement::new()),
+            (vec![shop_from_demo.clone(), demo_closed.clone()], Enforcement::new()),
+            // demo's policy not enforced everywhere: demo's services come back.
+            (vec![shop_from_demo.clone(), demo_closed.clone()], demo_here),
+            (vec![shop_from_demo.clone(), demo_closed], Enforcement::new()),
+            (vec![shop_from_demo.clone(), root_closed], Enforcement::new()),
+            (vec![shop_from_demo], Enforcement::new()),
+        ];
+        let mut scopes = AuthzScopes::default();
+        let merged = crate::catalog::Merged::new();
+        let mut held: Vec<String> = catalog.iter().map(|(n, _)| n.to_string()).collect();
+        let mut before = state(&catalog, &scopes.update("east", &steps[0].0, &steps[0].1, &merged));
+        let mut moved_anywhere = vec![];
+        for (i, (policies, enforcement)) in steps.iter().enumerate().skip(1) {
+            let now = state(&catalog, &scopes.update("east", policies, enforcement, &merged));
+            // The same as when every service is looked at again (a scope made alone).
+            let (prev_policies, prev_enforcement) = &steps[i - 1];
+            let alone = state(
+                &catalog,
+                &Arc::new(AuthzScope::of(
+                    "east",
+                    prev_policies,
+                    Arc::new(prev_enforcement.clone()),
+                )),
+            );
+            let (changed, mut removed, newly) = scope.changes(&before, &now);
+            let (changed_all, mut removed_all, newly_all) = scope.changes(&alone, &now);
+            removed.sort();
+            removed_all.sort();
+            assert_eq!(
+                (names(changed), &removed, names(newly.iter().copied())),
+                (names(changed_all), &removed_all, names(newly_all)),
+                "step {i}"
+            );
+            held.retain(|n| !removed.contains(n));
+            held.extend(newly.iter().map(|r| r.name.to_string()));
+            held.sort();
+            moved_anywhere.push(
+                catalog
+                    .iter()
+                    .filter(|(n, _)| now.authz.moved_since(&before.authz).covers(n))
+                    .count(),
+            );
+            if i == 2 {
+                assert_eq!(
+                    held,
+                    ["service/web/admin", "service/web/front"],
+                    "demo closed, shop only to demo"
+                );
+            }
+            before = now;
+        }
+        // Each step looked at the services of the namespace it changed; the root namespace's
+        // policy (and its removal) at all of them.
+        assert_eq!(moved_anywhere, [1, 2, 2, 2, 5, 5]);
+        assert_eq!(
+            held,
+            [
+                "service/demo/echo",
+                "service/demo/greeter",
+                "service/web/admin",
+                "service/web/front"
+            ]
+        );
     }
 
     #[test]
