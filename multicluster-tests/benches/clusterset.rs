@@ -5,7 +5,9 @@
 //! (flags after `--`: `--clusters 10 --services 300 --endpoints 4000 --churn 50 --seconds 30
 //! --sidecars 1`; the defaults are Istio ambient's published multi-cluster test;
 //! `--sidecar-scope demo` scopes the sidecars to their own namespace, away from the catalog;
-//! `--batch-window 100` sets every controller's `batchWindow` in milliseconds).
+//! `--sidecar-scope-authorized true` scopes them by authorization; `--policies 10` sets how many
+//! AuthorizationPolicies the policy rounds write; `--batch-window 100` sets every controller's
+//! `batchWindow` in milliseconds).
 //!
 //! `strait up` starts N real clusters (controller, gateway and K real sidecars each, peered over
 //! the QUIC tunnel as in production). Each controller is then given a synthetic catalog: the same
@@ -20,7 +22,12 @@
 //! Printed: time to the first complete catalog everywhere; change -> delivered to (and ACKed
 //! by) the probe of every other cluster, p50/p99/max; each controller's RSS and CPU (share of a
 //! core) during the churn, in total and per remote cluster; the encoded peering bytes per cluster
-//! pair per second; each real sidecar's RSS holding the full catalog. Written also to
+//! pair per second; each real sidecar's RSS holding the full catalog. Then the policy rounds:
+//! AuthorizationPolicies written one after another, each in the next cluster, each refusing the
+//! sidecars one service of `sim`: from `strait apply` to every proxy of each cluster having
+//! acknowledged it (that cluster's own report), p50/p99/max; with sidecars scoped by
+//! authorization, until each no longer holds the service, and after `strait delete` until it
+//! holds it again. Written also to
 //! `target/strait-bench/clusterset.json`.
 
 #![allow(clippy::unwrap_used)]
@@ -29,7 +36,7 @@ use multicluster_tests::clusterset::{run, Size};
 use multicluster_tests::load::{bench_flags, flag_value};
 
 /// `--clusters N --services N --endpoints N --churn N --seconds N --sidecars N
-/// [--sidecar-scope demo] [--batch-window MS]`.
+/// [--sidecar-scope demo] [--sidecar-scope-authorized true] [--policies N] [--batch-window MS]`.
 fn args() -> Size {
     let mut a = Size::default();
     for (flag, value) in bench_flags() {
@@ -42,8 +49,10 @@ fn args() -> Size {
             "--sidecars" => a.sidecars = flag_value(&flag, &value),
             "--sidecar-scope" => a.sidecar_scope = value.split(',').map(String::from).collect(),
             "--batch-window" => a.batch_window_ms = Some(flag_value(&flag, &value)),
+            "--sidecar-scope-authorized" => a.sidecar_scope_authorized = flag_value(&flag, &value),
+            "--policies" => a.policies = flag_value(&flag, &value),
             other => panic!(
-                "unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars --sidecar-scope --batch-window"
+                "unknown flag {other}: use --clusters --services --endpoints --churn --seconds --sidecars --sidecar-scope --sidecar-scope-authorized --policies --batch-window"
             ),
         }
     }

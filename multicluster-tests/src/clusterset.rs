@@ -33,6 +33,12 @@ pub struct Size {
     /// Every controller's `batchWindow` (topology `batchWindow`), milliseconds; `None`: the
     /// controller's default.
     pub batch_window_ms: Option<u64>,
+    /// `strait up --sidecar-scope-authorized`: sidecars are sent only the services whose
+    /// AuthorizationPolicies could let them in.
+    pub sidecar_scope_authorized: bool,
+    /// AuthorizationPolicies written one after another after the churn, each in the next
+    /// cluster (each refuses the sidecars one service of `sim`, and is then deleted).
+    pub policies: usize,
 }
 
 impl Default for Size {
@@ -46,6 +52,8 @@ impl Default for Size {
             sidecars: 1,
             sidecar_scope: vec![],
             batch_window_ms: None,
+            sidecar_scope_authorized: false,
+            policies: 10,
         }
     }
 }
@@ -86,6 +94,20 @@ pub struct Report {
     pub restart_all_resync: Duration,
     /// ... and the peering bytes of the 10 s after (a storm would be several first syncs).
     pub restart_all_bytes: f64,
+    pub policies: PolicyRounds,
+}
+
+/// What the policy rounds measured, each sorted.
+#[derive(Debug, Default)]
+pub struct PolicyRounds {
+    /// From `strait apply`'s start to each cluster's controller reporting every one of its
+    /// proxies acknowledged the policy, per (policy, cluster).
+    pub to_ack: Vec<Duration>,
+    /// With sidecars scoped by authorization: from `strait apply`'s start until each sidecar no
+    /// longer holds the service the policy refuses it ...
+    pub to_scoped_out: Vec<Duration>,
+    /// ... and from `strait delete`'s start until it holds it again.
+    pub to_scoped_in: Vec<Duration>,
 }
 
 fn cluster_name(c: usize) -> String {
@@ -442,6 +464,9 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     if !a.sidecar_scope.is_empty() {
         extra_args = vec!["--sidecar-scope-namespaces".to_string(), a.sidecar_scope.join(",")];
     }
+    if a.sidecar_scope_authorized {
+        extra_args.push("--sidecar-scope-authorized".to_string());
+    }
     let mut mesh = Mesh::start_with(MeshOptions {
         topology: Some(topology(&a)),
         extra_args,
@@ -603,6 +628,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         }
     }
     let final_endpoints = seen.lock().unwrap().endpoints.clone();
+    let policies = policy_rounds(&mesh, &a, &admins).await?;
 
     // A controller restarts (kill -9, then its own command): how long until its subscribers
     // hold the whole catalog again, and what the clusterset sends meanwhile beside what it
@@ -638,8 +664,127 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         restart_all_bytes,
         initial_sync_bytes,
         quiet_bytes,
+        policies,
         size: a,
     })
+}
+
+/// `a.policies` AuthorizationPolicies, one after another, each written in the next cluster
+/// (`strait apply --wait 0s`) and refusing the sidecars' identity one service of `sim`: how
+/// long until each cluster's controller reports all its proxies acknowledged it, and with
+/// sidecars scoped by authorization, until each sidecar no longer holds that service (and after
+/// `strait delete`, holds it again). Polls every 10 ms; each round waits for the one before to
+/// be gone everywhere.
+async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -> anyhow::Result<PolicyRounds> {
+    const LIMIT: Duration = Duration::from_secs(60);
+    let clusters: Vec<String> = mesh.info.clusters.iter().map(|c| c.name.clone()).collect();
+    let sidecars: Vec<&crate::WorkloadInfo> = mesh.info.clusters.iter().flat_map(|c| &c.workloads).collect();
+    let Some(first) = sidecars.first() else {
+        return Ok(PolicyRounds::default());
+    };
+    let principal = format!(
+        "spiffe://{}/ns/{}/sa/{}",
+        mesh.info.trust_domain, first.namespace, first.service
+    );
+    // Whether the sidecar answering on `admin` would route to `host` (`strait route explain`).
+    let holds = |admin: std::net::SocketAddr, host: String| async move {
+        let view = Mesh::admin_json(admin, &format!("/explain?url=http://{host}/"))
+            .await
+            .unwrap_or_default();
+        view["service"].as_str() == Some(host.as_str())
+    };
+    // Whether `cluster`'s own report on policy `name` says every proxy there acknowledged it.
+    let acked_in = |c: usize, name: String| {
+        let cluster = clusters[c].clone();
+        async move {
+            let view = Mesh::admin_json(admins[c], "/policies").await.unwrap_or_default();
+            let own = view["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["name"] == name.as_str())
+                .flat_map(|p| p["clusters"].as_array().into_iter().flatten())
+                .find(|r| r["cluster"] == cluster.as_str())
+                .cloned();
+            own.is_some_and(|r| {
+                r["serving_generation"].as_u64() >= Some(1)
+                    && r["proxies_total"].as_u64() > Some(0)
+                    && r["proxies_acked"] == r["proxies_total"]
+            })
+        }
+    };
+    let listed_in = |c: usize, name: String| async move {
+        let view = Mesh::admin_json(admins[c], "/policies").await.unwrap_or_default();
+        view["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == name.as_str())
+    };
+    let mut out = PolicyRounds::default();
+    for i in 0..a.policies {
+        let origin = &clusters[i % clusters.len()];
+        let name = format!("bench-{i:03}");
+        let service = format!("svc-{:04}", i % a.services);
+        let host = format!("{service}.sim.svc.clusterset.local");
+        let yaml = format!(
+            "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: sim}}\nspec:\n  targetRefs: [{{kind: Service, name: {service}}}]\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [\"{principal}\"]}}}}]}}]\n"
+        );
+        let started = Instant::now();
+        let (ok, stdout, stderr) = mesh.policy("apply", origin, &name, &yaml, "0s");
+        anyhow::ensure!(ok, "strait apply {name}: {stdout}{stderr}");
+        let mut acked = vec![None; clusters.len()];
+        let mut out_of_scope = vec![None; if a.sidecar_scope_authorized { sidecars.len() } else { 0 }];
+        while acked.iter().chain(&out_of_scope).any(Option::is_none) {
+            anyhow::ensure!(
+                started.elapsed() < LIMIT,
+                "policy {name} written in {origin}: acknowledged in {:?}, out of the sidecars' scope {:?} after {LIMIT:?}",
+                acked,
+                out_of_scope
+            );
+            for (c, slot) in acked.iter_mut().enumerate() {
+                if slot.is_none() && acked_in(c, name.clone()).await {
+                    *slot = Some(started.elapsed());
+                }
+            }
+            for (w, slot) in sidecars.iter().zip(out_of_scope.iter_mut()) {
+                if slot.is_none() && !holds(w.admin_addr, host.clone()).await {
+                    *slot = Some(started.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out.to_ack.extend(acked.into_iter().flatten());
+        out.to_scoped_out.extend(out_of_scope.into_iter().flatten());
+        let deleted = Instant::now();
+        let (ok, stdout, stderr) = mesh.policy("delete", origin, &name, &yaml, "0s");
+        anyhow::ensure!(ok, "strait delete {name}: {stdout}{stderr}");
+        let mut back = vec![None; if a.sidecar_scope_authorized { sidecars.len() } else { 0 }];
+        loop {
+            for (w, slot) in sidecars.iter().zip(back.iter_mut()) {
+                if slot.is_none() && holds(w.admin_addr, host.clone()).await {
+                    *slot = Some(deleted.elapsed());
+                }
+            }
+            let mut gone = true;
+            for c in 0..clusters.len() {
+                gone &= !listed_in(c, name.clone()).await;
+            }
+            if gone && back.iter().all(Option::is_some) {
+                break;
+            }
+            anyhow::ensure!(
+                deleted.elapsed() < LIMIT,
+                "policy {name} deleted in {origin}: still listed somewhere, or back in the sidecars' scope only {back:?}, after {LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out.to_scoped_in.extend(back.into_iter().flatten());
+    }
+    out.to_ack.sort();
+    out.to_scoped_out.sort();
+    out.to_scoped_in.sort();
+    Ok(out)
 }
 
 impl Report {
@@ -701,6 +846,26 @@ impl Report {
             mean(&self.sidecar_heap_mib)
         );
         println!("initial sync to every probe: {:.2}s", self.initial_sync.as_secs_f64());
+        let p = &self.policies;
+        if !p.to_ack.is_empty() {
+            println!(
+                "AuthorizationPolicy written in one cluster -> every proxy of a cluster acknowledged it: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} policies x {} clusters; from the strait apply command's start, polled every 10 ms)",
+                ms(pct(&p.to_ack, 0.5)),
+                ms(pct(&p.to_ack, 0.99)),
+                ms(p.to_ack.last().copied().unwrap_or_default()),
+                self.size.policies,
+                self.size.clusters
+            );
+        }
+        if !p.to_scoped_out.is_empty() {
+            println!(
+                "sidecars scoped by authorization: the service a new policy refuses them gone from each after p50 {:.1} ms, max {:.1} ms; back after its deletion p50 {:.1} ms, max {:.1} ms",
+                ms(pct(&p.to_scoped_out, 0.5)),
+                ms(p.to_scoped_out.last().copied().unwrap_or_default()),
+                ms(pct(&p.to_scoped_in, 0.5)),
+                ms(p.to_scoped_in.last().copied().unwrap_or_default()),
+            );
+        }
         println!(
             "controller restart (kill -9): its subscribers whole again after {:.2}s; peering bytes in the 10 s after: {:.0} (10 quiet seconds: {:.0}; the first sync of the whole clusterset: {:.0}, so the restart cost {:.2} of it)",
             self.restart_resync.as_secs_f64(),
@@ -734,6 +899,24 @@ impl Report {
         }
         if let Some(ms) = s.batch_window_ms {
             f.add("size.batch_window", ms as f64, "ms");
+        }
+        f.add("size.policies", s.policies as f64, "count");
+        f.add(
+            "size.sidecar_scope_authorized",
+            if s.sidecar_scope_authorized { 1.0 } else { 0.0 },
+            "bool",
+        );
+        let p = &self.policies;
+        for (name, d) in [
+            ("policy_to_ack", &p.to_ack),
+            ("policy_to_scoped_out", &p.to_scoped_out),
+            ("policy_deleted_to_scoped_in", &p.to_scoped_in),
+        ] {
+            if !d.is_empty() {
+                f.add(&format!("{name}.p50"), ms(pct(d, 0.5)), "ms");
+                f.add(&format!("{name}.p99"), ms(pct(d, 0.99)), "ms");
+                f.add(&format!("{name}.max"), ms(d.last().copied().unwrap_or_default()), "ms");
+            }
         }
         let d = &self.delays;
         f.add("change_to_ack.p50", ms(pct(d, 0.5)), "ms");

@@ -206,10 +206,19 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         sidecars: 1,
         sidecar_scope: vec![],
         batch_window_ms: None,
+        sidecar_scope_authorized: true,
+        policies: 3,
     };
     let report = run(size.clone()).await.unwrap();
     report.print();
     assert!(report.changes >= 40, "only {} changes were made", report.changes);
+    // Each policy, written in each cluster in turn, was acknowledged by every cluster's proxies
+    // and took its service from every sidecar, which held it again once it was deleted (`run`
+    // waited for each of these, or failed).
+    let p = &report.policies;
+    assert_eq!(p.to_ack.len(), size.policies * size.clusters);
+    assert_eq!(p.to_scoped_out.len(), size.policies * size.clusters * size.sidecars);
+    assert_eq!(p.to_scoped_in.len(), p.to_scoped_out.len());
     assert_eq!(report.missing, 0, "changes never delivered");
     assert_eq!(
         report.delays.len() + report.superseded,
@@ -248,6 +257,8 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         "change_to_ack.p99",
         "controller.cpu_per_remote_cluster",
         "peering.bytes_per_pair",
+        "policy_to_ack.p99",
+        "policy_to_scoped_out.max",
     ] {
         assert!(doc["figures"][key]["value"].is_number(), "{key} missing in {doc}");
     }
