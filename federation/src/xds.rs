@@ -422,17 +422,33 @@ mod scope_tests {
         }
     }
 
+    /// Policy `p` of namespace `ns`, its spec in YAML.
+    fn policy(ns: &str, yaml: &str) -> pb::AuthorizationPolicy {
+        pb::AuthorizationPolicy {
+            namespace: ns.to_string(),
+            name: "p".into(),
+            spec_json: serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(yaml).unwrap()).unwrap(),
+            ..Default::default()
+        }
+    }
+
     fn authz(policies: &[(&str, &str)]) -> Arc<AuthzScope> {
-        let policies: Vec<pb::AuthorizationPolicy> = policies
-            .iter()
-            .map(|(ns, yaml)| pb::AuthorizationPolicy {
-                namespace: ns.to_string(),
-                name: "p".into(),
-                spec_json: serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(yaml).unwrap()).unwrap(),
-                ..Default::default()
-            })
-            .collect();
+        let policies: Vec<pb::AuthorizationPolicy> = policies.iter().map(|(ns, yaml)| policy(ns, yaml)).collect();
         Arc::new(AuthzScope::of("east", &policies, Default::default()))
+    }
+
+    /// The scope of web's front, a sidecar scoped by authorization.
+    fn front_scoped_by_authorization() -> ProxyScope {
+        let hello = pb::Hello {
+            scope_authorized: true,
+            service: "web/front".into(),
+            ..Default::default()
+        };
+        ProxyScope::of(&hello, &front())
+    }
+
+    fn front() -> strait_trust::SpiffeId {
+        "spiffe://mesh.local/ns/web/sa/front".parse().unwrap()
     }
 
     fn names<'a>(resources: impl IntoIterator<Item = &'a Arc<crate::resources::Built>>) -> Vec<String> {
@@ -443,13 +459,7 @@ mod scope_tests {
 
     #[test]
     fn a_proxy_scoped_by_authorization_gains_and_loses_services_as_policies_change() {
-        let hello = pb::Hello {
-            scope_authorized: true,
-            service: "web/front".into(),
-            ..Default::default()
-        };
-        let identity: strait_trust::SpiffeId = "spiffe://mesh.local/ns/web/sa/front".parse().unwrap();
-        let scope = ProxyScope::of(&hello, &identity);
+        let scope = front_scoped_by_authorization();
         let catalog = |greeter: &'static str| {
             vec![
                 ("service/demo/echo", "1"),
@@ -500,7 +510,7 @@ mod scope_tests {
                 service: "web/front".into(),
                 ..Default::default()
             },
-            &identity,
+            &front(),
         );
         let (changed, _, _) = demo_only.changes(&empty, &s0);
         assert_eq!(
@@ -513,7 +523,7 @@ mod scope_tests {
             ]
         );
         // Unscoped: the policies change nothing of what it is sent.
-        let all = ProxyScope::of(&pb::Hello::default(), &identity);
+        let all = ProxyScope::of(&pb::Hello::default(), &front());
         let (changed, removed, newly) = all.changes(&s0, &s1);
         assert_eq!(names(changed), ["authz/demo/p"]);
         assert!(removed.is_empty() && newly.is_empty());
@@ -523,13 +533,7 @@ mod scope_tests {
     fn a_policy_change_moves_only_the_services_of_its_namespace() {
         use crate::objects::Enforcement;
         use crate::resources::AuthzScopes;
-        let hello = pb::Hello {
-            scope_authorized: true,
-            service: "web/front".into(),
-            ..Default::default()
-        };
-        let identity: strait_trust::SpiffeId = "spiffe://mesh.local/ns/web/sa/front".parse().unwrap();
-        let scope = ProxyScope::of(&hello, &identity);
+        let scope = front_scoped_by_authorization();
         let catalog = [
             ("service/demo/echo", "1"),
             ("service/demo/greeter", "1"),
@@ -537,12 +541,6 @@ mod scope_tests {
             ("service/web/front", "1"),
             ("service/web/admin", "1"),
         ];
-        let policy = |ns: &str, yaml: &str| pb::AuthorizationPolicy {
-            namespace: ns.to_string(),
-            name: "p".into(),
-            spec_json: serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(yaml).unwrap()).unwrap(),
-            ..Default::default()
-        };
         let shop_from_demo = policy("shop", "rules: [{from: [{source: {namespaces: [demo]}}]}]");
         let demo_closed = policy("demo", "action: DENY\nrules: [{}]");
         let root_closed = policy(strait_api::authz::ROOT_NAMESPACE, "action: DENY\nrules: [{}]");

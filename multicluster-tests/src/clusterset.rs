@@ -81,6 +81,11 @@ pub struct Report {
     pub sidecar_heap_mib: Vec<f64>,
     /// Endpoints in `sim` each probe held at the end (deltas applied right: clusters x endpoints).
     pub final_endpoints: Vec<usize>,
+    /// For each real sidecar at the end (its `/config`, up to 10 s after the churn): endpoints
+    /// of `sim` it held at an address no longer standing, plus standing ones it lacked (0: the
+    /// deltas left exactly the standing catalog; a sidecar scoped by authorization too, since no
+    /// policy refuses it anything during the churn).
+    pub sidecar_endpoints_wrong: Vec<usize>,
     /// From `kill -9` of one controller until its subscribers hold the whole catalog again.
     pub restart_resync: Duration,
     /// Peering bytes sent by every controller in the 10 s after that kill ...
@@ -628,6 +633,32 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         }
     }
     let final_endpoints = seen.lock().unwrap().endpoints.clone();
+    let standing: std::collections::HashSet<String> = catalogs
+        .iter()
+        .flat_map(|c| c.endpoints.iter().map(|(_, a)| a.clone()))
+        .collect();
+    let mut sidecar_endpoints_wrong = vec![];
+    for w in mesh.info.clusters.iter().flat_map(|c| c.workloads.iter()) {
+        let waited = Instant::now();
+        let wrong = loop {
+            let config = Mesh::admin_json(w.admin_addr, "/config").await?;
+            let held: std::collections::HashSet<&str> = config["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s["host"].as_str().is_some_and(|h| h.contains(".sim.")))
+                .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+                .filter_map(|e| e["address"].as_str())
+                .collect();
+            let stale = held.iter().filter(|a| !standing.contains(**a)).count();
+            let lacking = standing.iter().filter(|a| !held.contains(a.as_str())).count();
+            if stale + lacking == 0 || waited.elapsed() > Duration::from_secs(10) {
+                break stale + lacking;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        sidecar_endpoints_wrong.push(wrong);
+    }
     let policies = policy_rounds(&mesh, &a, &admins).await?;
 
     // A controller restarts (kill -9, then its own command): how long until its subscribers
@@ -658,6 +689,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         sidecar_rss_mib,
         sidecar_heap_mib,
         final_endpoints,
+        sidecar_endpoints_wrong,
         restart_resync,
         restart_bytes,
         restart_all_resync,
@@ -845,6 +877,17 @@ impl Report {
             "sidecar heap (allocated, by the allocator's count): mean {:.1} MiB; the rest of its RSS is mostly the executable's text, shared by every process running it",
             mean(&self.sidecar_heap_mib)
         );
+        let wrong: usize = self.sidecar_endpoints_wrong.iter().sum();
+        println!(
+            "sidecars holding exactly the standing endpoints after the churn: {} of {}{}",
+            self.sidecar_endpoints_wrong.iter().filter(|w| **w == 0).count(),
+            self.sidecar_endpoints_wrong.len(),
+            if wrong > 0 {
+                format!(" ({wrong} endpoints stale or lacking)")
+            } else {
+                String::new()
+            }
+        );
         println!("initial sync to every probe: {:.2}s", self.initial_sync.as_secs_f64());
         let p = &self.policies;
         if !p.to_ack.is_empty() {
@@ -940,6 +983,11 @@ impl Report {
         f.add("sidecar.rss_mean", mean(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.rss_max", max(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.heap_allocated_mean", mean(&self.sidecar_heap_mib), "MiB");
+        f.add(
+            "sidecar.endpoints_wrong",
+            self.sidecar_endpoints_wrong.iter().sum::<usize>() as f64,
+            "endpoints",
+        );
         f.add("initial_sync", self.initial_sync.as_secs_f64(), "s");
         f.add("restart.resync", self.restart_resync.as_secs_f64(), "s");
         f.add("restart.peering_bytes_10s", self.restart_bytes, "B");

@@ -230,6 +230,11 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         vec![size.clusters * size.endpoints; size.clusters],
         "after the churn every subscriber holds exactly the endpoints that stand"
     );
+    assert_eq!(
+        report.sidecar_endpoints_wrong,
+        vec![0; size.clusters * size.sidecars],
+        "and so does every sidecar (scoped by authorization, refused nothing): endpoints wrong"
+    );
     assert!(report.peering_bytes_per_pair > 0.0, "peering bytes are counted");
     // A controller's restart resends what it and its peers hold of each other, not the
     // clusterset's whole first sync again (a resync storm). `run` already waited until its
