@@ -69,6 +69,9 @@ impl Leaving {
         resp: impl std::future::Future<Output = Response<B>>,
     ) -> impl std::future::Future<Output = Result<Response<B>, Infallible>> {
         let leaving = self.0.clone();
+        // The pipeline's future holds every stage's state (33 KB in a debug build): on the heap,
+        // what hyper's dispatcher holds and moves for each request is a pointer, not that.
+        let resp = Box::pin(resp);
         async move {
             let mut resp = resp.await;
             let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
