@@ -215,13 +215,13 @@ impl AuthzScopes {
     ) -> Arc<AuthzScope> {
         let mut moved = Moved::default();
         if self.served != policies {
-            let by_namespace = |ps: &[pb::AuthorizationPolicy]| {
-                let mut m: BTreeMap<String, Vec<pb::AuthorizationPolicy>> = BTreeMap::new();
+            fn by_namespace(ps: &[pb::AuthorizationPolicy]) -> BTreeMap<&str, Vec<&pb::AuthorizationPolicy>> {
+                let mut m: BTreeMap<&str, Vec<&pb::AuthorizationPolicy>> = BTreeMap::new();
                 for p in ps {
-                    m.entry(p.namespace.clone()).or_default().push(p.clone());
+                    m.entry(p.namespace.as_str()).or_default().push(p);
                 }
                 m
-            };
+            }
             let (before, now) = (by_namespace(&self.served), by_namespace(policies));
             for ns in before.keys().chain(now.keys()) {
                 if before.get(ns) != now.get(ns) {

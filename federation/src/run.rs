@@ -487,16 +487,15 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         if reach.0 != checked.routes {
             reach = (checked.routes.clone(), Arc::new(RouteReach::of(&checked.routes)));
         }
-        // Scoping by authorization needs where each policy is enforced: each peer's report.
-        let enforcement = {
-            let peer_reports: Vec<&pb::ObjectStatus> = peers.iter().flat_map(|p| p.statuses.iter()).collect();
-            crate::objects::enforcement(
-                crate::objects::AUTHORIZATION_POLICY,
-                &checked.statuses,
-                &peer_reports,
-                &expected_clusters,
-            )
-        };
+        // Every peer's report on each object: where each policy is enforced (scoping by
+        // authorization) and, in Kubernetes, each object's status.
+        let peer_reports: Vec<&pb::ObjectStatus> = peers.iter().flat_map(|p| p.statuses.iter()).collect();
+        let enforcement = crate::objects::enforcement(
+            crate::objects::AUTHORIZATION_POLICY,
+            &checked.statuses,
+            &peer_reports,
+            &expected_clusters,
+        );
         let authz_scope = authz_scopes.update(&cfg.cluster, &checked.authz, &enforcement, &merged);
         let changed = !same_versions(&state_tx.borrow().resources, &resources)
             || state_tx.borrow().warm != warm
@@ -525,7 +524,6 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         if let (Source::Kube(watched, _), true) = (&source, warm) {
             // Each route's and policy's status in this cluster's API server, with every
             // cluster's report.
-            let peer_reports: Vec<&pb::ObjectStatus> = peers.iter().flat_map(|p| p.statuses.iter()).collect();
             let mut reports = BTreeMap::new();
             for (k, a) in object_store
                 .objects

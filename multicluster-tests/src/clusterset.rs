@@ -725,17 +725,25 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
             .unwrap_or_default();
         view["service"].as_str() == Some(host.as_str())
     };
-    // Whether `cluster`'s own report on policy `name` says every proxy there acknowledged it.
+    // Policy `name` as cluster `c`'s controller lists it (`None`: not listed).
+    let listed_in = |c: usize, name: String| async move {
+        let view = Mesh::admin_json(admins[c], "/policies").await.unwrap_or_default();
+        view["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name.as_str())
+            .cloned()
+    };
+    // Whether cluster `c`'s own report on policy `name` says every proxy there acknowledged it.
     let acked_in = |c: usize, name: String| {
-        let cluster = clusters[c].clone();
+        let (listed, cluster) = (listed_in(c, name), clusters[c].clone());
         async move {
-            let view = Mesh::admin_json(admins[c], "/policies").await.unwrap_or_default();
-            let own = view["policies"]
+            let policy = listed.await.unwrap_or_default();
+            let own = policy["clusters"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|p| p["name"] == name.as_str())
-                .flat_map(|p| p["clusters"].as_array().into_iter().flatten())
                 .find(|r| r["cluster"] == cluster.as_str())
                 .cloned();
             own.is_some_and(|r| {
@@ -744,14 +752,6 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
                     && r["proxies_acked"] == r["proxies_total"]
             })
         }
-    };
-    let listed_in = |c: usize, name: String| async move {
-        let view = Mesh::admin_json(admins[c], "/policies").await.unwrap_or_default();
-        view["policies"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["name"] == name.as_str())
     };
     let mut out = PolicyRounds::default();
     for i in 0..a.policies {
@@ -800,7 +800,7 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
             }
             let mut gone = true;
             for c in 0..clusters.len() {
-                gone &= !listed_in(c, name.clone()).await;
+                gone &= listed_in(c, name.clone()).await.is_none();
             }
             if gone && back.iter().all(Option::is_some) {
                 break;
