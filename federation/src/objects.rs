@@ -710,15 +710,35 @@ fn condition(kind: &str, ok: bool, reason: &str, message: impl Into<String>) -> 
     }
 }
 
-/// Where each served object of one kind is known to be enforced as this cluster serves it, for
-/// the objects not known to be so in every cluster: by namespace, then name, the clusters that
-/// are (this one, and each peer that reports serving the same version: the same origin's same
-/// generation, not overridden there). So a cluster-scoped object is enforced here alone, and
-/// a clusterset one is not yet enforced in a peer that has not reported it, serves an older
-/// good version of it, or its own override.
-pub type Enforcement = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+/// Where each served object of one kind is enforced, by namespace, then name. An object not
+/// listed is taken as enforced as served here in every cluster.
+pub type Enforcement = BTreeMap<String, BTreeMap<String, Enforcing>>;
 
-/// The [`Enforcement`] of the served objects of `kind`, from this cluster's statuses (`own`)
+/// Where one served object is enforced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Enforcing {
+    /// The version served here: whose (its origin cluster) and which generation of it.
+    pub origin: String,
+    pub generation: u64,
+    /// `None` when every cluster enforces that version. Otherwise each cluster known to enforce
+    /// some version of the same origin, with the generation it enforces: this one, and each peer
+    /// that reports serving it and has not overridden it. So a cluster-scoped object is enforced
+    /// here alone, and a clusterset one is not (yet) known in a peer that has not reported it or
+    /// serves its own override; a peer that serves an older generation (it has not taken the new
+    /// one yet, or the new one failed its checks there) is listed with that generation.
+    pub clusters: Option<BTreeMap<String, u64>>,
+}
+
+impl Enforcing {
+    /// Whether `cluster` enforces the version served here.
+    pub fn enforced_in(&self, cluster: &str) -> bool {
+        self.clusters
+            .as_ref()
+            .is_none_or(|cs| cs.get(cluster) == Some(&self.generation))
+    }
+}
+
+/// The [`Enforcement`] of every served object of `kind`, from this cluster's statuses (`own`)
 /// and its peers' reports, over the clusters `expected` (this one and its peers).
 pub fn enforcement(
     kind: &str,
@@ -737,26 +757,24 @@ pub fn enforcement(
     };
     let mut out = Enforcement::new();
     for s in own.values().filter(|s| s.kind == kind && s.serving) {
-        let mut clusters = vec![s.cluster.clone()];
+        let mut clusters = BTreeMap::from([(s.cluster.clone(), s.serving_generation)]);
         if !overridden(s) {
-            let alike = reports
+            let same_origin = reports
                 .get(&(s.namespace.as_str(), s.name.as_str()))
                 .into_iter()
                 .flatten()
-                .filter(|r| {
-                    r.origin_cluster == s.origin_cluster
-                        && r.serving_generation == s.serving_generation
-                        && !overridden(r)
-                });
-            clusters.extend(alike.map(|r| r.cluster.clone()));
+                .filter(|r| r.origin_cluster == s.origin_cluster && !overridden(r));
+            clusters.extend(same_origin.map(|r| (r.cluster.clone(), r.serving_generation)));
         }
-        if !expected.iter().all(|c| clusters.contains(c)) {
-            clusters.sort();
-            clusters.dedup();
-            out.entry(s.namespace.clone())
-                .or_default()
-                .insert(s.name.clone(), clusters);
-        }
+        let everywhere = expected.iter().all(|c| clusters.get(c) == Some(&s.serving_generation));
+        out.entry(s.namespace.clone()).or_default().insert(
+            s.name.clone(),
+            Enforcing {
+                origin: s.origin_cluster.clone(),
+                generation: s.serving_generation,
+                clusters: (!everywhere).then_some(clusters),
+            },
+        );
     }
     out
 }
@@ -1140,17 +1158,27 @@ mod tests {
         let reports: Vec<&pb::ObjectStatus> = peers.iter().collect();
         let expected = ["east".to_string(), "west".into(), "central".into()];
         let got = enforcement(AUTHORIZATION_POLICY, &own, &reports, &expected);
-        let clusters = |name: &str| got["demo"].get(name).cloned();
-        assert_eq!(clusters("everywhere"), None, "every cluster reports it: not listed");
-        assert_eq!(clusters("behind"), Some(vec!["east".to_string()]));
+        let clusters = |name: &str| {
+            let e = &got["demo"][name];
+            let clusters = e.clusters.clone().map(|cs| cs.into_iter().collect::<Vec<_>>());
+            (e.origin.as_str(), e.generation, clusters)
+        };
+        let at = |pairs: &[(&str, u64)]| Some(pairs.iter().map(|(c, g)| (c.to_string(), *g)).collect());
+        assert_eq!(clusters("everywhere"), ("west", 2, None), "every cluster serves it");
+        // West serves an older generation, central none: each listed as it is.
+        assert_eq!(clusters("behind"), ("east", 3, at(&[("east", 3), ("west", 2)])));
+        assert!(got["demo"]["behind"].enforced_in("east") && !got["demo"]["behind"].enforced_in("west"));
         assert_eq!(
             clusters("overridden-there"),
-            Some(vec!["central".to_string(), "east".into()])
+            ("east", 1, at(&[("central", 1), ("east", 1)]))
         );
-        assert_eq!(clusters("local"), Some(vec!["east".to_string()]));
-        assert_eq!(clusters("overridden-here"), Some(vec!["east".to_string()]));
+        assert_eq!(clusters("local"), ("east", 1, at(&[("east", 1)])));
+        assert_eq!(clusters("overridden-here"), ("east", 4, at(&[("east", 4)])));
         // Without peers (this cluster alone), everything is enforced everywhere.
-        assert!(enforcement(AUTHORIZATION_POLICY, &own, &[], &expected[..1]).is_empty());
+        let alone = enforcement(AUTHORIZATION_POLICY, &own, &[], &expected[..1]);
+        assert!(alone["demo"]
+            .values()
+            .all(|e| e.clusters.is_none() && e.enforced_in("west")));
     }
 
     fn obj(cluster: &str, created: i64, spec: serde_json::Value) -> pb::PolicyObject {

@@ -132,19 +132,26 @@ pub struct ConfigState {
 /// The authorization policies proxies are sent, compiled once and kept by namespace, for
 /// proxies scoped by authorization (`Hello.scope_authorized`): such a proxy is sent only the
 /// services that could allow some request of its identity as a caller in this cluster
-/// ([`strait_api::authz::may_call`]). A selector's reach over a service comes from the label
-/// sets of its endpoints in the merged catalog, and a policy reaches every workload of a
-/// service only if every cluster holding them enforces it as served here (cluster-scoped
-/// policies, a peer's override, a peer that has not taken its version yet: [`Enforcement`]);
-/// otherwise it reaches some at most, and refuses no caller here. A cluster-scoped policy of
-/// another cluster is not seen (peers do not send them): it can only make a service this
-/// scope holds refuse a caller there, which the destination still decides.
+/// ([`strait_api::authz::may_call`]), evaluated for the workloads of each cluster exporting
+/// the service apart where they are known: a selector's reach there comes from the label sets
+/// of that cluster's endpoints in the merged catalog. Where a policy is not enforced alike in every
+/// cluster ([`Enforcement`]: a cluster-scoped policy, a peer's override, a peer that has not
+/// taken the version served here), a service is left out only if the workloads of every cluster
+/// exporting it refuse the caller under what that cluster enforces: the version served here, an
+/// earlier version this controller served (a peer that has not yet taken an edit), or, where
+/// that is not known, the version served here reaching some workloads at most (so refusing no
+/// caller). An edit of a policy therefore moves no service in and out again while the peers
+/// take it. A cluster-scoped policy of another cluster is not seen (peers do not send them): it
+/// can only make a service this scope holds refuse a caller there, which the destination still
+/// decides.
 #[derive(Debug, Default)]
 pub struct AuthzScope {
     cluster: String,
     by_namespace: Arc<BTreeMap<String, Vec<strait_api::authz::CompiledAuthz>>>,
-    /// The served policies not known to be enforced alike in every cluster.
-    partial: Arc<Enforcement>,
+    /// Where each served policy is enforced.
+    enforcement: Arc<Enforcement>,
+    /// Earlier versions of served policies that some cluster still enforces.
+    earlier: Arc<Earlier>,
     /// The workloads of each service (`<ns>/<name>`) of the namespaces a selector or a partly
     /// enforced policy could reach.
     workloads: HashMap<Key, Workloads>,
@@ -192,6 +199,30 @@ impl Moved {
     }
 }
 
+/// Earlier versions of served policies, by namespace and name.
+type Earlier = BTreeMap<String, BTreeMap<String, Vec<EarlierVersion>>>;
+
+/// A version of a policy served here before its generation changed, kept while some cluster
+/// still enforces it.
+#[derive(Debug, Clone)]
+struct EarlierVersion {
+    origin: String,
+    generation: u64,
+    policy: strait_api::authz::CompiledAuthz,
+}
+
+/// One origin's generation is one content.
+impl PartialEq for EarlierVersion {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.origin, self.generation) == (&other.origin, other.generation)
+    }
+}
+
+/// The keys (namespaces) whose values differ between two maps.
+fn differing<'a, K: Ord, V: PartialEq>(a: &'a BTreeMap<K, V>, b: &'a BTreeMap<K, V>) -> impl Iterator<Item = &'a K> {
+    a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k))
+}
+
 /// What the controller keeps to scope proxies by authorization: the policies last served, where
 /// they are enforced, the workloads their reach needs, and the [`AuthzScope`] made of these (a
 /// new one only when one of them changed).
@@ -214,6 +245,8 @@ impl AuthzScopes {
         merged: &Merged,
     ) -> Arc<AuthzScope> {
         let mut moved = Moved::default();
+        let (served_before, enforcement_before) =
+            (self.policies.by_namespace.clone(), self.policies.enforcement.clone());
         if self.served != policies {
             fn by_namespace(ps: &[pb::AuthorizationPolicy]) -> BTreeMap<&str, Vec<&pb::AuthorizationPolicy>> {
                 let mut m: BTreeMap<&str, Vec<&pb::AuthorizationPolicy>> = BTreeMap::new();
@@ -223,21 +256,24 @@ impl AuthzScopes {
                 m
             }
             let (before, now) = (by_namespace(&self.served), by_namespace(policies));
-            for ns in before.keys().chain(now.keys()) {
-                if before.get(ns) != now.get(ns) {
-                    moved.namespace(ns);
-                }
-            }
+            differing(&before, &now).for_each(|ns| moved.namespace(ns));
             self.served = policies.to_vec();
-            self.policies = AuthzScope::of(cluster, policies, self.policies.partial.clone());
+            let earlier = self.policies.earlier.clone();
+            self.policies = AuthzScope::of(cluster, policies, enforcement_before.clone());
+            self.policies.earlier = earlier;
         }
-        if *self.policies.partial != *enforcement {
-            for ns in self.policies.partial.keys().chain(enforcement.keys()) {
-                if self.policies.partial.get(ns) != enforcement.get(ns) {
-                    moved.namespace(ns);
-                }
+        if *self.policies.enforcement != *enforcement {
+            differing(&self.policies.enforcement, enforcement).for_each(|ns| moved.namespace(ns));
+            self.policies.enforcement = Arc::new(enforcement.clone());
+        }
+        if !Arc::ptr_eq(&served_before, &self.policies.by_namespace)
+            || !Arc::ptr_eq(&enforcement_before, &self.policies.enforcement)
+        {
+            let earlier = self.policies.earlier_after(&served_before, &enforcement_before);
+            if earlier != *self.policies.earlier {
+                differing(&self.policies.earlier, &earlier).for_each(|ns| moved.namespace(ns));
+                self.policies.earlier = Arc::new(earlier);
             }
-            self.policies.partial = Arc::new(enforcement.clone());
         }
         let workloads_changed = if self.policies.needs_workloads_any() {
             let policies = &self.policies;
@@ -256,12 +292,23 @@ impl AuthzScopes {
     }
 }
 
-/// What scoping by authorization reads of a service's workloads: their distinct label sets
-/// (sorted; a selector's reach) and the clusters exporting them.
+/// What scoping by authorization reads of a service's workloads: each cluster exporting it,
+/// with the distinct label sets of its workloads there (sorted; a selector's reach in that
+/// cluster).
 #[derive(Clone, Debug, PartialEq)]
-struct Workloads {
-    labels: Arc<[BTreeMap<String, String>]>,
-    clusters: Arc<[String]>,
+struct Workloads(Arc<[(String, LabelSets)]>);
+
+/// Distinct label sets, sorted.
+type LabelSets = Vec<BTreeMap<String, String>>;
+
+impl Workloads {
+    fn of(svc: &MergedService) -> Self {
+        let exports = svc.clusters.iter().enumerate().map(|(i, cluster)| {
+            let endpoints = svc.exports.get(i).map_or(&[][..], |x| &x.endpoints[..]);
+            (cluster.clone(), label_sets(endpoints))
+        });
+        Workloads(exports.collect())
+    }
 }
 
 /// The [`Workloads`] of each service, kept for the services of the namespaces that need them,
@@ -289,22 +336,17 @@ impl ServiceWorkloads {
             if entry.as_ref().is_some_and(|(from, _)| Arc::ptr_eq(from, svc)) {
                 continue;
             }
-            let labels = label_sets(svc);
+            let workloads = Workloads::of(svc);
             match entry {
                 Some((from, old)) => {
                     *from = svc.clone();
-                    if *old.labels != *labels || *old.clusters != *svc.clusters {
-                        old.labels = labels.into();
-                        old.clusters = svc.clusters.as_slice().into();
+                    if *old != workloads {
+                        *old = workloads;
                         changed.push(k.clone());
                     }
                 }
                 None => {
-                    let w = Workloads {
-                        labels: labels.into(),
-                        clusters: svc.clusters.as_slice().into(),
-                    };
-                    self.0.insert(k.clone(), (svc.clone(), w));
+                    self.0.insert(k.clone(), (svc.clone(), workloads));
                     changed.push(k.clone());
                 }
             }
@@ -318,10 +360,10 @@ impl ServiceWorkloads {
     }
 }
 
-/// The distinct label sets of a service's endpoints, sorted (a set is copied only when new).
-fn label_sets(svc: &MergedService) -> Vec<BTreeMap<String, String>> {
+/// The distinct label sets of endpoints, sorted (a set is copied only when new).
+fn label_sets(endpoints: &[pb::Endpoint]) -> LabelSets {
     let mut sets: Vec<BTreeMap<String, String>> = vec![];
-    for e in svc.exports.iter().flat_map(|x| &x.endpoints) {
+    for e in endpoints {
         let same = |s: &BTreeMap<String, String>| {
             s.len() == e.labels.len() && s.iter().all(|(k, v)| e.labels.get(k) == Some(v))
         };
@@ -335,8 +377,8 @@ fn label_sets(svc: &MergedService) -> Vec<BTreeMap<String, String>> {
 
 impl AuthzScope {
     /// From the policies proxies are sent (one that does not compile is left out, so it
-    /// refuses nothing here: proxies refuse it too), enforced as `partial` says.
-    pub fn of(cluster: &str, policies: &[pb::AuthorizationPolicy], partial: Arc<Enforcement>) -> Self {
+    /// refuses nothing here: proxies refuse it too), enforced as `enforcement` says.
+    pub fn of(cluster: &str, policies: &[pb::AuthorizationPolicy], enforcement: Arc<Enforcement>) -> Self {
         let mut by_namespace: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for p in policies {
             if let Ok(c) = strait_api::authz::compile_wire(p) {
@@ -346,7 +388,8 @@ impl AuthzScope {
         AuthzScope {
             cluster: cluster.to_string(),
             by_namespace: Arc::new(by_namespace),
-            partial,
+            enforcement,
+            earlier: Default::default(),
             workloads: HashMap::new(),
             seq: 0,
             moved: Moved::all(),
@@ -358,7 +401,8 @@ impl AuthzScope {
         AuthzScope {
             cluster: self.cluster.clone(),
             by_namespace: self.by_namespace.clone(),
-            partial: self.partial.clone(),
+            enforcement: self.enforcement.clone(),
+            earlier: self.earlier.clone(),
             workloads: workloads.0.iter().map(|(k, (_, w))| (k.clone(), w.clone())).collect(),
             seq: 0,
             moved: Moved::all(),
@@ -385,9 +429,13 @@ impl AuthzScope {
                     .any(|p| matches!(&p.scope, Scope::Selector(want) if !want.is_empty()))
             })
         };
-        [ROOT_NAMESPACE, ns]
-            .iter()
-            .any(|n| selects(self.by_namespace.get(*n)) || self.partial.contains_key(*n))
+        [ROOT_NAMESPACE, ns].iter().any(|n| {
+            selects(self.by_namespace.get(*n))
+                || self
+                    .enforcement
+                    .get(*n)
+                    .is_some_and(|ps| ps.values().any(|e| e.clusters.is_some()))
+        })
     }
 
     /// Whether any policy needs the workloads of the services it reaches.
@@ -395,16 +443,92 @@ impl AuthzScope {
         self.by_namespace.keys().any(|ns| self.needs_workloads_in(ns))
     }
 
-    /// Whether every cluster holding `service`'s workloads enforces policy `p` as served here.
-    fn enforced_over(&self, p: &strait_api::authz::CompiledAuthz, service: Option<&Workloads>) -> bool {
-        match self.partial.get(&p.namespace).and_then(|names| names.get(&p.name)) {
-            None => true,
-            Some(enforcing) => service.is_some_and(|w| w.clusters.iter().all(|c| enforcing.contains(c))),
+    /// Where policy `p` is not enforced alike in every cluster, where it is.
+    fn partly_enforced(&self, p: &strait_api::authz::CompiledAuthz) -> Option<&crate::objects::Enforcing> {
+        let e = self.enforcement.get(&p.namespace)?.get(&p.name)?;
+        e.clusters.is_some().then_some(e)
+    }
+
+    /// The version of `p` that cluster `at` enforces, and whether that is known (`at` `None`:
+    /// the clusters are not known). Unknown, it is `p` as served here.
+    fn version_in<'a>(
+        &'a self,
+        p: &'a strait_api::authz::CompiledAuthz,
+        at: Option<&str>,
+    ) -> (&'a strait_api::authz::CompiledAuthz, bool) {
+        let Some(e) = self.partly_enforced(p) else {
+            return (p, true);
+        };
+        let Some(generation) = at.and_then(|c| e.clusters.as_ref()?.get(c)) else {
+            return (p, false);
+        };
+        if *generation == e.generation {
+            return (p, true);
+        }
+        let earlier = self.earlier.get(&p.namespace).and_then(|names| names.get(&p.name));
+        match earlier
+            .into_iter()
+            .flatten()
+            .find(|v| v.origin == e.origin && v.generation == *generation)
+        {
+            Some(v) => (&v.policy, true),
+            None => (p, false),
         }
     }
 
+    /// What is worth keeping of the earlier versions (this scope's, and those of `served_before`
+    /// as `enforcement_before` knew them): each one another generation has since replaced here
+    /// and some cluster still enforces.
+    fn earlier_after(
+        &self,
+        served_before: &BTreeMap<String, Vec<strait_api::authz::CompiledAuthz>>,
+        enforcement_before: &Enforcement,
+    ) -> Earlier {
+        let replaced = served_before.values().flatten().filter_map(|p| {
+            let e = enforcement_before.get(&p.namespace)?.get(&p.name)?;
+            Some((p, e.origin.as_str(), e.generation))
+        });
+        let kept = self
+            .earlier
+            .values()
+            .flat_map(|names| names.values().flatten())
+            .map(|v| (&v.policy, v.origin.as_str(), v.generation));
+        let mut out = Earlier::new();
+        for (p, origin, generation) in kept.chain(replaced) {
+            let Some(now) = self.enforcement.get(&p.namespace).and_then(|names| names.get(&p.name)) else {
+                continue;
+            };
+            let enforced = now.origin == origin
+                && now.generation != generation
+                && now
+                    .clusters
+                    .as_ref()
+                    .is_some_and(|cs| cs.values().any(|g| *g == generation));
+            if !enforced {
+                continue;
+            }
+            let versions = out
+                .entry(p.namespace.clone())
+                .or_default()
+                .entry(p.name.clone())
+                .or_default();
+            if !versions
+                .iter()
+                .any(|v| v.origin == origin && v.generation == generation)
+            {
+                versions.push(EarlierVersion {
+                    origin: origin.to_string(),
+                    generation,
+                    policy: p.clone(),
+                });
+            }
+        }
+        out
+    }
+
     /// Whether a proxy of identity `principal` scoped by authorization is sent resource
-    /// `name`: every resource but a service its policies refuse the principal everything.
+    /// `name`: every resource but a service whose workloads, in every cluster exporting it,
+    /// refuse the principal everything under the policies that cluster enforces.
     pub fn may_call(&self, principal: &str, name: &str) -> bool {
         use strait_api::authz::{may_call, reach_over, Peer, Reach, ROOT_NAMESPACE};
         if self.by_namespace.is_empty() {
@@ -422,26 +546,30 @@ impl AuthzScope {
             // Most namespaces: no policy, nothing to look at.
             return true;
         }
-        let workloads = self.workloads.get(key);
-        let labels = workloads.map(|w| &*w.labels).unwrap_or_default();
-        let policies: Vec<_> = root
-            .into_iter()
-            .chain(own)
-            .flatten()
-            .map(|p| match reach_over(p, service, ns, labels) {
-                Reach::Every if !self.enforced_over(p, workloads) => (p, Reach::Some),
-                reach => (p, reach),
-            })
-            .filter(|(_, r)| *r != Reach::None)
-            .collect();
-        policies.is_empty()
-            || may_call(
-                &policies,
-                &Peer {
-                    principal: Some(principal),
-                    cluster: Some(&self.cluster),
-                },
-            )
+        let listed = || root.into_iter().chain(own).flatten();
+        let peer = Peer {
+            principal: Some(principal),
+            cluster: Some(&self.cluster),
+        };
+        // Whether the workloads in cluster `at`, of these label sets, may let it in (`None`:
+        // wherever they are, labels not known).
+        let may_in = |at: Option<&str>, labels: &[BTreeMap<String, String>]| {
+            let policies: Vec<_> = listed()
+                .map(|p| {
+                    let (version, known) = self.version_in(p, at);
+                    match reach_over(version, service, ns, labels) {
+                        Reach::Every if !known => (version, Reach::Some),
+                        reach => (version, reach),
+                    }
+                })
+                .filter(|(_, r)| *r != Reach::None)
+                .collect();
+            policies.is_empty() || may_call(&policies, &peer)
+        };
+        match self.workloads.get(key) {
+            Some(w) if !w.0.is_empty() => w.0.iter().any(|(c, labels)| may_in(Some(c), labels)),
+            _ => may_in(None, &[]),
+        }
     }
 }
 
@@ -1276,11 +1404,8 @@ mod tests {
             ..Default::default()
         };
         let enforced_in = |clusters: &[&str]| -> Enforcement {
-            [(
-                "demo".to_string(),
-                [("no-east".to_string(), clusters.iter().map(|c| c.to_string()).collect())].into(),
-            )]
-            .into()
+            let at: Vec<_> = clusters.iter().map(|c| (*c, 1)).collect();
+            enforcing("no-east", 1, Some(&at))
         };
         let caller = "spiffe://mesh.local/ns/demo/sa/greeter";
         let mut scopes = AuthzScopes::default();
@@ -1310,6 +1435,122 @@ mod tests {
         // Enforced everywhere again: nothing about workloads is kept.
         scopes.update("east", policies, &Enforcement::new(), &merged);
         assert!(scopes.workloads.0.is_empty());
+    }
+
+    #[test]
+    fn a_selector_reaches_the_workloads_of_each_cluster_apart() {
+        // Mixed: its workloads in east are `app: a`, in west `app: b`.
+        let export = |app: &str| {
+            Arc::new(pb::ExportedService {
+                endpoints: vec![pb::Endpoint {
+                    labels: [("app".to_string(), app.to_string())].into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        let mut mixed = (*svc("mixed", 80)).clone();
+        mixed.exports = vec![export("a"), export("b")];
+        mixed.clusters = vec!["east".into(), "west".into()];
+        let merged: Merged = [("demo/mixed".into(), Arc::new(mixed))].into();
+        let policy = |name: &str, spec: &str| pb::AuthorizationPolicy {
+            namespace: "demo".into(),
+            name: name.into(),
+            spec_json: spec.into(),
+            ..Default::default()
+        };
+        // `a` refuses everyone; `b` lets ledger alone in.
+        let policies = [
+            policy(
+                "a-closed",
+                r#"{"selector":{"matchLabels":{"app":"a"}},"action":"DENY","rules":[{}]}"#,
+            ),
+            policy(
+                "b-ledger",
+                r#"{"selector":{"matchLabels":{"app":"b"}},"rules":[{"from":[{"source":{"principals":["spiffe://mesh.local/ns/demo/sa/ledger"]}}]}]}"#,
+            ),
+        ];
+        let scope = AuthzScopes::default().update("east", &policies, &Enforcement::new(), &merged);
+        // Every workload of every cluster refuses echo: the service is left out, where the
+        // label sets of both clusters together left each selector reaching some workloads.
+        assert!(!scope.may_call("spiffe://mesh.local/ns/demo/sa/echo", "service/demo/mixed"));
+        assert!(scope.may_call("spiffe://mesh.local/ns/demo/sa/ledger", "service/demo/mixed"));
+        // Without the DENY, east's `a` workloads have no policy: echo may call them.
+        let scope = AuthzScopes::default().update("east", &policies[1..], &Enforcement::new(), &merged);
+        assert!(scope.may_call("spiffe://mesh.local/ns/demo/sa/echo", "service/demo/mixed"));
+    }
+
+    /// Policy `demo/<name>` of west's, served here at `generation`, and the generation each
+    /// cluster enforces (`None`: this one in every cluster).
+    fn enforcing(name: &str, generation: u64, clusters: Option<&[(&str, u64)]>) -> Enforcement {
+        let e = crate::objects::Enforcing {
+            origin: "west".into(),
+            generation,
+            clusters: clusters.map(|cs| cs.iter().map(|(c, g)| (c.to_string(), *g)).collect()),
+        };
+        [("demo".to_string(), [(name.to_string(), e)].into())].into()
+    }
+
+    #[test]
+    fn an_edited_policy_keeps_its_effect_while_the_peers_take_the_edit() {
+        let mut merged: Merged = BTreeMap::new();
+        let mut echo = (*svc("echo", 80)).clone();
+        echo.clusters = vec!["east".into(), "west".into()];
+        merged.insert("demo/echo".into(), Arc::new(echo));
+        let deny_from = |clusters: &str| pb::AuthorizationPolicy {
+            namespace: "demo".into(),
+            name: "fence".into(),
+            spec_json: format!(
+                r#"{{"targetRefs":[{{"kind":"Service","name":"echo"}}],"action":"DENY","rules":[{{"from":[{{"source":{{"clusters":[{clusters}]}}}}]}}]}}"#
+            ),
+            ..Default::default()
+        };
+        let (v1, v2, v3) = (
+            deny_from(r#""east""#),
+            deny_from(r#""east","central""#),
+            deny_from(r#""central""#),
+        );
+        let caller = "spiffe://mesh.local/ns/demo/sa/greeter";
+        let mut scopes = AuthzScopes::default();
+        let mut step = |policy: &pb::AuthorizationPolicy, generation, clusters: Option<&[(&str, u64)]>| {
+            let e = enforcing("fence", generation, clusters);
+            let scope = scopes.update("east", std::slice::from_ref(policy), &e, &merged);
+            let kept: Vec<u64> = scope
+                .earlier
+                .values()
+                .flat_map(|n| n.values().flatten())
+                .map(|v| v.generation)
+                .collect();
+            (scope.may_call(caller, "service/demo/echo"), kept)
+        };
+        assert_eq!(
+            step(&v1, 1, None),
+            (false, vec![]),
+            "v1 everywhere: east's callers refused"
+        );
+        // Edited to v2 (refusing east still): west enforces v1 until it takes v2, and v1 refuses
+        // them too, so echo stays out throughout.
+        assert_eq!(step(&v2, 2, Some(&[("east", 2), ("west", 1)])), (false, vec![1]));
+        assert_eq!(
+            step(&v2, 2, Some(&[("east", 2)])),
+            (true, vec![]),
+            "west's report gone: not known"
+        );
+        assert_eq!(step(&v2, 2, None), (false, vec![]));
+        // Edited to v3, which lets east in: east's workloads let the caller in at once.
+        assert_eq!(step(&v3, 3, Some(&[("east", 3), ("west", 2)])), (true, vec![2]));
+        assert_eq!(step(&v3, 3, None), (true, vec![]));
+        // A peer at a generation never served here: not known, so nothing is taken away.
+        assert_eq!(step(&v1, 4, None), (false, vec![]));
+        assert_eq!(step(&v2, 5, Some(&[("east", 5), ("west", 7)])), (true, vec![]));
+        // A new generation of the same content (served unchanged): the one before is kept.
+        assert_eq!(step(&v2, 6, None), (false, vec![]));
+        assert_eq!(step(&v2, 7, Some(&[("east", 7), ("west", 6)])), (false, vec![6]));
+        // A version of another origin is another policy: its generations say nothing of this one.
+        let mut other = enforcing("fence", 8, Some(&[("east", 8), ("west", 7)]));
+        other.get_mut("demo").unwrap().get_mut("fence").unwrap().origin = "central".into();
+        let scope = scopes.update("east", std::slice::from_ref(&v2), &other, &merged);
+        assert!(scope.may_call(caller, "service/demo/echo") && scope.earlier.is_empty());
     }
 
     /// A build's other inputs: these gateways, policy and objects, nothing else.

@@ -544,8 +544,12 @@ mod scope_tests {
         let shop_from_demo = policy("shop", "rules: [{from: [{source: {namespaces: [demo]}}]}]");
         let demo_closed = policy("demo", "action: DENY\nrules: [{}]");
         let root_closed = policy(strait_api::authz::ROOT_NAMESPACE, "action: DENY\nrules: [{}]");
-        let demo_here: Enforcement =
-            [("demo".to_string(), [("p".to_string(), vec!["east".to_string()])].into())].into();
+        let here = crate::objects::Enforcing {
+            origin: "east".into(),
+            generation: 1,
+            clusters: Some([("east".to_string(), 1)].into()),
+        };
+        let demo_here: Enforcement = [("demo".to_string(), [("p".to_string(), here)].into())].into();
         let steps: Vec<(Vec<pb::AuthorizationPolicy>, Enforcement)> = vec![
             (vec![], Enforcement::new()),
             (vec![shop_from_demo.clone()], Enforcement::new()),

@@ -111,8 +111,26 @@ pub struct PolicyRounds {
     /// With sidecars scoped by authorization: from `strait apply`'s start until each sidecar no
     /// longer holds the service the policy refuses it ...
     pub to_scoped_out: Vec<Duration>,
+    /// Then the policy is edited (its second generation refuses them still): from `strait
+    /// apply`'s start until each cluster reports every proxy acknowledged the edit ...
+    pub edit_to_ack: Vec<Duration>,
+    /// ... and, with sidecars scoped by authorization, how many (policy, sidecar) pairs held the
+    /// service at some poll while the edit spread (until 0.5 s after the last acknowledgement),
+    /// of how many watched.
+    pub edit_regained: usize,
+    pub edit_watched: usize,
     /// ... and from `strait delete`'s start until it holds it again.
     pub to_scoped_in: Vec<Duration>,
+}
+
+/// "p50 .. ms, p99 .. ms, max .. ms" of sorted durations.
+fn spread(d: &[Duration]) -> String {
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms(pct(d, 0.5)),
+        ms(pct(d, 0.99)),
+        ms(d.last().copied().unwrap_or_default())
+    )
 }
 
 fn cluster_name(c: usize) -> String {
@@ -704,9 +722,11 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
 /// `a.policies` AuthorizationPolicies, one after another, each written in the next cluster
 /// (`strait apply --wait 0s`) and refusing the sidecars' identity one service of `sim`: how
 /// long until each cluster's controller reports all its proxies acknowledged it, and with
-/// sidecars scoped by authorization, until each sidecar no longer holds that service (and after
-/// `strait delete`, holds it again). Polls every 10 ms; each round waits for the one before to
-/// be gone everywhere.
+/// sidecars scoped by authorization, until each sidecar no longer holds that service; then an
+/// edit that still refuses them (each cluster's acknowledgement of the second generation, and
+/// whether any sidecar held the service again meanwhile); then `strait delete`, and until each
+/// sidecar holds the service again. Polls every 10 ms; each round waits for the one before to be
+/// gone everywhere.
 async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -> anyhow::Result<PolicyRounds> {
     const LIMIT: Duration = Duration::from_secs(60);
     let clusters: Vec<String> = mesh.info.clusters.iter().map(|c| c.name.clone()).collect();
@@ -735,8 +755,9 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
             .find(|p| p["name"] == name.as_str())
             .cloned()
     };
-    // Whether cluster `c`'s own report on policy `name` says every proxy there acknowledged it.
-    let acked_in = |c: usize, name: String| {
+    // Whether cluster `c`'s own report on policy `name` says every proxy there acknowledged its
+    // generation `generation` (or a later one).
+    let acked_in = |c: usize, name: String, generation: u64| {
         let (listed, cluster) = (listed_in(c, name), clusters[c].clone());
         async move {
             let policy = listed.await.unwrap_or_default();
@@ -747,7 +768,7 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
                 .find(|r| r["cluster"] == cluster.as_str())
                 .cloned();
             own.is_some_and(|r| {
-                r["serving_generation"].as_u64() >= Some(1)
+                r["serving_generation"].as_u64() >= Some(generation)
                     && r["proxies_total"].as_u64() > Some(0)
                     && r["proxies_acked"] == r["proxies_total"]
             })
@@ -759,8 +780,15 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
         let name = format!("bench-{i:03}");
         let service = format!("svc-{:04}", i % a.services);
         let host = format!("{service}.sim.svc.clusterset.local");
-        let yaml = format!(
-            "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: sim}}\nspec:\n  targetRefs: [{{kind: Service, name: {service}}}]\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [\"{principal}\"]}}}}]}}]\n"
+        // Refusing the sidecars' identity (and, edited, one more).
+        let yaml = |principals: &str| {
+            format!(
+                "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: sim}}\nspec:\n  targetRefs: [{{kind: Service, name: {service}}}]\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [{principals}]}}}}]}}]\n"
+            )
+        };
+        let (yaml, edited) = (
+            yaml(&format!("\"{principal}\"")),
+            yaml(&format!("\"{principal}\", \"{principal}-edited\"")),
         );
         let started = Instant::now();
         let (ok, stdout, stderr) = mesh.policy("apply", origin, &name, &yaml, "0s");
@@ -775,7 +803,7 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
                 out_of_scope
             );
             for (c, slot) in acked.iter_mut().enumerate() {
-                if slot.is_none() && acked_in(c, name.clone()).await {
+                if slot.is_none() && acked_in(c, name.clone(), 1).await {
                     *slot = Some(started.elapsed());
                 }
             }
@@ -788,6 +816,32 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
         }
         out.to_ack.extend(acked.into_iter().flatten());
         out.to_scoped_out.extend(out_of_scope.into_iter().flatten());
+        let edit = Instant::now();
+        let (ok, stdout, stderr) = mesh.policy("apply", origin, &name, &edited, "0s");
+        anyhow::ensure!(ok, "strait apply {name} (edited): {stdout}{stderr}");
+        let mut acked = vec![None; clusters.len()];
+        let mut regained = vec![false; if a.sidecar_scope_authorized { sidecars.len() } else { 0 }];
+        let settle = Duration::from_millis(500);
+        while acked.iter().any(Option::is_none)
+            || edit.elapsed() < acked.iter().flatten().max().copied().unwrap_or_default() + settle
+        {
+            anyhow::ensure!(
+                edit.elapsed() < LIMIT,
+                "policy {name} edited in {origin}: acknowledged in {acked:?} after {LIMIT:?}"
+            );
+            for (c, slot) in acked.iter_mut().enumerate() {
+                if slot.is_none() && acked_in(c, name.clone(), 2).await {
+                    *slot = Some(edit.elapsed());
+                }
+            }
+            for (w, held) in sidecars.iter().zip(regained.iter_mut()) {
+                *held |= holds(w.admin_addr, host.clone()).await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out.edit_to_ack.extend(acked.into_iter().flatten());
+        out.edit_regained += regained.iter().filter(|h| **h).count();
+        out.edit_watched += regained.len();
         let deleted = Instant::now();
         let (ok, stdout, stderr) = mesh.policy("delete", origin, &name, &yaml, "0s");
         anyhow::ensure!(ok, "strait delete {name}: {stdout}{stderr}");
@@ -814,6 +868,7 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
         out.to_scoped_in.extend(back.into_iter().flatten());
     }
     out.to_ack.sort();
+    out.edit_to_ack.sort();
     out.to_scoped_out.sort();
     out.to_scoped_in.sort();
     Ok(out)
@@ -892,12 +947,22 @@ impl Report {
         let p = &self.policies;
         if !p.to_ack.is_empty() {
             println!(
-                "AuthorizationPolicy written in one cluster -> every proxy of a cluster acknowledged it: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} policies x {} clusters; from the strait apply command's start, polled every 10 ms)",
-                ms(pct(&p.to_ack, 0.5)),
-                ms(pct(&p.to_ack, 0.99)),
-                ms(p.to_ack.last().copied().unwrap_or_default()),
+                "AuthorizationPolicy written in one cluster -> every proxy of a cluster acknowledged it: {} ({} policies x {} clusters; from the strait apply command's start, polled every 10 ms)",
+                spread(&p.to_ack),
                 self.size.policies,
                 self.size.clusters
+            );
+        }
+        if !p.edit_to_ack.is_empty() {
+            println!(
+                "the policy edited (refusing them still) -> every proxy of a cluster acknowledged the edit: {}",
+                spread(&p.edit_to_ack)
+            );
+        }
+        if p.edit_watched > 0 {
+            println!(
+                "sidecars scoped by authorization that held the refused service again while an edit spread: {} of {} (policy x sidecar, polled every 10 ms until 0.5 s after the last acknowledgement)",
+                p.edit_regained, p.edit_watched
             );
         }
         if !p.to_scoped_out.is_empty() {
@@ -952,6 +1017,7 @@ impl Report {
         let p = &self.policies;
         for (name, d) in [
             ("policy_to_ack", &p.to_ack),
+            ("policy_edit_to_ack", &p.edit_to_ack),
             ("policy_to_scoped_out", &p.to_scoped_out),
             ("policy_deleted_to_scoped_in", &p.to_scoped_in),
         ] {
@@ -960,6 +1026,10 @@ impl Report {
                 f.add(&format!("{name}.p99"), ms(pct(d, 0.99)), "ms");
                 f.add(&format!("{name}.max"), ms(d.last().copied().unwrap_or_default()), "ms");
             }
+        }
+        if p.edit_watched > 0 {
+            f.add("policy_edit_regained", p.edit_regained as f64, "count");
+            f.add("policy_edit_watched", p.edit_watched as f64, "count");
         }
         let d = &self.delays;
         f.add("change_to_ack.p50", ms(pct(d, 0.5)), "ms");

@@ -219,6 +219,14 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
     assert_eq!(p.to_ack.len(), size.policies * size.clusters);
     assert_eq!(p.to_scoped_out.len(), size.policies * size.clusters * size.sidecars);
     assert_eq!(p.to_scoped_in.len(), p.to_scoped_out.len());
+    // An edit that refuses them still: taken everywhere, and no sidecar got the service back
+    // while it spread.
+    assert_eq!(p.edit_to_ack.len(), p.to_ack.len());
+    assert_eq!(
+        (p.edit_regained, p.edit_watched),
+        (0, p.to_scoped_out.len()),
+        "sidecars that held the service again while an edit spread"
+    );
     assert_eq!(report.missing, 0, "changes never delivered");
     assert_eq!(
         report.delays.len() + report.superseded,
@@ -264,6 +272,8 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         "peering.bytes_per_pair",
         "policy_to_ack.p99",
         "policy_to_scoped_out.max",
+        "policy_edit_to_ack.p99",
+        "policy_edit_regained",
     ] {
         assert!(doc["figures"][key]["value"].is_number(), "{key} missing in {doc}");
     }
