@@ -530,7 +530,7 @@ impl AuthzScope {
     /// `name`: every resource but a service whose workloads, in every cluster exporting it,
     /// refuse the principal everything under the policies that cluster enforces.
     pub fn may_call(&self, principal: &str, name: &str) -> bool {
-        use strait_api::authz::{may_call, reach_over, Peer, Reach, ROOT_NAMESPACE};
+        use strait_api::authz::{may_call, reach_over, Peer, Reach, Scope, ROOT_NAMESPACE};
         if self.by_namespace.is_empty() {
             return true;
         }
@@ -566,8 +566,13 @@ impl AuthzScope {
                 .collect();
             policies.is_empty() || may_call(&policies, &peer)
         };
+        // Each cluster apart only where that can differ: a policy not enforced alike
+        // everywhere, or one whose reach depends on labels.
+        let apart = listed().any(|p| {
+            self.partly_enforced(p).is_some() || matches!(&p.scope, Scope::Selector(want) if !want.is_empty())
+        });
         match self.workloads.get(key) {
-            Some(w) if !w.0.is_empty() => w.0.iter().any(|(c, labels)| may_in(Some(c), labels)),
+            Some(w) if apart && !w.0.is_empty() => w.0.iter().any(|(c, labels)| may_in(Some(c), labels)),
             _ => may_in(None, &[]),
         }
     }

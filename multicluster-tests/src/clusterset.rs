@@ -121,6 +121,9 @@ pub struct PolicyRounds {
     pub edit_watched: usize,
     /// ... and from `strait delete`'s start until it holds it again.
     pub to_scoped_in: Vec<Duration>,
+    /// The CPU seconds every controller used over all the rounds together (their answers to
+    /// the rounds' polling of `/policies` included).
+    pub controller_cpu: f64,
 }
 
 /// "p50 .. ms, p99 .. ms, max .. ms" of sorted durations.
@@ -677,7 +680,9 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         };
         sidecar_endpoints_wrong.push(wrong);
     }
-    let policies = policy_rounds(&mesh, &a, &admins).await?;
+    let cpu_before = total_cpu(&controllers);
+    let mut policies = policy_rounds(&mesh, &a, &admins).await?;
+    policies.controller_cpu = total_cpu(&controllers) - cpu_before;
 
     // A controller restarts (kill -9, then its own command): how long until its subscribers
     // hold the whole catalog again, and what the clusterset sends meanwhile beside what it
@@ -959,6 +964,12 @@ impl Report {
                 spread(&p.edit_to_ack)
             );
         }
+        if self.size.policies > 0 {
+            println!(
+                "controllers' CPU over the policy rounds (apply, edit, delete): {:.3} s per round, every controller together (their answers to the rounds' polling included)",
+                p.controller_cpu / self.size.policies as f64
+            );
+        }
         if p.edit_watched > 0 {
             println!(
                 "sidecars scoped by authorization that held the refused service again while an edit spread: {} of {} (policy x sidecar, polled every 10 ms until 0.5 s after the last acknowledgement)",
@@ -1026,6 +1037,9 @@ impl Report {
                 f.add(&format!("{name}.p99"), ms(pct(d, 0.99)), "ms");
                 f.add(&format!("{name}.max"), ms(d.last().copied().unwrap_or_default()), "ms");
             }
+        }
+        if s.policies > 0 {
+            f.add("policy_round.controller_cpu", p.controller_cpu / s.policies as f64, "s");
         }
         if p.edit_watched > 0 {
             f.add("policy_edit_regained", p.edit_regained as f64, "count");
