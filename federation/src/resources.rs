@@ -133,8 +133,9 @@ pub struct ConfigState {
 /// proxies scoped by authorization (`Hello.scope_authorized`): such a proxy is sent only the
 /// services that could allow some request of its identity as a caller in this cluster
 /// ([`strait_api::authz::may_call`]), evaluated for the workloads of each cluster exporting
-/// the service apart where they are known: a selector's reach there comes from the label sets
-/// of that cluster's endpoints in the merged catalog. Where a policy is not enforced alike in every
+/// the service apart where they are known and the answer can differ between clusters: a
+/// selector's reach there comes from the label sets of that cluster's endpoints in the merged
+/// catalog. Where a policy is not enforced alike in every
 /// cluster ([`Enforcement`]: a cluster-scoped policy, a peer's override, a peer that has not
 /// taken the version served here), a service is left out only if the workloads of every cluster
 /// exporting it refuse the caller under what that cluster enforces: the version served here, an
@@ -459,12 +460,15 @@ impl AuthzScope {
         let Some(e) = self.partly_enforced(p) else {
             return (p, true);
         };
-        let Some(generation) = at.and_then(|c| e.clusters.as_ref()?.get(c)) else {
+        let Some(cluster) = at else {
             return (p, false);
         };
-        if *generation == e.generation {
+        if e.enforced_in(cluster) {
             return (p, true);
         }
+        let Some(generation) = e.clusters.as_ref().and_then(|cs| cs.get(cluster)) else {
+            return (p, false);
+        };
         let earlier = self.earlier.get(&p.namespace).and_then(|names| names.get(&p.name));
         match earlier
             .into_iter()
