@@ -757,22 +757,30 @@ pub fn enforcement(
     };
     let mut out = Enforcement::new();
     for s in own.values().filter(|s| s.kind == kind && s.serving) {
-        let mut clusters = BTreeMap::from([(s.cluster.clone(), s.serving_generation)]);
-        if !overridden(s) {
-            let same_origin = reports
+        // The peers enforcing a version of the same origin (none where this cluster serves its
+        // own override).
+        let same_origin = || {
+            reports
                 .get(&(s.namespace.as_str(), s.name.as_str()))
                 .into_iter()
                 .flatten()
-                .filter(|r| r.origin_cluster == s.origin_cluster && !overridden(r));
-            clusters.extend(same_origin.map(|r| (r.cluster.clone(), r.serving_generation)));
-        }
-        let everywhere = expected.iter().all(|c| clusters.get(c) == Some(&s.serving_generation));
+                .filter(|r| !overridden(s) && r.origin_cluster == s.origin_cluster && !overridden(r))
+        };
+        let everywhere = expected.iter().all(|c| {
+            *c == s.cluster || same_origin().any(|r| r.cluster == *c && r.serving_generation == s.serving_generation)
+        });
+        // Each cluster's generation only where they differ (the merge loop asks every pass).
+        let clusters = (!everywhere).then(|| {
+            let mut clusters = BTreeMap::from([(s.cluster.clone(), s.serving_generation)]);
+            clusters.extend(same_origin().map(|r| (r.cluster.clone(), r.serving_generation)));
+            clusters
+        });
         out.entry(s.namespace.clone()).or_default().insert(
             s.name.clone(),
             Enforcing {
                 origin: s.origin_cluster.clone(),
                 generation: s.serving_generation,
-                clusters: (!everywhere).then_some(clusters),
+                clusters,
             },
         );
     }

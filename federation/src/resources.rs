@@ -259,9 +259,8 @@ impl AuthzScopes {
             let (before, now) = (by_namespace(&self.served), by_namespace(policies));
             differing(&before, &now).for_each(|ns| moved.namespace(ns));
             self.served = policies.to_vec();
-            let earlier = self.policies.earlier.clone();
-            self.policies = AuthzScope::of(cluster, policies, enforcement_before.clone());
-            self.policies.earlier = earlier;
+            self.policies.cluster = cluster.to_string();
+            self.policies.by_namespace = Arc::new(compiled(policies));
         }
         if *self.policies.enforcement != *enforcement {
             differing(&self.policies.enforcement, enforcement).for_each(|ns| moved.namespace(ns));
@@ -376,19 +375,24 @@ fn label_sets(endpoints: &[pb::Endpoint]) -> LabelSets {
     sets
 }
 
+/// The policies that compile, by namespace.
+fn compiled(policies: &[pb::AuthorizationPolicy]) -> BTreeMap<String, Vec<strait_api::authz::CompiledAuthz>> {
+    let mut by_namespace: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for p in policies {
+        if let Ok(c) = strait_api::authz::compile_wire(p) {
+            by_namespace.entry(p.namespace.clone()).or_default().push(c);
+        }
+    }
+    by_namespace
+}
+
 impl AuthzScope {
     /// From the policies proxies are sent (one that does not compile is left out, so it
     /// refuses nothing here: proxies refuse it too), enforced as `enforcement` says.
     pub fn of(cluster: &str, policies: &[pb::AuthorizationPolicy], enforcement: Arc<Enforcement>) -> Self {
-        let mut by_namespace: BTreeMap<String, Vec<_>> = BTreeMap::new();
-        for p in policies {
-            if let Ok(c) = strait_api::authz::compile_wire(p) {
-                by_namespace.entry(p.namespace.clone()).or_default().push(c);
-            }
-        }
         AuthzScope {
             cluster: cluster.to_string(),
-            by_namespace: Arc::new(by_namespace),
+            by_namespace: Arc::new(compiled(policies)),
             enforcement,
             earlier: Default::default(),
             workloads: HashMap::new(),
