@@ -12,7 +12,7 @@ use strait_api::pb;
 
 use crate::figures::Figures;
 use crate::haproxy::cpu_seconds;
-use crate::load::{percentile as pct, rss_kib};
+use crate::load::{peak_rss_kib, percentile as pct, rss_kib};
 use crate::{metric_sum, scrape, Mesh, MeshOptions};
 
 /// The simulated size (defaults: Istio ambient's published multi-cluster test).
@@ -79,6 +79,12 @@ pub struct Report {
     pub sidecar_rss_mib: Vec<f64>,
     /// Each sidecar's heap at the end of the churn (`strait_memory_allocated_bytes`), MiB.
     pub sidecar_heap_mib: Vec<f64>,
+    /// Each sidecar's RSS at the very end, after every controller restarted (each sidecar was
+    /// sent the whole catalog again and applied it beside the one it held), MiB.
+    pub sidecar_rss_after_restart_mib: Vec<f64>,
+    /// Each sidecar's peak RSS over the run (`VmHWM`; the bench's reads of its `/config`, a
+    /// dump of the whole catalog, included), MiB.
+    pub sidecar_peak_rss_mib: Vec<f64>,
     /// Endpoints in `sim` each probe held at the end (deltas applied right: clusters x endpoints).
     pub final_endpoints: Vec<usize>,
     /// For each real sidecar at the end (its `/config`, up to 10 s after the churn): endpoints
@@ -111,7 +117,7 @@ pub struct PolicyRounds {
     /// With sidecars scoped by authorization: from `strait apply`'s start until each sidecar no
     /// longer holds the service the policy refuses it ...
     pub to_scoped_out: Vec<Duration>,
-    /// Then the policy is edited (its second generation refuses them still): from `strait
+    /// Then the policy is edited (its next generation refuses them still): from `strait
     /// apply`'s start until each cluster reports every proxy acknowledged the edit ...
     pub edit_to_ack: Vec<Duration>,
     /// ... and, with sidecars scoped by authorization, how many (policy, sidecar) pairs held the
@@ -698,6 +704,8 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     let every: Vec<usize> = (0..n).collect();
     let (restart_all_resync, restart_all_bytes) =
         restart_controllers(&mut mesh, &seen, &admins, &mut pids, &every, want).await?;
+    let sidecar_rss_after_restart_mib = sidecar_pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
+    let sidecar_peak_rss_mib = sidecar_pids.iter().map(|p| peak_rss_kib(*p) as f64 / 1024.0).collect();
     Ok(Report {
         changes,
         delays,
@@ -711,6 +719,8 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         peering_bytes_per_pair: bytes / churned / (n * (n - 1)) as f64,
         sidecar_rss_mib,
         sidecar_heap_mib,
+        sidecar_rss_after_restart_mib,
+        sidecar_peak_rss_mib,
         final_endpoints,
         sidecar_endpoints_wrong,
         restart_resync,
@@ -728,7 +738,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
 /// (`strait apply --wait 0s`) and refusing the sidecars' identity one service of `sim`: how
 /// long until each cluster's controller reports all its proxies acknowledged it, and with
 /// sidecars scoped by authorization, until each sidecar no longer holds that service; then an
-/// edit that still refuses them (each cluster's acknowledgement of the second generation, and
+/// edit that still refuses them (each cluster's acknowledgement of the generation the edit wrote, and
 /// whether any sidecar held the service again meanwhile); then `strait delete`, and until each
 /// sidecar holds the service again. Polls every 10 ms; each round waits for the one before to be
 /// gone everywhere.
@@ -779,9 +789,42 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
             })
         }
     };
+    // The generation of policy `name` cluster `c` lists once it is later than `after`: what
+    // `strait apply` wrote there.
+    let written = |c: usize, name: String, after: u64| {
+        let listed = move || listed_in(c, name.clone());
+        async move {
+            let started = Instant::now();
+            loop {
+                let generation = listed().await.and_then(|p| p["generation"].as_u64()).unwrap_or(0);
+                if generation > after {
+                    return Ok(generation);
+                }
+                anyhow::ensure!(
+                    started.elapsed() < LIMIT,
+                    "cluster {c} never listed a generation of the policy after {after}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // Polls every sidecar at once (one after another, a pass over 50 sidecars outlasts the
+    // 10 ms between passes): whether each holds `host`, for the sidecars `due` keeps.
+    let poll_holds = |due: Vec<bool>, host: &str| {
+        let polls: Vec<_> = sidecars
+            .iter()
+            .zip(due)
+            .map(|(w, due)| {
+                let held = holds(w.admin_addr, host.to_string());
+                async move { due && held.await }
+            })
+            .collect();
+        futures::future::join_all(polls)
+    };
     let mut out = PolicyRounds::default();
     for i in 0..a.policies {
-        let origin = &clusters[i % clusters.len()];
+        let o = i % clusters.len();
+        let origin = &clusters[o];
         let name = format!("bench-{i:03}");
         let service = format!("svc-{:04}", i % a.services);
         let host = format!("{service}.sim.svc.clusterset.local");
@@ -798,6 +841,7 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
         let started = Instant::now();
         let (ok, stdout, stderr) = mesh.policy("apply", origin, &name, &yaml, "0s");
         anyhow::ensure!(ok, "strait apply {name}: {stdout}{stderr}");
+        let generation = written(o, name.clone(), 0).await?;
         let mut acked = vec![None; clusters.len()];
         let mut out_of_scope = vec![None; if a.sidecar_scope_authorized { sidecars.len() } else { 0 }];
         while acked.iter().chain(&out_of_scope).any(Option::is_none) {
@@ -808,12 +852,14 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
                 out_of_scope
             );
             for (c, slot) in acked.iter_mut().enumerate() {
-                if slot.is_none() && acked_in(c, name.clone(), 1).await {
+                if slot.is_none() && acked_in(c, name.clone(), generation).await {
                     *slot = Some(started.elapsed());
                 }
             }
-            for (w, slot) in sidecars.iter().zip(out_of_scope.iter_mut()) {
-                if slot.is_none() && !holds(w.admin_addr, host.clone()).await {
+            let due: Vec<bool> = out_of_scope.iter().map(Option::is_none).collect();
+            let held = poll_holds(due.clone(), &host).await;
+            for ((slot, due), held) in out_of_scope.iter_mut().zip(due).zip(held) {
+                if due && !held {
                     *slot = Some(started.elapsed());
                 }
             }
@@ -824,6 +870,7 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
         let edit = Instant::now();
         let (ok, stdout, stderr) = mesh.policy("apply", origin, &name, &edited, "0s");
         anyhow::ensure!(ok, "strait apply {name} (edited): {stdout}{stderr}");
+        let edit_generation = written(o, name.clone(), generation).await?;
         let mut acked = vec![None; clusters.len()];
         let mut regained = vec![false; if a.sidecar_scope_authorized { sidecars.len() } else { 0 }];
         let settle = Duration::from_millis(500);
@@ -835,12 +882,13 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
                 "policy {name} edited in {origin}: acknowledged in {acked:?} after {LIMIT:?}"
             );
             for (c, slot) in acked.iter_mut().enumerate() {
-                if slot.is_none() && acked_in(c, name.clone(), 2).await {
+                if slot.is_none() && acked_in(c, name.clone(), edit_generation).await {
                     *slot = Some(edit.elapsed());
                 }
             }
-            for (w, held) in sidecars.iter().zip(regained.iter_mut()) {
-                *held |= holds(w.admin_addr, host.clone()).await;
+            let held = poll_holds(vec![true; regained.len()], &host).await;
+            for (regained, held) in regained.iter_mut().zip(held) {
+                *regained |= held;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -852,8 +900,9 @@ async fn policy_rounds(mesh: &Mesh, a: &Size, admins: &[std::net::SocketAddr]) -
         anyhow::ensure!(ok, "strait delete {name}: {stdout}{stderr}");
         let mut back = vec![None; if a.sidecar_scope_authorized { sidecars.len() } else { 0 }];
         loop {
-            for (w, slot) in sidecars.iter().zip(back.iter_mut()) {
-                if slot.is_none() && holds(w.admin_addr, host.clone()).await {
+            let due: Vec<bool> = back.iter().map(Option::is_none).collect();
+            for (slot, held) in back.iter_mut().zip(poll_holds(due, &host).await) {
+                if held {
                     *slot = Some(deleted.elapsed());
                 }
             }
@@ -936,6 +985,13 @@ impl Report {
         println!(
             "sidecar heap (allocated, by the allocator's count): mean {:.1} MiB; the rest of its RSS is mostly the executable's text, shared by every process running it",
             mean(&self.sidecar_heap_mib)
+        );
+        println!(
+            "sidecar RSS at the end, every controller restarted (the whole catalog sent and applied again): mean {:.1} MiB, max {:.1} MiB; peak over the run (VmHWM, this bench's reads of each sidecar's /config dump included): mean {:.1} MiB, max {:.1} MiB",
+            mean(&self.sidecar_rss_after_restart_mib),
+            max(&self.sidecar_rss_after_restart_mib),
+            mean(&self.sidecar_peak_rss_mib),
+            max(&self.sidecar_peak_rss_mib)
         );
         let wrong: usize = self.sidecar_endpoints_wrong.iter().sum();
         println!(
@@ -1067,6 +1123,17 @@ impl Report {
         f.add("sidecar.rss_mean", mean(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.rss_max", max(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.heap_allocated_mean", mean(&self.sidecar_heap_mib), "MiB");
+        f.add(
+            "sidecar.rss_after_restart_mean",
+            mean(&self.sidecar_rss_after_restart_mib),
+            "MiB",
+        );
+        f.add(
+            "sidecar.rss_after_restart_max",
+            max(&self.sidecar_rss_after_restart_mib),
+            "MiB",
+        );
+        f.add("sidecar.peak_rss_max", max(&self.sidecar_peak_rss_mib), "MiB");
         f.add(
             "sidecar.endpoints_wrong",
             self.sidecar_endpoints_wrong.iter().sum::<usize>() as f64,
