@@ -90,6 +90,9 @@ pub fn percent_encode(s: &str) -> String {
 }
 
 pub type JsonView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// A view that writes its JSON itself, for one too large to build as a `serde_json::Value`
+/// first (a tree of maps and strings several times the size of what it describes).
+pub type WrittenView = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 /// A view that reads the request's query string (decoded `key=value` pairs, in order).
 pub type QueryView = Arc<dyn Fn(&[(String, String)]) -> serde_json::Value + Send + Sync>;
 
@@ -99,6 +102,7 @@ pub struct Admin {
     pub registry: Registry,
     ready: Arc<AtomicBool>,
     views: HashMap<String, JsonView>,
+    written_views: HashMap<String, WrittenView>,
     query_views: HashMap<String, QueryView>,
 }
 
@@ -108,6 +112,7 @@ impl Admin {
             registry,
             ready: Arc::new(AtomicBool::new(false)),
             views: HashMap::new(),
+            written_views: HashMap::new(),
             query_views: HashMap::new(),
         }
     }
@@ -115,6 +120,12 @@ impl Admin {
     /// Adds a JSON view at `path` (for example `/status`).
     pub fn view(mut self, path: &str, view: JsonView) -> Self {
         self.views.insert(path.to_string(), view);
+        self
+    }
+
+    /// Adds a JSON view at `path` that writes its own bytes.
+    pub fn written_view(mut self, path: &str, view: WrittenView) -> Self {
+        self.written_views.insert(path.to_string(), view);
         self
     }
 
@@ -154,12 +165,13 @@ impl Admin {
                     (StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"not ready\n".to_vec())
                 }
             }
-            other => match self.views.get(other) {
-                Some(view) => {
+            other => match (self.views.get(other), self.written_views.get(other)) {
+                (Some(view), _) => {
                     let body = serde_json::to_vec_pretty(&view()).unwrap_or_default();
                     (StatusCode::OK, "application/json", body)
                 }
-                None => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+                (None, Some(view)) => (StatusCode::OK, "application/json", view()),
+                (None, None) => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
             },
         };
         let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -476,7 +476,7 @@ impl DnsProxy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use strait_api::locality::Locality;
     use strait_api::snapshot::{EndpointEntry, EndpointProfile, PortEntry, Protocol, Workloads};
@@ -513,7 +513,9 @@ mod tests {
         })
     }
 
-    fn snapshot() -> Snapshot {
+    /// Two services of `demo`: `echo` (a ClusterSet IP, one endpoint in east) and `db` (none,
+    /// one endpoint in east and one in west).
+    pub(crate) fn snapshot() -> Snapshot {
         let mut snap = Snapshot::default();
         for s in [
             svc("echo", Some("240.0.0.7"), &[("echo-a", "east", "198.18.1.10:8080")]),

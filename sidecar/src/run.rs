@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::ser::{Serialize, SerializeStruct, Serializer};
 use strait_api::admin::Admin;
 use strait_api::drain::{shutdown_signal, Drain};
 use strait_api::locality::Locality;
 use strait_api::pb;
 use strait_api::proxy::ControllerLink;
-use strait_api::snapshot::Snapshot;
+use strait_api::snapshot::{EndpointEntry, GatewayEntry, ServiceEntry, Snapshot};
 use strait_gateway::TunnelClient;
 use tokio::net::TcpListener;
 
@@ -53,27 +54,97 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot bind the {what} listener on {addr}: {e} (is another process using it?)"))
 }
 
-fn config_view(snap: &Snapshot) -> serde_json::Value {
-    serde_json::json!({
-        "version": snap.version,
-        "services": snap.services.values().map(|s| serde_json::json!({
-            "host": s.host(),
-            "clusterset_ip": s.clusterset_ip.map(|ip| ip.to_string()),
-            "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
-            "endpoints": s.endpoints.iter().enumerate().map(|(i, e)| serde_json::json!({
-                "address": e.address.to_string(),
-                "workload": s.workload(i),
-                "identity": e.identity().to_string(),
-                "cluster": e.locality().cluster,
-                "zone": e.locality().zone,
-                "ready": e.ready,
-                "labels": &**e.labels(),
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "gateways": snap.gateways.values().map(|g| serde_json::json!({
-            "cluster": g.cluster, "address": g.address.to_string(), "reachable": g.reachable,
-        })).collect::<Vec<_>>(),
-    })
+/// The sidecar's `/config`: every service it holds with its endpoints, and the gateways.
+/// Written straight from the snapshot: built as a `serde_json::Value` and pretty-printed, a
+/// catalog of 40,000 endpoints took the sidecar from 15 to 94 MiB for the moment of the answer
+/// (the clusterset bench's peak RSS), for a catalog the proxy itself holds in under 8.
+fn config_view(snap: &Snapshot) -> Vec<u8> {
+    let endpoints: usize = snap.services.values().map(|s| s.endpoints.len()).sum();
+    // About 170 bytes an endpoint written; a first guess spares most of the vector's regrowth.
+    let mut out = Vec::with_capacity(4096 + endpoints * 192);
+    // Writing into memory fails only on a map key that is not a string; these have none.
+    if let Err(e) = serde_json::to_writer(&mut out, &ConfigView(snap)) {
+        tracing::warn!(error = %e, "cannot write the /config view");
+        out.clear();
+    }
+    out
+}
+
+struct ConfigView<'a>(&'a Snapshot);
+
+/// A sequence written from an iterator as it goes (nothing collected first).
+struct Each<F>(F);
+
+/// A value written as its `Display` text.
+struct Shown<'a, T: ?Sized>(&'a T);
+
+struct ServiceView<'a>(&'a ServiceEntry);
+
+struct EndpointView<'a> {
+    service: &'a ServiceEntry,
+    index: usize,
+    endpoint: &'a EndpointEntry,
+}
+
+impl<F, I> Serialize for Each<F>
+where
+    F: Fn() -> I,
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq((self.0)())
+    }
+}
+
+impl<T: std::fmt::Display + ?Sized> Serialize for Shown<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self.0)
+    }
+}
+
+impl Serialize for ConfigView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let snap = self.0;
+        let mut m = s.serialize_struct("Config", 3)?;
+        m.serialize_field("version", &snap.version)?;
+        m.serialize_field("services", &Each(|| snap.services.values().map(|s| ServiceView(s))))?;
+        let gateway = |g: &GatewayEntry| serde_json::json!({"cluster": g.cluster, "address": g.address.to_string(), "reachable": g.reachable});
+        m.serialize_field("gateways", &Each(|| snap.gateways.values().map(|g| gateway(g))))?;
+        m.end()
+    }
+}
+
+impl Serialize for ServiceView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let svc = self.0;
+        let mut m = s.serialize_struct("Service", 4)?;
+        m.serialize_field("host", &svc.host())?;
+        m.serialize_field("clusterset_ip", &svc.clusterset_ip.as_ref().map(Shown))?;
+        m.serialize_field("ports", &Each(|| svc.ports.iter().map(|p| p.port)))?;
+        let endpoint = |(index, endpoint)| EndpointView {
+            service: svc,
+            index,
+            endpoint,
+        };
+        m.serialize_field("endpoints", &Each(|| svc.endpoints.iter().enumerate().map(endpoint)))?;
+        m.end()
+    }
+}
+
+impl Serialize for EndpointView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.endpoint;
+        let mut m = s.serialize_struct("Endpoint", 7)?;
+        m.serialize_field("address", &Shown(&e.address))?;
+        m.serialize_field("workload", self.service.workload(self.index))?;
+        m.serialize_field("identity", &Shown(&**e.identity()))?;
+        m.serialize_field("cluster", &e.locality().cluster)?;
+        m.serialize_field("zone", &e.locality().zone)?;
+        m.serialize_field("ready", &e.ready)?;
+        m.serialize_field("labels", &**e.labels())?;
+        m.end()
+    }
 }
 
 pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
@@ -84,7 +155,14 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let explainer: Arc<std::sync::OnceLock<Arc<Outbound>>> = Arc::default();
     let explain_with = explainer.clone();
     let admin = Admin::new(registry.clone())
-        .view("/config", Arc::new(move || config_view(&view_rx.borrow())))
+        .written_view(
+            "/config",
+            Arc::new(move || {
+                // The snapshot's own handle: the watch is not held while the view is written.
+                let snap = view_rx.borrow().clone();
+                config_view(&snap)
+            }),
+        )
         .query_view(
             "/explain",
             Arc::new(move |q: &[(String, String)]| {
@@ -224,4 +302,63 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     let left = drain.drain(opts.drain_timeout).await;
     tracing::info!(connections_cut = left, "drained; exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_view_lists_each_service_endpoint_and_gateway() {
+        let mut snap = crate::dns::tests::snapshot();
+        snap.version = 7;
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("app".to_string(), "db".to_string());
+        let db = Arc::make_mut(snap.services.get_mut("demo/db").unwrap());
+        let profile = Arc::make_mut(&mut db.endpoints[1].profile);
+        profile.labels = Arc::new(labels);
+        Arc::make_mut(&mut profile.locality).zone = "west-1a".into();
+        db.endpoints[1].ready = false;
+        snap.gateways.insert(
+            "west".into(),
+            Arc::new(GatewayEntry {
+                cluster: "west".into(),
+                address: "127.0.0.9:15443".parse().unwrap(),
+                identity: "spiffe://mesh.local/ns/strait-system/sa/gateway".parse().unwrap(),
+                locality: Locality::default(),
+                reachable: true,
+            }),
+        );
+        let view: serde_json::Value = serde_json::from_slice(&config_view(&snap)).unwrap();
+        let endpoint = |address: &str, workload: &str, cluster: &str, zone: &str, ready: bool, labels| {
+            serde_json::json!({
+                "address": address, "workload": workload, "identity": "spiffe://mesh.local/ns/demo/sa/x",
+                "cluster": cluster, "zone": zone, "ready": ready, "labels": labels,
+            })
+        };
+        assert_eq!(
+            view,
+            serde_json::json!({
+                "version": 7,
+                "services": [
+                    {
+                        "host": "db.demo.svc.clusterset.local",
+                        "clusterset_ip": null,
+                        "ports": [80],
+                        "endpoints": [
+                            endpoint("198.18.1.11:8080", "db-0", "east", "", true, serde_json::json!({})),
+                            endpoint("198.18.2.11:8080", "db-1", "west", "west-1a", false, serde_json::json!({"app": "db"})),
+                        ],
+                    },
+                    {
+                        "host": "echo.demo.svc.clusterset.local",
+                        "clusterset_ip": "240.0.0.7",
+                        "ports": [80],
+                        "endpoints": [endpoint("198.18.1.10:8080", "echo-a", "east", "", true, serde_json::json!({}))],
+                    },
+                ],
+                "gateways": [{"cluster": "west", "address": "127.0.0.9:15443", "reachable": true}],
+            })
+        );
+    }
 }
