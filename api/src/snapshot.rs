@@ -165,10 +165,35 @@ pub struct ServiceEntry {
     /// work `identities` out again when one cluster's endpoints change.
     pub declared: Vec<SpiffeId>,
     /// For a service received in parts (`endpoints/<ns>/<name>/<cluster>`), where each
-    /// cluster's endpoints lie in `endpoints` as (cluster, start, end), in cluster-name order;
-    /// the endpoints before the first came with the service's own resource. Empty for a
-    /// service received whole.
-    pub spans: Vec<(Box<str>, u32, u32)>,
+    /// cluster's endpoints lie in `endpoints`, in cluster-name order; the endpoints before the
+    /// first came with the service's own resource. Empty for a service received whole.
+    pub spans: Vec<Span>,
+}
+
+/// Where one cluster's endpoints lie in a service received in parts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Span {
+    pub cluster: Box<str>,
+    pub start: u32,
+    pub end: u32,
+    /// The version of the part they came in, as [`fingerprint`] holds it: a full update that
+    /// sends that version again leaves them as they are.
+    pub version: u64,
+}
+
+/// A resource version as a part's [`Span`] holds it, in 8 bytes where the string would take
+/// an allocation per part: the controller's versions (16 hex digits, a digest's first 8 bytes)
+/// as that number, exactly; any other as a 64-bit hash of it.
+pub fn fingerprint(version: &str) -> u64 {
+    match u64::from_str_radix(version, 16) {
+        Ok(v) if version.len() == 16 => v,
+        _ => {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            version.hash(&mut h);
+            h.finish()
+        }
+    }
 }
 
 /// One cluster's endpoints of a service as received (`endpoints/<ns>/<name>/<cluster>`),
@@ -676,19 +701,28 @@ pub struct Pending {
     accepted: Vec<(String, String, Typed)>,
     rejected: Vec<pb::Rejection>,
     removed: Vec<String>,
+    /// Resources that came at the version the proxy already holds: not converted again, and
+    /// left as they are (a controller that restarted sends every resource again, most of them
+    /// unchanged).
+    unchanged: Vec<String>,
     /// Lent by the [`Resources`] the update is for ([`Resources::pending`]), given back when
     /// it is applied.
     interned: Interned,
 }
 
 impl Pending {
-    /// Adds one part of an update; returns whether the update is whole (the part was the
-    /// last). A bad resource is rejected by name here; the rest go on.
-    pub fn add(&mut self, part: pb::ConfigUpdate) -> bool {
+    /// Adds one part of an update for the proxy holding `held`; returns whether the update is
+    /// whole (the part was the last). A bad resource is rejected by name here; the rest go on.
+    pub fn add(&mut self, part: pb::ConfigUpdate, held: &Resources) -> bool {
         self.version = part.version;
         self.full |= part.full;
         self.parts += 1;
         for res in part.resources {
+            // Only a full update resends what a proxy holds (a delta names what changed).
+            if self.full && held.holds(&res.name, &res.version) {
+                self.unchanged.push(res.name);
+                continue;
+            }
             match convert_with(&res, &mut self.interned) {
                 Ok(typed) => self.accepted.push((res.name, res.version, typed)),
                 Err(e) => {
@@ -718,9 +752,49 @@ impl Pending {
         self.parts
     }
 
-    /// How many resources the update carried (accepted or not).
+    /// How many resources the update carried (accepted, unchanged or rejected).
     pub fn received(&self) -> usize {
-        self.accepted.len() + self.rejected.len()
+        self.accepted.len() + self.unchanged.len() + self.rejected.len()
+    }
+
+    /// How many of them the proxy already held at their version.
+    pub fn unchanged(&self) -> usize {
+        self.unchanged.len()
+    }
+
+    /// A full update to a proxy that held some of it already, as the change it makes: what
+    /// `held` holds and the update does not name (a resource, or one cluster's endpoints of a
+    /// service) is removed, what it names unchanged is left alone. Applied so, the services
+    /// it leaves alone stay the very entries the proxy held (no rebuild, no second copy of
+    /// the catalog beside the first while it is applied).
+    fn as_change(&mut self, held: &Resources) {
+        if !self.full || self.unchanged.is_empty() {
+            return;
+        }
+        let named: HashSet<&str> = self
+            .accepted
+            .iter()
+            .map(|(name, _, _)| name.as_str())
+            .chain(self.rejected.iter().map(|r| r.name.as_str()))
+            .chain(self.unchanged.iter().map(String::as_str))
+            .collect();
+        let mut removed = vec![];
+        for (name, (_, typed)) in &held.entries {
+            if !named.contains(name.as_str()) {
+                removed.push(name.clone());
+            }
+            if let Typed::Service(svc) = typed {
+                let service = name.strip_prefix("service/").unwrap_or(name);
+                for span in &svc.spans {
+                    let part = format!("endpoints/{service}/{}", span.cluster);
+                    if !named.contains(part.as_str()) {
+                        removed.push(part);
+                    }
+                }
+            }
+        }
+        self.removed.extend(removed);
+        self.full = false;
     }
 
     /// Every name the update touches: its resources (rejected ones too) and its removals,
@@ -743,8 +817,8 @@ impl Pending {
 struct Join {
     /// Set when the service's own resource came: what it replaced.
     replaced: Option<Option<Arc<ServiceEntry>>>,
-    /// Its clusters' endpoints that came (with the resource's name).
-    came: Vec<(String, EndpointsPart)>,
+    /// Its clusters' endpoints that came (with the resource's name and version).
+    came: Vec<(String, u64, EndpointsPart)>,
     /// The clusters whose endpoints were removed.
     gone: Vec<String>,
     /// The clusters whose endpoints were rejected: they keep their last good version.
@@ -787,11 +861,31 @@ impl Resources {
     /// An update that came in one message.
     fn whole(&mut self, update: pb::ConfigUpdate) -> Pending {
         let mut pending = self.pending();
-        pending.add(update);
+        pending.add(update, self);
         pending
     }
 
-    fn commit(&mut self, update: Pending) -> Vec<pb::Rejection> {
+    /// Whether these resources hold `name` at `version` (one cluster's endpoints of a
+    /// service by the version of the part they came in). A resource without a version is
+    /// never held: nothing tells its content.
+    fn holds(&self, name: &str, version: &str) -> bool {
+        if version.is_empty() {
+            return false;
+        }
+        match part_of(name) {
+            Some((service, cluster)) => match self.entries.get(&service) {
+                Some((_, Typed::Service(svc))) => svc
+                    .spans
+                    .iter()
+                    .any(|s| *s.cluster == *cluster && s.version == fingerprint(version)),
+                _ => false,
+            },
+            None => self.entries.get(name).is_some_and(|(v, _)| v == version),
+        }
+    }
+
+    fn commit(&mut self, mut update: Pending) -> Vec<pb::Rejection> {
+        update.as_change(self);
         let mut rejected = update.rejected;
         // Services to join again: those whose own resource came (with what it replaced) and
         // those whose endpoints in some cluster came, went, or were rejected (and keep their
@@ -809,6 +903,7 @@ impl Resources {
                 .iter()
                 .map(|(name, _, _)| name.as_str())
                 .chain(rejected.iter().map(|r| r.name.as_str()))
+                .chain(update.unchanged.iter().map(String::as_str))
                 .collect();
             self.entries.retain(|k, _| named.contains(k.as_str()));
         }
@@ -816,7 +911,12 @@ impl Resources {
             match typed {
                 Typed::Endpoints(part) => {
                     let part = Arc::unwrap_or_clone(part);
-                    joins.entry(part.service.clone()).or_default().came.push((name, part));
+                    let version = fingerprint(&version);
+                    joins
+                        .entry(part.service.clone())
+                        .or_default()
+                        .came
+                        .push((name, version, part));
                 }
                 typed => {
                     let is_service = matches!(typed, Typed::Service(_));
@@ -861,7 +961,7 @@ impl Resources {
             return join
                 .came
                 .into_iter()
-                .map(|(name, _)| pb::Rejection {
+                .map(|(name, _, _)| pb::Rejection {
                     name,
                     error: format!(
                         "name: no service {what} to hold these endpoints (its resource was rejected or not sent); \
@@ -885,29 +985,41 @@ impl Resources {
         let mut clusters: std::collections::BTreeSet<&str> = if full {
             join.kept.iter().map(String::as_str).collect()
         } else {
-            old_spans.iter().map(|s| &*s.0).collect()
+            old_spans.iter().map(|s| &*s.cluster).collect()
         };
-        clusters.extend(join.came.iter().map(|(_, p)| p.cluster.as_str()));
+        clusters.extend(join.came.iter().map(|(_, _, p)| p.cluster.as_str()));
         for c in &join.gone {
             clusters.remove(c.as_str());
         }
-        let came: HashMap<&str, &EndpointsPart> = join.came.iter().map(|(_, p)| (p.cluster.as_str(), p)).collect();
+        let came: HashMap<&str, (u64, &EndpointsPart)> = join
+            .came
+            .iter()
+            .map(|(_, v, p)| (p.cluster.as_str(), (*v, p)))
+            .collect();
         // The service's own endpoints first (none for a service sent in parts).
-        let inline = head.spans.first().map_or(head.endpoints.len(), |s| s.1 as usize);
+        let inline = head.spans.first().map_or(head.endpoints.len(), |s| s.start as usize);
         let mut endpoints: Vec<EndpointEntry> = head.endpoints[..inline].to_vec();
         let mut names: Vec<&str> = (0..inline).map(|i| head.workload(i)).collect();
         let mut spans = Vec::with_capacity(clusters.len());
         for c in clusters {
             let start = endpoints.len();
-            if let Some(p) = came.get(c) {
+            let mut version = 0;
+            if let Some((v, p)) = came.get(c) {
                 endpoints.extend_from_slice(&p.endpoints);
                 names.extend((0..p.endpoints.len()).map(|i| p.workloads.get(i)));
-            } else if let (Some(old), Some(span)) = (&before, old_spans.iter().find(|s| &*s.0 == c)) {
-                let range = span.1 as usize..span.2 as usize;
+                version = *v;
+            } else if let (Some(old), Some(span)) = (&before, old_spans.iter().find(|s| &*s.cluster == c)) {
+                let range = span.start as usize..span.end as usize;
                 endpoints.extend_from_slice(&old.endpoints[range.clone()]);
                 names.extend(range.map(|i| old.workload(i)));
+                version = span.version;
             }
-            spans.push((c.into(), start as u32, endpoints.len() as u32));
+            spans.push(Span {
+                cluster: c.into(),
+                start: start as u32,
+                end: endpoints.len() as u32,
+                version,
+            });
         }
         endpoints.shrink_to_fit();
         let joined = ServiceEntry {
@@ -936,7 +1048,8 @@ impl Resources {
     }
 
     /// [`Resources::update`] with an update received in parts.
-    pub fn update_with(&mut self, prev: &Snapshot, update: Pending) -> (Snapshot, Vec<pb::Rejection>) {
+    pub fn update_with(&mut self, prev: &Snapshot, mut update: Pending) -> (Snapshot, Vec<pb::Rejection>) {
+        update.as_change(self);
         let (full, version) = (update.full, update.version);
         let touched = update.touched();
         let service = |t: Option<&(String, Typed)>| match t {
@@ -1740,7 +1853,7 @@ mod tests {
                 removed,
                 more,
             };
-            assert_eq!(pending.add(part), !more, "part {i}");
+            assert_eq!(pending.add(part, &parted), !more, "part {i}");
             if more {
                 // Nothing is applied before the last part: the proxy serves the old config.
                 assert!(snap.services.contains_key("demo/old"));
@@ -1960,6 +2073,75 @@ mod tests {
             assert!(Arc::ptr_eq(s, svc) && i == j, "{addr}");
         }
         (snap, rejected)
+    }
+
+    #[test]
+    fn a_full_update_again_leaves_what_the_proxy_holds_as_it_is() {
+        let versioned = |mut r: pb::Resource, version: &str| {
+            r.version = version.into();
+            r
+        };
+        let other = versioned(service_resource("other", "127.0.0.1:9"), "o1");
+        let held = vec![
+            versioned(head_resource(80), "h80"),
+            part_resource("east", &["127.0.0.1:80", "127.0.0.2:80"]),
+            part_resource("west", &["127.0.0.3:80"]),
+            other.clone(),
+        ];
+        // What a proxy that held nothing makes of a full update: the old way, everything anew.
+        let anew = |version, resources: &[pb::Resource]| {
+            let mut fresh = Resources::default();
+            let (snap, rejected) = fresh.update(&Snapshot::default(), update(version, true, resources.to_vec(), &[]));
+            assert!(rejected.is_empty(), "{rejected:?}");
+            shape(&snap)
+        };
+        let mut r = Resources::default();
+        let (snap, _) = checked(&mut r, &Snapshot::default(), update(1, true, held.clone(), &[]));
+        // The controller restarted: the same resources, the same versions. Nothing is converted
+        // again, and the proxy keeps the very entries it held.
+        let mut pending = r.pending();
+        assert!(pending.add(update(1, true, held.clone(), &[]), &r));
+        assert_eq!((pending.received(), pending.unchanged()), (4, 4));
+        let (again, rejected) = r.update_with(&snap, pending);
+        assert!(rejected.is_empty());
+        for key in ["demo/echo", "demo/other"] {
+            assert!(Arc::ptr_eq(&again.services[key], &snap.services[key]), "{key}");
+        }
+        assert_eq!(shape(&again), anew(1, &held));
+        // East's endpoints changed, west and `other` are gone, `new` came: removed what it does
+        // not name, as a full update always did, and east joined to the service it held.
+        let changed = vec![
+            versioned(head_resource(80), "h80"),
+            part_resource("east", &["127.0.0.4:80"]),
+            versioned(service_resource("new", "127.0.0.1:7"), "n1"),
+        ];
+        let (snap, rejected) = checked(&mut r, &again, update(2, true, changed.clone(), &[]));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(shape(&snap), anew(2, &changed));
+        assert_eq!(
+            echo(&snap).0,
+            [("127.0.0.4:80".to_string(), "w-127.0.0.4:80".to_string())]
+        );
+        assert!(!snap.services.contains_key("demo/other") && snap.services.contains_key("demo/new"));
+        // The service's own fields changed, its parts not: the new fields with the endpoints held.
+        let fields = vec![
+            versioned(head_resource(81), "h81"),
+            part_resource("east", &["127.0.0.4:80"]),
+            versioned(service_resource("new", "127.0.0.1:7"), "n1"),
+        ];
+        let (snap, _) = checked(&mut r, &snap, update(3, true, fields.clone(), &[]));
+        assert_eq!(shape(&snap), anew(3, &fields));
+        assert_eq!(snap.services["demo/echo"].ports[0].port, 81);
+        assert_eq!(echo(&snap).0.len(), 1);
+        // A bad resource in a full update keeps its last good version, as before.
+        let bad = vec![
+            versioned(head_resource(81), "h81"),
+            part_resource("east", &["not-an-address"]),
+            versioned(service_resource("new", "127.0.0.1:7"), "n1"),
+        ];
+        let (snap, rejected) = checked(&mut r, &snap, update(4, true, bad, &[]));
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(echo(&snap).0[0].0, "127.0.0.4:80");
     }
 
     #[test]

@@ -108,12 +108,13 @@ impl XdsClient {
         self.metrics.connected.set(1);
         let mut pending = resources.pending();
         while let Some(part) = inbound.message().await? {
-            if !pending.add(part) {
+            if !pending.add(part, resources) {
                 continue;
             }
             let update = std::mem::take(&mut pending);
             let prev = tx.borrow().clone();
             let (version, received, parts, full) = (update.version(), update.received(), update.parts(), update.full());
+            let unchanged = update.unchanged();
             let (snapshot, rejected) = resources.update_with(&prev, update);
             pending = resources.pending();
             drop(prev);
@@ -135,6 +136,7 @@ impl XdsClient {
                 tracing::info!(
                     version,
                     applied,
+                    unchanged,
                     rejected = rejected.len(),
                     parts,
                     "full config applied"
