@@ -80,7 +80,7 @@ pub struct Report {
     /// Each sidecar's heap at the end of the churn (`strait_memory_allocated_bytes`), MiB.
     pub sidecar_heap_mib: Vec<f64>,
     /// Each sidecar's RSS at the very end, after every controller restarted (each sidecar was
-    /// sent the whole catalog again and applied it beside the one it held), MiB.
+    /// sent the whole catalog again), MiB.
     pub sidecar_rss_after_restart_mib: Vec<f64>,
     /// Each sidecar's peak RSS over the run (`VmHWM`; the bench's reads of its `/config`, a
     /// dump of the whole catalog, included), MiB.
@@ -413,6 +413,15 @@ async fn restart_controllers(
     let sessions_before = seen.lock().unwrap().sessions.clone();
     for c in clusters {
         mesh.kill9(pids[*c]);
+        // `kill9` gives up after 5 s: a controller still there holds its ports, and its
+        // successor could not bind them.
+        if let Some(st) = crate::mesh::process_state(format!("/proc/{}/stat", pids[*c]).as_ref()) {
+            anyhow::ensure!(
+                matches!(st, 'Z' | 'X'),
+                "the controller of cluster {c} (pid {}) is still there 5 s after kill -9 (state {st})",
+                pids[*c]
+            );
+        }
     }
     let killed_at = Instant::now();
     for c in clusters {
@@ -427,6 +436,31 @@ async fn restart_controllers(
                 .all(|c| s.sessions[*c] > sessions_before[*c] && s.endpoints[*c] >= want)
             {
                 break killed_at.elapsed();
+            }
+            // A restarted controller that exited at once (it could not bind a port, say) is
+            // reported now, with its log and who holds its admin port, not after the wait.
+            for c in clusters {
+                let controller = &mesh.info.clusters[*c].controller;
+                let st = crate::mesh::process_state(format!("/proc/{}/stat", pids[*c]).as_ref());
+                if st.is_none() || st == Some('Z') {
+                    let text = std::fs::read_to_string(&controller.log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    let port = format!(":{} ", controller.admin_addr.port());
+                    let sockets = std::process::Command::new("ss")
+                        .arg("-tanp")
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
+                    let holders: Vec<&str> = sockets.lines().filter(|l| l.contains(&port)).collect();
+                    anyhow::bail!(
+                        "the restarted controller of cluster {c} (pid {}) exited; the end of {}:\n{}\nsockets on its admin port {}:\n{}",
+                        pids[*c],
+                        controller.log.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                        controller.admin_addr,
+                        holders.join("\n")
+                    );
+                }
             }
             if killed_at.elapsed() > Duration::from_secs(180) {
                 // The log of each cluster whose subscriber is not whole, and whether its
@@ -987,7 +1021,7 @@ impl Report {
             mean(&self.sidecar_heap_mib)
         );
         println!(
-            "sidecar RSS at the end, every controller restarted (the whole catalog sent and applied again): mean {:.1} MiB, max {:.1} MiB; peak over the run (VmHWM, this bench's reads of each sidecar's /config dump included): mean {:.1} MiB, max {:.1} MiB",
+            "sidecar RSS at the end, every controller restarted (the whole catalog sent again): mean {:.1} MiB, max {:.1} MiB; peak over the run (VmHWM, this bench's reads of each sidecar's /config dump included): mean {:.1} MiB, max {:.1} MiB",
             mean(&self.sidecar_rss_after_restart_mib),
             max(&self.sidecar_rss_after_restart_mib),
             mean(&self.sidecar_peak_rss_mib),
