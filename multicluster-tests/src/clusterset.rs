@@ -415,7 +415,7 @@ async fn restart_controllers(
         mesh.kill9(pids[*c]);
         // `kill9` gives up after 5 s: a controller still there holds its ports, and its
         // successor could not bind them.
-        if let Some(st) = crate::mesh::process_state(format!("/proc/{}/stat", pids[*c]).as_ref()) {
+        if let Some(st) = pid_state(pids[*c]) {
             anyhow::ensure!(
                 matches!(st, 'Z' | 'X'),
                 "the controller of cluster {c} (pid {}) is still there 5 s after kill -9 (state {st})",
@@ -441,10 +441,8 @@ async fn restart_controllers(
             // reported now, with its log and who holds its admin port, not after the wait.
             for c in clusters {
                 let controller = &mesh.info.clusters[*c].controller;
-                let st = crate::mesh::process_state(format!("/proc/{}/stat", pids[*c]).as_ref());
+                let st = pid_state(pids[*c]);
                 if st.is_none() || st == Some('Z') {
-                    let text = std::fs::read_to_string(&controller.log).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
                     let port = format!(":{} ", controller.admin_addr.port());
                     let sockets = std::process::Command::new("ss")
                         .arg("-tanp")
@@ -456,7 +454,7 @@ async fn restart_controllers(
                         "the restarted controller of cluster {c} (pid {}) exited; the end of {}:\n{}\nsockets on its admin port {}:\n{}",
                         pids[*c],
                         controller.log.display(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                        log_tail(&controller.log),
                         controller.admin_addr,
                         holders.join("\n")
                     );
@@ -470,15 +468,12 @@ async fn restart_controllers(
                     .filter(|c| !(s.sessions[**c] > sessions_before[**c] && s.endpoints[**c] >= want))
                     .map(|c| {
                         let log = &mesh.info.clusters[*c].controller.log;
-                        let text = std::fs::read_to_string(log).unwrap_or_default();
-                        let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                        let state = crate::mesh::process_state(format!("/proc/{}/stat", pids[*c]).as_ref())
-                            .map_or("gone".to_string(), |st| format!("state {st}"));
+                        let state = pid_state(pids[*c]).map_or("gone".to_string(), |st| format!("state {st}"));
                         format!(
                             "cluster {c}: controller pid {} {state}; the end of {}:\n{}",
                             pids[*c],
                             log.display(),
-                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                            log_tail(log)
                         )
                     })
                     .collect();
@@ -496,6 +491,18 @@ async fn restart_controllers(
         tokio::time::sleep(rest).await;
     }
     Ok((resync, sent_since(&before, &peering_sent(admins).await, clusters)))
+}
+
+/// A process's state letter (`R`, `S`, `Z`, ...), or `None` once it is gone.
+fn pid_state(pid: u32) -> Option<char> {
+    crate::mesh::process_state(format!("/proc/{pid}/stat").as_ref())
+}
+
+/// The last 15 lines of a process's log (for a failure's message).
+fn log_tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// `d`, or 0 when negative; unlike `f64::max`, a missing figure (NaN) stays missing.
