@@ -762,6 +762,11 @@ impl Pending {
         self.unchanged.len()
     }
 
+    /// How many names the update removes.
+    pub fn removed(&self) -> usize {
+        self.removed.len()
+    }
+
     /// A full update to a proxy that held some of it already, as the change it makes: what
     /// `held` holds and the update does not name (a resource, or one cluster's endpoints of a
     /// service) is removed, what it names unchanged is left alone. Applied so, the services
@@ -863,6 +868,36 @@ impl Resources {
         let mut pending = self.pending();
         pending.add(update, self);
         pending
+    }
+
+    /// What these resources hold, as a proxy says it in `Hello.held`: each resource's name and
+    /// version ([`fingerprint`]), and each cluster's endpoints of a service held in parts
+    /// (`endpoints/<ns>/<name>/<cluster>`, the version of the part they came in). Empty when
+    /// the list would take more than `max_bytes` encoded: the controller then sends the whole
+    /// state, as it does on a first connect.
+    pub fn held(&self, max_bytes: usize) -> Vec<pb::Held> {
+        let mut out = Vec::with_capacity(self.entries.len());
+        for (name, (version, typed)) in &self.entries {
+            // A resource without a version is listed too (so that the controller removes it
+            // when it no longer has it); the controller never takes it as held.
+            out.push(pb::Held {
+                name: name.clone(),
+                version: fingerprint(version),
+            });
+            if let Typed::Service(svc) = typed {
+                let service = name.strip_prefix("service/").unwrap_or(name);
+                out.extend(svc.spans.iter().map(|span| pb::Held {
+                    name: format!("endpoints/{service}/{}", span.cluster),
+                    version: span.version,
+                }));
+            }
+        }
+        // Each entry's tag and length, its name's, and the fixed64's.
+        let bytes: usize = out.iter().map(|h| h.name.len() + 14).sum();
+        if bytes > max_bytes {
+            return vec![];
+        }
+        out
     }
 
     /// Whether these resources hold `name` at `version` (one cluster's endpoints of a
@@ -2142,6 +2177,42 @@ mod tests {
         let (snap, rejected) = checked(&mut r, &snap, update(4, true, bad, &[]));
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert_eq!(echo(&snap).0[0].0, "127.0.0.4:80");
+    }
+
+    /// What a proxy says it holds: each resource at its version and each cluster's endpoints
+    /// of a service held in parts at the version of the part they came in, in name order; as
+    /// much as fits, or nothing.
+    #[test]
+    fn a_proxy_lists_what_it_holds_with_each_part() {
+        let mut head = head_resource(80);
+        head.version = "00000000000000a1".into();
+        let mut other = service_resource("other", "127.0.0.1:9");
+        other.version = "o1".into();
+        let mut r = Resources::default();
+        r.apply(update(
+            1,
+            true,
+            vec![
+                head,
+                part_resource("east", &["127.0.0.1:80"]),
+                part_resource("west", &["127.0.0.3:80"]),
+                other,
+            ],
+            &[],
+        ));
+        let held: Vec<(String, u64)> = r.held(usize::MAX).into_iter().map(|h| (h.name, h.version)).collect();
+        assert_eq!(
+            held,
+            [
+                ("service/demo/echo".to_string(), 0xa1),
+                ("endpoints/demo/echo/east".to_string(), fingerprint("127.0.0.1:80")),
+                ("endpoints/demo/echo/west".to_string(), fingerprint("127.0.0.3:80")),
+                ("service/demo/other".to_string(), fingerprint("o1")),
+            ]
+        );
+        // Each entry is its name and 14 bytes: 4 names of 17, 24, 24 and 18 bytes.
+        assert_eq!(r.held(83 + 4 * 14).len(), 4);
+        assert!(r.held(83 + 4 * 14 - 1).is_empty(), "more than fits: nothing");
     }
 
     #[test]

@@ -51,6 +51,11 @@ impl XdsMetrics {
     }
 }
 
+/// The most a proxy's `Hello.held` may take encoded; a proxy holding more says nothing of what
+/// it holds and is sent the whole state. 2 MiB lists about 45,000 resources (50 clusters × 300
+/// services in parts take 15,300); the controller reads a Hello of up to 4 MiB.
+pub const HELD_BYTES: usize = 2 << 20;
+
 pub struct XdsClient {
     /// `host:port` of the controller.
     pub controller: String,
@@ -96,6 +101,11 @@ impl XdsClient {
         hello.have_version = tx.borrow().version;
         hello.accepts_parts = true;
         hello.accepts_endpoint_parts = true;
+        // What it holds, so that the controller sends only what differs from it (a reconnect,
+        // or a controller that restarted, would otherwise send the whole catalog again to
+        // every proxy at once).
+        hello.held = resources.held(HELD_BYTES);
+        let held = hello.held.len();
         let _ = out_tx
             .send(pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Hello(hello)),
@@ -107,6 +117,7 @@ impl XdsClient {
             .into_inner();
         self.metrics.connected.set(1);
         let mut pending = resources.pending();
+        let mut first = true;
         while let Some(part) = inbound.message().await? {
             if !pending.add(part, resources) {
                 continue;
@@ -114,7 +125,7 @@ impl XdsClient {
             let update = std::mem::take(&mut pending);
             let prev = tx.borrow().clone();
             let (version, received, parts, full) = (update.version(), update.received(), update.parts(), update.full());
-            let unchanged = update.unchanged();
+            let (unchanged, removed) = (update.unchanged(), update.removed());
             let (snapshot, rejected) = resources.update_with(&prev, update);
             pending = resources.pending();
             drop(prev);
@@ -141,9 +152,21 @@ impl XdsClient {
                     parts,
                     "full config applied"
                 );
+            } else if first && held > 0 {
+                // The controller read what the proxy said it held and sent only the difference.
+                tracing::info!(
+                    version,
+                    held,
+                    applied,
+                    removed,
+                    rejected = rejected.len(),
+                    parts,
+                    "config resumed: only what differs from what this proxy held was sent"
+                );
             } else {
                 tracing::debug!(version, applied, rejected = rejected.len(), "config applied");
             }
+            first = false;
             tx.send_replace(Arc::new(snapshot));
             let ack = pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Ack(pb::Ack { version, rejected })),

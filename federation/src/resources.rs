@@ -1293,6 +1293,51 @@ pub fn in_parts(sent: &Resources, changed: Vec<&Arc<Built>>, mut removed: Vec<St
     (out, removed)
 }
 
+/// What a proxy that says it holds `held` (its `Hello.held`, name to version as
+/// [`strait_api::snapshot::fingerprint`] makes it) is sent as its first update instead of the
+/// whole state `all` (every resource it takes, as [`diff`] gives them against nothing): each
+/// resource it does not hold at its version, and the names it holds that are no longer there,
+/// in name order. A service in parts, for a proxy that takes them (`parts`), goes as
+/// [`in_parts`] sends it: its fields and every cluster's endpoints when it does not hold its
+/// fields' version, else only the clusters' endpoints it does not hold. A resource without a
+/// version is never taken as held.
+pub fn resume(all: Vec<&Arc<Built>>, held: &HashMap<String, u64>, parts: bool) -> (Vec<Bytes>, Vec<String>) {
+    use strait_api::snapshot::fingerprint;
+    let holds = |name: &str, version: &str| !version.is_empty() && held.get(name) == Some(&fingerprint(version));
+    let mut out = vec![];
+    let mut named: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(held.len());
+    for r in all {
+        match r.split.as_deref().filter(|_| parts) {
+            Some(split) => {
+                named.insert(&split.head.name);
+                let fields_same = holds(&split.head.name, &split.head.version);
+                if !fields_same {
+                    out.push(split.head.wire().clone());
+                }
+                for p in &split.parts {
+                    named.insert(&p.name);
+                    if !fields_same || !holds(&p.name, &p.version) {
+                        out.push(p.wire().clone());
+                    }
+                }
+            }
+            None => {
+                named.insert(&r.name);
+                if !holds(&r.name, &r.version) {
+                    out.push(r.wire().clone());
+                }
+            }
+        }
+    }
+    let mut removed: Vec<String> = held
+        .keys()
+        .filter(|name| !named.contains(name.as_str()))
+        .cloned()
+        .collect();
+    removed.sort_unstable();
+    (out, removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2215,10 +2260,14 @@ mod tests {
         }
 
         fn apply(&mut self, wire: &[Bytes], removed: Vec<String>) {
+            self.apply_as(self.version == 0, wire, removed)
+        }
+
+        fn apply_as(&mut self, full: bool, wire: &[Bytes], removed: Vec<String>) {
             self.version += 1;
             let update = pb::ConfigUpdate {
                 version: self.version,
-                full: self.version == 1,
+                full,
                 resources: wire.iter().map(|b| pb::Resource::decode(b.clone()).unwrap()).collect(),
                 removed,
                 more: false,
@@ -2272,8 +2321,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_proxy_given_services_in_parts_holds_what_one_given_them_whole_holds() {
+    /// A catalog at five steps: demo/echo exported by two clusters, then one cluster's
+    /// endpoints changed, one cluster gone, back with another port, and echo gone; demo/other
+    /// the same throughout.
+    fn echo_steps() -> Vec<Merged> {
         let export = |cluster: &str, n: usize, ready: bool| {
             Arc::new(pb::ExportedService {
                 identities: vec!["spiffe://mesh.local/ns/demo/sa/echo".into()],
@@ -2306,7 +2357,7 @@ mod tests {
         });
         // West exported first: the whole form lists west's endpoints first, parts east's.
         let (west, east) = (export("westcluster", 2, true), export("east", 3, true));
-        let steps: Vec<Merged> = vec![
+        vec![
             BTreeMap::from([
                 (
                     "demo/echo".into(),
@@ -2343,7 +2394,12 @@ mod tests {
             ]),
             // The service goes, with its parts.
             BTreeMap::from([("demo/other".into(), other)]),
-        ];
+        ]
+    }
+
+    #[test]
+    fn a_proxy_given_services_in_parts_holds_what_one_given_them_whole_holds() {
+        let steps = echo_steps();
         let (policy, objects) = (pb::LocalityPolicy::default(), Default::default());
         let (mut whole_proxy, mut parts_proxy) = (Proxy::new(), Proxy::new());
         let mut sent = Resources::default();
@@ -2409,5 +2465,105 @@ mod tests {
             identities.iter().map(|i| i.as_ref().map(west_id)).collect::<Vec<_>>(),
             [Some(true), Some(true), Some(false), Some(true), None]
         );
+    }
+
+    /// A proxy that held the state of any step and says so is sent, by [`resume`], what makes
+    /// it hold the state of any other step exactly as a proxy sent that whole state does: in
+    /// parts or whole, and nothing at all when it holds the state already.
+    #[test]
+    fn a_proxy_that_says_what_it_holds_is_sent_only_what_differs() {
+        let steps = echo_steps();
+        let (policy, objects) = (pb::LocalityPolicy::default(), Default::default());
+        let mut memo = BuildMemo::new("east");
+        let states: Vec<Resources> = steps
+            .iter()
+            .map(|merged| build_with(&mut memo, merged, MergeChange::ANY, &inputs(&[], &policy, &objects)))
+            .collect();
+        let sidecar = |name: &str| !gateway_only(name);
+        let nothing = Resources::default();
+        let all = |i: usize| diff(&nothing, &states[i], sidecar).0;
+        // A proxy sent state `i` whole (in parts or not), as on a first connect.
+        let first = |i: usize, parts: bool| {
+            let mut proxy = Proxy::new();
+            let (wire, removed) = if parts {
+                in_parts(&nothing, all(i), vec![])
+            } else {
+                (all(i).iter().map(|r| r.wire().clone()).collect(), vec![])
+            };
+            proxy.apply(&wire, removed);
+            proxy
+        };
+        let names = |wire: &[Bytes]| -> Vec<String> {
+            wire.iter()
+                .map(|b| pb::Resource::decode(b.clone()).unwrap().name)
+                .collect()
+        };
+        for parts in [true, false] {
+            for from in 0..states.len() {
+                for to in 0..states.len() {
+                    let mut proxy = first(from, parts);
+                    let held: HashMap<String, u64> = proxy
+                        .resources
+                        .held(usize::MAX)
+                        .into_iter()
+                        .map(|h| (h.name, h.version))
+                        .collect();
+                    let (wire, removed) = resume(all(to), &held, parts);
+                    if from == to {
+                        assert!(
+                            wire.is_empty() && removed.is_empty(),
+                            "step {from} again (parts {parts}): {:?} {removed:?}",
+                            names(&wire)
+                        );
+                    }
+                    if parts && (from, to) == (0, 1) {
+                        // East's endpoints changed: they alone.
+                        assert_eq!(names(&wire), ["endpoints/demo/echo/east"]);
+                        assert!(removed.is_empty());
+                    }
+                    if parts && (from, to) == (1, 3) {
+                        // The service's fields changed: sent with every part, as the config
+                        // stream's contract has it (east's is the one held).
+                        assert_eq!(
+                            names(&wire),
+                            [
+                                "service/demo/echo",
+                                "endpoints/demo/echo/east",
+                                "endpoints/demo/echo/westcluster"
+                            ]
+                        );
+                    }
+                    if parts && (from, to) == (3, 4) {
+                        assert!(wire.is_empty());
+                        assert_eq!(
+                            removed,
+                            [
+                                "endpoints/demo/echo/east",
+                                "endpoints/demo/echo/westcluster",
+                                "service/demo/echo"
+                            ]
+                        );
+                    }
+                    proxy.apply_as(false, &wire, removed);
+                    assert_eq!(
+                        proxy.services(),
+                        first(to, parts).services(),
+                        "from step {from} to {to} (parts {parts})"
+                    );
+                    assert_eq!(
+                        proxy.resources.held(usize::MAX),
+                        first(to, parts).resources.held(usize::MAX),
+                        "from step {from} to {to} (parts {parts}): what it holds"
+                    );
+                }
+            }
+        }
+        // A resource held without a version is never taken as held.
+        let held: HashMap<String, u64> =
+            [("policy/locality".to_string(), strait_api::snapshot::fingerprint(""))].into();
+        let mut unversioned = (*states[0]["policy/locality"]).clone();
+        unversioned.version = String::new();
+        let (wire, removed) = resume(vec![&Arc::new(unversioned)], &held, true);
+        assert_eq!((names(&wire), removed), (vec!["policy/locality".to_string()], vec![]));
     }
 }

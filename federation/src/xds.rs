@@ -1,7 +1,7 @@
 //! The controller side of the config stream: every connected proxy gets the full state, then
 //! only what changed, and its ACKs and NACKs are recorded (and shown by `strait status`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::Key;
-use crate::resources::{diff, gateway_only, in_parts, sidecar_only, Built, ConfigState, Resources};
+use crate::resources::{diff, gateway_only, in_parts, resume, sidecar_only, Built, ConfigState, Resources};
 
 /// What the controller knows of one connected proxy.
 #[derive(Clone, Debug, Serialize)]
@@ -40,6 +40,40 @@ pub struct XdsServer {
     proxies: Arc<Mutex<BTreeMap<String, ProxyStatus>>>,
     connected: IntGauge,
     acks: IntCounterVec,
+    sent: SentMetrics,
+}
+
+/// What the controller sent proxies, by update: `full` (the whole state, on a proxy's first
+/// connect), `resumed` (the first update to a proxy that said what it held: only what differs)
+/// and `change`.
+#[derive(Clone)]
+struct SentMetrics {
+    updates: IntCounterVec,
+    bytes: IntCounterVec,
+}
+
+impl SentMetrics {
+    fn new(registry: &Registry) -> Self {
+        let updates = IntCounterVec::new(
+            Opts::new(
+                "strait_config_sent_updates_total",
+                "Config updates sent to proxies, by update (full, resumed or change)",
+            ),
+            &["update"],
+        )
+        .expect("valid metric");
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "strait_config_sent_bytes_total",
+                "Encoded bytes of the config updates sent to proxies, by update (full, resumed or change)",
+            ),
+            &["update"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(updates.clone()));
+        let _ = registry.register(Box::new(bytes.clone()));
+        SentMetrics { updates, bytes }
+    }
 }
 
 impl XdsServer {
@@ -64,6 +98,7 @@ impl XdsServer {
             proxies: Arc::default(),
             connected,
             acks,
+            sent: SentMetrics::new(registry),
         }
     }
 
@@ -86,7 +121,7 @@ impl ConfigService for XdsServer {
             Status::unauthenticated("the config stream needs a client certificate from this mesh's CA")
         })?;
         let mut inbound = req.into_inner();
-        let hello = match inbound.message().await? {
+        let mut hello = match inbound.message().await? {
             Some(pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Hello(h)),
             }) => h,
@@ -107,12 +142,20 @@ impl ConfigService for XdsServer {
             )));
         }
         let key = format!("{}/{}", hello.kind, hello.node);
-        tracing::info!(node = %hello.node, kind = %hello.kind, %identity, "proxy subscribed");
+        tracing::info!(node = %hello.node, kind = %hello.kind, %identity, held = hello.held.len(), "proxy subscribed");
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut state = self.state.clone();
         let proxies = self.proxies.clone();
         let connected = self.connected.clone();
         let acks = self.acks.clone();
+        let sent_metrics = self.sent.clone();
+        // What the proxy says it holds: its first update is what differs from it.
+        let mut held: Option<HashMap<String, u64>> = (!hello.held.is_empty()).then(|| {
+            std::mem::take(&mut hello.held)
+                .into_iter()
+                .map(|h| (h.name, h.version))
+                .collect()
+        });
         proxies.lock().map_err(|_| Status::internal("lock"))?.insert(
             key.clone(),
             ProxyStatus {
@@ -145,8 +188,22 @@ impl ConfigService for XdsServer {
                 };
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty() || !newly.is_empty()) {
+                    // On the first send `sent` is empty, so `changed` is the whole state: to a
+                    // proxy that said what it holds, only what differs from that goes.
+                    let resumed = held.take().filter(|_| first);
+                    let update = match (&resumed, first) {
+                        (Some(_), _) => "resumed",
+                        (None, true) => "full",
+                        (None, false) => "change",
+                    };
                     // Encoded once when built; every proxy's stream shares the bytes.
-                    let (changed, removed) = if hello.accepts_endpoint_parts {
+                    let (changed, removed) = if let Some(held) = &resumed {
+                        resume(
+                            changed.into_iter().chain(newly).collect(),
+                            held,
+                            hello.accepts_endpoint_parts,
+                        )
+                    } else if hello.accepts_endpoint_parts {
                         let (mut out, removed) = in_parts(&sent.resources, changed, removed);
                         out.extend(in_parts(&Resources::default(), newly, vec![]).0);
                         (out, removed)
@@ -156,11 +213,13 @@ impl ConfigService for XdsServer {
                             removed,
                         )
                     };
-                    let mut parts = Parts::new(current.version, first, hello.accepts_parts);
+                    drop(resumed);
+                    let mut parts = Parts::new(current.version, update == "full", hello.accepts_parts);
                     let mut gone = false;
-                    // On the first send `sent` is empty, so `changed` is the whole state.
+                    let mut bytes = 0;
                     for r in changed {
                         if let Some(part) = parts.push(r) {
+                            bytes += prost::Message::encoded_len(&part);
                             gone = tx.send(Ok(part)).await.is_err();
                             if gone {
                                 break;
@@ -169,9 +228,13 @@ impl ConfigService for XdsServer {
                     }
                     first = false;
                     sent = current.clone();
-                    if gone || tx.send(Ok(parts.last(removed))).await.is_err() {
+                    let last = parts.last(removed);
+                    bytes += prost::Message::encoded_len(&last);
+                    if gone || tx.send(Ok(last)).await.is_err() {
                         break;
                     }
+                    sent_metrics.updates.with_label_values(&[update]).inc();
+                    sent_metrics.bytes.with_label_values(&[update]).inc_by(bytes as u64);
                     if let Ok(mut p) = proxies.lock() {
                         if let Some(s) = p.get_mut(&key) {
                             s.sent_version = current.version;

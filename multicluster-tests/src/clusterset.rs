@@ -79,8 +79,8 @@ pub struct Report {
     pub sidecar_rss_mib: Vec<f64>,
     /// Each sidecar's heap at the end of the churn (`strait_memory_allocated_bytes`), MiB.
     pub sidecar_heap_mib: Vec<f64>,
-    /// Each sidecar's RSS at the very end, after every controller restarted (each sidecar was
-    /// sent the whole catalog again), MiB.
+    /// Each sidecar's RSS at the very end, after every controller restarted (each sidecar said
+    /// what it held and was sent what differs from it), MiB.
     pub sidecar_rss_after_restart_mib: Vec<f64>,
     /// Each sidecar's peak RSS over the run (`VmHWM`; the bench's reads of its `/config`, a
     /// dump of the whole catalog, included), MiB.
@@ -105,7 +105,47 @@ pub struct Report {
     pub restart_all_resync: Duration,
     /// ... and the peering bytes of the 10 s after (a storm would be several first syncs).
     pub restart_all_bytes: f64,
+    /// What the restarted controller sent its proxies on the config stream, in the 10 s after
+    /// it was killed ...
+    pub restart_config: ConfigSent,
+    /// ... and what every restarted controller sent.
+    pub restart_all_config: ConfigSent,
     pub policies: PolicyRounds,
+}
+
+/// Config updates a controller sent its proxies (`strait_config_sent_{updates,bytes}_total`),
+/// as (updates, bytes): the whole state to those that said nothing of what they held (the
+/// simulator's probes), only what differs to those that did (every sidecar and gateway).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConfigSent {
+    pub full: (f64, f64),
+    pub resumed: (f64, f64),
+}
+
+impl ConfigSent {
+    /// Read from each controller at `admins` (a restarted controller counts from 0).
+    async fn of(admins: &[std::net::SocketAddr]) -> anyhow::Result<ConfigSent> {
+        let mut sent = ConfigSent::default();
+        for a in admins {
+            let text = scrape(*a).await?;
+            let read = |update: &str| {
+                (
+                    metric_sum(&text, "strait_config_sent_updates_total", &[("update", update)]),
+                    metric_sum(&text, "strait_config_sent_bytes_total", &[("update", update)]),
+                )
+            };
+            let (full, resumed) = (read("full"), read("resumed"));
+            sent.full = (sent.full.0 + full.0, sent.full.1 + full.1);
+            sent.resumed = (sent.resumed.0 + resumed.0, sent.resumed.1 + resumed.1);
+        }
+        Ok(sent)
+    }
+
+    /// Bytes per update, full and resumed.
+    pub fn per_proxy(&self) -> (f64, f64) {
+        let per = |(n, b): (f64, f64)| if n > 0.0 { b / n } else { 0.0 };
+        (per(self.full), per(self.resumed))
+    }
 }
 
 /// What the policy rounds measured, each sorted.
@@ -408,7 +448,7 @@ async fn restart_controllers(
     pids: &mut [u32],
     clusters: &[usize],
     want: usize,
-) -> anyhow::Result<(Duration, f64)> {
+) -> anyhow::Result<(Duration, f64, ConfigSent)> {
     let before = peering_sent(admins).await;
     let sessions_before = seen.lock().unwrap().sessions.clone();
     for c in clusters {
@@ -490,7 +530,12 @@ async fn restart_controllers(
     if let Some(rest) = (killed_at + RESTART_WINDOW).checked_duration_since(Instant::now()) {
         tokio::time::sleep(rest).await;
     }
-    Ok((resync, sent_since(&before, &peering_sent(admins).await, clusters)))
+    let restarted: Vec<std::net::SocketAddr> = clusters.iter().map(|c| admins[*c]).collect();
+    Ok((
+        resync,
+        sent_since(&before, &peering_sent(admins).await, clusters),
+        ConfigSent::of(&restarted).await?,
+    ))
 }
 
 /// A process's state letter (`R`, `S`, `Z`, ...), or `None` once it is gone.
@@ -738,12 +783,13 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     tokio::time::sleep(RESTART_WINDOW).await;
     let quiet_bytes = sent_since(&quiet_before, &peering_sent(&admins).await, &[]);
     let mut pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
-    let (restart_resync, restart_bytes) = restart_controllers(&mut mesh, &seen, &admins, &mut pids, &[0], want).await?;
+    let (restart_resync, restart_bytes, restart_config) =
+        restart_controllers(&mut mesh, &seen, &admins, &mut pids, &[0], want).await?;
 
     // Every controller at once (a control-plane upgrade, a region's power): each resends its
     // exports to each peer once, no more.
     let every: Vec<usize> = (0..n).collect();
-    let (restart_all_resync, restart_all_bytes) =
+    let (restart_all_resync, restart_all_bytes, restart_all_config) =
         restart_controllers(&mut mesh, &seen, &admins, &mut pids, &every, want).await?;
     let sidecar_rss_after_restart_mib = sidecar_pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
     let sidecar_peak_rss_mib = sidecar_pids.iter().map(|p| peak_rss_kib(*p) as f64 / 1024.0).collect();
@@ -768,6 +814,8 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         restart_bytes,
         restart_all_resync,
         restart_all_bytes,
+        restart_config,
+        restart_all_config,
         initial_sync_bytes,
         quiet_bytes,
         policies,
@@ -1096,6 +1144,21 @@ impl Report {
             self.restart_all_bytes,
             self.restart_all_extra() / self.initial_sync_bytes.max(1.0)
         );
+        for (what, c) in [
+            ("the restarted controller", &self.restart_config),
+            ("every restarted controller", &self.restart_all_config),
+        ] {
+            let (full, resumed) = c.per_proxy();
+            println!(
+                "config stream after the restart, {what}: {:.0} proxies said what they held and were sent {:.0} B each ({:.0} B in all); {:.0} said nothing and were sent the whole state, {:.0} B each ({:.3} of it per proxy)",
+                c.resumed.0,
+                resumed,
+                c.resumed.1,
+                c.full.0,
+                full,
+                resumed / full.max(1.0)
+            );
+        }
     }
 
     pub fn figures(&self) -> Figures {
@@ -1192,6 +1255,20 @@ impl Report {
             Some(1.0),
         );
         f.add("initial_sync.peering_bytes", self.initial_sync_bytes, "B");
+        for (key, c) in [
+            ("restart", &self.restart_config),
+            ("restart_all", &self.restart_all_config),
+        ] {
+            let (full, resumed) = c.per_proxy();
+            f.add(&format!("{key}.config_resumed_proxies"), c.resumed.0, "proxies");
+            f.add(&format!("{key}.config_resumed_bytes_per_proxy"), resumed, "B");
+            f.add(&format!("{key}.config_full_bytes_per_proxy"), full, "B");
+            f.ratio(
+                &format!("{key}.config_resumed_over_full"),
+                resumed / full.max(1.0),
+                None,
+            );
+        }
         f.ratio(
             "restart.extra_bytes_over_initial_sync",
             self.restart_extra() / self.initial_sync_bytes.max(1.0),

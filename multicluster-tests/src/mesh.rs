@@ -97,6 +97,9 @@ pub struct WorkloadInfo {
     /// The executable the sidecar runs: `strait-sidecar` beside `strait` when it was built.
     #[serde(default)]
     pub sidecar_program: Option<PathBuf>,
+    /// Its arguments (`Mesh::restart_program` starts it again with them).
+    #[serde(default)]
+    pub sidecar_command: Vec<String>,
     #[serde(default)]
     pub app_log: Option<PathBuf>,
     /// `demo` or `command` (the topology gave the workload's own program).
@@ -408,10 +411,38 @@ impl Mesh {
             .unwrap_or_default()
     }
 
+    /// The variables of a running process's environment whose names start with `prefix`
+    /// (`/proc/<pid>/environ`): what `strait up` gave it, to start it again with.
+    pub fn environment(pid: u32, prefix: &str) -> Vec<(String, String)> {
+        std::fs::read(format!("/proc/{pid}/environ"))
+            .unwrap_or_default()
+            .split(|b| *b == 0)
+            .filter_map(|v| {
+                let (k, v) = std::str::from_utf8(v).ok()?.split_once('=')?;
+                k.starts_with(prefix).then(|| (k.to_string(), v.to_string()))
+            })
+            .collect()
+    }
+
     /// Starts a component again with the command `strait up` reported for it; returns its pid.
     pub fn restart(&mut self, command: &[String], log: Option<&std::path::Path>) -> anyhow::Result<u32> {
-        let mut cmd = Command::new(strait_bin());
-        cmd.args(command).stdin(Stdio::null()).kill_on_drop(true);
+        self.restart_program(&strait_bin(), command, &[], log)
+    }
+
+    /// [`Mesh::restart`] of a component that runs another executable (a sidecar's
+    /// `sidecar_program`), with `env` beside the test's environment (a sidecar's join token).
+    pub fn restart_program(
+        &mut self,
+        program: &std::path::Path,
+        command: &[String],
+        env: &[(String, String)],
+        log: Option<&std::path::Path>,
+    ) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(program);
+        cmd.args(command)
+            .envs(env.iter().cloned())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         match log {
             Some(l) => {
                 let f = std::fs::OpenOptions::new().append(true).create(true).open(l)?;

@@ -265,6 +265,24 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         report.restart_all_extra(),
         report.initial_sync_bytes
     );
+    // On the config stream, every sidecar and gateway of a restarted controller said what it
+    // held and was sent only what differs from it; the probes, which say nothing, the whole
+    // state. What differs (the churn had ended) is a small part of the whole.
+    let proxies = |clusters: usize| (clusters * (size.sidecars + 1)) as f64;
+    for (what, sent, clusters) in [
+        ("one controller", report.restart_config, 1),
+        ("every controller", report.restart_all_config, size.clusters),
+    ] {
+        let (full, resumed) = sent.per_proxy();
+        assert!(
+            sent.resumed.0 >= proxies(clusters) && sent.full.0 >= clusters as f64,
+            "{what} restarted: {sent:?}"
+        );
+        assert!(
+            resumed < 0.5 * full,
+            "{what} restarted: {resumed} bytes to each proxy that said what it held, {full} to each that did not"
+        );
+    }
     let doc = report.figures().to_json();
     for key in [
         "change_to_ack.p99",
@@ -274,6 +292,8 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         "policy_to_scoped_out.max",
         "policy_edit_to_ack.p99",
         "policy_edit_regained",
+        "restart.config_resumed_bytes_per_proxy",
+        "restart_all.config_resumed_bytes_per_proxy",
     ] {
         assert!(doc["figures"][key]["value"].is_number(), "{key} missing in {doc}");
     }
@@ -591,9 +611,10 @@ async fn sidecar_settles(w: &WorkloadInfo, svc: &str, want: bool) {
 /// One service of 60,000 endpoints (about 100 bytes each on the wire): its export (peering)
 /// and the sidecars' config stream each carry it in one message of about 6 MB, larger than
 /// gRPC's default limit of 4 MiB; it still reaches a sidecar in the other cluster whole. Then
-/// that cluster's controller restarts: its sidecar subscribes again and is sent the whole
-/// catalog as one update in parts (the resources before the big service, the big service
-/// alone, the rest), and holds all of it again and calls through it.
+/// that cluster's controller restarts: its sidecar subscribes again, says what it holds, and is
+/// sent only what differs (not the 6 MB again). Then the sidecar itself restarts, holding
+/// nothing: it is sent the whole catalog as one update in parts (the resources before the big
+/// service, the big service alone, the rest). Each time it holds all of it and calls through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar() {
     const ENDPOINTS: usize = 60_000;
@@ -659,7 +680,8 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
         "strait_memory_allocated_bytes {heap} (RSS {rss} bytes)"
     );
 
-    // West's controller restarts; its sidecar gets the whole catalog again, in parts.
+    // West's controller restarts; its sidecar and gateway say what they hold and are sent what
+    // differs from it.
     let controller = mesh.cluster("west").controller.clone();
     mesh.kill9(controller.pid);
     mesh.restart(&controller.command, Some(&controller.log)).unwrap();
@@ -683,4 +705,38 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
     .await;
     assert!(acked.is_ok(), "{acked:?}");
     holds_all_and_calls("after its controller restarted").await;
+    let sent = scrape(controller.admin_addr).await.unwrap();
+    let sent = |what: &str, update: &str| metric_sum(&sent, what, &[("update", update)]);
+    let (resumed, resumed_bytes) = (
+        sent("strait_config_sent_updates_total", "resumed"),
+        sent("strait_config_sent_bytes_total", "resumed"),
+    );
+    assert!(
+        resumed >= 2.0 && sent("strait_config_sent_updates_total", "full") == 0.0 && resumed_bytes < 1e6,
+        "the restarted controller sent {resumed} resumed updates ({resumed_bytes} bytes) and {} full ones",
+        sent("strait_config_sent_updates_total", "full")
+    );
+
+    // The sidecar restarts (kill -9, then its own command): it holds nothing, and is sent the
+    // whole state, the big service alone in a part.
+    // (Its join token and log filter, as `strait up` gave them; not the order to exit with its
+    // parent's stdin, which the test does not give it.)
+    let mut env = Mesh::environment(west.sidecar_pid, "STRAIT_");
+    env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
+    assert!(env.iter().any(|(k, _)| k == "STRAIT_JOIN_TOKEN"), "{env:?}");
+    mesh.kill9(west.sidecar_pid);
+    let program = west.sidecar_program.clone().unwrap_or_else(strait_bin);
+    mesh.restart_program(&program, &west.sidecar_command, &env, Some(&west.sidecar_log))
+        .unwrap();
+    holds_all_and_calls("after the sidecar restarted").await;
+    let log = std::fs::read_to_string(&west.sidecar_log).unwrap();
+    let full = log
+        .lines()
+        .rfind(|l| l.contains("full config applied"))
+        .unwrap_or_default();
+    let parts: usize = full
+        .split_once("parts=")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(parts >= 3, "the restarted sidecar's full update: {full}");
 }
