@@ -181,6 +181,13 @@ pub struct Span {
     pub version: u64,
 }
 
+/// What one entry of `Hello.held` takes encoded in the Hello: its field's tag and length, and
+/// the message (its name and version).
+pub fn held_len(h: &pb::Held) -> usize {
+    let len = prost::Message::encoded_len(h);
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 /// A resource version as a part's [`Span`] holds it, in 8 bytes where the string would take
 /// an allocation per part: the controller's versions (16 hex digits, a digest's first 8 bytes)
 /// as that number, exactly; any other as a 64-bit hash of it.
@@ -892,8 +899,7 @@ impl Resources {
                 }));
             }
         }
-        // Each entry's tag and length, its name's, and the fixed64's.
-        let bytes: usize = out.iter().map(|h| h.name.len() + 14).sum();
+        let bytes: usize = out.iter().map(held_len).sum();
         if bytes > max_bytes {
             return vec![];
         }
@@ -2210,9 +2216,14 @@ mod tests {
                 ("service/demo/other".to_string(), fingerprint("o1")),
             ]
         );
-        // Each entry is its name and 14 bytes: 4 names of 17, 24, 24 and 18 bytes.
-        assert_eq!(r.held(83 + 4 * 14).len(), 4);
-        assert!(r.held(83 + 4 * 14 - 1).is_empty(), "more than fits: nothing");
+        // Each entry is its name and 13 bytes: 4 names of 17, 24, 24 and 18 bytes.
+        let hello = pb::Hello {
+            held: r.held(usize::MAX),
+            ..Default::default()
+        };
+        assert_eq!(prost::Message::encoded_len(&hello), 83 + 4 * 13);
+        assert_eq!(r.held(83 + 4 * 13).len(), 4);
+        assert!(r.held(83 + 4 * 13 - 1).is_empty(), "more than fits: nothing");
     }
 
     #[test]

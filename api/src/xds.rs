@@ -3,7 +3,8 @@
 //! A proxy opens one bidirectional gRPC stream to its controller, says who it is, and receives
 //! versioned updates; it applies each ([`Resources::apply`]), publishes the new snapshot, and
 //! ACKs the version with the names of any resource it refused. When the controller is away the
-//! proxy keeps serving its last snapshot and reconnects with backoff.
+//! proxy keeps serving its last snapshot and reconnects with backoff, saying what it holds
+//! ([`Resources::held`]) so that the controller sends only what differs from it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +107,7 @@ impl XdsClient {
         // every proxy at once).
         hello.held = resources.held(HELD_BYTES);
         let held = hello.held.len();
+        let held_bytes: usize = hello.held.iter().map(crate::snapshot::held_len).sum();
         let _ = out_tx
             .send(pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Hello(hello)),
@@ -157,6 +159,7 @@ impl XdsClient {
                 tracing::info!(
                     version,
                     held,
+                    held_bytes,
                     applied,
                     removed,
                     rejected = rejected.len(),

@@ -1,5 +1,6 @@
-//! The controller side of the config stream: every connected proxy gets the full state, then
-//! only what changed, and its ACKs and NACKs are recorded (and shown by `strait status`).
+//! The controller side of the config stream: every connected proxy gets the full state (or,
+//! when its Hello says what it holds, what differs from that), then only what changed, and its
+//! ACKs and NACKs are recorded (and shown by `strait status`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;

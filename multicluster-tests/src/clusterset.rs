@@ -105,6 +105,9 @@ pub struct Report {
     pub restart_all_resync: Duration,
     /// ... and the peering bytes of the 10 s after (a storm would be several first syncs).
     pub restart_all_bytes: f64,
+    /// What each sidecar's Hello said it held when it last resumed (`held_bytes` of its log's
+    /// last `config resumed` line), bytes; none when no sidecar resumed.
+    pub sidecar_held_bytes: Vec<f64>,
     /// What the restarted controller sent its proxies on the config stream, in the 10 s after
     /// it was killed ...
     pub restart_config: ConfigSent,
@@ -550,6 +553,18 @@ fn log_tail(log: &std::path::Path) -> String {
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
+/// The `held_bytes` of a proxy log's last `config resumed` line: what its Hello said it held.
+fn held_bytes(log: &std::path::Path) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rfind(|l| l.contains("config resumed"))?;
+    line.split_once("held_bytes=")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// `d`, or 0 when negative; unlike `f64::max`, a missing figure (NaN) stays missing.
 fn not_below_zero(d: f64) -> f64 {
     if d < 0.0 {
@@ -793,6 +808,13 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         restart_controllers(&mut mesh, &seen, &admins, &mut pids, &every, want).await?;
     let sidecar_rss_after_restart_mib = sidecar_pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
     let sidecar_peak_rss_mib = sidecar_pids.iter().map(|p| peak_rss_kib(*p) as f64 / 1024.0).collect();
+    let sidecar_held_bytes = mesh
+        .info
+        .clusters
+        .iter()
+        .flat_map(|c| &c.workloads)
+        .filter_map(|w| held_bytes(&w.sidecar_log))
+        .collect();
     Ok(Report {
         changes,
         delays,
@@ -808,6 +830,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         sidecar_heap_mib,
         sidecar_rss_after_restart_mib,
         sidecar_peak_rss_mib,
+        sidecar_held_bytes,
         final_endpoints,
         sidecar_endpoints_wrong,
         restart_resync,
@@ -1076,7 +1099,7 @@ impl Report {
             mean(&self.sidecar_heap_mib)
         );
         println!(
-            "sidecar RSS at the end, every controller restarted (the whole catalog sent again): mean {:.1} MiB, max {:.1} MiB; peak over the run (VmHWM, this bench's reads of each sidecar's /config dump included): mean {:.1} MiB, max {:.1} MiB",
+            "sidecar RSS at the end, every controller restarted (each sidecar sent what differs from what it held): mean {:.1} MiB, max {:.1} MiB; peak over the run (VmHWM, this bench's reads of each sidecar's /config dump included): mean {:.1} MiB, max {:.1} MiB",
             mean(&self.sidecar_rss_after_restart_mib),
             max(&self.sidecar_rss_after_restart_mib),
             mean(&self.sidecar_peak_rss_mib),
@@ -1144,13 +1167,20 @@ impl Report {
             self.restart_all_bytes,
             self.restart_all_extra() / self.initial_sync_bytes.max(1.0)
         );
+        if !self.sidecar_held_bytes.is_empty() {
+            println!(
+                "each sidecar's Hello said what it held in {:.0} B (mean; max {:.0})",
+                mean(&self.sidecar_held_bytes),
+                max(&self.sidecar_held_bytes)
+            );
+        }
         for (what, c) in [
             ("the restarted controller", &self.restart_config),
             ("every restarted controller", &self.restart_all_config),
         ] {
             let (full, resumed) = c.per_proxy();
             println!(
-                "config stream after the restart, {what}: {:.0} proxies said what they held and were sent {:.0} B each ({:.0} B in all); {:.0} said nothing and were sent the whole state, {:.0} B each ({:.3} of it per proxy)",
+                "config stream after the restart, {what}: {:.0} proxies said what they held and were sent {:.0} B each ({:.0} B in all); {:.0} said nothing and were sent the whole state, {:.0} B each ({:.2e} of it per proxy)",
                 c.resumed.0,
                 resumed,
                 c.resumed.1,
@@ -1255,6 +1285,7 @@ impl Report {
             Some(1.0),
         );
         f.add("initial_sync.peering_bytes", self.initial_sync_bytes, "B");
+        f.add("sidecar.held_bytes_mean", mean(&self.sidecar_held_bytes), "B");
         for (key, c) in [
             ("restart", &self.restart_config),
             ("restart_all", &self.restart_all_config),

@@ -283,6 +283,11 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
             "{what} restarted: {resumed} bytes to each proxy that said what it held, {full} to each that did not"
         );
     }
+    assert_eq!(
+        report.sidecar_held_bytes.len(),
+        size.clusters * size.sidecars,
+        "every sidecar logged what it held when it resumed"
+    );
     let doc = report.figures().to_json();
     for key in [
         "change_to_ack.p99",
