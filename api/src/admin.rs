@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -91,8 +92,68 @@ pub fn percent_encode(s: &str) -> String {
 
 pub type JsonView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// A view that writes its JSON itself, for one too large to build as a `serde_json::Value`
-/// first (a tree of maps and strings several times the size of what it describes).
-pub type WrittenView = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+/// first (a tree of maps and strings several times the size of what it describes). It writes on
+/// a thread of its own into a writer that sends the answer to the client in chunks of
+/// [`CHUNK_BYTES`] as the client takes them, so the answer is never held whole (a sidecar's
+/// `/config` of 40,000 endpoints is 6.8 MB); an error (the client gone) ends it.
+pub type WrittenView = Arc<dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()> + Send + Sync>;
+
+/// How much of a [`WrittenView`]'s answer is written before it is sent; two chunks wait at most.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// An admin answer: held whole, or a [`WrittenView`]'s chunks as they are written.
+pub type AdminBody =
+    Either<Full<Bytes>, StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, Infallible>>>>;
+
+/// The writer a [`WrittenView`] is given: it sends each [`CHUNK_BYTES`] written, waiting while
+/// the client is behind.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
+        self.tx
+            .blocking_send(Ok(Frame::data(Bytes::from(chunk))))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client is gone"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// The body of a [`WrittenView`]'s answer: the view runs on a blocking thread and its chunks
+/// come as it writes them.
+fn written(view: &WrittenView) -> AdminBody {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let view = view.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChunkWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK_BYTES),
+        };
+        if let Err(e) = view(&mut w).and_then(|()| std::io::Write::flush(&mut w)) {
+            tracing::debug!(error = %e, "an admin view was not written whole");
+        }
+    });
+    Either::Right(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
 /// A view that reads the request's query string (decoded `key=value` pairs, in order).
 pub type QueryView = Arc<dyn Fn(&[(String, String)]) -> serde_json::Value + Send + Sync>;
 
@@ -139,16 +200,20 @@ impl Admin {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    /// The answer for `path` (a JSON view, `/metrics`, `/ready`, `/healthz`, or 404).
-    pub fn respond(&self, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+    /// The answer for `path` (a JSON view, `/metrics`, `/ready`, `/healthz`, or 404). A written
+    /// view's answer comes as it is written (see [`WrittenView`]): call this on a Tokio runtime.
+    pub fn respond(&self, path: &str, query: Option<&str>) -> Response<AdminBody> {
+        let json = || http::HeaderValue::from_static("application/json");
+        if let Some(view) = self.written_views.get(path) {
+            let mut resp = Response::new(written(view));
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, json());
+            return resp;
+        }
         if let Some(view) = self.query_views.get(path) {
             let pairs = parse_query(query.unwrap_or_default());
             let body = serde_json::to_vec_pretty(&view(&pairs)).unwrap_or_default();
-            let mut resp = Response::new(Full::new(Bytes::from(body)));
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
+            let mut resp = Response::new(Either::Left(Full::new(Bytes::from(body))));
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, json());
             return resp;
         }
         let (status, ctype, body) = match path {
@@ -165,16 +230,15 @@ impl Admin {
                     (StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"not ready\n".to_vec())
                 }
             }
-            other => match (self.views.get(other), self.written_views.get(other)) {
-                (Some(view), _) => {
+            other => match self.views.get(other) {
+                Some(view) => {
                     let body = serde_json::to_vec_pretty(&view()).unwrap_or_default();
                     (StatusCode::OK, "application/json", body)
                 }
-                (None, Some(view)) => (StatusCode::OK, "application/json", view()),
-                (None, None) => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+                None => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
             },
         };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        let mut resp = Response::new(Either::Left(Full::new(Bytes::from(body))));
         *resp.status_mut() = status;
         if let Ok(v) = ctype.parse() {
             resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
@@ -256,5 +320,58 @@ mod tests {
                 ("bad".to_string(), "%zz".to_string()),
             ]
         );
+    }
+
+    /// A written view's answer comes in chunks that add up to what it wrote; a client that
+    /// goes away ends the writing.
+    #[tokio::test]
+    async fn a_written_view_is_sent_in_chunks_as_it_is_written() {
+        use http_body_util::BodyExt;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use super::{Admin, CHUNK_BYTES};
+        // `lines` lines of 1 KiB: 200 are about three chunks.
+        let line = format!("{}\n", "x".repeat(1023));
+        let (written, lines) = (
+            std::sync::Arc::new(AtomicUsize::new(0)),
+            std::sync::Arc::new(AtomicUsize::new(200)),
+        );
+        let (text, count, todo) = (line.clone(), written.clone(), lines.clone());
+        let admin = Admin::new(prometheus::Registry::new()).written_view(
+            "/big",
+            std::sync::Arc::new(move |w: &mut dyn std::io::Write| {
+                for _ in 0..todo.load(Ordering::SeqCst) {
+                    w.write_all(text.as_bytes())?;
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(())
+            }),
+        );
+        let resp = admin.respond("/big", None);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let mut body = resp.into_body();
+        let mut chunks = vec![];
+        while let Some(frame) = body.frame().await {
+            chunks.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(
+            chunks.len(),
+            (200usize * 1024).div_ceil(CHUNK_BYTES),
+            "{} chunks",
+            chunks.len()
+        );
+        assert!(chunks.iter().all(|c| c.len() <= CHUNK_BYTES + line.len()));
+        assert_eq!(chunks.concat(), line.repeat(200).into_bytes());
+
+        // Of 1,000 lines (16 chunks), the client reads one chunk and goes: the view stops at the
+        // first chunk it cannot send (two wait for the client, one is taken), not at the end.
+        written.store(0, Ordering::SeqCst);
+        lines.store(1000, Ordering::SeqCst);
+        let mut body = admin.respond("/big", None).into_body();
+        assert!(body.frame().await.is_some());
+        drop(body);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let n = written.load(Ordering::SeqCst);
+        assert!(n <= 5 * 64, "the view wrote {n} lines for a client that was gone");
     }
 }
