@@ -215,6 +215,7 @@ impl ConfigService for XdsServer {
                         )
                     };
                     drop(resumed);
+                    let (sent_resources, sent_removed) = (changed.len(), removed.len());
                     let mut parts = Parts::new(current.version, update == "full", hello.accepts_parts);
                     let mut gone = false;
                     let mut bytes = 0;
@@ -236,6 +237,9 @@ impl ConfigService for XdsServer {
                     }
                     sent_metrics.updates.with_label_values(&[update]).inc();
                     sent_metrics.bytes.with_label_values(&[update]).inc_by(bytes as u64);
+                    if update == "resumed" {
+                        tracing::info!(node = %key, version = current.version, resources = sent_resources, removed = sent_removed, bytes, "proxy resumed: sent what differs from what it held");
+                    }
                     if let Ok(mut p) = proxies.lock() {
                         if let Some(s) = p.get_mut(&key) {
                             s.sent_version = current.version;
