@@ -468,6 +468,30 @@ async fn restart_controllers(
     }
     let killed_at = Instant::now();
     for c in clusters {
+        // Its addresses free again: the restarted controller binds them at once, and a killed
+        // controller's listeners were seen still bound (with no task of its left running) for
+        // a moment after kill -9 (EADDRINUSE, the scale test's rare failure).
+        let controller = &mesh.info.clusters[*c].controller;
+        let grpc: std::net::SocketAddr = controller.addr.parse()?;
+        for addr in [controller.admin_addr, grpc] {
+            let waited = Instant::now();
+            while std::net::TcpListener::bind(addr).is_err() {
+                anyhow::ensure!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "{addr} of the killed controller of cluster {c} is still bound 10 s after kill -9:\n{}",
+                    sockets_on(addr.port())
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if waited.elapsed() > Duration::from_millis(50) {
+                println!(
+                    "  {addr} of the killed controller of cluster {c} was bound {:.0} ms more",
+                    waited.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        }
+    }
+    for c in clusters {
         let controller = mesh.info.clusters[*c].controller.clone();
         pids[*c] = mesh.restart(&controller.command, Some(&controller.log))?;
     }
@@ -486,20 +510,13 @@ async fn restart_controllers(
                 let controller = &mesh.info.clusters[*c].controller;
                 let st = pid_state(pids[*c]);
                 if st.is_none() || st == Some('Z') {
-                    let port = format!(":{} ", controller.admin_addr.port());
-                    let sockets = std::process::Command::new("ss")
-                        .arg("-tanp")
-                        .output()
-                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                        .unwrap_or_default();
-                    let holders: Vec<&str> = sockets.lines().filter(|l| l.contains(&port)).collect();
                     anyhow::bail!(
                         "the restarted controller of cluster {c} (pid {}) exited; the end of {}:\n{}\nsockets on its admin port {}:\n{}",
                         pids[*c],
                         controller.log.display(),
                         log_tail(&controller.log),
                         controller.admin_addr,
-                        holders.join("\n")
+                        sockets_on(controller.admin_addr.port())
                     );
                 }
             }
@@ -539,6 +556,21 @@ async fn restart_controllers(
         sent_since(&before, &peering_sent(admins).await, clusters),
         ConfigSent::of(&restarted).await?,
     ))
+}
+
+/// Every TCP socket on `port`, with its process (`ss -tanp`).
+fn sockets_on(port: u16) -> String {
+    let port = format!(":{port} ");
+    let sockets = std::process::Command::new("ss")
+        .arg("-tanp")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    sockets
+        .lines()
+        .filter(|l| l.contains(&port))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A process's state letter (`R`, `S`, `Z`, ...), or `None` once it is gone.
