@@ -183,7 +183,7 @@ pub struct Span {
 
 /// What one entry of `Hello.held` takes encoded in the Hello: its field's tag and length, and
 /// the message (its name and version).
-pub fn held_len(h: &pb::Held) -> usize {
+fn held_len(h: &pb::Held) -> usize {
     let len = prost::Message::encoded_len(h);
     1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
@@ -881,8 +881,8 @@ impl Resources {
     /// version ([`fingerprint`]), and each cluster's endpoints of a service held in parts
     /// (`endpoints/<ns>/<name>/<cluster>`, the version of the part they came in). Empty when
     /// the list would take more than `max_bytes` encoded: the controller then sends the whole
-    /// state, as it does on a first connect.
-    pub fn held(&self, max_bytes: usize) -> Vec<pb::Held> {
+    /// state, as it does on a first connect. With the list, what it takes in the Hello.
+    pub fn held(&self, max_bytes: usize) -> (Vec<pb::Held>, usize) {
         let mut out = Vec::with_capacity(self.entries.len());
         for (name, (version, typed)) in &self.entries {
             // A resource without a version is listed too (so that the controller removes it
@@ -901,9 +901,9 @@ impl Resources {
         }
         let bytes: usize = out.iter().map(held_len).sum();
         if bytes > max_bytes {
-            return vec![];
+            return (vec![], 0);
         }
-        out
+        (out, bytes)
     }
 
     /// Whether these resources hold `name` at `version` (one cluster's endpoints of a
@@ -2206,7 +2206,8 @@ mod tests {
             ],
             &[],
         ));
-        let held: Vec<(String, u64)> = r.held(usize::MAX).into_iter().map(|h| (h.name, h.version)).collect();
+        let (list, bytes) = r.held(usize::MAX);
+        let held: Vec<(String, u64)> = list.into_iter().map(|h| (h.name, h.version)).collect();
         assert_eq!(
             held,
             [
@@ -2218,12 +2219,13 @@ mod tests {
         );
         // Each entry is its name and 13 bytes: 4 names of 17, 24, 24 and 18 bytes.
         let hello = pb::Hello {
-            held: r.held(usize::MAX),
+            held: r.held(usize::MAX).0,
             ..Default::default()
         };
         assert_eq!(prost::Message::encoded_len(&hello), 83 + 4 * 13);
-        assert_eq!(r.held(83 + 4 * 13).len(), 4);
-        assert!(r.held(83 + 4 * 13 - 1).is_empty(), "more than fits: nothing");
+        assert_eq!(bytes, 83 + 4 * 13, "what the list takes in the Hello");
+        assert_eq!(r.held(83 + 4 * 13).0.len(), 4);
+        assert_eq!(r.held(83 + 4 * 13 - 1), (vec![], 0), "more than fits: nothing");
     }
 
     #[test]

@@ -105,9 +105,9 @@ impl XdsClient {
         // What it holds, so that the controller sends only what differs from it (a reconnect,
         // or a controller that restarted, would otherwise send the whole catalog again to
         // every proxy at once).
-        hello.held = resources.held(HELD_BYTES);
+        let held_bytes;
+        (hello.held, held_bytes) = resources.held(HELD_BYTES);
         let held = hello.held.len();
-        let held_bytes: usize = hello.held.iter().map(crate::snapshot::held_len).sum();
         let _ = out_tx
             .send(pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Hello(hello)),

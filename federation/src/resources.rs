@@ -2505,6 +2505,7 @@ mod tests {
                     let held: HashMap<String, u64> = proxy
                         .resources
                         .held(usize::MAX)
+                        .0
                         .into_iter()
                         .map(|h| (h.name, h.version))
                         .collect();
@@ -2551,8 +2552,8 @@ mod tests {
                         "from step {from} to {to} (parts {parts})"
                     );
                     assert_eq!(
-                        proxy.resources.held(usize::MAX),
-                        first(to, parts).resources.held(usize::MAX),
+                        proxy.resources.held(usize::MAX).0,
+                        first(to, parts).resources.held(usize::MAX).0,
                         "from step {from} to {to} (parts {parts}): what it holds"
                     );
                 }

@@ -53,6 +53,27 @@ struct SentMetrics {
     bytes: IntCounterVec,
 }
 
+/// The kind of an update sent to a proxy (the `update` label of [`SentMetrics`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Update {
+    /// The whole state, on a proxy's first connect.
+    Full,
+    /// The first update to a proxy that said what it held: only what differs from it.
+    Resumed,
+    /// What changed since the update before.
+    Change,
+}
+
+impl Update {
+    fn label(self) -> &'static str {
+        match self {
+            Update::Full => "full",
+            Update::Resumed => "resumed",
+            Update::Change => "change",
+        }
+    }
+}
+
 impl SentMetrics {
     fn new(registry: &Registry) -> Self {
         let updates = IntCounterVec::new(
@@ -190,33 +211,32 @@ impl ConfigService for XdsServer {
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty() || !newly.is_empty()) {
                     // On the first send `sent` is empty, so `changed` is the whole state: to a
-                    // proxy that said what it holds, only what differs from that goes.
-                    let resumed = held.take().filter(|_| first);
-                    let update = match (&resumed, first) {
-                        (Some(_), _) => "resumed",
-                        (None, true) => "full",
-                        (None, false) => "change",
-                    };
-                    // Encoded once when built; every proxy's stream shares the bytes.
-                    let (changed, removed) = if let Some(held) = &resumed {
-                        resume(
+                    // proxy that said what it holds (`held`, taken by the first send), only what
+                    // differs from that goes. Encoded once when built; every proxy's stream
+                    // shares the bytes.
+                    let (update, changed, removed) = if let Some(held) = held.take() {
+                        let (changed, removed) = resume(
                             changed.into_iter().chain(newly).collect(),
-                            held,
+                            &held,
                             hello.accepts_endpoint_parts,
-                        )
-                    } else if hello.accepts_endpoint_parts {
-                        let (mut out, removed) = in_parts(&sent.resources, changed, removed);
-                        out.extend(in_parts(&Resources::default(), newly, vec![]).0);
-                        (out, removed)
+                        );
+                        (Update::Resumed, changed, removed)
                     } else {
-                        (
-                            changed.into_iter().chain(newly).map(|r| r.wire().clone()).collect(),
-                            removed,
-                        )
+                        let update = if first { Update::Full } else { Update::Change };
+                        let (changed, removed) = if hello.accepts_endpoint_parts {
+                            let (mut out, removed) = in_parts(&sent.resources, changed, removed);
+                            out.extend(in_parts(&Resources::default(), newly, vec![]).0);
+                            (out, removed)
+                        } else {
+                            (
+                                changed.into_iter().chain(newly).map(|r| r.wire().clone()).collect(),
+                                removed,
+                            )
+                        };
+                        (update, changed, removed)
                     };
-                    drop(resumed);
                     let (sent_resources, sent_removed) = (changed.len(), removed.len());
-                    let mut parts = Parts::new(current.version, update == "full", hello.accepts_parts);
+                    let mut parts = Parts::new(current.version, update == Update::Full, hello.accepts_parts);
                     let mut gone = false;
                     let mut bytes = 0;
                     for r in changed {
@@ -235,9 +255,12 @@ impl ConfigService for XdsServer {
                     if gone || tx.send(Ok(last)).await.is_err() {
                         break;
                     }
-                    sent_metrics.updates.with_label_values(&[update]).inc();
-                    sent_metrics.bytes.with_label_values(&[update]).inc_by(bytes as u64);
-                    if update == "resumed" {
+                    sent_metrics.updates.with_label_values(&[update.label()]).inc();
+                    sent_metrics
+                        .bytes
+                        .with_label_values(&[update.label()])
+                        .inc_by(bytes as u64);
+                    if update == Update::Resumed {
                         tracing::info!(node = %key, version = current.version, resources = sent_resources, removed = sent_removed, bytes, "proxy resumed: sent what differs from what it held");
                     }
                     if let Ok(mut p) = proxies.lock() {

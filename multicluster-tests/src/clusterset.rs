@@ -456,44 +456,11 @@ async fn restart_controllers(
     let sessions_before = seen.lock().unwrap().sessions.clone();
     for c in clusters {
         mesh.kill9(pids[*c]);
-        // `kill9` gives up after 5 s: a controller still there holds its ports, and its
-        // successor could not bind them.
-        if let Some(st) = pid_state(pids[*c]) {
-            anyhow::ensure!(
-                matches!(st, 'Z' | 'X'),
-                "the controller of cluster {c} (pid {}) is still there 5 s after kill -9 (state {st})",
-                pids[*c]
-            );
-        }
     }
     let killed_at = Instant::now();
     for c in clusters {
-        // Its addresses free again: the restarted controller binds them at once, and a killed
-        // controller's listeners were seen still bound (with no task of its left running) for
-        // a moment after kill -9 (EADDRINUSE, the scale test's rare failure).
-        let controller = &mesh.info.clusters[*c].controller;
-        let grpc: std::net::SocketAddr = controller.addr.parse()?;
-        for addr in [controller.admin_addr, grpc] {
-            let waited = Instant::now();
-            while std::net::TcpListener::bind(addr).is_err() {
-                anyhow::ensure!(
-                    waited.elapsed() < Duration::from_secs(10),
-                    "{addr} of the killed controller of cluster {c} is still bound 10 s after kill -9:\n{}",
-                    sockets_on(addr.port())
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if waited.elapsed() > Duration::from_millis(50) {
-                println!(
-                    "  {addr} of the killed controller of cluster {c} was bound {:.0} ms more",
-                    waited.elapsed().as_secs_f64() * 1e3
-                );
-            }
-        }
-    }
-    for c in clusters {
         let controller = mesh.info.clusters[*c].controller.clone();
-        pids[*c] = mesh.restart(&controller.command, Some(&controller.log))?;
+        pids[*c] = mesh.restart_controller(&controller).await?;
     }
     let resync = loop {
         {
@@ -516,7 +483,7 @@ async fn restart_controllers(
                         controller.log.display(),
                         log_tail(&controller.log),
                         controller.admin_addr,
-                        sockets_on(controller.admin_addr.port())
+                        crate::mesh::sockets_on(controller.admin_addr.port())
                     );
                 }
             }
@@ -556,21 +523,6 @@ async fn restart_controllers(
         sent_since(&before, &peering_sent(admins).await, clusters),
         ConfigSent::of(&restarted).await?,
     ))
-}
-
-/// Every TCP socket on `port`, with its process (`ss -tanp`).
-fn sockets_on(port: u16) -> String {
-    let port = format!(":{port} ");
-    let sockets = std::process::Command::new("ss")
-        .arg("-tanp")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    sockets
-        .lines()
-        .filter(|l| l.contains(&port))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// A process's state letter (`R`, `S`, `Z`, ...), or `None` once it is gone.

@@ -181,6 +181,21 @@ pub fn process_state(stat: &std::path::Path) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// Every TCP socket on `port` (`ss -tanp`'s lines), for a failure's message.
+pub fn sockets_on(port: u16) -> String {
+    let port = format!(":{port} ");
+    let sockets = std::process::Command::new("ss")
+        .arg("-tanp")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    sockets
+        .lines()
+        .filter(|l| l.contains(&port))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A running mesh. Dropping it stops every process it started.
 pub struct Mesh {
     pub info: MeshInfo,
@@ -379,26 +394,72 @@ impl Mesh {
             .unwrap_or_else(|| panic!("no workload {name}"))
     }
 
-    /// SIGKILLs a process, as a crash would, then waits (up to 5 s) until every thread of the process is gone or a zombie,
-    /// so what it held (its listening sockets) is free when this returns: a component started
-    /// again at once would otherwise find its address in use. (The main thread turns zombie
-    /// before the others have exited; the sockets go with the last.)
+    /// SIGKILLs a process, as a crash would, then waits (up to 5 s) until every thread of the
+    /// process is gone or a zombie, so what it held (its listening sockets) is free when this
+    /// returns: a component started again at once would otherwise find its address in use. (The
+    /// main thread turns zombie before the others have exited; the sockets go with the last.)
+    ///
+    /// Panics, with the state of each of its threads, when one still runs after 5 s: what
+    /// follows (a restart on its addresses, a figure about its absence) would be wrong.
     pub fn kill9(&self, pid: u32) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            let alive = std::fs::read_dir(format!("/proc/{pid}/task"))
+        let task_states = || -> Vec<(String, char)> {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
                 .map(|tasks| {
                     tasks
                         .flatten()
-                        .any(|t| process_state(&t.path().join("stat")).is_some_and(|st| !matches!(st, 'Z' | 'X')))
+                        .filter_map(|t| {
+                            let state = process_state(&t.path().join("stat"))?;
+                            Some((t.file_name().to_string_lossy().into_owned(), state))
+                        })
+                        .collect()
                 })
-                .unwrap_or(false);
-            if !alive {
+                .unwrap_or_default()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let states = task_states();
+            if states.iter().all(|(_, st)| matches!(st, 'Z' | 'X')) {
                 return;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} still runs 5 s after kill -9; its threads (tid, state): {states:?}"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Starts a killed controller again with its own command (returns its pid), once its admin
+    /// and gRPC addresses can be bound: a killed controller's listener was seen still bound for
+    /// a moment after [`Mesh::kill9`] had found every thread of it gone (the restarted
+    /// controller then exited with EADDRINUSE). Waits up to 10 s, printing any wait over 50 ms;
+    /// fails with every socket on the port after that.
+    pub async fn restart_controller(&mut self, controller: &Component) -> anyhow::Result<u32> {
+        let grpc: SocketAddr = controller
+            .addr
+            .parse()
+            .with_context(|| format!("the controller's gRPC address {:?}", controller.addr))?;
+        for addr in [controller.admin_addr, grpc] {
+            let waited = std::time::Instant::now();
+            // Only "in use" is waited for: an address of another network namespace (`--netns`)
+            // cannot be bound from here at all.
+            while std::net::TcpListener::bind(addr).is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse) {
+                anyhow::ensure!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "{addr} of a killed controller is still bound 10 s after it was killed:\n{}",
+                    sockets_on(addr.port())
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if waited.elapsed() > Duration::from_millis(50) {
+                println!(
+                    "  {addr} of a killed controller was still bound {:.0} ms after it was killed",
+                    waited.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        }
+        self.restart(&controller.command, Some(&controller.log))
     }
 
     /// The hosts of the services a sidecar holds (its admin `/config`); none when it cannot

@@ -689,7 +689,7 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
     // differs from it.
     let controller = mesh.cluster("west").controller.clone();
     mesh.kill9(controller.pid);
-    mesh.restart(&controller.command, Some(&controller.log)).unwrap();
+    mesh.restart_controller(&controller).await.unwrap();
     let acked = Mesh::eventually(
         "the restarted west controller's proxies ACK its config",
         Duration::from_secs(60),
