@@ -151,6 +151,29 @@ impl PeerTable {
         }
     }
 
+    /// What this controller holds of `cluster`'s exports, each with its [`export_digest`]
+    /// (nothing for a cluster it never heard from): the first message of a stream whose sender
+    /// asked, so it sends only what differs. Empty above [`HELD_MAX`] services: the sender then
+    /// sends every export, as on a first connect.
+    pub fn held(&self, cluster: &str) -> Vec<pb::Held> {
+        let services = self
+            .peers
+            .lock()
+            .ok()
+            .and_then(|p| p.get(cluster).map(|p| p.services.clone()))
+            .unwrap_or_default();
+        if services.len() > HELD_MAX {
+            return vec![];
+        }
+        services
+            .iter()
+            .map(|(key, svc)| pb::Held {
+                name: key.to_string(),
+                version: export_digest(svc),
+            })
+            .collect()
+    }
+
     pub fn disconnected(&self, cluster: &str) {
         if let Ok(mut peers) = self.peers.lock() {
             if let Some(p) = peers.get_mut(cluster) {
@@ -222,6 +245,61 @@ impl PeerTable {
     }
 }
 
+/// The most services a receiver lists in its `held` answer (about 30 bytes each: 1.5 MB, under
+/// gRPC's 4 MiB message limit).
+const HELD_MAX: usize = 50_000;
+
+/// The request header a sender names its cluster in, asking what the receiver holds of it.
+const CLUSTER_HEADER: &str = "strait-cluster";
+/// The response header of a receiver that answers with what it holds (`ExportAck.held`) first.
+const HELD_HEADER: &str = "strait-held";
+
+/// A digest of an exported service's content, the same in every controller of this build:
+/// what a receiver and a sender compare to resume a peering stream. An endpoint's labels are a
+/// map whose encoding follows its iteration order (a hash map's, different in every process),
+/// so they are digested in key order.
+pub fn export_digest(svc: &pb::ExportedService) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    if svc.endpoints.iter().all(|e| e.labels.len() <= 1) {
+        digest.update(prost::Message::encode_to_vec(svc));
+    } else {
+        let mut plain = svc.clone();
+        plain.endpoints.iter_mut().for_each(|e| e.labels.clear());
+        digest.update(prost::Message::encode_to_vec(&plain));
+        for e in &svc.endpoints {
+            let mut labels: Vec<_> = e.labels.iter().collect();
+            labels.sort();
+            digest.update((labels.len() as u64).to_le_bytes());
+            for (k, v) in labels {
+                for text in [k, v] {
+                    digest.update((text.len() as u64).to_le_bytes());
+                    digest.update(text.as_bytes());
+                }
+            }
+        }
+    }
+    let digest: [u8; 32] = digest.finalize().into();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// What to send a receiver that holds `held` (each export's name and [`export_digest`]) for it
+/// to hold `current`: the services it lacks or holds otherwise, and the names it holds that
+/// are no longer exported, in key order.
+fn resumed_delta(current: &Services, held: &BTreeMap<String, u64>) -> (Vec<pb::ExportedService>, Vec<String>) {
+    let upserts = current
+        .iter()
+        .filter(|(key, svc)| held.get(&***key) != Some(&export_digest(svc)))
+        .map(|(_, svc)| (**svc).clone())
+        .collect();
+    let removed = held
+        .keys()
+        .filter(|name| !current.contains_key(name.as_str()))
+        .cloned()
+        .collect();
+    (upserts, removed)
+}
+
 /// The receiving side of peering.
 pub struct PeeringServer {
     pub table: PeerTable,
@@ -247,10 +325,28 @@ impl PeeringService for PeeringServer {
                 strait_api::FEDERATION_SA
             )));
         }
+        // A sender that names its cluster is told first what this controller holds of it.
+        let named = req
+            .metadata()
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut inbound = req.into_inner();
         let table = self.table.clone();
         let own = self.own_cluster.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let answers_held = named.is_some();
+        if let Some(name) = &named {
+            let held = table.held(name);
+            tracing::info!(peer = %name, held = held.len(), "peer resuming; told what this controller holds of it");
+            let _ = tx
+                .send(Ok(pb::ExportAck {
+                    generation: 0,
+                    held_included: true,
+                    held,
+                }))
+                .await;
+        }
         tokio::spawn(async move {
             let mut cluster = None;
             let mut acked: Option<Instant> = None;
@@ -259,6 +355,15 @@ impl PeeringService for PeeringServer {
                     let _ = tx
                         .send(Err(Status::invalid_argument(format!(
                             "peer announced cluster name {:?}; it must be set and differ from this cluster's ({own})",
+                            update.cluster
+                        ))))
+                        .await;
+                    return;
+                }
+                if let Some(name) = named.as_ref().filter(|n| **n != update.cluster) {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "peer named cluster {name:?} in its {CLUSTER_HEADER} header but exports as {:?}; they must be the same",
                             update.cluster
                         ))))
                         .await;
@@ -278,7 +383,14 @@ impl PeeringService for PeeringServer {
                     continue;
                 }
                 acked = Some(now);
-                if tx.send(Ok(pb::ExportAck { generation })).await.is_err() {
+                if tx
+                    .send(Ok(pb::ExportAck {
+                        generation,
+                        ..Default::default()
+                    }))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -287,7 +399,14 @@ impl PeeringService for PeeringServer {
                 table.disconnected(&c);
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        let mut response: Response<AckStream> =
+            Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        if answers_held {
+            response
+                .metadata_mut()
+                .insert(HELD_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        }
+        Ok(response)
     }
 }
 
@@ -373,16 +492,16 @@ impl PeeringMetrics {
         let updates = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "strait_peering_updates_sent_total",
-                "Export updates sent to each peer cluster (full, deltas and lease renewals)",
+                "Export updates sent to each peer cluster, by update: full (every export), resumed (the first to a peer that said what it held: what differs) or change (deltas and lease renewals)",
             ),
-            &["peer"],
+            &["peer", "update"],
         )?;
         let bytes = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "strait_peering_sent_bytes_total",
-                "Encoded bytes of the export updates sent to each peer cluster",
+                "Encoded bytes of the export updates sent to each peer cluster, by update (full, resumed or change)",
             ),
-            &["peer"],
+            &["peer", "update"],
         )?;
         registry.register(Box::new(updates.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
@@ -469,9 +588,13 @@ impl PeerClient {
             ..Default::default()
         };
         let renew_every = self.lease / 3;
-        let sent_updates = self.metrics.updates.with_label_values(&[&self.peer.name]);
-        let sent_bytes = self.metrics.bytes.with_label_values(&[&self.peer.name]);
+        let metrics = self.metrics.clone();
+        // What the peer says it holds of this cluster (its first answer), or `None` when it says
+        // nothing: the first update is then every export.
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<Option<BTreeMap<String, u64>>>();
+        let peer = self.peer.name.clone();
         let sender = tokio::spawn(async move {
+            let Ok(held) = held_rx.await else { return };
             // What the peer holds: the exports last sent, shared with the watch (never copied).
             let mut sent: Arc<Exports> = Arc::default();
             let mut sent_objects: Option<Vec<pb::PolicyObject>> = None;
@@ -484,9 +607,30 @@ impl PeerClient {
                 let mut update = base.clone();
                 generation += 1;
                 update.generation = generation;
+                let mut kind = "change";
                 if first {
-                    update.full = true;
-                    update.upserts = current.services.values().map(|s| (**s).clone()).collect();
+                    match &held {
+                        // A receiver that still holds exports of this cluster (a stream that
+                        // broke, a gateway that restarted, this controller restarted within the
+                        // lease) is sent what differs from them.
+                        Some(held) if !held.is_empty() => {
+                            kind = "resumed";
+                            (update.upserts, update.removed) = resumed_delta(&current.services, held);
+                            tracing::info!(
+                                %peer,
+                                held = held.len(),
+                                upserts = update.upserts.len(),
+                                removed = update.removed.len(),
+                                exports = current.services.len(),
+                                "peering resumed: sent what differs from what the peer holds"
+                            );
+                        }
+                        _ => {
+                            kind = "full";
+                            update.full = true;
+                            update.upserts = current.services.values().map(|s| (**s).clone()).collect();
+                        }
+                    }
                     first = false;
                 } else if !Arc::ptr_eq(&current.services, &sent.services) {
                     (update.upserts, update.removed) = services_delta(&sent.services, &current);
@@ -508,8 +652,11 @@ impl PeerClient {
                     update.traffic = Some((*summary).clone());
                     sent_traffic_at = summary.at_unix_ms;
                 }
-                sent_updates.inc();
-                sent_bytes.inc_by(prost::Message::encoded_len(&update) as u64);
+                metrics.updates.with_label_values(&[peer.as_str(), kind]).inc();
+                metrics
+                    .bytes
+                    .with_label_values(&[peer.as_str(), kind])
+                    .inc_by(prost::Message::encoded_len(&update) as u64);
                 if tx.send(update).await.is_err() {
                     return;
                 }
@@ -521,10 +668,28 @@ impl PeerClient {
             }
         });
         let result = async {
-            let mut acks = client
-                .export(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?
-                .into_inner();
+            let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            request.metadata_mut().insert(
+                CLUSTER_HEADER,
+                self.cluster
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("cluster name {:?} as a header: {e}", self.cluster))?,
+            );
+            let response = client.export(request).await?;
+            let answers_held = response.metadata().get(HELD_HEADER).is_some();
+            let mut acks = response.into_inner();
+            // A receiver of an older build says nothing of what it holds.
+            let held = match answers_held {
+                true => match acks.message().await? {
+                    Some(first) if first.held_included => {
+                        Some(first.held.into_iter().map(|h| (h.name, h.version)).collect())
+                    }
+                    Some(_) => None,
+                    None => return Ok(()),
+                },
+                false => None,
+            };
+            let _ = held_tx.send(held);
             tracing::info!(peer = %self.peer.name, "exporting to peer");
             while acks.message().await?.is_some() {}
             Ok::<_, anyhow::Error>(())
@@ -605,6 +770,85 @@ mod tests {
             names(services_delta(&before, &partial)),
             (vec!["d@127.0.0.1:4".to_string()], vec![])
         );
+    }
+
+    #[test]
+    fn a_peer_that_says_what_it_holds_is_sent_what_differs_and_ends_with_the_exports() {
+        let svc = |name: &str, port: u32| pb::ExportedService {
+            name: name.into(),
+            namespace: "demo".into(),
+            endpoints: vec![pb::Endpoint {
+                address: format!("127.0.0.1:{port}"),
+                ..Default::default()
+            }],
+            exported_at_unix_ms: 7,
+            ..Default::default()
+        };
+        // Labels are a hash map: two maps of the same labels, filled in opposite orders,
+        // iterate (and encode) in orders of their own, but digest alike.
+        let labels: Vec<(String, String)> = (0..16).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+        let labelled = |order: &mut dyn Iterator<Item = &(String, String)>| {
+            let mut a = svc("a", 1);
+            a.endpoints[0].labels = order.cloned().collect();
+            a
+        };
+        let a = labelled(&mut labels.iter());
+        let a_again = labelled(&mut labels.iter().rev());
+        assert_eq!(export_digest(&a), export_digest(&a_again));
+        let mut a_other = a.clone();
+        a_other.endpoints[0].labels.insert("k3".into(), "w3".into());
+        assert_ne!(export_digest(&a), export_digest(&a_other), "a label's value");
+        let mut a_later = a.clone();
+        a_later.exported_at_unix_ms = 8;
+        assert_ne!(export_digest(&a), export_digest(&a_later), "when it was exported");
+
+        // West's controller sent everything once; then its stream broke. Meanwhile b moved, c
+        // went away, d came; a is the same (its labels in another map).
+        let table = PeerTable::default();
+        let t0 = Instant::now();
+        table.apply(
+            pb::ExportUpdate {
+                cluster: "west".into(),
+                lease_ms: 10_000,
+                full: true,
+                upserts: vec![a.clone(), svc("b", 2), svc("c", 3)],
+                ..Default::default()
+            },
+            t0,
+        );
+        table.take_changes();
+        assert!(
+            table.held("east").is_empty(),
+            "nothing held of a cluster never heard from"
+        );
+        let held: BTreeMap<String, u64> = table.held("west").into_iter().map(|h| (h.name, h.version)).collect();
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["demo/a", "demo/b", "demo/c"]);
+        let current: Services = [a_again, svc("b", 20), svc("d", 4)]
+            .into_iter()
+            .map(|s| (Key::from(format!("demo/{}", s.name)), Arc::new(s)))
+            .collect();
+        let (upserts, removed) = resumed_delta(&current, &held);
+        let names: Vec<&str> = upserts.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!((names, removed.clone()), (vec!["b", "d"], vec!["demo/c".to_string()]));
+        // Applied as the new stream's first update, the receiver holds what west exports, and
+        // the merge is told exactly which services moved.
+        table.apply(
+            pb::ExportUpdate {
+                cluster: "west".into(),
+                lease_ms: 10_000,
+                upserts,
+                removed,
+                ..Default::default()
+            },
+            t0 + Duration::from_secs(1),
+        );
+        let held_now = &table.snapshot()[0].services;
+        assert_eq!(**held_now, current);
+        let touched = Touched::Keys(["demo/b", "demo/c", "demo/d"].into_iter().map(Key::from).collect());
+        assert_eq!(table.take_changes(), Changes::from([("west".to_string(), touched)]));
+        // Nothing differs: nothing is sent.
+        let held: BTreeMap<String, u64> = table.held("west").into_iter().map(|h| (h.name, h.version)).collect();
+        assert_eq!(resumed_delta(&current, &held), (vec![], vec![]));
     }
 
     #[test]

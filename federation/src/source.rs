@@ -191,6 +191,13 @@ struct FileState {
     error: Option<String>,
 }
 
+/// When a file was created (its birth time; its last modification where the filesystem keeps
+/// none), or `None` when it cannot be read.
+fn created(path: &Path) -> Option<SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    meta.created().or_else(|_| meta.modified()).ok()
+}
+
 /// Reads the catalog directory; [`FileSource::poll`] returns whether anything changed.
 pub struct FileSource {
     dir: PathBuf,
@@ -627,6 +634,15 @@ impl FileSource {
         for key in keys {
             // The first file by name that defines it.
             let file_name = self.defined_in.get(&key).and_then(|files| files.first());
+            // When a service was exported (the MCS rules' "oldest export wins"): when the file
+            // defining it was created (a file is the export, as a ServiceExport object is),
+            // so that a restarted controller stamps its exports as before (its peers find them
+            // unchanged, and a conflict keeps its winner).
+            let since = || {
+                file_name
+                    .and_then(|f| created(&self.dir.join(f)))
+                    .map_or(now, |t| t.min(now))
+            };
             let state = file_name.and_then(|f| self.files.get_mut(f));
             let local = state.and_then(|state| {
                 let file = state.good.as_ref()?;
@@ -638,7 +654,7 @@ impl FileSource {
                             let exported_at = *self
                                 .first_seen
                                 .entry(key.clone())
-                                .or_insert_with(|| strait_api::unix_ms(now));
+                                .or_insert_with(|| strait_api::unix_ms(since()));
                             let service = Arc::new(to_export(spec, cluster, region, td, exported_at));
                             (
                                 key,
@@ -812,6 +828,55 @@ mod tests {
     #[test]
     fn with_a_watch_every_change_is_seen_at_the_next_poll_without_listing_the_directory() {
         files_are_seen(true);
+    }
+
+    #[test]
+    fn a_restarted_source_stamps_its_exports_as_before() {
+        let dir = std::env::temp_dir().join(format!("strait-source-stamp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), svc(80)).unwrap();
+        let born = strait_api::unix_ms(created(&dir.join("a.yaml")).unwrap());
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let stamps = |source: &mut FileSource, now: SystemTime| -> Vec<(String, i64)> {
+            let stamped: Vec<(String, Option<LocalService>)> = match source.services("east", "us-east", &td, now).0 {
+                LocalUpdate::All(m) => m.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+                LocalUpdate::Changed(m) => m.into_iter().collect(),
+            };
+            stamped
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, v?.service.exported_at_unix_ms)))
+                .collect()
+        };
+        let hour = std::time::Duration::from_secs(3600);
+        let later = SystemTime::now() + hour;
+        let mut first = FileSource::new(&dir);
+        first.poll();
+        assert_eq!(stamps(&mut first, later), [("demo/echo".to_string(), born)]);
+        // The controller restarts an hour later: its export is stamped as before.
+        let mut again = FileSource::new(&dir);
+        again.poll();
+        assert_eq!(stamps(&mut again, later + hour), [("demo/echo".to_string(), born)]);
+        // A service that appears while it runs is stamped when its file was created.
+        std::fs::write(dir.join("b.yaml"), svc(81).replace("name: echo", "name: other")).unwrap();
+        let b_born = strait_api::unix_ms(created(&dir.join("b.yaml")).unwrap());
+        let started = std::time::Instant::now();
+        while !again.poll() {
+            assert!(started.elapsed() < FULL_SCAN * 3, "a new file was never seen");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            stamps(&mut again, later + hour * 2),
+            [("demo/other".to_string(), b_born)]
+        );
+        // Never later than the controller's clock says it is.
+        let mut early = FileSource::new(&dir);
+        early.poll();
+        let long_ago = SystemTime::UNIX_EPOCH + hour;
+        assert!(stamps(&mut early, long_ago)
+            .iter()
+            .all(|(_, at)| *at == strait_api::unix_ms(long_ago)));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn svc(port: u16) -> String {

@@ -92,6 +92,8 @@ pub struct Report {
     /// deltas left exactly the standing catalog; a sidecar scoped by authorization too, since no
     /// policy refuses it anything during the churn).
     pub sidecar_endpoints_wrong: Vec<usize>,
+    /// What cluster 0's gateway restart sent between controllers.
+    pub gateway_restart: GatewayRestart,
     /// From `kill -9` of one controller until its subscribers hold the whole catalog again.
     pub restart_resync: Duration,
     /// Peering bytes sent by every controller in the 10 s after that kill ...
@@ -407,12 +409,17 @@ const RESTART_WINDOW: Duration = Duration::from_secs(10);
 /// it is tried again, and a controller that never answers counts as NaN (a figure that is
 /// visibly missing), never as 0 (which would read as a counter reset).
 async fn peering_sent(admins: &[std::net::SocketAddr]) -> Vec<f64> {
+    peering_metric(admins, "strait_peering_sent_bytes_total", &[]).await
+}
+
+/// [`peering_sent`] of any metric and labels.
+async fn peering_metric(admins: &[std::net::SocketAddr], name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
     let mut out = vec![];
     for a in admins {
         let mut value = f64::NAN;
         for _ in 0..5 {
             if let Ok(text) = scrape(*a).await {
-                value = metric_sum(&text, "strait_peering_sent_bytes_total", &[]);
+                value = metric_sum(&text, name, labels);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -440,6 +447,88 @@ fn sent_since(before: &[f64], after: &[f64], restarted: &[usize]) -> f64 {
         .sum()
 }
 
+/// `kill -9` of cluster `c`'s gateway, then its own command again: every peering stream into
+/// the cluster (they come through its gateway) breaks, and each peer dials again while the
+/// cluster's controller still holds its exports. Measured from the kill until every peer
+/// renewed its exports there over a new stream, or for [`RESTART_WINDOW`] if that is longer.
+async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: usize) -> anyhow::Result<GatewayRestart> {
+    let kinds = || async {
+        [
+            peering_sent(admins).await,
+            peering_metric(admins, "strait_peering_sent_bytes_total", &[("update", "full")]).await,
+            peering_metric(admins, "strait_peering_updates_sent_total", &[("update", "resumed")]).await,
+            peering_metric(admins, "strait_peering_sent_bytes_total", &[("update", "resumed")]).await,
+        ]
+    };
+    let before = kinds().await;
+    let gateway = mesh.info.clusters[c].gateway.clone();
+    let peers: Vec<String> = (0..mesh.info.clusters.len())
+        .filter(|p| *p != c)
+        .map(|p| mesh.info.clusters[p].name.clone())
+        .collect();
+    // Its join token, as `strait up` gave it (not the order to exit with its parent's stdin,
+    // which the bench does not give it).
+    let mut env = Mesh::environment(gateway.pid, "STRAIT_");
+    env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
+    let killed_unix_ms = strait_api::unix_ms(std::time::SystemTime::now());
+    mesh.kill9(gateway.pid);
+    let killed_at = Instant::now();
+    mesh.restart_component(&gateway, &env).await?;
+    let back = loop {
+        let status = Mesh::admin_json(admins[c], "/status").await.unwrap_or_default();
+        let renewed = |name: &String| {
+            status["peers"].as_array().into_iter().flatten().any(|p| {
+                p["name"] == name.as_str()
+                    && p["connected"] == true
+                    && p["last_renewed_unix_ms"].as_i64().is_some_and(|at| at > killed_unix_ms)
+            })
+        };
+        if peers.iter().all(renewed) {
+            break killed_at.elapsed();
+        }
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let log = &mesh.info.clusters[c].controller.log;
+            anyhow::bail!(
+                "60 s after cluster {c}'s gateway restarted, not every peer renewed its exports there over a new stream: {}\nthe end of {}:\n{}\nthe end of {}:\n{}",
+                status["peers"],
+                log.display(),
+                log_tail(log),
+                gateway.log.display(),
+                log_tail(&gateway.log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let window = back.max(RESTART_WINDOW);
+    if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
+        tokio::time::sleep(rest).await;
+    }
+    let after = kinds().await;
+    let since = |i: usize| sent_since(&before[i], &after[i], &[]);
+    Ok(GatewayRestart {
+        back,
+        window,
+        bytes: since(0),
+        full_bytes: since(1),
+        resumed: (since(2), since(3)),
+    })
+}
+
+/// What cluster 0's gateway restart cost ([`restart_gateway`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GatewayRestart {
+    /// From `kill -9` until every peer renewed its exports there over a new stream.
+    pub back: Duration,
+    /// The peering bytes every controller sent from the kill, in ...
+    pub bytes: f64,
+    /// ... this window: until `back`, or 10 s if longer.
+    pub window: Duration,
+    /// Of them, in updates of every export (a peer that was told nothing of what is held).
+    pub full_bytes: f64,
+    /// Updates to a peer that said what it held, and their bytes.
+    pub resumed: (f64, f64),
+}
+
 /// `kill -9` of the controllers of `clusters` (their `pids`, updated with the new ones), then
 /// their own commands again. Returns the time until every subscriber of those clusters holds
 /// the whole catalog (`want` endpoints) in a new session, and the peering bytes every
@@ -460,7 +549,7 @@ async fn restart_controllers(
     let killed_at = Instant::now();
     for c in clusters {
         let controller = mesh.info.clusters[*c].controller.clone();
-        pids[*c] = mesh.restart_controller(&controller).await?;
+        pids[*c] = mesh.restart_component(&controller, &[]).await?;
     }
     let resync = loop {
         {
@@ -781,6 +870,11 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     let quiet_before = peering_sent(&admins).await;
     tokio::time::sleep(RESTART_WINDOW).await;
     let quiet_bytes = sent_since(&quiet_before, &peering_sent(&admins).await, &[]);
+
+    // A gateway restarts: the peering streams into its cluster break and come back while its
+    // controller still holds every peer's exports, so each peer sends what differs from them
+    // (nothing changed meanwhile) instead of all its exports again.
+    let gateway_restart = restart_gateway(&mut mesh, &admins, 0).await?;
     let mut pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
     let (restart_resync, restart_bytes, restart_config) =
         restart_controllers(&mut mesh, &seen, &admins, &mut pids, &[0], want).await?;
@@ -817,6 +911,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         sidecar_held_bytes,
         final_endpoints,
         sidecar_endpoints_wrong,
+        gateway_restart,
         restart_resync,
         restart_bytes,
         restart_all_resync,
@@ -1137,6 +1232,18 @@ impl Report {
                 ms(p.to_scoped_in.last().copied().unwrap_or_default()),
             );
         }
+        let g = &self.gateway_restart;
+        println!(
+            "gateway restart (kill -9, cluster 0): every peer's exports renewed there over a new stream after {:.2}s; {:.0} peers said what they held and were sent {:.0} B each; every export resent: {:.0} B; peering bytes in the {:.0} s after: {:.0} = {:.3} of the first sync's exports to one cluster ({:.0} B), beyond quiet traffic",
+            g.back.as_secs_f64(),
+            g.resumed.0,
+            g.resumed.1 / g.resumed.0.max(1.0),
+            g.full_bytes,
+            g.window.as_secs_f64(),
+            g.bytes,
+            self.gateway_restart_extra() / self.exports_to_one_cluster().max(1.0),
+            self.exports_to_one_cluster()
+        );
         println!(
             "controller restart (kill -9): its subscribers whole again after {:.2}s; peering bytes in the 10 s after: {:.0} (10 quiet seconds: {:.0}; the first sync of the whole clusterset: {:.0}, so the restart cost {:.2} of it)",
             self.restart_resync.as_secs_f64(),
@@ -1258,6 +1365,18 @@ impl Report {
             "endpoints",
         );
         f.add("initial_sync", self.initial_sync.as_secs_f64(), "s");
+        let g = &self.gateway_restart;
+        f.add("gateway_restart.back", g.back.as_secs_f64(), "s");
+        f.add("gateway_restart.peering_bytes", g.bytes, "B");
+        f.add("gateway_restart.window", g.window.as_secs_f64(), "s");
+        f.add("gateway_restart.full_bytes", g.full_bytes, "B");
+        f.add("gateway_restart.resumed_updates", g.resumed.0, "updates");
+        f.add("gateway_restart.resumed_bytes", g.resumed.1, "B");
+        f.ratio(
+            "gateway_restart.extra_bytes_over_exports_to_one_cluster",
+            self.gateway_restart_extra() / self.exports_to_one_cluster().max(1.0),
+            Some(1.0),
+        );
         f.add("restart.resync", self.restart_resync.as_secs_f64(), "s");
         f.add("restart.peering_bytes_10s", self.restart_bytes, "B");
         f.add("quiet.peering_bytes_10s", self.quiet_bytes, "B");
@@ -1297,6 +1416,19 @@ impl Report {
     /// again, or more.
     pub fn restart_extra(&self) -> f64 {
         not_below_zero(self.restart_bytes - self.quiet_bytes)
+    }
+
+    /// What a gateway's restart sent beyond quiet traffic (scaled to its window).
+    pub fn gateway_restart_extra(&self) -> f64 {
+        let g = &self.gateway_restart;
+        let quiet = self.quiet_bytes * g.window.as_secs_f64() / RESTART_WINDOW.as_secs_f64();
+        not_below_zero(g.bytes - quiet)
+    }
+
+    /// Every peer's exports to one cluster: the first sync's share of one receiver (what its
+    /// peers resent it after its gateway restarted, before they were told what it held).
+    pub fn exports_to_one_cluster(&self) -> f64 {
+        self.initial_sync_bytes / self.size.clusters.max(1) as f64
     }
 
     /// What restarting every controller sent beyond quiet traffic: each cluster's exports to

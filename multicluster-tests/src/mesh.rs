@@ -181,11 +181,11 @@ pub fn process_state(stat: &std::path::Path) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-/// Every TCP socket on `port` (`ss -tanp`'s lines), for a failure's message.
+/// Every TCP and UDP socket on `port` (`ss -tuanp`'s lines), for a failure's message.
 pub fn sockets_on(port: u16) -> String {
     let port = format!(":{port} ");
     let sockets = std::process::Command::new("ss")
-        .arg("-tanp")
+        .arg("-tuanp")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
@@ -430,36 +430,43 @@ impl Mesh {
         }
     }
 
-    /// Starts a killed controller again with its own command (returns its pid), once its admin
-    /// and gRPC addresses can be bound: a killed controller's listener was seen still bound for
-    /// a moment after [`Mesh::kill9`] had found every thread of it gone (the restarted
-    /// controller then exited with EADDRINUSE). Waits up to 10 s, printing any wait over 50 ms;
-    /// fails with every socket on the port after that.
-    pub async fn restart_controller(&mut self, controller: &Component) -> anyhow::Result<u32> {
-        let grpc: SocketAddr = controller
+    /// Starts a killed controller or gateway again with its own command (returns its pid), once
+    /// its admin and listening addresses (a controller's gRPC, a gateway's tunnel and fallback)
+    /// can be bound: a killed controller's listener was seen still bound for a moment after
+    /// [`Mesh::kill9`] had found every thread of it gone (the restarted controller then exited
+    /// with EADDRINUSE). Waits up to 10 s, printing any wait over 50 ms; fails with every socket
+    /// on the port after that.
+    ///
+    /// `env` goes beside the test's environment: a gateway's join token, read with
+    /// [`Mesh::environment`] before it was killed (a controller needs none).
+    pub async fn restart_component(&mut self, component: &Component, env: &[(String, String)]) -> anyhow::Result<u32> {
+        let listen: SocketAddr = component
             .addr
             .parse()
-            .with_context(|| format!("the controller's gRPC address {:?}", controller.addr))?;
-        for addr in [controller.admin_addr, grpc] {
+            .with_context(|| format!("the component's address {:?}", component.addr))?;
+        for addr in [component.admin_addr, listen] {
             let waited = std::time::Instant::now();
             // Only "in use" is waited for: an address of another network namespace (`--netns`)
-            // cannot be bound from here at all.
-            while std::net::TcpListener::bind(addr).is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse) {
+            // cannot be bound from here at all. A gateway's tunnel is UDP.
+            let in_use = |e: std::io::Error| e.kind() == std::io::ErrorKind::AddrInUse;
+            while std::net::TcpListener::bind(addr).is_err_and(in_use)
+                || (addr == listen && std::net::UdpSocket::bind(addr).is_err_and(in_use))
+            {
                 anyhow::ensure!(
                     waited.elapsed() < Duration::from_secs(10),
-                    "{addr} of a killed controller is still bound 10 s after it was killed:\n{}",
+                    "{addr} of a killed component is still bound 10 s after it was killed:\n{}",
                     sockets_on(addr.port())
                 );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             if waited.elapsed() > Duration::from_millis(50) {
                 println!(
-                    "  {addr} of a killed controller was still bound {:.0} ms after it was killed",
+                    "  {addr} of a killed component was still bound {:.0} ms after it was killed",
                     waited.elapsed().as_secs_f64() * 1e3
                 );
             }
         }
-        self.restart(&controller.command, Some(&controller.log))
+        self.restart_program(&strait_bin(), &component.command, env, Some(&component.log))
     }
 
     /// The hosts of the services a sidecar holds (its admin `/config`); none when it cannot

@@ -519,7 +519,7 @@ async fn a_controller_restart_rewrites_nothing_that_did_not_change() {
         before,
         "imports stay while the controller is away"
     );
-    mesh.restart_controller(&west.controller).await.unwrap();
+    mesh.restart_component(&west.controller, &[]).await.unwrap();
     Mesh::eventually(
         "west's controller is back with its peers",
         Duration::from_secs(20),

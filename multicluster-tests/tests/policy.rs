@@ -724,7 +724,7 @@ async fn a_cluster_cut_off_keeps_its_copies_and_converges_when_the_author_return
     }
 
     // West comes back (its applied objects were on disk) and changes the policy: east converges.
-    mesh.restart_controller(&west.controller).await.unwrap();
+    mesh.restart_component(&west.controller, &[]).await.unwrap();
     let west_admin = west.controller.admin_addr;
     Mesh::eventually("west's controller is back", Duration::from_secs(20), || async move {
         Mesh::admin_json(west_admin, "/policies")

@@ -157,7 +157,7 @@ async fn proxies_keep_serving_without_their_controller_and_resubscribe() {
     assert_eq!(code, 200);
 
     // The controller comes back; proxies resubscribe and new config reaches them.
-    mesh.restart_controller(&east.controller).await.unwrap();
+    mesh.restart_component(&east.controller, &[]).await.unwrap();
     Mesh::eventually("east's proxies resubscribe", Duration::from_secs(15), || async {
         Mesh::admin_json(east.controller.admin_addr, "/status")
             .await

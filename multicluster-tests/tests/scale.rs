@@ -253,6 +253,18 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         report.restart_extra(),
         report.initial_sync_bytes
     );
+    // A gateway's restart breaks the peering streams into its cluster. Each peer dials again
+    // and, told what the cluster's controller still holds of it, sends what differs from that
+    // (the churn had ended: its objects and traffic summary only), not every export again.
+    let g = report.gateway_restart;
+    assert_eq!(g.full_bytes, 0.0, "every export resent after a gateway restart: {g:?}");
+    assert!(g.resumed.0 >= (size.clusters - 1) as f64, "every peer resumed: {g:?}");
+    assert!(
+        g.resumed.1 < 0.5 * report.exports_to_one_cluster(),
+        "the resumed peers sent {} B; the first sync's exports to one cluster were {} B",
+        g.resumed.1,
+        report.exports_to_one_cluster()
+    );
     // Every controller at once: each cluster's exports go to each peer once more — about the
     // first sync again, not a multiple of it.
     println!(
@@ -298,6 +310,7 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         "policy_edit_to_ack.p99",
         "policy_edit_regained",
         "restart.config_resumed_bytes_per_proxy",
+        "gateway_restart.resumed_bytes",
         "restart_all.config_resumed_bytes_per_proxy",
     ] {
         assert!(doc["figures"][key]["value"].is_number(), "{key} missing in {doc}");
@@ -689,7 +702,7 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
     // differs from it.
     let controller = mesh.cluster("west").controller.clone();
     mesh.kill9(controller.pid);
-    mesh.restart_controller(&controller).await.unwrap();
+    mesh.restart_component(&controller, &[]).await.unwrap();
     let acked = Mesh::eventually(
         "the restarted west controller's proxies ACK its config",
         Duration::from_secs(60),
