@@ -40,6 +40,16 @@ pub enum Credential {
     ServiceAccountToken(std::path::PathBuf),
 }
 
+/// What the CA says beside a certificate.
+#[derive(Clone, Debug, Default)]
+pub struct Granted {
+    /// Where it found the workload (Kubernetes: its node's region and zone), when it knows.
+    pub locality: Option<pb::Locality>,
+    /// To a gateway: the secret its QUIC endpoint derives stateless-reset tokens from, the
+    /// same for every gateway of its cluster and across restarts.
+    pub quic_reset_key: Option<Vec<u8>>,
+}
+
 #[derive(Clone)]
 pub struct CertClient {
     /// `host:port` of the controller (its gRPC port).
@@ -63,12 +73,11 @@ impl CertClient {
 
     /// One CSR round trip.
     pub async fn fetch(&self) -> Result<(WorkloadCert, TrustBundle), CertError> {
-        self.fetch_with_locality().await.map(|(cert, bundle, _)| (cert, bundle))
+        self.fetch_granted().await.map(|(cert, bundle, _)| (cert, bundle))
     }
 
-    /// One CSR round trip, with where the CA found the workload (Kubernetes: its node's
-    /// region and zone), when it knows.
-    pub async fn fetch_with_locality(&self) -> Result<(WorkloadCert, TrustBundle, Option<pb::Locality>), CertError> {
+    /// One CSR round trip, with what the CA said beside the certificate.
+    pub async fn fetch_granted(&self) -> Result<(WorkloadCert, TrustBundle, Granted), CertError> {
         let config = strait_trust::client_config(
             None,
             &Arc::new(ArcSwap::from_pointee(self.bundle.clone())),
@@ -116,18 +125,22 @@ impl CertClient {
         if !resp.bundle_pem.is_empty() {
             bundle.merge(&TrustBundle::from_pem("CA response", resp.bundle_pem.as_bytes())?)?;
         }
-        Ok((WorkloadCert::new(id, issued, key.key_pkcs8_der)?, bundle, resp.locality))
+        let granted = Granted {
+            locality: resp.locality,
+            quic_reset_key: (!resp.quic_reset_key.is_empty()).then_some(resp.quic_reset_key),
+        };
+        Ok((WorkloadCert::new(id, issued, key.key_pkcs8_der)?, bundle, granted))
     }
 
     /// Fetches the first certificate, retrying while the controller starts up; also returns
-    /// the locality the CA reported, if any.
-    pub async fn bootstrap(&self) -> (CertStore, Option<pb::Locality>) {
+    /// what the CA said beside it.
+    pub async fn bootstrap(&self) -> (CertStore, Granted) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.fetch_with_locality().await {
-                Ok((cert, bundle, locality)) => {
+            match self.fetch_granted().await {
+                Ok((cert, bundle, granted)) => {
                     tracing::info!(id = %cert.id, "obtained workload certificate");
-                    return (CertStore::new(cert, bundle, self.metrics.clone()), locality);
+                    return (CertStore::new(cert, bundle, self.metrics.clone()), granted);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot obtain a certificate yet; retrying");

@@ -27,14 +27,14 @@ pub struct ControllerLink {
 
 impl ControllerLink {
     /// Gets the first certificate (waiting for the controller if it is not up yet), starts its
-    /// renewal and the config stream that publishes snapshots on `config`. Also returns the
-    /// locality the CA found the workload in (Kubernetes: its node's labels), if it knows.
+    /// renewal and the config stream that publishes snapshots on `config`. Also returns what
+    /// the CA said beside the certificate (the workload's locality, a gateway's reset key).
     pub async fn connect(
         &self,
         hello: pb::Hello,
         registry: &Registry,
         config: watch::Sender<Arc<Snapshot>>,
-    ) -> Result<(CertStore, Option<pb::Locality>), TrustError> {
+    ) -> Result<(CertStore, crate::certs::Granted), TrustError> {
         let cert_client = CertClient {
             ca_addr: self.controller.clone(),
             credential: self.credential.clone(),
@@ -43,7 +43,7 @@ impl ControllerLink {
             bundle: self.bundle.clone(),
             metrics: TlsMetrics::new(registry),
         };
-        let (store, locality) = cert_client.bootstrap().await;
+        let (store, granted) = cert_client.bootstrap().await;
         cert_client.spawn_rotation(store.clone());
         let xds = XdsClient {
             controller: self.controller.clone(),
@@ -53,6 +53,6 @@ impl ControllerLink {
             metrics: XdsMetrics::new(registry),
         };
         tokio::spawn(xds.run(config));
-        Ok((store, locality))
+        Ok((store, granted))
     }
 }

@@ -22,7 +22,13 @@ pub struct CaServer {
     max_ttl: Duration,
     bundle_pem: String,
     issued: IntCounterVec,
+    /// What this cluster's gateways derive QUIC stateless-reset tokens from
+    /// (`SignResponse.quic_reset_key`).
+    quic_reset_key: [u8; 32],
 }
+
+/// What the CA key derives the gateways' QUIC stateless-reset key for.
+const QUIC_RESET_PURPOSE: &str = "strait gateway QUIC stateless reset v1";
 
 impl CaServer {
     pub fn new(
@@ -41,6 +47,7 @@ impl CaServer {
         let _ = registry.register(Box::new(issued.clone()));
         CaServer {
             reviewer,
+            quic_reset_key: authority.derive_secret(QUIC_RESET_PURPOSE),
             trust_domain: authority.trust_domain().clone(),
             authority,
             tokens: tokens
@@ -197,6 +204,68 @@ impl CertificateService for CaServer {
             not_before_unix_ms: strait_api::unix_ms(issued.not_before),
             not_after_unix_ms: strait_api::unix_ms(issued.not_after),
             locality,
+            quic_reset_key: if ns == strait_api::SYSTEM_NAMESPACE && sa == strait_api::GATEWAY_SA {
+                self.quic_reset_key.to_vec()
+            } else {
+                vec![]
+            },
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_gateways_are_given_the_quic_reset_key_and_every_ca_server_of_the_cluster_gives_the_same() {
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let now = SystemTime::now();
+        let root = Authority::new_root(&td, now).unwrap();
+        let east = Arc::new(root.new_intermediate("east", now).unwrap());
+        let west = Arc::new(root.new_intermediate("west", now).unwrap());
+        let token = |token: &str, namespace: &str, service_account: &str| JoinToken {
+            token: token.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        };
+        let tokens = [
+            token("gateway", strait_api::SYSTEM_NAMESPACE, strait_api::GATEWAY_SA),
+            token("app", "demo", "echo"),
+        ];
+        let reset_key = |ca: &Arc<Authority>, join_token: &str| {
+            // A CA server of its own each time, as a restarted controller runs.
+            let server = CaServer::new(
+                ca.clone(),
+                &tokens,
+                None,
+                Duration::from_secs(3600),
+                String::new(),
+                &Registry::new(),
+            );
+            let join_token = join_token.to_string();
+            async move {
+                let request = pb::SignRequest {
+                    csr_der: strait_trust::KeyAndCsr::generate().unwrap().csr_der,
+                    join_token,
+                    ..Default::default()
+                };
+                server
+                    .sign(Request::new(request))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .quic_reset_key
+            }
+        };
+        let key = reset_key(&east, "gateway").await;
+        assert_eq!(key.len(), 32);
+        assert_eq!(reset_key(&east, "gateway").await, key, "the same after a restart");
+        assert!(reset_key(&east, "app").await.is_empty(), "a workload is given none");
+        assert_ne!(
+            reset_key(&west, "gateway").await,
+            key,
+            "another cluster's CA derives another"
+        );
     }
 }

@@ -249,7 +249,7 @@ pub struct TunnelClient {
 impl TunnelClient {
     /// A client endpoint bound to `bind` (use port 0).
     pub fn new(bind: SocketAddr, store: CertStore) -> std::io::Result<Self> {
-        let endpoint = crate::endpoint(bind, None)?;
+        let endpoint = crate::endpoint(bind, None, None)?;
         Ok(TunnelClient {
             endpoint,
             bind,
@@ -352,8 +352,17 @@ impl TunnelClient {
             loop {
                 tokio::select! {
                     reason = conn.closed() => {
-                        if matches!(reason, quinn::ConnectionError::TimedOut) && this.is_current(gateway, &conn) {
-                            this.lost(gateway, &identity);
+                        match reason {
+                            quinn::ConnectionError::TimedOut if this.is_current(gateway, &conn) => {
+                                this.lost(gateway, &identity);
+                            }
+                            // A stateless reset its predecessor's key signs: the gateway
+                            // restarted. Not down: the next tunnel dials the new process.
+                            quinn::ConnectionError::Reset if this.is_current(gateway, &conn) => {
+                                tracing::info!(%gateway, "the gateway reset the tunnel connection (it restarted); the next tunnel dials it again");
+                                this.forget(gateway);
+                            }
+                            _ => {}
                         }
                         return;
                     }

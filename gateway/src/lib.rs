@@ -111,10 +111,29 @@ fn fallback_socket(tcp: &tokio::net::TcpStream) {
 }
 
 /// A quinn endpoint on [`udp_socket`]: a server when `server` is given, else a client only.
-fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+/// `reset_key` keys its stateless-reset tokens (random when `None`): a gateway restarted with
+/// its predecessor's key ends the connections that one held as soon as their clients send.
+fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_key: Option<&[u8]>,
+) -> std::io::Result<quinn::Endpoint> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    let mut config = quinn::EndpointConfig::default();
+    let mut config = match reset_key {
+        Some(key) => {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+            // The connection IDs it issues carry a check keyed alike: quinn answers a packet
+            // for an unknown connection with a reset only when its ID passes that check, so a
+            // successor must recognise its predecessor's IDs too.
+            let tag = ring::hmac::sign(&key, b"strait gateway QUIC connection IDs");
+            let cid_key = u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
+            let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(key));
+            config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     config
         .max_udp_payload_size(MAX_DATAGRAM)
         .map_err(std::io::Error::other)?;
@@ -215,6 +234,97 @@ mod tests {
     use crate::testing::{gateway_and_caller, GATEWAY};
 
     use super::*;
+
+    /// A UDP relay in front of a gateway, which a test points at another gateway: the first
+    /// then vanishes for its client as a killed process does (nothing it sends arrives, not
+    /// even the CONNECTION_CLOSE a dropped endpoint sends).
+    struct Relay {
+        addr: std::net::SocketAddr,
+        backend: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    }
+
+    async fn relay(backend: std::net::SocketAddr) -> Relay {
+        use std::sync::{Arc, Mutex};
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let backend = Arc::new(Mutex::new(backend));
+        let client: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let addr = front.local_addr().unwrap();
+        {
+            let (front, back, backend, client) = (front.clone(), back.clone(), backend.clone(), client.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                    *client.lock().unwrap() = Some(from);
+                    let to = *backend.lock().unwrap();
+                    let _ = back.send_to(&buf[..n], to).await;
+                }
+            });
+        }
+        {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                while let Ok((n, from)) = back.recv_from(&mut buf).await {
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to.filter(|_| from == *backend.lock().unwrap()) {
+                        let _ = front.send_to(&buf[..n], to).await;
+                    }
+                }
+            });
+        }
+        Relay { addr, backend }
+    }
+
+    /// A gateway restarted with its predecessor's stateless-reset key (what the CA gives every
+    /// gateway of a cluster) ends the connections that one held at their clients' next packet:
+    /// the client sees a reset, not its idle timeout. With a key of its own, its reset cannot
+    /// be told from a forgery and the client waits until its connection times out.
+    #[tokio::test]
+    async fn a_restarted_gateway_with_its_predecessors_reset_key_ends_their_connections() {
+        let key = vec![7u8; 32];
+        for (successor_key, want_reset) in [(key.clone(), true), (vec![8u8; 32], false)] {
+            let (gateway, caller) = gateway_and_caller();
+            let first = crate::testing::gateway_with_reset_key(gateway.clone(), Some(key.clone()))
+                .bind()
+                .unwrap();
+            let relay = relay(first.local_addr().unwrap()).await;
+            tokio::spawn(async move {
+                let conn = first.accept().await.unwrap().await.unwrap();
+                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+                let mut byte = [0u8; 1];
+                recv.read_exact(&mut byte).await.unwrap();
+                send.write_all(&byte).await.unwrap();
+                // Held open, as a gateway that is killed holds its connections.
+                conn.closed().await;
+            });
+            let client = TunnelClient::new("127.0.0.1:0".parse().unwrap(), caller).unwrap();
+            let conn = client
+                .quic_handshake(relay.addr, &GATEWAY.parse().unwrap(), Duration::from_secs(5))
+                .await
+                .unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(b"x").await.unwrap();
+            let mut byte = [0u8; 1];
+            recv.read_exact(&mut byte).await.unwrap();
+            assert_eq!(&byte, b"x", "through the first gateway");
+
+            // The first gateway is gone; its successor listens where it did.
+            let second = crate::testing::gateway_with_reset_key(gateway, Some(successor_key))
+                .bind()
+                .unwrap();
+            *relay.backend.lock().unwrap() = second.local_addr().unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let _ = send.write_all(b"y").await;
+            let error = conn.closed().await;
+            if want_reset {
+                assert!(matches!(error, quinn::ConnectionError::Reset), "{error:?}");
+            } else {
+                assert!(matches!(error, quinn::ConnectionError::TimedOut), "{error:?}");
+            }
+            drop(second);
+        }
+    }
 
     /// A QUIC tunnel connection on loopback (MTU 64 KiB) grows its datagrams to
     /// [`MAX_DATAGRAM`] during a bulk transfer and still sends several at a time. With a

@@ -44,7 +44,10 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         // The config client says it takes updates in parts.
         ..Default::default()
     };
-    let (store, _) = opts.controller.connect(hello, &registry, tx).await?;
+    let (store, granted) = opts.controller.connect(hello, &registry, tx).await?;
+    if granted.quic_reset_key.is_none() {
+        tracing::warn!("the CA gave no QUIC reset key (a controller of an older build): after a restart, clients of this gateway's predecessor wait out their idle timeout");
+    }
 
     let tracer = match &opts.telemetry.otlp_endpoint {
         Some(endpoint) => strait_api::trace::Tracer::otlp(
@@ -63,6 +66,7 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
                 cluster: opts.locality.cluster.clone(),
                 listen: opts.listen,
                 connect_timeout: Duration::from_secs(1),
+                quic_reset_key: granted.quic_reset_key,
             },
             store,
             rx.clone(),

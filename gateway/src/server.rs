@@ -23,6 +23,10 @@ pub struct GatewayOptions {
     pub cluster: String,
     pub listen: SocketAddr,
     pub connect_timeout: Duration,
+    /// The secret the QUIC endpoint derives stateless-reset tokens from, shared by the
+    /// cluster's gateways and kept across restarts (the CA gives it: `Granted::quic_reset_key`);
+    /// `None` takes a random one, whose resets no client of a predecessor can trust.
+    pub quic_reset_key: Option<Vec<u8>>,
 }
 
 pub struct Gateway {
@@ -85,12 +89,13 @@ impl Gateway {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(crate::transport_config(crate::SERVER_IDLE_TIMEOUT, None)));
-        let endpoint = crate::endpoint(self.opts.listen, Some(config)).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot bind the gateway's QUIC listener on UDP {}: {e}",
-                self.opts.listen
-            )
-        })?;
+        let endpoint =
+            crate::endpoint(self.opts.listen, Some(config), self.opts.quic_reset_key.as_deref()).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind the gateway's QUIC listener on UDP {}: {e}",
+                    self.opts.listen
+                )
+            })?;
         Ok(endpoint)
     }
 

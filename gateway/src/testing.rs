@@ -15,11 +15,17 @@ fn store(ca: &Authority, trust: &TrustBundle, id: &str) -> CertStore {
 /// The real gateway of cluster `east` with an empty catalog, listening on a free loopback port
 /// once bound.
 pub(crate) fn gateway(store: CertStore) -> Arc<crate::Gateway> {
+    gateway_with_reset_key(store, None)
+}
+
+/// [`gateway`] whose QUIC endpoint keys its stateless resets with `quic_reset_key`.
+pub(crate) fn gateway_with_reset_key(store: CertStore, quic_reset_key: Option<Vec<u8>>) -> Arc<crate::Gateway> {
     let (_config, rx) = tokio::sync::watch::channel(Arc::new(strait_api::snapshot::Snapshot::default()));
     let opts = crate::GatewayOptions {
         cluster: "east".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         connect_timeout: Duration::from_secs(1),
+        quic_reset_key,
     };
     let metrics = crate::GatewayMetrics::new(&prometheus::Registry::new());
     Arc::new(crate::Gateway::new(opts, store, rx, metrics))

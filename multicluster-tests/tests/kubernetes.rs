@@ -457,7 +457,8 @@ async fn the_ca_issues_for_service_account_tokens_and_refuses_forged_ones() {
         .unwrap();
     let uid = pod.metadata.uid.clone().unwrap();
     let bound = token(&east, "demo", "echo", "strait", Some(("echo-b", &uid))).await;
-    let (cert, _, locality) = ca("bound", bound).fetch_with_locality().await.unwrap();
+    let (cert, _, granted) = ca("bound", bound).fetch_granted().await.unwrap();
+    let locality = granted.locality;
     assert_eq!(cert.id.to_string(), "spiffe://mesh.local/ns/demo/sa/echo");
     let locality = locality.expect("the CA knows the pod's node");
     assert_eq!(

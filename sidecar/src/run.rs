@@ -213,7 +213,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     // No zone given (the injector does not know the node yet): take the one the CA found.
     let mut opts = opts;
     if opts.locality.zone.is_empty() {
-        match found {
+        match found.locality {
             Some(l) => {
                 opts.locality.zone = l.zone;
                 if opts.locality.region.is_empty() {

@@ -127,6 +127,14 @@ impl Authority {
         Issuer::from_ca_cert_der(&self.cert, &self.key).map_err(TrustError::from)
     }
 
+    /// A 32-byte secret for `purpose`, derived from this CA's key (HMAC-SHA256 keyed by it):
+    /// the same for every process holding the key, and only for them.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key.serialize_der());
+        let tag = ring::hmac::sign(&key, purpose.as_bytes());
+        tag.as_ref().try_into().expect("SHA-256 is 32 bytes")
+    }
+
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
