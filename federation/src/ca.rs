@@ -261,6 +261,16 @@ mod tests {
         let key = reset_key(&east, "gateway").await;
         assert_eq!(key.len(), 32);
         assert_eq!(reset_key(&east, "gateway").await, key, "the same after a restart");
+        // A restarted controller loads its CA from disk (`Authority::load`): the same key.
+        let dir = std::env::temp_dir().join(format!("strait-ca-reset-{}", std::process::id()));
+        east.write(&dir).unwrap();
+        let reloaded = Arc::new(Authority::load(&dir, &td).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            reset_key(&reloaded, "gateway").await,
+            key,
+            "the same from the CA loaded again"
+        );
         assert!(reset_key(&east, "app").await.is_empty(), "a workload is given none");
         assert_ne!(
             reset_key(&west, "gateway").await,
