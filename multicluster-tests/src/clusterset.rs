@@ -470,17 +470,21 @@ async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: us
     // which the bench does not give it).
     let mut env = Mesh::environment(gateway.pid, "STRAIT_");
     env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
-    let killed_unix_ms = strait_api::unix_ms(std::time::SystemTime::now());
     mesh.kill9(gateway.pid);
     let killed_at = Instant::now();
     mesh.restart_component(&gateway, &env).await?;
+    // A renewal later than this came over a new stream: the old gateway is gone and the new
+    // one is not yet listening (one in flight through the old gateway landed before).
+    let restarted_unix_ms = strait_api::unix_ms(std::time::SystemTime::now());
     let back = loop {
         let status = Mesh::admin_json(admins[c], "/status").await.unwrap_or_default();
         let renewed = |name: &String| {
             status["peers"].as_array().into_iter().flatten().any(|p| {
                 p["name"] == name.as_str()
                     && p["connected"] == true
-                    && p["last_renewed_unix_ms"].as_i64().is_some_and(|at| at > killed_unix_ms)
+                    && p["last_renewed_unix_ms"]
+                        .as_i64()
+                        .is_some_and(|at| at > restarted_unix_ms)
             })
         };
         if peers.iter().all(renewed) {
