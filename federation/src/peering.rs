@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::catalog::{Changes, Key, Services, Touched};
+use crate::xds::Update;
 use futures::Stream;
 use serde::Serialize;
 use strait_api::pb;
@@ -337,7 +338,12 @@ impl PeeringService for PeeringServer {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let answers_held = named.is_some();
         if let Some(name) = &named {
-            let held = table.held(name);
+            // Hashing every export held of the peer (about 3.5 MB at the published size) is
+            // work for a blocking thread, not for the runtime's workers.
+            let (held_table, held_name) = (table.clone(), name.clone());
+            let held = tokio::task::spawn_blocking(move || held_table.held(&held_name))
+                .await
+                .map_err(|e| Status::internal(format!("digesting what is held of {name}: {e}")))?;
             tracing::info!(peer = %name, held = held.len(), "peer resuming; told what this controller holds of it");
             let _ = tx
                 .send(Ok(pb::ExportAck {
@@ -351,22 +357,21 @@ impl PeeringService for PeeringServer {
             let mut cluster = None;
             let mut acked: Option<Instant> = None;
             while let Ok(Some(update)) = inbound.message().await {
-                if update.cluster.is_empty() || update.cluster == own {
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(format!(
-                            "peer announced cluster name {:?}; it must be set and differ from this cluster's ({own})",
-                            update.cluster
-                        ))))
-                        .await;
-                    return;
-                }
-                if let Some(name) = named.as_ref().filter(|n| **n != update.cluster) {
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(format!(
+                let invalid = if update.cluster.is_empty() || update.cluster == own {
+                    Some(format!(
+                        "peer announced cluster name {:?}; it must be set and differ from this cluster's ({own})",
+                        update.cluster
+                    ))
+                } else {
+                    named.as_ref().filter(|n| **n != update.cluster).map(|name| {
+                        format!(
                             "peer named cluster {name:?} in its {CLUSTER_HEADER} header but exports as {:?}; they must be the same",
                             update.cluster
-                        ))))
-                        .await;
+                        )
+                    })
+                };
+                if let Some(message) = invalid {
+                    let _ = tx.send(Err(Status::invalid_argument(message))).await;
                     return;
                 }
                 if cluster.is_none() {
@@ -563,8 +568,12 @@ impl PeerClient {
                 Ok(()) => tracing::info!(peer = %self.peer.name, "peering stream closed"),
                 Err(e) => tracing::debug!(peer = %self.peer.name, error = %e, "peering stream failed; retrying"),
             }
+            // A stream that served a while broke (its peer's gateway or controller restarted,
+            // a reset says so as soon as the new one hears from this end): dial again at once,
+            // then back off from 200 ms, doubling.
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(200);
+                continue;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -607,14 +616,14 @@ impl PeerClient {
                 let mut update = base.clone();
                 generation += 1;
                 update.generation = generation;
-                let mut kind = "change";
+                let mut kind = Update::Change;
                 if first {
                     match &held {
                         // A receiver that still holds exports of this cluster (a stream that
                         // broke, a gateway that restarted, this controller restarted within the
                         // lease) is sent what differs from them.
                         Some(held) if !held.is_empty() => {
-                            kind = "resumed";
+                            kind = Update::Resumed;
                             (update.upserts, update.removed) = resumed_delta(&current.services, held);
                             tracing::info!(
                                 %peer,
@@ -626,7 +635,7 @@ impl PeerClient {
                             );
                         }
                         _ => {
-                            kind = "full";
+                            kind = Update::Full;
                             update.full = true;
                             update.upserts = current.services.values().map(|s| (**s).clone()).collect();
                         }
@@ -652,10 +661,10 @@ impl PeerClient {
                     update.traffic = Some((*summary).clone());
                     sent_traffic_at = summary.at_unix_ms;
                 }
-                metrics.updates.with_label_values(&[peer.as_str(), kind]).inc();
+                metrics.updates.with_label_values(&[peer.as_str(), kind.label()]).inc();
                 metrics
                     .bytes
-                    .with_label_values(&[peer.as_str(), kind])
+                    .with_label_values(&[peer.as_str(), kind.label()])
                     .inc_by(prost::Message::encoded_len(&update) as u64);
                 if tx.send(update).await.is_err() {
                     return;

@@ -53,19 +53,20 @@ struct SentMetrics {
     bytes: IntCounterVec,
 }
 
-/// The kind of an update sent to a proxy (the `update` label of [`SentMetrics`]).
+/// The kind of an update sent to a proxy or a peer (the `update` label of [`SentMetrics`] and of
+/// the peering metrics).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Update {
-    /// The whole state, on a proxy's first connect.
+pub(crate) enum Update {
+    /// The whole state, on a proxy's or peer's first connect.
     Full,
-    /// The first update to a proxy that said what it held: only what differs from it.
+    /// The first update to a receiver that said what it held: only what differs from it.
     Resumed,
     /// What changed since the update before.
     Change,
 }
 
 impl Update {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Update::Full => "full",
             Update::Resumed => "resumed",

@@ -350,6 +350,48 @@ mod tests {
         (got, client)
     }
 
+    /// A gateway serves once it has its certificate, before its first config: a tunnel that
+    /// comes then is answered once the config is in (here: the service is not in it), not
+    /// before; a tunnel whose deadline passes first is answered 503, naming the cause.
+    #[tokio::test]
+    async fn a_tunnel_to_a_gateway_without_its_first_config_yet_waits_for_it() {
+        let (gateway, caller) = gateway_and_caller();
+        let (config, rx) = tokio::sync::watch::channel(Arc::new(strait_api::snapshot::Snapshot::default()));
+        let server = crate::testing::gateway_configured_by(gateway, rx, None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let drain = strait_api::drain::Drain::new();
+        tokio::spawn(server.serve_tcp(listener, drain.watch()));
+        let client = client(caller);
+        let id: SpiffeId = GATEWAY.parse().unwrap();
+
+        // Its deadline passes before any config.
+        let mut soon = to("nowhere");
+        soon.deadline_unix_ms = (strait_api::unix_ms(std::time::SystemTime::now()) + 200) as u64;
+        let (mut stream, _) = client.open(addr, &id, &soon).await.unwrap();
+        let err = stream.read(&mut [0u8; 8]).await.unwrap_err();
+        match TunnelError::from_io(err) {
+            Ok(TunnelError::Refused { status, message, .. }) => {
+                assert_eq!(status, status::NO_ENDPOINT);
+                assert!(message.contains("no config yet"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let (mut stream, _) = client.open(addr, &id, &to("nowhere")).await.unwrap();
+        let mut read = Box::pin(async move { stream.read(&mut [0u8; 8]).await });
+        let unanswered = tokio::time::timeout(Duration::from_millis(300), &mut read).await;
+        assert!(
+            unanswered.is_err(),
+            "answered before the gateway had a config: {unanswered:?}"
+        );
+        config.send_replace(crate::testing::first_config());
+        match TunnelError::from_io(read.await.unwrap_err()) {
+            Ok(TunnelError::Refused { status, .. }) => assert_eq!(status, status::UNKNOWN_SERVICE),
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// The real gateway's fallback listener, with no QUIC listener beside it: a tunnel (a
     /// full-duplex stream) to a service it does not know is answered in-band, as on QUIC; a
     /// `POST` elsewhere is 404 and any other method 405, naming the two it serves.

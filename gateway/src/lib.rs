@@ -130,6 +130,13 @@ fn endpoint(
             let cid_key = u64::from_be_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
             let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(key));
             config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+            // quinn sends at most one reset per 20 ms by default, for the whole endpoint: a
+            // restarted gateway then ends its predecessor's connections one at a time, and
+            // clients whose packets came in the same 20 ms (peers that renew on the same beat)
+            // back off and wait (nine peers took 2 s, thousands of sidecars would take minutes).
+            // Every reset here answers a packet larger than itself, of a connection ID that
+            // passed the keyed check (issued by this cluster's gateways): none is limited.
+            config.min_reset_interval(std::time::Duration::ZERO);
             config
         }
         None => quinn::EndpointConfig::default(),
@@ -241,6 +248,8 @@ mod tests {
     struct Relay {
         addr: std::net::SocketAddr,
         backend: std::sync::Arc<std::sync::Mutex<std::net::SocketAddr>>,
+        /// How long what the gateway sends is held before it is passed on.
+        delay: std::sync::Arc<std::sync::Mutex<Duration>>,
     }
 
     async fn relay(backend: std::net::SocketAddr) -> Relay {
@@ -248,6 +257,7 @@ mod tests {
         let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let backend = Arc::new(Mutex::new(backend));
+        let delay: Arc<Mutex<Duration>> = Arc::default();
         let client: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
         let addr = front.local_addr().unwrap();
         {
@@ -262,18 +272,27 @@ mod tests {
             });
         }
         {
-            let backend = backend.clone();
+            let (backend, delay) = (backend.clone(), delay.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65_536];
                 while let Ok((n, from)) = back.recv_from(&mut buf).await {
                     let to = *client.lock().unwrap();
                     if let Some(to) = to.filter(|_| from == *backend.lock().unwrap()) {
-                        let _ = front.send_to(&buf[..n], to).await;
+                        let delay = *delay.lock().unwrap();
+                        if delay.is_zero() {
+                            let _ = front.send_to(&buf[..n], to).await;
+                        } else {
+                            let (front, datagram) = (front.clone(), buf[..n].to_vec());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = front.send_to(&datagram, to).await;
+                            });
+                        }
                     }
                 }
             });
         }
-        Relay { addr, backend }
+        Relay { addr, backend, delay }
     }
 
     /// A gateway restarted with its predecessor's stateless-reset key (what the CA gives every
@@ -324,6 +343,70 @@ mod tests {
             }
             drop(second);
         }
+    }
+
+    /// A restarted gateway resets every connection of its predecessor at its first packet,
+    /// though they all come at once (peers renewing on the same beat, a cluster's sidecars):
+    /// quinn's default of one reset per 20 ms per endpoint would answer one of them and leave
+    /// the others to back off and send again. Eight clients, each behind a relay of its own,
+    /// write at the same moment: each connection ends reset, having sent no more than that
+    /// write's flight after the switch (no probe sent again for want of an answer). The relays
+    /// hold the first gateway's answers 200 ms, so each client's probe timeout is longer than
+    /// that: a busy machine's delays do not make it probe before the successor's reset.
+    #[tokio::test]
+    async fn a_restarted_gateway_resets_every_connection_that_writes_at_once() {
+        const CLIENTS: usize = 8;
+        let key = vec![7u8; 32];
+        let (gateway, caller) = gateway_and_caller();
+        let first = crate::testing::gateway_with_reset_key(gateway.clone(), Some(key.clone()))
+            .bind()
+            .unwrap();
+        let first_addr = first.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = vec![];
+            while let Some(incoming) = first.accept().await {
+                // Held open, as a gateway that is killed holds its connections.
+                held.push(incoming.await.unwrap());
+            }
+        });
+        let mut clients = vec![];
+        for _ in 0..CLIENTS {
+            let relay = relay(first_addr).await;
+            *relay.delay.lock().unwrap() = Duration::from_millis(200);
+            let client = TunnelClient::new("127.0.0.1:0".parse().unwrap(), caller.clone()).unwrap();
+            let conn = client
+                .quic_handshake(relay.addr, &GATEWAY.parse().unwrap(), Duration::from_secs(5))
+                .await
+                .unwrap();
+            clients.push((relay, client, conn));
+        }
+        // Every connection idle and fully acknowledged before the switch.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = crate::testing::gateway_with_reset_key(gateway, Some(key))
+            .bind()
+            .unwrap();
+        let second_addr = second.local_addr().unwrap();
+        let sent_before: Vec<u64> = clients.iter().map(|(_, _, c)| c.stats().udp_tx.datagrams).collect();
+        for (relay, _, _) in &clients {
+            *relay.delay.lock().unwrap() = Duration::ZERO;
+            *relay.backend.lock().unwrap() = second_addr;
+        }
+        let mut streams = vec![];
+        for (_, _, conn) in &clients {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            let _ = send.write_all(b"y").await;
+            streams.push((send, recv));
+        }
+        for (i, (_, _, conn)) in clients.iter().enumerate() {
+            let error = conn.closed().await;
+            assert!(matches!(error, quinn::ConnectionError::Reset), "client {i}: {error:?}");
+            let sent = conn.stats().udp_tx.datagrams - sent_before[i];
+            assert!(
+                sent <= 2,
+                "client {i} sent {sent} datagrams after the switch before it was reset: its first were not answered"
+            );
+        }
+        drop(second);
     }
 
     /// A QUIC tunnel connection on loopback (MTU 64 KiB) grows its datagrams to

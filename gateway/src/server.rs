@@ -309,9 +309,13 @@ impl Gateway {
         caller: &Caller,
     ) {
         let service_label = format!("{}.{}", req.service, req.namespace);
-        let (code, message, upstream) = match self.denied(&req, caller) {
-            Some(refusal) => (status::FORBIDDEN, refusal, None),
-            None => self.connect_upstream(&req).await,
+        let (code, message, upstream) = if !self.has_config(&req).await {
+            let message = format!("the gateway of cluster {} has no config yet", self.opts.cluster);
+            (status::NO_ENDPOINT, message, None)
+        } else if let Some(refusal) = self.denied(&req, caller) {
+            (status::FORBIDDEN, refusal, None)
+        } else {
+            self.connect_upstream(&req).await
         };
         self.metrics
             .streams
@@ -473,6 +477,24 @@ impl Gateway {
             "RBAC: access denied by {policy} rule {rule} at the gateway of cluster {}",
             self.opts.cluster
         ))
+    }
+
+    /// Whether this gateway has its first config, waited for until the request's deadline (at
+    /// most five connect timeouts). A gateway serves as soon as it has its certificate, while its
+    /// first config may still be on its way (a restarted gateway: its predecessor's clients dial
+    /// again at once): a stream that comes before it waits for it, rather than being told no
+    /// service is known, and no stream is judged by authorization before the policies are in.
+    async fn has_config(&self, req: &pb::TunnelRequest) -> bool {
+        let mut config = self.config.clone();
+        let mut wait = self.opts.connect_timeout * 5;
+        if req.deadline_unix_ms > 0 {
+            let now = strait_api::unix_ms(std::time::SystemTime::now()).max(0) as u64;
+            wait = wait.min(Duration::from_millis(req.deadline_unix_ms.saturating_sub(now)));
+        }
+        let has = tokio::time::timeout(wait, config.wait_for(|s| s.version > 0))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        has
     }
 
     /// Finds the service and connects to one of its local endpoints: the caller's choice if it

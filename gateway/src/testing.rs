@@ -20,7 +20,24 @@ pub(crate) fn gateway(store: CertStore) -> Arc<crate::Gateway> {
 
 /// [`gateway`] whose QUIC endpoint keys its stateless resets with `quic_reset_key`.
 pub(crate) fn gateway_with_reset_key(store: CertStore, quic_reset_key: Option<Vec<u8>>) -> Arc<crate::Gateway> {
-    let (_config, rx) = tokio::sync::watch::channel(Arc::new(strait_api::snapshot::Snapshot::default()));
+    let (_config, rx) = tokio::sync::watch::channel(first_config());
+    gateway_configured_by(store, rx, quic_reset_key)
+}
+
+/// A gateway's first config: version 1, no service.
+pub(crate) fn first_config() -> Arc<strait_api::snapshot::Snapshot> {
+    let mut config = strait_api::snapshot::Snapshot::default();
+    config.version = 1;
+    Arc::new(config)
+}
+
+/// [`gateway`] that takes its config from `config`.
+pub(crate) fn gateway_configured_by(
+    store: CertStore,
+    config: tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
+    quic_reset_key: Option<Vec<u8>>,
+) -> Arc<crate::Gateway> {
+    let rx = config;
     let opts = crate::GatewayOptions {
         cluster: "east".into(),
         listen: "127.0.0.1:0".parse().unwrap(),

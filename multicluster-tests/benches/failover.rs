@@ -7,6 +7,10 @@
 //! for `STRAIT_BENCH_SECONDS` (default 10) per scenario; three seconds in, something dies:
 //! - **zone**: the only endpoint of `echo` in the caller's zone (its app and its sidecar, both
 //!   `kill -9`, as when a pod's node dies); traffic should move to `us-east-1b`;
+//! - **gateway restart**: cluster `west`'s gateway, `kill -9` and at once its own command again
+//!   (as a supervisor restarts it); calls to `remote` should move to `eu-central` only for as
+//!   long as it is away, and come back to `west` (the figure "fully moved" is then when every
+//!   request was served by `west` again);
 //! - **cluster**: cluster `west`, the nearest one serving `remote` (its gateway and controller,
 //!   `kill -9`); traffic should move to `eu-central`.
 //!
@@ -129,6 +133,25 @@ fn analyse(report: &LoadReport, to_zone: &str, from_zone: &str) -> Moved {
     }
 }
 
+/// GETs of `url` through `proxy` at `rps` for `run`, with `kill` done [`KILL_AT`] in.
+async fn killed_under_load<F, Fut>(
+    proxy: std::net::SocketAddr,
+    url: &str,
+    rps: u32,
+    run: Duration,
+    kill: F,
+) -> LoadReport
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    LoadReport::run(proxy, url, rps, run, |start| async move {
+        tokio::time::sleep_until((start + KILL_AT).into()).await;
+        kill().await;
+    })
+    .await
+}
+
 fn secs(d: Option<Duration>) -> String {
     d.map_or("never".into(), |d| format!("{:.3} s", d.as_secs_f64()))
 }
@@ -140,7 +163,7 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
-    let mesh = Mesh::start_with(MeshOptions {
+    let mut mesh = Mesh::start_with(MeshOptions {
         topology: Some(TOPOLOGY.into()),
         ..Default::default()
     })
@@ -148,7 +171,7 @@ async fn main() {
     .unwrap();
     let caller = mesh.workload("client", "us-east-1a").clone();
     let near = mesh.workload("echo", "us-east-1a").clone();
-    let west = mesh.cluster("west").clone();
+    let mut west = mesh.cluster("west").clone();
     // Warm: every path used once, so each scenario starts from connections in use.
     for url in [
         "http://echo.demo.svc.clusterset.local/",
@@ -163,32 +186,38 @@ async fn main() {
     );
     let mut figures = Figures::new("failover");
     let run = Duration::from_secs(seconds.max(KILL_AT.as_secs() + 3));
-    let mesh_ref = &mesh;
-    let zone = LoadReport::run(
+    let (proxy, echo, remote) = (
         caller.outbound_proxy,
         "http://echo.demo.svc.clusterset.local/",
-        rps,
-        run,
-        |start| async move {
-            tokio::time::sleep_until((start + KILL_AT).into()).await;
-            mesh_ref.kill9(near.app_pid);
-            mesh_ref.kill9(near.sidecar_pid);
-        },
-    )
+        "http://remote.demo.svc.clusterset.local/",
+    );
+    let mesh_ref = &mesh;
+    let zone = killed_under_load(proxy, echo, rps, run, || async move {
+        mesh_ref.kill9(near.app_pid);
+        mesh_ref.kill9(near.sidecar_pid);
+    })
     .await;
     let zone = analyse(&zone, "us-east-1b", "us-east-1a");
+    // Its join token, as `strait up` gave it (not the order to exit with its parent's stdin).
+    let mut env = Mesh::environment(west.gateway.pid, "STRAIT_");
+    env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
+    let restarted = std::cell::Cell::new(None);
+    let (mesh_mut, gateway, restarted_ref) = (&mut mesh, &west.gateway, &restarted);
+    let gateway_restart = killed_under_load(proxy, remote, rps, run, || async move {
+        let killed = std::time::Instant::now();
+        mesh_mut.kill9(gateway.pid);
+        let pid = mesh_mut.restart_component(gateway, &env).await.unwrap();
+        restarted_ref.set(Some((pid, killed.elapsed())));
+    })
+    .await;
+    let (pid, restarted_after) = restarted.get().unwrap();
+    west.gateway.pid = pid;
+    let gateway_restart = analyse(&gateway_restart, "us-west-2a", "us-west-2a");
     let mesh_ref = &mesh;
-    let cluster = LoadReport::run(
-        caller.outbound_proxy,
-        "http://remote.demo.svc.clusterset.local/",
-        rps,
-        run,
-        |start| async move {
-            tokio::time::sleep_until((start + KILL_AT).into()).await;
-            mesh_ref.kill9(west.gateway.pid);
-            mesh_ref.kill9(west.controller.pid);
-        },
-    )
+    let cluster = killed_under_load(proxy, remote, rps, run, || async move {
+        mesh_ref.kill9(west.gateway.pid);
+        mesh_ref.kill9(west.controller.pid);
+    })
     .await;
     let cluster = analyse(&cluster, "eu-central-1a", "us-west-2a");
 
@@ -211,6 +240,12 @@ async fn main() {
             "zone lost: us-east-1a -> us-east-1b",
             &zone,
             "goal: 0 failed after 1 s",
+        ),
+        (
+            "gateway_restart",
+            "gateway restarted: west (kill -9, start)",
+            &gateway_restart,
+            "fully moved: back to west",
         ),
         (
             "cluster",
@@ -267,5 +302,10 @@ async fn main() {
             "s",
         );
     }
+    println!(
+        "  the gateway's new process was started {:.3} s after the kill (once its addresses could be bound)",
+        restarted_after.as_secs_f64()
+    );
+    figures.add("gateway_restart.started_after_kill", restarted_after.as_secs_f64(), "s");
     figures.write();
 }

@@ -409,22 +409,29 @@ const RESTART_WINDOW: Duration = Duration::from_secs(10);
 /// it is tried again, and a controller that never answers counts as NaN (a figure that is
 /// visibly missing), never as 0 (which would read as a counter reset).
 async fn peering_sent(admins: &[std::net::SocketAddr]) -> Vec<f64> {
-    peering_metric(admins, "strait_peering_sent_bytes_total", &[]).await
+    let [sent] = peering_metrics(admins, [("strait_peering_sent_bytes_total", &[])]).await;
+    sent
 }
 
-/// [`peering_sent`] of any metric and labels.
-async fn peering_metric(admins: &[std::net::SocketAddr], name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
-    let mut out = vec![];
+/// [`peering_sent`] of several metrics (each a name and the labels it must carry), read from
+/// one scrape of each controller: for each metric, its sum in each controller.
+async fn peering_metrics<const N: usize>(
+    admins: &[std::net::SocketAddr],
+    metrics: [(&str, &[(&str, &str)]); N],
+) -> [Vec<f64>; N] {
+    let mut out: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(admins.len()));
     for a in admins {
-        let mut value = f64::NAN;
+        let mut text = None;
         for _ in 0..5 {
-            if let Ok(text) = scrape(*a).await {
-                value = metric_sum(&text, name, labels);
+            if let Ok(t) = scrape(*a).await {
+                text = Some(t);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        out.push(value);
+        for (values, (name, labels)) in out.iter_mut().zip(metrics) {
+            values.push(text.as_deref().map_or(f64::NAN, |t| metric_sum(t, name, labels)));
+        }
     }
     out
 }
@@ -452,13 +459,16 @@ fn sent_since(before: &[f64], after: &[f64], restarted: &[usize]) -> f64 {
 /// cluster's controller still holds its exports. Measured from the kill until every peer
 /// renewed its exports there over a new stream, or for [`RESTART_WINDOW`] if that is longer.
 async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: usize) -> anyhow::Result<GatewayRestart> {
-    let kinds = || async {
-        [
-            peering_sent(admins).await,
-            peering_metric(admins, "strait_peering_sent_bytes_total", &[("update", "full")]).await,
-            peering_metric(admins, "strait_peering_updates_sent_total", &[("update", "resumed")]).await,
-            peering_metric(admins, "strait_peering_sent_bytes_total", &[("update", "resumed")]).await,
-        ]
+    let kinds = || {
+        peering_metrics(
+            admins,
+            [
+                ("strait_peering_sent_bytes_total", &[]),
+                ("strait_peering_sent_bytes_total", &[("update", "full")]),
+                ("strait_peering_updates_sent_total", &[("update", "resumed")]),
+                ("strait_peering_sent_bytes_total", &[("update", "resumed")]),
+            ],
+        )
     };
     let before = kinds().await;
     let gateway = mesh.info.clusters[c].gateway.clone();
@@ -473,6 +483,9 @@ async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: us
     mesh.kill9(gateway.pid);
     let killed_at = Instant::now();
     mesh.restart_component(&gateway, &env).await?;
+    let started = killed_at.elapsed();
+    let mut ready = None;
+    let mut first_back = None;
     // A renewal later than this came over a new stream: the old gateway is gone and the new
     // one is not yet listening (one in flight through the old gateway landed before).
     let restarted_unix_ms = strait_api::unix_ms(std::time::SystemTime::now());
@@ -487,7 +500,18 @@ async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: us
                         .is_some_and(|at| at > restarted_unix_ms)
             })
         };
-        if peers.iter().all(renewed) {
+        if ready.is_none()
+            && crate::client::plain_get(gateway.admin_addr, "/ready")
+                .await
+                .is_ok_and(|(status, _)| status == 200)
+        {
+            ready = Some(killed_at.elapsed());
+        }
+        let back = peers.iter().filter(|p| renewed(p)).count();
+        if back > 0 && first_back.is_none() {
+            first_back = Some(killed_at.elapsed());
+        }
+        if back == peers.len() {
             break killed_at.elapsed();
         }
         if killed_at.elapsed() > Duration::from_secs(60) {
@@ -510,6 +534,9 @@ async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: us
     let after = kinds().await;
     let since = |i: usize| sent_since(&before[i], &after[i], &[]);
     Ok(GatewayRestart {
+        started,
+        ready: ready.unwrap_or(back),
+        first_back: first_back.unwrap_or(back),
         back,
         window,
         bytes: since(0),
@@ -521,7 +548,14 @@ async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: us
 /// What cluster 0's gateway restart cost ([`restart_gateway`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GatewayRestart {
-    /// From `kill -9` until every peer renewed its exports there over a new stream.
+    /// From `kill -9` until the new gateway process was started (once its addresses could be
+    /// bound) ...
+    pub started: Duration,
+    /// ... until it answered ready (its certificate and first config taken, listening) ...
+    pub ready: Duration,
+    /// ... until the first peer renewed its exports there over a new stream ...
+    pub first_back: Duration,
+    /// ... and until every peer had.
     pub back: Duration,
     /// The peering bytes every controller sent from the kill, in ...
     pub bytes: f64,
@@ -1238,7 +1272,10 @@ impl Report {
         }
         let g = &self.gateway_restart;
         println!(
-            "gateway restart (kill -9, cluster 0): every peer's exports renewed there over a new stream after {:.2}s; {:.0} peers said what they held and were sent {:.0} B each; every export resent: {:.0} B; peering bytes in the {:.0} s after: {:.0} = {:.3} of the first sync's exports to one cluster ({:.0} B), beyond quiet traffic",
+            "gateway restart (kill -9, cluster 0): the new gateway started after {:.2}s, ready after {:.2}s; the first peer's exports renewed there over a new stream after {:.2}s, every peer's after {:.2}s; {:.0} peers said what they held and were sent {:.0} B each; every export resent: {:.0} B; peering bytes in the {:.0} s after: {:.0} = {:.3} of the first sync's exports to one cluster ({:.0} B), beyond quiet traffic",
+            g.started.as_secs_f64(),
+            g.ready.as_secs_f64(),
+            g.first_back.as_secs_f64(),
             g.back.as_secs_f64(),
             g.resumed.0,
             g.resumed.1 / g.resumed.0.max(1.0),
@@ -1370,6 +1407,9 @@ impl Report {
         );
         f.add("initial_sync", self.initial_sync.as_secs_f64(), "s");
         let g = &self.gateway_restart;
+        f.add("gateway_restart.started", g.started.as_secs_f64(), "s");
+        f.add("gateway_restart.ready", g.ready.as_secs_f64(), "s");
+        f.add("gateway_restart.first_back", g.first_back.as_secs_f64(), "s");
         f.add("gateway_restart.back", g.back.as_secs_f64(), "s");
         f.add("gateway_restart.peering_bytes", g.bytes, "B");
         f.add("gateway_restart.window", g.window.as_secs_f64(), "s");
