@@ -133,7 +133,8 @@ fn endpoint(
             // quinn sends at most one reset per 20 ms by default, for the whole endpoint: a
             // restarted gateway then ends its predecessor's connections one at a time, and
             // clients whose packets came in the same 20 ms (peers that renew on the same beat)
-            // back off and wait (nine peers took 2 s, thousands of sidecars would take minutes).
+            // back off and send again later (nine peers' resets were spread over a second and the
+            // last peer was back after 3.5 s; thousands of sidecars would take minutes).
             // Every reset here answers a packet larger than itself, of a connection ID that
             // passed the keyed check (issued by this cluster's gateways): none is limited.
             config.min_reset_interval(std::time::Duration::ZERO);

@@ -37,7 +37,6 @@ pub(crate) fn gateway_configured_by(
     config: tokio::sync::watch::Receiver<Arc<strait_api::snapshot::Snapshot>>,
     quic_reset_key: Option<Vec<u8>>,
 ) -> Arc<crate::Gateway> {
-    let rx = config;
     let opts = crate::GatewayOptions {
         cluster: "east".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -45,7 +44,7 @@ pub(crate) fn gateway_configured_by(
         quic_reset_key,
     };
     let metrics = crate::GatewayMetrics::new(&prometheus::Registry::new());
-    Arc::new(crate::Gateway::new(opts, store, rx, metrics))
+    Arc::new(crate::Gateway::new(opts, store, config, metrics))
 }
 
 /// A gateway's store and a caller's under one trust domain.
