@@ -485,6 +485,10 @@ impl Gateway {
     /// again at once): a stream that comes before it waits for it, rather than being told no
     /// service is known, and no stream is judged by authorization before the policies are in.
     async fn has_config(&self, req: &pb::TunnelRequest) -> bool {
+        // Every stream once the first config is in: one read, no receiver to clone or wait on.
+        if self.config.borrow().version > 0 {
+            return true;
+        }
         let mut config = self.config.clone();
         let mut wait = self.opts.connect_timeout * 5;
         if req.deadline_unix_ms > 0 {

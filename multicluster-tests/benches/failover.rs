@@ -198,9 +198,7 @@ async fn main() {
     })
     .await;
     let zone = analyse(&zone, "us-east-1b", "us-east-1a");
-    // Its join token, as `strait up` gave it (not the order to exit with its parent's stdin).
-    let mut env = Mesh::environment(west.gateway.pid, "STRAIT_");
-    env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
+    let env = Mesh::restart_environment(west.gateway.pid);
     let restarted = std::cell::Cell::new(None);
     let (mesh_mut, gateway, restarted_ref) = (&mut mesh, &west.gateway, &restarted);
     let gateway_restart = killed_under_load(proxy, remote, rps, run, || async move {

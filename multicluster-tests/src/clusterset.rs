@@ -476,10 +476,7 @@ async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: us
         .filter(|p| *p != c)
         .map(|p| mesh.info.clusters[p].name.clone())
         .collect();
-    // Its join token, as `strait up` gave it (not the order to exit with its parent's stdin,
-    // which the bench does not give it).
-    let mut env = Mesh::environment(gateway.pid, "STRAIT_");
-    env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
+    let env = Mesh::restart_environment(gateway.pid);
     mesh.kill9(gateway.pid);
     let killed_at = Instant::now();
     mesh.restart_component(&gateway, &env).await?;

@@ -438,7 +438,7 @@ impl Mesh {
     /// on the port after that.
     ///
     /// `env` goes beside the test's environment: a gateway's join token, read with
-    /// [`Mesh::environment`] before it was killed (a controller needs none).
+    /// [`Mesh::restart_environment`] before it was killed (a controller needs none).
     pub async fn restart_component(&mut self, component: &Component, env: &[(String, String)]) -> anyhow::Result<u32> {
         let listen: SocketAddr = component
             .addr
@@ -490,6 +490,15 @@ impl Mesh {
                 k.starts_with(prefix).then(|| (k.to_string(), v.to_string()))
             })
             .collect()
+    }
+
+    /// What to start a running daemon of `strait up` again with, read before it is killed: the
+    /// variables `strait up` gave it (its join token, its log filter), but not the order to
+    /// exit with its parent's stdin, which a test does not give it.
+    pub fn restart_environment(pid: u32) -> Vec<(String, String)> {
+        let mut env = Self::environment(pid, "STRAIT_");
+        env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
+        env
     }
 
     /// Starts a component again with the command `strait up` reported for it; returns its pid.

@@ -737,10 +737,7 @@ async fn a_catalog_larger_than_grpcs_default_message_limit_reaches_every_sidecar
 
     // The sidecar restarts (kill -9, then its own command): it holds nothing, and is sent the
     // whole state, the big service alone in a part.
-    // (Its join token and log filter, as `strait up` gave them; not the order to exit with its
-    // parent's stdin, which the test does not give it.)
-    let mut env = Mesh::environment(west.sidecar_pid, "STRAIT_");
-    env.retain(|(k, _)| k != "STRAIT_EXIT_WITH_PARENT");
+    let env = Mesh::restart_environment(west.sidecar_pid);
     assert!(env.iter().any(|(k, _)| k == "STRAIT_JOIN_TOKEN"), "{env:?}");
     mesh.kill9(west.sidecar_pid);
     let program = west.sidecar_program.clone().unwrap_or_else(strait_bin);
