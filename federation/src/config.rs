@@ -35,6 +35,12 @@ pub struct ControllerConfig {
     /// cluster's proxies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes_dir: Option<PathBuf>,
+    /// Optional directory where the controller keeps what it last heard from each peer (one
+    /// file per peer), so that after a restart it asks each peer only for what changed
+    /// instead of every export, serves its proxies the clusterset's catalog at once, and keeps
+    /// enforcing the clusterset policies of a peer it cannot reach. Unset: kept in memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
     /// This cluster's gateway, announced to peers.
     pub gateway: GatewayRef,
     #[serde(default)]
@@ -212,6 +218,20 @@ impl ControllerConfig {
                     .into(),
             });
         }
+        if let Some(state) = &config.state_dir {
+            let shared = [("catalogDir", &config.catalog_dir), ("routesDir", &config.routes_dir)]
+                .into_iter()
+                .find(|(_, dir)| dir.as_ref() == Some(state));
+            if let Some((field, _)) = shared {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "field `stateDir`: {} is also `{field}`; the controller writes its own files there, so give it a directory of its own",
+                        state.display()
+                    ),
+                });
+            }
+        }
         check_batch_window(config.batch_window, config.lease).map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
@@ -273,6 +293,15 @@ mod tests {
         std::fs::write(&path, format!("{base}batchWindow: 0ms\n")).unwrap();
         let e = ControllerConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("`batchWindow`") && e.contains("positive"), "{e}");
+        // The state directory is the controller's own.
+        std::fs::write(&path, format!("{base}stateDir: /tmp/state\n")).unwrap();
+        assert_eq!(
+            ControllerConfig::load(&path).unwrap().state_dir,
+            Some(PathBuf::from("/tmp/state"))
+        );
+        std::fs::write(&path, format!("{base}stateDir: /tmp/catalog\n")).unwrap();
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("`stateDir`") && e.contains("`catalogDir`"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

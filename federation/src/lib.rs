@@ -13,6 +13,7 @@ pub mod config;
 pub mod k8s;
 pub mod objects;
 pub mod peering;
+pub mod peerlog;
 pub mod policy;
 pub mod policy_api;
 pub mod rateshare;

@@ -40,6 +40,8 @@ pub struct PeerState {
     /// The peer's last traffic summary (for the clusterset page; stale once the lease ran out).
     pub traffic: Option<Arc<pb::TrafficSummary>>,
     pub expires_at: Instant,
+    /// The lease its last update gave.
+    pub lease: Duration,
     pub last_renewed: SystemTime,
     pub connected: bool,
 }
@@ -93,6 +95,7 @@ impl PeerTable {
             statuses: Arc::default(),
             traffic: None,
             expires_at: now,
+            lease,
             last_renewed: SystemTime::now(),
             connected: true,
         });
@@ -144,6 +147,7 @@ impl PeerTable {
         }
         entry.region = update.region;
         entry.expires_at = now + lease;
+        entry.lease = lease;
         entry.last_renewed = SystemTime::now();
         entry.connected = true;
         drop(peers);
@@ -173,6 +177,35 @@ impl PeerTable {
                 version: export_digest(svc),
             })
             .collect()
+    }
+
+    /// Marks `cluster`, just read from the state directory ([`crate::peerlog`]), as last heard
+    /// from at `written`, `age` before `now`: its lease runs that much shorter (a peer heard from
+    /// longer ago than its lease is held, and asked to resume against, but not alive), and it
+    /// is not connected. Returns the number of services it exports.
+    pub fn restored(&self, cluster: &str, written: SystemTime, age: Duration, now: Instant) -> Option<usize> {
+        let mut peers = self.peers.lock().ok()?;
+        let peer = peers.get_mut(cluster)?;
+        peer.expires_at = now + peer.lease.saturating_sub(age);
+        peer.last_renewed = written;
+        peer.connected = false;
+        Some(peer.services.len())
+    }
+
+    /// Everything held of `cluster`, encoded as a state file's records
+    /// ([`crate::peerlog::whole_state_records`]); `None` for a cluster never heard from.
+    pub fn whole_state(&self, cluster: &str) -> Option<Vec<u8>> {
+        // Cloned under the lock (shared maps and lists, the few strings), encoded after it.
+        let peer = self.peers.lock().ok()?.get(cluster)?.clone();
+        Some(crate::peerlog::whole_state_records(
+            &peer.cluster,
+            &peer.region,
+            peer.lease.as_millis() as u64,
+            peer.gateway.as_ref(),
+            &peer.objects,
+            &peer.statuses,
+            &peer.services,
+        ))
     }
 
     pub fn disconnected(&self, cluster: &str) {
@@ -305,6 +338,8 @@ fn resumed_delta(current: &Services, held: &BTreeMap<String, u64>) -> (Vec<pb::E
 pub struct PeeringServer {
     pub table: PeerTable,
     pub own_cluster: String,
+    /// Where each update received is kept too (`stateDir`), if anywhere.
+    pub log: Option<crate::peerlog::PeerLog>,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<pb::ExportAck, Status>> + Send>>;
@@ -335,6 +370,7 @@ impl PeeringService for PeeringServer {
         let mut inbound = req.into_inner();
         let table = self.table.clone();
         let own = self.own_cluster.clone();
+        let log = self.log.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let answers_held = named.is_some();
         if let Some(name) = &named {
@@ -356,7 +392,7 @@ impl PeeringService for PeeringServer {
         tokio::spawn(async move {
             let mut cluster = None;
             let mut acked: Option<Instant> = None;
-            while let Ok(Some(update)) = inbound.message().await {
+            while let Ok(Some(mut update)) = inbound.message().await {
                 let invalid = if update.cluster.is_empty() || update.cluster == own {
                     Some(format!(
                         "peer announced cluster name {:?}; it must be set and differ from this cluster's ({own})",
@@ -380,7 +416,11 @@ impl PeeringService for PeeringServer {
                 cluster = Some(update.cluster.clone());
                 let generation = update.generation;
                 let now = Instant::now();
+                let record = log.as_ref().map(|_| crate::peerlog::PeerLog::record(&mut update));
                 table.apply(update, now);
+                if let (Some(log), Some(record), Some(c)) = (&log, record, &cluster) {
+                    log.append(c, record).await;
+                }
                 // Acknowledged at most every ACK_EVERY (the sender reads acknowledgements only
                 // to see the stream is alive): one per update was a message back through the
                 // tunnel for every change received.

@@ -154,9 +154,23 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         &registry,
     );
     let table = PeerTable::default();
+    // What was last heard from each peer, if kept: restored before anything is served.
+    let log = match &cfg.state_dir {
+        Some(dir) => {
+            // Reading and decoding every peer's file (about 3.5 MB each at the published size)
+            // is work for a blocking thread.
+            let configured: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
+            let (dir, restoring) = (dir.clone(), table.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || crate::peerlog::PeerLog::open(&dir, &restoring, &configured));
+            Some(opened.await??.0)
+        }
+        None => None,
+    };
     let peering = PeeringServer {
         table: table.clone(),
         own_cluster: cfg.cluster.clone(),
+        log,
     };
     let server_tls = strait_trust::server_config(
         &store,
@@ -288,7 +302,10 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     registry.register(Box::new(peers_alive.clone()))?;
 
     let mut source = match (&cfg.catalog_dir, &cfg.kubernetes) {
-        (Some(dir), _) => Source::File(FileSource::new(dir)),
+        (Some(dir), _) => match &cfg.state_dir {
+            Some(state) => Source::File(FileSource::new(dir).keeping_stamps_in(state.join(EXPORT_STAMPS))),
+            None => Source::File(FileSource::new(dir)),
+        },
         (None, Some(_)) => {
             let client = kube_api.clone().context("Kubernetes mode without a client")?;
             let watched = KubeSource::start(client.clone(), Duration::from_secs(30)).await?;
@@ -725,6 +742,9 @@ async fn start_injector(
     tracing::info!(%listen, "sidecar injection webhook registered");
     Ok(())
 }
+
+/// The file in `stateDir` where the file source keeps when each service was first exported.
+const EXPORT_STAMPS: &str = "exported-at.json";
 
 /// Where this cluster's services come from.
 enum Source {

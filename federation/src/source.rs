@@ -203,7 +203,10 @@ pub struct FileSource {
     dir: PathBuf,
     /// By file name (not path: comparing paths walks their components).
     files: BTreeMap<std::ffi::OsString, FileState>,
+    /// When each service was first exported (unix ms), by `<ns>/<name>`.
     first_seen: HashMap<String, i64>,
+    /// Where `first_seen` is kept across restarts ([`FileSource::keeping_stamps_in`]).
+    stamps: Option<PathBuf>,
     /// The directory's modification time at the last listing, and when every file was last
     /// looked at.
     scanned: Option<(Option<SystemTime>, std::time::Instant)>,
@@ -401,12 +404,49 @@ impl FileSource {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
             first_seen: HashMap::new(),
+            stamps: None,
             scanned: None,
             listings: 0,
             changes: 0,
             defined_in: BTreeMap::new(),
             touched: None,
             watch: DirWatch::new(dir, "catalog"),
+        }
+    }
+
+    /// Keeps when each service was first exported in `file` (JSON, in the controller's
+    /// `stateDir`), read now and written whenever a service appears: a restarted controller
+    /// stamps its exports as before though their files were replaced since (an editor or a
+    /// deployment tool that writes a new file and renames it over the old one gives it a new
+    /// creation time), so its peers find them unchanged and a conflict keeps its winner. A file
+    /// that cannot be read is reported, and the stamps start again from the files.
+    pub fn keeping_stamps_in(mut self, file: PathBuf) -> Self {
+        match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice::<HashMap<String, i64>>(&bytes) {
+                Ok(stamps) => self.first_seen = stamps,
+                Err(e) => {
+                    tracing::warn!(path = %file.display(), error = %e, "cannot read the stored export times; stamping exports from their files' creation times")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %file.display(), error = %e, "cannot read the stored export times; stamping exports from their files' creation times")
+            }
+        }
+        self.stamps = Some(file);
+        self
+    }
+
+    /// Writes `first_seen` to its file (a new file renamed over the old).
+    fn store_stamps(&self) {
+        let Some(file) = &self.stamps else { return };
+        let fresh = file.with_extension("new");
+        let written = serde_json::to_vec(&self.first_seen)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&fresh, bytes))
+            .and_then(|()| std::fs::rename(&fresh, file));
+        if let Err(e) = written {
+            tracing::warn!(path = %file.display(), error = %e, "cannot store the export times; a restart stamps exports from their files' creation times");
         }
     }
 
@@ -631,6 +671,7 @@ impl FileSource {
             None => self.defined_in.keys().cloned().collect(),
         };
         let mut out = BTreeMap::new();
+        let stamped = self.first_seen.len();
         for key in keys {
             // The first file by name that defines it.
             let file_name = self.defined_in.get(&key).and_then(|files| files.first());
@@ -669,6 +710,9 @@ impl FileSource {
                 made.get(&key).cloned()
             });
             out.insert(key, local);
+        }
+        if self.first_seen.len() != stamped {
+            self.store_stamps();
         }
         let mut errors = self.errors();
         for (key, files) in self.defined_in.iter().filter(|(_, files)| files.len() > 1) {
@@ -876,6 +920,47 @@ mod tests {
         assert!(stamps(&mut early, long_ago)
             .iter()
             .all(|(_, at)| *at == strait_api::unix_ms(long_ago)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_restarted_source_keeps_its_stamps_though_the_file_was_replaced() {
+        let dir = std::env::temp_dir().join(format!("strait-source-kept-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let catalog = dir.join("catalog");
+        std::fs::create_dir_all(&catalog).unwrap();
+        let kept = dir.join("exported-at.json");
+        std::fs::write(catalog.join("a.yaml"), svc(80)).unwrap();
+        let born = strait_api::unix_ms(created(&catalog.join("a.yaml")).unwrap());
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let stamp = |source: &mut FileSource| -> i64 {
+            source.poll();
+            match source.services("east", "us-east", &td, SystemTime::now()).0 {
+                LocalUpdate::All(m) => m["demo/echo"].service.exported_at_unix_ms,
+                LocalUpdate::Changed(_) => unreachable!("the first call returns every service"),
+            }
+        };
+        let mut first = FileSource::new(&catalog).keeping_stamps_in(kept.clone());
+        assert_eq!(stamp(&mut first), born);
+        // The file is replaced by a new one (written aside, renamed over it): a new creation
+        // time. A restarted source keeps the stamp it stored; without the stored stamps, it
+        // takes the new file's.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(catalog.join("a.yaml.tmp"), svc(81)).unwrap();
+        std::fs::rename(catalog.join("a.yaml.tmp"), catalog.join("a.yaml")).unwrap();
+        let reborn = strait_api::unix_ms(created(&catalog.join("a.yaml")).unwrap());
+        assert!(reborn > born);
+        assert_eq!(
+            stamp(&mut FileSource::new(&catalog).keeping_stamps_in(kept.clone())),
+            born
+        );
+        assert_eq!(stamp(&mut FileSource::new(&catalog)), reborn);
+        // A stored file that cannot be read: stamped from the files again.
+        std::fs::write(&kept, "not json").unwrap();
+        assert_eq!(
+            stamp(&mut FileSource::new(&catalog).keeping_stamps_in(kept.clone())),
+            reborn
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -97,7 +97,7 @@ pub struct Report {
     /// From `kill -9` of one controller until its subscribers hold the whole catalog again.
     pub restart_resync: Duration,
     /// Peering bytes sent by every controller in the 10 s after that kill ...
-    pub restart_bytes: f64,
+    pub restart_peering: PeeringSent,
     /// ... and in 10 quiet seconds before it.
     pub quiet_bytes: f64,
     /// Peering bytes of the first sync: every cluster's whole catalog to every peer.
@@ -106,7 +106,7 @@ pub struct Report {
     /// catalog again ...
     pub restart_all_resync: Duration,
     /// ... and the peering bytes of the 10 s after (a storm would be several first syncs).
-    pub restart_all_bytes: f64,
+    pub restart_all_peering: PeeringSent,
     /// What each sidecar's Hello said it held when it last resumed (`held_bytes` of its log's
     /// last `config resumed` line), bytes; none when no sidecar resumed.
     pub sidecar_held_bytes: Vec<f64>,
@@ -459,18 +459,7 @@ fn sent_since(before: &[f64], after: &[f64], restarted: &[usize]) -> f64 {
 /// cluster's controller still holds its exports. Measured from the kill until every peer
 /// renewed its exports there over a new stream, or for [`RESTART_WINDOW`] if that is longer.
 async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: usize) -> anyhow::Result<GatewayRestart> {
-    let kinds = || {
-        peering_metrics(
-            admins,
-            [
-                ("strait_peering_sent_bytes_total", &[]),
-                ("strait_peering_sent_bytes_total", &[("update", "full")]),
-                ("strait_peering_updates_sent_total", &[("update", "resumed")]),
-                ("strait_peering_sent_bytes_total", &[("update", "resumed")]),
-            ],
-        )
-    };
-    let before = kinds().await;
+    let before = PeeringSent::read(admins).await;
     let gateway = mesh.info.clusters[c].gateway.clone();
     let peers: Vec<String> = (0..mesh.info.clusters.len())
         .filter(|p| *p != c)
@@ -528,17 +517,13 @@ async fn restart_gateway(mesh: &mut Mesh, admins: &[std::net::SocketAddr], c: us
     if let Some(rest) = (killed_at + window).checked_duration_since(Instant::now()) {
         tokio::time::sleep(rest).await;
     }
-    let after = kinds().await;
-    let since = |i: usize| sent_since(&before[i], &after[i], &[]);
     Ok(GatewayRestart {
         started,
         ready: ready.unwrap_or(back),
         first_back: first_back.unwrap_or(back),
         back,
         window,
-        bytes: since(0),
-        full_bytes: since(1),
-        resumed: (since(2), since(3)),
+        sent: PeeringSent::since(&before, &PeeringSent::read(admins).await, &[]),
     })
 }
 
@@ -554,14 +539,50 @@ pub struct GatewayRestart {
     pub first_back: Duration,
     /// ... and until every peer had.
     pub back: Duration,
-    /// The peering bytes every controller sent from the kill, in ...
-    pub bytes: f64,
+    /// What every controller sent its peers from the kill, in ...
+    pub sent: PeeringSent,
     /// ... this window: until `back`, or 10 s if longer.
     pub window: Duration,
-    /// Of them, in updates of every export (a peer that was told nothing of what is held).
+}
+
+/// Peering updates every controller sent in a window, by kind.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeeringSent {
+    /// Bytes of every update ...
+    pub bytes: f64,
+    /// ... of them, in updates of every export (to a peer that held nothing of the sender, or
+    /// said nothing of what it held) ...
     pub full_bytes: f64,
-    /// Updates to a peer that said what it held, and their bytes.
+    /// ... and the updates to a peer that said what it held, with their bytes.
     pub resumed: (f64, f64),
+}
+
+impl PeeringSent {
+    /// Each controller's counters (one scrape each): total bytes, full bytes, resumed updates
+    /// and resumed bytes.
+    async fn read(admins: &[std::net::SocketAddr]) -> [Vec<f64>; 4] {
+        peering_metrics(
+            admins,
+            [
+                ("strait_peering_sent_bytes_total", &[]),
+                ("strait_peering_sent_bytes_total", &[("update", "full")]),
+                ("strait_peering_updates_sent_total", &[("update", "resumed")]),
+                ("strait_peering_sent_bytes_total", &[("update", "resumed")]),
+            ],
+        )
+        .await
+    }
+
+    /// What was sent between two [`PeeringSent::read`]s, the controllers of `restarted`
+    /// counting from 0 ([`sent_since`]).
+    fn since(before: &[Vec<f64>; 4], after: &[Vec<f64>; 4], restarted: &[usize]) -> Self {
+        let since = |i: usize| sent_since(&before[i], &after[i], restarted);
+        PeeringSent {
+            bytes: since(0),
+            full_bytes: since(1),
+            resumed: (since(2), since(3)),
+        }
+    }
 }
 
 /// `kill -9` of the controllers of `clusters` (their `pids`, updated with the new ones), then
@@ -575,8 +596,8 @@ async fn restart_controllers(
     pids: &mut [u32],
     clusters: &[usize],
     want: usize,
-) -> anyhow::Result<(Duration, f64, ConfigSent)> {
-    let before = peering_sent(admins).await;
+) -> anyhow::Result<(Duration, PeeringSent, ConfigSent)> {
+    let before = PeeringSent::read(admins).await;
     let sessions_before = seen.lock().unwrap().sessions.clone();
     for c in clusters {
         mesh.kill9(pids[*c]);
@@ -644,7 +665,7 @@ async fn restart_controllers(
     let restarted: Vec<std::net::SocketAddr> = clusters.iter().map(|c| admins[*c]).collect();
     Ok((
         resync,
-        sent_since(&before, &peering_sent(admins).await, clusters),
+        PeeringSent::since(&before, &PeeringSent::read(admins).await, clusters),
         ConfigSent::of(&restarted).await?,
     ))
 }
@@ -911,13 +932,13 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     // (nothing changed meanwhile) instead of all its exports again.
     let gateway_restart = restart_gateway(&mut mesh, &admins, 0).await?;
     let mut pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.controller.pid).collect();
-    let (restart_resync, restart_bytes, restart_config) =
+    let (restart_resync, restart_peering, restart_config) =
         restart_controllers(&mut mesh, &seen, &admins, &mut pids, &[0], want).await?;
 
     // Every controller at once (a control-plane upgrade, a region's power): each resends its
     // exports to each peer once, no more.
     let every: Vec<usize> = (0..n).collect();
-    let (restart_all_resync, restart_all_bytes, restart_all_config) =
+    let (restart_all_resync, restart_all_peering, restart_all_config) =
         restart_controllers(&mut mesh, &seen, &admins, &mut pids, &every, want).await?;
     let sidecar_rss_after_restart_mib = sidecar_pids.iter().map(|p| rss_kib(*p) as f64 / 1024.0).collect();
     let sidecar_peak_rss_mib = sidecar_pids.iter().map(|p| peak_rss_kib(*p) as f64 / 1024.0).collect();
@@ -948,9 +969,9 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         sidecar_endpoints_wrong,
         gateway_restart,
         restart_resync,
-        restart_bytes,
+        restart_peering,
         restart_all_resync,
-        restart_all_bytes,
+        restart_all_peering,
         restart_config,
         restart_all_config,
         initial_sync_bytes,
@@ -1274,26 +1295,30 @@ impl Report {
             g.ready.as_secs_f64(),
             g.first_back.as_secs_f64(),
             g.back.as_secs_f64(),
-            g.resumed.0,
-            g.resumed.1 / g.resumed.0.max(1.0),
-            g.full_bytes,
+            g.sent.resumed.0,
+            g.sent.resumed.1 / g.sent.resumed.0.max(1.0),
+            g.sent.full_bytes,
             g.window.as_secs_f64(),
-            g.bytes,
+            g.sent.bytes,
             self.gateway_restart_extra() / self.exports_to_one_cluster().max(1.0),
             self.exports_to_one_cluster()
         );
         println!(
-            "controller restart (kill -9): its subscribers whole again after {:.2}s; peering bytes in the 10 s after: {:.0} (10 quiet seconds: {:.0}; the first sync of the whole clusterset: {:.0}, so the restart cost {:.2} of it)",
+            "controller restart (kill -9): its subscribers whole again after {:.2}s; peering bytes in the 10 s after: {:.0}, of which {:.0} in updates of every export, {:.0} resumed updates (10 quiet seconds: {:.0}; the first sync of the whole clusterset: {:.0}, so the restart cost {:.2} of it)",
             self.restart_resync.as_secs_f64(),
-            self.restart_bytes,
+            self.restart_peering.bytes,
+            self.restart_peering.full_bytes,
+            self.restart_peering.resumed.0,
             self.quiet_bytes,
             self.initial_sync_bytes,
             self.restart_extra() / self.initial_sync_bytes.max(1.0)
         );
         println!(
-            "every controller restarted at once (kill -9): every subscriber whole again after {:.2}s; peering bytes in the 10 s after: {:.0} = {:.2} of the first sync (beyond quiet traffic)",
+            "every controller restarted at once (kill -9): every subscriber whole again after {:.2}s; peering bytes in the 10 s after: {:.0}, of which {:.0} in updates of every export, {:.0} resumed updates = {:.2} of the first sync (beyond quiet traffic)",
             self.restart_all_resync.as_secs_f64(),
-            self.restart_all_bytes,
+            self.restart_all_peering.bytes,
+            self.restart_all_peering.full_bytes,
+            self.restart_all_peering.resumed.0,
             self.restart_all_extra() / self.initial_sync_bytes.max(1.0)
         );
         if !self.sidecar_held_bytes.is_empty() {
@@ -1408,21 +1433,37 @@ impl Report {
         f.add("gateway_restart.ready", g.ready.as_secs_f64(), "s");
         f.add("gateway_restart.first_back", g.first_back.as_secs_f64(), "s");
         f.add("gateway_restart.back", g.back.as_secs_f64(), "s");
-        f.add("gateway_restart.peering_bytes", g.bytes, "B");
+        f.add("gateway_restart.peering_bytes", g.sent.bytes, "B");
         f.add("gateway_restart.window", g.window.as_secs_f64(), "s");
-        f.add("gateway_restart.full_bytes", g.full_bytes, "B");
-        f.add("gateway_restart.resumed_updates", g.resumed.0, "updates");
-        f.add("gateway_restart.resumed_bytes", g.resumed.1, "B");
+        f.add("gateway_restart.full_bytes", g.sent.full_bytes, "B");
+        f.add("gateway_restart.resumed_updates", g.sent.resumed.0, "updates");
+        f.add("gateway_restart.resumed_bytes", g.sent.resumed.1, "B");
         f.ratio(
             "gateway_restart.extra_bytes_over_exports_to_one_cluster",
             self.gateway_restart_extra() / self.exports_to_one_cluster().max(1.0),
             Some(1.0),
         );
         f.add("restart.resync", self.restart_resync.as_secs_f64(), "s");
-        f.add("restart.peering_bytes_10s", self.restart_bytes, "B");
+        f.add("restart.peering_bytes_10s", self.restart_peering.bytes, "B");
+        f.add("restart.peering_full_bytes_10s", self.restart_peering.full_bytes, "B");
+        f.add(
+            "restart.peering_resumed_updates",
+            self.restart_peering.resumed.0,
+            "updates",
+        );
         f.add("quiet.peering_bytes_10s", self.quiet_bytes, "B");
         f.add("restart_all.resync", self.restart_all_resync.as_secs_f64(), "s");
-        f.add("restart_all.peering_bytes_10s", self.restart_all_bytes, "B");
+        f.add("restart_all.peering_bytes_10s", self.restart_all_peering.bytes, "B");
+        f.add(
+            "restart_all.peering_full_bytes_10s",
+            self.restart_all_peering.full_bytes,
+            "B",
+        );
+        f.add(
+            "restart_all.peering_resumed_updates",
+            self.restart_all_peering.resumed.0,
+            "updates",
+        );
         f.ratio(
             "restart_all.extra_bytes_over_initial_sync",
             self.restart_all_extra() / self.initial_sync_bytes.max(1.0),
@@ -1456,14 +1497,14 @@ impl Report {
     /// own to them (about 2/N of the first sync). A resync storm would be the whole first sync
     /// again, or more.
     pub fn restart_extra(&self) -> f64 {
-        not_below_zero(self.restart_bytes - self.quiet_bytes)
+        not_below_zero(self.restart_peering.bytes - self.quiet_bytes)
     }
 
     /// What a gateway's restart sent beyond quiet traffic (scaled to its window).
     pub fn gateway_restart_extra(&self) -> f64 {
         let g = &self.gateway_restart;
         let quiet = self.quiet_bytes * g.window.as_secs_f64() / RESTART_WINDOW.as_secs_f64();
-        not_below_zero(g.bytes - quiet)
+        not_below_zero(g.sent.bytes - quiet)
     }
 
     /// Every peer's exports to one cluster: the first sync's share of one receiver (what its
@@ -1475,7 +1516,7 @@ impl Report {
     /// What restarting every controller sent beyond quiet traffic: each cluster's exports to
     /// each peer once is the first sync again (1.0); a storm would be more.
     pub fn restart_all_extra(&self) -> f64 {
-        not_below_zero(self.restart_all_bytes - self.quiet_bytes)
+        not_below_zero(self.restart_all_peering.bytes - self.quiet_bytes)
     }
 
     /// The p-th percentile of change -> delivery.

@@ -545,6 +545,21 @@ impl Mesh {
             .ok_or_else(|| anyhow::anyhow!("no peer {name} in {status}"))
     }
 
+    /// Whether the sidecar of workload `node` is subscribed to the controller at `admin` and has
+    /// acknowledged every version it was sent (at least one): after a controller's restart, the
+    /// sidecar holds what the new process sent it.
+    pub async fn sidecar_in_sync(admin: SocketAddr, node: &str) -> bool {
+        let Ok(status) = Self::admin_json(admin, "/status").await else {
+            return false;
+        };
+        status["proxies"].as_array().into_iter().flatten().any(|p| {
+            p["kind"] == "sidecar"
+                && p["node"] == node
+                && p["acked_version"].as_u64().is_some_and(|v| v > 0)
+                && p["acked_version"] == p["sent_version"]
+        })
+    }
+
     /// Runs `strait ARGS` with this mesh's operator credential (`strait up` issued it into the
     /// state directory); returns (success, stdout, stderr).
     pub fn strait(&self, args: &[&str]) -> (bool, String, String) {

@@ -723,6 +723,28 @@ async fn a_cluster_cut_off_keeps_its_copies_and_converges_when_the_author_return
         );
     }
 
+    // East's controller restarts meanwhile, west still gone. It restores what it last heard
+    // from west (its `stateDir`), so it still enforces west's copy though west cannot send it
+    // again: the caller's sidecar, resumed on the new controller, is not told to drop it.
+    let east = mesh.cluster("east").controller.clone();
+    let node = mesh.workload("echo", "us-east-1a").name.clone();
+    mesh.kill9(east.pid);
+    mesh.restart_component(&east, &[]).await.unwrap();
+    Mesh::eventually(
+        "the caller's sidecar acknowledges the restarted east controller",
+        Duration::from_secs(60),
+        || Mesh::sidecar_in_sync(east.admin_addr, &node),
+    )
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        assert_eq!(
+            call(caller, &echo, &[]).await.status,
+            418,
+            "the copy from west is still enforced after east's controller restarted"
+        );
+    }
+
     // West comes back (its applied objects were on disk) and changes the policy: east converges.
     mesh.restart_component(&west.controller, &[]).await.unwrap();
     let west_admin = west.controller.admin_addr;

@@ -12,6 +12,8 @@ const ADMIN_PORT: u16 = 15014;
 const GATEWAY_PORT: u16 = 15443;
 const GATEWAY_ADMIN_PORT: u16 = 15021;
 const INJECTOR_PORT: u16 = 15017;
+/// Where the controller keeps what it last heard from each peer (`stateDir`).
+const STATE_DIR: &str = "/var/lib/strait/state";
 
 /// What differs between clusters.
 #[derive(Clone, Debug)]
@@ -56,6 +58,9 @@ fn controller_config(s: &Settings) -> anyhow::Result<String> {
         bundle: "/etc/strait/ca/bundle.pem".into(),
         catalog_dir: None,
         routes_dir: None,
+        // An emptyDir: kept across the container's restarts (a crash, an OOM kill), not the
+        // pod's.
+        state_dir: Some(STATE_DIR.into()),
         kubernetes: Some(KubernetesSource {
             kubeconfig: None,
             injector: Some(InjectorConfig {
@@ -126,9 +131,11 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
                     "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
                     "securityContext": security_context(),
                     "volumeMounts": [{"name": "config", "mountPath": "/etc/strait/config", "readOnly": true},
-                                     {"name": "ca", "mountPath": "/etc/strait/ca", "readOnly": true}]}],
+                                     {"name": "ca", "mountPath": "/etc/strait/ca", "readOnly": true},
+                                     {"name": "state", "mountPath": STATE_DIR}]}],
                   "volumes": [{"name": "config", "configMap": {"name": CONTROLLER}},
-                              {"name": "ca", "secret": {"secretName": "strait-ca"}}]}}}}),
+                              {"name": "ca", "secret": {"secretName": "strait-ca"}},
+                              {"name": "state", "emptyDir": {"sizeLimit": "256Mi"}}]}}}}),
         json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(CONTROLLER, CONTROLLER),
                "spec": {"selector": {"app.kubernetes.io/name": CONTROLLER},
                 "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},

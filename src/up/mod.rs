@@ -470,6 +470,7 @@ fn describe(plan: &Plan, started: &Started) -> serde_json::Value {
                     "addr": s(c.controller), "admin_addr": s(c.controller_admin), "pid": ctl.pid,
                     "command": ctl.args, "log": ctl.log, "config": c.controller_config(),
                     "catalog_dir": c.dir.join("catalog"), "routes_dir": c.dir.join("routes"),
+                    "state_dir": c.dir.join("state"),
                     "netns": ns(names.controller(&c.name)),
                 },
                 "gateway": {

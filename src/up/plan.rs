@@ -359,6 +359,7 @@ impl Plan {
                 bundle: self.bundle.clone(),
                 catalog_dir: (!kube).then(|| c.dir.join("catalog")),
                 routes_dir: Some(c.dir.join("routes")),
+                state_dir: Some(c.dir.join("state")),
                 kubernetes: kube.then(|| strait_federation::config::KubernetesSource {
                     kubeconfig: Some(Self::kubeconfig(c)),
                     injector: Some(strait_federation::config::InjectorConfig {

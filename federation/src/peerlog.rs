@@ -1,0 +1,580 @@
+//! What a controller last heard from each peer, kept on disk (`stateDir`), so that a restarted
+//! controller starts from it: it tells each peer what it holds and is sent what differs (a
+//! restart of every controller at once is then not a resync of the whole clusterset), serves
+//! its proxies the clusterset's catalog as it stood while the leases it read run, and keeps
+//! enforcing a peer's clusterset policies though that peer is out of reach.
+//!
+//! One file per configured peer, `<cluster>.exports`: length-delimited `ExportUpdate`s, applied
+//! in order. It starts with the peer's whole state (an update with `full` set, its objects and
+//! statuses, then one update per exported service) and grows by each update received after it,
+//! as received (without its traffic summary, which is stale by the next start). Once what was
+//! appended outgrows the whole state (and 1 MiB), the whole state is written again to a new
+//! file that replaces the old one. A writer thread does the encoding of whole states and all
+//! file work; the peering stream encodes its update (the size of the change) and queues it.
+//!
+//! A file's modification time is the last update's arrival: a peer restored from it has the
+//! lease that update gave, less the time since. A file that ends in a torn record (the machine
+//! died mid-write) is read up to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use prost::Message;
+use strait_api::pb;
+
+use crate::peering::PeerTable;
+
+/// A file's name for `cluster`'s state.
+const SUFFIX: &str = "exports";
+
+/// Appended bytes that never cause a rewrite (a small catalog's renewals).
+const COMPACT_MIN: u64 = 1 << 20;
+
+/// The handle the peering server queues received updates on.
+#[derive(Clone)]
+pub struct PeerLog {
+    tx: tokio::sync::mpsc::Sender<Entry>,
+}
+
+enum Entry {
+    /// An update as received, encoded, already applied to the table.
+    Append { cluster: String, record: Vec<u8> },
+    /// The table holds a new whole state of the peer (it sent every export): write it.
+    Rewrite { cluster: String },
+}
+
+/// What loading a state directory found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Restored {
+    /// Each peer restored, with the services it exports and the updates read.
+    pub peers: BTreeMap<String, (usize, usize)>,
+    /// Files of clusters that are not configured peers (removed, not loaded).
+    pub dropped: Vec<String>,
+}
+
+impl PeerLog {
+    /// Restores every configured peer's file in `dir` into `table` (creating `dir` when it does
+    /// not exist), then starts the writer. A file that cannot be read is reported and left
+    /// out: that peer is sent every export again, as on a first start.
+    pub fn open(dir: &Path, table: &PeerTable, configured: &[String]) -> anyhow::Result<(PeerLog, Restored)> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "field `stateDir`: cannot create {}: {e}; give a directory the controller may write, or leave `stateDir` out to keep peers' state in memory only",
+                dir.display()
+            )
+        })?;
+        let restored = restore(dir, table, configured)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let writer = Writer {
+            dir: dir.to_path_buf(),
+            table: table.clone(),
+            configured: configured.iter().cloned().collect(),
+            files: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        };
+        // Every restored peer's file is written again first, on the writer's thread (at the
+        // published size, 3.5 MB each; the controller serves meanwhile): one that ended in a
+        // torn record must not have records appended after it. A record queued meanwhile
+        // follows the whole state, which may hold it already; applying an update again after
+        // a state that holds it changes nothing.
+        let restore: Vec<String> = restored.peers.keys().cloned().collect();
+        std::thread::Builder::new()
+            .name("peer-log".into())
+            .spawn(move || writer.run(restore, rx))?;
+        Ok((PeerLog { tx }, restored))
+    }
+
+    /// `update`'s record, taken before the table takes the update: `None` for an update of
+    /// every export (the writer then writes the whole state from the table instead). Its
+    /// traffic summary is left out.
+    pub fn record(update: &mut pb::ExportUpdate) -> Option<Vec<u8>> {
+        if update.full {
+            return None;
+        }
+        let traffic = (update.traffic_included, update.traffic.take());
+        update.traffic_included = false;
+        let record = update.encode_length_delimited_to_vec();
+        (update.traffic_included, update.traffic) = traffic;
+        Some(record)
+    }
+
+    /// Queues what [`PeerLog::record`] made of an update of `cluster`, once the table applied
+    /// it (so a whole state written meanwhile holds it, or the record follows that state).
+    pub async fn append(&self, cluster: &str, record: Option<Vec<u8>>) {
+        let cluster = cluster.to_string();
+        let entry = match record {
+            Some(record) => Entry::Append { cluster, record },
+            None => Entry::Rewrite { cluster },
+        };
+        // The writer ends only with the process.
+        let _ = self.tx.send(entry).await;
+    }
+}
+
+/// The path of `cluster`'s file in `dir`.
+fn path_of(dir: &Path, cluster: &str) -> PathBuf {
+    dir.join(format!("{cluster}.{SUFFIX}"))
+}
+
+/// Reads every file in `dir` into `table` ([`PeerLog::open`]).
+fn restore(dir: &Path, table: &PeerTable, configured: &[String]) -> anyhow::Result<Restored> {
+    let mut restored = Restored::default();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("field `stateDir`: cannot list {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(cluster) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(&format!(".{SUFFIX}")))
+        else {
+            continue;
+        };
+        if !configured.iter().any(|c| c == cluster) {
+            // A peer taken out of the configuration: its exports and policies must not come
+            // back.
+            tracing::info!(peer = %cluster, path = %path.display(), "removing the stored state of a cluster that is no longer a peer");
+            let _ = std::fs::remove_file(&path);
+            restored.dropped.push(cluster.to_string());
+            continue;
+        }
+        let started = Instant::now();
+        match restore_one(&path, cluster, table) {
+            Ok(Some(counts)) => {
+                tracing::info!(
+                    peer = %cluster,
+                    services = counts.0,
+                    updates = counts.1,
+                    ms = started.elapsed().as_millis() as u64,
+                    "restored what was last heard from the peer"
+                );
+                restored.peers.insert(cluster.to_string(), counts);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                peer = %cluster,
+                path = %path.display(),
+                error = %e,
+                "cannot read the peer's stored state; it is sent every export again"
+            ),
+        }
+    }
+    Ok(restored)
+}
+
+/// One peer's file into `table`: the number of services it exports and of updates read, or
+/// `None` for a file with no whole state at its start.
+fn restore_one(path: &Path, cluster: &str, table: &PeerTable) -> anyhow::Result<Option<(usize, usize)>> {
+    let bytes = std::fs::read(path)?;
+    let written = std::fs::metadata(path)?.modified()?;
+    let mut rest = bytes.as_slice();
+    let mut updates = vec![];
+    while !rest.is_empty() {
+        let update = match pb::ExportUpdate::decode_length_delimited(&mut rest) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(peer = %cluster, path = %path.display(), error = %e, updates = updates.len(), "the end of the peer's stored state is torn; read up to it");
+                break;
+            }
+        };
+        if update.cluster != cluster {
+            anyhow::bail!(
+                "update {} names cluster {:?}, not {cluster:?}",
+                updates.len() + 1,
+                update.cluster
+            );
+        }
+        if updates.is_empty() && !update.full {
+            anyhow::bail!("it does not start with the peer's whole state");
+        }
+        updates.push(update);
+    }
+    // Applied only once every record was read and checked: a file refused is refused whole.
+    let read = updates.len();
+    let now = Instant::now();
+    for update in updates {
+        table.apply(update, now);
+    }
+    if read == 0 {
+        return Ok(None);
+    }
+    let age = SystemTime::now().duration_since(written).unwrap_or_default();
+    Ok(table
+        .restored(cluster, written, age, now)
+        .map(|services| (services, read)))
+}
+
+/// The writer thread's state: each peer's open file.
+struct Writer {
+    dir: PathBuf,
+    table: PeerTable,
+    configured: BTreeSet<String>,
+    files: BTreeMap<String, Open>,
+    /// When writing a peer's whole state last failed (a full disk): its records are dropped
+    /// until [`RETRY_AFTER`] has passed, then the whole state is tried again.
+    failed: BTreeMap<String, Instant>,
+}
+
+/// How long after a failed write a peer's whole state is tried again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+struct Open {
+    file: File,
+    /// Bytes of the whole state the file starts with ...
+    whole: u64,
+    /// ... and appended after it.
+    appended: u64,
+}
+
+impl Writer {
+    fn run(mut self, restored: Vec<String>, mut rx: tokio::sync::mpsc::Receiver<Entry>) {
+        for cluster in &restored {
+            self.rewrite(cluster);
+        }
+        while let Some(entry) = rx.blocking_recv() {
+            match entry {
+                Entry::Append { cluster, record } => self.append(&cluster, &record),
+                Entry::Rewrite { cluster } => self.rewrite(&cluster),
+            }
+        }
+    }
+
+    fn append(&mut self, cluster: &str, record: &[u8]) {
+        if !self.configured.contains(cluster) {
+            return;
+        }
+        let Some(open) = self.files.get_mut(cluster) else {
+            // The first update since this start, or since a write failed: the table holds it
+            // already.
+            if self.failed.get(cluster).is_some_and(|at| at.elapsed() < RETRY_AFTER) {
+                return;
+            }
+            return self.rewrite(cluster);
+        };
+        match open.file.write_all(record) {
+            Ok(()) => {
+                open.appended += record.len() as u64;
+                if open.appended > open.whole.max(COMPACT_MIN) {
+                    self.rewrite(cluster);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(peer = %cluster, error = %e, "cannot append to the peer's stored state; writing it whole");
+                self.rewrite(cluster);
+            }
+        }
+    }
+
+    /// Writes `cluster`'s whole state from the table to a new file that replaces the old one.
+    fn rewrite(&mut self, cluster: &str) {
+        if !self.configured.contains(cluster) {
+            return;
+        }
+        self.files.remove(cluster);
+        let Some(whole) = self.table.whole_state(cluster) else {
+            return;
+        };
+        let path = path_of(&self.dir, cluster);
+        let fresh = path.with_extension(format!("{SUFFIX}.new"));
+        let written = (|| {
+            let mut file = File::create(&fresh)?;
+            file.write_all(&whole)?;
+            std::fs::rename(&fresh, &path)?;
+            Ok::<_, std::io::Error>(file)
+        })();
+        match written {
+            Ok(file) => {
+                self.failed.remove(cluster);
+                self.files.insert(
+                    cluster.to_string(),
+                    Open {
+                        file,
+                        whole: whole.len() as u64,
+                        appended: 0,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(
+                    peer = %cluster,
+                    path = %path.display(),
+                    error = %e,
+                    "cannot write the peer's stored state (the file written before, if any, stays); trying again in 10 s"
+                );
+                let _ = std::fs::remove_file(&fresh);
+                self.failed.insert(cluster.to_string(), Instant::now());
+            }
+        }
+    }
+}
+
+/// `state`'s whole state as records: an update with `full` set and everything but the
+/// services, then one update per service. Encoded field by field, so the services are not
+/// copied into a message first.
+pub(crate) fn whole_state_records(
+    cluster: &str,
+    region: &str,
+    lease_ms: u64,
+    gateway: Option<&pb::Gateway>,
+    objects: &[pb::PolicyObject],
+    statuses: &[pb::ObjectStatus],
+    services: &crate::catalog::Services,
+) -> Vec<u8> {
+    let head = pb::ExportUpdate {
+        cluster: cluster.to_string(),
+        region: region.to_string(),
+        lease_ms,
+        full: true,
+        gateway: gateway.cloned(),
+        objects_included: true,
+        objects: objects.to_vec(),
+        statuses_included: true,
+        statuses: statuses.to_vec(),
+        ..Default::default()
+    };
+    let cluster = cluster.to_string();
+    let mut out = head.encode_length_delimited_to_vec();
+    let cluster_len = prost::encoding::string::encoded_len(CLUSTER_TAG, &cluster);
+    for svc in services.values() {
+        let len = cluster_len + prost::encoding::message::encoded_len(UPSERTS_TAG, &**svc);
+        prost::encoding::encode_varint(len as u64, &mut out);
+        prost::encoding::string::encode(CLUSTER_TAG, &cluster, &mut out);
+        prost::encoding::message::encode(UPSERTS_TAG, &**svc, &mut out);
+    }
+    out
+}
+
+/// `ExportUpdate.cluster` and `ExportUpdate.upserts` (api/proto/strait.proto).
+const CLUSTER_TAG: u32 = 1;
+const UPSERTS_TAG: u32 = 6;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A directory of this test's own, removed at its end.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(test: u32) -> Dir {
+            let dir = std::env::temp_dir().join(format!("strait-peerlog-{}-{test}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn svc(name: &str, port: u32) -> pb::ExportedService {
+        pb::ExportedService {
+            name: name.into(),
+            namespace: "demo".into(),
+            ports: vec![pb::ServicePort {
+                name: "http".into(),
+                port,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn update(full: bool, upserts: Vec<pb::ExportedService>, removed: Vec<&str>) -> pb::ExportUpdate {
+        pb::ExportUpdate {
+            cluster: "east".into(),
+            region: "us-east".into(),
+            lease_ms: 10_000,
+            full,
+            upserts,
+            removed: removed.into_iter().map(String::from).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What the table holds of `east`: each service's name and port, and its policies' names.
+    fn held(table: &PeerTable) -> (Vec<(String, u32)>, Vec<String>) {
+        let east = table
+            .snapshot()
+            .into_iter()
+            .find(|p| p.cluster == "east")
+            .expect("east held");
+        (
+            east.services
+                .iter()
+                .map(|(k, s)| (k.to_string(), s.ports[0].port))
+                .collect(),
+            east.objects.iter().map(|o| o.name.clone()).collect(),
+        )
+    }
+
+    /// Waits for the writer to have written `want` (the file's bytes, read as records).
+    fn written(dir: &Path, want: impl Fn(&PeerTable) -> bool) -> PeerTable {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let table = PeerTable::default();
+            if restore(dir, &table, &["east".into()]).is_ok() && table.snapshot().len() == 1 && want(&table) {
+                return table;
+            }
+            assert!(Instant::now() < deadline, "the writer never wrote the state wanted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_restores_each_peers_exports_and_policies_from_the_log() {
+        let dir = Dir::new(line!());
+        let table = PeerTable::default();
+        let configured = vec!["east".to_string()];
+        let (log, restored) = PeerLog::open(dir.path(), &table, &configured).unwrap();
+        assert_eq!(restored, Restored::default());
+
+        // A whole state with a policy, then a change, a removal and a renewal that carries a
+        // traffic summary: each applied, then queued, as the peering server does.
+        let mut first = update(true, vec![svc("a", 80), svc("b", 81), svc("c", 82)], vec![]);
+        first.objects_included = true;
+        first.objects = vec![pb::PolicyObject {
+            name: "deny-all".into(),
+            ..Default::default()
+        }];
+        let mut change = update(false, vec![svc("b", 8081)], vec!["demo/c"]);
+        change.traffic_included = true;
+        change.traffic = Some(pb::TrafficSummary {
+            cluster: "east".into(),
+            ..Default::default()
+        });
+        for mut u in [first, change] {
+            let record = PeerLog::record(&mut u);
+            table.apply(u, Instant::now());
+            log.append("east", record).await;
+        }
+        let want = (
+            vec![("demo/a".to_string(), 80), ("demo/b".to_string(), 8081)],
+            vec!["deny-all".to_string()],
+        );
+        written(dir.path(), |t| held(t) == want);
+
+        // A new controller on the same directory holds the same, as a live peer whose lease
+        // runs from the file's last write, disconnected until it renews; digests alike, so the
+        // peer resumes against it.
+        let again = PeerTable::default();
+        let (_log, restored) = PeerLog::open(dir.path(), &again, &configured).unwrap();
+        assert_eq!(restored.peers["east"].0, 2);
+        assert_eq!(held(&again), want);
+        let east = again.snapshot().remove(0);
+        assert!(east.alive(Instant::now()) && !east.connected, "{east:?}");
+        assert!(east.traffic.is_none(), "the traffic summary is not kept");
+        assert!(east.expires_at <= Instant::now() + Duration::from_secs(10));
+        assert_eq!(again.held("east"), table.held("east"));
+        assert!(
+            !again.take_changes().is_empty(),
+            "the merge is told of the restored peer"
+        );
+    }
+
+    #[tokio::test]
+    async fn appended_updates_are_folded_into_a_whole_state_once_they_outgrow_it() {
+        let dir = Dir::new(line!());
+        let table = PeerTable::default();
+        let configured = vec!["east".to_string()];
+        let (log, _) = PeerLog::open(dir.path(), &table, &configured).unwrap();
+        let mut first = update(true, vec![svc("a", 1)], vec![]);
+        let record = PeerLog::record(&mut first);
+        assert!(record.is_none(), "a whole state is written from the table");
+        table.apply(first, Instant::now());
+        log.append("east", record).await;
+        // Changes of one service until what was appended is half again COMPACT_MIN: the file
+        // was written whole again (one service) once it passed COMPACT_MIN, instead of growing
+        // by every change.
+        let mut appended = 0;
+        let mut port = 1;
+        while appended < COMPACT_MIN * 3 / 2 {
+            port += 1;
+            let mut u = update(false, vec![svc("a", port)], vec![]);
+            let record = PeerLog::record(&mut u);
+            appended += record.as_ref().map_or(0, |r| r.len() as u64);
+            table.apply(u, Instant::now());
+            log.append("east", record).await;
+        }
+        written(dir.path(), |t| held(t).0 == vec![("demo/a".to_string(), port)]);
+        let size = std::fs::metadata(path_of(dir.path(), "east")).unwrap().len();
+        assert!(
+            size < COMPACT_MIN,
+            "{size} bytes after {appended} appended: never written whole again"
+        );
+    }
+
+    #[test]
+    fn a_torn_end_is_read_up_to_and_a_file_of_another_cluster_is_refused() {
+        let dir = Dir::new(line!());
+        let services: crate::catalog::Services = [svc("a", 80), svc("b", 81)]
+            .into_iter()
+            .map(|s| (format!("demo/{}", s.name).into(), Arc::new(s)))
+            .collect();
+        let mut bytes = whole_state_records("east", "us-east", 10_000, None, &[], &[], &services);
+        let change = update(false, vec![svc("a", 8080)], vec![]).encode_length_delimited_to_vec();
+        bytes.extend_from_slice(&change[..change.len() - 3]);
+        std::fs::write(path_of(dir.path(), "east"), &bytes).unwrap();
+        // Another cluster's state under a configured peer's name is refused whole; a file of a
+        // cluster that is no longer a peer is removed.
+        std::fs::write(
+            path_of(dir.path(), "west"),
+            whole_state_records("south", "eu", 10_000, None, &[], &[], &services),
+        )
+        .unwrap();
+        std::fs::write(path_of(dir.path(), "gone"), &bytes).unwrap();
+        let table = PeerTable::default();
+        let configured = vec!["east".to_string(), "west".to_string()];
+        let restored = restore(dir.path(), &table, &configured).unwrap();
+        assert_eq!(restored.peers.keys().collect::<Vec<_>>(), vec!["east"]);
+        assert_eq!(restored.dropped, vec!["gone".to_string()]);
+        assert!(!path_of(dir.path(), "gone").exists());
+        assert_eq!(
+            held(&table).0,
+            vec![("demo/a".to_string(), 80), ("demo/b".to_string(), 81)]
+        );
+    }
+
+    #[test]
+    fn a_peer_heard_from_longer_ago_than_its_lease_is_held_but_not_alive() {
+        let dir = Dir::new(line!());
+        let services: crate::catalog::Services = [(Arc::from("demo/a"), Arc::new(svc("a", 80)))].into_iter().collect();
+        let path = path_of(dir.path(), "east");
+        std::fs::write(
+            &path,
+            whole_state_records("east", "us-east", 10_000, None, &[], &[], &services),
+        )
+        .unwrap();
+        let old = SystemTime::now() - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let table = PeerTable::default();
+        restore(dir.path(), &table, &["east".into()]).unwrap();
+        let east = table.snapshot().remove(0);
+        assert!(
+            !east.alive(Instant::now()),
+            "a lease that ran out while the controller was down"
+        );
+        assert_eq!(
+            table.held("east").len(),
+            1,
+            "still what the peer is asked to resume against"
+        );
+    }
+}
