@@ -12,8 +12,9 @@
 //! file that replaces the old one. A writer thread does the encoding of whole states and all
 //! file work; the peering stream encodes its update (the size of the change) and queues it.
 //!
-//! A file's modification time is the last update's arrival: a peer restored from it has the
-//! lease that update gave, less the time since. A file that ends in a torn record (the machine
+//! A file's modification time is the last update's arrival (a whole state is dated when the
+//! peer was last heard from): a peer restored from it has the lease that update gave, less the
+//! time since. A file that ends in a torn record (the machine
 //! died mid-write) is read up to it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,7 +77,8 @@ impl PeerLog {
             failed: BTreeMap::new(),
         };
         // Every restored peer's file is written again first, on the writer's thread (at the
-        // published size, 3.5 MB each; the controller serves meanwhile): one that ended in a
+        // published size a peer's whole state is about 0.4 MB; the controller serves
+        // meanwhile): one that ended in a
         // torn record must not have records appended after it. A record queued meanwhile
         // follows the whole state, which may hold it already; applying an update again after
         // a state that holds it changes nothing.
@@ -274,7 +276,7 @@ impl Writer {
             return;
         }
         self.files.remove(cluster);
-        let Some(whole) = self.table.whole_state(cluster) else {
+        let Some((whole, heard)) = self.table.whole_state(cluster) else {
             return;
         };
         let path = path_of(&self.dir, cluster);
@@ -282,6 +284,9 @@ impl Writer {
         let written = (|| {
             let mut file = File::create(&fresh)?;
             file.write_all(&whole)?;
+            // Dated when the peer was last heard from, not now: a state written again at a
+            // start must not give a peer long silent a new lease at the next start.
+            file.set_modified(heard)?;
             std::fs::rename(&fresh, &path)?;
             Ok::<_, std::io::Error>(file)
         })();
@@ -564,8 +569,11 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let before = inode(&path);
         let table = PeerTable::default();
-        restore(dir.path(), &table, &["east".into()]).unwrap();
+        let (_log, restored) = PeerLog::open(dir.path(), &table, &["east".into()]).unwrap();
+        assert_eq!(restored.peers["east"], (1, 2), "one service: the head and its update");
         let east = table.snapshot().remove(0);
         assert!(
             !east.alive(Instant::now()),
@@ -575,6 +583,22 @@ mod tests {
             table.held("east").len(),
             1,
             "still what the peer is asked to resume against"
+        );
+        // The file is written whole again at the start (a new file renamed over it), dated as
+        // before: the next start finds the peer as long silent, not heard from just now.
+        let started = Instant::now();
+        while inode(&path) == before {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the state was never written again"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let again = PeerTable::default();
+        restore(dir.path(), &again, &["east".into()]).unwrap();
+        assert!(
+            !again.snapshot()[0].alive(Instant::now()),
+            "restored as alive after a rewrite"
         );
     }
 }
