@@ -208,15 +208,7 @@ pub enum AccessLogFormat {
     Json,
 }
 
-/// Whether `v` is an RFC 1123 label (Kubernetes names of namespaces, services, clusters).
-pub fn dns_label(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 63
-        && v.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !v.starts_with('-')
-        && !v.ends_with('-')
-}
+pub use strait_api::dns_label;
 
 /// A Kubernetes namespace name (an RFC 1123 label).
 pub fn namespace_name(s: &str) -> Result<String, String> {

@@ -64,6 +64,16 @@ pub const GATEWAY_SA: &str = "strait-gateway";
 /// The audience a service-account token must carry for the CA to accept it.
 pub const TOKEN_AUDIENCE: &str = "strait";
 
+/// Whether `v` is an RFC 1123 label (Kubernetes names of namespaces, services, clusters).
+pub fn dns_label(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)

@@ -218,6 +218,24 @@ impl ControllerConfig {
                     .into(),
             });
         }
+        // Cluster names are DNS labels (they name peers' files in `stateDir`, too).
+        let names = std::iter::once(("cluster".to_string(), &config.cluster)).chain(
+            config
+                .peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("peers[{i}].name"), &p.name)),
+        );
+        for (field, name) in names {
+            if !strait_api::dns_label(name) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "field `{field}`: {name:?} is not a cluster name: use lowercase letters, digits and '-' (a DNS label, e.g. east)"
+                    ),
+                });
+            }
+        }
         if let Some(state) = &config.state_dir {
             let shared = [("catalogDir", &config.catalog_dir), ("routesDir", &config.routes_dir)]
                 .into_iter()
@@ -293,6 +311,11 @@ mod tests {
         std::fs::write(&path, format!("{base}batchWindow: 0ms\n")).unwrap();
         let e = ControllerConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("`batchWindow`") && e.contains("positive"), "{e}");
+        // Cluster names are DNS labels.
+        let peer = "peers: [{name: ../west, gateway: 127.0.0.1:15443}]\n";
+        std::fs::write(&path, format!("{base}{peer}")).unwrap();
+        let e = ControllerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("`peers[0].name`") && e.contains("DNS label"), "{e}");
         // The state directory is the controller's own.
         std::fs::write(&path, format!("{base}stateDir: /tmp/state\n")).unwrap();
         assert_eq!(

@@ -421,17 +421,19 @@ impl FileSource {
     /// creation time), so its peers find them unchanged and a conflict keeps its winner. A file
     /// that cannot be read is reported, and the stamps start again from the files.
     pub fn keeping_stamps_in(mut self, file: PathBuf) -> Self {
-        match std::fs::read(&file) {
-            Ok(bytes) => match serde_json::from_slice::<HashMap<String, i64>>(&bytes) {
-                Ok(stamps) => self.first_seen = stamps,
-                Err(e) => {
-                    tracing::warn!(path = %file.display(), error = %e, "cannot read the stored export times; stamping exports from their files' creation times")
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %file.display(), error = %e, "cannot read the stored export times; stamping exports from their files' creation times")
+        let stored =
+            match std::fs::read(&file) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                read => Some(read.map_err(|e| e.to_string()).and_then(|bytes| {
+                    serde_json::from_slice::<HashMap<String, i64>>(&bytes).map_err(|e| e.to_string())
+                })),
+            };
+        match stored {
+            Some(Ok(stamps)) => self.first_seen = stamps,
+            Some(Err(error)) => {
+                tracing::warn!(path = %file.display(), %error, "cannot read the stored export times; stamping exports from their files' creation times")
             }
+            None => {}
         }
         self.stamps = Some(file);
         self

@@ -126,14 +126,7 @@ pub async fn run(a: InstallArgs) -> anyhow::Result<()> {
         manifests::demo(a.cluster_name.as_deref().unwrap_or_default(), &a.image)?
     } else {
         let cluster = a.cluster_name.clone().unwrap_or_default();
-        let dns_label = !cluster.is_empty()
-            && cluster.len() <= 63
-            && cluster
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !cluster.starts_with('-')
-            && !cluster.ends_with('-');
-        if !dns_label {
+        if !strait_api::dns_label(&cluster) {
             anyhow::bail!(
                 "--cluster-name {cluster:?} is not a DNS label: use lowercase letters, digits and '-' (e.g. east)"
             );
