@@ -15,7 +15,8 @@
 //! A file's modification time is the last update's arrival (a whole state is dated when the
 //! peer was last heard from): a peer restored from it has the lease that update gave, less the
 //! time since. A file that ends in a torn record (the machine
-//! died mid-write) is read up to it.
+//! died mid-write) is read up to it, and cut there at the start (keeping its date) before
+//! anything is appended.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -54,6 +55,9 @@ pub struct Restored {
     pub peers: BTreeMap<String, (usize, usize)>,
     /// Files of clusters that are not configured peers (removed, not loaded).
     pub dropped: Vec<String>,
+    /// Each restored file's bytes read (up to a torn record, if any) and modification time:
+    /// where the writer appends, and the date it keeps.
+    ends: BTreeMap<String, (u64, SystemTime)>,
 }
 
 impl PeerLog {
@@ -76,16 +80,12 @@ impl PeerLog {
             files: BTreeMap::new(),
             failed: BTreeMap::new(),
         };
-        // Every restored peer's file is written again first, on the writer's thread (at the
-        // published size a peer's whole state is about 0.4 MB; the controller serves
-        // meanwhile): one that ended in a
-        // torn record must not have records appended after it. A record queued meanwhile
-        // follows the whole state, which may hold it already; applying an update again after
-        // a state that holds it changes nothing.
-        let restore: Vec<String> = restored.peers.keys().cloned().collect();
+        // Every restored file is appended to where it was read up to (a torn record is cut
+        // off first), on the writer's thread: nothing is written again at a start.
+        let ends = restored.ends.clone();
         std::thread::Builder::new()
             .name("peer-log".into())
-            .spawn(move || writer.run(restore, rx))?;
+            .spawn(move || writer.run(ends, rx))?;
         Ok((PeerLog { tx }, restored))
     }
 
@@ -145,7 +145,8 @@ fn restore(dir: &Path, table: &PeerTable, configured: &[String]) -> anyhow::Resu
         }
         let started = Instant::now();
         match restore_one(&path, cluster, table) {
-            Ok(Some(counts)) => {
+            Ok(Some(ReadBack { counts, end })) => {
+                restored.ends.insert(cluster.to_string(), end);
                 tracing::info!(
                     peer = %cluster,
                     services = counts.0,
@@ -167,13 +168,23 @@ fn restore(dir: &Path, table: &PeerTable, configured: &[String]) -> anyhow::Resu
     Ok(restored)
 }
 
-/// One peer's file into `table`: the number of services it exports and of updates read, or
-/// `None` for a file with no whole state at its start.
-fn restore_one(path: &Path, cluster: &str, table: &PeerTable) -> anyhow::Result<Option<(usize, usize)>> {
+/// What [`restore_one`] read of a peer's file.
+struct ReadBack {
+    /// The services the peer exports, and the updates read.
+    counts: (usize, usize),
+    /// The bytes of whole records, and the file's modification time.
+    end: (u64, SystemTime),
+}
+
+/// One peer's file into `table`; `None` for a file with no whole state at its start.
+fn restore_one(path: &Path, cluster: &str, table: &PeerTable) -> anyhow::Result<Option<ReadBack>> {
     let bytes = std::fs::read(path)?;
     let written = std::fs::metadata(path)?.modified()?;
     let mut rest = bytes.as_slice();
     let mut updates = vec![];
+    // The bytes of whole records read (a record that fails to decode may have been read in
+    // part).
+    let mut end = 0;
     while !rest.is_empty() {
         let update = match pb::ExportUpdate::decode_length_delimited(&mut rest) {
             Ok(u) => u,
@@ -193,6 +204,7 @@ fn restore_one(path: &Path, cluster: &str, table: &PeerTable) -> anyhow::Result<
             anyhow::bail!("it does not start with the peer's whole state");
         }
         updates.push(update);
+        end = bytes.len() - rest.len();
     }
     // Applied only once every record was read and checked: a file refused is refused whole.
     let read = updates.len();
@@ -204,9 +216,10 @@ fn restore_one(path: &Path, cluster: &str, table: &PeerTable) -> anyhow::Result<
         return Ok(None);
     }
     let age = SystemTime::now().duration_since(written).unwrap_or_default();
-    Ok(table
-        .restored(cluster, written, age, now)
-        .map(|services| (services, read)))
+    Ok(table.restored(cluster, written, age, now).map(|services| ReadBack {
+        counts: (services, read),
+        end: (end as u64, written),
+    }))
 }
 
 /// The writer thread's state: each peer's open file.
@@ -232,9 +245,9 @@ struct Open {
 }
 
 impl Writer {
-    fn run(mut self, restored: Vec<String>, mut rx: tokio::sync::mpsc::Receiver<Entry>) {
-        for cluster in &restored {
-            self.rewrite(cluster);
+    fn run(mut self, restored: BTreeMap<String, (u64, SystemTime)>, mut rx: tokio::sync::mpsc::Receiver<Entry>) {
+        for (cluster, (end, written)) in restored {
+            self.reopen(&cluster, end, written);
         }
         while let Some(entry) = rx.blocking_recv() {
             match entry {
@@ -270,6 +283,39 @@ impl Writer {
         }
     }
 
+    /// Appends to `cluster`'s restored file from `end`, the bytes read of it: a torn record
+    /// after them is cut off, and the file keeps its date `written` (when the peer was last
+    /// heard from). Its whole state is written again instead if it cannot be opened.
+    fn reopen(&mut self, cluster: &str, end: u64, written: SystemTime) {
+        let path = path_of(&self.dir, cluster);
+        let opened = (|| {
+            let file = File::options().append(true).open(&path)?;
+            if file.metadata()?.len() > end {
+                file.set_len(end)?;
+                file.set_modified(written)?;
+            }
+            Ok::<_, std::io::Error>(file)
+        })();
+        match opened {
+            Ok(file) => {
+                self.files.insert(
+                    cluster.to_string(),
+                    // What it holds counts as whole state: written again once as much again
+                    // (and 1 MiB) is appended.
+                    Open {
+                        file,
+                        whole: end,
+                        appended: 0,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(peer = %cluster, path = %path.display(), error = %e, "cannot append to the peer's stored state; writing it whole");
+                self.rewrite(cluster);
+            }
+        }
+    }
+
     /// Writes `cluster`'s whole state from the table to a new file that replaces the old one.
     fn rewrite(&mut self, cluster: &str) {
         if !self.configured.contains(cluster) {
@@ -284,8 +330,8 @@ impl Writer {
         let written = (|| {
             let mut file = File::create(&fresh)?;
             file.write_all(&whole)?;
-            // Dated when the peer was last heard from, not now: a state written again at a
-            // start must not give a peer long silent a new lease at the next start.
+            // Dated when the peer was last heard from, not now: the next start gives the peer
+            // the lease left from then.
             file.set_modified(heard)?;
             std::fs::rename(&fresh, &path)?;
             Ok::<_, std::io::Error>(file)
@@ -521,8 +567,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_torn_end_is_read_up_to_and_a_file_of_another_cluster_is_refused() {
+    #[tokio::test]
+    async fn a_torn_end_is_read_up_to_and_a_file_of_another_cluster_is_refused() {
         let dir = Dir::new(line!());
         let services: crate::catalog::Services = [svc("a", 80), svc("b", 81)]
             .into_iter()
@@ -550,6 +596,17 @@ mod tests {
             held(&table).0,
             vec![("demo/a".to_string(), 80), ("demo/b".to_string(), 81)]
         );
+        // A start cuts the torn record off and appends after what it read: an update received
+        // then is read back after the whole state.
+        let table = PeerTable::default();
+        let (log, _) = PeerLog::open(dir.path(), &table, &configured).unwrap();
+        let mut u = update(false, vec![svc("b", 8181)], vec![]);
+        let record = PeerLog::record(&mut u);
+        table.apply(u, Instant::now());
+        log.append("east", record).await;
+        written(dir.path(), |t| {
+            held(t).0 == vec![("demo/a".to_string(), 80), ("demo/b".to_string(), 8181)]
+        });
     }
 
     #[test]
@@ -557,11 +614,9 @@ mod tests {
         let dir = Dir::new(line!());
         let services: crate::catalog::Services = [(Arc::from("demo/a"), Arc::new(svc("a", 80)))].into_iter().collect();
         let path = path_of(dir.path(), "east");
-        std::fs::write(
-            &path,
-            whole_state_records("east", "us-east", 10_000, None, &[], &[], &services),
-        )
-        .unwrap();
+        // The whole state and a torn record after it.
+        let whole = whole_state_records("east", "us-east", 10_000, None, &[], &[], &services);
+        std::fs::write(&path, [&whole[..], &[0x80, 0x80, 0x80]].concat()).unwrap();
         let old = SystemTime::now() - Duration::from_secs(60);
         File::options()
             .write(true)
@@ -569,8 +624,6 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
-        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
-        let before = inode(&path);
         let table = PeerTable::default();
         let (_log, restored) = PeerLog::open(dir.path(), &table, &["east".into()]).unwrap();
         assert_eq!(restored.peers["east"], (1, 2), "one service: the head and its update");
@@ -584,21 +637,22 @@ mod tests {
             1,
             "still what the peer is asked to resume against"
         );
-        // The file is written whole again at the start (a new file renamed over it), dated as
-        // before: the next start finds the peer as long silent, not heard from just now.
+        // The start cut the torn record off and kept the file's date: the next start finds
+        // the peer as long silent, not heard from just now.
         let started = Instant::now();
-        while inode(&path) == before {
+        while std::fs::metadata(&path).unwrap().len() == whole.len() as u64 + 3 {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
-                "the state was never written again"
+                "the torn record was never cut off"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), old);
         let again = PeerTable::default();
         restore(dir.path(), &again, &["east".into()]).unwrap();
         assert!(
             !again.snapshot()[0].alive(Instant::now()),
-            "restored as alive after a rewrite"
+            "restored as alive after a start"
         );
     }
 }
