@@ -674,6 +674,17 @@ impl FileSource {
         };
         let mut out = BTreeMap::new();
         let stamped = self.first_seen.len();
+        // A service no longer defined by any file loses its stamp: exported again later, it is
+        // a new export (as a ServiceExport deleted and created again is), and the stored stamps
+        // do not grow with every service that ever was. At the first call every stamp read back
+        // is looked at, afterwards the services that changed.
+        let mut unstamped = false;
+        if touched.is_none() {
+            let before = self.first_seen.len();
+            let defined = &self.defined_in;
+            self.first_seen.retain(|key, _| defined.contains_key(key));
+            unstamped = self.first_seen.len() != before;
+        }
         for key in keys {
             // The first file by name that defines it.
             let file_name = self.defined_in.get(&key).and_then(|files| files.first());
@@ -711,9 +722,12 @@ impl FileSource {
                 });
                 made.get(&key).cloned()
             });
+            if local.is_none() && !self.defined_in.contains_key(&key) {
+                unstamped |= self.first_seen.remove(&key).is_some();
+            }
             out.insert(key, local);
         }
-        if self.first_seen.len() != stamped {
+        if unstamped || self.first_seen.len() != stamped {
             self.store_stamps();
         }
         let mut errors = self.errors();
@@ -963,6 +977,63 @@ mod tests {
             stamp(&mut FileSource::new(&catalog).keeping_stamps_in(kept.clone())),
             reborn
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_service_no_longer_defined_loses_its_stored_stamp() {
+        let dir = std::env::temp_dir().join(format!("strait-source-pruned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let catalog = dir.join("catalog");
+        std::fs::create_dir_all(&catalog).unwrap();
+        let kept = dir.join("exported-at.json");
+        let stored = || -> Vec<String> {
+            let map: HashMap<String, i64> = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+            let mut keys: Vec<String> = map.into_keys().collect();
+            keys.sort();
+            keys
+        };
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        std::fs::write(catalog.join("a.yaml"), svc(80)).unwrap();
+        std::fs::write(catalog.join("b.yaml"), svc(81).replace("name: echo", "name: other")).unwrap();
+        let mut source = FileSource::new(&catalog).keeping_stamps_in(kept.clone());
+        source.poll();
+        source.services("east", "us-east", &td, SystemTime::now());
+        assert_eq!(stored(), ["demo/echo", "demo/other"]);
+        // b.yaml goes: its service's stamp goes with it.
+        std::fs::remove_file(catalog.join("b.yaml")).unwrap();
+        let started = std::time::Instant::now();
+        while !source.poll() {
+            assert!(started.elapsed() < FULL_SCAN * 3, "a removed file was never seen");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (update, _) = source.services("east", "us-east", &td, SystemTime::now());
+        assert!(matches!(update, LocalUpdate::Changed(m) if m.get("demo/other").is_some_and(Option::is_none)));
+        assert_eq!(stored(), ["demo/echo"]);
+        // A stored stamp of a service no file defines any more (removed while the controller
+        // was down) is dropped at the next start.
+        let mut extra: HashMap<String, i64> = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+        extra.insert("demo/gone".into(), 1);
+        std::fs::write(&kept, serde_json::to_vec(&extra).unwrap()).unwrap();
+        let mut again = FileSource::new(&catalog).keeping_stamps_in(kept.clone());
+        again.poll();
+        again.services("east", "us-east", &td, SystemTime::now());
+        assert_eq!(stored(), ["demo/echo"]);
+        // Defined again later: a new export, stamped when its new file was created.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(catalog.join("c.yaml"), svc(82).replace("name: echo", "name: other")).unwrap();
+        let reborn = strait_api::unix_ms(created(&catalog.join("c.yaml")).unwrap());
+        let started = std::time::Instant::now();
+        while !again.poll() {
+            assert!(started.elapsed() < FULL_SCAN * 3, "a new file was never seen");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (update, _) = again.services("east", "us-east", &td, SystemTime::now());
+        let LocalUpdate::Changed(m) = update else {
+            panic!("a later call returns what changed")
+        };
+        assert_eq!(m["demo/other"].as_ref().unwrap().service.exported_at_unix_ms, reborn);
+        assert_eq!(stored(), ["demo/echo", "demo/other"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
