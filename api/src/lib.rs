@@ -20,6 +20,7 @@ pub mod admin;
 pub mod authz;
 pub mod certs;
 pub mod coalesce;
+pub mod copy;
 pub mod drain;
 pub mod lb;
 pub mod locality;

@@ -389,8 +389,7 @@ impl Gateway {
             Some((mut tcp, _)) => {
                 self.metrics.istio.tcp_opened(&edge, "-");
                 self.metrics.active_streams.inc();
-                let copied =
-                    tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut tcp, SPLICE_BUF, SPLICE_BUF).await;
+                let copied = strait_api::copy::copy_both_ways(&mut tunnel, &mut tcp).await;
                 self.metrics.active_streams.dec();
                 match copied {
                     Ok((from_caller, to_caller)) => {
@@ -578,9 +577,6 @@ impl Gateway {
 fn rand_index(n: usize) -> usize {
     rand::random_range(0..n.max(1))
 }
-
-/// Buffer size for splicing tunnel streams to local endpoints.
-const SPLICE_BUF: usize = 64 * 1024;
 
 /// The verified caller of one tunnel connection.
 struct Caller {

@@ -69,6 +69,3 @@ impl Default for ProxyLimits {
         }
     }
 }
-
-/// Buffer size for splicing opaque streams: large copies mean fewer TLS records and syscalls.
-pub(crate) const SPLICE_BUF: usize = 64 * 1024;

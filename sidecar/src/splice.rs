@@ -29,7 +29,7 @@ pub async fn splice(a: impl Io, b: impl Io, idle: Duration) -> io::Result<(u64, 
         start,
         last: last.clone(),
     };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, crate::SPLICE_BUF, crate::SPLICE_BUF);
+    let copy = strait_api::copy::copy_both_ways(&mut a, &mut b);
     tokio::pin!(copy);
     loop {
         let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;

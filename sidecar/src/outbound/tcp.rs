@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::BufMut;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,7 +145,6 @@ impl Outbound {
     ) -> Result<Settled, NoEndpoint> {
         let (mut dial, mut i) = dialled;
         let (mut sent, mut client_done) = (Vec::new(), false);
-        let mut buf = vec![0u8; crate::SPLICE_BUF.min(self.limits.replay_buffer.max(1))];
         let waited = self.upstreams.status_timeout();
         let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {waited:?}"));
         loop {
@@ -161,14 +161,21 @@ impl Outbound {
                 .await;
             }
             let status = loop {
+                // The client's bytes are read straight into the copy kept, up to the limit, with
+                // room for a TLS record's worth at each read (a full `Vec` grows by 64 bytes).
+                let room = self.limits.replay_buffer.saturating_sub(sent.len());
+                if sent.capacity() - sent.len() < 4096 {
+                    sent.reserve(strait_api::copy::SMALL.min(room));
+                }
+                let mut into = (&mut sent).limit(room);
                 tokio::select! {
                     r = status_of(&mut dial.tls) => break r,
-                    r = client.read(&mut buf), if !client_done && sent.len() < self.limits.replay_buffer => match r {
+                    r = client.read_buf(&mut into), if !client_done && room > 0 => match r {
                         Ok(n) if n > 0 => {
-                            sent.extend_from_slice(&buf[..n]);
+                            let read = sent.len() - n..;
                             // In a handshake with early data the flush completes it.
                             let written = tokio::time::timeout_at(deadline, async {
-                                dial.tls.write_all(&buf[..n]).await?;
+                                dial.tls.write_all(&sent[read]).await?;
                                 dial.tls.flush().await
                             });
                             match written.await {

@@ -223,7 +223,7 @@ impl Outbound {
             return;
         };
         let _ = upstream.set_nodelay(true);
-        let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+        let result = strait_api::copy::copy_both_ways(&mut stream, &mut upstream).await;
         self.metrics
             .passthrough
             .with_label_values(&[if result.is_ok() { "ok" } else { "reset" }])
