@@ -152,6 +152,7 @@ fn measure(form: Form, figures: &mut figures::Figures) -> [f64; 3] {
         resources: (0..SERVICES).flat_map(|s| resources(form, s)).collect(),
         removed: vec![],
         more: false,
+        ..Default::default()
     };
     let wire = full.encode_to_vec();
     drop(full);
@@ -192,6 +193,7 @@ fn measure(form: Form, figures: &mut figures::Figures) -> [f64; 3] {
             resources: churn(form, i),
             removed: vec![],
             more: false,
+            ..Default::default()
         };
         bytes += update.encoded_len();
         let (next, _) = resources.update(&prev, update);

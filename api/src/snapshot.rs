@@ -712,6 +712,10 @@ pub struct Pending {
     /// left as they are (a controller that restarted sends every resource again, most of them
     /// unchanged).
     unchanged: Vec<String>,
+    /// An update resuming the proxy from its `Hello.held_digests`: how many buckets it hashed
+    /// what it holds into, and those the update replaces whole ([`Pending::as_change`]).
+    buckets: u32,
+    replaced: Vec<u32>,
     /// Lent by the [`Resources`] the update is for ([`Resources::pending`]), given back when
     /// it is applied.
     interned: Interned,
@@ -724,9 +728,12 @@ impl Pending {
         self.version = part.version;
         self.full |= part.full;
         self.parts += 1;
+        self.buckets = self.buckets.max(part.buckets);
+        self.replaced.extend(part.replaced_buckets);
         for res in part.resources {
-            // Only a full update resends what a proxy holds (a delta names what changed).
-            if self.full && held.holds(&res.name, &res.version) {
+            // Only a full update, or one that replaces buckets whole, resends what a proxy
+            // holds (a delta names what changed).
+            if (self.full || self.buckets > 0) && held.holds(&res.name, &res.version) {
                 self.unchanged.push(res.name);
                 continue;
             }
@@ -778,11 +785,17 @@ impl Pending {
     /// `held` holds and the update does not name (a resource, or one cluster's endpoints of a
     /// service) is removed, what it names unchanged is left alone. Applied so, the services
     /// it leaves alone stay the very entries the proxy held (no rebuild, no second copy of
-    /// the catalog beside the first while it is applied).
+    /// the catalog beside the first while it is applied). An update that replaces buckets
+    /// whole is the same within those buckets: what the proxy held there and the update does
+    /// not name is removed.
     fn as_change(&mut self, held: &Resources) {
-        if !self.full || self.unchanged.is_empty() {
+        let buckets = self.buckets as usize;
+        // A bucket count the proxy did not send cannot name its buckets: nothing is replaced.
+        let replacing = !self.full && !self.replaced.is_empty() && crate::xds::valid_buckets(buckets);
+        if !replacing && (!self.full || self.unchanged.is_empty()) {
             return;
         }
+        let replaced: HashSet<usize> = self.replaced.iter().map(|b| *b as usize).collect();
         let named: HashSet<&str> = self
             .accepted
             .iter()
@@ -792,6 +805,10 @@ impl Pending {
             .collect();
         let mut removed = vec![];
         for (name, (_, typed)) in &held.entries {
+            // A service's endpoints are in its bucket.
+            if replacing && !replaced.contains(&crate::xds::bucket_of(name, buckets)) {
+                continue;
+            }
             if !named.contains(name.as_str()) {
                 removed.push(name.clone());
             }
@@ -904,6 +921,31 @@ impl Resources {
             return (vec![], 0);
         }
         (out, bytes)
+    }
+
+    /// What these resources hold as a proxy says it in `Hello.held_digests`: each resource's
+    /// name and version ([`fingerprint`]), and each cluster's endpoints of a service held in
+    /// parts (`endpoints/<ns>/<name>/<cluster>`, the version of the part they came in), summed
+    /// into [`crate::xds::buckets_for`] buckets. Empty when nothing is held.
+    pub fn held_digests(&self) -> Vec<u64> {
+        if self.entries.is_empty() {
+            return vec![];
+        }
+        let buckets = crate::xds::buckets_for(self.entries.len());
+        let mut sums = vec![0u64; buckets];
+        for (name, (version, typed)) in &self.entries {
+            // A service's endpoints share its bucket.
+            let sum = &mut sums[crate::xds::bucket_of(name, buckets)];
+            *sum = sum.wrapping_add(crate::xds::held_item(name, fingerprint(version)));
+            if let Typed::Service(svc) = typed {
+                let service = name.strip_prefix("service/").unwrap_or(name);
+                for span in &svc.spans {
+                    let part = format!("endpoints/{service}/{}", span.cluster);
+                    *sum = sum.wrapping_add(crate::xds::held_item(&part, span.version));
+                }
+            }
+        }
+        sums
     }
 
     /// Whether these resources hold `name` at `version` (one cluster's endpoints of a
@@ -1669,6 +1711,7 @@ mod tests {
             resources: vec![service_resource("echo", "127.0.0.1:15006")],
             removed: vec![],
             more: false,
+            ..Default::default()
         };
         let mut r = Resources::default();
         let rej = r.apply(good);
@@ -1679,6 +1722,7 @@ mod tests {
             resources: vec![service_resource("echo", "not-an-address")],
             removed: vec![],
             more: false,
+            ..Default::default()
         };
         let rej = r.apply(bad);
         assert_eq!(rej.len(), 1);
@@ -1698,6 +1742,7 @@ mod tests {
             resources: vec![res],
             removed: vec![],
             more: false,
+            ..Default::default()
         };
         assert!(r.apply(update(1, service_resource("v6", "[fd00::1]:8080"))).is_empty());
         let snap = r.snapshot(1);
@@ -1763,6 +1808,7 @@ mod tests {
             resources: vec![service_resource("a", "127.0.0.1:1")],
             removed: vec![],
             more: false,
+            ..Default::default()
         });
         let snap = r.snapshot(1);
         let (svc, i) = snap.endpoint_by_addr("127.0.0.1:1".parse().unwrap()).unwrap();
@@ -1778,6 +1824,7 @@ mod tests {
             resources,
             removed: vec![],
             more: false,
+            ..Default::default()
         };
         let first = |snap: &Snapshot, name: &str| snap.services[&format!("demo/{name}")].endpoints[0].clone();
         // Service b has two endpoints alike but for their address.
@@ -1833,6 +1880,7 @@ mod tests {
             ],
             removed: vec![],
             more: false,
+            ..Default::default()
         });
         r.apply(pb::ConfigUpdate {
             version: 2,
@@ -1840,6 +1888,7 @@ mod tests {
             resources: vec![service_resource("b", "127.0.0.1:2")],
             removed: vec![],
             more: false,
+            ..Default::default()
         });
         assert_eq!(r.snapshot(2).services.len(), 1);
         r.apply(pb::ConfigUpdate {
@@ -1848,6 +1897,7 @@ mod tests {
             resources: vec![],
             removed: vec!["service/demo/b".into()],
             more: false,
+            ..Default::default()
         });
         assert!(r.snapshot(3).services.is_empty());
     }
@@ -1860,6 +1910,7 @@ mod tests {
             resources,
             removed,
             more: false,
+            ..Default::default()
         };
         let mut one = Resources::default();
         one.apply(whole(1, vec![service_resource("old", "127.0.0.1:9")], vec![]));
@@ -1893,6 +1944,7 @@ mod tests {
                 resources,
                 removed,
                 more,
+                ..Default::default()
             };
             assert_eq!(pending.add(part, &parted), !more, "part {i}");
             if more {
@@ -1944,6 +1996,7 @@ mod tests {
             resources: vec![r],
             removed: vec![],
             more: false,
+            ..Default::default()
         };
         let mut r = Resources::default();
         let (first, _) = r.update(&Snapshot::default(), update(1, big(150)));
@@ -1988,6 +2041,7 @@ mod tests {
             full: version == 1,
             resources,
             removed: removed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
         };
         let steps = [
             update(1, vec![svc("a", 1, &[1, 2]), svc("b", 2, &[3]), svc("c", 3, &[4])], &[]),
@@ -2086,6 +2140,7 @@ mod tests {
             resources,
             removed: removed.iter().map(|r| r.to_string()).collect(),
             more: false,
+            ..Default::default()
         }
     }
 

@@ -52,10 +52,58 @@ impl XdsMetrics {
     }
 }
 
-/// The most a proxy's `Hello.held` may take encoded; a proxy holding more says nothing of what
-/// it holds and is sent the whole state. 2 MiB lists about 45,000 resources (50 clusters × 300
-/// services in parts take 15,300); the controller reads a Hello of up to 4 MiB.
+/// The most a proxy's `Hello.held` may take encoded (a proxy of this build says what it holds in
+/// `held_digests` instead; the list, read from older proxies, stays bounded so): a proxy
+/// holding more says nothing of what it holds and is sent the whole state. 2 MiB lists about
+/// 45,000 resources (50 clusters × 300 services in parts take 15,300); the controller reads a
+/// Hello of up to 4 MiB.
 pub const HELD_BYTES: usize = 2 << 20;
+
+/// How many buckets a proxy holding `groups` services and other resources hashes them into for
+/// `Hello.held_digests`: about two to a bucket, a power of two from 16 to 4,096 (8 bytes each:
+/// 2 KiB for the published clusterset's 300 services, where their list took 128 KB).
+pub fn buckets_for(groups: usize) -> usize {
+    (groups / 2).next_power_of_two().clamp(16, 4096)
+}
+
+/// Whether a `held_digests` list has a length a proxy would send (a controller that reads
+/// another sends the whole state).
+pub fn valid_buckets(buckets: usize) -> bool {
+    buckets.is_power_of_two() && (16..=4096).contains(&buckets)
+}
+
+/// FNV-1a, 64 bits, then a finalizer that spreads every input bit over the result: fixed by
+/// this protocol (proxy and controller may be different builds), unlike std's hashers.
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    // splitmix64's finalizer.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The bucket of a held resource out of `buckets` (a power of two): a cluster's endpoints of a
+/// service (`endpoints/<ns>/<name>/<cluster>`) go with the service (`service/<ns>/<name>`), so a
+/// bucket always holds services whole.
+pub fn bucket_of(name: &str, buckets: usize) -> usize {
+    let h = match name.strip_prefix("endpoints/").and_then(|rest| rest.rsplit_once('/')) {
+        Some((service, _cluster)) => hash(&[b"service/", service.as_bytes()]),
+        None => hash(&[name.as_bytes()]),
+    };
+    (h as usize) & (buckets - 1)
+}
+
+/// One held resource's share of its bucket's digest (which is the wrapping sum of its
+/// resources'): its name and its version's 8 bytes (`snapshot::fingerprint`).
+pub fn held_item(name: &str, version: u64) -> u64 {
+    hash(&[name.as_bytes(), &[0], &version.to_le_bytes()])
+}
 
 pub struct XdsClient {
     /// `host:port` of the controller.
@@ -104,10 +152,13 @@ impl XdsClient {
         hello.accepts_endpoint_parts = true;
         // What it holds, so that the controller sends only what differs from it (a reconnect,
         // or a controller that restarted, would otherwise send the whole catalog again to
-        // every proxy at once).
-        let held_bytes;
-        (hello.held, held_bytes) = resources.held(HELD_BYTES);
-        let held = hello.held.len();
+        // every proxy at once): a digest of each bucket of it, a few KiB whatever it holds.
+        hello.held_digests = resources.held_digests();
+        let held = hello.held_digests.len();
+        let held_bytes = prost::Message::encoded_len(&pb::Hello {
+            held_digests: hello.held_digests.clone(),
+            ..Default::default()
+        });
         let _ = out_tx
             .send(pb::ProxyMessage {
                 kind: Some(pb::proxy_message::Kind::Hello(hello)),
@@ -158,7 +209,7 @@ impl XdsClient {
                 // The controller read what the proxy said it held and sent only the difference.
                 tracing::info!(
                     version,
-                    held,
+                    held_buckets = held,
                     held_bytes,
                     applied,
                     removed,

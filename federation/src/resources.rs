@@ -1338,6 +1338,55 @@ pub fn resume(all: Vec<&Arc<Built>>, held: &HashMap<String, u64>, parts: bool) -
     (out, removed)
 }
 
+/// [`resume`] for a proxy that said what it holds as `Hello.held_digests`: every resource of
+/// each bucket whose digest differs from that of what `all` holds there (a service whole, with
+/// every part, in parts), and those buckets, which the proxy takes as replaced (what it held
+/// there and the update does not name, it removes). A bucket with a resource without a version
+/// is always replaced: nothing tells its content. Nothing at all when the proxy holds `all`.
+pub fn resume_digests(all: Vec<&Arc<Built>>, digests: &[u64], parts: bool) -> (Vec<Bytes>, Vec<u32>) {
+    use strait_api::snapshot::fingerprint;
+    use strait_api::xds::{bucket_of, held_item};
+    let buckets = digests.len();
+    let mut sums = vec![0u64; buckets];
+    let mut unversioned = vec![false; buckets];
+    let of: Vec<usize> = all
+        .iter()
+        .map(|r| {
+            let bucket = bucket_of(&r.name, buckets);
+            let mut add = |name: &str, version: &str| {
+                unversioned[bucket] |= version.is_empty();
+                sums[bucket] = sums[bucket].wrapping_add(held_item(name, fingerprint(version)));
+            };
+            match r.split.as_deref().filter(|_| parts) {
+                Some(split) => {
+                    add(&split.head.name, &split.head.version);
+                    for p in &split.parts {
+                        add(&p.name, &p.version);
+                    }
+                }
+                None => add(&r.name, &r.version),
+            }
+            bucket
+        })
+        .collect();
+    let replaced: Vec<bool> = (0..buckets).map(|b| unversioned[b] || sums[b] != digests[b]).collect();
+    let mut out = vec![];
+    for (r, bucket) in all.into_iter().zip(of) {
+        if !replaced[bucket] {
+            continue;
+        }
+        match r.split.as_deref().filter(|_| parts) {
+            Some(split) => {
+                out.push(split.head.wire().clone());
+                out.extend(split.parts.iter().map(|p| p.wire().clone()));
+            }
+            None => out.push(r.wire().clone()),
+        }
+    }
+    let replaced = (0..buckets as u32).filter(|b| replaced[*b as usize]).collect();
+    (out, replaced)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2264,6 +2313,18 @@ mod tests {
         }
 
         fn apply_as(&mut self, full: bool, wire: &[Bytes], removed: Vec<String>) {
+            self.apply_replacing(full, wire, removed, 0, vec![])
+        }
+
+        /// An update that may replace buckets of what the proxy holds whole (`resume_digests`).
+        fn apply_replacing(
+            &mut self,
+            full: bool,
+            wire: &[Bytes],
+            removed: Vec<String>,
+            buckets: u32,
+            replaced: Vec<u32>,
+        ) {
             self.version += 1;
             let update = pb::ConfigUpdate {
                 version: self.version,
@@ -2271,6 +2332,8 @@ mod tests {
                 resources: wire.iter().map(|b| pb::Resource::decode(b.clone()).unwrap()).collect(),
                 removed,
                 more: false,
+                buckets,
+                replaced_buckets: replaced,
             };
             let (snapshot, rejected) = self.resources.update(&self.snapshot, update);
             assert!(rejected.is_empty(), "{rejected:?}");
@@ -2559,12 +2622,54 @@ mod tests {
                 }
             }
         }
+        // The same with what the proxy holds said as digests of buckets of it: what is sent
+        // makes it hold the other step's state exactly, and nothing is sent when it holds it.
+        for parts in [true, false] {
+            for from in 0..states.len() {
+                for to in 0..states.len() {
+                    let mut proxy = first(from, parts);
+                    let digests = proxy.resources.held_digests();
+                    assert_eq!(digests.len(), 16, "the fewest buckets a proxy hashes into");
+                    let (wire, replaced) = resume_digests(all(to), &digests, parts);
+                    if from == to {
+                        assert!(
+                            wire.is_empty() && replaced.is_empty(),
+                            "step {from} again (parts {parts}): {:?} {replaced:?}",
+                            names(&wire)
+                        );
+                    } else {
+                        assert!(!replaced.is_empty(), "from step {from} to {to} (parts {parts})");
+                    }
+                    proxy.apply_replacing(false, &wire, vec![], digests.len() as u32, replaced);
+                    assert_eq!(
+                        proxy.services(),
+                        first(to, parts).services(),
+                        "from step {from} to {to} (parts {parts}), by digests"
+                    );
+                    assert_eq!(
+                        proxy.resources.held(usize::MAX).0,
+                        first(to, parts).resources.held(usize::MAX).0,
+                        "from step {from} to {to} (parts {parts}), by digests: what it holds"
+                    );
+                }
+            }
+        }
         // A resource held without a version is never taken as held.
         let held: HashMap<String, u64> =
             [("policy/locality".to_string(), strait_api::snapshot::fingerprint(""))].into();
         let mut unversioned = (*states[0]["policy/locality"]).clone();
         unversioned.version = String::new();
-        let (wire, removed) = resume(vec![&Arc::new(unversioned)], &held, true);
+        let unversioned = Arc::new(unversioned);
+        let (wire, removed) = resume(vec![&unversioned], &held, true);
         assert_eq!((names(&wire), removed), (vec!["policy/locality".to_string()], vec![]));
+        // ... nor are the buckets of one, whatever their digests.
+        let bucket = strait_api::xds::bucket_of("policy/locality", 16);
+        let mut digests = vec![0u64; 16];
+        digests[bucket] = strait_api::xds::held_item("policy/locality", strait_api::snapshot::fingerprint(""));
+        let (wire, replaced) = resume_digests(vec![&unversioned], &digests, true);
+        assert_eq!(
+            (names(&wire), replaced),
+            (vec!["policy/locality".to_string()], vec![bucket as u32])
+        );
     }
 }

@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::Key;
-use crate::resources::{diff, gateway_only, in_parts, resume, sidecar_only, Built, ConfigState, Resources};
+use crate::resources::{
+    diff, gateway_only, in_parts, resume, resume_digests, sidecar_only, Built, ConfigState, Resources,
+};
 
 /// What the controller knows of one connected proxy.
 #[derive(Clone, Debug, Serialize)]
@@ -165,7 +167,7 @@ impl ConfigService for XdsServer {
             )));
         }
         let key = format!("{}/{}", hello.kind, hello.node);
-        tracing::info!(node = %hello.node, kind = %hello.kind, %identity, held = hello.held.len(), "proxy subscribed");
+        tracing::info!(node = %hello.node, kind = %hello.kind, %identity, held = hello.held.len(), held_buckets = hello.held_digests.len(), "proxy subscribed");
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut state = self.state.clone();
         let proxies = self.proxies.clone();
@@ -179,6 +181,13 @@ impl ConfigService for XdsServer {
                 .map(|h| (h.name, h.version))
                 .collect()
         });
+        // ... or as digests of buckets of it (a proxy of this build). A count of buckets no
+        // proxy sends is not read: that proxy is sent the whole state.
+        let mut digests = Some(std::mem::take(&mut hello.held_digests)).filter(|d| !d.is_empty());
+        if let Some(d) = digests.as_ref().filter(|d| !strait_api::xds::valid_buckets(d.len())) {
+            tracing::warn!(node = %key, buckets = d.len(), "proxy sent digests of a number of buckets that is not a power of two from 16 to 4096; sending it the whole state");
+            digests = None;
+        }
         proxies.lock().map_err(|_| Status::internal("lock"))?.insert(
             key.clone(),
             ProxyStatus {
@@ -215,7 +224,16 @@ impl ConfigService for XdsServer {
                     // proxy that said what it holds (`held`, taken by the first send), only what
                     // differs from that goes. Encoded once when built; every proxy's stream
                     // shares the bytes.
-                    let (update, changed, removed) = if let Some(held) = held.take() {
+                    let mut replaced = None;
+                    let (update, changed, removed) = if let Some(digests) = digests.take() {
+                        let (changed, buckets) = resume_digests(
+                            changed.into_iter().chain(newly).collect(),
+                            &digests,
+                            hello.accepts_endpoint_parts,
+                        );
+                        replaced = Some((digests.len() as u32, buckets));
+                        (Update::Resumed, changed, vec![])
+                    } else if let Some(held) = held.take() {
                         let (changed, removed) = resume(
                             changed.into_iter().chain(newly).collect(),
                             &held,
@@ -236,8 +254,13 @@ impl ConfigService for XdsServer {
                         };
                         (update, changed, removed)
                     };
+                    held = None;
                     let (sent_resources, sent_removed) = (changed.len(), removed.len());
+                    let replaced_buckets = replaced.as_ref().map_or(0, |(_, r)| r.len());
                     let mut parts = Parts::new(current.version, update == Update::Full, hello.accepts_parts);
+                    if let Some((buckets, _)) = &replaced {
+                        parts.buckets = *buckets;
+                    }
                     let mut gone = false;
                     let mut bytes = 0;
                     for r in changed {
@@ -251,7 +274,7 @@ impl ConfigService for XdsServer {
                     }
                     first = false;
                     sent = current.clone();
-                    let last = parts.last(removed);
+                    let last = parts.last(removed, replaced.map(|(_, r)| r).unwrap_or_default());
                     bytes += prost::Message::encoded_len(&last);
                     if gone || tx.send(Ok(last)).await.is_err() {
                         break;
@@ -262,7 +285,7 @@ impl ConfigService for XdsServer {
                         .with_label_values(&[update.label()])
                         .inc_by(bytes as u64);
                     if update == Update::Resumed {
-                        tracing::info!(node = %key, version = current.version, resources = sent_resources, removed = sent_removed, bytes, "proxy resumed: sent what differs from what it held");
+                        tracing::info!(node = %key, version = current.version, resources = sent_resources, removed = sent_removed, replaced_buckets, bytes, "proxy resumed: sent what differs from what it held");
                     }
                     if let Ok(mut p) = proxies.lock() {
                         if let Some(s) = p.get_mut(&key) {
@@ -317,6 +340,8 @@ pub const PART_BYTES: usize = 256 * 1024;
 struct Parts {
     version: u64,
     full: bool,
+    /// Set on every part of an update resuming a proxy from its digests.
+    buckets: u32,
     split: bool,
     resources: Vec<Bytes>,
     bytes: usize,
@@ -328,6 +353,7 @@ impl Parts {
         Parts {
             version,
             full,
+            buckets: 0,
             split,
             resources: vec![],
             bytes: 0,
@@ -349,9 +375,11 @@ impl Parts {
         ready
     }
 
-    /// The last part, with the update's removals.
-    fn last(mut self, removed: Vec<String>) -> pb::wire::ConfigUpdateWire {
-        self.part(removed, false)
+    /// The last part, with the update's removals and the buckets it replaces.
+    fn last(mut self, removed: Vec<String>, replaced_buckets: Vec<u32>) -> pb::wire::ConfigUpdateWire {
+        let mut last = self.part(removed, false);
+        last.replaced_buckets = replaced_buckets;
+        last
     }
 
     fn part(&mut self, removed: Vec<String>, more: bool) -> pb::wire::ConfigUpdateWire {
@@ -365,6 +393,8 @@ impl Parts {
             resources: std::mem::take(&mut self.resources),
             removed,
             more,
+            buckets: self.buckets,
+            replaced_buckets: vec![],
         }
     }
 }
@@ -751,7 +781,7 @@ mod parts_tests {
             .iter()
             .filter_map(|r| parts.push(r.encode_to_vec().into()))
             .collect();
-        out.push(parts.last(vec!["gone".into()]));
+        out.push(parts.last(vec!["gone".into()], vec![]));
         out.iter()
             .map(|w| pb::ConfigUpdate::decode(w.encode_to_vec().as_slice()).unwrap())
             .collect()
@@ -770,6 +800,7 @@ mod parts_tests {
                 resources,
                 removed: vec!["gone".into()],
                 more: false,
+                ..Default::default()
             }
         );
     }

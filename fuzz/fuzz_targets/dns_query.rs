@@ -42,6 +42,7 @@ fn catalog() -> Snapshot {
         ],
         removed: vec![],
         more: false,
+        ..Default::default()
     };
     let mut resources = Resources::default();
     resources.apply(update);
