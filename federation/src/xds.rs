@@ -803,6 +803,22 @@ mod parts_tests {
                 ..Default::default()
             }
         );
+        // An update resuming a proxy from its digests: the bucket count on every part, the
+        // buckets it replaces in the last.
+        let mut parts = Parts::new(7, false, true);
+        parts.buckets = 256;
+        let mut wire: Vec<pb::wire::ConfigUpdateWire> = (0..3)
+            .filter_map(|i| parts.push(resource(&format!("r{i}"), 100).encode_to_vec().into()))
+            .collect();
+        wire.push(parts.last(vec![], vec![3, 250]));
+        let read: Vec<pb::ConfigUpdate> = wire
+            .iter()
+            .map(|w| pb::ConfigUpdate::decode(w.encode_to_vec().as_slice()).unwrap())
+            .collect();
+        assert!(read.len() > 1);
+        assert!(read.iter().all(|p| p.buckets == 256 && !p.full));
+        assert_eq!(read.last().unwrap().replaced_buckets, [3, 250]);
+        assert!(read[..read.len() - 1].iter().all(|p| p.replaced_buckets.is_empty()));
     }
 
     #[test]
