@@ -2561,6 +2561,16 @@ mod tests {
                 .map(|b| pb::Resource::decode(b.clone()).unwrap().name)
                 .collect()
         };
+        // A resumed proxy holds what one sent that state whole holds.
+        let holds_as_sent_whole = |proxy: &Proxy, to: usize, parts: bool, how: &str| {
+            let whole = first(to, parts);
+            assert_eq!(proxy.services(), whole.services(), "{how}");
+            assert_eq!(
+                proxy.resources.held(usize::MAX).0,
+                whole.resources.held(usize::MAX).0,
+                "{how}: what it holds"
+            );
+        };
         for parts in [true, false] {
             for from in 0..states.len() {
                 for to in 0..states.len() {
@@ -2609,16 +2619,7 @@ mod tests {
                         );
                     }
                     proxy.apply_as(false, &wire, removed);
-                    assert_eq!(
-                        proxy.services(),
-                        first(to, parts).services(),
-                        "from step {from} to {to} (parts {parts})"
-                    );
-                    assert_eq!(
-                        proxy.resources.held(usize::MAX).0,
-                        first(to, parts).resources.held(usize::MAX).0,
-                        "from step {from} to {to} (parts {parts}): what it holds"
-                    );
+                    holds_as_sent_whole(&proxy, to, parts, &format!("from step {from} to {to} (parts {parts})"));
                 }
             }
         }
@@ -2641,15 +2642,11 @@ mod tests {
                         assert!(!replaced.is_empty(), "from step {from} to {to} (parts {parts})");
                     }
                     proxy.apply_replacing(false, &wire, vec![], digests.len() as u32, replaced);
-                    assert_eq!(
-                        proxy.services(),
-                        first(to, parts).services(),
-                        "from step {from} to {to} (parts {parts}), by digests"
-                    );
-                    assert_eq!(
-                        proxy.resources.held(usize::MAX).0,
-                        first(to, parts).resources.held(usize::MAX).0,
-                        "from step {from} to {to} (parts {parts}), by digests: what it holds"
+                    holds_as_sent_whole(
+                        &proxy,
+                        to,
+                        parts,
+                        &format!("from step {from} to {to} (parts {parts}), by digests"),
                     );
                 }
             }

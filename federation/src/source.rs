@@ -920,11 +920,7 @@ mod tests {
         // A service that appears while it runs is stamped when its file was created.
         std::fs::write(dir.join("b.yaml"), svc(81).replace("name: echo", "name: other")).unwrap();
         let b_born = strait_api::unix_ms(created(&dir.join("b.yaml")).unwrap());
-        let started = std::time::Instant::now();
-        while !again.poll() {
-            assert!(started.elapsed() < FULL_SCAN * 3, "a new file was never seen");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        poll_until_seen(&mut again, "a new file was never seen");
         assert_eq!(
             stamps(&mut again, later + hour * 2),
             [("demo/other".to_string(), b_born)]
@@ -1002,11 +998,7 @@ mod tests {
         assert_eq!(stored(), ["demo/echo", "demo/other"]);
         // b.yaml goes: its service's stamp goes with it.
         std::fs::remove_file(catalog.join("b.yaml")).unwrap();
-        let started = std::time::Instant::now();
-        while !source.poll() {
-            assert!(started.elapsed() < FULL_SCAN * 3, "a removed file was never seen");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        poll_until_seen(&mut source, "a removed file was never seen");
         let (update, _) = source.services("east", "us-east", &td, SystemTime::now());
         assert!(matches!(update, LocalUpdate::Changed(m) if m.get("demo/other").is_some_and(Option::is_none)));
         assert_eq!(stored(), ["demo/echo"]);
@@ -1023,11 +1015,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(catalog.join("c.yaml"), svc(82).replace("name: echo", "name: other")).unwrap();
         let reborn = strait_api::unix_ms(created(&catalog.join("c.yaml")).unwrap());
-        let started = std::time::Instant::now();
-        while !again.poll() {
-            assert!(started.elapsed() < FULL_SCAN * 3, "a new file was never seen");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        poll_until_seen(&mut again, "a new file was never seen");
         let (update, _) = again.services("east", "us-east", &td, SystemTime::now());
         let LocalUpdate::Changed(m) = update else {
             panic!("a later call returns what changed")
@@ -1035,6 +1023,15 @@ mod tests {
         assert_eq!(m["demo/other"].as_ref().unwrap().service.exported_at_unix_ms, reborn);
         assert_eq!(stored(), ["demo/echo", "demo/other"]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Polls `source` until it sees a change, within three full scans.
+    fn poll_until_seen(source: &mut FileSource, never: &str) {
+        let started = std::time::Instant::now();
+        while !source.poll() {
+            assert!(started.elapsed() < FULL_SCAN * 3, "{never}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     fn svc(port: u16) -> String {
@@ -1057,11 +1054,7 @@ mod tests {
         // Same size, new content, same inode: only the full scan notices.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(dir.join("a.yaml"), svc(81)).unwrap();
-        let started = std::time::Instant::now();
-        while !source.poll() {
-            assert!(started.elapsed() < FULL_SCAN * 3, "an edit in place was never seen");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        poll_until_seen(&mut source, "an edit in place was never seen");
         let td: TrustDomain = "mesh.local".parse().unwrap();
         let mut catalog = LocalCatalog::default();
         let update = |source: &mut FileSource, catalog: &mut LocalCatalog| {
