@@ -98,6 +98,17 @@ async fn every_manifest_passes_the_api_server() {
             && out.contains("MutatingWebhookConfiguration/strait-sidecar-injector"),
         "{out}"
     );
+    // With the controller's state on a claim: the claim and the Deployment that mounts it pass
+    // too. A bad size is refused before anything is sent, naming the flag.
+    let mut claimed = dry.clone();
+    claimed.extend(["--state-volume-size", "1Gi", "--state-storage-class", "standard"]);
+    let (ok, out) = strait(&claimed);
+    assert!(ok, "server-side dry-run with a state volume failed: {out}");
+    assert!(out.contains("PersistentVolumeClaim/strait-federation-state"), "{out}");
+    let mut bad = dry.clone();
+    bad.extend(["--state-volume-size", "1GB"]);
+    let (ok, out) = strait(&bad);
+    assert!(!ok && out.contains("--state-volume-size") && !out.contains("validated"), "{out}");
     let (ok, out) = strait(&args);
     assert!(ok, "apply failed: {out}");
     // The controller fills in the caBundle (what it does at start in a cluster)...

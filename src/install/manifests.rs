@@ -14,6 +14,10 @@ const GATEWAY_ADMIN_PORT: u16 = 15021;
 const INJECTOR_PORT: u16 = 15017;
 /// Where the controller keeps what it last heard from each peer (`stateDir`).
 const STATE_DIR: &str = "/var/lib/strait/state";
+/// The claim that holds it when it is to outlive the controller's pod ([`StateVolume`]).
+const STATE_CLAIM: &str = "strait-federation-state";
+/// The user and group the components run as ([`security_context`]).
+const RUN_AS: u32 = 65532;
 
 /// What differs between clusters.
 #[derive(Clone, Debug)]
@@ -24,6 +28,58 @@ pub struct Settings {
     pub gateway_address: std::net::SocketAddr,
     pub trust_domain: strait_trust::TrustDomain,
     pub image: String,
+    /// Where the controller keeps its state: `None` for an emptyDir (kept across the
+    /// container's restarts, not the pod's).
+    pub state_volume: Option<StateVolume>,
+}
+
+/// A PersistentVolumeClaim for the controller's state: what its peers last told it outlives
+/// its pod (an upgrade, a reschedule, a node drain), so a new pod resumes every peer and keeps
+/// their policies in force while one is unreachable. One pod holds the claim at a time: the
+/// Deployment replaces its pod with `Recreate`, never two controllers writing one directory.
+#[derive(Clone, Debug)]
+pub struct StateVolume {
+    /// A Kubernetes quantity, e.g. `1Gi` ([`StateVolume::new`] checks it).
+    pub size: String,
+    /// `None`: the cluster's default StorageClass.
+    pub storage_class: Option<String>,
+}
+
+impl StateVolume {
+    /// Checks `size` (a whole number with a binary or decimal suffix, as Kubernetes writes
+    /// storage sizes) and the class's name, each error naming the flag and the fix.
+    pub fn new(size: &str, storage_class: Option<&str>) -> anyhow::Result<Self> {
+        let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let suffix = &size[digits.len()..];
+        let known = ["Ki", "Mi", "Gi", "Ti", "k", "M", "G", "T"];
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || !known.contains(&suffix) {
+            anyhow::bail!(
+                "--state-volume-size {size:?} is not a storage size: give a whole number with a unit ({}), e.g. 1Gi",
+                known.join(", ")
+            );
+        }
+        if let Some(class) = storage_class {
+            let dns_subdomain = class.len() <= 253 && class.split('.').all(strait_api::dns_label);
+            if !dns_subdomain {
+                anyhow::bail!(
+                    "--state-storage-class {class:?} is not a StorageClass name: lowercase letters, digits, '-' and '.', e.g. standard"
+                );
+            }
+        }
+        Ok(StateVolume {
+            size: size.into(),
+            storage_class: storage_class.map(str::to_string),
+        })
+    }
+
+    fn claim(&self) -> Value {
+        let mut spec = json!({"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": self.size}}});
+        if let Some(class) = &self.storage_class {
+            spec["storageClassName"] = json!(class);
+        }
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(STATE_CLAIM, CONTROLLER),
+               "spec": spec})
+    }
 }
 
 fn labels(component: &str) -> Value {
@@ -37,7 +93,7 @@ fn meta(name: &str, component: &str) -> Value {
 
 /// Locked down: no root, no privilege escalation, no capabilities, read-only root filesystem.
 fn security_context() -> Value {
-    json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "allowPrivilegeEscalation": false,
+    json!({"runAsNonRoot": true, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "allowPrivilegeEscalation": false,
            "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]},
            "seccompProfile": {"type": "RuntimeDefault"}})
 }
@@ -58,8 +114,8 @@ fn controller_config(s: &Settings) -> anyhow::Result<String> {
         bundle: "/etc/strait/ca/bundle.pem".into(),
         catalog_dir: None,
         routes_dir: None,
-        // An emptyDir: kept across the container's restarts (a crash, an OOM kill), not the
-        // pod's.
+        // An emptyDir (kept across the container's restarts: a crash, an OOM kill) or, with a
+        // state volume, a claim that outlives the pod.
         state_dir: Some(STATE_DIR.into()),
         kubernetes: Some(KubernetesSource {
             kubeconfig: None,
@@ -105,7 +161,7 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
     ]);
     let token_volume = json!({"name": "strait-token", "projected": {"sources": [{"serviceAccountToken": {
         "audience": strait_api::TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}});
-    Ok(vec![
+    let mut objects = vec![
         json!({"apiVersion": "v1", "kind": "Namespace",
                "metadata": {"name": NAMESPACE, "labels": labels("strait")}}),
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(CONTROLLER, CONTROLLER)}),
@@ -168,7 +224,33 @@ pub fn manifests(s: &Settings) -> anyhow::Result<Vec<Value>> {
                           {"name": "tls", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT, "protocol": "TCP"}]}}),
         // Without a caBundle: the controller fills it in with its trust domain's roots at start.
         webhook_configuration(None, None),
-    ])
+    ];
+    if let Some(volume) = &s.state_volume {
+        with_state_volume(&mut objects, volume);
+    }
+    Ok(objects)
+}
+
+/// The controller's state on `volume`'s claim instead of an emptyDir: the claim before the
+/// Deployment, its pod replaced with `Recreate` (one pod holds a ReadWriteOnce claim), and the
+/// volume's files given to the components' group (a claim's volume is root's as provisioned).
+fn with_state_volume(objects: &mut Vec<Value>, volume: &StateVolume) {
+    let Some(at) = objects
+        .iter()
+        .position(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == CONTROLLER)
+    else {
+        return;
+    };
+    let deployment = &mut objects[at];
+    deployment["spec"]["strategy"] = json!({"type": "Recreate"});
+    let pod = &mut deployment["spec"]["template"]["spec"];
+    pod["securityContext"] = json!({"fsGroup": RUN_AS, "fsGroupChangePolicy": "OnRootMismatch"});
+    if let Some(volumes) = pod["volumes"].as_array_mut() {
+        for v in volumes.iter_mut().filter(|v| v["name"] == "state") {
+            *v = json!({"name": "state", "persistentVolumeClaim": {"claimName": STATE_CLAIM}});
+        }
+    }
+    objects.insert(at, volume.claim());
 }
 
 /// The namespace the demo services live in (labelled for injection).
@@ -265,6 +347,7 @@ mod tests {
             gateway_address: "203.0.113.10:15443".parse().unwrap(),
             trust_domain: "mesh.local".parse().unwrap(),
             image: "strait:test".into(),
+            state_volume: None,
         };
         let objects = manifests(&s).unwrap();
         let cm = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
@@ -294,6 +377,85 @@ mod tests {
         // Least privilege: no wildcard verbs or resources anywhere.
         let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
         assert!(!role.to_string().contains('*'));
+    }
+
+    /// With a state volume the controller's state is on a claim (before the Deployment that
+    /// mounts it, one pod at a time, its files the components' group's); without, an emptyDir.
+    #[test]
+    fn a_state_volume_puts_the_controllers_state_on_a_claim() {
+        let mut s = Settings {
+            cluster: "east".into(),
+            region: "us-east".into(),
+            zone: "us-east-1a".into(),
+            gateway_address: "203.0.113.10:15443".parse().unwrap(),
+            trust_domain: "mesh.local".parse().unwrap(),
+            image: "strait:test".into(),
+            state_volume: None,
+        };
+        let controller = |objects: &[Value]| -> Value {
+            objects
+                .iter()
+                .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == CONTROLLER)
+                .unwrap()
+                .clone()
+        };
+        let state = |d: &Value| -> Value {
+            d["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "state")
+                .unwrap()
+                .clone()
+        };
+        let plain = manifests(&s).unwrap();
+        assert!(plain.iter().all(|o| o["kind"] != "PersistentVolumeClaim"));
+        assert_eq!(state(&controller(&plain))["emptyDir"]["sizeLimit"], "256Mi");
+        assert!(controller(&plain)["spec"]["strategy"].is_null());
+
+        s.state_volume = Some(StateVolume::new("2Gi", Some("standard")).unwrap());
+        let objects = manifests(&s).unwrap();
+        let claim = objects
+            .iter()
+            .position(|o| o["kind"] == "PersistentVolumeClaim")
+            .unwrap();
+        let deployment = objects
+            .iter()
+            .position(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == CONTROLLER)
+            .unwrap();
+        assert!(claim < deployment, "the claim is applied before the pod that mounts it");
+        let claim = &objects[claim];
+        assert_eq!(claim["metadata"]["name"], STATE_CLAIM);
+        assert_eq!(claim["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "2Gi");
+        assert_eq!(claim["spec"]["storageClassName"], "standard");
+        assert_eq!(claim["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+        let d = controller(&objects);
+        assert_eq!(
+            state(&d),
+            json!({"name": "state", "persistentVolumeClaim": {"claimName": STATE_CLAIM}})
+        );
+        assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+        assert_eq!(d["spec"]["template"]["spec"]["securityContext"]["fsGroup"], RUN_AS);
+        // Nothing else moved.
+        assert_eq!(objects.len(), plain.len() + 1);
+
+        // Without a class: the cluster's default.
+        s.state_volume = Some(StateVolume::new("500M", None).unwrap());
+        let objects = manifests(&s).unwrap();
+        let claim = objects.iter().find(|o| o["kind"] == "PersistentVolumeClaim").unwrap();
+        assert!(claim["spec"]["storageClassName"].is_null());
+
+        // Bad input is refused, naming the flag.
+        for size in ["1GB", "Gi", "1.5Gi", "-1Gi", "1 Gi", ""] {
+            let e = StateVolume::new(size, None).unwrap_err().to_string();
+            assert!(
+                e.contains("--state-volume-size") && e.contains("e.g. 1Gi"),
+                "{size}: {e}"
+            );
+        }
+        let e = StateVolume::new("1Gi", Some("Fast_SSD")).unwrap_err().to_string();
+        assert!(e.contains("--state-storage-class"), "{e}");
     }
 }
 

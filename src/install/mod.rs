@@ -13,12 +13,14 @@ use std::path::PathBuf;
 use clap::Args;
 use kube::api::{Patch, PatchParams};
 
-pub use manifests::{manifests, Settings};
+pub use manifests::{manifests, Settings, StateVolume};
 
 pub const EXAMPLES: &str = "Examples:
   strait install --cluster-name east --region us-east --zone us-east-1a --gateway-address 203.0.113.10:15443
   strait install --cluster-name east --region us-east --zone us-east-1a --gateway-address 203.0.113.10:15443 \\
       --apply --kubeconfig ~/.kube/config --context kind-east
+  strait install --cluster-name east --region us-east --gateway-address 203.0.113.10:15443 \
+      --state-volume-size 1Gi --state-storage-class standard   # peers' state outlives the pod
   strait install --crds-only | kubectl apply --server-side -f -
   strait install --demo --cluster-name west --apply --context kind-west   # the demo services of west
   strait install --write-deploy deploy/          # regenerate the manifests in the repository
@@ -45,6 +47,16 @@ pub struct InstallArgs {
     pub trust_domain: strait_trust::TrustDomain,
     #[arg(long, default_value = concat!("strait:", env!("CARGO_PKG_VERSION")))]
     pub image: String,
+    /// Keep the controller's state (what each peer last told it) on a PersistentVolumeClaim of
+    /// this size, e.g. 1Gi, instead of an emptyDir: it then outlives the controller's pod (an
+    /// upgrade, a reschedule), so a new pod resumes every peer instead of being sent every
+    /// export again, and keeps a peer's policies in force while that peer is unreachable. The
+    /// controller's Deployment then replaces its pod with `Recreate` (one pod holds the claim).
+    #[arg(long, value_name = "SIZE")]
+    pub state_volume_size: Option<String>,
+    /// The StorageClass of that claim (default: the cluster's default class).
+    #[arg(long, value_name = "CLASS", requires = "state_volume_size")]
+    pub state_storage_class: Option<String>,
     /// Print only the CRDs.
     #[arg(long)]
     pub crds_only: bool,
@@ -80,6 +92,7 @@ fn example() -> Settings {
         gateway_address: "203.0.113.10:15443".parse().expect("valid address"),
         trust_domain: "mesh.local".parse().expect("valid trust domain"),
         image: concat!("strait:", env!("CARGO_PKG_VERSION")).into(),
+        state_volume: None,
     }
 }
 
@@ -143,6 +156,11 @@ pub async fn run(a: InstallArgs) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--gateway-address is required"))?,
             trust_domain: a.trust_domain.clone(),
             image: a.image.clone(),
+            state_volume: a
+                .state_volume_size
+                .as_deref()
+                .map(|size| StateVolume::new(size, a.state_storage_class.as_deref()))
+                .transpose()?,
         };
         let mut all = crd_objects()?;
         all.extend(manifests(&settings)?);
