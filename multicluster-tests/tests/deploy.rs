@@ -108,7 +108,10 @@ async fn every_manifest_passes_the_api_server() {
     let mut bad = dry.clone();
     bad.extend(["--state-volume-size", "1GB"]);
     let (ok, out) = strait(&bad);
-    assert!(!ok && out.contains("--state-volume-size") && !out.contains("validated"), "{out}");
+    assert!(
+        !ok && out.contains("--state-volume-size") && !out.contains("validated"),
+        "{out}"
+    );
     let (ok, out) = strait(&args);
     assert!(ok, "apply failed: {out}");
     // The controller fills in the caBundle (what it does at start in a cluster)...
