@@ -53,7 +53,8 @@ fn give(buf: Vec<u8>) {
 }
 
 /// Buffers this thread keeps, small and large.
-pub fn pooled() -> [usize; 2] {
+#[cfg(test)]
+fn pooled() -> [usize; 2] {
     POOL.try_with(|pool| {
         let pool = pool.borrow();
         [pool[0].len(), pool[1].len()]

@@ -174,20 +174,25 @@ impl ConfigService for XdsServer {
         let connected = self.connected.clone();
         let acks = self.acks.clone();
         let sent_metrics = self.sent.clone();
-        // What the proxy says it holds: its first update is what differs from it.
-        let mut held: Option<HashMap<String, u64>> = (!hello.held.is_empty()).then(|| {
-            std::mem::take(&mut hello.held)
-                .into_iter()
-                .map(|h| (h.name, h.version))
-                .collect()
-        });
-        // ... or as digests of buckets of it (a proxy of this build). A count of buckets no
-        // proxy sends is not read: that proxy is sent the whole state.
-        let mut digests = Some(std::mem::take(&mut hello.held_digests)).filter(|d| !d.is_empty());
-        if let Some(d) = digests.as_ref().filter(|d| !strait_api::xds::valid_buckets(d.len())) {
-            tracing::warn!(node = %key, buckets = d.len(), "proxy sent digests of a number of buckets that is not a power of two from 16 to 4096; sending it the whole state");
-            digests = None;
-        }
+        // What the proxy says it holds (taken by the first send, which is what differs from
+        // it): digests of buckets of it (a proxy of this build; a count of buckets no proxy
+        // sends is not read, and that proxy is sent the whole state), or the list of it.
+        let digests = std::mem::take(&mut hello.held_digests);
+        let mut said = if strait_api::xds::valid_buckets(digests.len()) {
+            Some(Said::Digests(digests))
+        } else {
+            if !digests.is_empty() {
+                tracing::warn!(node = %key, buckets = digests.len(), "proxy sent digests of a number of buckets that is not a power of two from 16 to 4096; sending it the whole state");
+            }
+            (!hello.held.is_empty()).then(|| {
+                Said::List(
+                    std::mem::take(&mut hello.held)
+                        .into_iter()
+                        .map(|h| (h.name, h.version))
+                        .collect(),
+                )
+            })
+        };
         proxies.lock().map_err(|_| Status::internal("lock"))?.insert(
             key.clone(),
             ProxyStatus {
@@ -221,40 +226,43 @@ impl ConfigService for XdsServer {
                 let may_send = gateway || current.warm;
                 if may_send && (first || !changed.is_empty() || !removed.is_empty() || !newly.is_empty()) {
                     // On the first send `sent` is empty, so `changed` is the whole state: to a
-                    // proxy that said what it holds (`held`, taken by the first send), only what
+                    // proxy that said what it holds (`said`, taken by the first send), only what
                     // differs from that goes. Encoded once when built; every proxy's stream
                     // shares the bytes.
                     let mut replaced = None;
-                    let (update, changed, removed) = if let Some(digests) = digests.take() {
-                        let (changed, buckets) = resume_digests(
-                            changed.into_iter().chain(newly).collect(),
-                            &digests,
-                            hello.accepts_endpoint_parts,
-                        );
-                        replaced = Some((digests.len() as u32, buckets));
-                        (Update::Resumed, changed, vec![])
-                    } else if let Some(held) = held.take() {
-                        let (changed, removed) = resume(
-                            changed.into_iter().chain(newly).collect(),
-                            &held,
-                            hello.accepts_endpoint_parts,
-                        );
-                        (Update::Resumed, changed, removed)
-                    } else {
-                        let update = if first { Update::Full } else { Update::Change };
-                        let (changed, removed) = if hello.accepts_endpoint_parts {
-                            let (mut out, removed) = in_parts(&sent.resources, changed, removed);
-                            out.extend(in_parts(&Resources::default(), newly, vec![]).0);
-                            (out, removed)
-                        } else {
-                            (
-                                changed.into_iter().chain(newly).map(|r| r.wire().clone()).collect(),
-                                removed,
-                            )
-                        };
-                        (update, changed, removed)
+                    let (update, changed, removed) = match said.take() {
+                        Some(Said::Digests(digests)) => {
+                            let (changed, buckets) = resume_digests(
+                                changed.into_iter().chain(newly).collect(),
+                                &digests,
+                                hello.accepts_endpoint_parts,
+                            );
+                            replaced = Some((digests.len() as u32, buckets));
+                            (Update::Resumed, changed, vec![])
+                        }
+                        Some(Said::List(held)) => {
+                            let (changed, removed) = resume(
+                                changed.into_iter().chain(newly).collect(),
+                                &held,
+                                hello.accepts_endpoint_parts,
+                            );
+                            (Update::Resumed, changed, removed)
+                        }
+                        None => {
+                            let update = if first { Update::Full } else { Update::Change };
+                            let (changed, removed) = if hello.accepts_endpoint_parts {
+                                let (mut out, removed) = in_parts(&sent.resources, changed, removed);
+                                out.extend(in_parts(&Resources::default(), newly, vec![]).0);
+                                (out, removed)
+                            } else {
+                                (
+                                    changed.into_iter().chain(newly).map(|r| r.wire().clone()).collect(),
+                                    removed,
+                                )
+                            };
+                            (update, changed, removed)
+                        }
                     };
-                    held = None;
                     let (sent_resources, sent_removed) = (changed.len(), removed.len());
                     let replaced_buckets = replaced.as_ref().map_or(0, |(_, r)| r.len());
                     let mut parts = Parts::new(current.version, update == Update::Full, hello.accepts_parts);
@@ -334,6 +342,14 @@ impl ConfigService for XdsServer {
 /// than this is a part alone). A whole catalog of 40,000 endpoints is 3.5 MB: sent whole, the
 /// proxy's decode buffer would grow to hold it and keep that size for as long as the stream.
 pub const PART_BYTES: usize = 256 * 1024;
+
+/// What a proxy's Hello said it holds.
+enum Said {
+    /// Each resource's name and version (`Hello.held`, older proxies).
+    List(HashMap<String, u64>),
+    /// A digest of each bucket of it (`Hello.held_digests`).
+    Digests(Vec<u64>),
+}
 
 /// An update cut into parts of at most [`PART_BYTES`] as its encoded resources are added (for a
 /// proxy that takes parts; for one that does not, one part).

@@ -340,15 +340,7 @@ mod tests {
 
     #[test]
     fn the_controller_config_in_the_configmap_parses_back() {
-        let s = Settings {
-            cluster: "east".into(),
-            region: "us-east".into(),
-            zone: "us-east-1a".into(),
-            gateway_address: "203.0.113.10:15443".parse().unwrap(),
-            trust_domain: "mesh.local".parse().unwrap(),
-            image: "strait:test".into(),
-            state_volume: None,
-        };
+        let s = crate::install::example();
         let objects = manifests(&s).unwrap();
         let cm = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
         let text = cm["data"]["controller.yaml"].as_str().unwrap();
@@ -383,15 +375,7 @@ mod tests {
     /// mounts it, one pod at a time, its files the components' group's); without, an emptyDir.
     #[test]
     fn a_state_volume_puts_the_controllers_state_on_a_claim() {
-        let mut s = Settings {
-            cluster: "east".into(),
-            region: "us-east".into(),
-            zone: "us-east-1a".into(),
-            gateway_address: "203.0.113.10:15443".parse().unwrap(),
-            trust_domain: "mesh.local".parse().unwrap(),
-            image: "strait:test".into(),
-            state_volume: None,
-        };
+        let mut s = crate::install::example();
         let controller = |objects: &[Value]| -> Value {
             objects
                 .iter()
