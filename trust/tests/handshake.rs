@@ -40,6 +40,7 @@ fn store(ca: &Authority, uris: &[String], not_after: SystemTime, trust: TrustBun
 }
 
 const PREFERRED_SUITE: rustls::CipherSuite = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+const PREFERRED_GROUP: rustls::NamedGroup = rustls::NamedGroup::secp256r1;
 
 fn day() -> SystemTime {
     SystemTime::now() + Duration::from_secs(86400)
@@ -284,6 +285,10 @@ async fn resumable_handshake(
         tls.write_all(&b).await.ok()?;
         let (_, conn) = tls.get_ref();
         assert_eq!(conn.negotiated_cipher_suite().map(|s| s.suite()), Some(PREFERRED_SUITE));
+        assert_eq!(
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(PREFERRED_GROUP)
+        );
         Some((
             conn.handshake_kind()?,
             strait_trust::peer_identity(conn.peer_certificates()),
@@ -308,6 +313,10 @@ async fn resumable_handshake(
     assert_eq!(
         tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
         Some(PREFERRED_SUITE)
+    );
+    assert_eq!(
+        tls.get_ref().1.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(PREFERRED_GROUP)
     );
     let (server_kind, seen) = srv.await.ok()??;
     Some((client_kind, server_kind, seen))
@@ -378,4 +387,72 @@ async fn a_resumed_connection_takes_one_ticket_and_leaves_one_so_the_store_does_
         0,
         "a dropped server config holds none"
     );
+}
+
+/// Presents one fixed identity, for a client config built outside `strait_trust`.
+#[derive(Debug)]
+struct Presents(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_prefers_x25519_gets_it_without_a_retry() {
+    // A Strait from before P-256 was preferred (ring's default order, X25519 first) beside a
+    // newer server, as during an upgrade: the server takes the client's first group, for which
+    // the ClientHello carries a share, so there is no HelloRetryRequest round trip.
+    let Pair { server, client, .. } = pair();
+    let older = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(strait_trust::SpiffeVerifier::new(
+            client.bundle().clone(),
+            PeerPolicy::AnyInBundle,
+            TlsMetrics::unregistered(),
+        )))
+        .with_client_cert_resolver(Arc::new(Presents(client.current().key.clone())));
+    let mut older = older;
+    older.alpn_protocols = vec![b"t".to_vec()];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sconf = serving(&server);
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tokio_rustls::TlsAcceptor::from(sconf).accept(tcp).await.unwrap();
+        let mut b = [0u8; 4];
+        tls.read_exact(&mut b).await.unwrap();
+        tls.write_all(&b).await.unwrap();
+        let conn = tls.get_ref().1;
+        (
+            conn.handshake_kind(),
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+        )
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(older))
+        .connect(rustls::pki_types::ServerName::try_from("strait.mesh").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    tls.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    let x25519 = Some(rustls::NamedGroup::X25519);
+    assert_eq!(
+        tls.get_ref().1.negotiated_key_exchange_group().map(|g| g.name()),
+        x25519
+    );
+    assert_eq!(srv.await.unwrap(), (Some(rustls::HandshakeKind::Full), x25519));
 }
