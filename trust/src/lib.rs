@@ -43,13 +43,13 @@ pub use verify::{peer_cluster, peer_identity, PeerPolicy, RefusalReason, SpiffeV
 /// BoringSSL (Envoy) and Go's crypto/tls prefer the same suite.
 ///
 /// Key exchange: P-256 (secp256r1) before ring's first choice, X25519. Every new connection,
-/// resumed or not, makes one exchange on each side (TLS 1.3 resumption is PSK with (EC)DHE), and
-/// both are on the way to its first byte. ring's P-256 is assembly; its X25519 field arithmetic
-/// is C, compiled at the release profile's `opt-level = "s"`: a key pair and agreement took 40 us
-/// with P-256 against 75 with X25519 (README, "P-256 for the key exchange"). A rustls server
-/// takes the group the client lists first among those it supports, so the client's list decides
-/// (a peer that sends only an X25519 share still gets X25519, without a retry). Built once; every
-/// config shares it.
+/// resumed or not, makes one exchange on each side (rustls resumes with PSK and (EC)DHE, its
+/// only mode), and both are on the way to its first byte. ring's P-256 is assembly; its X25519
+/// field arithmetic is C, compiled at the release profile's `opt-level = "s"`: a key pair and
+/// agreement took 40 us with P-256 against 75 with X25519 (README, "P-256 for the key
+/// exchange"). A rustls server takes the group the client lists first among those it supports,
+/// so the client's list decides (a peer that sends only an X25519 share still gets X25519,
+/// without a retry). Built once; every config shares it.
 pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<std::sync::Arc<rustls::crypto::CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER

@@ -411,9 +411,10 @@ impl rustls::client::ResolvesClientCert for Presents {
 async fn a_peer_that_prefers_x25519_gets_it_without_a_retry() {
     // A Strait from before P-256 was preferred (ring's default order, X25519 first) beside a
     // newer server, as during an upgrade: the server takes the client's first group, for which
-    // the ClientHello carries a share, so there is no HelloRetryRequest round trip.
+    // the ClientHello carries a share, so there is no HelloRetryRequest round trip. (A newer
+    // client and an older server meet the same rule: the client's first group, P-256.)
     let Pair { server, client, .. } = pair();
-    let older = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let mut older = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
@@ -423,7 +424,6 @@ async fn a_peer_that_prefers_x25519_gets_it_without_a_retry() {
             TlsMetrics::unregistered(),
         )))
         .with_client_cert_resolver(Arc::new(Presents(client.current().key.clone())));
-    let mut older = older;
     older.alpn_protocols = vec![b"t".to_vec()];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
