@@ -72,7 +72,7 @@ impl Outbound {
         only: Option<usize>,
     ) -> Result<(UpstreamTls, usize), NoEndpoint> {
         let mut tries = Tries::only(only);
-        let dialled = self.dial_tcp(snap, svc, port, &mut tries).await?;
+        let dialled = Box::pin(self.dial_tcp(snap, svc, port, &mut tries)).await?;
         // A client that has sent nothing: `settle` only waits for the status.
         let settled = self
             .settle(&mut tokio::io::empty(), snap, svc, port, dialled, &mut tries)
@@ -83,6 +83,11 @@ impl Outbound {
     /// Dials endpoints of `svc` until one's sidecar completes the mTLS handshake (it has not
     /// yet said whether it reached its app: [`Self::settle`] learns that); returns the stream
     /// and the endpoint's index.
+    ///
+    /// Its future is ~8 KB (a tunnel stream and an inner TLS client being set up): callers whose
+    /// own future lives as long as the connection box it (`Box::pin`), since an `async fn`'s
+    /// future is as large as its largest step and would hold that size after the dial too
+    /// (README, "An opaque connection's task sized for its longest step").
     pub(crate) async fn dial_tcp(
         &self,
         snap: &Snapshot,
@@ -231,7 +236,7 @@ impl Outbound {
                     self.tcp_failed(snap, svc, i, &e, tries);
                 }
             }
-            (dial, i) = self.dial_tcp(snap, svc, port, tries).await?;
+            (dial, i) = Box::pin(self.dial_tcp(snap, svc, port, tries)).await?;
         }
     }
 

@@ -163,7 +163,8 @@ impl Outbound {
     async fn opaque(&self, mut stream: TcpStream, snap: &Snapshot, svc: &ServiceEntry, port: u16, only: Option<usize>) {
         let host = svc.host();
         let mut tries = super::tcp::Tries::only(only);
-        let settled = match self.dial_tcp(snap, svc, port, &mut tries).await {
+        // Boxed: this future lives as long as the connection (see `dial_tcp`).
+        let settled = match Box::pin(self.dial_tcp(snap, svc, port, &mut tries)).await {
             Ok(dialled) => self.settle(&mut stream, snap, svc, port, dialled, &mut tries).await,
             Err(e) => Err(e),
         };
