@@ -19,7 +19,7 @@ pub const EXAMPLES: &str = "Examples:
   strait install --cluster-name east --region us-east --zone us-east-1a --gateway-address 203.0.113.10:15443
   strait install --cluster-name east --region us-east --zone us-east-1a --gateway-address 203.0.113.10:15443 \\
       --apply --kubeconfig ~/.kube/config --context kind-east
-  strait install --cluster-name east --region us-east --gateway-address 203.0.113.10:15443 \
+  strait install --cluster-name east --region us-east --zone us-east-1a --gateway-address 203.0.113.10:15443 \\
       --state-volume-size 1Gi --state-storage-class standard   # peers' state outlives the pod
   strait install --crds-only | kubectl apply --server-side -f -
   strait install --demo --cluster-name west --apply --context kind-west   # the demo services of west
