@@ -11,6 +11,11 @@
 //! appended outgrows the whole state (and 1 MiB), the whole state is written again to a new
 //! file that replaces the old one. A writer thread does the encoding of whole states and all
 //! file work; the peering stream encodes its update (the size of the change) and queues it.
+//! The writer gathers what is queued for up to [`GATHER`] and then writes each peer's records
+//! with one call: under churn a peer's updates arrive several times a second, and one write
+//! (and one wake of the writer) for each was most of what the log cost. A controller killed
+//! before its last records were written comes back holding a little less, which its peers,
+//! told what it holds, send again.
 //!
 //! A file's modification time is the last update's arrival (a whole state is dated when the
 //! peer was last heard from): a peer restored from it has the lease that update gave, less the
@@ -22,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
 use strait_api::pb;
@@ -35,15 +40,31 @@ const SUFFIX: &str = "exports";
 /// Appended bytes that never cause a rewrite (a small catalog's renewals).
 const COMPACT_MIN: u64 = 1 << 20;
 
+/// How long the writer gathers queued records (from the first) before writing them.
+const GATHER: Duration = Duration::from_secs(1);
+
+/// Gathered bytes written at once, before [`GATHER`] has passed (a burst of large updates).
+const GATHER_MAX: usize = 1 << 20;
+
 /// The handle the peering server queues received updates on.
 #[derive(Clone)]
 pub struct PeerLog {
     tx: tokio::sync::mpsc::Sender<Entry>,
+    /// The writer, woken when the queue is nearly full.
+    writer: std::thread::Thread,
 }
 
+/// Records the queue holds; the writer is woken before its gathering ends once a quarter of
+/// this is left.
+const QUEUE: usize = 1024;
+
 enum Entry {
-    /// An update as received, encoded, already applied to the table.
-    Append { cluster: String, record: Vec<u8> },
+    /// An update as received, encoded, already applied to the table, and when it arrived.
+    Append {
+        cluster: String,
+        record: Vec<u8>,
+        at: SystemTime,
+    },
     /// The table holds a new whole state of the peer (it sent every export): write it.
     Rewrite { cluster: String },
 }
@@ -72,7 +93,7 @@ impl PeerLog {
             )
         })?;
         let restored = restore(dir, table, configured)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let writer = Writer {
             dir: dir.to_path_buf(),
             table: table.clone(),
@@ -83,10 +104,12 @@ impl PeerLog {
         // Every restored file is appended to where it was read up to (a torn record is cut
         // off first), on the writer's thread: nothing is written again at a start.
         let ends = restored.ends.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("peer-log".into())
-            .spawn(move || writer.run(ends, rx))?;
-        Ok((PeerLog { tx }, restored))
+            .spawn(move || writer.run(ends, rx))?
+            .thread()
+            .clone();
+        Ok((PeerLog { tx, writer }, restored))
     }
 
     /// `update`'s record, taken before the table takes the update: `None` for an update of
@@ -108,11 +131,18 @@ impl PeerLog {
     pub async fn append(&self, cluster: &str, record: Option<Vec<u8>>) {
         let cluster = cluster.to_string();
         let entry = match record {
-            Some(record) => Entry::Append { cluster, record },
+            Some(record) => Entry::Append {
+                cluster,
+                record,
+                at: SystemTime::now(),
+            },
             None => Entry::Rewrite { cluster },
         };
         // The writer ends only with the process.
         let _ = self.tx.send(entry).await;
+        if self.tx.capacity() < QUEUE / 4 {
+            self.writer.unpark();
+        }
     }
 }
 
@@ -236,6 +266,43 @@ struct Writer {
 /// How long after a failed write a peer's whole state is tried again.
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// What the writer gathered, by peer.
+#[derive(Default)]
+struct Gathered {
+    peers: BTreeMap<String, Pending>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Records to append, in the order they arrived, and when the last did.
+    records: Vec<u8>,
+    last: Option<SystemTime>,
+    /// The peer sent every export: its whole state is written from the table instead.
+    rewrite: bool,
+}
+
+impl Gathered {
+    fn add(&mut self, entry: Entry) {
+        match entry {
+            Entry::Append { cluster, record, at } => {
+                let peer = self.peers.entry(cluster).or_default();
+                if !peer.rewrite {
+                    self.bytes += record.len();
+                    peer.records.extend_from_slice(&record);
+                    peer.last = Some(at);
+                }
+            }
+            Entry::Rewrite { cluster } => {
+                let peer = self.peers.entry(cluster).or_default();
+                self.bytes -= peer.records.len();
+                peer.rewrite = true;
+                peer.records = vec![];
+            }
+        }
+    }
+}
+
 struct Open {
     file: File,
     /// Bytes of the whole state the file starts with ...
@@ -249,15 +316,54 @@ impl Writer {
         for (cluster, (end, written)) in restored {
             self.reopen(&cluster, end, written);
         }
-        while let Some(entry) = rx.blocking_recv() {
-            match entry {
-                Entry::Append { cluster, record } => self.append(&cluster, &record),
-                Entry::Rewrite { cluster } => self.rewrite(&cluster),
+        // Woken by the first record, then asleep until the gathering ends (or the queue fills:
+        // [`PeerLog::append`] wakes it early), taking what was queued meanwhile: waiting on the
+        // queue instead would wake this thread for each record.
+        while let Some(first) = rx.blocking_recv() {
+            let deadline = Instant::now() + GATHER;
+            let mut gathered = Gathered::default();
+            gathered.add(first);
+            let mut open = true;
+            loop {
+                loop {
+                    match rx.try_recv() {
+                        Ok(entry) => gathered.add(entry),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                let now = Instant::now();
+                if !open || gathered.bytes >= GATHER_MAX || now >= deadline {
+                    break;
+                }
+                std::thread::park_timeout(deadline - now);
+            }
+            self.write(gathered);
+            if !open {
+                return;
             }
         }
     }
 
-    fn append(&mut self, cluster: &str, record: &[u8]) {
+    /// Writes what was gathered: each peer's records with one call, or its whole state when a
+    /// rewrite was asked for (the table then holds every record gathered: each was queued
+    /// after the table applied it).
+    fn write(&mut self, gathered: Gathered) {
+        for (cluster, peer) in gathered.peers {
+            if peer.rewrite {
+                self.rewrite(&cluster);
+            } else if let Some(at) = peer.last {
+                self.append(&cluster, &peer.records, at);
+            }
+        }
+    }
+
+    /// Appends `records` to `cluster`'s file, dated `at`, when the last of them arrived (a
+    /// restored lease runs from it).
+    fn append(&mut self, cluster: &str, records: &[u8], at: SystemTime) {
         if !self.configured.contains(cluster) {
             return;
         }
@@ -269,9 +375,9 @@ impl Writer {
             }
             return self.rewrite(cluster);
         };
-        match open.file.write_all(record) {
+        match open.file.write_all(records).and_then(|()| open.file.set_modified(at)) {
             Ok(()) => {
-                open.appended += record.len() as u64;
+                open.appended += records.len() as u64;
                 if open.appended > open.whole.max(COMPACT_MIN) {
                     self.rewrite(cluster);
                 }
@@ -363,8 +469,10 @@ impl Writer {
 }
 
 /// `state`'s whole state as records: an update with `full` set and everything but the
-/// services, then one update per service. Encoded field by field, so the services are not
-/// copied into a message first.
+/// services, then one update per service, each with the peer's region and lease too (a record
+/// is applied as an update, and an update without them would leave the peer restored with no
+/// region and the shortest lease). Encoded field by field, so the services are not copied into
+/// a message first.
 pub(crate) fn whole_state_records(
     cluster: &str,
     region: &str,
@@ -386,20 +494,25 @@ pub(crate) fn whole_state_records(
         statuses: statuses.to_vec(),
         ..Default::default()
     };
-    let cluster = cluster.to_string();
     let mut out = head.encode_length_delimited_to_vec();
-    let cluster_len = prost::encoding::string::encoded_len(CLUSTER_TAG, &cluster);
+    // What every service's record starts with: the head's cluster, region and lease.
+    let common = pb::ExportUpdate {
+        cluster: head.cluster,
+        region: head.region,
+        lease_ms,
+        ..Default::default()
+    }
+    .encode_to_vec();
     for svc in services.values() {
-        let len = cluster_len + prost::encoding::message::encoded_len(UPSERTS_TAG, &**svc);
+        let len = common.len() + prost::encoding::message::encoded_len(UPSERTS_TAG, &**svc);
         prost::encoding::encode_varint(len as u64, &mut out);
-        prost::encoding::string::encode(CLUSTER_TAG, &cluster, &mut out);
+        out.extend_from_slice(&common);
         prost::encoding::message::encode(UPSERTS_TAG, &**svc, &mut out);
     }
     out
 }
 
-/// `ExportUpdate.cluster` and `ExportUpdate.upserts` (api/proto/strait.proto).
-const CLUSTER_TAG: u32 = 1;
+/// `ExportUpdate.upserts` (api/proto/strait.proto).
 const UPSERTS_TAG: u32 = 6;
 
 #[cfg(test)]
@@ -526,6 +639,11 @@ mod tests {
         assert_eq!(held(&again), want);
         let east = again.snapshot().remove(0);
         assert!(east.alive(Instant::now()) && !east.connected, "{east:?}");
+        assert_eq!(
+            (east.region.as_str(), east.lease),
+            ("us-east", Duration::from_secs(10)),
+            "the region and lease the peer's updates gave"
+        );
         assert!(east.traffic.is_none(), "the traffic summary is not kept");
         assert!(east.expires_at <= Instant::now() + Duration::from_secs(10));
         assert_eq!(again.held("east"), table.held("east"));
@@ -548,7 +666,9 @@ mod tests {
         log.append("east", record).await;
         // Changes of one service until what was appended is half again COMPACT_MIN: the file
         // was written whole again (one service) once it passed COMPACT_MIN, instead of growing
-        // by every change.
+        // by every change. Tens of thousands of records, queued faster than a gathering ends:
+        // the writer is woken as the queue fills (asleep until each gathering's end, this loop
+        // would wait a second for every QUEUE records).
         let mut appended = 0;
         let mut port = 1;
         while appended < COMPACT_MIN * 3 / 2 {
@@ -564,6 +684,48 @@ mod tests {
         assert!(
             size < COMPACT_MIN,
             "{size} bytes after {appended} appended: never written whole again"
+        );
+    }
+
+    #[tokio::test]
+    async fn records_gathered_are_appended_together_and_dated_when_the_last_arrived() {
+        let dir = Dir::new(line!());
+        let table = PeerTable::default();
+        let configured = vec!["east".to_string()];
+        let (log, _) = PeerLog::open(dir.path(), &table, &configured).unwrap();
+        let mut first = update(true, vec![svc("a", 80)], vec![]);
+        let record = PeerLog::record(&mut first);
+        table.apply(first, Instant::now());
+        log.append("east", record).await;
+        written(dir.path(), |t| held(t).0 == vec![("demo/a".to_string(), 80)]);
+        let path = path_of(dir.path(), "east");
+        let whole = std::fs::metadata(&path).unwrap().len();
+
+        // Three changes queued at once: appended after the whole state as they came (no
+        // rewrite), the file dated when the last arrived, not when the writer wrote them.
+        let mut records = 0;
+        for (name, port) in [("b", 81), ("a", 8080), ("c", 82)] {
+            let mut u = update(false, vec![svc(name, port)], vec![]);
+            let record = PeerLog::record(&mut u);
+            records += record.as_ref().unwrap().len() as u64;
+            table.apply(u, Instant::now());
+            log.append("east", record).await;
+        }
+        let queued = SystemTime::now();
+        written(dir.path(), |t| held(t).0.len() == 3);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole + records);
+        let dated = std::fs::metadata(&path).unwrap().modified().unwrap();
+        assert!(
+            dated <= queued,
+            "dated {dated:?}, after the last record was queued ({queued:?})"
+        );
+        assert_eq!(
+            held(&written(dir.path(), |_| true)).0,
+            vec![
+                ("demo/a".to_string(), 8080),
+                ("demo/b".to_string(), 81),
+                ("demo/c".to_string(), 82)
+            ]
         );
     }
 
