@@ -64,8 +64,9 @@ pub(crate) fn strip_hop(headers: &mut HeaderMap) {
 }
 
 /// Gives an origin-form request (HTTP/1.1 `GET /path`) the absolute URI the upstream HTTP/2
-/// request needs: the Host header's authority, else `fallback`.
-pub(crate) fn absolute_uri<B>(req: &mut Request<B>, fallback: &str) {
+/// request needs: the Host header's authority, else `fallback`'s (made only then: most requests
+/// carry one or the other, and this runs for every request).
+pub(crate) fn absolute_uri<B>(req: &mut Request<B>, fallback: impl FnOnce() -> String) {
     if req.uri().authority().is_some() {
         return;
     }
@@ -74,7 +75,7 @@ pub(crate) fn absolute_uri<B>(req: &mut Request<B>, fallback: &str) {
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
-        .unwrap_or_else(|| fallback.to_string());
+        .unwrap_or_else(fallback);
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if let Ok(uri) = format!("http://{authority}{path}").parse::<hyper::Uri>() {
         *req.uri_mut() = uri;
@@ -118,7 +119,7 @@ impl Outbound {
             }
         };
         let mut req = req;
-        absolute_uri(&mut req, &svc.host());
+        absolute_uri(&mut req, || svc.host());
         self.forward_to(&snap, &svc, port, req).await
     }
 
@@ -860,6 +861,36 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn an_origin_form_request_takes_its_host_header_else_the_service_and_an_absolute_one_is_kept() {
+        let uri_after = |uri: &str, host: Option<&'static str>| {
+            let mut req = Request::builder().uri(uri);
+            if let Some(h) = host {
+                req = req.header(hyper::header::HOST, h);
+            }
+            let mut req = req.body(()).unwrap();
+            let mut asked = false;
+            absolute_uri(&mut req, || {
+                asked = true;
+                "ledger.demo.svc.clusterset.local".to_string()
+            });
+            (req.uri().to_string(), asked)
+        };
+        assert_eq!(
+            uri_after("/v1/a?b=1", Some("ledger:8080")),
+            ("http://ledger:8080/v1/a?b=1".to_string(), false)
+        );
+        assert_eq!(
+            uri_after("/v1/a", None),
+            ("http://ledger.demo.svc.clusterset.local/v1/a".to_string(), true)
+        );
+        assert_eq!(
+            uri_after("http://ledger.demo:8080/x", Some("other")),
+            ("http://ledger.demo:8080/x".to_string(), false),
+            "an absolute URI (a proxy's request) is kept, and the service's name never made"
+        );
     }
 
     #[test]

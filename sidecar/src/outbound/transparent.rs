@@ -194,7 +194,7 @@ impl Outbound {
             let snap = snap.clone();
             let svc = svc.clone();
             marks.answer(false, async move {
-                super::http::absolute_uri(&mut req, &svc.host());
+                super::http::absolute_uri(&mut req, || svc.host());
                 this.forward_to(&snap, &svc, port, req).await
             })
         });
