@@ -268,13 +268,33 @@ fn serving(store: &CertStore) -> Arc<rustls::ServerConfig> {
     Arc::new(server_config(store, PeerPolicy::AnyInBundle, ServerAuth::RequireClientCert, &[b"t"]).unwrap())
 }
 
-/// One connection with a kept client config: how the handshake went and who the server saw.
-/// Every one, full or resumed, must have negotiated the suite `crypto_provider` prefers.
-async fn resumable_handshake(
+/// What one end of a connection negotiated, and whom it saw.
+#[derive(Debug)]
+struct Negotiated {
+    kind: Option<rustls::HandshakeKind>,
+    suite: Option<rustls::CipherSuite>,
+    group: Option<rustls::NamedGroup>,
+    peer: Option<SpiffeId>,
+}
+
+impl Negotiated {
+    fn of<D>(conn: &rustls::ConnectionCommon<D>) -> Negotiated {
+        Negotiated {
+            kind: conn.handshake_kind(),
+            suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
+            group: conn.negotiated_key_exchange_group().map(|g| g.name()),
+            peer: strait_trust::peer_identity(conn.peer_certificates()),
+        }
+    }
+}
+
+/// One connection over loopback: the client sends four bytes, the server echoes them, and the
+/// client reads to the end (the server's tickets arrive after the handshake; reading them
+/// stores them). What each end negotiated (client, server); `None` when either failed.
+async fn echo_once(
     sconf: Arc<rustls::ServerConfig>,
-    configs: &ClientConfigs,
-    expected: &SpiffeId,
-) -> Option<(rustls::HandshakeKind, rustls::HandshakeKind, Option<SpiffeId>)> {
+    cconf: Arc<rustls::ClientConfig>,
+) -> Option<(Negotiated, Negotiated)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let srv = tokio::spawn(async move {
@@ -283,43 +303,45 @@ async fn resumable_handshake(
         let mut b = [0u8; 4];
         tls.read_exact(&mut b).await.ok()?;
         tls.write_all(&b).await.ok()?;
-        let (_, conn) = tls.get_ref();
-        assert_eq!(conn.negotiated_cipher_suite().map(|s| s.suite()), Some(PREFERRED_SUITE));
-        assert_eq!(
-            conn.negotiated_key_exchange_group().map(|g| g.name()),
-            Some(PREFERRED_GROUP)
-        );
-        Some((
-            conn.handshake_kind()?,
-            strait_trust::peer_identity(conn.peer_certificates()),
-        ))
+        Some(Negotiated::of(tls.get_ref().1))
     });
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let config = configs
-        .get("endpoint-a", std::slice::from_ref(expected), &[b"t"])
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
+    let mut tls = tokio_rustls::TlsConnector::from(cconf)
         .connect(rustls::pki_types::ServerName::try_from("strait.mesh").unwrap(), tcp)
         .await
         .ok()?;
     tls.write_all(b"ping").await.ok()?;
     let mut b = [0u8; 4];
     tls.read_exact(&mut b).await.ok()?;
-    // The server's tickets arrive after the handshake; reading them stores them.
+    assert_eq!(&b, b"ping");
     tls.shutdown().await.ok()?;
     let mut rest = vec![];
     let _ = tls.read_to_end(&mut rest).await;
-    let client_kind = tls.get_ref().1.handshake_kind()?;
-    assert_eq!(
-        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
-        Some(PREFERRED_SUITE)
-    );
-    assert_eq!(
-        tls.get_ref().1.negotiated_key_exchange_group().map(|g| g.name()),
-        Some(PREFERRED_GROUP)
-    );
-    let (server_kind, seen) = srv.await.ok()??;
-    Some((client_kind, server_kind, seen))
+    let client = Negotiated::of(tls.get_ref().1);
+    let server = srv.await.ok()??;
+    Some((client, server))
+}
+
+/// One connection with a kept client config: how the handshake went and who the server saw.
+/// Every one, full or resumed, must have negotiated the suite and group `crypto_provider`
+/// prefers.
+async fn resumable_handshake(
+    sconf: Arc<rustls::ServerConfig>,
+    configs: &ClientConfigs,
+    expected: &SpiffeId,
+) -> Option<(rustls::HandshakeKind, rustls::HandshakeKind, Option<SpiffeId>)> {
+    let config = configs
+        .get("endpoint-a", std::slice::from_ref(expected), &[b"t"])
+        .unwrap();
+    let (client, server) = echo_once(sconf, config).await?;
+    for end in [&client, &server] {
+        assert_eq!(
+            (end.suite, end.group),
+            (Some(PREFERRED_SUITE), Some(PREFERRED_GROUP)),
+            "{end:?}"
+        );
+    }
+    Some((client.kind?, server.kind?, server.peer))
 }
 
 #[tokio::test]
@@ -425,34 +447,9 @@ async fn a_peer_that_prefers_x25519_gets_it_without_a_retry() {
         )))
         .with_client_cert_resolver(Arc::new(Presents(client.current().key.clone())));
     older.alpn_protocols = vec![b"t".to_vec()];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sconf = serving(&server);
-    let srv = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut tls = tokio_rustls::TlsAcceptor::from(sconf).accept(tcp).await.unwrap();
-        let mut b = [0u8; 4];
-        tls.read_exact(&mut b).await.unwrap();
-        tls.write_all(&b).await.unwrap();
-        let conn = tls.get_ref().1;
-        (
-            conn.handshake_kind(),
-            conn.negotiated_key_exchange_group().map(|g| g.name()),
-        )
-    });
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(older))
-        .connect(rustls::pki_types::ServerName::try_from("strait.mesh").unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.write_all(b"ping").await.unwrap();
-    let mut b = [0u8; 4];
-    tls.read_exact(&mut b).await.unwrap();
-    assert_eq!(&b, b"ping");
+    let (client, server) = echo_once(serving(&server), Arc::new(older)).await.unwrap();
     let x25519 = Some(rustls::NamedGroup::X25519);
-    assert_eq!(
-        tls.get_ref().1.negotiated_key_exchange_group().map(|g| g.name()),
-        x25519
-    );
-    assert_eq!(srv.await.unwrap(), (Some(rustls::HandshakeKind::Full), x25519));
+    let full = Some(rustls::HandshakeKind::Full);
+    assert_eq!((client.kind, client.group), (full, x25519));
+    assert_eq!((server.kind, server.group), (full, x25519));
 }
