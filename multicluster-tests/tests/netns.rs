@@ -566,6 +566,78 @@ clusters:
 /// Those cannot ping as HTTP/2 does; the kernel aborts them once what was sent goes
 /// unacknowledged for `DEAD_PEER_TIMEOUT` (5 s), and the request moves to the other endpoint.
 /// Before, such a request waited for TCP's retransmissions to give up (about 15 minutes).
+/// One keep-alive connection through interception: a request, then (after a line on stdin)
+/// requests on the same connection until one is answered 418 or 20 s pass. Prints each
+/// phase's status and whether the connection was the same one.
+const KEEP_ALIVE_CLIENT: &str = r#"
+import http.client, sys, time
+c = http.client.HTTPConnection("greeter.demo.svc.clusterset.local", 80, timeout=10)
+def get(path):
+    c.request("GET", path)
+    r = c.getresponse()
+    r.read()
+    return r.status
+print("before", get("/before"), flush=True)
+sock = c.sock
+sys.stdin.readline()
+deadline = time.time() + 20
+while True:
+    status = get("/after")
+    if status == 418 or time.time() > deadline:
+        break
+    time.sleep(0.2)
+print("after", status, "same-connection" if c.sock is sock else "new-connection", flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_keep_alive_connection_follows_a_policy_applied_after_it_opened() {
+    use std::io::{BufRead, Write};
+    let mesh = Mesh::start_with(MeshOptions {
+        netns: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let first = mesh.cluster("east").workloads[0].netns.clone().unwrap();
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &first, "python3", "-c", KEEP_ALIVE_CLIENT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let before = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(before, "before 200");
+
+    // A fault applied while the connection is open (the calling sidecar answers it): the
+    // connection's next requests get it, as a new connection's would. Requests used to be
+    // routed with the config of the moment the connection was accepted, so a gRPC client's
+    // one connection never saw a route, policy or endpoint change.
+    mesh.policy_ok(
+        "apply",
+        "east",
+        "greeter-fault",
+        r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: greeter-fault, namespace: demo}
+spec:
+  targetRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: greeter}]
+  fault: {abort: {httpStatus: 418, percentage: 100}}
+"#,
+    );
+    client.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let after = lines.next().and_then(Result::ok).unwrap_or_default();
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(
+        after,
+        "after 418 same-connection",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_to_a_destination_gone_silent_move_to_another_endpoint() {
     const URL: &str = "http://near.demo.svc.clusterset.local/";

@@ -145,10 +145,10 @@ impl Outbound {
                     Some(Sniffed::Http1) => {
                         let (max, wait) = (self.limits.max_header_bytes, self.limits.header_read_timeout);
                         if let Some(stream) = super::head::admit(stream, max, wait, &self.metrics.rejected).await {
-                            self.serve_http(stream, snap, svc, port, drain, true).await;
+                            self.serve_http(stream, dst, svc, port, drain, true).await;
                         }
                     }
-                    Some(Sniffed::H2) => self.serve_http(stream, snap, svc, port, drain, false).await,
+                    Some(Sniffed::H2) => self.serve_http(stream, dst, svc, port, drain, false).await,
                     // Bytes that are neither HTTP nor TLS on a port declared HTTP: answered as
                     // an HTTP/2 server answers a broken preface, as the port promised HTTP.
                     // Ports that carry other protocols are declared `tcp`.
@@ -177,10 +177,11 @@ impl Outbound {
         }
     }
 
+    /// Serves an intercepted HTTP connection to `svc`, found at `dst` when it was accepted.
     async fn serve_http(
         self: Arc<Self>,
         stream: TcpStream,
-        snap: Arc<Snapshot>,
+        dst: SocketAddr,
         svc: Arc<ServiceEntry>,
         port: u16,
         mut drain: Watch,
@@ -191,8 +192,16 @@ impl Outbound {
         let marks = leaving.clone();
         let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             let this = this.clone();
-            let snap = snap.clone();
-            let svc = svc.clone();
+            // Each request reads the config as it is now, as on the explicit listener: a
+            // keep-alive connection (a gRPC client's one HTTP/2 connection, open for hours)
+            // follows route, policy and endpoint changes. The service at the address the
+            // connection was made to; the one it was made to, if that address no longer
+            // names a service with this port.
+            let snap = this.config.borrow().clone();
+            let svc = match snap.service_by_ip(dst.ip()) {
+                Some(now) if now.port(port).is_some() => now.clone(),
+                _ => svc.clone(),
+            };
             marks.answer(false, async move {
                 super::http::absolute_uri(&mut req, || svc.host());
                 this.forward_to(&snap, &svc, port, req).await
