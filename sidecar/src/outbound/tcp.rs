@@ -307,10 +307,14 @@ impl Outbound {
                 let this = self.clone();
                 // An open tunnel holds the drain until it closes or the deadline passes.
                 let guard = drain.guard();
+                // The task takes only the upgrade: the request (its headers, URI and extensions)
+                // is dropped with the response, not held for the tunnel's life.
+                let upgrade = hyper::upgrade::on(&mut req);
+                drop(req);
                 tokio::spawn(async move {
                     let _guard = guard;
                     let i = dialled.1;
-                    match hyper::upgrade::on(&mut req).await {
+                    match upgrade.await {
                         Ok(upgraded) => {
                             let mut client = TokioIo::new(upgraded);
                             match this.settle(&mut client, &snap, &svc, port, dialled, &mut tries).await {
