@@ -353,7 +353,11 @@ mod tests {
     /// write at the same moment: each connection ends reset, having sent no more than that
     /// write's flight after the switch (no probe sent again for want of an answer). The relays
     /// hold the first gateway's answers 200 ms, so each client's probe timeout is longer than
-    /// that: a busy machine's delays do not make it probe before the successor's reset.
+    /// that: a busy machine's delays do not make it probe before the successor's reset. Each
+    /// client is quiet when the switch comes: its path MTU search (a probe a round trip, so
+    /// still going for the last ones connected) has ended, and it pings every 2 s (an 8 s idle
+    /// timeout) rather than every 250 ms; a late probe's acknowledgement made a client probe
+    /// again after the switch, and a busy machine's delay let a keep-alive ping go out.
     #[tokio::test]
     async fn a_restarted_gateway_resets_every_connection_that_writes_at_once() {
         const CLIENTS: usize = 8;
@@ -374,15 +378,37 @@ mod tests {
         for _ in 0..CLIENTS {
             let relay = relay(first_addr).await;
             *relay.delay.lock().unwrap() = Duration::from_millis(200);
-            let client = TunnelClient::new("127.0.0.1:0".parse().unwrap(), caller.clone()).unwrap();
+            let client = TunnelClient::new("127.0.0.1:0".parse().unwrap(), caller.clone())
+                .unwrap()
+                .with_idle_timeout(Duration::from_secs(8));
             let conn = client
                 .quic_handshake(relay.addr, &GATEWAY.parse().unwrap(), Duration::from_secs(5))
                 .await
                 .unwrap();
             clients.push((relay, client, conn));
         }
-        // Every connection idle and fully acknowledged before the switch.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Every connection idle and fully acknowledged before the switch: no MTU probe sent
+        // for three round trips.
+        let probes = || -> Vec<u64> {
+            clients
+                .iter()
+                .map(|(_, _, c)| c.stats().path.sent_plpmtud_probes)
+                .collect()
+        };
+        let searching = std::time::Instant::now();
+        let mut last = probes();
+        loop {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let now = probes();
+            if now == last {
+                break;
+            }
+            assert!(
+                searching.elapsed() < Duration::from_secs(20),
+                "the path MTU search never ended: {now:?} probes"
+            );
+            last = now;
+        }
         let second = crate::testing::gateway_with_reset_key(gateway, Some(key))
             .bind()
             .unwrap();
