@@ -318,7 +318,11 @@ impl Outbound {
                         Ok(upgraded) => {
                             let mut client = TokioIo::new(upgraded);
                             match this.settle(&mut client, &snap, &svc, port, dialled, &mut tries).await {
-                                Ok(settled) => this.splice(client, settled, &svc, port).await,
+                                Ok(settled) => {
+                                    // Settled: the tunnel keeps no config snapshot for its life.
+                                    drop(snap);
+                                    this.splice(client, settled, &svc, port).await
+                                }
                                 Err(NoEndpoint { tried, last_error }) => {
                                     tracing::info!(service = %host, tried, error = %last_error, "no endpoint took a CONNECT tunnel");
                                 }

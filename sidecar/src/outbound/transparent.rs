@@ -142,13 +142,18 @@ impl Outbound {
                     detect(&stream, self.sniff_timeout).await
                 };
                 match sniffed {
+                    // An HTTP connection holds no snapshot: each request reads the config.
                     Some(Sniffed::Http1) => {
+                        drop(snap);
                         let (max, wait) = (self.limits.max_header_bytes, self.limits.header_read_timeout);
                         if let Some(stream) = super::head::admit(stream, max, wait, &self.metrics.rejected).await {
                             self.serve_http(stream, dst, svc, port, drain, true).await;
                         }
                     }
-                    Some(Sniffed::H2) => self.serve_http(stream, dst, svc, port, drain, false).await,
+                    Some(Sniffed::H2) => {
+                        drop(snap);
+                        self.serve_http(stream, dst, svc, port, drain, false).await
+                    }
                     // Bytes that are neither HTTP nor TLS on a port declared HTTP: answered as
                     // an HTTP/2 server answers a broken preface, as the port promised HTTP.
                     // Ports that carry other protocols are declared `tcp`.
