@@ -283,6 +283,17 @@ struct Pending {
 }
 
 impl Gathered {
+    /// Adds everything queued now; false once the queue is closed (the process is ending).
+    fn take_queued(&mut self, rx: &mut tokio::sync::mpsc::Receiver<Entry>) -> bool {
+        loop {
+            match rx.try_recv() {
+                Ok(entry) => self.add(entry),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return true,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
     fn add(&mut self, entry: Entry) {
         match entry {
             Entry::Append { cluster, record, at } => {
@@ -323,24 +334,14 @@ impl Writer {
             let deadline = Instant::now() + GATHER;
             let mut gathered = Gathered::default();
             gathered.add(first);
-            let mut open = true;
-            loop {
-                loop {
-                    match rx.try_recv() {
-                        Ok(entry) => gathered.add(entry),
-                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                            open = false;
-                            break;
-                        }
-                    }
-                }
+            let open = loop {
+                let open = gathered.take_queued(&mut rx);
                 let now = Instant::now();
                 if !open || gathered.bytes >= GATHER_MAX || now >= deadline {
-                    break;
+                    break open;
                 }
                 std::thread::park_timeout(deadline - now);
-            }
+            };
             self.write(gathered);
             if !open {
                 return;

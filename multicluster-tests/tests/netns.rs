@@ -11,8 +11,8 @@ use std::time::Duration;
 use multicluster_tests::netem::Impairment;
 use multicluster_tests::{metric_sum, scrape, strait_bin, Mesh, MeshOptions};
 
-/// Runs `program args` inside `ns` (optionally as the sidecar's UID 1337), with `input` on stdin.
-fn exec(ns: &str, as_proxy: bool, program: &str, args: &[&str], input: Option<&str>) -> (bool, String) {
+/// `program args` inside `ns` (optionally as the sidecar's UID 1337), every stream piped.
+fn in_netns(ns: &str, as_proxy: bool, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]);
     if as_proxy {
@@ -23,7 +23,12 @@ fn exec(ns: &str, as_proxy: bool, program: &str, args: &[&str], input: Option<&s
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+    cmd
+}
+
+/// Runs `program args` inside `ns` (optionally as the sidecar's UID 1337), with `input` on stdin.
+fn exec(ns: &str, as_proxy: bool, program: &str, args: &[&str], input: Option<&str>) -> (bool, String) {
+    let mut child = in_netns(ns, as_proxy, program, args).spawn().unwrap();
     if let Some(text) = input {
         use std::io::Write;
         child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
@@ -599,11 +604,7 @@ async fn an_open_keep_alive_connection_follows_a_policy_applied_after_it_opened(
     .await
     .unwrap();
     let first = mesh.cluster("east").workloads[0].netns.clone().unwrap();
-    let mut client = Command::new("ip")
-        .args(["netns", "exec", &first, "python3", "-c", KEEP_ALIVE_CLIENT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut client = in_netns(&first, false, "python3", &["-c", KEEP_ALIVE_CLIENT])
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();

@@ -203,8 +203,8 @@ impl Outbound {
             // connection was made to; the one it was made to, if that address no longer
             // names a service with this port.
             let snap = this.config.borrow().clone();
-            let svc = match snap.service_by_ip(dst.ip()) {
-                Some(now) if now.port(port).is_some() => now.clone(),
+            let svc = match destination(&snap, dst) {
+                Destination::Service(now, _) => now,
                 _ => svc.clone(),
             };
             marks.answer(false, async move {
