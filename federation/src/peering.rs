@@ -82,9 +82,13 @@ impl PeerTable {
 
     /// Applies one update from a peer and renews its lease. Takes the update: its services
     /// move into the table instead of being copied (about 130 endpoints each at the published
-    /// size, several strings apiece).
-    pub fn apply(&self, update: pb::ExportUpdate, now: Instant) {
-        let Ok(mut peers) = self.peers.lock() else { return };
+    /// size, several strings apiece). `Err` lists the patches refused (made against another
+    /// version than the one held, or of a service not held): those services stay as they
+    /// were, everything else in the update is applied.
+    pub fn apply(&self, update: pb::ExportUpdate, now: Instant) -> Result<(), String> {
+        let Ok(mut peers) = self.peers.lock() else {
+            return Ok(());
+        };
         let lease = Duration::from_millis(update.lease_ms.clamp(1_000, 300_000));
         let entry = peers.entry(update.cluster.clone()).or_insert_with(|| PeerState {
             cluster: update.cluster.clone(),
@@ -105,7 +109,9 @@ impl PeerTable {
             entry.services = Arc::default();
             touched = Touched::All;
         }
-        let mut content_changed = update.full || !update.upserts.is_empty() || !update.removed.is_empty() || !was_alive;
+        let names_services = !update.upserts.is_empty() || !update.patches.is_empty() || !update.removed.is_empty();
+        let mut content_changed = update.full || names_services || !was_alive;
+        let mut refused = vec![];
         if update.objects_included && *entry.objects != update.objects {
             entry.objects = Arc::new(update.objects);
             content_changed = true;
@@ -122,13 +128,27 @@ impl PeerTable {
         // alone): the merge holds no peer's map between passes, so this copies nothing (during
         // a pass, the one copy the pass's snapshot forces); it learns what changed from
         // `changes`.
-        if !update.upserts.is_empty() || !update.removed.is_empty() {
+        if names_services {
             let services = Arc::make_mut(&mut entry.services);
             let mut keys = BTreeSet::new();
             for svc in update.upserts {
                 let key: Key = format!("{}/{}", svc.namespace, svc.name).into();
                 keys.insert(key.clone());
                 services.insert(key, Arc::new(svc));
+            }
+            for patch in update.patches {
+                let name = patch.key.clone();
+                let result = match services.get_key_value(name.as_str()).map(|(k, _)| k.clone()) {
+                    Some(key) => {
+                        let held = services.get_mut(&key).expect("looked up just now");
+                        apply_patch(held, patch).map(|()| key)
+                    }
+                    None => Err("not held".to_string()),
+                };
+                match result {
+                    Ok(key) => _ = keys.insert(key),
+                    Err(e) => refused.push(format!("{name}: {e}")),
+                }
             }
             for key in &update.removed {
                 if let Some((key, _)) = services.remove_entry(key.as_str()) {
@@ -153,6 +173,13 @@ impl PeerTable {
         drop(peers);
         if content_changed {
             self.changed.notify_one();
+        }
+        match refused.is_empty() {
+            true => Ok(()),
+            false => Err(format!(
+                "patches refused, those services kept as held: {}",
+                refused.join("; ")
+            )),
         }
     }
 
@@ -289,6 +316,99 @@ const HELD_MAX: usize = 50_000;
 const CLUSTER_HEADER: &str = "strait-cluster";
 /// The response header of a receiver that answers with what it holds (`ExportAck.held`) first.
 const HELD_HEADER: &str = "strait-held";
+/// The response header of a receiver that applies `ExportUpdate.patches` (a sender sends a
+/// receiver of an older build, which would ignore them, whole services only).
+const PATCHES_HEADER: &str = "strait-patches";
+
+/// The patch that turns `old`, held by a receiver under `key`, into `new`: `Some` when they
+/// differ in their endpoints alone and in at most half of them (a churned endpoint, one added
+/// or removed at the end), so that the patch is the smaller message. An endpoint's position
+/// counts: the receiver's copy must come out exactly as `new`, whose digest the next patch is
+/// made against and a resumed stream compares.
+pub fn patch(key: &str, old: &pb::ExportedService, new: &pb::ExportedService) -> Option<pb::ServicePatch> {
+    // Every field named, so a field added to the message is considered here.
+    let pb::ExportedService {
+        name,
+        namespace,
+        ports,
+        endpoints,
+        exported_at_unix_ms,
+        identities,
+    } = new;
+    let same_rest = *name == old.name
+        && *namespace == old.namespace
+        && *ports == old.ports
+        && *exported_at_unix_ms == old.exported_at_unix_ms
+        && *identities == old.identities;
+    if !same_rest {
+        return None;
+    }
+    let mut changed = vec![];
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        if old.endpoints.get(index) != Some(endpoint) {
+            if 2 * (changed.len() + 1) > endpoints.len() {
+                return None;
+            }
+            changed.push(pb::PatchedEndpoint {
+                index: index as u32,
+                endpoint: Some(endpoint.clone()),
+            });
+        }
+    }
+    Some(pb::ServicePatch {
+        key: key.to_string(),
+        base: export_digest(old),
+        endpoints_len: endpoints.len() as u32,
+        endpoints: changed,
+    })
+}
+
+/// Applies `patch` to the export held, or changes nothing and says why: held is not the
+/// version the patch was made against, or the patch does not say what every new position
+/// holds (indices out of order, a gap where the list grows, an endpoint missing).
+fn apply_patch(held: &mut Arc<pb::ExportedService>, patch: pb::ServicePatch) -> Result<(), String> {
+    let version = export_digest(held);
+    if version != patch.base {
+        return Err(format!(
+            "made against version {:016x}, version {version:016x} is held",
+            patch.base
+        ));
+    }
+    let len = patch.endpoints_len as usize;
+    // Positions below `kept` are replaced or kept; each one from there on must be given, in
+    // order.
+    let kept = held.endpoints.len().min(len);
+    let mut next = kept;
+    let mut last = None;
+    for p in &patch.endpoints {
+        let index = p.index as usize;
+        if last.is_some_and(|l| index <= l) || index >= len || p.endpoint.is_none() {
+            return Err(format!(
+                "endpoint at index {index} is out of order, beyond endpoints_len {len}, or empty"
+            ));
+        }
+        if index >= kept {
+            if index != next {
+                return Err(format!("endpoint {next} of {len} is not given"));
+            }
+            next += 1;
+        }
+        last = Some(index);
+    }
+    if next != len {
+        return Err(format!("endpoints {next} to {len} are not given"));
+    }
+    let svc = Arc::make_mut(held);
+    svc.endpoints.truncate(len);
+    for p in patch.endpoints {
+        let endpoint = p.endpoint.expect("checked above");
+        match svc.endpoints.get_mut(p.index as usize) {
+            Some(slot) => *slot = endpoint,
+            None => svc.endpoints.push(endpoint),
+        }
+    }
+    Ok(())
+}
 
 /// A digest of an exported service's content, the same in every controller of this build:
 /// what a receiver and a sender compare to resume a peering stream. An endpoint's labels are a
@@ -419,9 +539,20 @@ impl PeeringService for PeeringServer {
                 let generation = update.generation;
                 let now = Instant::now();
                 let record = log.as_ref().map(|_| crate::peerlog::PeerLog::record(&mut update));
-                table.apply(update, now);
+                let applied = table.apply(update, now);
                 if let (Some(log), Some(record), Some(c)) = (&log, record, &cluster) {
                     log.append(c, record).await;
+                }
+                // Held otherwise than the sender thinks: the stream ends, so that the sender
+                // reconnects, is told what is held, and sends those services whole.
+                if let Err(e) = applied {
+                    tracing::warn!(peer = ?cluster, error = %e, "ending the peer's stream to resync");
+                    let _ = tx
+                        .send(Err(Status::failed_precondition(format!(
+                            "{e}; reconnect to send them whole"
+                        ))))
+                        .await;
+                    break;
                 }
                 // Acknowledged at most every ACK_EVERY (the sender reads acknowledgements only
                 // to see the stream is alive): one per update was a message back through the
@@ -453,6 +584,9 @@ impl PeeringService for PeeringServer {
                 .metadata_mut()
                 .insert(HELD_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         }
+        response
+            .metadata_mut()
+            .insert(PATCHES_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         Ok(response)
     }
 }
@@ -482,33 +616,56 @@ pub struct ExportChange {
     pub from: Arc<Services>,
     /// Added, changed or removed, in key order ([`crate::catalog::changes`]).
     pub keys: Vec<crate::catalog::Key>,
+    /// Of those changed, the ones a [`patch`] says (made here once, not once per peer).
+    pub patches: BTreeMap<crate::catalog::Key, pb::ServicePatch>,
 }
 
 impl ExportChange {
     /// What `now` changed against `before`; `None` for nothing.
     pub fn between(before: &Arc<Services>, now: &Services) -> Option<Self> {
-        let keys: Vec<_> = crate::catalog::changes(before, now).map(|(k, _)| k.clone()).collect();
+        let (mut keys, mut patches) = (vec![], BTreeMap::new());
+        for (key, new) in crate::catalog::changes(before, now) {
+            keys.push(key.clone());
+            if let Some(p) = new.zip(before.get(key)).and_then(|(new, old)| patch(key, old, new)) {
+                patches.insert(key.clone(), p);
+            }
+        }
         (!keys.is_empty()).then(|| ExportChange {
             from: before.clone(),
             keys,
+            patches,
         })
     }
 }
 
-/// The services to send a peer that holds `sent`, against `current`: those added or changed,
-/// and the names of those removed, in key order. From `current.change` when it was made
-/// against `sent`, else by a walk over both.
-fn services_delta(sent: &Arc<Services>, current: &Exports) -> (Vec<pb::ExportedService>, Vec<String>) {
-    let (mut upserts, mut removed) = (vec![], vec![]);
-    let mut take = |k: &crate::catalog::Key, new: Option<&Arc<pb::ExportedService>>| match new {
-        Some(s) => upserts.push((**s).clone()),
-        None => removed.push(k.to_string()),
-    };
+/// What to send a peer: services whole, patches, names removed.
+type Delta = (Vec<pb::ExportedService>, Vec<pb::ServicePatch>, Vec<String>);
+
+/// The services to send a peer that holds `sent`, against `current`, in key order: those added
+/// or changed (as patches where the peer takes them and one says the change), and the names of
+/// those removed. From `current.change` when it was made against `sent`, else by a walk over
+/// both.
+fn services_delta(sent: &Arc<Services>, current: &Exports, patches: bool) -> Delta {
+    let (mut upserts, mut patched, mut removed) = (vec![], vec![], vec![]);
+    let mut take =
+        |k: &crate::catalog::Key, new: Option<&Arc<pb::ExportedService>>, p: Option<pb::ServicePatch>| match (new, p) {
+            (Some(_), Some(p)) if patches => patched.push(p),
+            (Some(s), _) => upserts.push((**s).clone()),
+            (None, _) => removed.push(k.to_string()),
+        };
     match current.change.as_deref().filter(|c| Arc::ptr_eq(&c.from, sent)) {
-        Some(c) => c.keys.iter().for_each(|k| take(k, current.services.get(k))),
-        None => crate::catalog::changes(sent, &current.services).for_each(|(k, new)| take(k, new)),
+        Some(c) => c
+            .keys
+            .iter()
+            .for_each(|k| take(k, current.services.get(k), c.patches.get(k).cloned())),
+        None => crate::catalog::changes(sent, &current.services).for_each(|(k, new)| {
+            let p = patches
+                .then(|| new.zip(sent.get(k)).and_then(|(new, old)| patch(k, old, new)))
+                .flatten();
+            take(k, new, p)
+        }),
     }
-    (upserts, removed)
+    (upserts, patched, removed)
 }
 
 /// The sending side: one task per configured peer.
@@ -527,11 +684,12 @@ pub struct PeerClient {
 }
 
 /// What this controller sends each peer: updates and their encoded bytes (the peering
-/// bandwidth, before TLS and QUIC framing).
+/// bandwidth, before TLS and QUIC framing), and the services in them, whole or patched.
 #[derive(Clone)]
 pub struct PeeringMetrics {
     updates: prometheus::IntCounterVec,
     bytes: prometheus::IntCounterVec,
+    services: prometheus::IntCounterVec,
 }
 
 impl PeeringMetrics {
@@ -550,9 +708,21 @@ impl PeeringMetrics {
             ),
             &["peer", "update"],
         )?;
+        let services = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "strait_peering_services_sent_total",
+                "Exported services sent to each peer cluster, by how: whole, or patch (the endpoints that changed, to a peer holding the service)",
+            ),
+            &["peer", "as"],
+        )?;
         registry.register(Box::new(updates.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
-        Ok(PeeringMetrics { updates, bytes })
+        registry.register(Box::new(services.clone()))?;
+        Ok(PeeringMetrics {
+            updates,
+            bytes,
+            services,
+        })
     }
 }
 
@@ -642,10 +812,11 @@ impl PeerClient {
         let metrics = self.metrics.clone();
         // What the peer says it holds of this cluster (its first answer), or `None` when it says
         // nothing: the first update is then every export.
-        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<Option<BTreeMap<String, u64>>>();
+        // And whether it applies patches.
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<(Option<BTreeMap<String, u64>>, bool)>();
         let peer = self.peer.name.clone();
         let sender = tokio::spawn(async move {
-            let Ok(held) = held_rx.await else { return };
+            let Ok((held, patches)) = held_rx.await else { return };
             // What the peer holds: the exports last sent, shared with the watch (never copied).
             let mut sent: Arc<Exports> = Arc::default();
             let mut sent_objects: Option<Vec<pb::PolicyObject>> = None;
@@ -684,7 +855,8 @@ impl PeerClient {
                     }
                     first = false;
                 } else if !Arc::ptr_eq(&current.services, &sent.services) {
-                    (update.upserts, update.removed) = services_delta(&sent.services, &current);
+                    (update.upserts, update.patches, update.removed) =
+                        services_delta(&sent.services, &current, patches);
                 }
                 sent = current.clone();
                 if sent_objects.as_ref() != Some(&current.objects) {
@@ -704,6 +876,14 @@ impl PeerClient {
                     sent_traffic_at = summary.at_unix_ms;
                 }
                 metrics.updates.with_label_values(&[peer.as_str(), kind.label()]).inc();
+                for (how, n) in [("whole", update.upserts.len()), ("patch", update.patches.len())] {
+                    if n > 0 {
+                        metrics
+                            .services
+                            .with_label_values(&[peer.as_str(), how])
+                            .inc_by(n as u64);
+                    }
+                }
                 metrics
                     .bytes
                     .with_label_values(&[peer.as_str(), kind.label()])
@@ -728,6 +908,7 @@ impl PeerClient {
             );
             let response = client.export(request).await?;
             let answers_held = response.metadata().get(HELD_HEADER).is_some();
+            let patches = response.metadata().get(PATCHES_HEADER).is_some();
             let mut acks = response.into_inner();
             // A receiver of an older build says nothing of what it holds.
             let held = match answers_held {
@@ -740,7 +921,7 @@ impl PeerClient {
                 },
                 false => None,
             };
-            let _ = held_tx.send(held);
+            let _ = held_tx.send((held, patches));
             tracing::info!(peer = %self.peer.name, "exporting to peer");
             while acks.message().await?.is_some() {}
             Ok::<_, anyhow::Error>(())
@@ -788,7 +969,10 @@ mod tests {
             change: Some(Arc::new(change)),
             ..Default::default()
         };
-        let names = |(up, gone): (Vec<pb::ExportedService>, Vec<String>)| {
+        // Services of one endpoint are never patched (a patch of their one endpoint is no
+        // smaller).
+        let names = |(up, patched, gone): Delta| {
+            assert!(patched.is_empty());
             let up: Vec<String> = up
                 .iter()
                 .map(|s| format!("{}@{}", s.name, s.endpoints[0].address))
@@ -800,13 +984,13 @@ mod tests {
             vec!["demo/c".to_string()],
         );
         // A sender that sent `before`: the change's keys.
-        assert_eq!(names(services_delta(&before, &exports)), expected);
+        assert_eq!(names(services_delta(&before, &exports, true)), expected);
         // The same services in another allocation: a walk, the same answer.
         let copy = Arc::new(before.as_ref().clone());
-        assert_eq!(names(services_delta(&copy, &exports)), expected);
+        assert_eq!(names(services_delta(&copy, &exports, true)), expected);
         // A sender further behind: a walk against what it sent.
         assert_eq!(
-            names(services_delta(&older, &exports)),
+            names(services_delta(&older, &exports, true)),
             (vec!["b@127.0.0.1:20".to_string(), "d@127.0.0.1:4".into()], vec![])
         );
         // The keys are what a sender at `from` looks at (a change naming one service sends one).
@@ -814,11 +998,12 @@ mod tests {
             change: Some(Arc::new(ExportChange {
                 from: before.clone(),
                 keys: vec![Key::from("demo/d")],
+                patches: BTreeMap::new(),
             })),
             ..exports.clone()
         };
         assert_eq!(
-            names(services_delta(&before, &partial)),
+            names(services_delta(&before, &partial, true)),
             (vec!["d@127.0.0.1:4".to_string()], vec![])
         );
     }
@@ -857,16 +1042,18 @@ mod tests {
         // went away, d came; a is the same (its labels in another map).
         let table = PeerTable::default();
         let t0 = Instant::now();
-        table.apply(
-            pb::ExportUpdate {
-                cluster: "west".into(),
-                lease_ms: 10_000,
-                full: true,
-                upserts: vec![a.clone(), svc("b", 2), svc("c", 3)],
-                ..Default::default()
-            },
-            t0,
-        );
+        table
+            .apply(
+                pb::ExportUpdate {
+                    cluster: "west".into(),
+                    lease_ms: 10_000,
+                    full: true,
+                    upserts: vec![a.clone(), svc("b", 2), svc("c", 3)],
+                    ..Default::default()
+                },
+                t0,
+            )
+            .expect("applied");
         table.take_changes();
         assert!(
             table.held("east").is_empty(),
@@ -883,16 +1070,18 @@ mod tests {
         assert_eq!((names, removed.clone()), (vec!["b", "d"], vec!["demo/c".to_string()]));
         // Applied as the new stream's first update, the receiver holds what west exports, and
         // the merge is told exactly which services moved.
-        table.apply(
-            pb::ExportUpdate {
-                cluster: "west".into(),
-                lease_ms: 10_000,
-                upserts,
-                removed,
-                ..Default::default()
-            },
-            t0 + Duration::from_secs(1),
-        );
+        table
+            .apply(
+                pb::ExportUpdate {
+                    cluster: "west".into(),
+                    lease_ms: 10_000,
+                    upserts,
+                    removed,
+                    ..Default::default()
+                },
+                t0 + Duration::from_secs(1),
+            )
+            .expect("applied");
         let held_now = &table.snapshot()[0].services;
         assert_eq!(**held_now, current);
         let touched = Touched::Keys(["demo/b", "demo/c", "demo/d"].into_iter().map(Key::from).collect());
@@ -911,16 +1100,18 @@ mod tests {
             namespace: "demo".into(),
             ..Default::default()
         };
-        table.apply(
-            pb::ExportUpdate {
-                cluster: "west".into(),
-                lease_ms: 2_000,
-                full: true,
-                upserts: vec![svc("a"), svc("b")],
-                ..Default::default()
-            },
-            t0,
-        );
+        table
+            .apply(
+                pb::ExportUpdate {
+                    cluster: "west".into(),
+                    lease_ms: 2_000,
+                    full: true,
+                    upserts: vec![svc("a"), svc("b")],
+                    ..Default::default()
+                },
+                t0,
+            )
+            .expect("applied");
         let p = &table.snapshot()[0];
         assert_eq!(p.services.len(), 2);
         assert!(p.alive(t0 + Duration::from_millis(1_999)));
@@ -930,15 +1121,17 @@ mod tests {
             Changes::from([("west".to_string(), Touched::All)])
         );
         assert!(table.take_changes().is_empty(), "taken once");
-        table.apply(
-            pb::ExportUpdate {
-                cluster: "west".into(),
-                lease_ms: 2_000,
-                removed: vec!["demo/a".into()],
-                ..Default::default()
-            },
-            t0 + Duration::from_secs(1),
-        );
+        table
+            .apply(
+                pb::ExportUpdate {
+                    cluster: "west".into(),
+                    lease_ms: 2_000,
+                    removed: vec!["demo/a".into()],
+                    ..Default::default()
+                },
+                t0 + Duration::from_secs(1),
+            )
+            .expect("applied");
         let p = &table.snapshot()[0];
         assert_eq!(
             p.services.keys().collect::<Vec<_>>(),
@@ -966,11 +1159,13 @@ mod tests {
             removed: removed.iter().map(|k| k.to_string()).collect(),
             ..Default::default()
         };
-        table.apply(update(&["a", "b"], &[]), Instant::now());
+        table.apply(update(&["a", "b"], &[]), Instant::now()).expect("applied");
         table.take_changes();
         let map = Arc::as_ptr(&table.snapshot()[0].services);
         // Nothing else holds the map between merges: the update does not copy it.
-        table.apply(update(&["c"], &["demo/a", "demo/never-sent"]), Instant::now());
+        table
+            .apply(update(&["c"], &["demo/a", "demo/never-sent"]), Instant::now())
+            .expect("applied");
         assert_eq!(Arc::as_ptr(&table.snapshot()[0].services), map);
         let keys = |k: &[&str]| Touched::Keys(k.iter().map(|k| crate::catalog::Key::from(*k)).collect());
         // What was added and removed, not a name the peer never sent.
@@ -980,11 +1175,207 @@ mod tests {
         );
         // A snapshot held across an update (a merge pass in progress) gets its own map.
         let held = table.snapshot();
-        table.apply(update(&["d"], &[]), Instant::now());
+        table.apply(update(&["d"], &[]), Instant::now()).expect("applied");
         assert_ne!(
             Arc::as_ptr(&table.snapshot()[0].services),
             Arc::as_ptr(&held[0].services)
         );
         assert!(!held[0].services.contains_key("demo/d"));
+    }
+
+    /// Service `demo/<name>` with an endpoint per port given (two labels on each: a map
+    /// digested in key order).
+    fn service_of(name: &str, ports: &[u32]) -> pb::ExportedService {
+        pb::ExportedService {
+            name: name.into(),
+            namespace: "demo".into(),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                ..Default::default()
+            }],
+            endpoints: ports
+                .iter()
+                .map(|p| pb::Endpoint {
+                    address: format!("10.0.0.1:{p}"),
+                    workload: format!("w-{p}"),
+                    ready: true,
+                    labels: [("app".to_string(), name.to_string()), ("port".into(), p.to_string())].into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_patch_turns_the_held_export_into_the_new_one_when_it_is_the_smaller_message() {
+        let old = service_of("a", &[1, 2, 3, 4, 5, 6]);
+        let cases = [
+            ("one changed in place", &[1, 2, 30, 4, 5, 6][..], Some(1)),
+            ("one added at the end", &[1, 2, 3, 4, 5, 6, 7], Some(1)),
+            ("one removed at the end", &[1, 2, 3, 4, 5], Some(0)),
+            ("three of six changed", &[10, 2, 30, 4, 50, 6], Some(3)),
+            ("four of six changed", &[10, 20, 30, 4, 50, 6], None),
+            (
+                "the first removed: every position after it changes",
+                &[2, 3, 4, 5, 6],
+                None,
+            ),
+        ];
+        for (what, ports, given) in cases {
+            let new = service_of("a", ports);
+            let p = patch("demo/a", &old, &new);
+            assert_eq!(p.as_ref().map(|p| p.endpoints.len()), given, "{what}");
+            let Some(p) = p else { continue };
+            assert_eq!((p.key.as_str(), p.base), ("demo/a", export_digest(&old)), "{what}");
+            assert!(
+                prost::Message::encoded_len(&p) < prost::Message::encoded_len(&new),
+                "{what}: the patch is the smaller message"
+            );
+            let mut held = Arc::new(old.clone());
+            apply_patch(&mut held, p).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(*held, new, "{what}: the receiver's copy comes out as the sender's");
+            assert_eq!(export_digest(&held), export_digest(&new), "{what}");
+        }
+        // Anything besides the endpoints changed: sent whole.
+        let mut ported = service_of("a", &[1, 2, 30, 4, 5, 6]);
+        ported.ports[0].port = 81;
+        assert!(patch("demo/a", &old, &ported).is_none());
+        let mut older = service_of("a", &[1, 2, 30, 4, 5, 6]);
+        older.exported_at_unix_ms = 1;
+        assert!(patch("demo/a", &old, &older).is_none());
+        let mut identities = service_of("a", &[1, 2, 30, 4, 5, 6]);
+        identities.identities = vec!["spiffe://strait.local/ns/demo/sa/a".into()];
+        assert!(patch("demo/a", &old, &identities).is_none());
+    }
+
+    #[test]
+    fn a_patch_against_another_version_or_not_whole_changes_nothing() {
+        let old = service_of("a", &[1, 2, 3]);
+        let p = patch("demo/a", &old, &service_of("a", &[1, 20, 3])).unwrap();
+        let other = service_of("a", &[1, 2, 4]);
+        let mut held = Arc::new(other.clone());
+        let e = apply_patch(&mut held, p.clone()).unwrap_err();
+        assert!(e.starts_with("made against version"), "{e}");
+        assert_eq!(*held, other);
+        let at = |index: u32, port: u32| pb::PatchedEndpoint {
+            index,
+            endpoint: service_of("a", &[port]).endpoints.pop(),
+        };
+        let bad = [
+            ("grows with a gap", 5, vec![at(4, 9)], "endpoint 3 of 5 is not given"),
+            (
+                "grows, the new end not given",
+                4,
+                vec![],
+                "endpoints 3 to 4 are not given",
+            ),
+            ("out of order", 3, vec![at(2, 9), at(1, 8)], "index 1 is out of order"),
+            (
+                "the same index twice",
+                3,
+                vec![at(1, 9), at(1, 8)],
+                "index 1 is out of order",
+            ),
+            ("beyond its length", 3, vec![at(3, 9)], "beyond endpoints_len 3"),
+            (
+                "an index without its endpoint",
+                3,
+                vec![pb::PatchedEndpoint {
+                    index: 1,
+                    endpoint: None,
+                }],
+                "or empty",
+            ),
+        ];
+        for (what, endpoints_len, endpoints, says) in bad {
+            let mut held = Arc::new(old.clone());
+            let bad = pb::ServicePatch {
+                endpoints_len,
+                endpoints,
+                ..p.clone()
+            };
+            let e = apply_patch(&mut held, bad).unwrap_err();
+            assert!(e.contains(says), "{what}: {e}");
+            assert_eq!(*held, old, "{what}: nothing changed");
+        }
+    }
+
+    #[test]
+    fn a_peer_is_sent_patches_if_it_takes_them_and_refuses_one_made_against_another_version() {
+        let services = |list: &[pb::ExportedService]| -> Arc<Services> {
+            Arc::new(
+                list.iter()
+                    .map(|s| (Key::from(format!("demo/{}", s.name)), Arc::new(s.clone())))
+                    .collect(),
+            )
+        };
+        let before = services(&[service_of("a", &[1, 2, 3]), service_of("b", &[1, 2, 3])]);
+        let now = services(&[
+            service_of("a", &[1, 20, 3]),
+            service_of("b", &[1, 2, 3, 4]),
+            service_of("c", &[1]),
+        ]);
+        let table = PeerTable::default();
+        let update = |full: bool, upserts, patches, removed| pb::ExportUpdate {
+            cluster: "west".into(),
+            lease_ms: 60_000,
+            full,
+            upserts,
+            patches,
+            removed,
+            ..Default::default()
+        };
+        let whole = |s: &Services| s.values().map(|s| (**s).clone()).collect::<Vec<_>>();
+        table
+            .apply(update(true, whole(&before), vec![], vec![]), Instant::now())
+            .expect("applied");
+        table.take_changes();
+        let change = ExportChange::between(&before, &now).unwrap();
+        let patched: Vec<&str> = change.patches.keys().map(|k| &**k).collect();
+        assert_eq!(patched, ["demo/a", "demo/b"]);
+        let exports = Exports {
+            services: now.clone(),
+            change: Some(Arc::new(change)),
+            ..Default::default()
+        };
+        // A receiver of an older build is sent every changed service whole.
+        let (upserts, patches, removed) = services_delta(&before, &exports, false);
+        assert_eq!((upserts.len(), patches.len(), removed.len()), (3, 0, 0));
+        // Else the change's patches, the same from a walk (a sender further behind).
+        let (upserts, patches, removed) = services_delta(&before, &exports, true);
+        let copy = Arc::new(before.as_ref().clone());
+        assert_eq!(
+            services_delta(&copy, &exports, true),
+            (upserts.clone(), patches.clone(), removed.clone())
+        );
+        let names: Vec<&str> = upserts.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!((names, patches.len()), (vec!["c"], 2));
+        table
+            .apply(update(false, upserts, patches, removed), Instant::now())
+            .expect("applied");
+        let held = |table: &PeerTable| table.snapshot()[0].services.clone();
+        assert_eq!(*held(&table), *now, "the receiver holds what the sender exports");
+        assert_eq!(
+            table.take_changes().get("west"),
+            Some(&Touched::Keys(now.keys().cloned().collect()))
+        );
+        // A patch made against a version no longer held, and one of a service never held, are
+        // refused; the rest of their update applies.
+        let stale = patch("demo/a", &service_of("a", &[1, 2, 3]), &service_of("a", &[1, 2, 30])).unwrap();
+        let unknown = patch("demo/x", &service_of("x", &[1, 2]), &service_of("x", &[1, 2, 3])).unwrap();
+        let e = table
+            .apply(
+                update(false, vec![service_of("d", &[1])], vec![stale, unknown], vec![]),
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert!(
+            e.contains("demo/a: made against version") && e.contains("demo/x: not held"),
+            "{e}"
+        );
+        let after = held(&table);
+        assert_eq!(after.get("demo/a"), now.get("demo/a"), "demo/a is kept as held");
+        assert!(after.contains_key("demo/d") && !after.contains_key("demo/x"));
     }
 }

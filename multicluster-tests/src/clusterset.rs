@@ -76,6 +76,9 @@ pub struct Report {
     pub sidecar_cpu: f64,
     pub gateway_cpu: f64,
     pub peering_bytes_per_pair: f64,
+    /// Services the controllers sent their peers during the churn: whole, and as patches of
+    /// the endpoints that changed.
+    pub peering_services: PeeringServices,
     pub sidecar_rss_mib: Vec<f64>,
     /// Each sidecar's heap at the end of the churn (`strait_memory_allocated_bytes`), MiB.
     pub sidecar_heap_mib: Vec<f64>,
@@ -398,6 +401,31 @@ async fn probe_session(
         };
         if tx.send(ack).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Exported services sent to peers (`strait_peering_services_sent_total`), all controllers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeeringServices {
+    pub whole: f64,
+    pub patched: f64,
+}
+
+impl PeeringServices {
+    async fn read(admins: &[std::net::SocketAddr]) -> Self {
+        let name = "strait_peering_services_sent_total";
+        let [whole, patched] = peering_metrics(admins, [(name, &[("as", "whole")]), (name, &[("as", "patch")])]).await;
+        PeeringServices {
+            whole: whole.iter().sum(),
+            patched: patched.iter().sum(),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        PeeringServices {
+            whole: self.whole - before.whole,
+            patched: self.patched - before.patched,
         }
     }
 }
@@ -818,6 +846,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
     let gateway_pids: Vec<u32> = mesh.info.clusters.iter().map(|c| c.gateway.pid).collect();
     let total_cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let bytes_before = peering_bytes().await;
+    let services_before = PeeringServices::read(&admins).await;
     let cpu_before: Vec<f64> = controllers.iter().map(|p| cpu_seconds(*p)).collect();
     let others_before = (total_cpu(&sidecar_pids), total_cpu(&gateway_pids));
     let churn_start = Instant::now();
@@ -843,6 +872,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         .map(|(p, b)| (cpu_seconds(*p) - b) / churned)
         .collect();
     let bytes = peering_bytes().await - bytes_before;
+    let peering_services = PeeringServices::read(&admins).await.since(services_before);
     let sidecar_cpu = (total_cpu(&sidecar_pids) - others_before.0) / churned / sidecar_pids.len().max(1) as f64;
     let gateway_cpu = (total_cpu(&gateway_pids) - others_before.1) / churned / gateway_pids.len() as f64;
 
@@ -960,6 +990,7 @@ pub async fn run(a: Size) -> anyhow::Result<Report> {
         sidecar_cpu,
         gateway_cpu,
         peering_bytes_per_pair: bytes / churned / (n * (n - 1)) as f64,
+        peering_services,
         sidecar_rss_mib,
         sidecar_heap_mib,
         sidecar_rss_after_restart_mib,
@@ -1213,8 +1244,8 @@ impl Report {
             self.gateway_cpu * 100.0
         );
         println!(
-            "peering: {:.0} bytes/s per cluster pair (encoded export updates, one direction)",
-            self.peering_bytes_per_pair
+            "peering: {:.0} bytes/s per cluster pair (encoded export updates, one direction); services sent during the churn: {:.0} as patches, {:.0} whole",
+            self.peering_bytes_per_pair, self.peering_services.patched, self.peering_services.whole
         );
         let held = if self.size.sidecar_scope.is_empty() {
             format!(
@@ -1408,6 +1439,8 @@ impl Report {
         f.add("sidecar.cpu_mean", self.sidecar_cpu * 100.0, "% of a core");
         f.add("gateway.cpu_mean", self.gateway_cpu * 100.0, "% of a core");
         f.add("peering.bytes_per_pair", self.peering_bytes_per_pair, "B/s");
+        f.add("peering.services_patched", self.peering_services.patched, "services");
+        f.add("peering.services_whole", self.peering_services.whole, "services");
         f.add("sidecar.rss_mean", mean(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.rss_max", max(&self.sidecar_rss_mib), "MiB");
         f.add("sidecar.heap_allocated_mean", mean(&self.sidecar_heap_mib), "MiB");

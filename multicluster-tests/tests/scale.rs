@@ -244,6 +244,13 @@ async fn every_endpoint_change_reaches_every_other_cluster() {
         "and so does every sidecar (scoped by authorization, refused nothing): endpoints wrong"
     );
     assert!(report.peering_bytes_per_pair > 0.0, "peering bytes are counted");
+    // A churned endpoint is one of a service's five: its peers, which hold the service, are
+    // sent that endpoint (and get exactly the standing catalog, above), not the service whole.
+    let sent = report.peering_services;
+    assert!(
+        sent.patched > 0.0 && sent.patched >= sent.whole,
+        "services sent during the churn: {sent:?}"
+    );
     // A gateway's restart breaks the peering streams into its cluster. Each peer dials again
     // and, told what the cluster's controller still holds of it, sends what differs from that
     // (the churn had ended: its objects and traffic summary only), not every export again.
