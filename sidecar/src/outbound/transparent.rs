@@ -132,7 +132,7 @@ impl Outbound {
         let snap = self.config.borrow().clone();
         match destination(&snap, dst) {
             Destination::Unknown => self.pass_through(stream, dst).await,
-            Destination::Endpoint(svc, i, port) => self.opaque(stream, &snap, &svc, port, Some(i)).await,
+            Destination::Endpoint(svc, i, port) => self.opaque(stream, snap, &svc, port, Some(i)).await,
             Destination::Service(svc, port) => {
                 let declared_tcp = svc.port(port).is_some_and(|p| p.protocol == Protocol::Tcp);
                 let sniffed = if declared_tcp {
@@ -159,20 +159,32 @@ impl Outbound {
                     // Ports that carry other protocols are declared `tcp`.
                     Some(Sniffed::Opaque) => super::refuse_non_http(stream, &self.metrics.rejected).await,
                     // TLS, or a server-first protocol (nothing sent yet): carried as bytes.
-                    Some(Sniffed::Tls) | None => self.opaque(stream, &snap, &svc, port, None).await,
+                    Some(Sniffed::Tls) | None => self.opaque(stream, snap, &svc, port, None).await,
                 }
             }
         }
     }
 
-    async fn opaque(&self, mut stream: TcpStream, snap: &Snapshot, svc: &ServiceEntry, port: u16, only: Option<usize>) {
+    /// Carries an intercepted connection as bytes. Takes the snapshot it was accepted with and
+    /// drops it once an endpoint took the connection, so that a long connection does not pin
+    /// an old config version (its routes, policies and every service then held) for its life,
+    /// as a CONNECT tunnel does not.
+    async fn opaque(
+        &self,
+        mut stream: TcpStream,
+        snap: Arc<Snapshot>,
+        svc: &ServiceEntry,
+        port: u16,
+        only: Option<usize>,
+    ) {
         let host = svc.host();
         let mut tries = super::tcp::Tries::only(only);
         // Boxed: this future lives as long as the connection (see `dial_tcp`).
-        let settled = match Box::pin(self.dial_tcp(snap, svc, port, &mut tries)).await {
-            Ok(dialled) => self.settle(&mut stream, snap, svc, port, dialled, &mut tries).await,
+        let settled = match Box::pin(self.dial_tcp(&snap, svc, port, &mut tries)).await {
+            Ok(dialled) => self.settle(&mut stream, &snap, svc, port, dialled, &mut tries).await,
             Err(e) => Err(e),
         };
+        drop(snap);
         match settled {
             Ok(settled) => self.splice(stream, settled, svc, port).await,
             Err(NoEndpoint { tried, last_error }) => {
