@@ -321,10 +321,13 @@ const HELD_HEADER: &str = "strait-held";
 const PATCHES_HEADER: &str = "strait-patches";
 
 /// The patch that turns `old`, held by a receiver under `key`, into `new`: `Some` when they
-/// differ in their endpoints alone and in at most half of them (a churned endpoint, one added
-/// or removed at the end), so that the patch is the smaller message. An endpoint's position
-/// counts: the receiver's copy must come out exactly as `new`, whose digest the next patch is
-/// made against and a resumed stream compares.
+/// differ in their endpoints alone and the patch carries at most half of `new`'s endpoints,
+/// so that it is the smaller message. Past the endpoints both lists start and end with, the
+/// rest is one endpoint taken out and one put in at the other end (an endpoint replaced by
+/// one that sorts elsewhere), or runs of endpoints changed in place (each changed run sent: a
+/// churned or readiness-flipped endpoint anywhere), or else one splice (an endpoint added or
+/// removed anywhere, a range replaced). The receiver's copy must come out exactly as `new`, whose
+/// digest the next patch is made against and a resumed stream compares.
 pub fn patch(key: &str, old: &pb::ExportedService, new: &pb::ExportedService) -> Option<pb::ServicePatch> {
     // Every field named, so a field added to the message is considered here.
     let pb::ExportedService {
@@ -343,29 +346,62 @@ pub fn patch(key: &str, old: &pb::ExportedService, new: &pb::ExportedService) ->
     if !same_rest {
         return None;
     }
-    let mut changed = vec![];
-    for (index, endpoint) in endpoints.iter().enumerate() {
-        if old.endpoints.get(index) != Some(endpoint) {
-            if 2 * (changed.len() + 1) > endpoints.len() {
-                return None;
+    let (a, b) = (&old.endpoints, endpoints);
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let (a_mid, b_mid) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
+    // Each splice as (start in the middle, endpoints removed, where its inserted ones start in
+    // the new middle, how many).
+    let mut spans = vec![];
+    let n = a_mid.len();
+    if n >= 2 && n == b_mid.len() && a_mid[1..] == b_mid[..n - 1] {
+        // The first taken out, one put in after the last: an endpoint replaced by one that
+        // sorts further on (lists kept in address order).
+        spans.extend([(0, 1, 0, 0), (n, 0, n - 1, 1)]);
+    } else if n >= 2 && n == b_mid.len() && a_mid[..n - 1] == b_mid[1..] {
+        spans.extend([(0, 0, 0, 1), (n - 1, 1, n, 0)]);
+    } else if n == b_mid.len() {
+        let mut i = 0;
+        while i < a_mid.len() {
+            let start = i;
+            while i < a_mid.len() && a_mid[i] != b_mid[i] {
+                i += 1;
             }
-            changed.push(pb::PatchedEndpoint {
-                index: index as u32,
-                endpoint: Some(endpoint.clone()),
-            });
+            if i > start {
+                spans.push((start, i - start, start, i - start));
+            }
+            i += 1;
         }
+    } else {
+        spans.push((0, n, 0, b_mid.len()));
+    }
+    let sent: usize = spans.iter().map(|(_, _, _, inserted)| inserted).sum();
+    // A service left with no endpoints is smaller whole.
+    if b.is_empty() || 2 * sent > b.len() {
+        return None;
     }
     Some(pb::ServicePatch {
         key: key.to_string(),
         base: export_digest(old),
-        endpoints_len: endpoints.len() as u32,
-        endpoints: changed,
+        splices: spans
+            .into_iter()
+            .map(|(at, removed, from, inserted)| pb::EndpointSplice {
+                at: (prefix + at) as u32,
+                removed: removed as u32,
+                inserted: b_mid[from..from + inserted].to_vec(),
+            })
+            .collect(),
     })
 }
 
 /// Applies `patch` to the export held, or changes nothing and says why: held is not the
-/// version the patch was made against, or the patch does not say what every new position
-/// holds (indices out of order, a gap where the list grows, an endpoint missing).
+/// version the patch was made against, or its splices overlap, come out of order, or reach
+/// past the endpoints held.
 fn apply_patch(held: &mut Arc<pb::ExportedService>, patch: pb::ServicePatch) -> Result<(), String> {
     let version = export_digest(held);
     if version != patch.base {
@@ -374,39 +410,29 @@ fn apply_patch(held: &mut Arc<pb::ExportedService>, patch: pb::ServicePatch) -> 
             patch.base
         ));
     }
-    let len = patch.endpoints_len as usize;
-    // Positions below `kept` are replaced or kept; each one from there on must be given, in
-    // order.
-    let kept = held.endpoints.len().min(len);
-    let mut next = kept;
-    let mut last = None;
-    for p in &patch.endpoints {
-        let index = p.index as usize;
-        if last.is_some_and(|l| index <= l) || index >= len || p.endpoint.is_none() {
+    let len = held.endpoints.len();
+    // Where the splice before ended, in the held list.
+    let mut end = 0;
+    for (n, s) in patch.splices.iter().enumerate() {
+        let (at, removed) = (s.at as usize, s.removed as usize);
+        if at < end || at + removed > len {
             return Err(format!(
-                "endpoint at index {index} is out of order, beyond endpoints_len {len}, or empty"
+                "splice {n} (at {at}, removing {removed}) overlaps the one before it or reaches past the {len} endpoints held"
             ));
         }
-        if index >= kept {
-            if index != next {
-                return Err(format!("endpoint {next} of {len} is not given"));
-            }
-            next += 1;
-        }
-        last = Some(index);
-    }
-    if next != len {
-        return Err(format!("endpoints {next} to {len} are not given"));
+        end = at + removed;
     }
     let svc = Arc::make_mut(held);
-    svc.endpoints.truncate(len);
-    for p in patch.endpoints {
-        let endpoint = p.endpoint.expect("checked above");
-        match svc.endpoints.get_mut(p.index as usize) {
-            Some(slot) => *slot = endpoint,
-            None => svc.endpoints.push(endpoint),
-        }
+    let mut old = std::mem::take(&mut svc.endpoints).into_iter();
+    let mut pos = 0;
+    for s in patch.splices {
+        let (at, removed) = (s.at as usize, s.removed as usize);
+        svc.endpoints.extend(old.by_ref().take(at - pos));
+        old.by_ref().take(removed).for_each(drop);
+        svc.endpoints.extend(s.inserted);
+        pos = at + removed;
     }
+    svc.endpoints.extend(old);
     Ok(())
 }
 
@@ -1210,22 +1236,40 @@ mod tests {
     #[test]
     fn a_patch_turns_the_held_export_into_the_new_one_when_it_is_the_smaller_message() {
         let old = service_of("a", &[1, 2, 3, 4, 5, 6]);
+        // (what changed, the new endpoints, the splices and endpoints a patch carries)
         let cases = [
-            ("one changed in place", &[1, 2, 30, 4, 5, 6][..], Some(1)),
-            ("one added at the end", &[1, 2, 3, 4, 5, 6, 7], Some(1)),
-            ("one removed at the end", &[1, 2, 3, 4, 5], Some(0)),
-            ("three of six changed", &[10, 2, 30, 4, 50, 6], Some(3)),
+            ("one changed in place", &[1, 2, 30, 4, 5, 6][..], Some((1, 1))),
+            ("the first and the last changed", &[10, 2, 3, 4, 5, 60], Some((2, 2))),
+            ("three of six changed", &[10, 2, 30, 4, 50, 6], Some((3, 3))),
+            ("two side by side changed", &[1, 20, 30, 4, 5, 6], Some((1, 2))),
+            ("one added at the end", &[1, 2, 3, 4, 5, 6, 7], Some((1, 1))),
+            ("one added in the middle", &[1, 2, 3, 35, 4, 5, 6], Some((1, 1))),
+            ("one removed at the end", &[1, 2, 3, 4, 5], Some((1, 0))),
+            ("the first removed", &[2, 3, 4, 5, 6], Some((1, 0))),
+            ("every one removed: smaller whole", &[], None),
             ("four of six changed", &[10, 20, 30, 4, 50, 6], None),
+            // Kept in address order (as the Kubernetes source keeps them), an endpoint replaced
+            // by one that sorts elsewhere moves those between: one out, one in.
             (
-                "the first removed: every position after it changes",
-                &[2, 3, 4, 5, 6],
-                None,
+                "one replaced by one sorting four places on",
+                &[1, 3, 4, 5, 6, 7],
+                Some((2, 1)),
             ),
+            (
+                "one replaced by one sorting four places back",
+                &[0, 1, 2, 3, 4, 6],
+                Some((2, 1)),
+            ),
+            ("two replaced, sorting further on", &[1, 4, 5, 6, 7, 8], None),
         ];
-        for (what, ports, given) in cases {
+        for (what, ports, carries) in cases {
             let new = service_of("a", ports);
             let p = patch("demo/a", &old, &new);
-            assert_eq!(p.as_ref().map(|p| p.endpoints.len()), given, "{what}");
+            let counted = p.as_ref().map(|p| {
+                let inserted = p.splices.iter().map(|s| s.inserted.len()).sum::<usize>();
+                (p.splices.len(), inserted)
+            });
+            assert_eq!(counted, carries, "{what}");
             let Some(p) = p else { continue };
             assert_eq!((p.key.as_str(), p.base), ("demo/a", export_digest(&old)), "{what}");
             assert!(
@@ -1250,7 +1294,7 @@ mod tests {
     }
 
     #[test]
-    fn a_patch_against_another_version_or_not_whole_changes_nothing() {
+    fn a_patch_against_another_version_or_out_of_bounds_changes_nothing() {
         let old = service_of("a", &[1, 2, 3]);
         let p = patch("demo/a", &old, &service_of("a", &[1, 20, 3])).unwrap();
         let other = service_of("a", &[1, 2, 4]);
@@ -1258,47 +1302,48 @@ mod tests {
         let e = apply_patch(&mut held, p.clone()).unwrap_err();
         assert!(e.starts_with("made against version"), "{e}");
         assert_eq!(*held, other);
-        let at = |index: u32, port: u32| pb::PatchedEndpoint {
-            index,
-            endpoint: service_of("a", &[port]).endpoints.pop(),
+        let splice = |at: u32, removed: u32, inserted: &[u32]| pb::EndpointSplice {
+            at,
+            removed,
+            inserted: service_of("a", inserted).endpoints,
         };
         let bad = [
-            ("grows with a gap", 5, vec![at(4, 9)], "endpoint 3 of 5 is not given"),
             (
-                "grows, the new end not given",
-                4,
-                vec![],
-                "endpoints 3 to 4 are not given",
+                "overlapping",
+                vec![splice(0, 2, &[9]), splice(1, 1, &[])],
+                "splice 1 (at 1, removing 1) overlaps",
             ),
-            ("out of order", 3, vec![at(2, 9), at(1, 8)], "index 1 is out of order"),
             (
-                "the same index twice",
-                3,
-                vec![at(1, 9), at(1, 8)],
-                "index 1 is out of order",
+                "out of order",
+                vec![splice(2, 0, &[9]), splice(1, 0, &[8])],
+                "splice 1 (at 1, removing 0) overlaps",
             ),
-            ("beyond its length", 3, vec![at(3, 9)], "beyond endpoints_len 3"),
             (
-                "an index without its endpoint",
-                3,
-                vec![pb::PatchedEndpoint {
-                    index: 1,
-                    endpoint: None,
-                }],
-                "or empty",
+                "removing past the end",
+                vec![splice(2, 2, &[])],
+                "reaches past the 3 endpoints held",
+            ),
+            (
+                "inserting past the end",
+                vec![splice(4, 0, &[9])],
+                "splice 0 (at 4, removing 0)",
             ),
         ];
-        for (what, endpoints_len, endpoints, says) in bad {
+        for (what, splices, says) in bad {
             let mut held = Arc::new(old.clone());
-            let bad = pb::ServicePatch {
-                endpoints_len,
-                endpoints,
-                ..p.clone()
-            };
+            let bad = pb::ServicePatch { splices, ..p.clone() };
             let e = apply_patch(&mut held, bad).unwrap_err();
             assert!(e.contains(says), "{what}: {e}");
             assert_eq!(*held, old, "{what}: nothing changed");
         }
+        // Splices that touch end to end apply in order.
+        let mut held = Arc::new(old.clone());
+        let ends = pb::ServicePatch {
+            splices: vec![splice(0, 1, &[7]), splice(1, 2, &[8, 9, 10])],
+            ..p
+        };
+        apply_patch(&mut held, ends).unwrap();
+        assert_eq!(*held, service_of("a", &[7, 8, 9, 10]));
     }
 
     #[test]
