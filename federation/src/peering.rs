@@ -136,17 +136,14 @@ impl PeerTable {
                 keys.insert(key.clone());
                 services.insert(key, Arc::new(svc));
             }
-            for patch in update.patches {
-                let name = patch.key.clone();
-                let result = match services.get_key_value(name.as_str()).map(|(k, _)| k.clone()) {
-                    Some(key) => {
-                        let held = services.get_mut(&key).expect("looked up just now");
-                        apply_patch(held, patch).map(|()| key)
-                    }
+            for mut patch in update.patches {
+                let name = std::mem::take(&mut patch.key);
+                let result = match services.get_mut(name.as_str()) {
+                    Some(held) => apply_patch(held, patch),
                     None => Err("not held".to_string()),
                 };
                 match result {
-                    Ok(key) => _ = keys.insert(key),
+                    Ok(()) => _ = keys.insert(name.into()),
                     Err(e) => refused.push(format!("{name}: {e}")),
                 }
             }
@@ -355,32 +352,32 @@ pub fn patch(key: &str, old: &pb::ExportedService, new: &pb::ExportedService) ->
         .take_while(|(x, y)| x == y)
         .count();
     let (a_mid, b_mid) = (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix]);
-    // Each splice as (start in the middle, endpoints removed, where its inserted ones start in
-    // the new middle, how many).
-    let mut spans = vec![];
+    // Each splice as (where in the old middle, endpoints removed, the new middle's endpoints
+    // put in their place).
+    let mut spans: Vec<(usize, usize, std::ops::Range<usize>)> = vec![];
     let n = a_mid.len();
     if n >= 2 && n == b_mid.len() && a_mid[1..] == b_mid[..n - 1] {
         // The first taken out, one put in after the last: an endpoint replaced by one that
         // sorts further on (lists kept in address order).
-        spans.extend([(0, 1, 0, 0), (n, 0, n - 1, 1)]);
+        spans.extend([(0, 1, 0..0), (n, 0, n - 1..n)]);
     } else if n >= 2 && n == b_mid.len() && a_mid[..n - 1] == b_mid[1..] {
-        spans.extend([(0, 0, 0, 1), (n - 1, 1, n, 0)]);
+        spans.extend([(0, 0, 0..1), (n - 1, 1, n..n)]);
     } else if n == b_mid.len() {
         let mut i = 0;
-        while i < a_mid.len() {
+        while i < n {
             let start = i;
-            while i < a_mid.len() && a_mid[i] != b_mid[i] {
+            while i < n && a_mid[i] != b_mid[i] {
                 i += 1;
             }
             if i > start {
-                spans.push((start, i - start, start, i - start));
+                spans.push((start, i - start, start..i));
             }
             i += 1;
         }
     } else {
-        spans.push((0, n, 0, b_mid.len()));
+        spans.push((0, n, 0..b_mid.len()));
     }
-    let sent: usize = spans.iter().map(|(_, _, _, inserted)| inserted).sum();
+    let sent: usize = spans.iter().map(|(_, _, inserted)| inserted.len()).sum();
     // A service left with no endpoints is smaller whole.
     if b.is_empty() || 2 * sent > b.len() {
         return None;
@@ -390,10 +387,10 @@ pub fn patch(key: &str, old: &pb::ExportedService, new: &pb::ExportedService) ->
         base: export_digest(old),
         splices: spans
             .into_iter()
-            .map(|(at, removed, from, inserted)| pb::EndpointSplice {
+            .map(|(at, removed, inserted)| pb::EndpointSplice {
                 at: (prefix + at) as u32,
                 removed: removed as u32,
-                inserted: b_mid[from..from + inserted].to_vec(),
+                inserted: b_mid[inserted].to_vec(),
             })
             .collect(),
     })
