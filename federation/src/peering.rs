@@ -698,8 +698,8 @@ pub struct PeerClient {
     pub region: String,
     pub lease: Duration,
     pub gateway: pb::Gateway,
-    pub store: CertStore,
-    pub tunnel: TunnelClient,
+    /// Opens the channel each stream to the peer runs on ([`peer_channel`]).
+    pub dial: Dial,
     pub exports: watch::Receiver<Arc<Exports>>,
     /// This cluster's traffic summary, sent along when it changes.
     pub traffic: watch::Receiver<Arc<pb::TrafficSummary>>,
@@ -748,6 +748,10 @@ impl PeeringMetrics {
         })
     }
 }
+
+/// Opens a gRPC channel to a peer cluster's controller: [`peer_channel`], called again for
+/// each stream (a stream that ended, or broke, is followed by a new connection).
+pub type Dial = Arc<dyn Fn() -> Result<tonic::transport::Channel, anyhow::Error> + Send + Sync>;
 
 /// A gRPC channel to a peer cluster's controller: a tunnel stream through its east-west
 /// gateway (`gateway`), then mutual TLS with this controller's certificate, the peer checked
@@ -815,12 +819,8 @@ impl PeerClient {
         }
     }
 
-    fn channel(&self) -> Result<tonic::transport::Channel, anyhow::Error> {
-        peer_channel(&self.store, &self.tunnel, self.peer.gateway, &self.cluster)
-    }
-
     async fn session(&self) -> Result<(), anyhow::Error> {
-        let mut client = PeeringServiceClient::new(self.channel()?);
+        let mut client = PeeringServiceClient::new((self.dial)()?);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let mut exports = self.exports.clone();
         let mut traffic = self.traffic.clone();
@@ -1419,5 +1419,139 @@ mod tests {
         let after = held(&table);
         assert_eq!(after.get("demo/a"), now.get("demo/a"), "demo/a is kept as held");
         assert!(after.contains_key("demo/d") && !after.contains_key("demo/x"));
+    }
+
+    /// The whole path over real mutual TLS gRPC on loopback: a [`PeerClient`] exporting to a
+    /// [`PeeringServer`] whose table holds another version of one service than the sender
+    /// thinks. The update patching it and another service applies the other, ends the stream
+    /// with FAILED_PRECONDITION, and the sender reconnects, is told what is held and sends
+    /// that one service whole.
+    #[tokio::test]
+    async fn a_refused_patch_ends_the_stream_and_the_sender_resends_that_service_whole() {
+        use strait_trust::{Authority, ServerAuth, TlsMetrics, TrustBundle, TrustDomain};
+        let services = |list: &[pb::ExportedService]| -> Arc<Services> {
+            Arc::new(
+                list.iter()
+                    .map(|s| (Key::from(format!("demo/{}", s.name)), Arc::new(s.clone())))
+                    .collect(),
+            )
+        };
+        let td: TrustDomain = "mesh.local".parse().unwrap();
+        let root = Authority::new_root(&td, SystemTime::now()).unwrap();
+        let mut bundle = TrustBundle::new();
+        bundle.add_root(&td, root.cert().clone()).unwrap();
+        let controller = SpiffeId::workload(&td, strait_api::SYSTEM_NAMESPACE, strait_api::FEDERATION_SA).unwrap();
+        let store = |cluster: &str| {
+            let ca = root.new_intermediate(cluster, SystemTime::now()).unwrap();
+            let ttl = Duration::from_secs(3600);
+            CertStore::issued_by(&ca, controller.clone(), ttl, bundle.clone(), TlsMetrics::unregistered()).unwrap()
+        };
+        let (west, east) = (store("west"), store("east"));
+
+        let table = PeerTable::default();
+        let server_tls = strait_trust::server_config(
+            &west,
+            PeerPolicy::AnyInBundle,
+            ServerAuth::RequireClientCert,
+            &[strait_trust::ALPN_H2],
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = PeeringServer {
+            table: table.clone(),
+            own_cluster: "west".into(),
+            log: None,
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(strait_api::pb::peering_service_server::PeeringServiceServer::new(
+                    server,
+                ))
+                .serve_with_incoming(strait_api::transport::tls_incoming(listener, Arc::new(server_tls))),
+        );
+
+        let client_tls = Arc::new(
+            strait_trust::client_config(
+                Some(&east),
+                east.bundle(),
+                east.metrics(),
+                PeerPolicy::OneOf(vec![controller.clone()]),
+                &[strait_trust::ALPN_H2],
+            )
+            .unwrap(),
+        );
+        let v1 = services(&[service_of("a", &[1, 2, 3]), service_of("b", &[1, 2, 3])]);
+        let (exports_tx, exports_rx) = watch::channel(Arc::new(Exports {
+            services: v1.clone(),
+            ..Default::default()
+        }));
+        let (_traffic_tx, traffic_rx) = watch::channel(Arc::new(pb::TrafficSummary::default()));
+        let metrics = PeeringMetrics::new(&prometheus::Registry::new()).unwrap();
+        let client = PeerClient {
+            peer: crate::config::Peer {
+                name: "west".into(),
+                gateway: addr,
+            },
+            cluster: "east".into(),
+            region: "us-east".into(),
+            lease: Duration::from_secs(30),
+            gateway: pb::Gateway::default(),
+            dial: Arc::new(move || {
+                Ok(strait_api::transport::tls_channel(
+                    &addr.to_string(),
+                    client_tls.clone(),
+                ))
+            }),
+            exports: exports_rx,
+            traffic: traffic_rx,
+            metrics: metrics.clone(),
+        };
+        let sender = tokio::spawn(client.run());
+        let held = |table: &PeerTable| table.snapshot().first().map(|p| p.services.clone()).unwrap_or_default();
+        let settled = |want: Arc<Services>| {
+            let table = table.clone();
+            async move {
+                for _ in 0..1000 {
+                    if *held(&table) == *want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("west holds {:?}, not {:?}", held(&table), want);
+            }
+        };
+        settled(v1.clone()).await;
+
+        // West comes to hold another version of demo/a than east sent (as a lost record would).
+        let other = service_of("a", &[1, 2, 4]);
+        let update = pb::ExportUpdate {
+            cluster: "east".into(),
+            lease_ms: 30_000,
+            upserts: vec![other.clone()],
+            ..Default::default()
+        };
+        table.apply(update, Instant::now()).unwrap();
+        // East changes one endpoint of each: both go as patches, demo/a's against v1's.
+        let v2 = services(&[service_of("a", &[1, 20, 3]), service_of("b", &[1, 2, 30])]);
+        exports_tx
+            .send(Arc::new(Exports {
+                services: v2.clone(),
+                ..Default::default()
+            }))
+            .unwrap();
+        settled(v2.clone()).await;
+        sender.abort();
+
+        let count = |m: &prometheus::IntCounterVec, label: &str| m.with_label_values(&["west", label]).get();
+        assert_eq!(count(&metrics.services, "patch"), 2, "both changes went as patches");
+        // Whole: the two of the first update, then demo/a alone after the resume (demo/b's patch
+        // applied with the refused one: west held its new version and was not sent it again).
+        assert_eq!(count(&metrics.services, "whole"), 3);
+        assert_eq!(
+            (count(&metrics.updates, "full"), count(&metrics.updates, "resumed")),
+            (1, 1),
+            "one stream ended, and the next resumed"
+        );
     }
 }

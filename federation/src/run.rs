@@ -230,14 +230,14 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     tokio::spawn(Arc::new(crate::clusterset::TrafficCollector::new(&cfg.cluster)).run(xds.clone(), traffic_tx));
     let peering_metrics = crate::peering::PeeringMetrics::new(&registry)?;
     for peer in &cfg.peers {
+        let (store, tunnel, gateway, cluster) = (store.clone(), tunnel.clone(), peer.gateway, cfg.cluster.clone());
         let client = PeerClient {
             peer: peer.clone(),
             cluster: cfg.cluster.clone(),
             region: cfg.region.clone(),
             lease: cfg.lease,
             gateway: own_gateway.clone(),
-            store: store.clone(),
-            tunnel: tunnel.clone(),
+            dial: Arc::new(move || crate::peering::peer_channel(&store, &tunnel, gateway, &cluster)),
             exports: exports_rx.clone(),
             traffic: traffic_rx.clone(),
             metrics: peering_metrics.clone(),

@@ -11,7 +11,8 @@
 //! nothing changing, while west's EndpointSlice changes `rate` times a second (each change
 //! reaches east as a peer's update), and while one of east's own EndpointSlices does. After each
 //! churn phase, how long until a sidecar in east holds that phase's last change. Also: how many
-//! config versions east served in each phase, and its RSS.
+//! config versions east served in each phase, what it sent its peers (bytes, and services whole
+//! or as patches), and its RSS.
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,36 @@ pub struct Phase {
     /// From the API server's answer to the phase's last change until a sidecar in east held it
     /// (its `/config` polled, 5 ms apart; none: not within 30 s, or no change was made).
     pub last_change_seen: Option<Duration>,
+    /// What it sent its peers.
+    pub sent: Sent,
+}
+
+/// What east's controller sent its peers (west and central) during a phase: encoded bytes of its
+/// export updates, and the services in them, whole or as patches of the endpoints that changed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sent {
+    pub bytes: f64,
+    pub whole: f64,
+    pub patched: f64,
+}
+
+impl Sent {
+    fn read(metrics: &str) -> Sent {
+        let services = |how| metric_sum(metrics, "strait_peering_services_sent_total", &[("as", how)]);
+        Sent {
+            bytes: metric_sum(metrics, "strait_peering_sent_bytes_total", &[]),
+            whole: services("whole"),
+            patched: services("patch"),
+        }
+    }
+
+    fn since(self, before: Sent) -> Sent {
+        Sent {
+            bytes: self.bytes - before.bytes,
+            whole: self.whole - before.whole,
+            patched: self.patched - before.patched,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -75,11 +106,12 @@ pub struct Report {
     pub rss_mib: f64,
 }
 
-/// The EndpointSlice of service `name` with `count` endpoints, the `n`th version of it.
+/// The EndpointSlice of service `name` with `count` endpoints, the `n`th version of it: each
+/// version one pod replaced (the first address out, the next one in), each pod's zone its own.
 fn slice(name: &str, service: usize, count: usize, n: usize) -> anyhow::Result<EndpointSlice> {
-    let endpoints: Vec<_> = (0..count)
+    let endpoints: Vec<_> = (n..n + count)
         .map(|j| {
-            json!({"addresses": [address(service, j + n)],
+            json!({"addresses": [address(service, j)],
                    "zone": format!("zone-{}", j % 2), "conditions": {"ready": true}})
         })
         .collect();
@@ -160,7 +192,8 @@ async fn phase(
     churn: Option<(&Client, &str, usize)>,
 ) -> anyhow::Result<Phase> {
     let version = |text: &str| metric_sum(text, "strait_config_version", &[]);
-    let before = version(&scrape(east.controller.admin_addr).await?);
+    let metrics = scrape(east.controller.admin_addr).await?;
+    let (before, sent) = (version(&metrics), Sent::read(&metrics));
     let cpu = cpu_seconds(east.controller.pid);
     let start = Instant::now();
     let mut n = 0usize;
@@ -188,7 +221,8 @@ async fn phase(
         }
     }
     let cpu = (cpu_seconds(east.controller.pid) - cpu) / start.elapsed().as_secs_f64();
-    let versions = version(&scrape(east.controller.admin_addr).await?) - before;
+    let metrics = scrape(east.controller.admin_addr).await?;
+    let (versions, sent) = (version(&metrics) - before, Sent::read(&metrics).since(sent));
     // The last change: its last endpoint's address, which no earlier version of the slice had.
     let mut last_change_seen = None;
     if let (Some((_, cluster, count)), true) = (churn, n > 0) {
@@ -206,6 +240,7 @@ async fn phase(
         versions,
         changes: n,
         last_change_seen,
+        sent,
     })
 }
 
@@ -309,6 +344,21 @@ impl Report {
             seen(&self.local)
         );
         println!("  RSS after: {:.1} MiB", self.rss_mib);
+        println!();
+        println!("east's controller sent its two peers (export updates' encoded bytes; services whole / as patches):");
+        for (name, p) in [
+            ("idle:", &self.idle),
+            ("west's EndpointSlice:", &self.peer),
+            ("its own EndpointSlice:", &self.local),
+        ] {
+            println!(
+                "  {name:<22} {:.0} B ({:.0} B/s); {} whole, {} as patches",
+                p.sent.bytes,
+                p.sent.bytes / self.size.seconds as f64,
+                p.sent.whole,
+                p.sent.patched
+            );
+        }
     }
 
     pub fn figures(&self) -> Figures {
@@ -325,6 +375,9 @@ impl Report {
         ] {
             f.add(&format!("controller_cpu.{name}"), pct(p.cpu), "% of a core");
             f.add(&format!("config_versions.{name}"), p.versions, "count");
+            f.add(&format!("peering_sent.{name}"), p.sent.bytes, "bytes");
+            f.add(&format!("peering_services_whole.{name}"), p.sent.whole, "count");
+            f.add(&format!("peering_services_patched.{name}"), p.sent.patched, "count");
             if let Some(d) = p.last_change_seen {
                 f.add(
                     &format!("last_change_in_sidecar.{name}"),

@@ -1014,8 +1014,18 @@ async fn the_kube_bench_small_every_phase_reaches_east() {
             "{name}: the phase's last change never reached east's sidecar"
         );
     }
+    // East's own changes (one endpoint out, one in, of five) reach its peers as patches.
+    assert!(
+        report.local.sent.patched >= report.local.changes as f64,
+        "east sent {} patches for {} changes of its own ({} services whole)",
+        report.local.sent.patched,
+        report.local.changes,
+        report.local.sent.whole
+    );
+    assert_eq!(report.local.sent.whole, 0.0, "no service of east's went whole");
     let doc = report.figures().to_json();
     for key in [
+        "peering_services_patched.local_changes",
         "controller_cpu.idle",
         "controller_cpu.peer_changes",
         "controller_cpu.local_changes",
