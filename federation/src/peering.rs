@@ -1230,6 +1230,15 @@ mod tests {
         }
     }
 
+    /// A cluster's exports: each service by `demo/<name>`.
+    fn services(list: &[pb::ExportedService]) -> Arc<Services> {
+        Arc::new(
+            list.iter()
+                .map(|s| (Key::from(format!("demo/{}", s.name)), Arc::new(s.clone())))
+                .collect(),
+        )
+    }
+
     #[test]
     fn a_patch_turns_the_held_export_into_the_new_one_when_it_is_the_smaller_message() {
         let old = service_of("a", &[1, 2, 3, 4, 5, 6]);
@@ -1345,13 +1354,6 @@ mod tests {
 
     #[test]
     fn a_peer_is_sent_patches_if_it_takes_them_and_refuses_one_made_against_another_version() {
-        let services = |list: &[pb::ExportedService]| -> Arc<Services> {
-            Arc::new(
-                list.iter()
-                    .map(|s| (Key::from(format!("demo/{}", s.name)), Arc::new(s.clone())))
-                    .collect(),
-            )
-        };
         let before = services(&[service_of("a", &[1, 2, 3]), service_of("b", &[1, 2, 3])]);
         let now = services(&[
             service_of("a", &[1, 20, 3]),
@@ -1429,13 +1431,6 @@ mod tests {
     #[tokio::test]
     async fn a_refused_patch_ends_the_stream_and_the_sender_resends_that_service_whole() {
         use strait_trust::{Authority, ServerAuth, TlsMetrics, TrustBundle, TrustDomain};
-        let services = |list: &[pb::ExportedService]| -> Arc<Services> {
-            Arc::new(
-                list.iter()
-                    .map(|s| (Key::from(format!("demo/{}", s.name)), Arc::new(s.clone())))
-                    .collect(),
-            )
-        };
         let td: TrustDomain = "mesh.local".parse().unwrap();
         let root = Authority::new_root(&td, SystemTime::now()).unwrap();
         let mut bundle = TrustBundle::new();
