@@ -717,34 +717,27 @@ pub struct PeeringMetrics {
 
 impl PeeringMetrics {
     pub fn new(registry: &prometheus::Registry) -> anyhow::Result<Self> {
-        let updates = prometheus::IntCounterVec::new(
-            prometheus::Opts::new(
+        let counter = |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<prometheus::IntCounterVec> {
+            let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(PeeringMetrics {
+            updates: counter(
                 "strait_peering_updates_sent_total",
                 "Export updates sent to each peer cluster, by update: full (every export), resumed (the first to a peer that said what it held: what differs) or change (deltas and lease renewals)",
-            ),
-            &["peer", "update"],
-        )?;
-        let bytes = prometheus::IntCounterVec::new(
-            prometheus::Opts::new(
+                &["peer", "update"],
+            )?,
+            bytes: counter(
                 "strait_peering_sent_bytes_total",
                 "Encoded bytes of the export updates sent to each peer cluster, by update (full, resumed or change)",
-            ),
-            &["peer", "update"],
-        )?;
-        let services = prometheus::IntCounterVec::new(
-            prometheus::Opts::new(
+                &["peer", "update"],
+            )?,
+            services: counter(
                 "strait_peering_services_sent_total",
                 "Exported services sent to each peer cluster, by how: whole, or patch (the endpoints that changed, to a peer holding the service)",
-            ),
-            &["peer", "as"],
-        )?;
-        registry.register(Box::new(updates.clone()))?;
-        registry.register(Box::new(bytes.clone()))?;
-        registry.register(Box::new(services.clone()))?;
-        Ok(PeeringMetrics {
-            updates,
-            bytes,
-            services,
+                &["peer", "as"],
+            )?,
         })
     }
 }
@@ -834,8 +827,7 @@ impl PeerClient {
         let renew_every = self.lease / 3;
         let metrics = self.metrics.clone();
         // What the peer says it holds of this cluster (its first answer), or `None` when it says
-        // nothing: the first update is then every export.
-        // And whether it applies patches.
+        // nothing (the first update is then every export); and whether it applies patches.
         let (held_tx, held_rx) = tokio::sync::oneshot::channel::<(Option<BTreeMap<String, u64>>, bool)>();
         let peer = self.peer.name.clone();
         let sender = tokio::spawn(async move {

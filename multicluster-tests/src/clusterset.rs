@@ -405,7 +405,8 @@ async fn probe_session(
     }
 }
 
-/// Exported services sent to peers (`strait_peering_services_sent_total`), all controllers.
+/// Exported services sent to peers (`strait_peering_services_sent_total`): whole, and as
+/// patches of the endpoints that changed.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PeeringServices {
     pub whole: f64,
@@ -413,8 +414,18 @@ pub struct PeeringServices {
 }
 
 impl PeeringServices {
+    /// From one controller's metrics.
+    pub fn of(metrics: &str) -> Self {
+        let sent = |how| metric_sum(metrics, PEERING_SERVICES, &[("as", how)]);
+        PeeringServices {
+            whole: sent("whole"),
+            patched: sent("patch"),
+        }
+    }
+
+    /// Summed over every controller at `admins`.
     async fn read(admins: &[std::net::SocketAddr]) -> Self {
-        let name = "strait_peering_services_sent_total";
+        let name = PEERING_SERVICES;
         let [whole, patched] = peering_metrics(admins, [(name, &[("as", "whole")]), (name, &[("as", "patch")])]).await;
         PeeringServices {
             whole: whole.iter().sum(),
@@ -422,13 +433,15 @@ impl PeeringServices {
         }
     }
 
-    fn since(self, before: Self) -> Self {
+    pub fn since(self, before: Self) -> Self {
         PeeringServices {
             whole: self.whole - before.whole,
             patched: self.patched - before.patched,
         }
     }
 }
+
+const PEERING_SERVICES: &str = "strait_peering_services_sent_total";
 
 /// How long after a restart its peering bytes are counted.
 const RESTART_WINDOW: Duration = Duration::from_secs(10);

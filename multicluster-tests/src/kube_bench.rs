@@ -23,6 +23,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+use crate::clusterset::PeeringServices;
 use crate::figures::Figures;
 use crate::haproxy::cpu_seconds;
 use crate::{mcs_api, metric_sum, scrape, ClusterInfo, Mesh, MeshOptions};
@@ -71,25 +72,21 @@ pub struct Phase {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sent {
     pub bytes: f64,
-    pub whole: f64,
-    pub patched: f64,
+    pub services: PeeringServices,
 }
 
 impl Sent {
     fn read(metrics: &str) -> Sent {
-        let services = |how| metric_sum(metrics, "strait_peering_services_sent_total", &[("as", how)]);
         Sent {
             bytes: metric_sum(metrics, "strait_peering_sent_bytes_total", &[]),
-            whole: services("whole"),
-            patched: services("patch"),
+            services: PeeringServices::of(metrics),
         }
     }
 
     fn since(self, before: Sent) -> Sent {
         Sent {
             bytes: self.bytes - before.bytes,
-            whole: self.whole - before.whole,
-            patched: self.patched - before.patched,
+            services: self.services.since(before.services),
         }
     }
 }
@@ -355,8 +352,8 @@ impl Report {
                 "  {name:<22} {:.0} B ({:.0} B/s); {} whole, {} as patches",
                 p.sent.bytes,
                 p.sent.bytes / self.size.seconds as f64,
-                p.sent.whole,
-                p.sent.patched
+                p.sent.services.whole,
+                p.sent.services.patched
             );
         }
     }
@@ -376,8 +373,16 @@ impl Report {
             f.add(&format!("controller_cpu.{name}"), pct(p.cpu), "% of a core");
             f.add(&format!("config_versions.{name}"), p.versions, "count");
             f.add(&format!("peering_sent.{name}"), p.sent.bytes, "bytes");
-            f.add(&format!("peering_services_whole.{name}"), p.sent.whole, "count");
-            f.add(&format!("peering_services_patched.{name}"), p.sent.patched, "count");
+            f.add(
+                &format!("peering_services_whole.{name}"),
+                p.sent.services.whole,
+                "count",
+            );
+            f.add(
+                &format!("peering_services_patched.{name}"),
+                p.sent.services.patched,
+                "count",
+            );
             if let Some(d) = p.last_change_seen {
                 f.add(
                     &format!("last_change_in_sidecar.{name}"),

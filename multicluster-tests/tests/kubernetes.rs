@@ -1016,13 +1016,13 @@ async fn the_kube_bench_small_every_phase_reaches_east() {
     }
     // East's own changes (one endpoint out, one in, of five) reach its peers as patches.
     assert!(
-        report.local.sent.patched >= report.local.changes as f64,
+        report.local.sent.services.patched >= report.local.changes as f64,
         "east sent {} patches for {} changes of its own ({} services whole)",
-        report.local.sent.patched,
+        report.local.sent.services.patched,
         report.local.changes,
-        report.local.sent.whole
+        report.local.sent.services.whole
     );
-    assert_eq!(report.local.sent.whole, 0.0, "no service of east's went whole");
+    assert_eq!(report.local.sent.services.whole, 0.0, "no service of east's went whole");
     let doc = report.figures().to_json();
     for key in [
         "peering_services_patched.local_changes",
