@@ -15,7 +15,7 @@
 //! with one call: under churn a peer's updates arrive several times a second, and one write
 //! (and one wake of the writer) for each was most of what the log cost. A controller killed
 //! before its last records were written comes back holding a little less, which its peers,
-//! told what it holds, send again.
+//! told what it holds, send again; one stopped (SIGTERM) writes them first ([`PeerLog::flush`]).
 //!
 //! A file's modification time is the last update's arrival (a whole state is dated when the
 //! peer was last heard from): a peer restored from it has the lease that update gave, less the
@@ -67,6 +67,8 @@ enum Entry {
     },
     /// The table holds a new whole state of the peer (it sent every export): write it.
     Rewrite { cluster: String },
+    /// Write what is gathered now, then say so (the process is ending).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What loading a state directory found.
@@ -142,6 +144,18 @@ impl PeerLog {
         let _ = self.tx.send(entry).await;
         if self.tx.capacity() < QUEUE / 4 {
             self.writer.unpark();
+        }
+    }
+
+    /// Writes what the writer has gathered at once, instead of at the end of its gathering,
+    /// and returns when it is written: called as the controller stops (SIGTERM), so that the
+    /// updates of its last [`GATHER`] are not lost with the process (its peers would send them
+    /// again after a restart, as after a crash).
+    pub async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.tx.send(Entry::Flush(done)).await.is_ok() {
+            self.writer.unpark();
+            let _ = written.await;
         }
     }
 }
@@ -275,6 +289,8 @@ const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 struct Gathered {
     peers: BTreeMap<String, Pending>,
     bytes: usize,
+    /// Told once what was gathered is written ([`PeerLog::flush`]).
+    flushes: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 #[derive(Default)]
@@ -314,6 +330,7 @@ impl Gathered {
                 peer.rewrite = true;
                 peer.records = vec![];
             }
+            Entry::Flush(done) => self.flushes.push(done),
         }
     }
 }
@@ -332,8 +349,8 @@ impl Writer {
             self.reopen(&cluster, end, written);
         }
         // Woken by the first record, then asleep until the gathering ends (or the queue fills:
-        // [`PeerLog::append`] wakes it early), taking what was queued meanwhile: waiting on the
-        // queue instead would wake this thread for each record.
+        // [`PeerLog::append`] wakes it early; or a flush is asked for), taking what was queued
+        // meanwhile: waiting on the queue instead would wake this thread for each record.
         while let Some(first) = rx.blocking_recv() {
             let deadline = Instant::now() + GATHER;
             let mut gathered = Gathered::default();
@@ -341,12 +358,16 @@ impl Writer {
             let open = loop {
                 let open = gathered.take_queued(&mut rx);
                 let now = Instant::now();
-                if !open || gathered.bytes >= GATHER_MAX || now >= deadline {
+                if !open || gathered.bytes >= GATHER_MAX || now >= deadline || !gathered.flushes.is_empty() {
                     break open;
                 }
                 std::thread::park_timeout(deadline - now);
             };
+            let flushes = std::mem::take(&mut gathered.flushes);
             self.write(gathered);
+            for done in flushes {
+                let _ = done.send(());
+            }
             if !open {
                 return;
             }
@@ -698,14 +719,19 @@ mod tests {
         );
     }
 
+    /// A log in `dir` whose file holds east's whole state: one service, `a` on port 80.
+    async fn log_holding_a(dir: &Path) -> (PeerTable, PeerLog) {
+        let table = PeerTable::default();
+        let (log, _) = PeerLog::open(dir, &table, &["east".into()]).unwrap();
+        receive(&table, &log, update(true, vec![svc("a", 80)], vec![])).await;
+        written(dir, |t| held(t).0 == vec![("demo/a".to_string(), 80)]);
+        (table, log)
+    }
+
     #[tokio::test]
     async fn records_gathered_are_appended_together_and_dated_when_the_last_arrived() {
         let dir = Dir::new(line!());
-        let table = PeerTable::default();
-        let configured = vec!["east".to_string()];
-        let (log, _) = PeerLog::open(dir.path(), &table, &configured).unwrap();
-        receive(&table, &log, update(true, vec![svc("a", 80)], vec![])).await;
-        written(dir.path(), |t| held(t).0 == vec![("demo/a".to_string(), 80)]);
+        let (table, log) = log_holding_a(dir.path()).await;
         let path = path_of(dir.path(), "east");
         let whole = std::fs::metadata(&path).unwrap().len();
 
@@ -730,6 +756,28 @@ mod tests {
             dated <= queued,
             "dated {dated:?}, after the last record was queued ({queued:?})"
         );
+    }
+
+    #[tokio::test]
+    async fn a_flush_writes_what_was_gathered_before_the_gathering_ends() {
+        let dir = Dir::new(line!());
+        let (table, log) = log_holding_a(dir.path()).await;
+
+        // A change, then a flush (as on SIGTERM): the file holds it when the flush returns,
+        // read once, not waited for (the writer would otherwise write it after GATHER).
+        receive(&table, &log, update(false, vec![svc("a", 8080)], vec![])).await;
+        log.flush().await;
+        let read = PeerTable::default();
+        restore(dir.path(), &read, &["east".into()]).unwrap();
+        assert_eq!(
+            held(&read).0,
+            vec![("demo/a".to_string(), 8080)],
+            "not written by the flush"
+        );
+        // With nothing gathered, a flush returns as well.
+        tokio::time::timeout(Duration::from_secs(10), log.flush())
+            .await
+            .expect("a flush with nothing gathered returns");
     }
 
     #[tokio::test]

@@ -116,6 +116,8 @@ fn spawn_self_rotation(authority: Arc<Authority>, store: CertStore, ttl: Duratio
 }
 
 pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
+    // Listened for from the start: a signal during the setup is seen at the first wait.
+    let mut shutdown = strait_api::drain::Shutdown::listen();
     let registry = strait_api::admin::new_registry();
     let tls_metrics = TlsMetrics::new(&registry);
     let range: IpRange = cfg
@@ -170,7 +172,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let peering = PeeringServer {
         table: table.clone(),
         own_cluster: cfg.cluster.clone(),
-        log,
+        log: log.clone(),
     };
     let server_tls = strait_trust::server_config(
         &store,
@@ -673,6 +675,7 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 // A new traffic summary goes to the peers at once; dividing rate limits by it
                 // here at once too keeps this cluster's view of it close to theirs.
                 Ok(()) = own_traffic.changed() => break true,
+                _ = shutdown.recv() => return stop(log.as_ref()).await,
             }
             if Instant::now() >= refresh {
                 break false;
@@ -687,6 +690,24 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
         };
     }
 }
+
+/// On SIGTERM or SIGINT: the peer log writes what it gathered (the updates of its last
+/// second, which a killed controller loses and its peers send again after its restart), then
+/// the controller exits. Everything it serves is in memory or written as it changes.
+async fn stop(log: Option<&crate::peerlog::PeerLog>) -> anyhow::Result<()> {
+    tracing::info!("stopping (SIGTERM or SIGINT)");
+    if let Some(log) = log {
+        if tokio::time::timeout(STOP_WRITE, log.flush()).await.is_err() {
+            tracing::warn!(
+                "the peers' state was not written within {STOP_WRITE:?}; a restart holds a little less of it, which the peers send again"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// How long a stopping controller waits for the peer log's last write.
+const STOP_WRITE: Duration = Duration::from_secs(5);
 
 /// How often the merge loop runs with nothing else waking it.
 const REFRESH: Duration = Duration::from_millis(500);

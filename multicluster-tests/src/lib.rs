@@ -20,6 +20,7 @@ pub use client::{
     connect_tunnel, get_via, get_with, grpcurl_hello, request_with, tunnel_over, Answer, LoadReport, Outcome, Sample,
 };
 pub use mesh::{
-    fresh_address_base, mcs_api, repo_dir, strait_bin, ClusterInfo, Mesh, MeshOptions, Scratch, WorkloadInfo,
+    fresh_address_base, mcs_api, process_state, repo_dir, strait_bin, ClusterInfo, Mesh, MeshOptions, Scratch,
+    WorkloadInfo,
 };
 pub use metrics::{metric_sum, scrape};

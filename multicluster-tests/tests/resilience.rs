@@ -299,6 +299,75 @@ async fn no_process_outlives_strait_up() {
     .unwrap();
 }
 
+/// A controller stopped with SIGTERM (as Kubernetes stops a pod, or `strait up` its children)
+/// writes what it last heard from its peers before it exits: its state directory holds a
+/// peer's change that arrived just before the signal (the peer log gathers a second of updates
+/// before writing them; a SIGKILL loses those, and the peers send them again after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_controller_writes_what_it_heard_last_before_it_exits() {
+    let mesh = Mesh::start().await.unwrap();
+    let east = mesh.cluster("east").clone();
+    let west = mesh.cluster("west").clone();
+    let callee = mesh.workload("greeter", "us-west-2a").clone();
+    std::fs::write(
+        west.controller.catalog_dir.clone().unwrap().join("late.yaml"),
+        format!(
+            "services:\n- name: late\n  namespace: demo\n  serviceAccount: greeter\n  ports: [{{port: 80, protocol: http}}]\n  endpoints:\n  - {{workload: {}, address: '{}', zone: us-west-2a}}\n",
+            callee.name, callee.inbound_addr
+        ),
+    )
+    .unwrap();
+    // Stopped as soon as it lists the new service (polled every 100 ms: well inside the
+    // peer log's gathering of a second).
+    Mesh::eventually("east hears of west's new service", Duration::from_secs(15), || async {
+        exporters(&services_of(east.controller.admin_addr).await, "late") == ["west"]
+    })
+    .await
+    .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(east.controller.pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let stat = std::path::PathBuf::from(format!("/proc/{}/stat", east.controller.pid));
+    Mesh::eventually("east's controller exits", Duration::from_secs(10), || async {
+        matches!(multicluster_tests::process_state(&stat), None | Some('Z'))
+    })
+    .await
+    .unwrap();
+    // What it left, read as a restarted controller reads it.
+    let peers: Vec<String> = mesh
+        .info
+        .clusters
+        .iter()
+        .map(|c| c.name.clone())
+        .filter(|c| c != "east")
+        .collect();
+    let table = strait_federation::peering::PeerTable::default();
+    let state = mesh.info.state_dir.join("east").join("state");
+    let (_log, restored) = strait_federation::peerlog::PeerLog::open(&state, &table, &peers).unwrap();
+    let west_state = table
+        .snapshot()
+        .into_iter()
+        .find(|p| p.cluster == "west")
+        .unwrap_or_else(|| {
+            panic!(
+                "nothing of west was written to {} before east's controller exited: {restored:?}",
+                state.display()
+            )
+        });
+    assert!(
+        west_state.services.keys().any(|k| k.to_string() == "demo/late"),
+        "west's new service was not written before east's controller exited; restored: {:?}",
+        west_state.services.keys().collect::<Vec<_>>()
+    );
+    // It exited by its own stop, not by the signal's default action.
+    let log = std::fs::read_to_string(&east.controller.log).unwrap();
+    assert!(
+        log.contains("stopping (SIGTERM or SIGINT)"),
+        "east's controller did not stop on SIGTERM; its log:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_sidecar_drains_before_it_exits() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
