@@ -97,7 +97,6 @@ impl Watch {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
 /// SIGTERM and SIGINT, listened for from the moment this is made, so that a signal arriving
 /// while the program is busy elsewhere is not lost (tokio delivers a signal only to the
 /// listeners that exist when it arrives; one made later never sees it).
@@ -129,20 +128,6 @@ impl Shutdown {
             _ = next(&mut self.term) => {}
             _ = next(&mut self.int) => {}
         }
-    }
-}
-
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 

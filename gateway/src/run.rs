@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strait_api::admin::Admin;
-use strait_api::drain::{shutdown_signal, Drain};
+use strait_api::drain::{Drain, Shutdown};
 use strait_api::locality::Locality;
 use strait_api::pb;
 use strait_api::proxy::ControllerLink;
@@ -28,6 +28,9 @@ pub struct GatewayRunOptions {
 }
 
 pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
+    // Listened for from the start, as the sidecar does (`strait_sidecar::run`): a gateway
+    // waiting for its controller stops at once too, PID 1 of a container or not.
+    let mut shutdown = Shutdown::listen();
     let registry = strait_api::admin::new_registry();
     let admin = Admin::new(registry.clone());
     let admin_listener = strait_api::admin::bind(opts.admin).await?;
@@ -44,7 +47,13 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         // The config client says it takes updates in parts.
         ..Default::default()
     };
-    let (store, granted) = opts.controller.connect(hello, &registry, tx).await?;
+    let (store, granted) = tokio::select! {
+        connected = opts.controller.connect(hello, &registry, tx) => connected?,
+        () = shutdown.recv() => {
+            tracing::info!("stopped before the controller issued a certificate");
+            return Ok(());
+        }
+    };
     if granted.quic_reset_key.is_none() {
         tracing::warn!("the CA gave no QUIC reset key (a controller of an older build): after a restart, clients of this gateway's predecessor wait out their idle timeout");
     }
@@ -81,13 +90,18 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
     let serve = tokio::spawn(gateway.clone().serve(endpoint.clone(), drain.watch()));
     let fallback = tokio::spawn(gateway.serve_tcp(tcp, drain.watch()));
     let mut ready = rx.clone();
-    let _ = ready.wait_for(|s| s.version > 0).await;
-    admin.set_ready(true);
-    tracing::info!(listen = %opts.listen, "gateway ready");
-    tokio::select! {
-        r = serve => r?,
-        r = fallback => r??,
-        _ = shutdown_signal() => {}
+    let configured = tokio::select! {
+        _ = ready.wait_for(|s| s.version > 0) => true,
+        () = shutdown.recv() => false,
+    };
+    if configured {
+        admin.set_ready(true);
+        tracing::info!(listen = %opts.listen, "gateway ready");
+        tokio::select! {
+            r = serve => r?,
+            r = fallback => r??,
+            () = shutdown.recv() => {}
+        }
     }
     admin.set_ready(false);
     tracing::info!(deadline = ?opts.drain_timeout, "draining");

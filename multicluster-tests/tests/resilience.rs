@@ -368,6 +368,107 @@ async fn a_stopped_controller_writes_what_it_heard_last_before_it_exits() {
     );
 }
 
+/// A sidecar or gateway whose controller is down waits for it (for its certificate) and still
+/// stops on SIGTERM, by its own handler: it exits 0, where the signal's default action would end
+/// it with the signal (and, as PID 1 of a container, where a signal without a handler is
+/// ignored, the pod would wait its grace period for SIGKILL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_waiting_for_its_controller_stops_on_sigterm() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = multicluster_tests::Scratch::temp("proxy-sigterm");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let td: strait_trust::TrustDomain = "mesh.local".parse().unwrap();
+    let root = strait_trust::Authority::new_root(&td, std::time::SystemTime::now()).unwrap();
+    let mut bundle = strait_trust::TrustBundle::new();
+    bundle.add_root(&td, root.cert().clone()).unwrap();
+    let bundle_path = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_path, bundle.to_pem()).unwrap();
+    // A controller address nobody listens on.
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let bundle_arg = bundle_path.to_str().unwrap();
+    let common = [
+        "--cluster",
+        "east",
+        "--region",
+        "us-east",
+        "--zone",
+        "us-east-1a",
+        "--admin",
+        "127.0.0.1:0",
+        "--controller",
+        &down,
+        "--bundle",
+        bundle_arg,
+    ];
+    let sidecar: Vec<&str> = [
+        "sidecar",
+        "--workload",
+        "w",
+        "--service",
+        "s",
+        "--outbound",
+        "127.0.0.1:0",
+        "--inbound",
+        "127.0.0.1:0",
+        "--app",
+        "127.0.0.1:9",
+    ]
+    .into_iter()
+    .chain(common)
+    .collect();
+    let gateway: Vec<&str> = ["gateway", "--listen", "127.0.0.1:0"]
+        .into_iter()
+        .chain(common)
+        .collect();
+    for args in [sidecar, gateway] {
+        let log = dir.path().join(format!("{}.log", args[0]));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut child = std::process::Command::new(multicluster_tests::strait_bin())
+            .args(&args)
+            .env("STRAIT_JOIN_TOKEN", "not-a-token")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        // Waiting for the CA: it has tried at least once.
+        Mesh::eventually("the proxy tries its controller", Duration::from_secs(10), || async {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("cannot obtain a certificate yet"))
+        })
+        .await
+        .unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "strait {} still runs 10 s after SIGTERM; its log:\n{}",
+                    args[0],
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            status.success(),
+            "strait {} ended with {status:?} (signal {:?}), not by its own stop; its log:\n{}",
+            args[0],
+            status.signal(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_sidecar_drains_before_it_exits() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 use strait_api::admin::Admin;
-use strait_api::drain::{shutdown_signal, Drain};
+use strait_api::drain::{Drain, Shutdown};
 use strait_api::locality::Locality;
 use strait_api::pb;
 use strait_api::proxy::ControllerLink;
@@ -153,6 +153,10 @@ impl Serialize for EndpointView<'_> {
 }
 
 pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
+    // Listened for from the start: a sidecar still waiting for its controller (down, or not
+    // yet reachable) stops at once too. In a container it is PID 1, where a signal it has no
+    // handler for is ignored: the pod would wait its grace period for SIGKILL.
+    let mut shutdown = Shutdown::listen();
     let registry = strait_api::admin::new_registry();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
     let view_rx = rx.clone();
@@ -209,7 +213,13 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         // The config client says it takes updates in parts.
         ..Default::default()
     };
-    let (store, found) = opts.controller.connect(hello, &registry, tx).await?;
+    let (store, found) = tokio::select! {
+        connected = opts.controller.connect(hello, &registry, tx) => connected?,
+        () = shutdown.recv() => {
+            tracing::info!("stopped before the controller issued a certificate");
+            return Ok(());
+        }
+    };
     // No zone given (the injector does not know the node yet): take the one the CA found.
     let mut opts = opts;
     if opts.locality.zone.is_empty() {
@@ -294,12 +304,17 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     tokio::spawn(outbound.serve(outbound_listener, drain.watch()));
 
     let mut ready_rx = rx.clone();
-    let _ = ready_rx.wait_for(|s| s.version > 0).await;
-    admin.set_ready(true);
-    tracing::info!(workload = %opts.workload, outbound = %opts.outbound, inbound = %opts.inbound, "sidecar ready");
-    tokio::select! {
-        r = inbound_task => r??,
-        _ = shutdown_signal() => {}
+    let ready = tokio::select! {
+        _ = ready_rx.wait_for(|s| s.version > 0) => true,
+        () = shutdown.recv() => false,
+    };
+    if ready {
+        admin.set_ready(true);
+        tracing::info!(workload = %opts.workload, outbound = %opts.outbound, inbound = %opts.inbound, "sidecar ready");
+        tokio::select! {
+            r = inbound_task => r??,
+            () = shutdown.recv() => {}
+        }
     }
     admin.set_ready(false);
     tracing::info!(deadline = ?opts.drain_timeout, "draining");
