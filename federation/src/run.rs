@@ -116,8 +116,19 @@ fn spawn_self_rotation(authority: Arc<Authority>, store: CertStore, ttl: Duratio
 }
 
 pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
-    // Listened for from the start: a signal during the setup is seen at the first wait.
+    // Listened for from the start: a controller still starting (its API server not answering
+    // yet, say) stops at once too. In a container it is PID 1, where a signal it has no
+    // handler for is ignored: the pod would wait its grace period for SIGKILL.
     let mut shutdown = strait_api::drain::Shutdown::listen();
+    let log = std::sync::OnceLock::new();
+    tokio::select! {
+        served = serve(cfg, &log) => served,
+        () = shutdown.recv() => stop(log.get()).await,
+    }
+}
+
+/// The controller until it stops; `log_out` is given the peer log once it is open.
+async fn serve(cfg: ControllerConfig, log_out: &std::sync::OnceLock<crate::peerlog::PeerLog>) -> anyhow::Result<()> {
     let registry = strait_api::admin::new_registry();
     let tls_metrics = TlsMetrics::new(&registry);
     let range: IpRange = cfg
@@ -165,14 +176,16 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
             let (dir, restoring) = (dir.clone(), table.clone());
             let opened =
                 tokio::task::spawn_blocking(move || crate::peerlog::PeerLog::open(&dir, &restoring, &configured));
-            Some(opened.await??.0)
+            let log = opened.await??.0;
+            let _ = log_out.set(log.clone());
+            Some(log)
         }
         None => None,
     };
     let peering = PeeringServer {
         table: table.clone(),
         own_cluster: cfg.cluster.clone(),
-        log: log.clone(),
+        log,
     };
     let server_tls = strait_trust::server_config(
         &store,
@@ -675,7 +688,6 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
                 // A new traffic summary goes to the peers at once; dividing rate limits by it
                 // here at once too keeps this cluster's view of it close to theirs.
                 Ok(()) = own_traffic.changed() => break true,
-                _ = shutdown.recv() => return stop(log.as_ref()).await,
             }
             if Instant::now() >= refresh {
                 break false;
