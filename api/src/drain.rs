@@ -114,6 +114,14 @@ impl Shutdown {
         }
     }
 
+    /// `work`'s output, or `None` when SIGTERM or SIGINT comes first (`work` is then dropped).
+    pub async fn or<F: std::future::Future>(&mut self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            out = work => Some(out),
+            () = self.recv() => None,
+        }
+    }
+
     /// Waits for SIGTERM or SIGINT (returns at once for one that came since the last call).
     pub async fn recv(&mut self) {
         async fn next(s: &mut Option<tokio::signal::unix::Signal>) {

@@ -120,15 +120,28 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     // yet, say) stops at once too. In a container it is PID 1, where a signal it has no
     // handler for is ignored: the pod would wait its grace period for SIGKILL.
     let mut shutdown = strait_api::drain::Shutdown::listen();
-    let log = std::sync::OnceLock::new();
-    tokio::select! {
-        served = serve(cfg, &log) => served,
-        () = shutdown.recv() => stop(log.get()).await,
+    let table = PeerTable::default();
+    // What was last heard from each peer, if kept: restored before anything is served.
+    let log = match &cfg.state_dir {
+        Some(dir) => {
+            // Reading and decoding every peer's file (at the published size a whole state of
+            // about 0.4 MB, and up to 1 MiB of updates after it) is work for a blocking thread.
+            let configured: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
+            let (dir, restoring) = (dir.clone(), table.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || crate::peerlog::PeerLog::open(&dir, &restoring, &configured));
+            Some(opened.await??.0)
+        }
+        None => None,
+    };
+    match shutdown.or(serve(cfg, table, log.clone())).await {
+        Some(served) => served,
+        None => stop(log.as_ref()).await,
     }
 }
 
-/// The controller until it stops; `log_out` is given the peer log once it is open.
-async fn serve(cfg: ControllerConfig, log_out: &std::sync::OnceLock<crate::peerlog::PeerLog>) -> anyhow::Result<()> {
+/// The controller until it stops, holding what `table` and `log` restored of its peers.
+async fn serve(cfg: ControllerConfig, table: PeerTable, log: Option<crate::peerlog::PeerLog>) -> anyhow::Result<()> {
     let registry = strait_api::admin::new_registry();
     let tls_metrics = TlsMetrics::new(&registry);
     let range: IpRange = cfg
@@ -166,22 +179,6 @@ async fn serve(cfg: ControllerConfig, log_out: &std::sync::OnceLock<crate::peerl
         bundle.to_pem(),
         &registry,
     );
-    let table = PeerTable::default();
-    // What was last heard from each peer, if kept: restored before anything is served.
-    let log = match &cfg.state_dir {
-        Some(dir) => {
-            // Reading and decoding every peer's file (at the published size a whole state of
-            // about 0.4 MB, and up to 1 MiB of updates after it) is work for a blocking thread.
-            let configured: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
-            let (dir, restoring) = (dir.clone(), table.clone());
-            let opened =
-                tokio::task::spawn_blocking(move || crate::peerlog::PeerLog::open(&dir, &restoring, &configured));
-            let log = opened.await??.0;
-            let _ = log_out.set(log.clone());
-            Some(log)
-        }
-        None => None,
-    };
     let peering = PeeringServer {
         table: table.clone(),
         own_cluster: cfg.cluster.clone(),

@@ -47,13 +47,11 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
         // The config client says it takes updates in parts.
         ..Default::default()
     };
-    let (store, granted) = tokio::select! {
-        connected = opts.controller.connect(hello, &registry, tx) => connected?,
-        () = shutdown.recv() => {
-            tracing::info!("stopped before the controller issued a certificate");
-            return Ok(());
-        }
+    let Some(connected) = shutdown.or(opts.controller.connect(hello, &registry, tx)).await else {
+        tracing::info!("stopped before the controller issued a certificate");
+        return Ok(());
     };
+    let (store, granted) = connected?;
     if granted.quic_reset_key.is_none() {
         tracing::warn!("the CA gave no QUIC reset key (a controller of an older build): after a restart, clients of this gateway's predecessor wait out their idle timeout");
     }
@@ -90,11 +88,7 @@ pub async fn run(opts: GatewayRunOptions) -> anyhow::Result<()> {
     let serve = tokio::spawn(gateway.clone().serve(endpoint.clone(), drain.watch()));
     let fallback = tokio::spawn(gateway.serve_tcp(tcp, drain.watch()));
     let mut ready = rx.clone();
-    let configured = tokio::select! {
-        _ = ready.wait_for(|s| s.version > 0) => true,
-        () = shutdown.recv() => false,
-    };
-    if configured {
+    if shutdown.or(ready.wait_for(|s| s.version > 0)).await.is_some() {
         admin.set_ready(true);
         tracing::info!(listen = %opts.listen, "gateway ready");
         tokio::select! {

@@ -213,13 +213,11 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
         // The config client says it takes updates in parts.
         ..Default::default()
     };
-    let (store, found) = tokio::select! {
-        connected = opts.controller.connect(hello, &registry, tx) => connected?,
-        () = shutdown.recv() => {
-            tracing::info!("stopped before the controller issued a certificate");
-            return Ok(());
-        }
+    let Some(connected) = shutdown.or(opts.controller.connect(hello, &registry, tx)).await else {
+        tracing::info!("stopped before the controller issued a certificate");
+        return Ok(());
     };
+    let (store, found) = connected?;
     // No zone given (the injector does not know the node yet): take the one the CA found.
     let mut opts = opts;
     if opts.locality.zone.is_empty() {
@@ -304,11 +302,7 @@ pub async fn run(opts: SidecarOptions) -> anyhow::Result<()> {
     tokio::spawn(outbound.serve(outbound_listener, drain.watch()));
 
     let mut ready_rx = rx.clone();
-    let ready = tokio::select! {
-        _ = ready_rx.wait_for(|s| s.version > 0) => true,
-        () = shutdown.recv() => false,
-    };
-    if ready {
+    if shutdown.or(ready_rx.wait_for(|s| s.version > 0)).await.is_some() {
         admin.set_ready(true);
         tracing::info!(workload = %opts.workload, outbound = %opts.outbound, inbound = %opts.inbound, "sidecar ready");
         tokio::select! {
